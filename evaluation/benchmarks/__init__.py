@@ -1,0 +1,1 @@
+"""Micro-benchmarks for evaluation code (run as ``python -m ...``)."""

@@ -1,0 +1,362 @@
+"""Reading and writing per-query neighbour lists.
+
+Two on-disk formats are understood, detected per record:
+
+* Ours (JSON Lines, one object per query)::
+
+        {"query_id": "val/000001", "true_label": 65,
+          "neighbor_ids": ["train/1", ...], "neighbor_labels": [65, ...],
+          "neighbor_distances": [0.12, ...],
+          "neighbor_entry_weights": [1.0, ...]}      # optional (soft pruning)
+
+* The records published with the paper (JSON Lines or one JSON array)::
+
+        {"image_id": ..., "image_class": 65, "neighbor_image_ids": [...],
+          "neighbor_classes": [...], "neighbor_distances": [...]}
+
+Files ending in ``.gz`` are decompressed transparently. Neighbour lists are
+nearest first; :func:`to_arrays` checks this.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from typing import IO, Any
+
+import numpy as np
+
+__all__ = [
+    "NeighborFormatError",
+    "NeighborRecord",
+    "iter_records",
+    "read_neighbor_files",
+    "read_records",
+    "to_arrays",
+    "write_records",
+]
+
+OUR_FIELDS = ("query_id", "true_label", "neighbor_ids", "neighbor_labels",
+              "neighbor_distances")
+OUR_OPTIONAL_WEIGHTS = "neighbor_entry_weights"
+PAPER_FIELDS = ("image_id", "image_class", "neighbor_image_ids",
+                "neighbor_classes", "neighbor_distances")
+# Keys that identify a format; neighbor_distances is shared by both.
+_OUR_MARKERS = frozenset(OUR_FIELDS) - {"neighbor_distances"}
+_PAPER_MARKERS = frozenset(PAPER_FIELDS) - {"neighbor_distances"}
+
+
+class NeighborFormatError(ValueError):
+    """A neighbours file or record is malformed; the message says where."""
+
+
+@dataclasses.dataclass(frozen=True)
+class NeighborRecord:
+    """The retrieved neighbours of one query.
+
+    Attributes:
+        query_id: Identifier of the query image.
+        true_label: Ground-truth label of the query.
+        neighbor_ids: Memory entry ids, nearest first.
+        neighbor_labels: Labels of the neighbours.
+        neighbor_distances: Cosine distances ``1 - cos``, non-decreasing.
+        neighbor_weights: Optional per-neighbour entry weights (e.g. soft-pruning
+            gamma); stored as ``neighbor_entry_weights`` on disk.
+    """
+
+    query_id: str
+    true_label: int
+    neighbor_ids: list[str]
+    neighbor_labels: list[int]
+    neighbor_distances: list[float]
+    neighbor_weights: list[float] | None = None
+
+    def __post_init__(self):
+        n = len(self.neighbor_ids)
+        lengths = {
+            "neighbor_ids": n,
+            "neighbor_labels": len(self.neighbor_labels),
+            "neighbor_distances": len(self.neighbor_distances),
+        }
+        if self.neighbor_weights is not None:
+            lengths["neighbor_weights"] = len(self.neighbor_weights)
+        if len(set(lengths.values())) != 1:
+            raise ValueError(
+                f"query {self.query_id!r}: neighbour lists differ in length: "
+                f"{lengths}")
+
+    def to_json(self) -> dict[str, Any]:
+        """Returns the record in our JSONL schema."""
+        out = {
+            "query_id": self.query_id,
+            "true_label": self.true_label,
+            "neighbor_ids": list(self.neighbor_ids),
+            "neighbor_labels": list(self.neighbor_labels),
+            "neighbor_distances": list(self.neighbor_distances),
+        }
+        if self.neighbor_weights is not None:
+            out[OUR_OPTIONAL_WEIGHTS] = list(self.neighbor_weights)
+        return out
+
+
+def _open_text(path: str, mode: str) -> IO[str]:
+    if path.endswith(".gz"):
+        return gzip.open(path, mode + "t", encoding="utf-8")
+    return open(path, mode, encoding="utf-8")
+
+
+def write_records(path: str | os.PathLike, records: Iterable[NeighborRecord]
+                  ) -> int:
+    """Writes records as JSON Lines in our schema (gzip if ``path`` ends .gz).
+
+    Returns:
+        The number of records written.
+    """
+    count = 0
+    with _open_text(os.fspath(path), "w") as f:
+        for record in records:
+            # allow_nan=False: inf/NaN are not JSON; padding never goes to disk.
+            f.write(json.dumps(record.to_json(), allow_nan=False))
+            f.write("\n")
+            count += 1
+    return count
+
+
+def _where(path: str, line: int) -> str:
+    return f"{path}:{line}"
+
+
+def _require(obj: dict[str, Any], fields: Sequence[str], fmt: str,
+             where: str) -> None:
+    for field in fields:
+        if field not in obj:
+            raise NeighborFormatError(
+                f"{where}: {fmt} record is missing field {field!r} "
+                f"(required: {', '.join(fields)})")
+
+
+def _as_int(value: Any, field: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+        isinstance(value, float) and not value.is_integer()):
+        raise NeighborFormatError(
+            f"{where}: field {field!r} must be an integer label, got {value!r}")
+    return int(value)
+
+
+def _as_list(value: Any, field: str, where: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise NeighborFormatError(
+            f"{where}: field {field!r} must be a list, got "
+            f"{type(value).__name__}")
+    return value
+
+
+def _as_floats(value: Any, field: str, where: str) -> list[float]:
+    out = []
+    for x in _as_list(value, field, where):
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or math.isnan(x):
+            raise NeighborFormatError(
+                f"{where}: field {field!r} must hold numbers, got {x!r}")
+        out.append(float(x))
+    return out
+
+
+def parse_record(obj: Any, *, where: str) -> NeighborRecord:
+    """Parses one decoded JSON object in either format.
+
+    Args:
+        obj: The decoded JSON value.
+        where: ``"file:line"`` used in error messages.
+
+    Raises:
+        NeighborFormatError: naming ``where`` and the missing or bad field.
+    """
+    if not isinstance(obj, dict):
+        raise NeighborFormatError(
+            f"{where}: expected a JSON object, got {type(obj).__name__}")
+    keys = obj.keys()
+    if _OUR_MARKERS & keys:
+        fmt, names = "visual-memory", OUR_FIELDS
+    elif _PAPER_MARKERS & keys:
+        fmt, names = "paper", PAPER_FIELDS
+    else:
+        raise NeighborFormatError(
+            f"{where}: record matches neither format; expected fields "
+            f"{', '.join(OUR_FIELDS)} (ours) or {', '.join(PAPER_FIELDS)} "
+            f"(paper), got {', '.join(sorted(keys)) or 'no fields'}")
+    _require(obj, names, fmt, where)
+    qid, true, ids, labels, dists = (obj[n] for n in names)
+    ids = [str(i) for i in _as_list(ids, names[2], where)]
+    labels = [_as_int(x, names[3], where)
+              for x in _as_list(labels, names[3], where)]
+    dists = _as_floats(dists, names[4], where)
+    weights = None
+    if fmt == "visual-memory" and obj.get(OUR_OPTIONAL_WEIGHTS) is not None:
+        weights = _as_floats(obj[OUR_OPTIONAL_WEIGHTS], OUR_OPTIONAL_WEIGHTS,
+                             where)
+        if any(w < 0 or math.isinf(w) for w in weights):
+            raise NeighborFormatError(
+                f"{where}: {OUR_OPTIONAL_WEIGHTS} must be finite and >= 0")
+    try:
+        return NeighborRecord(
+            query_id=str(qid), true_label=_as_int(true, names[1], where),
+            neighbor_ids=ids, neighbor_labels=labels, neighbor_distances=dists,
+            neighbor_weights=weights)
+    except ValueError as e:
+        raise NeighborFormatError(f"{where}: {e}") from None
+
+
+def _iter_json_array(text: str, path: str) -> Iterator[tuple[Any, int]]:
+    """Yields (element, line) of a top-level JSON array, keeping line numbers."""
+    decoder = json.JSONDecoder()
+    ws = " \t\r\n"
+    pos = text.index("[") + 1
+    expect_value = True
+    first = True
+    while True:
+        while pos < len(text) and text[pos] in ws:
+            pos += 1
+        if pos >= len(text):
+            raise NeighborFormatError(
+                f"{_where(path, text.count(chr(10)) + 1)}: unterminated JSON array")
+        if text[pos] == "]" and (first or not expect_value):
+            return
+        if not expect_value:
+            if text[pos] != ",":
+                raise NeighborFormatError(
+                    f"{_where(path, text.count(chr(10), 0, pos) + 1)}: expected ',' "
+                    f"or ']' in JSON array")
+            pos += 1
+            expect_value = True
+            continue
+        line = text.count("\n", 0, pos) + 1
+        try:
+            value, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise NeighborFormatError(
+                f"{_where(path, line)}: invalid JSON: {e.msg}") from None
+        yield value, line
+        expect_value = False
+        first = False
+
+
+def iter_records(path: str | os.PathLike) -> Iterator[NeighborRecord]:
+    """Yields the records of one file (JSON Lines or JSON array, maybe .gz).
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        NeighborFormatError: naming the file, line and missing or bad field.
+    """
+    path = os.fspath(path)
+    with _open_text(path, "r") as f:
+        first_line = f.readline()
+        if first_line.lstrip().startswith("["):
+            text = first_line + f.read()
+            for obj, line in _iter_json_array(text, path):
+                yield parse_record(obj, where=_where(path, line))
+            return
+        for line_no, line in enumerate(_chain([first_line], f), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise NeighborFormatError(
+                    f"{_where(path, line_no)}: invalid JSON: {e.msg}") from None
+            yield parse_record(obj, where=_where(path, line_no))
+
+
+def _chain(first: list[str], rest: IO[str]) -> Iterator[str]:
+    yield from first
+    yield from rest
+
+
+def read_records(path: str | os.PathLike) -> list[NeighborRecord]:
+    """Reads all records of one file; see :func:`iter_records`."""
+    return list(iter_records(path))
+
+
+def read_neighbor_files(paths: Sequence[str | os.PathLike]
+                        ) -> list[NeighborRecord]:
+    """Reads several files (e.g. output shards) into one list.
+
+    Raises:
+        FileNotFoundError: naming the first missing file.
+        NeighborFormatError: on a malformed record or a query id that occurs
+            twice (it would be counted twice in the accuracy).
+    """
+    missing = [os.fspath(p) for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"neighbours file not found: {missing[0]}")
+    seen: dict[str, str] = {}
+    records = []
+    for path in paths:
+        for record in iter_records(path):
+            if record.query_id in seen:
+                raise NeighborFormatError(
+                    f"query id {record.query_id!r} occurs twice: in "
+                    f"{seen[record.query_id]} and {os.fspath(path)}")
+            seen[record.query_id] = os.fspath(path)
+            records.append(record)
+    return records
+
+
+def to_arrays(
+    records: Sequence[NeighborRecord],
+    k_max: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Packs records into the arrays that ``memory.voting`` consumes.
+
+    Lists longer than ``k_max`` are truncated; shorter ones are padded with
+    label -1, distance inf and entry weight 0 (padding never votes).
+
+    Args:
+        records: The queries.
+        k_max: Columns of the output; default the longest neighbour list.
+
+    Returns:
+        ``(labels [n, K] int64, distances [n, K] float64, true [n] int64,
+        entry_weights [n, K] float64 or None)``; entry weights are None when no
+        record carries them.
+
+    Raises:
+        ValueError: if ``k_max < 1``, if only some records carry entry weights,
+            or if a neighbour list is not sorted nearest first.
+    """
+    if k_max is None:
+        k_max = max((len(r.neighbor_labels) for r in records), default=1)
+        k_max = max(k_max, 1)
+    if k_max < 1:
+        raise ValueError(f"k_max must be >= 1, got {k_max}")
+    n = len(records)
+    with_weights = [r.neighbor_weights is not None for r in records]
+    if any(with_weights) and not all(with_weights):
+        bad = records[with_weights.index(False)].query_id
+        raise ValueError(
+            f"only some records carry neighbor_entry_weights (query {bad!r} has "
+            f"none); write them for every query or for none")
+    labels = np.full((n, k_max), -1, dtype=np.int64)
+    distances = np.full((n, k_max), np.inf, dtype=np.float64)
+    weights = np.zeros((n, k_max)) if n and all(with_weights) else None
+    true = np.empty(n, dtype=np.int64)
+    for i, r in enumerate(records):
+        m = min(len(r.neighbor_labels), k_max)
+        labels[i, :m] = r.neighbor_labels[:m]
+        distances[i, :m] = r.neighbor_distances[:m]
+        if weights is not None:
+            weights[i, :m] = r.neighbor_weights[:m]
+        true[i] = r.true_label
+    if n and k_max > 1:
+        unsorted = distances[:, 1:] < distances[:, :-1]
+        if unsorted.any():
+            row = int(np.argmax(unsorted.any(axis=1)))
+            raise ValueError(
+                f"query {records[row].query_id!r}: neighbor_distances are not "
+                f"sorted nearest first ({distances[row, :].tolist()[:5]}...); "
+                f"rank voting needs nearest-first lists -- sort each record by "
+                f"distance (if the file holds similarities, convert d = 1 - s)")
+    return labels, distances, true, weights

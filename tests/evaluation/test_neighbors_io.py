@@ -1,0 +1,181 @@
+"""Tests for evaluation.neighbors_io."""
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from evaluation import neighbors_io
+from evaluation.neighbors_io import NeighborFormatError, NeighborRecord
+
+PAPER_RECORDS = [
+    {"image_id": 17, "image_class": 3, "neighbor_image_ids": [101, 102],
+     "neighbor_classes": [3, 5], "neighbor_distances": [0.125, 0.25]},
+    {"image_id": "ILSVRC2012_val_00000002", "image_class": 5,
+     "neighbor_image_ids": ["a", "b", "c"], "neighbor_classes": [5, 5, 3],
+     "neighbor_distances": [0.5, 0.5, 0.75]},
+]
+
+
+def _records():
+    return [
+        NeighborRecord("q1", 0, ["m1", "m2"], [0, 1], [0.1, 0.2], [1.0, 0.5]),
+        NeighborRecord("q2", 1, ["m3"], [1], [0.3], [0.875]),
+    ]
+
+
+@pytest.mark.parametrize("name", ["n.jsonl", "n.jsonl.gz"])
+def test_roundtrip_our_format(tmp_path, name):
+    path = tmp_path / name
+    assert neighbors_io.write_records(path, _records()) == 2
+    assert neighbors_io.read_records(path) == _records()
+    opener = gzip.open if name.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        first = json.loads(f.readline())
+    assert first == {"query_id": "q1", "true_label": 0,
+                     "neighbor_ids": ["m1", "m2"], "neighbor_labels": [0, 1],
+                     "neighbor_distances": [0.1, 0.2],
+                     "neighbor_entry_weights": [1.0, 0.5]}
+
+
+def test_weights_key_omitted_when_none(tmp_path):
+    path = tmp_path / "n.jsonl"
+    neighbors_io.write_records(
+        path, [NeighborRecord("q", 2, ["m"], [2], [0.0])])
+    assert "neighbor_entry_weights" not in json.loads(path.read_text())
+    assert neighbors_io.read_records(path)[0].neighbor_weights is None
+
+
+def _expected_paper():
+    return [
+        NeighborRecord("17", 3, ["101", "102"], [3, 5], [0.125, 0.25]),
+        NeighborRecord("ILSVRC2012_val_00000002", 5, ["a", "b", "c"],
+                       [5, 5, 3], [0.5, 0.5, 0.75]),
+    ]
+
+
+def test_paper_format_jsonl(tmp_path):
+    path = tmp_path / "paper.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in PAPER_RECORDS) + "\n\n")
+    assert neighbors_io.read_records(path) == _expected_paper()
+
+
+def test_paper_format_json_array_gz(tmp_path):
+    path = tmp_path / "paper.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump(PAPER_RECORDS, f, indent=2)
+    assert neighbors_io.read_records(path) == _expected_paper()
+
+
+def test_paper_array_error_names_line(tmp_path):
+    bad = [PAPER_RECORDS[0], {k: v for k, v in PAPER_RECORDS[1].items()
+                              if k != "neighbor_classes"}]
+    path = tmp_path / "paper.json"
+    path.write_text(json.dumps(bad, indent=1))
+    text = path.read_text().splitlines()
+    # Line where the second element's "{" is.
+    line = [i for i, t in enumerate(text, 1) if t.strip() == "{"][1]
+    with pytest.raises(NeighborFormatError) as e:
+        neighbors_io.read_records(path)
+    assert str(e.value).startswith(f"{path}:{line}: paper record is missing "
+                                   f"field 'neighbor_classes'")
+
+
+def test_empty_json_array(tmp_path):
+    path = tmp_path / "empty.json"
+    path.write_text("[ ]\n")
+    assert neighbors_io.read_records(path) == []
+
+
+def test_mixed_formats_in_one_file(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(json.dumps(_records()[0].to_json()) + "\n" +
+                    json.dumps(PAPER_RECORDS[0]) + "\n")
+    got = neighbors_io.read_records(path)
+    assert [r.query_id for r in got] == ["q1", "17"]
+    assert got[1].neighbor_labels == [3, 5]
+
+
+def test_missing_field_names_file_line_field(tmp_path):
+    path = tmp_path / "ours.jsonl"
+    good = _records()[0].to_json()
+    bad = dict(good)
+    del bad["neighbor_distances"]
+    path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(NeighborFormatError,
+                       match=rf"^{path}:2: visual-memory record is missing "
+                       r"field 'neighbor_distances'"):
+        neighbors_io.read_records(path)
+
+
+def test_unknown_format(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"id": 1}\n')
+    with pytest.raises(NeighborFormatError,
+                       match=rf"^{path}:1: record matches neither format.*"
+                       r"query_id.*image_id.*got id"):
+        neighbors_io.read_records(path)
+
+
+def test_invalid_json_and_bad_types(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text("{not json\n")
+    with pytest.raises(NeighborFormatError, match=rf"^{path}:1: invalid JSON"):
+        neighbors_io.read_records(path)
+    rec = dict(PAPER_RECORDS[0], neighbor_classes=[3, "dog"])
+    path.write_text(json.dumps(rec) + "\n")
+    with pytest.raises(NeighborFormatError,
+                       match=r"field 'neighbor_classes' must be an integer "
+                       r"label, got 'dog'"):
+        neighbors_io.read_records(path)
+
+
+def test_length_mismatch(tmp_path):
+    path = tmp_path / "x.jsonl"
+    rec = dict(PAPER_RECORDS[0], neighbor_distances=[0.1])
+    path.write_text(json.dumps(rec) + "\n")
+    with pytest.raises(NeighborFormatError,
+                       match=rf"^{path}:1: query '17': neighbour lists differ"):
+        neighbors_io.read_records(path)
+
+
+def test_read_neighbor_files_missing_and_duplicates(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    neighbors_io.write_records(a, _records())
+    neighbors_io.write_records(b, _records()[:1])
+    with pytest.raises(FileNotFoundError,
+                       match=f"neighbours file not found: {tmp_path}/nope"):
+        neighbors_io.read_neighbor_files([a, tmp_path / "nope"])
+    with pytest.raises(NeighborFormatError,
+                       match=rf"query id 'q1' occurs twice: in {a} and {b}"):
+        neighbors_io.read_neighbor_files([a, b])
+
+
+def test_to_arrays_pads_and_truncates():
+    labels, dists, true, weights = neighbors_io.to_arrays(_records(), 3)
+    np.testing.assert_array_equal(labels, [[0, 1, -1], [1, -1, -1]])
+    np.testing.assert_array_equal(dists, [[0.1, 0.2, np.inf],
+                                          [0.3, np.inf, np.inf]])
+    np.testing.assert_array_equal(true, [0, 1])
+    np.testing.assert_array_equal(weights, [[1.0, 0.5, 0.0],
+                                            [0.875, 0.0, 0.0]])
+    assert labels.dtype == np.int64 and true.dtype == np.int64
+    labels, dists, _, _ = neighbors_io.to_arrays(_records(), 1)
+    np.testing.assert_array_equal(labels, [[0], [1]])
+    labels, _, _, weights = neighbors_io.to_arrays(_expected_paper())
+    assert labels.shape == (2, 3)
+    assert weights is None
+
+
+def test_to_arrays_errors():
+    mixed = [_records()[0], _expected_paper()[0]]
+    with pytest.raises(ValueError, match=r"only some records carry "
+                       r"neighbor_entry_weights \(query '17' has none\)"):
+        neighbors_io.to_arrays(mixed, 2)
+    unsorted = [NeighborRecord("u", 0, ["a", "b"], [0, 1], [0.9, 0.1])]
+    with pytest.raises(ValueError, match=r"query 'u': neighbor_distances are "
+                       r"not sorted nearest first"):
+        neighbors_io.to_arrays(unsorted, 2)
+    with pytest.raises(ValueError, match=r"k_max must be >= 1, got 0"):
+        neighbors_io.to_arrays(_records(), 0)

@@ -1,0 +1,88 @@
+"""Pure-Python (no Beam) build of a complete memory from in-memory arrays.
+
+The Beam job in pipelines/ runs the same steps distributed (assign shards with shard_for_id, one
+write_shard per shard, then write_manifest once); this function is for tests, notebooks and small data.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from memory import storage
+from memory.index import IndexConfig
+from memory.manifest import (FORMAT_VERSION, BuildCounts, Manifest, Metric, manifest_path, utc_now_iso,
+                             write_manifest)
+from memory.shard import ShardData, write_shard
+from memory.sharding import shard_for_id, shard_name
+from memory.vectors import l2_normalize
+
+
+def build_memory_local(root: str, *, ids: Sequence[str], labels: Sequence[str], uris: Sequence[str],
+                       embeddings: np.ndarray, num_shards: int, index_config: IndexConfig,
+                       encoder_identity: dict, build_config: dict | None = None,
+                       counts: BuildCounts | None = None) -> Manifest:
+    """Builds a memory at ``root`` (local or ``gs://``) and returns its manifest.
+
+    Args:
+      root: Memory directory; shards go to ``root/shard-XXXXX-of-YYYYY``, the manifest to
+        ``root/manifest.json``. An existing manifest there is deleted first, so a crash mid-build leaves no
+        manifest rather than an old one describing a mix of old and new shards.
+      ids: Unique entry ids.
+      labels: Class name of each entry; class_names becomes the sorted unique set.
+      uris: Source URI of each entry.
+      embeddings: [n, d] embeddings; rows are L2-normalised here.
+      num_shards: Number of shards (>= 1); entries are assigned by a stable hash of their id.
+      index_config: Per-shard ScaNN index configuration.
+      encoder_identity: EncoderIdentity.to_dict() of the encoder that produced the embeddings.
+      build_config: Extra build description recorded in the manifest ("index_config" and "num_shards"
+        are added).
+      counts: Build counts; defaults to read = embedded = n, failed = 0.
+
+    Returns:
+      The written manifest.
+    """
+    ids_arr = np.asarray(list(ids), dtype=str)
+    label_strs = np.asarray(list(labels), dtype=str)
+    uris_arr = np.asarray(list(uris), dtype=str)
+    emb = np.asarray(embeddings)
+    n = ids_arr.shape[0]
+    if emb.ndim != 2 or emb.shape[0] != n or label_strs.shape != (n,) or uris_arr.shape != (n,):
+        raise ValueError(
+            f"inconsistent inputs: {n} ids, {label_strs.shape[0]} labels, {uris_arr.shape[0]} uris, "
+            f"embeddings {emb.shape}; expected n of each and [n, d] embeddings")
+    dim = int(emb.shape[1])
+    if encoder_identity.get("dim") != dim:
+        raise ValueError(f"embeddings have dim {dim} but encoder_identity['dim'] is {encoder_identity.get('dim')!r}")
+    emb = l2_normalize(emb) if n else emb.astype(np.float32)
+    class_names = tuple(sorted(set(label_strs.tolist())))
+    label_idx = np.searchsorted(np.asarray(class_names, dtype=str), label_strs).astype(np.int32)
+    shard_of = np.fromiter((shard_for_id(i, num_shards) for i in ids_arr.tolist()), dtype=np.int64, count=n)
+
+    if storage.exists(manifest_path(root)):
+        storage.remove_tree(manifest_path(root))
+    shards = []
+    for s in range(num_shards):
+        rows = np.flatnonzero(shard_of == s)
+        name = shard_name(s, num_shards)
+        data = ShardData(ids=ids_arr[rows], labels=label_idx[rows], uris=uris_arr[rows],
+                         embeddings=emb[rows].reshape(len(rows), dim))
+        shards.append(write_shard(storage.join(root, name), data, index_config=index_config, name=name,
+                                  root_relative_path=name))
+    config: dict[str, Any] = dict(build_config or {})
+    config.setdefault("index_config", index_config.to_dict())
+    config.setdefault("num_shards", num_shards)
+    manifest = Manifest(
+        format_version=FORMAT_VERSION,
+        encoder=dict(encoder_identity),
+        dim=dim,
+        metric=Metric.COSINE,
+        class_names=class_names,
+        shards=tuple(shards),
+        build_config=config,
+        counts=counts if counts is not None else BuildCounts(read=n, embedded=n, failed=0),
+        created_at=utc_now_iso(),
+    )
+    write_manifest(root, manifest)  # Last: the manifest's presence marks the memory complete.
+    return manifest

@@ -1,0 +1,64 @@
+"""Exact merge of per-shard top-k lists into a global top-k."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def merge_topk(partials: Sequence[tuple[np.ndarray, np.ndarray]], k: int, *,
+               tie_keys: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Merges per-shard top-k results into the global top-k, nearest first.
+
+    The result is exact given exact partials: every true global top-k neighbour is in its own shard's top-k,
+    so sorting the union of the partials and keeping k (what faiss' ResultHeap / knn_ground_truth do with
+    a heap) loses nothing. Equal distances are ordered by a secondary key so the answer does not depend on
+    how entries are spread over shards: a 1-shard and a 4-shard memory return the same lists, provided each
+    shard also breaks ties by the same key (rows sorted by id do; see memory.shard).
+
+    Args:
+      partials: One (global_idx int64 [nq, k_s], distances float32 [nq, k_s]) per shard, padded with index
+        -1 and distance +inf. k_s may differ between shards.
+      k: Number of neighbours to return, >= 1.
+      tie_keys: Optional per-partial arrays shaped like the indices (e.g. entry ids as strings) used to
+        order equal distances; by default the global index orders them.
+
+    Returns:
+      (global_idx int64 [nq, k], distances float32 [nq, k]); padded with -1 / +inf when fewer than k
+      candidates exist.
+    """
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    if not partials:
+        raise ValueError("merge_topk needs at least one partial result")
+    if tie_keys is not None and len(tie_keys) != len(partials):
+        raise ValueError(f"tie_keys has {len(tie_keys)} arrays for {len(partials)} partials; pass one per partial")
+    nq = np.shape(partials[0][0])[0]
+    idx_parts, dist_parts = [], []
+    for s, (idx, dist) in enumerate(partials):
+        idx = np.asarray(idx, dtype=np.int64)
+        dist = np.asarray(dist, dtype=np.float32)
+        if idx.ndim != 2 or idx.shape != dist.shape or idx.shape[0] != nq:
+            raise ValueError(
+                f"partial {s}: indices {idx.shape} and distances {dist.shape} must both be [nq={nq}, k_s]")
+        if tie_keys is not None and np.shape(tie_keys[s]) != idx.shape:
+            raise ValueError(f"tie_keys[{s}] has shape {np.shape(tie_keys[s])}, expected {idx.shape}")
+        idx_parts.append(idx)
+        dist_parts.append(dist)
+    all_idx = np.concatenate(idx_parts, axis=1)
+    all_dist = np.concatenate(dist_parts, axis=1)
+    # Padding must sort after every real hit whatever its tie key, so force pads to +inf.
+    all_dist = np.where(all_idx < 0, np.float32(np.inf), all_dist)
+    secondary = all_idx if tie_keys is None else np.concatenate([np.asarray(t) for t in tie_keys], axis=1)
+    # Row-wise lexsort: last key (distance) is primary. The candidate count is shards * k, small enough that
+    # a full sort beats argpartition, which cannot honour the secondary key at the k-th boundary.
+    order = np.lexsort((secondary, all_dist), axis=-1)
+    take = min(k, order.shape[1])
+    order = order[:, :take]
+    out_idx = np.full((nq, k), -1, dtype=np.int64)
+    out_dist = np.full((nq, k), np.inf, dtype=np.float32)
+    out_idx[:, :take] = np.take_along_axis(all_idx, order, axis=1)
+    out_dist[:, :take] = np.take_along_axis(all_dist, order, axis=1)
+    out_idx[~np.isfinite(out_dist)] = -1
+    return out_idx, out_dist

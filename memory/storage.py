@@ -1,0 +1,358 @@
+"""One small filesystem layer so a local path and ``gs://bucket/path`` behave the same.
+
+`memory/` must stay importable without Apache Beam (notebooks, tests, the query CLI), so it cannot use
+Beam's FileSystems; this module covers the handful of operations a visual memory needs with the standard
+library for local paths and google-cloud-storage for ``gs://`` paths.
+
+GCS has no directories: a "directory" ``gs://b/x`` is the set of objects whose names start with ``x/``.
+Writes of a single object are atomic on GCS; local writes go through a temporary file in the same directory
+and ``os.replace`` so a reader never sees a half-written file.
+
+When ``STORAGE_EMULATOR_HOST`` is set (tests, local development) the client talks to the emulator with
+anonymous credentials and a short retry deadline, so a dead emulator fails in seconds instead of the
+client's default 120 s of retries, and no credential discovery is attempted.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import os
+import posixpath
+import shutil
+import tempfile
+import threading
+from typing import Any
+
+GCS_PREFIX = "gs://"
+_EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
+# Retry deadline against an emulator: long enough for a slow CI box, short enough to fail fast when the
+# emulator is not running (the client default retries connection errors for 120 s).
+_EMULATOR_RETRY_DEADLINE_S = 10.0
+
+_client_lock = threading.Lock()
+# Keyed by the emulator host (or None) so a test that starts an emulator after a client was created still
+# reaches the emulator and never the real service.
+_clients: dict[str | None, Any] = {}
+_local_copies: dict[str, str] = {}
+
+
+def _names_paths(fn):
+    """Re-raises google-cloud errors as OSError naming the operation and its path arguments.
+
+    The client's own messages name URLs like ``/storage/v1/b/<bucket>/o?prefix=...``; callers need the
+    ``gs://`` path they passed. NotFound is converted to FileNotFoundError where it has a meaning.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # pylint: disable=broad-except  # Only google-cloud errors are rewrapped.
+            if _is_google_api_error(e):
+                paths = ", ".join(repr(a) for a in args if isinstance(a, str))
+                raise OSError(f"{fn.__name__}({paths}) failed on GCS: {e}") from e
+            raise
+
+    return wrapper
+
+
+def _is_google_api_error(e: Exception) -> bool:
+    try:
+        # Imported lazily: google-cloud-storage is only needed for gs:// paths.
+        from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
+    except ImportError:
+        return False
+    return isinstance(e, exceptions.GoogleAPIError)
+
+
+def is_gcs(path: str) -> bool:
+    """Returns True for ``gs://`` paths."""
+    return str(path).startswith(GCS_PREFIX)
+
+
+def join(*parts: str) -> str:
+    """Joins path components; ``gs://`` paths always use ``/``.
+
+    Args:
+      *parts: Path components; the first decides local vs GCS.
+
+    Returns:
+      The joined path.
+    """
+    if not parts:
+        raise ValueError("join() needs at least one path component")
+    first = str(parts[0])
+    if is_gcs(first):
+        return posixpath.join(first, *[str(p) for p in parts[1:]])
+    return os.path.join(first, *[str(p) for p in parts[1:]])
+
+
+def _split_gcs(path: str) -> tuple[str, str]:
+    """Splits ``gs://bucket/name`` into (bucket, name); name has no leading slash."""
+    rest = path[len(GCS_PREFIX):]
+    bucket, _, name = rest.partition("/")
+    if not bucket:
+        raise ValueError(f"invalid GCS path (no bucket): {path!r}; expected gs://bucket/path")
+    return bucket, name
+
+
+def _client():
+    """Returns a cached google.cloud.storage.Client, created on first use."""
+    host = os.environ.get(_EMULATOR_ENV) or None
+    with _client_lock:
+        client = _clients.get(host)
+        if client is None:
+            # Imported lazily: local-only users (and Beam workers that never touch gs://) skip the import cost.
+            from google.cloud import storage  # pylint: disable=g-import-not-at-top
+
+            if host:
+                from google.auth.credentials import AnonymousCredentials  # pylint: disable=g-import-not-at-top
+
+                # Anonymous credentials + explicit project: no metadata-server or ADC probing against an emulator.
+                client = storage.Client(project="test", credentials=AnonymousCredentials())
+            else:
+                client = storage.Client()
+            _clients[host] = client
+        return client
+
+
+def _retry():
+    """Retry policy: the library default, or a short deadline against an emulator."""
+    from google.cloud.storage.retry import DEFAULT_RETRY  # pylint: disable=g-import-not-at-top
+
+    if os.environ.get(_EMULATOR_ENV):
+        return DEFAULT_RETRY.with_timeout(_EMULATOR_RETRY_DEADLINE_S)
+    return DEFAULT_RETRY
+
+
+def _blob(path: str):
+    bucket, name = _split_gcs(path)
+    if not name:
+        raise ValueError(f"GCS path names a bucket, not an object: {path!r}")
+    return _client().bucket(bucket).blob(name)
+
+
+def _dir_prefix(name: str) -> str:
+    return name if (not name or name.endswith("/")) else name + "/"
+
+
+def _list_blobs(path: str, *, delimiter: str | None = None):
+    bucket, name = _split_gcs(path)
+    return _client().list_blobs(bucket, prefix=_dir_prefix(name), delimiter=delimiter, retry=_retry())
+
+
+@_names_paths
+def read_bytes(path: str) -> bytes:
+    """Reads a whole file.
+
+    Args:
+      path: Local path or ``gs://`` object.
+
+    Returns:
+      The file's bytes.
+
+    Raises:
+      FileNotFoundError: naming the path, when it does not exist.
+    """
+    if is_gcs(path):
+        from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
+
+        try:
+            return _blob(path).download_as_bytes(retry=_retry())
+        except exceptions.NotFound as e:
+            raise FileNotFoundError(f"no such GCS object: {path}") from e
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"no such file: {path}") from e
+
+
+@_names_paths
+def write_bytes(path: str, data: bytes) -> None:
+    """Writes a whole file atomically (readers see the old or the new content, never a partial file).
+
+    Args:
+      path: Local path (parent directories are created) or ``gs://`` object.
+      data: The content.
+    """
+    if is_gcs(path):
+        # A single-request upload either creates the new generation or fails; there is no partial object.
+        _blob(path).upload_from_string(bytes(data), retry=_retry())
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    # The temp file lives in the target directory so os.replace is a same-filesystem atomic rename.
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-" + os.path.basename(path) + "-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def read_text(path: str, *, encoding: str = "utf-8") -> str:
+    """Reads a text file (see read_bytes)."""
+    return read_bytes(path).decode(encoding)
+
+
+def write_text(path: str, text: str, *, encoding: str = "utf-8") -> None:
+    """Writes a text file atomically (see write_bytes)."""
+    write_bytes(path, text.encode(encoding))
+
+
+@_names_paths
+def exists(path: str) -> bool:
+    """True if path is an existing file or (non-empty, for GCS) directory."""
+    if is_gcs(path):
+        bucket, name = _split_gcs(path)
+        if not name:
+            return _client().bucket(bucket).exists(retry=_retry())
+        if _blob(path).exists(retry=_retry()):
+            return True
+        # A GCS "directory" exists iff at least one object lives under it.
+        return any(True for _ in _client().list_blobs(
+            bucket, prefix=_dir_prefix(name), max_results=1, retry=_retry()))
+    return os.path.exists(path)
+
+
+@_names_paths
+def list_dir(path: str) -> list[str]:
+    """Lists the immediate children (file and directory names, no trailing slash), sorted.
+
+    Raises:
+      FileNotFoundError: naming the path, when the directory does not exist (or, on GCS, is empty).
+    """
+    if is_gcs(path):
+        it = _list_blobs(path, delimiter="/")
+        _, name = _split_gcs(path)
+        prefix = _dir_prefix(name)
+        children = {b.name[len(prefix):] for b in it}
+        # Prefixes are only populated once the iterator has been consumed.
+        children |= {p[len(prefix):].rstrip("/") for p in it.prefixes}
+        children.discard("")
+        if not children:
+            raise FileNotFoundError(f"no such GCS directory (no objects under it): {path}")
+        return sorted(children)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no such directory: {path}")
+    return sorted(os.listdir(path))
+
+
+def makedirs(path: str) -> None:
+    """Creates a directory and its parents; a no-op on GCS, where directories are implicit."""
+    if not is_gcs(path):
+        os.makedirs(path, exist_ok=True)
+
+
+@_names_paths
+def remove_tree(path: str) -> None:
+    """Deletes a directory tree (or a single file); missing paths are ignored."""
+    if is_gcs(path):
+        for blob in list(_list_blobs(path)):
+            blob.delete(retry=_retry())
+        _, name = _split_gcs(path)
+        if name:
+            from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
+
+            try:
+                _blob(path).delete(retry=_retry())
+            except exceptions.NotFound:
+                pass
+        return
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+@_names_paths
+def upload_dir(local_dir: str, dest_dir: str) -> None:
+    """Recursively copies a local directory to ``dest_dir`` (GCS or local), overwriting same-named files.
+
+    Args:
+      local_dir: An existing local directory.
+      dest_dir: Destination directory, local or ``gs://``.
+    """
+    if is_gcs(local_dir):
+        raise ValueError(f"upload_dir source must be local, got {local_dir!r}")
+    if not os.path.isdir(local_dir):
+        raise FileNotFoundError(f"no such directory: {local_dir}")
+    if not is_gcs(dest_dir):
+        shutil.copytree(local_dir, dest_dir, dirs_exist_ok=True)
+        return
+    for root, _, files in os.walk(local_dir):
+        rel_root = os.path.relpath(root, local_dir)
+        for fname in sorted(files):
+            rel = fname if rel_root == "." else posixpath.join(*rel_root.split(os.sep), fname)
+            _blob(join(dest_dir, rel)).upload_from_filename(os.path.join(root, fname), retry=_retry())
+
+
+@_names_paths
+def download_dir(src_dir: str, local_dir: str) -> None:
+    """Recursively copies ``src_dir`` (GCS or local) into a local directory.
+
+    Raises:
+      FileNotFoundError: naming src_dir, when it has no files.
+    """
+    if is_gcs(local_dir):
+        raise ValueError(f"download_dir destination must be local, got {local_dir!r}")
+    if not is_gcs(src_dir):
+        if not os.path.isdir(src_dir):
+            raise FileNotFoundError(f"no such directory: {src_dir}")
+        shutil.copytree(src_dir, local_dir, dirs_exist_ok=True)
+        return
+    _, name = _split_gcs(src_dir)
+    prefix = _dir_prefix(name)
+    found = False
+    for blob in _list_blobs(src_dir):
+        rel = blob.name[len(prefix):]
+        if not rel or rel.endswith("/"):
+            continue  # Zero-byte "directory marker" objects created by some tools.
+        found = True
+        target = os.path.join(local_dir, *rel.split("/"))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        blob.download_to_filename(target, retry=_retry())
+    if not found:
+        raise FileNotFoundError(f"no such GCS directory (no objects under it): {src_dir}")
+
+
+@_names_paths
+def local_copy(path: str) -> str:
+    """Returns a local path with the content of ``path``.
+
+    Local paths are returned unchanged. A ``gs://`` file or directory is downloaded once per process into a
+    temporary directory (removed at interpreter exit) and the cached copy is returned afterwards; ScaNN's
+    load_searcher and np.load need real files.
+
+    Args:
+      path: Local path or ``gs://`` file/directory.
+
+    Returns:
+      A local path.
+    """
+    if not is_gcs(path):
+        return path
+    key = path.rstrip("/")
+    with _client_lock:
+        cached = _local_copies.get(key)
+    if cached is not None and os.path.exists(cached):
+        return cached
+    tmp_root = tempfile.mkdtemp(prefix="vmem-gcs-")
+    atexit.register(shutil.rmtree, tmp_root, True)
+    target = os.path.join(tmp_root, posixpath.basename(key) or "root")
+    _, name = _split_gcs(key)
+    if name and _blob(key).exists(retry=_retry()):
+        with open(target, "wb") as f:
+            f.write(read_bytes(key))
+    else:
+        download_dir(key, target)
+    with _client_lock:
+        _local_copies[key] = target
+    return target

@@ -1,0 +1,105 @@
+"""Pytest fixture: a local GCS emulator (gcp-storage-emulator), so gs:// code runs without the cloud.
+
+Use it from a conftest.py::
+
+  from tests.gcs_emulator import gcs_bucket  # noqa: F401  (re-exported fixture)
+
+and in a test::
+
+  def test_x(gcs_bucket):  # "gs://<bucket>", with STORAGE_EMULATOR_HOST pointing at the emulator
+    ...
+
+The emulator runs in memory for the whole session and is killed at teardown. If it cannot be started (not
+installed, port problem) the fixture fails within seconds: a test must never fall through to real GCS,
+where an offline client retries for 120 s.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from typing import Iterator
+
+import pytest
+
+BUCKET = "vmem-test-bucket"
+_START_TIMEOUT_S = 20.0
+_ENV = "STORAGE_EMULATOR_HOST"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _emulator_executable() -> str:
+    """The emulator script next to this interpreter (the venv's bin dir), else on PATH."""
+    candidate = os.path.join(os.path.dirname(sys.executable), "gcp-storage-emulator")
+    if os.path.exists(candidate):
+        return candidate
+    found = shutil.which("gcp-storage-emulator")
+    if found is None:
+        pytest.fail("gcp-storage-emulator not found next to the Python interpreter or on PATH; "
+                    "install it with `pip install gcp-storage-emulator`", pytrace=False)
+    return found
+
+
+def _wait_ready(proc: subprocess.Popen, url: str, bucket: str, log_path: str) -> None:
+    """Polls the bucket's JSON-API URL until it answers 200; fails fast if the process exits."""
+    deadline = time.monotonic() + _START_TIMEOUT_S
+    last_error = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            with open(log_path, encoding="utf-8", errors="replace") as f:
+                log = f.read()[-2000:]
+            pytest.fail(f"gcp-storage-emulator exited with code {proc.returncode}:\n{log}", pytrace=False)
+        try:
+            with urllib.request.urlopen(f"{url}/storage/v1/b/{bucket}", timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, OSError) as e:
+            last_error = e
+        time.sleep(0.1)
+    pytest.fail(f"gcp-storage-emulator at {url} not ready after {_START_TIMEOUT_S:.0f}s (last error: "
+                f"{last_error!r})", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket() -> Iterator[str]:
+    """Starts an in-memory GCS emulator with one bucket and yields ``gs://<bucket>``."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_dir = tempfile.mkdtemp(prefix="gcs-emulator-")
+    log_path = os.path.join(log_dir, "emulator.log")
+    with open(log_path, "wb") as log:
+        # cwd=log_dir: the emulator may create a storage directory in its working directory.
+        proc = subprocess.Popen(
+            [_emulator_executable(), "start", "--host", "127.0.0.1", "--port", str(port),
+             f"--default-bucket={BUCKET}", "--in-memory"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=log_dir)
+    previous = os.environ.get(_ENV)
+    try:
+        _wait_ready(proc, url, BUCKET, log_path)
+        # Session scope rules out monkeypatch; restore by hand at teardown.
+        os.environ[_ENV] = url
+        yield f"gs://{BUCKET}"
+    finally:
+        if previous is None:
+            os.environ.pop(_ENV, None)
+        else:
+            os.environ[_ENV] = previous
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+        shutil.rmtree(log_dir, ignore_errors=True)

@@ -1,0 +1,86 @@
+"""merge_topk against brute force, with padding and ties."""
+
+import numpy as np
+import pytest
+
+from memory.merge import merge_topk
+
+
+def _partials(dist: np.ndarray, shard_of: np.ndarray, num_shards: int, k: int):
+    """Exact per-shard top-k of a [nq, n] distance matrix, ties by global index, padded to k."""
+    parts = []
+    for s in range(num_shards):
+        cols = np.flatnonzero(shard_of == s)
+        d = dist[:, cols]
+        order = np.lexsort((np.broadcast_to(cols, d.shape), d), axis=1)[:, :k]
+        idx = np.full((dist.shape[0], k), -1, np.int64)
+        dd = np.full((dist.shape[0], k), np.inf, np.float32)
+        idx[:, :order.shape[1]] = cols[order]
+        dd[:, :order.shape[1]] = np.take_along_axis(d, order, axis=1)
+        parts.append((idx, dd))
+    return parts
+
+
+def _reference(dist: np.ndarray, k: int):
+    n = dist.shape[1]
+    order = np.lexsort((np.broadcast_to(np.arange(n), dist.shape), dist), axis=1)[:, :k]
+    return order, np.take_along_axis(dist, order, axis=1)
+
+
+@pytest.mark.parametrize("num_shards", [1, 4, 7])
+def test_merge_matches_brute_force_with_ties(num_shards):
+    rng = np.random.default_rng(0)
+    nq, n, k = 50, 300, 10
+    # Quantised distances: many exact ties, including across shards and at the k-th boundary.
+    dist = (rng.integers(0, 20, size=(nq, n)) / 20).astype(np.float32)
+    shard_of = rng.integers(0, num_shards, n)
+    idx, d = merge_topk(_partials(dist, shard_of, num_shards, k), k)
+    ref_idx, ref_d = _reference(dist, k)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_array_equal(d, ref_d)
+
+
+def test_one_vs_four_partitions_identical_with_string_tie_keys():
+    rng = np.random.default_rng(1)
+    nq, n, k = 20, 120, 15
+    ids = np.array([f"id-{rng.integers(0, 10**6):07d}-{i}" for i in range(n)])
+    dist = (rng.integers(0, 5, size=(nq, n)) / 5).astype(np.float32)
+    results = []
+    for num_shards in (1, 4):
+        shard_of = rng.integers(0, num_shards, n)
+        parts, keys = [], []
+        for s in range(num_shards):
+            cols = np.flatnonzero(shard_of == s)
+            d = dist[:, cols]
+            order = np.lexsort((np.broadcast_to(ids[cols], d.shape), d), axis=1)[:, :k]
+            parts.append((cols[order], np.take_along_axis(d, order, axis=1)))
+            keys.append(ids[cols[order]])
+        idx, d = merge_topk(parts, k, tie_keys=keys)
+        results.append((ids[idx], d))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    # And it is the id-ordered exact answer.
+    order = np.lexsort((np.broadcast_to(ids, dist.shape), dist), axis=1)[:, :k]
+    np.testing.assert_array_equal(results[0][0], ids[order])
+
+
+def test_padding_when_fewer_than_k_candidates():
+    dist = np.array([[0.3, 0.1, 0.2]], np.float32)
+    parts = _partials(dist, np.array([0, 1, 1]), 2, k=5)  # Shards of 1 and 2 entries, padded to 5.
+    idx, d = merge_topk(parts, 5)
+    np.testing.assert_array_equal(idx, [[1, 2, 0, -1, -1]])
+    np.testing.assert_array_equal(d, np.array([[0.1, 0.2, 0.3, np.inf, np.inf]], np.float32))
+    # Padding never outranks a real hit, even with a smaller tie key.
+    idx, d = merge_topk([(np.array([[-1, 5]]), np.array([[np.inf, 1.5]], np.float32))], 2,
+                        tie_keys=[np.array([["", "z"]])])
+    np.testing.assert_array_equal(idx, [[5, -1]])
+
+
+def test_rejects_bad_arguments():
+    part = (np.zeros((2, 3), np.int64), np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError, match="k must be"):
+        merge_topk([part], 0)
+    with pytest.raises(ValueError, match="partial 1"):
+        merge_topk([part, (np.zeros((3, 3), np.int64), np.zeros((3, 3), np.float32))], 2)
+    with pytest.raises(ValueError, match="tie_keys"):
+        merge_topk([part], 2, tie_keys=[])

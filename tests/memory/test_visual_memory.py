@@ -1,0 +1,158 @@
+"""build_memory_local + VisualMemory.open + search, against brute force over the stored embeddings."""
+
+import numpy as np
+import pytest
+
+from memory import IndexConfig, IndexKind, SearchResult, VisualMemory
+from memory.build import build_memory_local
+from memory.manifest import MANIFEST_NAME, ManifestError, read_manifest
+from memory.shard import ShardData, read_shard_data, write_shard
+from tests.memory.helpers import ENCODER, assert_exact_topk, clustered, recall_at_k
+
+N, D, K = 600, 32, 10
+CLASSES = ("ankle boot", "bag", "coat", "dress")
+
+
+def _entries(seed=0, *, duplicates=True):
+    x, q = clustered(N, D, centres=12, noise=0.6, seed=seed, nq=60)
+    rng = np.random.default_rng(seed)
+    ids = [f"img-{i:05d}" for i in rng.permutation(N)]  # Arrival order != id order.
+    if duplicates:
+        # Exact duplicate vectors under different ids -> distance ties that land in different shards.
+        x[1::50] = x[0]
+        q[0] = x[0]
+    labels = [CLASSES[i % 4] for i in range(N)]
+    uris = [f"file:///data/{i}.png" for i in ids]
+    return ids, labels, uris, x, q
+
+
+def _build(root, num_shards, kind=IndexKind.BRUTE_FORCE, seed=0):
+    ids, labels, uris, x, q = _entries(seed)
+    manifest = build_memory_local(str(root), ids=ids, labels=labels, uris=uris, embeddings=x,
+                                  num_shards=num_shards, index_config=IndexConfig(kind=kind),
+                                  encoder_identity=ENCODER, build_config={"source": "synthetic"})
+    return manifest, (ids, labels, uris, x, q)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = {}
+    for shards in (1, 4):
+        root = tmp_path_factory.mktemp(f"mem{shards}")
+        out[shards] = (root, *_build(root, shards))
+    return out
+
+
+def test_manifest_contents(built):
+    root, manifest, (ids, labels, _, _, _) = built[4]
+    assert read_manifest(str(root)) == manifest
+    assert manifest.total == N and manifest.dim == D and manifest.class_names == CLASSES
+    assert [s.name for s in manifest.shards] == [f"shard-0000{i}-of-00004" for i in range(4)]
+    assert sum(s.count for s in manifest.shards) == N and all(s.count > 100 for s in manifest.shards)
+    assert manifest.build_config["source"] == "synthetic"
+    assert manifest.build_config["index_config"]["kind"] == "brute_force"
+    assert manifest.counts.embedded == N and manifest.encoder == ENCODER
+    mem = VisualMemory.open(str(root))
+    assert len(mem) == N and mem.dim == D and mem.class_names == CLASSES and mem.encoder_identity == ENCODER
+    # Labels survive the round trip.
+    label_of = dict(zip(ids, labels))
+    res = mem.search(mem.get_embeddings(ids[:5]), 1)
+    assert mem.label_names(res.labels)[:, 0].tolist() == [label_of[i] for i in res.ids[:, 0].tolist()]
+
+
+def test_search_exact_and_shard_count_invariant(built):
+    results = {}
+    for shards, (root, _, (ids, _, _, x, q)) in built.items():
+        mem = VisualMemory.open(str(root), verify=True)
+        res = mem.search(q, K)
+        assert isinstance(res, SearchResult)
+        assert res.ids.shape == res.labels.shape == res.distances.shape == (len(q), K)
+        assert res.labels.dtype == np.int32 and res.distances.dtype == np.float32
+        stored = mem.get_embeddings(res.ids.ravel()).reshape(len(q), K, D)
+        row = {i: r for r, i in enumerate(ids)}
+        idx = np.vectorize(row.__getitem__)(res.ids)
+        assert_exact_topk(idx, res.distances, q, x, K)
+        assert recall_at_k(idx, q, x, K) == 1.0
+        np.testing.assert_allclose(res.distances, 1 - np.einsum("qd,qkd->qk", q, stored), atol=2e-6)
+        results[shards] = res
+    np.testing.assert_array_equal(results[1].ids, results[4].ids)
+    np.testing.assert_array_equal(results[1].labels, results[4].labels)
+    np.testing.assert_allclose(results[1].distances, results[4].distances, atol=1e-6)
+    # Query 0 equals a vector stored under 13 ids: they tie at ~0 and come out in id order.
+    dup_ids = results[4].ids[0]
+    assert np.all(results[4].distances[0] < 1e-5)
+    assert dup_ids.tolist() == sorted(dup_ids.tolist())
+
+
+def test_tree_ah_memory_recall(tmp_path):
+    _, (ids, _, _, x, q) = _build(tmp_path, 3, kind=IndexKind.TREE_AH)
+    mem = VisualMemory.open(str(tmp_path))
+    assert {s.index_kind for s in mem.manifest.shards} == {"tree_ah"}
+    res = mem.search(q, K)
+    row = {i: r for r, i in enumerate(ids)}
+    assert recall_at_k(np.vectorize(row.__getitem__)(res.ids), q, x, K) >= 0.95
+
+
+def test_k_larger_than_memory_is_padded(tmp_path):
+    ids, labels, uris, x, q = _entries(1, duplicates=False)
+    build_memory_local(str(tmp_path), ids=ids[:7], labels=labels[:7], uris=uris[:7], embeddings=x[:7],
+                       num_shards=3, index_config=IndexConfig(), encoder_identity=ENCODER)
+    mem = VisualMemory.open(str(tmp_path))
+    res = mem.search(q[:2], 10)
+    assert (res.ids[:, 7:] == "").all() and (res.labels[:, 7:] == -1).all() and np.isinf(res.distances[:, 7:]).all()
+    assert sorted(res.ids[0, :7].tolist()) == sorted(ids[:7])
+    assert mem.label_names(res.labels)[0, 9] == ""
+
+
+def test_empty_shards(tmp_path):
+    ids, labels, uris, x, q = _entries(2, duplicates=False)
+    m = build_memory_local(str(tmp_path), ids=ids[:2], labels=labels[:2], uris=uris[:2], embeddings=x[:2],
+                           num_shards=8, index_config=IndexConfig(), encoder_identity=ENCODER)
+    assert sum(s.index_kind == "empty" for s in m.shards) >= 6
+    res = VisualMemory.open(str(tmp_path), verify=True).search(q[:1], 3)
+    assert sorted(res.ids[0, :2].tolist()) == sorted(ids[:2]) and res.ids[0, 2] == ""
+
+
+def test_errors(built, tmp_path):
+    root = built[4][0]
+    mem = VisualMemory.open(str(root))
+    with pytest.raises(ValueError, match=r"\[nq, 32\].*got \(2, 31\)"):
+        mem.search(np.ones((2, 31), np.float32), 3)
+    with pytest.raises(ValueError, match="row 1"):
+        mem.search(np.stack([np.ones(32), np.zeros(32)]), 3)
+    with pytest.raises(KeyError, match="nope"):
+        mem.get_embeddings(["img-00000", "nope"])
+    with pytest.raises(ManifestError, match=f"not a visual memory: .*{MANIFEST_NAME} missing"):
+        VisualMemory.open(str(tmp_path))
+
+
+def test_verify_catches_tampered_shard(tmp_path):
+    manifest, _ = _build(tmp_path, 2)
+    labels_path = tmp_path / manifest.shards[1].path / "labels.npy"
+    data = read_shard_data(str(tmp_path / manifest.shards[1].path))
+    np.save(labels_path, (data.labels + 1) % 4)  # Same shape and dtype: only the checksum can tell.
+    VisualMemory.open(str(tmp_path))  # Not verified: opens.
+    with pytest.raises(ManifestError, match="shard-00001-of-00002.*checksum mismatch"):
+        VisualMemory.open(str(tmp_path), verify=True)
+
+
+def test_write_shard_is_order_independent(tmp_path):
+    ids, _, uris, x, _ = _entries(3, duplicates=False)
+    ids, uris, x = np.array(ids[:50]), np.array(uris[:50]), x[:50]
+    labels = np.arange(50, dtype=np.int32) % 4
+    infos = []
+    for run, order in enumerate([np.arange(50), np.random.default_rng(0).permutation(50)]):
+        data = ShardData(ids=ids[order], labels=labels[order], uris=uris[order], embeddings=x[order])
+        infos.append(write_shard(str(tmp_path / str(run)), data, index_config=IndexConfig(), name="s",
+                                 root_relative_path="s"))
+    assert infos[0] == infos[1]
+    back = read_shard_data(str(tmp_path / "1"))
+    assert back.ids.tolist() == sorted(ids.tolist())
+    with pytest.raises(ValueError, match="duplicate id"):
+        write_shard(str(tmp_path / "d"), ShardData(ids=np.array(["a", "a"]), labels=np.zeros(2, np.int32),
+                                                   uris=np.array(["u", "v"]), embeddings=x[:2]),
+                    index_config=IndexConfig(), name="d", root_relative_path="d")
+    with pytest.raises(ValueError, match="row 0 has norm"):
+        write_shard(str(tmp_path / "n"), ShardData(ids=np.array(["a"]), labels=np.zeros(1, np.int32),
+                                                   uris=np.array(["u"]), embeddings=2 * x[:1]),
+                    index_config=IndexConfig(), name="n", root_relative_path="n")

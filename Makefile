@@ -1,0 +1,53 @@
+# visual-memory — every target installs what it needs first, so each works on a fresh machine.
+#   make demo   build a real memory from Fashion-MNIST with the bundled encoder (DirectRunner)
+#   make test   the default test suite (offline, CPU, ~minutes)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+VMEM := $(VENV)/bin/vmem
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-nodeps.txt setup.py | sha1sum | cut -c1-12)
+DATA ?= data
+OUT ?= out
+export TF_CPP_MIN_LOG_LEVEL ?= 1
+export PYTHONDONTWRITEBYTECODE :=
+
+.PHONY: install demo test test-all bench clean fashion-mnist
+
+install: $(STAMP) fashion-mnist
+
+$(STAMP): requirements.txt requirements-nodeps.txt setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+# The bundled dataset is a Debian package (MIT): /usr/share/datasets/fashion-mnist.
+fashion-mnist:
+	@if [ -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then \
+	  apt-get install -y -q dataset-fashion-mnist || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }; \
+	else \
+	  echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist' once, then re-run make." >&2; exit 1; \
+	fi
+
+demo: install
+	$(VMEM) prepare-data fashion-mnist --out $(DATA)/fashion-mnist --per-class 100 --test-per-class 20
+	$(VMEM) build --images $(DATA)/fashion-mnist/train --output $(OUT)/fmnist-memory --shards 4
+	$(VMEM) info $(OUT)/fmnist-memory
+
+test: install
+	$(PY) -m pytest -q
+
+test-all: install
+	$(PY) -m pytest -q -m "slow or not slow"
+
+bench: install
+	$(PY) -m evaluation.benchmarks.bench_build
+
+clean:
+	rm -rf $(OUT) $(DATA) .pytest_cache

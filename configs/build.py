@@ -1,0 +1,98 @@
+"""The build job's configuration schema (configs as code, big_vision style).
+
+A setup is a Python file in this package (or anywhere, passed as ``--config path/to/file.py``) whose
+``get_config(variant: str = "")`` returns a :class:`BuildConfig`. Runner flags (``--runner``, ``--project``,
+...) never live here: they stay Beam ``PipelineOptions``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import os
+from typing import Any
+
+from encoders.base import EncoderSpec
+from memory.index import IndexConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildConfig:
+    """Everything that decides what a built memory contains.
+
+    Attributes:
+        encoder: Which frozen encoder embeds the images (default: the bundled EfficientNet-Lite0).
+        index: How each shard is indexed (exact brute force below ``index.tree_ah_min_size``, ScaNN
+            tree+AH+reorder above it, unless forced).
+        num_shards: Number of ScaNN partitions; entries are assigned by a stable hash of their id.
+        min_batch_size: Lower bound of RunInference's dynamic batch size.
+        max_batch_size: Upper bound of RunInference's dynamic batch size.
+        progress_every: Log a progress line every this many embedded images (per worker).
+    """
+
+    encoder: EncoderSpec = dataclasses.field(default_factory=EncoderSpec)
+    index: IndexConfig = dataclasses.field(default_factory=IndexConfig)
+    num_shards: int = 4
+    min_batch_size: int = 16
+    max_batch_size: int = 64
+    progress_every: int = 200
+
+    def __post_init__(self) -> None:
+        if self.num_shards < 1:
+            raise ValueError(f"num_shards must be >= 1, got {self.num_shards}; pass e.g. --shards 4.")
+        if not 1 <= self.min_batch_size <= self.max_batch_size:
+            raise ValueError(
+                f"need 1 <= min_batch_size <= max_batch_size, got {self.min_batch_size} and "
+                f"{self.max_batch_size}; fix them in the config.")
+
+    def replace(self, **changes: Any) -> "BuildConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "encoder": self.encoder.to_dict(),
+            "index": self.index.to_dict(),
+            "num_shards": self.num_shards,
+            "min_batch_size": self.min_batch_size,
+            "max_batch_size": self.max_batch_size,
+            "progress_every": self.progress_every,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BuildConfig":
+        d = dict(d)
+        return cls(
+            encoder=EncoderSpec.from_dict(d.pop("encoder")) if "encoder" in d else EncoderSpec(),
+            index=IndexConfig.from_dict(d.pop("index")) if "index" in d else IndexConfig(),
+            **d)
+
+
+def load_config(ref: str | None) -> BuildConfig:
+    """Loads a config from ``path/to/file.py[:variant]`` or a module name ``configs.x[:variant]``.
+
+    ``None`` gives the defaults (:mod:`configs.default`).
+    """
+    if not ref:
+        ref = "configs.default"
+    name, _, variant = ref.partition(":")
+    if name.endswith(".py"):
+        if not os.path.isfile(name):
+            raise FileNotFoundError(f"--config {ref!r}: no such file {name!r}.")
+        spec = importlib.util.spec_from_file_location("_vmem_user_config", name)
+        module = importlib.util.module_from_spec(spec)
+        assert spec.loader is not None
+        spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            raise ValueError(
+                f"--config {ref!r}: cannot import module {name!r} ({e}); pass a .py file path or a module "
+                "such as configs.default or configs.fashion_mnist:quick.") from e
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"--config {ref!r}: {name} defines no get_config(variant='') function.")
+    config = module.get_config(variant) if variant else module.get_config()
+    if not isinstance(config, BuildConfig):
+        raise TypeError(f"--config {ref!r}: get_config() returned {type(config).__name__}, expected BuildConfig.")
+    return config

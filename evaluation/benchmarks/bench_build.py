@@ -1,0 +1,85 @@
+"""Build throughput: the Beam build job vs the encoder's raw rate, measured in the same process.
+
+    python -m evaluation.benchmarks.bench_build [--images 1000] [--shards 4] [--batch-size 64]
+
+Prints images/s of (a) the encoder alone on already-preprocessed batches (the ceiling), (b) decode +
+preprocess alone, (c) the whole `vmem build` job (read files, decode, RunInference, normalise, shard,
+ScaNN, manifest) on the DirectRunner, the ratio (c)/(a), and peak resident memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import tempfile
+import time
+
+import numpy as np
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=1000, help="Fashion-MNIST training images (multiple of 10)")
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=64, help="batch size of the raw-encoder baseline")
+    parser.add_argument("--beam-args", default="", help="extra Beam flags for the job, e.g. '--runner=DirectRunner'")
+    args = parser.parse_args(argv)
+
+    from encoders import load_encoder, resolve_preprocess
+    from encoders.base import EncoderSpec
+    from encoders.preprocess import decode_and_preprocess
+    from evaluation.datasets import prepare_fashion_mnist
+    from pipelines import build
+
+    work = tempfile.mkdtemp(prefix="vmem-bench-")
+    prepare_fashion_mnist(work, per_class=args.images // 10, test_per_class=1)
+    train = os.path.join(work, "train")
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(train) for f in fs)
+    spec = EncoderSpec()
+    preprocess = resolve_preprocess(spec)
+
+    t0 = time.perf_counter()
+    encoder = load_encoder(spec)
+    load_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    pixels = []
+    for path in files:
+        with open(path, "rb") as f:
+            pixels.append(decode_and_preprocess(f.read(), preprocess))
+    decode_s = time.perf_counter() - t0
+
+    batch = np.stack(pixels[: args.batch_size])
+    encoder.embed(batch)  # Warm-up: first call traces/compiles.
+    t0 = time.perf_counter()
+    for i in range(0, len(pixels), args.batch_size):
+        encoder.embed(np.stack(pixels[i:i + args.batch_size]))
+    raw_s = time.perf_counter() - t0
+    del pixels, batch, encoder
+
+    out = os.path.join(work, "memory")
+    t0 = time.perf_counter()
+    build.run(["--images", train, "--output", out, "--shards", str(args.shards), *args.beam_args.split()])
+    job_s = time.perf_counter() - t0
+
+    n = len(files)
+    raw_rate, job_rate = n / raw_s, n / job_s
+    print(f"\nbuild throughput, {n} Fashion-MNIST PNGs, bundled EfficientNet-Lite0, {os.cpu_count()} CPUs")
+    print("| stage | seconds | images/s |")
+    print("|---|---:|---:|")
+    print(f"| encoder load (SavedModel, once) | {load_s:.1f} | |")
+    print(f"| decode + preprocess only | {decode_s:.1f} | {n / decode_s:.0f} |")
+    print(f"| encoder only (batch {args.batch_size}, preprocessed) | {raw_s:.1f} | {raw_rate:.1f} |")
+    print(f"| `vmem build` job ({args.shards} shards) | {job_s:.1f} | {job_rate:.1f} |")
+    print(f"\njob / raw encoder = {job_rate / raw_rate:.2f}x  (target >= 0.8x)")
+    print(f"peak RSS {_peak_rss_mb():.0f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

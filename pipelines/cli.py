@@ -1,0 +1,143 @@
+"""``vmem``: the visual-memory command line.
+
+    vmem prepare-data fashion-mnist --out DIR [--per-class N] [--test-per-class M]
+    vmem build --images SPEC --output MEMORY [--shards N] [--config FILE] [Beam flags...]
+    vmem info MEMORY [--json]
+    vmem vote --neighbors FILE --output DIR [--k-max K]
+
+Heavy imports (TensorFlow, Beam) happen inside the command that needs them, so ``vmem info`` and
+``vmem --help`` answer quickly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+COMMANDS = {
+    "prepare-data": "write a bundled dataset as ImageFolders of PNG files",
+    "build": "build a visual memory from images (Beam job)",
+    "info": "describe a built memory",
+    "vote": "recompute accuracy per voting rule and k from stored neighbour lists",
+}
+
+
+class UsageError(ValueError):
+    """A bad command-line value; the message names it and the fix."""
+
+
+def _usage() -> str:
+    lines = ["usage: vmem COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<13} {help_}" for name, help_ in COMMANDS.items()]
+    lines += ["", "Run 'vmem COMMAND --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("visual_memory").setLevel(logging.INFO)
+
+
+def cmd_prepare_data(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="vmem prepare-data",
+                                     description="Write a bundled dataset as DIR/train and DIR/test ImageFolders.")
+    parser.add_argument("dataset", choices=["fashion-mnist"])
+    parser.add_argument("--out", required=True, help="destination directory")
+    parser.add_argument("--per-class", type=int, default=None, help="training images per class (default: all 6000)")
+    parser.add_argument("--test-per-class", type=int, default=None,
+                        help="test images per class (default: same as --per-class, all 1000 if unset)")
+    args = parser.parse_args(argv)
+    from evaluation.datasets import prepare_fashion_mnist
+    start = time.monotonic()
+    splits = prepare_fashion_mnist(args.out, per_class=args.per_class, test_per_class=args.test_per_class)
+    for name, split in splits.items():
+        print(f"{name}: {split.count} images in {len(split.per_class)} classes -> {split.root}")
+    print(f"done in {time.monotonic() - start:.1f}s")
+    return 0
+
+
+def cmd_build(argv: Sequence[str]) -> int:
+    from pipelines import build
+    if any(a in ("-h", "--help") for a in argv):
+        build.build_arg_parser().print_help()
+        return 0
+    args, _ = build.build_arg_parser().parse_known_args(argv)
+    start = time.monotonic()
+    build.run(argv)
+    elapsed = time.monotonic() - start
+    from memory.manifest import read_manifest
+    manifest = read_manifest(args.output)
+    c = manifest.counts
+    print(f"built {args.output}: {c.embedded} entries in {len(manifest.shards)} shards, {len(manifest.class_names)} "
+          f"classes; read {c.read}, failed {c.failed}; {elapsed:.1f}s ({c.read / max(elapsed, 1e-9):.1f} images/s)")
+    if c.failed:
+        print(f"failed records (with reasons): {os.path.join(args.output, 'dead_letter')}/")
+    return 0
+
+
+def describe(manifest) -> str:
+    enc = manifest.encoder
+    lines = [
+        f"entries      {manifest.counts.embedded}",
+        f"classes      {len(manifest.class_names)}: {', '.join(manifest.class_names[:20])}"
+        + (" ..." if len(manifest.class_names) > 20 else ""),
+        f"encoder      {enc['name']} ({enc['content_hash'][:23]}...), dim {manifest.dim}, metric {manifest.metric.value}",
+        f"built        {manifest.created_at}; read {manifest.counts.read}, failed {manifest.counts.failed}",
+        f"shards       {len(manifest.shards)}",
+    ]
+    for s in manifest.shards:
+        lines.append(f"  {s.name}  {s.count:>9} entries  {s.index_kind:<11} {s.checksum[:19]}...")
+    return "\n".join(lines)
+
+
+def cmd_info(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="vmem info", description="Describe a built memory.")
+    parser.add_argument("memory", help="memory directory (local or gs://)")
+    parser.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    parser.add_argument("--verify", action="store_true", help="also check every shard's checksum")
+    args = parser.parse_args(argv)
+    from memory.manifest import read_manifest
+    manifest = read_manifest(args.memory)
+    if args.verify:
+        from memory.visual_memory import VisualMemory
+        VisualMemory.open(args.memory, verify=True)
+    print(manifest.to_json() if args.json else describe(manifest))
+    if args.verify:
+        print("verify       all shard checksums match")
+    return 0
+
+
+def cmd_vote(argv: Sequence[str]) -> int:
+    from evaluation.vote_cli import main as vote_main
+    return vote_main(list(argv))
+
+
+_HANDLERS = {"prepare-data": cmd_prepare_data, "build": cmd_build, "info": cmd_info, "vote": cmd_vote}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in _HANDLERS:
+        print(f"vmem: unknown command {command!r}; choose one of: {', '.join(COMMANDS)}.\n\n{_usage()}",
+              file=sys.stderr)
+        return 2
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    _setup_logging()
+    try:
+        return _HANDLERS[command](rest)
+    except (UsageError, ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+        print(f"vmem {command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

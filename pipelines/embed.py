@@ -1,0 +1,157 @@
+"""Decode, preprocess and embed images: ``DecodeImages`` and ``EmbedImages`` (RunInference).
+
+The encoder is loaded once per worker by RunInference's shared model handle; this module only adapts
+``encoders`` (TensorFlow) and ``memory.vectors`` (numpy) to Beam.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, Iterable, Optional, Sequence
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
+
+from encoders.base import EncoderSpec, PreprocessSpec
+from memory.vectors import l2_normalize
+from pipelines.readers import FAILED_TAG, _failed
+from pipelines.records import DecodedImage, EmbeddedImage, EntryMeta, ImageRecord, Stage
+
+_LOG = logging.getLogger("visual_memory")
+_NAMESPACE = "visual_memory"
+
+
+class _DecodeFn(beam.DoFn):
+    def __init__(self, spec: PreprocessSpec):
+        self._spec = spec
+        self._decoded = Metrics.counter(_NAMESPACE, "images_decoded")
+
+    def setup(self):
+        from encoders.preprocess import ImageDecodeError, decode_and_preprocess
+        self._decode = decode_and_preprocess
+        self._error_cls = ImageDecodeError
+
+    def process(self, record: ImageRecord):
+        try:
+            pixels = self._decode(record.data, self._spec)
+        except self._error_cls as e:
+            yield _failed(record.id, record.uri, e.reason, str(e), Stage.DECODE)
+            return
+        except Exception as e:  # Decoders raise arbitrary types on hostile bytes; one file never kills the job.
+            yield _failed(record.id, record.uri, "decode_error", f"{type(e).__name__}: {e}", Stage.DECODE)
+            return
+        self._decoded.inc()
+        yield DecodedImage(record.id, record.uri, record.label, pixels)
+
+
+class DecodeImages(beam.PTransform):
+    """ImageRecord -> DecodedImage (main) and FailedRecord (``failed``) for undecodable files."""
+
+    def __init__(self, spec: PreprocessSpec):
+        super().__init__()
+        self._spec = spec
+
+    def expand(self, records):
+        results = records | "Decode" >> beam.ParDo(_DecodeFn(self._spec)).with_outputs(FAILED_TAG, main="images")
+        return results.images, results[FAILED_TAG]
+
+
+class EncoderModelHandler(ModelHandler[np.ndarray, np.ndarray, Any]):
+    """RunInference handler for any ``encoders.Encoder`` (SavedModel, TF-Hub, Keras, bundled).
+
+    ``model_id`` of every PredictionResult carries the encoder identity as JSON, so the manifest records
+    the identity of the model the workers actually ran.
+    """
+
+    def __init__(self, spec: EncoderSpec, *, min_batch_size: int = 16, max_batch_size: int = 64):
+        super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size)
+        self._spec = spec
+
+    def load_model(self):
+        from encoders import load_encoder
+        return load_encoder(self._spec)
+
+    def run_inference(self, batch: Sequence[np.ndarray], model, inference_args: Optional[dict] = None
+                      ) -> Iterable[PredictionResult]:
+        vectors = np.asarray(model.embed(np.stack(batch)), dtype=np.float32)
+        identity = json.dumps(model.identity.to_dict(), sort_keys=True)
+        return [PredictionResult(x, v, model_id=identity) for x, v in zip(batch, vectors)]
+
+    def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
+        # The default pickles the whole batch just to count it: ~40 MB of pixels per batch.
+        return int(sum(x.nbytes for x in batch))
+
+    def get_metrics_namespace(self) -> str:
+        return "visual_memory_encoder"
+
+
+class _ToEntryFn(beam.DoFn):
+    """(EntryMeta, PredictionResult) -> EmbeddedImage with a unit-length embedding; logs progress."""
+
+    IDENTITY_TAG = "identity"
+
+    def __init__(self, progress_every: int):
+        self._progress_every = max(1, progress_every)
+        self._embedded = Metrics.counter(_NAMESPACE, "images_embedded")
+
+    def setup(self):
+        self._count = 0
+        self._start = None
+        self._identities: set[str] = set()
+
+    def process(self, element):
+        meta, result = element
+        if self._start is None:
+            self._start = time.monotonic()
+        vector = np.asarray(result.inference, dtype=np.float32)
+        if vector.ndim != 1 or not np.all(np.isfinite(vector)) or not np.any(vector):
+            yield _failed(meta.id, meta.uri, "invalid_embedding",
+                          f"encoder returned shape {vector.shape} with non-finite or all-zero values", Stage.EMBED)
+            return
+        if result.model_id not in self._identities:
+            # One identity per worker is the norm; emitting each new one lets the manifest step check them.
+            self._identities.add(result.model_id)
+            yield beam.pvalue.TaggedOutput(self.IDENTITY_TAG, result.model_id)
+        self._embedded.inc()
+        self._count += 1
+        if self._count % self._progress_every == 0:
+            elapsed = time.monotonic() - self._start
+            _LOG.info("embedded %d images on this worker (%.1f img/s)", self._count, self._count / max(elapsed, 1e-9))
+        yield EmbeddedImage(meta.id, meta.uri, meta.label, l2_normalize(vector[None, :])[0])
+
+
+class _FailedBatchFn(beam.DoFn):
+    """RunInference's dead letters (a failed batch and its exception) -> one FailedRecord per image."""
+
+    def process(self, element):
+        batch, error = element
+        for meta, _ in batch:
+            yield _failed(meta.id, meta.uri, "encoder_error", f"{type(error).__name__}: {error}", Stage.EMBED).value
+
+
+class EmbedImages(beam.PTransform):
+    """DecodedImage -> EmbeddedImage through RunInference.
+
+    Returns ``(entries, failures, identities)``: unit-norm entries, FailedRecords, and the encoder identity
+    JSON strings seen on the workers (deduplicated).
+    """
+
+    def __init__(self, spec: EncoderSpec, *, min_batch_size: int, max_batch_size: int, progress_every: int):
+        super().__init__()
+        self._handler = KeyedModelHandler(
+            EncoderModelHandler(spec, min_batch_size=min_batch_size, max_batch_size=max_batch_size))
+        self._progress_every = progress_every
+
+    def expand(self, images):
+        keyed = images | "KeyByEntry" >> beam.Map(lambda im: (EntryMeta(im.id, im.uri, im.label), im.pixels))
+        inferred, dlq = keyed | "RunEncoder" >> RunInference(self._handler).with_exception_handling()
+        entries = inferred | "ToEntries" >> beam.ParDo(_ToEntryFn(self._progress_every)).with_outputs(
+            FAILED_TAG, _ToEntryFn.IDENTITY_TAG, main="entries")
+        batch_failures = dlq.failed_inferences | "ExplodeFailedBatches" >> beam.ParDo(_FailedBatchFn())
+        failures = (entries[FAILED_TAG], batch_failures) | "MergeEmbedFailures" >> beam.Flatten()
+        identities = entries[_ToEntryFn.IDENTITY_TAG] | "DistinctIdentities" >> beam.Distinct()
+        return entries.entries, failures, identities

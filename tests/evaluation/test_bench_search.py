@@ -1,0 +1,135 @@
+"""The search benchmark on a tiny size (values, not just 'it ran'), and its synthetic data."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+import pytest
+
+from evaluation.benchmarks import bench_search, synthetic
+from tests.conftest import brute_force_topk
+
+TINY = ["--n", "5000", "--dim", "32", "--queries", "100", "--shards", "4", "--datasets", "structured",
+        "--repeats", "1", "--build-threads", "1", "--training-sample", "2000"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run() -> tuple[list[bench_search.ResultRow], str]:
+    """One benchmark run shared by the tests below: (returned rows, printed stdout)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rows = bench_search.main(TINY)
+    return rows, out.getvalue()
+
+
+def test_main_returns_rows_for_every_method(tiny_run):
+    rows, _ = tiny_run
+    assert {r.method for r in rows} == set(bench_search.Method)
+    assert all(r.dataset == "structured" for r in rows)
+    for r in rows:
+        assert 0.0 <= r.recall <= 1.0, r
+        assert r.qps > 0 and r.build_s >= 0, r
+
+
+def test_exact_is_the_baseline_with_perfect_recall(tiny_run):
+    rows, _ = tiny_run
+    (exact,) = [r for r in rows if r.method is bench_search.Method.EXACT]
+    assert exact.recall == 1.0
+    assert exact.speedup == 1.0 and exact.selected
+    for r in rows:
+        assert r.speedup == pytest.approx(r.qps / exact.qps)
+
+
+def test_selected_row_is_fastest_reaching_target(tiny_run):
+    rows, _ = tiny_run
+    for method in bench_search.Method:
+        mine = [r for r in rows if r.method is method]
+        passing = [r for r in mine if r.recall >= 0.95]
+        # On clustered data this small every index reaches the target by probing enough partitions.
+        assert passing, f"{method.value} never reached recall 0.95: {mine}"
+        (selected,) = [r for r in mine if r.selected]
+        assert selected.qps == max(r.qps for r in passing)
+
+
+def test_printed_table_and_targets(tiny_run):
+    rows, text = tiny_run
+    assert "| method | params | build s | QPS | recall@10 | QPS / exact-numpy QPS |" in text
+    for method in bench_search.Method:
+        assert f"| {method.value}" in text
+    assert "targets (structured, recall@10 >= 0.95):" in text
+    assert text.count(": PASS") + text.count(": MISS") == 3
+    assert len([line for line in text.splitlines() if line.startswith("| ") and "---" not in line]) == len(rows) + 1
+
+
+def test_hnsw_skipped_above_limit(capsys):
+    rows = bench_search.main(["--n", "600", "--dim", "8", "--queries", "20", "--shards", "2", "--datasets",
+                              "gaussian", "--repeats", "1", "--build-threads", "1", "--hnsw-max-n", "500"])
+    assert bench_search.Method.FAISS_HNSW not in {r.method for r in rows}
+    assert "faiss hnsw: SKIPPED: n=600 > --hnsw-max-n=500" in capsys.readouterr().err
+    exact = [r for r in rows if r.method is bench_search.Method.EXACT]
+    assert len(exact) == 1 and exact[0].recall == 1.0
+
+
+def test_exact_topk_matches_float64_oracle_across_blocks():
+    base = synthetic.gaussian_unit_vectors(1000, 16, seed=3)
+    queries = synthetic.gaussian_unit_vectors(37, 16, seed=4)
+    expected, _ = brute_force_topk(base, queries, 10)
+    # Block sizes that do not divide n and smaller than k exercise the cross-block merge.
+    for block in (7, 128, 1000, 4096):
+        got = bench_search.exact_topk(base, queries, 10, block=block)
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_exact_topk_handles_ties():
+    base = np.zeros((50, 4), dtype=np.float32)
+    base[:, 0] = 1.0  # Every row scores the same: ties broken by ascending row.
+    got = bench_search.exact_topk(base, np.eye(4, dtype=np.float32)[:2], 10, block=16)
+    np.testing.assert_array_equal(got, np.tile(np.arange(10), (2, 1)))
+
+
+def test_recall_at_k():
+    true = np.array([[1, 2, 3], [4, 5, 6]])
+    assert synthetic.recall_at_k(true, true) == 1.0
+    assert synthetic.recall_at_k(np.array([[3, 2, 1], [7, 8, 9]]), true) == 0.5  # Order does not matter.
+    # Padding never counts and a duplicate hit counts once.
+    assert synthetic.recall_at_k(np.array([[1, 1, -1], [-1, -1, -1]]), true) == pytest.approx(1 / 6)
+    with pytest.raises(ValueError, match="same nq"):
+        synthetic.recall_at_k(np.zeros((2, 3)), np.zeros((3, 3)))
+
+
+@pytest.mark.parametrize("make", [
+    lambda seed: synthetic.structured_unit_vectors(3000, 24, centres=50, noise_ratio=0.9, seed=seed),
+    lambda seed: synthetic.gaussian_unit_vectors(3000, 24, seed=seed),
+])
+def test_synthetic_unit_norm_and_seeded(make):
+    a, b, c = make(5), make(5), make(6)
+    assert a.dtype == np.float32 and a.shape == (3000, 24)
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_structured_queries_are_held_out_but_share_centres():
+    base = synthetic.structured_unit_vectors(2000, 32, centres=20, noise_ratio=0.9, seed=1)
+    queries = synthetic.structured_unit_vectors(200, 32, centres=20, noise_ratio=0.9, seed=1, draw=1)
+    assert not np.isin(queries, base).all(axis=1).any()  # No query is a base row.
+    other = synthetic.gaussian_unit_vectors(200, 32, seed=9)
+    # Same mixture: queries sit much closer to their nearest base point than unrelated directions do.
+    assert (queries @ base.T).max(axis=1).mean() > (other @ base.T).max(axis=1).mean() + 0.2
+
+
+def test_structured_is_clustered_and_gaussian_is_not():
+    n, d, k = 4000, 64, 10
+
+    def mean_neighbour_similarity(x):
+        sims = x @ x.T
+        np.fill_diagonal(sims, -np.inf)
+        return float(np.sort(sims, axis=1)[:, -k:].mean())
+
+    structured = synthetic.structured_unit_vectors(n, d, centres=100, noise_ratio=0.9, seed=0)
+    gaussian = synthetic.gaussian_unit_vectors(n, d, seed=0)
+    s, g = mean_neighbour_similarity(structured), mean_neighbour_similarity(gaussian)
+    # Same-cluster points have cosine ~1 / (1 + 0.81) = 0.55; iid directions in 64-d top out near 0.4.
+    assert s > 0.5 and g < 0.45 and s > g + 0.1, (s, g)

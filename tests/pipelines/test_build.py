@@ -1,0 +1,120 @@
+"""The build job end to end on the DirectRunner with a tiny real SavedModel encoder.
+
+The memory it writes is read back through the public API and compared with brute force over the stored
+embeddings; bad files must all reach the dead-letter output with reasons.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+
+from memory.manifest import read_manifest
+from memory.shard import read_shard_data
+from memory.visual_memory import VisualMemory
+from pipelines import build
+from pipelines.records import FailedRecord
+from tests.conftest import BAD_FILES, brute_force_topk
+
+
+def _stored(memory_dir: str):
+    manifest = read_manifest(memory_dir)
+    parts = [read_shard_data(os.path.join(memory_dir, s.path)) for s in manifest.shards]
+    ids = np.concatenate([p.ids for p in parts])
+    emb = np.concatenate([p.embeddings for p in parts])
+    labels = np.concatenate([p.labels for p in parts])
+    return manifest, ids, emb, labels
+
+
+def _dead_letters(memory_dir: str) -> list[FailedRecord]:
+    out = []
+    for path in glob.glob(os.path.join(memory_dir, "dead_letter", "*.jsonl")):
+        with open(path) as f:
+            out += [FailedRecord.from_json(line) for line in f if line.strip()]
+    return out
+
+
+def _build(images: str, output: str, config: str, *extra: str) -> None:
+    build.run(["--images", images, "--output", output, "--config", config, *extra])
+
+
+def test_build_search_matches_brute_force_and_is_independent_of_sharding(
+        fmnist_small, tiny_encoder_config_file, tmp_path):
+    images = os.path.join(fmnist_small, "train")
+    _build(images, str(tmp_path / "m3"), tiny_encoder_config_file)  # 3 shards from the config.
+    _build(images, str(tmp_path / "m1"), tiny_encoder_config_file, "--shards", "1")
+    _build(images, str(tmp_path / "m4"), tiny_encoder_config_file, "--shards", "4")
+
+    manifest, ids, emb, labels = _stored(str(tmp_path / "m3"))
+    assert manifest.counts.read == manifest.counts.embedded == 200 and manifest.counts.failed == 0
+    assert len(manifest.shards) == 3 and sum(s.count for s in manifest.shards) == 200
+    assert all(s.count > 30 for s in manifest.shards)  # The stable hash spreads ids.
+    assert manifest.encoder["name"] == "tiny" and manifest.dim == 48
+    assert len(manifest.class_names) == 10 and list(manifest.class_names) == sorted(manifest.class_names)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+    # Ids are ImageFolder-relative paths, and each label is its directory's class.
+    for entry_id, label in zip(ids, labels):
+        assert entry_id.split("/")[0] == manifest.class_names[label]
+
+    rng = np.random.default_rng(0)
+    queries = emb[rng.choice(len(emb), 25, replace=False)] + rng.normal(0, 0.05, (25, 48)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    memories = {n: VisualMemory.open(str(tmp_path / f"m{n}")) for n in (1, 3, 4)}
+    results = {n: m.search(queries, 10) for n, m in memories.items()}
+    true_idx, true_d = brute_force_topk(emb, queries, 10)
+    for n, res in results.items():
+        recall = np.mean([len(set(res.ids[i]) & set(ids[true_idx[i]])) / 10 for i in range(25)])
+        assert recall == 1.0, (n, recall)
+        np.testing.assert_allclose(res.distances, true_d, atol=1e-5)
+    np.testing.assert_array_equal(results[1].ids, results[4].ids)
+    np.testing.assert_array_equal(results[1].ids, results[3].ids)
+
+
+def test_bad_files_go_to_dead_letter_and_counts_add_up(mixed_folder, tiny_encoder_config_file, tmp_path):
+    root, n_valid = mixed_folder
+    out = str(tmp_path / "mem")
+    _build(root, out, tiny_encoder_config_file)
+    manifest = read_manifest(out)
+    c = manifest.counts
+    assert c.embedded == n_valid
+    assert c.failed == len(BAD_FILES) + 1
+    assert c.read == c.embedded + c.failed
+    failures = {f.id: f for f in _dead_letters(out)}
+    assert set(failures) == {f"bag/{name}" for name in BAD_FILES} | {"loose.png"}
+    assert failures["bag/empty.jpg"].reason == "empty_file"
+    assert failures["bag/notes.txt"].stage == "decode" and failures["bag/notes.txt"].reason
+    assert failures["bag/corrupt.png"].stage == "decode"
+    assert failures["loose.png"].reason == "not_in_class_dir"
+    assert all(f.detail for f in failures.values())
+    assert manifest.build_config["dead_letter_files"]
+    assert len(VisualMemory.open(out)) == n_valid
+
+
+def test_refuses_to_overwrite_a_memory_unless_asked(fmnist_small, tiny_encoder_config_file, tmp_path):
+    images = os.path.join(fmnist_small, "test")
+    out = str(tmp_path / "mem")
+    _build(images, out, tiny_encoder_config_file)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        _build(images, out, tiny_encoder_config_file)
+    _build(images, out, tiny_encoder_config_file, "--overwrite", "--shards", "2")
+    assert len(read_manifest(out).shards) == 2
+
+
+def test_empty_hash_buckets_become_empty_shards(fmnist_small, tiny_encoder_config_file, tmp_path):
+    # 50 test images over 64 shards: many buckets get no entry but the memory still lists all 64.
+    out = str(tmp_path / "mem")
+    _build(os.path.join(fmnist_small, "test"), out, tiny_encoder_config_file, "--shards", "64")
+    manifest = read_manifest(out)
+    assert len(manifest.shards) == 64
+    assert sum(s.count for s in manifest.shards) == 50
+    assert any(s.count == 0 for s in manifest.shards)
+    memory = VisualMemory.open(out)
+    _, ids, emb, _ = _stored(out)
+    res = memory.search(emb[:1], 3)
+    assert res.ids[0, 0] == ids[0]
+    assert res.distances[0, 0] == pytest.approx(0.0, abs=1e-5)

@@ -2,8 +2,10 @@
 
     vmem prepare-data fashion-mnist --out DIR [--per-class N] [--test-per-class M]
     vmem build --images SPEC --output MEMORY [--shards N] [--config FILE] [Beam flags...]
-    vmem info MEMORY [--json]
+    vmem info MEMORY [--json] [--verify]
+    vmem evaluate --memory MEMORY --images SPEC --output DIR [--k-max 100] [Beam flags...]
     vmem vote --neighbors FILE --output DIR [--k-max K]
+    vmem classify --memory MEMORY IMAGE... [--rule rank] [--k 10] [--explain] [--html FILE]
 
 Heavy imports (TensorFlow, Beam) happen inside the command that needs them, so ``vmem info`` and
 ``vmem --help`` answer quickly.
@@ -23,6 +25,8 @@ COMMANDS = {
     "prepare-data": "write a bundled dataset as ImageFolders of PNG files",
     "build": "build a visual memory from images (Beam job)",
     "info": "describe a built memory",
+    "evaluate": "classify a held-out split against a memory; accuracy per voting rule and k (Beam job)",
+    "classify": "classify images, optionally explaining each decision by its neighbours",
     "vote": "recompute accuracy per voting rule and k from stored neighbour lists",
 }
 
@@ -112,12 +116,36 @@ def cmd_info(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_evaluate(argv: Sequence[str]) -> int:
+    from pipelines import evaluate
+    if any(a in ("-h", "--help") for a in argv):
+        evaluate.build_arg_parser().print_help()
+        return 0
+    args, _ = evaluate.build_arg_parser().parse_known_args(argv)
+    start = time.monotonic()
+    evaluate.run(argv)
+    elapsed = time.monotonic() - start
+    from evaluation.report import markdown_table
+    from memory import storage
+    report = json.loads(storage.read_text(storage.join(args.output, "report.json")))
+    print(markdown_table(report, baselines=report.get("baselines") or {}), end="")
+    print(f"{report['queries']} queries ({report['failed']} failed) in {elapsed:.1f}s "
+          f"({report['queries'] / max(elapsed, 1e-9):.1f} queries/s end to end); report in {args.output}/")
+    return 0
+
+
+def cmd_classify(argv: Sequence[str]) -> int:
+    from pipelines.classify_cli import main as classify_main
+    return classify_main(list(argv))
+
+
 def cmd_vote(argv: Sequence[str]) -> int:
     from evaluation.vote_cli import main as vote_main
     return vote_main(list(argv))
 
 
-_HANDLERS = {"prepare-data": cmd_prepare_data, "build": cmd_build, "info": cmd_info, "vote": cmd_vote}
+_HANDLERS = {"prepare-data": cmd_prepare_data, "build": cmd_build, "info": cmd_info, "evaluate": cmd_evaluate,
+             "vote": cmd_vote, "classify": cmd_classify}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -134,8 +162,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _setup_logging()
     try:
         return _HANDLERS[command](rest)
-    except (UsageError, ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
-        print(f"vmem {command}: error: {e}", file=sys.stderr)
+    except (UsageError, ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as e:
+        if os.environ.get("VMEM_DEBUG"):
+            raise
+        print(f"vmem {command}: error: {e}\n(set VMEM_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
 
 

@@ -1,0 +1,324 @@
+"""The query-and-vote job: embed a held-out split, search every shard, merge top-K, vote, report.
+
+Local::
+
+    vmem evaluate --memory out/fmnist-memory --images data/fashion-mnist/test --output out/fmnist-eval
+
+Dataflow::
+
+    vmem evaluate --memory gs://BUCKET/memories/in1k --images gs://BUCKET/imagenet/val \\
+        --output gs://BUCKET/evals/in1k --k-max 100 \\
+        --runner=DataflowRunner --project=PROJECT --region=us-central1 \\
+        --temp_location=gs://BUCKET/tmp --setup_file=./setup.py
+
+Queries are embedded with the memory's own encoder (from its manifest); a different encoder is refused.
+Query batches fan out to the shards (keyed by shard, so one worker loads a shard once through a Shared
+handle), each shard returns a partial top-K per query, partials merge exactly per query (ties by id, as
+``VisualMemory.search``), and the neighbour lists are written as JSONL before voting, so ``vmem vote`` can
+re-vote without re-searching.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+from typing import NamedTuple, Optional, Sequence
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+from apache_beam.utils import shared
+
+from encoders.base import EncoderSpec, resolve_preprocess
+from memory import storage
+from memory.manifest import Manifest, read_manifest
+from memory.shard_search import LoadedShard, PartialTopK, merge_partials
+from memory.voting import VotingParams, VotingRule
+from pipelines.build import with_default_runner
+from pipelines.embed import DecodeImages, EmbedImages
+from pipelines.readers import ReadImages, parse_image_spec
+from pipelines.write import WriteDeadLetters
+
+_LOG = logging.getLogger("visual_memory")
+_NAMESPACE = "visual_memory"
+NEIGHBORS_PREFIX = "neighbors"
+
+
+class EvaluationError(RuntimeError):
+    """The evaluation cannot give a meaningful answer (the message says why and what to do)."""
+
+
+class QueryBatch(NamedTuple):
+    ids: tuple[str, ...]
+    labels: tuple[str, ...]
+    uris: tuple[str, ...]
+    embeddings: np.ndarray
+
+
+class QueryNeighbors(NamedTuple):
+    """One query's true class name, source uri and (partial or merged) neighbours (a 1-row PartialTopK)."""
+    label: str
+    uri: str
+    neighbors: PartialTopK
+
+
+def memory_encoder_spec(manifest: Manifest) -> EncoderSpec:
+    """The EncoderSpec a memory was built with (recorded in its build config)."""
+    encoder = manifest.build_config.get("encoder")
+    if not encoder:
+        raise EvaluationError("the memory's manifest records no encoder spec (build_config.encoder); rebuild it "
+                              "with `vmem build`.")
+    return EncoderSpec.from_dict(encoder)
+
+
+def check_same_identity(memory_identity: dict, query_identity: dict) -> None:
+    """Refuses queries embedded by a different encoder (name or content hash)."""
+    keys = ("name", "content_hash", "dim")
+    if any(memory_identity.get(k) != query_identity.get(k) for k in keys):
+        mem = {k: memory_identity.get(k) for k in keys}
+        qry = {k: query_identity.get(k) for k in keys}
+        raise EvaluationError(
+            f"queries were embedded by encoder {qry} but the memory was built with {mem}; distances between "
+            "different encoders are meaningless. Evaluate with the memory's own encoder files (leave --config "
+            "unset), or rebuild the memory with the new encoder.")
+
+
+class _SearchShardFn(beam.DoFn):
+    """(shard index, query batches) -> (query id, QueryNeighbors) with this shard's top-K."""
+
+    def __init__(self, root: str, manifest: Manifest, k: int, shared_handle: shared.Shared):
+        self._root = root
+        self._infos = manifest.shards
+        self._k = k
+        self._shared = shared_handle
+        self._searched = Metrics.counter(_NAMESPACE, "query_shard_searches")
+
+    def process(self, element):
+        shard_index, batches = element
+        info = self._infos[shard_index]
+        # One copy of a shard per worker process, reused across bundles (and by other DoFn instances).
+        shard = self._shared.acquire(lambda: LoadedShard.load(self._root, info), tag=f"{self._root}/{info.name}")
+        for batch in batches:
+            partial = shard.search(batch.embeddings, self._k)
+            self._searched.inc(len(batch.ids))
+            for i, qid in enumerate(batch.ids):
+                yield qid, QueryNeighbors(batch.labels[i], batch.uris[i], partial.row(i))
+
+
+class SearchShards(beam.PTransform):
+    """EmbeddedImage queries -> (query id, QueryNeighbors) once per non-empty shard."""
+
+    def __init__(self, root: str, manifest: Manifest, *, k: int, batch_size: int = 256):
+        super().__init__()
+        self._root = root
+        self._manifest = manifest
+        self._k = k
+        self._batch_size = batch_size
+
+    def expand(self, queries):
+        live = [i for i, s in enumerate(self._manifest.shards) if s.count > 0]
+        return (
+            queries
+            | "BatchQueries" >> beam.BatchElements(min_batch_size=1, max_batch_size=self._batch_size)
+            | "ToQueryBatch" >> beam.Map(lambda qs: QueryBatch(
+                tuple(q.id for q in qs), tuple(q.label for q in qs), tuple(q.uri for q in qs),
+                np.stack([q.embedding for q in qs])))
+            | "FanOutToShards" >> beam.FlatMap(lambda b: [(s, b) for s in live])
+            | "GroupByShard" >> beam.GroupByKey()
+            | "SearchShard" >> beam.ParDo(_SearchShardFn(self._root, self._manifest, self._k, shared.Shared())))
+
+
+class _MergeTopKFn(beam.CombineFn):
+    """Exact merge of a query's per-shard partial top-K lists (associative: partial combining is safe)."""
+
+    def __init__(self, k: int):
+        self._k = k
+
+    def create_accumulator(self):
+        return None
+
+    def add_input(self, acc, value: QueryNeighbors):
+        return self.merge_accumulators([acc, value])
+
+    def merge_accumulators(self, accumulators):
+        present = [a for a in accumulators if a is not None]
+        if not present:
+            return None
+        if len(present) == 1:
+            return present[0]
+        merged = merge_partials([a.neighbors for a in present], self._k)
+        return QueryNeighbors(present[0].label, present[0].uri, merged)
+
+    def extract_output(self, acc):
+        return acc
+
+
+class MergeNeighbors(beam.PTransform):
+    """(query id, per-shard QueryNeighbors) -> (query id, QueryNeighbors) holding the global top-K."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self._k = k
+
+    def expand(self, partials):
+        return partials | "MergeTopK" >> beam.CombinePerKey(_MergeTopKFn(self._k))
+
+
+def to_record(query_id: str, q: QueryNeighbors, class_index: dict[str, int]):
+    from evaluation.neighbors_io import NeighborRecord
+    n = q.neighbors
+    keep = n.labels[0] >= 0
+    return NeighborRecord(
+        query_id=query_id, true_label=class_index.get(q.label, -1),
+        neighbor_ids=[str(x) for x in n.ids[0][keep]], neighbor_labels=[int(x) for x in n.labels[0][keep]],
+        neighbor_distances=[float(x) for x in n.distances[0][keep]])
+
+
+class WriteNeighbors(beam.PTransform):
+    """(query id, QueryNeighbors) -> JSONL neighbour lists (``vmem vote`` input); returns file names."""
+
+    def __init__(self, output: str, class_names: Sequence[str]):
+        super().__init__()
+        self._prefix = storage.join(output, NEIGHBORS_PREFIX)
+        self._class_index = {c: i for i, c in enumerate(class_names)}
+
+    def expand(self, merged):
+        class_index = self._class_index
+        return (merged
+                | "ToRecord" >> beam.MapTuple(lambda qid, q: json.dumps(to_record(qid, q, class_index).to_json()))
+                | "WriteJsonl" >> beam.io.WriteToText(self._prefix, file_name_suffix=".jsonl"))
+
+
+def _load_pixels(uris: Sequence[str]) -> list[np.ndarray]:
+    from encoders.preprocess import decode_image
+    return [decode_image(storage.read_bytes(u)) for u in uris]
+
+
+def pixel_baseline(root: str, manifest: Manifest, query_uris: Sequence[str], query_labels: np.ndarray,
+                   *, k: int) -> dict[str, float]:
+    """Raw-pixel kNN over the memory's own source images (for the demo's comparison)."""
+    from evaluation.baselines import pixel_knn_baseline
+    from memory.shard import read_shard_data
+    uris, labels = [], []
+    for info in manifest.shards:
+        data = read_shard_data(storage.join(root, info.path))
+        uris += [str(u) for u in data.uris]
+        labels.append(data.labels)
+    return pixel_knn_baseline(_load_pixels(uris), np.concatenate(labels), _load_pixels(query_uris), query_labels,
+                              k=k)
+
+
+class _ReportFn(beam.DoFn):
+    def __init__(self, output: str, root: str, manifest: Manifest, k_max: int, params: VotingParams,
+                 extra: dict, pixel_baseline_k: int | None):
+        self._output = output
+        self._root = root
+        self._manifest = manifest
+        self._k_max = k_max
+        self._params = params
+        self._extra = extra
+        self._pixel_k = pixel_baseline_k
+
+    def process(self, unused, merged, identities, failed, neighbor_files):
+        from evaluation import metrics, report as report_lib
+        from evaluation.neighbors_io import to_arrays
+        from memory.voting import predict_all_k
+
+        for identity in identities:
+            check_same_identity(self._manifest.encoder, json.loads(identity))
+        if not merged:
+            raise EvaluationError(f"no query could be embedded ({failed} failed); see the reasons in "
+                                  f"{storage.join(self._output, 'dead_letter')}/.")
+        merged = sorted(merged, key=lambda kv: kv[0])
+        class_index = {c: i for i, c in enumerate(self._manifest.class_names)}
+        records = [to_record(qid, q, class_index) for qid, q in merged]
+        labels, distances, true, _ = to_arrays(records, self._k_max)
+        preds = predict_all_k(labels, distances, k_max=self._k_max, params=self._params)
+        table = metrics.accuracy_table(preds, true)
+        unknown = sorted({q.label for _, q in merged if q.label not in class_index})
+        baselines = {}
+        if self._pixel_k:
+            baselines = pixel_baseline(self._root, self._manifest, [q.uri for _, q in merged], true,
+                                       k=self._pixel_k)
+        report = report_lib.build_report(table, queries=len(records), failed=failed, extra=dict(
+            self._extra, neighbor_files=sorted(neighbor_files), memory_entries=self._manifest.total,
+            query_classes_unknown_to_memory=unknown, softmax_tau=self._params.softmax_tau,
+            rank_alpha=self._params.rank_alpha, rank_convention="weight 1/(alpha + i), i 0-based",
+            tie_rule="first class to reach the top score wins"))
+        with tempfile.TemporaryDirectory() as tmp:
+            report_lib.write_report(tmp, report, baselines=baselines)
+            if storage.is_gcs(self._output):
+                storage.upload_dir(tmp, self._output)
+            else:
+                for name in os.listdir(tmp):
+                    storage.write_bytes(storage.join(self._output, name), storage.read_bytes(os.path.join(tmp, name)))
+        yield report
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vmem evaluate", description=__doc__.split("\n")[0],
+                                     epilog="Other flags are Beam pipeline options (--runner, --project, ...).")
+    parser.add_argument("--memory", required=True, help="a built memory (local or gs://)")
+    parser.add_argument("--images", required=True, help="held-out images: ImageFolder DIR, tfrecord:PATTERN or "
+                                                          "manifest:FILE (labels are class names)")
+    parser.add_argument("--output", required=True, help="directory for neighbours JSONL and the report")
+    parser.add_argument("--k-max", type=int, default=100, help="neighbours retrieved and voted over (default 100)")
+    parser.add_argument("--tau", type=float, default=0.07, help="SoftmaxVoting temperature (default 0.07)")
+    parser.add_argument("--alpha", type=float, default=2.0, help="RankVoting offset: weight 1/(alpha+i) (default 2)")
+    parser.add_argument("--query-batch", type=int, default=256, help="queries per shard search call")
+    parser.add_argument("--config", default=None,
+                        help="optional config whose encoder must equal the memory's (refused otherwise)")
+    parser.add_argument("--pixel-baseline", type=int, default=None, metavar="K",
+                        help="also score raw-pixel kNN (1-NN and rank@K) over the memory's source images")
+    return parser
+
+
+def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipeline] = None
+        ) -> beam.runners.runner.PipelineResult:
+    """Parses flags, builds the evaluation graph and runs it to completion."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from configs.build import load_config
+
+    args, beam_args = build_arg_parser().parse_known_args(argv)
+    if args.k_max < 1:
+        raise ValueError(f"--k-max must be >= 1, got {args.k_max}.")
+    params = VotingParams(softmax_tau=args.tau, rank_alpha=args.alpha)
+    root = args.memory.rstrip("/")
+    manifest = read_manifest(root)
+    encoder = memory_encoder_spec(manifest)
+    if args.config:
+        requested = load_config(args.config).encoder
+        if requested.to_dict() != encoder.to_dict():
+            raise EvaluationError(
+                f"--config {args.config!r} selects encoder {requested.to_dict()} but memory {root} was built with "
+                f"{encoder.to_dict()}; queries must use the memory's encoder. Drop --config.")
+    source = parse_image_spec(args.images)
+    preprocess = resolve_preprocess(encoder)
+    storage.makedirs(args.output)
+
+    p = test_pipeline or beam.Pipeline(options=PipelineOptions(with_default_runner(beam_args)))
+    records, read_failures = p | "ReadQueries" >> ReadImages(source)
+    images, decode_failures = records | "DecodeQueries" >> DecodeImages(preprocess)
+    queries, embed_failures, identities = images | "EmbedQueries" >> EmbedImages(
+        encoder, min_batch_size=8, max_batch_size=64, progress_every=500)
+    merged = (queries
+              | "SearchShards" >> SearchShards(root, manifest, k=args.k_max, batch_size=args.query_batch)
+              | "MergeNeighbors" >> MergeNeighbors(args.k_max))
+    neighbor_files = merged | "WriteNeighbors" >> WriteNeighbors(args.output, manifest.class_names)
+    failures = (read_failures, decode_failures, embed_failures) | "AllFailures" >> beam.Flatten()
+    _ = failures | "WriteDeadLetters" >> WriteDeadLetters(args.output)
+    failed = failures | "CountFailed" >> beam.combiners.Count.Globally()
+    extra = {"command": "vmem evaluate", "memory": root, "images": source.to_dict(),
+             "encoder": manifest.encoder.get("name"), "k_max": args.k_max}
+    _ = (p
+         | "Once" >> beam.Create([None])
+         | "VoteAndReport" >> beam.ParDo(
+             _ReportFn(args.output, root, manifest, args.k_max, params, extra, args.pixel_baseline),
+             merged=beam.pvalue.AsList(merged), identities=beam.pvalue.AsList(identities),
+             failed=beam.pvalue.AsSingleton(failed), neighbor_files=beam.pvalue.AsList(neighbor_files)))
+    result = p.run()
+    result.wait_until_finish()
+    return result

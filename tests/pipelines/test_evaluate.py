@@ -1,0 +1,151 @@
+"""The query-and-vote job end to end (tiny real SavedModel encoder), and its stages in isolation."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+
+import apache_beam as beam
+import numpy as np
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from evaluation.neighbors_io import read_neighbor_files
+from memory.build import build_memory_local
+from memory.index import IndexConfig
+from memory.manifest import read_manifest
+from memory.shard_search import LoadedShard, merge_partials
+from memory.visual_memory import VisualMemory
+from memory.voting import VotingRule, predict_all_k
+from pipelines import build, cli, evaluate
+from pipelines.records import EmbeddedImage
+
+
+def _unit(rng, n, d):
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def synthetic_memory(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    emb = _unit(rng, 300, 16)
+    root = str(tmp_path_factory.mktemp("synthetic") / "mem")
+    ids = [f"e{i:04d}" for i in range(300)]
+    labels = [f"c{i % 7}" for i in range(300)]
+    build_memory_local(root, ids=ids, labels=labels, uris=[f"/img/{i}" for i in ids], embeddings=emb,
+                       num_shards=4, index_config=IndexConfig(),
+                       encoder_identity={"name": "synthetic", "content_hash": "sha256:0", "dim": 16,
+                                         "preprocess": {}})
+    return root, emb
+
+
+def test_search_shards_and_merge_equal_visual_memory_search(synthetic_memory):
+    root, emb = synthetic_memory
+    manifest = read_manifest(root)
+    rng = np.random.default_rng(1)
+    q = _unit(rng, 37, 16)
+    queries = [EmbeddedImage(f"q{i}", f"/q/{i}", "c1", q[i]) for i in range(37)]
+    expected = VisualMemory.open(root).search(q, 12)
+
+    with TestPipeline(runner="FnApiRunner") as p:
+        merged = (p | beam.Create(queries)
+                  | evaluate.SearchShards(root, manifest, k=12, batch_size=8)
+                  | evaluate.MergeNeighbors(12))
+        got = merged | beam.MapTuple(lambda qid, n: (qid, tuple(n.neighbors.ids[0]),
+                                                     tuple(np.round(n.neighbors.distances[0], 5))))
+        assert_that(got, equal_to([(f"q{i}", tuple(expected.ids[i]), tuple(np.round(expected.distances[i], 5)))
+                                   for i in range(37)]))
+
+
+def test_merge_partials_is_exact_and_order_independent(synthetic_memory):
+    root, _ = synthetic_memory
+    manifest = read_manifest(root)
+    shards = [LoadedShard.load(root, info) for info in manifest.shards]
+    q = _unit(np.random.default_rng(2), 5, 16)
+    partials = [s.search(q, 10) for s in shards]
+    a = merge_partials(partials, 10)
+    b = merge_partials(partials[::-1], 10)
+    c = merge_partials([merge_partials(partials[:2], 10), merge_partials(partials[2:], 10)], 10)
+    ref = VisualMemory.open(root).search(q, 10)
+    for m in (a, b, c):
+        np.testing.assert_array_equal(m.ids, ref.ids)
+        np.testing.assert_array_equal(m.labels, ref.labels)
+
+
+@pytest.fixture(scope="module")
+def tiny_memory(fmnist_small, tiny_encoder_config_file, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("tiny_eval") / "mem")
+    build.run(["--images", os.path.join(fmnist_small, "train"), "--output", out,
+               "--config", tiny_encoder_config_file])
+    return out
+
+
+def test_evaluate_writes_neighbours_and_report(tiny_memory, fmnist_small, tmp_path, capsys):
+    out = str(tmp_path / "eval")
+    rc = cli.main(["evaluate", "--memory", tiny_memory, "--images", os.path.join(fmnist_small, "test"),
+                   "--output", out, "--k-max", "20", "--pixel-baseline", "10"])
+    assert rc == 0
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert report["queries"] == 50 and report["failed"] == 0
+    assert set(report["accuracy"]) == {"plurality", "distance", "softmax", "rank"}
+    assert set(report["accuracy"]["rank"]) == {str(k) for k in range(1, 21)}
+    for rule, best in report["best"].items():
+        assert best["accuracy"] == max(report["accuracy"][rule].values())
+    assert os.path.getsize(os.path.join(out, "accuracy_vs_k.png")) > 1000
+    assert "pixel 1-NN" in report["baselines"]
+
+    # The neighbour lists are the memory's exact answers, and re-voting them gives the same table.
+    records = read_neighbor_files(sorted(glob.glob(os.path.join(out, "neighbors-*.jsonl"))))
+    assert len(records) == 50
+    memory = VisualMemory.open(tiny_memory)
+    assert {r.query_id for r in records} == {os.path.relpath(p, os.path.join(fmnist_small, "test"))
+                                             for p in glob.glob(os.path.join(fmnist_small, "test", "*", "*.png"))}
+    for r in records:
+        assert r.true_label == memory.class_names.index(r.query_id.split("/")[0])
+        assert len(r.neighbor_ids) == 20
+        assert r.neighbor_distances == sorted(r.neighbor_distances)
+    labels = np.array([r.neighbor_labels for r in records])
+    dists = np.array([r.neighbor_distances for r in records])
+    true = np.array([r.true_label for r in records])
+    preds = predict_all_k(labels, dists, rules=[VotingRule.RANK], k_max=20)[VotingRule.RANK]
+    assert report["accuracy"]["rank"]["10"] == pytest.approx(float(np.mean(preds[:, 9] == true)))
+    printed = capsys.readouterr().out
+    assert "rank" in printed and "50 queries" in printed
+
+    revote = str(tmp_path / "revote")
+    assert cli.main(["vote", "--neighbors", *glob.glob(os.path.join(out, "neighbors-*.jsonl")),
+                     "--output", revote, "--k-max", "20"]) == 0
+    assert json.load(open(os.path.join(revote, "report.json")))["accuracy"] == report["accuracy"]
+
+
+def test_evaluate_refuses_a_different_encoder(tiny_memory, fmnist_small, tmp_path, capsys):
+    rc = cli.main(["evaluate", "--memory", tiny_memory, "--images", os.path.join(fmnist_small, "test"),
+                   "--output", str(tmp_path / "e"), "--config", "configs.default"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "memory's encoder" in err and "efficientnet-lite0" in err
+
+
+def test_evaluate_detects_changed_encoder_files(fmnist_small, tiny_encoder_dir, tmp_path):
+    """Same spec, different weights (content hash): the job must refuse, not report nonsense."""
+    from tests.conftest import _save_tiny_encoder
+    enc = str(tmp_path / "enc")
+    shutil.copytree(tiny_encoder_dir, enc)
+    config = tmp_path / "cfg.py"
+    config.write_text(
+        "from configs.build import BuildConfig\n"
+        "from encoders.base import EncoderKind, EncoderSpec, PreprocessSpec, ResizeMode\n"
+        "def get_config(variant=''):\n"
+        f"    return BuildConfig(encoder=EncoderSpec(kind=EncoderKind.SAVED_MODEL, uri={enc!r}, name='tiny',\n"
+        "        preprocess=PreprocessSpec(image_size=16, resize=ResizeMode.RESIZE_SQUARE)), num_shards=2)\n")
+    mem = str(tmp_path / "mem")
+    build.run(["--images", os.path.join(fmnist_small, "test"), "--output", mem, "--config", str(config)])
+    shutil.rmtree(enc)
+    _save_tiny_encoder(enc)  # Re-saved: different bytes, so a different content hash.
+    with pytest.raises(Exception, match="meaningless"):
+        evaluate.run(["--memory", mem, "--images", os.path.join(fmnist_small, "test"),
+                      "--output", str(tmp_path / "e")])

@@ -35,10 +35,13 @@ fashion-mnist:
 	  echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist' once, then re-run make." >&2; exit 1; \
 	fi
 
+# Memory: 1,000 Fashion-MNIST training images per class; queries: 100 held-out test images per class.
 demo: install
-	$(VMEM) prepare-data fashion-mnist --out $(DATA)/fashion-mnist --per-class 100 --test-per-class 20
-	$(VMEM) build --images $(DATA)/fashion-mnist/train --output $(OUT)/fmnist-memory --shards 4
+	$(VMEM) prepare-data fashion-mnist --out $(DATA)/fashion-mnist --per-class 1000 --test-per-class 100
+	$(VMEM) build --images $(DATA)/fashion-mnist/train --output $(OUT)/fmnist-memory --shards 4 --overwrite
 	$(VMEM) info $(OUT)/fmnist-memory
+	$(VMEM) evaluate --memory $(OUT)/fmnist-memory --images $(DATA)/fashion-mnist/test \
+	    --output $(OUT)/fmnist-eval --k-max 100 --pixel-baseline 10
 
 test: install
 	$(PY) -m pytest -q
@@ -47,6 +50,8 @@ test-all: install
 	$(PY) -m pytest -q -m "slow or not slow"
 
 bench: install
+	$(PY) -m evaluation.benchmarks.bench_voting
+	$(PY) -m evaluation.benchmarks.bench_search
 	$(PY) -m evaluation.benchmarks.bench_build
 
 clean:

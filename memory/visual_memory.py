@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+import io
+import os
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 import numpy as np
 
 from memory import storage
+from memory.explain import Prediction, explain
 from memory.index import ShardIndex
 from memory.manifest import Manifest, ManifestError, read_manifest
 from memory.merge import merge_topk
 from memory.shard import load_shard_index, read_shard_data, verify_shard
 from memory.vectors import l2_normalize
+from memory.voting import VotingParams, VotingRule
+
+if TYPE_CHECKING:
+    from encoders.base import Encoder, PreprocessSpec
 
 _PAD_ID = ""
+# Images embedded per encoder call in classify(): bounds the float32 pixel batch held in memory.
+_EMBED_BATCH = 32
 
 
 class SearchResult(NamedTuple):
@@ -46,6 +55,10 @@ class VisualMemory:
         self._offsets = offsets
         self._row_of_id: dict[str, int] | None = None
         self._embeddings: np.ndarray | None = None
+        self._uris: np.ndarray | None = None
+        # The query encoder is loaded on the first image query only: vector queries and search never need
+        # TensorFlow, and loading a model takes seconds.
+        self._encoder: Encoder | None = None
 
     @classmethod
     def open(cls, path: str, *, verify: bool = False) -> VisualMemory:
@@ -179,3 +192,196 @@ class VisualMemory:
             raise ValueError(f"labels must be in [-1, {len(self.class_names) - 1}], got range "
                              f"[{labels.min()}, {labels.max()}]")
         return names[labels]
+
+    def _all_uris(self) -> np.ndarray:
+        if self._uris is None:
+            # Only uris.npy is read (not the embeddings): explanations need the source of k entries per query.
+            parts = []
+            for info in self._manifest.shards:
+                path = storage.join(self._root, info.path, "uris.npy")
+                uris = np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False).astype(str)
+                if uris.shape != (info.count,):
+                    raise ManifestError(f"shard {info.name}: {path} holds {uris.shape} uris, manifest says "
+                                        f"{info.count} entries; rebuild the memory")
+                parts.append(uris)
+            self._uris = np.concatenate(parts) if parts else np.zeros((0,), dtype="<U1")
+        return self._uris
+
+    def get_uris(self, ids: Sequence[str]) -> np.ndarray:
+        """Returns the source uri (as recorded at build time) of each given entry, as a unicode [len(ids)] array.
+
+        The uris of all shards are read on the first call (uris.npy only) and kept.
+
+        Raises:
+          KeyError: listing the unknown ids.
+        """
+        ids = [str(i) for i in (ids.tolist() if isinstance(ids, np.ndarray) else ids)]
+        rows_of = self._id_rows()
+        unknown = [i for i in ids if i not in rows_of]
+        if unknown:
+            raise KeyError(f"{len(unknown)} unknown id(s) (not in this memory): {unknown[:20]}")
+        uris = self._all_uris()
+        return uris[[rows_of[i] for i in ids]] if ids else np.zeros((0,), dtype="<U1")
+
+    def _uris_of_results(self, ids: np.ndarray) -> np.ndarray:
+        """Uris of a SearchResult.ids array (any shape); padding ids map to ""."""
+        rows_of = self._id_rows()
+        uris = self._all_uris()
+        flat = [uris[rows_of[i]] if i != _PAD_ID else "" for i in ids.ravel().tolist()]
+        return np.asarray(flat, dtype=str).reshape(ids.shape) if flat else np.zeros(ids.shape, dtype="<U1")
+
+    def _identity_mismatch(self, identity: Any) -> str | None:
+        want = self._manifest.encoder
+        if (identity.name, identity.content_hash) == (want.get("name"), want.get("content_hash")):
+            return None
+        return (f"query encoder {identity.name!r} ({identity.content_hash}) differs from the encoder this memory "
+                f"was built with, {want.get('name')!r} ({want.get('content_hash')}); embeddings of different "
+                f"encoders are not comparable")
+
+    def query_encoder(self, encoder: Encoder | None = None) -> Encoder:
+        """Returns the encoder that image queries are embedded with.
+
+        Args:
+          encoder: An already loaded encoder to use instead of loading one; its identity (name and content
+            hash) must equal the manifest's.
+
+        Returns:
+          ``encoder`` if given, else the memory's own encoder, loaded from the ``EncoderSpec`` the manifest's
+          build_config records (``build_config["encoder"]``) on the first call and cached on this object.
+
+        Raises:
+          ValueError: ``encoder``'s identity differs from the manifest's, the model at the recorded uri no
+            longer has the recorded identity, or the manifest records no encoder spec.
+        """
+        if encoder is not None:
+            problem = self._identity_mismatch(encoder.identity)
+            if problem:
+                raise ValueError(f"{problem}. Fix: omit encoder= to load this memory's own encoder from its "
+                                 f"manifest, or pass the encoder {self._manifest.encoder.get('name')!r} that "
+                                 f"built {self._root}.")
+            return encoder
+        if self._encoder is None:
+            # Imported here: memory/ must not need TensorFlow for vector queries.
+            from encoders.base import EncoderSpec
+            spec_dict = self._manifest.build_config.get("encoder")
+            if not isinstance(spec_dict, dict):
+                raise ValueError(
+                    f"the manifest of {self._root} records no encoder spec (build_config['encoder'] is "
+                    f"{spec_dict!r}; memories built by memory.build.build_memory_local without one have none); "
+                    "pass encoder=load_encoder(<the spec that built it>) or query with vectors")
+            from encoders.loaders import load_encoder  # TensorFlow: only once a model is really needed.
+            loaded = load_encoder(EncoderSpec.from_dict(spec_dict))
+            problem = self._identity_mismatch(loaded.identity)
+            if problem:
+                raise ValueError(f"{problem}. The model at {spec_dict.get('uri')!r} changed after the build; "
+                                 "restore the original model files or rebuild the memory with the new model.")
+            self._encoder = loaded
+        return self._encoder
+
+    def _preprocess_spec(self) -> PreprocessSpec:
+        from encoders.base import EncoderError, PreprocessSpec
+        raw = self._manifest.encoder.get("preprocess")
+        try:
+            return PreprocessSpec.from_dict(raw)
+        except (EncoderError, TypeError) as e:
+            raise ValueError(f"the manifest of {self._root} has an unusable encoder preprocess spec {raw!r} "
+                             f"({e}); query with vectors embedded by the memory's encoder instead") from None
+
+    def embed_images(self, images: Sequence[Any], *, encoder: Encoder | None = None) -> np.ndarray:
+        """Embeds query images exactly as the build embedded the memory's entries.
+
+        Args:
+          images: Encoded image bytes, file paths (local, ``file://`` or ``gs://``) and/or uint8 [H, W, 3]
+            (or [H, W] greyscale) arrays, mixed freely.
+          encoder: See `query_encoder`.
+
+        Returns:
+          float32 [len(images), dim] unit-length embeddings.
+
+        Raises:
+          FileNotFoundError: naming the query and path, for a missing file.
+          ValueError: naming the query, for an undecodable image or an unsupported item type; or see
+            `query_encoder`.
+        """
+        from encoders.preprocess import ImageDecodeError, decode_and_preprocess, preprocess
+        spec = self._preprocess_spec()
+        pixels = []
+        # Every image is decoded before the encoder loads, so a bad query fails in milliseconds, not after
+        # the seconds a model load takes.
+        for i, item in enumerate(images):
+            where = f"query {i}"
+            try:
+                if isinstance(item, (bytes, bytearray, memoryview)):
+                    where += f" ({len(item)} bytes)"
+                    pixels.append(decode_and_preprocess(bytes(item), spec))
+                elif isinstance(item, (str, os.PathLike)):
+                    path = os.fspath(item)
+                    where += f" ({path!r})"
+                    local = path[len("file://"):] if path.startswith("file://") else path
+                    try:
+                        data = storage.read_bytes(local)
+                    except IsADirectoryError:
+                        raise FileNotFoundError(f"{where}: {path!r} is a directory, not an image file") from None
+                    except FileNotFoundError:
+                        raise FileNotFoundError(f"{where}: no such image file {path!r}") from None
+                    pixels.append(decode_and_preprocess(data, spec))
+                elif isinstance(item, np.ndarray):
+                    where += f" (array {item.dtype} {item.shape})"
+                    pixels.append(preprocess(item, spec))
+                else:
+                    raise ValueError(
+                        f"{where}: unsupported query of type {type(item).__name__}; pass encoded image bytes, a "
+                        "file path or a uint8 [H, W, 3] array (or a float [n, dim] array of embeddings)")
+            except ImageDecodeError as e:
+                raise ValueError(f"cannot read {where} as an image: {e}") from None
+        if not pixels:
+            return np.zeros((0, self.dim), np.float32)
+        model = self.query_encoder(encoder)
+        features = [model.embed(np.stack(pixels[s:s + _EMBED_BATCH])) for s in range(0, len(pixels), _EMBED_BATCH)]
+        return l2_normalize(np.concatenate(features))
+
+    def classify(self, queries: np.ndarray | Sequence[Any], *, rule: VotingRule | str = VotingRule.RANK,
+                 k: int = 10, params: VotingParams = VotingParams(),
+                 encoder: Encoder | None = None) -> list[Prediction]:
+        """Classifies queries by their k nearest memory entries and explains each decision.
+
+        Args:
+          queries: Either a float [n, dim] array of embeddings (L2-normalised here, otherwise used as is), or
+            a sequence of images (encoded bytes, file paths, uint8 [H, W, 3] arrays; a uint8 [n, H, W, 3]
+            array also works), which are decoded and preprocessed with the manifest's preprocess spec and
+            embedded with the memory's own encoder (see `embed_images`).
+          rule: Voting rule (enum or name).
+          k: Neighbours that vote, >= 1; beyond the memory size the missing neighbours simply do not vote.
+          params: Voting hyper-parameters.
+          encoder: For image queries: an already loaded encoder, which must have the manifest's identity.
+
+        Returns:
+          One `memory.explain.Prediction` per query: label, per-class scores and the neighbours with their
+          ids, labels, distances, weights and source uris. The label is `memory.voting.vote`'s.
+
+        Raises:
+          ValueError: bad rule or k, wrong vector dimension, undecodable image or encoder identity mismatch,
+            each naming the bad value and the fix.
+        """
+        rule = VotingRule.parse(rule)
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"k must be an int >= 1, got {k!r}")
+        if isinstance(queries, np.ndarray) and queries.dtype.kind == "f":
+            vectors = queries
+        elif isinstance(queries, np.ndarray) and queries.dtype == np.uint8 and queries.ndim == 4:
+            vectors = self.embed_images(list(queries), encoder=encoder)
+        elif isinstance(queries, (np.ndarray, str, bytes, bytearray, os.PathLike)):
+            raise ValueError(
+                f"queries must be a float [n, {self.dim}] array of embeddings or a list of images, got "
+                f"{type(queries).__name__}"
+                + (f" {queries.dtype} {queries.shape}" if isinstance(queries, np.ndarray) else "")
+                + "; wrap a single image in a list: classify([image])")
+        else:
+            vectors = self.embed_images(list(queries), encoder=encoder)
+        if vectors.ndim == 2 and vectors.shape[0] == 0:
+            return []
+        result = self.search(vectors, int(k))
+        uris = self._uris_of_results(result.ids)
+        return [explain(result.ids[q], result.labels[q], result.distances[q], rule=rule, k=int(k), params=params,
+                        class_names=self.class_names, uris=uris[q])
+                for q in range(result.ids.shape[0])]

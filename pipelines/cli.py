@@ -80,7 +80,7 @@ def cmd_build(argv: Sequence[str]) -> int:
     print(f"built {args.output}: {c.embedded} entries in {len(manifest.shards)} shards, {len(manifest.class_names)} "
           f"classes; read {c.read}, failed {c.failed}; {elapsed:.1f}s ({c.read / max(elapsed, 1e-9):.1f} images/s)")
     if c.failed:
-        print(f"failed records (with reasons): {os.path.join(args.output, 'dead_letter')}/")
+        print(f"failed records (with reasons): {args.output.rstrip('/')}/dead_letter/")
     return 0
 
 

@@ -12,10 +12,18 @@ and in a test::
 The emulator runs in memory for the whole session and is killed at teardown. If it cannot be started (not
 installed, port problem) the fixture fails within seconds: a test must never fall through to real GCS,
 where an offline client retries for 120 s.
+
+Both gs:// clients reach the emulator through ``STORAGE_EMULATOR_HOST``: memory.storage's own client and
+Beam's GcsIO (google-cloud-storage under the hood, which switches its endpoint on that variable). Beam asks
+``google.auth.default()`` for credentials first and, offline, retries that for ~25 s per process before
+going anonymous; an authorized_user credentials file with a valid token and a far-future expiry answers it
+at once and is never refreshed (the emulator ignores the Authorization header). The fixture sets these
+variables for the session and restores the previous environment at teardown.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -32,6 +40,16 @@ import pytest
 BUCKET = "vmem-test-bucket"
 _START_TIMEOUT_S = 20.0
 _ENV = "STORAGE_EMULATOR_HOST"
+# An authorized_user credential that google.auth accepts without a refresh: token present, expiry far away.
+# Fake values only; nothing here is valid anywhere but the emulator, which does not check them.
+_FAKE_CREDENTIALS = {
+    "type": "authorized_user",
+    "client_id": "emulator-client-id",
+    "client_secret": "emulator-client-secret",
+    "refresh_token": "emulator-refresh-token",
+    "token": "emulator-token",
+    "expiry": "2999-01-01T00:00:00Z",
+}
 
 
 def _free_port() -> int:
@@ -85,17 +103,27 @@ def gcs_bucket() -> Iterator[str]:
             [_emulator_executable(), "start", "--host", "127.0.0.1", "--port", str(port),
              f"--default-bucket={BUCKET}", "--in-memory"],
             stdout=log, stderr=subprocess.STDOUT, cwd=log_dir)
-    previous = os.environ.get(_ENV)
+    credentials_path = os.path.join(log_dir, "emulator-credentials.json")
+    with open(credentials_path, "w", encoding="utf-8") as f:
+        json.dump(_FAKE_CREDENTIALS, f)
+    env = {
+        _ENV: url,
+        "GOOGLE_APPLICATION_CREDENTIALS": credentials_path,
+        # Both clients need a project; with one set nothing asks the metadata server for it.
+        "GOOGLE_CLOUD_PROJECT": "test",
+    }
+    # Session scope rules out monkeypatch; restore by hand at teardown.
+    previous = {name: os.environ.get(name) for name in env}
     try:
         _wait_ready(proc, url, BUCKET, log_path)
-        # Session scope rules out monkeypatch; restore by hand at teardown.
-        os.environ[_ENV] = url
+        os.environ.update(env)
         yield f"gs://{BUCKET}"
     finally:
-        if previous is None:
-            os.environ.pop(_ENV, None)
-        else:
-            os.environ[_ENV] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         proc.terminate()
         try:
             proc.wait(timeout=5)

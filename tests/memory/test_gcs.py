@@ -30,6 +30,14 @@ def test_storage_round_trip(gcs_bucket, tmp_path):
     assert storage.read_text(storage.join(root, "copy", "sub", "b.txt")) == "hello"
     cached = storage.local_copy(storage.join(root, "copy"))
     assert open(f"{cached}/sub/b.txt").read() == "hello"
+    assert storage.local_copy(storage.join(root, "copy")) == cached  # Unchanged objects: the copy is reused.
+    storage.write_text(storage.join(root, "copy", "sub", "b.txt"), "rewritten")
+    fresh = storage.local_copy(storage.join(root, "copy"))
+    assert open(f"{fresh}/sub/b.txt").read() == "rewritten"  # A new generation: downloaded again.
+    single = storage.local_copy(storage.join(root, "copy", "sub", "b.txt"))
+    assert single.endswith("b.txt") and open(single).read() == "rewritten"
+    with pytest.raises(FileNotFoundError, match="storage-test/nothing-here"):
+        storage.local_copy(storage.join(root, "nothing-here"))
     storage.remove_tree(root)
     assert not storage.exists(root)
 

@@ -52,7 +52,7 @@ test-all: install
 bench: install
 	$(PY) -m evaluation.benchmarks.bench_voting
 	$(PY) -m evaluation.benchmarks.bench_search
-	$(PY) -m evaluation.benchmarks.bench_build
+	$(PY) -m evaluation.benchmarks.bench_jobs
 
 clean:
 	rm -rf $(OUT) $(DATA) .pytest_cache

@@ -25,6 +25,17 @@ _LOG = logging.getLogger("visual_memory")
 _NAMESPACE = "visual_memory"
 
 
+class _DropBeamResourceWarning(logging.Filter):
+    """Beam 2.77's RunInference imports `resource` in the same try-block as a torch-only ModelManager; without
+    torch it concludes `resource` is missing and logs this warning after every batch. Memory is unaffected."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Resource module is not available")
+
+
+logging.getLogger().addFilter(_DropBeamResourceWarning())
+
+
 class _DecodeFn(beam.DoFn):
     def __init__(self, spec: PreprocessSpec):
         self._spec = spec

@@ -1,10 +1,11 @@
-"""Build throughput: the Beam build job vs the encoder's raw rate, measured in the same process.
+"""Job throughput: the Beam build and evaluation jobs vs the encoder's raw rate, in the same process.
 
-    python -m evaluation.benchmarks.bench_build [--images 1000] [--shards 4] [--batch-size 64]
+    python -m evaluation.benchmarks.bench_jobs [--images 1000] [--queries 500] [--shards 4] [--batch-size 64]
 
 Prints images/s of (a) the encoder alone on already-preprocessed batches (the ceiling), (b) decode +
 preprocess alone, (c) the whole `vmem build` job (read files, decode, RunInference, normalise, shard,
-ScaNN, manifest) on the DirectRunner, the ratio (c)/(a), and peak resident memory.
+ScaNN, manifest) on the local runner, (d) the whole `vmem evaluate` job (read, decode, embed, fan out to
+shards, merge top-100, write neighbours, vote, report), the ratios (c)/(a) and (d)/(a), and peak RSS.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def _peak_rss_mb() -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=1000, help="Fashion-MNIST training images (multiple of 10)")
+    parser.add_argument("--queries", type=int, default=500, help="Fashion-MNIST test images (multiple of 10)")
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=64, help="batch size of the raw-encoder baseline")
     parser.add_argument("--beam-args", default="", help="extra Beam flags for the job, e.g. '--runner=DirectRunner'")
@@ -34,10 +36,10 @@ def main(argv=None) -> int:
     from encoders.base import EncoderSpec
     from encoders.preprocess import decode_and_preprocess
     from evaluation.datasets import prepare_fashion_mnist
-    from pipelines import build
+    from pipelines import build, evaluate
 
     work = tempfile.mkdtemp(prefix="vmem-bench-")
-    prepare_fashion_mnist(work, per_class=args.images // 10, test_per_class=1)
+    prepare_fashion_mnist(work, per_class=args.images // 10, test_per_class=args.queries // 10)
     train = os.path.join(work, "train")
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(train) for f in fs)
     spec = EncoderSpec()
@@ -67,16 +69,25 @@ def main(argv=None) -> int:
     build.run(["--images", train, "--output", out, "--shards", str(args.shards), *args.beam_args.split()])
     job_s = time.perf_counter() - t0
 
+    test = os.path.join(work, "test")
+    n_queries = sum(len(fs) for _, _, fs in os.walk(test))
+    t0 = time.perf_counter()
+    evaluate.run(["--memory", out, "--images", test, "--output", os.path.join(work, "eval"), "--k-max", "100",
+                  *args.beam_args.split()])
+    eval_s = time.perf_counter() - t0
+
     n = len(files)
-    raw_rate, job_rate = n / raw_s, n / job_s
-    print(f"\nbuild throughput, {n} Fashion-MNIST PNGs, bundled EfficientNet-Lite0, {os.cpu_count()} CPUs")
+    raw_rate, job_rate, eval_rate = n / raw_s, n / job_s, n_queries / eval_s
+    print(f"\njob throughput, {n} Fashion-MNIST PNGs, bundled EfficientNet-Lite0, {os.cpu_count()} CPUs")
     print("| stage | seconds | images/s |")
     print("|---|---:|---:|")
     print(f"| encoder load (SavedModel, once) | {load_s:.1f} | |")
     print(f"| decode + preprocess only | {decode_s:.1f} | {n / decode_s:.0f} |")
     print(f"| encoder only (batch {args.batch_size}, preprocessed) | {raw_s:.1f} | {raw_rate:.1f} |")
     print(f"| `vmem build` job ({args.shards} shards) | {job_s:.1f} | {job_rate:.1f} |")
-    print(f"\njob / raw encoder = {job_rate / raw_rate:.2f}x  (target >= 0.8x)")
+    print(f"| `vmem evaluate` job ({n_queries} queries, k=100) | {eval_s:.1f} | {eval_rate:.1f} |")
+    print(f"\nbuild job / raw encoder = {job_rate / raw_rate:.2f}x  (target >= 0.8x)")
+    print(f"evaluate job / raw encoder = {eval_rate / raw_rate:.2f}x")
     print(f"peak RSS {_peak_rss_mb():.0f} MB")
     return 0
 

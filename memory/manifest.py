@@ -2,6 +2,12 @@
 
 A build writes every shard first and the manifest last (atomically), so a directory with a manifest is a
 complete memory and a crashed build leaves no manifest: readers never see a half-built memory.
+
+A memory changes by publishing immutable *versions* (``versions/v000001.json``, ...; see memory.versions):
+each is a full Manifest with its ``version``, ``parent`` and the ``change`` that produced it, plus the
+living-memory fields ``delta_shards`` (entries added since the last re-index), ``forgotten`` (tombstones)
+and ``entry_weights`` (soft pruning). ``manifest.json`` is a copy of the latest version for tools that do not
+know versions; `read_manifest` resolves the latest version itself.
 """
 
 from __future__ import annotations
@@ -21,6 +27,11 @@ _ENCODER_KEYS = ("name", "content_hash", "dim", "preprocess")
 
 class ManifestError(ValueError):
     """A manifest (or a shard it describes) is missing, malformed or inconsistent."""
+
+
+CHANGE_KINDS = ("build", "add", "forget", "prune", "reindex", "purge")
+_SHA256_LEN = len("sha256:") + 64
+WEIGHTS_KINDS = ("soft_pruning",)
 
 
 class Metric(enum.Enum):
@@ -55,6 +66,42 @@ class BuildCounts:
 
 
 _SHARD_INDEX_KINDS = ("brute_force", "tree_ah", "empty")
+# Delta shards are searched exactly: brute force (or empty) only.
+_DELTA_INDEX_KINDS = ("brute_force", "empty")
+
+
+@dataclasses.dataclass(frozen=True)
+class ForgottenSet:
+    """Tombstones: the ids forgotten but still physically present in some (main or delta) shard.
+
+    Attributes:
+      path: File relative to the memory root (e.g. ``tombstones/v000003-1a2b3c4d.npy``): a sorted unicode
+        [count] .npy array of ALL such ids (cumulative, not just the last forget's).
+      count: Number of ids in the file.
+      checksum: ``sha256:<hex>`` of the file's bytes.
+    """
+    path: str
+    count: int
+    checksum: str
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsRef:
+    """Per-entry voting weights (soft pruning).
+
+    Attributes:
+      path: File relative to the memory root (e.g. ``weights/v000004-1a2b3c4d.npz``) with arrays ``ids``
+        (sorted unicode [count]) and ``weights`` (float32 [count], finite, >= 0). Entries absent weigh 1.0.
+      count: Number of weighted ids.
+      checksum: ``sha256:<hex>`` of the file's bytes.
+      kind: What produced the weights; one of WEIGHTS_KINDS.
+      params: JSON-serialisable parameters of the producer (e.g. ``{"gamma_numerator": 1.75, "k": 100}``).
+    """
+    path: str
+    count: int
+    checksum: str
+    kind: str = "soft_pruning"
+    params: dict = dataclasses.field(default_factory=dict)
 
 
 def utc_now_iso() -> str:
@@ -77,6 +124,16 @@ class Manifest:
       build_config: Free-form, JSON-serialisable description of the build (index config, sources, ...).
       counts: Build record counts.
       created_at: ISO-8601 UTC timestamp.
+      version: This version's number (>= 1); a memory built before versions existed reads as version 1.
+      parent: The version this one was derived from (None for a build).
+      change: What produced this version: ``{"kind": one of CHANGE_KINDS, "at": ISO time, "summary": str,
+        ...kind-specific details (counts)}``. Empty for manifests written by code that predates versions
+        (it then reads as a build; see memory.versions.history).
+      delta_shards: Brute-force shards of entries added since the last re-index, searched exactly together
+        with ``shards``.
+      forgotten: Tombstones of forgotten entries still physically present in ``shards``/``delta_shards``;
+        searches skip them exactly. None when nothing is forgotten.
+      entry_weights: Soft-pruning weights multiplied into neighbours' votes; None for none.
     """
     format_version: int
     encoder: dict
@@ -87,11 +144,27 @@ class Manifest:
     build_config: dict
     counts: BuildCounts
     created_at: str
+    version: int = 1
+    parent: int | None = None
+    change: dict = dataclasses.field(default_factory=dict)
+    delta_shards: tuple[ShardInfo, ...] = ()
+    forgotten: ForgottenSet | None = None
+    entry_weights: WeightsRef | None = None
+
+    @property
+    def all_shards(self) -> tuple[ShardInfo, ...]:
+        """Main shards then delta shards: everything a search must visit."""
+        return tuple(self.shards) + tuple(self.delta_shards)
+
+    @property
+    def physical_total(self) -> int:
+        """Rows stored in main and delta shards, forgotten ones included."""
+        return sum(s.count for s in self.all_shards)
 
     @property
     def total(self) -> int:
-        """Total number of entries over all shards."""
-        return sum(s.count for s in self.shards)
+        """Number of live entries: rows in main and delta shards minus forgotten ones."""
+        return self.physical_total - (self.forgotten.count if self.forgotten else 0)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -104,6 +177,12 @@ class Manifest:
             "build_config": dict(self.build_config),
             "counts": dataclasses.asdict(self.counts),
             "created_at": self.created_at,
+            "version": self.version,
+            "parent": self.parent,
+            "change": dict(self.change),
+            "delta_shards": [dataclasses.asdict(s) for s in self.delta_shards],
+            "forgotten": dataclasses.asdict(self.forgotten) if self.forgotten else None,
+            "entry_weights": dataclasses.asdict(self.entry_weights) if self.entry_weights else None,
         }
 
     def to_json(self) -> str:
@@ -116,7 +195,7 @@ class Manifest:
         if not isinstance(d, dict):
             raise ManifestError(f"manifest must be a JSON object, got {type(d).__name__}")
         expected = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(expected - set(d))
+        missing = sorted(expected - set(d) - set(_OPTIONAL_FIELDS))
         if missing:
             raise ManifestError(f"manifest is missing field(s) {missing}")
         unknown = sorted(set(d) - expected)
@@ -136,6 +215,18 @@ class Manifest:
             counts = BuildCounts(**d["counts"])
         except TypeError as e:
             raise ManifestError(f"manifest field 'counts': malformed ({e})") from None
+        try:
+            delta_shards = tuple(ShardInfo(**s) for s in d.get("delta_shards") or ())
+        except TypeError as e:
+            raise ManifestError(f"manifest field 'delta_shards': malformed entry ({e})") from None
+        optional = {}
+        for name, kind in (("forgotten", ForgottenSet), ("entry_weights", WeightsRef)):
+            raw = d.get(name)
+            if raw is not None:
+                try:
+                    optional[name] = kind(**raw)
+                except TypeError as e:
+                    raise ManifestError(f"manifest field {name!r}: malformed ({e})") from None
         return cls(
             format_version=d["format_version"],
             encoder=d["encoder"],
@@ -146,6 +237,11 @@ class Manifest:
             build_config=d["build_config"],
             counts=counts,
             created_at=d["created_at"],
+            version=d.get("version", 1),
+            parent=d.get("parent"),
+            change=d.get("change") if d.get("change") is not None else {},
+            delta_shards=delta_shards,
+            **optional,
         )
 
     @classmethod
@@ -190,8 +286,9 @@ class Manifest:
             dupes = sorted({c for c in self.class_names if self.class_names.count(c) > 1})
             raise ManifestError(f"manifest field 'class_names': duplicate name(s) {dupes}")
         names, paths = set(), set()
-        for i, shard in enumerate(self.shards):
-            where = f"shards[{i}]"
+        for i, (field, shard) in enumerate(
+                [("shards", s) for s in self.shards] + [("delta_shards", s) for s in self.delta_shards]):
+            where = f"{field}[{i if field == 'shards' else i - len(self.shards)}]"
             if not isinstance(shard, ShardInfo):
                 raise ManifestError(f"manifest field {where!r}: expected ShardInfo, got {shard!r}")
             if not shard.name or shard.name in names:
@@ -213,6 +310,11 @@ class Manifest:
             if (shard.index_kind == "empty") != (shard.count == 0):
                 raise ManifestError(
                     f"manifest field '{where}.index_kind': {shard.index_kind!r} inconsistent with count {shard.count}")
+            if field == "delta_shards" and shard.index_kind not in _DELTA_INDEX_KINDS:
+                raise ManifestError(
+                    f"manifest field '{where}.index_kind': {shard.index_kind!r}; delta shards are searched exactly, "
+                    f"allowed: {list(_DELTA_INDEX_KINDS)} (write them with memory.mutations.write_delta_shard)")
+        self._validate_versioning(paths)
         if not isinstance(self.build_config, dict):
             raise ManifestError(f"manifest field 'build_config': expected an object, got {self.build_config!r}")
         if not isinstance(self.counts, BuildCounts):
@@ -227,24 +329,85 @@ class Manifest:
         if ts.utcoffset() != datetime.timedelta(0):
             raise ManifestError(f"manifest field 'created_at': must be UTC, got {self.created_at!r}")
 
+    def _validate_versioning(self, shard_paths: set[str]) -> None:
+        def _int(name, value, minimum):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ManifestError(f"manifest field {name!r}: expected an int >= {minimum}, got {value!r}")
+
+        _int("version", self.version, 1)
+        if self.parent is not None:
+            _int("parent", self.parent, 1)
+            if self.parent >= self.version:
+                raise ManifestError(f"manifest field 'parent': {self.parent} must be < version {self.version}")
+        if not isinstance(self.change, dict):
+            raise ManifestError(f"manifest field 'change': expected an object, got {self.change!r}")
+        if self.change and self.change.get("kind") not in CHANGE_KINDS:
+            raise ManifestError(
+                f"manifest field 'change.kind': {self.change.get('kind')!r}; allowed: {list(CHANGE_KINDS)}")
+        try:
+            json.dumps(self.change)
+        except (TypeError, ValueError) as e:
+            raise ManifestError(f"manifest field 'change': not JSON-serialisable ({e})") from None
+        for name, ref in (("forgotten", self.forgotten), ("entry_weights", self.entry_weights)):
+            if ref is None:
+                continue
+            if not isinstance(ref, ForgottenSet if name == "forgotten" else WeightsRef):
+                raise ManifestError(f"manifest field {name!r}: malformed value {ref!r}")
+            if (not isinstance(ref.path, str) or not ref.path or ref.path.startswith("/") or "://" in ref.path
+                    or ".." in ref.path.split("/") or ref.path in shard_paths):
+                raise ManifestError(
+                    f"manifest field '{name}.path': {ref.path!r} must be a file path relative to the memory root")
+            _int(f"{name}.count", ref.count, 0)
+            if not (isinstance(ref.checksum, str) and ref.checksum.startswith("sha256:")
+                    and len(ref.checksum) == _SHA256_LEN):
+                raise ManifestError(
+                    f"manifest field '{name}.checksum': expected 'sha256:<64 hex>', got {ref.checksum!r}")
+        if self.forgotten is not None and self.forgotten.count > self.physical_total:
+            raise ManifestError(f"manifest field 'forgotten.count': {self.forgotten.count} exceeds the "
+                                f"{self.physical_total} rows stored in the shards")
+        if self.entry_weights is not None:
+            if self.entry_weights.kind not in WEIGHTS_KINDS:
+                raise ManifestError(f"manifest field 'entry_weights.kind': {self.entry_weights.kind!r}; allowed: "
+                                    f"{list(WEIGHTS_KINDS)}")
+            if not isinstance(self.entry_weights.params, dict):
+                raise ManifestError(
+                    f"manifest field 'entry_weights.params': expected an object, got {self.entry_weights.params!r}")
+
+
+_OPTIONAL_FIELDS = ("version", "parent", "change", "delta_shards", "forgotten", "entry_weights")
+
 
 def manifest_path(root: str) -> str:
     return storage.join(root, MANIFEST_NAME)
 
 
 def write_manifest(root: str, manifest: Manifest) -> None:
-    """Validates and atomically writes ``<root>/manifest.json``; call it last, after every shard."""
+    """Publishes a freshly built memory as version 1; call it last, after every shard is written.
+
+    Creates ``<root>/versions/v000001.json`` exclusively (see memory.versions.publish_version) and then
+    ``<root>/manifest.json``. A root that already holds versions is refused with ConcurrentUpdateError:
+    a rebuild must start from an empty root (``vmem build --overwrite`` deletes it first).
+    """
+    from memory.versions import publish_version  # pylint: disable=g-import-not-at-top  # (versions imports us)
     manifest.validate()
-    storage.write_text(manifest_path(root), manifest.to_json())
+    publish_version(root, dataclasses.replace(manifest, version=1, parent=None), expected_parent=None)
 
 
-def read_manifest(root: str) -> Manifest:
-    """Reads and validates ``<root>/manifest.json``.
+def read_manifest(root: str, *, version: int | None = None) -> Manifest:
+    """Reads and validates the latest version of a memory (or the pinned ``version``).
+
+    The latest version is the highest ``versions/vNNNNNN.json``; a memory built before versions existed has
+    only ``manifest.json``, read as version 1.
 
     Raises:
-      ManifestError: if it is missing (with how to build one), malformed or inconsistent.
+      ManifestError: if there is no memory (with how to build one), no such version, or it is malformed.
     """
-    path = manifest_path(root)
+    from memory.versions import latest_version, read_version  # pylint: disable=g-import-not-at-top
+    return read_version(root, latest_version(root) if version is None else version)
+
+
+def read_manifest_file(path: str) -> Manifest:
+    """Reads and validates one manifest JSON file (a version file or manifest.json)."""
     try:
         text = storage.read_text(path)
     except FileNotFoundError:

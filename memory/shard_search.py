@@ -4,6 +4,10 @@ This is what the distributed query job runs: each worker loads one shard (:class
 every query batch for it with a :class:`PartialTopK`, and the partials of one query are merged with
 :func:`merge_partials` (associative and commutative, so it can be a Beam CombineFn). Ties break by entry id,
 exactly as :meth:`memory.visual_memory.VisualMemory.search` does, so both paths return the same lists.
+
+A living memory (memory.mutations) is searched the same way: fan out over `searchable_shards(manifest)`
+(main shards and delta shards) and load each with ``forgotten=load_forgotten(root, manifest)`` so that
+tombstoned rows are skipped exactly.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ import numpy as np
 
 from memory import storage
 from memory.index import ShardIndex
-from memory.manifest import ShardInfo
+from memory.manifest import Manifest, ShardInfo
 from memory.merge import merge_topk
+from memory.mutations import read_forgotten
 from memory.shard import load_shard_index, read_shard_data
 from memory.vectors import l2_normalize
 
@@ -65,28 +70,67 @@ def merge_partials(partials: Sequence[PartialTopK], k: int) -> PartialTopK:
                        np.where(valid, all_labels[rows, safe], -1).astype(np.int32), dist)
 
 
+def searchable_shards(manifest: Manifest) -> tuple[ShardInfo, ...]:
+    """Every shard a search must visit: main shards, then delta shards (entries added since the last re-index)."""
+    return manifest.all_shards
+
+
+def load_forgotten(root: str, manifest: Manifest) -> np.ndarray:
+    """The version's tombstoned ids (sorted unicode; empty when nothing is forgotten) for LoadedShard.load."""
+    return read_forgotten(root, manifest)
+
+
 @dataclasses.dataclass
 class LoadedShard:
-    """A shard's index plus the ids and labels needed to name its hits."""
+    """A shard's index plus the ids and labels needed to name its hits.
+
+    Attributes:
+      dead: bool [n], rows that are forgotten (tombstoned) and must never be returned; None for none.
+    """
     name: str
     index: ShardIndex | None
     ids: np.ndarray
     labels: np.ndarray
+    dead: np.ndarray | None = None
 
     @classmethod
-    def load(cls, root: str, info: ShardInfo) -> "LoadedShard":
+    def load(cls, root: str, info: ShardInfo, *, forgotten: np.ndarray | None = None) -> "LoadedShard":
+        """Loads a main or delta shard.
+
+        Args:
+          root: Memory root.
+          info: The shard (from `searchable_shards(manifest)`).
+          forgotten: The version's tombstoned ids (`load_forgotten`); rows with these ids are skipped.
+        """
         shard_dir = storage.join(root, info.path)
         data = read_shard_data(shard_dir)
-        return cls(name=info.name, index=load_shard_index(shard_dir, info), ids=data.ids.astype(str),
-                   labels=data.labels.astype(np.int32))
+        ids = data.ids.astype(str)
+        dead = None
+        if forgotten is not None and len(forgotten) and ids.size:
+            dead = np.isin(ids, np.asarray(forgotten, dtype=str))
+            dead = dead if dead.any() else None
+        return cls(name=info.name, index=load_shard_index(shard_dir, info), ids=ids,
+                   labels=data.labels.astype(np.int32), dead=dead)
 
     def search(self, queries: np.ndarray, k: int) -> PartialTopK:
-        """Top-k of this shard for each (normalised here) query."""
+        """Top-k live rows of this shard for each (normalised here) query.
+
+        With t forgotten rows the index is asked for k + t neighbours and the forgotten ones dropped, which
+        for a brute-force shard is exactly the top-k of the shard without them.
+        """
         q = l2_normalize(np.asarray(queries, dtype=np.float32))
         if self.index is None:
             return empty_partial(q.shape[0], k)
-        local, dist = self.index.search(q, k)
+        dead_count = 0 if self.dead is None else int(self.dead.sum())
+        local, dist = self.index.search(q, k + dead_count)
         valid = local >= 0
         safe = np.maximum(local, 0)
+        if dead_count:
+            valid &= ~self.dead[safe]
+            # Stable: live rows keep their (distance, id) order; dropped ones move to the end, then cut to k.
+            order = np.argsort(~valid, axis=1, kind="stable")[:, :k]
+            valid = np.take_along_axis(valid, order, axis=1)
+            safe = np.take_along_axis(safe, order, axis=1)
+            dist = np.take_along_axis(dist, order, axis=1)
         return PartialTopK(np.where(valid, self.ids[safe], PAD_ID), np.where(valid, self.labels[safe], -1),
                            np.where(valid, dist, np.inf).astype(np.float32))

@@ -1,4 +1,10 @@
-"""A visual memory opened for querying: manifest + every shard's index, ids and labels."""
+"""A visual memory opened for querying: manifest + every shard's index, ids and labels.
+
+A memory is opened at one version (the latest, or a pinned one): its main shards and delta shards are
+searched together, and its tombstoned (forgotten) rows are skipped exactly: a shard holding t forgotten
+rows is asked for k + t neighbours, forgotten ones are dropped, and the merge keeps k. For brute-force
+shards that is the same answer as a memory built from scratch without the forgotten entries.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +17,12 @@ import numpy as np
 from memory import storage
 from memory.explain import Prediction, explain
 from memory.index import ShardIndex
-from memory.manifest import Manifest, ManifestError, read_manifest
+from memory.manifest import Manifest, ManifestError
 from memory.merge import merge_topk
+from memory.mutations import read_entry_weights, read_forgotten
 from memory.shard import load_shard_index, read_shard_data, verify_shard
 from memory.vectors import l2_normalize
+from memory.versions import latest_version, read_version
 from memory.voting import VotingParams, VotingRule
 
 if TYPE_CHECKING:
@@ -32,10 +40,14 @@ class SearchResult(NamedTuple):
       ids: unicode [nq, k] entry ids ("" for padding when k exceeds the memory size).
       labels: int32 [nq, k] indices into class_names (-1 for padding).
       distances: float32 [nq, k] cosine distances 1 - dot (+inf for padding).
+      weights: float32 [nq, k] entry weight of each neighbour (soft pruning; 1.0 for entries without a
+        weight and for padding), or None when the memory has no entry weights. Unpack the first three
+        fields with ``ids, labels, distances, _ = result`` or use attributes.
     """
     ids: np.ndarray
     labels: np.ndarray
     distances: np.ndarray
+    weights: np.ndarray | None = None
 
 
 class VisualMemory:
@@ -46,13 +58,28 @@ class VisualMemory:
     """
 
     def __init__(self, root: str, manifest: Manifest, indices: Sequence[ShardIndex | None],
-                 ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray):
+                 ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, *,
+                 forgotten: np.ndarray | None = None,
+                 entry_weights: tuple[np.ndarray, np.ndarray] | None = None):
         self._root = root
         self._manifest = manifest
         self._indices = list(indices)
         self._ids = ids
         self._labels = labels
         self._offsets = offsets
+        # Rows (of main and delta shards alike) that are tombstoned, and how many each shard holds: a shard
+        # is asked for that many extra neighbours so that k live ones survive the filter.
+        forgotten = np.zeros((0,), "<U1") if forgotten is None else forgotten
+        self._dead = np.isin(ids, forgotten) if forgotten.size else np.zeros(ids.shape, dtype=bool)
+        self._dead_per_shard = [int(self._dead[offsets[s]:offsets[s + 1]].sum()) for s in range(len(offsets) - 1)]
+        self._row_weights: np.ndarray | None = None
+        if entry_weights is not None:
+            w_ids, w = entry_weights
+            self._row_weights = np.ones(ids.shape, dtype=np.float32)
+            if w_ids.size and ids.size:
+                pos = np.clip(np.searchsorted(w_ids, ids), 0, w_ids.size - 1)
+                hit = w_ids[pos] == ids
+                self._row_weights[hit] = w[pos[hit]]
         self._row_of_id: dict[str, int] | None = None
         self._embeddings: np.ndarray | None = None
         self._uris: np.ndarray | None = None
@@ -61,24 +88,26 @@ class VisualMemory:
         self._encoder: Encoder | None = None
 
     @classmethod
-    def open(cls, path: str, *, verify: bool = False) -> VisualMemory:
-        """Opens a memory.
+    def open(cls, path: str, *, version: int | None = None, verify: bool = False) -> VisualMemory:
+        """Opens a memory at its latest version, or at a pinned one.
 
         Args:
-          path: Memory root (the directory holding manifest.json), local or ``gs://``.
+          path: Memory root (the directory holding versions/ and manifest.json), local or ``gs://``.
+          version: A version number to open instead of the latest (see `memory.versions.history`).
           verify: Recompute every shard's checksum against the manifest (reads all embeddings).
 
         Returns:
           The opened memory.
 
         Raises:
-          ManifestError: no manifest ("not a visual memory: ..."), unsupported format_version, malformed
-            manifest, missing shard files or (with verify) a checksum mismatch.
+          ManifestError: no manifest ("not a visual memory: ..."), no such version, unsupported
+            format_version, malformed manifest, missing shard/tombstone/weights files or (with verify) a
+            checksum mismatch.
         """
         root = path.rstrip("/") if len(path) > 1 else path
-        manifest = read_manifest(root)
+        manifest = read_version(root, latest_version(root) if version is None else version)
         indices, ids, labels, offsets = [], [], [], [0]
-        for info in manifest.shards:
+        for info in manifest.all_shards:
             shard_dir = storage.join(root, info.path)
             if verify:
                 verify_shard(shard_dir, info)
@@ -98,10 +127,21 @@ class VisualMemory:
             offsets.append(offsets[-1] + info.count)
         all_ids = np.concatenate(ids) if ids else np.zeros((0,), dtype="<U1")
         all_labels = np.concatenate(labels) if labels else np.zeros((0,), dtype=np.int32)
-        return cls(root, manifest, indices, all_ids, all_labels, np.asarray(offsets, dtype=np.int64))
+        forgotten = read_forgotten(root, manifest)
+        if forgotten.size and int(np.isin(all_ids, forgotten).sum()) != forgotten.size:
+            raise ManifestError(f"version {manifest.version}: {forgotten.size} tombstoned ids but only "
+                                f"{int(np.isin(all_ids, forgotten).sum())} of them are in its shards")
+        return cls(root, manifest, indices, all_ids, all_labels, np.asarray(offsets, dtype=np.int64),
+                   forgotten=forgotten, entry_weights=read_entry_weights(root, manifest))
 
     def __len__(self) -> int:
-        return int(self._ids.shape[0])
+        """Number of live entries (forgotten ones excluded)."""
+        return int(self._ids.shape[0] - self._dead.sum())
+
+    @property
+    def version(self) -> int:
+        """The version this memory was opened at."""
+        return self._manifest.version
 
     @property
     def manifest(self) -> Manifest:
@@ -128,8 +168,9 @@ class VisualMemory:
           k: Neighbours per query, >= 1; when k exceeds len(self) the tail is padded.
 
         Returns:
-          SearchResult, nearest first; equal distances ordered by ascending id, so the answer does not
-          depend on the number of shards.
+          SearchResult, nearest first, forgotten entries never included; equal distances ordered by
+          ascending id, so the answer does not depend on the number of shards (nor on whether entries sit
+          in main or delta shards).
         """
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be an int >= 1, got {k!r}")
@@ -145,31 +186,43 @@ class VisualMemory:
         for s, index in enumerate(self._indices):
             if index is None:
                 continue
-            local, dist = index.search(q, k)
+            dead = self._dead_per_shard[s]
+            # With t tombstoned rows in the shard, its k + t nearest hold its k nearest live rows (exactly,
+            # for brute force: ties come in ascending id order with or without the dead rows).
+            local, dist = index.search(q, k + dead)
             glob = np.where(local >= 0, local + self._offsets[s], -1)
+            if dead:
+                hidden = (glob >= 0) & self._dead[np.maximum(glob, 0)]
+                glob = np.where(hidden, -1, glob)
+                dist = np.where(hidden, np.float32(np.inf), dist)
             partials.append((glob, dist))
-            keys.append(np.where(glob >= 0, self._ids[np.maximum(glob, 0)] if len(self) else _PAD_ID, _PAD_ID))
+            keys.append(np.where(glob >= 0, self._ids[np.maximum(glob, 0)], _PAD_ID))
+        weights_pad = None if self._row_weights is None else np.ones((nq, k), dtype=np.float32)
         if not partials:
             return SearchResult(ids=np.full((nq, k), _PAD_ID, dtype="<U1"),
                                 labels=np.full((nq, k), -1, dtype=np.int32),
-                                distances=np.full((nq, k), np.inf, dtype=np.float32))
+                                distances=np.full((nq, k), np.inf, dtype=np.float32), weights=weights_pad)
         gidx, dist = merge_topk(partials, k, tie_keys=keys)
         valid = gidx >= 0
         safe = np.maximum(gidx, 0)
         ids = np.where(valid, self._ids[safe], _PAD_ID)
         labels = np.where(valid, self._labels[safe], -1).astype(np.int32)
-        return SearchResult(ids=ids, labels=labels, distances=dist)
+        weights = None
+        if self._row_weights is not None:
+            weights = np.where(valid, self._row_weights[safe], np.float32(1.0)).astype(np.float32)
+        return SearchResult(ids=ids, labels=labels, distances=dist, weights=weights)
 
     def _id_rows(self) -> dict[str, int]:
         if self._row_of_id is None:
-            self._row_of_id = {i: r for r, i in enumerate(self._ids.tolist())}
+            live = np.flatnonzero(~self._dead)
+            self._row_of_id = dict(zip(self._ids[live].tolist(), live.tolist()))
         return self._row_of_id
 
     def get_embeddings(self, ids: Sequence[str]) -> np.ndarray:
         """Returns the stored float32 [len(ids), dim] embeddings of the given entries.
 
         Raises:
-          KeyError: listing the unknown ids.
+          KeyError: listing the unknown ids (forgotten ones included).
         """
         ids = [str(i) for i in (ids.tolist() if isinstance(ids, np.ndarray) else ids)]
         rows_of = self._id_rows()
@@ -178,7 +231,7 @@ class VisualMemory:
             raise KeyError(f"{len(unknown)} unknown id(s) (not in this memory): {unknown[:20]}")
         if self._embeddings is None:
             parts = [read_shard_data(storage.join(self._root, info.path)).embeddings.reshape(-1, self.dim)
-                     for info in self._manifest.shards]
+                     for info in self._manifest.all_shards]
             self._embeddings = (np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)).astype(
                 np.float32, copy=False)
         return self._embeddings[[rows_of[i] for i in ids]].reshape(len(ids), self.dim)
@@ -197,7 +250,7 @@ class VisualMemory:
         if self._uris is None:
             # Only uris.npy is read (not the embeddings): explanations need the source of k entries per query.
             parts = []
-            for info in self._manifest.shards:
+            for info in self._manifest.all_shards:
                 path = storage.join(self._root, info.path, "uris.npy")
                 uris = np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False).astype(str)
                 if uris.shape != (info.count,):
@@ -357,7 +410,8 @@ class VisualMemory:
 
         Returns:
           One `memory.explain.Prediction` per query: label, per-class scores and the neighbours with their
-          ids, labels, distances, weights and source uris. The label is `memory.voting.vote`'s.
+          ids, labels, distances, weights and source uris. The label is `memory.voting.vote`'s, with the
+          memory's entry weights (soft pruning), if any, multiplied into the rule's weights.
 
         Raises:
           ValueError: bad rule or k, wrong vector dimension, undecodable image or encoder identity mismatch,
@@ -382,6 +436,8 @@ class VisualMemory:
             return []
         result = self.search(vectors, int(k))
         uris = self._uris_of_results(result.ids)
+        # Soft-pruning weights, when the memory has them, multiply each neighbour's vote.
         return [explain(result.ids[q], result.labels[q], result.distances[q], rule=rule, k=int(k), params=params,
-                        class_names=self.class_names, uris=uris[q])
+                        class_names=self.class_names, uris=uris[q],
+                        entry_weights=None if result.weights is None else result.weights[q])
                 for q in range(result.ids.shape[0])]

@@ -6,6 +6,8 @@
     vmem evaluate --memory MEMORY --images SPEC --output DIR [--k-max 100] [Beam flags...]
     vmem vote --neighbors FILE --output DIR [--k-max K]
     vmem classify --memory MEMORY IMAGE... [--rule rank] [--k 10] [--explain] [--html FILE]
+    vmem history MEMORY [--json]
+    vmem forget --memory MEMORY (--ids FILE | --label NAME | --source-prefix URI) [--purge-history]
 
 Heavy imports (TensorFlow, Beam) happen inside the command that needs them, so ``vmem info`` and
 ``vmem --help`` answer quickly.
@@ -27,6 +29,8 @@ COMMANDS = {
     "info": "describe a built memory",
     "evaluate": "classify a held-out split against a memory; accuracy per voting rule and k (Beam job)",
     "classify": "classify images, optionally explaining each decision by its neighbours",
+    "history": "list a memory's versions and what changed in each",
+    "forget": "remove entries from a memory at once (exact unlearning; physically gone after reindex)",
     "vote": "recompute accuracy per voting rule and k from stored neighbour lists",
 }
 
@@ -139,13 +143,23 @@ def cmd_classify(argv: Sequence[str]) -> int:
     return classify_main(list(argv))
 
 
+def cmd_history(argv: Sequence[str]) -> int:
+    from pipelines.history_cli import main as history_main
+    return history_main(list(argv))
+
+
+def cmd_forget(argv: Sequence[str]) -> int:
+    from pipelines.forget_cli import main as forget_main
+    return forget_main(list(argv))
+
+
 def cmd_vote(argv: Sequence[str]) -> int:
     from evaluation.vote_cli import main as vote_main
     return vote_main(list(argv))
 
 
 _HANDLERS = {"prepare-data": cmd_prepare_data, "build": cmd_build, "info": cmd_info, "evaluate": cmd_evaluate,
-             "vote": cmd_vote, "classify": cmd_classify}
+             "vote": cmd_vote, "classify": cmd_classify, "history": cmd_history, "forget": cmd_forget}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -35,7 +35,7 @@ from apache_beam.utils import shared
 from encoders.base import EncoderSpec, resolve_preprocess
 from memory import storage
 from memory.manifest import Manifest, read_manifest
-from memory.shard_search import LoadedShard, PartialTopK, merge_partials
+from memory.shard_search import LoadedShard, PartialTopK, load_forgotten, merge_partials, searchable_shards
 from memory.voting import VotingParams, VotingRule
 from pipelines.build import with_default_runner
 from pipelines.embed import DecodeImages, EmbedImages
@@ -91,7 +91,9 @@ class _SearchShardFn(beam.DoFn):
 
     def __init__(self, root: str, manifest: Manifest, k: int, shared_handle: shared.Shared):
         self._root = root
-        self._infos = manifest.shards
+        self._manifest = manifest
+        # Main and delta shards; tombstoned (forgotten) rows are skipped inside LoadedShard.search.
+        self._infos = searchable_shards(manifest)
         self._k = k
         self._shared = shared_handle
         self._searched = Metrics.counter(_NAMESPACE, "query_shard_searches")
@@ -100,7 +102,9 @@ class _SearchShardFn(beam.DoFn):
         shard_index, batches = element
         info = self._infos[shard_index]
         # One copy of a shard per worker process, reused across bundles (and by other DoFn instances).
-        shard = self._shared.acquire(lambda: LoadedShard.load(self._root, info), tag=f"{self._root}/{info.name}")
+        shard = self._shared.acquire(
+            lambda: LoadedShard.load(self._root, info, forgotten=load_forgotten(self._root, self._manifest)),
+            tag=f"{self._root}/v{self._manifest.version}/{info.name}")
         for batch in batches:
             partial = shard.search(batch.embeddings, self._k)
             self._searched.inc(len(batch.ids))
@@ -119,7 +123,7 @@ class SearchShards(beam.PTransform):
         self._batch_size = batch_size
 
     def expand(self, queries):
-        live = [i for i, s in enumerate(self._manifest.shards) if s.count > 0]
+        live = [i for i, s in enumerate(searchable_shards(self._manifest)) if s.count > 0]
         return (
             queries
             | "BatchQueries" >> beam.BatchElements(min_batch_size=1, max_batch_size=self._batch_size)
@@ -202,11 +206,13 @@ def pixel_baseline(root: str, manifest: Manifest, query_uris: Sequence[str], que
     """Raw-pixel kNN over the memory's own source images (for the demo's comparison)."""
     from evaluation.baselines import pixel_knn_baseline
     from memory.shard import read_shard_data
+    forgotten = load_forgotten(root, manifest)
     uris, labels = [], []
-    for info in manifest.shards:
+    for info in searchable_shards(manifest):
         data = read_shard_data(storage.join(root, info.path))
-        uris += [str(u) for u in data.uris]
-        labels.append(data.labels)
+        live = ~np.isin(data.ids.astype(str), forgotten)  # The baseline sees exactly the live memory.
+        uris += [str(u) for u in data.uris[live]]
+        labels.append(data.labels[live])
     return pixel_knn_baseline(_load_pixels(uris), np.concatenate(labels), _load_pixels(query_uris), query_labels,
                               k=k)
 

@@ -52,7 +52,8 @@ def test_gcs_memory_matches_local(gcs_bucket, tmp_path):
     m_gcs = build_memory_local(gcs_root, **kwargs)
     m_local = build_memory_local(str(tmp_path), **kwargs)
     assert [s.checksum for s in m_gcs.shards] == [s.checksum for s in m_local.shards]
-    assert storage.list_dir(gcs_root) == ["manifest.json"] + [s.name for s in m_gcs.shards]
+    assert storage.list_dir(gcs_root) == ["manifest.json"] + [s.name for s in m_gcs.shards] + ["versions"]
+    assert storage.list_dir(storage.join(gcs_root, "versions")) == ["v000001.json"]
     a = VisualMemory.open(gcs_root, verify=True).search(q, 10)
     b = VisualMemory.open(str(tmp_path)).search(q, 10)
     np.testing.assert_array_equal(a.ids, b.ids)

@@ -38,7 +38,9 @@ def test_json_round_trip(tmp_path):
     assert Manifest.from_json(text) == m
     write_manifest(str(tmp_path), m)
     assert read_manifest(str(tmp_path)) == m
-    assert not [p for p in tmp_path.iterdir() if p.name != "manifest.json"]  # No temp files left behind.
+    # Version 1 and its manifest.json copy; no temp files left behind.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "versions"]
+    assert [p.name for p in (tmp_path / "versions").iterdir()] == ["v000001.json"]
 
 
 @pytest.mark.parametrize("overrides, field", [

@@ -27,26 +27,15 @@ from evaluation import metrics
 from evaluation import neighbors_io
 from evaluation import report as report_lib
 from memory import voting
+from pipelines.cli_args import EXIT_USAGE, RaisingArgumentParser, UsageError
 
 __all__ = ["main", "build_parser"]
-
-EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """A bad flag or input; reported with exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-
-    def error(self, message: str):  # Raise instead of sys.exit: main returns.
-        raise UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``vmem vote`` argument parser."""
     allowed = ",".join(r.value for r in voting.VotingRule)
-    parser = _Parser(
+    parser = RaisingArgumentParser(
         prog="vmem vote",
         description="Top-1 accuracy of kNN voting rules for k = 1..k_max.")
     parser.add_argument(

@@ -32,29 +32,19 @@ from collections.abc import Sequence
 from memory import storage
 from memory.explain import Prediction
 from memory.voting import VotingParams, VotingRule
+from pipelines.cli_args import EXIT_USAGE, RaisingArgumentParser, UsageError
 
 __all__ = ["build_parser", "main", "render_html", "render_text"]
 
-EXIT_USAGE = 2
 _TOP_SCORES = 5
 _THUMB_PX = 128
-
-
-class UsageError(Exception):
-    """A bad flag or input; reported with exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-
-    def error(self, message: str):  # Raise instead of sys.exit: main returns its status.
-        raise UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``vmem classify`` argument parser."""
     allowed = ", ".join(r.value for r in VotingRule)
     defaults = VotingParams()
-    parser = _Parser(prog="vmem classify",
+    parser = RaisingArgumentParser(prog="vmem classify",
                      description="Classify images by their nearest neighbours in a visual memory.")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (local paths or gs://)")
     parser.add_argument("--memory", required=True, help="memory directory (local or gs://)")

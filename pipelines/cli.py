@@ -23,6 +23,8 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from pipelines.cli_args import EXIT_USAGE, UsageError
+
 COMMANDS = {
     "prepare-data": "write a bundled dataset as ImageFolders of PNG files",
     "build": "build a visual memory from images (Beam job)",
@@ -33,10 +35,6 @@ COMMANDS = {
     "forget": "remove entries from a memory at once (exact unlearning; physically gone after reindex)",
     "vote": "recompute accuracy per voting rule and k from stored neighbour lists",
 }
-
-
-class UsageError(ValueError):
-    """A bad command-line value; the message names it and the fix."""
 
 
 def _usage() -> str:
@@ -180,7 +178,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if os.environ.get("VMEM_DEBUG"):
             raise
         print(f"vmem {command}: error: {e}\n(set VMEM_DEBUG=1 for the traceback)", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -29,24 +29,14 @@ import sys
 import time
 from collections.abc import Sequence
 
+from pipelines.cli_args import EXIT_USAGE, RaisingArgumentParser, UsageError
+
 __all__ = ["build_parser", "main", "read_ids_file"]
-
-EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """A bad flag or input; reported with exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-
-    def error(self, message: str):  # Raise instead of sys.exit: main returns its status.
-        raise UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``vmem forget`` argument parser."""
-    parser = _Parser(
+    parser = RaisingArgumentParser(
         prog="vmem forget",
         description="Forget entries of a visual memory (exact: searches behave as if they were never added).",
         epilog="Embeddings are physically deleted only after `vmem reindex` rewrote their shards (and the "

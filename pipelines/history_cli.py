@@ -19,24 +19,14 @@ import json
 import sys
 from collections.abc import Sequence
 
+from pipelines.cli_args import EXIT_USAGE, RaisingArgumentParser, UsageError
+
 __all__ = ["build_parser", "format_table", "main"]
-
-EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """A bad flag; reported with exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-
-    def error(self, message: str):  # Raise instead of sys.exit: main returns its status.
-        raise UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``vmem history`` argument parser."""
-    parser = _Parser(prog="vmem history", description="List the versions of a visual memory, oldest first.")
+    parser = RaisingArgumentParser(prog="vmem history", description="List the versions of a visual memory, oldest first.")
     parser.add_argument("memory", help="memory directory (local or gs://)")
     parser.add_argument("--json", action="store_true", help="print the records (with full change details) as JSON")
     return parser

@@ -7,6 +7,7 @@
     vmem vote --neighbors FILE --output DIR [--k-max K]
     vmem classify --memory MEMORY IMAGE... [--rule rank] [--k 10] [--explain] [--html FILE]
     vmem history MEMORY [--json]
+    vmem reindex --memory MEMORY [--if-needed] [--target-shard-size N] [Beam flags...]
     vmem forget --memory MEMORY (--ids FILE | --label NAME | --source-prefix URI) [--purge-history]
 
 Heavy imports (TensorFlow, Beam) happen inside the command that needs them, so ``vmem info`` and
@@ -32,6 +33,7 @@ COMMANDS = {
     "evaluate": "classify a held-out split against a memory; accuracy per voting rule and k (Beam job)",
     "classify": "classify images, optionally explaining each decision by its neighbours",
     "history": "list a memory's versions and what changed in each",
+    "reindex": "fold delta shards in and drop forgotten rows; rebuild only changed shards (Beam job)",
     "forget": "remove entries from a memory at once (exact unlearning; physically gone after reindex)",
     "vote": "recompute accuracy per voting rule and k from stored neighbour lists",
 }
@@ -151,13 +153,19 @@ def cmd_forget(argv: Sequence[str]) -> int:
     return forget_main(list(argv))
 
 
+def cmd_reindex(argv: Sequence[str]) -> int:
+    from pipelines.reindex import main as reindex_main
+    return reindex_main(list(argv))  # Its own exit codes: 0 published, 10 nothing to do, 1 failure, 2 usage.
+
+
 def cmd_vote(argv: Sequence[str]) -> int:
     from evaluation.vote_cli import main as vote_main
     return vote_main(list(argv))
 
 
 _HANDLERS = {"prepare-data": cmd_prepare_data, "build": cmd_build, "info": cmd_info, "evaluate": cmd_evaluate,
-             "vote": cmd_vote, "classify": cmd_classify, "history": cmd_history, "forget": cmd_forget}
+             "vote": cmd_vote, "classify": cmd_classify, "history": cmd_history, "forget": cmd_forget,
+             "reindex": cmd_reindex}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

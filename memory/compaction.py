@@ -1,0 +1,282 @@
+"""Planning a re-index (compaction) of a living memory: pure functions over a manifest, no Beam.
+
+A re-index folds the delta shards into the main shards and drops forgotten rows physically. It rewrites
+only what changed: with an unchanged shard count, a main shard that holds no forgotten row and receives no
+delta row is *reused* as it is (same directory, same ShardInfo) in the new version; every other target
+shard is *rebuilt* into a fresh directory. The Beam job (pipelines/reindex.py) executes the plan.
+
+Why reuse is exact: main shards are hash partitions (entry ``id`` lives in shard
+``shard_for_id(id, num_shards)``), so target shard ``t`` of the new version is exactly the live rows of old
+main shard ``t`` plus the delta rows hashing to ``t``. `plan_reindex` verifies the partition invariant
+before it reuses anything, and rebuilds every shard when a shard holds an id that hashes elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from memory.index import IndexConfig
+from memory.manifest import Manifest, ShardInfo
+from memory.sharding import shard_for_id, shard_name
+
+__all__ = ["ReindexPlan", "TargetShard", "delta_fraction", "forgotten_fraction", "index_config_of",
+           "needs_reindex", "orphan_reindex_dirs", "plan_reindex", "reindex_dir", "target_shard_count"]
+
+REINDEX_SHARDS_DIR = "shards"
+# shards/r000007-1a2b3c4d: the directory of the shards a re-index to version 7 rebuilt (job token after '-').
+_REINDEX_DIR_RE = re.compile(r"^r(\d{6,})-[A-Za-z0-9]+$")
+
+
+def target_shard_count(live: int, *, target_shard_size: int | None, current: int) -> int:
+    """Number of main shards after the re-index.
+
+    Args:
+      live: Live entries (Manifest.total).
+      target_shard_size: Desired entries per shard; None keeps ``current``.
+      current: The current number of main shards.
+
+    Returns:
+      ``max(1, ceil(live / target_shard_size))``, or ``current`` when no size is given.
+    """
+    if target_shard_size is None:
+        return max(1, int(current))
+    if isinstance(target_shard_size, bool) or not isinstance(target_shard_size, int) or target_shard_size < 1:
+        raise ValueError(f"target_shard_size must be None or an int >= 1, got {target_shard_size!r}")
+    return max(1, math.ceil(int(live) / target_shard_size))
+
+
+def delta_fraction(manifest: Manifest) -> float:
+    """Rows in delta shards / live entries (inf when there are delta rows but no live entry)."""
+    delta = sum(s.count for s in manifest.delta_shards)
+    if delta == 0:
+        return 0.0
+    return delta / manifest.total if manifest.total else math.inf
+
+
+def forgotten_fraction(manifest: Manifest) -> float:
+    """Forgotten rows still stored / rows stored (main + delta)."""
+    forgotten = manifest.forgotten.count if manifest.forgotten else 0
+    return forgotten / manifest.physical_total if manifest.physical_total else 0.0
+
+
+def needs_reindex(manifest: Manifest, *, delta_threshold: float, forgotten_threshold: float,
+                  target_shards: int | None = None, purge_requested: bool = False) -> tuple[bool, str]:
+    """Whether a re-index is worth running now, and why (or why not).
+
+    A re-index is needed when the delta fraction (delta rows / live entries) exceeds ``delta_threshold``,
+    when the forgotten fraction (forgotten rows / stored rows) exceeds ``forgotten_threshold``, when the
+    shard count must change, or when a forget asked for physical deletion (``--purge-history``) and
+    forgotten rows are still stored: that request is only honoured by a re-index, so waiting for a
+    threshold would keep the embeddings indefinitely.
+
+    Args:
+      manifest: The latest version.
+      delta_threshold: Fraction in [0, inf).
+      forgotten_threshold: Fraction in [0, 1].
+      target_shards: The shard count the re-index would produce (None: unchanged).
+      purge_requested: memory.mutations.purge_requested_since_reindex(root).
+
+    Returns:
+      (needed, human-readable reason naming the measured fractions and the thresholds).
+    """
+    for name, value in (("delta_threshold", delta_threshold), ("forgotten_threshold", forgotten_threshold)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    delta = sum(s.count for s in manifest.delta_shards)
+    forgotten = manifest.forgotten.count if manifest.forgotten else 0
+    df, ff = delta_fraction(manifest), forgotten_fraction(manifest)
+    measured = (f"delta fraction {df:.4f} ({delta} delta rows / {manifest.total} live entries; threshold "
+                f"{delta_threshold:g}), forgotten fraction {ff:.4f} ({forgotten} forgotten rows / "
+                f"{manifest.physical_total} stored rows; threshold {forgotten_threshold:g})")
+    reasons = []
+    if df > delta_threshold:
+        reasons.append("delta fraction above its threshold")
+    if ff > forgotten_threshold:
+        reasons.append("forgotten fraction above its threshold")
+    if target_shards is not None and target_shards != len(manifest.shards):
+        reasons.append(f"shard count changes from {len(manifest.shards)} to {target_shards}")
+    if purge_requested and forgotten:
+        reasons.append("a forget requested --purge-history and forgotten rows are still stored")
+    if reasons:
+        return True, "; ".join(reasons) + f": {measured}"
+    return False, f"nothing to do: {measured}"
+
+
+def index_config_of(manifest: Manifest) -> IndexConfig:
+    """The IndexConfig the memory was built with.
+
+    ``build_config["index"]`` (the Beam build, configs.build.BuildConfig.to_dict) or
+    ``build_config["index_config"]`` (memory.build.build_memory_local); IndexConfig() when neither is
+    recorded.
+    """
+    raw = manifest.build_config.get("index", manifest.build_config.get("index_config"))
+    return IndexConfig.from_dict(raw) if isinstance(raw, dict) else IndexConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetShard:
+    """One main shard of the new version.
+
+    Attributes:
+      index: Shard index in [0, num_shards).
+      name: ``shard-IIIII-of-NNNNN``.
+      reused: The old ShardInfo kept as it is, or None when the shard is rebuilt.
+      reasons: Why a rebuilt shard is rebuilt (e.g. ``"3 forgotten rows"``, ``"12 delta rows"``).
+    """
+    index: int
+    name: str
+    reused: ShardInfo | None
+    reasons: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class ReindexPlan:
+    """What a re-index of one version does.
+
+    Attributes:
+      version: The version the plan was computed from (the publish expects it as parent).
+      num_shards: Main shards after the re-index.
+      targets: One TargetShard per index, in order.
+      sources: Old shards whose rows feed rebuilt targets: changed main shards (all main shards when the
+        shard count changes) and every delta shard.
+      forgotten_rows: Forgotten rows stored in the source shards (all of them: reused shards hold none).
+      delta_rows: Rows of the delta shards (forgotten ones included) folded into the main shards.
+      note: Why every shard is rebuilt even though some could have been reused, or "".
+    """
+    version: int
+    num_shards: int
+    targets: tuple[TargetShard, ...]
+    sources: tuple[ShardInfo, ...]
+    forgotten_rows: int
+    delta_rows: int
+    note: str = ""
+
+    @property
+    def rebuilt(self) -> tuple[int, ...]:
+        return tuple(t.index for t in self.targets if t.reused is None)
+
+    @property
+    def reused(self) -> tuple[int, ...]:
+        return tuple(t.index for t in self.targets if t.reused is not None)
+
+
+def _hash_many(ids: Iterable[str], num_shards: int) -> np.ndarray:
+    ids = list(ids)
+    return np.fromiter((shard_for_id(i, num_shards) for i in ids), dtype=np.int64, count=len(ids))
+
+
+def plan_reindex(manifest: Manifest, *, main_ids: Mapping[str, np.ndarray], forgotten: np.ndarray,
+                 delta_ids: Sequence[np.ndarray] = (), num_shards: int | None = None,
+                 index_config_changed: bool = False) -> ReindexPlan:
+    """Decides which main shards are reused and which are rebuilt.
+
+    A target shard is reused iff the shard count is unchanged, the index config is unchanged, the old main
+    shard at that index holds no forgotten row, no delta row hashes to it, and every old main shard is a
+    proper hash partition (otherwise a rebuilt shard could hold an id that belongs to a reused one).
+
+    Args:
+      manifest: The version to re-index.
+      main_ids: ``{ShardInfo.path: ids stored in that main shard}`` for every main shard.
+      forgotten: The version's tombstoned ids (memory.mutations.read_forgotten).
+      delta_ids: Ids of each delta shard.
+      num_shards: Main shards after the re-index (None: unchanged; see target_shard_count).
+      index_config_changed: The re-index builds with another IndexConfig than the memory's.
+
+    Returns:
+      The ReindexPlan.
+    """
+    old_n = len(manifest.shards)
+    new_n = old_n if num_shards is None else int(num_shards)
+    if new_n < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards!r}")
+    missing = [s.path for s in manifest.shards if s.path not in main_ids]
+    if missing:
+        raise ValueError(f"main_ids lacks the ids of main shard(s) {missing}")
+    gone = np.sort(np.asarray(forgotten, dtype=str)) if len(forgotten) else np.zeros((0,), "<U1")
+
+    def _n_forgotten(ids: np.ndarray) -> int:
+        if not gone.size or not ids.size:
+            return 0
+        pos = np.minimum(np.searchsorted(gone, ids), gone.size - 1)
+        return int((gone[pos] == ids).sum())
+
+    forgotten_in = {s.path: _n_forgotten(np.asarray(main_ids[s.path], dtype=str)) for s in manifest.shards}
+    delta_all = (np.concatenate([np.asarray(d, dtype=str) for d in delta_ids]) if len(delta_ids)
+                 else np.zeros((0,), "<U1"))
+    delta_rows = int(delta_all.size)
+    deltas_to = np.bincount(_hash_many(delta_all.tolist(), new_n), minlength=new_n)
+
+    note = ""
+    if new_n != old_n:
+        note = f"shard count changes from {old_n} to {new_n}"
+    elif index_config_changed:
+        note = "index config changes"
+    else:
+        misplaced = []
+        for i, s in enumerate(manifest.shards):
+            ids = np.asarray(main_ids[s.path], dtype=str)
+            if ids.size and (_hash_many(ids.tolist(), old_n) != i).any():
+                misplaced.append(s.name)
+        if misplaced:
+            note = (f"main shard(s) {misplaced} hold ids that hash to another shard (not a hash partition), so no "
+                    "shard can be reused safely")
+
+    targets = []
+    for t in range(new_n):
+        name = shard_name(t, new_n)
+        if note:
+            targets.append(TargetShard(index=t, name=name, reused=None, reasons=(note,)))
+            continue
+        old = manifest.shards[t]
+        reasons = []
+        if forgotten_in[old.path]:
+            reasons.append(f"{forgotten_in[old.path]} forgotten rows")
+        if deltas_to[t]:
+            reasons.append(f"{int(deltas_to[t])} delta rows")
+        targets.append(TargetShard(index=t, name=name, reused=None if reasons else old, reasons=tuple(reasons)))
+    rebuilt = {t.index for t in targets if t.reused is None}
+    main_sources = [s for i, s in enumerate(manifest.shards) if note or i in rebuilt]
+    sources = tuple(s for s in main_sources + list(manifest.delta_shards) if s.count)
+    total_forgotten = manifest.forgotten.count if manifest.forgotten else 0
+    reused_forgotten = sum(forgotten_in[t.reused.path] for t in targets if t.reused is not None)
+    assert reused_forgotten == 0, "a reused shard must hold no forgotten row"  # By construction above.
+    return ReindexPlan(version=manifest.version, num_shards=new_n, targets=tuple(targets), sources=sources,
+                       forgotten_rows=total_forgotten, delta_rows=delta_rows, note=note)
+
+
+def reindex_dir(version: int, job_token: str) -> str:
+    """``shards/r000007-<token>``: where a re-index publishing ``version`` writes its rebuilt shards."""
+    if not re.fullmatch(r"[A-Za-z0-9]+", job_token or ""):
+        raise ValueError(f"job_token must be letters and digits, got {job_token!r}")
+    return f"{REINDEX_SHARDS_DIR}/r{version:06d}-{job_token}"
+
+
+def orphan_reindex_dirs(children: Iterable[str], *, referenced_paths: Iterable[str], latest: int) -> list[str]:
+    """Re-index directories under ``shards/`` that no version references and no writer can still publish.
+
+    ``shards/rNNNNNN-<token>`` is written by a re-index that publishes version NNNNNN. If NNNNNN <= the
+    latest version and no existing version references a path under it, its re-index crashed or lost a race:
+    version NNNNNN is published by someone else (versions are created exclusively), so nothing will ever
+    reference that directory. Directories for later versions may belong to a re-index still running.
+
+    Args:
+      children: Names directly under ``shards/`` (e.g. storage.list_dir(root/shards)).
+      referenced_paths: Every shard path referenced by an existing version (relative to the root).
+      latest: The latest version number, read before ``referenced_paths``.
+
+    Returns:
+      Sorted root-relative directory paths (``shards/r...``) safe to delete.
+    """
+    used = {p.split("/")[1] for p in referenced_paths
+            if p.startswith(REINDEX_SHARDS_DIR + "/") and p.count("/") >= 2}
+    out = []
+    for name in children:
+        m = _REINDEX_DIR_RE.match(name)
+        if m and int(m.group(1)) <= latest and name not in used:
+            out.append(f"{REINDEX_SHARDS_DIR}/{name}")
+    return sorted(out)

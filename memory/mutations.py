@@ -471,6 +471,7 @@ def purge_history(root: str, *, expected_version: int | None = None) -> list[int
     Returns:
       The purged version numbers (ascending; [] when nothing needed purging, and then nothing is published).
     """
+    _finish_interrupted_purges(root)
     versions = list_versions(root)
     if len(versions) < 2:
         return []
@@ -498,6 +499,31 @@ def purge_history(root: str, *, expected_version: int | None = None) -> list[int
         storage.remove_tree(storage.join(root, rel))
         _remove_empty_parents(root, rel)
     return purged
+
+
+def _finish_interrupted_purges(root: str) -> list[str]:
+    """Completes the deletions of earlier purges that were killed after publishing their record.
+
+    A purge publishes the list of what it will delete before deleting anything, so a purge killed halfway
+    leaves a record naming the leftovers. Those paths are unreferenced by every remaining version (paths are
+    never reused), and they may still hold forgotten embeddings: delete whatever of them still exists.
+    Returns the relative paths deleted now.
+    """
+    versions = [read_version(root, n) for n in list_versions(root)]
+    referenced = set().union(*(_all_paths(m) for m in versions)) if versions else set()
+    finished = []
+    for m in versions:
+        if m.change.get("kind") != "purge":
+            continue
+        for n in m.change.get("purged_versions", []):
+            if storage.exists(version_path(root, n)):
+                storage.remove_tree(version_path(root, n))
+        for rel in m.change.get("deleted_paths", []):
+            if rel not in referenced and storage.exists(storage.join(root, rel)):
+                storage.remove_tree(storage.join(root, rel))
+                _remove_empty_parents(root, rel)
+                finished.append(rel)
+    return finished
 
 
 def _remove_empty_parents(root: str, rel: str) -> None:

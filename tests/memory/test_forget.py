@@ -310,3 +310,32 @@ def test_purge_after_reindex_deletes_old_versions_and_files(memory):
     np.testing.assert_array_equal(VisualMemory.open(root).search(x[:10], 130).ids, expected.ids)
     assert mutations.purge_history(root) == []  # Nothing left to purge: nothing published.
     assert list_versions(root) == [5, 6]
+
+
+def test_purge_killed_halfway_is_finished_by_the_next_purge(memory, monkeypatch):
+    """A purge publishes what it will delete first; if killed mid-deletion, the next purge deletes the rest."""
+    root, ids, labels, uris, x = memory
+    mutations.forget(root, ids=[ids[0]], request_purge=True)
+    _reindex(root)
+    real_remove = mutations.storage.remove_tree
+    calls = []
+
+    def dying_remove(path):
+        calls.append(path)
+        if len(calls) > 2:
+            raise KeyboardInterrupt("killed mid-purge")
+        real_remove(path)
+
+    monkeypatch.setattr(mutations.storage, "remove_tree", dying_remove)
+    with pytest.raises(KeyboardInterrupt):
+        mutations.purge_history(root)
+    monkeypatch.setattr(mutations.storage, "remove_tree", real_remove)
+    deleted = history(root)[-1]["change"]["deleted_paths"]
+    assert any(os.path.exists(os.path.join(root, rel)) for rel in deleted)  # Leftovers with forgotten rows.
+    mutations.purge_history(root)
+    for rel in deleted:
+        assert not os.path.exists(os.path.join(root, rel))
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                assert ids[0].encode() not in f.read() or name.endswith(".json"), os.path.join(dirpath, name)

@@ -6,6 +6,7 @@
     vmem evaluate --memory MEMORY --images SPEC --output DIR [--k-max 100] [Beam flags...]
     vmem vote --neighbors FILE --output DIR [--k-max K]
     vmem classify --memory MEMORY IMAGE... [--rule rank] [--k 10] [--explain] [--html FILE]
+    vmem add --memory MEMORY --images SPEC [--delta-shard-size N] [Beam flags...]
     vmem history MEMORY [--json]
     vmem reindex --memory MEMORY [--if-needed] [--target-shard-size N] [Beam flags...]
     vmem forget --memory MEMORY (--ids FILE | --label NAME | --source-prefix URI) [--purge-history]
@@ -32,6 +33,7 @@ COMMANDS = {
     "info": "describe a built memory",
     "evaluate": "classify a held-out split against a memory; accuracy per voting rule and k (Beam job)",
     "classify": "classify images, optionally explaining each decision by its neighbours",
+    "add": "add labelled images (new classes too) as delta shards of a new version (Beam job)",
     "history": "list a memory's versions and what changed in each",
     "reindex": "fold delta shards in and drop forgotten rows; rebuild only changed shards (Beam job)",
     "forget": "remove entries from a memory at once (exact unlearning; physically gone after reindex)",
@@ -153,6 +155,11 @@ def cmd_forget(argv: Sequence[str]) -> int:
     return forget_main(list(argv))
 
 
+def cmd_add(argv: Sequence[str]) -> int:
+    from pipelines.add import main as add_main
+    return add_main(list(argv))
+
+
 def cmd_reindex(argv: Sequence[str]) -> int:
     from pipelines.reindex import main as reindex_main
     return reindex_main(list(argv))  # Its own exit codes: 0 published, 10 nothing to do, 1 failure, 2 usage.
@@ -165,7 +172,7 @@ def cmd_vote(argv: Sequence[str]) -> int:
 
 _HANDLERS = {"prepare-data": cmd_prepare_data, "build": cmd_build, "info": cmd_info, "evaluate": cmd_evaluate,
              "vote": cmd_vote, "classify": cmd_classify, "history": cmd_history, "forget": cmd_forget,
-             "reindex": cmd_reindex}
+             "reindex": cmd_reindex, "add": cmd_add}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,0 +1,1 @@
+"""Runnable, documented examples (python -m evaluation.examples.<name>)."""

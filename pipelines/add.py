@@ -1,0 +1,449 @@
+"""The add job: embed new images with a memory's own encoder and publish them as delta shards (a new version).
+
+Local (in-process runner)::
+
+    vmem add --memory out/fmnist-memory --images data/new-images
+
+Local with two worker processes::
+
+    vmem add --memory out/fmnist-memory --images data/new-images \\
+        --direct_running_mode=multi_processing --direct_num_workers=2
+
+Dataflow (ship the code with setup.py, as for ``vmem build``)::
+
+    vmem add --memory gs://BUCKET/memories/in1k --images gs://BUCKET/new-classes \\
+        --runner=DataflowRunner --project=PROJECT --region=us-central1 \\
+        --temp_location=gs://BUCKET/tmp --setup_file=./setup.py
+
+The graph::
+
+    ReadImages ─► RejectKnownIds ─► DecodeImages ─► EmbedImages ─► WriteDeltaShards ─► PublishAdd (last, once)
+        │              │                 │              │               │
+        └──────────────┴─────────────────┴──────────────┴───────────────┴── failures ─► dead_letter/add-vNNNNNN/
+
+The launcher reads the memory's latest version n once. Images are decoded with the memory's preprocessing
+and embedded with the memory's own encoder (``manifest.build_config["encoder"]``); a worker that ran a
+different encoder (name, content hash or dim) fails the job before anything is published. Ids already live
+in version n, ids forgotten but still physically present (until ``vmem reindex``) and ids given twice in
+this add become dead letters (reasons ``duplicate_id`` / ``forgotten_id``), never a failed job. Entries are
+grouped by a stable hash of their id into ``max(1, ceil(entries / --delta-shard-size))`` brute-force delta
+shards under ``deltas/v{n+1:06d}-<job id>/``, and one final step publishes version n+1 with the memory's
+class names extended append-only (old label indices never change). If someone else published meanwhile,
+the job fails with ConcurrentUpdateError and nothing is published: re-run it. Added entries are searched
+exactly (brute force) at once by ``VisualMemory``, ``vmem classify`` and ``vmem evaluate``.
+
+Anything that is not an add flag is passed to Beam's PipelineOptions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import secrets
+import sys
+import time
+from typing import NamedTuple, Optional, Sequence
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.utils import shared
+
+from encoders.base import EncoderSpec, resolve_preprocess
+from memory import storage
+from memory.manifest import Manifest, ManifestError, ShardInfo
+from memory.mutations import (DuplicateIdError, extended_class_names, live_ids, publish_add, read_forgotten,
+                              write_delta_shard)
+from memory.sharding import shard_for_id
+from memory.versions import ConcurrentUpdateError, latest_version, read_version
+from pipelines.build import with_default_runner
+from pipelines.embed import DecodeImages, EmbedImages
+from pipelines.readers import FAILED_TAG, ImageSource, ReadImages, _failed, parse_image_spec
+from pipelines.records import EmbeddedImage, ImageRecord, Stage
+from pipelines.write import DEAD_LETTER_DIR, entries_to_shard_data
+
+_LOG = logging.getLogger("visual_memory")
+_NAMESPACE = "visual_memory"
+DEFAULT_DELTA_SHARD_SIZE = 50_000
+_IDENTITY_KEYS = ("name", "content_hash", "dim")
+
+__all__ = ["AddError", "AddPlan", "DEFAULT_DELTA_SHARD_SIZE", "PublishAdd", "RejectKnownIds", "WriteDeltaShards",
+           "build_arg_parser", "launch", "main", "plan_add", "run"]
+
+
+class AddError(RuntimeError):
+    """The add cannot publish a meaningful version (the message says why and what to do)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AddPlan:
+    """What the launcher decided once, before the graph runs (plain picklable values).
+
+    Attributes:
+      root: Memory root.
+      base_version: The version n read at launch; the add publishes n + 1 or fails.
+      job_id: Random token making this add's file paths unique (two racing adds never share a path).
+      encoder: The memory's own EncoderSpec.
+      encoder_identity: The memory's recorded encoder identity (what the workers must reproduce).
+      class_names: Class names of version n (new names are appended after them).
+    """
+    root: str
+    base_version: int
+    job_id: str
+    encoder: EncoderSpec
+    encoder_identity: dict
+    class_names: tuple[str, ...]
+
+    @property
+    def new_version(self) -> int:
+        return self.base_version + 1
+
+    @property
+    def version_tag(self) -> str:
+        """Directory of this add's delta shards under ``deltas/``."""
+        return f"v{self.new_version:06d}-{self.job_id}"
+
+    @property
+    def dead_letter_dir(self) -> str:
+        return storage.join(self.root, DEAD_LETTER_DIR, f"add-v{self.new_version:06d}")
+
+
+def memory_encoder_spec(manifest: Manifest) -> EncoderSpec:
+    """The EncoderSpec a memory was built with (its build config records it)."""
+    encoder = manifest.build_config.get("encoder")
+    if not encoder:
+        raise AddError("the memory's manifest records no encoder spec (build_config.encoder), so new images cannot "
+                       "be embedded like the old ones; rebuild the memory with `vmem build`.")
+    return EncoderSpec.from_dict(encoder)
+
+
+def plan_add(root: str, *, job_id: str | None = None) -> AddPlan:
+    """Reads the memory's latest version once and fixes everything the graph needs."""
+    root = root.rstrip("/") or root
+    n = latest_version(root)
+    manifest = read_version(root, n)
+    return AddPlan(root=root, base_version=n, job_id=job_id or secrets.token_hex(4),
+                   encoder=memory_encoder_spec(manifest), encoder_identity=dict(manifest.encoder),
+                   class_names=tuple(manifest.class_names))
+
+
+def check_same_identity(memory_identity: dict, worker_identity_json: str) -> None:
+    """Refuses entries embedded by an encoder other than the memory's (name, content hash or dim)."""
+    worker = json.loads(worker_identity_json)
+    if any(memory_identity.get(k) != worker.get(k) for k in _IDENTITY_KEYS):
+        mem = {k: memory_identity.get(k) for k in _IDENTITY_KEYS}
+        got = {k: worker.get(k) for k in _IDENTITY_KEYS}
+        raise AddError(
+            f"the new images were embedded by encoder {got} but the memory was built with {mem} (its files changed "
+            "since the build?); mixing encoders makes distances meaningless. Restore the memory's encoder files "
+            "or build a new memory. Nothing was published.")
+
+
+class _KnownIds:
+    """Sorted ids of a version: live ones and forgotten-but-present ones (weak-referenceable for Shared)."""
+
+    def __init__(self, live: np.ndarray, forgotten: np.ndarray):
+        self.live = np.sort(live.astype(str)) if live.size else live
+        self.forgotten = np.sort(forgotten.astype(str)) if forgotten.size else forgotten
+
+    @classmethod
+    def load(cls, root: str, version: int) -> "_KnownIds":
+        return cls(live_ids(root, version=version), read_forgotten(root, read_version(root, version)))
+
+    @staticmethod
+    def _has(sorted_ids: np.ndarray, entry_id: str) -> bool:
+        if not sorted_ids.size:
+            return False
+        pos = int(np.searchsorted(sorted_ids, entry_id))
+        return pos < sorted_ids.size and sorted_ids[pos] == entry_id
+
+
+class _RejectKnownIdsFn(beam.DoFn):
+    def __init__(self, root: str, version: int, shared_handle: shared.Shared):
+        self._root = root
+        self._version = version
+        self._shared = shared_handle
+
+    def setup(self):
+        # The memory's ids are read on the worker (never pickled into the graph: 1M ids would exceed
+        # Dataflow's job-graph limit), once per worker process.
+        self._known = self._shared.acquire(lambda: _KnownIds.load(self._root, self._version),
+                                           tag=f"{self._root}/v{self._version}/known-ids")
+
+    def process(self, record: ImageRecord):
+        if _KnownIds._has(self._known.live, record.id):
+            yield _failed(record.id, record.uri, "duplicate_id",
+                          f"id is already live in version {self._version} of {self._root}; forget it first to "
+                          "replace it, or add the image under another id", Stage.READ)
+        elif _KnownIds._has(self._known.forgotten, record.id):
+            yield _failed(record.id, record.uri, "forgotten_id",
+                          f"id was forgotten but is still physically present in version {self._version} until "
+                          "`vmem reindex`; re-index first, or add the image under another id", Stage.READ)
+        else:
+            yield record
+
+
+class RejectKnownIds(beam.PTransform):
+    """ImageRecord -> (records with new ids, FailedRecords for ids the memory already holds)."""
+
+    def __init__(self, root: str, version: int):
+        super().__init__()
+        self._root = root
+        self._version = version
+
+    def expand(self, records):
+        results = records | "CheckIds" >> beam.ParDo(
+            _RejectKnownIdsFn(self._root, self._version, shared.Shared())).with_outputs(FAILED_TAG, main="records")
+        return results.records, results[FAILED_TAG]
+
+
+class _WriteDeltaShardFn(beam.DoFn):
+    def __init__(self, plan: AddPlan):
+        self._plan = plan
+        self._written = Metrics.counter(_NAMESPACE, "entries_added")
+
+    def process(self, element, class_names, count, identities):
+        for identity in identities:
+            # Checked before writing, so a wrong encoder leaves no delta shard behind.
+            check_same_identity(self._plan.encoder_identity, identity)
+        index, entries = element
+        class_index = {name: i for i, name in enumerate(class_names)}
+        # Ids given twice in this add: keep the first by uri (deterministic), dead-letter the rest.
+        unique: dict[str, EmbeddedImage] = {}
+        for entry in sorted(entries, key=lambda e: (e.id, e.uri)):
+            if entry.id in unique:
+                yield _failed(entry.id, entry.uri, "duplicate_id",
+                              f"id given twice in this add; kept {unique[entry.id].uri}", Stage.EMBED)
+            else:
+                unique[entry.id] = entry
+        data = entries_to_shard_data(list(unique.values()), class_index)
+        info = write_delta_shard(self._plan.root, data, version_tag=self._plan.version_tag, index=index, count=count)
+        self._written.inc(info.count)
+        _LOG.info("wrote delta shard %s: %d entries", info.name, info.count)
+        yield info
+
+
+class WriteDeltaShards(beam.PTransform):
+    """EmbeddedImage -> ShardInfo of each written delta shard (plus FailedRecords for repeated ids).
+
+    The number of delta shards is ``max(1, ceil(entries / target_size))``; an entry goes to
+    ``shard_for_id(id, count)`` so that one worker writes one delta shard and a retried bundle rewrites the same
+    bytes. Labels map through ``class_names`` (a side input: old names, then new ones).
+    """
+
+    def __init__(self, plan: AddPlan, *, target_size: int, class_names, identities):
+        super().__init__()
+        self._plan = plan
+        self._target = target_size
+        self._class_names = class_names
+        self._identities = identities
+
+    def expand(self, entries):
+        target = self._target
+        count = (entries
+                 | "CountEntries" >> beam.combiners.Count.Globally()
+                 | "DeltaShardCount" >> beam.Map(lambda n: max(1, math.ceil(n / target))))
+        results = (
+            entries
+            | "KeyByDeltaShard" >> beam.Map(lambda e, c: (shard_for_id(e.id, c), e),
+                                            c=beam.pvalue.AsSingleton(count))
+            | "GroupByDeltaShard" >> beam.GroupByKey()
+            | "WriteDeltaShard" >> beam.ParDo(
+                _WriteDeltaShardFn(self._plan), class_names=beam.pvalue.AsSingleton(self._class_names),
+                count=beam.pvalue.AsSingleton(count), identities=beam.pvalue.AsList(self._identities),
+            ).with_outputs(FAILED_TAG, main="infos"))
+        return results.infos, results[FAILED_TAG]
+
+
+class AddCounts(NamedTuple):
+    read: int
+    added: int
+    failed: int
+
+
+def check_counts(*, infos: Sequence[ShardInfo], records_read: int, failed: int, dead_letter_dir: str) -> AddCounts:
+    """read == added + failed, and something to add; raises AddError otherwise (nothing is published)."""
+    added = sum(info.count for info in infos)
+    if records_read != added + failed:
+        raise AddError(f"bookkeeping mismatch: read {records_read} != added {added} + failed {failed}; nothing "
+                       "was published.")
+    if not added:
+        raise AddError(f"nothing to add: all {records_read} record(s) failed or were rejected; see the reasons in "
+                       f"{dead_letter_dir}/. Nothing was published.")
+    return AddCounts(read=records_read, added=added, failed=failed)
+
+
+class _PublishAddFn(beam.DoFn):
+    def __init__(self, plan: AddPlan):
+        self._plan = plan
+
+    def process(self, unused, infos, identities, class_names, records_read, failed, dead_letter_files):
+        plan = self._plan
+        for identity in identities:
+            check_same_identity(plan.encoder_identity, identity)
+        counts = check_counts(infos=infos, records_read=records_read, failed=failed,
+                              dead_letter_dir=plan.dead_letter_dir)
+        infos = sorted((i for i in infos if i.count), key=lambda i: i.name)
+        # ConcurrentUpdateError propagates: the job fails with its message and nothing is published.
+        manifest = publish_add(plan.root, delta_infos=infos, new_class_names=class_names,
+                               expected_version=plan.base_version, counts=counts._asdict())
+        _LOG.info("published version %d of %s: added %d entries in %d delta shard(s), new classes %s; %d failed "
+                  "(%s)", manifest.version, plan.root, counts.added, len(infos), manifest.change["new_classes"],
+                  counts.failed, sorted(dead_letter_files))
+        yield manifest
+
+
+class PublishAdd(beam.PTransform):
+    """Publishes version n+1 once, after every delta shard and dead letter is written (side inputs order it)."""
+
+    def __init__(self, plan: AddPlan, *, identities, class_names, records_read, failed, dead_letter_files):
+        super().__init__()
+        self._plan = plan
+        self._side = dict(identities=identities, class_names=class_names, records_read=records_read,
+                          failed=failed, dead_letter_files=dead_letter_files)
+
+    def expand(self, infos):
+        s = self._side
+        return (infos.pipeline
+                | "Once" >> beam.Create([None])
+                | "Publish" >> beam.ParDo(
+                    _PublishAddFn(self._plan), infos=beam.pvalue.AsList(infos),
+                    identities=beam.pvalue.AsList(s["identities"]),
+                    class_names=beam.pvalue.AsSingleton(s["class_names"]),
+                    records_read=beam.pvalue.AsSingleton(s["records_read"]),
+                    failed=beam.pvalue.AsSingleton(s["failed"]),
+                    dead_letter_files=beam.pvalue.AsList(s["dead_letter_files"])))
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vmem add", description=__doc__.split("\n")[0],
+                                     epilog="Other flags are Beam pipeline options (--runner, --project, ...).")
+    parser.add_argument("--memory", required=True, help="an existing memory (local or gs://); gets a new version")
+    parser.add_argument("--images", required=True,
+                        help="new labelled images: ImageFolder DIR (DIR/<class>/<image>; ids are paths relative to "
+                             "DIR), tfrecord:PATTERN or manifest:FILE.csv|.jsonl; local or gs://")
+    parser.add_argument("--delta-shard-size", type=int, default=DEFAULT_DELTA_SHARD_SIZE,
+                        help=f"target entries per delta shard (default {DEFAULT_DELTA_SHARD_SIZE}); delta shards are "
+                             "searched by brute force until `vmem reindex` folds them in")
+    parser.add_argument("--min-batch-size", type=int, default=None, help="RunInference batch bounds (default: the "
+                                                                          "memory's build config)")
+    parser.add_argument("--max-batch-size", type=int, default=None)
+    return parser
+
+
+def add_pipeline(p: beam.Pipeline, *, plan: AddPlan, source: ImageSource, target_size: int, min_batch_size: int,
+                 max_batch_size: int, progress_every: int) -> None:
+    """Adds the add graph to ``p``."""
+    preprocess = resolve_preprocess(plan.encoder)
+    read, read_failures = p | "ReadImages" >> ReadImages(source)
+    records, id_failures = read | "RejectKnownIds" >> RejectKnownIds(plan.root, plan.base_version)
+    images, decode_failures = records | "DecodeImages" >> DecodeImages(preprocess)
+    entries, embed_failures, identities = images | "EmbedImages" >> EmbedImages(
+        plan.encoder, min_batch_size=min_batch_size, max_batch_size=max_batch_size, progress_every=progress_every)
+    old = plan.class_names
+    class_names = (entries
+                   | "Labels" >> beam.Map(lambda e: e.label)
+                   | "DistinctLabels" >> beam.Distinct()
+                   | "CollectLabels" >> beam.combiners.ToList()
+                   | "ExtendClassNames" >> beam.Map(lambda labels: list(extended_class_names(old, labels))))
+    infos, write_failures = entries | "WriteDeltaShards" >> WriteDeltaShards(
+        plan, target_size=target_size, class_names=class_names, identities=identities)
+    failures = ((read_failures, id_failures, decode_failures, embed_failures, write_failures)
+                | "AllFailures" >> beam.Flatten())
+    dead_letter_files = (failures
+                         | "DeadLetterJson" >> beam.Map(lambda f: f.to_json())
+                         | "WriteDeadLetters" >> beam.io.WriteToText(
+                             storage.join(plan.dead_letter_dir, f"failed-{plan.job_id}"), file_name_suffix=".jsonl"))
+    records_read = ((read, read_failures) | "AllRead" >> beam.Flatten()
+                    | "CountRead" >> beam.combiners.Count.Globally())
+    failed = failures | "CountFailed" >> beam.combiners.Count.Globally()
+    _ = infos | "PublishAdd" >> PublishAdd(plan, identities=identities, class_names=class_names,
+                                           records_read=records_read, failed=failed,
+                                           dead_letter_files=dead_letter_files)
+
+
+def _cause(error: BaseException, kinds: tuple[type, ...]) -> BaseException | None:
+    """The first exception of ``kinds`` in ``error``'s cause/context chain (runners wrap DoFn errors)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, kinds):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+_USER_ERRORS = (ConcurrentUpdateError, DuplicateIdError, AddError, ManifestError)
+
+
+def launch(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipeline] = None
+           ) -> tuple[beam.runners.runner.PipelineResult, AddPlan]:
+    """Like :func:`run`, also returning the :class:`AddPlan` (base version, job id, paths) it ran."""
+    args, beam_args = build_arg_parser().parse_known_args(argv)
+    if args.delta_shard_size < 1:
+        raise ValueError(f"--delta-shard-size must be >= 1, got {args.delta_shard_size}.")
+    source = parse_image_spec(args.images)
+    plan = plan_add(args.memory)
+    build_config = read_version(plan.root, plan.base_version).build_config
+    min_batch = args.min_batch_size or int(build_config.get("min_batch_size", 16))
+    max_batch = max(min_batch, args.max_batch_size or int(build_config.get("max_batch_size", 64)))
+    p = test_pipeline or beam.Pipeline(options=PipelineOptions(with_default_runner(beam_args)))
+    add_pipeline(p, plan=plan, source=source, target_size=args.delta_shard_size, min_batch_size=min_batch,
+                 max_batch_size=max_batch, progress_every=int(build_config.get("progress_every", 200)))
+    try:
+        result = p.run()
+        result.wait_until_finish()
+    except Exception as e:  # Runners wrap DoFn errors in their own types; surface ours unchanged.
+        cause = _cause(e, _USER_ERRORS)
+        if cause is not None and cause is not e:
+            raise type(cause)(str(cause)) from e
+        raise
+    return result, plan
+
+
+def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipeline] = None
+        ) -> beam.runners.runner.PipelineResult:
+    """Parses ``argv`` (add flags + Beam flags), builds the add graph and runs it to completion.
+
+    Raises:
+      ConcurrentUpdateError: another writer published after launch; nothing was published, re-run.
+      AddError: no entry could be added, or the workers ran a different encoder.
+    """
+    return launch(argv, test_pipeline)[0]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``vmem add``: runs the job and prints what was added; returns the exit status (0 ok, 2 error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        build_arg_parser().print_help()
+        return 0
+    start = time.monotonic()
+    try:
+        _, plan = launch(argv)
+        manifest = read_version(plan.root, plan.new_version)
+    except (*_USER_ERRORS, ValueError, FileNotFoundError) as e:
+        print(f"vmem add: error: {e}", file=sys.stderr)
+        return 2
+    elapsed = time.monotonic() - start
+    change = manifest.change
+    c = change.get("counts", {})
+    deltas = [s for s in manifest.delta_shards if s.path.startswith(f"deltas/{plan.version_tag}/")]
+    new = change.get("new_classes") or []
+    print(f"added {change['added']} entries to {plan.root} in {len(deltas)} delta shard(s): version "
+          f"{manifest.version} (parent {manifest.parent}); {manifest.total} live entries, "
+          f"{len(manifest.class_names)} classes")
+    print(f"new classes  {len(new)}: {', '.join(new) if new else '(none)'}")
+    print(f"read {c.get('read')}, added {c.get('added')}, failed {c.get('failed')}; {elapsed:.1f}s "
+          f"({c.get('read', 0) / max(elapsed, 1e-9):.1f} images/s)")
+    print(f"failed records (with reasons): {plan.dead_letter_dir}/" if c.get("failed") else
+          f"no failed records (dead letters: {plan.dead_letter_dir}/)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

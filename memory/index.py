@@ -180,6 +180,26 @@ class ShardIndex:
         return self._kind
 
     @property
+    def num_leaves_to_search(self) -> int | None:
+        """Leaves probed per query (None for brute force)."""
+        return self._leaves_to_search
+
+    def with_search_params(self, *, leaves_to_search: int | None = None, reorder: int | None = None) -> ShardIndex:
+        """The same searcher (no copy, no rebuild) probing other numbers of leaves / re-ranking more or fewer.
+
+        ScaNN takes both knobs per query batch, so a recall/speed trade-off can be tuned on a built index.
+        Brute-force indexes ignore them.
+        """
+        if leaves_to_search is not None and leaves_to_search < 1:
+            raise ValueError(f"leaves_to_search must be >= 1, got {leaves_to_search}")
+        if reorder is not None and reorder < 1:
+            raise ValueError(f"reorder must be >= 1, got {reorder}")
+        config = self._config if reorder is None else dataclasses.replace(self._config, reorder=reorder)
+        leaves = self._leaves_to_search if leaves_to_search is None else leaves_to_search
+        return ShardIndex(self._searcher, kind=self._kind, size=self._size, dim=self._dim, config=config,
+                          num_leaves_to_search=leaves)
+
+    @property
     def config(self) -> IndexConfig:
         return self._config
 

@@ -8,7 +8,9 @@ shards that is the same answer as a memory built from scratch without the forgot
 
 from __future__ import annotations
 
+import copy
 import io
+import math
 import os
 from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
@@ -29,6 +31,13 @@ if TYPE_CHECKING:
     from encoders.base import Encoder, PreprocessSpec
 
 _PAD_ID = ""
+
+
+def _num_leaves(index: ShardIndex) -> int:
+    """Leaves of a tree+AH shard, as its config resolved them at build time."""
+    return index.config.resolve_leaves(len(index))[0]
+
+
 # Images embedded per encoder call in classify(): bounds the float32 pixel batch held in memory.
 _EMBED_BATCH = 32
 
@@ -133,6 +142,24 @@ class VisualMemory:
                                 f"{int(np.isin(all_ids, forgotten).sum())} of them are in its shards")
         return cls(root, manifest, indices, all_ids, all_labels, np.asarray(offsets, dtype=np.int64),
                    forgotten=forgotten, entry_weights=read_entry_weights(root, manifest))
+
+    def with_search_params(self, *, leaves_fraction: float | None = None, reorder: int | None = None
+                           ) -> VisualMemory:
+        """A view of this memory whose tree+AH shards probe another fraction of their leaves / re-rank more.
+
+        Shares every loaded index (nothing is copied or rebuilt); brute-force shards are unaffected. Use it to
+        trade recall for speed on a built memory (see evaluation/benchmarks/bench_search.py).
+        """
+        if leaves_fraction is not None and not 0.0 < leaves_fraction <= 1.0:
+            raise ValueError(f"leaves_fraction must be in (0, 1], got {leaves_fraction}")
+        view = copy.copy(self)
+        view._indices = [
+            None if ix is None else ix.with_search_params(
+                leaves_to_search=None if leaves_fraction is None or ix.num_leaves_to_search is None
+                else max(1, math.ceil(leaves_fraction * _num_leaves(ix))),
+                reorder=reorder)
+            for ix in self._indices]
+        return view
 
     def __len__(self) -> int:
         """Number of live entries (forgotten ones excluded)."""

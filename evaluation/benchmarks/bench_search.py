@@ -10,7 +10,9 @@ For each dataset one table, all methods measured in this one process on the same
 2. ``scann``: one unsharded `memory.index.ShardIndex` (TREE_AH) over all n vectors.
 3. ``memory``: the same data in ``--shards`` shards (ids hashed by `memory.sharding.shard_for_id`), built
    with `memory.build.build_memory_local` into a temp dir and queried through
-   `memory.visual_memory.VisualMemory.search` (per-shard ScaNN + `memory.merge.merge_topk`).
+   `memory.visual_memory.VisualMemory.search` (per-shard ScaNN + `memory.merge.merge_topk`). Each shard
+   gets leaves/S leaves (the unsharded index's leaf size) and the same training sample; build time
+   includes writing the shard files and opening the memory.
 4. ``faiss ivfpq-fs``: IVF + 4-bit PQ fast-scan + exact float re-ranking (``IVF{nlist},PQ{m}x4fs,RFlat``);
    ``faiss hnsw``: HNSW32 (only up to ``--hnsw-max-n`` points; its build on 1M x 256 takes too long here).
 
@@ -23,16 +25,14 @@ Thread policy (printed): ScaNN searches through ``ShardIndex.search`` -> ``searc
 the memory API has no parallel search), faiss is given the same ``--threads`` (default 1), numpy's
 matmul uses every BLAS thread. The baseline thus gets more cores than the indexes: ratios are conservative.
 
-Missing knob: ``ShardIndex`` fixes leaves-to-search and re-rank depth at build time (``IndexConfig``) and
-neither it nor ``VisualMemory.search`` takes a per-call override, so the sweeps rebind both on the already
-built searchers (`_with_search_params`, and a shallow copy of the opened VisualMemory with rebound shard
-indexes) instead of rebuilding per setting. The memory's own search code path is used unchanged.
+Sweeps tune the built indexes in place through ``ShardIndex.with_search_params`` and
+``VisualMemory.with_search_params`` (same searchers, other leaves-to-search / re-rank depth) instead of
+rebuilding per setting. The memory's own search code path is used unchanged.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import enum
 import math
@@ -58,6 +58,7 @@ SHARD_REORDERS = (20, 30, 50, 75, 100, 200, 500)
 HNSW_EF = (16, 32, 64, 128, 256, 512, 1024)
 DATASETS = ("structured", "gaussian")
 _PLATEAU = 0.002
+_EXTRA_LEVEL_MAX_S = 1.0
 # Targets (from the project brief) checked on the structured dataset.
 TARGET_SPEEDUP = 50.0
 TARGET_SHARDED_SLOWDOWN = 0.20
@@ -233,13 +234,14 @@ def _sweep(levels: Sequence[Sequence[tuple[str, Callable[[], np.ndarray]]]], dat
 
     Within a level the settings are ordered by cost too (e.g. re-rank depth) and the level stops at the
     first one reaching the target or gaining less than _PLATEAU recall over the previous one. The sweep
-    stops one level after the first level that reached the target: beyond that every setting only probes
-    more, so it cannot be the fastest at the target.
+    stops one level after the first level that reached the target (right there when that level already
+    took over _EXTRA_LEVEL_MAX_S per batch): beyond that every setting only probes more, so it cannot be the
+    fastest at the target.
     """
     trials: list[_Trial] = []
     reached_at = None
     for li, level in enumerate(levels):
-        previous = -1.0
+        previous, secs = -1.0, 0.0
         for params, search in level:
             secs, found = best_seconds(search, repeats=settings.repeats)
             recall = synthetic.recall_at_k(found, data.true_ids)
@@ -250,7 +252,9 @@ def _sweep(levels: Sequence[Sequence[tuple[str, Callable[[], np.ndarray]]]], dat
             previous = recall
         if reached_at is None and trials[-1].recall >= settings.target_recall:
             reached_at = li
-        if reached_at is not None and li >= reached_at + 1:
+            if secs > _EXTRA_LEVEL_MAX_S:
+                break  # Near-exhaustive probing (unclustered data): the next level cannot be faster.
+        elif reached_at is not None:
             break
     return trials
 
@@ -274,20 +278,6 @@ def _num_leaves(n: int, factor: float) -> int:
 
 
 # --------------------------------------------------------------------------------------------- methods
-
-
-def _with_search_params(index, *, leaves_to_search: int, reorder: int):
-    """A ShardIndex sharing ``index``'s ScaNN searcher but searching with other knobs.
-
-    ShardIndex fixes leaves-to-search and reorder at build time and has no per-call override, so a sweep
-    would otherwise rebuild the index per setting (minutes at 1M). The searcher itself takes both per
-    query batch; this only rebinds them. Reaches into ShardIndex's private searcher: see "Missing knob" in
-    the module docstring.
-    """
-    from memory.index import ShardIndex  # pylint: disable=g-import-not-at-top
-    return ShardIndex(index._searcher, kind=index.kind, size=len(index), dim=index.dim,  # pylint: disable=protected-access
-                      config=dataclasses.replace(index.config, reorder=reorder),
-                      num_leaves_to_search=leaves_to_search)
 
 
 def _scann_config(n: int, s: Settings):
@@ -322,7 +312,7 @@ def run_scann(data: Dataset, s: Settings, exact_qps: float) -> list[ResultRow]:
     for leaves in _leaf_counts(cfg.num_leaves):
         level = []
         for reorder in REORDERS:
-            tuned = _with_search_params(index, leaves_to_search=leaves, reorder=reorder)
+            tuned = index.with_search_params(leaves_to_search=leaves, reorder=reorder)
             level.append((f"search {leaves} leaves, reorder {reorder}",
                           lambda tuned=tuned: tuned.search(data.queries, K)[0]))
         levels.append(level)
@@ -337,7 +327,13 @@ def run_memory(data: Dataset, s: Settings, exact_qps: float, workdir: str) -> li
     from memory.visual_memory import VisualMemory  # pylint: disable=g-import-not-at-top
     n = data.base.shape[0]
     shard_n = math.ceil(n / s.shards)
-    cfg = _scann_config(shard_n, s)
+    # Leaf size matched to the unsharded index: S shards x (leaves/S) leaves of the same ~n/leaves points
+    # (sqrt(n/S) leaves per shard would mean sqrt(S) x more, smaller leaves to rank and probe). Each shard
+    # still trains on the full sample: measured at 1M x 256, 4 shards trained on 25k points each lost ~0.05
+    # recall@10 at equal probing versus the unsharded index's 100k (coarser AH codebooks and partitions).
+    whole = _scann_config(n, s)
+    cfg = dataclasses.replace(whole, num_leaves=max(1, min(shard_n, round(whole.num_leaves / s.shards))),
+                              training_sample_size=min(shard_n, s.training_sample))
     # Zero-padded decimal ids: sort order (the shard row order) is numeric order, and ids parse back to rows.
     width = max(1, len(str(n - 1)))
     ids = [f"{i:0{width}d}" for i in range(n)]
@@ -350,18 +346,13 @@ def run_memory(data: Dataset, s: Settings, exact_qps: float, workdir: str) -> li
     memory = VisualMemory.open(root)
     build_s = time.perf_counter() - start
     counts = [info.count for info in memory.manifest.shards]
-    opened = list(memory._indices)  # pylint: disable=protected-access
     levels = []
     for frac_leaves in _leaf_counts(cfg.num_leaves):
         fraction = frac_leaves / cfg.num_leaves
         level = []
         for reorder in SHARD_REORDERS:
-            tuned = copy.copy(memory)
             # Same fraction of every shard's own leaves (shards differ slightly in size and leaf count).
-            tuned._indices = [  # pylint: disable=protected-access
-                None if ix is None else _with_search_params(
-                    ix, leaves_to_search=max(1, math.ceil(fraction * ix.config.num_leaves)), reorder=reorder)
-                for ix in opened]
+            tuned = memory.with_search_params(leaves_fraction=fraction, reorder=reorder)
             level.append((f"search {frac_leaves}/{cfg.num_leaves} leaves/shard, reorder {reorder}/shard",
                           lambda tuned=tuned: _memory_rows(tuned.search(data.queries, K).ids)))
         levels.append(level)

@@ -39,6 +39,20 @@ def test_tree_ah_recall_on_clustered_data():
     assert (np.diff(dist, axis=1) >= 0).all()
 
 
+def test_with_search_params_trades_recall_for_speed_without_rebuilding():
+    x, q = clustered(20000, 64, centres=200, noise=1.0, seed=3, nq=200)
+    index = ShardIndex.build(x, IndexConfig(kind=IndexKind.TREE_AH, reorder=20))
+    leaves = index.config.resolve_leaves(len(index))[0]
+    narrow = index.with_search_params(leaves_to_search=1, reorder=10)
+    full = index.with_search_params(leaves_to_search=leaves, reorder=200)
+    r_narrow = recall_at_k(narrow.search(q, 10)[0], q, x, 10)
+    r_full = recall_at_k(full.search(q, 10)[0], q, x, 10)
+    assert r_full >= 0.99 and r_narrow < r_full - 0.1, (r_narrow, r_full)
+    assert full.num_leaves_to_search == leaves and index.num_leaves_to_search != leaves  # The original is unchanged.
+    with pytest.raises(ValueError, match="leaves_to_search"):
+        index.with_search_params(leaves_to_search=0)
+
+
 @pytest.mark.parametrize("n", [16, 40, 70, 300])
 def test_tree_ah_recall_on_small_shards(n):
     # Shards of a few dozen entries (200 images over 3 shards) must not lose recall to the tree.

@@ -1,7 +1,7 @@
 """Adding classes, end to end: a memory learns three Fashion-MNIST classes it was built without.
 
     python -m evaluation.examples.add_classes [--per-class 300] [--test-per-class 100] \\
-        [--hold-out sandal,bag,ankle_boot] [--out out/add-classes] [--config configs.fashion_mnist]
+        [--hold-out trouser,bag] [--out out/add-classes] [--config configs.fashion_mnist]
 
 Steps (each a real job on Beam's in-process runner, the same code `vmem` runs):
 
@@ -32,7 +32,10 @@ from typing import Optional, Sequence
 
 from evaluation.datasets import FASHION_MNIST_CLASSES, prepare_fashion_mnist
 
-DEFAULT_HOLD_OUT = ("sandal", "bag", "ankle_boot")
+# Classes unlike the remaining ones, as in the paper's experiment (new OOD classes added to ImageNet).
+# With classes close to old ones (sandal, ankle_boot vs. sneaker) old-class accuracy moves more: see
+# docs/adding_classes.md for both measurements.
+DEFAULT_HOLD_OUT = ("trouser", "bag")
 OLD_CLASS_BAR = 0.005  # +-0.5 point on old-class accuracy after adding classes.
 
 

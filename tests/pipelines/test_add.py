@@ -146,7 +146,9 @@ def test_search_after_add_equals_a_memory_built_from_scratch_over_the_union(flow
     assert len(added) == len(scratch) == len(_stored(flow.union)[0])
     got, want = added.search(flow.queries, 10), scratch.search(flow.queries, 10)
     np.testing.assert_array_equal(got.ids, want.ids)
-    np.testing.assert_array_equal(got.distances, want.distances)
+    # Same pairs, but ScaNN may pick a different dot-product kernel for a differently sized shard: last-bit
+    # float differences (seen: 6e-8) are not a different answer.
+    np.testing.assert_allclose(got.distances, want.distances, rtol=0, atol=1e-6)
     np.testing.assert_array_equal(added.label_names(got.labels), scratch.label_names(want.labels))
     # And both equal brute force over the stored embeddings (ties by id: rows are sorted by id).
     ids, emb, _ = _stored(flow.memory)

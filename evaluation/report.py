@@ -16,6 +16,11 @@ Schema of ``report.json`` (``build_report`` returns the same dict, except that
             "baselines": {"linear probe": 0.863}
         }
 
+A report of a soft-pruned memory (neighbours carrying entry weights) also has
+``"accuracy_unpruned"`` and ``"best_unpruned"`` (same layout): ``accuracy`` is
+then the weighted vote ("with pruning") and ``accuracy_unpruned`` the same
+neighbours voted without weights; report.md shows both tables.
+
 Accuracies are fractions in [0, 1]. JSON object keys are strings, so the k
 keys of ``accuracy`` are strings ("1", "2", ...); use
 :func:`accuracy_from_report` to get ``{rule: {int k: accuracy}}`` back.
@@ -53,6 +58,7 @@ def build_report(
     queries: int,
     failed: int,
     extra: Mapping[str, Any] | None = None,
+    unpruned_table: Mapping[str, Mapping[int, float]] | None = None,
 ) -> dict[str, Any]:
     """Assembles the report dict (see the module docstring for the schema).
 
@@ -62,6 +68,10 @@ def build_report(
         queries: Number of queries the accuracies are computed over.
         failed: Number of queries that could not be evaluated.
         extra: JSON-serialisable details (inputs, parameters, timings).
+        unpruned_table: For a soft-pruned memory, the accuracy table of the
+            same neighbours voted without entry weights; stored as
+            ``accuracy_unpruned`` / ``best_unpruned`` (``table`` is then the
+            weighted one).
 
     Raises:
         ValueError: on an empty table, negative counts or non-serialisable extra.
@@ -77,7 +87,7 @@ def build_report(
     except (TypeError, ValueError) as e:
         raise ValueError(f"extra is not JSON-serialisable: {e}") from None
     k_max = max(int(k) for by_k in table.values() for k in by_k)
-    return {
+    report = {
         "schema_version": SCHEMA_VERSION,
         "queries": int(queries),
         "failed": int(failed),
@@ -90,6 +100,20 @@ def build_report(
         "best": best_k(table),
         "extra": extra,
     }
+    if unpruned_table is not None:
+        if set(unpruned_table) != set(table):
+            raise ValueError(f"unpruned_table rules {sorted(unpruned_table)} != "
+                             f"table rules {sorted(table)}")
+        report["accuracy_unpruned"] = _string_keys(unpruned_table)
+        report["best_unpruned"] = best_k(unpruned_table)
+    return report
+
+
+def _string_keys(table: Mapping[str, Mapping[int, float]]
+                 ) -> dict[str, dict[str, float]]:
+    return {rule: {str(int(k)): float(a)
+                   for k, a in sorted(by_k.items(), key=lambda ka: int(ka[0]))}
+            for rule, by_k in table.items()}
 
 
 def accuracy_from_report(report: Mapping[str, Any]
@@ -120,29 +144,53 @@ def _check_baselines(baselines: Mapping[str, float] | None
     return out
 
 
-def markdown_table(report: Mapping[str, Any], *,
-                   baselines: Mapping[str, float] | None = None) -> str:
-    """Renders the report as Markdown (top-1 in percent, rules as columns)."""
-    accuracy = accuracy_from_report(report)
-    rules = list(report["rules"])
-    baselines = _check_baselines(baselines)
+def _table_lines(accuracy: Mapping[str, Mapping[int, float]],
+                 best: Mapping[str, Any], rules: list[str],
+                 k_max: int) -> list[str]:
     lines = [
-        f"Top-1 accuracy (%) over {report['queries']} queries "
-        f"({report['failed']} failed).",
-        "",
         "| k | " + " | ".join(rules) + " |",
         "|---:|" + "---:|" * len(rules),
     ]
-    for k in table_ks(int(report["k_max"])):
+    for k in table_ks(k_max):
         cells = []
         for rule in rules:
             a = accuracy[rule].get(k)
             cells.append("" if a is None else f"{100 * a:.2f}")
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
-    best = report["best"]
     lines.append("| best | " + " | ".join(
         f"{100 * best[r]['accuracy']:.2f} (k={best[r]['k']})" for r in rules)
                  + " |")
+    return lines
+
+
+def markdown_table(report: Mapping[str, Any], *,
+                   baselines: Mapping[str, float] | None = None) -> str:
+    """Renders the report as Markdown (top-1 in percent, rules as columns).
+
+    A report with ``accuracy_unpruned`` (soft-pruned memory) gets two tables:
+    with pruning (the weighted vote) and without (the same neighbours,
+    unweighted).
+    """
+    accuracy = accuracy_from_report(report)
+    rules = list(report["rules"])
+    baselines = _check_baselines(baselines)
+    k_max = int(report["k_max"])
+    lines = [
+        f"Top-1 accuracy (%) over {report['queries']} queries "
+        f"({report['failed']} failed).",
+        "",
+    ]
+    if "accuracy_unpruned" in report:
+        unpruned = {rule: {int(k): float(a) for k, a in by_k.items()}
+                    for rule, by_k in report["accuracy_unpruned"].items()}
+        lines += ["With pruning (votes weighted by the memory's entry "
+                  "weights):", ""]
+        lines += _table_lines(accuracy, report["best"], rules, k_max)
+        lines += ["", "Without pruning (the same neighbours, unweighted):",
+                  ""]
+        lines += _table_lines(unpruned, report["best_unpruned"], rules, k_max)
+    else:
+        lines += _table_lines(accuracy, report["best"], rules, k_max)
     if baselines:
         lines += ["", "Baselines:", ""]
         lines += [f"- {name}: {100 * v:.2f}" for name, v in baselines.items()]
@@ -160,10 +208,17 @@ def _plot(path: str, report: Mapping[str, Any],
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     accuracy = accuracy_from_report(report)
-    for rule in report["rules"]:
+    unpruned = report.get("accuracy_unpruned")
+    for i, rule in enumerate(report["rules"]):
         ks = sorted(accuracy[rule])
         ax.plot(ks, [100 * accuracy[rule][k] for k in ks], marker=".",
-                markersize=3, label=rule)
+                markersize=3, color=f"C{i % 10}",
+                label=rule + (" (pruned)" if unpruned else ""))
+        if unpruned:
+            by_k = {int(k): float(a) for k, a in unpruned[rule].items()}
+            ks = sorted(by_k)
+            ax.plot(ks, [100 * by_k[k] for k in ks], linestyle=":",
+                    linewidth=1, color=f"C{i % 10}", label=f"{rule} (unpruned)")
     for i, (name, value) in enumerate(baselines.items()):
         ax.axhline(100 * value, linestyle="--", linewidth=1,
                    color=f"C{(len(report['rules']) + i) % 10}", label=name)

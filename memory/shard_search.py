@@ -7,7 +7,8 @@ exactly as :meth:`memory.visual_memory.VisualMemory.search` does, so both paths 
 
 A living memory (memory.mutations) is searched the same way: fan out over `searchable_shards(manifest)`
 (main shards and delta shards) and load each with ``forgotten=load_forgotten(root, manifest)`` so that
-tombstoned rows are skipped exactly.
+tombstoned rows are skipped exactly; with ``entry_weights=load_entry_weights(root, manifest)`` each hit also
+carries its soft-pruning weight (``PartialTopK.weights``), which merging keeps with its neighbour.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from memory import storage
 from memory.index import ShardIndex
 from memory.manifest import Manifest, ShardInfo
 from memory.merge import merge_topk
-from memory.mutations import read_forgotten
+from memory.mutations import read_entry_weights, read_forgotten
 from memory.shard import load_shard_index, read_shard_data
 from memory.vectors import l2_normalize
 
@@ -35,22 +36,30 @@ class PartialTopK(NamedTuple):
       ids: unicode [nq, k] entry ids ("" = padding).
       labels: int32 [nq, k] class indices (-1 = padding).
       distances: float32 [nq, k] cosine distances (+inf = padding).
+      weights: float32 [nq, k] entry weight of each neighbour (soft pruning; 1.0 for unweighted entries and
+        for padding), or None when the memory has no entry weights.
     """
     ids: np.ndarray
     labels: np.ndarray
     distances: np.ndarray
+    weights: np.ndarray | None = None
 
     def row(self, i: int) -> "PartialTopK":
-        return PartialTopK(self.ids[i:i + 1], self.labels[i:i + 1], self.distances[i:i + 1])
+        return PartialTopK(self.ids[i:i + 1], self.labels[i:i + 1], self.distances[i:i + 1],
+                           None if self.weights is None else self.weights[i:i + 1])
 
 
-def empty_partial(nq: int, k: int) -> PartialTopK:
+def empty_partial(nq: int, k: int, *, weighted: bool = False) -> PartialTopK:
     return PartialTopK(np.full((nq, k), PAD_ID, dtype="<U1"), np.full((nq, k), -1, np.int32),
-                       np.full((nq, k), np.inf, np.float32))
+                       np.full((nq, k), np.inf, np.float32), np.ones((nq, k), np.float32) if weighted else None)
 
 
 def merge_partials(partials: Sequence[PartialTopK], k: int) -> PartialTopK:
-    """Exact top-k of the union of partials over the same queries (ties by ascending id)."""
+    """Exact top-k of the union of partials over the same queries (ties by ascending id).
+
+    Weights travel with their neighbours: the result has weights when any partial has them (a partial
+    without weights counts as weight 1.0 for all its neighbours), else None.
+    """
     if not partials:
         raise ValueError("merge_partials needs at least one partial")
     nq = partials[0].ids.shape[0]
@@ -66,8 +75,13 @@ def merge_partials(partials: Sequence[PartialTopK], k: int) -> PartialTopK:
     valid = idx >= 0
     safe = np.maximum(idx, 0)
     rows = np.arange(nq)[:, None]
+    weights = None
+    if any(p.weights is not None for p in partials):
+        all_weights = np.concatenate([np.ones(p.ids.shape, np.float32) if p.weights is None
+                                      else p.weights.astype(np.float32) for p in partials], axis=1)
+        weights = np.where(valid, all_weights[rows, safe], np.float32(1.0)).astype(np.float32)
     return PartialTopK(np.where(valid, all_ids[rows, safe], PAD_ID),
-                       np.where(valid, all_labels[rows, safe], -1).astype(np.int32), dist)
+                       np.where(valid, all_labels[rows, safe], -1).astype(np.int32), dist, weights)
 
 
 def searchable_shards(manifest: Manifest) -> tuple[ShardInfo, ...]:
@@ -80,27 +94,38 @@ def load_forgotten(root: str, manifest: Manifest) -> np.ndarray:
     return read_forgotten(root, manifest)
 
 
+def load_entry_weights(root: str, manifest: Manifest) -> tuple[np.ndarray, np.ndarray] | None:
+    """The version's (sorted ids, float32 weights) for LoadedShard.load; None for an unweighted memory."""
+    return read_entry_weights(root, manifest)
+
+
 @dataclasses.dataclass
 class LoadedShard:
     """A shard's index plus the ids and labels needed to name its hits.
 
     Attributes:
       dead: bool [n], rows that are forgotten (tombstoned) and must never be returned; None for none.
+      weights: float32 [n] entry weight of each row (soft pruning; 1.0 for unlisted ids), or None when the
+        memory has no entry weights (then search returns PartialTopK.weights = None).
     """
     name: str
     index: ShardIndex | None
     ids: np.ndarray
     labels: np.ndarray
     dead: np.ndarray | None = None
+    weights: np.ndarray | None = None
 
     @classmethod
-    def load(cls, root: str, info: ShardInfo, *, forgotten: np.ndarray | None = None) -> "LoadedShard":
+    def load(cls, root: str, info: ShardInfo, *, forgotten: np.ndarray | None = None,
+             entry_weights: tuple[np.ndarray, np.ndarray] | None = None) -> "LoadedShard":
         """Loads a main or delta shard.
 
         Args:
           root: Memory root.
           info: The shard (from `searchable_shards(manifest)`).
           forgotten: The version's tombstoned ids (`load_forgotten`); rows with these ids are skipped.
+          entry_weights: The version's (sorted ids, weights) (`load_entry_weights`), or None for an
+            unweighted memory.
         """
         shard_dir = storage.join(root, info.path)
         data = read_shard_data(shard_dir)
@@ -109,8 +134,17 @@ class LoadedShard:
         if forgotten is not None and len(forgotten) and ids.size:
             dead = np.isin(ids, np.asarray(forgotten, dtype=str))
             dead = dead if dead.any() else None
+        weights = None
+        if entry_weights is not None:
+            w_ids, w = entry_weights
+            weights = np.ones(ids.shape, dtype=np.float32)
+            if w_ids.size and ids.size:
+                w_ids = np.asarray(w_ids, dtype=str)
+                pos = np.clip(np.searchsorted(w_ids, ids), 0, w_ids.size - 1)
+                hit = w_ids[pos] == ids
+                weights[hit] = np.asarray(w, dtype=np.float32)[pos[hit]]
         return cls(name=info.name, index=load_shard_index(shard_dir, info), ids=ids,
-                   labels=data.labels.astype(np.int32), dead=dead)
+                   labels=data.labels.astype(np.int32), dead=dead, weights=weights)
 
     def search(self, queries: np.ndarray, k: int) -> PartialTopK:
         """Top-k live rows of this shard for each (normalised here) query.
@@ -120,7 +154,7 @@ class LoadedShard:
         """
         q = l2_normalize(np.asarray(queries, dtype=np.float32))
         if self.index is None:
-            return empty_partial(q.shape[0], k)
+            return empty_partial(q.shape[0], k, weighted=self.weights is not None)
         dead_count = 0 if self.dead is None else int(self.dead.sum())
         local, dist = self.index.search(q, k + dead_count)
         valid = local >= 0
@@ -132,5 +166,8 @@ class LoadedShard:
             valid = np.take_along_axis(valid, order, axis=1)
             safe = np.take_along_axis(safe, order, axis=1)
             dist = np.take_along_axis(dist, order, axis=1)
+        weights = None
+        if self.weights is not None:
+            weights = np.where(valid, self.weights[safe], np.float32(1.0)).astype(np.float32)
         return PartialTopK(np.where(valid, self.ids[safe], PAD_ID), np.where(valid, self.labels[safe], -1),
-                           np.where(valid, dist, np.inf).astype(np.float32))
+                           np.where(valid, dist, np.inf).astype(np.float32), weights)

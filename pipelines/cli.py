@@ -7,6 +7,7 @@
     vmem vote --neighbors FILE --output DIR [--k-max K]
     vmem classify --memory MEMORY IMAGE... [--rule rank] [--k 10] [--explain] [--html FILE]
     vmem add --memory MEMORY --images SPEC [--delta-shard-size N] [Beam flags...]
+    vmem prune --memory MEMORY (--mode hard --threshold T | --mode soft) [--k 100] [--counts-only] [Beam flags...]
     vmem history MEMORY [--json]
     vmem reindex --memory MEMORY [--if-needed] [--target-shard-size N] [Beam flags...]
     vmem forget --memory MEMORY (--ids FILE | --label NAME | --source-prefix URI) [--purge-history]
@@ -34,6 +35,7 @@ COMMANDS = {
     "evaluate": "classify a held-out split against a memory; accuracy per voting rule and k (Beam job)",
     "classify": "classify images, optionally explaining each decision by its neighbours",
     "add": "add labelled images (new classes too) as delta shards of a new version (Beam job)",
+    "prune": "reliability counts by leave-one-out self-query; hard (forget v >= T) or soft (1.75/(1+v)) (Beam job)",
     "history": "list a memory's versions and what changed in each",
     "reindex": "fold delta shards in and drop forgotten rows; rebuild only changed shards (Beam job)",
     "forget": "remove entries from a memory at once (exact unlearning; physically gone after reindex)",
@@ -160,6 +162,11 @@ def cmd_add(argv: Sequence[str]) -> int:
     return add_main(list(argv))
 
 
+def cmd_prune(argv: Sequence[str]) -> int:
+    from pipelines.prune import main as prune_main
+    return prune_main(list(argv))
+
+
 def cmd_reindex(argv: Sequence[str]) -> int:
     from pipelines.reindex import main as reindex_main
     return reindex_main(list(argv))  # Its own exit codes: 0 published, 10 nothing to do, 1 failure, 2 usage.
@@ -172,7 +179,7 @@ def cmd_vote(argv: Sequence[str]) -> int:
 
 _HANDLERS = {"prepare-data": cmd_prepare_data, "build": cmd_build, "info": cmd_info, "evaluate": cmd_evaluate,
              "vote": cmd_vote, "classify": cmd_classify, "history": cmd_history, "forget": cmd_forget,
-             "reindex": cmd_reindex, "add": cmd_add}
+             "reindex": cmd_reindex, "add": cmd_add, "prune": cmd_prune}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -16,6 +16,14 @@ Query batches fan out to the shards (keyed by shard, so one worker loads a shard
 handle), each shard returns a partial top-K per query, partials merge exactly per query (ties by id, as
 ``VisualMemory.search``), and the neighbour lists are written as JSONL before voting, so ``vmem vote`` can
 re-vote without re-searching.
+
+Pruned memories: a soft-pruned version (``vmem prune --mode soft``) carries entry weights; every
+neighbour then carries its weight (``neighbor_entry_weights`` in the JSONL), ``accuracy`` / ``best`` in
+the report are the weighted vote and ``accuracy_unpruned`` / ``best_unpruned`` the same neighbours voted
+without weights. A hard prune publishes a forget; compare it by evaluating the version before it::
+
+    vmem evaluate --memory M --images TEST --output out/eval-before --version N   # N = version pruned from
+    vmem evaluate --memory M --images TEST --output out/eval-after                # the latest
 """
 
 from __future__ import annotations
@@ -35,7 +43,8 @@ from apache_beam.utils import shared
 from encoders.base import EncoderSpec, resolve_preprocess
 from memory import storage
 from memory.manifest import Manifest, read_manifest
-from memory.shard_search import LoadedShard, PartialTopK, load_forgotten, merge_partials, searchable_shards
+from memory.shard_search import (LoadedShard, PartialTopK, load_entry_weights, load_forgotten, merge_partials,
+                                 searchable_shards)
 from memory.voting import VotingParams, VotingRule
 from pipelines.build import with_default_runner
 from pipelines.embed import DecodeImages, EmbedImages
@@ -92,7 +101,8 @@ class _SearchShardFn(beam.DoFn):
     def __init__(self, root: str, manifest: Manifest, k: int, shared_handle: shared.Shared):
         self._root = root
         self._manifest = manifest
-        # Main and delta shards; tombstoned (forgotten) rows are skipped inside LoadedShard.search.
+        # Main and delta shards; tombstoned (forgotten) rows are skipped inside LoadedShard.search, and each
+        # hit carries its entry weight when the version has soft-pruning weights.
         self._infos = searchable_shards(manifest)
         self._k = k
         self._shared = shared_handle
@@ -103,7 +113,8 @@ class _SearchShardFn(beam.DoFn):
         info = self._infos[shard_index]
         # One copy of a shard per worker process, reused across bundles (and by other DoFn instances).
         shard = self._shared.acquire(
-            lambda: LoadedShard.load(self._root, info, forgotten=load_forgotten(self._root, self._manifest)),
+            lambda: LoadedShard.load(self._root, info, forgotten=load_forgotten(self._root, self._manifest),
+                                     entry_weights=load_entry_weights(self._root, self._manifest)),
             tag=f"{self._root}/v{self._manifest.version}/{info.name}")
         for batch in batches:
             partial = shard.search(batch.embeddings, self._k)
@@ -178,7 +189,8 @@ def to_record(query_id: str, q: QueryNeighbors, class_index: dict[str, int]):
     return NeighborRecord(
         query_id=query_id, true_label=class_index.get(q.label, -1),
         neighbor_ids=[str(x) for x in n.ids[0][keep]], neighbor_labels=[int(x) for x in n.labels[0][keep]],
-        neighbor_distances=[float(x) for x in n.distances[0][keep]])
+        neighbor_distances=[float(x) for x in n.distances[0][keep]],
+        neighbor_weights=None if n.weights is None else [float(x) for x in n.weights[0][keep]])
 
 
 class WriteNeighbors(beam.PTransform):
@@ -241,19 +253,30 @@ class _ReportFn(beam.DoFn):
         merged = sorted(merged, key=lambda kv: kv[0])
         class_index = {c: i for i, c in enumerate(self._manifest.class_names)}
         records = [to_record(qid, q, class_index) for qid, q in merged]
-        labels, distances, true, _ = to_arrays(records, self._k_max)
-        preds = predict_all_k(labels, distances, k_max=self._k_max, params=self._params)
+        labels, distances, true, entry_weights = to_arrays(records, self._k_max)
+        preds = predict_all_k(labels, distances, k_max=self._k_max, params=self._params,
+                              entry_weights=entry_weights)
         table = metrics.accuracy_table(preds, true)
+        unpruned = None
+        if entry_weights is not None:
+            # Soft-pruned memory: `accuracy` is the weighted vote; the same neighbours voted without the
+            # weights give the "without pruning" table next to it.
+            unpruned = metrics.accuracy_table(
+                predict_all_k(labels, distances, k_max=self._k_max, params=self._params), true)
         unknown = sorted({q.label for _, q in merged if q.label not in class_index})
         baselines = {}
         if self._pixel_k:
             baselines = pixel_baseline(self._root, self._manifest, [q.uri for _, q in merged], true,
                                        k=self._pixel_k)
+        weights_ref = self._manifest.entry_weights
+        weights_info = None if weights_ref is None else {
+            "kind": weights_ref.kind, "count": weights_ref.count, "params": dict(weights_ref.params)}
         report = report_lib.build_report(table, queries=len(records), failed=failed, extra=dict(
             self._extra, neighbor_files=sorted(neighbor_files), memory_entries=self._manifest.total,
+            memory_version=self._manifest.version, entry_weights=weights_info,
             query_classes_unknown_to_memory=unknown, softmax_tau=self._params.softmax_tau,
             rank_alpha=self._params.rank_alpha, rank_convention="weight 1/(alpha + i), i 0-based",
-            tie_rule="first class to reach the top score wins"))
+            tie_rule="first class to reach the top score wins"), unpruned_table=unpruned)
         with tempfile.TemporaryDirectory() as tmp:
             report_lib.write_report(tmp, report, baselines=baselines)
             if storage.is_gcs(self._output):
@@ -275,6 +298,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tau", type=float, default=0.07, help="SoftmaxVoting temperature (default 0.07)")
     parser.add_argument("--alpha", type=float, default=2.0, help="RankVoting offset: weight 1/(alpha+i) (default 2)")
     parser.add_argument("--query-batch", type=int, default=256, help="queries per shard search call")
+    parser.add_argument("--version", type=int, default=None, metavar="N",
+                        help="evaluate this pinned version of the memory (default: the latest); e.g. the version "
+                             "before a hard prune, to compare")
     parser.add_argument("--config", default=None,
                         help="optional config whose encoder must equal the memory's (refused otherwise)")
     parser.add_argument("--pixel-baseline", type=int, default=None, metavar="K",
@@ -293,7 +319,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
         raise ValueError(f"--k-max must be >= 1, got {args.k_max}.")
     params = VotingParams(softmax_tau=args.tau, rank_alpha=args.alpha)
     root = args.memory.rstrip("/")
-    manifest = read_manifest(root)
+    manifest = read_manifest(root, version=args.version)
     encoder = memory_encoder_spec(manifest)
     if args.config:
         requested = load_config(args.config).encoder
@@ -317,7 +343,8 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     failures = (read_failures, decode_failures, embed_failures) | "AllFailures" >> beam.Flatten()
     _ = failures | "WriteDeadLetters" >> WriteDeadLetters(args.output)
     failed = failures | "CountFailed" >> beam.combiners.Count.Globally()
-    extra = {"command": "vmem evaluate", "memory": root, "images": source.to_dict(),
+    extra = {"command": "vmem evaluate", "memory": root, "version_pinned": args.version,
+             "images": source.to_dict(),
              "encoder": manifest.encoder.get("name"), "k_max": args.k_max}
     _ = (p
          | "Once" >> beam.Create([None])

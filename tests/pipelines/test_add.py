@@ -290,18 +290,19 @@ def test_refuses_a_memory_whose_encoder_files_changed(data, tiny_encoder_dir, tm
 def test_add_classes_example_with_the_bundled_encoder(tmp_path, capsys):
     """The documented example (docs/adding_classes.md) at a small size, with the real bundled encoder."""
     from evaluation.examples import add_classes
-    assert add_classes.main(["--per-class", "60", "--test-per-class", "30", "--out", str(tmp_path / "ex")]) == 0
+    assert add_classes.main(["--per-class", "60", "--test-per-class", "30", "--hold-out", "trouser,bag",
+                             "--out", str(tmp_path / "ex")]) == 0
     printed = capsys.readouterr().out
-    assert "| old classes | v1 (before add) | 210 |" in printed and "| new classes | v2 (after add) | 90 |" in printed
+    assert "| old classes | v1 (before add) | 240 |" in printed and "| new classes | v2 (after add) | 60 |" in printed
     summary = json.load(open(tmp_path / "ex" / "summary.json"))
     before, after, new = summary["rows"]
-    assert summary["new_classes"] == sorted(HELD_OUT) and summary["num_classes"] == 10
+    assert summary["new_classes"] == ["bag", "trouser"] and summary["num_classes"] == 10
     # Only old queries that now meet a new-class entry can change their vote, so the old-class accuracy moves
-    # by at most their share. It does move: at the default size (700 old queries) rank@10 fell 1.14 points,
-    # outside a +-0.5 point bar (a 7-way task became a 10-way one; see docs/adding_classes.md).
+    # by at most their share; for classes unlike the old ones that share is small (default size: 26 of 800,
+    # rank@10 -0.25 points; see docs/adding_classes.md).
     share = summary["old_queries_meeting_new_entries"] / summary["old_queries"]
-    assert 0 < share < 0.2, share
+    assert share < 0.1, share
     assert abs(after["rank10"] - before["rank10"]) <= share + 1e-9
-    assert after["rank10"] - before["rank10"] > -0.03
+    assert after["rank10"] - before["rank10"] >= -0.0085  # At most 2 of 240 queries.
     # New classes, from 60 images each and no training: far above chance (10%).
     assert new["rank10"] > 0.7 and new["nn1"] > 0.7, new

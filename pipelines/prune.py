@@ -1,0 +1,338 @@
+"""The pruning job: reliability counts by leave-one-out self-query, then hard or soft pruning.
+
+Local::
+
+    vmem prune --memory out/fmnist-memory --mode soft
+    vmem prune --memory out/fmnist-memory --mode hard --threshold 64
+    vmem prune --memory out/fmnist-memory --mode soft --counts-only      # counts and summary only
+
+Dataflow::
+
+    vmem prune --memory gs://BUCKET/memories/in1k --mode hard --threshold 128 --k 100 \\
+        --runner=DataflowRunner --project=PROJECT --region=us-central1 \\
+        --temp_location=gs://BUCKET/tmp --setup_file=./setup.py
+
+Geirhos et al. 2024, "Memory pruning": every live entry of the latest version n queries the memory with its
+own *stored* embedding (nothing is re-embedded), with k + 1 neighbours so that k remain once the entry
+itself is dropped (by id: exact duplicates do count each other). Each neighbour whose label differs from
+the query's scores one hit; v(j) is entry j's number of hits (0 if never hit). The search is the
+evaluation job's own fan-out (``SearchShards`` over main + delta shards, forgotten rows skipped, then the
+exact ``MergeNeighbors``), and the counts are a ``CombinePerKey(sum)``.
+
+Outputs: ``MEMORY/pruning/v{n:06d}-counts.npz`` (ids, v, k, version) and ``v{n:06d}-summary.json`` (the v
+histogram and what was published). Then one final step publishes version n + 1 (unless --counts-only):
+
+* ``--mode hard --threshold T``: ``memory.mutations.forget`` of exactly the entries with v >= T (nothing is
+  published when there are none). Compare with ``vmem evaluate --version n`` (before) vs the latest.
+* ``--mode soft``: ``memory.mutations.publish_entry_weights`` with gamma = 1.75 / (1 + v) for the entries
+  with v >= 1 (all others weigh 1). ``vmem evaluate`` then reports the weighted vote as ``accuracy`` and the
+  unweighted one as ``accuracy_unpruned``.
+
+The publish is exclusive on version n: if the memory moved on meanwhile, the job fails and publishes
+nothing (re-run it). A retried final step that finds its own change already published as n + 1 accepts it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Iterable, NamedTuple, Optional, Sequence
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+
+from memory import pruning, storage
+from memory.manifest import Manifest, read_manifest
+from memory.shard_search import load_forgotten, searchable_shards
+from pipelines.build import with_default_runner
+from pipelines.evaluate import MergeNeighbors, QueryNeighbors, SearchShards
+from pipelines.records import EmbeddedImage
+
+_LOG = logging.getLogger("visual_memory")
+EXIT_USAGE = 2
+_NAMESPACE = "visual_memory"
+
+__all__ = ["CountMislabelledHits", "PruneOutcome", "ReadMemoryEntries", "build_arg_parser", "main", "run"]
+
+
+class PruneOutcome(NamedTuple):
+    """What the final step did (also stored in the summary JSON under ``outcome``)."""
+    mode: str
+    base_version: int
+    published_version: Optional[int]
+    entries: int
+    pruned: int           # hard: entries forgotten
+    down_weighted: int    # soft: entries with gamma < 1
+    counts_path: str
+
+
+class _ReadShardEntriesFn(beam.DoFn):
+    """shard index -> EmbeddedImage for each live row of that shard (its stored embedding)."""
+
+    def __init__(self, root: str, manifest: Manifest):
+        self._root = root
+        self._manifest = manifest
+        self._read = Metrics.counter(_NAMESPACE, "prune_entries_read")
+
+    def process(self, shard_index: int) -> Iterable[EmbeddedImage]:
+        from memory.shard import read_shard_data
+        info = searchable_shards(self._manifest)[shard_index]
+        data = read_shard_data(storage.join(self._root, info.path))
+        ids = data.ids.astype(str)
+        live = ~np.isin(ids, load_forgotten(self._root, self._manifest))
+        names = self._manifest.class_names
+        for row in np.flatnonzero(live):
+            yield EmbeddedImage(str(ids[row]), str(data.uris[row]), names[int(data.labels[row])],
+                                np.asarray(data.embeddings[row], dtype=np.float32))
+        self._read.inc(int(live.sum()))
+
+
+class ReadMemoryEntries(beam.PTransform):
+    """The live entries of one version (main and delta shards, forgotten excluded) as EmbeddedImage."""
+
+    def __init__(self, root: str, manifest: Manifest):
+        super().__init__()
+        self._root = root
+        self._manifest = manifest
+
+    def expand(self, pbegin):
+        shards = [i for i, s in enumerate(searchable_shards(self._manifest)) if s.count > 0]
+        return (pbegin
+                | "ShardIndices" >> beam.Create(shards)
+                # One shard per worker; the reads then fan out in parallel.
+                | "Spread" >> beam.Reshuffle()
+                | "ReadShard" >> beam.ParDo(_ReadShardEntriesFn(self._root, self._manifest)))
+
+
+class _MislabelledHitsFn(beam.DoFn):
+    """A batch of (query id, QueryNeighbors with k + 1 neighbours) -> (neighbour id, 1) per differing label."""
+
+    def __init__(self, class_names: Sequence[str], k: int):
+        self._class_index = {c: i for i, c in enumerate(class_names)}
+        self._k = k
+        self._queries = Metrics.counter(_NAMESPACE, "prune_queries")
+        self._hits = Metrics.counter(_NAMESPACE, "prune_mislabelled_hits")
+        self._self_missing = Metrics.counter(_NAMESPACE, "prune_self_not_among_neighbors")
+
+    def process(self, batch: Sequence[tuple[str, QueryNeighbors]]):
+        self_ids = np.asarray([qid for qid, _ in batch], dtype=str)
+        query_labels = np.asarray([self._class_index[q.label] for _, q in batch], dtype=np.int64)
+        ids = np.concatenate([q.neighbors.ids.astype(str) for _, q in batch])
+        labels = np.concatenate([q.neighbors.labels for _, q in batch])
+        kept_ids, kept_labels, found = pruning.leave_one_out(ids, labels, self_ids=self_ids, k=self._k)
+        hits = pruning.mislabelled_hits(query_labels, kept_ids, kept_labels)
+        self._queries.inc(len(batch))
+        self._hits.inc(int(hits.size))
+        # Only with more than k exact duplicates sorting before it by id (still exact leave-one-out).
+        self._self_missing.inc(int((~found).sum()))
+        for neighbor_id in hits.tolist():
+            yield neighbor_id, 1
+
+
+class CountMislabelledHits(beam.PTransform):
+    """Merged self-query neighbours + the live entries -> (entry id, v) for every live entry."""
+
+    def __init__(self, class_names: Sequence[str], *, k: int, batch_size: int = 1024):
+        super().__init__()
+        self._class_names = tuple(class_names)
+        self._k = k
+        self._batch_size = batch_size
+
+    def expand(self, pcolls):
+        merged, entries = pcolls
+        hits = (merged
+                | "BatchMerged" >> beam.BatchElements(min_batch_size=1, max_batch_size=self._batch_size)
+                | "MislabelledHits" >> beam.ParDo(_MislabelledHitsFn(self._class_names, self._k)))
+        # Every live entry contributes a 0, so entries that are never hit get v = 0.
+        zeros = entries | "ZeroPerEntry" >> beam.Map(lambda e: (e.id, 0))
+        return ((hits, zeros)
+                | "AllHits" >> beam.Flatten()
+                | "SumPerEntry" >> beam.CombinePerKey(sum))
+
+
+def _already_published(root: str, base: int, mode: pruning.PruningMode, prune_ids: np.ndarray,
+                       params: dict) -> Optional[Manifest]:
+    """Version base + 1 if it is exactly this job's change (a retried final step), else None."""
+    from memory.mutations import read_forgotten
+    from memory.versions import latest_version, read_version
+    if latest_version(root) != base + 1:
+        return None
+    m = read_version(root, base + 1)
+    if m.parent != base:
+        return None
+    if mode is pruning.PruningMode.HARD:
+        before = read_forgotten(root, read_version(root, base))
+        if m.change.get("kind") == "forget" and np.array_equal(np.union1d(before, prune_ids),
+                                                                read_forgotten(root, m)):
+            return m
+        return None
+    ref = m.entry_weights
+    return m if ref is not None and dict(ref.params) == params else None
+
+
+class _PublishFn(beam.DoFn):
+    """Once: writes the counts and summary, then publishes the hard or soft prune on version n."""
+
+    def __init__(self, root: str, manifest: Manifest, mode: Optional[pruning.PruningMode], k: int,
+                 threshold: Optional[int], counts_only: bool):
+        self._root = root
+        self._manifest = manifest
+        self._mode = mode
+        self._k = k
+        self._threshold = threshold
+        self._counts_only = counts_only
+
+    def process(self, unused, counts, entries_read):
+        from memory import mutations
+        from memory.versions import ConcurrentUpdateError
+        n = self._manifest.version
+        ids = np.asarray([i for i, _ in counts], dtype=str)
+        v = np.asarray([c for _, c in counts], dtype=np.int64)
+        if ids.size != entries_read or np.unique(ids).size != ids.size:
+            raise RuntimeError(f"counted {ids.size} entries ({np.unique(ids).size} distinct) but read "
+                               f"{entries_read} live entries of version {n}; the counts are incomplete")
+        order = np.argsort(ids, kind="stable")
+        ids, v = ids[order], v[order]
+        path = pruning.write_counts(self._root, pruning.PruningCounts(ids, v, self._k, n))
+        summary = pruning.counts_summary(v)
+        published, pruned, down = None, 0, 0
+        if not self._counts_only:
+            if self._mode is pruning.PruningMode.HARD:
+                selected = pruning.hard_prune_ids(ids, v, self._threshold)
+                params = None
+            else:
+                keep = v >= 1
+                selected = ids[keep]
+                gamma = pruning.soft_weights(v[keep])
+                params = {"rule": pruning.SOFT_RULE, "k": self._k, "counts": path, "computed_on_version": n}
+            if selected.size:
+                try:
+                    if self._mode is pruning.PruningMode.HARD:
+                        m = mutations.forget(self._root, ids=selected.tolist(), expected_version=n)
+                    else:
+                        m = mutations.publish_entry_weights(self._root, ids=selected.tolist(), weights=gamma,
+                                                            params=params, expected_version=n)
+                except ConcurrentUpdateError:
+                    m = _already_published(self._root, n, self._mode, selected, params)
+                    if m is None:
+                        raise
+                published = m.version
+                pruned = int(selected.size) if self._mode is pruning.PruningMode.HARD else 0
+                down = int((gamma < 1).sum()) if self._mode is pruning.PruningMode.SOFT else 0
+        outcome = PruneOutcome(mode="counts-only" if self._counts_only else self._mode.value, base_version=n,
+                               published_version=published, entries=int(ids.size), pruned=pruned,
+                               down_weighted=down, counts_path=path)
+        summary = dict(summary, k=self._k, threshold=self._threshold, outcome=outcome._asdict())
+        pruning.write_summary(self._root, n, summary)
+        _LOG.info("prune of version %d: %s", n, outcome)
+        yield outcome
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vmem prune", description=__doc__.split("\n")[0],
+                                     epilog="Other flags are Beam pipeline options (--runner, --project, ...).")
+    parser.add_argument("--memory", required=True, help="a built memory (local or gs://); its latest version is "
+                                                        "pruned")
+    parser.add_argument("--mode", choices=[m.value for m in pruning.PruningMode], default=None,
+                        help="hard: forget entries with v >= --threshold; soft: weights 1.75/(1+v) for v >= 1")
+    parser.add_argument("--threshold", type=int, default=None, metavar="T",
+                        help=f"hard pruning: forget entries with v >= T (paper: {pruning.PAPER_THRESHOLD} for "
+                             "1.28M entries at k=100; scale with memory size)")
+    parser.add_argument("--k", type=int, default=pruning.PAPER_K,
+                        help=f"neighbours per self-query after leaving the entry out (default {pruning.PAPER_K})")
+    parser.add_argument("--counts-only", action="store_true",
+                        help="write the counts and summary, publish nothing")
+    parser.add_argument("--query-batch", type=int, default=256, help="self-queries per shard search call")
+    return parser
+
+
+def _check_args(args: argparse.Namespace) -> Optional[pruning.PruningMode]:
+    if args.k < 1:
+        raise ValueError(f"--k must be >= 1, got {args.k}.")
+    if args.mode is None:
+        if not args.counts_only:
+            raise ValueError("choose --mode hard --threshold T or --mode soft (or --counts-only to only count).")
+        return None
+    mode = pruning.PruningMode.parse(args.mode)
+    if mode is pruning.PruningMode.HARD and (args.threshold is None or args.threshold < 1):
+        raise ValueError(f"--mode hard needs --threshold T >= 1 (entries with v >= T are forgotten), got "
+                         f"{args.threshold!r}; see the v histogram from --counts-only to pick T.")
+    if mode is pruning.PruningMode.SOFT and args.threshold is not None:
+        raise ValueError("--threshold applies to --mode hard only; soft pruning weights every entry with v >= 1.")
+    return mode
+
+
+def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipeline] = None
+        ) -> beam.runners.runner.PipelineResult:
+    """Parses flags, builds the pruning graph on the latest version and runs it to completion."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    args, beam_args = build_arg_parser().parse_known_args(argv)
+    mode = _check_args(args)
+    root = args.memory.rstrip("/")
+    manifest = read_manifest(root)  # Version n, read once: everything below is computed on it.
+
+    p = test_pipeline or beam.Pipeline(options=PipelineOptions(with_default_runner(beam_args)))
+    entries = p | "ReadMemoryEntries" >> ReadMemoryEntries(root, manifest)
+    merged = (entries
+              | "SearchShards" >> SearchShards(root, manifest, k=args.k + 1, batch_size=args.query_batch)
+              | "MergeNeighbors" >> MergeNeighbors(args.k + 1))
+    counts = (merged, entries) | "CountMislabelledHits" >> CountMislabelledHits(manifest.class_names, k=args.k)
+    entries_read = entries | "CountEntries" >> beam.combiners.Count.Globally()
+    _ = (p
+         | "Once" >> beam.Create([None])
+         | "WriteCountsAndPublish" >> beam.ParDo(
+             _PublishFn(root, manifest, mode, args.k, args.threshold, args.counts_only),
+             counts=beam.pvalue.AsList(counts), entries_read=beam.pvalue.AsSingleton(entries_read)))
+    result = p.run()
+    result.wait_until_finish()
+    return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``vmem prune``: runs the job, then prints what was pruned / down-weighted and the v distribution.
+
+    Returns 0 on success, 2 on a bad flag, an unknown memory or a concurrent update (the message says why).
+    """
+    import json
+    import time
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        build_arg_parser().print_help()
+        return 0
+    args, _ = build_arg_parser().parse_known_args(argv)
+    start = time.monotonic()
+    try:
+        base = read_manifest(args.memory.rstrip("/")).version
+        run(argv)
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+        # ManifestError is a ValueError, ConcurrentUpdateError a RuntimeError: both name the fix.
+        if os.environ.get("VMEM_DEBUG"):
+            raise
+        print(f"vmem prune: error: {e}\n(set VMEM_DEBUG=1 for the traceback)", file=sys.stderr)
+        return EXIT_USAGE
+    elapsed = time.monotonic() - start
+    summary = json.loads(storage.read_text(pruning.summary_path(args.memory.rstrip("/"), base)))
+    outcome = summary["outcome"]
+    print(pruning.format_summary(summary))
+    if outcome["mode"] == "counts-only":
+        print(f"counts of version {base} (k={summary['k']}) in {outcome['counts_path']}; nothing published")
+    elif outcome["published_version"] is None:
+        print(f"no entry has v >= {summary['threshold']}: nothing to prune, nothing published "
+              f"(version {base} stays the latest)")
+    elif outcome["mode"] == pruning.PruningMode.HARD.value:
+        print(f"hard pruning: forgot {outcome['pruned']} of {outcome['entries']} entries (v >= "
+              f"{summary['threshold']}) -> version {outcome['published_version']}; compare with "
+              f"`vmem evaluate --version {base}`")
+    else:
+        print(f"soft pruning: down-weighted {outcome['down_weighted']} of {outcome['entries']} entries "
+              f"(gamma = 1.75/(1+v) for v >= 1) -> version {outcome['published_version']}")
+    print(f"done in {elapsed:.1f}s; counts in {outcome['counts_path']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -60,7 +60,7 @@ from memory.mutations import (DuplicateIdError, extended_class_names, live_ids, 
                               write_delta_shard)
 from memory.sharding import shard_for_id
 from memory.versions import ConcurrentUpdateError, latest_version, read_version
-from pipelines.build import with_default_runner
+from pipelines.runner import with_default_runner
 from pipelines.embed import DecodeImages, EmbedImages
 from pipelines.readers import FAILED_TAG, ImageSource, ReadImages, _failed, parse_image_spec
 from pipelines.records import EmbeddedImage, ImageRecord, Stage

@@ -32,6 +32,7 @@ from memory.index import IndexConfig, IndexKind
 from memory.manifest import MANIFEST_NAME
 from pipelines.embed import DecodeImages, EmbedImages
 from pipelines.readers import ImageSource, ReadImages, parse_image_spec
+from pipelines.runner import with_default_runner
 from pipelines.write import WriteDeadLetters, WriteManifest, WriteMemoryShards
 
 _LOG = logging.getLogger("visual_memory")
@@ -111,20 +112,9 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     config = resolve_config(args)
     source = parse_image_spec(args.images)
     prepare_output(args.output, overwrite=args.overwrite)
-    p = test_pipeline or beam.Pipeline(options=PipelineOptions(with_default_runner(beam_args)))
+    p = test_pipeline or beam.Pipeline(options=PipelineOptions(
+        with_default_runner(beam_args, threads_per_cpu=True)))
     build_pipeline(p, source=source, output=args.output, config=config)
     result = p.run()
     result.wait_until_finish()
     return result
-
-
-def with_default_runner(beam_args: Sequence[str]) -> list[str]:
-    """Defaults to Beam's in-process portable runner (what DirectRunner falls back to offline).
-
-    DirectRunner in Beam 2.77 first tries to download the Prism binary; offline that costs a failed
-    download on every run, so without an explicit ``--runner`` we go straight to the in-process runner.
-    """
-    args = list(beam_args)
-    if not any(a == "--runner" or a.startswith("--runner=") for a in args):
-        args.append("--runner=FnApiRunner")
-    return args

@@ -45,8 +45,8 @@ from memory import storage
 from memory.manifest import Manifest, read_manifest
 from memory.shard_search import (LoadedShard, PartialTopK, load_entry_weights, load_forgotten, merge_partials,
                                  searchable_shards)
-from memory.voting import VotingParams, VotingRule
-from pipelines.build import with_default_runner
+from memory.voting import VotingParams
+from pipelines.runner import with_default_runner
 from pipelines.embed import DecodeImages, EmbedImages
 from pipelines.readers import ReadImages, parse_image_spec
 from pipelines.write import WriteDeadLetters
@@ -331,7 +331,8 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     preprocess = resolve_preprocess(encoder)
     storage.makedirs(args.output)
 
-    p = test_pipeline or beam.Pipeline(options=PipelineOptions(with_default_runner(beam_args)))
+    p = test_pipeline or beam.Pipeline(options=PipelineOptions(
+        with_default_runner(beam_args, threads_per_cpu=True)))
     records, read_failures = p | "ReadQueries" >> ReadImages(source)
     images, decode_failures = records | "DecodeQueries" >> DecodeImages(preprocess)
     queries, embed_failures, identities = images | "EmbedQueries" >> EmbedImages(

@@ -47,7 +47,7 @@ from apache_beam.metrics import Metrics
 from memory import pruning, storage
 from memory.manifest import Manifest, read_manifest
 from memory.shard_search import load_forgotten, searchable_shards
-from pipelines.build import with_default_runner
+from pipelines.runner import with_default_runner
 from pipelines.evaluate import MergeNeighbors, QueryNeighbors, SearchShards
 from pipelines.records import EmbeddedImage
 

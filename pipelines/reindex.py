@@ -83,6 +83,7 @@ from memory.shard import ShardData
 from memory.sharding import shard_for_id
 from memory.versions import (ConcurrentUpdateError, _conflict, latest_version, list_versions, publish_version,
                              read_version)
+from pipelines.runner import with_default_runner
 
 _LOG = logging.getLogger("visual_memory")
 _NAMESPACE = "visual_memory"
@@ -421,13 +422,6 @@ def build_pipeline(p: beam.Pipeline, job: ReindexJob) -> beam.PCollection:
             | "Publish" >> beam.ParDo(_PublishFn(job), infos=beam.pvalue.AsList(infos)))
 
 
-def _with_default_runner(beam_args: Sequence[str]) -> list[str]:
-    # As pipelines.build.with_default_runner (not imported: it pulls in the encoder stack, ~2 s per launch):
-    # Beam 2.77's DirectRunner first tries to download Prism, which fails offline.
-    args = list(beam_args)
-    if not any(a == "--runner" or a.startswith("--runner=") for a in args):
-        args.append("--runner=FnApiRunner")
-    return args
 
 
 def finish_pending_purge(root: str) -> list[int]:
@@ -475,7 +469,7 @@ def execute(job: ReindexJob, beam_args: Sequence[str] = (), test_pipeline: Optio
               "rows to fold; writing to %s", job.root, job.version, job.new_version, job.plan.num_shards,
               list(job.plan.rebuilt), list(job.plan.reused), job.plan.forgotten_rows, job.plan.delta_rows,
               job.job_dir)
-    p = test_pipeline or beam.Pipeline(options=PipelineOptions(_with_default_runner(beam_args)))
+    p = test_pipeline or beam.Pipeline(options=PipelineOptions(with_default_runner(beam_args)))
     build_pipeline(p, job)
     try:
         result = p.run()

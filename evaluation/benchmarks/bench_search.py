@@ -49,12 +49,12 @@ from evaluation.benchmarks import synthetic
 K = 10
 # Searched fractions of the partitions (ScaNN leaves, faiss IVF lists), cheap to expensive. Going to 1.0
 # lets the sweep reach high recall even on unclustered data, where partitions barely prune.
-LEAF_FRACTIONS = (0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.2, 0.35, 0.6, 1.0)
+LEAF_FRACTIONS = (0.002, 0.003, 0.004, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.2, 0.35, 0.6, 1.0)
 # Candidates re-scored exactly (unsharded ScaNN reorder, faiss k_factor * k).
-REORDERS = (50, 100, 150, 200, 400, 1000, 2000)
+REORDERS = (50, 75, 100, 150, 200, 400, 1000, 2000)
 # Per-shard re-rank depth of the sharded memory: each shard holds ~1/S of a query's true neighbours, so
 # it needs a shallower re-rank than one big index; S shards x depth is the total exact work.
-SHARD_REORDERS = (20, 30, 50, 75, 100, 200, 500)
+SHARD_REORDERS = (15, 20, 25, 30, 50, 75, 100, 200, 500)
 HNSW_EF = (16, 32, 64, 128, 256, 512, 1024)
 DATASETS = ("structured", "gaussian")
 _PLATEAU = 0.002

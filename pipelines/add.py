@@ -55,21 +55,21 @@ from apache_beam.utils import shared
 
 from encoders.base import EncoderSpec, resolve_preprocess
 from memory import storage
-from memory.manifest import Manifest, ManifestError, ShardInfo
+from memory.manifest import ManifestError, ShardInfo
 from memory.mutations import (DuplicateIdError, extended_class_names, live_ids, publish_add, read_forgotten,
                               write_delta_shard)
 from memory.sharding import shard_for_id
 from memory.versions import ConcurrentUpdateError, latest_version, read_version
 from pipelines.runner import with_default_runner
-from pipelines.embed import DecodeImages, EmbedImages
+from pipelines.embed import (DecodeImages, EmbedImages, EncoderMismatchError, check_same_identity,
+                             memory_encoder_spec)
 from pipelines.readers import FAILED_TAG, ImageSource, ReadImages, _failed, parse_image_spec
-from pipelines.records import EmbeddedImage, ImageRecord, Stage
-from pipelines.write import DEAD_LETTER_DIR, entries_to_shard_data
+from pipelines.records import ImageRecord, Stage
+from pipelines.write import DEAD_LETTER_DIR, entries_to_shard_data, split_duplicate_ids
 
 _LOG = logging.getLogger("visual_memory")
 _NAMESPACE = "visual_memory"
 DEFAULT_DELTA_SHARD_SIZE = 50_000
-_IDENTITY_KEYS = ("name", "content_hash", "dim")
 
 __all__ = ["AddError", "AddPlan", "DEFAULT_DELTA_SHARD_SIZE", "PublishAdd", "RejectKnownIds", "WriteDeltaShards",
            "build_arg_parser", "launch", "main", "plan_add", "run"]
@@ -112,15 +112,6 @@ class AddPlan:
         return storage.join(self.root, DEAD_LETTER_DIR, f"add-v{self.new_version:06d}")
 
 
-def memory_encoder_spec(manifest: Manifest) -> EncoderSpec:
-    """The EncoderSpec a memory was built with (its build config records it)."""
-    encoder = manifest.build_config.get("encoder")
-    if not encoder:
-        raise AddError("the memory's manifest records no encoder spec (build_config.encoder), so new images cannot "
-                       "be embedded like the old ones; rebuild the memory with `vmem build`.")
-    return EncoderSpec.from_dict(encoder)
-
-
 def plan_add(root: str, *, job_id: str | None = None) -> AddPlan:
     """Reads the memory's latest version once and fixes everything the graph needs."""
     root = root.rstrip("/") or root
@@ -131,16 +122,13 @@ def plan_add(root: str, *, job_id: str | None = None) -> AddPlan:
                    class_names=tuple(manifest.class_names))
 
 
-def check_same_identity(memory_identity: dict, worker_identity_json: str) -> None:
-    """Refuses entries embedded by an encoder other than the memory's (name, content hash or dim)."""
-    worker = json.loads(worker_identity_json)
-    if any(memory_identity.get(k) != worker.get(k) for k in _IDENTITY_KEYS):
-        mem = {k: memory_identity.get(k) for k in _IDENTITY_KEYS}
-        got = {k: worker.get(k) for k in _IDENTITY_KEYS}
-        raise AddError(
-            f"the new images were embedded by encoder {got} but the memory was built with {mem} (its files changed "
-            "since the build?); mixing encoders makes distances meaningless. Restore the memory's encoder files "
-            "or build a new memory. Nothing was published.")
+def check_worker_identity(memory_identity: dict, worker_identity_json: str) -> None:
+    """Refuses entries embedded by an encoder other than the memory's."""
+    try:
+        check_same_identity(memory_identity, json.loads(worker_identity_json), what="the new images",
+                            fix="Restore the memory's encoder files or build a new memory. Nothing was published.")
+    except EncoderMismatchError as e:
+        raise AddError(str(e)) from None
 
 
 class _KnownIds:
@@ -209,18 +197,14 @@ class _WriteDeltaShardFn(beam.DoFn):
     def process(self, element, class_names, count, identities):
         for identity in identities:
             # Checked before writing, so a wrong encoder leaves no delta shard behind.
-            check_same_identity(self._plan.encoder_identity, identity)
+            check_worker_identity(self._plan.encoder_identity, identity)
         index, entries = element
         class_index = {name: i for i, name in enumerate(class_names)}
-        # Ids given twice in this add: keep the first by uri (deterministic), dead-letter the rest.
-        unique: dict[str, EmbeddedImage] = {}
-        for entry in sorted(entries, key=lambda e: (e.id, e.uri)):
-            if entry.id in unique:
-                yield _failed(entry.id, entry.uri, "duplicate_id",
-                              f"id given twice in this add; kept {unique[entry.id].uri}", Stage.EMBED)
-            else:
-                unique[entry.id] = entry
-        data = entries_to_shard_data(list(unique.values()), class_index)
+        kept, duplicates = split_duplicate_ids(entries)  # Ids given twice in this add.
+        for entry, first in duplicates:
+            yield _failed(entry.id, entry.uri, "duplicate_id", f"id given twice in this add; kept {first.uri}",
+                          Stage.EMBED)
+        data = entries_to_shard_data(kept, class_index)
         info = write_delta_shard(self._plan.root, data, version_tag=self._plan.version_tag, index=index, count=count)
         self._written.inc(info.count)
         _LOG.info("wrote delta shard %s: %d entries", info.name, info.count)
@@ -284,7 +268,7 @@ class _PublishAddFn(beam.DoFn):
     def process(self, unused, infos, identities, class_names, records_read, failed, dead_letter_files):
         plan = self._plan
         for identity in identities:
-            check_same_identity(plan.encoder_identity, identity)
+            check_worker_identity(plan.encoder_identity, identity)
         counts = check_counts(infos=infos, records_read=records_read, failed=failed,
                               dead_letter_dir=plan.dead_letter_dir)
         infos = sorted((i for i in infos if i.count), key=lambda i: i.name)
@@ -377,7 +361,7 @@ def _cause(error: BaseException, kinds: tuple[type, ...]) -> BaseException | Non
     return None
 
 
-_USER_ERRORS = (ConcurrentUpdateError, DuplicateIdError, AddError, ManifestError)
+_USER_ERRORS = (ConcurrentUpdateError, DuplicateIdError, AddError, EncoderMismatchError, ManifestError)
 
 
 def launch(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipeline] = None

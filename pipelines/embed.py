@@ -166,3 +166,37 @@ class EmbedImages(beam.PTransform):
         failures = (entries[FAILED_TAG], batch_failures) | "MergeEmbedFailures" >> beam.Flatten()
         identities = entries[_ToEntryFn.IDENTITY_TAG] | "DistinctIdentities" >> beam.Distinct()
         return entries.entries, failures, identities
+
+
+class EncoderMismatchError(RuntimeError):
+    """Images would be (or were) embedded by an encoder other than the memory's own."""
+
+
+IDENTITY_KEYS = ("name", "content_hash", "dim")
+
+
+def memory_encoder_spec(manifest) -> EncoderSpec:
+    """The EncoderSpec a memory was built with (its manifest's build config records it)."""
+    encoder = manifest.build_config.get("encoder")
+    if not encoder:
+        raise EncoderMismatchError(
+            "the memory's manifest records no encoder spec (build_config.encoder), so images cannot be embedded "
+            "like the memory's own; rebuild the memory with `vmem build`.")
+    return EncoderSpec.from_dict(encoder)
+
+
+def check_same_identity(memory_identity: dict, used_identity: dict, *, what: str, fix: str) -> None:
+    """Refuses embeddings made by an encoder other than the memory's (name, content hash or dim).
+
+    Args:
+      memory_identity: The manifest's encoder identity.
+      used_identity: The identity the workers reported (EncoderModelHandler's model_id, parsed).
+      what: What was embedded, for the message (e.g. "queries", "the new images").
+      fix: What the user should do.
+    """
+    if any(memory_identity.get(k) != used_identity.get(k) for k in IDENTITY_KEYS):
+        mem = {k: memory_identity.get(k) for k in IDENTITY_KEYS}
+        got = {k: used_identity.get(k) for k in IDENTITY_KEYS}
+        raise EncoderMismatchError(
+            f"{what} were embedded by encoder {got} but the memory was built with {mem} (its files changed since "
+            f"the build?); distances between different encoders are meaningless. {fix}")

@@ -40,14 +40,14 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
-from encoders.base import EncoderSpec, resolve_preprocess
+from encoders.base import resolve_preprocess
 from memory import storage
 from memory.manifest import Manifest, read_manifest
 from memory.shard_search import (LoadedShard, PartialTopK, load_entry_weights, load_forgotten, merge_partials,
                                  searchable_shards)
 from memory.voting import VotingParams
 from pipelines.runner import with_default_runner
-from pipelines.embed import DecodeImages, EmbedImages
+from pipelines.embed import DecodeImages, EmbedImages, check_same_identity, memory_encoder_spec
 from pipelines.readers import ReadImages, parse_image_spec
 from pipelines.write import WriteDeadLetters
 
@@ -74,25 +74,11 @@ class QueryNeighbors(NamedTuple):
     neighbors: PartialTopK
 
 
-def memory_encoder_spec(manifest: Manifest) -> EncoderSpec:
-    """The EncoderSpec a memory was built with (recorded in its build config)."""
-    encoder = manifest.build_config.get("encoder")
-    if not encoder:
-        raise EvaluationError("the memory's manifest records no encoder spec (build_config.encoder); rebuild it "
-                              "with `vmem build`.")
-    return EncoderSpec.from_dict(encoder)
-
-
-def check_same_identity(memory_identity: dict, query_identity: dict) -> None:
-    """Refuses queries embedded by a different encoder (name or content hash)."""
-    keys = ("name", "content_hash", "dim")
-    if any(memory_identity.get(k) != query_identity.get(k) for k in keys):
-        mem = {k: memory_identity.get(k) for k in keys}
-        qry = {k: query_identity.get(k) for k in keys}
-        raise EvaluationError(
-            f"queries were embedded by encoder {qry} but the memory was built with {mem}; distances between "
-            "different encoders are meaningless. Evaluate with the memory's own encoder files (leave --config "
-            "unset), or rebuild the memory with the new encoder.")
+def check_query_identity(memory_identity: dict, query_identity: dict) -> None:
+    """Refuses queries embedded by a different encoder."""
+    check_same_identity(memory_identity, query_identity, what="queries",
+                        fix="Evaluate with the memory's own encoder files (leave --config unset), or rebuild the "
+                            "memory with the new encoder.")
 
 
 class _SearchShardFn(beam.DoFn):
@@ -246,7 +232,7 @@ class _ReportFn(beam.DoFn):
         from memory.voting import predict_all_k
 
         for identity in identities:
-            check_same_identity(self._manifest.encoder, json.loads(identity))
+            check_query_identity(self._manifest.encoder, json.loads(identity))
         if not merged:
             raise EvaluationError(f"no query could be embedded ({failed} failed); see the reasons in "
                                   f"{storage.join(self._output, 'dead_letter')}/.")

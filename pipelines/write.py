@@ -45,6 +45,21 @@ def entries_to_shard_data(entries: list[EmbeddedImage], class_index: dict[str, i
         embeddings=np.stack([e.embedding for e in entries]).astype(np.float32))
 
 
+def split_duplicate_ids(entries) -> tuple[list[EmbeddedImage], list[tuple[EmbeddedImage, EmbeddedImage]]]:
+    """Keeps the first entry of each id (by uri, deterministic); returns (kept, [(duplicate, kept one)]).
+
+    Duplicate ids would make "forget id" ambiguous, so the extra copies become dead letters.
+    """
+    unique: dict[str, EmbeddedImage] = {}
+    duplicates = []
+    for entry in sorted(entries, key=lambda e: (e.id, e.uri)):
+        if entry.id in unique:
+            duplicates.append((entry, unique[entry.id]))
+        else:
+            unique[entry.id] = entry
+    return list(unique.values()), duplicates
+
+
 class _WriteShardFn(beam.DoFn):
     def __init__(self, output: str, num_shards: int, index_config: IndexConfig):
         self._output = output
@@ -55,16 +70,11 @@ class _WriteShardFn(beam.DoFn):
     def process(self, element, class_names):
         index, entries = element
         class_index = {name: i for i, name in enumerate(class_names)}
-        # Duplicate ids would make "forget id" ambiguous: keep the first (by uri, deterministic), report the rest.
-        unique: dict[str, EmbeddedImage] = {}
-        for entry in sorted(entries, key=lambda e: (e.id, e.uri)):
-            if entry.id in unique:
-                yield _failed(entry.id, entry.uri, "duplicate_id",
-                              f"id already used by {unique[entry.id].uri}", Stage.EMBED)
-            else:
-                unique[entry.id] = entry
+        kept, duplicates = split_duplicate_ids(entries)
+        for entry, first in duplicates:
+            yield _failed(entry.id, entry.uri, "duplicate_id", f"id already used by {first.uri}", Stage.EMBED)
         name, rel, path = shard_paths(self._output, index, self._num_shards)
-        data = entries_to_shard_data(list(unique.values()), class_index)
+        data = entries_to_shard_data(kept, class_index)
         info = write_shard(path, data, index_config=self._index_config, name=name, root_relative_path=rel)
         self._written.inc(info.count)
         _LOG.info("wrote %s: %d entries, index %s", name, info.count, info.index_kind)

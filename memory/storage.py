@@ -16,6 +16,7 @@ client's default 120 s of retries, and no credential discovery is attempted.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import os
 import posixpath
@@ -182,20 +183,30 @@ def write_bytes(path: str, data: bytes) -> None:
         # A single-request upload either creates the new generation or fails; there is no partial object.
         _blob(path).upload_from_string(bytes(data), retry=_retry())
         return
+    with staged_local_file(path, data) as tmp:
+        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def staged_local_file(path: str, data: bytes):
+    """Writes ``data`` durably (fsynced) to a temp file beside local ``path`` and yields the temp file's path.
+
+    The caller moves it into place (os.replace to overwrite, os.link to create exclusively); whatever is left
+    of the temp file is removed on exit, also on errors. The temp file lives in the target directory so the
+    move is a same-filesystem atomic operation; readers never see a partial file under ``path``.
+    """
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    # The temp file lives in the target directory so os.replace is a same-filesystem atomic rename.
     fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-" + os.path.basename(path) + "-")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        yield tmp
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
 
 
 def read_text(path: str, *, encoding: str = "utf-8") -> str:

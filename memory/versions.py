@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import tempfile
 from typing import Any
 
 from memory import storage
@@ -128,27 +127,18 @@ def _check_compatible(parent: Manifest, child: Manifest) -> None:
 
 def _create_exclusive_local(path: str, data: bytes) -> bool:
     """Creates ``path`` with ``data`` unless it exists; False if it existed. Never leaves a partial file."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-" + os.path.basename(path) + "-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+    with storage.staged_local_file(path, data) as tmp:
         try:
             # link() is atomic and refuses an existing target, unlike rename()/replace().
             os.link(tmp, path)
         except FileExistsError:
             return False
-        dir_fd = os.open(parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-        return True
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # Make the new directory entry durable before anyone relies on the version.
     finally:
-        os.remove(tmp)
+        os.close(dir_fd)
+    return True
 
 
 def _create_exclusive_gcs(path: str, data: bytes) -> bool:

@@ -28,6 +28,26 @@ def _save_tiny_encoder(path: str) -> None:
     tf.saved_model.save(module, path, signatures={"serving_default": module.__call__})
 
 
+def resaved_encoder_config(tmp_path, encoder_dir: str, *, num_shards: int) -> tuple[str, str]:
+    """A private copy of a SavedModel encoder and a config file using it: (config path, encoder copy dir).
+
+    Re-saving the copy afterwards (``_save_tiny_encoder``) keeps the spec but changes the content hash, which
+    is how tests simulate an encoder whose files changed after a memory was built.
+    """
+    import shutil
+    enc = str(tmp_path / "enc")
+    shutil.copytree(encoder_dir, enc)
+    config = tmp_path / "cfg.py"
+    config.write_text(
+        "from configs.build import BuildConfig\n"
+        "from encoders.base import EncoderKind, EncoderSpec, PreprocessSpec, ResizeMode\n"
+        "def get_config(variant=''):\n"
+        f"    return BuildConfig(encoder=EncoderSpec(kind=EncoderKind.SAVED_MODEL, uri={enc!r}, name='tiny',\n"
+        "        preprocess=PreprocessSpec(image_size=16, resize=ResizeMode.RESIZE_SQUARE)), "
+        f"num_shards={num_shards})\n")
+    return str(config), enc
+
+
 @pytest.fixture(scope="session")
 def tiny_encoder_dir(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("tiny_encoder") / "saved_model")

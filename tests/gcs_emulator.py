@@ -124,10 +124,15 @@ def gcs_bucket() -> Iterator[str]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        stop_process(proc)
         shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """Stops a server started by a fixture: terminate, then kill if it ignores that for 5 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)

@@ -28,6 +28,7 @@ from memory.build import build_memory_local
 from memory.index import IndexConfig, IndexKind
 from memory.versions import ConcurrentUpdateError, list_versions, publish_version, read_version
 from memory.visual_memory import VisualMemory
+from tests.gcs_emulator import stop_process
 from tests.memory.helpers import ENCODER, clustered
 
 BUCKET = "vmem-publish-test"
@@ -87,12 +88,7 @@ def fake_gcs() -> str:
             os.environ.pop("STORAGE_EMULATOR_HOST", None)
         else:
             os.environ["STORAGE_EMULATOR_HOST"] = previous
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        stop_process(proc)
 
 
 @pytest.fixture(scope="module")

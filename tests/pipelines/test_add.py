@@ -267,18 +267,10 @@ def test_vmem_add_cli_prints_what_was_added(data, flow, tmp_path, capsys):
 
 
 def test_refuses_a_memory_whose_encoder_files_changed(data, tiny_encoder_dir, tmp_path):
-    from tests.conftest import _save_tiny_encoder
-    enc = str(tmp_path / "enc")
-    shutil.copytree(tiny_encoder_dir, enc)
-    config = tmp_path / "cfg.py"
-    config.write_text(
-        "from configs.build import BuildConfig\n"
-        "from encoders.base import EncoderKind, EncoderSpec, PreprocessSpec, ResizeMode\n"
-        "def get_config(variant=''):\n"
-        f"    return BuildConfig(encoder=EncoderSpec(kind=EncoderKind.SAVED_MODEL, uri={enc!r}, name='tiny',\n"
-        "        preprocess=PreprocessSpec(image_size=16, resize=ResizeMode.RESIZE_SQUARE)), num_shards=1)\n")
+    from tests.conftest import _save_tiny_encoder, resaved_encoder_config
+    config, enc = resaved_encoder_config(tmp_path, tiny_encoder_dir, num_shards=1)
     mem = str(tmp_path / "mem")
-    build.run(["--images", data.test_old, "--output", mem, "--config", str(config)])
+    build.run(["--images", data.test_old, "--output", mem, "--config", config])
     shutil.rmtree(enc)
     _save_tiny_encoder(enc)  # Re-saved: different bytes, so a different content hash.
     with pytest.raises(add.AddError, match="meaningless"):

@@ -132,18 +132,10 @@ def test_evaluate_refuses_a_different_encoder(tiny_memory, fmnist_small, tmp_pat
 
 def test_evaluate_detects_changed_encoder_files(fmnist_small, tiny_encoder_dir, tmp_path):
     """Same spec, different weights (content hash): the job must refuse, not report nonsense."""
-    from tests.conftest import _save_tiny_encoder
-    enc = str(tmp_path / "enc")
-    shutil.copytree(tiny_encoder_dir, enc)
-    config = tmp_path / "cfg.py"
-    config.write_text(
-        "from configs.build import BuildConfig\n"
-        "from encoders.base import EncoderKind, EncoderSpec, PreprocessSpec, ResizeMode\n"
-        "def get_config(variant=''):\n"
-        f"    return BuildConfig(encoder=EncoderSpec(kind=EncoderKind.SAVED_MODEL, uri={enc!r}, name='tiny',\n"
-        "        preprocess=PreprocessSpec(image_size=16, resize=ResizeMode.RESIZE_SQUARE)), num_shards=2)\n")
+    from tests.conftest import _save_tiny_encoder, resaved_encoder_config
+    config, enc = resaved_encoder_config(tmp_path, tiny_encoder_dir, num_shards=2)
     mem = str(tmp_path / "mem")
-    build.run(["--images", os.path.join(fmnist_small, "test"), "--output", mem, "--config", str(config)])
+    build.run(["--images", os.path.join(fmnist_small, "test"), "--output", mem, "--config", config])
     shutil.rmtree(enc)
     _save_tiny_encoder(enc)  # Re-saved: different bytes, so a different content hash.
     with pytest.raises(Exception, match="meaningless"):

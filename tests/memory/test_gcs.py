@@ -58,7 +58,9 @@ def test_gcs_memory_matches_local(gcs_bucket, tmp_path):
     b = VisualMemory.open(str(tmp_path)).search(q, 10)
     np.testing.assert_array_equal(a.ids, b.ids)
     np.testing.assert_array_equal(a.labels, b.labels)
-    np.testing.assert_array_equal(a.distances, b.distances)
+    # Two separate tree+AH trainings lay out the data differently, so the exact re-ranking can differ in the
+    # last float bit (seen: 6e-8 in about half the runs); the neighbours above must be identical.
+    np.testing.assert_allclose(a.distances, b.distances, rtol=0, atol=1e-6)
     with pytest.raises(ManifestError, match="not a visual memory: gs://.*/empty/manifest.json missing"):
         VisualMemory.open(storage.join(gcs_bucket, "empty"))
 

@@ -15,7 +15,9 @@ Queries are embedded with the memory's own encoder (from its manifest); a differ
 Query batches fan out to the shards (keyed by shard, so one worker loads a shard once through a Shared
 handle), each shard returns a partial top-K per query, partials merge exactly per query (ties by id, as
 ``VisualMemory.search``), and the neighbour lists are written as JSONL before voting, so ``vmem vote`` can
-re-vote without re-searching.
+re-vote without re-searching. Voting runs per batch of merged queries where they were merged; only the
+per-rule, per-k counts of correct answers are summed into the one report worker, so no worker ever holds
+every query's neighbours.
 
 Pruned memories: a soft-pruned version (``vmem prune --mode soft``) carries entry weights; every
 neighbour then carries its weight (``neighbor_entry_weights`` in the JSONL), ``accuracy`` / ``best`` in
@@ -41,6 +43,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
 from encoders.base import resolve_preprocess
+from evaluation.metrics import CorrectCounts
 from memory import storage
 from memory.manifest import Manifest, read_manifest
 from memory.shard_search import (LoadedShard, PartialTopK, load_entry_weights, load_forgotten, merge_partials,
@@ -215,54 +218,121 @@ def pixel_baseline(root: str, manifest: Manifest, query_uris: Sequence[str], que
                               k=k)
 
 
+class VoteTally(NamedTuple):
+    """Votes of a set of queries, reduced to what the report needs (summable, a few KB whatever the count).
+
+    Attributes:
+      counts: Correct predictions per rule and k (weighted votes on a soft-pruned memory).
+      unpruned: On a soft-pruned memory, the same neighbours voted without entry weights; else None.
+      unknown_labels: Query class names the memory does not know (their queries count as wrong).
+    """
+    counts: CorrectCounts
+    unpruned: CorrectCounts | None
+    unknown_labels: frozenset[str]
+
+
+def vote_batch(batch: Sequence[tuple[str, QueryNeighbors]], class_index: dict[str, int], k_max: int,
+               params: VotingParams) -> VoteTally:
+    """Votes one batch of merged neighbour lists with every rule at every k (pure numpy, no Beam)."""
+    from evaluation.neighbors_io import to_arrays
+    from memory.voting import predict_all_k
+
+    records = [to_record(qid, q, class_index) for qid, q in batch]
+    labels, distances, true, entry_weights = to_arrays(records, k_max)
+    counts = CorrectCounts.of(predict_all_k(labels, distances, k_max=k_max, params=params,
+                                            entry_weights=entry_weights), true)
+    unpruned = None
+    if entry_weights is not None:
+        unpruned = CorrectCounts.of(predict_all_k(labels, distances, k_max=k_max, params=params), true)
+    unknown = frozenset(q.label for _, q in batch if q.label not in class_index)
+    return VoteTally(counts, unpruned, unknown)
+
+
+def sum_tallies(tallies: Sequence[VoteTally]) -> VoteTally:
+    """Adds the tallies of disjoint query sets."""
+    unpruned = [t.unpruned for t in tallies]
+    if any(u is None for u in unpruned) and not all(u is None for u in unpruned):
+        raise ValueError("cannot add weighted and unweighted vote tallies (queries of one memory version "
+                         "are either all weighted or all not)")
+    return VoteTally(CorrectCounts.sum(t.counts for t in tallies),
+                     None if unpruned[0] is None else CorrectCounts.sum(unpruned),
+                     frozenset().union(*(t.unknown_labels for t in tallies)))
+
+
+class _SumTalliesFn(beam.CombineFn):
+    """Sums VoteTally values; None when there were no queries at all."""
+
+    def create_accumulator(self):
+        return None
+
+    def add_input(self, acc, tally):
+        return self.merge_accumulators([acc, tally])
+
+    def merge_accumulators(self, accumulators):
+        present = [a for a in accumulators if a is not None]
+        return sum_tallies(present) if present else None
+
+    def extract_output(self, acc):
+        return acc
+
+
+class VoteNeighbors(beam.PTransform):
+    """(query id, merged QueryNeighbors) -> one VoteTally for all queries.
+
+    Each batch of queries is voted where it was merged; only the per-rule, per-k correct counts travel
+    to the single report worker, so the job's memory does not grow with the number of queries.
+    """
+
+    def __init__(self, class_names: Sequence[str], k_max: int, params: VotingParams, *, batch_size: int = 1024):
+        super().__init__()
+        self._class_index = {c: i for i, c in enumerate(class_names)}
+        self._k_max = k_max
+        self._params = params
+        self._batch_size = batch_size
+
+    def expand(self, merged):
+        class_index, k_max, params = self._class_index, self._k_max, self._params
+        return (merged
+                | "BatchForVote" >> beam.BatchElements(min_batch_size=1, max_batch_size=self._batch_size)
+                | "VoteBatch" >> beam.Map(lambda batch: vote_batch(batch, class_index, k_max, params))
+                | "SumTallies" >> beam.CombineGlobally(_SumTalliesFn()))
+
+
 class _ReportFn(beam.DoFn):
-    def __init__(self, output: str, root: str, manifest: Manifest, k_max: int, params: VotingParams,
+    def __init__(self, output: str, root: str, manifest: Manifest, params: VotingParams,
                  extra: dict, pixel_baseline_k: int | None):
         self._output = output
         self._root = root
         self._manifest = manifest
-        self._k_max = k_max
         self._params = params
         self._extra = extra
         self._pixel_k = pixel_baseline_k
 
-    def process(self, unused, merged, identities, failed, neighbor_files):
-        from evaluation import metrics, report as report_lib
-        from evaluation.neighbors_io import to_arrays
-        from memory.voting import predict_all_k
+    def process(self, unused, tally, identities, failed, neighbor_files, pixel_queries):
+        from evaluation import report as report_lib
 
         for identity in identities:
             check_query_identity(self._manifest.encoder, json.loads(identity))
-        if not merged:
+        if tally is None or tally.counts.queries == 0:
             raise EvaluationError(f"no query could be embedded ({failed} failed); see the reasons in "
                                   f"{storage.join(self._output, 'dead_letter')}/.")
-        merged = sorted(merged, key=lambda kv: kv[0])
-        class_index = {c: i for i, c in enumerate(self._manifest.class_names)}
-        records = [to_record(qid, q, class_index) for qid, q in merged]
-        labels, distances, true, entry_weights = to_arrays(records, self._k_max)
-        preds = predict_all_k(labels, distances, k_max=self._k_max, params=self._params,
-                              entry_weights=entry_weights)
-        table = metrics.accuracy_table(preds, true)
-        unpruned = None
-        if entry_weights is not None:
-            # Soft-pruned memory: `accuracy` is the weighted vote; the same neighbours voted without the
-            # weights give the "without pruning" table next to it.
-            unpruned = metrics.accuracy_table(
-                predict_all_k(labels, distances, k_max=self._k_max, params=self._params), true)
-        unknown = sorted({q.label for _, q in merged if q.label not in class_index})
         baselines = {}
         if self._pixel_k:
-            baselines = pixel_baseline(self._root, self._manifest, [q.uri for _, q in merged], true,
-                                       k=self._pixel_k)
+            # Only here are the queries' uris gathered (the raw-pixel baseline loads every image anyway).
+            refs = sorted(pixel_queries)
+            baselines = pixel_baseline(self._root, self._manifest, [uri for _, uri, _ in refs],
+                                       np.array([label for _, _, label in refs], dtype=np.int64), k=self._pixel_k)
         weights_ref = self._manifest.entry_weights
         weights_info = None if weights_ref is None else {
             "kind": weights_ref.kind, "count": weights_ref.count, "params": dict(weights_ref.params)}
-        report = report_lib.build_report(table, queries=len(records), failed=failed, extra=dict(
-            self._extra, neighbor_files=sorted(neighbor_files), memory_entries=self._manifest.total,
-            memory_version=self._manifest.version, entry_weights=weights_info,
-            query_classes_unknown_to_memory=unknown, softmax_tau=self._params.softmax_tau,
-            rank_alpha=self._params.rank_alpha, rank_convention="weight 1/(alpha + i), i 0-based",
-            tie_rule="first class to reach the top score wins"), unpruned_table=unpruned)
+        report = report_lib.build_report(
+            tally.counts.table(), queries=tally.counts.queries, failed=failed, extra=dict(
+                self._extra, neighbor_files=sorted(neighbor_files), memory_entries=self._manifest.total,
+                memory_version=self._manifest.version, entry_weights=weights_info,
+                query_classes_unknown_to_memory=sorted(tally.unknown_labels), softmax_tau=self._params.softmax_tau,
+                rank_alpha=self._params.rank_alpha, rank_convention="weight 1/(alpha + i), i 0-based",
+                tie_rule="first class to reach the top score wins"),
+            unpruned_table=None if tally.unpruned is None else tally.unpruned.table())
         with tempfile.TemporaryDirectory() as tmp:
             report_lib.write_report(tmp, report, baselines=baselines)
             if storage.is_gcs(self._output):
@@ -318,7 +388,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     storage.makedirs(args.output)
 
     p = test_pipeline or beam.Pipeline(options=PipelineOptions(
-        with_default_runner(beam_args, threads_per_cpu=True)))
+        with_default_runner(beam_args)))
     records, read_failures = p | "ReadQueries" >> ReadImages(source)
     images, decode_failures = records | "DecodeQueries" >> DecodeImages(preprocess)
     queries, embed_failures, identities = images | "EmbedQueries" >> EmbedImages(
@@ -333,12 +403,18 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     extra = {"command": "vmem evaluate", "memory": root, "version_pinned": args.version,
              "images": source.to_dict(),
              "encoder": manifest.encoder.get("name"), "k_max": args.k_max}
+    tally = merged | "Vote" >> VoteNeighbors(manifest.class_names, args.k_max, params)
+    class_index = {c: i for i, c in enumerate(manifest.class_names)}
+    pixel = bool(args.pixel_baseline)
+    pixel_queries = merged | "PixelBaselineQueries" >> beam.FlatMapTuple(
+        lambda qid, q: [(qid, q.uri, class_index.get(q.label, -1))] if pixel else [])
     _ = (p
          | "Once" >> beam.Create([None])
-         | "VoteAndReport" >> beam.ParDo(
-             _ReportFn(args.output, root, manifest, args.k_max, params, extra, args.pixel_baseline),
-             merged=beam.pvalue.AsList(merged), identities=beam.pvalue.AsList(identities),
-             failed=beam.pvalue.AsSingleton(failed), neighbor_files=beam.pvalue.AsList(neighbor_files)))
+         | "Report" >> beam.ParDo(
+             _ReportFn(args.output, root, manifest, params, extra, args.pixel_baseline),
+             tally=beam.pvalue.AsSingleton(tally), identities=beam.pvalue.AsList(identities),
+             failed=beam.pvalue.AsSingleton(failed), neighbor_files=beam.pvalue.AsList(neighbor_files),
+             pixel_queries=beam.pvalue.AsList(pixel_queries)))
     result = p.run()
     result.wait_until_finish()
     return result

@@ -76,6 +76,34 @@ def test_merge_partials_is_exact_and_order_independent(synthetic_memory):
         np.testing.assert_array_equal(m.labels, ref.labels)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_vote_neighbors_in_batches_equals_one_vote_over_all_queries(synthetic_memory, weighted):
+    """Voting where the queries were merged and summing counts == gathering every list and voting once."""
+    from evaluation.metrics import accuracy_table
+    from memory.shard_search import PartialTopK
+    from memory.voting import VotingParams
+    root, _ = synthetic_memory
+    class_names = read_manifest(root).class_names
+    rng = np.random.default_rng(3)
+    n, k = 45, 9
+    labels = rng.integers(0, len(class_names), size=(n, k)).astype(np.int32)
+    dists = np.sort(rng.random((n, k)).astype(np.float32), axis=1)
+    weights = rng.random((n, k)).astype(np.float32) if weighted else None
+    true_names = [class_names[i % len(class_names)] for i in range(n - 2)] + ["not-a-class"] * 2
+    merged = [(f"q{i:03d}", evaluate.QueryNeighbors(true_names[i], f"/q/{i}", PartialTopK(
+        np.array([[f"e{j}" for j in range(k)]]), labels[i:i + 1], dists[i:i + 1],
+        None if weights is None else weights[i:i + 1]))) for i in range(n)]
+    true = np.array([class_names.index(t) if t in class_names else -1 for t in true_names])
+    expected = accuracy_table(predict_all_k(labels, dists, entry_weights=weights), true)
+
+    with TestPipeline(runner="FnApiRunner") as p:
+        tally = (p | beam.Create(merged)
+                 | evaluate.VoteNeighbors(class_names, k, VotingParams(), batch_size=8))
+        got = tally | beam.Map(lambda t: (t.counts.queries, t.counts.table(), sorted(t.unknown_labels),
+                                          t.unpruned is not None))
+        assert_that(got, equal_to([(n, expected, ["not-a-class"], weighted)]))
+
+
 @pytest.fixture(scope="module")
 def tiny_memory(fmnist_small, tiny_encoder_config_file, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("tiny_eval") / "mem")

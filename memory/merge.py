@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence, Union
 
 import numpy as np
 
+# Per-partial key arrays, or a function from global indices (any shape) to keys of that shape.
+TieKeys = Union[Sequence[np.ndarray], Callable[[np.ndarray], np.ndarray]]
+
 
 def merge_topk(partials: Sequence[tuple[np.ndarray, np.ndarray]], k: int, *,
-               tie_keys: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+               tie_keys: TieKeys | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Merges per-shard top-k results into the global top-k, nearest first.
 
     The result is exact given exact partials: every true global top-k neighbour is in its own shard's top-k,
@@ -22,7 +25,9 @@ def merge_topk(partials: Sequence[tuple[np.ndarray, np.ndarray]], k: int, *,
         -1 and distance +inf. k_s may differ between shards.
       k: Number of neighbours to return, >= 1.
       tie_keys: Optional per-partial arrays shaped like the indices (e.g. entry ids as strings) used to
-        order equal distances; by default the global index orders them.
+        order equal distances, or a function mapping global indices to such keys (only called for the
+        rare query rows that have a tie among their first k + 1 candidates); by default the global index
+        orders them.
 
     Returns:
       (global_idx int64 [nq, k], distances float32 [nq, k]); padded with -1 / +inf when fewer than k
@@ -32,7 +37,8 @@ def merge_topk(partials: Sequence[tuple[np.ndarray, np.ndarray]], k: int, *,
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     if not partials:
         raise ValueError("merge_topk needs at least one partial result")
-    if tie_keys is not None and len(tie_keys) != len(partials):
+    keys_fn = tie_keys if callable(tie_keys) else None
+    if tie_keys is not None and keys_fn is None and len(tie_keys) != len(partials):
         raise ValueError(f"tie_keys has {len(tie_keys)} arrays for {len(partials)} partials; pass one per partial")
     nq = np.shape(partials[0][0])[0]
     idx_parts, dist_parts = [], []
@@ -42,7 +48,7 @@ def merge_topk(partials: Sequence[tuple[np.ndarray, np.ndarray]], k: int, *,
         if idx.ndim != 2 or idx.shape != dist.shape or idx.shape[0] != nq:
             raise ValueError(
                 f"partial {s}: indices {idx.shape} and distances {dist.shape} must both be [nq={nq}, k_s]")
-        if tie_keys is not None and np.shape(tie_keys[s]) != idx.shape:
+        if tie_keys is not None and keys_fn is None and np.shape(tie_keys[s]) != idx.shape:
             raise ValueError(f"tie_keys[{s}] has shape {np.shape(tie_keys[s])}, expected {idx.shape}")
         idx_parts.append(idx)
         dist_parts.append(dist)
@@ -50,10 +56,20 @@ def merge_topk(partials: Sequence[tuple[np.ndarray, np.ndarray]], k: int, *,
     all_dist = np.concatenate(dist_parts, axis=1)
     # Padding must sort after every real hit whatever its tie key, so force pads to +inf.
     all_dist = np.where(all_idx < 0, np.float32(np.inf), all_dist)
-    secondary = all_idx if tie_keys is None else np.concatenate([np.asarray(t) for t in tie_keys], axis=1)
     # Row-wise lexsort: last key (distance) is primary. The candidate count is shards * k, small enough that
-    # a full sort beats argpartition, which cannot honour the secondary key at the k-th boundary.
-    order = np.lexsort((secondary, all_dist), axis=-1)
+    # a full sort beats argpartition, which cannot honour the secondary key at the k-th boundary. Numeric
+    # keys first; only rows with equal distances among their first k + 1 candidates need the tie keys
+    # (string ids are ~10x slower to sort, and exact ties are rare).
+    order = np.lexsort((all_idx, all_dist), axis=-1)
+    if tie_keys is not None:
+        head = np.take_along_axis(all_dist, order[:, :k + 1], axis=1)
+        tied = np.flatnonzero((np.isfinite(head[:, 1:]) & (head[:, 1:] == head[:, :-1])).any(axis=1))
+        if tied.size:
+            if keys_fn is not None:
+                keys = np.asarray(keys_fn(np.maximum(all_idx[tied], 0)))
+            else:
+                keys = np.concatenate([np.asarray(t)[tied] for t in tie_keys], axis=1)
+            order[tied] = np.lexsort((keys, all_dist[tied]), axis=-1)
     take = min(k, order.shape[1])
     order = order[:, :take]
     out_idx = np.full((nq, k), -1, dtype=np.int64)

@@ -8,10 +8,12 @@ shards that is the same answer as a memory built from scratch without the forgot
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import io
 import math
 import os
+import threading
 from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 import numpy as np
@@ -31,6 +33,14 @@ if TYPE_CHECKING:
     from encoders.base import Encoder, PreprocessSpec
 
 _PAD_ID = ""
+
+
+def _resolve_threads(threads: int | None, shards: int) -> int:
+    if threads is None:
+        return max(1, min(os.cpu_count() or 1, shards))
+    if not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise ValueError(f"search_threads must be None or an int >= 1, got {threads!r}")
+    return int(threads)
 
 
 def _num_leaves(index: ShardIndex) -> int:
@@ -69,7 +79,8 @@ class VisualMemory:
     def __init__(self, root: str, manifest: Manifest, indices: Sequence[ShardIndex | None],
                  ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, *,
                  forgotten: np.ndarray | None = None,
-                 entry_weights: tuple[np.ndarray, np.ndarray] | None = None):
+                 entry_weights: tuple[np.ndarray, np.ndarray] | None = None,
+                 search_threads: int | None = None):
         self._root = root
         self._manifest = manifest
         self._indices = list(indices)
@@ -95,15 +106,22 @@ class VisualMemory:
         # The query encoder is loaded on the first image query only: vector queries and search never need
         # TensorFlow, and loading a model takes seconds.
         self._encoder: Encoder | None = None
+        searchable = sum(ix is not None for ix in self._indices)
+        self._search_threads = _resolve_threads(search_threads, searchable)
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
 
     @classmethod
-    def open(cls, path: str, *, version: int | None = None, verify: bool = False) -> VisualMemory:
+    def open(cls, path: str, *, version: int | None = None, verify: bool = False,
+             search_threads: int | None = None) -> VisualMemory:
         """Opens a memory at its latest version, or at a pinned one.
 
         Args:
           path: Memory root (the directory holding versions/ and manifest.json), local or ``gs://``.
           version: A version number to open instead of the latest (see `memory.versions.history`).
           verify: Recompute every shard's checksum against the manifest (reads all embeddings).
+          search_threads: Shards searched at once by `search` (ScaNN releases the GIL, so shards run in
+            parallel); None -> one per CPU, at most one per shard; 1 -> one after another.
 
         Returns:
           The opened memory.
@@ -141,14 +159,16 @@ class VisualMemory:
             raise ManifestError(f"version {manifest.version}: {forgotten.size} tombstoned ids but only "
                                 f"{int(np.isin(all_ids, forgotten).sum())} of them are in its shards")
         return cls(root, manifest, indices, all_ids, all_labels, np.asarray(offsets, dtype=np.int64),
-                   forgotten=forgotten, entry_weights=read_entry_weights(root, manifest))
+                   forgotten=forgotten, entry_weights=read_entry_weights(root, manifest),
+                   search_threads=search_threads)
 
-    def with_search_params(self, *, leaves_fraction: float | None = None, reorder: int | None = None
-                           ) -> VisualMemory:
+    def with_search_params(self, *, leaves_fraction: float | None = None, reorder: int | None = None,
+                           threads: int | None = None) -> VisualMemory:
         """A view of this memory whose tree+AH shards probe another fraction of their leaves / re-rank more.
 
         Shares every loaded index (nothing is copied or rebuilt); brute-force shards are unaffected. Use it to
-        trade recall for speed on a built memory (see evaluation/benchmarks/bench_search.py).
+        trade recall for speed on a built memory (see evaluation/benchmarks/bench_search.py). ``threads``
+        sets how many shards are searched at once (see `open`); None keeps this memory's setting.
         """
         if leaves_fraction is not None and not 0.0 < leaves_fraction <= 1.0:
             raise ValueError(f"leaves_fraction must be in (0, 1], got {leaves_fraction}")
@@ -159,7 +179,22 @@ class VisualMemory:
                 else max(1, math.ceil(leaves_fraction * _num_leaves(ix))),
                 reorder=reorder)
             for ix in self._indices]
+        if threads is not None:
+            view._search_threads = _resolve_threads(threads, sum(ix is not None for ix in self._indices))
+            view._pool, view._pool_lock = None, threading.Lock()
         return view
+
+    @property
+    def search_threads(self) -> int:
+        """How many shards `search` searches at once."""
+        return self._search_threads
+
+    def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=self._search_threads, thread_name_prefix="vmem-search")
+            return self._pool
 
     def __len__(self) -> int:
         """Number of live entries (forgotten ones excluded)."""
@@ -209,27 +244,31 @@ class VisualMemory:
                 "the memory's encoder")
         q = l2_normalize(q) if q.shape[0] else q.astype(np.float32)
         nq = q.shape[0]
-        partials, keys = [], []
-        for s, index in enumerate(self._indices):
-            if index is None:
-                continue
+
+        def search_shard(s: int) -> tuple[np.ndarray, np.ndarray]:
             dead = self._dead_per_shard[s]
             # With t tombstoned rows in the shard, its k + t nearest hold its k nearest live rows (exactly,
             # for brute force: ties come in ascending id order with or without the dead rows).
-            local, dist = index.search(q, k + dead)
+            local, dist = self._indices[s].search(q, k + dead)
             glob = np.where(local >= 0, local + self._offsets[s], -1)
             if dead:
                 hidden = (glob >= 0) & self._dead[np.maximum(glob, 0)]
                 glob = np.where(hidden, -1, glob)
                 dist = np.where(hidden, np.float32(np.inf), dist)
-            partials.append((glob, dist))
-            keys.append(np.where(glob >= 0, self._ids[np.maximum(glob, 0)], _PAD_ID))
-        weights_pad = None if self._row_weights is None else np.ones((nq, k), dtype=np.float32)
+            return glob, dist
+
+        shards = [s for s, index in enumerate(self._indices) if index is not None]
+        if self._search_threads > 1 and len(shards) > 1 and nq:
+            partials = list(self._executor().map(search_shard, shards))
+        else:
+            partials = [search_shard(s) for s in shards]
         if not partials:
             return SearchResult(ids=np.full((nq, k), _PAD_ID, dtype="<U1"),
                                 labels=np.full((nq, k), -1, dtype=np.int32),
-                                distances=np.full((nq, k), np.inf, dtype=np.float32), weights=weights_pad)
-        gidx, dist = merge_topk(partials, k, tie_keys=keys)
+                                distances=np.full((nq, k), np.inf, dtype=np.float32),
+                                weights=None if self._row_weights is None else np.ones((nq, k), dtype=np.float32))
+        # Ties between shards are ordered by entry id (looked up only for rows that have a tie).
+        gidx, dist = merge_topk(partials, k, tie_keys=lambda rows: self._ids[rows])
         valid = gidx >= 0
         safe = np.maximum(gidx, 0)
         ids = np.where(valid, self._ids[safe], _PAD_ID)

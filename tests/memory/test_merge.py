@@ -56,12 +56,36 @@ def test_one_vs_four_partitions_identical_with_string_tie_keys():
             parts.append((cols[order], np.take_along_axis(d, order, axis=1)))
             keys.append(ids[cols[order]])
         idx, d = merge_topk(parts, k, tie_keys=keys)
+        # Keys looked up from the global index give the same answer.
+        idx_fn, d_fn = merge_topk(parts, k, tie_keys=lambda rows: ids[rows])
+        np.testing.assert_array_equal(idx_fn, idx)
+        np.testing.assert_array_equal(d_fn, d)
         results.append((ids[idx], d))
     np.testing.assert_array_equal(results[0][0], results[1][0])
     np.testing.assert_array_equal(results[0][1], results[1][1])
     # And it is the id-ordered exact answer.
     order = np.lexsort((np.broadcast_to(ids, dist.shape), dist), axis=1)[:, :k]
     np.testing.assert_array_equal(results[0][0], ids[order])
+
+
+def test_tie_keys_only_reorder_rows_with_ties():
+    """Rows without equal distances take the fast numeric path; tied rows still follow the key order."""
+    rng = np.random.default_rng(2)
+    nq, n, k = 40, 200, 10
+    ids = np.array([f"{rng.integers(0, 10**6):07d}-{i}" for i in range(n)])  # Key order != index order.
+    dist = rng.random((nq, n)).astype(np.float32)
+    dist[::3] = (rng.integers(0, 6, size=dist[::3].shape) / 6).astype(np.float32)  # Every third row: ties.
+    shard_of = rng.integers(0, 3, n)
+    parts = []
+    for s in range(3):
+        cols = np.flatnonzero(shard_of == s)
+        d = dist[:, cols]
+        order = np.lexsort((np.broadcast_to(ids[cols], d.shape), d), axis=1)[:, :k]
+        parts.append((cols[order], np.take_along_axis(d, order, axis=1)))
+    idx, d = merge_topk(parts, k, tie_keys=lambda rows: ids[rows])
+    order = np.lexsort((np.broadcast_to(ids, dist.shape), dist), axis=1)[:, :k]
+    np.testing.assert_array_equal(idx, order)
+    np.testing.assert_array_equal(d, np.take_along_axis(dist, order, axis=1))
 
 
 def test_padding_when_fewer_than_k_candidates():

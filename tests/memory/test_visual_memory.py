@@ -1,5 +1,8 @@
 """build_memory_local + VisualMemory.open + search, against brute force over the stored embeddings."""
 
+import concurrent.futures
+import os
+
 import numpy as np
 import pytest
 
@@ -82,6 +85,24 @@ def test_search_exact_and_shard_count_invariant(built):
     dup_ids = results[4].ids[0]
     assert np.all(results[4].distances[0] < 1e-5)
     assert dup_ids.tolist() == sorted(dup_ids.tolist())
+
+
+def test_parallel_shard_search_equals_sequential(built):
+    root, _, (_, _, _, _, q) = built[4]
+    mem = VisualMemory.open(str(root))
+    assert mem.search_threads == min(4, os.cpu_count() or 1)
+    seq = VisualMemory.open(str(root), search_threads=1)
+    par = seq.with_search_params(threads=4)
+    assert seq.search_threads == 1 and par.search_threads == 4
+    a, b = seq.search(q, K), par.search(q, K)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_array_equal(a.distances, b.distances)
+    # Many threads calling one memory at once get the same answers (the pool is shared and thread-safe).
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        got = np.concatenate([r.ids for r in pool.map(lambda i: par.search(q[i:i + 7], K), range(0, len(q), 7))])
+    np.testing.assert_array_equal(got, a.ids)
+    with pytest.raises(ValueError, match="search_threads"):
+        VisualMemory.open(str(root), search_threads=0)
 
 
 def test_tree_ah_memory_recall(tmp_path):

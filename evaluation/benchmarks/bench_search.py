@@ -1,19 +1,21 @@
 """Search speed at matched recall: exact numpy vs ScaNN vs the sharded memory vs faiss, side by side.
 
     python -m evaluation.benchmarks.bench_search [--n 1000000] [--dim 256] [--queries 1000] [--shards 4] \
-        [--datasets structured,gaussian] [--real-embeddings PATH]
+        [--datasets structured,gaussian] [--real-embeddings PATH] [--leaves-factors 0.5,1] [--threads 1]
 
 For each dataset one table, all methods measured in this one process on the same query batch:
 
 1. ``exact numpy``: blocked float32 matmul + top-k selection over unit vectors (the baseline; BLAS threads
    as configured, 2 on the reference machine).
-2. ``scann``: one unsharded `memory.index.ShardIndex` (TREE_AH) over all n vectors.
+2. ``scann``: one unsharded `memory.index.ShardIndex` (TREE_AH) over all n vectors, built once per
+   ``--leaves-factors`` entry (factor * sqrt(n) leaves).
 3. ``memory``: the same data in ``--shards`` shards (ids hashed by `memory.sharding.shard_for_id`), built
    with `memory.build.build_memory_local` into a temp dir and queried through
    `memory.visual_memory.VisualMemory.search` (per-shard ScaNN + `memory.merge.merge_topk`). Each shard
-   gets leaves/S leaves (the unsharded index's leaf size) and the same training sample; build time
-   includes writing the shard files and opening the memory.
-4. ``faiss ivfpq-fs``: IVF + 4-bit PQ fast-scan + exact float re-ranking (``IVF{nlist},PQ{m}x4fs,RFlat``);
+   gets leaves/S leaves of the fastest unsharded index (the same leaf size) and the same training sample;
+   build time includes writing the shard files and opening the memory.
+4. ``faiss ivfpq-fs``: IVF + 4-bit PQ fast-scan + exact float re-ranking (``IVF{nlist},PQ{m}x4fs,RFlat``),
+   one index per ``--leaves-factors`` entry like ScaNN;
    ``faiss hnsw``: HNSW32 (only up to ``--hnsw-max-n`` points; its build on 1M x 256 takes too long here).
 
 Each approximate method sweeps its search-time knob (leaves probed and re-rank depth, nprobe and k_factor,
@@ -21,9 +23,11 @@ efSearch) from cheap to expensive; every sweep row is printed and the fastest ro
 recall@k >= ``--target-recall`` is the method's headline. QPS is the best of ``--repeats`` timings of the
 whole query batch. A final "targets" block compares the structured-data figures with the project targets.
 
-Thread policy (printed): ScaNN searches through ``ShardIndex.search`` -> ``search_batched`` (one thread;
-the memory API has no parallel search), faiss is given the same ``--threads`` (default 1), numpy's
-matmul uses every BLAS thread. The baseline thus gets more cores than the indexes: ratios are conservative.
+Thread policy (printed): ``--threads T`` (default 1) search threads for every index method: the unsharded
+ScaNN index splits the query batch into T chunks searched at once (``ShardIndex.search`` ->
+``search_batched``; ScaNN releases the GIL), the memory searches T shards at once
+(``VisualMemory.open(search_threads=T)``), faiss gets ``omp_set_num_threads(T)``. numpy's matmul uses
+every BLAS thread, so the baseline gets at least as many cores as the indexes: ratios are conservative.
 
 Sweeps tune the built indexes in place through ``ShardIndex.with_search_params`` and
 ``VisualMemory.with_search_params`` (same searchers, other leaves-to-search / re-rank depth) instead of
@@ -33,6 +37,7 @@ rebuilding per setting. The memory's own search code path is used unchanged.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import enum
 import math
@@ -119,7 +124,7 @@ class Settings:
     target_recall: float
     threads: int
     build_threads: int
-    leaves_factor: float
+    leaves_factors: tuple[float, ...]
     training_sample: int
     hnsw_max_n: int
     centres: int
@@ -280,9 +285,9 @@ def _num_leaves(n: int, factor: float) -> int:
 # --------------------------------------------------------------------------------------------- methods
 
 
-def _scann_config(n: int, s: Settings):
+def _scann_config(n: int, s: Settings, factor: float):
     from memory.index import IndexConfig, IndexKind  # pylint: disable=g-import-not-at-top
-    leaves = _num_leaves(n, s.leaves_factor)
+    leaves = _num_leaves(n, factor)
     return IndexConfig(kind=IndexKind.TREE_AH, num_leaves=leaves, num_leaves_to_search=max(1, leaves // 50),
                        reorder=100, dims_per_block=2, anisotropic_quantization_threshold=0.2,
                        training_sample_size=min(n, s.training_sample))
@@ -302,27 +307,50 @@ def run_exact(data: Dataset, s: Settings) -> ResultRow:
 
 
 def run_scann(data: Dataset, s: Settings, exact_qps: float) -> list[ResultRow]:
+    """One unsharded ScaNN index per partition count in ``--leaves-factors``, each swept."""
     from memory.index import ShardIndex  # pylint: disable=g-import-not-at-top
     n = data.base.shape[0]
-    cfg = _scann_config(n, s)
-    start = time.perf_counter()
-    index = ShardIndex.build(data.base, cfg)
-    build_s = time.perf_counter() - start
-    levels = []
-    for leaves in _leaf_counts(cfg.num_leaves):
-        level = []
-        for reorder in REORDERS:
-            tuned = index.with_search_params(leaves_to_search=leaves, reorder=reorder)
-            level.append((f"search {leaves} leaves, reorder {reorder}",
-                          lambda tuned=tuned: tuned.search(data.queries, K)[0]))
-        levels.append(level)
-    trials = _sweep(levels, data, s)
-    return _rows(data, Method.SCANN, trials, build_s=build_s, exact_qps=exact_qps, target=s.target_recall,
-                 build_params=_config_str(cfg))
+    rows = []
+    for factor in s.leaves_factors:
+        cfg = _scann_config(n, s, factor)
+        start = time.perf_counter()
+        index = ShardIndex.build(data.base, cfg)
+        build_s = time.perf_counter() - start
+        levels = []
+        for leaves in _leaf_counts(cfg.num_leaves):
+            level = []
+            for reorder in REORDERS:
+                tuned = index.with_search_params(leaves_to_search=leaves, reorder=reorder)
+                level.append((f"search {leaves} leaves, reorder {reorder}",
+                              lambda tuned=tuned: _split_search(tuned, data.queries, s.threads)))
+            levels.append(level)
+        rows += _rows(data, Method.SCANN, _sweep(levels, data, s), build_s=build_s, exact_qps=exact_qps,
+                      target=s.target_recall, build_params=_config_str(cfg))
+        del index
+    return _select_fastest(rows, s.target_recall)
 
 
-def run_memory(data: Dataset, s: Settings, exact_qps: float, workdir: str) -> list[ResultRow]:
-    """The sharded memory, built and opened through the public memory API, searched via VisualMemory."""
+def _select_fastest(rows: list[ResultRow], target: float) -> list[ResultRow]:
+    """Re-marks ``selected`` over rows of several builds of one method: the fastest reaching the target."""
+    passing = [r for r in rows if r.recall >= target]
+    best = max(passing, key=lambda r: r.qps) if passing else None
+    return [dataclasses.replace(r, selected=r is best) for r in rows]
+
+
+def _factor_of(row: ResultRow | None, s: Settings, n: int) -> float:
+    """The leaves factor a ScaNN row was built with (the memory reuses the winning partition size)."""
+    if row is not None:
+        for factor in s.leaves_factors:
+            if row.params.startswith(f"leaves={_num_leaves(n, factor)} "):
+                return factor
+    return s.leaves_factors[0]
+
+
+def run_memory(data: Dataset, s: Settings, exact_qps: float, workdir: str, *, factor: float) -> list[ResultRow]:
+    """The sharded memory, built and opened through the public memory API, searched via VisualMemory.
+
+    ``factor``: the leaves factor of the fastest unsharded ScaNN index (same leaf size per shard).
+    """
     from memory.build import build_memory_local  # pylint: disable=g-import-not-at-top
     from memory.visual_memory import VisualMemory  # pylint: disable=g-import-not-at-top
     n = data.base.shape[0]
@@ -331,7 +359,7 @@ def run_memory(data: Dataset, s: Settings, exact_qps: float, workdir: str) -> li
     # (sqrt(n/S) leaves per shard would mean sqrt(S) x more, smaller leaves to rank and probe). Each shard
     # still trains on the full sample: measured at 1M x 256, 4 shards trained on 25k points each lost ~0.05
     # recall@10 at equal probing versus the unsharded index's 100k (coarser AH codebooks and partitions).
-    whole = _scann_config(n, s)
+    whole = _scann_config(n, s, factor)
     cfg = dataclasses.replace(whole, num_leaves=max(1, min(shard_n, round(whole.num_leaves / s.shards))),
                               training_sample_size=min(shard_n, s.training_sample))
     # Zero-padded decimal ids: sort order (the shard row order) is numeric order, and ids parse back to rows.
@@ -343,7 +371,7 @@ def run_memory(data: Dataset, s: Settings, exact_qps: float, workdir: str) -> li
                        num_shards=s.shards, index_config=cfg,
                        encoder_identity={"name": "synthetic", "content_hash": "none", "dim": data.base.shape[1],
                                          "preprocess": {}})
-    memory = VisualMemory.open(root)
+    memory = VisualMemory.open(root, search_threads=s.threads)
     build_s = time.perf_counter() - start
     counts = [info.count for info in memory.manifest.shards]
     levels = []
@@ -362,44 +390,57 @@ def run_memory(data: Dataset, s: Settings, exact_qps: float, workdir: str) -> li
                  build_params=build_params)
 
 
+def _split_search(index, queries: np.ndarray, threads: int) -> np.ndarray:
+    """One index searched by ``threads`` threads, each on a contiguous chunk of the query batch."""
+    if threads == 1:
+        return index.search(queries, K)[0]
+    chunks = np.array_split(queries, threads)
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        return np.concatenate([found for found, _ in pool.map(lambda c: index.search(c, K), chunks)])
+
+
 def _memory_rows(ids: np.ndarray) -> np.ndarray:
     # Padding ("") only appears when k > memory size; map it to -1 so it never counts as found.
     return np.where(ids == "", "-1", ids).astype(np.int64)
 
 
 def run_faiss_ivfpq(data: Dataset, s: Settings, exact_qps: float) -> list[ResultRow]:
+    """One IVF-PQ fast-scan index per partition count in ``--leaves-factors``, each swept."""
     import faiss  # pylint: disable=g-import-not-at-top
     n, d = data.base.shape
-    nlist = _num_leaves(n, s.leaves_factor)
-    # 4-bit PQ over 2-dim sub-vectors: the same code size as ScaNN AH with dims_per_block=2 (lut16).
-    m = max(1, d // 2)
-    factory = f"IVF{nlist},PQ{m}x4fs,RFlat"
-    index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
-    train = data.base[:min(n, s.training_sample)]  # Base rows are iid (real data is shuffled at load).
-    faiss.omp_set_num_threads(s.build_threads)
-    start = time.perf_counter()
-    index.train(train)
-    index.add(data.base)
-    build_s = time.perf_counter() - start
-    faiss.omp_set_num_threads(s.threads)
-    ivf = faiss.extract_index_ivf(index)
-    refine = faiss.downcast_index(index)
-    levels = []
-    for nprobe in _leaf_counts(nlist):
-        level = []
-        for reorder in REORDERS:
-            k_factor = max(1, reorder // K)
+    rows = []
+    for factor in s.leaves_factors:
+        nlist = _num_leaves(n, factor)
+        # 4-bit PQ over 2-dim sub-vectors: the same code size as ScaNN AH with dims_per_block=2 (lut16).
+        m = max(1, d // 2)
+        factory = f"IVF{nlist},PQ{m}x4fs,RFlat"
+        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+        train = data.base[:min(n, s.training_sample)]  # Base rows are iid (real data is shuffled at load).
+        faiss.omp_set_num_threads(s.build_threads)
+        start = time.perf_counter()
+        index.train(train)
+        index.add(data.base)
+        build_s = time.perf_counter() - start
+        faiss.omp_set_num_threads(s.threads)
+        ivf = faiss.extract_index_ivf(index)
+        refine = faiss.downcast_index(index)
+        levels = []
+        for nprobe in _leaf_counts(nlist):
+            level = []
+            for reorder in REORDERS:
+                k_factor = max(1, reorder // K)
 
-            def search(nprobe=nprobe, k_factor=k_factor):
-                ivf.nprobe = nprobe
-                refine.k_factor = k_factor
-                return refine.search(data.queries, K)[1]
+                def search(nprobe=nprobe, k_factor=k_factor, ivf=ivf, refine=refine):
+                    ivf.nprobe = nprobe
+                    refine.k_factor = k_factor
+                    return refine.search(data.queries, K)[1]
 
-            level.append((f"nprobe {nprobe}, k_factor {k_factor}", search))
-        levels.append(level)
-    trials = _sweep(levels, data, s)
-    return _rows(data, Method.FAISS_IVFPQ_FS, trials, build_s=build_s, exact_qps=exact_qps,
-                 target=s.target_recall, build_params=f"{factory} train={train.shape[0]}")
+                level.append((f"nprobe {nprobe}, k_factor {k_factor}", search))
+            levels.append(level)
+        rows += _rows(data, Method.FAISS_IVFPQ_FS, _sweep(levels, data, s), build_s=build_s, exact_qps=exact_qps,
+                      target=s.target_recall, build_params=f"{factory} train={train.shape[0]}")
+        del index, ivf, refine
+    return _select_fastest(rows, s.target_recall)
 
 
 def run_faiss_hnsw(data: Dataset, s: Settings, exact_qps: float) -> list[ResultRow]:
@@ -485,8 +526,10 @@ def run_dataset(data: Dataset, s: Settings, workdir: str, *, log: Callable[[str]
     exact = run_exact(data, s)
     log(f"  exact numpy: {exact.qps:,.1f} QPS")
     rows = [exact]
+    n = data.base.shape[0]
     for method, fn in ((Method.SCANN, lambda: run_scann(data, s, exact.qps)),
-                       (Method.MEMORY, lambda: run_memory(data, s, exact.qps, workdir)),
+                       (Method.MEMORY, lambda: run_memory(
+                           data, s, exact.qps, workdir, factor=_factor_of(headline(rows, Method.SCANN), s, n))),
                        (Method.FAISS_IVFPQ_FS, lambda: run_faiss_ivfpq(data, s, exact.qps)),
                        (Method.FAISS_HNSW, lambda: run_faiss_hnsw(data, s, exact.qps))):
         if method is Method.FAISS_HNSW and data.base.shape[0] > s.hnsw_max_n:
@@ -510,8 +553,9 @@ def _threads_note(s: Settings) -> str:
         blas = "BLAS"
     env = {v: os.environ[v] for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS") if v in os.environ}
     blas = f"{blas}, " + (f"threads set by {env}" if env else f"default threads = all {os.cpu_count()} cores")
-    return (f"threads: numpy BLAS {blas}; ScaNN 1 (ShardIndex.search -> search_batched); faiss search "
-            f"{s.threads} (omp_set_num_threads), faiss build {s.build_threads}; ScaNN training: its default pool")
+    return (f"threads: numpy BLAS {blas}; search {s.threads} for every index (ScaNN: query chunks; memory: "
+            f"shards at once; faiss: omp_set_num_threads), faiss build {s.build_threads}; ScaNN training: its "
+            "default pool")
 
 
 def main(argv: Sequence[str] | None = None) -> list[ResultRow]:
@@ -527,11 +571,14 @@ def main(argv: Sequence[str] | None = None) -> list[ResultRow]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="timings per setting; the best is reported")
     parser.add_argument("--target-recall", type=float, default=0.95)
-    parser.add_argument("--threads", type=int, default=1, help="faiss search threads (ScaNN's is 1)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="search threads for every index method (ScaNN, the memory, faiss)")
     parser.add_argument("--build-threads", type=int, default=os.cpu_count() or 1,
                         help="faiss build threads (ScaNN training picks its own)")
-    parser.add_argument("--leaves-factor", type=float, default=1.0,
-                        help="partitions = factor * sqrt(n) (ScaNN leaves, faiss nlist; per shard for the memory)")
+    parser.add_argument("--leaves-factors", default="0.5,1",
+                        help="comma-separated; partitions = factor * sqrt(n); ScaNN and faiss build one index per "
+                             "factor and report the fastest at the target; the memory reuses ScaNN's winning leaf "
+                             "size (default 0.5,1)")
     parser.add_argument("--training-sample", type=int, default=100_000,
                         help="points used to train partitions and quantizers (ScaNN and faiss)")
     parser.add_argument("--hnsw-max-n", type=int, default=200_000, help="skip faiss HNSW above this n")
@@ -546,6 +593,12 @@ def main(argv: Sequence[str] | None = None) -> list[ResultRow]:
             parser.error(f"{flag} must be >= {low}, got {value}")
     if not 0.0 < args.target_recall <= 1.0:
         parser.error(f"--target-recall must be in (0, 1], got {args.target_recall}")
+    try:
+        factors = tuple(float(f) for f in args.leaves_factors.split(",") if f)
+    except ValueError:
+        parser.error(f"--leaves-factors must be comma-separated numbers, got {args.leaves_factors!r}")
+    if not factors or any(f <= 0 for f in factors):
+        parser.error(f"--leaves-factors must be positive numbers, got {args.leaves_factors!r}")
     names = [d for d in args.datasets.split(",") if d]
     unknown = [d for d in names if d not in DATASETS]
     if unknown:
@@ -554,7 +607,7 @@ def main(argv: Sequence[str] | None = None) -> list[ResultRow]:
         names.append("real")
     s = Settings(n=args.n, dim=args.dim, queries=args.queries, shards=args.shards, seed=args.seed,
                  repeats=args.repeats, target_recall=args.target_recall, threads=args.threads,
-                 build_threads=args.build_threads, leaves_factor=args.leaves_factor,
+                 build_threads=args.build_threads, leaves_factors=factors,
                  training_sample=args.training_sample,
                  hnsw_max_n=args.hnsw_max_n, centres=args.centres, noise_ratio=args.noise_ratio)
 

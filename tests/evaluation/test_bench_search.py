@@ -133,3 +133,13 @@ def test_structured_is_clustered_and_gaussian_is_not():
     s, g = mean_neighbour_similarity(structured), mean_neighbour_similarity(gaussian)
     # Same-cluster points have cosine ~1 / (1 + 0.81) = 0.55; iid directions in 64-d top out near 0.4.
     assert s > 0.5 and g < 0.45 and s > g + 0.1, (s, g)
+
+
+def test_split_search_over_threads_equals_one_call():
+    from memory.index import IndexConfig, IndexKind, ShardIndex
+    base = synthetic.structured_unit_vectors(3000, 16, centres=30, noise_ratio=0.9, seed=0)
+    queries = synthetic.structured_unit_vectors(101, 16, centres=30, noise_ratio=0.9, seed=0, draw=1)
+    index = ShardIndex.build(base, IndexConfig(kind=IndexKind.TREE_AH, num_leaves=20, num_leaves_to_search=4))
+    one = bench_search._split_search(index, queries, 1)
+    np.testing.assert_array_equal(bench_search._split_search(index, queries, 3), one)
+    assert one.shape == (101, bench_search.K)

@@ -1,7 +1,8 @@
 """Search speed at matched recall: exact numpy vs ScaNN vs the sharded memory vs faiss, side by side.
 
     python -m evaluation.benchmarks.bench_search [--n 1000000] [--dim 256] [--queries 1000] [--shards 4] \
-        [--datasets structured,gaussian] [--real-embeddings PATH] [--leaves-factors 0.5,1] [--threads 1]
+        [--datasets structured,gaussian] [--real-embeddings FILE.npy|MEMORY[,...]] [--leaves-factors 0.5,1] \
+        [--threads 1]
 
 For each dataset one table, all methods measured in this one process on the same query batch:
 
@@ -201,16 +202,46 @@ def make_dataset(name: str, settings: Settings, *, real_path: str | None = None)
     return Dataset(name=name, base=base, queries=queries, true_ids=exact_topk(base, queries, K))
 
 
+def load_embeddings(path: str) -> np.ndarray:
+    """float32 [n, d] rows from a ``.npy`` file or a built memory (its live stored embeddings).
+
+    ``path`` may list several sources separated by commas (same d); their rows are concatenated.
+    """
+    parts = []
+    for source in [p for p in path.split(",") if p]:
+        if source.endswith(".npy"):
+            parts.append(np.asarray(np.load(source, mmap_mode="r"), dtype=np.float32))
+            continue
+        from memory import storage  # pylint: disable=g-import-not-at-top
+        from memory.mutations import read_forgotten  # pylint: disable=g-import-not-at-top
+        from memory.shard import read_shard_data  # pylint: disable=g-import-not-at-top
+        from memory.versions import latest_version, read_version  # pylint: disable=g-import-not-at-top
+        root = source.rstrip("/")
+        manifest = read_version(root, latest_version(root))  # Raises "not a visual memory: ..." otherwise.
+        forgotten = read_forgotten(root, manifest)
+        for info in manifest.all_shards:
+            data = read_shard_data(storage.join(root, info.path))
+            live = ~np.isin(data.ids.astype(str), forgotten) if forgotten.size else slice(None)
+            parts.append(np.asarray(data.embeddings, dtype=np.float32).reshape(-1, manifest.dim)[live])
+    if not parts:
+        raise ValueError(f"--real-embeddings {path!r} names no .npy file or memory")
+    dims = {p.shape[1] for p in parts if p.ndim == 2}
+    if len(dims) != 1 or any(p.ndim != 2 for p in parts):
+        raise ValueError(f"--real-embeddings {path!r}: sources must all be [n, d] with one d, got "
+                         f"{[p.shape for p in parts]}")
+    return np.concatenate(parts)
+
+
 def _load_real(path: str, s: Settings) -> tuple[np.ndarray, np.ndarray]:
-    emb = np.load(path, mmap_mode="r")
-    if emb.ndim != 2 or emb.shape[0] <= s.queries + K:
+    emb = load_embeddings(path)
+    if emb.shape[0] <= s.queries + K:
         raise ValueError(f"{path}: expected [n, d] embeddings with n > queries + {K} = {s.queries + K}, "
                          f"got shape {emb.shape}")
     # A seeded permutation: files are often sorted by class, and queries must be held out at random.
     order = np.random.default_rng(s.seed).permutation(emb.shape[0])
     q_rows, b_rows = np.sort(order[:s.queries]), np.sort(order[s.queries:s.queries + s.n])
     from memory.vectors import l2_normalize  # pylint: disable=g-import-not-at-top
-    return l2_normalize(np.asarray(emb[b_rows])), l2_normalize(np.asarray(emb[q_rows]))
+    return l2_normalize(emb[b_rows]), l2_normalize(emb[q_rows])
 
 
 # --------------------------------------------------------------------------------------------- timing
@@ -567,7 +598,9 @@ def main(argv: Sequence[str] | None = None) -> list[ResultRow]:
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--datasets", default=",".join(DATASETS),
                         help=f"comma-separated subset of {','.join(DATASETS)} ('real' is added by --real-embeddings)")
-    parser.add_argument("--real-embeddings", default=None, help=".npy [n, d] embeddings; queries held out at random")
+    parser.add_argument("--real-embeddings", default=None,
+                        help="real vectors: .npy [n, d] files and/or built memories (their stored embeddings), "
+                             "comma-separated and concatenated; --queries rows are held out at random")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="timings per setting; the best is reported")
     parser.add_argument("--target-recall", type=float, default=0.95)

@@ -143,3 +143,28 @@ def test_split_search_over_threads_equals_one_call():
     one = bench_search._split_search(index, queries, 1)
     np.testing.assert_array_equal(bench_search._split_search(index, queries, 3), one)
     assert one.shape == (101, bench_search.K)
+
+
+def test_load_embeddings_from_npy_and_memory_skips_forgotten(tmp_path):
+    from memory.build import build_memory_local
+    from memory.index import IndexConfig
+    from memory.mutations import forget
+    from tests.memory.helpers import ENCODER
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = [f"e{i:02d}" for i in range(40)]
+    root = str(tmp_path / "mem")
+    build_memory_local(root, ids=ids, labels=["a"] * 40, uris=[""] * 40, embeddings=x, num_shards=3,
+                       index_config=IndexConfig(), encoder_identity=ENCODER)
+    forget(root, ids=["e03", "e17"])
+    npy = str(tmp_path / "extra.npy")
+    np.save(npy, x[:5])
+    got = bench_search.load_embeddings(f"{root},{npy}")
+    assert got.shape == (38 + 5, 32)
+    live = {tuple(np.round(r, 5)) for i, r in enumerate(x) if ids[i] not in ("e03", "e17")}
+    assert {tuple(np.round(r, 5)) for r in got[:38]} == live
+    np.testing.assert_array_equal(got[38:], x[:5])
+    with pytest.raises(ValueError, match="one d"):
+        np.save(str(tmp_path / "bad.npy"), np.zeros((3, 7), np.float32))
+        bench_search.load_embeddings(f"{npy},{tmp_path / 'bad.npy'}")

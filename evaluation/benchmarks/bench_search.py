@@ -13,8 +13,8 @@ For each dataset one table, all methods measured in this one process on the same
 3. ``memory``: the same data in ``--shards`` shards (ids hashed by `memory.sharding.shard_for_id`), built
    with `memory.build.build_memory_local` into a temp dir and queried through
    `memory.visual_memory.VisualMemory.search` (per-shard ScaNN + `memory.merge.merge_topk`). Each shard
-   gets leaves/S leaves of the fastest unsharded index (the same leaf size) and the same training sample;
-   build time includes writing the shard files and opening the memory.
+   gets the default round(sqrt(shard size)) leaves and the unsharded index's AH settings and training
+   sample; build time includes writing the shard files and opening the memory.
 4. ``faiss ivfpq-fs``: IVF + 4-bit PQ fast-scan + exact float re-ranking (``IVF{nlist},PQ{m}x4fs,RFlat``),
    one index per ``--leaves-factors`` entry like ScaNN;
    ``faiss hnsw``: HNSW32 (only up to ``--hnsw-max-n`` points; its build on 1M x 256 takes too long here).
@@ -57,7 +57,7 @@ K = 10
 # lets the sweep reach high recall even on unclustered data, where partitions barely prune.
 LEAF_FRACTIONS = (0.002, 0.003, 0.004, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.2, 0.35, 0.6, 1.0)
 # Candidates re-scored exactly (unsharded ScaNN reorder, faiss k_factor * k).
-REORDERS = (50, 75, 100, 150, 200, 400, 1000, 2000)
+REORDERS = (50, 60, 75, 90, 100, 125, 150, 200, 400, 1000, 2000)
 # Per-shard re-rank depth of the sharded memory: each shard holds ~1/S of a query's true neighbours, so
 # it needs a shallower re-rank than one big index; S shards x depth is the total exact work.
 SHARD_REORDERS = (15, 20, 25, 30, 50, 75, 100, 200, 500)
@@ -368,30 +368,21 @@ def _select_fastest(rows: list[ResultRow], target: float) -> list[ResultRow]:
     return [dataclasses.replace(r, selected=r is best) for r in rows]
 
 
-def _factor_of(row: ResultRow | None, s: Settings, n: int) -> float:
-    """The leaves factor a ScaNN row was built with (the memory reuses the winning partition size)."""
-    if row is not None:
-        for factor in s.leaves_factors:
-            if row.params.startswith(f"leaves={_num_leaves(n, factor)} "):
-                return factor
-    return s.leaves_factors[0]
-
-
-def run_memory(data: Dataset, s: Settings, exact_qps: float, workdir: str, *, factor: float) -> list[ResultRow]:
+def run_memory(data: Dataset, s: Settings, exact_qps: float, workdir: str) -> list[ResultRow]:
     """The sharded memory, built and opened through the public memory API, searched via VisualMemory.
 
-    ``factor``: the leaves factor of the fastest unsharded ScaNN index (same leaf size per shard).
+    Each shard gets what ``vmem build`` gives it by default: round(sqrt(shard size)) leaves
+    (`IndexConfig.resolve_leaves`), with the unsharded index's AH settings and training sample.
     """
     from memory.build import build_memory_local  # pylint: disable=g-import-not-at-top
     from memory.visual_memory import VisualMemory  # pylint: disable=g-import-not-at-top
     n = data.base.shape[0]
     shard_n = math.ceil(n / s.shards)
-    # Leaf size matched to the unsharded index: S shards x (leaves/S) leaves of the same ~n/leaves points
-    # (sqrt(n/S) leaves per shard would mean sqrt(S) x more, smaller leaves to rank and probe). Each shard
-    # still trains on the full sample: measured at 1M x 256, 4 shards trained on 25k points each lost ~0.05
-    # recall@10 at equal probing versus the unsharded index's 100k (coarser AH codebooks and partitions).
-    whole = _scann_config(n, s, factor)
-    cfg = dataclasses.replace(whole, num_leaves=max(1, min(shard_n, round(whole.num_leaves / s.shards))),
+    # Measured at 1M x 256 (structured): matching the unsharded index's leaf *size* instead (125 leaves
+    # per shard against 500 in one index) capped recall@10 at 0.87 with one leaf probed per shard, because
+    # each leaf then spans 4x more of the data's clusters. Each shard trains on the full sample: 4 shards
+    # trained on 25k points each lost ~0.05 recall@10 at equal probing versus the unsharded index's 100k.
+    cfg = dataclasses.replace(_scann_config(n, s, s.leaves_factors[0]), num_leaves=_num_leaves(shard_n, 1.0),
                               training_sample_size=min(shard_n, s.training_sample))
     # Zero-padded decimal ids: sort order (the shard row order) is numeric order, and ids parse back to rows.
     width = max(1, len(str(n - 1)))
@@ -557,10 +548,8 @@ def run_dataset(data: Dataset, s: Settings, workdir: str, *, log: Callable[[str]
     exact = run_exact(data, s)
     log(f"  exact numpy: {exact.qps:,.1f} QPS")
     rows = [exact]
-    n = data.base.shape[0]
     for method, fn in ((Method.SCANN, lambda: run_scann(data, s, exact.qps)),
-                       (Method.MEMORY, lambda: run_memory(
-                           data, s, exact.qps, workdir, factor=_factor_of(headline(rows, Method.SCANN), s, n))),
+                       (Method.MEMORY, lambda: run_memory(data, s, exact.qps, workdir)),
                        (Method.FAISS_IVFPQ_FS, lambda: run_faiss_ivfpq(data, s, exact.qps)),
                        (Method.FAISS_HNSW, lambda: run_faiss_hnsw(data, s, exact.qps))):
         if method is Method.FAISS_HNSW and data.base.shape[0] > s.hnsw_max_n:
@@ -610,8 +599,7 @@ def main(argv: Sequence[str] | None = None) -> list[ResultRow]:
                         help="faiss build threads (ScaNN training picks its own)")
     parser.add_argument("--leaves-factors", default="0.5,1",
                         help="comma-separated; partitions = factor * sqrt(n); ScaNN and faiss build one index per "
-                             "factor and report the fastest at the target; the memory reuses ScaNN's winning leaf "
-                             "size (default 0.5,1)")
+                             "factor and report the fastest at the target (default 0.5,1)")
     parser.add_argument("--training-sample", type=int, default=100_000,
                         help="points used to train partitions and quantizers (ScaNN and faiss)")
     parser.add_argument("--hnsw-max-n", type=int, default=200_000, help="skip faiss HNSW above this n")

@@ -168,3 +168,9 @@ def test_load_embeddings_from_npy_and_memory_skips_forgotten(tmp_path):
     with pytest.raises(ValueError, match="one d"):
         np.save(str(tmp_path / "bad.npy"), np.zeros((3, 7), np.float32))
         bench_search.load_embeddings(f"{npy},{tmp_path / 'bad.npy'}")
+
+
+def test_per_query_floor_is_positive_and_reported(tiny_run):
+    _, text = tiny_run
+    assert "ScaNN fixed cost per query and searcher:" in text
+    assert bench_search.per_query_floor_us(16, repeats=1) > 0

@@ -135,3 +135,16 @@ def test_index_config():
         IndexConfig(reorder=0)
     with pytest.raises(ValueError, match="unknown IndexConfig field"):
         IndexConfig.from_dict({"kind": "auto", "leaves": 3})
+    with pytest.raises(ValueError, match="ah_training_iterations"):
+        IndexConfig(ah_training_iterations=0)
+    # Configs saved before a field existed load with its default.
+    old = cfg.to_dict()
+    del old["ah_training_iterations"]
+    assert IndexConfig.from_dict(old).ah_training_iterations == 10
+
+
+def test_ah_training_iterations_reach_scann():
+    x, _ = clustered(3000, 16, centres=20, noise=0.5, seed=5, nq=1)
+    index = ShardIndex.build(x, IndexConfig(kind=IndexKind.TREE_AH, ah_training_iterations=3))
+    assert "max_clustering_iterations: 3" in index._searcher.config()
+    assert index.config.ah_training_iterations == 3

@@ -16,15 +16,7 @@ from encoders.base import EncoderKind, EncoderSpec
 from memory.explain import Neighbor, Prediction
 from memory.visual_memory import VisualMemory
 from memory.voting import VotingRule
-from pipelines import build, classify_cli
-
-
-@pytest.fixture(scope="module")
-def memory_dir(fmnist_small, tiny_encoder_config_file, tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("classify") / "memory")
-    build.run(["--images", os.path.join(fmnist_small, "train"), "--output", out,
-               "--config", tiny_encoder_config_file])
-    return out
+from pipelines import classify_cli
 
 
 def _image(fmnist_small: str, cls: str, index: int = 0) -> tuple[str, str]:
@@ -40,10 +32,10 @@ def _main(capsys, *argv: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def test_explain_reports_the_image_as_its_own_nearest_neighbour(memory_dir, fmnist_small, capsys):
+def test_explain_reports_the_image_as_its_own_nearest_neighbour(tiny_memory, fmnist_small, capsys):
     coat, coat_id = _image(fmnist_small, "coat", 3)
     bag, bag_id = _image(fmnist_small, "bag", 0)
-    code, out, err = _main(capsys, "--memory", memory_dir, coat, bag, "--explain", "--json", "--k", "7")
+    code, out, err = _main(capsys, "--memory", tiny_memory, coat, bag, "--explain", "--json", "--k", "7")
     assert code == 0, err
     results = json.loads(out)["results"]
     assert [r["image"] for r in results] == [coat, bag]
@@ -58,7 +50,7 @@ def test_explain_reports_the_image_as_its_own_nearest_neighbour(memory_dir, fmni
         assert r["scores"][0]["label_name"] == r["label_name"]
 
     # The text report names the prediction, the scores and each neighbour (rank, distance, weight, id, uri).
-    code, out, err = _main(capsys, "--memory", memory_dir, coat, "--explain", "--rule", "plurality", "--k", "3")
+    code, out, err = _main(capsys, "--memory", tiny_memory, coat, "--explain", "--rule", "plurality", "--k", "3")
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0] == coat
@@ -70,21 +62,21 @@ def test_explain_reports_the_image_as_its_own_nearest_neighbour(memory_dir, fmni
     assert len(lines) == 4 + 3
 
     # Without --explain: prediction and scores only.
-    code, out, _ = _main(capsys, "--memory", memory_dir, coat)
+    code, out, _ = _main(capsys, "--memory", tiny_memory, coat)
     assert code == 0 and len(out.splitlines()) == 3 and out.count(coat_id) == 1  # Only in the query's path.
 
 
-def test_html_page_inlines_query_and_neighbour_thumbnails(memory_dir, fmnist_small, tmp_path, capsys):
+def test_html_page_inlines_query_and_neighbour_thumbnails(tiny_memory, fmnist_small, tmp_path, capsys):
     coat, coat_id = _image(fmnist_small, "coat", 3)
     page = tmp_path / "page.html"
-    code, out, err = _main(capsys, "--memory", memory_dir, coat, "--k", "4", "--html", str(page))
+    code, out, err = _main(capsys, "--memory", tiny_memory, coat, "--k", "4", "--html", str(page))
     assert code == 0, err
     text = page.read_text()
     assert text.startswith("<!DOCTYPE html>")
     # 1 query + 4 neighbours, all inlined (self-contained: no file or http references).
     assert text.count('src="data:image/png;base64,') == 5
     assert "source unreadable" not in text
-    (p,) = VisualMemory.open(memory_dir).classify([coat], k=4)
+    (p,) = VisualMemory.open(tiny_memory).classify([coat], k=4)
     for n in p.neighbors:
         assert f"id {n.id}" in text and f"distance {n.distance:.6f}" in text
     assert coat_id in text
@@ -121,20 +113,20 @@ def test_render_html_escapes_text_and_shows_unreadable_sources(tmp_path):
     (["--memory", "{mem}", "{img}", "--k", "ten"], r"--k must be an integer >= 1, got 'ten'"),
     (["{img}"], r"the following arguments are required: --memory"),
 ])
-def test_errors_exit_2_naming_the_bad_value(memory_dir, fmnist_small, tmp_path, capsys, argv, message):
+def test_errors_exit_2_naming_the_bad_value(tiny_memory, fmnist_small, tmp_path, capsys, argv, message):
     import re
     (tmp_path / "notes.txt").write_text("not an image\n")
     img, _ = _image(fmnist_small, "bag")
-    argv = [a.format(tmp=tmp_path, mem=memory_dir, img=img) for a in argv]
+    argv = [a.format(tmp=tmp_path, mem=tiny_memory, img=img) for a in argv]
     code, out, err = _main(capsys, *argv)
     assert code == 2 and out == ""
     assert err.startswith("vmem classify: error: ") and re.search(message, err), err
 
 
-def test_image_queries_use_the_memorys_encoder_and_reject_another(memory_dir, fmnist_small, tiny_encoder_dir):
+def test_image_queries_use_the_memorys_encoder_and_reject_another(tiny_memory, fmnist_small, tiny_encoder_dir):
     from encoders import load_encoder
     from encoders.preprocess import decode_image
-    memory = VisualMemory.open(memory_dir)
+    memory = VisualMemory.open(tiny_memory)
     path, entry_id = _image(fmnist_small, "sneaker", 1)
     with open(path, "rb") as f:
         data = f.read()

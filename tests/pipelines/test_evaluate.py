@@ -104,14 +104,6 @@ def test_vote_neighbors_in_batches_equals_one_vote_over_all_queries(synthetic_me
         assert_that(got, equal_to([(n, expected, ["not-a-class"], weighted)]))
 
 
-@pytest.fixture(scope="module")
-def tiny_memory(fmnist_small, tiny_encoder_config_file, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("tiny_eval") / "mem")
-    build.run(["--images", os.path.join(fmnist_small, "train"), "--output", out,
-               "--config", tiny_encoder_config_file])
-    return out
-
-
 def test_evaluate_writes_neighbours_and_report(tiny_memory, fmnist_small, tmp_path, capsys):
     out = str(tmp_path / "eval")
     rc = cli.main(["evaluate", "--memory", tiny_memory, "--images", os.path.join(fmnist_small, "test"),

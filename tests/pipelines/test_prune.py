@@ -21,7 +21,7 @@ from memory.mutations import add_entries_local, forget, live_ids, read_entry_wei
 from memory.shard import read_shard_data
 from memory.visual_memory import VisualMemory
 from memory.voting import VotingRule, predict_all_k
-from pipelines import build, cli, prune
+from pipelines import cli, prune
 
 ENCODER = {"name": "synthetic", "content_hash": "sha256:0", "dim": 16, "preprocess": {}}
 
@@ -196,14 +196,6 @@ def test_main_returns_usage_status_with_the_reason(tmp_path, capsys):
     _synthetic_memory(root)
     assert prune.main(["--memory", root, "--mode", "hard", "--threshold", "0"]) == 2
     assert "--threshold T >= 1" in capsys.readouterr().err
-
-
-@pytest.fixture(scope="module")
-def tiny_memory(fmnist_small, tiny_encoder_config_file, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("tiny_prune") / "mem")
-    build.run(["--images", os.path.join(fmnist_small, "train"), "--output", out,
-               "--config", tiny_encoder_config_file])
-    return out
 
 
 def _evaluate(memory, fmnist_small, out, *extra):

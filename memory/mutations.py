@@ -46,7 +46,7 @@ _MAX_LISTED = 50
 
 __all__ = ["DuplicateIdError", "add_entries_local", "clear_entry_weights", "extended_class_names", "forget",
            "live_ids", "publish_add", "publish_entry_weights", "purge_history", "purge_requested_since_reindex",
-           "read_entry_weights", "read_forgotten", "write_delta_shard"]
+           "read_entry_weights", "read_forgotten", "row_weights", "write_delta_shard"]
 
 
 class DuplicateIdError(ValueError):
@@ -119,6 +119,18 @@ def read_entry_weights(root: str, manifest: Manifest) -> tuple[np.ndarray, np.nd
         raise ManifestError(f"version {manifest.version}: weights file {path} holds {ids.shape[0]} ids, manifest "
                             f"says {ref.count}")
     return ids, weights
+
+
+def row_weights(entry_weights: tuple[np.ndarray, np.ndarray], ids: np.ndarray) -> np.ndarray:
+    """float32 [len(ids)] weight of each id under `read_entry_weights`'s (sorted ids, weights); 1.0 if unlisted."""
+    w_ids, w = entry_weights
+    ids = np.asarray(ids, dtype=str)
+    out = np.ones(ids.shape, dtype=np.float32)
+    if w_ids.size and ids.size:
+        pos = np.clip(np.searchsorted(w_ids, ids), 0, w_ids.size - 1)
+        hit = w_ids[pos] == ids
+        out[hit] = np.asarray(w, dtype=np.float32)[pos[hit]]
+    return out
 
 
 def _column(root: str, info: ShardInfo, name: str) -> np.ndarray:

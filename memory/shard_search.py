@@ -22,7 +22,7 @@ from memory import storage
 from memory.index import ShardIndex
 from memory.manifest import Manifest, ShardInfo
 from memory.merge import merge_topk
-from memory.mutations import read_entry_weights, read_forgotten
+from memory.mutations import read_entry_weights, read_forgotten, row_weights
 from memory.shard import load_shard_index, read_shard_data
 from memory.vectors import l2_normalize
 
@@ -134,15 +134,7 @@ class LoadedShard:
         if forgotten is not None and len(forgotten) and ids.size:
             dead = np.isin(ids, np.asarray(forgotten, dtype=str))
             dead = dead if dead.any() else None
-        weights = None
-        if entry_weights is not None:
-            w_ids, w = entry_weights
-            weights = np.ones(ids.shape, dtype=np.float32)
-            if w_ids.size and ids.size:
-                w_ids = np.asarray(w_ids, dtype=str)
-                pos = np.clip(np.searchsorted(w_ids, ids), 0, w_ids.size - 1)
-                hit = w_ids[pos] == ids
-                weights[hit] = np.asarray(w, dtype=np.float32)[pos[hit]]
+        weights = None if entry_weights is None else row_weights(entry_weights, ids)
         return cls(name=info.name, index=load_shard_index(shard_dir, info), ids=ids,
                    labels=data.labels.astype(np.int32), dead=dead, weights=weights)
 

@@ -23,7 +23,7 @@ from memory.explain import Prediction, explain
 from memory.index import ShardIndex
 from memory.manifest import Manifest, ManifestError
 from memory.merge import merge_topk
-from memory.mutations import read_entry_weights, read_forgotten
+from memory.mutations import read_entry_weights, read_forgotten, row_weights
 from memory.shard import load_shard_index, read_shard_data, verify_shard
 from memory.vectors import l2_normalize
 from memory.versions import latest_version, read_version
@@ -92,14 +92,7 @@ class VisualMemory:
         forgotten = np.zeros((0,), "<U1") if forgotten is None else forgotten
         self._dead = np.isin(ids, forgotten) if forgotten.size else np.zeros(ids.shape, dtype=bool)
         self._dead_per_shard = [int(self._dead[offsets[s]:offsets[s + 1]].sum()) for s in range(len(offsets) - 1)]
-        self._row_weights: np.ndarray | None = None
-        if entry_weights is not None:
-            w_ids, w = entry_weights
-            self._row_weights = np.ones(ids.shape, dtype=np.float32)
-            if w_ids.size and ids.size:
-                pos = np.clip(np.searchsorted(w_ids, ids), 0, w_ids.size - 1)
-                hit = w_ids[pos] == ids
-                self._row_weights[hit] = w[pos[hit]]
+        self._row_weights = None if entry_weights is None else row_weights(entry_weights, ids)
         self._row_of_id: dict[str, int] | None = None
         self._embeddings: np.ndarray | None = None
         self._uris: np.ndarray | None = None

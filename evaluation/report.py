@@ -116,11 +116,12 @@ def _string_keys(table: Mapping[str, Mapping[int, float]]
             for rule, by_k in table.items()}
 
 
-def accuracy_from_report(report: Mapping[str, Any]
+def accuracy_from_report(report: Mapping[str, Any], key: str = "accuracy"
                          ) -> dict[str, dict[int, float]]:
-    """``report["accuracy"]`` with integer k keys (JSON stores strings)."""
+    """``report[key]`` (``"accuracy"`` or ``"accuracy_unpruned"``) with integer k
+    keys (JSON stores strings)."""
     return {rule: {int(k): float(a) for k, a in by_k.items()}
-            for rule, by_k in report["accuracy"].items()}
+            for rule, by_k in report[key].items()}
 
 
 def table_ks(k_max: int) -> list[int]:
@@ -181,8 +182,7 @@ def markdown_table(report: Mapping[str, Any], *,
         "",
     ]
     if "accuracy_unpruned" in report:
-        unpruned = {rule: {int(k): float(a) for k, a in by_k.items()}
-                    for rule, by_k in report["accuracy_unpruned"].items()}
+        unpruned = accuracy_from_report(report, "accuracy_unpruned")
         lines += ["With pruning (votes weighted by the memory's entry "
                   "weights):", ""]
         lines += _table_lines(accuracy, report["best"], rules, k_max)
@@ -208,16 +208,16 @@ def _plot(path: str, report: Mapping[str, Any],
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     accuracy = accuracy_from_report(report)
-    unpruned = report.get("accuracy_unpruned")
+    unpruned = (accuracy_from_report(report, "accuracy_unpruned")
+                if "accuracy_unpruned" in report else None)
     for i, rule in enumerate(report["rules"]):
         ks = sorted(accuracy[rule])
         ax.plot(ks, [100 * accuracy[rule][k] for k in ks], marker=".",
                 markersize=3, color=f"C{i % 10}",
                 label=rule + (" (pruned)" if unpruned else ""))
         if unpruned:
-            by_k = {int(k): float(a) for k, a in unpruned[rule].items()}
-            ks = sorted(by_k)
-            ax.plot(ks, [100 * by_k[k] for k in ks], linestyle=":",
+            ks = sorted(unpruned[rule])
+            ax.plot(ks, [100 * unpruned[rule][k] for k in ks], linestyle=":",
                     linewidth=1, color=f"C{i % 10}", label=f"{rule} (unpruned)")
     for i, (name, value) in enumerate(baselines.items()):
         ax.axhline(100 * value, linestyle="--", linewidth=1,

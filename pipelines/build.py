@@ -112,8 +112,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     config = resolve_config(args)
     source = parse_image_spec(args.images)
     prepare_output(args.output, overwrite=args.overwrite)
-    p = test_pipeline or beam.Pipeline(options=PipelineOptions(
-        with_default_runner(beam_args)))
+    p = test_pipeline or beam.Pipeline(options=PipelineOptions(with_default_runner(beam_args)))
     build_pipeline(p, source=source, output=args.output, config=config)
     result = p.run()
     result.wait_until_finish()

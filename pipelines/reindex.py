@@ -422,8 +422,6 @@ def build_pipeline(p: beam.Pipeline, job: ReindexJob) -> beam.PCollection:
             | "Publish" >> beam.ParDo(_PublishFn(job), infos=beam.pvalue.AsList(infos)))
 
 
-
-
 def finish_pending_purge(root: str) -> list[int]:
     """Completes the purge of a re-index that published but crashed before purging (see publish).
 

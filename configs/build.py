@@ -15,6 +15,8 @@ from typing import Any
 
 from encoders.base import EncoderSpec
 from memory.index import IndexConfig
+from memory.routing import RouterConfig
+from memory.sharding import Sharding, parse_sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +27,12 @@ class BuildConfig:
         encoder: Which frozen encoder embeds the images (default: the bundled EfficientNet-Lite0).
         index: How each shard is indexed (exact brute force below ``index.tree_ah_min_size``, ScaNN
             tree+AH+reorder above it, unless forced).
-        num_shards: Number of ScaNN partitions; entries are assigned by a stable hash of their id.
+        num_shards: Number of ScaNN partitions.
+        sharding: How entries are assigned to shards: ``hash`` (a stable hash of the id; every query searches
+            every shard) or ``partition`` (a router trained on the data gives each shard one region of the
+            embedding space, and a query searches only the shards its nearest centroids route it to; for
+            large tree+AH memories, see memory/routing.py).
+        router: How a ``partition`` build trains its router (ignored for ``hash``).
         min_batch_size: Lower bound of RunInference's dynamic batch size.
         max_batch_size: Upper bound of RunInference's dynamic batch size.
         progress_every: Log a progress line every this many embedded images (per worker).
@@ -34,11 +41,15 @@ class BuildConfig:
     encoder: EncoderSpec = dataclasses.field(default_factory=EncoderSpec)
     index: IndexConfig = dataclasses.field(default_factory=IndexConfig)
     num_shards: int = 4
+    sharding: Sharding = Sharding.HASH
+    router: RouterConfig = dataclasses.field(default_factory=RouterConfig)
     min_batch_size: int = 16
     max_batch_size: int = 64
     progress_every: int = 200
 
     def __post_init__(self) -> None:
+        # Accept the string form (configs, JSON, --sharding) but store the enum.
+        object.__setattr__(self, "sharding", parse_sharding(self.sharding))
         if self.num_shards < 1:
             raise ValueError(f"num_shards must be >= 1, got {self.num_shards}; pass e.g. --shards 4.")
         if not 1 <= self.min_batch_size <= self.max_batch_size:
@@ -54,6 +65,8 @@ class BuildConfig:
             "encoder": self.encoder.to_dict(),
             "index": self.index.to_dict(),
             "num_shards": self.num_shards,
+            "sharding": self.sharding.value,
+            "router": self.router.to_dict(),
             "min_batch_size": self.min_batch_size,
             "max_batch_size": self.max_batch_size,
             "progress_every": self.progress_every,
@@ -65,6 +78,7 @@ class BuildConfig:
         return cls(
             encoder=EncoderSpec.from_dict(d.pop("encoder")) if "encoder" in d else EncoderSpec(),
             index=IndexConfig.from_dict(d.pop("index")) if "index" in d else IndexConfig(),
+            router=RouterConfig.from_dict(d.pop("router")) if "router" in d else RouterConfig(),
             **d)
 
 

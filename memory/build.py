@@ -14,8 +14,9 @@ from memory import storage
 from memory.index import IndexConfig
 from memory.manifest import (FORMAT_VERSION, BuildCounts, Manifest, Metric, manifest_path, utc_now_iso,
 )
+from memory.routing import RouterConfig, select_sample_rows, train_router, write_router
 from memory.shard import ShardData, write_shard
-from memory.sharding import shard_for_id, shard_name
+from memory.sharding import Sharding, parse_sharding, shard_for_id, shard_name
 from memory.vectors import l2_normalize
 from memory.versions import list_versions, publish_version, version_path
 
@@ -23,7 +24,8 @@ from memory.versions import list_versions, publish_version, version_path
 def build_memory_local(root: str, *, ids: Sequence[str], labels: Sequence[str], uris: Sequence[str],
                        embeddings: np.ndarray, num_shards: int, index_config: IndexConfig,
                        encoder_identity: dict, build_config: dict | None = None,
-                       counts: BuildCounts | None = None) -> Manifest:
+                       counts: BuildCounts | None = None, sharding: Sharding | str = Sharding.HASH,
+                       router_config: RouterConfig = RouterConfig()) -> Manifest:
     """Builds a memory at ``root`` (local or ``gs://``) and returns its manifest.
 
     Args:
@@ -35,12 +37,16 @@ def build_memory_local(root: str, *, ids: Sequence[str], labels: Sequence[str], 
       labels: Class name of each entry; class_names becomes the sorted unique set.
       uris: Source URI of each entry.
       embeddings: [n, d] embeddings; rows are L2-normalised here.
-      num_shards: Number of shards (>= 1); entries are assigned by a stable hash of their id.
+      num_shards: Number of shards (>= 1).
       index_config: Per-shard ScaNN index configuration.
       encoder_identity: EncoderIdentity.to_dict() of the encoder that produced the embeddings.
       build_config: Extra build description recorded in the manifest ("index_config" and "num_shards"
         are added).
       counts: Build counts; defaults to read = embedded = n, failed = 0.
+      sharding: HASH assigns entries by a stable hash of their id; PARTITION trains a router
+        (memory.routing) on the ``router_config.training_sample_size`` entries with the smallest
+        `router_sample_key` and assigns each entry to the shard owning its nearest centroid.
+      router_config: How a PARTITION build trains its router.
 
     Returns:
       The written manifest.
@@ -60,12 +66,19 @@ def build_memory_local(root: str, *, ids: Sequence[str], labels: Sequence[str], 
     emb = l2_normalize(emb) if n else emb.astype(np.float32)
     class_names = tuple(sorted(set(label_strs.tolist())))
     label_idx = np.searchsorted(np.asarray(class_names, dtype=str), label_strs).astype(np.int32)
-    shard_of = np.fromiter((shard_for_id(i, num_shards) for i in ids_arr.tolist()), dtype=np.int64, count=n)
+    sharding = parse_sharding(sharding)
+    router = None
+    if sharding is Sharding.PARTITION:
+        sample = emb[select_sample_rows(ids_arr.tolist(), router_config.training_sample_size)]
+        router = train_router(sample, num_shards=num_shards, config=router_config)
+        shard_of = router.assign(emb)
+    else:
+        shard_of = np.fromiter((shard_for_id(i, num_shards) for i in ids_arr.tolist()), dtype=np.int64, count=n)
 
     # The old memory's versions go first (latest first, so every moment shows a consistent older state or
     # none at all): a crash mid-build leaves no manifest rather than one describing a mix of old and new shards.
-    for n in reversed(list_versions(root)):
-        storage.remove_tree(version_path(root, n))
+    for v in reversed(list_versions(root)):
+        storage.remove_tree(version_path(root, v))
     if storage.exists(manifest_path(root)):
         storage.remove_tree(manifest_path(root))
     shards = []
@@ -79,6 +92,9 @@ def build_memory_local(root: str, *, ids: Sequence[str], labels: Sequence[str], 
     config: dict[str, Any] = dict(build_config or {})
     config.setdefault("index_config", index_config.to_dict())
     config.setdefault("num_shards", num_shards)
+    config.setdefault("sharding", sharding.value)
+    if router is not None:
+        config.setdefault("router", router_config.to_dict())
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         encoder=dict(encoder_identity),
@@ -90,6 +106,7 @@ def build_memory_local(root: str, *, ids: Sequence[str], labels: Sequence[str], 
         counts=counts if counts is not None else BuildCounts(read=n, embedded=n, failed=0),
         created_at=utc_now_iso(),
         change={"kind": "build", "summary": f"built {n} entries in {num_shards} shards", "entries": n},
+        router=None if router is None else write_router(root, router),
     )
     # Last: version 1's presence marks the memory complete.
     return publish_version(root, manifest, expected_parent=None)

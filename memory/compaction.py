@@ -9,6 +9,9 @@ Why reuse is exact: main shards are hash partitions (entry ``id`` lives in shard
 ``shard_for_id(id, num_shards)``), so target shard ``t`` of the new version is exactly the live rows of old
 main shard ``t`` plus the delta rows hashing to ``t``. `plan_reindex` verifies the partition invariant
 before it reuses anything, and rebuilds every shard when a shard holds an id that hashes elsewhere.
+
+A partition-routed memory (memory.routing) keeps its router and its shard count: every live main row stays
+in the shard it is in, and each delta row goes to the shard its router assigns it (``delta_targets``).
 """
 
 from __future__ import annotations
@@ -172,7 +175,8 @@ def _hash_many(ids: Iterable[str], num_shards: int) -> np.ndarray:
 
 def plan_reindex(manifest: Manifest, *, main_ids: Mapping[str, np.ndarray], forgotten: np.ndarray,
                  delta_ids: Sequence[np.ndarray] = (), num_shards: int | None = None,
-                 index_config_changed: bool = False) -> ReindexPlan:
+                 index_config_changed: bool = False,
+                 delta_targets: Sequence[np.ndarray] | None = None) -> ReindexPlan:
     """Decides which main shards are reused and which are rebuilt.
 
     A target shard is reused iff the shard count is unchanged, the index config is unchanged, the old main
@@ -186,14 +190,28 @@ def plan_reindex(manifest: Manifest, *, main_ids: Mapping[str, np.ndarray], forg
       delta_ids: Ids of each delta shard.
       num_shards: Main shards after the re-index (None: unchanged; see target_shard_count).
       index_config_changed: The re-index builds with another IndexConfig than the memory's.
+      delta_targets: For a partition-routed memory (required there), the main shard its router assigns to
+        each row of each delta shard (memory.routing.Router.assign), aligned with ``delta_ids``.
 
     Returns:
       The ReindexPlan.
+
+    Raises:
+      ValueError: bad arguments, or a shard count change of a partition-routed memory.
     """
     old_n = len(manifest.shards)
     new_n = old_n if num_shards is None else int(num_shards)
     if new_n < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards!r}")
+    routed = manifest.router is not None
+    if routed and new_n != old_n:
+        raise ValueError(
+            f"a partition-routed memory keeps its shard count on re-index (its router owns {old_n} shards), got "
+            f"num_shards={new_n}; re-index without --target-shard-size, or rebuild with `vmem build --sharding "
+            f"partition --shards {new_n}`")
+    if routed and (delta_targets is None or len(delta_targets) != len(delta_ids)
+                   or any(len(t) != len(d) for t, d in zip(delta_targets, delta_ids))):
+        raise ValueError("a partition-routed memory needs delta_targets: one router shard per delta row")
     missing = [s.path for s in manifest.shards if s.path not in main_ids]
     if missing:
         raise ValueError(f"main_ids lacks the ids of main shard(s) {missing}")
@@ -209,14 +227,19 @@ def plan_reindex(manifest: Manifest, *, main_ids: Mapping[str, np.ndarray], forg
     delta_all = (np.concatenate([np.asarray(d, dtype=str) for d in delta_ids]) if len(delta_ids)
                  else np.zeros((0,), "<U1"))
     delta_rows = int(delta_all.size)
-    deltas_to = np.bincount(_hash_many(delta_all.tolist(), new_n), minlength=new_n)
+    if routed:
+        targets_all = (np.concatenate([np.asarray(t, dtype=np.int64) for t in delta_targets]) if len(delta_ids)
+                       else np.zeros((0,), np.int64))
+        deltas_to = np.bincount(targets_all, minlength=new_n)
+    else:
+        deltas_to = np.bincount(_hash_many(delta_all.tolist(), new_n), minlength=new_n)
 
     note = ""
     if new_n != old_n:
         note = f"shard count changes from {old_n} to {new_n}"
     elif index_config_changed:
         note = "index config changes"
-    else:
+    elif not routed:  # Routed main rows never move, so there is no partition to verify.
         misplaced = []
         for i, s in enumerate(manifest.shards):
             ids = np.asarray(main_ids[s.path], dtype=str)

@@ -104,6 +104,23 @@ class WeightsRef:
     params: dict = dataclasses.field(default_factory=dict)
 
 
+@dataclasses.dataclass(frozen=True)
+class RouterRef:
+    """The router of a partition-routed memory (memory.routing): which main shard owns which region.
+
+    Attributes:
+      path: File relative to the memory root (e.g. ``router/router-1a2b3c4d.npz``) holding ``centroids``
+        (float32 [count, dim]), ``owners`` (int32 [count], main shard index), ``num_shards`` and ``probes``.
+      count: Number of centroids.
+      checksum: ``sha256:<hex>`` of the file's bytes.
+      probes: Default nearest centroids per query whose shards are searched.
+    """
+    path: str
+    count: int
+    checksum: str
+    probes: int = 8
+
+
 def utc_now_iso() -> str:
     """Current UTC time as ISO-8601 with a ``Z`` suffix, second precision."""
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -134,6 +151,9 @@ class Manifest:
       forgotten: Tombstones of forgotten entries still physically present in ``shards``/``delta_shards``;
         searches skip them exactly. None when nothing is forgotten.
       entry_weights: Soft-pruning weights multiplied into neighbours' votes; None for none.
+      router: For a partition-routed memory, the router assigning entries to main shards and queries to the
+        shards they visit (delta shards are always visited); None for a hash-sharded memory, whose queries
+        visit every shard.
     """
     format_version: int
     encoder: dict
@@ -150,6 +170,7 @@ class Manifest:
     delta_shards: tuple[ShardInfo, ...] = ()
     forgotten: ForgottenSet | None = None
     entry_weights: WeightsRef | None = None
+    router: RouterRef | None = None
 
     @property
     def all_shards(self) -> tuple[ShardInfo, ...]:
@@ -167,7 +188,7 @@ class Manifest:
         return self.physical_total - (self.forgotten.count if self.forgotten else 0)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "format_version": self.format_version,
             "encoder": dict(self.encoder),
             "dim": self.dim,
@@ -184,6 +205,10 @@ class Manifest:
             "forgotten": dataclasses.asdict(self.forgotten) if self.forgotten else None,
             "entry_weights": dataclasses.asdict(self.entry_weights) if self.entry_weights else None,
         }
+        # Written only when present, so hash-sharded memories keep the format that older readers accept.
+        if self.router is not None:
+            d["router"] = dataclasses.asdict(self.router)
+        return d
 
     def to_json(self) -> str:
         """Serialises to JSON (sorted keys, indent 2) so equal manifests are byte-identical."""
@@ -220,7 +245,7 @@ class Manifest:
         except TypeError as e:
             raise ManifestError(f"manifest field 'delta_shards': malformed entry ({e})") from None
         optional = {}
-        for name, kind in (("forgotten", ForgottenSet), ("entry_weights", WeightsRef)):
+        for name, kind in (("forgotten", ForgottenSet), ("entry_weights", WeightsRef), ("router", RouterRef)):
             raw = d.get(name)
             if raw is not None:
                 try:
@@ -348,10 +373,12 @@ class Manifest:
             json.dumps(self.change)
         except (TypeError, ValueError) as e:
             raise ManifestError(f"manifest field 'change': not JSON-serialisable ({e})") from None
-        for name, ref in (("forgotten", self.forgotten), ("entry_weights", self.entry_weights)):
+        kinds = {"forgotten": ForgottenSet, "entry_weights": WeightsRef, "router": RouterRef}
+        for name, ref in (("forgotten", self.forgotten), ("entry_weights", self.entry_weights),
+                          ("router", self.router)):
             if ref is None:
                 continue
-            if not isinstance(ref, ForgottenSet if name == "forgotten" else WeightsRef):
+            if not isinstance(ref, kinds[name]):
                 raise ManifestError(f"manifest field {name!r}: malformed value {ref!r}")
             if (not isinstance(ref.path, str) or not ref.path or ref.path.startswith("/") or "://" in ref.path
                     or ".." in ref.path.split("/") or ref.path in shard_paths):
@@ -365,6 +392,9 @@ class Manifest:
         if self.forgotten is not None and self.forgotten.count > self.physical_total:
             raise ManifestError(f"manifest field 'forgotten.count': {self.forgotten.count} exceeds the "
                                 f"{self.physical_total} rows stored in the shards")
+        if self.router is not None:
+            _int("router.count", self.router.count, 1)
+            _int("router.probes", self.router.probes, 1)
         if self.entry_weights is not None:
             if self.entry_weights.kind not in WEIGHTS_KINDS:
                 raise ManifestError(f"manifest field 'entry_weights.kind': {self.entry_weights.kind!r}; allowed: "
@@ -374,7 +404,7 @@ class Manifest:
                     f"manifest field 'entry_weights.params': expected an object, got {self.entry_weights.params!r}")
 
 
-_OPTIONAL_FIELDS = ("version", "parent", "change", "delta_shards", "forgotten", "entry_weights")
+_OPTIONAL_FIELDS = ("version", "parent", "change", "delta_shards", "forgotten", "entry_weights", "router")
 
 
 def manifest_path(root: str) -> str:

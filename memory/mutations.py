@@ -448,6 +448,8 @@ def _data_paths(m: Manifest) -> set[str]:
     paths = {s.path for s in m.all_shards}
     if m.entry_weights is not None:
         paths.add(m.entry_weights.path)
+    if m.router is not None:
+        paths.add(m.router.path)
     return paths
 
 

@@ -2,9 +2,33 @@
 
 from __future__ import annotations
 
+import enum
 import hashlib
 
 _SHARD_NAME_DIGITS = 5
+
+
+class Sharding(enum.Enum):
+    """How a build assigns entries to main shards.
+
+    HASH: a stable hash of the id (`shard_for_id`); shards are statistically alike and every query visits
+      every shard. Exact across shards with brute-force shards; the default.
+    PARTITION: the shard owning the entry's nearest router centroid (memory.routing); each shard holds one
+      region of the embedding space and a query visits only the shards its nearest centroids route it to.
+      For large tree+AH memories, where searching every shard costs each shard's fixed per-query cost.
+    """
+    HASH = "hash"
+    PARTITION = "partition"
+
+
+def parse_sharding(value: "Sharding | str") -> Sharding:
+    """Sharding from its enum or string value; ValueError naming the allowed values otherwise."""
+    if isinstance(value, Sharding):
+        return value
+    try:
+        return Sharding(value)
+    except ValueError:
+        raise ValueError(f"unknown sharding {value!r}; allowed: {[m.value for m in Sharding]}") from None
 
 
 def shard_for_id(entry_id: str, num_shards: int) -> int:

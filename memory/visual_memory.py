@@ -24,6 +24,7 @@ from memory.index import ShardIndex
 from memory.manifest import Manifest, ManifestError
 from memory.merge import merge_topk
 from memory.mutations import read_entry_weights, read_forgotten, row_weights
+from memory.routing import Router, read_router, search_mask
 from memory.shard import load_shard_index, read_shard_data, verify_shard
 from memory.vectors import l2_normalize
 from memory.versions import latest_version, read_version
@@ -80,8 +81,11 @@ class VisualMemory:
                  ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, *,
                  forgotten: np.ndarray | None = None,
                  entry_weights: tuple[np.ndarray, np.ndarray] | None = None,
-                 search_threads: int | None = None):
+                 search_threads: int | None = None, router: Router | None = None):
         self._root = root
+        # Partition-routed memories send each query only to the main shards its nearest centroids route it to.
+        self._router = router
+        self._route_probes: int | None = None
         self._manifest = manifest
         self._indices = list(indices)
         self._ids = ids
@@ -153,19 +157,29 @@ class VisualMemory:
                                 f"{int(np.isin(all_ids, forgotten).sum())} of them are in its shards")
         return cls(root, manifest, indices, all_ids, all_labels, np.asarray(offsets, dtype=np.int64),
                    forgotten=forgotten, entry_weights=read_entry_weights(root, manifest),
-                   search_threads=search_threads)
+                   search_threads=search_threads, router=read_router(root, manifest))
 
     def with_search_params(self, *, leaves_fraction: float | None = None, reorder: int | None = None,
-                           threads: int | None = None) -> VisualMemory:
+                           threads: int | None = None, route_probes: int | None = None) -> VisualMemory:
         """A view of this memory whose tree+AH shards probe another fraction of their leaves / re-rank more.
 
         Shares every loaded index (nothing is copied or rebuilt); brute-force shards are unaffected. Use it to
         trade recall for speed on a built memory (see evaluation/benchmarks/bench_search.py). ``threads``
         sets how many shards are searched at once (see `open`); None keeps this memory's setting.
+        ``route_probes`` (partition-routed memories only) sets how many nearest router centroids pick the
+        main shards a query visits; None keeps the current setting (the router's default at first).
         """
         if leaves_fraction is not None and not 0.0 < leaves_fraction <= 1.0:
             raise ValueError(f"leaves_fraction must be in (0, 1], got {leaves_fraction}")
+        if route_probes is not None:
+            if self._router is None:
+                raise ValueError("route_probes applies to partition-routed memories only; this memory is hash-sharded "
+                                 "(every query visits every shard). Build with --sharding partition to route.")
+            if isinstance(route_probes, bool) or not isinstance(route_probes, (int, np.integer)) or route_probes < 1:
+                raise ValueError(f"route_probes must be an int >= 1, got {route_probes!r}")
         view = copy.copy(self)
+        if route_probes is not None:
+            view._route_probes = int(route_probes)
         view._indices = [
             None if ix is None else ix.with_search_params(
                 leaves_to_search=None if leaves_fraction is None or ix.num_leaves_to_search is None
@@ -176,6 +190,18 @@ class VisualMemory:
             view._search_threads = _resolve_threads(threads, sum(ix is not None for ix in self._indices))
             view._pool, view._pool_lock = None, threading.Lock()
         return view
+
+    @property
+    def router(self) -> Router | None:
+        """The router of a partition-routed memory, None for a hash-sharded one."""
+        return self._router
+
+    @property
+    def route_probes(self) -> int | None:
+        """Router centroids per query that pick its main shards (None for a hash-sharded memory)."""
+        if self._router is None:
+            return None
+        return self._router.probes if self._route_probes is None else self._route_probes
 
     @property
     def search_threads(self) -> int:
@@ -238,11 +264,21 @@ class VisualMemory:
         q = l2_normalize(q) if q.shape[0] else q.astype(np.float32)
         nq = q.shape[0]
 
+        # Which shards each query visits: all of them, or (partition-routed) the routed main shards + deltas.
+        visit = search_mask(self._router, q, [ix is not None for ix in self._indices], probes=self._route_probes)
+
         def search_shard(s: int) -> tuple[np.ndarray, np.ndarray]:
             dead = self._dead_per_shard[s]
+            rows = np.flatnonzero(visit[:, s])
             # With t tombstoned rows in the shard, its k + t nearest hold its k nearest live rows (exactly,
             # for brute force: ties come in ascending id order with or without the dead rows).
-            local, dist = self._indices[s].search(q, k + dead)
+            if rows.size == nq:
+                local, dist = self._indices[s].search(q, k + dead)
+            else:  # Routed: search only this shard's queries; the others get padding from it.
+                found, found_dist = self._indices[s].search(q[rows], k + dead)
+                local = np.full((nq, found.shape[1]), -1, dtype=found.dtype)
+                dist = np.full((nq, found.shape[1]), np.inf, dtype=np.float32)
+                local[rows], dist[rows] = found, found_dist
             glob = np.where(local >= 0, local + self._offsets[s], -1)
             if dead:
                 hidden = (glob >= 0) & self._dead[np.maximum(glob, 0)]
@@ -250,7 +286,7 @@ class VisualMemory:
                 dist = np.where(hidden, np.float32(np.inf), dist)
             return glob, dist
 
-        shards = [s for s, index in enumerate(self._indices) if index is not None]
+        shards = [s for s, index in enumerate(self._indices) if index is not None and visit[:, s].any()]
         if self._search_threads > 1 and len(shards) > 1 and nq:
             partials = list(self._executor().map(search_shard, shards))
         else:

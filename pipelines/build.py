@@ -14,12 +14,19 @@ Dataflow (ship the code with setup.py; the bundled encoder weights come from PyP
         --runner=DataflowRunner --project=PROJECT --region=us-central1 \\
         --temp_location=gs://BUCKET/tmp --setup_file=./setup.py
 
+Large memories (tree+AH shards): ``--sharding partition`` trains a router so each shard holds one region
+of the embedding space and each query searches only the shards it routes to (see memory/routing.py)::
+
+    vmem build --images gs://BUCKET/imagenet/train --output gs://BUCKET/memories/in1k --shards 16 \\
+        --sharding partition --runner=DataflowRunner ...
+
 Anything that is not a build flag is passed to Beam's PipelineOptions.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from typing import Optional, Sequence
 
@@ -30,10 +37,11 @@ from configs.build import BuildConfig, load_config
 from memory import storage
 from memory.index import IndexConfig, IndexKind
 from memory.manifest import MANIFEST_NAME
+from memory.sharding import Sharding
 from pipelines.embed import DecodeImages, EmbedImages
 from pipelines.readers import ImageSource, ReadImages, parse_image_spec
 from pipelines.runner import with_default_runner
-from pipelines.write import WriteDeadLetters, WriteManifest, WriteMemoryShards
+from pipelines.write import TrainRouter, WriteDeadLetters, WriteManifest, WriteMemoryShards
 
 _LOG = logging.getLogger("visual_memory")
 
@@ -48,6 +56,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shards", type=int, default=None, help="number of shards (default: from the config)")
     parser.add_argument("--config", default=None,
                         help="config file.py[:variant] or module (default configs.default)")
+    parser.add_argument("--sharding", choices=[m.value for m in Sharding], default=None,
+                        help="hash: stable hash of the id, every query searches every shard; partition: train a "
+                             "router so each shard holds one region and queries search only the shards they route "
+                             "to (for large tree+AH memories; default: from the config, 'hash')")
+    parser.add_argument("--route-probes", type=int, default=None, metavar="P",
+                        help="partition sharding: nearest router centroids whose shards a query searches by "
+                             "default (default: from the config, 8)")
     parser.add_argument("--index", choices=[k.value for k in IndexKind], default=None,
                         help="force the per-shard index kind (default: from the config, 'auto')")
     parser.add_argument("--overwrite", action="store_true",
@@ -59,6 +74,10 @@ def resolve_config(args: argparse.Namespace) -> BuildConfig:
     config = load_config(args.config)
     if args.shards is not None:
         config = config.replace(num_shards=args.shards)
+    if args.sharding is not None:
+        config = config.replace(sharding=Sharding(args.sharding))
+    if args.route_probes is not None:
+        config = config.replace(router=dataclasses.replace(config.router, probes=args.route_probes))
     if args.index is not None:
         config = config.replace(index=IndexConfig(**{**config.index.__dict__, "kind": IndexKind(args.index)}))
     return config
@@ -89,8 +108,11 @@ def build_pipeline(p: beam.Pipeline, *, source: ImageSource, output: str, config
                    | "DistinctLabels" >> beam.Distinct()
                    | "CollectLabels" >> beam.combiners.ToList()
                    | "SortLabels" >> beam.Map(sorted))
+    router = None
+    if config.sharding is Sharding.PARTITION:
+        router = entries | "TrainRouter" >> TrainRouter(output, num_shards=config.num_shards, config=config.router)
     infos, shard_failures = entries | "WriteMemoryShards" >> WriteMemoryShards(
-        output, num_shards=config.num_shards, index_config=config.index, class_names=class_names)
+        output, num_shards=config.num_shards, index_config=config.index, class_names=class_names, router=router)
     failures = ((read_failures, decode_failures, embed_failures, shard_failures)
                 | "AllFailures" >> beam.Flatten())
     dead_letter_files = failures | "WriteDeadLetters" >> WriteDeadLetters(output)
@@ -102,7 +124,7 @@ def build_pipeline(p: beam.Pipeline, *, source: ImageSource, output: str, config
     _ = infos | "WriteManifest" >> WriteManifest(
         output, num_shards=config.num_shards, index_config=config.index, build_config=build_config,
         identities=identities, class_names=class_names, records_read=records_read, failed=failed,
-        dead_letter_files=dead_letter_files)
+        dead_letter_files=dead_letter_files, router=router)
 
 
 def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipeline] = None

@@ -46,6 +46,7 @@ from encoders.base import resolve_preprocess
 from evaluation.metrics import CorrectCounts
 from memory import storage
 from memory.manifest import Manifest, read_manifest
+from memory.routing import read_router, search_mask
 from memory.shard_search import (LoadedShard, PartialTopK, load_entry_weights, load_forgotten, merge_partials,
                                  searchable_shards)
 from memory.voting import VotingParams
@@ -112,25 +113,61 @@ class _SearchShardFn(beam.DoFn):
                 yield qid, QueryNeighbors(batch.labels[i], batch.uris[i], partial.row(i))
 
 
-class SearchShards(beam.PTransform):
-    """EmbeddedImage queries -> (query id, QueryNeighbors) once per non-empty shard."""
+class _FanOutFn(beam.DoFn):
+    """QueryBatch -> (shard index, QueryBatch of the queries that search that shard).
 
-    def __init__(self, root: str, manifest: Manifest, *, k: int, batch_size: int = 256):
+    Hash-sharded memories send every batch to every non-empty shard; a partition-routed memory sends each
+    query to the main shards its router picks (memory.routing.search_mask) and to every delta shard.
+    """
+
+    def __init__(self, root: str, manifest: Manifest, probes: int | None):
+        self._root = root
+        self._manifest = manifest
+        self._probes = probes
+        self._router = None
+        self._live = np.asarray([s.count > 0 for s in searchable_shards(manifest)], dtype=bool)
+        self._routed = Metrics.counter(_NAMESPACE, "query_shard_routes")
+
+    def setup(self):
+        # The router file (centroids) is read once per worker, not pickled into the graph.
+        self._router = read_router(self._root, self._manifest)
+
+    def process(self, batch: QueryBatch):
+        visit = search_mask(self._router, batch.embeddings, self._live, probes=self._probes)
+        for s in np.flatnonzero(visit.any(axis=0)).tolist():
+            rows = np.flatnonzero(visit[:, s])
+            self._routed.inc(int(rows.size))
+            if rows.size == len(batch.ids):
+                yield s, batch
+            else:
+                yield s, QueryBatch(tuple(batch.ids[i] for i in rows), tuple(batch.labels[i] for i in rows),
+                                    tuple(batch.uris[i] for i in rows), batch.embeddings[rows])
+
+
+class SearchShards(beam.PTransform):
+    """EmbeddedImage queries -> (query id, QueryNeighbors) once per shard the query searches.
+
+    Every non-empty shard for a hash-sharded memory; the routed main shards and every delta shard for a
+    partition-routed one (``route_probes`` nearest centroids; None -> the router's default).
+    """
+
+    def __init__(self, root: str, manifest: Manifest, *, k: int, batch_size: int = 256,
+                 route_probes: int | None = None):
         super().__init__()
         self._root = root
         self._manifest = manifest
         self._k = k
         self._batch_size = batch_size
+        self._route_probes = route_probes
 
     def expand(self, queries):
-        live = [i for i, s in enumerate(searchable_shards(self._manifest)) if s.count > 0]
         return (
             queries
             | "BatchQueries" >> beam.BatchElements(min_batch_size=1, max_batch_size=self._batch_size)
             | "ToQueryBatch" >> beam.Map(lambda qs: QueryBatch(
                 tuple(q.id for q in qs), tuple(q.label for q in qs), tuple(q.uri for q in qs),
                 np.stack([q.embedding for q in qs])))
-            | "FanOutToShards" >> beam.FlatMap(lambda b: [(s, b) for s in live])
+            | "FanOutToShards" >> beam.ParDo(_FanOutFn(self._root, self._manifest, self._route_probes))
             | "GroupByShard" >> beam.GroupByKey()
             | "SearchShard" >> beam.ParDo(_SearchShardFn(self._root, self._manifest, self._k, shared.Shared())))
 
@@ -354,6 +391,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tau", type=float, default=0.07, help="SoftmaxVoting temperature (default 0.07)")
     parser.add_argument("--alpha", type=float, default=2.0, help="RankVoting offset: weight 1/(alpha+i) (default 2)")
     parser.add_argument("--query-batch", type=int, default=256, help="queries per shard search call")
+    parser.add_argument("--route-probes", type=int, default=None, metavar="P",
+                        help="partition-routed memories: nearest router centroids whose shards each query searches "
+                             "(default: the memory's, set at build); more probes -> higher recall, more shards")
     parser.add_argument("--version", type=int, default=None, metavar="N",
                         help="evaluate this pinned version of the memory (default: the latest); e.g. the version "
                              "before a hard prune, to compare")
@@ -373,9 +413,14 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     args, beam_args = build_arg_parser().parse_known_args(argv)
     if args.k_max < 1:
         raise ValueError(f"--k-max must be >= 1, got {args.k_max}.")
+    if args.route_probes is not None and args.route_probes < 1:
+        raise ValueError(f"--route-probes must be >= 1, got {args.route_probes}.")
     params = VotingParams(softmax_tau=args.tau, rank_alpha=args.alpha)
     root = args.memory.rstrip("/")
     manifest = read_manifest(root, version=args.version)
+    if args.route_probes is not None and manifest.router is None:
+        raise EvaluationError(f"--route-probes {args.route_probes}: memory {root} is hash-sharded (every query "
+                              "searches every shard); drop --route-probes or build with --sharding partition.")
     encoder = memory_encoder_spec(manifest)
     if args.config:
         requested = load_config(args.config).encoder
@@ -394,7 +439,8 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     queries, embed_failures, identities = images | "EmbedQueries" >> EmbedImages(
         encoder, min_batch_size=8, max_batch_size=64, progress_every=500)
     merged = (queries
-              | "SearchShards" >> SearchShards(root, manifest, k=args.k_max, batch_size=args.query_batch)
+              | "SearchShards" >> SearchShards(root, manifest, k=args.k_max, batch_size=args.query_batch,
+                                                route_probes=args.route_probes)
               | "MergeNeighbors" >> MergeNeighbors(args.k_max))
     neighbor_files = merged | "WriteNeighbors" >> WriteNeighbors(args.output, manifest.class_names)
     failures = (read_failures, decode_failures, embed_failures) | "AllFailures" >> beam.Flatten()
@@ -403,6 +449,8 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     extra = {"command": "vmem evaluate", "memory": root, "version_pinned": args.version,
              "images": source.to_dict(),
              "encoder": manifest.encoder.get("name"), "k_max": args.k_max}
+    if manifest.router is not None:
+        extra["route_probes"] = args.route_probes or manifest.router.probes
     tally = merged | "Vote" >> VoteNeighbors(manifest.class_names, args.k_max, params)
     class_index = {c: i for i, c in enumerate(manifest.class_names)}
     pixel = bool(args.pixel_baseline)

@@ -79,6 +79,7 @@ from memory.index import IndexConfig
 from memory.manifest import Manifest, ManifestError, ShardInfo, WeightsRef
 from memory.mutations import (_fresh_name, _member, _sha256, purge_history, purge_requested_since_reindex,
                               read_entry_weights, read_forgotten, WEIGHTS_DIR)
+from memory.routing import read_router
 from memory.shard import ShardData
 from memory.sharding import shard_for_id
 from memory.versions import (ConcurrentUpdateError, _conflict, latest_version, list_versions, publish_version,
@@ -168,6 +169,9 @@ class ReindexJob:
       index_config: IndexConfig for rebuilt shards (the memory's own).
       needed: Whether --if-needed would run it; reason says why (not).
       purge: Whether a forget since the last re-index asked for --purge-history.
+      delta_targets: Partition-routed memories: ``{delta ShardInfo.path: router shard of each row}``,
+        computed once by the launcher so that the plan and the workers agree row for row (recomputing the
+        nearest centroid on another CPU could break a floating-point tie differently). None when hashed.
     """
     root: str
     manifest: Manifest
@@ -177,6 +181,7 @@ class ReindexJob:
     needed: bool
     reason: str
     purge: bool
+    delta_targets: dict[str, np.ndarray] | None = None
 
     @property
     def version(self) -> int:
@@ -217,16 +222,28 @@ def prepare_job(root: str, *, target_shard_size: int | None = None, delta_thresh
     forgotten = read_forgotten(root, manifest)
     target_n = compaction.target_shard_count(manifest.total, target_shard_size=target_shard_size,
                                              current=len(manifest.shards))
+    router = read_router(root, manifest)
     purge = purge_requested_since_reindex(root)
     needed, reason = compaction.needs_reindex(manifest, delta_threshold=delta_threshold,
                                               forgotten_threshold=forgotten_threshold, target_shards=target_n,
                                               purge_requested=purge)
-    plan = compaction.plan_reindex(
-        manifest, main_ids={s.path: _read_ids(root, s) for s in manifest.shards}, forgotten=forgotten,
-        delta_ids=[_read_ids(root, s) for s in manifest.delta_shards], num_shards=target_n)
+    delta_targets = None
+    if router is not None:
+        # Delta shards are small by design (a re-index is due at 10% of the memory): route their rows here.
+        delta_targets = [router.assign(shard_io.read_shard_data(storage.join(root, s.path)).embeddings)
+                         for s in manifest.delta_shards]
+    try:
+        plan = compaction.plan_reindex(
+            manifest, main_ids={s.path: _read_ids(root, s) for s in manifest.shards}, forgotten=forgotten,
+            delta_ids=[_read_ids(root, s) for s in manifest.delta_shards], num_shards=target_n,
+            delta_targets=delta_targets)
+    except ValueError as e:  # A shard count change of a partition-routed memory: a bad --target-shard-size.
+        raise UsageError(str(e)) from None
     token = job_token or secrets.token_hex(4)
     job = ReindexJob(root=root, manifest=manifest, plan=plan, job_token=token,
-                     index_config=compaction.index_config_of(manifest), needed=needed, reason=reason, purge=purge)
+                     index_config=compaction.index_config_of(manifest), needed=needed, reason=reason, purge=purge,
+                     delta_targets=None if delta_targets is None else {
+                         s.path: t for s, t in zip(manifest.delta_shards, delta_targets)})
     if storage.exists(storage.join(root, job.job_dir)):
         raise ReindexError(f"{storage.join(root, job.job_dir)} already exists; pick another job token")
     return job
@@ -258,7 +275,12 @@ class _ReadLiveRowsFn(beam.DoFn):
         if info in job.manifest.delta_shards:
             self._folded.inc(int(ids.size))
         ids = ids[keep]
-        target = np.fromiter((shard_for_id(i, job.plan.num_shards) for i in ids.tolist()), np.int64, ids.size)
+        if job.delta_targets is None:
+            target = np.fromiter((shard_for_id(i, job.plan.num_shards) for i in ids.tolist()), np.int64, ids.size)
+        elif info in job.manifest.shards:  # Routed main rows stay where they are.
+            target = np.full(ids.size, job.manifest.shards.index(info), np.int64)
+        else:
+            target = np.asarray(job.delta_targets[info.path], np.int64)[keep]
         rebuilt = set(job.plan.rebuilt)
         for t in np.unique(target).tolist():
             if t not in rebuilt:  # plan_reindex verified the hash partition; this would lose entries.

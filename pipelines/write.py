@@ -13,9 +13,11 @@ from apache_beam.metrics import Metrics
 
 from memory import storage
 from memory.index import IndexConfig
-from memory.manifest import FORMAT_VERSION, BuildCounts, Manifest, Metric, ShardInfo, write_manifest
+from memory.manifest import FORMAT_VERSION, BuildCounts, Manifest, Metric, RouterRef, ShardInfo, write_manifest
+from memory.routing import RouterConfig, router_sample_key, train_router, write_router
 from memory.shard import ShardData, write_shard
 from memory.sharding import shard_for_id, shard_name
+from memory.vectors import l2_normalize
 from pipelines.readers import FAILED_TAG, _failed
 from pipelines.records import EmbeddedImage, Stage
 
@@ -81,25 +83,66 @@ class _WriteShardFn(beam.DoFn):
         yield (index, info)
 
 
+def _train_and_write_router(sample: list, *, output: str, num_shards: int, config: RouterConfig):
+    """Router sample [(key, embedding)] -> (Router, RouterRef) after writing the router file."""
+    ordered = sorted(sample, key=lambda kv: kv[0])  # Same order on every runner: a deterministic router.
+    embeddings = np.stack([np.asarray(e, np.float32) for _, e in ordered]) if ordered else np.zeros((0, 1), np.float32)
+    router = train_router(l2_normalize(embeddings), num_shards=num_shards, config=config)
+    ref = write_router(output, router)
+    _LOG.info("router: %d centroids trained on %d entries, shard shares %s", ref.count, len(ordered),
+              np.bincount(router.assign(embeddings), minlength=num_shards).tolist())
+    return router, ref
+
+
+class TrainRouter(beam.PTransform):
+    """EmbeddedImage -> one (Router, RouterRef): a partition-routed memory's router, trained and written.
+
+    The training sample is the ``config.training_sample_size`` entries with the smallest
+    `memory.routing.router_sample_key` (a digest of the id), so the local build and every runner train on
+    the same entries.
+    """
+
+    def __init__(self, output: str, *, num_shards: int, config: RouterConfig):
+        super().__init__()
+        self._output = output
+        self._num_shards = num_shards
+        self._config = config
+
+    def expand(self, entries):
+        return (entries
+                | "SampleKey" >> beam.Map(lambda e: (router_sample_key(e.id), e.embedding))
+                | "Sample" >> beam.combiners.Top.Smallest(self._config.training_sample_size, key=lambda kv: kv[0])
+                | "Train" >> beam.Map(_train_and_write_router, output=self._output, num_shards=self._num_shards,
+                                      config=self._config))
+
+
 class WriteMemoryShards(beam.PTransform):
     """EmbeddedImage -> (shard index, ShardInfo) after writing each shard's arrays and ScaNN searcher.
 
-    Entries go to shard ``shard_for_id(id) % num_shards`` (a stable hash), grouped so that one worker
-    builds one shard. Returns ``(infos, failures)`` (failures: duplicate ids).
+    Entries go to shard ``shard_for_id(id) % num_shards`` (a stable hash) or, given a ``router`` (a
+    PCollection holding one (Router, RouterRef) from `TrainRouter`), to the shard owning their nearest
+    centroid; grouped so that one worker builds one shard. Returns ``(infos, failures)`` (failures:
+    duplicate ids).
     """
 
-    def __init__(self, output: str, *, num_shards: int, index_config: IndexConfig, class_names):
+    def __init__(self, output: str, *, num_shards: int, index_config: IndexConfig, class_names, router=None):
         super().__init__()
         self._output = output
         self._num_shards = num_shards
         self._index_config = index_config
         self._class_names = class_names  # PCollection with one sorted list, used as a side input.
+        self._router = router
 
     def expand(self, entries):
         n = self._num_shards
+        if self._router is None:
+            keyed = entries | "KeyByShard" >> beam.Map(lambda e: (shard_for_id(e.id, n), e))
+        else:
+            keyed = entries | "KeyByRoutedShard" >> beam.Map(
+                lambda e, r: (int(r[0].assign(l2_normalize(np.asarray(e.embedding)[None]))[0]), e),
+                r=beam.pvalue.AsSingleton(self._router))
         results = (
-            entries
-            | "KeyByShard" >> beam.Map(lambda e: (shard_for_id(e.id, n), e))
+            keyed
             | "GroupByShard" >> beam.GroupByKey()
             | "WriteShard" >> beam.ParDo(
                 _WriteShardFn(self._output, n, self._index_config),
@@ -126,7 +169,8 @@ class BuildError(RuntimeError):
 
 def assemble_manifest(*, output: str, infos: list[tuple[int, ShardInfo]], num_shards: int, index_config: IndexConfig,
                       identities: list[str], class_names: list[str], records_read: int, failed: int,
-                      build_config: dict, dead_letter_files: list[str]) -> Manifest:
+                      build_config: dict, dead_letter_files: list[str], router: RouterRef | None = None
+                      ) -> Manifest:
     """Checks what the workers produced and writes empty shards for hash buckets that got no entry."""
     if not identities:
         raise BuildError(
@@ -151,7 +195,7 @@ def assemble_manifest(*, output: str, infos: list[tuple[int, ShardInfo]], num_sh
         class_names=tuple(class_names), shards=tuple(shards),
         build_config=dict(build_config, dead_letter_files=sorted(dead_letter_files)),
         counts=BuildCounts(read=records_read, embedded=embedded, failed=failed),
-        created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), router=router)
 
 
 class _WriteManifestFn(beam.DoFn):
@@ -161,11 +205,14 @@ class _WriteManifestFn(beam.DoFn):
         self._index_config = index_config
         self._build_config = build_config
 
-    def process(self, unused, infos, identities, class_names, records_read, failed, dead_letter_files):
+    def process(self, unused, infos, identities, class_names, records_read, failed, dead_letter_files, router):
+        if len(router) > 1:
+            raise BuildError(f"{len(router)} routers were trained for one build; expected one")
         manifest = assemble_manifest(
             output=self._output, infos=infos, num_shards=self._num_shards, index_config=self._index_config,
             identities=identities, class_names=class_names, records_read=records_read, failed=failed,
-            build_config=self._build_config, dead_letter_files=dead_letter_files)
+            build_config=self._build_config, dead_letter_files=dead_letter_files,
+            router=router[0][1] if router else None)
         write_manifest(self._output, manifest)
         _LOG.info("memory written to %s: %d entries in %d shards, %d failed", self._output,
                   manifest.counts.embedded, len(manifest.shards), manifest.counts.failed)
@@ -176,11 +223,11 @@ class WriteManifest(beam.PTransform):
     """Writes ``manifest.json`` once every shard and dead letter is written (side inputs enforce the order)."""
 
     def __init__(self, output: str, *, num_shards: int, index_config: IndexConfig, build_config: dict,
-                 identities, class_names, records_read, failed, dead_letter_files):
+                 identities, class_names, records_read, failed, dead_letter_files, router=None):
         super().__init__()
         self._fn = _WriteManifestFn(output, num_shards, index_config, build_config)
         self._side = dict(identities=identities, class_names=class_names, records_read=records_read,
-                          failed=failed, dead_letter_files=dead_letter_files)
+                          failed=failed, dead_letter_files=dead_letter_files, router=router)
 
     def expand(self, infos):
         s = self._side
@@ -194,4 +241,6 @@ class WriteManifest(beam.PTransform):
                 class_names=beam.pvalue.AsSingleton(s["class_names"]),
                 records_read=beam.pvalue.AsSingleton(s["records_read"]),
                 failed=beam.pvalue.AsSingleton(s["failed"]),
-                dead_letter_files=beam.pvalue.AsList(s["dead_letter_files"])))
+                dead_letter_files=beam.pvalue.AsList(s["dead_letter_files"]),
+                router=beam.pvalue.AsList(s["router"] if s["router"] is not None
+                                          else infos.pipeline | "NoRouter" >> beam.Create([]))))

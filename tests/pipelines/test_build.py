@@ -118,3 +118,33 @@ def test_empty_hash_buckets_become_empty_shards(fmnist_small, tiny_encoder_confi
     res = memory.search(emb[:1], 3)
     assert res.ids[0, 0] == ids[0]
     assert res.distances[0, 0] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_partition_build_trains_the_same_router_as_the_local_build_and_routes_entries(
+        fmnist_small, tiny_encoder_config_file, tmp_path):
+    from memory.routing import RouterConfig, read_router, select_sample_rows, train_router
+    out = str(tmp_path / "routed")
+    _build(os.path.join(fmnist_small, "train"), out, tiny_encoder_config_file, "--shards", "3",
+           "--sharding", "partition", "--route-probes", "2")
+    manifest, ids, emb, _ = _stored(out)
+    assert manifest.build_config["sharding"] == "partition" and manifest.router.probes == 2
+    router = read_router(out, manifest)
+    # The Beam job samples by the same id digest and trains with the same seed as the pure-numpy build.
+    ids = ids.astype(str)
+    local = train_router(emb[select_sample_rows(ids.tolist(), RouterConfig().training_sample_size)], num_shards=3,
+                         config=RouterConfig(probes=2))
+    np.testing.assert_allclose(router.centroids, local.centroids, atol=1e-5)
+    np.testing.assert_array_equal(router.owners, local.owners)
+    offset = 0
+    for s, info in enumerate(manifest.shards):
+        np.testing.assert_array_equal(router.assign(emb[offset:offset + info.count]), s)
+        offset += info.count
+    assert manifest.counts.embedded == 200 == offset
+    # Probing every centroid searches every shard: exact.
+    rng = np.random.default_rng(0)
+    queries = emb[rng.choice(len(emb), 20, replace=False)]
+    memory = VisualMemory.open(out).with_search_params(route_probes=len(router.centroids))
+    true_idx, true_d = brute_force_topk(emb, queries, 10)
+    res = memory.search(queries, 10)
+    np.testing.assert_allclose(res.distances, true_d, atol=1e-5)
+    assert all(set(res.ids[i]) == set(ids[true_idx[i]]) for i in range(20))

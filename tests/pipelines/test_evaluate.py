@@ -61,6 +61,46 @@ def test_search_shards_and_merge_equal_visual_memory_search(synthetic_memory):
                                    for i in range(37)]))
 
 
+@pytest.mark.parametrize("probes", [None, 1])
+def test_routed_fan_out_equals_visual_memory_search_and_skips_shards(tmp_path, probes):
+    from memory.routing import RouterConfig
+    rng = np.random.default_rng(3)
+    centres = _unit(rng, 6, 16)
+    emb = centres[rng.integers(0, 6, 400)] + 0.05 * rng.normal(size=(400, 16)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    root = str(tmp_path / "routed")
+    ids = [f"e{i:04d}" for i in range(400)]
+    build_memory_local(root, ids=ids, labels=[f"c{i % 5}" for i in range(400)], uris=[f"/img/{i}" for i in ids],
+                       embeddings=emb, num_shards=4, index_config=IndexConfig(), sharding="partition",
+                       router_config=RouterConfig(num_centroids=12, probes=3),
+                       encoder_identity={"name": "synthetic", "content_hash": "sha256:0", "dim": 16,
+                                         "preprocess": {}})
+    manifest = read_manifest(root)
+    q = emb[rng.choice(400, 30, replace=False)] + 0.05 * rng.normal(size=(30, 16)).astype(np.float32)
+    memory = VisualMemory.open(root)
+    if probes is not None:
+        memory = memory.with_search_params(route_probes=probes)
+    expected = memory.search(q, 12)
+    assert memory.router.route(q, memory.route_probes).sum() < 30 * 4  # Routing skips some shard searches.
+    queries = [EmbeddedImage(f"q{i:02d}", f"/q/{i}", "c1", q[i]) for i in range(30)]
+
+    with TestPipeline(runner="FnApiRunner") as p:
+        merged = (p | beam.Create(queries)
+                  | evaluate.SearchShards(root, manifest, k=12, batch_size=8, route_probes=probes)
+                  | evaluate.MergeNeighbors(12))
+        got = merged | beam.MapTuple(lambda qid, n: (qid, n.neighbors.ids[0].tolist(), n.neighbors.distances[0]))
+
+        def matches(actual):
+            # Same neighbours in the same order; distances equal up to float32 rounding of the batch matmul.
+            assert sorted(qid for qid, _, _ in actual) == [f"q{i:02d}" for i in range(30)]
+            for qid, found, dist in actual:
+                i = int(qid[1:])
+                assert found == expected.ids[i].tolist(), qid
+                np.testing.assert_allclose(dist, expected.distances[i], atol=1e-5)
+
+        assert_that(got, matches)
+
+
 def test_merge_partials_is_exact_and_order_independent(synthetic_memory):
     root, _ = synthetic_memory
     manifest = read_manifest(root)

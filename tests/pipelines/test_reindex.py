@@ -437,3 +437,44 @@ def test_dataflow_dry_run_builds_the_graph_offline(drifted):
     for step in ("ListSourceShards", "ReadLiveRows", "GroupByTarget", "WriteTargetShard", "Publish"):
         assert step in names
     assert reindex.latest_version(root) == n  # Nothing ran.
+
+
+def test_reindex_of_a_partition_routed_memory_keeps_rows_routes_deltas_and_answers(tmp_path, capsys):
+    from memory.routing import RouterConfig, read_router
+    rng = np.random.default_rng(5)
+    centres = l2_normalize(rng.normal(size=(8, D)))
+    x = l2_normalize(centres[rng.integers(0, 8, N)] + 0.2 * rng.normal(size=(N, D)) / np.sqrt(D)).astype(np.float32)
+    ids = [f"img-{i:06d}" for i in range(N)]
+    root = str(tmp_path / "mem")
+    build_memory_local(root, ids=ids, labels=["ant"] * N, uris=[f"u/{i}" for i in ids], embeddings=x,
+                       num_shards=SHARDS, index_config=BRUTE, encoder_identity=ENC, sharding="partition",
+                       router_config=RouterConfig(num_centroids=16, probes=2))
+    old = read_manifest(root)
+    router = read_router(root, old)
+    # Add rows near centre 0 only: every delta row routes to the shard(s) owning that region.
+    new_x = l2_normalize(centres[[0] * 6] + 0.1 * rng.normal(size=(6, D)) / np.sqrt(D)).astype(np.float32)
+    new_ids = [f"new-{i}" for i in range(6)]
+    mutations.add_entries_local(root, ids=new_ids, labels=["bee"] * 6, uris=[f"u/{i}" for i in new_ids],
+                                embeddings=new_x)
+    mutations.forget(root, ids=ids[:3])
+    q = np.concatenate([new_x[:2], x[10:14]])
+    full = lambda m: m.with_search_params(route_probes=16)  # Every shard: exact, comparable across layouts.
+    before = full(VisualMemory.open(root)).search(q, 9)
+    assert reindex.main(["--memory", root]) == reindex.EXIT_OK
+    new = read_manifest(root)
+    assert new.router == old.router and len(new.shards) == SHARDS and new.delta_shards == ()
+    targets = set(router.assign(new_x).tolist())
+    gone_from = {int(np.flatnonzero([i in read_shard_data(os.path.join(root, s.path)).ids.astype(str)
+                                     for s in old.shards])[0]) for i in ids[:3]}
+    assert set(new.change["reused"]) == {old.shards[t].name for t in range(SHARDS)} - {
+        old.shards[t].name for t in targets | gone_from}
+    for t, info in enumerate(new.shards):
+        stored = set(read_shard_data(os.path.join(root, info.path)).ids.astype(str).tolist())
+        old_ids = set(read_shard_data(os.path.join(root, old.shards[t].path)).ids.astype(str).tolist())
+        assert stored == (old_ids - set(ids[:3])) | {n for n, s in zip(new_ids, router.assign(new_x)) if s == t}
+    after = full(VisualMemory.open(root)).search(q, 9)
+    np.testing.assert_array_equal(before.ids, after.ids)
+    np.testing.assert_array_equal(before.distances, after.distances)
+    capsys.readouterr()
+    assert reindex.main(["--memory", root, "--target-shard-size", "60"]) == reindex.EXIT_USAGE
+    assert "keeps its shard count" in capsys.readouterr().err

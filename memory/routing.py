@@ -52,8 +52,10 @@ class RouterConfig:
 
     Attributes:
       num_centroids: Coarse centroids (upper bound): at most one per 32 sample points and at least one per
-        shard are used. Finer centroids give finer shard boundaries (measured on Fashion-MNIST features,
-        64 to 512 centroids all cover >= 0.996 of the true top-10 with 8 probes).
+        shard are used. Finer centroids give finer shard boundaries but every query pays a [C x d] matmul
+        and a top-``probes`` selection to be routed (measured for 1,000 256-d queries: 3.5 ms at C=256,
+        12 ms at C=1024); on Fashion-MNIST features 64 to 512 centroids all covered >= 0.996 of the true
+        top-10 with 8 probes, so 256 is the default.
       training_sample_size: Entries the centroids are trained on, chosen by a stable hash of the id (the
         same entries on every run and runner).
       iterations: Spherical k-means iterations.
@@ -61,7 +63,7 @@ class RouterConfig:
         ``VisualMemory.with_search_params(route_probes=...)``).
       seed: Seed of the k-means initialisation.
     """
-    num_centroids: int = 1024
+    num_centroids: int = 256
     training_sample_size: int = 50_000
     iterations: int = 10
     probes: int = 8
@@ -226,9 +228,13 @@ class Router:
         routed = np.zeros((nq, self.num_shards), dtype=bool)
         if not nq:
             return routed
-        scores = q @ self.centroids.T
-        top = np.argpartition(-scores, p - 1, axis=1)[:, :p] if p < c else np.broadcast_to(np.arange(c), (nq, c))
-        routed[np.arange(nq)[:, None], self.owners[top]] = True
+        if p >= c:
+            routed[:, np.unique(self.owners)] = True
+        elif p == 1:  # argmax is ~20x cheaper than argpartition over [nq, C].
+            routed[np.arange(nq), self.owners[np.argmax(q @ self.centroids.T, axis=1)]] = True
+        else:
+            top = np.argpartition(-(q @ self.centroids.T), p - 1, axis=1)[:, :p]
+            routed[np.arange(nq)[:, None], self.owners[top]] = True
         return routed
 
     def to_bytes(self) -> bytes:

@@ -2,7 +2,7 @@
 
     python -m evaluation.benchmarks.bench_search [--n 1000000] [--dim 256] [--queries 1000] [--shards 4] \
         [--datasets structured,gaussian] [--real-embeddings FILE.npy|MEMORY[,...]] [--leaves-factors 0.5,1] \
-        [--threads 1]
+        [--threads 1] [--memory-sharding hash,partition]
 
 For each dataset one table, all methods measured in this one process on the same query batch:
 
@@ -15,6 +15,10 @@ For each dataset one table, all methods measured in this one process on the same
    `memory.visual_memory.VisualMemory.search` (per-shard ScaNN + `memory.merge.merge_topk`). Each shard
    gets the default round(sqrt(shard size)) leaves and the unsharded index's AH settings and training
    sample; build time includes writing the shard files and opening the memory.
+   ``memory routed``: the same, built with ``sharding="partition"``: a router (memory.routing, shipped
+   defaults: up to 256 centroids trained on 50,000 id-hashed entries) gives each shard one region, and
+   each query searches only the shards owning its ``route_probes`` nearest centroids (swept 1, 2, 4, 8).
+   Build time includes training the router.
 4. ``faiss ivfpq-fs``: IVF + 4-bit PQ fast-scan + exact float re-ranking (``IVF{nlist},PQ{m}x4fs,RFlat``),
    one index per ``--leaves-factors`` entry like ScaNN;
    ``faiss hnsw``: HNSW32 (only up to ``--hnsw-max-n`` points; its build on 1M x 256 takes too long here).
@@ -61,6 +65,8 @@ REORDERS = (50, 60, 75, 90, 100, 125, 150, 200, 400, 1000, 2000)
 # Per-shard re-rank depth of the sharded memory: each shard holds ~1/S of a query's true neighbours, so
 # it needs a shallower re-rank than one big index; S shards x depth is the total exact work.
 SHARD_REORDERS = (15, 20, 25, 30, 50, 75, 100, 200, 500)
+# Router centroids per query (routed memory): each value is swept like the other knobs.
+ROUTE_PROBES = (1, 2, 4, 8)
 HNSW_EF = (16, 32, 64, 128, 256, 512, 1024)
 DATASETS = ("structured", "gaussian")
 _PLATEAU = 0.002
@@ -75,6 +81,7 @@ class Method(enum.Enum):
     EXACT = "exact numpy"
     SCANN = "scann"
     MEMORY = "memory"
+    MEMORY_ROUTED = "memory routed"
     FAISS_IVFPQ_FS = "faiss ivfpq-fs"
     FAISS_HNSW = "faiss hnsw"
 
@@ -130,6 +137,7 @@ class Settings:
     hnsw_max_n: int
     centres: int
     noise_ratio: float
+    memory_shardings: tuple[str, ...] = ("hash", "partition")
 
 
 # --------------------------------------------------------------------------------------------- exact
@@ -370,11 +378,14 @@ def _select_fastest(rows: list[ResultRow], target: float) -> list[ResultRow]:
     return [dataclasses.replace(r, selected=r is best) for r in rows]
 
 
-def run_memory(data: Dataset, s: Settings, exact_qps: float, workdir: str) -> list[ResultRow]:
+def run_memory(data: Dataset, s: Settings, exact_qps: float, workdir: str, *, sharding: str = "hash"
+               ) -> list[ResultRow]:
     """The sharded memory, built and opened through the public memory API, searched via VisualMemory.
 
     Each shard gets what ``vmem build`` gives it by default: round(sqrt(shard size)) leaves
     (`IndexConfig.resolve_leaves`), with the unsharded index's AH settings and training sample.
+    ``sharding="partition"`` builds the routed memory with the shipped RouterConfig defaults and sweeps the
+    route probes too.
     """
     from memory.build import build_memory_local  # pylint: disable=g-import-not-at-top
     from memory.visual_memory import VisualMemory  # pylint: disable=g-import-not-at-top
@@ -389,29 +400,37 @@ def run_memory(data: Dataset, s: Settings, exact_qps: float, workdir: str) -> li
     # Zero-padded decimal ids: sort order (the shard row order) is numeric order, and ids parse back to rows.
     width = max(1, len(str(n - 1)))
     ids = [f"{i:0{width}d}" for i in range(n)]
-    root = os.path.join(workdir, f"memory-{data.name}")
+    root = os.path.join(workdir, f"memory-{data.name}-{sharding}")
     start = time.perf_counter()
     build_memory_local(root, ids=ids, labels=["x"] * n, uris=[""] * n, embeddings=data.base,
-                       num_shards=s.shards, index_config=cfg,
+                       num_shards=s.shards, index_config=cfg, sharding=sharding,
                        encoder_identity={"name": "synthetic", "content_hash": "none", "dim": data.base.shape[1],
                                          "preprocess": {}})
     memory = VisualMemory.open(root, search_threads=s.threads)
     build_s = time.perf_counter() - start
     counts = [info.count for info in memory.manifest.shards]
-    levels = []
-    for frac_leaves in _leaf_counts(cfg.num_leaves):
-        fraction = frac_leaves / cfg.num_leaves
-        level = []
-        for reorder in SHARD_REORDERS:
-            # Same fraction of every shard's own leaves (shards differ slightly in size and leaf count).
-            tuned = memory.with_search_params(leaves_fraction=fraction, reorder=reorder)
-            level.append((f"search {frac_leaves}/{cfg.num_leaves} leaves/shard, reorder {reorder}/shard",
-                          lambda tuned=tuned: _memory_rows(tuned.search(data.queries, K).ids)))
-        levels.append(level)
-    trials = _sweep(levels, data, s)
+    routed = memory.router is not None
+    trials = []
+    for probes in ROUTE_PROBES if routed else (None,):
+        view = memory if probes is None else memory.with_search_params(route_probes=probes)
+        route = "" if probes is None else (
+            f"route {probes} ({view.router.route(data.queries, probes).sum(axis=1).mean():.2f} shards/query), ")
+        levels = []
+        for frac_leaves in _leaf_counts(cfg.num_leaves):
+            fraction = frac_leaves / cfg.num_leaves
+            level = []
+            for reorder in SHARD_REORDERS:
+                # Same fraction of every shard's own leaves (shards differ slightly in size and leaf count).
+                tuned = view.with_search_params(leaves_fraction=fraction, reorder=reorder)
+                level.append((f"{route}search {frac_leaves}/{cfg.num_leaves} leaves/shard, reorder {reorder}/shard",
+                              lambda tuned=tuned: _memory_rows(tuned.search(data.queries, K).ids)))
+            levels.append(level)
+        trials += _sweep(levels, data, s)
     build_params = f"{s.shards} shards of {min(counts)}-{max(counts)}, per shard {_config_str(cfg)}"
-    return _rows(data, Method.MEMORY, trials, build_s=build_s, exact_qps=exact_qps, target=s.target_recall,
-                 build_params=build_params)
+    if routed:
+        build_params = f"{sharding}: {memory.router.centroids.shape[0]} router centroids, {build_params}"
+    return _rows(data, Method.MEMORY_ROUTED if routed else Method.MEMORY, trials, build_s=build_s,
+                 exact_qps=exact_qps, target=s.target_recall, build_params=build_params)
 
 
 def _split_search(index, queries: np.ndarray, threads: int) -> np.ndarray:
@@ -526,7 +545,7 @@ def format_targets(rows: Sequence[ResultRow], *, target_recall: float, dataset: 
                    floor_us: float | None = None, shards: int | None = None) -> str:
     """The PASS/MISS block for the project targets, on one dataset's rows."""
     rows = [r for r in rows if r.dataset == dataset]
-    scann, memory = headline(rows, Method.SCANN), headline(rows, Method.MEMORY)
+    scann = headline(rows, Method.SCANN)
     faiss_best = max((r for r in rows if r.selected and r.method in (Method.FAISS_IVFPQ_FS, Method.FAISS_HNSW)),
                      key=lambda r: r.qps, default=None)
 
@@ -545,12 +564,16 @@ def format_targets(rows: Sequence[ResultRow], *, target_recall: float, dataset: 
     else:
         lines.append(f"  scann QPS >= best faiss QPS: {scann.qps:,.0f} vs {faiss_best.qps:,.0f} "
                      f"({faiss_best.method.value}): {verdict(scann.qps >= faiss_best.qps)}")
-    if scann is None or memory is None:
-        lines.append(f"  sharded memory <= {TARGET_SHARDED_SLOWDOWN:.0%} slower than one index: "
-                     "a method missed the recall: MISS")
-    else:
+    for method, what in ((Method.MEMORY, "hash-sharded memory"), (Method.MEMORY_ROUTED, "partition-routed memory")):
+        if not any(r.method is method for r in rows):
+            continue
+        memory = headline(rows, method)
+        if scann is None or memory is None:
+            lines.append(f"  {what} <= {TARGET_SHARDED_SLOWDOWN:.0%} slower than one index: "
+                         "a method missed the recall: MISS")
+            continue
         slower = 1.0 - memory.qps / scann.qps
-        lines.append(f"  sharded memory <= {TARGET_SHARDED_SLOWDOWN:.0%} slower than one index: "
+        lines.append(f"  {what} <= {TARGET_SHARDED_SLOWDOWN:.0%} slower than one index: "
                      f"{slower:+.1%} ({memory.qps:,.0f} vs {scann.qps:,.0f} QPS): "
                      f"{verdict(slower <= TARGET_SHARDED_SLOWDOWN)}")
     if floor_us is not None and scann is not None and shards:
@@ -570,8 +593,11 @@ def run_dataset(data: Dataset, s: Settings, workdir: str, *, log: Callable[[str]
     exact = run_exact(data, s)
     log(f"  exact numpy: {exact.qps:,.1f} QPS")
     rows = [exact]
+    memories = [(Method.MEMORY if sharding == "hash" else Method.MEMORY_ROUTED,
+                 lambda sharding=sharding: run_memory(data, s, exact.qps, workdir, sharding=sharding))
+                for sharding in s.memory_shardings]
     for method, fn in ((Method.SCANN, lambda: run_scann(data, s, exact.qps)),
-                       (Method.MEMORY, lambda: run_memory(data, s, exact.qps, workdir)),
+                       *memories,
                        (Method.FAISS_IVFPQ_FS, lambda: run_faiss_ivfpq(data, s, exact.qps)),
                        (Method.FAISS_HNSW, lambda: run_faiss_hnsw(data, s, exact.qps))):
         if method is Method.FAISS_HNSW and data.base.shape[0] > s.hnsw_max_n:
@@ -625,6 +651,9 @@ def main(argv: Sequence[str] | None = None) -> list[ResultRow]:
     parser.add_argument("--training-sample", type=int, default=100_000,
                         help="points used to train partitions and quantizers (ScaNN and faiss)")
     parser.add_argument("--hnsw-max-n", type=int, default=200_000, help="skip faiss HNSW above this n")
+    parser.add_argument("--memory-sharding", default="hash,partition",
+                        help="comma-separated memories to build: hash (ids hashed to shards) and/or partition "
+                             "(router-assigned shards, queries routed); default both")
     parser.add_argument("--centres", type=int, default=2000, help="structured data: mixture centres")
     parser.add_argument("--noise-ratio", type=float, default=0.9, help="structured data: noise / centre spread")
     args = parser.parse_args(argv)
@@ -648,11 +677,15 @@ def main(argv: Sequence[str] | None = None) -> list[ResultRow]:
         parser.error(f"unknown dataset(s) {unknown}; allowed: {list(DATASETS)} (real data: --real-embeddings PATH)")
     if args.real_embeddings:
         names.append("real")
+    shardings = tuple(m for m in args.memory_sharding.split(",") if m)
+    if any(m not in ("hash", "partition") for m in shardings):
+        parser.error(f"--memory-sharding must list hash and/or partition, got {args.memory_sharding!r}")
     s = Settings(n=args.n, dim=args.dim, queries=args.queries, shards=args.shards, seed=args.seed,
                  repeats=args.repeats, target_recall=args.target_recall, threads=args.threads,
                  build_threads=args.build_threads, leaves_factors=factors,
                  training_sample=args.training_sample,
-                 hnsw_max_n=args.hnsw_max_n, centres=args.centres, noise_ratio=args.noise_ratio)
+                 hnsw_max_n=args.hnsw_max_n, centres=args.centres, noise_ratio=args.noise_ratio,
+                 memory_shardings=shardings)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)

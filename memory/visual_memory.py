@@ -4,6 +4,10 @@ A memory is opened at one version (the latest, or a pinned one): its main shards
 searched together, and its tombstoned (forgotten) rows are skipped exactly: a shard holding t forgotten
 rows is asked for k + t neighbours, forgotten ones are dropped, and the merge keeps k. For brute-force
 shards that is the same answer as a memory built from scratch without the forgotten entries.
+
+A partition-routed memory (built with ``sharding="partition"``, see memory.routing) sends each query only
+to the main shards owning its ``route_probes`` nearest router centroids (plus every delta shard); probing
+every centroid searches every shard.
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ class SearchResult(NamedTuple):
 
 
 class VisualMemory:
-    """A read-only visual memory (local directory or ``gs://``), searched exactly across shards.
+    """A read-only visual memory (local directory or ``gs://``), searched across its shards.
 
     Open with `VisualMemory.open(path)`. All shards are loaded eagerly (ScaNN index, ids, labels) so that
     search latency does not include I/O; embeddings are read lazily, only for `get_embeddings`.

@@ -100,7 +100,9 @@ def describe(manifest) -> str:
         + (" ..." if len(manifest.class_names) > 20 else ""),
         f"encoder      {enc['name']} ({enc['content_hash'][:23]}...), dim {manifest.dim}, metric {manifest.metric.value}",
         f"built        {manifest.created_at}; read {manifest.counts.read}, failed {manifest.counts.failed}",
-        f"shards       {len(manifest.shards)}",
+        f"shards       {len(manifest.shards)}" + (
+            "" if manifest.router is None else
+            f", partition-routed: {manifest.router.count} router centroids, {manifest.router.probes} probes per query"),
     ]
     for s in manifest.shards:
         lines.append(f"  {s.name}  {s.count:>9} entries  {s.index_kind:<11} {s.checksum[:19]}...")

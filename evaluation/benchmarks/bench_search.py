@@ -16,7 +16,7 @@ For each dataset one table, all methods measured in this one process on the same
    gets the default round(sqrt(shard size)) leaves and the unsharded index's AH settings and training
    sample; build time includes writing the shard files and opening the memory.
    ``memory routed``: the same, built with ``sharding="partition"``: a router (memory.routing, shipped
-   defaults: up to 256 centroids trained on 50,000 id-hashed entries) gives each shard one region, and
+   defaults: up to 1,024 centroids trained on 50,000 id-hashed entries) gives each shard one region, and
    each query searches only the shards owning its ``route_probes`` nearest centroids (swept 1, 2, 4, 8).
    Build time includes training the router.
 4. ``faiss ivfpq-fs``: IVF + 4-bit PQ fast-scan + exact float re-ranking (``IVF{nlist},PQ{m}x4fs,RFlat``),

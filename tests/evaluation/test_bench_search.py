@@ -59,7 +59,9 @@ def test_printed_table_and_targets(tiny_run):
     for method in bench_search.Method:
         assert f"| {method.value}" in text
     assert "targets (structured, recall@10 >= 0.95):" in text
-    assert text.count(": PASS") + text.count(": MISS") == 3
+    # ScaNN vs exact, ScaNN vs faiss, and one sharding line per memory (hash and partition-routed).
+    assert text.count(": PASS") + text.count(": MISS") == 4
+    assert "hash-sharded memory <= 20% slower" in text and "partition-routed memory <= 20% slower" in text
     assert len([line for line in text.splitlines() if line.startswith("| ") and "---" not in line]) == len(rows) + 1
 
 

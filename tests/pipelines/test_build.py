@@ -128,6 +128,8 @@ def test_partition_build_trains_the_same_router_as_the_local_build_and_routes_en
            "--sharding", "partition", "--route-probes", "2")
     manifest, ids, emb, _ = _stored(out)
     assert manifest.build_config["sharding"] == "partition" and manifest.router.probes == 2
+    from pipelines.cli import describe
+    assert f"shards       3, partition-routed: {manifest.router.count} router centroids, 2 probes" in describe(manifest)
     router = read_router(out, manifest)
     # The Beam job samples by the same id digest and trains with the same seed as the pure-numpy build.
     ids = ids.astype(str)

@@ -41,7 +41,7 @@ from memory.sharding import Sharding
 from pipelines.embed import DecodeImages, EmbedImages
 from pipelines.readers import ImageSource, ReadImages, parse_image_spec
 from pipelines.runner import with_default_runner
-from pipelines.write import TrainRouter, WriteDeadLetters, WriteManifest, WriteMemoryShards
+from pipelines.write import DedupeIds, TrainRouter, WriteDeadLetters, WriteManifest, WriteMemoryShards
 
 _LOG = logging.getLogger("visual_memory")
 
@@ -109,12 +109,15 @@ def build_pipeline(p: beam.Pipeline, *, source: ImageSource, output: str, config
                    | "CollectLabels" >> beam.combiners.ToList()
                    | "SortLabels" >> beam.Map(sorted))
     router = None
+    failure_sets = [read_failures, decode_failures, embed_failures]
     if config.sharding is Sharding.PARTITION:
+        # Before routing: copies of one id could be routed to different shards (see DedupeIds).
+        entries, duplicate_failures = entries | "DedupeIds" >> DedupeIds()
+        failure_sets.append(duplicate_failures)
         router = entries | "TrainRouter" >> TrainRouter(output, num_shards=config.num_shards, config=config.router)
     infos, shard_failures = entries | "WriteMemoryShards" >> WriteMemoryShards(
         output, num_shards=config.num_shards, index_config=config.index, class_names=class_names, router=router)
-    failures = ((read_failures, decode_failures, embed_failures, shard_failures)
-                | "AllFailures" >> beam.Flatten())
+    failures = (tuple(failure_sets) + (shard_failures,)) | "AllFailures" >> beam.Flatten()
     dead_letter_files = failures | "WriteDeadLetters" >> WriteDeadLetters(output)
     records_read = ((records, read_failures)
                     | "AllRead" >> beam.Flatten()

@@ -62,6 +62,29 @@ def split_duplicate_ids(entries) -> tuple[list[EmbeddedImage], list[tuple[Embedd
     return list(unique.values()), duplicates
 
 
+class DedupeIds(beam.PTransform):
+    """EmbeddedImage -> (entries with unique ids, failures for the extra copies).
+
+    Hash sharding sends every copy of an id to the same shard, where `_WriteShardFn` drops the extras; a
+    router assigns by embedding, so copies of one id with different images could land in different shards.
+    Partition-routed builds therefore group by id first (keeping the first copy by uri, as the shards do).
+    """
+
+    def expand(self, entries):
+        def split(id_and_entries):
+            _, group = id_and_entries
+            kept, duplicates = split_duplicate_ids(group)
+            yield from kept
+            for entry, first in duplicates:
+                yield _failed(entry.id, entry.uri, "duplicate_id", f"id already used by {first.uri}", Stage.EMBED)
+
+        results = (entries
+                   | "KeyById" >> beam.Map(lambda e: (e.id, e))
+                   | "GroupById" >> beam.GroupByKey()
+                   | "KeepFirst" >> beam.FlatMap(split).with_outputs(FAILED_TAG, main="unique"))
+        return results.unique, results[FAILED_TAG]
+
+
 class _WriteShardFn(beam.DoFn):
     def __init__(self, output: str, num_shards: int, index_config: IndexConfig):
         self._output = output

@@ -150,3 +150,25 @@ def test_partition_build_trains_the_same_router_as_the_local_build_and_routes_en
     res = memory.search(queries, 10)
     np.testing.assert_allclose(res.distances, true_d, atol=1e-5)
     assert all(set(res.ids[i]) == set(ids[true_idx[i]]) for i in range(20))
+
+
+@pytest.mark.parametrize("sharding", ["hash", "partition"])
+def test_duplicate_ids_become_dead_letters_whatever_the_sharding(fmnist_small, tiny_encoder_config_file, tmp_path,
+                                                                sharding):
+    # Two different images under one id: a router could send them to different shards, so the partition
+    # build must drop the extra copy before routing, as the hash build does inside the shard.
+    train = os.path.join(fmnist_small, "train")
+    files = sorted(glob.glob(os.path.join(train, "*", "*.png")))[:40]
+    lines = [f"{path},{os.path.basename(os.path.dirname(path))},img-{i:03d}" for i, path in enumerate(files)]
+    lines += [f"{files[j]},{os.path.basename(os.path.dirname(files[j]))},img-000" for j in (21, 33)]
+    listing = tmp_path / "list.csv"
+    listing.write_text("\n".join(lines) + "\n")
+    out = str(tmp_path / sharding)
+    _build(str(listing), out, tiny_encoder_config_file, "--shards", "3", "--sharding", sharding)
+    manifest, ids, _, _ = _stored(out)
+    assert manifest.counts.read == 42 and manifest.counts.embedded == 40 and manifest.counts.failed == 2
+    assert int(np.sum(ids.astype(str) == "img-000")) == 1 and len(set(ids.tolist())) == 40
+    dead = _dead_letters(out)
+    assert sorted((d.id, d.reason) for d in dead) == [("img-000", "duplicate_id")] * 2
+    # The copy kept is the first by uri (files are sorted, so files[0]); the other two are the dead letters.
+    assert sorted(d.uri for d in dead) == [files[21], files[33]]

@@ -1,9 +1,9 @@
 """``vmem``: the visual-memory command line.
 
     vmem prepare-data fashion-mnist --out DIR [--per-class N] [--test-per-class M]
-    vmem build --images SPEC --output MEMORY [--shards N] [--config FILE] [Beam flags...]
+    vmem build --images SPEC --output MEMORY [--shards N] [--sharding hash|partition] [--config FILE] [Beam flags...]
     vmem info MEMORY [--json] [--verify]
-    vmem evaluate --memory MEMORY --images SPEC --output DIR [--k-max 100] [Beam flags...]
+    vmem evaluate --memory MEMORY --images SPEC --output DIR [--k-max 100] [--route-probes P] [Beam flags...]
     vmem vote --neighbors FILE --output DIR [--k-max K]
     vmem classify --memory MEMORY IMAGE... [--rule rank] [--k 10] [--explain] [--html FILE]
     vmem add --memory MEMORY --images SPEC [--delta-shard-size N] [Beam flags...]

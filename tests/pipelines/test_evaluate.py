@@ -182,6 +182,29 @@ def test_evaluate_writes_neighbours_and_report(tiny_memory, fmnist_small, tmp_pa
     assert json.load(open(os.path.join(revote, "report.json")))["accuracy"] == report["accuracy"]
 
 
+def test_evaluate_a_partition_routed_memory_end_to_end(fmnist_small, tiny_encoder_config_file, tiny_memory,
+                                                       tmp_path, capsys):
+    routed = str(tmp_path / "routed")
+    build.run(["--images", os.path.join(fmnist_small, "train"), "--output", routed,
+               "--config", tiny_encoder_config_file, "--sharding", "partition"])
+    out = str(tmp_path / "eval")
+    assert cli.main(["evaluate", "--memory", routed, "--images", os.path.join(fmnist_small, "test"),
+                     "--output", out, "--k-max", "10", "--route-probes", "1"]) == 0
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert report["queries"] == 50 and report["failed"] == 0 and report["extra"]["route_probes"] == 1
+    # Every query's neighbour list equals VisualMemory.search with the same routing.
+    records = sorted(read_neighbor_files(sorted(glob.glob(os.path.join(out, "neighbors-*.jsonl")))),
+                     key=lambda r: r.query_id)
+    memory = VisualMemory.open(routed).with_search_params(route_probes=1)
+    expected = memory.search(memory.embed_images([os.path.join(fmnist_small, "test", r.query_id) for r in records]),
+                             10)
+    assert [list(r.neighbor_ids) for r in records] == expected.ids.tolist()
+    # --route-probes on a hash-sharded memory is a usage error naming the fix.
+    assert cli.main(["evaluate", "--memory", tiny_memory, "--images", os.path.join(fmnist_small, "test"),
+                     "--output", str(tmp_path / "bad"), "--route-probes", "2"]) != 0
+    assert "hash-sharded" in capsys.readouterr().err
+
+
 def test_evaluate_refuses_a_different_encoder(tiny_memory, fmnist_small, tmp_path, capsys):
     rc = cli.main(["evaluate", "--memory", tiny_memory, "--images", os.path.join(fmnist_small, "test"),
                    "--output", str(tmp_path / "e"), "--config", "configs.default"])

@@ -255,7 +255,8 @@ class VisualMemory:
         Returns:
           SearchResult, nearest first, forgotten entries never included; equal distances ordered by
           ascending id, so the answer does not depend on the number of shards (nor on whether entries sit
-          in main or delta shards).
+          in main or delta shards). A partition-routed memory answers from the shards each query is routed
+          to (`route_probes`), so there it can miss neighbours held by other shards.
         """
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be an int >= 1, got {k!r}")

@@ -17,7 +17,6 @@ from memory.manifest import FORMAT_VERSION, BuildCounts, Manifest, Metric, Route
 from memory.routing import RouterConfig, router_sample_key, train_router, write_router
 from memory.shard import ShardData, write_shard
 from memory.sharding import shard_for_id, shard_name
-from memory.vectors import l2_normalize
 from pipelines.readers import FAILED_TAG, _failed
 from pipelines.records import EmbeddedImage, Stage
 
@@ -110,7 +109,8 @@ def _train_and_write_router(sample: list, *, output: str, num_shards: int, confi
     """Router sample [(key, embedding)] -> (Router, RouterRef) after writing the router file."""
     ordered = sorted(sample, key=lambda kv: kv[0])  # Same order on every runner: a deterministic router.
     embeddings = np.stack([np.asarray(e, np.float32) for _, e in ordered]) if ordered else np.zeros((0, 1), np.float32)
-    router = train_router(l2_normalize(embeddings), num_shards=num_shards, config=config)
+    # EmbedImages already yields unit embeddings, as train_router expects.
+    router = train_router(embeddings, num_shards=num_shards, config=config)
     ref = write_router(output, router)
     _LOG.info("router: %d centroids trained on %d entries, shard shares %s", ref.count, len(ordered),
               np.bincount(router.assign(embeddings), minlength=num_shards).tolist())
@@ -162,7 +162,7 @@ class WriteMemoryShards(beam.PTransform):
             keyed = entries | "KeyByShard" >> beam.Map(lambda e: (shard_for_id(e.id, n), e))
         else:
             keyed = entries | "KeyByRoutedShard" >> beam.Map(
-                lambda e, r: (int(r[0].assign(l2_normalize(np.asarray(e.embedding)[None]))[0]), e),
+                lambda e, r: (int(r[0].assign(e.embedding)[0]), e),
                 r=beam.pvalue.AsSingleton(self._router))
         results = (
             keyed

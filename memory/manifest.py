@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import enum
+import hashlib
 import json
 from typing import Any
 
@@ -119,6 +120,28 @@ class RouterRef:
     count: int
     checksum: str
     probes: int = 8
+
+
+def sha256_checksum(data: bytes) -> str:
+    """``sha256:<hex>`` of ``data``: the checksum format of every file a manifest references."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def read_checked_file(root: str, manifest: Manifest, ref_path: str, checksum: str, what: str) -> bytes:
+    """The bytes of a file ``manifest`` references, after checking them against their recorded checksum.
+
+    Raises:
+      ManifestError: naming the version and ``what`` (e.g. "weights file"), when the file is missing or its
+        checksum differs (it was modified).
+    """
+    path = storage.join(root, ref_path)
+    try:
+        blob = storage.read_bytes(path)
+    except FileNotFoundError:
+        raise ManifestError(f"version {manifest.version}: {what} {path} missing") from None
+    if sha256_checksum(blob) != checksum:
+        raise ManifestError(f"version {manifest.version}: {what} {path} checksum mismatch; it was modified")
+    return blob
 
 
 def utc_now_iso() -> str:

@@ -20,7 +20,6 @@ by id, so they would hide the new entry too).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import posixpath
 import re
@@ -31,7 +30,8 @@ import numpy as np
 
 from memory import storage
 from memory.index import IndexConfig, IndexKind
-from memory.manifest import ForgottenSet, Manifest, ManifestError, ShardInfo, WeightsRef
+from memory.manifest import (ForgottenSet, Manifest, ManifestError, ShardInfo, WeightsRef, read_checked_file,
+                             sha256_checksum)
 from memory.shard import ShardData, write_shard
 from memory.vectors import l2_normalize
 from memory.versions import (ConcurrentUpdateError, _conflict, latest_version, list_versions, publish_version,
@@ -51,10 +51,6 @@ __all__ = ["DuplicateIdError", "add_entries_local", "clear_entry_weights", "exte
 
 class DuplicateIdError(ValueError):
     """Entries to add carry ids that are already in the memory (live, or forgotten but not yet re-indexed)."""
-
-
-def _sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def _fresh_name(directory: str, version: int, suffix: str) -> str:
@@ -95,7 +91,7 @@ def read_forgotten(root: str, manifest: Manifest) -> np.ndarray:
         ids, blob = _read_npy(root, ref.path)
     except FileNotFoundError:
         raise ManifestError(f"version {manifest.version}: tombstone file {storage.join(root, ref.path)} missing") from None
-    if _sha256(blob) != ref.checksum or ids.shape != (ref.count,) or (ids.size and ids.dtype.kind != "U"):
+    if sha256_checksum(blob) != ref.checksum or ids.shape != (ref.count,) or (ids.size and ids.dtype.kind != "U"):
         raise ManifestError(f"version {manifest.version}: tombstone file {storage.join(root, ref.path)} does not "
                             f"match the manifest (checksum or count {ref.count}); the file was modified")
     return ids.astype(str) if ids.size else np.zeros((0,), dtype="<U1")
@@ -106,13 +102,8 @@ def read_entry_weights(root: str, manifest: Manifest) -> tuple[np.ndarray, np.nd
     ref = manifest.entry_weights
     if ref is None:
         return None
+    blob = read_checked_file(root, manifest, ref.path, ref.checksum, "weights file")
     path = storage.join(root, ref.path)
-    try:
-        blob = storage.read_bytes(path)
-    except FileNotFoundError:
-        raise ManifestError(f"version {manifest.version}: weights file {path} missing") from None
-    if _sha256(blob) != ref.checksum:
-        raise ManifestError(f"version {manifest.version}: weights file {path} checksum mismatch; it was modified")
     with np.load(io.BytesIO(blob), allow_pickle=False) as z:
         ids, weights = z["ids"].astype(str), z["weights"].astype(np.float32)
     if ids.shape != (ref.count,) or weights.shape != (ref.count,):
@@ -263,7 +254,7 @@ def forget(root: str, *, ids: Iterable[str] | None = None, label: str | None = N
     if request_purge:
         change["purge_requested"] = True
     return publish_version(root, dataclasses.replace(
-        m, forgotten=ForgottenSet(path=rel, count=int(tombstones.size), checksum=_sha256(blob)), change=change),
+        m, forgotten=ForgottenSet(path=rel, count=int(tombstones.size), checksum=sha256_checksum(blob)), change=change),
         expected_parent=base)
 
 
@@ -426,7 +417,7 @@ def publish_entry_weights(root: str, *, ids: Sequence[str], weights: np.ndarray,
     blob = buf.getvalue()
     rel = _fresh_name(WEIGHTS_DIR, base + 1, ".npz")
     storage.write_bytes(storage.join(root, rel), blob)
-    ref = WeightsRef(path=rel, count=int(ids_arr.size), checksum=_sha256(blob), kind=kind, params=dict(params))
+    ref = WeightsRef(path=rel, count=int(ids_arr.size), checksum=sha256_checksum(blob), kind=kind, params=dict(params))
     down = int((w < 1).sum())
     change = {"kind": "prune", "summary": f"entry weights ({kind}) for {ids_arr.size} entries, {down} below 1",
               "weighted": int(ids_arr.size), "weights_below_1": down, "params": dict(params)}

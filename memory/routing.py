@@ -33,7 +33,7 @@ from typing import Sequence
 import numpy as np
 
 from memory import storage
-from memory.manifest import Manifest, ManifestError, RouterRef
+from memory.manifest import Manifest, ManifestError, RouterRef, read_checked_file, sha256_checksum
 
 __all__ = ["ROUTER_DIR", "Router", "RouterConfig", "group_centroids", "read_router", "router_sample_key",
            "select_sample_rows", "spherical_kmeans", "train_router", "write_router"]
@@ -276,11 +276,10 @@ def train_router(sample: np.ndarray, *, num_shards: int, config: RouterConfig = 
 def write_router(root: str, router: Router) -> RouterRef:
     """Writes ``root/router/router-<digest>.npz`` (content-addressed, never overwritten with other bytes)."""
     blob = router.to_bytes()
-    digest = hashlib.sha256(blob).hexdigest()
-    rel = f"{ROUTER_DIR}/router-{digest[:16]}.npz"
+    checksum = sha256_checksum(blob)
+    rel = f"{ROUTER_DIR}/router-{checksum[len('sha256:'):][:16]}.npz"
     storage.write_bytes(storage.join(root, rel), blob)
-    return RouterRef(path=rel, count=int(router.centroids.shape[0]), checksum="sha256:" + digest,
-                     probes=router.probes)
+    return RouterRef(path=rel, count=int(router.centroids.shape[0]), checksum=checksum, probes=router.probes)
 
 
 def read_router(root: str, manifest: Manifest) -> Router | None:
@@ -293,13 +292,8 @@ def read_router(root: str, manifest: Manifest) -> Router | None:
     ref = manifest.router
     if ref is None:
         return None
+    blob = read_checked_file(root, manifest, ref.path, ref.checksum, "router file")
     path = storage.join(root, ref.path)
-    try:
-        blob = storage.read_bytes(path)
-    except FileNotFoundError:
-        raise ManifestError(f"version {manifest.version}: router file {path} missing") from None
-    if "sha256:" + hashlib.sha256(blob).hexdigest() != ref.checksum:
-        raise ManifestError(f"version {manifest.version}: router file {path} checksum mismatch; it was modified")
     router = Router.from_bytes(blob)
     if (router.centroids.shape[0] != ref.count or router.dim != manifest.dim
             or router.num_shards != len(manifest.shards)):

@@ -76,8 +76,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from memory import compaction, storage
 from memory import shard as shard_io
 from memory.index import IndexConfig
-from memory.manifest import Manifest, ManifestError, ShardInfo, WeightsRef
-from memory.mutations import (_fresh_name, _member, _sha256, purge_history, purge_requested_since_reindex,
+from memory.manifest import Manifest, ManifestError, ShardInfo, WeightsRef, sha256_checksum
+from memory.mutations import (_fresh_name, _member, purge_history, purge_requested_since_reindex,
                               read_entry_weights, read_forgotten, WEIGHTS_DIR)
 from memory.routing import read_router
 from memory.shard import ShardData
@@ -339,7 +339,7 @@ def _weights_without(root: str, manifest: Manifest, forgotten: np.ndarray, new_v
     blob = buf.getvalue()
     rel = _fresh_name(WEIGHTS_DIR, new_version, ".npz")
     storage.write_bytes(storage.join(root, rel), blob)
-    return dataclasses.replace(ref, path=rel, count=int(keep.sum()), checksum=_sha256(blob))
+    return dataclasses.replace(ref, path=rel, count=int(keep.sum()), checksum=sha256_checksum(blob))
 
 
 def assemble_manifest(job: ReindexJob, rebuilt: dict[int, ShardInfo]) -> Manifest:

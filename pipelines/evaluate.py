@@ -335,6 +335,22 @@ class VoteNeighbors(beam.PTransform):
                 | "SumTallies" >> beam.CombineGlobally(_SumTalliesFn()))
 
 
+def check_query_counts(*, read: int, queries: int, failed: int, dead_letter_dir: str) -> None:
+    """Refuses to report unless every record read was either answered as a query or failed.
+
+    A query lost or merged on the way (e.g. two images sharing one id are merged into one neighbour list)
+    would otherwise shift the accuracy silently.
+
+    Raises:
+      EvaluationError: naming the three counts, when read != queries + failed.
+    """
+    if read != queries + failed:
+        raise EvaluationError(
+            f"bookkeeping mismatch: read {read} record(s) but answered {queries} queries + {failed} failed = "
+            f"{queries + failed}; no report was written. Query ids must be unique (two images with one id are "
+            f"merged into one query); see the failures in {dead_letter_dir}/.")
+
+
 class _ReportFn(beam.DoFn):
     def __init__(self, output: str, root: str, manifest: Manifest, params: VotingParams,
                  extra: dict, pixel_baseline_k: int | None):
@@ -345,11 +361,13 @@ class _ReportFn(beam.DoFn):
         self._extra = extra
         self._pixel_k = pixel_baseline_k
 
-    def process(self, unused, tally, identities, failed, neighbor_files, pixel_queries):
+    def process(self, unused, tally, identities, failed, records_read, neighbor_files, pixel_queries):
         from evaluation import report as report_lib
 
         for identity in identities:
             check_query_identity(self._manifest.encoder, json.loads(identity))
+        check_query_counts(read=records_read, queries=0 if tally is None else tally.counts.queries, failed=failed,
+                           dead_letter_dir=storage.join(self._output, "dead_letter"))
         if tally is None or tally.counts.queries == 0:
             raise EvaluationError(f"no query could be embedded ({failed} failed); see the reasons in "
                                   f"{storage.join(self._output, 'dead_letter')}/.")
@@ -446,6 +464,8 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     failures = (read_failures, decode_failures, embed_failures) | "AllFailures" >> beam.Flatten()
     _ = failures | "WriteDeadLetters" >> WriteDeadLetters(args.output)
     failed = failures | "CountFailed" >> beam.combiners.Count.Globally()
+    records_read = ((records, read_failures) | "AllRead" >> beam.Flatten()
+                    | "CountRead" >> beam.combiners.Count.Globally())
     extra = {"command": "vmem evaluate", "memory": root, "version_pinned": args.version,
              "images": source.to_dict(),
              "encoder": manifest.encoder.get("name"), "k_max": args.k_max}
@@ -461,7 +481,8 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
          | "Report" >> beam.ParDo(
              _ReportFn(args.output, root, manifest, params, extra, args.pixel_baseline),
              tally=beam.pvalue.AsSingleton(tally), identities=beam.pvalue.AsList(identities),
-             failed=beam.pvalue.AsSingleton(failed), neighbor_files=beam.pvalue.AsList(neighbor_files),
+             failed=beam.pvalue.AsSingleton(failed), records_read=beam.pvalue.AsSingleton(records_read),
+             neighbor_files=beam.pvalue.AsList(neighbor_files),
              pixel_queries=beam.pvalue.AsList(pixel_queries)))
     result = p.run()
     result.wait_until_finish()

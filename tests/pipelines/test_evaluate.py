@@ -224,3 +224,24 @@ def test_evaluate_detects_changed_encoder_files(fmnist_small, tiny_encoder_dir, 
     with pytest.raises(Exception, match="meaningless"):
         evaluate.run(["--memory", mem, "--images", os.path.join(fmnist_small, "test"),
                       "--output", str(tmp_path / "e")])
+
+
+def test_check_query_counts_refuses_lost_queries():
+    evaluate.check_query_counts(read=10, queries=7, failed=3, dead_letter_dir="/out/dead_letter")
+    with pytest.raises(evaluate.EvaluationError, match=r"read 10 record\(s\) but answered 6 queries \+ 3 failed"):
+        evaluate.check_query_counts(read=10, queries=6, failed=3, dead_letter_dir="/out/dead_letter")
+
+
+def test_evaluate_refuses_to_report_when_queries_merge(tiny_memory, fmnist_small, tmp_path):
+    """Two images under one id become one query: read (6) != answered (5) + failed (0), so no report."""
+    test_dir = os.path.join(fmnist_small, "test")
+    paths = sorted(glob.glob(os.path.join(test_dir, "*", "*.png")))[:6]
+    rows = [f"{p},{os.path.basename(os.path.dirname(p))},q{i}" for i, p in enumerate(paths)]
+    rows[5] = rows[5].rsplit(",", 1)[0] + ",q0"  # The same id as the first row.
+    manifest = tmp_path / "queries.csv"
+    manifest.write_text("uri,label,id\n" + "\n".join(rows) + "\n")
+    out = str(tmp_path / "eval")
+    with pytest.raises(Exception, match=r"bookkeeping mismatch: read 6 record\(s\) but answered 5 queries \+ 0 "
+                                        r"failed"):
+        evaluate.run(["--memory", tiny_memory, "--images", f"manifest:{manifest}", "--output", out, "--k-max", "5"])
+    assert not os.path.exists(os.path.join(out, "report.json"))

@@ -36,6 +36,29 @@ class _DropBeamResourceWarning(logging.Filter):
 logging.getLogger().addFilter(_DropBeamResourceWarning())
 
 
+def exception_detail(error: BaseException) -> str:
+    """A dead letter's detail: ``Type: message`` of the exception that really failed.
+
+    Wrapping exceptions (ImageDecodeError raised ``from None`` over Pillow's UnidentifiedImageError, say)
+    still carry the original as ``__cause__`` / ``__context__``; naming that type is what tells a truncated
+    file from an unsupported format, so it comes first and the wrapper's message follows.
+    """
+    inner = error.__cause__ or error.__context__
+    outer = f"{type(error).__name__}: {error}"
+    return outer if inner is None else f"{type(inner).__name__}: {inner} (raised as {outer})"
+
+
+def _batch_error_detail(error: Any) -> str:
+    """Detail of a RunInference dead letter, whose error is ``(type, repr, formatted traceback)`` in Beam 2.77."""
+    if isinstance(error, BaseException):
+        return exception_detail(error)
+    exc_type, exc_repr, trace = error
+    last = trace[-1].strip() if trace else ""
+    # The traceback's last line is "module.Type: message" (builtins unqualified); keep the message.
+    message = last.split(": ", 1)[1] if ": " in last else exc_repr
+    return f"{exc_type.__name__}: {message}"
+
+
 class _DecodeFn(beam.DoFn):
     def __init__(self, spec: PreprocessSpec):
         self._spec = spec
@@ -50,10 +73,10 @@ class _DecodeFn(beam.DoFn):
         try:
             pixels = self._decode(record.data, self._spec)
         except self._error_cls as e:
-            yield _failed(record.id, record.uri, e.reason, str(e), Stage.DECODE)
+            yield _failed(record.id, record.uri, e.reason, exception_detail(e), Stage.DECODE)
             return
         except Exception as e:  # Decoders raise arbitrary types on hostile bytes; one file never kills the job.
-            yield _failed(record.id, record.uri, "decode_error", f"{type(e).__name__}: {e}", Stage.DECODE)
+            yield _failed(record.id, record.uri, "decode_error", exception_detail(e), Stage.DECODE)
             return
         self._decoded.inc()
         yield DecodedImage(record.id, record.uri, record.label, pixels)
@@ -140,8 +163,9 @@ class _FailedBatchFn(beam.DoFn):
 
     def process(self, element):
         batch, error = element
+        detail = _batch_error_detail(error)
         for meta, _ in batch:
-            yield _failed(meta.id, meta.uri, "encoder_error", f"{type(error).__name__}: {error}", Stage.EMBED).value
+            yield _failed(meta.id, meta.uri, "encoder_error", detail, Stage.EMBED).value
 
 
 class EmbedImages(beam.PTransform):

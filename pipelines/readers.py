@@ -184,7 +184,7 @@ class _ParseManifestLineFn(beam.DoFn):
         try:
             yield parse_manifest_line(line, fmt=self._fmt, base_dir=self._base)
         except (ValueError, json.JSONDecodeError, StopIteration) as e:
-            yield _failed(line[:200], self._path, "bad_manifest_row", str(e))
+            yield _failed(line[:200], self._path, "bad_manifest_row", f"{type(e).__name__}: {e}")
 
 
 class _ReadManifestEntryFn(beam.DoFn):

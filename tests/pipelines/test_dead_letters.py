@@ -1,0 +1,55 @@
+"""Dead-letter details name the exception that really failed (not a wrapper's generic message)."""
+
+from __future__ import annotations
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from encoders.base import PreprocessSpec, ResizeMode
+from pipelines.embed import DecodeImages, _FailedBatchFn
+from pipelines.readers import ReadImages, parse_image_spec
+from pipelines.records import EntryMeta, ImageRecord
+
+SPEC = PreprocessSpec(image_size=16, resize=ResizeMode.RESIZE_SQUARE)
+
+
+def test_undecodable_image_detail_names_pillows_exception():
+    with TestPipeline(runner="FnApiRunner") as p:
+        _, failures = (p | beam.Create([ImageRecord("a", "/x/a.png", "cat", b"this is not an image\n")])
+                       | DecodeImages(SPEC))
+        got = failures | beam.Map(lambda f: (f.reason, f.detail.split(" (raised as ")[0].split(" <")[0],
+                                             "ImageDecodeError: not_an_image" in f.detail))
+        assert_that(got, equal_to([("not_an_image", "UnidentifiedImageError: cannot identify image file", True)]))
+
+
+class _Model:
+    """Any weak-referenceable object (RunInference shares the model through apache_beam.utils.shared)."""
+
+
+class _FailingHandler(ModelHandler):
+    def load_model(self):
+        return _Model()
+
+    def run_inference(self, batch, model, inference_args=None):
+        raise ValueError(f"boom on {len(batch)} image(s)")
+
+
+def test_encoder_failure_detail_is_the_encoders_exception():
+    # The dead letters of RunInference carry (type, repr, traceback), not the exception: the detail must
+    # still read "ValueError: boom ...", not "tuple: (<class 'ValueError'>, ...)".
+    with TestPipeline(runner="FnApiRunner") as p:
+        keyed = p | beam.Create([(EntryMeta("a", "/x/a.png", "cat"), np.zeros((2, 2, 3), np.float32))])
+        _, dlq = keyed | RunInference(KeyedModelHandler(_FailingHandler())).with_exception_handling()
+        failures = dlq.failed_inferences | beam.ParDo(_FailedBatchFn())
+        assert_that(failures | beam.Map(lambda f: (f.id, f.reason, f.detail)),
+                    equal_to([("a", "encoder_error", "ValueError: boom on 1 image(s)")]))
+
+
+def test_bad_manifest_row_detail_names_the_exception_type(tmp_path):
+    (tmp_path / "m.jsonl").write_text("not json\n")
+    with TestPipeline(runner="FnApiRunner") as p:
+        _, failures = p | ReadImages(parse_image_spec(str(tmp_path / "m.jsonl")))
+        assert_that(failures | beam.Map(lambda f: f.detail.split(":")[0]), equal_to(["JSONDecodeError"]))

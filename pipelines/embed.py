@@ -59,6 +59,11 @@ def _batch_error_detail(error: Any) -> str:
     return f"{exc_type.__name__}: {message}"
 
 
+def _is_memory_error(error: Any) -> bool:
+    exc_type = type(error) if isinstance(error, BaseException) else error[0]
+    return isinstance(exc_type, type) and issubclass(exc_type, MemoryError)
+
+
 class _DecodeFn(beam.DoFn):
     def __init__(self, spec: PreprocessSpec):
         self._spec = spec
@@ -75,6 +80,9 @@ class _DecodeFn(beam.DoFn):
         except self._error_cls as e:
             yield _failed(record.id, record.uri, e.reason, exception_detail(e), Stage.DECODE)
             return
+        except MemoryError:
+            # A worker out of memory is not bad data: fail the bundle so the runner retries it elsewhere.
+            raise
         except Exception as e:  # Decoders raise arbitrary types on hostile bytes; one file never kills the job.
             yield _failed(record.id, record.uri, "decode_error", exception_detail(e), Stage.DECODE)
             return
@@ -163,6 +171,11 @@ class _FailedBatchFn(beam.DoFn):
 
     def process(self, element):
         batch, error = element
+        if _is_memory_error(error):
+            # RunInference's exception handling catches every Exception, MemoryError included; an encoder that
+            # ran out of memory says nothing about these images, so fail the bundle (the runner retries it).
+            raise MemoryError(f"the encoder ran out of memory on a batch of {len(batch)} images: "
+                              f"{_batch_error_detail(error)}")
         detail = _batch_error_detail(error)
         for meta, _ in batch:
             yield _failed(meta.id, meta.uri, "encoder_error", detail, Stage.EMBED).value

@@ -123,6 +123,8 @@ class _ParseTFRecordFn(beam.DoFn):
         fallback_id = f"{posixpath.basename(filename)}:{digest}"
         try:
             features = self._example_cls.FromString(serialized).features.feature
+        except MemoryError:
+            raise  # Not bad data: fail the bundle so the runner retries it.
         except Exception as e:  # protobuf raises DecodeError, a plain Exception subclass.
             yield _failed(fallback_id, filename, "bad_example", f"{type(e).__name__}: {e}")
             return

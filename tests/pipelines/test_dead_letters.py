@@ -1,16 +1,17 @@
-"""Dead-letter details name the exception that really failed (not a wrapper's generic message)."""
+"""Dead letters: details name the exception that really failed; MemoryError is never turned into one."""
 
 from __future__ import annotations
 
 import apache_beam as beam
 import numpy as np
+import pytest
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from encoders.base import PreprocessSpec, ResizeMode
-from pipelines.embed import DecodeImages, _FailedBatchFn
-from pipelines.readers import ReadImages, parse_image_spec
+from pipelines.embed import DecodeImages, _DecodeFn, _FailedBatchFn
+from pipelines.readers import ReadImages, _ParseTFRecordFn, parse_image_spec
 from pipelines.records import EntryMeta, ImageRecord
 
 SPEC = PreprocessSpec(image_size=16, resize=ResizeMode.RESIZE_SQUARE)
@@ -53,3 +54,46 @@ def test_bad_manifest_row_detail_names_the_exception_type(tmp_path):
     with TestPipeline(runner="FnApiRunner") as p:
         _, failures = p | ReadImages(parse_image_spec(str(tmp_path / "m.jsonl")))
         assert_that(failures | beam.Map(lambda f: f.detail.split(":")[0]), equal_to(["JSONDecodeError"]))
+
+
+class _OutOfMemoryHandler(_FailingHandler):
+    def run_inference(self, batch, model, inference_args=None):
+        raise MemoryError("encoder out of memory")
+
+
+def test_memory_error_in_the_encoder_fails_the_job_instead_of_dead_letters():
+    p = TestPipeline(runner="FnApiRunner")
+    keyed = p | beam.Create([(EntryMeta("a", "/x/a.png", "cat"), np.zeros((2, 2, 3), np.float32))])
+    _, dlq = keyed | RunInference(KeyedModelHandler(_OutOfMemoryHandler())).with_exception_handling()
+    _ = dlq.failed_inferences | beam.ParDo(_FailedBatchFn())
+    with pytest.raises(Exception, match="ran out of memory on a batch of 1 images: MemoryError: encoder out"):
+        p.run().wait_until_finish()
+
+
+def test_memory_error_while_decoding_propagates():
+    fn = _DecodeFn(SPEC)
+    fn.setup()
+
+    def out_of_memory(data, spec):
+        raise MemoryError("no room for pixels")
+
+    fn._decode = out_of_memory
+    with pytest.raises(MemoryError, match="no room"):
+        list(fn.process(ImageRecord("a", "/x/a.png", "cat", b"whatever")))
+    fn._decode = lambda data, spec: (_ for _ in ()).throw(RuntimeError("hostile bytes"))
+    (failed,) = list(fn.process(ImageRecord("a", "/x/a.png", "cat", b"whatever")))
+    assert failed.value.detail == "RuntimeError: hostile bytes"  # Other errors still become dead letters.
+
+
+def test_memory_error_while_parsing_a_tfrecord_propagates():
+    fn = _ParseTFRecordFn()
+    fn.setup()
+
+    class _Example:
+        @staticmethod
+        def FromString(data):  # noqa: N802  (protobuf's name)
+            raise MemoryError("huge example")
+
+    fn._example_cls = _Example
+    with pytest.raises(MemoryError, match="huge example"):
+        list(fn.process(("/x/train.tfrecord", b"serialized")))

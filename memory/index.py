@@ -19,6 +19,9 @@ import numpy as np
 # AH with lut16 learns 16 centres per block; ScaNN refuses to train on fewer points than that.
 _MIN_POINTS_FOR_AH = 16
 _INDEX_META_NAME = "vmem_index.json"
+# embedding_dtype -> ScaNN's ReorderType name, and the file its serialised searcher keeps the rows in.
+EMBEDDING_DTYPES = {"float32": "FLOAT32", "bfloat16": "BFLOAT16", "int8": "INT8"}
+_DATASET_FILES = {"float32": "dataset.npy", "bfloat16": "bfloat16_dataset.npy", "int8": "int8_dataset.npy"}
 
 
 class IndexKind(enum.Enum):
@@ -44,6 +47,10 @@ class IndexConfig:
       training_sample_size: Points used to train the tree and AH codebooks; None -> all points.
       ah_training_iterations: k-means iterations per AH codebook (ScaNN's default is 10; faiss trains its
         PQ codebooks with 25).
+      embedding_dtype: How ScaNN stores the rows it re-ranks (tree+AH) or scores (brute force), which is also the
+        memory's only copy of the embeddings: ``float32`` (exact), ``bfloat16`` (half the bytes, ~3 significant
+        digits) or ``int8`` (a quarter, per-dimension scaled fixed point). `memory.shard.read_shard_data`
+        returns them dequantised to float32, so a re-index of a quantised memory stays quantised.
       spherical: Train the partitioning tree with unit-norm centroids (spherical k-means). Memory entries are
         unit vectors searched by cosine, where plain k-means centroids of different norms bias the leaf
         choice: measured on 300k x 256 clustered unit vectors, 3 of 547 leaves gave recall@10 0.976 with it
@@ -59,11 +66,15 @@ class IndexConfig:
     training_sample_size: int | None = None
     spherical: bool = True
     ah_training_iterations: int = 10
+    embedding_dtype: str = "float32"
 
     def __post_init__(self):
         if not isinstance(self.kind, IndexKind):
             # Accept the string form (configs, JSON) but store the enum.
             object.__setattr__(self, "kind", _parse_kind(self.kind))
+        if self.embedding_dtype not in EMBEDDING_DTYPES:
+            raise ValueError(f"IndexConfig.embedding_dtype must be one of {sorted(EMBEDDING_DTYPES)}, "
+                             f"got {self.embedding_dtype!r}")
         for field in ("tree_ah_min_size", "reorder", "dims_per_block", "ah_training_iterations"):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
@@ -163,9 +174,10 @@ class ShardIndex:
         n, dim = db.shape
         kind = config.resolve_kind(n)
         builder = scann.scann_ops_pybind.builder(db, 10, "dot_product")
+        quantize = scann.ReorderType[EMBEDDING_DTYPES[config.embedding_dtype]]
         leaves_to_search = None
         if kind is IndexKind.BRUTE_FORCE:
-            searcher = builder.score_brute_force().build()
+            searcher = builder.score_brute_force(quantize=quantize).build()
         else:
             leaves, leaves_to_search = config.resolve_leaves(n)
             sample = min(n, config.training_sample_size or n)
@@ -181,7 +193,7 @@ class ShardIndex:
                 anisotropic_quantization_threshold=config.anisotropic_quantization_threshold,
                 training_sample_size=sample,
                 training_iterations=config.ah_training_iterations,
-            ).reorder(config.reorder).build()
+            ).reorder(config.reorder, quantize=quantize).build()
         return cls(searcher, kind=kind, size=n, dim=dim, config=config, num_leaves_to_search=leaves_to_search)
 
     @property
@@ -290,3 +302,27 @@ class ShardIndex:
         return cls(searcher, kind=_parse_kind(meta["kind"]), size=int(meta["size"]), dim=int(meta["dim"]),
                    config=IndexConfig.from_dict(meta["config"]),
                    num_leaves_to_search=meta["num_leaves_to_search"])
+
+
+
+def dataset_file(embedding_dtype: str) -> str:
+    """The file of a saved ShardIndex that holds its rows (see `rows_from_dataset_file`)."""
+    return _DATASET_FILES[embedding_dtype]
+
+
+def rows_from_dataset_file(embedding_dtype: str, stored: np.ndarray, int8_multipliers: np.ndarray | None = None
+                           ) -> np.ndarray:
+    """Float32 [n, d] rows from a saved searcher's dataset file: exact for float32, dequantised otherwise.
+
+    ScaNN keeps bfloat16 rows as the int16 bit patterns (the high half of a float32) and int8 rows as
+    ``round(x * multiplier)`` per dimension (``int8_multipliers.npy``).
+    """
+    if embedding_dtype == "float32":
+        return np.asarray(stored, dtype=np.float32)
+    if embedding_dtype == "bfloat16":
+        return (np.asarray(stored).astype(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    if embedding_dtype == "int8":
+        if int8_multipliers is None:
+            raise ValueError("int8 rows need int8_multipliers.npy")
+        return np.asarray(stored, np.float32) / np.asarray(int8_multipliers, np.float32)[None, :]
+    raise ValueError(f"unknown embedding_dtype {embedding_dtype!r}")

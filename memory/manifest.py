@@ -21,7 +21,9 @@ from typing import Any
 
 from memory import storage
 
-FORMAT_VERSION = 1
+# 2: shards hold entries.parquet + scann/ (no separate embeddings copy; see memory/shard.py). 1: .npy arrays.
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 _ENCODER_KEYS = ("name", "content_hash", "dim", "preprocess")
 
@@ -313,10 +315,10 @@ class Manifest:
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ManifestError(f"manifest field {name!r}: expected an int >= {minimum}, got {value!r}")
 
-        if self.format_version != FORMAT_VERSION:
+        if self.format_version not in READABLE_FORMAT_VERSIONS:
             raise ManifestError(
                 f"manifest field 'format_version': unsupported version {self.format_version!r}; this code reads "
-                f"version {FORMAT_VERSION} (rebuild the memory, or use the matching code version)")
+                f"versions {list(READABLE_FORMAT_VERSIONS)} (rebuild the memory, or use the matching code version)")
         _int("dim", self.dim, 1)
         if not isinstance(self.metric, Metric):
             raise ManifestError(f"manifest field 'metric': expected a Metric, got {self.metric!r}")

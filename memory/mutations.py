@@ -125,10 +125,14 @@ def row_weights(entry_weights: tuple[np.ndarray, np.ndarray], ids: np.ndarray) -
 
 
 def _column(root: str, info: ShardInfo, name: str) -> np.ndarray:
-    arr, _ = _read_npy(root, f"{info.path}/{name}.npy")
+    """One per-row column ("ids", "labels" or "uris") of a shard, without reading its embeddings."""
+    from memory.shard import read_shard_entries, read_shard_ids  # pylint: disable=g-import-not-at-top  # Cycle.
+
+    shard_dir = storage.join(root, info.path)
+    arr = read_shard_ids(shard_dir) if name == "ids" else getattr(read_shard_entries(shard_dir), name)
     if arr.shape[:1] != (info.count,):
-        raise ManifestError(f"shard {info.name}: {name}.npy holds {arr.shape[0]} rows, manifest says {info.count}")
-    return arr.astype(str) if name in ("ids", "uris") else arr
+        raise ManifestError(f"shard {info.name}: {name} holds {arr.shape[0]} rows, manifest says {info.count}")
+    return arr
 
 
 def _columns(root: str, manifest: Manifest, names: Sequence[str]) -> dict[str, np.ndarray]:

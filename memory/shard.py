@@ -2,33 +2,53 @@
 
 A shard directory holds::
 
-  embeddings.npy  float32 [n, d], unit rows
-  ids.npy         unicode [n], unique, sorted ascending
-  labels.npy      int32 [n], indices into Manifest.class_names
-  uris.npy        unicode [n], where each entry came from
-  scann/          the serialised ShardIndex (absent for an empty shard)
+  entries.parquet  one row per entry, sorted by id: id (string), label (int32 index into
+                   Manifest.class_names), uri (string); schema metadata records dim and embedding_dtype
+  scann/           the serialised ShardIndex (absent for an empty shard). Its dataset file is the shard's only
+                   copy of the embeddings: dataset.npy (float32), bfloat16_dataset.npy or int8_dataset.npy,
+                   row i = entry i of entries.parquet
 
-Rows are sorted by id so the same entries give byte-identical files (and checksum) whatever order a
-distributed build delivered them in, and so ScaNN's tie order (ascending row) is ascending id.
+ScaNN needs its rows to re-rank (tree+AH) or score (brute force) and keeps them in its own files, so a second
+float copy beside it (format 1 wrote embeddings.npy) doubled the bytes per entry; `read_shard_data` recovers
+the embeddings from the searcher's files instead. Strings live in Parquet (variable-length UTF-8, zstd), not
+in fixed-width UTF-32 arrays whose width is set by the longest uri.
+
+Rows are sorted by id so the same entries give byte-identical files whatever order a distributed build
+delivered them in, and so ScaNN's tie order (ascending row) is ascending id.
+
+The checksum covers every file of the shard (names and bytes, ScaNN's included). A shard never holds a
+pickle: ScaNN writes ``scann_docids.pkl`` when built with docids, and loading a shard would unpickle it, so
+any ``*.pkl``/``*.pickle`` file is refused before ScaNN sees the directory.
+
+Format 1 shards (embeddings.npy, ids.npy, labels.npy, uris.npy + scann/) are still read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
+import json
 import os
+import shutil
 import tempfile
+import typing
 
 import numpy as np
 
 from memory import storage
-from memory.index import IndexConfig, ShardIndex
+from memory.index import IndexConfig, ShardIndex, dataset_file, rows_from_dataset_file
 from memory.manifest import ManifestError, ShardInfo
+from memory.vectors import l2_normalize
 
-ARRAY_NAMES = ("embeddings", "ids", "labels", "uris")  # Also the checksum order.
+ENTRIES_NAME = "entries.parquet"
+LEGACY_ARRAY_NAMES = ("embeddings", "ids", "labels", "uris")  # Format 1 files, also its checksum order.
 SCANN_DIR = "scann"
 EMPTY_KIND = "empty"
+_PICKLE_SUFFIXES = (".pkl", ".pickle")
+_INT8_MULTIPLIERS = "int8_multipliers.npy"
+_INDEX_META = "vmem_index.json"
 # Rows must already be unit length; this tolerance admits float32 round-off only.
 _UNIT_NORM_TOL = 1e-3
 
@@ -91,60 +111,102 @@ class ShardData:
                          embeddings=np.ascontiguousarray(self.embeddings[order]))
 
 
-def _npy_bytes(arr: np.ndarray) -> bytes:
+class ShardEntries(typing.NamedTuple):
+    """A shard's entries without their embeddings: what a loaded (searchable) shard keeps in memory."""
+    ids: np.ndarray
+    labels: np.ndarray
+    uris: np.ndarray
+
+
+def _entries_parquet_bytes(data: ShardData, *, dim: int, embedding_dtype: str) -> bytes:
+    import pyarrow as pa  # pylint: disable=g-import-not-at-top
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
+    table = pa.table({"id": pa.array(data.ids.tolist(), pa.string()),
+                      "label": pa.array(data.labels, pa.int32()),
+                      "uri": pa.array(data.uris.tolist(), pa.string())})
+    table = table.replace_schema_metadata(
+        {"vmem": json.dumps({"dim": int(dim), "embedding_dtype": embedding_dtype}, sort_keys=True)})
     buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
+    pq.write_table(table, buf, compression="zstd", use_dictionary=["label"], write_statistics=False)
     return buf.getvalue()
 
 
-def _checksum(blobs: dict[str, bytes]) -> str:
+def _file_digest(h, rel: str, blob: bytes) -> None:
+    h.update(rel.encode() + b"\0" + str(len(blob)).encode() + b"\0")
+    h.update(blob)
+
+
+def _checksum_files(read, names: list[str]) -> str:
+    """sha256 over (relative name, size, bytes) of each file, in sorted name order."""
     h = hashlib.sha256()
-    for name in ARRAY_NAMES:
-        h.update(blobs[name])
+    for rel in sorted(names):
+        _file_digest(h, rel, read(rel))
     return "sha256:" + h.hexdigest()
 
 
+def _refuse_pickles(names, where: str) -> None:
+    bad = [n for n in names if n.lower().endswith(_PICKLE_SUFFIXES)]
+    if bad:
+        raise ManifestError(
+            f"{where}: holds pickle file(s) {bad}; a memory never contains pickles (loading would execute them). "
+            "Remove them or rebuild the shard.")
+
+
+def _local_files(local_dir: str) -> list[str]:
+    out = []
+    for root, _, files in os.walk(local_dir):
+        for fname in files:
+            out.append(os.path.relpath(os.path.join(root, fname), local_dir).replace(os.sep, "/"))
+    return sorted(out)
+
+
 def write_shard(shard_dir: str, data: ShardData, *, index_config: IndexConfig, name: str,
-                root_relative_path: str) -> ShardInfo:
-    """Writes one shard (arrays + ScaNN index) and returns its manifest entry.
+                root_relative_path: str, dim: int | None = None) -> ShardInfo:
+    """Writes one shard (entry table + ScaNN index) and returns its manifest entry.
 
     Everything is first written to a local temporary directory (ScaNN cannot serialise to ``gs://``), then
-    copied to ``shard_dir``; re-running with the same data overwrites the same files with the same bytes,
-    so a retried Beam bundle is harmless.
+    copied to ``shard_dir``. Give each attempt its own ``shard_dir`` (the build does: see
+    `pipelines.write`) so a retried or concurrent attempt never mixes files with another; the manifest,
+    written last, names the attempt that counts.
 
     Args:
       shard_dir: Destination directory, local or ``gs://``.
       data: The shard's entries, in any order.
-      index_config: How to build the ScaNN index.
+      index_config: How to build the ScaNN index (its embedding_dtype is how the rows are stored).
       name: Shard name for the manifest (e.g. ``shard-00003-of-00016``).
       root_relative_path: shard_dir relative to the memory root, recorded in the manifest.
+      dim: Embedding dimension, needed for an empty shard.
 
     Returns:
       The ShardInfo to put in the manifest.
     """
     data = data.validated(where=f"shard {name}").sorted_by_id()
-    blobs = {
-        "embeddings": _npy_bytes(data.embeddings),
-        "ids": _npy_bytes(data.ids),
-        "labels": _npy_bytes(data.labels),
-        "uris": _npy_bytes(data.uris),
-    }
     n = len(data)
+    dim = int(data.embeddings.shape[1]) if n else int(dim if dim is not None else data.embeddings.shape[1])
     with tempfile.TemporaryDirectory(prefix="vmem-shard-") as tmp:
-        for array_name, blob in blobs.items():
-            with open(os.path.join(tmp, array_name + ".npy"), "wb") as f:
-                f.write(blob)
+        with open(os.path.join(tmp, ENTRIES_NAME), "wb") as f:
+            f.write(_entries_parquet_bytes(data, dim=dim, embedding_dtype=index_config.embedding_dtype))
         if n:
             index = ShardIndex.build(data.embeddings, index_config)
+            del data  # The index holds its own copy; free ours before serialising (peak memory per worker).
             index.save(os.path.join(tmp, SCANN_DIR))
             kind = index.kind.value
+            del index
         else:
             kind = EMPTY_KIND
-        # A stale scann/ from an earlier build of a different size would mix files from two searchers.
+        files = _local_files(tmp)
+
+        def read_local(rel):
+            with open(os.path.join(tmp, *rel.split("/")), "rb") as f:
+                return f.read()
+
+        checksum = _checksum_files(read_local, files)
+        # A stale scann/ from an earlier attempt at the same path would mix files from two searchers.
         storage.remove_tree(storage.join(shard_dir, SCANN_DIR))
         storage.makedirs(shard_dir)
         storage.upload_dir(tmp, shard_dir)
-    return ShardInfo(name=name, path=root_relative_path, count=n, checksum=_checksum(blobs), index_kind=kind)
+    return ShardInfo(name=name, path=root_relative_path, count=n, checksum=checksum, index_kind=kind)
 
 
 def _load_npy(blob: bytes, path: str) -> np.ndarray:
@@ -154,24 +216,121 @@ def _load_npy(blob: bytes, path: str) -> np.ndarray:
         raise ManifestError(f"cannot read {path}: {e}") from None
 
 
+def _is_legacy(shard_dir: str) -> bool:
+    return (not storage.exists(storage.join(shard_dir, ENTRIES_NAME))
+            and storage.exists(storage.join(shard_dir, "ids.npy")))
+
+
+def _read_entries_table(shard_dir: str, columns=None):
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
+    path = storage.join(shard_dir, ENTRIES_NAME)
+    blob = storage.read_bytes(path)
+    try:
+        return pq.read_table(io.BytesIO(blob), columns=columns)
+    except Exception as e:  # pylint: disable=broad-except  # pyarrow raises several error types.
+        raise ManifestError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+
+
+def _strings(column) -> np.ndarray:
+    values = column.to_pylist()
+    return np.array(values, dtype=str) if values else np.zeros((0,), "<U1")
+
+
+def read_shard_ids(shard_dir: str) -> np.ndarray:
+    """The shard's ids (unicode [n], sorted), reading nothing else."""
+    if _is_legacy(shard_dir):
+        path = storage.join(shard_dir, "ids.npy")
+        return _load_npy(storage.read_bytes(path), path).astype(str)
+    return _strings(_read_entries_table(shard_dir, ["id"]).column("id"))
+
+
+def read_shard_entries(shard_dir: str) -> ShardEntries:
+    """The shard's ids, labels and uris (no embeddings): what searching a shard needs besides its index."""
+    if _is_legacy(shard_dir):
+        arrays = {}
+        for array_name in ("ids", "labels", "uris"):
+            path = storage.join(shard_dir, array_name + ".npy")
+            arrays[array_name] = _load_npy(storage.read_bytes(path), path)
+        return ShardEntries(arrays["ids"].astype(str), arrays["labels"].astype(np.int32), arrays["uris"].astype(str))
+    table = _read_entries_table(shard_dir)
+    return ShardEntries(_strings(table.column("id")),
+                        table.column("label").to_numpy(zero_copy_only=False).astype(np.int32),
+                        _strings(table.column("uri")))
+
+
+def _shard_meta(shard_dir: str) -> dict:
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
+    path = storage.join(shard_dir, ENTRIES_NAME)
+    schema = pq.read_schema(io.BytesIO(storage.read_bytes(path)))
+    raw = (schema.metadata or {}).get(b"vmem")
+    if raw is None:
+        raise ManifestError(f"{path}: no vmem metadata (dim, embedding_dtype); not written by write_shard")
+    return json.loads(raw)
+
+
+def read_shard_embeddings(shard_dir: str) -> np.ndarray:
+    """The shard's float32 [n, d] unit embeddings, row i = entry i (dequantised for bfloat16/int8 storage)."""
+    if _is_legacy(shard_dir):
+        path = storage.join(shard_dir, "embeddings.npy")
+        return _load_npy(storage.read_bytes(path), path)
+    meta = _shard_meta(shard_dir)
+    scann_dir = storage.join(shard_dir, SCANN_DIR)
+    if not storage.exists(scann_dir):
+        return np.zeros((0, int(meta["dim"])), np.float32)
+    dtype = meta["embedding_dtype"]
+    path = storage.join(scann_dir, dataset_file(dtype))
+    stored = _load_npy(storage.read_bytes(path), path)
+    multipliers = None
+    if dtype == "int8":
+        mpath = storage.join(scann_dir, _INT8_MULTIPLIERS)
+        multipliers = _load_npy(storage.read_bytes(mpath), mpath)
+    rows = rows_from_dataset_file(dtype, stored, multipliers)
+    del stored
+    # Quantised rows are within ~1e-3 of unit length; exact unit rows again for a re-index or an add.
+    return rows if dtype == "float32" else l2_normalize(rows)
+
+
 def read_shard_data(shard_dir: str) -> ShardData:
-    """Reads a shard's arrays (local or ``gs://``)."""
-    arrays = {}
-    for array_name in ARRAY_NAMES:
-        path = storage.join(shard_dir, array_name + ".npy")
-        arrays[array_name] = _load_npy(storage.read_bytes(path), path)
-    return ShardData(ids=arrays["ids"], labels=arrays["labels"], uris=arrays["uris"],
-                     embeddings=arrays["embeddings"])
+    """Reads a shard's entries and embeddings (local or ``gs://``)."""
+    entries = read_shard_entries(shard_dir)
+    return ShardData(ids=entries.ids, labels=entries.labels, uris=entries.uris,
+                     embeddings=read_shard_embeddings(shard_dir))
+
+
+@contextlib.contextmanager
+def _local_scann_dir(scann_dir: str):
+    """A local directory with the ScaNN files: the directory itself, or a download removed afterwards.
+
+    ScaNN reads the whole searcher into memory on load, so a downloaded copy is deleted as soon as it is
+    loaded instead of piling up on a worker's disk, one copy per shard ever loaded.
+    """
+    if not storage.is_gcs(scann_dir):
+        yield scann_dir
+        return
+    tmp = tempfile.mkdtemp(prefix="vmem-scann-")
+    try:
+        storage.download_dir(scann_dir, tmp)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_shard_index(shard_dir: str, info: ShardInfo) -> ShardIndex | None:
-    """Loads a shard's ScaNN index; None for an empty shard."""
+    """Loads a shard's ScaNN index; None for an empty shard.
+
+    Raises:
+      ManifestError: the index is missing, holds a pickle, or disagrees with the manifest.
+    """
     if info.index_kind == EMPTY_KIND:
         return None
     scann_dir = storage.join(shard_dir, SCANN_DIR)
     if not storage.exists(scann_dir):
         raise ManifestError(f"shard {info.name}: index directory {scann_dir} missing")
-    index = ShardIndex.load(storage.local_copy(scann_dir))
+    with _local_scann_dir(scann_dir) as local:
+        _refuse_pickles(_local_files(local), f"shard {info.name} index {scann_dir}")
+        index = ShardIndex.load(local)
     if len(index) != info.count or index.kind.value != info.index_kind:
         raise ManifestError(
             f"shard {info.name}: index at {scann_dir} has {len(index)} entries of kind {index.kind.value}, "
@@ -179,20 +338,43 @@ def load_shard_index(shard_dir: str, info: ShardInfo) -> ShardIndex | None:
     return index
 
 
-def verify_shard(shard_dir: str, info: ShardInfo) -> None:
-    """Recomputes the shard checksum.
+def _shard_files(shard_dir: str) -> list[str]:
+    """Relative names of every file in the shard (scann/ included)."""
+    names = [n for n in storage.list_dir(shard_dir) if n != SCANN_DIR]
+    if storage.exists(storage.join(shard_dir, SCANN_DIR)):
+        names += [f"{SCANN_DIR}/{n}" for n in storage.list_dir(storage.join(shard_dir, SCANN_DIR))]
+    return names
 
-    Raises:
-      ManifestError: naming the shard, when files are missing or the checksum differs from the manifest.
-    """
-    blobs = {}
-    for array_name in ARRAY_NAMES:
+
+def _legacy_checksum(shard_dir: str, info: ShardInfo) -> str:
+    h = hashlib.sha256()
+    for array_name in LEGACY_ARRAY_NAMES:
         path = storage.join(shard_dir, array_name + ".npy")
         try:
-            blobs[array_name] = storage.read_bytes(path)
+            h.update(storage.read_bytes(path))
         except FileNotFoundError:
             raise ManifestError(f"shard {info.name}: file {path} missing") from None
-    actual = _checksum(blobs)
+    return "sha256:" + h.hexdigest()
+
+
+def verify_shard(shard_dir: str, info: ShardInfo) -> None:
+    """Recomputes the shard checksum over all of its files.
+
+    Raises:
+      ManifestError: naming the shard, when files are missing, a pickle is present or the checksum differs
+        from the manifest.
+    """
+    try:
+        names = _shard_files(shard_dir)
+    except FileNotFoundError:
+        raise ManifestError(f"shard {info.name}: directory {shard_dir} missing") from None
+    _refuse_pickles(names, f"shard {info.name} at {shard_dir}")
+    if ENTRIES_NAME not in names and "ids.npy" in names:
+        actual = _legacy_checksum(shard_dir, info)
+    elif ENTRIES_NAME not in names:
+        raise ManifestError(f"shard {info.name}: file {storage.join(shard_dir, ENTRIES_NAME)} missing")
+    else:
+        actual = _checksum_files(lambda rel: storage.read_bytes(storage.join(shard_dir, *rel.split("/"))), names)
     if actual != info.checksum:
         raise ManifestError(
             f"shard {info.name} at {shard_dir}: checksum mismatch (manifest {info.checksum}, files {actual}); "

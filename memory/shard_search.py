@@ -23,7 +23,7 @@ from memory.index import ShardIndex
 from memory.manifest import Manifest, ShardInfo
 from memory.merge import merge_topk
 from memory.mutations import read_entry_weights, read_forgotten, row_weights
-from memory.shard import load_shard_index, read_shard_data
+from memory.shard import load_shard_index, read_shard_entries
 from memory.vectors import l2_normalize
 
 PAD_ID = ""
@@ -128,8 +128,8 @@ class LoadedShard:
             unweighted memory.
         """
         shard_dir = storage.join(root, info.path)
-        data = read_shard_data(shard_dir)
-        ids = data.ids.astype(str)
+        data = read_shard_entries(shard_dir)  # The embeddings live in the index only.
+        ids = data.ids
         dead = None
         if forgotten is not None and len(forgotten) and ids.size:
             dead = np.isin(ids, np.asarray(forgotten, dtype=str))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
-import io
 import math
 import os
 import threading
@@ -29,7 +28,7 @@ from memory.manifest import Manifest, ManifestError
 from memory.merge import merge_topk
 from memory.mutations import read_entry_weights, read_forgotten, row_weights
 from memory.routing import Router, read_router, search_mask
-from memory.shard import load_shard_index, read_shard_data, verify_shard
+from memory.shard import load_shard_index, read_shard_embeddings, read_shard_entries, verify_shard
 from memory.vectors import l2_normalize
 from memory.versions import latest_version, read_version
 from memory.voting import VotingParams, VotingRule
@@ -140,18 +139,19 @@ class VisualMemory:
             if verify:
                 verify_shard(shard_dir, info)
             try:
-                data = read_shard_data(shard_dir)
+                data = read_shard_entries(shard_dir)  # Not the embeddings: the index holds the only copy.
             except FileNotFoundError as e:
                 raise ManifestError(f"shard {info.name}: {e}") from None
-            if len(data) != info.count or (info.count and data.embeddings.shape[1] != manifest.dim):
+            index = load_shard_index(shard_dir, info)
+            if len(data.ids) != info.count or (index is not None and index.dim != manifest.dim):
                 raise ManifestError(
-                    f"shard {info.name}: files hold {len(data)} entries of shape {data.embeddings.shape}, manifest "
-                    f"says {info.count} of dim {manifest.dim}")
+                    f"shard {info.name}: files hold {len(data.ids)} entries of dim "
+                    f"{None if index is None else index.dim}, manifest says {info.count} of dim {manifest.dim}")
             if info.count and int(data.labels.max()) >= len(manifest.class_names):
                 raise ManifestError(f"shard {info.name}: label {int(data.labels.max())} outside class_names")
-            indices.append(load_shard_index(shard_dir, info))
-            ids.append(data.ids.astype(str))
-            labels.append(data.labels.astype(np.int32))
+            indices.append(index)
+            ids.append(data.ids)
+            labels.append(data.labels)
             offsets.append(offsets[-1] + info.count)
         all_ids = np.concatenate(ids) if ids else np.zeros((0,), dtype="<U1")
         all_labels = np.concatenate(labels) if labels else np.zeros((0,), dtype=np.int32)
@@ -330,7 +330,7 @@ class VisualMemory:
         if unknown:
             raise KeyError(f"{len(unknown)} unknown id(s) (not in this memory): {unknown[:20]}")
         if self._embeddings is None:
-            parts = [read_shard_data(storage.join(self._root, info.path)).embeddings.reshape(-1, self.dim)
+            parts = [read_shard_embeddings(storage.join(self._root, info.path)).reshape(-1, self.dim)
                      for info in self._manifest.all_shards]
             self._embeddings = (np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)).astype(
                 np.float32, copy=False)
@@ -348,13 +348,12 @@ class VisualMemory:
 
     def _all_uris(self) -> np.ndarray:
         if self._uris is None:
-            # Only uris.npy is read (not the embeddings): explanations need the source of k entries per query.
+            # Only the entry table is read (not the embeddings): explanations need the source of k entries.
             parts = []
             for info in self._manifest.all_shards:
-                path = storage.join(self._root, info.path, "uris.npy")
-                uris = np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False).astype(str)
+                uris = read_shard_entries(storage.join(self._root, info.path)).uris
                 if uris.shape != (info.count,):
-                    raise ManifestError(f"shard {info.name}: {path} holds {uris.shape} uris, manifest says "
+                    raise ManifestError(f"shard {info.name}: {info.path} holds {uris.shape} uris, manifest says "
                                         f"{info.count} entries; rebuild the memory")
                 parts.append(uris)
             self._uris = np.concatenate(parts) if parts else np.zeros((0,), dtype="<U1")
@@ -363,7 +362,7 @@ class VisualMemory:
     def get_uris(self, ids: Sequence[str]) -> np.ndarray:
         """Returns the source uri (as recorded at build time) of each given entry, as a unicode [len(ids)] array.
 
-        The uris of all shards are read on the first call (uris.npy only) and kept.
+        The uris of all shards are read on the first call (the entry tables only) and kept.
 
         Raises:
           KeyError: listing the unknown ids.

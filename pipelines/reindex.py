@@ -202,11 +202,10 @@ class ReindexJob:
 
 
 def _read_ids(root: str, info: ShardInfo) -> np.ndarray:
-    path = storage.join(root, info.path, "ids.npy")
-    ids = np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False)
+    ids = shard_io.read_shard_ids(storage.join(root, info.path))
     if ids.shape != (info.count,):
-        raise ManifestError(f"shard {info.name}: {path} holds {ids.shape[0]} ids, the manifest says {info.count}")
-    return ids.astype(str) if ids.size else np.zeros((0,), "<U1")
+        raise ManifestError(f"shard {info.name}: {info.path} holds {ids.shape[0]} ids, the manifest says {info.count}")
+    return ids
 
 
 def prepare_job(root: str, *, target_shard_size: int | None = None, delta_threshold: float = 0.1,

@@ -44,7 +44,7 @@ def test_json_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, field", [
-    (dict(format_version=2), "format_version"),
+    (dict(format_version=3), "format_version"),
     (dict(dim=0), "dim"),
     (dict(dim=16), "encoder.dim"),
     (dict(encoder={"name": "x", "dim": 32}), "encoder"),

@@ -147,11 +147,19 @@ def test_errors(built, tmp_path):
         VisualMemory.open(str(tmp_path))
 
 
+def pa_array(values):
+    import pyarrow as pa
+    return pa.array(values, pa.int32())
+
+
 def test_verify_catches_tampered_shard(tmp_path):
     manifest, _ = _build(tmp_path, 2)
-    labels_path = tmp_path / manifest.shards[1].path / "labels.npy"
-    data = read_shard_data(str(tmp_path / manifest.shards[1].path))
-    np.save(labels_path, (data.labels + 1) % 4)  # Same shape and dtype: only the checksum can tell.
+    import pyarrow.parquet as pq
+    entries_path = tmp_path / manifest.shards[1].path / "entries.parquet"
+    table = pq.read_table(entries_path)
+    labels = (table.column("label").to_numpy() + 1) % 4
+    # Same rows, schema and metadata, other labels: only the checksum can tell.
+    pq.write_table(table.set_column(1, "label", pa_array(labels)), entries_path)
     VisualMemory.open(str(tmp_path))  # Not verified: opens.
     with pytest.raises(ManifestError, match="shard-00001-of-00002.*checksum mismatch"):
         VisualMemory.open(str(tmp_path), verify=True)

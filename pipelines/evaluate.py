@@ -12,8 +12,8 @@ Dataflow::
         --temp_location=gs://BUCKET/tmp --setup_file=./setup.py
 
 Queries are embedded with the memory's own encoder (from its manifest); a different encoder is refused.
-Query batches fan out to the shards (keyed by shard, so one worker loads a shard once through a Shared
-handle), each shard returns a partial top-K per query, partials merge exactly per query (ties by id, as
+Query batches fan out to the shards (grouped by shard, so each shard is loaded once, by the one worker that
+searches every batch routed to it, and released afterwards), each shard returns a partial top-K per query, partials merge exactly per query (ties by id, as
 ``VisualMemory.search``), and the neighbour lists are written as JSONL before voting, so ``vmem vote`` can
 re-vote without re-searching. Voting runs per batch of merged queries where they were merged; only the
 per-rule, per-k counts of correct answers are summed into the one report worker, so no worker ever holds
@@ -40,7 +40,6 @@ from typing import NamedTuple, Optional, Sequence
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
-from apache_beam.utils import shared
 
 from encoders.base import resolve_preprocess
 from evaluation.metrics import CorrectCounts
@@ -86,26 +85,36 @@ def check_query_identity(memory_identity: dict, query_identity: dict) -> None:
 
 
 class _SearchShardFn(beam.DoFn):
-    """(shard index, query batches) -> (query id, QueryNeighbors) with this shard's top-K."""
+    """(shard index, query batches) -> (query id, QueryNeighbors) with this shard's top-K.
 
-    def __init__(self, root: str, manifest: Manifest, k: int, shared_handle: shared.Shared):
+    The input is grouped by shard, so each shard arrives exactly once (with every query batch routed to it):
+    the shard is loaded here, for its one key, and released when the key is done. A ``Shared`` handle would
+    not load it less often (no second element for the same shard ever comes), and would keep the last shard
+    of the job alive in the worker (Shared's keep-alive) and, holding one object per handle, evict it as soon
+    as another thread acquired another shard.
+    """
+
+    def __init__(self, root: str, manifest: Manifest, k: int):
         self._root = root
         self._manifest = manifest
         # Main and delta shards; tombstoned (forgotten) rows are skipped inside LoadedShard.search, and each
         # hit carries its entry weight when the version has soft-pruning weights.
         self._infos = searchable_shards(manifest)
         self._k = k
-        self._shared = shared_handle
+        self._forgotten = None
+        self._entry_weights = None
         self._searched = Metrics.counter(_NAMESPACE, "query_shard_searches")
+
+    def setup(self):
+        # Tombstones and weights can hold millions of ids: read once per DoFn instance on the worker (instances
+        # are reused across bundles), never pickled into the graph.
+        self._forgotten = load_forgotten(self._root, self._manifest)
+        self._entry_weights = load_entry_weights(self._root, self._manifest)
 
     def process(self, element):
         shard_index, batches = element
         info = self._infos[shard_index]
-        # One copy of a shard per worker process, reused across bundles (and by other DoFn instances).
-        shard = self._shared.acquire(
-            lambda: LoadedShard.load(self._root, info, forgotten=load_forgotten(self._root, self._manifest),
-                                     entry_weights=load_entry_weights(self._root, self._manifest)),
-            tag=f"{self._root}/v{self._manifest.version}/{info.name}")
+        shard = LoadedShard.load(self._root, info, forgotten=self._forgotten, entry_weights=self._entry_weights)
         for batch in batches:
             partial = shard.search(batch.embeddings, self._k)
             self._searched.inc(len(batch.ids))
@@ -169,7 +178,7 @@ class SearchShards(beam.PTransform):
                 np.stack([q.embedding for q in qs])))
             | "FanOutToShards" >> beam.ParDo(_FanOutFn(self._root, self._manifest, self._route_probes))
             | "GroupByShard" >> beam.GroupByKey()
-            | "SearchShard" >> beam.ParDo(_SearchShardFn(self._root, self._manifest, self._k, shared.Shared())))
+            | "SearchShard" >> beam.ParDo(_SearchShardFn(self._root, self._manifest, self._k)))
 
 
 class _MergeTopKFn(beam.CombineFn):

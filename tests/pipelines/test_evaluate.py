@@ -245,3 +245,34 @@ def test_evaluate_refuses_to_report_when_queries_merge(tiny_memory, fmnist_small
                                         r"failed"):
         evaluate.run(["--memory", tiny_memory, "--images", f"manifest:{manifest}", "--output", out, "--k-max", "5"])
     assert not os.path.exists(os.path.join(out, "report.json"))
+
+
+def test_search_shard_fn_loads_a_shard_for_its_key_and_keeps_none_after(synthetic_memory, monkeypatch):
+    """Grouped by shard, each shard arrives once: load it for that key, then let it go (no keep-alive)."""
+    import gc
+    import weakref
+    root, _ = synthetic_memory
+    manifest = read_manifest(root)
+    loads = []
+    real_load = LoadedShard.load
+
+    def spy(*args, **kwargs):
+        shard = real_load(*args, **kwargs)
+        loads.append(weakref.ref(shard))
+        return shard
+
+    monkeypatch.setattr(LoadedShard, "load", spy)
+    q = _unit(np.random.default_rng(3), 6, 16)
+    batches = [evaluate.QueryBatch(tuple(f"q{i}" for i in rows), ("c1",) * len(rows), ("/q",) * len(rows), q[rows])
+               for rows in ([0, 1, 2], [3, 4, 5])]
+    fn = evaluate._SearchShardFn(root, manifest, 5)
+    fn.setup()
+    first = list(fn.process((0, batches)))
+    second = list(fn.process((1, batches[:1])))
+    assert [qid for qid, _ in first] == [f"q{i}" for i in range(6)] and len(second) == 3
+    assert len(loads) == 2  # One load per shard key, whatever the number of batches.
+    expected = real_load(root, manifest.shards[0]).search(q, 5)
+    assert [tuple(n.neighbors.ids[0]) for _, n in first] == [tuple(r) for r in expected.ids]
+    del first, second
+    gc.collect()
+    assert [ref() for ref in loads] == [None, None]  # No shard outlives its key on the worker.

@@ -1,4 +1,4 @@
-"""Beam sources for labelled images: ImageFolder, ImageNet-style TFRecords and CSV/JSONL manifests.
+"""Beam sources for labelled images: ImageFolder, ImageNet-style TFRecords, CSV/JSONL manifests and WebDataset.
 
 Every reader yields :class:`ImageRecord` (stable id, uri, class name, encoded bytes) on its main output
 and :class:`FailedRecord` for what it cannot read, so nothing is dropped silently. Local paths and
@@ -15,6 +15,7 @@ import io
 import json
 import os
 import posixpath
+import tarfile
 
 import apache_beam as beam
 from apache_beam.io import fileio
@@ -32,30 +33,81 @@ class SourceKind(enum.Enum):
     IMAGE_FOLDER = "folder"
     TFRECORD = "tfrecord"
     MANIFEST = "manifest"
+    WEBDATASET = "webdataset"
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageSource:
-    """Where images come from. ``location`` is a directory, a file pattern or a manifest file."""
+    """Where images come from. ``location`` is a directory, a file pattern or a manifest file.
+
+    ``options`` holds the spec's ``key=value`` options as sorted pairs (a tuple, so the source stays hashable).
+    """
     kind: SourceKind
     location: str
+    options: tuple[tuple[str, str], ...] = ()
+
+    def option(self, name: str, default: str | None = None) -> str | None:
+        return dict(self.options).get(name, default)
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind.value, "location": self.location}
+        # Options only when present: manifests of existing builds record {"kind", "location"} exactly.
+        out = {"kind": self.kind.value, "location": self.location}
+        if self.options:
+            out["options"] = dict(self.options)
+        return out
 
 
 _MANIFEST_SUFFIXES = (".csv", ".jsonl", ".json")
+# WebDataset options -> allowed values (None: any non-empty value).
+_WEBDATASET_OPTIONS = {"label_field": None, "uri_from": ("member", "url")}
+
+
+def parse_spec_options(rest: str, *, allowed: dict, flag: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """Splits ``LOCATION[,key=value...]`` into the location and sorted option pairs.
+
+    Args:
+      rest: the spec after its ``kind:`` prefix.
+      allowed: option name -> tuple of allowed values, or None for any non-empty value.
+      flag: how the spec was given (``--images webdataset:...``), for error messages.
+
+    Raises:
+      ValueError: naming the bad option, the allowed ones and the form. Locations cannot contain commas.
+    """
+    location, *parts = rest.split(",")
+    if not location:
+        raise ValueError(f"{flag}: empty location; the form is KIND:LOCATION[,key=value...].")
+    options = {}
+    for part in parts:
+        key, sep, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or key not in allowed or not value:
+            raise ValueError(
+                f"{flag}: bad option {part!r}; options are key=value after the location, separated by commas, "
+                f"with keys {sorted(allowed)} (a location itself cannot contain a comma).")
+        if allowed[key] is not None and value not in allowed[key]:
+            raise ValueError(f"{flag}: option {key}={value!r} is not one of {list(allowed[key])}.")
+        if key in options:
+            raise ValueError(f"{flag}: option {key!r} given twice.")
+        options[key] = value
+    return location, tuple(sorted(options.items()))
 
 
 def parse_image_spec(spec: str) -> ImageSource:
     """Turns ``--images SPEC`` into an :class:`ImageSource`.
 
-    Accepted forms: ``folder:DIR``, ``tfrecord:PATTERN``, ``manifest:FILE`` or, without a prefix, a path
-    ending in .csv/.jsonl (manifest), a pattern or file whose name contains ``tfrecord`` (TFRecords), or a
-    directory (ImageFolder ``DIR/<class>/<image>``).
+    Accepted forms: ``folder:DIR``, ``tfrecord:PATTERN``, ``manifest:FILE``,
+    ``webdataset:PATTERN[,label_field=NAME][,uri_from=member|url]`` or, without a prefix, a path ending in
+    .csv/.jsonl (manifest), a pattern or file ending in ``.tar`` (WebDataset), a pattern or file whose name
+    contains ``tfrecord`` (TFRecords), or a directory (ImageFolder ``DIR/<class>/<image>``).
     """
     if not spec:
-        raise ValueError("--images is empty; pass an ImageFolder directory, tfrecord:PATTERN or manifest:FILE.")
+        raise ValueError("--images is empty; pass an ImageFolder directory, tfrecord:PATTERN, manifest:FILE "
+                         "or webdataset:PATTERN.")
+    wds_prefix = SourceKind.WEBDATASET.value + ":"
+    if spec.startswith(wds_prefix):
+        location, options = parse_spec_options(spec[len(wds_prefix):], allowed=_WEBDATASET_OPTIONS,
+                                               flag=f"--images {spec}")
+        return ImageSource(SourceKind.WEBDATASET, location, options)
     for kind in SourceKind:
         prefix = kind.value + ":"
         if spec.startswith(prefix):
@@ -63,6 +115,8 @@ def parse_image_spec(spec: str) -> ImageSource:
     base = posixpath.basename(spec.rstrip("/")).lower()
     if base.endswith(_MANIFEST_SUFFIXES):
         return ImageSource(SourceKind.MANIFEST, spec)
+    if base.endswith(".tar"):
+        return ImageSource(SourceKind.WEBDATASET, spec)
     if "tfrecord" in base:
         return ImageSource(SourceKind.TFRECORD, spec)
     if not spec.startswith("gs://") and not os.path.isdir(spec):
@@ -80,6 +134,53 @@ def _failed(record_id: str, uri: str, reason: str, detail: str, stage: str = Sta
 def _read_file(path: str) -> bytes:
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
         return f.read()
+
+
+def _list_one_level(root: str) -> tuple[list[str], list[str]]:
+    """(sub-directories, files) directly under ``root``, without listing anything deeper.
+
+    Beam FileSystems has no one-level listing (``match(root/*)`` walks or lists every object below ``root``),
+    so this asks the store itself: a ``/``-delimited object listing on GCS, ``os.scandir`` locally.
+    """
+    root = root.rstrip("/")
+    if root.startswith("gs://"):
+        from apache_beam.io.gcp import gcsio
+        bucket, prefix = gcsio.parse_gcs_path(root + "/", object_optional=True)
+        blobs = gcsio.GcsIO().client.list_blobs(bucket, prefix=prefix, delimiter="/")
+        # Directory placeholder objects ("root/") some tools create are not files.
+        files = [f"gs://{bucket}/{b.name}" for b in blobs if b.name != prefix]
+        # ``prefixes`` fills in while the pages are consumed, so read it after the loop above.
+        dirs = [f"gs://{bucket}/{p.rstrip('/')}" for p in sorted(blobs.prefixes)]
+        return dirs, files
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"ImageFolder root {root!r} is not a directory.")
+    dirs, files = [], []
+    with os.scandir(root) as entries:
+        for entry in entries:
+            (dirs if entry.is_dir() else files).append(posixpath.join(root, entry.name))
+    return sorted(dirs), sorted(files)
+
+
+class _ListClassDirsFn(beam.DoFn):
+    """ImageFolder root -> one element per class directory; loose files at the root are dead letters."""
+
+    def process(self, root: str):
+        dirs, files = _list_one_level(root)
+        if not dirs and not files:
+            raise FileNotFoundError(f"ImageFolder root {root!r} is empty or missing; expected ROOT/<class>/<image>.")
+        prefix = root.rstrip("/") + "/"
+        for path in files:
+            yield _failed(path[len(prefix):], path, "not_in_class_dir",
+                          f"file lies directly in {prefix}; ImageFolder expects ROOT/<class>/<image>")
+        yield from dirs
+
+
+class _MatchClassDirFn(beam.DoFn):
+    """Class directory -> FileMetadata of every file below it (one class's listing per element, not all)."""
+
+    def process(self, class_dir: str):
+        for result in FileSystems.match([class_dir.rstrip("/") + "/**"]):
+            yield from result.metadata_list
 
 
 class _ReadFolderFileFn(beam.DoFn):
@@ -145,6 +246,83 @@ class _ParseTFRecordFn(beam.DoFn):
             record_id = features["image/filename"].bytes_list.value[0].decode("utf-8")
         self._read.inc()
         yield ImageRecord(id=record_id, uri=f"{filename}#{record_id}", label=label, data=data)
+
+
+_WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def _split_wds_member(name: str) -> tuple[str, str]:
+    """WebDataset naming: the key is the member path up to the first dot of its basename, the rest the field."""
+    directory, base = posixpath.split(name)
+    stem, _, ext = base.partition(".")
+    return posixpath.join(directory, stem), ext.lower()
+
+
+class _ReadWebDatasetShardFn(beam.DoFn):
+    """FileMetadata of a WebDataset tar shard -> ImageRecord per sample (img2dataset layout).
+
+    The tar is streamed (``r|*`` over a FileSystems handle): members of one sample are consecutive, so only
+    the current sample is held, never the shard, and nothing is extracted to disk.
+    """
+
+    def __init__(self, *, label_field: str | None, uri_from: str):
+        self._label_field = label_field
+        self._uri_from = uri_from
+        self._read = Metrics.counter(_NAMESPACE, "images_read")
+
+    def process(self, metadata):
+        path = metadata.path
+        key, fields = None, {}
+        try:
+            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f, \
+                    tarfile.open(fileobj=f, mode="r|*") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    member_key, ext = _split_wds_member(member.name)
+                    if member_key != key and key is not None:
+                        yield from self._sample(path, key, fields)
+                        fields = {}
+                    key = member_key
+                    # Read now: in streaming mode a member's bytes are gone once the next member is reached.
+                    fields[ext] = (member.name, tar.extractfile(member).read())
+        except (OSError, tarfile.TarError, EOFError) as e:
+            # A truncated or corrupt shard: samples already emitted stand, the rest cannot be enumerated.
+            yield _failed(posixpath.basename(path), path, "unreadable_tar", f"{type(e).__name__}: {e}")
+            return
+        if key is not None:
+            yield from self._sample(path, key, fields)
+
+    def _sample(self, path: str, key: str, fields: dict):
+        meta = {}
+        if "json" in fields:
+            try:
+                meta = json.loads(fields["json"][1].decode("utf-8"))
+                if not isinstance(meta, dict):
+                    raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
+            except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError.
+                yield _failed(key, f"{path}#{fields['json'][0]}", "bad_json", f"{type(e).__name__}: {e}")
+                return
+        record_id = str(meta.get("key") or key)
+        image = next((fields[ext] for ext in _WDS_IMAGE_EXTENSIONS if ext in fields), None)
+        if image is None:
+            yield _failed(record_id, f"{path}#{key}", "missing_image",
+                          f"sample has {sorted(fields)} but no {'/'.join(_WDS_IMAGE_EXTENSIONS)} member")
+            return
+        member_uri = f"{path}#{image[0]}"
+        if self._label_field is not None:
+            value = meta.get(self._label_field)
+            label = "" if value is None else str(value).strip()
+            where = f"JSON field {self._label_field!r}"
+        else:
+            label = fields["cls"][1].decode("utf-8", "replace").strip() if "cls" in fields else ""
+            where = "a .cls member"
+        if not label:
+            yield _failed(record_id, member_uri, "missing_label", f"sample has no label: expected {where}")
+            return
+        uri = str(meta["url"]) if self._uri_from == "url" and meta.get("url") else member_uri
+        self._read.inc()
+        yield ImageRecord(id=record_id, uri=uri, label=label, data=image[1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,15 +406,31 @@ class ReadImages(beam.PTransform):
     def expand(self, pbegin):
         src = self._source
         if src.kind is SourceKind.IMAGE_FOLDER:
-            results = (
+            # Listing is bounded: the root is listed one level deep (the class directories), then each class
+            # directory is matched on its own worker, so no element or worker holds every path of the folder.
+            classes = (
                 pbegin
-                | "MatchImageFiles" >> fileio.MatchFiles(
-                    src.location.rstrip("/") + "/**",
-                    empty_match_treatment=fileio.EmptyMatchTreatment.DISALLOW)
-                # Spread file reads over workers; a single match result would otherwise stay on one.
+                | "FolderRoot" >> beam.Create([src.location.rstrip("/")])
+                | "ListClassDirs" >> beam.ParDo(_ListClassDirsFn()).with_outputs(FAILED_TAG, main="dirs"))
+            results = (
+                classes.dirs
+                | "SpreadClassDirs" >> beam.Reshuffle()
+                | "MatchClassFiles" >> beam.ParDo(_MatchClassDirFn())
+                # Spread file reads over workers; one class's match result would otherwise stay on one.
                 | "SpreadFiles" >> beam.Reshuffle()
                 | "ReadImageFiles" >> beam.ParDo(_ReadFolderFileFn(src.location)).with_outputs(
                     FAILED_TAG, main="records"))
+            failures = (classes[FAILED_TAG], results[FAILED_TAG]) | "MergeFolderFailures" >> beam.Flatten()
+            return results.records, failures
+        if src.kind is SourceKind.WEBDATASET:
+            results = (
+                pbegin
+                | "MatchShards" >> fileio.MatchFiles(
+                    src.location, empty_match_treatment=fileio.EmptyMatchTreatment.DISALLOW)
+                | "SpreadShards" >> beam.Reshuffle()
+                | "ReadShards" >> beam.ParDo(_ReadWebDatasetShardFn(
+                    label_field=src.option("label_field"), uri_from=src.option("uri_from", "member")))
+                .with_outputs(FAILED_TAG, main="records"))
             return results.records, results[FAILED_TAG]
         if src.kind is SourceKind.TFRECORD:
             from apache_beam.io.tfrecordio import ReadAllFromTFRecord

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import tarfile
 
 import apache_beam as beam
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipelines.readers import ImageSource, ReadImages, SourceKind, parse_image_spec, parse_manifest_line
+from pipelines.readers import (ImageSource, ReadImages, SourceKind, _list_one_level, parse_image_spec,
+                               parse_manifest_line)
 
 PNG_1PX = bytes.fromhex(
     "89504e470d0a1a0a0000000d49484452000000010000000108000000003a7e9b55"
@@ -34,6 +37,16 @@ def test_parse_image_spec_kinds(tmp_path):
     assert parse_image_spec("tfrecord:/x/shard-*") == ImageSource(SourceKind.TFRECORD, "/x/shard-*")
     with pytest.raises(FileNotFoundError, match="not a directory"):
         parse_image_spec(str(tmp_path / "missing"))
+    assert parse_image_spec("gs://b/wds/*.tar") == ImageSource(SourceKind.WEBDATASET, "gs://b/wds/*.tar")
+    wds = parse_image_spec("webdataset:/x/0000*.tar,uri_from=url,label_field=label")
+    assert wds == ImageSource(SourceKind.WEBDATASET, "/x/0000*.tar", (("label_field", "label"), ("uri_from", "url")))
+    assert wds.to_dict() == {"kind": "webdataset", "location": "/x/0000*.tar",
+                             "options": {"label_field": "label", "uri_from": "url"}}
+    assert parse_image_spec(str(tmp_path)).to_dict() == {"kind": "folder", "location": str(tmp_path)}
+    with pytest.raises(ValueError, match="not one of"):
+        parse_image_spec("webdataset:/x/*.tar,uri_from=http")
+    with pytest.raises(ValueError, match="bad option 'label=cls'"):
+        parse_image_spec("webdataset:/x/*.tar,label=cls")
 
 
 def test_parse_manifest_line_resolves_relative_uris():
@@ -104,3 +117,96 @@ def test_imagenet_style_tfrecords(tmp_path):
             ("n01_1.JPEG", "7", b"img1"), ("train-00000-of-00001.tfrecord", "3", b"img2")]), label="records")
         assert_that(failures | beam.Map(lambda f: f.reason),
                     equal_to(["missing_feature", "bad_example"]), label="failures")
+
+
+def test_image_folder_lists_one_level_then_each_class(tmp_path):
+    _tree(tmp_path, {"cat/a.png": b"a", "cat/sub/deep/b.png": b"b", "dog/c.png": b"c", "stray.png": b"x"})
+    dirs, files = _list_one_level(str(tmp_path) + "/")
+    assert dirs == [str(tmp_path / "cat"), str(tmp_path / "dog")]
+    assert files == [str(tmp_path / "stray.png")]  # Nothing below the class directories is listed here.
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        _list_one_level(str(tmp_path / "missing"))
+
+
+def test_image_folder_on_gcs(gcs_bucket, tmp_path):
+    from memory import storage
+    _tree(tmp_path, {"cat/a.png": b"aa", "cat/sub/b.png": b"bb", "dog/c.png": b"cc", "stray.png": b"x"})
+    root = storage.join(gcs_bucket, "readers-test", "imgs")
+    storage.upload_dir(str(tmp_path), root)
+    assert _list_one_level(root) == ([f"{root}/cat", f"{root}/dog"], [f"{root}/stray.png"])
+    with TestPipeline(runner="FnApiRunner") as p:
+        records, failures = p | ReadImages(parse_image_spec(root))
+        assert_that(records | beam.Map(lambda r: (r.id, r.label, r.data, r.uri)), equal_to([
+            ("cat/a.png", "cat", b"aa", f"{root}/cat/a.png"), ("cat/sub/b.png", "cat", b"bb", f"{root}/cat/sub/b.png"),
+            ("dog/c.png", "dog", b"cc", f"{root}/dog/c.png")]), label="records")
+        assert_that(failures | beam.Map(lambda f: (f.id, f.reason)), equal_to([("stray.png", "not_in_class_dir")]),
+                    label="failures")
+
+
+def _write_tar(path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _meta(key: str, **extra) -> bytes:
+    return json.dumps({"key": key, "url": f"http://site/{key}.jpg", **extra}).encode()
+
+
+@pytest.fixture()
+def wds_shards(tmp_path):
+    """Two img2dataset-style shards: labels in .cls and in the JSON 'label' field, three bad samples."""
+    first = str(tmp_path / "00000.tar")
+    _write_tar(first, [
+        ("000000000.jpg", b"jpg0"), ("000000000.json", _meta("000000000", label="cat")),
+        ("000000000.txt", b"a cat"), ("000000000.cls", b"cat\n"),
+        ("000000001.png", b"png1"), ("000000001.json", _meta("000000001", label="dog")), ("000000001.cls", b"dog"),
+        ("000000002.json", _meta("000000002", label="dog")), ("000000002.txt", b"no image"),  # No image.
+        ("000000003.webp", b"webp3"), ("000000003.json", _meta("000000003")),  # No label anywhere.
+    ])
+    second = str(tmp_path / "00001.tar")
+    _write_tar(second, [
+        ("000010000.jpg", b"jpg10"), ("000010000.json", _meta("000010000", label="cat")),
+        ("000010000.cls", b"cat"),
+        ("000010001.jpg", b"jpg11"), ("000010001.json", b"{not json"),
+    ])
+    (tmp_path / "notes.txt").write_text("not a shard")
+    return tmp_path
+
+
+def test_webdataset_labels_from_cls_and_member_uris(wds_shards):
+    with TestPipeline(runner="FnApiRunner") as p:
+        records, failures = p | ReadImages(parse_image_spec(str(wds_shards / "*.tar")))
+        assert_that(records | beam.Map(lambda r: (r.id, r.label, r.data, r.uri)), equal_to([
+            ("000000000", "cat", b"jpg0", f"{wds_shards}/00000.tar#000000000.jpg"),
+            ("000000001", "dog", b"png1", f"{wds_shards}/00000.tar#000000001.png"),
+            ("000010000", "cat", b"jpg10", f"{wds_shards}/00001.tar#000010000.jpg")]), label="records")
+        assert_that(failures | beam.Map(lambda f: (f.id, f.stage, f.reason)), equal_to([
+            ("000000002", "read", "missing_image"), ("000000003", "read", "missing_label"),
+            ("000010001", "read", "bad_json")]), label="failures")
+
+
+def test_webdataset_label_field_and_url_uris(wds_shards):
+    spec = f"webdataset:{wds_shards}/0000[0].tar,label_field=label,uri_from=url"
+    with TestPipeline(runner="FnApiRunner") as p:
+        records, failures = p | ReadImages(parse_image_spec(spec))
+        assert_that(records | beam.Map(lambda r: (r.id, r.label, r.uri)), equal_to([
+            ("000000000", "cat", "http://site/000000000.jpg"),
+            ("000000001", "dog", "http://site/000000001.jpg")]), label="records")
+        assert_that(failures | beam.Map(lambda f: (f.id, f.reason, f.detail)), equal_to([
+            ("000000002", "missing_image", "sample has ['json', 'txt'] but no jpg/jpeg/png/webp member"),
+            ("000000003", "missing_label", "sample has no label: expected JSON field 'label'")]), label="failures")
+
+
+def test_webdataset_truncated_shard_reports_and_keeps_earlier_samples(tmp_path):
+    path = str(tmp_path / "00000.tar")
+    _write_tar(path, [("a.jpg", b"A" * 600), ("a.cls", b"x"), ("b.jpg", b"B" * 5000), ("b.cls", b"y")])
+    with open(path, "r+b") as f:
+        f.truncate(512 * 6)  # Cuts b.jpg's data short.
+    with TestPipeline(runner="FnApiRunner") as p:
+        records, failures = p | ReadImages(parse_image_spec(path))
+        assert_that(records | beam.Map(lambda r: (r.id, r.label)), equal_to([("a", "x")]), label="records")
+        assert_that(failures | beam.Map(lambda f: (f.id, f.reason, f.detail.split(":")[0])),
+                    equal_to([("00000.tar", "unreadable_tar", "ReadError")]), label="failures")

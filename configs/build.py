@@ -27,7 +27,10 @@ class BuildConfig:
         encoder: Which frozen encoder embeds the images (default: the bundled EfficientNet-Lite0).
         index: How each shard is indexed (exact brute force below ``index.tree_ah_min_size``, ScaNN
             tree+AH+reorder above it, unless forced).
-        num_shards: Number of ScaNN partitions.
+        num_shards: Number of ScaNN partitions; None -> ceil(entries / target_shard_size), with the entry
+            count read from the source's metadata at launch (precomputed embeddings) or counted by the job.
+        target_shard_size: Entries per shard when num_shards is None. One worker holds one shard (plus
+            ScaNN's copy of it) while building it: 500k x 1280-d float32 is 2.6 GB, 500k x 256-d 0.5 GB.
         sharding: How entries are assigned to shards: ``hash`` (a stable hash of the id; every query searches
             every shard) or ``partition`` (a router trained on the data gives each shard one region of the
             embedding space, and a query searches only the shards its nearest centroids route it to; for
@@ -40,7 +43,8 @@ class BuildConfig:
 
     encoder: EncoderSpec = dataclasses.field(default_factory=EncoderSpec)
     index: IndexConfig = dataclasses.field(default_factory=IndexConfig)
-    num_shards: int = 4
+    num_shards: int | None = None
+    target_shard_size: int = 500_000
     sharding: Sharding = Sharding.HASH
     router: RouterConfig = dataclasses.field(default_factory=RouterConfig)
     min_batch_size: int = 16
@@ -50,8 +54,11 @@ class BuildConfig:
     def __post_init__(self) -> None:
         # Accept the string form (configs, JSON, --sharding) but store the enum.
         object.__setattr__(self, "sharding", parse_sharding(self.sharding))
-        if self.num_shards < 1:
-            raise ValueError(f"num_shards must be >= 1, got {self.num_shards}; pass e.g. --shards 4.")
+        if self.num_shards is not None and (not isinstance(self.num_shards, int) or self.num_shards < 1):
+            raise ValueError(f"num_shards must be None (automatic) or an int >= 1, got {self.num_shards!r}; "
+                             "pass e.g. --shards 4.")
+        if not isinstance(self.target_shard_size, int) or self.target_shard_size < 1:
+            raise ValueError(f"target_shard_size must be an int >= 1, got {self.target_shard_size!r}")
         if not 1 <= self.min_batch_size <= self.max_batch_size:
             raise ValueError(
                 f"need 1 <= min_batch_size <= max_batch_size, got {self.min_batch_size} and "
@@ -65,6 +72,7 @@ class BuildConfig:
             "encoder": self.encoder.to_dict(),
             "index": self.index.to_dict(),
             "num_shards": self.num_shards,
+            "target_shard_size": self.target_shard_size,
             "sharding": self.sharding.value,
             "router": self.router.to_dict(),
             "min_batch_size": self.min_batch_size,

@@ -1,4 +1,4 @@
-"""Default build: the bundled EfficientNet-Lite0 encoder, 4 shards, automatic index choice."""
+"""Default build: the bundled EfficientNet-Lite0 encoder, shards of up to 500k entries, automatic index choice."""
 
 from configs.build import BuildConfig
 

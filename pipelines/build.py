@@ -20,6 +20,15 @@ of the embedding space and each query searches only the shards it routes to (see
     vmem build --images gs://BUCKET/imagenet/train --output gs://BUCKET/memories/in1k --shards 16 \\
         --sharding partition --runner=DataflowRunner ...
 
+Precomputed embeddings (clip-retrieval's npy + parquet output, or TFRecords of float features) instead of
+images; the encoder that made them is named by the user and recorded in the manifest::
+
+    vmem build --embeddings clip:gs://BUCKET/laion-emb --encoder-id openclip-vit-b32-laion2b \
+        --output gs://BUCKET/memories/laion --sharding partition --runner=DataflowRunner ...
+
+Without ``--shards`` the shard count is ceil(entries / target_shard_size) (config; ``--target-shard-size``):
+counted from the source's metadata at launch for precomputed embeddings, counted by the job for images.
+
 Anything that is not a build flag is passed to Beam's PipelineOptions.
 """
 
@@ -27,6 +36,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
 import logging
 from typing import Optional, Sequence
 
@@ -40,8 +51,10 @@ from memory.manifest import MANIFEST_NAME
 from memory.sharding import Sharding
 from pipelines.embed import DecodeImages, EmbedImages
 from pipelines.readers import ImageSource, ReadImages, parse_image_spec
+from pipelines.cli_args import UsageError
 from pipelines.runner import with_default_runner
-from pipelines.write import DedupeIds, TrainRouter, WriteDeadLetters, WriteManifest, WriteMemoryShards
+from pipelines.write import (EntriesToBlocks, TrainRouter, WriteDeadLetters, WriteManifest, WriteMemoryShards,
+                             block_class_names, count_rows, shards_for_count)
 
 _LOG = logging.getLogger("visual_memory")
 
@@ -49,11 +62,25 @@ _LOG = logging.getLogger("visual_memory")
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vmem build", description=__doc__.split("\n")[0],
                                      epilog="Other flags are Beam pipeline options (--runner, --project, ...).")
-    parser.add_argument("--images", required=True,
-                        help="ImageFolder DIR (DIR/<class>/<image>), tfrecord:PATTERN or manifest:FILE.csv|.jsonl; "
-                             "local or gs://")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images",
+                        help="ImageFolder DIR (DIR/<class>/<image>), tfrecord:PATTERN, manifest:FILE.csv|.jsonl or "
+                             "webdataset:PATTERN; local or gs://")
+    source.add_argument("--embeddings",
+                        help="precomputed embeddings instead of images: clip:DIR (clip-retrieval's img_emb/*.npy + "
+                             "metadata/*.parquet) or tfrecord:PATTERN of float features (see "
+                             "pipelines/embedding_sources.py); needs --encoder-id")
+    parser.add_argument("--encoder-id", default=None,
+                        help="with --embeddings: name of the encoder that computed them (recorded in the manifest; "
+                             "queries must be embedded with the same encoder)")
     parser.add_argument("--output", required=True, help="memory directory to create (local or gs://)")
-    parser.add_argument("--shards", type=int, default=None, help="number of shards (default: from the config)")
+    parser.add_argument("--shards", type=int, default=None,
+                        help="number of shards (default: from the config; automatic = entries / target shard size)")
+    parser.add_argument("--target-shard-size", type=int, default=None, metavar="N",
+                        help="entries per shard when --shards is not given (default: from the config, 500000)")
+    parser.add_argument("--embedding-dtype", choices=["float32", "bfloat16", "int8"], default=None,
+                        help="how shards store the rows ScaNN re-ranks: the memory's only embedding copy "
+                             "(default: from the config, float32)")
     parser.add_argument("--config", default=None,
                         help="config file.py[:variant] or module (default configs.default)")
     parser.add_argument("--sharding", choices=[m.value for m in Sharding], default=None,
@@ -74,6 +101,10 @@ def resolve_config(args: argparse.Namespace) -> BuildConfig:
     config = load_config(args.config)
     if args.shards is not None:
         config = config.replace(num_shards=args.shards)
+    if args.target_shard_size is not None:
+        config = config.replace(target_shard_size=args.target_shard_size)
+    if args.embedding_dtype is not None:
+        config = config.replace(index=dataclasses.replace(config.index, embedding_dtype=args.embedding_dtype))
     if args.sharding is not None:
         config = config.replace(sharding=Sharding(args.sharding))
     if args.route_probes is not None:
@@ -94,38 +125,95 @@ def prepare_output(output: str, *, overwrite: bool) -> None:
     storage.makedirs(output)
 
 
-def build_pipeline(p: beam.Pipeline, *, source: ImageSource, output: str, config: BuildConfig) -> None:
-    """Adds the build graph to ``p``."""
-    from encoders import resolve_preprocess
-    preprocess = resolve_preprocess(config.encoder)
-    records, read_failures = p | "ReadImages" >> ReadImages(source)
-    images, decode_failures = records | "DecodeImages" >> DecodeImages(preprocess)
-    entries, embed_failures, identities = images | "EmbedImages" >> EmbedImages(
-        config.encoder, min_batch_size=config.min_batch_size, max_batch_size=config.max_batch_size,
-        progress_every=config.progress_every)
-    class_names = (entries
-                   | "Labels" >> beam.Map(lambda e: e.label)
-                   | "DistinctLabels" >> beam.Distinct()
-                   | "CollectLabels" >> beam.combiners.ToList()
-                   | "SortLabels" >> beam.Map(sorted))
+def check_partition_shards(config: BuildConfig, entry_count: int | None) -> None:
+    """Partition builds: refuses a shard count the router cannot serve, before any image is embedded.
+
+    Every shard owns at least one router centroid and the router trains on at most
+    ``router.training_sample_size`` entries (all of them when fewer).
+    """
+    if config.sharding is not Sharding.PARTITION or config.num_shards is None:
+        return
+    n = config.num_shards
+    if n > config.router.num_centroids:
+        raise UsageError(f"--shards {n} with partition sharding: the router has {config.router.num_centroids} "
+                         "centroids and every shard owns at least one; use fewer shards or more centroids "
+                         "(config router.num_centroids)")
+    if entry_count is not None and min(entry_count, config.router.training_sample_size) < n:
+        raise UsageError(f"--shards {n} with partition sharding but the source holds {entry_count} entries: the "
+                         "router needs at least one training entry per shard; use fewer shards or hash sharding")
+
+
+def precomputed_identity(encoder_id: str, dim: int, spec: str) -> dict:
+    """The manifest's encoder identity for a memory built from precomputed embeddings.
+
+    The weights are not seen by the job, so the content hash digests the user-supplied name: queries must
+    come from the encoder of that name, which the job cannot check.
+    """
+    return {"name": encoder_id, "content_hash": "sha256:" + hashlib.sha256(f"precomputed:{encoder_id}".encode()
+                                                                           ).hexdigest(),
+            "dim": int(dim), "preprocess": {"precomputed": True, "source": spec}}
+
+
+def build_pipeline(p: beam.Pipeline, *, source, output: str, config: BuildConfig, encoder_id: str | None = None,
+                   entry_count: int | None = None) -> None:
+    """Adds the build graph to ``p``.
+
+    Args:
+      source: An ImageSource (images are decoded and embedded) or an EmbeddingSource (precomputed).
+      entry_count: Entries the source holds, when known at launch (precomputed embeddings): fixes the
+        automatic shard count without a counting pass over the data.
+    """
+    failure_sets = []
+    if isinstance(source, ImageSource):
+        from encoders import resolve_preprocess
+        preprocess = resolve_preprocess(config.encoder)
+        records, read_failures = p | "ReadImages" >> ReadImages(source)
+        images, decode_failures = records | "DecodeImages" >> DecodeImages(preprocess)
+        entries, embed_failures, identities = images | "EmbedImages" >> EmbedImages(
+            config.encoder, min_batch_size=config.min_batch_size, max_batch_size=config.max_batch_size,
+            progress_every=config.progress_every)
+        blocks = entries | "ToBlocks" >> EntriesToBlocks()
+        failure_sets += [read_failures, decode_failures, embed_failures]
+        records_read = ((records, read_failures)
+                        | "AllRead" >> beam.Flatten()
+                        | "CountRead" >> beam.combiners.Count.Globally())
+        router_blocks = blocks
+        source_config = {"images": source.to_dict(), "preprocess": preprocess.to_dict()}
+    else:
+        from pipelines.embedding_sources import ReadEmbeddings, embedding_dim
+        blocks, read_failures = p | "ReadEmbeddings" >> ReadEmbeddings(source)
+        failure_sets.append(read_failures)
+        identity = precomputed_identity(encoder_id, embedding_dim(source), source.to_dict().get("location", ""))
+        identities = p | "EncoderIdentity" >> beam.Create([json.dumps(identity, sort_keys=True)])
+        records_read = ((count_rows(blocks, "CountEntries"),
+                         read_failures | "CountReadFailures" >> beam.combiners.Count.Globally())
+                        | "ReadParts" >> beam.Flatten()
+                        | "CountRead" >> beam.CombineGlobally(sum))
+        # A second read for the router sample: re-reading is cheaper than keeping every block for a second
+        # consumer (a local runner would hold them all in memory).
+        router_blocks = None
+        source_config = {"embeddings": source.to_dict(), "encoder_id": encoder_id}
+    class_names = block_class_names(blocks)
+    if config.num_shards is not None:
+        num_shards = p | "NumShards" >> beam.Create([config.num_shards])
+    elif entry_count is not None:
+        num_shards = p | "NumShards" >> beam.Create([shards_for_count(entry_count, config.target_shard_size)])
+    else:
+        num_shards = (count_rows(blocks, "CountForShards")
+                      | "NumShards" >> beam.Map(shards_for_count, config.target_shard_size))
     router = None
-    failure_sets = [read_failures, decode_failures, embed_failures]
     if config.sharding is Sharding.PARTITION:
-        # Before routing: copies of one id could be routed to different shards (see DedupeIds).
-        entries, duplicate_failures = entries | "DedupeIds" >> DedupeIds()
-        failure_sets.append(duplicate_failures)
-        router = entries | "TrainRouter" >> TrainRouter(output, num_shards=config.num_shards, config=config.router)
-    infos, shard_failures = entries | "WriteMemoryShards" >> WriteMemoryShards(
-        output, num_shards=config.num_shards, index_config=config.index, class_names=class_names, router=router)
+        if router_blocks is None:
+            router_blocks, _ = p | "ReadForRouter" >> ReadEmbeddings(source)
+        router = router_blocks | "TrainRouter" >> TrainRouter(output, num_shards=num_shards, config=config.router)
+    infos, shard_failures = blocks | "WriteMemoryShards" >> WriteMemoryShards(
+        output, num_shards=num_shards, index_config=config.index, class_names=class_names, router=router)
     failures = (tuple(failure_sets) + (shard_failures,)) | "AllFailures" >> beam.Flatten()
     dead_letter_files = failures | "WriteDeadLetters" >> WriteDeadLetters(output)
-    records_read = ((records, read_failures)
-                    | "AllRead" >> beam.Flatten()
-                    | "CountRead" >> beam.combiners.Count.Globally())
     failed = failures | "CountFailed" >> beam.combiners.Count.Globally()
-    build_config = dict(config.to_dict(), images=source.to_dict(), preprocess=preprocess.to_dict())
+    build_config = dict(config.to_dict(), **source_config)
     _ = infos | "WriteManifest" >> WriteManifest(
-        output, num_shards=config.num_shards, index_config=config.index, build_config=build_config,
+        output, num_shards=num_shards, index_config=config.index, build_config=build_config,
         identities=identities, class_names=class_names, records_read=records_read, failed=failed,
         dead_letter_files=dead_letter_files, router=router)
 
@@ -135,10 +223,25 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     """Parses ``argv`` (build flags + Beam flags), builds the graph and runs it to completion."""
     args, beam_args = build_arg_parser().parse_known_args(argv)
     config = resolve_config(args)
-    source = parse_image_spec(args.images)
+    entry_count = None
+    if args.embeddings is not None:
+        from pipelines.embedding_sources import count_entries, parse_embeddings_spec
+        if not args.encoder_id:
+            raise UsageError("--embeddings needs --encoder-id NAME: the encoder that computed the embeddings is "
+                             "recorded in the manifest, and queries must be embedded with it")
+        source = parse_embeddings_spec(args.embeddings)
+        entry_count = count_entries(source)
+        _LOG.info("source holds %s entries", "an unknown number of" if entry_count is None else entry_count)
+    else:
+        if args.encoder_id:
+            raise UsageError("--encoder-id applies to --embeddings only; image builds record their encoder's "
+                             "identity themselves (config encoder)")
+        source = parse_image_spec(args.images)
+    check_partition_shards(config, entry_count)
     prepare_output(args.output, overwrite=args.overwrite)
     p = test_pipeline or beam.Pipeline(options=PipelineOptions(with_default_runner(beam_args)))
-    build_pipeline(p, source=source, output=args.output, config=config)
+    build_pipeline(p, source=source, output=args.output, config=config, encoder_id=args.encoder_id,
+                   entry_count=entry_count)
     result = p.run()
     result.wait_until_finish()
     return result

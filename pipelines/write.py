@@ -1,11 +1,26 @@
 """Write a memory: ``WriteMemoryShards`` (one ScaNN partition per shard), ``WriteDeadLetters`` and
-``WriteManifest`` (last, atomically). Thin adapters over ``memory.shard`` and ``memory.manifest``."""
+``WriteManifest`` (last, atomically). Thin adapters over ``memory.shard`` and ``memory.manifest``.
+
+Bounded memory per worker: entries travel as `EntryBlock`s and are *spilled* to files under
+``OUTPUT/.build-tmp/`` (one file per shard per ~64k rows per bundle) instead of being grouped in the runner:
+the GroupByKey only moves (shard, spill file) references, and the worker that builds a shard reads that
+shard's spill files, holding one shard (sized by ``BuildConfig.target_shard_size``) plus ScaNN's copy.
+
+Atomic under retries: every attempt at a shard writes its own directory ``shards/<name>-<attempt>``; the
+manifest, written once at the end, names the attempt that counts, and the directories of other attempts
+and the spill files are deleted after it is written. A retried or zombie attempt never mixes its files into
+the published shard.
+"""
 
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import logging
+import math
+import re
+import secrets
 
 import apache_beam as beam
 import numpy as np
@@ -18,12 +33,17 @@ from memory.routing import RouterConfig, router_sample_key, train_router, write_
 from memory.shard import ShardData, write_shard
 from memory.sharding import shard_for_id, shard_name
 from pipelines.readers import FAILED_TAG, _failed
-from pipelines.records import EmbeddedImage, Stage
+from pipelines.records import EmbeddedImage, EntryBlock, Stage
 
 _LOG = logging.getLogger("visual_memory")
 _NAMESPACE = "visual_memory"
 SHARDS_DIR = "shards"
 DEAD_LETTER_DIR = "dead_letter"
+SPILL_DIR = ".build-tmp"
+# Rows per spill file: large enough that a billion entries make ~1e4-1e5 files, small enough to buffer.
+SPILL_ROWS = 65_536
+BLOCK_ROWS = 4_096
+_ATTEMPT_RE = re.compile(r"^shard-\d{5}-of-\d{5}(-[0-9a-f]{8})?$")
 
 
 def shard_paths(output: str, index: int, num_shards: int) -> tuple[str, str, str]:
@@ -61,116 +81,309 @@ def split_duplicate_ids(entries) -> tuple[list[EmbeddedImage], list[tuple[Embedd
     return list(unique.values()), duplicates
 
 
-class DedupeIds(beam.PTransform):
-    """EmbeddedImage -> (entries with unique ids, failures for the extra copies).
+def entries_to_block(entries: list[EmbeddedImage]) -> EntryBlock:
+    """Stacks per-entry records into one EntryBlock (labels stay class names)."""
+    return EntryBlock(ids=np.array([e.id for e in entries], dtype=str),
+                      labels=np.array([e.label for e in entries], dtype=str),
+                      uris=np.array([e.uri for e in entries], dtype=str),
+                      embeddings=np.stack([np.asarray(e.embedding, np.float32) for e in entries]))
 
-    Hash sharding sends every copy of an id to the same shard, where `_WriteShardFn` drops the extras; a
-    router assigns by embedding, so copies of one id with different images could land in different shards.
-    Partition-routed builds therefore group by id first (keeping the first copy by uri, as the shards do).
-    """
+
+class EntriesToBlocks(beam.PTransform):
+    """EmbeddedImage -> EntryBlock of up to ``block_size`` rows (what the write stages consume)."""
+
+    def __init__(self, block_size: int = BLOCK_ROWS):
+        super().__init__()
+        self._block_size = block_size
 
     def expand(self, entries):
-        def split(id_and_entries):
-            _, group = id_and_entries
-            kept, duplicates = split_duplicate_ids(group)
-            yield from kept
-            for entry, first in duplicates:
-                yield _failed(entry.id, entry.uri, "duplicate_id", f"id already used by {first.uri}", Stage.EMBED)
+        return (entries
+                | "Batch" >> beam.BatchElements(min_batch_size=min(256, self._block_size),
+                                                max_batch_size=self._block_size)
+                | "Stack" >> beam.Map(entries_to_block))
 
-        results = (entries
-                   | "KeyById" >> beam.Map(lambda e: (e.id, e))
-                   | "GroupById" >> beam.GroupByKey()
-                   | "KeepFirst" >> beam.FlatMap(split).with_outputs(FAILED_TAG, main="unique"))
-        return results.unique, results[FAILED_TAG]
+
+def block_class_names(blocks):
+    """PCollection of EntryBlock -> singleton PCollection of the sorted distinct class names."""
+    return (blocks
+            | "BlockLabels" >> beam.FlatMap(lambda b: np.unique(b.labels).tolist())
+            | "DistinctLabels" >> beam.Distinct()
+            | "CollectLabels" >> beam.combiners.ToList()
+            | "SortLabels" >> beam.Map(sorted))
+
+
+def count_rows(blocks, label: str = "CountRows"):
+    """PCollection of EntryBlock -> singleton PCollection of the total row count."""
+    return blocks | label >> (beam.Map(len) | beam.CombineGlobally(sum))
+
+
+def shards_for_count(count: int, target_shard_size: int) -> int:
+    """Shards for ``count`` entries at ``target_shard_size`` entries per shard (at least 1)."""
+    return max(1, math.ceil(count / target_shard_size))
+
+
+def concat_blocks(blocks: list[EntryBlock], dim: int | None = None) -> EntryBlock:
+    blocks = [b for b in blocks if len(b)]
+    if not blocks:
+        return EntryBlock(np.zeros(0, "<U1"), np.zeros(0, "<U1"), np.zeros(0, "<U1"),
+                          np.zeros((0, dim or 0), np.float32))
+    if len(blocks) == 1:
+        return blocks[0]
+    return EntryBlock(*(np.concatenate([getattr(b, f) for b in blocks]) for f in EntryBlock._fields))
+
+
+def take_rows(block: EntryBlock, rows: np.ndarray) -> EntryBlock:
+    return EntryBlock(*(getattr(block, f)[rows] for f in EntryBlock._fields))
+
+
+def dedupe_block(block: EntryBlock) -> tuple[EntryBlock, list[tuple[int, int]]]:
+    """Keeps the first row of each id by uri (deterministic); returns (kept rows, [(duplicate row, kept row)]).
+
+    Duplicate ids would make "forget id" ambiguous, so the extra copies become dead letters.
+    """
+    if len(block) < 2:
+        return block, []
+    order = np.lexsort((block.uris, block.ids))
+    ids = block.ids[order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = ids[1:] != ids[:-1]
+    if first.all():
+        return block, []
+    run_start = np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))
+    dups = [(int(order[i]), int(order[run_start[i]])) for i in np.flatnonzero(~first)]
+    return take_rows(block, np.sort(order[first])), dups
+
+
+def _spill_bytes(block: EntryBlock) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **block._asdict())
+    return buf.getvalue()
+
+
+def read_spill(path: str) -> EntryBlock:
+    with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as z:
+        return EntryBlock(*(z[f] for f in EntryBlock._fields))
+
+
+class _SpillFn(beam.DoFn):
+    """EntryBlock -> (shard, spill path) after writing the block's rows of each shard to spill files.
+
+    Rows are buffered per shard across the bundle and written once a shard has ``spill_rows`` of them (and at
+    the end of the bundle), so spill files stay large. ``assign(block, side) -> int [n]`` picks the shards.
+    """
+
+    def __init__(self, spill_dir: str, assign, spill_rows: int = SPILL_ROWS):
+        self._spill_dir = spill_dir
+        self._assign = assign
+        self._spill_rows = spill_rows
+        self._spilled_rows = Metrics.counter(_NAMESPACE, "entries_spilled")
+
+    def start_bundle(self):
+        self._buffers: dict[int, list[EntryBlock]] = {}
+        self._buffered: dict[int, int] = {}
+
+    def _flush(self, shard: int):
+        block = concat_blocks(self._buffers.pop(shard))
+        self._buffered.pop(shard)
+        path = storage.join(self._spill_dir, f"shard-{shard:05d}", f"{secrets.token_hex(8)}.npz")
+        storage.write_bytes(path, _spill_bytes(block))
+        self._spilled_rows.inc(len(block))
+        return shard, path
+
+    def process(self, block, *side):
+        if not len(block):
+            return
+        shards = np.asarray(self._assign(block, *side), dtype=np.int64)
+        order = np.argsort(shards, kind="stable")
+        bounds = np.flatnonzero(np.diff(shards[order])) + 1
+        for rows in np.split(order, bounds):
+            shard = int(shards[rows[0]])
+            self._buffers.setdefault(shard, []).append(take_rows(block, rows))
+            self._buffered[shard] = self._buffered.get(shard, 0) + len(rows)
+            if self._buffered[shard] >= self._spill_rows:
+                yield self._flush(shard)
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindow  # pylint: disable=g-import-not-at-top
+        from apache_beam.utils.timestamp import MIN_TIMESTAMP  # pylint: disable=g-import-not-at-top
+        from apache_beam.utils.windowed_value import WindowedValue  # pylint: disable=g-import-not-at-top
+
+        for shard in sorted(self._buffers):
+            yield WindowedValue(self._flush(shard), MIN_TIMESTAMP, [GlobalWindow()])
+
+
+def _hash_assign(block: EntryBlock, num_shards: int) -> np.ndarray:
+    return np.fromiter((shard_for_id(i, num_shards) for i in block.ids.tolist()), np.int64, len(block))
+
+
+def _router_assign(block: EntryBlock, router) -> np.ndarray:
+    return router[0][0].assign(block.embeddings)  # AsList of the one (Router, RouterRef).
+
+
+def _failed_rows(block: EntryBlock, dups) -> list:
+    return [_failed(str(block.ids[d]), str(block.uris[d]), "duplicate_id", f"id already used by {block.uris[k]}",
+                    Stage.EMBED) for d, k in dups]
+
+
+def _read_shard_spills(paths) -> EntryBlock:
+    return concat_blocks([read_spill(p) for p in sorted(paths)])
+
+
+class _DedupeFn(beam.DoFn):
+    """(id-hash bucket, spill paths) -> that bucket's rows without duplicate ids, as blocks (+ failures).
+
+    Every copy of an id is in the same bucket, so deduplicating per bucket is global; a bucket holds about
+    one shard of rows. Its spill files are deleted once its blocks are emitted.
+    """
+
+    def process(self, element):
+        _, paths = element
+        full = _read_shard_spills(paths)
+        block, dups = dedupe_block(full)
+        yield from _failed_rows(full, dups)
+        del full
+        for start in range(0, len(block), BLOCK_ROWS):
+            yield take_rows(block, np.arange(start, min(start + BLOCK_ROWS, len(block))))
 
 
 class _WriteShardFn(beam.DoFn):
-    def __init__(self, output: str, num_shards: int, index_config: IndexConfig):
+    def __init__(self, output: str, index_config: IndexConfig):
         self._output = output
-        self._num_shards = num_shards
         self._index_config = index_config
         self._written = Metrics.counter(_NAMESPACE, "entries_written")
 
-    def process(self, element, class_names):
-        index, entries = element
+    def process(self, element, class_names, num_shards):
+        index, paths = element
+        full = _read_shard_spills(paths)
+        block, dups = dedupe_block(full)
+        yield from _failed_rows(full, dups)
+        del full
         class_index = {name: i for i, name in enumerate(class_names)}
-        kept, duplicates = split_duplicate_ids(entries)
-        for entry, first in duplicates:
-            yield _failed(entry.id, entry.uri, "duplicate_id", f"id already used by {first.uri}", Stage.EMBED)
-        name, rel, path = shard_paths(self._output, index, self._num_shards)
-        data = entries_to_shard_data(kept, class_index)
-        info = write_shard(path, data, index_config=self._index_config, name=name, root_relative_path=rel)
+        labels = np.fromiter((class_index[l] for l in block.labels.tolist()), np.int32, len(block))
+        data = ShardData(ids=block.ids, labels=labels, uris=block.uris, embeddings=block.embeddings)
+        del block
+        name, _, _ = shard_paths(self._output, index, num_shards)
+        # One directory per attempt: a retried or zombie attempt never overwrites the files of another.
+        rel = f"{SHARDS_DIR}/{name}-{secrets.token_hex(4)}"
+        info = write_shard(storage.join(self._output, rel), data, index_config=self._index_config, name=name,
+                           root_relative_path=rel)
         self._written.inc(info.count)
         _LOG.info("wrote %s: %d entries, index %s", name, info.count, info.index_kind)
         yield (index, info)
 
 
-def _train_and_write_router(sample: list, *, output: str, num_shards: int, config: RouterConfig):
-    """Router sample [(key, embedding)] -> (Router, RouterRef) after writing the router file."""
-    ordered = sorted(sample, key=lambda kv: kv[0])  # Same order on every runner: a deterministic router.
-    embeddings = np.stack([np.asarray(e, np.float32) for _, e in ordered]) if ordered else np.zeros((0, 1), np.float32)
-    # EmbedImages already yields unit embeddings, as train_router expects.
+def _train_and_write_router(sample, num_shards: int, *, output: str, config: RouterConfig):
+    """Router sample (keys, embeddings) -> (Router, RouterRef) after writing the router file."""
+    _, embeddings = sample
+    # EmbedImages and ReadEmbeddings yield unit embeddings, as train_router expects; rows are in key order,
+    # the same on every runner: a deterministic router.
     router = train_router(embeddings, num_shards=num_shards, config=config)
     ref = write_router(output, router)
-    _LOG.info("router: %d centroids trained on %d entries, shard shares %s", ref.count, len(ordered),
+    _LOG.info("router: %d centroids trained on %d entries, shard shares %s", ref.count, len(embeddings),
               np.bincount(router.assign(embeddings), minlength=num_shards).tolist())
     return router, ref
 
 
+class _SmallestKeysFn(beam.CombineFn):
+    """EntryBlock -> (keys, embeddings) of the ``size`` rows with the smallest `router_sample_key`, key order.
+
+    Blocks are combined as arrays (not one element per entry) and every accumulator is cut to ``size``, so a
+    worker holds at most ~2 x size sample rows whatever the memory size.
+    """
+
+    def __init__(self, size: int):
+        self._size = size
+
+    def create_accumulator(self):
+        return None
+
+    def _cut(self, keys, emb):
+        keys, uniq = np.unique(keys, return_index=True)  # Sorted; copies of one id count once.
+        emb = emb[uniq]
+        return keys[:self._size], emb[:self._size]
+
+    def add_input(self, acc, block):
+        keys = np.array([router_sample_key(i) for i in block.ids.tolist()], dtype="S16")
+        return self.merge_accumulators([acc, (keys, block.embeddings)])
+
+    def merge_accumulators(self, accs):
+        accs = [a for a in accs if a is not None and len(a[0])]
+        if not accs:
+            return None
+        return self._cut(np.concatenate([a[0] for a in accs]), np.concatenate([a[1] for a in accs]))
+
+    def extract_output(self, acc):
+        return acc if acc is not None else (np.zeros(0, "S16"), np.zeros((0, 1), np.float32))
+
+
 class TrainRouter(beam.PTransform):
-    """EmbeddedImage -> one (Router, RouterRef): a partition-routed memory's router, trained and written.
+    """EntryBlock -> one (Router, RouterRef): a partition-routed memory's router, trained and written.
 
     The training sample is the ``config.training_sample_size`` entries with the smallest
     `memory.routing.router_sample_key` (a digest of the id), so the local build and every runner train on
-    the same entries.
+    the same entries. ``num_shards``: a singleton PCollection.
     """
 
-    def __init__(self, output: str, *, num_shards: int, config: RouterConfig):
+    def __init__(self, output: str, *, num_shards, config: RouterConfig):
         super().__init__()
         self._output = output
         self._num_shards = num_shards
         self._config = config
 
-    def expand(self, entries):
-        return (entries
-                | "SampleKey" >> beam.Map(lambda e: (router_sample_key(e.id), e.embedding))
-                | "Sample" >> beam.combiners.Top.Smallest(self._config.training_sample_size, key=lambda kv: kv[0])
-                | "Train" >> beam.Map(_train_and_write_router, output=self._output, num_shards=self._num_shards,
-                                      config=self._config))
+    def expand(self, blocks):
+        return (blocks
+                | "Sample" >> beam.CombineGlobally(_SmallestKeysFn(self._config.training_sample_size))
+                | "Train" >> beam.Map(_train_and_write_router, beam.pvalue.AsSingleton(self._num_shards),
+                                      output=self._output, config=self._config))
 
 
 class WriteMemoryShards(beam.PTransform):
-    """EmbeddedImage -> (shard index, ShardInfo) after writing each shard's arrays and ScaNN searcher.
+    """EntryBlock -> (shard index, ShardInfo) after writing each shard's entry table and ScaNN searcher.
 
-    Entries go to shard ``shard_for_id(id) % num_shards`` (a stable hash) or, given a ``router`` (a
-    PCollection holding one (Router, RouterRef) from `TrainRouter`), to the shard owning their nearest
-    centroid; grouped so that one worker builds one shard. Returns ``(infos, failures)`` (failures:
-    duplicate ids).
+    Rows go to shard ``shard_for_id(id, num_shards)`` (a stable hash) or, given a ``router`` (a PCollection
+    holding one (Router, RouterRef) from `TrainRouter`), to the shard owning their nearest centroid. Rows are
+    spilled to files (see the module docstring) so one worker builds one shard from its files. Copies of an
+    id are dropped (the first by uri is kept) and reported: with a router, rows are first spilled by id hash
+    and deduplicated per bucket, since two copies of an id with different embeddings could route apart.
+    Returns ``(infos, failures)``. ``num_shards``: a singleton PCollection (known at launch, or counted).
     """
 
-    def __init__(self, output: str, *, num_shards: int, index_config: IndexConfig, class_names, router=None):
+    def __init__(self, output: str, *, num_shards, index_config: IndexConfig, class_names, router=None,
+                 spill_rows: int = SPILL_ROWS):
         super().__init__()
         self._output = output
         self._num_shards = num_shards
         self._index_config = index_config
         self._class_names = class_names  # PCollection with one sorted list, used as a side input.
         self._router = router
+        self._spill_rows = spill_rows
 
-    def expand(self, entries):
-        n = self._num_shards
-        if self._router is None:
-            keyed = entries | "KeyByShard" >> beam.Map(lambda e: (shard_for_id(e.id, n), e))
+    def expand(self, blocks):
+        spill = storage.join(self._output, SPILL_DIR)
+        n = beam.pvalue.AsSingleton(self._num_shards)
+        failures = []
+        if self._router is not None:
+            bucketed = (blocks
+                        | "SpillByIdHash" >> beam.ParDo(_SpillFn(storage.join(spill, "dedupe"), _hash_assign,
+                                                                 self._spill_rows), n)
+                        | "GroupByIdHash" >> beam.GroupByKey()
+                        | "Dedupe" >> beam.ParDo(_DedupeFn()).with_outputs(FAILED_TAG, main="blocks"))
+            failures.append(bucketed[FAILED_TAG])
+            spilled = bucketed.blocks | "SpillByRoute" >> beam.ParDo(
+                _SpillFn(storage.join(spill, "routed"), _router_assign, self._spill_rows),
+                beam.pvalue.AsList(self._router))
         else:
-            keyed = entries | "KeyByRoutedShard" >> beam.Map(
-                lambda e, r: (int(r[0].assign(e.embedding)[0]), e),
-                r=beam.pvalue.AsSingleton(self._router))
+            spilled = blocks | "SpillByShard" >> beam.ParDo(
+                _SpillFn(storage.join(spill, "hashed"), _hash_assign, self._spill_rows), n)
         results = (
-            keyed
+            spilled
             | "GroupByShard" >> beam.GroupByKey()
             | "WriteShard" >> beam.ParDo(
-                _WriteShardFn(self._output, n, self._index_config),
-                class_names=beam.pvalue.AsSingleton(self._class_names)).with_outputs(FAILED_TAG, main="infos"))
-        return results.infos, results[FAILED_TAG]
+                _WriteShardFn(self._output, self._index_config),
+                class_names=beam.pvalue.AsSingleton(self._class_names), num_shards=n
+            ).with_outputs(FAILED_TAG, main="infos"))
+        failures.append(results[FAILED_TAG])
+        return results.infos, (tuple(failures) | "ShardFailures" >> beam.Flatten())
 
 
 class WriteDeadLetters(beam.PTransform):
@@ -203,12 +416,15 @@ def assemble_manifest(*, output: str, infos: list[tuple[int, ShardInfo]], num_sh
         raise BuildError(f"workers ran different encoders: {sorted(set(identities))}; pin one encoder uri.")
     encoder = json.loads(identities[0])
     by_index = dict(infos)
+    if len(by_index) != len(infos):
+        raise BuildError(f"two attempts of one shard were both committed: {sorted(i for i, _ in infos)}")
     shards = []
     for i in range(num_shards):
         if i not in by_index:
             name, rel, path = shard_paths(output, i, num_shards)
             by_index[i] = write_shard(path, entries_to_shard_data([], {}, encoder["dim"]),
-                                      index_config=index_config, name=name, root_relative_path=rel)
+                                      index_config=index_config, name=name, root_relative_path=rel,
+                                      dim=int(encoder["dim"]))
         shards.append(by_index[i])
     embedded = sum(s.count for s in shards)
     if records_read != embedded + failed:
@@ -221,36 +437,58 @@ def assemble_manifest(*, output: str, infos: list[tuple[int, ShardInfo]], num_sh
         created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), router=router)
 
 
+def remove_build_leftovers(output: str, manifest: Manifest) -> list[str]:
+    """Deletes the spill files and the shard directories of attempts the manifest does not name.
+
+    Only build-made names (``shards/shard-IIIII-of-NNNNN[-attempt]``) are touched. Returns what was deleted
+    (root-relative).
+    """
+    referenced = {s.path for s in manifest.shards}
+    removed = []
+    shards_dir = storage.join(output, SHARDS_DIR)
+    children = storage.list_dir(shards_dir) if storage.exists(shards_dir) else []
+    for child in children:
+        rel = f"{SHARDS_DIR}/{child}"
+        if _ATTEMPT_RE.match(child) and rel not in referenced:
+            storage.remove_tree(storage.join(output, rel))
+            removed.append(rel)
+    storage.remove_tree(storage.join(output, SPILL_DIR))
+    return removed
+
+
 class _WriteManifestFn(beam.DoFn):
-    def __init__(self, output: str, num_shards: int, index_config: IndexConfig, build_config: dict):
+    def __init__(self, output: str, index_config: IndexConfig, build_config: dict):
         self._output = output
-        self._num_shards = num_shards
         self._index_config = index_config
         self._build_config = build_config
 
-    def process(self, unused, infos, identities, class_names, records_read, failed, dead_letter_files, router):
+    def process(self, unused, infos, identities, class_names, records_read, failed, dead_letter_files, router,
+                num_shards):
         if len(router) > 1:
             raise BuildError(f"{len(router)} routers were trained for one build; expected one")
         manifest = assemble_manifest(
-            output=self._output, infos=infos, num_shards=self._num_shards, index_config=self._index_config,
+            output=self._output, infos=infos, num_shards=num_shards, index_config=self._index_config,
             identities=identities, class_names=class_names, records_read=records_read, failed=failed,
-            build_config=self._build_config, dead_letter_files=dead_letter_files,
+            build_config=dict(self._build_config, num_shards=num_shards), dead_letter_files=dead_letter_files,
             router=router[0][1] if router else None)
         write_manifest(self._output, manifest)
-        _LOG.info("memory written to %s: %d entries in %d shards, %d failed", self._output,
-                  manifest.counts.embedded, len(manifest.shards), manifest.counts.failed)
+        removed = remove_build_leftovers(self._output, manifest)
+        _LOG.info("memory written to %s: %d entries in %d shards, %d failed (%d abandoned shard attempts removed)",
+                  self._output, manifest.counts.embedded, len(manifest.shards), manifest.counts.failed,
+                  len(removed))
         yield manifest
 
 
 class WriteManifest(beam.PTransform):
     """Writes ``manifest.json`` once every shard and dead letter is written (side inputs enforce the order)."""
 
-    def __init__(self, output: str, *, num_shards: int, index_config: IndexConfig, build_config: dict,
+    def __init__(self, output: str, *, num_shards, index_config: IndexConfig, build_config: dict,
                  identities, class_names, records_read, failed, dead_letter_files, router=None):
         super().__init__()
-        self._fn = _WriteManifestFn(output, num_shards, index_config, build_config)
+        self._fn = _WriteManifestFn(output, index_config, build_config)
         self._side = dict(identities=identities, class_names=class_names, records_read=records_read,
-                          failed=failed, dead_letter_files=dead_letter_files, router=router)
+                          failed=failed, dead_letter_files=dead_letter_files, router=router,
+                          num_shards=num_shards)
 
     def expand(self, infos):
         s = self._side
@@ -266,4 +504,5 @@ class WriteManifest(beam.PTransform):
                 failed=beam.pvalue.AsSingleton(s["failed"]),
                 dead_letter_files=beam.pvalue.AsList(s["dead_letter_files"]),
                 router=beam.pvalue.AsList(s["router"] if s["router"] is not None
-                                          else infos.pipeline | "NoRouter" >> beam.Create([]))))
+                                          else infos.pipeline | "NoRouter" >> beam.Create([])),
+                num_shards=beam.pvalue.AsSingleton(s["num_shards"])))

@@ -172,3 +172,70 @@ def test_duplicate_ids_become_dead_letters_whatever_the_sharding(fmnist_small, t
     assert sorted((d.id, d.reason) for d in dead) == [("img-000", "duplicate_id")] * 2
     # The copy kept is the first by uri (files are sorted, so files[0]); the other two are the dead letters.
     assert sorted(d.uri for d in dead) == [files[21], files[33]]
+
+
+def _clip_folder(root, parts, *, dim=24, seed=0, duplicate=None):
+    """clip-retrieval layout: img_emb/img_emb_<i>.npy + metadata/metadata_<i>.parquet; returns all rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(root, "img_emb"))
+    os.makedirs(os.path.join(root, "metadata"))
+    keys, labels, emb = [], [], []
+    for i, n in enumerate(parts):
+        x = rng.normal(size=(n, dim)).astype(np.float16)
+        k = [f"p{i}-{j:04d}" for j in range(n)]
+        if duplicate is not None and i == 1:
+            k[0] = duplicate  # The same id in two parts.
+        lab = [f"c{j % 3}" for j in range(n)]
+        np.save(os.path.join(root, "img_emb", f"img_emb_{i}.npy"), x)
+        pq.write_table(pa.table({"key": k, "label": lab, "image_path": [f"/imgs/{kk}.jpg" for kk in k]}),
+                       os.path.join(root, "metadata", f"metadata_{i}.parquet"))
+        keys += k
+        labels += lab
+        emb.append(x.astype(np.float32))
+    emb = np.concatenate(emb)
+    return np.array(keys), np.array(labels), emb / np.linalg.norm(emb, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("sharding", ["hash", "partition"])
+def test_build_from_precomputed_embeddings(tmp_path, sharding):
+    """--embeddings: no encoder runs; the shard count follows from the entry count; spills and attempts go."""
+    keys, labels, emb = _clip_folder(str(tmp_path / "emb"), [300, 250, 150], duplicate="p0-0007")
+    out = str(tmp_path / "mem")
+    build.run([f"--embeddings=clip:{tmp_path / 'emb'},label_column=label", "--encoder-id=test-clip-24",
+               f"--output={out}", "--target-shard-size=200", f"--sharding={sharding}", "--runner=FnApiRunner"])
+    manifest, ids, stored, stored_labels = _stored(out)
+    assert len(manifest.shards) == 4  # ceil(700 / 200), from the parquet metadata at launch.
+    assert manifest.counts.read == 700 and manifest.counts.failed == 1 and manifest.counts.embedded == 699
+    assert manifest.encoder["name"] == "test-clip-24" and manifest.dim == 24
+    assert manifest.build_config["embeddings"]["kind"] == "clip"
+    assert (manifest.router is not None) == (sharding == "partition")
+    [dup] = _dead_letters(out)
+    assert (dup.id, dup.reason) == ("p0-0007", "duplicate_id")
+    # The kept copy is the first by uri: /imgs/p0-0007.jpg from part 0 (part 1's row 0 was renamed to it).
+    order = np.argsort(ids)
+    keep = np.ones(len(keys), bool)
+    keep[300] = False
+    ref = np.argsort(keys[keep])
+    np.testing.assert_array_equal(ids[order], keys[keep][ref])
+    np.testing.assert_allclose(stored[order], emb[keep][ref], atol=1e-6)
+    names = np.array(manifest.class_names)
+    np.testing.assert_array_equal(names[stored_labels[order]], labels[keep][ref])
+    assert sorted(os.listdir(os.path.join(out, "shards"))) == sorted(s.path.split("/")[1] for s in manifest.shards)
+    assert not os.path.exists(os.path.join(out, ".build-tmp"))
+    mem = VisualMemory.open(out, verify=True)
+    found = mem.search(emb[:20], 1)
+    assert (found.ids[:, 0] == keys[:20]).mean() >= 0.95
+
+
+def test_precomputed_build_needs_encoder_id_and_partition_shards_are_checked_before_reading(tmp_path):
+    from pipelines.cli_args import UsageError
+    _clip_folder(str(tmp_path / "emb"), [40])
+    spec = f"--embeddings=clip:{tmp_path / 'emb'},label_column=label"
+    with pytest.raises(UsageError, match="--encoder-id"):
+        build.run([spec, f"--output={tmp_path / 'a'}", "--runner=FnApiRunner"])
+    with pytest.raises(UsageError, match="source holds 40 entries"):
+        build.run([spec, "--encoder-id=x", f"--output={tmp_path / 'b'}", "--shards=64", "--sharding=partition",
+                   "--runner=FnApiRunner"])
+    assert not os.path.exists(tmp_path / "b")  # Refused before anything was written.

@@ -7,19 +7,19 @@ exactly as :meth:`memory.visual_memory.VisualMemory.search` does, so both paths 
 
 A living memory (memory.mutations) is searched the same way: fan out over `searchable_shards(manifest)`
 (main shards and delta shards) and load each with ``forgotten=load_forgotten(root, manifest)`` so that
-tombstoned rows are skipped exactly; with ``entry_weights=load_entry_weights(root, manifest)`` each hit also
+tombstoned rows are skipped exactly (`search_live_rows`, shared with VisualMemory.search); with ``entry_weights=load_entry_weights(root, manifest)`` each hit also
 carries its soft-pruning weight (``PartialTopK.weights``), which merging keeps with its neighbour.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
 from memory import storage
-from memory.index import ShardIndex
+from memory.index import IndexConfig, IndexKind, ShardIndex
 from memory.manifest import Manifest, ShardInfo
 from memory.merge import merge_topk
 from memory.mutations import read_entry_weights, read_forgotten, row_weights
@@ -27,6 +27,68 @@ from memory.shard import load_shard_index, read_shard_entries
 from memory.vectors import l2_normalize
 
 PAD_ID = ""
+# Extra neighbours asked of an index beyond k, to make up for forgotten rows: max(k, 64), never more than the
+# shard's forgotten rows. Enough for tombstones scattered over the shard; a query that still finds fewer than
+# k live rows (e.g. its whole neighbourhood was forgotten with its class) is searched by brute force over the
+# live rows instead of asking the index for k + (every forgotten row).
+MIN_OVERFETCH = 64
+
+
+def overfetch(k: int, dead: int) -> int:
+    """Neighbours asked of a shard index holding ``dead`` forgotten rows: at most 2k + 64, whatever ``dead`` is."""
+    return int(k) + min(int(dead), max(int(k), MIN_OVERFETCH))
+
+
+def build_live_index(embeddings: np.ndarray, dead: np.ndarray) -> tuple[ShardIndex | None, np.ndarray]:
+    """A brute-force index over a shard's live rows, and the shard row of each of its rows (ascending).
+
+    Live rows keep their order (ascending id), so searching it is exactly searching a shard written without
+    the forgotten rows: same vectors, same brute-force scoring, same tie order. (None, []) when none is live.
+    """
+    rows = np.flatnonzero(~np.asarray(dead, dtype=bool))
+    if not rows.size:
+        return None, rows
+    emb = np.asarray(embeddings, dtype=np.float32)[rows]
+    return ShardIndex.build(emb, IndexConfig(kind=IndexKind.BRUTE_FORCE)), rows
+
+
+def search_live_rows(index: ShardIndex, queries: np.ndarray, k: int, dead: np.ndarray | None, *,
+                     live_index: Callable[[], tuple[ShardIndex | None, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k live rows of one shard for unit queries, without ever asking the index for k + (all forgotten rows).
+
+    The index is asked for `overfetch(k, forgotten rows)` neighbours and the forgotten ones are dropped. For a
+    brute-force index, a query left with at least min(k, live rows) live hits then has exactly its top-k live
+    rows (the dropped rows only move the cut-off). A query left with fewer -- forgetting a whole class empties
+    the neighbourhood of that class's queries -- is answered by ``live_index()`` (see `build_live_index`,
+    built once by the caller on first need), which is exactly the search of the shard without those rows.
+
+    Args:
+      index: The shard's index (all physical rows).
+      queries: float32 [nq, d] unit rows.
+      k: Neighbours per query.
+      dead: bool [n] forgotten rows, or None when none is.
+      live_index: Returns (brute-force index over the live rows, shard row of each of its rows).
+
+    Returns:
+      (local rows int64 [nq, k], cosine distances float32 [nq, k]); padding is -1 / +inf.
+    """
+    dead_count = 0 if dead is None else int(dead.sum())
+    if not dead_count:
+        return index.search(queries, k)
+    local, dist = index.search(queries, overfetch(k, dead_count))
+    valid = (local >= 0) & ~dead[np.maximum(local, 0)]
+    # Stable: live rows keep their (distance, id) order; dropped ones move to the end, then cut to k.
+    order = np.argsort(~valid, axis=1, kind="stable")[:, :k]
+    valid = np.take_along_axis(valid, order, axis=1)
+    local = np.where(valid, np.take_along_axis(local, order, axis=1), -1)
+    dist = np.where(valid, np.take_along_axis(dist, order, axis=1), np.inf).astype(np.float32)
+    short = np.flatnonzero(valid.sum(axis=1) < min(int(k), len(index) - dead_count))
+    if short.size:
+        sub, rows = live_index()
+        found, found_dist = sub.search(queries[short], k)
+        local[short] = np.where(found >= 0, rows[np.maximum(found, 0)], -1)
+        dist[short] = np.where(found >= 0, found_dist, np.inf)
+    return local, dist
 
 
 class PartialTopK(NamedTuple):
@@ -107,6 +169,8 @@ class LoadedShard:
       dead: bool [n], rows that are forgotten (tombstoned) and must never be returned; None for none.
       weights: float32 [n] entry weight of each row (soft pruning; 1.0 for unlisted ids), or None when the
         memory has no entry weights (then search returns PartialTopK.weights = None).
+      shard_dir: Where the shard's files are: its embeddings are read from there (once) only when a query
+        must be searched by brute force over the live rows (see `search_live_rows`).
     """
     name: str
     index: ShardIndex | None
@@ -114,6 +178,8 @@ class LoadedShard:
     labels: np.ndarray
     dead: np.ndarray | None = None
     weights: np.ndarray | None = None
+    shard_dir: str | None = None
+    _live: tuple[ShardIndex | None, np.ndarray] | None = dataclasses.field(default=None, init=False, repr=False)
 
     @classmethod
     def load(cls, root: str, info: ShardInfo, *, forgotten: np.ndarray | None = None,
@@ -136,28 +202,30 @@ class LoadedShard:
             dead = dead if dead.any() else None
         weights = None if entry_weights is None else row_weights(entry_weights, ids)
         return cls(name=info.name, index=load_shard_index(shard_dir, info), ids=ids,
-                   labels=data.labels.astype(np.int32), dead=dead, weights=weights)
+                   labels=data.labels.astype(np.int32), dead=dead, weights=weights, shard_dir=shard_dir)
+
+    def _live_index(self) -> tuple[ShardIndex | None, np.ndarray]:
+        if self._live is None:
+            if self.shard_dir is None:
+                raise ValueError(f"shard {self.name}: a query needs the brute-force search over the live rows, which "
+                                 "reads the shard's embeddings; load the shard with LoadedShard.load")
+            from memory.shard import read_shard_data  # pylint: disable=g-import-not-at-top
+            self._live = build_live_index(read_shard_data(self.shard_dir).embeddings, self.dead)
+        return self._live
 
     def search(self, queries: np.ndarray, k: int) -> PartialTopK:
         """Top-k live rows of this shard for each (normalised here) query.
 
-        With t forgotten rows the index is asked for k + t neighbours and the forgotten ones dropped, which
-        for a brute-force shard is exactly the top-k of the shard without them.
+        Forgotten rows are skipped with a bounded over-fetch, and queries left short by it are searched by
+        brute force over the live rows (`search_live_rows`): for a brute-force shard, exactly the top-k of
+        the shard without the forgotten rows.
         """
         q = l2_normalize(np.asarray(queries, dtype=np.float32))
         if self.index is None:
             return empty_partial(q.shape[0], k, weighted=self.weights is not None)
-        dead_count = 0 if self.dead is None else int(self.dead.sum())
-        local, dist = self.index.search(q, k + dead_count)
+        local, dist = search_live_rows(self.index, q, k, self.dead, live_index=self._live_index)
         valid = local >= 0
         safe = np.maximum(local, 0)
-        if dead_count:
-            valid &= ~self.dead[safe]
-            # Stable: live rows keep their (distance, id) order; dropped ones move to the end, then cut to k.
-            order = np.argsort(~valid, axis=1, kind="stable")[:, :k]
-            valid = np.take_along_axis(valid, order, axis=1)
-            safe = np.take_along_axis(safe, order, axis=1)
-            dist = np.take_along_axis(dist, order, axis=1)
         weights = None
         if self.weights is not None:
             weights = np.where(valid, self.weights[safe], np.float32(1.0)).astype(np.float32)

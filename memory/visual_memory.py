@@ -1,9 +1,11 @@
 """A visual memory opened for querying: manifest + every shard's index, ids and labels.
 
 A memory is opened at one version (the latest, or a pinned one): its main shards and delta shards are
-searched together, and its tombstoned (forgotten) rows are skipped exactly: a shard holding t forgotten
-rows is asked for k + t neighbours, forgotten ones are dropped, and the merge keeps k. For brute-force
-shards that is the same answer as a memory built from scratch without the forgotten entries.
+searched together, and its tombstoned (forgotten) rows are skipped exactly: a shard holding forgotten rows
+is asked for a bounded over-fetch (memory.shard_search.overfetch: at most 2k + 64 neighbours, however many
+rows were forgotten), forgotten ones are dropped, and a query left with fewer than k live hits (its whole
+class forgotten, say) is searched by brute force over that shard's live rows. For brute-force shards that is
+the same answer as a memory built from scratch without the forgotten entries.
 
 A partition-routed memory (built with ``sharding="partition"``, see memory.routing) sends each query only
 to the main shards owning its ``route_probes`` nearest router centroids (plus every delta shard); probing
@@ -28,6 +30,7 @@ from memory.manifest import Manifest, ManifestError
 from memory.merge import merge_topk
 from memory.mutations import read_entry_weights, read_forgotten, row_weights
 from memory.routing import Router, read_router, search_mask
+from memory.shard_search import build_live_index, search_live_rows
 from memory.shard import load_shard_index, read_shard_embeddings, read_shard_entries, verify_shard
 from memory.vectors import l2_normalize
 from memory.versions import latest_version, read_version
@@ -94,12 +97,16 @@ class VisualMemory:
         self._ids = ids
         self._labels = labels
         self._offsets = offsets
-        # Rows (of main and delta shards alike) that are tombstoned, and how many each shard holds: a shard
-        # is asked for that many extra neighbours so that k live ones survive the filter.
+        # Rows (of main and delta shards alike) that are tombstoned, and how many each shard holds (shards
+        # without any are searched as they are; see memory.shard_search.search_live_rows for the others).
         forgotten = np.zeros((0,), "<U1") if forgotten is None else forgotten
         self._dead = np.isin(ids, forgotten) if forgotten.size else np.zeros(ids.shape, dtype=bool)
         self._dead_per_shard = [int(self._dead[offsets[s]:offsets[s + 1]].sum()) for s in range(len(offsets) - 1)]
         self._row_weights = None if entry_weights is None else row_weights(entry_weights, ids)
+        # Per shard, a brute-force index over its live rows, built on the first query the bounded over-fetch
+        # leaves short (it reads that shard's embeddings); views from with_search_params share it.
+        self._live_indices: dict[int, tuple[ShardIndex | None, np.ndarray]] = {}
+        self._live_lock = threading.Lock()
         self._row_of_id: dict[str, int] | None = None
         self._embeddings: np.ndarray | None = None
         self._uris: np.ndarray | None = None
@@ -273,22 +280,18 @@ class VisualMemory:
         visit = search_mask(self._router, q, [ix is not None for ix in self._indices], probes=self._route_probes)
 
         def search_shard(s: int) -> tuple[np.ndarray, np.ndarray]:
-            dead = self._dead_per_shard[s]
             rows = np.flatnonzero(visit[:, s])
-            # With t tombstoned rows in the shard, its k + t nearest hold its k nearest live rows (exactly,
-            # for brute force: ties come in ascending id order with or without the dead rows).
+            dead = self._dead[self._offsets[s]:self._offsets[s + 1]] if self._dead_per_shard[s] else None
+            # Forgotten rows never come back (exactly, for brute force: see search_live_rows).
+            found, found_dist = search_live_rows(self._indices[s], q if rows.size == nq else q[rows], k, dead,
+                                                 live_index=lambda: self._live_index(s))
             if rows.size == nq:
-                local, dist = self._indices[s].search(q, k + dead)
+                local, dist = found, found_dist
             else:  # Routed: search only this shard's queries; the others get padding from it.
-                found, found_dist = self._indices[s].search(q[rows], k + dead)
                 local = np.full((nq, found.shape[1]), -1, dtype=found.dtype)
                 dist = np.full((nq, found.shape[1]), np.inf, dtype=np.float32)
                 local[rows], dist[rows] = found, found_dist
             glob = np.where(local >= 0, local + self._offsets[s], -1)
-            if dead:
-                hidden = (glob >= 0) & self._dead[np.maximum(glob, 0)]
-                glob = np.where(hidden, -1, glob)
-                dist = np.where(hidden, np.float32(np.inf), dist)
             return glob, dist
 
         shards = [s for s, index in enumerate(self._indices) if index is not None and visit[:, s].any()]
@@ -311,6 +314,16 @@ class VisualMemory:
         if self._row_weights is not None:
             weights = np.where(valid, self._row_weights[safe], np.float32(1.0)).astype(np.float32)
         return SearchResult(ids=ids, labels=labels, distances=dist, weights=weights)
+
+    def _live_index(self, s: int) -> tuple[ShardIndex | None, np.ndarray]:
+        """Shard s's brute-force index over its live rows (memory.shard_search.build_live_index), built once."""
+        with self._live_lock:
+            if s not in self._live_indices:
+                from memory.shard import read_shard_data  # pylint: disable=g-import-not-at-top
+                info = self._manifest.all_shards[s]
+                embeddings = read_shard_data(storage.join(self._root, info.path)).embeddings
+                self._live_indices[s] = build_live_index(embeddings, self._dead[self._offsets[s]:self._offsets[s + 1]])
+            return self._live_indices[s]
 
     def _id_rows(self) -> dict[str, int]:
         if self._row_of_id is None:

@@ -339,3 +339,55 @@ def test_purge_killed_halfway_is_finished_by_the_next_purge(memory, monkeypatch)
         for name in files:
             with open(os.path.join(dirpath, name), "rb") as f:
                 assert ids[0].encode() not in f.read() or name.endswith(".json"), os.path.join(dirpath, name)
+
+
+def test_forgetting_a_whole_class_is_exact_and_asks_shards_for_a_bounded_over_fetch(tmp_path, monkeypatch):
+    """Forgetting a class used to ask every shard for k + (all its forgotten rows) neighbours."""
+    from memory.index import ShardIndex
+    from memory.shard_search import MIN_OVERFETCH
+    rng = np.random.default_rng(11)
+    classes = ("ant", "bee", "cat", "dog")
+    centres = l2_normalize(rng.normal(size=(len(classes), D)))
+    n = 2400
+    label_idx = rng.integers(0, len(classes), n)
+    # Clustered by class, so a forgotten class's queries find (almost) only forgotten rows nearby.
+    x = l2_normalize(centres[label_idx] + 0.15 * rng.normal(size=(n, D)))
+    x[5:9] = x[4]  # Exact duplicates: ties that must break by id.
+    ids = [f"e{i:04d}" for i in rng.permutation(n)]
+    labels = [classes[i] for i in label_idx]
+    uris = [f"/img/{i}.png" for i in ids]
+    root, ref_root = tmp_path / "mem", tmp_path / "ref"
+    _build(root, ids, labels, uris, x, 2)
+    mutations.forget(str(root), label="cat")
+    keep = [i for i, lab in enumerate(labels) if lab != "cat"]
+    _build(ref_root, [ids[i] for i in keep], [labels[i] for i in keep], [uris[i] for i in keep], x[keep], 2)
+    mem, ref_mem = VisualMemory.open(str(root), search_threads=1), VisualMemory.open(str(ref_root))
+    dead_per_shard = [int(np.isin(read_shard_data(os.path.join(root, s.path)).ids,
+                                  mutations.read_forgotten(str(root), mem.manifest)).sum())
+                      for s in mem.manifest.shards]
+    assert min(dead_per_shard) > 2 * 50 + MIN_OVERFETCH  # The old k + dead would exceed the bound below.
+    cats = np.flatnonzero(label_idx == classes.index("cat"))
+    q = np.concatenate([x[cats[:8]], l2_normalize(rng.normal(size=(4, D)))]).astype(np.float32)
+
+    requested = []
+    real_search = ShardIndex.search
+
+    def spy(self, queries, k):
+        requested.append((len(self), int(k)))
+        return real_search(self, queries, k)
+
+    monkeypatch.setattr(ShardIndex, "search", spy)
+    for k in (1, 10, 50):
+        requested.clear()
+        res, ref = mem.search(q, k), ref_mem.search(q, k)
+        _assert_same(mem, res, ref_mem, ref)
+        forgotten = load_forgotten(str(root), mem.manifest)
+        loaded = [LoadedShard.load(str(root), info, forgotten=forgotten) for info in searchable_shards(mem.manifest)]
+        merged = merge_partials([s.search(q, k) for s in loaded], k)
+        np.testing.assert_array_equal(merged.ids, ref.ids)
+        np.testing.assert_array_equal(merged.distances, ref.distances)
+        asked = [want for size, want in requested if size in {s.count for s in mem.manifest.shards}]
+        assert asked and max(asked) <= k + max(k, MIN_OVERFETCH)
+        # The queries of the forgotten class came up short and were answered over the live rows only.
+        live_sizes = {s.count - d for s, d in zip(mem.manifest.shards, dead_per_shard)}
+        assert any(size in live_sizes for size, _ in requested)

@@ -46,6 +46,13 @@ class ImageSource:
     location: str
     options: tuple[tuple[str, str], ...] = ()
 
+    def __post_init__(self):
+        # Uris are recorded in the memory and read back later by other processes (workers, `vmem classify`
+        # elsewhere): a relative local path would mean "relative to whichever directory the build ran in".
+        # Resolve it once, here; gs:// and other URLs stay as they are.
+        if self.location and "://" not in self.location:
+            object.__setattr__(self, "location", os.path.abspath(self.location))
+
     def option(self, name: str, default: str | None = None) -> str | None:
         return dict(self.options).get(name, default)
 

@@ -210,3 +210,35 @@ def test_webdataset_truncated_shard_reports_and_keeps_earlier_samples(tmp_path):
         assert_that(records | beam.Map(lambda r: (r.id, r.label)), equal_to([("a", "x")]), label="records")
         assert_that(failures | beam.Map(lambda f: (f.id, f.reason, f.detail.split(":")[0])),
                     equal_to([("00000.tar", "unreadable_tar", "ReadError")]), label="failures")
+
+
+def test_relative_locations_record_absolute_uris_and_gcs_stays(tmp_path, monkeypatch):
+    _tree(tmp_path, {"data/x/cat/a.png": PNG_1PX, "data/img/b.png": b"bb"})
+    (tmp_path / "data" / "list.csv").write_text("img/b.png,dog\n")
+    monkeypatch.chdir(tmp_path)
+    folder, manifest = parse_image_spec("data/x"), parse_image_spec("data/list.csv")
+    assert folder.location == str(tmp_path / "data" / "x") and manifest.location == str(tmp_path / "data/list.csv")
+    assert parse_image_spec("gs://b/train/").location == "gs://b/train"
+    assert parse_image_spec("tfrecord:gs://b/t-*").location == "gs://b/t-*"
+    with TestPipeline(runner="FnApiRunner") as p:
+        folder_records, _ = p | "Folder" >> ReadImages(folder)
+        manifest_records, _ = p | "Manifest" >> ReadImages(manifest)
+        assert_that(folder_records | beam.Map(lambda r: (r.id, r.uri)),
+                    equal_to([("cat/a.png", str(tmp_path / "data/x/cat/a.png"))]), label="folder")
+        assert_that(manifest_records | beam.Map(lambda r: r.uri), equal_to([str(tmp_path / "data/img/b.png")]),
+                    label="manifest")
+
+
+def test_build_with_relative_images_records_absolute_uris(fmnist_small, tiny_encoder_config_file, tmp_path,
+                                                          monkeypatch):
+    from memory.mutations import live_ids
+    from memory.visual_memory import VisualMemory
+    from pipelines import build
+    monkeypatch.chdir(fmnist_small)
+    out = str(tmp_path / "mem")
+    build.run(["--images", "test", "--output", out, "--config", tiny_encoder_config_file])
+    monkeypatch.chdir(tmp_path)  # Somewhere else: the recorded uris must still name the images.
+    ids = live_ids(out)
+    uris = VisualMemory.open(out).get_uris(ids)
+    assert len(uris) == 50
+    assert all(u == os.path.join(fmnist_small, "test", i) for u, i in zip(uris, ids))

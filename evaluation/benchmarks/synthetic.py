@@ -8,10 +8,15 @@ Two families:
   far from every query (in high dimension), so no index can skip much work at high recall; this is the
   honest worst case.
 
+``iter_structured_blocks`` streams the structured family block by block (with each row's centre) for
+data sets too large to hold in memory.
+
 Pure numpy; every function takes a seed and returns the same bytes for the same arguments.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -64,6 +69,28 @@ def structured_unit_vectors(n: int, d: int, *, centres: int, noise_ratio: float,
     Returns:
       float32 [n, d] unit rows.
     """
+    out = np.empty((n, d), dtype=np.float32)
+    start = 0
+    for _, block in iter_structured_blocks(n, d, centres=centres, noise_ratio=noise_ratio, seed=seed, draw=draw):
+        out[start:start + block.shape[0]] = block
+        start += block.shape[0]
+    return out
+
+
+def iter_structured_blocks(n: int, d: int, *, centres: int, noise_ratio: float, seed: int, draw: int = 0
+                           ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yields `structured_unit_vectors`' rows block by block, with the mixture centre of each row.
+
+    Memory stays at one block (``_BLOCK_ROWS`` rows) whatever n is, so 10M x 256 can be streamed to disk.
+    The blocks, concatenated, are byte-identical to ``structured_unit_vectors(n, d, ...)`` with the same
+    arguments (one random stream, consumed in the same order).
+
+    Args:
+      n, d, centres, noise_ratio, seed, draw: As in `structured_unit_vectors`.
+
+    Yields:
+      (centre int64 [b], vectors float32 [b, d] unit rows), b <= _BLOCK_ROWS, n rows in all.
+    """
     _check_shape(n, d)
     if centres < 1:
         raise ValueError(f"centres must be >= 1, got {centres}")
@@ -74,16 +101,15 @@ def structured_unit_vectors(n: int, d: int, *, centres: int, noise_ratio: float,
     # Centres depend on seed only, so every draw shares them; points get their own stream per draw.
     centre_vecs = np.random.default_rng([seed, 0]).standard_normal((centres, d), dtype=np.float32)
     rng = np.random.default_rng([seed, 1 + draw])
-    out = np.empty((n, d), dtype=np.float32)
     noise = np.float32(noise_ratio)
     for start in range(0, n, _BLOCK_ROWS):
-        block = out[start:start + _BLOCK_ROWS]
-        which = rng.integers(0, centres, size=block.shape[0])
-        block[:] = rng.standard_normal(block.shape, dtype=np.float32)
+        rows = min(_BLOCK_ROWS, n - start)
+        which = rng.integers(0, centres, size=rows)
+        block = rng.standard_normal((rows, d), dtype=np.float32)
         block *= noise
         block += centre_vecs[which]
         _normalise_rows_inplace(block)
-    return out
+        yield which, block
 
 
 def recall_at_k(found_ids: np.ndarray, true_ids: np.ndarray) -> float:

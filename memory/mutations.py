@@ -34,8 +34,8 @@ from memory.manifest import (ForgottenSet, Manifest, ManifestError, ShardInfo, W
                              sha256_checksum)
 from memory.shard import ShardData, write_shard
 from memory.vectors import l2_normalize
-from memory.versions import (ConcurrentUpdateError, _conflict, latest_version, list_versions, publish_version,
-                             read_version, version_path)
+from memory.versions import (ConcurrentUpdateError, _conflict, checked_deletion_paths, latest_version, list_versions,
+                             publish_version, read_version, version_path)
 
 TOMBSTONES_DIR = "tombstones"
 WEIGHTS_DIR = "weights"
@@ -499,13 +499,15 @@ def purge_history(root: str, *, expected_version: int | None = None) -> list[int
         return []
     still = set().union(*(_all_paths(m) for m in kept))
     delete = sorted(purged_paths - still)
+    # Checked before the record is published: a bad path is never recorded, and nothing is deleted.
+    full_paths = checked_deletion_paths(root, delete, what=f"the paths versions {purged} reference")
     publish_version(root, dataclasses.replace(latest, change={
         "kind": "purge", "summary": f"purged {len(purged)} old version(s) and {len(delete)} unreferenced path(s)",
         "purged_versions": purged, "deleted_paths": delete}), expected_parent=base)
     for n in purged:
         storage.remove_tree(version_path(root, n))
-    for rel in delete:
-        storage.remove_tree(storage.join(root, rel))
+    for rel, path in zip(delete, full_paths):
+        storage.remove_tree(path)
         _remove_empty_parents(root, rel)
     return purged
 
@@ -520,16 +522,25 @@ def _finish_interrupted_purges(root: str) -> list[str]:
     """
     versions = [read_version(root, n) for n in list_versions(root)]
     referenced = set().union(*(_all_paths(m) for m in versions)) if versions else set()
+    purges = [m for m in versions if m.change.get("kind") == "purge"]
+    # Every listed path of every record is checked before anything is deleted.
+    checked = {}
+    for m in purges:
+        numbers = m.change.get("purged_versions", [])
+        bad = [n for n in numbers if isinstance(n, bool) or not isinstance(n, int) or n < 1]
+        if bad:
+            raise ManifestError(f"refusing to purge: version {m.version}'s change.purged_versions lists {bad!r}, not "
+                                f"version numbers; nothing was deleted")
+        rels = m.change.get("deleted_paths", [])
+        checked[m.version] = checked_deletion_paths(root, rels, what=f"version {m.version}'s change.deleted_paths")
     finished = []
-    for m in versions:
-        if m.change.get("kind") != "purge":
-            continue
+    for m in purges:
         for n in m.change.get("purged_versions", []):
             if storage.exists(version_path(root, n)):
                 storage.remove_tree(version_path(root, n))
-        for rel in m.change.get("deleted_paths", []):
-            if rel not in referenced and storage.exists(storage.join(root, rel)):
-                storage.remove_tree(storage.join(root, rel))
+        for rel, path in zip(m.change.get("deleted_paths", []), checked[m.version]):
+            if rel not in referenced and storage.exists(path):
+                storage.remove_tree(path)
                 _remove_empty_parents(root, rel)
                 finished.append(rel)
     return finished

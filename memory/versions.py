@@ -28,14 +28,14 @@ import re
 from typing import Any
 
 from memory import storage
-from memory.manifest import (Manifest, ManifestError, manifest_path, read_manifest_file,
+from memory.manifest import (MANIFEST_NAME, Manifest, ManifestError, manifest_path, read_manifest_file,
                              utc_now_iso)
 
 VERSIONS_DIR = "versions"
 _VERSION_RE = re.compile(r"^v(\d{6,})\.json$")
 
-__all__ = ["ConcurrentUpdateError", "VERSIONS_DIR", "history", "latest_version", "list_versions",
-           "publish_version", "read_version", "version_name"]
+__all__ = ["ConcurrentUpdateError", "VERSIONS_DIR", "checked_deletion_paths", "history", "latest_version",
+           "list_versions", "publish_version", "read_version", "version_name"]
 
 
 class ConcurrentUpdateError(RuntimeError):
@@ -58,6 +58,50 @@ def list_versions(root: str) -> list[int]:
     except FileNotFoundError:
         return []
     return sorted(int(m.group(1)) for m in map(_VERSION_RE.match, names) if m)
+
+
+def checked_deletion_paths(root: str, rels, *, what: str) -> list[str]:
+    """Full paths of the root-relative paths a purge (or clean-up) is about to delete, all checked first.
+
+    The lists come from version files (``change.deleted_paths``) and plans, which anyone with write access to
+    the memory can edit: a path must be a plain relative path (no leading ``/``, no ``..`` / ``.`` / empty
+    segment, no ``scheme://``) below the memory root, not the root itself, not its history (``versions/``,
+    ``manifest.json``), and, locally, must not resolve outside the root through a symbolic link. Every path is
+    checked before the caller deletes any, so one bad entry deletes nothing.
+
+    Args:
+      root: Memory root, local or ``gs://``.
+      rels: Root-relative paths (``/``-separated).
+      what: Where the list comes from, for the message (e.g. "version 7's change.deleted_paths").
+
+    Returns:
+      ``storage.join(root, rel)`` for each path, in order.
+
+    Raises:
+      ManifestError: naming the first bad path, the memory and the rule it breaks; nothing was deleted.
+    """
+    out = []
+    base = None if storage.is_gcs(root) else os.path.realpath(root)
+    for rel in rels:
+        problem = None
+        parts = rel.split("/") if isinstance(rel, str) else []
+        if not isinstance(rel, str) or not rel:
+            problem = "is not a non-empty path"
+        elif rel.startswith("/") or "\\" in rel or "://" in rel or (len(rel) > 1 and rel[1] == ":"):
+            problem = "is absolute (deleted paths are relative to the memory root)"
+        elif any(p in ("", ".", "..") for p in parts):
+            problem = "has an empty, '.' or '..' segment"
+        elif parts[0] == VERSIONS_DIR or rel == MANIFEST_NAME:
+            problem = "is the memory's version history, never deleted as data"
+        elif base is not None:
+            real = os.path.realpath(os.path.join(base, *parts))
+            if not real.startswith(base + os.sep):
+                problem = f"resolves to {real}, outside the memory root {base}"
+        if problem:
+            raise ManifestError(f"refusing to delete {rel!r} listed in {what} of {root}: it {problem}; nothing was "
+                                "deleted. Fix or remove that entry (the version file was edited or is corrupt).")
+        out.append(storage.join(root, rel))
+    return out
 
 
 def _has_legacy_manifest(root: str) -> bool:

@@ -82,8 +82,8 @@ from memory.mutations import (_fresh_name, _member, purge_history, purge_request
 from memory.routing import read_router
 from memory.shard import ShardData
 from memory.sharding import shard_for_id
-from memory.versions import (ConcurrentUpdateError, _conflict, latest_version, list_versions, publish_version,
-                             read_version)
+from memory.versions import (ConcurrentUpdateError, _conflict, checked_deletion_paths, latest_version, list_versions,
+                             publish_version, read_version)
 from pipelines.runner import with_default_runner
 
 _LOG = logging.getLogger("visual_memory")
@@ -393,8 +393,9 @@ def remove_orphans(root: str) -> list[str]:
     versions = list_versions(root) or [latest_version(root)]
     referenced = {s.path for n in versions for s in read_version(root, n).all_shards}
     orphans = compaction.orphan_reindex_dirs(children, referenced_paths=referenced, latest=versions[-1])
-    for rel in orphans:
-        storage.remove_tree(storage.join(root, rel))
+    paths = checked_deletion_paths(root, orphans, what="the orphan re-index directories under shards/")
+    for rel, path in zip(orphans, paths):
+        storage.remove_tree(path)
         _LOG.info("reindex: removed orphan directory %s (a crashed or superseded re-index)", rel)
     return orphans
 

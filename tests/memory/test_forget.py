@@ -391,3 +391,20 @@ def test_forgetting_a_whole_class_is_exact_and_asks_shards_for_a_bounded_over_fe
         # The queries of the forgotten class came up short and were answered over the live rows only.
         live_sizes = {s.count - d for s, d in zip(mem.manifest.shards, dead_per_shard)}
         assert any(size in live_sizes for size, _ in requested)
+
+
+def test_purge_record_listing_a_path_outside_the_memory_deletes_nothing(memory, tmp_path):
+    """A version file's change.deleted_paths is data anyone can edit: a path escaping the root is refused."""
+    root, *_ = memory
+    outside = tmp_path / "precious.txt"
+    outside.write_text("not the memory's")
+    leftover = os.path.join(root, "tombstones", "v000001-dead.npy")  # Unreferenced: a purge may delete it.
+    os.makedirs(os.path.dirname(leftover))
+    open(leftover, "wb").close()
+    latest = read_manifest(root)
+    publish_version(root, dataclasses.replace(latest, change={
+        "kind": "purge", "summary": "edited by hand", "purged_versions": [],
+        "deleted_paths": ["tombstones/v000001-dead.npy", "../precious.txt"]}), expected_parent=latest.version)
+    with pytest.raises(ManifestError, match=r"refusing to delete '\.\./precious\.txt' listed in version 2"):
+        mutations.purge_history(root)
+    assert outside.read_text() == "not the memory's" and os.path.exists(leftover)  # Nothing at all was deleted.

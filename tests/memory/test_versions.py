@@ -146,3 +146,23 @@ def test_not_a_memory(tmp_path):
         latest_version(str(tmp_path))
     with pytest.raises(ManifestError, match="not a visual memory"):
         history(str(tmp_path))
+
+
+def test_checked_deletion_paths_refuse_paths_outside_the_memory(tmp_path):
+    from memory.versions import checked_deletion_paths
+    root = tmp_path / "mem"
+    (root / "deltas").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", root / "linked")
+    assert checked_deletion_paths(str(root), ["deltas/v000002-ab/delta-00000-of-00001", "tombstones/t.npy"],
+                                  what="a test") == [str(root / "deltas/v000002-ab/delta-00000-of-00001"),
+                                                     str(root / "tombstones/t.npy")]
+    assert checked_deletion_paths("gs://b/mem", ["shards/r000003-ab"], what="a test") == ["gs://b/mem/shards/r000003-ab"]
+    for bad, why in [("/etc/passwd", "absolute"), ("gs://other/x", "absolute"), ("../outside", "'..'"),
+                     ("shards/../../outside", "'..'"), ("", "non-empty"), (".", "'.'"), ("shards//x", "empty"),
+                     ("versions/v000001.json", "history"), ("manifest.json", "history"),
+                     ("linked/file", "outside the memory root")]:
+        with pytest.raises(ManifestError, match=why):
+            checked_deletion_paths(str(root), ["deltas/ok", bad], what="a test")
+    with pytest.raises(ManifestError, match="'..'"):
+        checked_deletion_paths("gs://b/mem", ["../other-memory"], what="a test")

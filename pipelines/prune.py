@@ -19,8 +19,12 @@ the query's scores one hit; v(j) is entry j's number of hits (0 if never hit). T
 evaluation job's own fan-out (``SearchShards`` over main + delta shards, forgotten rows skipped, then the
 exact ``MergeNeighbors``), and the counts are a ``CombinePerKey(sum)``.
 
-Outputs: ``MEMORY/pruning/v{n:06d}-counts.npz`` (ids, v, k, version) and ``v{n:06d}-summary.json`` (the v
-histogram and what was published). Then one final step publishes version n + 1 (unless --counts-only):
+Outputs: ``MEMORY/pruning/v{n:06d}-counts/bucket-BBBBB-of-NNNNN.npz`` (ids, v, k, version of the entries whose
+id hashes to bucket B; ``read_bucket_counts`` reads them all back) and ``v{n:06d}-summary.json`` (the v histogram
+and what was published). No worker holds every entry's count: the (id, v) pairs are grouped into N id-hash
+buckets (``--count-buckets``, default one per million entries); each bucket writes its file and reduces itself
+to its v histogram and the ids it selects, and only those reach the final step, which publishes version n + 1
+(unless --counts-only):
 
 * ``--mode hard --threshold T``: ``memory.mutations.forget`` of exactly the entries with v >= T (nothing is
   published when there are none). Compare with ``vmem evaluate --version n`` (before) vs the latest.
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from typing import Iterable, NamedTuple, Optional, Sequence
@@ -47,6 +52,7 @@ from apache_beam.metrics import Metrics
 from memory import pruning, storage
 from memory.manifest import Manifest, read_manifest
 from memory.shard_search import load_forgotten, searchable_shards
+from memory.sharding import shard_for_id
 from pipelines.runner import with_default_runner
 from pipelines.evaluate import MergeNeighbors, QueryNeighbors, SearchShards
 from pipelines.records import EmbeddedImage
@@ -55,7 +61,10 @@ _LOG = logging.getLogger("visual_memory")
 EXIT_USAGE = 2
 _NAMESPACE = "visual_memory"
 
-__all__ = ["CountMislabelledHits", "PruneOutcome", "ReadMemoryEntries", "build_arg_parser", "main", "run"]
+__all__ = ["BucketCounts", "CountMislabelledHits", "DecidePerBucket", "PruneOutcome", "ReadMemoryEntries",
+           "build_arg_parser", "counts_dir", "main", "read_bucket_counts", "run", "summary_of_value_counts"]
+# Entries per id-hash bucket of counts by default: a bucket's ids and counts are a few tens of MB.
+ENTRIES_PER_COUNT_BUCKET = 1_000_000
 
 
 class PruneOutcome(NamedTuple):
@@ -153,6 +162,140 @@ class CountMislabelledHits(beam.PTransform):
                 | "SumPerEntry" >> beam.CombinePerKey(sum))
 
 
+def counts_dir(root: str, version: int) -> str:
+    """``MEMORY/pruning/vNNNNNN-counts/``: the per-bucket counts computed on ``version``."""
+    return storage.join(root, pruning.PRUNING_DIR, f"v{version:06d}-counts")
+
+
+def _bucket_path(root: str, version: int, bucket: int, buckets: int) -> str:
+    return storage.join(counts_dir(root, version), f"bucket-{bucket:05d}-of-{buckets:05d}.npz")
+
+
+def read_bucket_counts(root: str, version: int, *, buckets: int) -> pruning.PruningCounts:
+    """Every bucket file of one run (``buckets`` of them, empty buckets have none) as one PruningCounts (by id).
+
+    For inspection and tests: it holds every entry's count, which the job itself never does.
+    """
+    import fnmatch
+    try:
+        names = storage.list_dir(counts_dir(root, version))
+    except FileNotFoundError:
+        names = []
+    parts = [pruning.read_counts(storage.join(counts_dir(root, version), name))
+             for name in sorted(fnmatch.filter(names, f"bucket-*-of-{buckets:05d}.npz"))]
+    if not parts:
+        raise FileNotFoundError(f"no counts of version {version} in {counts_dir(root, version)} ({buckets} buckets)")
+    ids = np.concatenate([c.ids for c in parts])
+    v = np.concatenate([c.v for c in parts])
+    order = np.argsort(ids, kind="stable")
+    return pruning.PruningCounts(ids[order], v[order], parts[0].k, parts[0].version)
+
+
+def summary_of_value_counts(values: np.ndarray, entries: np.ndarray,
+                            thresholds: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)) -> dict:
+    """``pruning.counts_summary(v)`` computed from the distinct v values and how many entries have each.
+
+    The buckets' histograms add up, so the summary of every entry needs no array of every entry's v.
+    """
+    values = np.asarray(values, dtype=np.int64)
+    entries = np.asarray(entries, dtype=np.int64)
+    order = np.argsort(values)
+    values, entries = values[order], entries[order]
+    n = int(entries.sum())
+    top = int(values[entries > 0].max()) if n else 0
+    bins = [(0, 0)]
+    lo = 1
+    while lo <= top:
+        bins.append((lo, 2 * lo - 1))
+        lo *= 2
+    total = int((values * entries).sum())
+    cum = np.cumsum(entries)
+
+    def nth(i: int) -> int:  # The i-th smallest v (0-based).
+        return int(values[np.searchsorted(cum, i, side="right")])
+
+    median = 0.0 if not n else (float(nth(n // 2)) if n % 2 else (nth(n // 2 - 1) + nth(n // 2)) / 2.0)
+    return {
+        "entries": n,
+        "hit": int(entries[values >= 1].sum()),
+        "mean": total / n if n else 0.0,
+        "median": median,
+        "max": top,
+        "histogram": [{"v_min": a, "v_max": b, "entries": int(entries[(values >= a) & (values <= b)].sum())}
+                      for a, b in bins],
+        "at_or_above": {str(t): int(entries[values >= t].sum()) for t in thresholds},
+        "total_mislabelled_hits": total,
+    }
+
+
+class BucketCounts(NamedTuple):
+    """One id-hash bucket of the counts, reduced to what the final step needs (small but for ``selected``).
+
+    Attributes:
+      bucket: Bucket index.
+      entries: Entries counted in it.
+      values / value_entries: Distinct v values and how many of its entries have each (its v histogram).
+      selected_ids / selected_v: The entries this bucket's decision selects (hard: v >= T; soft: v >= 1;
+        none for --counts-only), sorted by id, with their v.
+    """
+    bucket: int
+    entries: int
+    values: np.ndarray
+    value_entries: np.ndarray
+    selected_ids: np.ndarray
+    selected_v: np.ndarray
+
+
+class _DecideBucketFn(beam.DoFn):
+    """(bucket, [(id, v)]) -> BucketCounts after writing the bucket's counts file."""
+
+    def __init__(self, root: str, version: int, k: int, mode: Optional[pruning.PruningMode],
+                 threshold: Optional[int], counts_only: bool, buckets: int):
+        self._root, self._version, self._k = root, version, k
+        self._mode, self._threshold, self._counts_only, self._buckets = mode, threshold, counts_only, buckets
+
+    def process(self, element):
+        bucket, pairs = element
+        pairs = list(pairs)
+        ids = np.asarray([i for i, _ in pairs], dtype=str) if pairs else np.zeros((0,), "<U1")
+        v = np.asarray([c for _, c in pairs], dtype=np.int64)
+        order = np.argsort(ids, kind="stable")
+        ids, v = ids[order], v[order]
+        if ids.size > 1 and (ids[1:] == ids[:-1]).any():  # An id always hashes to one bucket: unique globally.
+            dup = ids[1:][ids[1:] == ids[:-1]]
+            raise RuntimeError(f"ids counted twice in version {self._version}: {dup[:10].tolist()}; the counts "
+                               "are inconsistent, nothing was published")
+        import io
+        buf = io.BytesIO()
+        np.savez(buf, ids=ids, v=v, k=np.int64(self._k), version=np.int64(self._version))
+        storage.write_bytes(_bucket_path(self._root, self._version, bucket, self._buckets), buf.getvalue())
+        if self._counts_only:
+            keep = np.zeros(ids.shape, dtype=bool)
+        elif self._mode is pruning.PruningMode.HARD:
+            keep = np.isin(ids, pruning.hard_prune_ids(ids, v, self._threshold))
+        else:
+            keep = v >= 1
+        values, value_entries = np.unique(v, return_counts=True)
+        yield BucketCounts(int(bucket), int(ids.size), values, value_entries.astype(np.int64), ids[keep], v[keep])
+
+
+class DecidePerBucket(beam.PTransform):
+    """(entry id, v) -> one BucketCounts per non-empty id-hash bucket (``shard_for_id(id, buckets)``)."""
+
+    def __init__(self, root: str, version: int, *, k: int, mode: Optional[pruning.PruningMode],
+                 threshold: Optional[int], counts_only: bool, buckets: int):
+        super().__init__()
+        self._fn = _DecideBucketFn(root, version, k, mode, threshold, counts_only, buckets)
+        self._buckets = buckets
+
+    def expand(self, counts):
+        buckets = self._buckets
+        return (counts
+                | "KeyByIdBucket" >> beam.Map(lambda kv: (shard_for_id(kv[0], buckets), kv))
+                | "GroupByIdBucket" >> beam.GroupByKey()
+                | "DecideBucket" >> beam.ParDo(self._fn))
+
+
 def _already_published(root: str, base: int, mode: pruning.PruningMode, prune_ids: np.ndarray,
                        params: dict) -> Optional[Manifest]:
     """Version base + 1 if it is exactly this job's change (a retried final step), else None."""
@@ -174,39 +317,45 @@ def _already_published(root: str, base: int, mode: pruning.PruningMode, prune_id
 
 
 class _PublishFn(beam.DoFn):
-    """Once: writes the counts and summary, then publishes the hard or soft prune on version n."""
+    """Once: sums the buckets' histograms into the summary, then publishes the hard or soft prune on version n.
+
+    It receives each bucket's histogram and selected entries only, never every entry's count. (A soft prune
+    still gathers every entry with v >= 1 here: the version's single weights file lists them.)
+    """
 
     def __init__(self, root: str, manifest: Manifest, mode: Optional[pruning.PruningMode], k: int,
-                 threshold: Optional[int], counts_only: bool):
+                 threshold: Optional[int], counts_only: bool, buckets: int):
         self._root = root
         self._manifest = manifest
         self._mode = mode
         self._k = k
         self._threshold = threshold
         self._counts_only = counts_only
+        self._buckets = buckets
 
-    def process(self, unused, counts, entries_read):
+    def process(self, unused, bucket_counts: Sequence[BucketCounts], entries_read: int):
         from memory import mutations
         from memory.versions import ConcurrentUpdateError
         n = self._manifest.version
-        ids = np.asarray([i for i, _ in counts], dtype=str)
-        v = np.asarray([c for _, c in counts], dtype=np.int64)
-        if ids.size != entries_read or np.unique(ids).size != ids.size:
-            raise RuntimeError(f"counted {ids.size} entries ({np.unique(ids).size} distinct) but read "
+        counted = sum(b.entries for b in bucket_counts)
+        if counted != entries_read or len({b.bucket for b in bucket_counts}) != len(bucket_counts):
+            raise RuntimeError(f"counted {counted} entries in {len(bucket_counts)} bucket results but read "
                                f"{entries_read} live entries of version {n}; the counts are incomplete")
-        order = np.argsort(ids, kind="stable")
-        ids, v = ids[order], v[order]
-        path = pruning.write_counts(self._root, pruning.PruningCounts(ids, v, self._k, n))
-        summary = pruning.counts_summary(v)
+        path = counts_dir(self._root, n)
+        values = np.concatenate([b.values for b in bucket_counts]) if bucket_counts else np.zeros(0, np.int64)
+        entries = np.concatenate([b.value_entries for b in bucket_counts]) if bucket_counts else np.zeros(0, np.int64)
+        summary = summary_of_value_counts(values, entries)
         published, pruned, down = None, 0, 0
         if not self._counts_only:
+            sel_ids = (np.concatenate([b.selected_ids.astype(str) for b in bucket_counts]) if bucket_counts
+                       else np.zeros((0,), "<U1"))
+            sel_v = np.concatenate([b.selected_v for b in bucket_counts]) if bucket_counts else np.zeros(0, np.int64)
+            order = np.argsort(sel_ids, kind="stable")
+            selected, sel_v = sel_ids[order], sel_v[order]
             if self._mode is pruning.PruningMode.HARD:
-                selected = pruning.hard_prune_ids(ids, v, self._threshold)
                 params = None
             else:
-                keep = v >= 1
-                selected = ids[keep]
-                gamma = pruning.soft_weights(v[keep])
+                gamma = pruning.soft_weights(sel_v)
                 params = {"rule": pruning.SOFT_RULE, "k": self._k, "counts": path, "computed_on_version": n}
             if selected.size:
                 try:
@@ -223,9 +372,10 @@ class _PublishFn(beam.DoFn):
                 pruned = int(selected.size) if self._mode is pruning.PruningMode.HARD else 0
                 down = int((gamma < 1).sum()) if self._mode is pruning.PruningMode.SOFT else 0
         outcome = PruneOutcome(mode="counts-only" if self._counts_only else self._mode.value, base_version=n,
-                               published_version=published, entries=int(ids.size), pruned=pruned,
+                               published_version=published, entries=int(counted), pruned=pruned,
                                down_weighted=down, counts_path=path)
-        summary = dict(summary, k=self._k, threshold=self._threshold, outcome=outcome._asdict())
+        summary = dict(summary, k=self._k, threshold=self._threshold, count_buckets=self._buckets,
+                       outcome=outcome._asdict())
         pruning.write_summary(self._root, n, summary)
         _LOG.info("prune of version %d: %s", n, outcome)
         yield outcome
@@ -246,12 +396,17 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--counts-only", action="store_true",
                         help="write the counts and summary, publish nothing")
     parser.add_argument("--query-batch", type=int, default=256, help="self-queries per shard search call")
+    parser.add_argument("--count-buckets", type=int, default=None, metavar="N",
+                        help="id-hash buckets the counts are decided and written in (default: one per "
+                             f"{ENTRIES_PER_COUNT_BUCKET:,} entries); no worker holds more than one bucket's counts")
     return parser
 
 
 def _check_args(args: argparse.Namespace) -> Optional[pruning.PruningMode]:
     if args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}.")
+    if args.count_buckets is not None and args.count_buckets < 1:
+        raise ValueError(f"--count-buckets must be >= 1, got {args.count_buckets}.")
     if args.mode is None:
         if not args.counts_only:
             raise ValueError("choose --mode hard --threshold T or --mode soft (or --counts-only to only count).")
@@ -281,12 +436,16 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
               | "SearchShards" >> SearchShards(root, manifest, k=args.k + 1, batch_size=args.query_batch)
               | "MergeNeighbors" >> MergeNeighbors(args.k + 1))
     counts = (merged, entries) | "CountMislabelledHits" >> CountMislabelledHits(manifest.class_names, k=args.k)
+    buckets = args.count_buckets or max(1, math.ceil(manifest.total / ENTRIES_PER_COUNT_BUCKET))
+    decided = counts | "DecidePerBucket" >> DecidePerBucket(
+        root, manifest.version, k=args.k, mode=mode, threshold=args.threshold, counts_only=args.counts_only,
+        buckets=buckets)
     entries_read = entries | "CountEntries" >> beam.combiners.Count.Globally()
     _ = (p
          | "Once" >> beam.Create([None])
-         | "WriteCountsAndPublish" >> beam.ParDo(
-             _PublishFn(root, manifest, mode, args.k, args.threshold, args.counts_only),
-             counts=beam.pvalue.AsList(counts), entries_read=beam.pvalue.AsSingleton(entries_read)))
+         | "SummariseAndPublish" >> beam.ParDo(
+             _PublishFn(root, manifest, mode, args.k, args.threshold, args.counts_only, buckets),
+             bucket_counts=beam.pvalue.AsList(decided), entries_read=beam.pvalue.AsSingleton(entries_read)))
     result = p.run()
     result.wait_until_finish()
     return result

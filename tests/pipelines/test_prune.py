@@ -86,13 +86,23 @@ def _brute_force_counts(ids, labels, emb, k):
     return v
 
 
-def test_counts_equal_brute_force_leave_one_out(tmp_path):
+def test_counts_equal_brute_force_leave_one_out(tmp_path, monkeypatch):
     root = str(tmp_path / "mem")
     _synthetic_memory(root)
     before = read_manifest(root).version
-    prune.run(["--memory", root, "--counts-only", "--k", "10"])
+    # No step sees every (id, v) pair: each bucket decides on its own ids, the final step gets summaries.
+    seen = []
+    real_process = prune._DecideBucketFn.process
+
+    def spy(self, element):
+        seen.append(len(list(element[1])))
+        return real_process(self, element)
+
+    monkeypatch.setattr(prune._DecideBucketFn, "process", spy)
+    prune.run(["--memory", root, "--counts-only", "--k", "10", "--count-buckets", "4"])
     assert read_manifest(root).version == before  # Counting publishes nothing.
-    counts = pruning.read_counts(pruning.counts_path(root, before))
+    assert len(seen) == 4 and max(seen) < sum(seen) == len(live_ids(root))
+    counts = prune.read_bucket_counts(root, before, buckets=4)
     ids, labels, emb = _live_entries(root)
     np.testing.assert_array_equal(counts.ids, ids)  # Every live entry, v = 0 included; no forgotten one.
     expected = _brute_force_counts(ids, labels, emb, 10)
@@ -103,6 +113,20 @@ def test_counts_equal_brute_force_leave_one_out(tmp_path):
     summary = json.loads(storage.read_text(pruning.summary_path(root, before)))
     assert summary["entries"] == len(ids) and summary["outcome"]["published_version"] is None
     assert sum(b["entries"] for b in summary["histogram"]) == len(ids)
+    # Summed from the buckets' histograms, the summary is exactly the one of every entry's v.
+    expected_summary = pruning.counts_summary(expected)
+    assert {k: summary[k] for k in expected_summary if k != "mean"} == {
+        k: v for k, v in expected_summary.items() if k != "mean"}
+    assert summary["mean"] == pytest.approx(expected_summary["mean"])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_summary_of_value_counts_equals_counts_summary(seed):
+    rng = np.random.default_rng(seed)
+    v = rng.integers(0, [1, 3, 300, 5, 1000, 2][seed], size=[0, 1, 7, 10, 501, 64][seed])
+    values, entries = np.unique(v, return_counts=True)
+    got, expected = prune.summary_of_value_counts(values, entries), pruning.counts_summary(v)
+    assert got == {**expected, "mean": pytest.approx(expected["mean"])}
 
 
 def test_hard_prune_forgets_exactly_v_at_or_above_threshold(tmp_path, capsys):
@@ -141,11 +165,11 @@ def test_soft_prune_stores_gamma_exactly_and_does_not_lower_best_rank_accuracy(t
     base = read_manifest(root).version
     ids, labels, emb = _live_entries(root)
     v = _brute_force_counts(ids, labels, emb, 10)
-    prune.run(["--memory", root, "--mode", "soft", "--k", "10"])
+    prune.run(["--memory", root, "--mode", "soft", "--k", "10", "--count-buckets", "3"])
     m = read_manifest(root)
     assert m.version == base + 1 and m.entry_weights is not None
     assert m.entry_weights.params["rule"] == "1.75/(1+v)" and m.entry_weights.params["k"] == 10
-    assert m.entry_weights.params["counts"] == pruning.counts_path(root, base)
+    assert m.entry_weights.params["counts"] == prune.counts_dir(root, base)
     w_ids, w = read_entry_weights(root, m)
     np.testing.assert_array_equal(w_ids, ids[v >= 1])  # Unlisted entries (v = 0) weigh 1.
     np.testing.assert_array_equal(w, (1.75 / (1.0 + v[v >= 1])).astype(np.float32))
@@ -169,9 +193,11 @@ def test_publish_step_retried_after_success_accepts_its_own_version(tmp_path):
     counts = list(zip(ids.tolist(), _brute_force_counts(ids, labels, emb, 10).tolist()))
     for mode, threshold in ((pruning.PruningMode.SOFT, None), (pruning.PruningMode.HARD, 3)):
         m = read_manifest(root)
-        fn = prune._PublishFn(root, m, mode, 10, threshold, False)
-        first = list(fn.process(None, counts, len(counts)))
-        again = list(fn.process(None, counts, len(counts)))
+        decide = prune._DecideBucketFn(root, m.version, 10, mode, threshold, False, 1)
+        buckets = list(decide.process((0, counts)))
+        fn = prune._PublishFn(root, m, mode, 10, threshold, False, 1)
+        first = list(fn.process(None, buckets, len(counts)))
+        again = list(fn.process(None, buckets, len(counts)))
         assert first[0].published_version == again[0].published_version == m.version + 1
         assert read_manifest(root).version == m.version + 1
         ids, labels, emb = _live_entries(root)

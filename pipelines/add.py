@@ -51,13 +51,11 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
-from apache_beam.utils import shared
 
 from encoders.base import EncoderSpec, resolve_preprocess
 from memory import storage
 from memory.manifest import ManifestError, ShardInfo
-from memory.mutations import (DuplicateIdError, extended_class_names, live_ids, publish_add, read_forgotten,
-                              write_delta_shard)
+from memory.mutations import DuplicateIdError, extended_class_names, publish_add, read_forgotten, write_delta_shard
 from memory.sharding import shard_for_id
 from memory.versions import ConcurrentUpdateError, latest_version, read_version
 from pipelines.runner import with_default_runner
@@ -70,6 +68,9 @@ from pipelines.write import DEAD_LETTER_DIR, entries_to_shard_data, split_duplic
 _LOG = logging.getLogger("visual_memory")
 _NAMESPACE = "visual_memory"
 DEFAULT_DELTA_SHARD_SIZE = 50_000
+# Stored ids per id-hash bucket when new records are checked against the memory's ids (RejectKnownIds): one
+# bucket's ids, a few tens of MB, is all a worker holds.
+IDS_PER_BUCKET = 1_000_000
 
 __all__ = ["AddError", "AddPlan", "DEFAULT_DELTA_SHARD_SIZE", "PublishAdd", "RejectKnownIds", "WriteDeltaShards",
            "build_arg_parser", "launch", "main", "plan_add", "run"]
@@ -131,61 +132,114 @@ def check_worker_identity(memory_identity: dict, worker_identity_json: str) -> N
         raise AddError(str(e)) from None
 
 
-class _KnownIds:
-    """Sorted ids of a version: live ones and forgotten-but-present ones (weak-referenceable for Shared)."""
-
-    def __init__(self, live: np.ndarray, forgotten: np.ndarray):
-        self.live = np.sort(live.astype(str)) if live.size else live
-        self.forgotten = np.sort(forgotten.astype(str)) if forgotten.size else forgotten
-
-    @classmethod
-    def load(cls, root: str, version: int) -> "_KnownIds":
-        return cls(live_ids(root, version=version), read_forgotten(root, read_version(root, version)))
-
-    @staticmethod
-    def _has(sorted_ids: np.ndarray, entry_id: str) -> bool:
-        if not sorted_ids.size:
-            return False
-        pos = int(np.searchsorted(sorted_ids, entry_id))
-        return pos < sorted_ids.size and sorted_ids[pos] == entry_id
+def id_buckets(stored_ids: int) -> int:
+    """Id-hash buckets for RejectKnownIds: one per IDS_PER_BUCKET stored ids, at least 1."""
+    return max(1, math.ceil(int(stored_ids) / IDS_PER_BUCKET))
 
 
-class _RejectKnownIdsFn(beam.DoFn):
-    def __init__(self, root: str, version: int, shared_handle: shared.Shared):
+def _bucketed(ids: np.ndarray, buckets: int):
+    """(bucket, sorted ids of that bucket) for each non-empty id-hash bucket of ``ids``."""
+    ids = np.asarray(ids, dtype=str)
+    of = np.fromiter((shard_for_id(i, buckets) for i in ids.tolist()), np.int64, ids.size)
+    for b in np.unique(of).tolist():
+        yield int(b), np.sort(ids[of == b])
+
+
+class _StoredIdsFn(beam.DoFn):
+    """A shard's path -> (bucket, its ids hashing there): each worker reads the one shard it was given."""
+
+    def __init__(self, root: str, buckets: int):
+        self._root = root
+        self._buckets = buckets
+
+    def process(self, shard_path: str):
+        from memory import shard as shard_io  # pylint: disable=g-import-not-at-top
+        shard_dir = storage.join(self._root, shard_path)
+        read_ids = getattr(shard_io, "read_shard_ids", None)
+        ids = read_ids(shard_dir) if read_ids else shard_io.read_shard_data(shard_dir).ids
+        yield from _bucketed(ids, self._buckets)
+
+
+class _TombstonesFn(beam.DoFn):
+    """The version -> (bucket, its forgotten ids hashing there), from the one tombstone file."""
+
+    def __init__(self, root: str, buckets: int):
+        self._root = root
+        self._buckets = buckets
+
+    def process(self, version: int):
+        yield from _bucketed(read_forgotten(self._root, read_version(self._root, version)), self._buckets)
+
+
+def _member(sorted_ids: np.ndarray, entry_id: str) -> bool:
+    if not sorted_ids.size:
+        return False
+    pos = int(np.searchsorted(sorted_ids, entry_id))
+    return pos < sorted_ids.size and sorted_ids[pos] == entry_id
+
+
+class _RejectInBucketFn(beam.DoFn):
+    """(bucket, {new records, stored ids, forgotten ids} of that bucket) -> new records / FailedRecords."""
+
+    def __init__(self, root: str, version: int):
         self._root = root
         self._version = version
-        self._shared = shared_handle
 
-    def setup(self):
-        # The memory's ids are read on the worker (never pickled into the graph: 1M ids would exceed
-        # Dataflow's job-graph limit), once per worker process.
-        self._known = self._shared.acquire(lambda: _KnownIds.load(self._root, self._version),
-                                           tag=f"{self._root}/v{self._version}/known-ids")
-
-    def process(self, record: ImageRecord):
-        if _KnownIds._has(self._known.live, record.id):
-            yield _failed(record.id, record.uri, "duplicate_id",
-                          f"id is already live in version {self._version} of {self._root}; forget it first to "
-                          "replace it, or add the image under another id", Stage.READ)
-        elif _KnownIds._has(self._known.forgotten, record.id):
-            yield _failed(record.id, record.uri, "forgotten_id",
-                          f"id was forgotten but is still physically present in version {self._version} until "
-                          "`vmem reindex`; re-index first, or add the image under another id", Stage.READ)
-        else:
-            yield record
+    def process(self, element):
+        _, grouped = element
+        stored = [c for c in grouped["stored"]]
+        forgotten = [c for c in grouped["forgotten"]]
+        # Tombstones list forgotten ids still stored, so "live" is stored minus forgotten.
+        stored = np.sort(np.concatenate(stored)) if stored else np.zeros((0,), "<U1")
+        forgotten = np.sort(np.concatenate(forgotten)) if forgotten else np.zeros((0,), "<U1")
+        for record in grouped["new"]:
+            if _member(forgotten, record.id):
+                yield _failed(record.id, record.uri, "forgotten_id",
+                              f"id was forgotten but is still physically present in version {self._version} until "
+                              "`vmem reindex`; re-index first, or add the image under another id", Stage.READ)
+            elif _member(stored, record.id):
+                yield _failed(record.id, record.uri, "duplicate_id",
+                              f"id is already live in version {self._version} of {self._root}; forget it first to "
+                              "replace it, or add the image under another id", Stage.READ)
+            else:
+                yield record
 
 
 class RejectKnownIds(beam.PTransform):
-    """ImageRecord -> (records with new ids, FailedRecords for ids the memory already holds)."""
+    """ImageRecord -> (records with new ids, FailedRecords for ids the memory already holds).
 
-    def __init__(self, root: str, version: int):
+    A bounded join: new records and the memory's stored ids (each shard read by one worker) and tombstones
+    are keyed by an id-hash bucket (``shard_for_id(id, buckets)``) and co-grouped, so a worker holds one
+    bucket's stored ids, never all of them (nor are they pickled into the graph).
+
+    Args:
+      root: Memory root.
+      version: The version the add is based on.
+      buckets: Id-hash buckets; None -> ``id_buckets(stored rows of the version)``.
+    """
+
+    def __init__(self, root: str, version: int, *, buckets: int | None = None):
         super().__init__()
         self._root = root
         self._version = version
+        manifest = read_version(root, version)  # Launcher: the manifest only, no shard file.
+        self._shard_paths = [s.path for s in manifest.all_shards if s.count]
+        self._buckets = buckets or id_buckets(manifest.physical_total)
 
     def expand(self, records):
-        results = records | "CheckIds" >> beam.ParDo(
-            _RejectKnownIdsFn(self._root, self._version, shared.Shared())).with_outputs(FAILED_TAG, main="records")
+        p, buckets = records.pipeline, self._buckets
+        new = records | "KeyNewByIdBucket" >> beam.Map(lambda r: (shard_for_id(r.id, buckets), r))
+        stored = (p
+                  | "StoredShards" >> beam.Create(self._shard_paths)
+                  | "SpreadShards" >> beam.Reshuffle()
+                  | "StoredIdsByBucket" >> beam.ParDo(_StoredIdsFn(self._root, buckets)))
+        forgotten = (p
+                     | "Version" >> beam.Create([self._version])
+                     | "ForgottenIdsByBucket" >> beam.ParDo(_TombstonesFn(self._root, buckets)))
+        results = ({"new": new, "stored": stored, "forgotten": forgotten}
+                   | "CoGroupByIdBucket" >> beam.CoGroupByKey()
+                   | "CheckIds" >> beam.ParDo(_RejectInBucketFn(self._root, self._version)).with_outputs(
+                       FAILED_TAG, main="records"))
         return results.records, results[FAILED_TAG]
 
 

@@ -298,3 +298,39 @@ def test_add_classes_example_with_the_bundled_encoder(tmp_path, capsys):
     assert after["rank10"] - before["rank10"] >= -0.0085  # At most 2 of 240 queries.
     # New classes, from 60 images each and no training: far above chance (10%).
     assert new["rank10"] > 0.7 and new["nn1"] > 0.7, new
+
+
+def test_reject_known_ids_is_a_bucketed_join_no_worker_holds_every_id(tmp_path, monkeypatch):
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+    from memory.build import build_memory_local
+    from memory.index import IndexConfig
+    from pipelines.records import ImageRecord
+
+    rng = np.random.default_rng(5)
+    n = 200
+    x = rng.normal(size=(n, 8)).astype(np.float32)
+    ids = [f"m{i:03d}" for i in range(n)]
+    root = str(tmp_path / "mem")
+    build_memory_local(root, ids=ids, labels=[f"c{i % 3}" for i in range(n)], uris=[f"/i/{i}" for i in ids],
+                       embeddings=x / np.linalg.norm(x, axis=1, keepdims=True), num_shards=3,
+                       index_config=IndexConfig(), encoder_identity={"name": "fake", "content_hash": "sha256:0", "dim": 8, "preprocess": {}})
+    forget(root, ids=["m007", "m150"])
+    version = latest_version(root)
+    held = []
+    real_process = add._RejectInBucketFn.process
+
+    def spy(self, element):
+        held.append(sum(len(c) for c in element[1]["stored"]))
+        return real_process(self, element)
+
+    monkeypatch.setattr(add._RejectInBucketFn, "process", spy)
+    new = [ImageRecord(i, f"/new/{i}", "c0", b"") for i in ("m003", "m007", "m150", "m199", "n1", "n2", "n3")]
+    with TestPipeline(runner="FnApiRunner") as p:
+        kept, failed = p | beam.Create(new) | add.RejectKnownIds(root, version, buckets=4)
+        assert_that(kept | beam.Map(lambda r: r.id), equal_to(["n1", "n2", "n3"]), label="kept")
+        assert_that(failed | beam.Map(lambda f: (f.id, f.reason)), equal_to([
+            ("m003", "duplicate_id"), ("m199", "duplicate_id"), ("m007", "forgotten_id"),
+            ("m150", "forgotten_id")]), label="failed")
+    assert held and max(held) < n  # Each bucket holds its own share of the stored ids, never all of them.

@@ -14,6 +14,7 @@ the published shard.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import io
 import json
@@ -456,6 +457,31 @@ def remove_build_leftovers(output: str, manifest: Manifest) -> list[str]:
     return removed
 
 
+def publish_build(output: str, manifest: Manifest) -> Manifest:
+    """Publishes the built memory as version 1; idempotent when a retried bundle publishes it again.
+
+    A retry of the manifest step (its bundle failed after the upload, say) finds version 1 already there:
+    if it is this build (same shards, router, classes and counts; only created_at may differ) that is
+    success, anything else is a real conflict and is raised.
+    """
+    from memory.versions import ConcurrentUpdateError, read_version  # pylint: disable=g-import-not-at-top
+
+    try:
+        write_manifest(output, manifest)
+        return manifest
+    except ConcurrentUpdateError:
+        try:
+            existing = read_version(output, 1)
+        except Exception:  # pylint: disable=broad-except  # Unreadable: not ours; report the conflict.
+            raise ConcurrentUpdateError(f"{output} already holds a memory; it is not this build's") from None
+        ours = dataclasses.replace(manifest, version=existing.version, parent=existing.parent,
+                                   created_at=existing.created_at, change=existing.change)
+        if existing != ours:
+            raise
+        _LOG.info("manifest of %s was already published by an earlier attempt of this step", output)
+        return existing
+
+
 class _WriteManifestFn(beam.DoFn):
     def __init__(self, output: str, index_config: IndexConfig, build_config: dict):
         self._output = output
@@ -471,7 +497,7 @@ class _WriteManifestFn(beam.DoFn):
             identities=identities, class_names=class_names, records_read=records_read, failed=failed,
             build_config=dict(self._build_config, num_shards=num_shards), dead_letter_files=dead_letter_files,
             router=router[0][1] if router else None)
-        write_manifest(self._output, manifest)
+        manifest = publish_build(self._output, manifest)
         removed = remove_build_leftovers(self._output, manifest)
         _LOG.info("memory written to %s: %d entries in %d shards, %d failed (%d abandoned shard attempts removed)",
                   self._output, manifest.counts.embedded, len(manifest.shards), manifest.counts.failed,

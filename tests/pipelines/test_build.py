@@ -239,3 +239,20 @@ def test_precomputed_build_needs_encoder_id_and_partition_shards_are_checked_bef
         build.run([spec, "--encoder-id=x", f"--output={tmp_path / 'b'}", "--shards=64", "--sharding=partition",
                    "--runner=FnApiRunner"])
     assert not os.path.exists(tmp_path / "b")  # Refused before anything was written.
+
+
+def test_manifest_publish_is_idempotent_under_a_retried_step(tmp_path):
+    """A retried manifest step finds its own version 1 (success); a different memory there is a conflict."""
+    import dataclasses
+    from memory.versions import ConcurrentUpdateError
+    from pipelines.write import publish_build
+    _clip_folder(str(tmp_path / "emb"), [60])
+    out = str(tmp_path / "mem")
+    build.run([f"--embeddings=clip:{tmp_path / 'emb'},label_column=label", "--encoder-id=x", f"--output={out}",
+               "--runner=FnApiRunner"])
+    published = read_manifest(out)
+    retried = dataclasses.replace(published, created_at="2030-01-01T00:00:00+00:00", change={})
+    assert publish_build(out, retried) == published
+    other = dataclasses.replace(retried, counts=dataclasses.replace(retried.counts, read=61, failed=1))
+    with pytest.raises(ConcurrentUpdateError):
+        publish_build(out, other)

@@ -7,8 +7,9 @@ exactly as :meth:`memory.visual_memory.VisualMemory.search` does, so both paths 
 
 A living memory (memory.mutations) is searched the same way: fan out over `searchable_shards(manifest)`
 (main shards and delta shards) and load each with ``forgotten=load_forgotten(root, manifest)`` so that
-tombstoned rows are skipped exactly (`search_live_rows`, shared with VisualMemory.search); with ``entry_weights=load_entry_weights(root, manifest)`` each hit also
-carries its soft-pruning weight (``PartialTopK.weights``), which merging keeps with its neighbour.
+tombstoned rows are skipped exactly (`search_live_rows`, shared with VisualMemory.search); with
+``entry_weights=load_entry_weights(root, manifest)`` each hit also carries its soft-pruning weight
+(``PartialTopK.weights``), which merging keeps with its neighbour.
 """
 
 from __future__ import annotations

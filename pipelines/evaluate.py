@@ -13,11 +13,11 @@ Dataflow::
 
 Queries are embedded with the memory's own encoder (from its manifest); a different encoder is refused.
 Query batches fan out to the shards (grouped by shard, so each shard is loaded once, by the one worker that
-searches every batch routed to it, and released afterwards), each shard returns a partial top-K per query, partials merge exactly per query (ties by id, as
-``VisualMemory.search``), and the neighbour lists are written as JSONL before voting, so ``vmem vote`` can
-re-vote without re-searching. Voting runs per batch of merged queries where they were merged; only the
-per-rule, per-k counts of correct answers are summed into the one report worker, so no worker ever holds
-every query's neighbours.
+searches every batch routed to it, and released afterwards), each shard returns a partial top-K per query,
+partials merge exactly per query (ties by id, as ``VisualMemory.search``), and the neighbour lists are
+written as JSONL before voting, so ``vmem vote`` can re-vote without re-searching. Voting runs per batch of
+merged queries where they were merged; only the per-rule, per-k counts of correct answers are summed into the
+one report worker, so no worker ever holds every query's neighbours.
 
 Pruned memories: a soft-pruned version (``vmem prune --mode soft``) carries entry weights; every
 neighbour then carries its weight (``neighbor_entry_weights`` in the JSONL), ``accuracy`` / ``best`` in

@@ -315,7 +315,8 @@ def test_reject_known_ids_is_a_bucketed_join_no_worker_holds_every_id(tmp_path, 
     root = str(tmp_path / "mem")
     build_memory_local(root, ids=ids, labels=[f"c{i % 3}" for i in range(n)], uris=[f"/i/{i}" for i in ids],
                        embeddings=x / np.linalg.norm(x, axis=1, keepdims=True), num_shards=3,
-                       index_config=IndexConfig(), encoder_identity={"name": "fake", "content_hash": "sha256:0", "dim": 8, "preprocess": {}})
+                       index_config=IndexConfig(),
+                       encoder_identity={"name": "fake", "content_hash": "sha256:0", "dim": 8, "preprocess": {}})
     forget(root, ids=["m007", "m150"])
     version = latest_version(root)
     held = []

@@ -12,6 +12,11 @@ before it reuses anything, and rebuilds every shard when a shard holds an id tha
 
 A partition-routed memory (memory.routing) keeps its router and its shard count: every live main row stays
 in the shard it is in, and each delta row goes to the shard its router assigns it (``delta_targets``).
+
+The plan needs only a few counts per stored shard (`ShardSummary`: rows, forgotten rows, ids that hash
+elsewhere, delta rows per target shard), never the ids themselves in one place: the Beam job computes each
+summary on the worker that reads that shard and plans from the combined summaries (`plan_from_summaries`);
+`plan_reindex` does the same from ids held in memory.
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ from memory.index import IndexConfig
 from memory.manifest import Manifest, ShardInfo
 from memory.sharding import shard_for_id, shard_name
 
-__all__ = ["ReindexPlan", "TargetShard", "delta_fraction", "forgotten_fraction", "index_config_of",
-           "needs_reindex", "orphan_reindex_dirs", "plan_reindex", "reindex_dir", "target_shard_count"]
+__all__ = ["ReindexPlan", "ShardSummary", "TargetShard", "check_shard_count", "count_forgotten", "delta_fraction",
+           "forgotten_fraction", "index_config_of", "needs_reindex", "orphan_reindex_dirs", "plan_from_summaries",
+           "plan_reindex", "reindex_dir", "summarize_delta_shard", "summarize_main_shard", "target_shard_count"]
 
 REINDEX_SHARDS_DIR = "shards"
 # shards/r000007-1a2b3c4d: the directory of the shards a re-index to version 7 rebuilt (job token after '-').
@@ -173,15 +179,75 @@ def _hash_many(ids: Iterable[str], num_shards: int) -> np.ndarray:
     return np.fromiter((shard_for_id(i, num_shards) for i in ids), dtype=np.int64, count=len(ids))
 
 
+@dataclasses.dataclass(frozen=True)
+class ShardSummary:
+    """What the planner needs to know about one stored shard: a few counts, computed where the shard is read.
+
+    Attributes:
+      path: ShardInfo.path of the shard.
+      rows: Rows stored in it.
+      forgotten: Forgotten (tombstoned) rows stored in it.
+      misplaced: Main shards of a hash memory: rows whose id hashes to another main shard (0 when routed,
+        where rows never move and there is no partition to verify).
+      targets: Delta shards: ``((target shard, rows), ...)``, sorted, the rows (forgotten ones included) the
+        re-index sends to each target shard. Empty for main shards.
+    """
+    path: str
+    rows: int
+    forgotten: int = 0
+    misplaced: int = 0
+    targets: tuple[tuple[int, int], ...] = ()
+
+
+def count_forgotten(ids: np.ndarray, forgotten_sorted: np.ndarray) -> int:
+    """How many of ``ids`` are in ``forgotten_sorted`` (a sorted unicode array, e.g. read_forgotten's)."""
+    ids = np.asarray(ids, dtype=str)
+    if not forgotten_sorted.size or not ids.size:
+        return 0
+    pos = np.minimum(np.searchsorted(forgotten_sorted, ids), forgotten_sorted.size - 1)
+    return int((forgotten_sorted[pos] == ids).sum())
+
+
+def summarize_main_shard(path: str, index: int, ids: np.ndarray, forgotten_sorted: np.ndarray, *,
+                         num_main: int, routed: bool) -> ShardSummary:
+    """The ShardSummary of main shard ``index`` of ``num_main`` from its stored ids (no embedding needed)."""
+    ids = np.asarray(ids, dtype=str)
+    misplaced = 0 if routed or not ids.size else int((_hash_many(ids.tolist(), num_main) != index).sum())
+    return ShardSummary(path=path, rows=int(ids.size), forgotten=count_forgotten(ids, forgotten_sorted),
+                        misplaced=misplaced)
+
+
+def summarize_delta_shard(path: str, ids: np.ndarray, targets: np.ndarray, forgotten_sorted: np.ndarray
+                          ) -> ShardSummary:
+    """The ShardSummary of a delta shard from its ids and the target shard of each row."""
+    targets = np.asarray(targets, dtype=np.int64)
+    if targets.shape != (len(ids),):
+        raise ValueError(f"delta shard {path}: {targets.shape[0]} targets for {len(ids)} rows")
+    uniq, counts = np.unique(targets, return_counts=True)
+    return ShardSummary(path=path, rows=int(len(ids)), forgotten=count_forgotten(ids, forgotten_sorted),
+                        targets=tuple(zip(uniq.tolist(), counts.tolist())))
+
+
+def check_shard_count(manifest: Manifest, num_shards: int) -> None:
+    """Raises ValueError when ``num_shards`` is invalid for the memory (a routed memory keeps its count)."""
+    old_n = len(manifest.shards)
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards!r}")
+    if manifest.router is not None and num_shards != old_n:
+        raise ValueError(
+            f"a partition-routed memory keeps its shard count on re-index (its router owns {old_n} shards), got "
+            f"num_shards={num_shards}; re-index without --target-shard-size, or rebuild with `vmem build "
+            f"--sharding partition --shards {num_shards}`")
+
+
 def plan_reindex(manifest: Manifest, *, main_ids: Mapping[str, np.ndarray], forgotten: np.ndarray,
                  delta_ids: Sequence[np.ndarray] = (), num_shards: int | None = None,
                  index_config_changed: bool = False,
                  delta_targets: Sequence[np.ndarray] | None = None) -> ReindexPlan:
-    """Decides which main shards are reused and which are rebuilt.
+    """Decides which main shards are reused and which are rebuilt, from every shard's ids.
 
-    A target shard is reused iff the shard count is unchanged, the index config is unchanged, the old main
-    shard at that index holds no forgotten row, no delta row hashes to it, and every old main shard is a
-    proper hash partition (otherwise a rebuilt shard could hold an id that belongs to a reused one).
+    A convenience over `plan_from_summaries` for callers holding all ids in memory (tests, small memories);
+    the Beam job computes the same ShardSummary per shard on the worker that reads it instead.
 
     Args:
       manifest: The version to re-index.
@@ -201,14 +267,8 @@ def plan_reindex(manifest: Manifest, *, main_ids: Mapping[str, np.ndarray], forg
     """
     old_n = len(manifest.shards)
     new_n = old_n if num_shards is None else int(num_shards)
-    if new_n < 1:
-        raise ValueError(f"num_shards must be >= 1, got {num_shards!r}")
+    check_shard_count(manifest, new_n)
     routed = manifest.router is not None
-    if routed and new_n != old_n:
-        raise ValueError(
-            f"a partition-routed memory keeps its shard count on re-index (its router owns {old_n} shards), got "
-            f"num_shards={new_n}; re-index without --target-shard-size, or rebuild with `vmem build --sharding "
-            f"partition --shards {new_n}`")
     if routed and (delta_targets is None or len(delta_targets) != len(delta_ids)
                    or any(len(t) != len(d) for t, d in zip(delta_targets, delta_ids))):
         raise ValueError("a partition-routed memory needs delta_targets: one router shard per delta row")
@@ -216,23 +276,59 @@ def plan_reindex(manifest: Manifest, *, main_ids: Mapping[str, np.ndarray], forg
     if missing:
         raise ValueError(f"main_ids lacks the ids of main shard(s) {missing}")
     gone = np.sort(np.asarray(forgotten, dtype=str)) if len(forgotten) else np.zeros((0,), "<U1")
+    main = [summarize_main_shard(s.path, i, main_ids[s.path], gone, num_main=old_n, routed=routed)
+            for i, s in enumerate(manifest.shards)]
+    deltas = []
+    for j, ids in enumerate(delta_ids):
+        ids = np.asarray(ids, dtype=str)
+        targets = delta_targets[j] if routed else _hash_many(ids.tolist(), new_n)
+        deltas.append(summarize_delta_shard(f"delta#{j}", ids, targets, gone))
+    return plan_from_summaries(manifest, main + deltas, num_shards=new_n, index_config_changed=index_config_changed)
 
-    def _n_forgotten(ids: np.ndarray) -> int:
-        if not gone.size or not ids.size:
-            return 0
-        pos = np.minimum(np.searchsorted(gone, ids), gone.size - 1)
-        return int((gone[pos] == ids).sum())
 
-    forgotten_in = {s.path: _n_forgotten(np.asarray(main_ids[s.path], dtype=str)) for s in manifest.shards}
-    delta_all = (np.concatenate([np.asarray(d, dtype=str) for d in delta_ids]) if len(delta_ids)
-                 else np.zeros((0,), "<U1"))
-    delta_rows = int(delta_all.size)
-    if routed:
-        targets_all = (np.concatenate([np.asarray(t, dtype=np.int64) for t in delta_targets]) if len(delta_ids)
-                       else np.zeros((0,), np.int64))
-        deltas_to = np.bincount(targets_all, minlength=new_n)
-    else:
-        deltas_to = np.bincount(_hash_many(delta_all.tolist(), new_n), minlength=new_n)
+def plan_from_summaries(manifest: Manifest, summaries: Iterable[ShardSummary], *, num_shards: int | None = None,
+                        index_config_changed: bool = False) -> ReindexPlan:
+    """Decides which main shards are reused and which are rebuilt, from one ShardSummary per stored shard.
+
+    A target shard is reused iff the shard count is unchanged, the index config is unchanged, the old main
+    shard at that index holds no forgotten row, no delta row goes to it, and (hash memories) every old main
+    shard is a proper hash partition (otherwise a rebuilt shard could hold an id that belongs to a reused one).
+
+    Args:
+      manifest: The version to re-index.
+      summaries: One summary per main shard (matched by path; every main shard needs one) and one per
+        delta shard (any summary whose path is not a main shard's; ``targets`` computed for ``num_shards``).
+      num_shards: Main shards after the re-index (None: unchanged).
+      index_config_changed: The re-index builds with another IndexConfig than the memory's.
+
+    Raises:
+      ValueError: a main shard lacks its summary, a delta row targets a shard >= num_shards, or a shard count
+        change of a partition-routed memory.
+    """
+    old_n = len(manifest.shards)
+    new_n = old_n if num_shards is None else int(num_shards)
+    check_shard_count(manifest, new_n)
+    routed = manifest.router is not None
+    main_paths = {s.path for s in manifest.shards}
+    by_path, deltas = {}, []
+    for summary in summaries:
+        if summary.path in main_paths:
+            if summary.path in by_path:
+                raise ValueError(f"two summaries of main shard {summary.path}")
+            by_path[summary.path] = summary
+        else:
+            deltas.append(summary)
+    missing = [s.path for s in manifest.shards if s.path not in by_path]
+    if missing:
+        raise ValueError(f"no summary of main shard(s) {missing}")
+    forgotten_in = {p: by_path[p].forgotten for p in main_paths}
+    deltas_to = np.zeros(new_n, np.int64)
+    for d in deltas:
+        for t, rows in d.targets:
+            if not 0 <= t < new_n:
+                raise ValueError(f"delta shard {d.path} sends rows to shard {t}, not in [0, {new_n})")
+            deltas_to[t] += rows
+    delta_rows = int(sum(d.rows for d in deltas))
 
     note = ""
     if new_n != old_n:
@@ -240,11 +336,7 @@ def plan_reindex(manifest: Manifest, *, main_ids: Mapping[str, np.ndarray], forg
     elif index_config_changed:
         note = "index config changes"
     elif not routed:  # Routed main rows never move, so there is no partition to verify.
-        misplaced = []
-        for i, s in enumerate(manifest.shards):
-            ids = np.asarray(main_ids[s.path], dtype=str)
-            if ids.size and (_hash_many(ids.tolist(), old_n) != i).any():
-                misplaced.append(s.name)
+        misplaced = [s.name for s in manifest.shards if by_path[s.path].misplaced]
         if misplaced:
             note = (f"main shard(s) {misplaced} hold ids that hash to another shard (not a hash partition), so no "
                     "shard can be reused safely")

@@ -532,3 +532,7 @@ class WriteManifest(beam.PTransform):
                 router=beam.pvalue.AsList(s["router"] if s["router"] is not None
                                           else infos.pipeline | "NoRouter" >> beam.Create([])),
                 num_shards=beam.pvalue.AsSingleton(s["num_shards"])))
+
+
+# Public names for other jobs' bounded writers (vmem add spills its delta shards the same way).
+SpillBlocks = _SpillFn

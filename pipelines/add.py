@@ -1,8 +1,12 @@
-"""The add job: embed new images with a memory's own encoder and publish them as delta shards (a new version).
+"""The add job: publish new entries (images or precomputed embeddings) as delta shards of a new version.
 
 Local (in-process runner)::
 
     vmem add --memory out/fmnist-memory --images data/new-images
+
+Precomputed embeddings (a memory built with ``vmem build --embeddings``; the same ``--encoder-id``)::
+
+    vmem add --memory out/laion-memory --embeddings 'clip:data/new-emb,label_column=label' --encoder-id NAME
 
 Local with two worker processes::
 
@@ -15,22 +19,35 @@ Dataflow (ship the code with setup.py, as for ``vmem build``)::
         --runner=DataflowRunner --project=PROJECT --region=us-central1 \\
         --temp_location=gs://BUCKET/tmp --setup_file=./setup.py
 
-The graph::
+The graph (images; precomputed embeddings replace the first four steps by ReadEmbeddings ─► RejectKnownIds
+on blocks)::
 
-    ReadImages ─► RejectKnownIds ─► DecodeImages ─► EmbedImages ─► WriteDeltaShards ─► PublishAdd (last, once)
-        │              │                 │              │               │
-        └──────────────┴─────────────────┴──────────────┴───────────────┴── failures ─► dead_letter/add-vNNNNNN/
+    ReadImages ─► RejectKnownIds ─► DecodeImages ─► EmbedImages ─► ToBlocks ─► WriteDeltaShards ─► PublishAdd
+        │              │                 │              │                            │           (last, once)
+        └──────────────┴─────────────────┴──────────────┴────────────────────────────┴── failures ─►
+                                                                                 dead_letter/add-vNNNNNN/
 
 The launcher reads the memory's latest version n once. Images are decoded with the memory's preprocessing
 and embedded with the memory's own encoder (``manifest.build_config["encoder"]``); a worker that ran a
-different encoder (name, content hash or dim) fails the job before anything is published. Ids already live
-in version n, ids forgotten but still physically present (until ``vmem reindex``) and ids given twice in
-this add become dead letters (reasons ``duplicate_id`` / ``forgotten_id``), never a failed job. Entries are
-grouped by a stable hash of their id into ``max(1, ceil(entries / --delta-shard-size))`` brute-force delta
-shards under ``deltas/v{n+1:06d}-<job id>/``, and one final step publishes version n+1 with the memory's
-class names extended append-only (old label indices never change). If someone else published meanwhile,
-the job fails with ConcurrentUpdateError and nothing is published: re-run it. Added entries are searched
-exactly (brute force) at once by ``VisualMemory``, ``vmem classify`` and ``vmem evaluate``.
+different encoder (name, content hash or dim) fails the job before anything is written. Precomputed
+embeddings can only be added to a memory built from precomputed embeddings of the same ``--encoder-id`` and
+dim (checked at launch, before anything is read). Ids already live in version n, ids forgotten but still
+physically present (until ``vmem reindex``) and ids given twice in this add become dead letters (reasons
+``duplicate_id`` / ``forgotten_id``), never a failed job.
+
+Bounded memory per worker, as in the build (pipelines/write.py): entries travel as `EntryBlock`s; known ids
+are rejected by an id-hash bucketed join (for blocks only ids and uris are joined); rows are spilled to
+files per delta shard (``deltas/v{n+1:06d}-<job id>/.spill/``) and the GroupByKey moves only (delta shard,
+spill file) references, so one worker holds one delta shard. There are ``max(1, ceil(entries /
+--delta-shard-size))`` brute-force delta shards, an entry going to ``shard_for_id(id, count)``.
+
+Atomic under retries: every attempt at a delta shard writes its own directory
+``deltas/v{n+1:06d}-<job id>/delta-IIIII-of-CCCCC-<attempt>``; one final step publishes version n+1 naming
+the attempts that count, with the memory's class names extended append-only (old label indices never
+change), then deletes the other attempts and the spill files. A retried publish step that finds its own
+version n+1 succeeds; if someone else published meanwhile, the job fails with ConcurrentUpdateError and
+nothing is published: re-run it. Added entries are searched exactly (brute force) at once by
+``VisualMemory``, ``vmem classify`` and ``vmem evaluate``.
 
 Anything that is not an add flag is passed to Beam's PipelineOptions.
 """
@@ -39,9 +56,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import math
+import re
 import secrets
 import sys
 import time
@@ -54,16 +73,20 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from encoders.base import EncoderSpec, resolve_preprocess
 from memory import storage
-from memory.manifest import ManifestError, ShardInfo
-from memory.mutations import DuplicateIdError, extended_class_names, publish_add, read_forgotten, write_delta_shard
+from memory.index import IndexConfig, IndexKind
+from memory.manifest import Manifest, ManifestError, ShardInfo
+from memory.mutations import DELTAS_DIR, DuplicateIdError, extended_class_names, read_forgotten
+from memory.shard import ShardData, write_shard
 from memory.sharding import shard_for_id
-from memory.versions import ConcurrentUpdateError, latest_version, read_version
+from memory.versions import ConcurrentUpdateError, latest_version, publish_version, read_version
+from pipelines.cli_args import UsageError
 from pipelines.runner import with_default_runner
 from pipelines.embed import (DecodeImages, EmbedImages, EncoderMismatchError, check_same_identity,
                              memory_encoder_spec)
 from pipelines.readers import FAILED_TAG, ImageSource, ReadImages, _failed, parse_image_spec
-from pipelines.records import ImageRecord, Stage
-from pipelines.write import DEAD_LETTER_DIR, entries_to_shard_data, split_duplicate_ids
+from pipelines.records import EntryBlock, Stage
+from pipelines.write import (DEAD_LETTER_DIR, SPILL_ROWS, EntriesToBlocks, SpillBlocks, block_class_names,
+                             concat_blocks, count_rows, dedupe_block, read_spill, take_rows)
 
 _LOG = logging.getLogger("visual_memory")
 _NAMESPACE = "visual_memory"
@@ -72,12 +95,22 @@ DEFAULT_DELTA_SHARD_SIZE = 50_000
 # bucket's ids, a few tens of MB, is all a worker holds.
 IDS_PER_BUCKET = 1_000_000
 
-__all__ = ["AddError", "AddPlan", "DEFAULT_DELTA_SHARD_SIZE", "PublishAdd", "RejectKnownIds", "WriteDeltaShards",
-           "build_arg_parser", "launch", "main", "plan_add", "run"]
+# Every attempt at a delta shard writes its own directory: delta-IIIII-of-CCCCC-<attempt>.
+_ATTEMPT_RE = re.compile(r"^delta-\d{5}-of-\d{5}-[0-9a-f]{8}$")
+SPILL_DIR = ".spill"
+
+__all__ = ["AddError", "AddPlan", "DEFAULT_DELTA_SHARD_SIZE", "PublishAdd", "RejectKnownIds", "RejectKnownIdsInBlocks",
+           "WriteDeltaShards", "build_arg_parser", "check_precomputed_identity", "launch", "main", "plan_add",
+           "publish_add_version", "remove_add_leftovers", "run"]
 
 
 class AddError(RuntimeError):
     """The add cannot publish a meaningful version (the message says why and what to do)."""
+
+
+def is_precomputed(encoder_identity: dict) -> bool:
+    """Whether a manifest's encoder identity is a precomputed one (`pipelines.build.precomputed_identity`)."""
+    return bool((encoder_identity.get("preprocess") or {}).get("precomputed"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,14 +121,14 @@ class AddPlan:
       root: Memory root.
       base_version: The version n read at launch; the add publishes n + 1 or fails.
       job_id: Random token making this add's file paths unique (two racing adds never share a path).
-      encoder: The memory's own EncoderSpec.
+      encoder: The memory's own EncoderSpec (None for a memory built from precomputed embeddings).
       encoder_identity: The memory's recorded encoder identity (what the workers must reproduce).
       class_names: Class names of version n (new names are appended after them).
     """
     root: str
     base_version: int
     job_id: str
-    encoder: EncoderSpec
+    encoder: Optional[EncoderSpec]
     encoder_identity: dict
     class_names: tuple[str, ...]
 
@@ -109,6 +142,15 @@ class AddPlan:
         return f"v{self.new_version:06d}-{self.job_id}"
 
     @property
+    def delta_dir(self) -> str:
+        """This add's directory, relative to the root: delta shard attempts and spill files."""
+        return f"{DELTAS_DIR}/{self.version_tag}"
+
+    @property
+    def spill_dir(self) -> str:
+        return storage.join(self.root, self.delta_dir, SPILL_DIR)
+
+    @property
     def dead_letter_dir(self) -> str:
         return storage.join(self.root, DEAD_LETTER_DIR, f"add-v{self.new_version:06d}")
 
@@ -118,9 +160,50 @@ def plan_add(root: str, *, job_id: str | None = None) -> AddPlan:
     root = root.rstrip("/") or root
     n = latest_version(root)
     manifest = read_version(root, n)
+    precomputed = is_precomputed(manifest.encoder)
     return AddPlan(root=root, base_version=n, job_id=job_id or secrets.token_hex(4),
-                   encoder=memory_encoder_spec(manifest), encoder_identity=dict(manifest.encoder),
-                   class_names=tuple(manifest.class_names))
+                   encoder=None if precomputed else memory_encoder_spec(manifest),
+                   encoder_identity=dict(manifest.encoder), class_names=tuple(manifest.class_names))
+
+
+def check_precomputed_identity(plan: AddPlan, encoder_id: str | None, source, *, memory_dim: int) -> dict:
+    """Refuses precomputed embeddings the memory cannot hold meaningfully; returns their encoder identity.
+
+    The memory must have been built from precomputed embeddings of the encoder named ``encoder_id``, and the
+    source's dim (its first file's header: nothing else is read) must be the memory's.
+
+    Raises:
+      AddError: naming both encoders (or dims) and the fix.
+    """
+    from pipelines.build import precomputed_identity  # pylint: disable=g-import-not-at-top
+    from pipelines.embedding_sources import embedding_dim  # pylint: disable=g-import-not-at-top
+
+    memory_name = plan.encoder_identity.get("name")
+    if not is_precomputed(plan.encoder_identity):
+        raise AddError(
+            f"{plan.root} was built from images with encoder {memory_name!r} (content hash "
+            f"{plan.encoder_identity.get('content_hash')}); precomputed embeddings"
+            + (f" of {encoder_id!r}" if encoder_id else "") + " cannot be shown to come from it. Add the images "
+            "with --images instead (they are embedded with the memory's own encoder), or build a new memory with "
+            "`vmem build --embeddings`. Nothing was published.")
+    if not encoder_id:
+        raise AddError(f"--embeddings needs --encoder-id: {plan.root} holds embeddings of encoder {memory_name!r}; "
+                       f"pass --encoder-id {memory_name} if the new embeddings come from that encoder. Nothing was "
+                       "published.")
+    if encoder_id != memory_name:
+        raise AddError(
+            f"--encoder-id {encoder_id!r} differs from the encoder {memory_name!r} that {plan.root} was built "
+            "with; distances between embeddings of different encoders are meaningless. Pass --encoder-id "
+            f"{memory_name} if these embeddings come from that encoder, or build a new memory from them with "
+            "`vmem build --embeddings`. Nothing was published.")
+    dim = embedding_dim(source)
+    if dim != memory_dim:
+        raise AddError(f"--embeddings {source.location}: embeddings of dim {dim}, but {plan.root} holds dim "
+                       f"{memory_dim} ({memory_name!r}); add embeddings of the memory's encoder. Nothing was "
+                       "published.")
+    identity = precomputed_identity(encoder_id, dim, source.to_dict().get("location", ""))
+    check_worker_identity(plan.encoder_identity, json.dumps(identity, sort_keys=True))  # Name, hash and dim.
+    return identity
 
 
 def check_worker_identity(memory_identity: dict, worker_identity_json: str) -> None:
@@ -205,6 +288,18 @@ class _RejectInBucketFn(beam.DoFn):
                 yield record
 
 
+def _known_ids_by_bucket(p, root: str, version: int, shard_paths: list[str], buckets: int):
+    """(stored ids, forgotten ids) of a version as (bucket, sorted id array) PCollections; one shard per worker."""
+    stored = (p
+              | "StoredShards" >> beam.Create(shard_paths)
+              | "SpreadShards" >> beam.Reshuffle()
+              | "StoredIdsByBucket" >> beam.ParDo(_StoredIdsFn(root, buckets)))
+    forgotten = (p
+                 | "Version" >> beam.Create([version])
+                 | "ForgottenIdsByBucket" >> beam.ParDo(_TombstonesFn(root, buckets)))
+    return stored, forgotten
+
+
 class RejectKnownIds(beam.PTransform):
     """ImageRecord -> (records with new ids, FailedRecords for ids the memory already holds).
 
@@ -227,15 +322,10 @@ class RejectKnownIds(beam.PTransform):
         self._buckets = buckets or id_buckets(manifest.physical_total)
 
     def expand(self, records):
-        p, buckets = records.pipeline, self._buckets
+        buckets = self._buckets
         new = records | "KeyNewByIdBucket" >> beam.Map(lambda r: (shard_for_id(r.id, buckets), r))
-        stored = (p
-                  | "StoredShards" >> beam.Create(self._shard_paths)
-                  | "SpreadShards" >> beam.Reshuffle()
-                  | "StoredIdsByBucket" >> beam.ParDo(_StoredIdsFn(self._root, buckets)))
-        forgotten = (p
-                     | "Version" >> beam.Create([self._version])
-                     | "ForgottenIdsByBucket" >> beam.ParDo(_TombstonesFn(self._root, buckets)))
+        stored, forgotten = _known_ids_by_bucket(records.pipeline, self._root, self._version, self._shard_paths,
+                                                 buckets)
         results = ({"new": new, "stored": stored, "forgotten": forgotten}
                    | "CoGroupByIdBucket" >> beam.CoGroupByKey()
                    | "CheckIds" >> beam.ParDo(_RejectInBucketFn(self._root, self._version)).with_outputs(
@@ -243,7 +333,120 @@ class RejectKnownIds(beam.PTransform):
         return results.records, results[FAILED_TAG]
 
 
+def _members(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """bool [n]: which of ``ids`` occur in ``sorted_ids`` (binary search)."""
+    if not sorted_ids.size or not ids.size:
+        return np.zeros(ids.shape, dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_ids, ids), sorted_ids.size - 1)
+    return sorted_ids[pos] == ids
+
+
+class _RowsOfBucket(NamedTuple):
+    """The id, uri and label columns of a block's rows that hash to one id bucket (no embeddings)."""
+    ids: np.ndarray
+    uris: np.ndarray
+    labels: np.ndarray
+
+
+def _rows_by_bucket(block: EntryBlock, buckets: int):
+    of = np.fromiter((shard_for_id(i, buckets) for i in block.ids.tolist()), np.int64, len(block))
+    for b in np.unique(of).tolist():
+        rows = of == b
+        yield int(b), _RowsOfBucket(block.ids[rows], block.uris[rows], block.labels[rows])
+
+
+class _RejectRowsInBucketFn(beam.DoFn):
+    """(bucket, {new rows, stored ids, forgotten ids}) -> FailedRecords, rejected ids, (kept rows, their labels)."""
+
+    REJECTED = "rejected"
+    KEPT = "kept"
+
+    def __init__(self, root: str, version: int):
+        self._root = root
+        self._version = version
+
+    def process(self, element):
+        _, grouped = element
+        stored = [c for c in grouped["stored"]]
+        forgotten = [c for c in grouped["forgotten"]]
+        stored = np.sort(np.concatenate(stored)) if stored else np.zeros((0,), "<U1")
+        forgotten = np.sort(np.concatenate(forgotten)) if forgotten else np.zeros((0,), "<U1")
+        for rows in grouped["new"]:
+            gone = _members(forgotten, rows.ids)
+            live = _members(stored, rows.ids) & ~gone  # Tombstones list forgotten ids that are still stored.
+            for i in np.flatnonzero(gone).tolist():
+                yield _failed(str(rows.ids[i]), str(rows.uris[i]), "forgotten_id",
+                              f"id was forgotten but is still physically present in version {self._version} until "
+                              "`vmem reindex`; re-index first, or add the entry under another id", Stage.READ)
+            for i in np.flatnonzero(live).tolist():
+                yield _failed(str(rows.ids[i]), str(rows.uris[i]), "duplicate_id",
+                              f"id is already live in version {self._version} of {self._root}; forget it first to "
+                              "replace it, or add the entry under another id", Stage.READ)
+            rejected = gone | live
+            if rejected.any():
+                yield beam.pvalue.TaggedOutput(self.REJECTED, np.unique(rows.ids[rejected]))
+            kept = ~rejected
+            yield beam.pvalue.TaggedOutput(self.KEPT, (int(kept.sum()), np.unique(rows.labels[kept]).tolist()))
+
+
+class RejectKnownIdsInBlocks(beam.PTransform):
+    """EntryBlock -> (rejected ids, FailedRecords, kept rows), the block form of :class:`RejectKnownIds`.
+
+    Only the id, uri and label columns of the new rows enter the bucketed join (never their embeddings): a
+    worker holds one bucket's stored ids and new ids. The blocks themselves are not filtered here; the delta
+    shard writer drops the rows whose id is in ``rejected`` (arrays of ids; every copy of such an id got a
+    FailedRecord). ``kept`` holds (rows kept, their distinct labels) per bucket and block, for the delta shard
+    count and the class names.
+
+    Args:
+      root: Memory root.
+      version: The version the add is based on.
+      buckets: Id-hash buckets; None -> enough for the stored rows and for ``new_rows`` (when known).
+      new_rows: Rows the source holds, when known at launch.
+    """
+
+    def __init__(self, root: str, version: int, *, buckets: int | None = None, new_rows: int | None = None):
+        super().__init__()
+        self._root = root
+        self._version = version
+        manifest = read_version(root, version)  # Launcher: the manifest only, no shard file.
+        self._shard_paths = [s.path for s in manifest.all_shards if s.count]
+        self._buckets = buckets or max(id_buckets(manifest.physical_total), id_buckets(new_rows or 0))
+
+    def expand(self, blocks):
+        buckets = self._buckets
+        new = blocks | "KeyNewRowsByIdBucket" >> beam.FlatMap(_rows_by_bucket, buckets)
+        stored, forgotten = _known_ids_by_bucket(blocks.pipeline, self._root, self._version, self._shard_paths,
+                                                 buckets)
+        results = ({"new": new, "stored": stored, "forgotten": forgotten}
+                   | "CoGroupByIdBucket" >> beam.CoGroupByKey()
+                   | "CheckIds" >> beam.ParDo(_RejectRowsInBucketFn(self._root, self._version)).with_outputs(
+                       _RejectRowsInBucketFn.REJECTED, _RejectRowsInBucketFn.KEPT, main="failures"))
+        return results[_RejectRowsInBucketFn.REJECTED], results.failures, results[_RejectRowsInBucketFn.KEPT]
+
+
+def _delta_assign(block: EntryBlock, count: int, identities, *, memory_identity: dict) -> np.ndarray:
+    """Delta shard of each row: ``shard_for_id(id, count)``. Refuses another encoder before a byte is spilled."""
+    for identity in identities:
+        check_worker_identity(memory_identity, identity)
+    return np.fromiter((shard_for_id(i, count) for i in block.ids.tolist()), np.int64, len(block))
+
+
+def _rejected_by_delta_shard(ids: np.ndarray, count: int):
+    of = np.fromiter((shard_for_id(i, count) for i in ids.tolist()), np.int64, len(ids))
+    for shard in np.unique(of).tolist():
+        yield int(shard), ids[of == shard]
+
+
+def delta_shard_path(plan: AddPlan, index: int, count: int) -> tuple[str, str]:
+    """(name, root-relative path of a fresh attempt) of delta shard ``index`` of ``count``."""
+    leaf = f"delta-{index:05d}-of-{count:05d}"
+    return f"{DELTAS_DIR}-{plan.version_tag}-{leaf}", f"{plan.delta_dir}/{leaf}-{secrets.token_hex(4)}"
+
+
 class _WriteDeltaShardFn(beam.DoFn):
+    """(delta shard, {spill paths, rejected ids}) -> (index, ShardInfo) after writing one attempt directory."""
+
     def __init__(self, plan: AddPlan):
         self._plan = plan
         self._written = Metrics.counter(_NAMESPACE, "entries_added")
@@ -252,47 +455,69 @@ class _WriteDeltaShardFn(beam.DoFn):
         for identity in identities:
             # Checked before writing, so a wrong encoder leaves no delta shard behind.
             check_worker_identity(self._plan.encoder_identity, identity)
-        index, entries = element
+        index, grouped = element
+        paths = sorted(grouped["spills"])
+        if not paths:
+            return  # Every row hashing here was rejected: no delta shard.
+        block = concat_blocks([read_spill(path) for path in paths])
+        rejected = [r for r in grouped["rejected"]]
+        if rejected:
+            block = take_rows(block, np.flatnonzero(~np.isin(block.ids, np.concatenate(rejected))))
+        kept, dups = dedupe_block(block)  # Ids given twice in this add: the first by uri is kept.
+        for d, k in dups:
+            yield _failed(str(block.ids[d]), str(block.uris[d]), "duplicate_id",
+                          f"id given twice in this add; kept {block.uris[k]}", Stage.EMBED)
+        del block
+        if not len(kept):
+            return
         class_index = {name: i for i, name in enumerate(class_names)}
-        kept, duplicates = split_duplicate_ids(entries)  # Ids given twice in this add.
-        for entry, first in duplicates:
-            yield _failed(entry.id, entry.uri, "duplicate_id", f"id given twice in this add; kept {first.uri}",
-                          Stage.EMBED)
-        data = entries_to_shard_data(kept, class_index)
-        info = write_delta_shard(self._plan.root, data, version_tag=self._plan.version_tag, index=index, count=count)
+        labels = np.fromiter((class_index[label] for label in kept.labels.tolist()), np.int32, len(kept))
+        data = ShardData(ids=kept.ids, labels=labels, uris=kept.uris, embeddings=kept.embeddings)
+        del kept
+        name, rel = delta_shard_path(self._plan, index, count)
+        # One directory per attempt: a retried or zombie attempt never overwrites the files of another; the
+        # publish step names the attempt that counts.
+        info = write_shard(storage.join(self._plan.root, rel), data, name=name, root_relative_path=rel,
+                           index_config=IndexConfig(kind=IndexKind.BRUTE_FORCE))
         self._written.inc(info.count)
-        _LOG.info("wrote delta shard %s: %d entries", info.name, info.count)
-        yield info
+        _LOG.info("wrote delta shard %s: %d entries", rel, info.count)
+        yield index, info
 
 
 class WriteDeltaShards(beam.PTransform):
-    """EmbeddedImage -> ShardInfo of each written delta shard (plus FailedRecords for repeated ids).
+    """EntryBlock -> ((index, ShardInfo) of each written delta shard, FailedRecords for ids repeated in the add).
 
-    The number of delta shards is ``max(1, ceil(entries / target_size))``; an entry goes to
-    ``shard_for_id(id, count)`` so that one worker writes one delta shard and a retried bundle rewrites the same
-    bytes. Labels map through ``class_names`` (a side input: old names, then new ones).
+    There are ``count`` delta shards (a singleton PCollection: ``max(1, ceil(entries / target))``); a row goes
+    to ``shard_for_id(id, count)``. Rows are spilled to files per delta shard (`pipelines.write.SpillBlocks`)
+    and one worker writes one delta shard from its spill files, dropping the rows whose id is in
+    ``rejected`` (arrays of ids; may be empty). Labels map through ``class_names`` (a singleton: old names,
+    then new ones).
     """
 
-    def __init__(self, plan: AddPlan, *, target_size: int, class_names, identities):
+    def __init__(self, plan: AddPlan, *, count, class_names, identities, rejected=None, spill_rows: int = SPILL_ROWS):
         super().__init__()
         self._plan = plan
-        self._target = target_size
+        self._count = count
         self._class_names = class_names
         self._identities = identities
+        self._rejected = rejected
+        self._spill_rows = spill_rows
 
-    def expand(self, entries):
-        target = self._target
-        count = (entries
-                 | "CountEntries" >> beam.combiners.Count.Globally()
-                 | "DeltaShardCount" >> beam.Map(lambda n: max(1, math.ceil(n / target))))
+    def expand(self, blocks):
+        plan = self._plan
+        count = beam.pvalue.AsSingleton(self._count)
+        assign = functools.partial(_delta_assign, memory_identity=plan.encoder_identity)
+        spilled = blocks | "SpillByDeltaShard" >> beam.ParDo(
+            SpillBlocks(plan.spill_dir, assign, self._spill_rows), count, beam.pvalue.AsList(self._identities))
+        rejected = (self._rejected if self._rejected is not None
+                    else blocks.pipeline | "NoRejectedIds" >> beam.Create([]))
+        rejected = rejected | "RejectedByDeltaShard" >> beam.FlatMap(_rejected_by_delta_shard, count)
         results = (
-            entries
-            | "KeyByDeltaShard" >> beam.Map(lambda e, c: (shard_for_id(e.id, c), e),
-                                            c=beam.pvalue.AsSingleton(count))
-            | "GroupByDeltaShard" >> beam.GroupByKey()
+            {"spills": spilled, "rejected": rejected}
+            | "GroupByDeltaShard" >> beam.CoGroupByKey()
             | "WriteDeltaShard" >> beam.ParDo(
-                _WriteDeltaShardFn(self._plan), class_names=beam.pvalue.AsSingleton(self._class_names),
-                count=beam.pvalue.AsSingleton(count), identities=beam.pvalue.AsList(self._identities),
+                _WriteDeltaShardFn(plan), class_names=beam.pvalue.AsSingleton(self._class_names),
+                count=count, identities=beam.pvalue.AsList(self._identities),
             ).with_outputs(FAILED_TAG, main="infos"))
         return results.infos, results[FAILED_TAG]
 
@@ -315,23 +540,110 @@ def check_counts(*, infos: Sequence[ShardInfo], records_read: int, failed: int, 
     return AddCounts(read=records_read, added=added, failed=failed)
 
 
+def _add_manifest(plan: AddPlan, base: Manifest, delta_infos: Sequence[ShardInfo], new_class_names: Sequence[str],
+                  counts: dict) -> Manifest:
+    class_names = extended_class_names(base.class_names, new_class_names)
+    new_classes = list(class_names[len(base.class_names):])
+    added = sum(info.count for info in delta_infos)
+    change = {"kind": "add", "summary": f"added {added} entries in {len(delta_infos)} delta shard(s)"
+                                        + (f", new classes {new_classes}" if new_classes else ""),
+              "added": added, "new_classes": new_classes, "counts": dict(counts)}
+    return dataclasses.replace(base, class_names=class_names, change=change,
+                               delta_shards=tuple(base.delta_shards) + tuple(delta_infos))
+
+
+def _published_next(plan: AddPlan) -> Manifest | None:
+    """Version n+1 if it exists and is readable, else None."""
+    try:
+        return read_version(plan.root, plan.new_version)
+    except Exception:  # pylint: disable=broad-except  # Missing or unreadable: not ours.
+        return None
+
+
+def publish_add_version(plan: AddPlan, *, delta_infos: Sequence[ShardInfo], new_class_names: Sequence[str],
+                        counts: dict) -> Manifest:
+    """Publishes the delta shards (attempts named by ``delta_infos``) as version n+1; idempotent under retries.
+
+    The ids were checked by the job (`RejectKnownIds` against version n, one delta shard per id hash), so no
+    id of the memory is read here. A retried publish step (its bundle failed after the version was created,
+    say) finds version n+1 already there: if it is this add's (same parent, shards, classes and counts; only
+    the change's timestamp may differ) that is success; anything else is another writer's and the
+    ConcurrentUpdateError is raised (re-run the add).
+    """
+    ours = _add_manifest(plan, read_version(plan.root, plan.base_version), delta_infos, new_class_names, counts)
+    try:
+        return publish_version(plan.root, ours, expected_parent=plan.base_version)
+    except ConcurrentUpdateError:
+        existing = _published_next(plan)
+        if existing is None or existing.parent != plan.base_version:
+            raise
+        mine = dataclasses.replace(ours, version=existing.version, parent=existing.parent,
+                                   change={**ours.change, "at": existing.change.get("at")})
+        if existing != mine:
+            raise
+        _LOG.info("version %d of %s was already published by an earlier attempt of this step", existing.version,
+                  plan.root)
+        return existing
+
+
+def remove_add_leftovers(plan: AddPlan, manifest: Manifest) -> list[str]:
+    """Deletes this add's spill files and the delta shard attempts ``manifest`` does not name.
+
+    Only add-made names (``deltas/<tag>/delta-IIIII-of-CCCCC-<attempt>``) of this add's directory are touched.
+    Returns what was deleted (root-relative).
+    """
+    referenced = {s.path for s in manifest.delta_shards}
+    directory = storage.join(plan.root, plan.delta_dir)
+    children = storage.list_dir(directory) if storage.exists(directory) else []
+    removed = []
+    for child in children:
+        rel = f"{plan.delta_dir}/{child}"
+        if _ATTEMPT_RE.match(child) and rel not in referenced:
+            storage.remove_tree(storage.join(plan.root, rel))
+            removed.append(rel)
+    storage.remove_tree(plan.spill_dir)
+    return removed
+
+
+def _abandon(plan: AddPlan) -> None:
+    """Best effort after a failed publish: this add's directory, unless version n+1 names it (then it stays)."""
+    published = _published_next(plan)
+    if published is not None and any(s.path.startswith(plan.delta_dir + "/") for s in published.delta_shards):
+        return
+    try:
+        storage.remove_tree(storage.join(plan.root, plan.delta_dir))
+    except Exception:  # pylint: disable=broad-except  # Never hide the publish error behind a cleanup error.
+        _LOG.warning("could not delete %s of the failed add", plan.delta_dir, exc_info=True)
+
+
 class _PublishAddFn(beam.DoFn):
     def __init__(self, plan: AddPlan):
         self._plan = plan
 
     def process(self, unused, infos, identities, class_names, records_read, failed, dead_letter_files):
         plan = self._plan
-        for identity in identities:
-            check_worker_identity(plan.encoder_identity, identity)
-        counts = check_counts(infos=infos, records_read=records_read, failed=failed,
-                              dead_letter_dir=plan.dead_letter_dir)
-        infos = sorted((i for i in infos if i.count), key=lambda i: i.name)
-        # ConcurrentUpdateError propagates: the job fails with its message and nothing is published.
-        manifest = publish_add(plan.root, delta_infos=infos, new_class_names=class_names,
-                               expected_version=plan.base_version, counts=counts._asdict())
+        try:
+            for identity in identities:
+                check_worker_identity(plan.encoder_identity, identity)
+            by_index: dict[int, ShardInfo] = {}
+            for index, info in infos:
+                if index in by_index:
+                    raise AddError(f"two attempts of delta shard {index} were both committed: {by_index[index].path} "
+                                   f"and {info.path}; nothing was published, re-run the add.")
+                by_index[index] = info
+            infos = [by_index[i] for i in sorted(by_index) if by_index[i].count]
+            counts = check_counts(infos=infos, records_read=records_read, failed=failed,
+                                  dead_letter_dir=plan.dead_letter_dir)
+            # A real ConcurrentUpdateError propagates: the job fails with its message and nothing is published.
+            manifest = publish_add_version(plan, delta_infos=infos, new_class_names=class_names,
+                                           counts=counts._asdict())
+        except (AddError, ConcurrentUpdateError):
+            _abandon(plan)
+            raise
+        removed = remove_add_leftovers(plan, manifest)
         _LOG.info("published version %d of %s: added %d entries in %d delta shard(s), new classes %s; %d failed "
-                  "(%s)", manifest.version, plan.root, counts.added, len(infos), manifest.change["new_classes"],
-                  counts.failed, sorted(dead_letter_files))
+                  "(%s); %d abandoned delta shard attempt(s) removed", manifest.version, plan.root, counts.added,
+                  len(infos), manifest.change["new_classes"], counts.failed, sorted(dead_letter_files), len(removed))
         yield manifest
 
 
@@ -361,9 +673,16 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vmem add", description=__doc__.split("\n")[0],
                                      epilog="Other flags are Beam pipeline options (--runner, --project, ...).")
     parser.add_argument("--memory", required=True, help="an existing memory (local or gs://); gets a new version")
-    parser.add_argument("--images", required=True,
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images",
                         help="new labelled images: ImageFolder DIR (DIR/<class>/<image>; ids are paths relative to "
                              "DIR), tfrecord:PATTERN or manifest:FILE.csv|.jsonl; local or gs://")
+    source.add_argument("--embeddings",
+                        help="precomputed embeddings instead of images, for a memory built from precomputed "
+                             "embeddings: clip:DIR[,label_column=COL] or tfrecord:PATTERN (as `vmem build "
+                             "--embeddings`); needs --encoder-id")
+    parser.add_argument("--encoder-id", default=None,
+                        help="with --embeddings: name of the encoder that computed them; must be the memory's")
     parser.add_argument("--delta-shard-size", type=int, default=DEFAULT_DELTA_SHARD_SIZE,
                         help=f"target entries per delta shard (default {DEFAULT_DELTA_SHARD_SIZE}); delta shards are "
                              "searched by brute force until `vmem reindex` folds them in")
@@ -373,31 +692,56 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_pipeline(p: beam.Pipeline, *, plan: AddPlan, source: ImageSource, target_size: int, min_batch_size: int,
-                 max_batch_size: int, progress_every: int) -> None:
-    """Adds the add graph to ``p``."""
-    preprocess = resolve_preprocess(plan.encoder)
-    read, read_failures = p | "ReadImages" >> ReadImages(source)
-    records, id_failures = read | "RejectKnownIds" >> RejectKnownIds(plan.root, plan.base_version)
-    images, decode_failures = records | "DecodeImages" >> DecodeImages(preprocess)
-    entries, embed_failures, identities = images | "EmbedImages" >> EmbedImages(
-        plan.encoder, min_batch_size=min_batch_size, max_batch_size=max_batch_size, progress_every=progress_every)
+def add_pipeline(p: beam.Pipeline, *, plan: AddPlan, source, target_size: int, min_batch_size: int = 16,
+                 max_batch_size: int = 64, progress_every: int = 200, identity: dict | None = None,
+                 entry_count: int | None = None) -> None:
+    """Adds the add graph to ``p``.
+
+    Args:
+      source: An ImageSource (images are decoded and embedded with the memory's encoder) or an EmbeddingSource
+        (precomputed; ``identity`` is their encoder identity, checked by `check_precomputed_identity`).
+      entry_count: Rows the EmbeddingSource holds, when known at launch (sizes the id-bucket join).
+    """
     old = plan.class_names
-    class_names = (entries
-                   | "Labels" >> beam.Map(lambda e: e.label)
-                   | "DistinctLabels" >> beam.Distinct()
-                   | "CollectLabels" >> beam.combiners.ToList()
-                   | "ExtendClassNames" >> beam.Map(lambda labels: list(extended_class_names(old, labels))))
-    infos, write_failures = entries | "WriteDeltaShards" >> WriteDeltaShards(
-        plan, target_size=target_size, class_names=class_names, identities=identities)
-    failures = ((read_failures, id_failures, decode_failures, embed_failures, write_failures)
-                | "AllFailures" >> beam.Flatten())
+    if isinstance(source, ImageSource):
+        preprocess = resolve_preprocess(plan.encoder)
+        read, read_failures = p | "ReadImages" >> ReadImages(source)
+        records, id_failures = read | "RejectKnownIds" >> RejectKnownIds(plan.root, plan.base_version)
+        images, decode_failures = records | "DecodeImages" >> DecodeImages(preprocess)
+        entries, embed_failures, identities = images | "EmbedImages" >> EmbedImages(
+            plan.encoder, min_batch_size=min_batch_size, max_batch_size=max_batch_size, progress_every=progress_every)
+        blocks = entries | "ToBlocks" >> EntriesToBlocks()
+        failure_sets = [read_failures, id_failures, decode_failures, embed_failures]
+        records_read = ((read, read_failures) | "AllRead" >> beam.Flatten()
+                        | "CountRead" >> beam.combiners.Count.Globally())
+        rejected = None
+        kept_rows = count_rows(blocks, "CountEntries")
+        labels = block_class_names(blocks)
+    else:
+        from pipelines.embedding_sources import ReadEmbeddings  # pylint: disable=g-import-not-at-top
+        blocks, read_failures = p | "ReadEmbeddings" >> ReadEmbeddings(source)
+        identities = p | "EncoderIdentity" >> beam.Create([json.dumps(identity, sort_keys=True)])
+        rejected, id_failures, kept = blocks | "RejectKnownIds" >> RejectKnownIdsInBlocks(
+            plan.root, plan.base_version, new_rows=entry_count)
+        failure_sets = [read_failures, id_failures]
+        records_read = ((count_rows(blocks, "CountEntries"),
+                         read_failures | "CountReadFailures" >> beam.combiners.Count.Globally())
+                        | "ReadParts" >> beam.Flatten()
+                        | "CountRead" >> beam.CombineGlobally(sum))
+        kept_rows = kept | "CountKept" >> (beam.Map(lambda k: k[0]) | beam.CombineGlobally(sum))
+        labels = (kept
+                  | "KeptLabels" >> beam.FlatMap(lambda k: k[1])
+                  | "DistinctLabels" >> beam.Distinct()
+                  | "CollectLabels" >> beam.combiners.ToList())
+    class_names = labels | "ExtendClassNames" >> beam.Map(lambda names: list(extended_class_names(old, names)))
+    count = kept_rows | "DeltaShardCount" >> beam.Map(lambda n: max(1, math.ceil(n / target_size)))
+    infos, write_failures = blocks | "WriteDeltaShards" >> WriteDeltaShards(
+        plan, count=count, class_names=class_names, identities=identities, rejected=rejected)
+    failures = tuple(failure_sets) + (write_failures,) | "AllFailures" >> beam.Flatten()
     dead_letter_files = (failures
                          | "DeadLetterJson" >> beam.Map(lambda f: f.to_json())
                          | "WriteDeadLetters" >> beam.io.WriteToText(
                              storage.join(plan.dead_letter_dir, f"failed-{plan.job_id}"), file_name_suffix=".jsonl"))
-    records_read = ((read, read_failures) | "AllRead" >> beam.Flatten()
-                    | "CountRead" >> beam.combiners.Count.Globally())
     failed = failures | "CountFailed" >> beam.combiners.Count.Globally()
     _ = infos | "PublishAdd" >> PublishAdd(plan, identities=identities, class_names=class_names,
                                            records_read=records_read, failed=failed,
@@ -415,7 +759,8 @@ def _cause(error: BaseException, kinds: tuple[type, ...]) -> BaseException | Non
     return None
 
 
-_USER_ERRORS = (ConcurrentUpdateError, DuplicateIdError, AddError, EncoderMismatchError, ManifestError)
+_USER_ERRORS = (ConcurrentUpdateError, DuplicateIdError, AddError, EncoderMismatchError, ManifestError,
+                UsageError)
 
 
 def launch(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipeline] = None
@@ -424,14 +769,32 @@ def launch(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pi
     args, beam_args = build_arg_parser().parse_known_args(argv)
     if args.delta_shard_size < 1:
         raise ValueError(f"--delta-shard-size must be >= 1, got {args.delta_shard_size}.")
-    source = parse_image_spec(args.images)
     plan = plan_add(args.memory)
-    build_config = read_version(plan.root, plan.base_version).build_config
+    manifest = read_version(plan.root, plan.base_version)
+    build_config = manifest.build_config
+    identity = entry_count = None
+    if args.embeddings is not None:
+        from pipelines.embedding_sources import (  # pylint: disable=g-import-not-at-top
+            count_entries, parse_embeddings_spec)
+        source = parse_embeddings_spec(args.embeddings)
+        identity = check_precomputed_identity(plan, args.encoder_id, source, memory_dim=manifest.dim)
+        entry_count = count_entries(source)
+    else:
+        if args.encoder_id:
+            raise UsageError("--encoder-id applies to --embeddings only; images are embedded with the memory's own "
+                             "encoder")
+        if is_precomputed(plan.encoder_identity):
+            name = plan.encoder_identity.get("name")
+            raise AddError(f"{plan.root} was built from precomputed embeddings of encoder {name!r}, which this job "
+                           f"cannot run on images: add embeddings of that encoder with --embeddings SPEC "
+                           f"--encoder-id {name}. Nothing was published.")
+        source = parse_image_spec(args.images)
     min_batch = args.min_batch_size or int(build_config.get("min_batch_size", 16))
     max_batch = max(min_batch, args.max_batch_size or int(build_config.get("max_batch_size", 64)))
     p = test_pipeline or beam.Pipeline(options=PipelineOptions(with_default_runner(beam_args)))
     add_pipeline(p, plan=plan, source=source, target_size=args.delta_shard_size, min_batch_size=min_batch,
-                 max_batch_size=max_batch, progress_every=int(build_config.get("progress_every", 200)))
+                 max_batch_size=max_batch, progress_every=int(build_config.get("progress_every", 200)),
+                 identity=identity, entry_count=entry_count)
     try:
         result = p.run()
         result.wait_until_finish()
@@ -449,7 +812,8 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
 
     Raises:
       ConcurrentUpdateError: another writer published after launch; nothing was published, re-run.
-      AddError: no entry could be added, or the workers ran a different encoder.
+      AddError: no entry could be added, the workers ran a different encoder, or precomputed embeddings of
+        another encoder (or dim) than the memory's.
     """
     return launch(argv, test_pipeline)[0]
 
@@ -477,7 +841,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{len(manifest.class_names)} classes")
     print(f"new classes  {len(new)}: {', '.join(new) if new else '(none)'}")
     print(f"read {c.get('read')}, added {c.get('added')}, failed {c.get('failed')}; {elapsed:.1f}s "
-          f"({c.get('read', 0) / max(elapsed, 1e-9):.1f} images/s)")
+          f"({c.get('read', 0) / max(elapsed, 1e-9):.1f} entries/s)")
     print(f"failed records (with reasons): {plan.dead_letter_dir}/" if c.get("failed") else
           f"no failed records (dead letters: {plan.dead_letter_dir}/)")
     return 0

@@ -53,6 +53,14 @@ _INDEX_META = "vmem_index.json"
 _UNIT_NORM_TOL = 1e-3
 
 
+def _row_norms(x: np.ndarray, chunk: int = 65_536) -> np.ndarray:
+    """Row L2 norms in float64, a chunk at a time (a float64 copy of a whole shard would double its bytes)."""
+    out = np.empty(x.shape[0], np.float64)
+    for start in range(0, x.shape[0], chunk):
+        out[start:start + chunk] = np.linalg.norm(x[start:start + chunk].astype(np.float64), axis=1)
+    return out
+
+
 @dataclasses.dataclass
 class ShardData:
     """The entries of one shard (row i of every array describes entry i).
@@ -97,7 +105,7 @@ class ShardData:
                 raise ValueError(f"{where}: duplicate id(s) {uniq[counts > 1][:10].tolist()}; ids must be unique")
             if (labels < 0).any():
                 raise ValueError(f"{where}: negative label at row {int(np.flatnonzero(labels < 0)[0])}")
-            norms = np.linalg.norm(emb.astype(np.float64), axis=1)
+            norms = _row_norms(emb)
             bad = np.flatnonzero(~(np.abs(norms - 1.0) <= _UNIT_NORM_TOL))
             if bad.size:
                 raise ValueError(
@@ -106,6 +114,9 @@ class ShardData:
         return ShardData(ids=ids, labels=labels, uris=uris, embeddings=np.ascontiguousarray(emb))
 
     def sorted_by_id(self) -> ShardData:
+        """Rows in ascending id order (self when they already are: no copy of the embeddings)."""
+        if self.ids.size < 2 or bool((self.ids[1:] >= self.ids[:-1]).all()):
+            return self
         order = np.argsort(self.ids, kind="stable")
         return ShardData(ids=self.ids[order], labels=self.labels[order], uris=self.uris[order],
                          embeddings=np.ascontiguousarray(self.embeddings[order]))

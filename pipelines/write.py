@@ -259,6 +259,7 @@ class _WriteShardFn(beam.DoFn):
         block, dups = dedupe_block(full)
         yield from _failed_rows(full, dups)
         del full
+        block = take_rows(block, np.argsort(block.ids, kind="stable"))  # write_shard then sorts nothing.
         class_index = {name: i for i, name in enumerate(class_names)}
         labels = np.fromiter((class_index[l] for l in block.labels.tolist()), np.int32, len(block))
         data = ShardData(ids=block.ids, labels=labels, uris=block.uris, embeddings=block.embeddings)
@@ -268,6 +269,7 @@ class _WriteShardFn(beam.DoFn):
         rel = f"{SHARDS_DIR}/{name}-{secrets.token_hex(4)}"
         info = write_shard(storage.join(self._output, rel), data, index_config=self._index_config, name=name,
                            root_relative_path=rel)
+        del data
         self._written.inc(info.count)
         _LOG.info("wrote %s: %d entries, index %s", name, info.count, info.index_kind)
         yield (index, info)

@@ -17,9 +17,7 @@ For each size n (default all four), on 256-d unit vectors with neighbourhood str
 2. **Build** in a subprocess, timed, with the peak RSS of the build (``os.wait4`` ru_maxrss of the build
    process, and the sampled RSS sum over its process tree; the larger is reported and named):
    ``vmem build --embeddings SPEC --encoder-id synthetic-structured-256 --output DIR --overwrite``
-   (`embeddings_spec` is the one place that spells SPEC). While ``vmem build`` has no ``--embeddings``
-   flag, a FALLBACK builds with `memory.build.build_memory_local` in a subprocess instead (it holds all
-   vectors in memory: development sizes only); its rows say "FALLBACK (not the Beam job)".
+   (`embeddings_spec` is the one place that spells SPEC).
 3. **Disk**: bytes per entry over every file under the memory directory, split into stored vectors
    (ScaNN's dataset file), the rest of the ScaNN index (tree, AH codes), entries (ids, labels, uris),
    router and manifests (`file_kind`).
@@ -60,7 +58,6 @@ DEFAULT_SIZES = (10_000, 100_000, 1_000_000, 10_000_000)
 # The key of a row is its global row number, zero-padded so that string order (the shard row order) is
 # numeric order at every size up to 10^10, and ids parse back to ground-truth rows.
 KEY_WIDTH = 10
-FALLBACK_MARK = "FALLBACK (not the Beam job)"
 BEAM_MARK = "vmem build (Beam)"
 # Sweep grids, cheap to expensive. Leaves fractions are walked upwards per (probes, reorder) until the
 # target recall is met: recall rises with leaves probed, so the first hit is that pair's fastest setting.
@@ -276,53 +273,6 @@ def beam_build_command(data_dir: str, output: str, *, sharding: str, shards: int
     return cmd + (["--shards", str(shards)] if shards is not None else [])
 
 
-def beam_build_available() -> bool:
-    """Whether ``vmem build`` has the ``--embeddings`` flag (else the FALLBACK builder is used)."""
-    try:
-        from pipelines import build as build_job  # pylint: disable=g-import-not-at-top
-    except ImportError:
-        return False
-    return any("--embeddings" in a.option_strings for a in build_job.build_arg_parser()._actions)  # pylint: disable=protected-access
-
-
-def fallback_build_command(data_dir: str, output: str, *, sharding: str, shards: int | None) -> list[str]:
-    cmd = [sys.executable, "-m", "evaluation.benchmarks.bench_scale", "fallback-build", data_dir, output,
-           "--sharding", sharding]
-    return cmd + (["--shards", str(shards)] if shards is not None else [])
-
-
-def fallback_build_main(argv: Sequence[str]) -> None:
-    """FALLBACK (not the Beam job): `build_memory_local` over the clip layout with `vmem build`'s default config.
-
-    Holds every vector in memory (n x 256 x 4 bytes, twice): for development sizes only. Remove once
-    ``vmem build --embeddings`` exists.
-    """
-    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-    from configs.build import BuildConfig  # pylint: disable=g-import-not-at-top
-    from memory.build import build_memory_local  # pylint: disable=g-import-not-at-top
-    parser = argparse.ArgumentParser(prog="bench_scale fallback-build")
-    parser.add_argument("data_dir")
-    parser.add_argument("output")
-    parser.add_argument("--sharding", default="hash")
-    parser.add_argument("--shards", type=int, default=None)
-    args = parser.parse_args(argv)
-    with open(os.path.join(args.data_dir, _DATA_MARKER)) as f:
-        spec = DataSpec(**json.load(f))
-    files = range(num_files(spec.n, spec.rows_per_file))
-    emb = np.concatenate([np.load(emb_path(args.data_dir, i)).astype(np.float32) for i in files])
-    meta = [pq.read_table(metadata_path(args.data_dir, i)) for i in files]
-    col = lambda name: [v for t in meta for v in t.column(name).to_pylist()]  # noqa: E731
-    config = BuildConfig()
-    num_shards = args.shards or getattr(config, "num_shards", None)
-    if num_shards is None:  # As the build job: ceil(entries / target_shard_size).
-        num_shards = max(1, math.ceil(spec.n / config.target_shard_size))
-    build_memory_local(args.output, ids=col("key"), labels=col("label"), uris=col("image_path"), embeddings=emb,
-                       num_shards=num_shards, index_config=config.index, sharding=args.sharding,
-                       router_config=config.router,
-                       encoder_identity={"name": ENCODER_ID, "content_hash": "none", "dim": spec.dim, "preprocess": {}},
-                       build_config={"builder": FALLBACK_MARK})
-
-
 def _tree_rss_bytes(root_pid: int) -> int:
     """Sum of VmRSS over ``root_pid`` and its descendants (from /proc; 0 once they are gone)."""
     children: dict[int, list[int]] = {}
@@ -359,7 +309,7 @@ class BuildRecord:
     """One timed build.
 
     Attributes:
-      builder: BEAM_MARK or FALLBACK_MARK.
+      builder: BEAM_MARK (what built the memory).
       command: The command line run.
       seconds: Wall-clock seconds of the build process.
       maxrss_bytes: ru_maxrss of the build process from os.wait4 (its largest single process, waited-for
@@ -594,8 +544,7 @@ def write_plot(results: Sequence[SizeResult], paths: Sequence[str]) -> None:
     ax.set_xlabel("memory entries")
     ax.set_ylabel("ms")
     target = results[0].target_recall
-    fallback = any(r.builder == FALLBACK_MARK for r in results)
-    ax.set_title(f"search latency at recall@{K} >= {target:g}" + (" [FALLBACK build]" if fallback else ""))
+    ax.set_title(f"search latency at recall@{K} >= {target:g}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -622,10 +571,7 @@ def measure_size(spec: DataSpec, args: argparse.Namespace, builder: str, *, log)
         else:
             log(f"n={spec.n:,}: reusing the build at {memory_dir} ({record.seconds:.1f} s when built)")
     if record is None:
-        make = beam_build_command if builder == BEAM_MARK else fallback_build_command
-        cmd = make(data_dir, memory_dir, sharding=args.sharding, shards=args.shards)
-        if builder == FALLBACK_MARK:
-            shutil.rmtree(memory_dir, ignore_errors=True)
+        cmd = beam_build_command(data_dir, memory_dir, sharding=args.sharding, shards=args.shards)
         log(f"n={spec.n:,}: building with {builder}: {' '.join(cmd)}")
         record = run_build(cmd, builder=builder, log_path=memory_dir + ".build.log")
         with open(record_path, "w") as f:
@@ -703,8 +649,6 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1, help="VisualMemory search threads (shards at once)")
     parser.add_argument("--repeats", type=int, default=3, help="timings of a setting reaching the target")
     parser.add_argument("--target-recall", type=float, default=0.95)
-    parser.add_argument("--builder", choices=["auto", "beam", "fallback"], default="auto",
-                        help="auto: the Beam job if vmem build has --embeddings, else the FALLBACK")
     parser.add_argument("--reuse-build", action="store_true",
                         help="search an existing memory of the same size/settings instead of rebuilding")
     return parser
@@ -712,9 +656,6 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> list[SizeResult]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["fallback-build"]:
-        fallback_build_main(argv[1:])
-        return []
     parser = build_arg_parser()
     args = parser.parse_args(argv)
     try:
@@ -728,16 +669,13 @@ def main(argv: Sequence[str] | None = None) -> list[SizeResult]:
                         ("--num-classes", args.num_classes)):
         if value < 1:
             parser.error(f"{flag} must be >= 1, got {value}")
-    available = beam_build_available()
-    if args.builder == "beam" and not available:
-        parser.error("--builder beam: this vmem build has no --embeddings flag yet; use --builder auto/fallback")
-    builder = BEAM_MARK if args.builder == "beam" or (args.builder == "auto" and available) else FALLBACK_MARK
+    builder = BEAM_MARK
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
     os.makedirs(args.work_dir, exist_ok=True)
-    log(f"builder: {builder}" + ("" if builder == BEAM_MARK else " -- vmem build has no --embeddings yet"))
+    log(f"builder: {builder}")
     results = []
     t_total = time.perf_counter()
     for n in sizes:

@@ -127,7 +127,7 @@ def test_file_kind(rel, kind):
 
 
 def _result(n: int, **changes) -> bench_scale.SizeResult:
-    fields = dict(n=n, builder=bench_scale.FALLBACK_MARK, build_s=12.345, build_peak_rss_bytes=2_500_000_000,
+    fields = dict(n=n, builder=bench_scale.BEAM_MARK, build_s=12.345, build_peak_rss_bytes=2_500_000_000,
                   build_peak_rss_source="os.wait4 ru_maxrss (largest process)", bytes_total=n * 1100,
                   bytes_by_kind={"vectors": n * 1024, "scann": n * 60, "entries": n * 10, "router": n * 5,
                                  "manifest+other": n * 1},
@@ -144,7 +144,7 @@ def test_table_formats_every_column():
     lines = table.splitlines()
     assert lines[0].startswith("| size | build s | build peak RSS GB | bytes/entry | QPS@R>=0.95 | recall@10 | p50 ms")
     assert lines[2] == ("| 10,000 | 12.3 | 2.50 | 1,100 | 1,234 | 0.961 | 1.23 | 5.68 | 1.00 | 4 tree_ah | "
-                        "route 2, leaves 0.01, reorder 50/shard | FALLBACK (not the Beam job) |")
+                        "route 2, leaves 0.01, reorder 50/shard | vmem build (Beam) |")
     assert "| MISS (1,234) | 0.900 |" in lines[3]
     assert len(lines) == 4 and all(line.count("|") == lines[0].count("|") for line in lines)
     kinds = bench_scale.format_bytes_table([_result(10_000)]).splitlines()
@@ -154,7 +154,7 @@ def test_table_formats_every_column():
 
 def test_result_json_round_trips_with_bytes_per_entry():
     d = json.loads(json.dumps(_result(1000).to_dict()))
-    assert d["bytes_per_entry"] == 1100.0 and d["n"] == 1000 and d["builder"] == bench_scale.FALLBACK_MARK
+    assert d["bytes_per_entry"] == 1100.0 and d["n"] == 1000 and d["builder"] == bench_scale.BEAM_MARK
     d.pop("bytes_per_entry")
     assert bench_scale.SizeResult(**d) == _result(1000)
 
@@ -174,8 +174,8 @@ def test_spec_and_commands_name_the_data_dir():
     cmd = bench_scale.beam_build_command("/d/x", "/m", sharding="partition", shards=None)
     assert cmd[1:] == ["build", "--embeddings", bench_scale.embeddings_spec("/d/x"), "--encoder-id",
                        bench_scale.ENCODER_ID, "--output", "/m", "--sharding", "partition", "--overwrite"]
-    assert bench_scale.fallback_build_command("/d/x", "/m", sharding="hash", shards=8)[-4:] == [
-        "--sharding", "hash", "--shards", "8"]
+    assert bench_scale.beam_build_command("/d/x", "/m", sharding="hash", shards=8)[-4:] == [
+        "hash", "--overwrite", "--shards", "8"]
 
 
 def test_spec_parses_as_the_clip_layout_written():

@@ -18,20 +18,51 @@ Dataflow (ship the code with setup.py, as for ``vmem build``; scheduled runs: do
 
 The graph::
 
-    ListSourceShards ─► ReadLiveRows ─► (target shard, rows) ─┐
-    RebuiltTargets ──────────────────────────────────────────┴► GroupByTarget ─► WriteTargetShard ─► Publish (last, once)
+    ListSourceShards ─► SpreadSources ─┬► ScanSources ─┬► summaries ─► CollectSummaries ─► Plan (side input)
+                                       │               └► delta rows, spilled ───┐
+                                       └► ReadLiveRows ─► main rows, spilled ────┤
+    RebuiltTargets ──────────────────────────────────────────────────────────────┴► GroupByTarget ─►
+        WriteTargetShard ─► Publish (last, once)
 
-The launcher reads the memory's latest version n once and plans (memory.compaction.plan_reindex): with an
-unchanged shard count, a main shard holding no forgotten row and receiving no delta row is *reused* as is
-(same directory); every other target shard is *rebuilt*. The sources (changed main shards -- all of them
-when the shard count changes -- and every delta shard) are read once each, forgotten rows are dropped, every
-live row goes to ``shard_for_id(id, target shard count)``, rows are grouped so one worker builds one target
-shard, and each rebuilt shard is written with the memory's IndexConfig into a NEW directory
-``shards/r{n+1:06d}-<job id>/shard-IIIII-of-NNNNN`` (never a path a published version uses). One final step
-publishes version n+1 (change kind ``reindex``: rebuilt and reused shard names, dropped forgotten rows,
-folded delta rows) with no delta shards, no tombstones and the entry weights minus forgotten ids. If a
-forget since the last re-index asked for ``--purge-history``, the old versions and the shard files that
-still hold forgotten embeddings are then deleted (memory.mutations.purge_history).
+Where the work happens (bounded memory on the launcher and in the graph): the launcher reads only the
+latest version n (its manifest, and the version files, for a pending ``--purge-history``) and decides from
+its counts alone whether a re-index is needed and the target shard count (``ceil(live / N)``, live =
+ShardInfo counts minus the tombstone count). It reads no shard, no tombstone list (which can hold millions
+of ids), no router and no weights file, and the DoFns carry the manifest and paths only. Workers read the
+rest, each the shard it processes (one shard per element after a Reshuffle), the tombstone list once per
+worker process, the router once per DoFn instance:
+
+* ScanSources: a main shard's ids (the id column only) -> its ShardSummary (rows, forgotten rows, ids that
+  hash to another shard). A delta shard (always a source) is read in full: every row's target shard is
+  computed once -- ``shard_for_id(id, target count)``, or ``router.assign(embedding)`` for a partition-routed
+  memory -- and that one result both feeds its summary (rows per target) and spills its live rows, so the
+  plan and the rows agree row for row (recomputing a nearest centroid elsewhere could break a
+  floating-point tie differently).
+* Plan: the summaries (a few counts per shard) are combined into the plan (memory.compaction
+  .plan_from_summaries): with an unchanged shard count, a main shard holding no forgotten row and receiving
+  no delta row is *reused* as is (same directory); every other target shard is *rebuilt*. Counting
+  forgotten rows per shard needs the ids (tombstones say which ids, not where they are stored), and so does
+  verifying the hash partition, so that pass is on the workers; it reads ids, never embeddings.
+* ReadLiveRows: each main shard the plan reads (changed ones; all of them when the shard count changes) is
+  read, forgotten rows are dropped and live rows go to ``shard_for_id(id, target count)`` (a routed
+  memory's rows stay in their shard).
+* Rows never travel as per-entry elements: blocks of <= BLOCK_ROWS rows are spilled by target shard to
+  files under ``shards/r{n+1:06d}-<job id>/.build-tmp/`` (pipelines.write's _SpillFn), the GroupByKey moves
+  only (target, spill file) references, and the worker writing a target shard reads its spill files, holding
+  one shard. Each rebuilt shard is written with the memory's IndexConfig into a NEW directory
+  ``shards/r{n+1:06d}-<job id>/shard-IIIII-of-NNNNN`` (never a path a published version uses).
+
+Known limits: each worker process holds the whole tombstone list (sorted ids, read once; a re-index is due
+by default once forgotten rows pass 10% of stored rows) -- a join bucketed by id hash, like ``vmem add``'s
+RejectKnownIds, would bound that too; and the publish step reads the entry weights file to drop forgotten
+ids from it.
+
+One final step publishes version n+1 (change kind ``reindex``: rebuilt and reused shard names, dropped
+forgotten rows, folded delta rows) with no delta shards, no tombstones and the entry weights minus forgotten
+ids, then deletes the spill files. If a forget since the last re-index asked for ``--purge-history``, the
+old versions and the shard files that still hold forgotten embeddings are then deleted
+(memory.mutations.purge_history). A shard that disagrees with the manifest (row count) fails the job on the
+worker that reads it; nothing is published.
 
 Exit status: 0 re-indexed and published; 10 nothing to do (``--if-needed`` and below both thresholds; the
 reason is printed; ``--nothing-to-do-status`` changes it, e.g. 0 under a scheduler); 2 usage error (bad
@@ -40,10 +71,11 @@ n+1 first: nothing of this run is live; re-run it).
 
 Crash safety: until the final publish nothing a version references is touched, so a re-index killed at any
 step leaves the memory exactly at version n. A killed run leaves its ``shards/r{n+1:06d}-<job id>/``
-directory behind; it is never referenced (the next run picks a new job id). After each successful publish
-the job deletes such orphans: ``shards/rNNNNNN-*`` directories with NNNNNN <= the latest version that no
-existing version references (a run that would publish NNNNNN can no longer do so). Orphans of other jobs
-(``deltas/``, ``tombstones/``, ``weights/`` files of a crashed add/forget/prune) are left alone.
+directory (spill files included) behind; it is never referenced (the next run picks a new job id). After each
+successful publish the job deletes such orphans: ``shards/rNNNNNN-*`` directories with NNNNNN <= the latest
+version that no existing version references (a run that would publish NNNNNN can no longer do so), and the
+``.build-tmp/`` spill files a run killed right after its publish left in its referenced directory. Orphans of
+other jobs (``deltas/``, ``tombstones/``, ``weights/`` files of a crashed add/forget/prune) are left alone.
 
 Anything that is not a re-index flag is passed to Beam's PipelineOptions.
 """
@@ -57,6 +89,7 @@ import logging
 import os
 import secrets
 import sys
+import threading
 import time
 from typing import Optional, Sequence
 
@@ -84,7 +117,9 @@ from memory.shard import ShardData
 from memory.sharding import shard_for_id
 from memory.versions import (ConcurrentUpdateError, _conflict, checked_deletion_paths, latest_version, list_versions,
                              publish_version, read_version)
+from pipelines.records import EntryBlock
 from pipelines.runner import with_default_runner
+from pipelines.write import BLOCK_ROWS, SPILL_DIR, SPILL_ROWS, _SpillFn, concat_blocks, read_spill, take_rows
 
 _LOG = logging.getLogger("visual_memory")
 _NAMESPACE = "visual_memory"
@@ -93,6 +128,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_NOTHING_TO_DO = 10
+SUMMARY = "summary"  # Tag of the per-shard ShardSummary output.
 
 __all__ = ["EXIT_FAILURE", "EXIT_NOTHING_TO_DO", "EXIT_OK", "EXIT_USAGE", "ReindexError", "ReindexJob",
            "build_arg_parser", "build_pipeline", "main", "prepare_job", "run"]
@@ -159,29 +195,31 @@ def _check_args(args: argparse.Namespace) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ReindexJob:
-    """Everything the workers need, computed once by the launcher from version ``manifest.version``.
+    """What the launcher decides from version ``manifest.version`` alone (small: no ids, no arrays).
+
+    The per-shard work -- which rows are live, which target shard each goes to -- and the plan built from it
+    (which targets are rebuilt, which reused) happen on workers (see the module docstring); the DoFns get
+    this job and read what they need from ``root``.
 
     Attributes:
       root: Memory root.
       manifest: The version being re-indexed (n); version n+1 is published with it as parent.
-      plan: Which target shards are rebuilt and reused, and from which source shards.
+      num_shards: Main shards after the re-index (compaction.target_shard_count from the manifest's counts).
       job_token: Random token naming this run's directory (two runs never share a path).
       index_config: IndexConfig for rebuilt shards (the memory's own).
       needed: Whether --if-needed would run it; reason says why (not).
       purge: Whether a forget since the last re-index asked for --purge-history.
-      delta_targets: Partition-routed memories: ``{delta ShardInfo.path: router shard of each row}``,
-        computed once by the launcher so that the plan and the workers agree row for row (recomputing the
-        nearest centroid on another CPU could break a floating-point tie differently). None when hashed.
+      spill_rows: Rows per spill file (pipelines.write.SPILL_ROWS; smaller in tests).
     """
     root: str
     manifest: Manifest
-    plan: compaction.ReindexPlan
+    num_shards: int
     job_token: str
     index_config: IndexConfig
     needed: bool
     reason: str
     purge: bool
-    delta_targets: dict[str, np.ndarray] | None = None
+    spill_rows: int = SPILL_ROWS
 
     @property
     def version(self) -> int:
@@ -195,123 +233,198 @@ class ReindexJob:
     def job_dir(self) -> str:
         return compaction.reindex_dir(self.new_version, self.job_token)
 
-    def target_path(self, index: int) -> tuple[str, str]:
+    @property
+    def spill_dir(self) -> str:
+        """Where rows bound for rebuilt shards are spilled (inside job_dir: a crashed run's orphan holds them)."""
+        return storage.join(self.root, self.job_dir, SPILL_DIR)
+
+    def target_path(self, plan: compaction.ReindexPlan, index: int) -> tuple[str, str]:
         """(name, root-relative path) of a rebuilt target shard."""
-        name = self.plan.targets[index].name
+        name = plan.targets[index].name
         return name, f"{self.job_dir}/{name}"
 
 
-def _read_ids(root: str, info: ShardInfo) -> np.ndarray:
-    ids = shard_io.read_shard_ids(storage.join(root, info.path))
-    if ids.shape != (info.count,):
-        raise ManifestError(f"shard {info.name}: {info.path} holds {ids.shape[0]} ids, the manifest says {info.count}")
-    return ids
-
-
 def prepare_job(root: str, *, target_shard_size: int | None = None, delta_threshold: float = 0.1,
-                forgotten_threshold: float = 0.1, job_token: str | None = None) -> ReindexJob:
-    """Reads the latest version once and plans the re-index (launcher side; reads every shard's ids.npy).
+                forgotten_threshold: float = 0.1, job_token: str | None = None,
+                spill_rows: int = SPILL_ROWS) -> ReindexJob:
+    """Reads the latest version's manifest (and the small version files) and decides what it can from them.
+
+    Launcher side: reads no shard and no tombstone, router or weights file. The shard count comes from the
+    manifest's live count (ShardInfo counts minus the tombstone count); the thresholds from the same counts.
 
     Raises:
-      ManifestError: no memory at ``root``, or a shard disagrees with the manifest.
+      ManifestError: no memory at ``root``.
+      UsageError: a shard count change of a partition-routed memory (a bad --target-shard-size).
     """
     root = root.rstrip("/") or root
     n = latest_version(root)
     manifest = read_version(root, n)
-    forgotten = read_forgotten(root, manifest)
     target_n = compaction.target_shard_count(manifest.total, target_shard_size=target_shard_size,
                                              current=len(manifest.shards))
-    router = read_router(root, manifest)
+    try:
+        compaction.check_shard_count(manifest, target_n)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     purge = purge_requested_since_reindex(root)
     needed, reason = compaction.needs_reindex(manifest, delta_threshold=delta_threshold,
                                               forgotten_threshold=forgotten_threshold, target_shards=target_n,
                                               purge_requested=purge)
-    delta_targets = None
-    if router is not None:
-        # Delta shards are small by design (a re-index is due at 10% of the memory): route their rows here.
-        delta_targets = [router.assign(shard_io.read_shard_data(storage.join(root, s.path)).embeddings)
-                         for s in manifest.delta_shards]
-    try:
-        plan = compaction.plan_reindex(
-            manifest, main_ids={s.path: _read_ids(root, s) for s in manifest.shards}, forgotten=forgotten,
-            delta_ids=[_read_ids(root, s) for s in manifest.delta_shards], num_shards=target_n,
-            delta_targets=delta_targets)
-    except ValueError as e:  # A shard count change of a partition-routed memory: a bad --target-shard-size.
-        raise UsageError(str(e)) from None
     token = job_token or secrets.token_hex(4)
-    job = ReindexJob(root=root, manifest=manifest, plan=plan, job_token=token,
+    job = ReindexJob(root=root, manifest=manifest, num_shards=target_n, job_token=token,
                      index_config=compaction.index_config_of(manifest), needed=needed, reason=reason, purge=purge,
-                     delta_targets=None if delta_targets is None else {
-                         s.path: t for s, t in zip(manifest.delta_shards, delta_targets)})
+                     spill_rows=spill_rows)
     if storage.exists(storage.join(root, job.job_dir)):
         raise ReindexError(f"{storage.join(root, job.job_dir)} already exists; pick another job token")
     return job
 
 
-class _ReadLiveRowsFn(beam.DoFn):
-    """Source ShardInfo -> (target shard index, ShardData of its live rows bound for that target)."""
+_FORGOTTEN_CACHE: dict = {}
+_FORGOTTEN_LOCK = threading.Lock()
+
+
+def _forgotten_of(job: ReindexJob) -> np.ndarray:
+    """The version's tombstoned ids, read once per worker process (shared by its DoFns and threads)."""
+    ref = job.manifest.forgotten
+    if ref is None:
+        return np.zeros((0,), "<U1")
+    key = (job.root, ref.path, ref.checksum)
+    with _FORGOTTEN_LOCK:
+        if key not in _FORGOTTEN_CACHE:
+            _FORGOTTEN_CACHE.clear()  # One tombstone list per process: the one of the job running here.
+            _FORGOTTEN_CACHE[key] = read_forgotten(job.root, job.manifest)
+        return _FORGOTTEN_CACHE[key]
+
+
+def _given_targets(block: EntryBlock, targets: np.ndarray) -> np.ndarray:
+    return targets
+
+
+def _read_source(job: ReindexJob, info: ShardInfo) -> ShardData:
+    data = shard_io.read_shard_data(storage.join(job.root, info.path))
+    if data.ids.shape != (info.count,):
+        raise ManifestError(f"shard {info.name}: {data.ids.shape[0]} rows stored, the manifest says {info.count}")
+    return data
+
+
+class _SpillLiveRowsFn(_SpillFn):
+    """Base of the DoFns that read a source shard and spill its live rows to the target shards' files.
+
+    Rows travel as EntryBlocks of at most BLOCK_ROWS rows into pipelines.write's _SpillFn, which writes them
+    to ``job.spill_dir`` and emits ``(target shard, spill path)``; ``labels`` hold label indices here.
+    """
 
     def __init__(self, job: ReindexJob):
+        super().__init__(job.spill_dir, _given_targets, job.spill_rows)
         self._job = job
-        self._forgotten = None
         self._rows = Metrics.counter(_NAMESPACE, "reindex_rows_read")
         self._dropped = Metrics.counter(_NAMESPACE, "reindex_forgotten_rows_dropped")
+
+    def _spill(self, info: ShardInfo, data: ShardData, keep: np.ndarray, targets: np.ndarray):
+        """Spills the rows of ``data`` where ``keep``, row i to target ``targets[i]``."""
+        self._rows.inc(len(data))
+        self._dropped.inc(int((~keep).sum()))
+        rows = np.flatnonzero(keep)
+        for start in range(0, rows.size, BLOCK_ROWS):
+            r = rows[start:start + BLOCK_ROWS]
+            block = EntryBlock(ids=data.ids[r].astype(str), labels=np.asarray(data.labels[r], np.int32),
+                               uris=data.uris[r].astype(str), embeddings=data.embeddings[r])
+            yield from _SpillFn.process(self, block, targets[r])
+        _LOG.info("reindex: read %s (%d rows, %d forgotten dropped)", info.name, len(data), int((~keep).sum()))
+
+
+class _ScanSourceFn(_SpillLiveRowsFn):
+    """(main shard index or None, ShardInfo) -> its ShardSummary (tagged SUMMARY); delta shards also spill.
+
+    A main shard: reads its ids only (whether it is read in full depends on the plan). A delta shard (always
+    a source): reads it, computes every row's target shard once -- ``shard_for_id(id, num_shards)``, or the
+    router's shard -- and from that one computation both spills its live rows and summarises its targets,
+    so the plan and the rows agree row for row.
+    """
+
+    def __init__(self, job: ReindexJob):
+        super().__init__(job)
+        self._router = None
         self._folded = Metrics.counter(_NAMESPACE, "reindex_delta_rows_folded")
 
     def setup(self):
-        # Tombstones can hold millions of ids: read once per worker from the memory, not pickled in the graph.
-        self._forgotten = read_forgotten(self._job.root, self._job.manifest)
+        self._router = read_router(self._job.root, self._job.manifest)  # Small (centroids); None when hashed.
 
-    def process(self, info: ShardInfo):
+    def process(self, element):
+        index, info = element
         job = self._job
-        data = shard_io.read_shard_data(storage.join(job.root, info.path))
+        forgotten = _forgotten_of(job)
+        if index is not None:
+            ids = np.zeros((0,), "<U1")
+            if info.count:
+                ids = shard_io.read_shard_ids(storage.join(job.root, info.path))
+                if ids.shape != (info.count,):
+                    raise ManifestError(f"shard {info.name}: {info.path} holds {ids.shape[0]} ids, the manifest "
+                                        f"says {info.count}")
+            yield beam.pvalue.TaggedOutput(SUMMARY, compaction.summarize_main_shard(
+                info.path, index, ids, forgotten, num_main=len(job.manifest.shards), routed=self._router is not None))
+            return
+        data = _read_source(job, info) if info.count else None
+        if data is None or not len(data):
+            yield beam.pvalue.TaggedOutput(SUMMARY, compaction.ShardSummary(path=info.path, rows=0))
+            return
         ids = data.ids.astype(str)
-        if ids.shape != (info.count,):
-            raise ManifestError(f"shard {info.name}: {ids.shape[0]} rows stored, the manifest says {info.count}")
-        keep = ~_member(self._forgotten, ids)
-        self._rows.inc(int(ids.size))
-        self._dropped.inc(int((~keep).sum()))
-        if info in job.manifest.delta_shards:
-            self._folded.inc(int(ids.size))
-        ids = ids[keep]
-        if job.delta_targets is None:
-            target = np.fromiter((shard_for_id(i, job.plan.num_shards) for i in ids.tolist()), np.int64, ids.size)
-        elif info in job.manifest.shards:  # Routed main rows stay where they are.
-            target = np.full(ids.size, job.manifest.shards.index(info), np.int64)
+        if self._router is None:
+            targets = np.fromiter((shard_for_id(i, job.num_shards) for i in ids.tolist()), np.int64, ids.size)
         else:
-            target = np.asarray(job.delta_targets[info.path], np.int64)[keep]
-        rebuilt = set(job.plan.rebuilt)
-        for t in np.unique(target).tolist():
-            if t not in rebuilt:  # plan_reindex verified the hash partition; this would lose entries.
-                raise ReindexError(f"shard {info.name} holds live rows of target shard {t}, which the plan reuses; "
-                                   "nothing was published (re-run with --target-shard-size to rebuild every shard)")
-            rows = np.flatnonzero(keep)[target == t]
-            yield int(t), ShardData(ids=data.ids[rows], labels=data.labels[rows], uris=data.uris[rows],
-                                    embeddings=data.embeddings[rows])
-        _LOG.info("reindex: read %s (%d rows, %d forgotten dropped)", info.name, info.count, int((~keep).sum()))
+            targets = np.asarray(self._router.assign(data.embeddings), np.int64)
+        self._folded.inc(len(data))
+        yield beam.pvalue.TaggedOutput(SUMMARY, compaction.summarize_delta_shard(info.path, ids, targets, forgotten))
+        yield from self._spill(info, data, ~_member(forgotten, ids), targets)
+
+
+class _ReadLiveRowsFn(_SpillLiveRowsFn):
+    """(main shard index, ShardInfo), plan -> (target, spill path) of its live rows, if the plan reads it."""
+
+    def process(self, element, plan: compaction.ReindexPlan):
+        index, info = element
+        if index is None or info not in plan.sources:
+            return
+        job = self._job
+        data = _read_source(job, info)
+        ids = data.ids.astype(str)
+        keep = ~_member(_forgotten_of(job), ids)
+        if job.manifest.router is None:
+            targets = np.fromiter((shard_for_id(i, plan.num_shards) for i in ids.tolist()), np.int64, ids.size)
+        else:  # Routed main rows stay where they are.
+            targets = np.full(ids.size, index, np.int64)
+        rebuilt = set(plan.rebuilt)
+        bad = sorted(set(np.unique(targets[keep]).tolist()) - rebuilt)
+        if bad:  # plan_from_summaries verified the hash partition; this would lose entries.
+            raise ReindexError(f"shard {info.name} holds live rows of target shard(s) {bad}, which the plan reuses; "
+                               "nothing was published (re-run with --target-shard-size to rebuild every shard)")
+        yield from self._spill(info, data, keep, targets)
+
+
+def _plan(summaries: list, job: ReindexJob) -> compaction.ReindexPlan:
+    plan = compaction.plan_from_summaries(job.manifest, summaries, num_shards=job.num_shards)
+    _LOG.info("reindex: plan for version %d -> %d: %d shards, rebuild %s, reuse %s, %d forgotten rows to drop, %d "
+              "delta rows to fold%s", job.version, job.new_version, plan.num_shards, list(plan.rebuilt),
+              list(plan.reused), plan.forgotten_rows, plan.delta_rows, f" ({plan.note})" if plan.note else "")
+    return plan
 
 
 class _WriteTargetShardFn(beam.DoFn):
-    """(target index, [ShardData chunks]) -> (target index, ShardInfo) after writing the new shard."""
+    """(target index, [spill paths]), plan -> (target index, ShardInfo) after writing the new shard."""
 
     def __init__(self, job: ReindexJob):
         self._job = job
         self._written = Metrics.counter(_NAMESPACE, "reindex_shards_rebuilt")
 
-    def process(self, element):
-        index, chunks = element
+    def process(self, element, plan: compaction.ReindexPlan):
+        index, paths = element
         job = self._job
-        chunks = [c for c in chunks if c is not None]
-        dim = job.manifest.dim
-        if chunks:
-            data = ShardData(ids=np.concatenate([c.ids.astype(str) for c in chunks]),
-                             labels=np.concatenate([c.labels for c in chunks]).astype(np.int32),
-                             uris=np.concatenate([c.uris.astype(str) for c in chunks]),
-                             embeddings=np.concatenate([c.embeddings for c in chunks]).reshape(-1, dim))
-        else:  # Every row of this target was forgotten.
-            data = ShardData(ids=np.zeros((0,), "<U1"), labels=np.zeros((0,), np.int32),
-                             uris=np.zeros((0,), "<U1"), embeddings=np.zeros((0, dim), np.float32))
-        name, rel = job.target_path(index)
+        block = concat_blocks([read_spill(p) for p in sorted(p for p in paths if p is not None)], dim=job.manifest.dim)
+        block = take_rows(block, np.argsort(block.ids, kind="stable"))  # The order write_shard stores.
+        # An empty target (every row forgotten) becomes an empty shard; duplicate ids fail in write_shard.
+        data = ShardData(ids=block.ids, labels=np.asarray(block.labels, np.int32), uris=block.uris,
+                         embeddings=block.embeddings.reshape(-1, job.manifest.dim))
+        del block
+        name, rel = job.target_path(plan, index)
         start = time.perf_counter()
         info = shard_io.write_shard(storage.join(job.root, rel), data, index_config=job.index_config, name=name,
                                     root_relative_path=rel)
@@ -341,13 +454,13 @@ def _weights_without(root: str, manifest: Manifest, forgotten: np.ndarray, new_v
     return dataclasses.replace(ref, path=rel, count=int(keep.sum()), checksum=sha256_checksum(blob))
 
 
-def assemble_manifest(job: ReindexJob, rebuilt: dict[int, ShardInfo]) -> Manifest:
+def assemble_manifest(job: ReindexJob, plan: compaction.ReindexPlan, rebuilt: dict[int, ShardInfo]) -> Manifest:
     """The new version's content (version/parent are set by publish_version), after checking the books.
 
     Raises:
       ReindexError: a rebuilt shard is missing, or the new version would not hold exactly the live entries.
     """
-    m, plan = job.manifest, job.plan
+    m = job.manifest
     missing = sorted(set(plan.rebuilt) - set(rebuilt))
     if missing:
         raise ReindexError(f"rebuilt shard(s) {missing} were not written; nothing was published")
@@ -397,10 +510,18 @@ def remove_orphans(root: str) -> list[str]:
     for rel, path in zip(orphans, paths):
         storage.remove_tree(path)
         _LOG.info("reindex: removed orphan directory %s (a crashed or superseded re-index)", rel)
+    # A published re-index killed right after its publish may have left its spill files in its (referenced)
+    # directory; every writer of those directories has finished, so they are safe to delete.
+    prefix = compaction.REINDEX_SHARDS_DIR + "/"
+    published_dirs = {p.split("/")[1] for p in referenced if p.startswith(prefix) and p.count("/") >= 2}
+    for name in sorted(set(children) & published_dirs):
+        spill = storage.join(root, compaction.REINDEX_SHARDS_DIR, name, SPILL_DIR)
+        if storage.exists(spill):
+            storage.remove_tree(spill)
     return orphans
 
 
-def publish(job: ReindexJob, rebuilt: dict[int, ShardInfo]) -> Manifest:
+def publish(job: ReindexJob, plan: compaction.ReindexPlan, rebuilt: dict[int, ShardInfo]) -> Manifest:
     """Publishes version n+1 (once; a retried step recognises its own version), then purges and cleans up.
 
     Raises:
@@ -408,8 +529,9 @@ def publish(job: ReindexJob, rebuilt: dict[int, ShardInfo]) -> Manifest:
     """
     published = _published_by(job.root, job.new_version, job.job_token)
     if published is None:
-        published = publish_version(job.root, assemble_manifest(job, rebuilt), expected_parent=job.version)
+        published = publish_version(job.root, assemble_manifest(job, plan, rebuilt), expected_parent=job.version)
         _LOG.info("reindex: published version %d of %s", published.version, job.root)
+    storage.remove_tree(job.spill_dir)
     if job.purge:
         purged = purge_history(job.root)
         _LOG.info("reindex: purged versions %s (a forget requested --purge-history)", purged)
@@ -422,26 +544,34 @@ class _PublishFn(beam.DoFn):
     def __init__(self, job: ReindexJob):
         self._job = job
 
-    def process(self, unused, infos):
-        yield publish(self._job, dict(infos)).version
+    def process(self, unused, infos, plan):
+        yield publish(self._job, plan, dict(infos)).version
 
 
 def build_pipeline(p: beam.Pipeline, job: ReindexJob) -> beam.PCollection:
     """Adds the re-index graph to ``p``; returns the PCollection of the published version number."""
-    rows = (p
-            | "ListSourceShards" >> beam.Create(list(job.plan.sources))
-            # One source shard per element: let the runner spread the reads over workers.
-            | "SpreadSources" >> beam.Reshuffle()
-            | "ReadLiveRows" >> beam.ParDo(_ReadLiveRowsFn(job)))
+    m = job.manifest
+    sources = (p
+               # Small elements (index, ShardInfo): main shards, then delta shards (index None).
+               | "ListSourceShards" >> beam.Create([(i, s) for i, s in enumerate(m.shards)]
+                                                   + [(None, s) for s in m.delta_shards])
+               # One shard per element: let the runner spread the reads over workers.
+               | "SpreadSources" >> beam.Reshuffle())
+    scanned = sources | "ScanSources" >> beam.ParDo(_ScanSourceFn(job)).with_outputs(SUMMARY, main="spills")
+    plan = (scanned[SUMMARY]
+            | "CollectSummaries" >> beam.combiners.ToList()
+            | "Plan" >> beam.Map(_plan, job))
+    plan_side = beam.pvalue.AsSingleton(plan)
+    main_spills = sources | "ReadLiveRows" >> beam.ParDo(_ReadLiveRowsFn(job), plan=plan_side)
     # Every rebuilt target gets a group even when all its rows were forgotten (it becomes an empty shard).
-    seeds = p | "RebuiltTargets" >> beam.Create([(t, None) for t in job.plan.rebuilt])
-    infos = ((rows, seeds)
-             | "AllRows" >> beam.Flatten()
+    seeds = plan | "RebuiltTargets" >> beam.FlatMap(lambda pl: [(t, None) for t in pl.rebuilt])
+    infos = ((scanned.spills, main_spills, seeds)
+             | "AllSpills" >> beam.Flatten()
              | "GroupByTarget" >> beam.GroupByKey()
-             | "WriteTargetShard" >> beam.ParDo(_WriteTargetShardFn(job)))
+             | "WriteTargetShard" >> beam.ParDo(_WriteTargetShardFn(job), plan=plan_side))
     return (p
             | "Once" >> beam.Create([None])
-            | "Publish" >> beam.ParDo(_PublishFn(job), infos=beam.pvalue.AsList(infos)))
+            | "Publish" >> beam.ParDo(_PublishFn(job), infos=beam.pvalue.AsList(infos), plan=plan_side))
 
 
 def finish_pending_purge(root: str) -> list[int]:
@@ -485,10 +615,8 @@ def execute(job: ReindexJob, beam_args: Sequence[str] = (), test_pipeline: Optio
     latest = latest_version(job.root)
     if latest != job.version:
         raise _conflict(job.root, job.new_version, job.version, latest)
-    _LOG.info("reindex: %s version %d -> %d: %d shards (rebuild %s, reuse %s), %d forgotten rows to drop, %d delta "
-              "rows to fold; writing to %s", job.root, job.version, job.new_version, job.plan.num_shards,
-              list(job.plan.rebuilt), list(job.plan.reused), job.plan.forgotten_rows, job.plan.delta_rows,
-              job.job_dir)
+    _LOG.info("reindex: %s version %d -> %d: %d shards; workers read the shards, plan and write to %s", job.root,
+              job.version, job.new_version, job.num_shards, job.job_dir)
     p = test_pipeline or beam.Pipeline(options=PipelineOptions(with_default_runner(beam_args)))
     build_pipeline(p, job)
     try:

@@ -478,3 +478,105 @@ def test_reindex_of_a_partition_routed_memory_keeps_rows_routes_deltas_and_answe
     capsys.readouterr()
     assert reindex.main(["--memory", root, "--target-shard-size", "60"]) == reindex.EXIT_USAGE
     assert "keeps its shard count" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- bounded launcher, spills
+
+
+def _routed_memory(root, n, seed=3, added=None):
+    """A 4-shard partition-routed memory of n entries after forgetting 2% and adding 10% (delta rows)."""
+    from memory.routing import RouterConfig
+    rng = np.random.default_rng(seed)
+    centres = l2_normalize(rng.normal(size=(8, D)))
+    x = l2_normalize(centres[rng.integers(0, 8, n)] + 0.2 * rng.normal(size=(n, D)) / np.sqrt(D)).astype(np.float32)
+    ids = [f"img-{i:06d}" for i in range(n)]
+    build_memory_local(root, ids=ids, labels=[("ant", "bee")[i % 2] for i in range(n)], uris=[f"u/{i}" for i in ids],
+                       embeddings=x, num_shards=SHARDS, index_config=BRUTE, encoder_identity=ENC, sharding="partition",
+                       router_config=RouterConfig(num_centroids=16, probes=2))
+    added = n // 10 if added is None else added
+    new_x = l2_normalize(centres[rng.integers(0, 8, added)] + 0.1 * rng.normal(size=(added, D)) / np.sqrt(D))
+    new_ids = [f"new-{i:06d}" for i in range(added)]
+    mutations.add_entries_local(root, ids=new_ids, labels=["cat"] * added, uris=[f"u/{i}" for i in new_ids],
+                                embeddings=new_x.astype(np.float32))
+    mutations.forget(root, ids=ids[::50] + new_ids[:3])
+    return np.concatenate([x[:5], new_x[3:6]]).astype(np.float32)
+
+
+def test_launcher_reads_no_shard_and_the_graph_does_not_grow_with_the_memory(tmp_path, monkeypatch):
+    """prepare_job reads manifests only; the job, the DoFns and the whole graph stay small at any memory size."""
+    import pickle
+    import apache_beam as beam
+    from apache_beam.internal import pickler
+    roots = {}
+    for n in (400, 4000):
+        roots[n] = str(tmp_path / f"mem{n}")
+        _routed_memory(roots[n], n)
+    reads = []
+    with monkeypatch.context() as mp:
+        for module, name in ((shard_io, "read_shard_ids"), (shard_io, "read_shard_data"),
+                             (shard_io, "read_shard_entries"), (shard_io, "read_shard_embeddings"),
+                             (reindex, "read_forgotten"), (reindex, "read_router"), (reindex, "read_entry_weights"),
+                             (mutations, "read_forgotten")):
+            real = getattr(module, name)
+            mp.setattr(module, name, lambda *a, _real=real, _name=name, **k: (reads.append(_name), _real(*a, **k))[1])
+        jobs = {n: reindex.prepare_job(root) for n, root in roots.items()}
+    assert reads == []  # No shard, tombstone, router or weights file is read by the launcher.
+    sizes = {}
+    for n, job in jobs.items():
+        assert len(pickle.dumps(job)) < 10_000
+        for fn in (reindex._ScanSourceFn(job), reindex._ReadLiveRowsFn(job), reindex._WriteTargetShardFn(job)):
+            assert len(pickler.dumps(fn)) < 20_000, type(fn).__name__
+        p = beam.Pipeline()
+        reindex.build_pipeline(p, job)
+        sizes[n] = len(p.to_runner_api().SerializeToString())
+    # 10x the entries (and delta rows): the graph may differ only by a few digits (counts, paths).
+    assert abs(sizes[4000] - sizes[400]) < 300, sizes
+
+
+def test_routed_reindex_through_small_spill_files_matches_and_cleans_up(tmp_path):
+    root = str(tmp_path / "mem")
+    q = _routed_memory(root, 600, added=70)
+    before = VisualMemory.open(root).with_search_params(route_probes=16).search(q, 9)
+    old = read_manifest(root)
+    live = set(mutations.live_ids(root).tolist())
+    job = reindex.prepare_job(root, spill_rows=16)  # Many spill files per target shard.
+    reindex.execute(job)
+    new = read_manifest(root)
+    assert new.version == old.version + 1 and new.total == len(live) and new.delta_shards == ()
+    stored = [read_shard_data(os.path.join(root, s.path)).ids.astype(str).tolist() for s in new.shards]
+    assert sorted(i for ids in stored for i in ids) == sorted(live)
+    for t, info in enumerate(new.shards):  # Main rows stay in their shard.
+        old_ids = set(read_shard_data(os.path.join(root, old.shards[t].path)).ids.astype(str).tolist())
+        assert {i for i in stored[t] if i.startswith("img-")} == old_ids & live
+    after = VisualMemory.open(root).with_search_params(route_probes=16).search(q, 9)
+    np.testing.assert_array_equal(before.ids, after.ids)
+    np.testing.assert_array_equal(before.distances, after.distances)
+    leftovers = [d for d, _, _ in os.walk(root) if os.path.basename(d) == reindex.SPILL_DIR]
+    assert leftovers == []
+    # A run killed right after its publish leaves spill files in its (referenced) directory: the next
+    # clean-up deletes them and nothing else.
+    spill = os.path.join(root, job.job_dir, reindex.SPILL_DIR, "shard-00000")
+    os.makedirs(spill)
+    open(os.path.join(spill, "x.npz"), "wb").close()
+    assert reindex.remove_orphans(root) == []
+    assert not os.path.exists(os.path.join(root, job.job_dir, reindex.SPILL_DIR))
+    assert sorted(os.listdir(os.path.join(root, job.job_dir))) == sorted(s.name for s in new.shards
+                                                                         if s.path.startswith(job.job_dir))
+
+
+def test_plan_from_summaries_equals_plan_reindex(drifted):
+    root, _, forgotten, _, _ = drifted
+    m = read_manifest(root)
+    main_ids = {s.path: read_shard_data(os.path.join(root, s.path)).ids for s in m.shards}
+    delta_ids = [read_shard_data(os.path.join(root, s.path)).ids for s in m.delta_shards]
+    gone = np.sort(np.array(forgotten))
+    for n in (None, 3):
+        new_n = n or len(m.shards)
+        summaries = [compaction.summarize_main_shard(s.path, i, main_ids[s.path], gone, num_main=len(m.shards),
+                                                     routed=False) for i, s in enumerate(m.shards)]
+        summaries += [compaction.summarize_delta_shard(s.path, ids, [shard_for_id(i, new_n) for i in ids], gone)
+                      for s, ids in zip(m.delta_shards, delta_ids)]
+        assert compaction.plan_from_summaries(m, summaries[::-1], num_shards=n) == compaction.plan_reindex(
+            m, main_ids=main_ids, forgotten=np.array(forgotten), delta_ids=delta_ids, num_shards=n)
+    with pytest.raises(ValueError, match="no summary of main shard"):
+        compaction.plan_from_summaries(m, summaries[1:])

@@ -33,10 +33,9 @@ import numpy as np
 
 from memory import storage
 
-__all__ = ["PAPER_K", "PAPER_THRESHOLD", "PruningCounts", "PruningMode", "counts_path", "counts_summary",
-           "format_summary", "hard_prune_ids", "leave_one_out", "mislabelled_hits", "read_counts", "reliability_counts",
-           "soft_weights", "summary_path", "write_counts",
-           "write_summary"]
+__all__ = ["PAPER_K", "PAPER_THRESHOLD", "PruningCounts", "PruningMode", "bucket_counts_path", "counts_dir",
+           "counts_summary", "format_summary", "hard_prune_ids", "leave_one_out", "mislabelled_hits", "read_all_counts",
+           "read_counts", "reliability_counts", "soft_weights", "summary_path", "write_counts", "write_summary"]
 
 PAPER_K = 100
 PAPER_THRESHOLD = 128
@@ -193,29 +192,68 @@ class PruningCounts(NamedTuple):
     version: int
 
 
-def counts_path(root: str, version: int) -> str:
-    """``MEMORY/pruning/vNNNNNN-counts.npz``: the counts computed on ``version``."""
-    return storage.join(root, PRUNING_DIR, f"v{version:06d}-counts.npz")
+def counts_dir(root: str, version: int) -> str:
+    """``MEMORY/pruning/vNNNNNN-counts/``: the per-bucket counts files of the run on ``version``."""
+    return storage.join(root, PRUNING_DIR, f"v{version:06d}-counts")
+
+
+def bucket_counts_path(root: str, version: int, bucket: int, buckets: int) -> str:
+    """``MEMORY/pruning/vNNNNNN-counts/bucket-BBBBB-of-NNNNN.npz``: the counts of the entries whose id hashes
+    to ``bucket`` of ``buckets`` (``vmem prune --count-buckets``; pipelines/prune.py writes one per bucket)."""
+    if not 0 <= bucket < buckets:
+        raise ValueError(f"bucket must be in [0, {buckets}), got {bucket}")
+    return storage.join(counts_dir(root, version), f"bucket-{bucket:05d}-of-{buckets:05d}.npz")
 
 
 def summary_path(root: str, version: int) -> str:
     return storage.join(root, PRUNING_DIR, f"v{version:06d}-summary.json")
 
 
-def write_counts(root: str, counts: PruningCounts) -> str:
-    """Writes the counts (sorted by id) and returns the path. Not referenced by any manifest."""
+def write_counts(root: str, counts: PruningCounts, *, bucket: int = 0, buckets: int = 1) -> str:
+    """Writes one bucket's counts file (sorted by id) and returns its path. Not referenced by any manifest.
+
+    The file format of pipelines/prune.py's bucket files (ids, v, k, version); the defaults write the whole
+    run as its one bucket.
+    """
     order = np.argsort(counts.ids, kind="stable")
     buf = io.BytesIO()
     np.savez(buf, ids=np.asarray(counts.ids).astype(str)[order], v=np.asarray(counts.v, np.int64)[order],
              k=np.int64(counts.k), version=np.int64(counts.version))
-    path = counts_path(root, counts.version)
+    path = bucket_counts_path(root, counts.version, bucket, buckets)
     storage.write_bytes(path, buf.getvalue())
     return path
 
 
 def read_counts(path: str) -> PruningCounts:
+    """One counts file (a bucket of a run: its entries only)."""
     with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as z:
         return PruningCounts(z["ids"].astype(str), z["v"].astype(np.int64), int(z["k"]), int(z["version"]))
+
+
+def read_all_counts(root: str, version: int, *, buckets: int) -> PruningCounts:
+    """Every bucket file of the run on ``version`` with ``buckets`` buckets, as one PruningCounts sorted by id.
+
+    Buckets that got no entry have no file. For inspection and tests: the result holds every entry's count,
+    which the prune job itself never does.
+
+    Raises:
+      FileNotFoundError: no bucket file of that run.
+    """
+    import fnmatch  # pylint: disable=g-import-not-at-top
+
+    directory = counts_dir(root, version)
+    try:
+        names = storage.list_dir(directory)
+    except FileNotFoundError:
+        names = []
+    parts = [read_counts(storage.join(directory, name))
+             for name in sorted(fnmatch.filter(names, f"bucket-*-of-{buckets:05d}.npz"))]
+    if not parts:
+        raise FileNotFoundError(f"no counts of version {version} in {directory} ({buckets} buckets)")
+    ids = np.concatenate([c.ids for c in parts])
+    v = np.concatenate([c.v for c in parts])
+    order = np.argsort(ids, kind="stable")
+    return PruningCounts(ids[order], v[order], parts[0].k, parts[0].version)
 
 
 def counts_summary(v: np.ndarray, *, thresholds: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)

@@ -3,6 +3,8 @@ and a brute-force leave-one-out reference."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -118,11 +120,24 @@ def test_hard_prune_ids_are_exactly_v_at_or_above_threshold():
 def test_counts_file_round_trip_and_summary(tmp_path):
     counts = pruning.PruningCounts(np.array(["b", "a", "c"]), np.array([4, 0, 1]), 100, 3)
     path = pruning.write_counts(str(tmp_path), counts)
-    assert path.endswith("pruning/v000003-counts.npz")
+    assert path.endswith("pruning/v000003-counts/bucket-00000-of-00001.npz")
     back = pruning.read_counts(path)
     np.testing.assert_array_equal(back.ids, ["a", "b", "c"])
     np.testing.assert_array_equal(back.v, [0, 4, 1])
     assert (back.k, back.version) == (100, 3)
+    # The prune job's layout: one file per id-hash bucket (empty buckets have none), read back as one.
+    for b, part in ((0, [0]), (2, [1, 2])):
+        pruning.write_counts(str(tmp_path), pruning.PruningCounts(counts.ids[part], counts.v[part], 100, 7),
+                             bucket=b, buckets=3)
+    assert sorted(os.listdir(tmp_path / "pruning" / "v000007-counts")) == [
+        "bucket-00000-of-00003.npz", "bucket-00002-of-00003.npz"]
+    whole = pruning.read_all_counts(str(tmp_path), 7, buckets=3)
+    np.testing.assert_array_equal(whole.ids, ["a", "b", "c"])
+    np.testing.assert_array_equal(whole.v, [0, 4, 1])
+    with pytest.raises(FileNotFoundError, match="no counts of version 7"):
+        pruning.read_all_counts(str(tmp_path), 7, buckets=4)
+    with pytest.raises(ValueError, match="bucket"):
+        pruning.bucket_counts_path(str(tmp_path), 7, 3, 3)
     s = pruning.counts_summary(np.array([0, 0, 1, 2, 3, 4, 9]))
     assert [(b["v_min"], b["v_max"], b["entries"]) for b in s["histogram"]] == [
         (0, 0, 2), (1, 1, 1), (2, 3, 2), (4, 7, 1), (8, 15, 1)]

@@ -439,6 +439,8 @@ class _ParseEmbeddingExampleFn(beam.DoFn):
         fallback = f"{posixpath.basename(filename)}:{hashlib.sha1(serialized).hexdigest()[:16]}"
         try:
             features = self._example_cls.FromString(serialized).features.feature
+        except MemoryError:
+            raise  # Not bad data: fail the bundle so the runner retries it.
         except Exception as e:  # protobuf raises DecodeError, a plain Exception subclass.
             yield _failed(fallback, filename, "bad_example", f"{type(e).__name__}: {e}")
             return

@@ -267,6 +267,25 @@ def test_tfrecord_embeddings(tmp_path):
             ("g", "missing_label"), ("?", "missing_id")]), label="failures")
 
 
+def test_memory_error_while_parsing_an_embedding_example_propagates():
+    from pipelines.embedding_sources import _ParseEmbeddingExampleFn
+    fn = _ParseEmbeddingExampleFn(parse_embeddings_spec("tfrecord:/x/emb-*.tfrecord"), 3)
+
+    class _Example:
+        error = MemoryError("huge example")
+
+        @classmethod
+        def FromString(cls, data):  # noqa: N802  (protobuf's name)
+            raise cls.error
+
+    fn._example_cls = _Example
+    with pytest.raises(MemoryError, match="huge example"):  # Not a dead letter: the runner retries the bundle.
+        list(fn.process(("/x/emb-00000.tfrecord", b"serialized")))
+    _Example.error = RuntimeError("not a proto")  # Other errors still become dead letters.
+    (failed,) = list(fn.process(("/x/emb-00000.tfrecord", b"serialized")))
+    assert failed.value.reason == "bad_example" and failed.value.detail == "RuntimeError: not a proto"
+
+
 def test_clip_folder_on_gcs(gcs_bucket, clip_dir):
     from memory import storage
     root, e0, e1 = clip_dir

@@ -155,14 +155,18 @@ class AddPlan:
         return storage.join(self.root, DEAD_LETTER_DIR, f"add-v{self.new_version:06d}")
 
 
-def plan_add(root: str, *, job_id: str | None = None) -> AddPlan:
-    """Reads the memory's latest version once and fixes everything the graph needs."""
+def plan_add(root: str, *, job_id: str | None = None, images: bool = True) -> AddPlan:
+    """Reads the memory's latest version once and fixes everything the graph needs.
+
+    ``images``: the add embeds images, so the memory's encoder spec is needed (unless the memory holds
+    precomputed embeddings, which the launcher then refuses).
+    """
     root = root.rstrip("/") or root
     n = latest_version(root)
     manifest = read_version(root, n)
-    precomputed = is_precomputed(manifest.encoder)
+    embeds = images and not is_precomputed(manifest.encoder)
     return AddPlan(root=root, base_version=n, job_id=job_id or secrets.token_hex(4),
-                   encoder=None if precomputed else memory_encoder_spec(manifest),
+                   encoder=memory_encoder_spec(manifest) if embeds else None,
                    encoder_identity=dict(manifest.encoder), class_names=tuple(manifest.class_names))
 
 
@@ -356,9 +360,8 @@ def _rows_by_bucket(block: EntryBlock, buckets: int):
 
 
 class _RejectRowsInBucketFn(beam.DoFn):
-    """(bucket, {new rows, stored ids, forgotten ids}) -> FailedRecords, rejected ids, (kept rows, their labels)."""
+    """(bucket, {new rows, stored ids, forgotten ids}) -> rejected ids, FailedRecords, (kept rows, their labels)."""
 
-    REJECTED = "rejected"
     KEPT = "kept"
 
     def __init__(self, root: str, version: int):
@@ -384,7 +387,7 @@ class _RejectRowsInBucketFn(beam.DoFn):
                               "replace it, or add the entry under another id", Stage.READ)
             rejected = gone | live
             if rejected.any():
-                yield beam.pvalue.TaggedOutput(self.REJECTED, np.unique(rows.ids[rejected]))
+                yield np.unique(rows.ids[rejected])
             kept = ~rejected
             yield beam.pvalue.TaggedOutput(self.KEPT, (int(kept.sum()), np.unique(rows.labels[kept]).tolist()))
 
@@ -421,8 +424,8 @@ class RejectKnownIdsInBlocks(beam.PTransform):
         results = ({"new": new, "stored": stored, "forgotten": forgotten}
                    | "CoGroupByIdBucket" >> beam.CoGroupByKey()
                    | "CheckIds" >> beam.ParDo(_RejectRowsInBucketFn(self._root, self._version)).with_outputs(
-                       _RejectRowsInBucketFn.REJECTED, _RejectRowsInBucketFn.KEPT, main="failures"))
-        return results[_RejectRowsInBucketFn.REJECTED], results.failures, results[_RejectRowsInBucketFn.KEPT]
+                       FAILED_TAG, _RejectRowsInBucketFn.KEPT, main="rejected"))
+        return results.rejected, results[FAILED_TAG], results[_RejectRowsInBucketFn.KEPT]
 
 
 def _delta_assign(block: EntryBlock, count: int, identities, *, memory_identity: dict) -> np.ndarray:
@@ -769,7 +772,7 @@ def launch(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pi
     args, beam_args = build_arg_parser().parse_known_args(argv)
     if args.delta_shard_size < 1:
         raise ValueError(f"--delta-shard-size must be >= 1, got {args.delta_shard_size}.")
-    plan = plan_add(args.memory)
+    plan = plan_add(args.memory, images=args.images is not None)
     manifest = read_version(plan.root, plan.base_version)
     build_config = manifest.build_config
     identity = entry_count = None

@@ -335,3 +335,184 @@ def test_reject_known_ids_is_a_bucketed_join_no_worker_holds_every_id(tmp_path, 
             ("m003", "duplicate_id"), ("m199", "duplicate_id"), ("m007", "forgotten_id"),
             ("m150", "forgotten_id")]), label="failed")
     assert held and max(held) < n  # Each bucket holds its own share of the stored ids, never all of them.
+
+
+# ------------------------------------------------------------------------- precomputed embeddings (--embeddings)
+
+CLIP_DIM = 16
+
+
+def _clip_dir(root: str, keys, labels, emb, *, part: int = 0) -> str:
+    """One part of clip-retrieval's layout (img_emb/img_emb_<i>.npy + metadata/metadata_<i>.parquet)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    os.makedirs(os.path.join(root, "img_emb"), exist_ok=True)
+    os.makedirs(os.path.join(root, "metadata"), exist_ok=True)
+    np.save(os.path.join(root, "img_emb", f"img_emb_{part}.npy"), np.asarray(emb, np.float32))
+    pq.write_table(pa.table({"key": list(keys), "label": list(labels),
+                             "image_path": [f"/imgs/{k}-{i}.jpg" for i, k in enumerate(keys)]}),
+                   os.path.join(root, "metadata", f"metadata_{part}.parquet"))
+    return root
+
+
+def _unit(rng, n: int, dim: int = CLIP_DIM) -> np.ndarray:
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def clip_flow(tmp_path_factory):
+    """A memory built from a clip-retrieval folder (encoder id "x"), then one add from another clip folder.
+
+    The add's folder holds 60 new entries (half of them in a new class), a second copy of one of them, a copy
+    of an id the memory already holds and a row with a NaN embedding.
+    """
+    root = tmp_path_factory.mktemp("clip_add")
+    rng = np.random.default_rng(11)
+    f = types.SimpleNamespace(memory=str(root / "mem"))
+    base_keys = [f"b{i:03d}" for i in range(120)]
+    _clip_dir(str(root / "base"), base_keys, [f"c{i % 3}" for i in range(120)], _unit(rng, 120))
+    build.run([f"--embeddings=clip:{root / 'base'},label_column=label", "--encoder-id=x", f"--output={f.memory}",
+               "--runner=FnApiRunner"])
+    f.v1 = read_version(f.memory, 1)
+    f.new_keys = [f"n{i:03d}" for i in range(60)]
+    f.new_labels = ["c1" if i % 2 else "zebra" for i in range(60)]
+    f.new_emb = _unit(rng, 60)
+    bad = np.full((1, CLIP_DIM), np.nan, np.float32)
+    keys = f.new_keys + ["n000", "b005", "bad"]
+    labels = f.new_labels + ["c1", "c0", "c2"]
+    emb = np.concatenate([f.new_emb, _unit(rng, 2), bad])
+    f.source = _clip_dir(str(root / "new"), keys, labels, emb)
+    f.groups = []
+    real = add._WriteDeltaShardFn.process
+
+    def spy(self, element, *args, **kwargs):
+        f.groups.append(element)
+        return real(self, element, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(add._WriteDeltaShardFn, "process", spy)
+        f.result, f.plan = add.launch(["--memory", f.memory, f"--embeddings=clip:{f.source},label_column=label",
+                                       "--encoder-id=x", "--delta-shard-size=20", "--runner=FnApiRunner"])
+    f.v2 = read_version(f.memory, 2)
+    return f
+
+
+def test_add_precomputed_embeddings_to_a_precomputed_memory(clip_flow):
+    f = clip_flow
+    v1, v2 = f.v1, f.v2
+    assert latest_version(f.memory) == 2 and v2.parent == 1 and v2.change["kind"] == "add"
+    assert v2.shards == v1.shards and v2.encoder == v1.encoder and v2.dim == CLIP_DIM
+    # 63 rows read: 60 added; a NaN row, a copy of a stored id and a second copy of n000 are dead letters.
+    assert v2.change["counts"] == {"read": 63, "added": 60, "failed": 3}
+    assert v2.total == v1.total + 60
+    assert v2.class_names == v1.class_names + ("zebra",) and v2.change["new_classes"] == ["zebra"]
+    # ceil(61 rows left after the join / 20) = 4 delta shards, each from its own attempt directory.
+    assert 1 <= len(v2.delta_shards) <= 4
+    leaves = [s.path.split("/")[-1] for s in v2.delta_shards]
+    assert all(s.path.startswith(f"deltas/{f.plan.version_tag}/") for s in v2.delta_shards)
+    assert all(add._ATTEMPT_RE.match(leaf) and leaf.split("-")[3] == "00004" for leaf in leaves), leaves
+    # The spills and nothing but the published attempts are left.
+    assert sorted(os.listdir(os.path.join(f.memory, f.plan.delta_dir))) == sorted(leaves)
+    failures = _dead_letters(f.plan.dead_letter_dir)
+    assert set(failures) == {"bad", "b005", "n000"}
+    assert failures["bad"].reason == "non_finite_embedding"
+    assert failures["b005"].reason == "duplicate_id" and "already live in version 1" in failures["b005"].detail
+    assert failures["n000"].reason == "duplicate_id" and "given twice in this add" in failures["n000"].detail
+    # The writers got spill file paths, never entries: one delta shard's files per group.
+    assert f.groups and all(isinstance(p, str) and p.endswith(".npz") and p.startswith(f.plan.spill_dir)
+                            for _, g in f.groups for p in g["spills"])
+
+
+def test_precomputed_entries_are_searchable_with_their_own_vectors(clip_flow):
+    f = clip_flow
+    mem = VisualMemory.open(f.memory, verify=True)
+    found = mem.search(f.new_emb, 1)
+    np.testing.assert_array_equal(found.ids[:, 0], f.new_keys)  # n000: the first copy by uri was kept.
+    np.testing.assert_allclose(found.distances[:, 0], 0.0, atol=1e-5)  # Cosine distance to itself.
+    np.testing.assert_array_equal(mem.label_names(found.labels[:, 0]), f.new_labels)
+    ids, emb, names = _stored(f.memory)
+    assert int(np.sum(ids == "b005")) == 1 and len(ids) == 180
+    rows = np.searchsorted(ids, f.new_keys)
+    np.testing.assert_allclose(emb[rows], f.new_emb, atol=1e-6)
+
+
+def _refused(monkeypatch, argv, match, root, error=add.AddError):
+    def no_graph(*args, **kwargs):
+        raise AssertionError("the add built its graph before refusing")
+
+    monkeypatch.setattr(add, "add_pipeline", no_graph)
+    with pytest.raises(error, match=match):
+        add.run(["--memory", root, *argv, "--runner=FnApiRunner"])
+    deltas = os.path.join(root, "deltas")
+    tag = f"v{latest_version(root) + 1:06d}-"
+    assert not any(d.startswith(tag) for d in (os.listdir(deltas) if os.path.isdir(deltas) else []))
+
+
+def test_precomputed_add_refuses_another_encoder_or_dim_before_reading(clip_flow, tmp_path, monkeypatch):
+    f = clip_flow
+    spec = f"--embeddings=clip:{f.source},label_column=label"
+    before = sorted(os.listdir(os.path.join(f.memory, "deltas")))
+    _refused(monkeypatch, [spec, "--encoder-id=y"], r"--encoder-id 'y' differs from the encoder 'x'.*--encoder-id x",
+             f.memory)
+    _refused(monkeypatch, [spec], r"needs --encoder-id.*--encoder-id x", f.memory)
+    small = _clip_dir(str(tmp_path / "dim8"), ["z1", "z2"], ["c0", "c0"], _unit(np.random.default_rng(1), 2, 8))
+    _refused(monkeypatch, [f"--embeddings=clip:{small},label_column=label", "--encoder-id=x"],
+             r"dim 8.*holds dim 16", f.memory)
+    # Images cannot be embedded by an encoder the job only knows by name.
+    _refused(monkeypatch, ["--images", str(tmp_path)], r"precomputed embeddings of encoder 'x'.*--embeddings",
+             f.memory)
+    assert latest_version(f.memory) == 2 and sorted(os.listdir(os.path.join(f.memory, "deltas"))) == before
+
+
+def test_precomputed_add_refuses_a_memory_built_from_images(clip_flow, tmp_path, monkeypatch):
+    from memory.build import build_memory_local
+    from memory.index import IndexConfig
+    root = str(tmp_path / "images-mem")
+    x = _unit(np.random.default_rng(2), 30)
+    build_memory_local(root, ids=[f"i{i}" for i in range(30)], labels=["c0"] * 30,
+                       uris=[f"/i/{i}.png" for i in range(30)], embeddings=x, num_shards=1, index_config=IndexConfig(),
+                       encoder_identity={"name": "x", "content_hash": "sha256:0", "dim": CLIP_DIM,
+                                         "preprocess": {"image_size": 28}})
+    _refused(monkeypatch, [f"--embeddings=clip:{clip_flow.source},label_column=label", "--encoder-id=x"],
+             r"built from images with encoder 'x'.*--images", root)
+    assert latest_version(root) == 1
+
+
+def test_publish_step_is_idempotent_when_retried(clip_flow, tmp_path):
+    """A retried publish step finds its own version (success); another publish there is a conflict."""
+    from memory.index import IndexConfig, IndexKind
+    from memory.shard import ShardData, write_shard
+    root = str(tmp_path / "mem")
+    shutil.copytree(clip_flow.memory, root)
+    plan = add.plan_add(root, images=False)
+    v2 = read_version(root, 2)
+    data = ShardData(ids=np.array(["r0", "r1", "r2"]), labels=np.array([0, 3, 1], np.int32),
+                     uris=np.array(["/r/0", "/r/1", "/r/2"]), embeddings=_unit(np.random.default_rng(3), 3))
+    attempts = []
+    for _ in range(2):  # Two attempts at delta shard 0 of 1 (a retried bundle); the step names the first.
+        name, rel = add.delta_shard_path(plan, 0, 1)
+        attempts.append(write_shard(os.path.join(root, rel), data, name=name, root_relative_path=rel,
+                                    index_config=IndexConfig(kind=IndexKind.BRUTE_FORCE)))
+    os.makedirs(os.path.join(plan.spill_dir, "shard-00000"))
+    open(os.path.join(plan.spill_dir, "shard-00000", "0123.npz"), "wb").close()
+    identity = json.dumps(v2.encoder, sort_keys=True)
+
+    def publish_step(read, failed):
+        return list(add._PublishAddFn(plan).process(
+            None, infos=[(0, attempts[0])], identities=[identity], class_names=list(v2.class_names),
+            records_read=read, failed=failed, dead_letter_files=[]))
+
+    [first] = publish_step(3, 0)
+    assert latest_version(root) == 3 and first.delta_shards[-1] == attempts[0]
+    assert os.listdir(os.path.join(root, plan.delta_dir)) == [attempts[0].path.split("/")[-1]]
+    [again] = publish_step(3, 0)  # The step retried after its version was published: success, same version.
+    assert again == first and latest_version(root) == 3
+    assert add.publish_add_version(plan, delta_infos=[attempts[0]], new_class_names=[],
+                                   counts={"read": 3, "added": 3, "failed": 0}) == first
+    with pytest.raises(ConcurrentUpdateError, match="re-run"):  # Not this add's version 3: a conflict.
+        publish_step(4, 1)
+    # The conflict did not delete the published delta shard.
+    assert latest_version(root) == 3 and os.path.isdir(os.path.join(root, attempts[0].path))
+    found = VisualMemory.open(root, verify=True).search(data.embeddings, 1)
+    np.testing.assert_array_equal(found.ids[:, 0], data.ids)

@@ -516,3 +516,44 @@ def test_publish_step_is_idempotent_when_retried(clip_flow, tmp_path):
     assert latest_version(root) == 3 and os.path.isdir(os.path.join(root, attempts[0].path))
     found = VisualMemory.open(root, verify=True).search(data.embeddings, 1)
     np.testing.assert_array_equal(found.ids[:, 0], data.ids)
+
+
+def test_reject_known_ids_in_blocks_joins_ids_only_per_bucket(tmp_path, monkeypatch):
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+    from memory.build import build_memory_local
+    from memory.index import IndexConfig
+    from pipelines.records import EntryBlock
+
+    n = 200
+    ids = [f"m{i:03d}" for i in range(n)]
+    root = str(tmp_path / "mem")
+    build_memory_local(root, ids=ids, labels=[f"c{i % 3}" for i in range(n)], uris=[f"/i/{i}" for i in ids],
+                       embeddings=_unit(np.random.default_rng(5), n, 8), num_shards=3, index_config=IndexConfig(),
+                       encoder_identity={"name": "fake", "content_hash": "sha256:0", "dim": 8, "preprocess": {}})
+    forget(root, ids=["m007", "m150"])
+    held = []
+    real_process = add._RejectRowsInBucketFn.process
+
+    def spy(self, element):
+        held.append((sum(len(c) for c in element[1]["stored"]), [type(r).__name__ for r in element[1]["new"]]))
+        return real_process(self, element)
+
+    monkeypatch.setattr(add._RejectRowsInBucketFn, "process", spy)
+    new = np.array(["m003", "m007", "m150", "m199", "n1", "n2", "n3", "n1"])
+    block = EntryBlock(new, np.array(["c0"] * 7 + ["zebra"]), np.array([f"/new/{i}" for i in range(8)]),
+                       _unit(np.random.default_rng(6), 8, 8))
+    with TestPipeline(runner="FnApiRunner") as p:
+        rejected, failed, kept = p | beam.Create([block]) | add.RejectKnownIdsInBlocks(root, 2, buckets=4)
+        assert_that(rejected | beam.FlatMap(lambda a: a.tolist()), equal_to(["m003", "m007", "m150", "m199"]),
+                    label="rejected")
+        assert_that(failed | beam.Map(lambda f: (f.id, f.reason)), equal_to([
+            ("m003", "duplicate_id"), ("m199", "duplicate_id"), ("m007", "forgotten_id"),
+            ("m150", "forgotten_id")]), label="failed")
+        assert_that(kept | beam.Map(lambda k: k[0]) | beam.CombineGlobally(sum), equal_to([4]), label="kept")
+        assert_that(kept | beam.FlatMap(lambda k: k[1]) | beam.Distinct(), equal_to(["c0", "zebra"]),
+                    label="labels")
+    # Each bucket holds its share of the stored ids and only the id/uri/label columns of the new rows.
+    assert held and max(h for h, _ in held) < n
+    assert {t for _, types_ in held for t in types_} == {"_RowsOfBucket"}

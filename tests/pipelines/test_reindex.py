@@ -508,8 +508,8 @@ def test_launcher_reads_no_shard_and_the_graph_does_not_grow_with_the_memory(tmp
     import apache_beam as beam
     from apache_beam.internal import pickler
     roots = {}
-    for n in (400, 4000):
-        roots[n] = str(tmp_path / f"mem{n}")
+    for n, name in ((400, "small"), (4000, "large")):  # Same-length paths: they are pickled into the graph.
+        roots[n] = str(tmp_path / name)
         _routed_memory(roots[n], n)
     reads = []
     with monkeypatch.context() as mp:
@@ -529,8 +529,9 @@ def test_launcher_reads_no_shard_and_the_graph_does_not_grow_with_the_memory(tmp
         p = beam.Pipeline()
         reindex.build_pipeline(p, job)
         sizes[n] = len(p.to_runner_api().SerializeToString())
-    # 10x the entries (and delta rows): the graph may differ only by a few digits (counts, paths).
-    assert abs(sizes[4000] - sizes[400]) < 300, sizes
+    # 10x the entries (and delta rows): the graph may differ only by a few digits (counts, checksums) and by
+    # how its compressed pickles compress; 360 more delta rows' targets alone would add ~2.9 kB per DoFn.
+    assert abs(sizes[4000] - sizes[400]) < 1_000, sizes
 
 
 def test_routed_reindex_through_small_spill_files_matches_and_cleans_up(tmp_path):

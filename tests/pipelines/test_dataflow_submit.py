@@ -39,7 +39,7 @@ EXPECTED_STEPS = {
     "evaluate": ("ReadQueries", "EmbedQueries", "SearchShards", "MergeNeighbors", "WriteNeighbors", "Report"),
     "add": ("ReadImages", "RejectKnownIds", "EmbedImages", "WriteDeltaShards", "PublishAdd"),
     "prune": ("ReadMemoryEntries", "SearchShards", "MergeNeighbors", "CountMislabelledHits",
-              "WriteCountsAndPublish"),
+              "DecidePerBucket", "SummariseAndPublish"),
     "reindex": ("ListSourceShards", "ReadLiveRows", "GroupByTarget", "WriteTargetShard", "Publish"),
 }
 JOBS = tuple(EXPECTED_STEPS)

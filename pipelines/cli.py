@@ -1,12 +1,13 @@
 """``vmem``: the visual-memory command line.
 
     vmem prepare-data fashion-mnist --out DIR [--per-class N] [--test-per-class M]
-    vmem build --images SPEC --output MEMORY [--shards N] [--sharding hash|partition] [--config FILE] [Beam flags...]
+    vmem build (--images SPEC | --embeddings SPEC --encoder-id NAME) --output MEMORY [--shards N]
+               [--sharding hash|partition] [--embedding-dtype float32|bfloat16|int8] [--config FILE] [Beam flags...]
     vmem info MEMORY [--json] [--verify]
     vmem evaluate --memory MEMORY --images SPEC --output DIR [--k-max 100] [--route-probes P] [Beam flags...]
     vmem vote --neighbors FILE --output DIR [--k-max K]
     vmem classify --memory MEMORY IMAGE... [--rule rank] [--k 10] [--explain] [--html FILE]
-    vmem add --memory MEMORY --images SPEC [--delta-shard-size N] [Beam flags...]
+    vmem add --memory MEMORY (--images SPEC | --embeddings SPEC --encoder-id NAME) [--delta-shard-size N] [Beam flags...]
     vmem prune --memory MEMORY (--mode hard --threshold T | --mode soft) [--k 100] [--counts-only] [Beam flags...]
     vmem history MEMORY [--json]
     vmem reindex --memory MEMORY [--if-needed] [--target-shard-size N] [Beam flags...]
@@ -30,11 +31,11 @@ from pipelines.cli_args import EXIT_USAGE, UsageError
 
 COMMANDS = {
     "prepare-data": "write a bundled dataset as ImageFolders of PNG files",
-    "build": "build a visual memory from images (Beam job)",
+    "build": "build a visual memory from images or precomputed embeddings (Beam job)",
     "info": "describe a built memory",
     "evaluate": "classify a held-out split against a memory; accuracy per voting rule and k (Beam job)",
     "classify": "classify images, optionally explaining each decision by its neighbours",
-    "add": "add labelled images (new classes too) as delta shards of a new version (Beam job)",
+    "add": "add labelled images or embeddings (new classes too) as delta shards of a new version (Beam job)",
     "prune": "reliability counts by leave-one-out self-query; hard (forget v >= T) or soft (1.75/(1+v)) (Beam job)",
     "history": "list a memory's versions and what changed in each",
     "reindex": "fold delta shards in and drop forgotten rows; rebuild only changed shards (Beam job)",
@@ -86,7 +87,7 @@ def cmd_build(argv: Sequence[str]) -> int:
     manifest = read_manifest(args.output)
     c = manifest.counts
     print(f"built {args.output}: {c.embedded} entries in {len(manifest.shards)} shards, {len(manifest.class_names)} "
-          f"classes; read {c.read}, failed {c.failed}; {elapsed:.1f}s ({c.read / max(elapsed, 1e-9):.1f} images/s)")
+          f"classes; read {c.read}, failed {c.failed}; {elapsed:.1f}s ({c.read / max(elapsed, 1e-9):.1f} entries/s)")
     if c.failed:
         print(f"failed records (with reasons): {args.output.rstrip('/')}/dead_letter/")
     return 0
@@ -100,6 +101,8 @@ def describe(manifest) -> str:
         + (" ..." if len(manifest.class_names) > 20 else ""),
         f"encoder      {enc['name']} ({enc['content_hash'][:23]}...), dim {manifest.dim}, metric {manifest.metric.value}",
         f"built        {manifest.created_at}; read {manifest.counts.read}, failed {manifest.counts.failed}",
+        f"storage      format {manifest.format_version}, embeddings stored as "
+        f"{(manifest.build_config.get('index') or {}).get('embedding_dtype', 'float32')} (inside each shard's index)",
         f"shards       {len(manifest.shards)}" + (
             "" if manifest.router is None else
             f", partition-routed: {manifest.router.count} router centroids, {manifest.router.probes} probes per query"),

@@ -52,6 +52,7 @@ from memory.voting import VotingParams
 from pipelines.runner import with_default_runner
 from pipelines.embed import DecodeImages, EmbedImages, check_same_identity, memory_encoder_spec
 from pipelines.readers import ReadImages, parse_image_spec
+from pipelines.records import EmbeddedImage
 from pipelines.write import WriteDeadLetters
 
 _LOG = logging.getLogger("visual_memory")
@@ -411,8 +412,14 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vmem evaluate", description=__doc__.split("\n")[0],
                                      epilog="Other flags are Beam pipeline options (--runner, --project, ...).")
     parser.add_argument("--memory", required=True, help="a built memory (local or gs://)")
-    parser.add_argument("--images", required=True, help="held-out images: ImageFolder DIR, tfrecord:PATTERN or "
-                                                          "manifest:FILE (labels are class names)")
+    queries = parser.add_mutually_exclusive_group(required=True)
+    queries.add_argument("--images", help="held-out images: ImageFolder DIR, tfrecord:PATTERN, manifest:FILE or "
+                                          "webdataset:PATTERN (labels are class names)")
+    queries.add_argument("--embeddings",
+                         help="held-out precomputed embeddings (clip:DIR,label_column=... or tfrecord:PATTERN; see "
+                              "vmem build --embeddings), for a memory built from embeddings of --encoder-id")
+    parser.add_argument("--encoder-id", default=None,
+                        help="with --embeddings: the encoder that computed them; must be the memory's")
     parser.add_argument("--output", required=True, help="directory for neighbours JSONL and the report")
     parser.add_argument("--k-max", type=int, default=100, help="neighbours retrieved and voted over (default 100)")
     parser.add_argument("--tau", type=float, default=0.07, help="SoftmaxVoting temperature (default 0.07)")
@@ -448,6 +455,12 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     if args.route_probes is not None and manifest.router is None:
         raise EvaluationError(f"--route-probes {args.route_probes}: memory {root} is hash-sharded (every query "
                               "searches every shard); drop --route-probes or build with --sharding partition.")
+    from pipelines.add import is_precomputed  # pylint: disable=g-import-not-at-top
+    if is_precomputed(manifest.encoder) or args.embeddings is not None:
+        return _run_precomputed(args, beam_args, root, manifest, params, test_pipeline)
+    if args.encoder_id:
+        raise EvaluationError("--encoder-id applies to --embeddings only; image queries are embedded with the "
+                              "memory's own encoder.")
     encoder = memory_encoder_spec(manifest)
     if args.config:
         requested = load_config(args.config).encoder
@@ -465,18 +478,68 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     images, decode_failures = records | "DecodeQueries" >> DecodeImages(preprocess)
     queries, embed_failures, identities = images | "EmbedQueries" >> EmbedImages(
         encoder, min_batch_size=8, max_batch_size=64, progress_every=500)
+    records_read = ((records, read_failures) | "AllRead" >> beam.Flatten()
+                    | "CountRead" >> beam.combiners.Count.Globally())
+    return _search_vote_report(p, args, root, manifest, params, queries=queries, identities=identities,
+                               failure_sets=(read_failures, decode_failures, embed_failures),
+                               records_read=records_read, source_info={"images": source.to_dict()})
+
+
+def _run_precomputed(args, beam_args, root: str, manifest: Manifest, params: VotingParams, test_pipeline):
+    """Queries from precomputed embeddings, for a memory built from precomputed embeddings of the same encoder."""
+    from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
+    from pipelines.build import precomputed_identity  # pylint: disable=g-import-not-at-top
+    from pipelines.embedding_sources import ReadEmbeddings, embedding_dim, parse_embeddings_spec
+    from pipelines.write import count_rows  # pylint: disable=g-import-not-at-top
+
+    name = manifest.encoder.get("name")
+    if args.embeddings is None:
+        raise EvaluationError(
+            f"memory {root} was built from precomputed embeddings of encoder {name!r}, which this job cannot run "
+            f"on images; evaluate with --embeddings SPEC --encoder-id {name} (queries embedded by that encoder).")
+    from pipelines.add import is_precomputed  # pylint: disable=g-import-not-at-top
+    if not is_precomputed(manifest.encoder):
+        raise EvaluationError(
+            f"memory {root} was built from images with encoder {name!r}; precomputed query embeddings cannot be "
+            "shown to come from it. Evaluate with --images (embedded by the memory's own encoder).")
+    if args.encoder_id != name:
+        raise EvaluationError(
+            f"--encoder-id {args.encoder_id!r}: memory {root} holds embeddings of encoder {name!r}; queries must come "
+            f"from the same encoder (pass --encoder-id {name} if they do).")
+    source = parse_embeddings_spec(args.embeddings)
+    dim = embedding_dim(source)
+    if dim != manifest.dim:
+        raise EvaluationError(f"--embeddings {source.location}: dim {dim}, memory {root} has dim {manifest.dim}.")
+    storage.makedirs(args.output)
+    p = test_pipeline or beam.Pipeline(options=PipelineOptions(with_default_runner(beam_args)))
+    blocks, read_failures = p | "ReadQueryEmbeddings" >> ReadEmbeddings(source)
+    queries = blocks | "QueryRows" >> beam.FlatMap(
+        lambda b: [EmbeddedImage(str(b.ids[i]), str(b.uris[i]), str(b.labels[i]), b.embeddings[i])
+                   for i in range(len(b))])
+    identities = p | "QueryIdentity" >> beam.Create(
+        [json.dumps(precomputed_identity(args.encoder_id, dim, source.to_dict().get("location", "")),
+                    sort_keys=True)])
+    records_read = ((count_rows(blocks, "CountQueryRows"),
+                     read_failures | "CountReadFailures" >> beam.combiners.Count.Globally())
+                    | "ReadParts" >> beam.Flatten()
+                    | "CountRead" >> beam.CombineGlobally(sum))
+    return _search_vote_report(p, args, root, manifest, params, queries=queries, identities=identities,
+                               failure_sets=(read_failures,), records_read=records_read,
+                               source_info={"embeddings": source.to_dict()})
+
+
+def _search_vote_report(p, args, root: str, manifest: Manifest, params: VotingParams, *, queries, identities,
+                        failure_sets, records_read, source_info: dict):
+    """The shared back half: search every (routed) shard, merge, write neighbours, vote and report."""
     merged = (queries
               | "SearchShards" >> SearchShards(root, manifest, k=args.k_max, batch_size=args.query_batch,
                                                 route_probes=args.route_probes)
               | "MergeNeighbors" >> MergeNeighbors(args.k_max))
     neighbor_files = merged | "WriteNeighbors" >> WriteNeighbors(args.output, manifest.class_names)
-    failures = (read_failures, decode_failures, embed_failures) | "AllFailures" >> beam.Flatten()
+    failures = tuple(failure_sets) | "AllFailures" >> beam.Flatten()
     _ = failures | "WriteDeadLetters" >> WriteDeadLetters(args.output)
     failed = failures | "CountFailed" >> beam.combiners.Count.Globally()
-    records_read = ((records, read_failures) | "AllRead" >> beam.Flatten()
-                    | "CountRead" >> beam.combiners.Count.Globally())
-    extra = {"command": "vmem evaluate", "memory": root, "version_pinned": args.version,
-             "images": source.to_dict(),
+    extra = {"command": "vmem evaluate", "memory": root, "version_pinned": args.version, **source_info,
              "encoder": manifest.encoder.get("name"), "k_max": args.k_max}
     if manifest.router is not None:
         extra["route_probes"] = args.route_probes or manifest.router.probes

@@ -276,3 +276,29 @@ def test_search_shard_fn_loads_a_shard_for_its_key_and_keeps_none_after(syntheti
     del first, second
     gc.collect()
     assert [ref() for ref in loads] == [None, None]  # No shard outlives its key on the worker.
+
+
+def test_evaluate_precomputed_query_embeddings(tmp_path):
+    """A memory built from embeddings is evaluated with query embeddings of the same encoder; images are refused."""
+    from tests.pipelines.test_build import _clip_folder
+    keys, labels, emb = _clip_folder(str(tmp_path / "mem-emb"), [200, 100], dim=16, seed=3)
+    qkeys, qlabels, qemb = _clip_folder(str(tmp_path / "q-emb"), [40], dim=16, seed=4)
+    mem = str(tmp_path / "mem")
+    build.run([f"--embeddings=clip:{tmp_path / 'mem-emb'},label_column=label", "--encoder-id=enc-16",
+               f"--output={mem}", "--runner=FnApiRunner"])
+    out = str(tmp_path / "eval")
+    evaluate.run([f"--memory={mem}", f"--embeddings=clip:{tmp_path / 'q-emb'},label_column=label",
+                  "--encoder-id=enc-16", f"--output={out}", "--k-max=5", "--runner=FnApiRunner"])
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert report["queries"] == 40 and report["failed"] == 0
+    # The neighbours equal an in-process search of the same memory with the same query vectors.
+    records = {r.query_id: r for r in read_neighbor_files(glob.glob(os.path.join(out, "*neighbors*.jsonl")))}
+    expected = VisualMemory.open(mem).search(qemb, 5)
+    for i, key in enumerate(qkeys):
+        assert list(records[key].neighbor_ids) == expected.ids[i].tolist()
+    with pytest.raises(evaluate.EvaluationError, match="--encoder-id 'other'.*'enc-16'"):
+        evaluate.run([f"--memory={mem}", f"--embeddings=clip:{tmp_path / 'q-emb'},label_column=label",
+                      "--encoder-id=other", f"--output={tmp_path / 'e2'}", "--runner=FnApiRunner"])
+    with pytest.raises(evaluate.EvaluationError, match="precomputed embeddings of encoder 'enc-16'"):
+        evaluate.run([f"--memory={mem}", f"--images={tmp_path}", f"--output={tmp_path / 'e3'}",
+                      "--runner=FnApiRunner"])

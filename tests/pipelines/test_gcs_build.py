@@ -73,8 +73,11 @@ def test_build_from_and_to_gcs_matches_local_build(gcs_bucket, small_folder, tin
     assert c == local_manifest.counts
     assert manifest.class_names == local_manifest.class_names and len(manifest.class_names) == _CLASSES
     # uris (gs:// vs local) enter the checksums, so compare the layout and the stored columns instead.
-    assert ([(s.name, s.path, s.count, s.index_kind) for s in manifest.shards]
-            == [(s.name, s.path, s.count, s.index_kind) for s in local_manifest.shards])
+    # Paths end in a per-attempt suffix (shards/<name>-<attempt>), different in every build.
+    assert ([(s.name, s.path.rsplit("-", 1)[0], s.count, s.index_kind) for s in manifest.shards]
+            == [(s.name, s.path.rsplit("-", 1)[0], s.count, s.index_kind) for s in local_manifest.shards])
+    assert all(s.path.startswith(f"shards/{s.name}-") for s in manifest.shards)
+    assert storage.list_dir(storage.join(gcs_out, "shards")) == sorted(s.path[len("shards/"):] for s in manifest.shards)
     for shard, local_shard in zip(manifest.shards, local_manifest.shards):
         a = read_shard_data(storage.join(gcs_out, shard.path))
         b = read_shard_data(os.path.join(local_out, local_shard.path))

@@ -258,6 +258,12 @@ class _TombstonesFn(beam.DoFn):
         yield from _bucketed(read_forgotten(self._root, read_version(self._root, version)), self._buckets)
 
 
+def _sorted_ids(chunks) -> np.ndarray:
+    """One bucket's id chunks (from every shard or tombstone file) as one sorted array."""
+    chunks = list(chunks)
+    return np.sort(np.concatenate(chunks)) if chunks else np.zeros((0,), "<U1")
+
+
 def _member(sorted_ids: np.ndarray, entry_id: str) -> bool:
     if not sorted_ids.size:
         return False
@@ -274,11 +280,8 @@ class _RejectInBucketFn(beam.DoFn):
 
     def process(self, element):
         _, grouped = element
-        stored = [c for c in grouped["stored"]]
-        forgotten = [c for c in grouped["forgotten"]]
         # Tombstones list forgotten ids still stored, so "live" is stored minus forgotten.
-        stored = np.sort(np.concatenate(stored)) if stored else np.zeros((0,), "<U1")
-        forgotten = np.sort(np.concatenate(forgotten)) if forgotten else np.zeros((0,), "<U1")
+        stored, forgotten = _sorted_ids(grouped["stored"]), _sorted_ids(grouped["forgotten"])
         for record in grouped["new"]:
             if _member(forgotten, record.id):
                 yield _failed(record.id, record.uri, "forgotten_id",
@@ -370,10 +373,7 @@ class _RejectRowsInBucketFn(beam.DoFn):
 
     def process(self, element):
         _, grouped = element
-        stored = [c for c in grouped["stored"]]
-        forgotten = [c for c in grouped["forgotten"]]
-        stored = np.sort(np.concatenate(stored)) if stored else np.zeros((0,), "<U1")
-        forgotten = np.sort(np.concatenate(forgotten)) if forgotten else np.zeros((0,), "<U1")
+        stored, forgotten = _sorted_ids(grouped["stored"]), _sorted_ids(grouped["forgotten"])
         for rows in grouped["new"]:
             gone = _members(forgotten, rows.ids)
             live = _members(stored, rows.ids) & ~gone  # Tombstones list forgotten ids that are still stored.

@@ -162,33 +162,8 @@ class CountMislabelledHits(beam.PTransform):
                 | "SumPerEntry" >> beam.CombinePerKey(sum))
 
 
-def counts_dir(root: str, version: int) -> str:
-    """``MEMORY/pruning/vNNNNNN-counts/``: the per-bucket counts computed on ``version``."""
-    return storage.join(root, pruning.PRUNING_DIR, f"v{version:06d}-counts")
-
-
-def _bucket_path(root: str, version: int, bucket: int, buckets: int) -> str:
-    return storage.join(counts_dir(root, version), f"bucket-{bucket:05d}-of-{buckets:05d}.npz")
-
-
-def read_bucket_counts(root: str, version: int, *, buckets: int) -> pruning.PruningCounts:
-    """Every bucket file of one run (``buckets`` of them, empty buckets have none) as one PruningCounts (by id).
-
-    For inspection and tests: it holds every entry's count, which the job itself never does.
-    """
-    import fnmatch
-    try:
-        names = storage.list_dir(counts_dir(root, version))
-    except FileNotFoundError:
-        names = []
-    parts = [pruning.read_counts(storage.join(counts_dir(root, version), name))
-             for name in sorted(fnmatch.filter(names, f"bucket-*-of-{buckets:05d}.npz"))]
-    if not parts:
-        raise FileNotFoundError(f"no counts of version {version} in {counts_dir(root, version)} ({buckets} buckets)")
-    ids = np.concatenate([c.ids for c in parts])
-    v = np.concatenate([c.v for c in parts])
-    order = np.argsort(ids, kind="stable")
-    return pruning.PruningCounts(ids[order], v[order], parts[0].k, parts[0].version)
+counts_dir = pruning.counts_dir
+read_bucket_counts = pruning.read_all_counts  # Every bucket file of one run, sorted by id (inspection, tests).
 
 
 def summary_of_value_counts(values: np.ndarray, entries: np.ndarray,
@@ -268,7 +243,8 @@ class _DecideBucketFn(beam.DoFn):
         import io
         buf = io.BytesIO()
         np.savez(buf, ids=ids, v=v, k=np.int64(self._k), version=np.int64(self._version))
-        storage.write_bytes(_bucket_path(self._root, self._version, bucket, self._buckets), buf.getvalue())
+        storage.write_bytes(pruning.bucket_counts_path(self._root, self._version, bucket, self._buckets),
+                            buf.getvalue())
         if self._counts_only:
             keep = np.zeros(ids.shape, dtype=bool)
         elif self._mode is pruning.PruningMode.HARD:

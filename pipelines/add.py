@@ -264,6 +264,11 @@ def _sorted_ids(chunks) -> np.ndarray:
     return np.sort(np.concatenate(chunks)) if chunks else np.zeros((0,), "<U1")
 
 
+def _forgotten_detail(version: int) -> str:
+    return (f"id was forgotten but is still physically present in version {version} until `vmem reindex`; "
+            "re-index first, or add the entry under another id")
+
+
 def _member(sorted_ids: np.ndarray, entry_id: str) -> bool:
     if not sorted_ids.size:
         return False
@@ -284,9 +289,7 @@ class _RejectInBucketFn(beam.DoFn):
         stored, forgotten = _sorted_ids(grouped["stored"]), _sorted_ids(grouped["forgotten"])
         for record in grouped["new"]:
             if _member(forgotten, record.id):
-                yield _failed(record.id, record.uri, "forgotten_id",
-                              f"id was forgotten but is still physically present in version {self._version} until "
-                              "`vmem reindex`; re-index first, or add the image under another id", Stage.READ)
+                yield _failed(record.id, record.uri, "forgotten_id", _forgotten_detail(self._version), Stage.READ)
             elif _member(stored, record.id):
                 yield _failed(record.id, record.uri, "duplicate_id",
                               f"id is already live in version {self._version} of {self._root}; forget it first to "
@@ -378,9 +381,8 @@ class _RejectRowsInBucketFn(beam.DoFn):
             gone = _members(forgotten, rows.ids)
             live = _members(stored, rows.ids) & ~gone  # Tombstones list forgotten ids that are still stored.
             for i in np.flatnonzero(gone).tolist():
-                yield _failed(str(rows.ids[i]), str(rows.uris[i]), "forgotten_id",
-                              f"id was forgotten but is still physically present in version {self._version} until "
-                              "`vmem reindex`; re-index first, or add the entry under another id", Stage.READ)
+                yield _failed(str(rows.ids[i]), str(rows.uris[i]), "forgotten_id", _forgotten_detail(self._version),
+                              Stage.READ)
             for i in np.flatnonzero(live).tolist():
                 yield _failed(str(rows.ids[i]), str(rows.uris[i]), "duplicate_id",
                               f"id is already live in version {self._version} of {self._root}; forget it first to "

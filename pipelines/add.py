@@ -276,17 +276,26 @@ def _member(sorted_ids: np.ndarray, entry_id: str) -> bool:
     return pos < sorted_ids.size and sorted_ids[pos] == entry_id
 
 
-class _RejectInBucketFn(beam.DoFn):
-    """(bucket, {new records, stored ids, forgotten ids} of that bucket) -> new records / FailedRecords."""
+class _BucketJoinFn(beam.DoFn):
+    """Base of the per-bucket joins of new ids against the version's stored and forgotten ids."""
 
     def __init__(self, root: str, version: int):
         self._root = root
         self._version = version
 
+    @staticmethod
+    def known_ids(grouped) -> tuple[np.ndarray, np.ndarray]:
+        """(stored, forgotten) sorted ids of the bucket; tombstones list forgotten ids still stored, so "live"
+        is stored minus forgotten."""
+        return _sorted_ids(grouped["stored"]), _sorted_ids(grouped["forgotten"])
+
+
+class _RejectInBucketFn(_BucketJoinFn):
+    """(bucket, {new records, stored ids, forgotten ids} of that bucket) -> new records / FailedRecords."""
+
     def process(self, element):
         _, grouped = element
-        # Tombstones list forgotten ids still stored, so "live" is stored minus forgotten.
-        stored, forgotten = _sorted_ids(grouped["stored"]), _sorted_ids(grouped["forgotten"])
+        stored, forgotten = self.known_ids(grouped)
         for record in grouped["new"]:
             if _member(forgotten, record.id):
                 yield _failed(record.id, record.uri, "forgotten_id", _forgotten_detail(self._version), Stage.READ)
@@ -365,18 +374,14 @@ def _rows_by_bucket(block: EntryBlock, buckets: int):
         yield int(b), _RowsOfBucket(block.ids[rows], block.uris[rows], block.labels[rows])
 
 
-class _RejectRowsInBucketFn(beam.DoFn):
+class _RejectRowsInBucketFn(_BucketJoinFn):
     """(bucket, {new rows, stored ids, forgotten ids}) -> rejected ids, FailedRecords, (kept rows, their labels)."""
 
     KEPT = "kept"
 
-    def __init__(self, root: str, version: int):
-        self._root = root
-        self._version = version
-
     def process(self, element):
         _, grouped = element
-        stored, forgotten = _sorted_ids(grouped["stored"]), _sorted_ids(grouped["forgotten"])
+        stored, forgotten = self.known_ids(grouped)
         for rows in grouped["new"]:
             gone = _members(forgotten, rows.ids)
             live = _members(stored, rows.ids) & ~gone  # Tombstones list forgotten ids that are still stored.

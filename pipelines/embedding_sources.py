@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import hashlib
 import posixpath
 import re
 import struct
@@ -41,7 +40,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from pipelines.readers import FAILED_TAG, _failed, parse_spec_options
+from pipelines.readers import FAILED_TAG, _failed, parse_example, parse_spec_options
 from pipelines.records import EntryBlock
 
 _NAMESPACE = "visual_memory"
@@ -436,13 +435,9 @@ class _ParseEmbeddingExampleFn(beam.DoFn):
     def process(self, element):
         filename, serialized = element
         opt = self._source.option
-        fallback = f"{posixpath.basename(filename)}:{hashlib.sha1(serialized).hexdigest()[:16]}"
-        try:
-            features = self._example_cls.FromString(serialized).features.feature
-        except MemoryError:
-            raise  # Not bad data: fail the bundle so the runner retries it.
-        except Exception as e:  # protobuf raises DecodeError, a plain Exception subclass.
-            yield _failed(fallback, filename, "bad_example", f"{type(e).__name__}: {e}")
+        fallback, features, failure = parse_example(self._example_cls, filename, serialized)
+        if failure is not None:
+            yield failure
             return
 
         def text(name: str) -> str:

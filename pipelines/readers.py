@@ -138,6 +138,21 @@ def _failed(record_id: str, uri: str, reason: str, detail: str, stage: str = Sta
     return beam.pvalue.TaggedOutput(FAILED_TAG, FailedRecord(record_id, uri, stage, reason, detail))
 
 
+def parse_example(example_cls, filename: str, serialized: bytes):
+    """(fallback id, features, None) for one serialized tf.train.Example, or (fallback id, None, failure).
+
+    The fallback id (``file:sha1``) names a record whose own id cannot be read. MemoryError propagates: it is
+    not bad data, and the runner should retry the bundle.
+    """
+    fallback_id = f"{posixpath.basename(filename)}:{hashlib.sha1(serialized).hexdigest()[:16]}"
+    try:
+        return fallback_id, example_cls.FromString(serialized).features.feature, None
+    except MemoryError:
+        raise
+    except Exception as e:  # pylint: disable=broad-except  # protobuf raises DecodeError, a plain Exception.
+        return fallback_id, None, _failed(fallback_id, filename, "bad_example", f"{type(e).__name__}: {e}")
+
+
 def _read_file(path: str) -> bytes:
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
         return f.read()
@@ -227,14 +242,9 @@ class _ParseTFRecordFn(beam.DoFn):
 
     def process(self, element):
         filename, serialized = element
-        digest = hashlib.sha1(serialized).hexdigest()[:16]
-        fallback_id = f"{posixpath.basename(filename)}:{digest}"
-        try:
-            features = self._example_cls.FromString(serialized).features.feature
-        except MemoryError:
-            raise  # Not bad data: fail the bundle so the runner retries it.
-        except Exception as e:  # protobuf raises DecodeError, a plain Exception subclass.
-            yield _failed(fallback_id, filename, "bad_example", f"{type(e).__name__}: {e}")
+        fallback_id, features, failure = parse_example(self._example_cls, filename, serialized)
+        if failure is not None:
+            yield failure
             return
         if "image/encoded" not in features or not features["image/encoded"].bytes_list.value:
             yield _failed(fallback_id, filename, "missing_feature", "no image/encoded bytes in the Example")

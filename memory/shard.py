@@ -48,7 +48,6 @@ SCANN_DIR = "scann"
 EMPTY_KIND = "empty"
 _PICKLE_SUFFIXES = (".pkl", ".pickle")
 _INT8_MULTIPLIERS = "int8_multipliers.npy"
-_INDEX_META = "vmem_index.json"
 # Rows must already be unit length; this tolerance admits float32 round-off only.
 _UNIT_NORM_TOL = 1e-3
 
@@ -78,6 +77,12 @@ class ShardData:
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
+
+    @classmethod
+    def empty(cls, dim: int) -> ShardData:
+        """A shard with no entries (a hash bucket that got none still gets its shard)."""
+        return cls(ids=np.zeros((0,), "<U1"), labels=np.zeros(0, np.int32), uris=np.zeros((0,), "<U1"),
+                   embeddings=np.zeros((0, dim), np.float32))
 
     def validated(self, *, where: str = "shard") -> ShardData:
         """Returns a copy with canonical dtypes; raises ValueError naming the problem."""
@@ -173,7 +178,7 @@ def _local_files(local_dir: str) -> list[str]:
 
 
 def write_shard(shard_dir: str, data: ShardData, *, index_config: IndexConfig, name: str,
-                root_relative_path: str, dim: int | None = None) -> ShardInfo:
+                root_relative_path: str) -> ShardInfo:
     """Writes one shard (entry table + ScaNN index) and returns its manifest entry.
 
     Everything is first written to a local temporary directory (ScaNN cannot serialise to ``gs://``), then
@@ -187,14 +192,13 @@ def write_shard(shard_dir: str, data: ShardData, *, index_config: IndexConfig, n
       index_config: How to build the ScaNN index (its embedding_dtype is how the rows are stored).
       name: Shard name for the manifest (e.g. ``shard-00003-of-00016``).
       root_relative_path: shard_dir relative to the memory root, recorded in the manifest.
-      dim: Embedding dimension, needed for an empty shard.
 
     Returns:
       The ShardInfo to put in the manifest.
     """
     data = data.validated(where=f"shard {name}").sorted_by_id()
     n = len(data)
-    dim = int(data.embeddings.shape[1]) if n else int(dim if dim is not None else data.embeddings.shape[1])
+    dim = int(data.embeddings.shape[1])  # Also of an empty shard: its embeddings are [0, dim].
     with tempfile.TemporaryDirectory(prefix="vmem-shard-") as tmp:
         with open(os.path.join(tmp, ENTRIES_NAME), "wb") as f:
             f.write(_entries_parquet_bytes(data, dim=dim, embedding_dtype=index_config.embedding_dtype))

@@ -15,7 +15,6 @@ client's default 120 s of retries, and no credential discovery is attempted.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import functools
 import os
@@ -35,8 +34,6 @@ _client_lock = threading.Lock()
 # Keyed by the emulator host (or None) so a test that starts an emulator after a client was created still
 # reaches the emulator and never the real service.
 _clients: dict[str | None, Any] = {}
-# gs:// path -> (fingerprint of its objects' generations, local copy); see local_copy.
-_local_copies: dict[str, tuple[tuple, str]] = {}
 
 
 def _names_paths(fn):
@@ -337,53 +334,3 @@ def _download_blobs(blobs, prefix: str, local_dir: str) -> bool:
         os.makedirs(os.path.dirname(target), exist_ok=True)
         blob.download_to_filename(target, retry=_retry())
     return found
-
-
-@_names_paths
-def local_copy(path: str) -> str:
-    """Returns a local path with the content of ``path``.
-
-    Local paths are returned unchanged. A ``gs://`` file or directory is downloaded into a temporary
-    directory (removed at interpreter exit). The copy is reused while the objects under ``path`` keep their
-    generations, and downloaded afresh once any of them changed: a memory rebuilt in place (``--overwrite``)
-    must not be searched with the previous build's ScaNN files. ScaNN's load_searcher and np.load need real
-    files.
-
-    Args:
-      path: Local path or ``gs://`` file/directory.
-
-    Returns:
-      A local path.
-
-    Raises:
-      FileNotFoundError: naming the path, when no object exists at or under it.
-    """
-    if not is_gcs(path):
-        return path
-    key = path.rstrip("/")
-    bucket, name = _split_gcs(key)
-    blob = _client().bucket(bucket).get_blob(name, retry=_retry()) if name else None
-    if blob is not None:
-        blobs, prefix = [blob], name[:name.rfind("/") + 1]
-    else:
-        blobs, prefix = list(_list_blobs(key)), _dir_prefix(name)
-    # Listed blobs carry their generation and download exactly that one, so the copy matches the fingerprint
-    # even if the objects are replaced meanwhile.
-    fingerprint = tuple(sorted((b.name, b.generation, b.size) for b in blobs))
-    with _client_lock:
-        cached = _local_copies.get(key)
-    if cached is not None and cached[0] == fingerprint and os.path.exists(cached[1]):
-        return cached[1]
-    tmp_root = tempfile.mkdtemp(prefix="vmem-gcs-")
-    atexit.register(shutil.rmtree, tmp_root, True)
-    if blob is not None:
-        _download_blobs(blobs, prefix, tmp_root)
-        target = os.path.join(tmp_root, posixpath.basename(key))
-    else:
-        target = os.path.join(tmp_root, posixpath.basename(key) or "root")
-        if not _download_blobs(blobs, prefix, target):
-            raise FileNotFoundError(f"no such GCS object or directory (no objects under it): {path}")
-    with _client_lock:
-        # An older copy is left in place: an index loaded from it may still be reading it in another thread.
-        _local_copies[key] = (fingerprint, target)
-    return target

@@ -54,34 +54,6 @@ def shard_paths(output: str, index: int, num_shards: int) -> tuple[str, str, str
     return name, rel, storage.join(output, rel)
 
 
-def entries_to_shard_data(entries: list[EmbeddedImage], class_index: dict[str, int], dim: int | None = None
-                          ) -> ShardData:
-    """Stacks entries into the column arrays of a shard (rows in any order; write_shard sorts by id)."""
-    if not entries:
-        return ShardData(ids=np.array([], dtype=str), labels=np.zeros(0, np.int32), uris=np.array([], dtype=str),
-                         embeddings=np.zeros((0, dim or 0), np.float32))
-    return ShardData(
-        ids=np.array([e.id for e in entries], dtype=str),
-        labels=np.array([class_index[e.label] for e in entries], dtype=np.int32),
-        uris=np.array([e.uri for e in entries], dtype=str),
-        embeddings=np.stack([e.embedding for e in entries]).astype(np.float32))
-
-
-def split_duplicate_ids(entries) -> tuple[list[EmbeddedImage], list[tuple[EmbeddedImage, EmbeddedImage]]]:
-    """Keeps the first entry of each id (by uri, deterministic); returns (kept, [(duplicate, kept one)]).
-
-    Duplicate ids would make "forget id" ambiguous, so the extra copies become dead letters.
-    """
-    unique: dict[str, EmbeddedImage] = {}
-    duplicates = []
-    for entry in sorted(entries, key=lambda e: (e.id, e.uri)):
-        if entry.id in unique:
-            duplicates.append((entry, unique[entry.id]))
-        else:
-            unique[entry.id] = entry
-    return list(unique.values()), duplicates
-
-
 def entries_to_block(entries: list[EmbeddedImage]) -> EntryBlock:
     """Stacks per-entry records into one EntryBlock (labels stay class names)."""
     return EntryBlock(ids=np.array([e.id for e in entries], dtype=str),
@@ -425,9 +397,8 @@ def assemble_manifest(*, output: str, infos: list[tuple[int, ShardInfo]], num_sh
     for i in range(num_shards):
         if i not in by_index:
             name, rel, path = shard_paths(output, i, num_shards)
-            by_index[i] = write_shard(path, entries_to_shard_data([], {}, encoder["dim"]),
-                                      index_config=index_config, name=name, root_relative_path=rel,
-                                      dim=int(encoder["dim"]))
+            by_index[i] = write_shard(path, ShardData.empty(int(encoder["dim"])), index_config=index_config,
+                                      name=name, root_relative_path=rel)
         shards.append(by_index[i])
     embedded = sum(s.count for s in shards)
     if records_read != embedded + failed:

@@ -80,6 +80,7 @@ from memory.shard import ShardData, write_shard
 from memory.sharding import shard_for_id
 from memory.versions import ConcurrentUpdateError, latest_version, publish_version, read_version
 from pipelines.cli_args import UsageError
+from pipelines.build import is_precomputed, precomputed_identity, read_precomputed
 from pipelines.runner import with_default_runner
 from pipelines.embed import (DecodeImages, EmbedImages, EncoderMismatchError, check_same_identity,
                              memory_encoder_spec)
@@ -106,11 +107,6 @@ __all__ = ["AddError", "AddPlan", "DEFAULT_DELTA_SHARD_SIZE", "PublishAdd", "Rej
 
 class AddError(RuntimeError):
     """The add cannot publish a meaningful version (the message says why and what to do)."""
-
-
-def is_precomputed(encoder_identity: dict) -> bool:
-    """Whether a manifest's encoder identity is a precomputed one (`pipelines.build.precomputed_identity`)."""
-    return bool((encoder_identity.get("preprocess") or {}).get("precomputed"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +175,6 @@ def check_precomputed_identity(plan: AddPlan, encoder_id: str | None, source, *,
     Raises:
       AddError: naming both encoders (or dims) and the fix.
     """
-    from pipelines.build import precomputed_identity  # pylint: disable=g-import-not-at-top
     from pipelines.embedding_sources import embedding_dim  # pylint: disable=g-import-not-at-top
 
     memory_name = plan.encoder_identity.get("name")
@@ -728,16 +723,10 @@ def add_pipeline(p: beam.Pipeline, *, plan: AddPlan, source, target_size: int, m
         kept_rows = count_rows(blocks, "CountEntries")
         labels = block_class_names(blocks)
     else:
-        from pipelines.embedding_sources import ReadEmbeddings  # pylint: disable=g-import-not-at-top
-        blocks, read_failures = p | "ReadEmbeddings" >> ReadEmbeddings(source)
-        identities = p | "EncoderIdentity" >> beam.Create([json.dumps(identity, sort_keys=True)])
+        blocks, read_failures, identities, records_read = read_precomputed(p, source, identity)
         rejected, id_failures, kept = blocks | "RejectKnownIds" >> RejectKnownIdsInBlocks(
             plan.root, plan.base_version, new_rows=entry_count)
         failure_sets = [read_failures, id_failures]
-        records_read = ((count_rows(blocks, "CountEntries"),
-                         read_failures | "CountReadFailures" >> beam.combiners.Count.Globally())
-                        | "ReadParts" >> beam.Flatten()
-                        | "CountRead" >> beam.CombineGlobally(sum))
         kept_rows = kept | "CountKept" >> (beam.Map(lambda k: k[0]) | beam.CombineGlobally(sum))
         labels = (kept
                   | "KeptLabels" >> beam.FlatMap(lambda k: k[1])

@@ -154,6 +154,29 @@ def precomputed_identity(encoder_id: str, dim: int, spec: str) -> dict:
             "dim": int(dim), "preprocess": {"precomputed": True, "source": spec}}
 
 
+def is_precomputed(encoder_identity: dict) -> bool:
+    """Whether a manifest's encoder identity is a precomputed one (`precomputed_identity`)."""
+    return bool((encoder_identity.get("preprocess") or {}).get("precomputed"))
+
+
+def read_precomputed(p: beam.Pipeline, source, identity: dict):
+    """The front half build, add and evaluate share for precomputed embeddings.
+
+    Returns:
+      (blocks, read failures, identities, records read): EntryBlocks and FailedRecords from
+      `pipelines.embedding_sources.ReadEmbeddings`, a PCollection holding the identity's JSON (what
+      EmbedImages reports for images), and a singleton count of every source row (blocks' rows + failures).
+    """
+    from pipelines.embedding_sources import ReadEmbeddings  # pylint: disable=g-import-not-at-top
+    blocks, read_failures = p | "ReadEmbeddings" >> ReadEmbeddings(source)
+    identities = p | "EncoderIdentity" >> beam.Create([json.dumps(identity, sort_keys=True)])
+    records_read = ((count_rows(blocks, "CountEntries"),
+                     read_failures | "CountReadFailures" >> beam.combiners.Count.Globally())
+                    | "ReadParts" >> beam.Flatten()
+                    | "CountRead" >> beam.CombineGlobally(sum))
+    return blocks, read_failures, identities, records_read
+
+
 def build_pipeline(p: beam.Pipeline, *, source, output: str, config: BuildConfig, encoder_id: str | None = None,
                    entry_count: int | None = None) -> None:
     """Adds the build graph to ``p``.
@@ -181,14 +204,9 @@ def build_pipeline(p: beam.Pipeline, *, source, output: str, config: BuildConfig
         source_config = {"images": source.to_dict(), "preprocess": preprocess.to_dict()}
     else:
         from pipelines.embedding_sources import ReadEmbeddings, embedding_dim
-        blocks, read_failures = p | "ReadEmbeddings" >> ReadEmbeddings(source)
-        failure_sets.append(read_failures)
         identity = precomputed_identity(encoder_id, embedding_dim(source), source.to_dict().get("location", ""))
-        identities = p | "EncoderIdentity" >> beam.Create([json.dumps(identity, sort_keys=True)])
-        records_read = ((count_rows(blocks, "CountEntries"),
-                         read_failures | "CountReadFailures" >> beam.combiners.Count.Globally())
-                        | "ReadParts" >> beam.Flatten()
-                        | "CountRead" >> beam.CombineGlobally(sum))
+        blocks, read_failures, identities, records_read = read_precomputed(p, source, identity)
+        failure_sets.append(read_failures)
         # A second read for the router sample: re-reading is cheaper than keeping every block for a second
         # consumer (a local runner would hold them all in memory).
         router_blocks = None

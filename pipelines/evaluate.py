@@ -49,6 +49,7 @@ from memory.routing import read_router, search_mask
 from memory.shard_search import (LoadedShard, PartialTopK, load_entry_weights, load_forgotten, merge_partials,
                                  searchable_shards)
 from memory.voting import VotingParams
+from pipelines.build import is_precomputed, precomputed_identity, read_precomputed
 from pipelines.runner import with_default_runner
 from pipelines.embed import DecodeImages, EmbedImages, check_same_identity, memory_encoder_spec
 from pipelines.readers import ReadImages, parse_image_spec
@@ -455,7 +456,6 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     if args.route_probes is not None and manifest.router is None:
         raise EvaluationError(f"--route-probes {args.route_probes}: memory {root} is hash-sharded (every query "
                               "searches every shard); drop --route-probes or build with --sharding partition.")
-    from pipelines.add import is_precomputed  # pylint: disable=g-import-not-at-top
     if is_precomputed(manifest.encoder) or args.embeddings is not None:
         return _run_precomputed(args, beam_args, root, manifest, params, test_pipeline)
     if args.encoder_id:
@@ -488,16 +488,13 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
 def _run_precomputed(args, beam_args, root: str, manifest: Manifest, params: VotingParams, test_pipeline):
     """Queries from precomputed embeddings, for a memory built from precomputed embeddings of the same encoder."""
     from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
-    from pipelines.build import precomputed_identity  # pylint: disable=g-import-not-at-top
-    from pipelines.embedding_sources import ReadEmbeddings, embedding_dim, parse_embeddings_spec
-    from pipelines.write import count_rows  # pylint: disable=g-import-not-at-top
+    from pipelines.embedding_sources import embedding_dim, parse_embeddings_spec
 
     name = manifest.encoder.get("name")
     if args.embeddings is None:
         raise EvaluationError(
             f"memory {root} was built from precomputed embeddings of encoder {name!r}, which this job cannot run "
             f"on images; evaluate with --embeddings SPEC --encoder-id {name} (queries embedded by that encoder).")
-    from pipelines.add import is_precomputed  # pylint: disable=g-import-not-at-top
     if not is_precomputed(manifest.encoder):
         raise EvaluationError(
             f"memory {root} was built from images with encoder {name!r}; precomputed query embeddings cannot be "
@@ -512,17 +509,11 @@ def _run_precomputed(args, beam_args, root: str, manifest: Manifest, params: Vot
         raise EvaluationError(f"--embeddings {source.location}: dim {dim}, memory {root} has dim {manifest.dim}.")
     storage.makedirs(args.output)
     p = test_pipeline or beam.Pipeline(options=PipelineOptions(with_default_runner(beam_args)))
-    blocks, read_failures = p | "ReadQueryEmbeddings" >> ReadEmbeddings(source)
+    blocks, read_failures, identities, records_read = read_precomputed(
+        p, source, precomputed_identity(args.encoder_id, dim, source.to_dict().get("location", "")))
     queries = blocks | "QueryRows" >> beam.FlatMap(
         lambda b: [EmbeddedImage(str(b.ids[i]), str(b.uris[i]), str(b.labels[i]), b.embeddings[i])
                    for i in range(len(b))])
-    identities = p | "QueryIdentity" >> beam.Create(
-        [json.dumps(precomputed_identity(args.encoder_id, dim, source.to_dict().get("location", "")),
-                    sort_keys=True)])
-    records_read = ((count_rows(blocks, "CountQueryRows"),
-                     read_failures | "CountReadFailures" >> beam.combiners.Count.Globally())
-                    | "ReadParts" >> beam.Flatten()
-                    | "CountRead" >> beam.CombineGlobally(sum))
     return _search_vote_report(p, args, root, manifest, params, queries=queries, identities=identities,
                                failure_sets=(read_failures,), records_read=records_read,
                                source_info={"embeddings": source.to_dict()})

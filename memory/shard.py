@@ -231,20 +231,36 @@ def _load_npy(blob: bytes, path: str) -> np.ndarray:
         raise ManifestError(f"cannot read {path}: {e}") from None
 
 
-def _is_legacy(shard_dir: str) -> bool:
-    return (not storage.exists(storage.join(shard_dir, ENTRIES_NAME))
-            and storage.exists(storage.join(shard_dir, "ids.npy")))
+def _entries_file(shard_dir: str):
+    """The shard's entries.parquet as a pyarrow ParquetFile, or None for a format-1 shard (ids.npy, ...).
 
-
-def _read_entries_table(shard_dir: str, columns=None):
+    One read per shard: a format-2 shard costs no existence check (on GCS, each is a round trip).
+    """
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
 
     path = storage.join(shard_dir, ENTRIES_NAME)
-    blob = storage.read_bytes(path)
     try:
-        return pq.read_table(io.BytesIO(blob), columns=columns)
+        blob = storage.read_bytes(path)
+    except FileNotFoundError:
+        if storage.exists(storage.join(shard_dir, "ids.npy")):
+            return None
+        raise
+    try:
+        return pq.ParquetFile(io.BytesIO(blob))
     except Exception as e:  # pylint: disable=broad-except  # pyarrow raises several error types.
         raise ManifestError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+
+
+def _read_table(entries, shard_dir: str, columns=None):
+    try:
+        return entries.read(columns=columns)
+    except Exception as e:  # pylint: disable=broad-except  # pyarrow raises several error types.
+        raise ManifestError(f"cannot read {storage.join(shard_dir, ENTRIES_NAME)}: {type(e).__name__}: {e}") from None
+
+
+def _read_legacy(shard_dir: str, array_name: str) -> np.ndarray:
+    path = storage.join(shard_dir, array_name + ".npy")
+    return _load_npy(storage.read_bytes(path), path)
 
 
 def _strings(column) -> np.ndarray:
@@ -254,46 +270,39 @@ def _strings(column) -> np.ndarray:
 
 def read_shard_ids(shard_dir: str) -> np.ndarray:
     """The shard's ids (unicode [n], sorted), reading nothing else."""
-    if _is_legacy(shard_dir):
-        path = storage.join(shard_dir, "ids.npy")
-        return _load_npy(storage.read_bytes(path), path).astype(str)
-    return _strings(_read_entries_table(shard_dir, ["id"]).column("id"))
+    entries = _entries_file(shard_dir)
+    if entries is None:
+        return _read_legacy(shard_dir, "ids").astype(str)
+    return _strings(_read_table(entries, shard_dir, ["id"]).column("id"))
 
 
-def read_shard_entries(shard_dir: str) -> ShardEntries:
-    """The shard's ids, labels and uris (no embeddings): what searching a shard needs besides its index."""
-    if _is_legacy(shard_dir):
-        arrays = {}
-        for array_name in ("ids", "labels", "uris"):
-            path = storage.join(shard_dir, array_name + ".npy")
-            arrays[array_name] = _load_npy(storage.read_bytes(path), path)
-        return ShardEntries(arrays["ids"].astype(str), arrays["labels"].astype(np.int32), arrays["uris"].astype(str))
-    table = _read_entries_table(shard_dir)
+def _entries_of(entries, shard_dir: str) -> ShardEntries:
+    if entries is None:
+        return ShardEntries(_read_legacy(shard_dir, "ids").astype(str),
+                            _read_legacy(shard_dir, "labels").astype(np.int32),
+                            _read_legacy(shard_dir, "uris").astype(str))
+    table = _read_table(entries, shard_dir)
     return ShardEntries(_strings(table.column("id")),
                         table.column("label").to_numpy(zero_copy_only=False).astype(np.int32),
                         _strings(table.column("uri")))
 
 
-def _shard_meta(shard_dir: str) -> dict:
-    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+def read_shard_entries(shard_dir: str) -> ShardEntries:
+    """The shard's ids, labels and uris (no embeddings): what searching a shard needs besides its index."""
+    return _entries_of(_entries_file(shard_dir), shard_dir)
 
-    path = storage.join(shard_dir, ENTRIES_NAME)
-    schema = pq.read_schema(io.BytesIO(storage.read_bytes(path)))
-    raw = (schema.metadata or {}).get(b"vmem")
+
+def _embeddings_of(entries, shard_dir: str) -> np.ndarray:
+    if entries is None:
+        return _read_legacy(shard_dir, "embeddings")
+    raw = (entries.schema_arrow.metadata or {}).get(b"vmem")
     if raw is None:
-        raise ManifestError(f"{path}: no vmem metadata (dim, embedding_dtype); not written by write_shard")
-    return json.loads(raw)
-
-
-def read_shard_embeddings(shard_dir: str) -> np.ndarray:
-    """The shard's float32 [n, d] unit embeddings, row i = entry i (dequantised for bfloat16/int8 storage)."""
-    if _is_legacy(shard_dir):
-        path = storage.join(shard_dir, "embeddings.npy")
-        return _load_npy(storage.read_bytes(path), path)
-    meta = _shard_meta(shard_dir)
-    scann_dir = storage.join(shard_dir, SCANN_DIR)
-    if not storage.exists(scann_dir):
+        raise ManifestError(f"{storage.join(shard_dir, ENTRIES_NAME)}: no vmem metadata (dim, embedding_dtype); "
+                            "not written by write_shard")
+    meta = json.loads(raw)
+    if entries.metadata.num_rows == 0:  # An empty shard has no index, hence no rows.
         return np.zeros((0, int(meta["dim"])), np.float32)
+    scann_dir = storage.join(shard_dir, SCANN_DIR)
     dtype = meta["embedding_dtype"]
     path = storage.join(scann_dir, dataset_file(dtype))
     stored = _load_npy(storage.read_bytes(path), path)
@@ -307,11 +316,17 @@ def read_shard_embeddings(shard_dir: str) -> np.ndarray:
     return rows if dtype == "float32" else l2_normalize(rows)
 
 
+def read_shard_embeddings(shard_dir: str) -> np.ndarray:
+    """The shard's float32 [n, d] unit embeddings, row i = entry i (dequantised for bfloat16/int8 storage)."""
+    return _embeddings_of(_entries_file(shard_dir), shard_dir)
+
+
 def read_shard_data(shard_dir: str) -> ShardData:
-    """Reads a shard's entries and embeddings (local or ``gs://``)."""
-    entries = read_shard_entries(shard_dir)
+    """Reads a shard's entries and embeddings (local or ``gs://``); entries.parquet is read once."""
+    entries_file = _entries_file(shard_dir)
+    entries = _entries_of(entries_file, shard_dir)
     return ShardData(ids=entries.ids, labels=entries.labels, uris=entries.uris,
-                     embeddings=read_shard_embeddings(shard_dir))
+                     embeddings=_embeddings_of(entries_file, shard_dir))
 
 
 @contextlib.contextmanager

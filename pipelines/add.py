@@ -87,7 +87,7 @@ from pipelines.embed import (DecodeImages, EmbedImages, EncoderMismatchError, ch
 from pipelines.readers import FAILED_TAG, ImageSource, ReadImages, _failed, parse_image_spec
 from pipelines.records import EntryBlock, Stage
 from pipelines.write import (DEAD_LETTER_DIR, SPILL_ROWS, EntriesToBlocks, SpillBlocks, block_class_names,
-                             concat_blocks, count_rows, dedupe_block, read_spill, take_rows)
+                             count_rows, dedupe_block, read_spills, take_rows)
 
 _LOG = logging.getLogger("visual_memory")
 _NAMESPACE = "visual_memory"
@@ -464,7 +464,7 @@ class _WriteDeltaShardFn(beam.DoFn):
         paths = sorted(grouped["spills"])
         if not paths:
             return  # Every row hashing here was rejected: no delta shard.
-        block = concat_blocks([read_spill(path) for path in paths])
+        block = read_spills(paths)
         rejected = [r for r in grouped["rejected"]]
         if rejected:
             block = take_rows(block, np.flatnonzero(~np.isin(block.ids, np.concatenate(rejected))))

@@ -47,7 +47,7 @@ worker process, the router once per DoFn instance:
   read, forgotten rows are dropped and live rows go to ``shard_for_id(id, target count)`` (a routed
   memory's rows stay in their shard).
 * Rows never travel as per-entry elements: blocks of <= BLOCK_ROWS rows are spilled by target shard to
-  files under ``shards/r{n+1:06d}-<job id>/.build-tmp/`` (pipelines.write's _SpillFn), the GroupByKey moves
+  files under ``shards/r{n+1:06d}-<job id>/.build-tmp/`` (pipelines.write.SpillBlocks), the GroupByKey moves
   only (target, spill file) references, and the worker writing a target shard reads its spill files, holding
   one shard. Each rebuilt shard is written with the memory's IndexConfig into a NEW directory
   ``shards/r{n+1:06d}-<job id>/shard-IIIII-of-NNNNN`` (never a path a published version uses).
@@ -119,7 +119,7 @@ from memory.versions import (ConcurrentUpdateError, _conflict, checked_deletion_
                              publish_version, read_version)
 from pipelines.records import EntryBlock
 from pipelines.runner import with_default_runner
-from pipelines.write import BLOCK_ROWS, SPILL_DIR, SPILL_ROWS, _SpillFn, concat_blocks, read_spill, take_rows
+from pipelines.write import BLOCK_ROWS, SPILL_DIR, SPILL_ROWS, SpillBlocks, read_spills, take_rows
 
 _LOG = logging.getLogger("visual_memory")
 _NAMESPACE = "visual_memory"
@@ -306,10 +306,10 @@ def _read_source(job: ReindexJob, info: ShardInfo) -> ShardData:
     return data
 
 
-class _SpillLiveRowsFn(_SpillFn):
+class _SpillLiveRowsFn(SpillBlocks):
     """Base of the DoFns that read a source shard and spill its live rows to the target shards' files.
 
-    Rows travel as EntryBlocks of at most BLOCK_ROWS rows into pipelines.write's _SpillFn, which writes them
+    Rows travel as EntryBlocks of at most BLOCK_ROWS rows into pipelines.write's SpillBlocks, which writes them
     to ``job.spill_dir`` and emits ``(target shard, spill path)``; ``labels`` hold label indices here.
     """
 
@@ -328,7 +328,7 @@ class _SpillLiveRowsFn(_SpillFn):
             r = rows[start:start + BLOCK_ROWS]
             block = EntryBlock(ids=data.ids[r].astype(str), labels=np.asarray(data.labels[r], np.int32),
                                uris=data.uris[r].astype(str), embeddings=data.embeddings[r])
-            yield from _SpillFn.process(self, block, targets[r])
+            yield from SpillBlocks.process(self, block, targets[r])
         _LOG.info("reindex: read %s (%d rows, %d forgotten dropped)", info.name, len(data), int((~keep).sum()))
 
 
@@ -418,7 +418,7 @@ class _WriteTargetShardFn(beam.DoFn):
     def process(self, element, plan: compaction.ReindexPlan):
         index, paths = element
         job = self._job
-        block = concat_blocks([read_spill(p) for p in sorted(p for p in paths if p is not None)], dim=job.manifest.dim)
+        block = read_spills([p for p in paths if p is not None], dim=job.manifest.dim)
         block = take_rows(block, np.argsort(block.ids, kind="stable"))  # The order write_shard stores.
         # An empty target (every row forgotten) becomes an empty shard; duplicate ids fail in write_shard.
         data = ShardData(ids=block.ids, labels=np.asarray(block.labels, np.int32), uris=block.uris,

@@ -138,7 +138,7 @@ def read_spill(path: str) -> EntryBlock:
         return EntryBlock(*(z[f] for f in EntryBlock._fields))
 
 
-class _SpillFn(beam.DoFn):
+class SpillBlocks(beam.DoFn):
     """EntryBlock -> (shard, spill path) after writing the block's rows of each shard to spill files.
 
     Rows are buffered per shard across the bundle and written once a shard has ``spill_rows`` of them (and at
@@ -198,8 +198,9 @@ def _failed_rows(block: EntryBlock, dups) -> list:
                     Stage.EMBED) for d, k in dups]
 
 
-def _read_shard_spills(paths) -> EntryBlock:
-    return concat_blocks([read_spill(p) for p in sorted(paths)])
+def read_spills(paths, dim: int | None = None) -> EntryBlock:
+    """One shard's spill files (from `SpillBlocks`) as one block; ``dim`` shapes an empty result."""
+    return concat_blocks([read_spill(p) for p in sorted(paths)], dim)
 
 
 class _DedupeFn(beam.DoFn):
@@ -211,7 +212,7 @@ class _DedupeFn(beam.DoFn):
 
     def process(self, element):
         _, paths = element
-        full = _read_shard_spills(paths)
+        full = read_spills(paths)
         block, dups = dedupe_block(full)
         yield from _failed_rows(full, dups)
         del full
@@ -227,7 +228,7 @@ class _WriteShardFn(beam.DoFn):
 
     def process(self, element, class_names, num_shards):
         index, paths = element
-        full = _read_shard_spills(paths)
+        full = read_spills(paths)
         block, dups = dedupe_block(full)
         yield from _failed_rows(full, dups)
         del full
@@ -339,17 +340,17 @@ class WriteMemoryShards(beam.PTransform):
         failures = []
         if self._router is not None:
             bucketed = (blocks
-                        | "SpillByIdHash" >> beam.ParDo(_SpillFn(storage.join(spill, "dedupe"), _hash_assign,
+                        | "SpillByIdHash" >> beam.ParDo(SpillBlocks(storage.join(spill, "dedupe"), _hash_assign,
                                                                  self._spill_rows), n)
                         | "GroupByIdHash" >> beam.GroupByKey()
                         | "Dedupe" >> beam.ParDo(_DedupeFn()).with_outputs(FAILED_TAG, main="blocks"))
             failures.append(bucketed[FAILED_TAG])
             spilled = bucketed.blocks | "SpillByRoute" >> beam.ParDo(
-                _SpillFn(storage.join(spill, "routed"), _router_assign, self._spill_rows),
+                SpillBlocks(storage.join(spill, "routed"), _router_assign, self._spill_rows),
                 beam.pvalue.AsList(self._router))
         else:
             spilled = blocks | "SpillByShard" >> beam.ParDo(
-                _SpillFn(storage.join(spill, "hashed"), _hash_assign, self._spill_rows), n)
+                SpillBlocks(storage.join(spill, "hashed"), _hash_assign, self._spill_rows), n)
         results = (
             spilled
             | "GroupByShard" >> beam.GroupByKey()
@@ -505,7 +506,3 @@ class WriteManifest(beam.PTransform):
                 router=beam.pvalue.AsList(s["router"] if s["router"] is not None
                                           else infos.pipeline | "NoRouter" >> beam.Create([])),
                 num_shards=beam.pvalue.AsSingleton(s["num_shards"])))
-
-
-# Public names for other jobs' bounded writers (vmem add spills its delta shards the same way).
-SpillBlocks = _SpillFn

@@ -69,6 +69,14 @@ class Prediction:
         Their position in the tuple is their 0-based rank, the ``i`` of RANK voting.
       rule: The voting rule.
       k: Number of neighbours that voted.
+      confidence: How sure the vote is, in [0, 1]: the memory's calibrated probability that it is right when
+        the memory carries a calibration for this rule and k (``calibrated``), else the raw share of the
+        winner's score (memory.confidence); None when not computed.
+      calibrated: Whether ``confidence`` is calibrated.
+      abstained: True when the answer is "unknown" because ``confidence`` was below the asked threshold;
+        ``label`` is then -1, ``label_name`` "unknown", and ``vote_label_name`` keeps the vote's class.
+      reason: Why the memory abstained ("" when it answered).
+      vote_label_name: The class the neighbours voted for, whether or not the memory answered with it.
     """
     label: int
     label_name: str
@@ -76,6 +84,11 @@ class Prediction:
     neighbors: tuple[Neighbor, ...]
     rule: VotingRule
     k: int
+    confidence: float | None = None
+    calibrated: bool = False
+    abstained: bool = False
+    reason: str = ""
+    vote_label_name: str = ""
 
     def top_scores(self, n: int = 5) -> list[tuple[str, float]]:
         """The n best ``(class name, score)`` pairs."""
@@ -90,6 +103,11 @@ class Prediction:
             "neighbors": [n.to_dict() for n in self.neighbors],
             "rule": self.rule.value,
             "k": self.k,
+            "confidence": self.confidence,
+            "calibrated": self.calibrated,
+            "abstained": self.abstained,
+            "reason": self.reason,
+            "vote_label_name": self.vote_label_name,
         }
 
 
@@ -168,5 +186,6 @@ def explain(
         Neighbor(id=str(ids_row[i]), label=int(labels_k[i]), label_name=str(class_names[labels_k[i]]),
                  distance=float(distances_k[i]), weight=float(weights[i]), uri=str(uris_row[i]))
         for i in range(k) if voting_labels[i] >= 0)
-    return Prediction(label=winner, label_name="" if winner < 0 else str(class_names[winner]), scores=scores,
-                      neighbors=neighbors, rule=rule, k=int(k))
+    name = "" if winner < 0 else str(class_names[winner])
+    return Prediction(label=winner, label_name=name, scores=scores, neighbors=neighbors, rule=rule, k=int(k),
+                      vote_label_name=name)

@@ -32,7 +32,7 @@ class ManifestError(ValueError):
     """A manifest (or a shard it describes) is missing, malformed or inconsistent."""
 
 
-CHANGE_KINDS = ("build", "add", "forget", "prune", "reindex", "purge")
+CHANGE_KINDS = ("build", "add", "forget", "prune", "reindex", "purge", "calibrate")
 _SHA256_LEN = len("sha256:") + 64
 WEIGHTS_KINDS = ("soft_pruning",)
 
@@ -179,6 +179,10 @@ class Manifest:
       router: For a partition-routed memory, the router assigning entries to main shards and queries to the
         shards they visit (delta shards are always visited); None for a hash-sharded memory, whose queries
         visit every shard.
+      calibration: The vote-confidence calibration fitted on a held-out split (memory.confidence.Calibration
+        as a dict: method, score, rule, k, knots or coefficients, the version it was fitted on); None when
+        the memory was never calibrated. Later versions carry it forward; `fitted_on_version` says whether
+        the memory changed since.
     """
     format_version: int
     encoder: dict
@@ -196,6 +200,7 @@ class Manifest:
     forgotten: ForgottenSet | None = None
     entry_weights: WeightsRef | None = None
     router: RouterRef | None = None
+    calibration: dict | None = None
 
     @property
     def all_shards(self) -> tuple[ShardInfo, ...]:
@@ -233,6 +238,8 @@ class Manifest:
         # Written only when present, so hash-sharded memories keep the format that older readers accept.
         if self.router is not None:
             d["router"] = dataclasses.asdict(self.router)
+        if self.calibration is not None:
+            d["calibration"] = dict(self.calibration)
         return d
 
     def to_json(self) -> str:
@@ -291,6 +298,7 @@ class Manifest:
             parent=d.get("parent"),
             change=d.get("change") if d.get("change") is not None else {},
             delta_shards=delta_shards,
+            calibration=d.get("calibration"),
             **optional,
         )
 
@@ -417,6 +425,14 @@ class Manifest:
         if self.forgotten is not None and self.forgotten.count > self.physical_total:
             raise ManifestError(f"manifest field 'forgotten.count': {self.forgotten.count} exceeds the "
                                 f"{self.physical_total} rows stored in the shards")
+        if self.calibration is not None:
+            if not isinstance(self.calibration, dict) or not isinstance(self.calibration.get("method"), str):
+                raise ManifestError(f"manifest field 'calibration': expected an object with a 'method', got "
+                                    f"{self.calibration!r}")
+            try:
+                json.dumps(self.calibration, allow_nan=False)
+            except (TypeError, ValueError) as e:
+                raise ManifestError(f"manifest field 'calibration': not JSON-serialisable ({e})") from None
         if self.router is not None:
             _int("router.count", self.router.count, 1)
             _int("router.probes", self.router.probes, 1)
@@ -429,7 +445,8 @@ class Manifest:
                     f"manifest field 'entry_weights.params': expected an object, got {self.entry_weights.params!r}")
 
 
-_OPTIONAL_FIELDS = ("version", "parent", "change", "delta_shards", "forgotten", "entry_weights", "router")
+_OPTIONAL_FIELDS = ("version", "parent", "change", "delta_shards", "forgotten", "entry_weights", "router",
+                   "calibration")
 
 
 def manifest_path(root: str) -> str:

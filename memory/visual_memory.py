@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
+import dataclasses
 import math
 import os
 import threading
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 import numpy as np
 
 from memory import storage
+from memory.confidence import memory_calibration, vote_confidence
 from memory.explain import Prediction, explain
 from memory.index import ShardIndex
 from memory.manifest import Manifest, ManifestError
@@ -507,7 +509,7 @@ class VisualMemory:
 
     def classify(self, queries: np.ndarray | Sequence[Any], *, rule: VotingRule | str = VotingRule.RANK,
                  k: int = 10, params: VotingParams = VotingParams(),
-                 encoder: Encoder | None = None) -> list[Prediction]:
+                 encoder: Encoder | None = None, abstain_below: float | None = None) -> list[Prediction]:
         """Classifies queries by their k nearest memory entries and explains each decision.
 
         Args:
@@ -519,11 +521,15 @@ class VisualMemory:
           k: Neighbours that vote, >= 1; beyond the memory size the missing neighbours simply do not vote.
           params: Voting hyper-parameters.
           encoder: For image queries: an already loaded encoder, which must have the manifest's identity.
+          abstain_below: Answer "unknown" (label -1, with the reason) for every query whose confidence is
+            below this value in [0, 1]. The confidence is calibrated when the memory carries a calibration
+            for this rule, k and params (`vmem calibrate`), else it is the raw share of the winner's score.
 
         Returns:
-          One `memory.explain.Prediction` per query: label, per-class scores and the neighbours with their
-          ids, labels, distances, weights and source uris. The label is `memory.voting.vote`'s, with the
-          memory's entry weights (soft pruning), if any, multiplied into the rule's weights.
+          One `memory.explain.Prediction` per query: label, per-class scores, confidence and the neighbours
+          with their ids, labels, distances, weights and source uris. The label is `memory.voting.vote`'s,
+          with the memory's entry weights (soft pruning), if any, multiplied into the rule's weights, unless
+          the memory abstained.
 
         Raises:
           ValueError: bad rule or k, wrong vector dimension, undecodable image or encoder identity mismatch,
@@ -532,6 +538,11 @@ class VisualMemory:
         rule = VotingRule.parse(rule)
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be an int >= 1, got {k!r}")
+        if abstain_below is not None and not (isinstance(abstain_below, (int, float, np.floating))
+                                              and 0.0 <= float(abstain_below) <= 1.0):
+            raise ValueError(f"abstain_below must be a probability in [0, 1] (e.g. 0.8) or None, got "
+                             f"{abstain_below!r}")
+        calibration = memory_calibration(self._manifest)
         if isinstance(queries, np.ndarray) and queries.dtype.kind == "f":
             vectors = queries
         elif isinstance(queries, np.ndarray) and queries.dtype == np.uint8 and queries.ndim == 4:
@@ -549,7 +560,23 @@ class VisualMemory:
         result = self.search(vectors, int(k))
         uris = self._uris_of_results(result.ids)
         # Soft-pruning weights, when the memory has them, multiply each neighbour's vote.
-        return [explain(result.ids[q], result.labels[q], result.distances[q], rule=rule, k=int(k), params=params,
-                        class_names=self.class_names, uris=uris[q],
-                        entry_weights=None if result.weights is None else result.weights[q])
-                for q in range(result.ids.shape[0])]
+        predictions = [explain(result.ids[q], result.labels[q], result.distances[q], rule=rule, k=int(k),
+                               params=params, class_names=self.class_names, uris=uris[q],
+                               entry_weights=None if result.weights is None else result.weights[q])
+                       for q in range(result.ids.shape[0])]
+        vc = vote_confidence(result.labels, result.distances, rule=rule, k=min(int(k), result.labels.shape[1]),
+                             params=params, entry_weights=result.weights)
+        calibrated = calibration is not None and calibration.matches(rule, k, params)
+        confidence = calibration.confidence(vc) if calibrated else vc.share
+        how = calibration.describe() if calibrated else (
+            "raw share of the winner's score; uncalibrated" + (
+                "" if calibration is None else f" (the memory's calibration is for rule {calibration.rule.value}, "
+                                               f"k {calibration.k})"))
+        out = []
+        for p, c in zip(predictions, confidence.tolist()):
+            fields = dict(confidence=float(c), calibrated=calibrated)
+            if abstain_below is not None and c < abstain_below:
+                fields.update(label=-1, label_name="unknown", abstained=True,
+                              reason=f"confidence {c:.3f} < {float(abstain_below):g} ({how})")
+            out.append(dataclasses.replace(p, **fields))
+        return out

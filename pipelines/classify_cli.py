@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--html", metavar="FILE", default=None,
                         help="write a self-contained HTML page with each query and its neighbours")
     parser.add_argument("--json", action="store_true", help="print results as JSON instead of text")
+    parser.add_argument("--abstain-below", type=float, default=None, metavar="P",
+                        help="answer 'unknown' (with the reason) when the vote's confidence is below P in [0, 1]; "
+                             "calibrated when the memory carries a calibration for this rule and k "
+                             "(`vmem calibrate`), else the raw share of the winner's score")
     return parser
 
 
@@ -77,11 +81,18 @@ def _parse_k(text: str) -> int:
 def render_text(image: str, prediction: Prediction, *, explain: bool) -> str:
     """One query's result as human-readable lines."""
     lines = [f"{image}"]
-    if prediction.label < 0:
+    if prediction.abstained:
+        lines.append(f"  predicted  unknown (the vote said {prediction.vote_label_name})   "
+                     f"[rule {prediction.rule.value}, k {prediction.k}]")
+        lines.append(f"  abstained  {prediction.reason}")
+    elif prediction.label < 0:
         lines.append(f"  predicted  (none: no neighbours)   [rule {prediction.rule.value}, k {prediction.k}]")
     else:
         lines.append(f"  predicted  {prediction.label_name} (label {prediction.label})   "
                      f"[rule {prediction.rule.value}, k {prediction.k}]")
+    if prediction.confidence is not None:
+        lines.append(f"  confidence {prediction.confidence:.3f} "
+                     f"({'calibrated' if prediction.calibrated else 'raw share of the score, uncalibrated'})")
     top = prediction.top_scores(_TOP_SCORES)
     lines.append("  scores     " + "   ".join(f"{name} {score:.6g}" for name, score in top)
                  + (f"   (+{len(prediction.scores) - len(top)} more)" if len(prediction.scores) > len(top) else ""))
@@ -164,7 +175,7 @@ def render_html(memory_path: str, results: Sequence[tuple[str, Prediction]]) -> 
              f"<title>vmem classify: {html.escape(memory_path)}</title>", f"<style>{_CSS}</style></head><body>",
              f"<h1>Visual memory classification</h1><p>memory: <code>{html.escape(memory_path)}</code></p>"]
     for image, p in results:
-        label = p.label_name if p.label >= 0 else "(none: no neighbours)"
+        label = p.label_name if p.label >= 0 or p.abstained else "(none: no neighbours)"
         rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{score:.6g}</td></tr>"
                        for name, score in p.top_scores(_TOP_SCORES))
         parts.append("<section>")
@@ -206,6 +217,8 @@ def _run(argv: Sequence[str]) -> int:
         if not storage.is_gcs(local) and not os.path.isfile(local):
             raise UsageError(f"IMAGE {image!r} is not a readable file; pass paths of image files "
                              "(PNG, JPEG, ...)")
+    if args.abstain_below is not None and not 0.0 <= args.abstain_below <= 1.0:
+        raise UsageError(f"--abstain-below must be a probability in [0, 1], got {args.abstain_below}; e.g. 0.8")
     if args.html and os.path.isdir(args.html):
         raise UsageError(f"--html {args.html!r} is a directory; pass a file name such as neighbours.html")
 
@@ -215,7 +228,8 @@ def _run(argv: Sequence[str]) -> int:
         memory = VisualMemory.open(args.memory)
     except ManifestError as e:
         raise UsageError(f"--memory {args.memory!r}: {e}") from None
-    predictions = memory.classify(list(args.images), rule=rule, k=k, params=params)
+    predictions = memory.classify(list(args.images), rule=rule, k=k, params=params,
+                                  abstain_below=args.abstain_below)
     results = list(zip(args.images, predictions))
 
     if args.json:

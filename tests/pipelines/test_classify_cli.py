@@ -55,15 +55,28 @@ def test_explain_reports_the_image_as_its_own_nearest_neighbour(tiny_memory, fmn
     lines = out.splitlines()
     assert lines[0] == coat
     assert lines[1].startswith("  predicted  ") and "[rule plurality, k 3]" in lines[1]
-    assert lines[2].startswith("  scores     ")
-    row0 = lines[4].split()
+    # Uncalibrated memory: the confidence is the winner's raw share of the score (plurality over 3: 1/3 steps).
+    assert lines[2].startswith("  confidence ") and "uncalibrated" in lines[2]
+    assert float(lines[2].split()[1]) in (pytest.approx(1 / 3, abs=1e-3), pytest.approx(2 / 3, abs=1e-3), 1.0)
+    assert lines[3].startswith("  scores     ")
+    row0 = lines[5].split()
     assert row0[0] == "0" and abs(float(row0[1])) < 1e-4 and row0[2] == "1"
-    assert coat_id in lines[4] and lines[4].endswith(os.path.join(fmnist_small, "train", coat_id))
-    assert len(lines) == 4 + 3
+    assert coat_id in lines[5] and lines[5].endswith(os.path.join(fmnist_small, "train", coat_id))
+    assert len(lines) == 5 + 3
 
-    # Without --explain: prediction and scores only.
+    # Without --explain: prediction, confidence and scores only.
     code, out, _ = _main(capsys, "--memory", tiny_memory, coat)
-    assert code == 0 and len(out.splitlines()) == 3 and out.count(coat_id) == 1  # Only in the query's path.
+    assert code == 0 and len(out.splitlines()) == 4 and out.count(coat_id) == 1  # Only in the query's path.
+
+    # --abstain-below 1.01 is refused; --abstain-below 1 abstains on every vote that is not unanimous.
+    code, _, err = _main(capsys, "--memory", tiny_memory, coat, "--abstain-below", "1.01")
+    assert code == 2 and "--abstain-below must be a probability in [0, 1], got 1.01" in err
+    code, out, err = _main(capsys, "--memory", tiny_memory, coat, bag, "--json", "--abstain-below", "1")
+    assert code == 0, err
+    for r in json.loads(out)["results"]:
+        assert r["abstained"] == (r["confidence"] < 1.0)
+        assert (r["label_name"] == "unknown") == r["abstained"] and r["vote_label_name"]
+        assert ("confidence" in r["reason"]) == r["abstained"]
 
 
 def test_html_page_inlines_query_and_neighbour_thumbnails(tiny_memory, fmnist_small, tmp_path, capsys):

@@ -1,6 +1,6 @@
 """``vmem``: the visual-memory command line.
 
-    vmem prepare-data fashion-mnist --out DIR [--per-class N] [--test-per-class M]
+    vmem prepare-data (fashion-mnist|mnist) --out DIR [--per-class N] [--test-per-class M] [--offset-per-class K]
     vmem build (--images SPEC | --embeddings SPEC --encoder-id NAME) --output MEMORY [--shards N]
                [--sharding hash|partition] [--embedding-dtype float32|bfloat16|int8] [--config FILE] [Beam flags...]
     vmem info MEMORY [--json] [--verify]
@@ -60,15 +60,20 @@ def _setup_logging() -> None:
 def cmd_prepare_data(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="vmem prepare-data",
                                      description="Write a bundled dataset as DIR/train and DIR/test ImageFolders.")
-    parser.add_argument("dataset", choices=["fashion-mnist"])
+    parser.add_argument("dataset", choices=["fashion-mnist", "mnist"])
     parser.add_argument("--out", required=True, help="destination directory")
-    parser.add_argument("--per-class", type=int, default=None, help="training images per class (default: all 6000)")
+    parser.add_argument("--per-class", type=int, default=None,
+                        help="training images per class (default: all; fashion-mnist has 6000, mnist about 5000)")
     parser.add_argument("--test-per-class", type=int, default=None,
-                        help="test images per class (default: same as --per-class, all 1000 if unset)")
+                        help="test images per class (default: same as --per-class, all if unset; 0: no test split)")
+    parser.add_argument("--offset-per-class", type=int, default=0,
+                        help="skip the first K training images of every class before taking --per-class, e.g. to "
+                             "write a calibration split disjoint from one prepared with --per-class <= K (default 0)")
     args = parser.parse_args(argv)
-    from evaluation.datasets import prepare_fashion_mnist
+    from evaluation.datasets import prepare_dataset
     start = time.monotonic()
-    splits = prepare_fashion_mnist(args.out, per_class=args.per_class, test_per_class=args.test_per_class)
+    splits = prepare_dataset(args.dataset, args.out, per_class=args.per_class, test_per_class=args.test_per_class,
+                             offset_per_class=args.offset_per_class)
     for name, split in splits.items():
         print(f"{name}: {split.count} images in {len(split.per_class)} classes -> {split.root}")
     print(f"done in {time.monotonic() - start:.1f}s")

@@ -1,6 +1,7 @@
 # visual-memory — every target installs what it needs first, so each works on a fresh machine.
 #   make demo   build a real memory from Fashion-MNIST with the bundled encoder (DirectRunner)
 #   make test   the default test suite (offline, CPU, ~minutes)
+#   make paper  the paper's findings as experiments on Fashion-MNIST and MNIST (see docs/paper.md)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,7 +14,7 @@ OUT ?= out
 export TF_CPP_MIN_LOG_LEVEL ?= 1
 export PYTHONDONTWRITEBYTECODE :=
 
-.PHONY: install demo test test-all bench clean fashion-mnist
+.PHONY: install demo test test-all bench paper clean fashion-mnist
 
 install: $(STAMP) fashion-mnist
 
@@ -42,6 +43,13 @@ demo: install
 	$(VMEM) info $(OUT)/fmnist-memory
 	$(VMEM) evaluate --memory $(OUT)/fmnist-memory --images $(DATA)/fashion-mnist/test \
 	    --output $(OUT)/fmnist-eval --k-max 100 --pixel-baseline 10
+
+# Every experiment of docs/paper.md on both datasets: reports in $(OUT)/paper, embeddings cached in
+# $(OUT)/paper-work. PAPER_DOCS=docs/paper also copies the plots and reports there (how docs/paper was made).
+PAPER_DOCS ?=
+paper: install
+	$(PY) -m evaluation.experiments.paper --output $(OUT)/paper --work-dir $(OUT)/paper-work \
+	    $(if $(PAPER_DOCS),--docs $(PAPER_DOCS))
 
 test: install
 	$(PY) -m pytest -q

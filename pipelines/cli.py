@@ -13,6 +13,9 @@
     vmem history MEMORY [--json]
     vmem reindex --memory MEMORY [--if-needed] [--target-shard-size N] [Beam flags...]
     vmem forget --memory MEMORY (--ids FILE | --label NAME | --source-prefix URI) [--purge-history]
+    vmem calibrate --evaluation EVAL_DIR [--rule rank] [--k 10] [--method isotonic|platt] [--score share]
+    vmem export --memory MEMORY --output DIR
+    vmem experiment NAME --dataset fashion-mnist|mnist --output DIR [--work-dir W]   (NAME: see --help)
 
 Heavy imports (TensorFlow, Beam) happen inside the command that needs them, so ``vmem info`` and
 ``vmem --help`` answer quickly.
@@ -42,6 +45,9 @@ COMMANDS = {
     "reindex": "fold delta shards in and drop forgotten rows; rebuild only changed shards (Beam job)",
     "forget": "remove entries from a memory at once (exact unlearning; physically gone after reindex)",
     "vote": "recompute accuracy per voting rule and k from stored neighbour lists",
+    "calibrate": "fit vote confidence -> P(right) on a held-out evaluation and store it in the memory",
+    "export": "write a memory's embeddings, labels and uris as a clip-retrieval folder",
+    "experiment": "reproduce one of the paper's findings on a bundled dataset (k-sweep, label-noise, ...)",
 }
 
 
@@ -113,6 +119,13 @@ def describe(manifest) -> str:
             "" if manifest.router is None else
             f", partition-routed: {manifest.router.count} router centroids, {manifest.router.probes} probes per query"),
     ]
+    if manifest.calibration is not None:
+        from memory.confidence import memory_calibration
+        cal = memory_calibration(manifest)
+        stale = (cal.fitted_on_version is not None and cal.fitted_on_version != manifest.version
+                 and manifest.change.get("kind") != "calibrate")
+        lines.append(f"calibration  {cal.describe()}" + (
+            "; the memory changed since (re-run vmem calibrate)" if stale else ""))
     for s in manifest.shards:
         lines.append(f"  {s.name}  {s.count:>9} entries  {s.index_kind:<11} {s.checksum[:19]}...")
     return "\n".join(lines)
@@ -188,9 +201,35 @@ def cmd_vote(argv: Sequence[str]) -> int:
     return vote_main(list(argv))
 
 
+def cmd_calibrate(argv: Sequence[str]) -> int:
+    from evaluation.calibrate_cli import main as calibrate_main
+    return calibrate_main(list(argv))
+
+
+def cmd_export(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="vmem export", description="Write a memory's live entries (id, label, "
+                                     "uri, embedding) as a clip-retrieval folder, the layout --embeddings clip: reads.")
+    parser.add_argument("--memory", required=True, help="memory directory (local or gs://)")
+    parser.add_argument("--output", required=True, help="destination folder (local or gs://)")
+    parser.add_argument("--version", type=int, default=None, help="version to export (default: the latest)")
+    args = parser.parse_args(argv)
+    from memory.export import export_embeddings
+    start = time.monotonic()
+    rows = export_embeddings(args.memory, args.output, version=args.version)
+    print(f"exported {rows} entries to {args.output} (img_emb/ + metadata/) in {time.monotonic() - start:.1f}s; "
+          f"build from them with --embeddings 'clip:{args.output},label_column=label'")
+    return 0
+
+
+def cmd_experiment(argv: Sequence[str]) -> int:
+    from evaluation.experiments.cli import main as experiment_main
+    return experiment_main(list(argv))
+
+
 _HANDLERS = {"prepare-data": cmd_prepare_data, "build": cmd_build, "info": cmd_info, "evaluate": cmd_evaluate,
              "vote": cmd_vote, "classify": cmd_classify, "history": cmd_history, "forget": cmd_forget,
-             "reindex": cmd_reindex, "add": cmd_add, "prune": cmd_prune}
+             "reindex": cmd_reindex, "add": cmd_add, "prune": cmd_prune, "calibrate": cmd_calibrate,
+             "export": cmd_export, "experiment": cmd_experiment}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

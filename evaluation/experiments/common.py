@@ -1,0 +1,194 @@
+"""What every experiment shares: re-voting stored neighbour lists, report files and plots.
+
+Re-voting is how experiments that change only labels or per-entry weights avoid searching again: the
+neighbours of a query do not depend on the labels or weights of the memory's entries, so the neighbour
+lists ``vmem evaluate`` wrote, relabelled or reweighted by entry id, are exactly what the changed memory
+would retrieve. The vote is ``memory.voting.predict_all_k`` over ``evaluation.neighbors_io.to_arrays``,
+the same two functions ``vmem vote`` runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from evaluation import metrics, neighbors_io
+from memory import voting
+
+__all__ = ["Revote", "plot_lines", "revote", "rule_summary", "write_report"]
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+
+
+@dataclasses.dataclass(frozen=True)
+class Revote:
+    """Predictions of every rule at every k for a set of neighbour lists.
+
+    Attributes:
+      table: ``{rule: {k: accuracy}}``.
+      preds: ``{rule name: int64 [n, k_max]}``; column k - 1 is the vote of the first k neighbours.
+      true: ``[n]`` true labels.
+      seconds: Time spent re-voting (relabelling included).
+    """
+    table: dict[str, dict[int, float]]
+    preds: dict[str, np.ndarray]
+    true: np.ndarray
+    seconds: float
+
+    def correct(self, rule: str, k: int) -> np.ndarray:
+        """Per-query correctness of ``rule`` at ``k``."""
+        return self.preds[rule][:, k - 1] == self.true
+
+
+def neighbor_ids(records: Sequence[neighbors_io.NeighborRecord], k_max: int) -> np.ndarray:
+    """``[n, k_max]`` neighbour ids ("" for padding), aligned with ``to_arrays``."""
+    out = np.full((len(records), k_max), "", dtype=object)
+    for i, r in enumerate(records):
+        m = min(len(r.neighbor_ids), k_max)
+        out[i, :m] = r.neighbor_ids[:m]
+    return out
+
+
+def _lookup(ids: np.ndarray, values: Mapping[str, float], default: float, dtype) -> np.ndarray:
+    flat = [values.get(i, default) if i else default for i in ids.ravel().tolist()]
+    return np.asarray(flat, dtype=dtype).reshape(ids.shape)
+
+
+def revote(records: Sequence[neighbors_io.NeighborRecord], *, k_max: int,
+           params: voting.VotingParams = voting.VotingParams(), rules: Iterable[voting.VotingRule] = voting.ALL_RULES,
+           relabel: Mapping[str, int] | None = None, entry_weights: Mapping[str, float] | None = None,
+           use_stored_weights: bool = True) -> Revote:
+    """Votes stored neighbour lists again, optionally under new entry labels or entry weights.
+
+    Args:
+      records: Neighbour lists (``vmem evaluate``'s JSONL).
+      k_max: Neighbours voted over.
+      params: Voting parameters.
+      rules: Rules to vote with.
+      relabel: ``{entry id: label index}``: the memory's entries under other labels (label noise); entries
+        not listed keep their stored label.
+      entry_weights: ``{entry id: weight}`` multiplied into the votes (soft pruning); entries not listed
+        weigh 1. Replaces any weights stored in the records.
+      use_stored_weights: Whether weights stored in the records (a soft-pruned memory) apply when
+        ``entry_weights`` is None.
+    """
+    start = time.perf_counter()
+    labels, distances, true, stored = neighbors_io.to_arrays(records, k_max)
+    ids = None
+    if relabel is not None or entry_weights is not None:
+        ids = neighbor_ids(records, k_max)
+    if relabel is not None:
+        new = _lookup(ids, relabel, -2, np.int64)
+        labels = np.where((new >= 0) & (labels >= 0), new, labels)
+    weights = stored if use_stored_weights else None
+    if entry_weights is not None:
+        weights = np.where(labels >= 0, _lookup(ids, entry_weights, 1.0, np.float64), 0.0)
+    preds = voting.predict_all_k(labels, distances, rules=list(rules), k_max=k_max, params=params,
+                                 entry_weights=weights)
+    table = metrics.accuracy_table(preds, true)
+    return Revote(table=table, preds={r.value: p for r, p in preds.items()}, true=true,
+                  seconds=time.perf_counter() - start)
+
+
+def read_neighbors(eval_dir: str) -> list[neighbors_io.NeighborRecord]:
+    """An evaluation's neighbour lists, sorted by query id (JSONL shard order is the runner's)."""
+    from evaluation.experiments.workspace import neighbor_files  # pylint: disable=g-import-not-at-top
+    return sorted(neighbors_io.read_neighbor_files(neighbor_files(eval_dir)), key=lambda r: r.query_id)
+
+
+def table_from_report(report: Mapping[str, Any], key: str = "accuracy") -> dict[str, dict[int, float]]:
+    """``report.json``'s accuracy table with int k."""
+    return {rule: {int(k): float(a) for k, a in by_k.items()} for rule, by_k in report[key].items()}
+
+
+def rule_summary(table: Mapping[str, Mapping[int, float]], *, k: int = 10) -> dict[str, dict[str, float]]:
+    """Per rule: accuracy at k, the best accuracy over k and the k that reached it (smallest on ties)."""
+    best = metrics.best_k(table)
+    return {rule: {f"k{k}": float(table[rule][k]), "best": float(best[rule]["accuracy"]),
+                   "best_k": int(best[rule]["k"])} for rule in table}
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def write_report(out: str, *, name: str, setup: Any, results: Mapping[str, Any], markdown: str,
+                 seconds: Mapping[str, float], command: str) -> dict[str, str]:
+    """Writes ``report.json`` and ``report.md`` for one experiment; returns their paths.
+
+    ``report.json`` holds ``experiment``, ``setup`` (every parameter, so two runs can be diffed),
+    ``command``, ``seconds`` and ``results``; numbers are plain JSON floats.
+    """
+    os.makedirs(out, exist_ok=True)
+    payload = {"schema_version": 1, "experiment": name, "command": command,
+               "setup": dataclasses.asdict(setup) if dataclasses.is_dataclass(setup) else dict(setup),
+               "seconds": {k: round(float(v), 2) for k, v in seconds.items()}, "results": results}
+    paths = {"json": os.path.join(out, REPORT_JSON), "markdown": os.path.join(out, REPORT_MD)}
+    with open(paths["json"], "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2, sort_keys=True, allow_nan=False)
+        f.write("\n")
+    with open(paths["markdown"], "w", encoding="utf-8") as f:
+        f.write(f"# Experiment: {name}\n\n`{command}`\n\n{markdown.rstrip()}\n\n")
+        f.write("Seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()) + "\n")
+    return paths
+
+
+def plot_lines(path: str, series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, xlabel: str,
+               ylabel: str, title: str, logx: bool = False, logy: bool = False,
+               references: Sequence[tuple[str, float]] = (), styles: Mapping[str, str] | None = None,
+               bands: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float]]] | None = None) -> str:
+    """One line per series (x, y), dashed horizontal references, optional shaded bands; writes a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+    from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+    fig = Figure(figsize=(6.4, 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for i, (label, (x, y)) in enumerate(series.items()):
+        ax.plot(x, y, (styles or {}).get(label, "-"), marker=".", markersize=4, color=f"C{i % 10}", label=label)
+    for i, (label, (x, low, high)) in enumerate((bands or {}).items()):
+        ax.fill_between(x, low, high, alpha=0.15, color=f"C{i % 10}", label=label)
+    for j, (label, y) in enumerate(references):
+        ax.axhline(y, linestyle="--", linewidth=1, color=f"C{(len(series) + j) % 10}", label=label)
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_bars(path: str, groups: Sequence[str], bars: Mapping[str, Sequence[float]], *, ylabel: str, title: str,
+              ylim: tuple[float, float] | None = None) -> str:
+    """Grouped bars: one group per entry of ``groups``, one bar per series of ``bars``; writes a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+    from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+    fig = Figure(figsize=(6.4, 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / max(len(bars), 1)
+    x = np.arange(len(groups))
+    for i, (label, values) in enumerate(bars.items()):
+        ax.bar(x + (i - (len(bars) - 1) / 2) * width, values, width, label=label, color=f"C{i % 10}")
+    ax.set_xticks(x, list(groups))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path

@@ -192,3 +192,95 @@ def plot_bars(path: str, groups: Sequence[str], bars: Mapping[str, Sequence[floa
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
+
+
+# Two searches of the same entries can differ in the last float32 bits of a distance (the query batch a
+# query lands in changes how ScaNN's brute-force matmul is blocked: seen up to 1.1e-6 here), which can swap
+# two neighbours at a near-tie. Comparisons allow that and nothing else.
+TIE_TOLERANCE = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class ListComparison:
+    """How two evaluations' neighbour lists of the same queries compare (ids by position, distances).
+
+    Attributes:
+      queries: Queries compared.
+      identical: Lists with the same ids in the same order.
+      near_tie_swaps: Lists that differ only where the two distances at a position are within
+        TIE_TOLERANCE (near-tied neighbours in another order).
+      other_differences: Lists that differ otherwise (or queries missing from one side): a real difference.
+      max_distance_gap: Largest distance difference at one position.
+    """
+    queries: int
+    identical: int
+    near_tie_swaps: int
+    other_differences: int
+    max_distance_gap: float
+
+    @property
+    def equivalent(self) -> bool:
+        return self.other_differences == 0
+
+    def accuracy_bound(self) -> float:
+        """The largest accuracy difference near-tie swaps can explain: each swapped query flips at most once."""
+        return self.near_tie_swaps / max(self.queries, 1)
+
+
+def _compare_pair(ids_a, dist_a, ids_b, dist_b) -> tuple[str, float]:
+    if len(ids_a) != len(ids_b):
+        return "different", float("inf")
+    gaps = np.abs(np.subtract(dist_a, dist_b)) if len(ids_a) else np.zeros(0)
+    gap = float(gaps.max(initial=0.0))
+    if list(ids_a) == list(ids_b):
+        return "identical", gap
+    mismatched = np.asarray([x != y for x, y in zip(ids_a, ids_b)])
+    return ("ties" if bool((gaps[mismatched] <= TIE_TOLERANCE).all()) else "different"), gap
+
+
+def compare_neighbor_lists(a: Sequence[neighbors_io.NeighborRecord], b: Sequence[neighbors_io.NeighborRecord],
+                           *, drop_labels_from_a: Iterable[int] = ()) -> ListComparison:
+    """Compares two evaluations' lists query by query (both sorted by query id, as `read_neighbors` gives).
+
+    ``drop_labels_from_a`` removes neighbours of those labels from ``a`` first and compares the rest with
+    the same-length prefix of ``b`` (an add: the old list is the new list without the new classes).
+    """
+    drop = set(drop_labels_from_a)
+    counts = {"identical": 0, "ties": 0, "different": abs(len(a) - len(b))}
+    largest = 0.0
+    for x, y in zip(a, b):
+        if x.query_id != y.query_id:
+            counts["different"] += 1
+            continue
+        kept = [(i, d) for i, lab, d in zip(x.neighbor_ids, x.neighbor_labels, x.neighbor_distances)
+                if lab not in drop]
+        m = len(kept)
+        verdict, gap = _compare_pair([i for i, _ in kept], [d for _, d in kept], y.neighbor_ids[:m],
+                                     y.neighbor_distances[:m])
+        counts[verdict] += 1
+        if np.isfinite(gap):
+            largest = max(largest, gap)
+    return ListComparison(queries=max(len(a), len(b)), identical=counts["identical"], near_tie_swaps=counts["ties"],
+                          other_differences=counts["different"], max_distance_gap=largest)
+
+
+def max_table_difference(a: Mapping[str, Mapping[int, float]], b: Mapping[str, Mapping[int, float]]) -> float:
+    """Largest accuracy difference over every rule and k of two tables of the same rules and ks."""
+    if set(a) != set(b) or any(set(a[r]) != set(b[r]) for r in a):
+        return float("inf")
+    return max(abs(a[r][k] - b[r][k]) for r in a for k in a[r])
+
+
+def check_equivalent(what: str, lists: ListComparison, table_a, table_b) -> dict[str, Any]:
+    """Verifies that two ways to one answer agree up to near-tie swaps; returns the evidence as a dict.
+
+    Raises:
+      RuntimeError: naming ``what``, on a real difference in the lists or an accuracy difference that
+        the near-tie swaps cannot explain.
+    """
+    diff = max_table_difference(table_a, table_b)
+    evidence = {**dataclasses.asdict(lists), "max_accuracy_difference": diff,
+                "accuracy_difference_bound": lists.accuracy_bound(), "identical_tables": diff == 0.0}
+    if not lists.equivalent or diff > lists.accuracy_bound() + 1e-12:
+        raise RuntimeError(f"{what}: the two disagree beyond near-tie swaps ({evidence}); this is a bug")
+    return evidence

@@ -16,8 +16,8 @@ import os
 
 import numpy as np
 
-from evaluation.experiments.common import pct, plot_lines, read_neighbors, revote, rule_summary, \
-    table_from_report, write_report
+from evaluation.experiments.common import check_equivalent, compare_neighbor_lists, pct, plot_lines, \
+    read_neighbors, revote, rule_summary, table_from_report, write_report
 from evaluation.experiments.workspace import Workspace, rng_for
 
 NAME = "label-noise"
@@ -56,15 +56,15 @@ def run(ws: Workspace, out: str, *, levels=LEVELS, verify_level: int | None = VE
         spec = ws.write_table(f"noise-{verify_level}", ws.table("train").with_labels(labels))
         before = dict(ws.seconds)
         noisy = ws.build(f"noise-{verify_level}", spec)
-        noisy_report, _ = ws.evaluate(noisy, ws.split_spec("test"), f"noise-{verify_level}-test")
+        noisy_report, noisy_dir = ws.evaluate(noisy, ws.split_spec("test"), f"noise-{verify_level}-test")
         long_way = sum(ws.seconds[key] - before.get(key, 0.0) for key in ("build", "evaluate"))
         mean_revote = float(np.mean(revote_seconds))
-        verification = {"level": verify_level, "identical": table_from_report(noisy_report) == per_level[verify_level],
-                        "build_and_evaluate_seconds": long_way, "revote_seconds": mean_revote,
-                        "speedup": long_way / max(mean_revote, 1e-9)}
-        if not verification["identical"]:
-            raise RuntimeError(f"the memory rebuilt with {verify_level}% noisy labels votes differently from the "
-                               "relabelled neighbour lists: re-voting is not exact here, which is a bug")
+        verification = {"level": verify_level, **check_equivalent(
+            f"the memory rebuilt with {verify_level}% noisy labels vs the relabelled neighbour lists",
+            compare_neighbor_lists(records, read_neighbors(noisy_dir)), table_from_report(noisy_report),
+            per_level[verify_level]),
+            "build_and_evaluate_seconds": long_way, "revote_seconds": mean_revote,
+            "speedup": long_way / max(mean_revote, 1e-9)}
     results = {"levels_percent": list(levels), "labels_changed_fraction": {str(p): changed[p] for p in levels},
                f"accuracy_k{k}": {r: {str(p): per_level[p][r][k] for p in levels} for r in rules},
                "best": {r: {str(p): {"accuracy": summaries[p][r]["best"], "k": summaries[p][r]["best_k"]}
@@ -89,9 +89,15 @@ def run(ws: Workspace, out: str, *, levels=LEVELS, verify_level: int | None = VE
             f"{r} {100 * (summaries[60][r]['best'] - summaries[0][r]['best']):+.2f}" for r in rules)
             + " (paper: rank almost unchanged up to ~60 %)."]
     if verification:
-        lines += ["", f"Verified at {verify_level} %: a memory rebuilt with the noisy labels and evaluated gives the "
-                      f"identical table ({verification['build_and_evaluate_seconds']:.1f} s for build + evaluate vs "
-                      f"{verification['revote_seconds']:.3f} s per re-vote: {verification['speedup']:.0f}x)."]
+        v = verification
+        lines += ["", f"Verified at {verify_level} %: a memory rebuilt with the noisy labels and evaluated by the real "
+                      f"jobs retrieves the same neighbours for {v['identical']} of {v['queries']} queries "
+                      f"({v['near_tie_swaps']} swap two neighbours whose float32 distances differ by at most "
+                      f"{v['max_distance_gap']:.1e}); the largest accuracy difference over every rule and k is "
+                      f"{100 * v['max_accuracy_difference']:.2f} points (bound from the swaps: "
+                      f"{100 * v['accuracy_difference_bound']:.2f}). Build + evaluate took "
+                      f"{v['build_and_evaluate_seconds']:.1f} s vs {v['revote_seconds']:.3f} s per re-vote: "
+                      f"{v['speedup']:.0f}x."]
     write_report(out, name=NAME, setup=ws.setup, results=results, markdown="\n".join(lines), seconds=ws.seconds,
                  command=f"vmem experiment {NAME} --dataset {ws.setup.dataset}")
     return results

@@ -33,9 +33,11 @@ def headline(name: str, r: dict) -> str:
                 + f"; least degrading to k=100: {r['least_degrading_rule']}")
     if name == "label-noise":
         acc = r["best"]["rank"]
-        return (f"rank best-k accuracy at 0/30/60/80% noise: "
+        return ("rank best-k accuracy at 0/30/60/80% noise: "
                 + "/".join(f"{100 * acc[str(p)]['accuracy']:.2f}" for p in (0, 30, 60, 80) if str(p) in acc)
-                + (f"; re-vote = rebuild: {r['verification']['identical']}, {r['verification']['speedup']:.0f}x faster"
+                + (f"; re-vote vs rebuilt memory: largest accuracy difference "
+                   f"{100 * r['verification']['max_accuracy_difference']:.2f} points "
+                   f"({r['verification']['near_tie_swaps']} near-tie swaps), {r['verification']['speedup']:.0f}x faster"
                    if r.get("verification") else ""))
     if name == "memory-size":
         f = r["power_law"].get("rank", {})

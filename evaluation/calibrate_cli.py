@@ -10,7 +10,7 @@ directory of ``vmem evaluate`` on that split -- and publishes it as the memory's
 Example::
 
         vmem evaluate --memory out/fmnist-memory --images data/fashion-mnist/calib --output out/calib-eval
-        vmem calibrate --evaluation out/calib-eval --rule rank --k 10 [--method isotonic] [--score share]
+        vmem calibrate --evaluation out/calib-eval --rule rank --k 10 [--method platt] [--score combined]
         vmem classify --memory out/fmnist-memory img.png --abstain-below 0.9
 
 The memory is the one the evaluation searched (``--memory`` to name it explicitly); the evaluation must
@@ -46,8 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "searched, from its report.json)")
     parser.add_argument("--rule", default="rank", help="voting rule to calibrate (default rank)")
     parser.add_argument("--k", type=int, default=10, help="neighbours that vote (default 10)")
-    parser.add_argument("--method", default="isotonic", help="isotonic (default) or platt")
-    parser.add_argument("--score", default="share", help="raw score: share (default), margin or similarity")
+    parser.add_argument("--method", default="platt", help="platt (default) or isotonic")
+    parser.add_argument("--score", default="combined",
+                        help="raw score: combined (default: share, margin and nearest similarity in one logistic "
+                             "fit; needs --method platt), share, margin or similarity")
     parser.add_argument("--bins", type=int, default=15, help="ECE bins (default 15)")
     parser.add_argument("--dry-run", action="store_true", help="fit and report, publish nothing")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -69,12 +71,13 @@ def _evaluation_inputs(directory: str):
 
 
 def fit_from_evaluation(directory: str, *, memory: str | None = None, rule: str = "rank", k: int = 10,
-                        method: str = "isotonic", score: str = "share"):
+                        method: str = "platt", score: str = "combined"):
     """Fits a calibration on a ``vmem evaluate`` output directory.
 
     Returns:
-      ``(root, calibration, correct, raw)``: the memory root, the fitted ``memory.confidence.Calibration`` and
-      the split's per-query correctness and raw scores (for ECE).
+      ``(root, calibration, correct, raw, calibrated)``: the memory root, the fitted
+      ``memory.confidence.Calibration`` and the split's per-query correctness, raw scores and calibrated
+      confidences (for ECE).
 
     Raises:
       UsageError: naming the bad value: no report, a memory that changed since, k beyond the neighbours.
@@ -110,19 +113,20 @@ def fit_from_evaluation(directory: str, *, memory: str | None = None, rule: str 
         raise UsageError(str(e)) from None
     vc = vote_confidence(labels, distances, rule=rule, k=k, params=params, entry_weights=weights)
     correct = (vc.labels == true) & (true >= 0)
-    return root, calibration, np.asarray(correct), raw_score(vc, calibration.score)
+    return root, calibration, np.asarray(correct), raw_score(vc, calibration.score), calibration.confidence(vc)
 
 
 def _run(args: argparse.Namespace) -> int:
     from evaluation.stats import expected_calibration_error
     from memory.confidence import ConfidenceScore, publish_calibration
 
-    root, calibration, correct, raw = fit_from_evaluation(
+    root, calibration, correct, raw, calibrated = fit_from_evaluation(
         args.evaluation, memory=args.memory, rule=args.rule, k=args.k, method=args.method, score=args.score)
-    # The raw score as a stand-in probability: share and margin are in [0, 1]; similarity is rescaled.
+    # The raw score as a stand-in probability: share (also for combined) and margin are in [0, 1];
+    # similarity is rescaled.
     as_prob = (raw + 1) / 2 if calibration.score is ConfidenceScore.SIMILARITY else raw
     before = expected_calibration_error(as_prob, correct, bins=args.bins)
-    after = expected_calibration_error(calibration.apply(raw), correct, bins=args.bins)
+    after = expected_calibration_error(calibrated, correct, bins=args.bins)
     version = None
     if not args.dry_run:
         version = publish_calibration(root, calibration, expected_version=calibration.fitted_on_version).version

@@ -8,6 +8,7 @@ score           definition
 ``share``       winner's score / sum of all neighbours' weights (1.0 when every neighbour agrees)
 ``margin``      (winner's score - runner-up's score) / sum of all weights
 ``similarity``  cosine similarity ``1 - d_0`` of the nearest neighbour (far from everything: low)
+``combined``    all three at once (``platt`` only): a logistic fit on their logits
 ==============  ===============================================================================
 
 Scores use the rule's own weights (``memory.voting.neighbor_weights``, entry weights multiplied in), so
@@ -15,10 +16,13 @@ they describe exactly the vote that decided. None of them is a probability. :cla
 of them to the probability that the vote is right, fitted on the neighbour lists of a labelled split the
 memory never saw (``vmem evaluate`` on it, then ``vmem calibrate``):
 
-* ``isotonic`` (default): the pool-adjacent-violators fit of correct/incorrect against the score, a
+* ``isotonic``: the pool-adjacent-violators fit of correct/incorrect against the score, a
   monotone step function (knots stored, linear interpolation between them, flat beyond the ends);
 * ``platt``: a logistic fit ``sigmoid(a * logit(score) + b)`` (``similarity`` is rescaled to [0, 1]
-  first), two numbers, smoother on small calibration sets.
+  first), two numbers, smoother on small calibration sets. With ``combined`` (the default) it is a logistic regression
+  on the logits of share, margin and rescaled similarity: the vote's agreement *and* how close the memory
+  is, which is what tells a query of a class the memory has never seen (its neighbours may agree, but they
+  are far) from a hard query of a known class.
 
 ``abstain_below=P`` then answers "unknown" for every query whose calibrated confidence is below P: with a
 calibrated score, roughly "answer only when at least P of such answers are right".
@@ -34,7 +38,8 @@ import numpy as np
 
 from memory.voting import VotingParams, VotingRule, neighbor_weights, vote
 
-__all__ = ["Calibration", "CalibrationMethod", "ConfidenceScore", "VoteConfidence", "fit_calibration",
+__all__ = ["Calibration", "CalibrationMethod", "ConfidenceScore", "VoteConfidence", "combined_features",
+           "fit_calibration",
            "isotonic_fit", "platt_fit", "raw_score", "vote_confidence"]
 
 # Scores are clipped this far inside (0, 1) before a logit: a share of exactly 1.0 is common.
@@ -46,6 +51,7 @@ class ConfidenceScore(enum.Enum):
     SHARE = "share"
     MARGIN = "margin"
     SIMILARITY = "similarity"
+    COMBINED = "combined"
 
     @classmethod
     def parse(cls, name: str | ConfidenceScore) -> ConfidenceScore:
@@ -143,8 +149,18 @@ def vote_confidence(labels: np.ndarray, distances: np.ndarray, *, rule: VotingRu
 
 
 def raw_score(confidence: VoteConfidence, score: ConfidenceScore | str) -> np.ndarray:
-    """The chosen raw score of every query, float64 ``[nq]``."""
-    return np.asarray(getattr(confidence, ConfidenceScore.parse(score).value), dtype=np.float64)
+    """The chosen raw score of every query, float64 ``[nq]`` (for ``combined``: the share, its uncalibrated
+    stand-in)."""
+    score = ConfidenceScore.parse(score)
+    name = "share" if score is ConfidenceScore.COMBINED else score.value
+    return np.asarray(getattr(confidence, name), dtype=np.float64)
+
+
+def combined_features(confidence: VoteConfidence) -> np.ndarray:
+    """``[nq, 3]`` logits of share, margin and (similarity + 1) / 2: the inputs of a ``combined`` fit."""
+    return np.stack([_logit(np.asarray(confidence.share, np.float64)),
+                     _logit(np.asarray(confidence.margin, np.float64)),
+                     _logit((np.asarray(confidence.similarity, np.float64) + 1.0) / 2.0)], axis=1)
 
 
 def _unit_interval(score: ConfidenceScore, x: np.ndarray) -> np.ndarray:
@@ -194,27 +210,30 @@ def isotonic_fit(x: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.nda
     return np.asarray(knots_x), np.asarray(knots_y)
 
 
-def platt_fit(x: np.ndarray, correct: np.ndarray, *, iterations: int = 50) -> tuple[float, float]:
-    """Logistic regression of ``correct`` on ``logit(x)`` (x in [0, 1]) by Newton's method.
+def _logistic_fit(features: np.ndarray, y: np.ndarray, *, iterations: int = 50) -> np.ndarray:
+    """Weights (then the bias) of a logistic regression by Newton's method, with a 1e-6 ridge that keeps the
+    fit finite on separable data (every confident vote right, say)."""
+    x = np.concatenate([features, np.ones((features.shape[0], 1))], axis=1)
+    w = np.zeros(x.shape[1])
+    ridge = 1e-6 * np.eye(x.shape[1])
+    for _ in range(iterations):
+        p = _sigmoid(x @ w)
+        step = np.linalg.solve((x * (p * (1 - p))[:, None]).T @ x + ridge, x.T @ (p - y) + ridge @ w)
+        w -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    return w
 
-    A tiny ridge (1e-6) keeps the fit finite on separable data (every confident vote right, say).
+
+def platt_fit(x: np.ndarray, correct: np.ndarray, *, iterations: int = 50) -> tuple[float, float]:
+    """Logistic regression of ``correct`` on ``logit(x)`` (x in [0, 1]).
 
     Returns:
       ``(a, b)`` of ``p = sigmoid(a * logit(x) + b)``.
     """
     x, y = _check_fit_inputs(x, correct)
-    z = _logit(x)
-    features = np.stack([z, np.ones_like(z)], axis=1)
-    w = np.zeros(2)
-    for _ in range(iterations):
-        p = _sigmoid(features @ w)
-        grad = features.T @ (p - y) + 1e-6 * w
-        hess = (features * (p * (1 - p))[:, None]).T @ features + 1e-6 * np.eye(2)
-        step = np.linalg.solve(hess, grad)
-        w -= step
-        if np.abs(step).max() < 1e-10:
-            break
-    return float(w[0]), float(w[1])
+    a, b = _logistic_fit(_logit(x)[:, None], y, iterations=iterations)
+    return float(a), float(b)
 
 
 def _logit(x: np.ndarray) -> np.ndarray:
@@ -236,6 +255,8 @@ class Calibration:
       rule, k, softmax_tau, rank_alpha: The vote it was fitted for; applying it to another vote is refused.
       knots_x, knots_y: Isotonic fit (increasing x, non-decreasing y); empty for Platt.
       a, b: Platt coefficients; 0 for isotonic.
+      coefficients: For the ``combined`` score: the weights of the share, margin and similarity logits,
+        then the bias.
       queries: Size of the calibration split; accuracy: its accuracy (the base rate).
       fitted_on_version: The memory version whose neighbours it was fitted on (None when unknown).
       source: Where the calibration neighbours came from (free text, e.g. the evaluation directory).
@@ -250,13 +271,20 @@ class Calibration:
     knots_y: tuple[float, ...] = ()
     a: float = 0.0
     b: float = 0.0
+    coefficients: tuple[float, ...] = ()
     queries: int = 0
     accuracy: float = 0.0
     fitted_on_version: int | None = None
     source: str = ""
 
     def __post_init__(self):
-        if self.method is CalibrationMethod.ISOTONIC:
+        if self.score is ConfidenceScore.COMBINED:
+            if self.method is not CalibrationMethod.PLATT:
+                raise ValueError("the combined score has three inputs: calibrate it with method platt, or pick one "
+                                 "score (share, margin or similarity) for isotonic")
+            if len(self.coefficients) != 4 or not np.isfinite(self.coefficients).all():
+                raise ValueError(f"a combined calibration needs 4 finite coefficients, got {self.coefficients!r}")
+        elif self.method is CalibrationMethod.ISOTONIC:
             xs, ys = np.asarray(self.knots_x, dtype=np.float64), np.asarray(self.knots_y, dtype=np.float64)
             if xs.size == 0 or xs.shape != ys.shape or (np.diff(xs) < 0).any() or (np.diff(ys) < -1e-12).any() \
                     or not np.isfinite(xs).all() or (ys < 0).any() or (ys > 1).any():
@@ -282,20 +310,27 @@ class Calibration:
                 and params == self.params)
 
     def apply(self, raw: np.ndarray) -> np.ndarray:
-        """Calibrated probabilities of the raw scores (any shape), in [0, 1]."""
+        """Calibrated probabilities of the raw scores (any shape), in [0, 1]; ``[n, 3]`` `combined_features`
+        for the combined score."""
         raw = np.asarray(raw, dtype=np.float64)
+        if self.score is ConfidenceScore.COMBINED:
+            if raw.ndim != 2 or raw.shape[1] != 3:
+                raise ValueError(f"the combined score needs [n, 3] combined_features, got shape {raw.shape}")
+            return _sigmoid(raw @ np.asarray(self.coefficients[:3]) + self.coefficients[3])
         if self.method is CalibrationMethod.ISOTONIC:
             return np.interp(raw, np.asarray(self.knots_x), np.asarray(self.knots_y))
         return _sigmoid(self.a * _logit(_unit_interval(self.score, raw)) + self.b)
 
     def confidence(self, vc: VoteConfidence) -> np.ndarray:
         """Calibrated confidence of each query of a :class:`VoteConfidence`."""
+        if self.score is ConfidenceScore.COMBINED:
+            return self.apply(combined_features(vc))
         return self.apply(raw_score(vc, self.score))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.update(method=self.method.value, score=self.score.value, rule=self.rule.value,
-                 knots_x=list(self.knots_x), knots_y=list(self.knots_y))
+                 knots_x=list(self.knots_x), knots_y=list(self.knots_y), coefficients=list(self.coefficients))
         return d
 
     @classmethod
@@ -311,15 +346,16 @@ class Calibration:
             return cls(**{**d, "method": CalibrationMethod.parse(d["method"]),
                           "score": ConfidenceScore.parse(d["score"]), "rule": VotingRule.parse(d["rule"]),
                           "knots_x": tuple(float(v) for v in d.get("knots_x", ())),
-                          "knots_y": tuple(float(v) for v in d.get("knots_y", ()))})
+                          "knots_y": tuple(float(v) for v in d.get("knots_y", ())),
+                          "coefficients": tuple(float(v) for v in d.get("coefficients", ()))})
         except (KeyError, TypeError) as e:
             raise ValueError(f"malformed calibration ({type(e).__name__}: {e})") from None
 
 
 def fit_calibration(labels: np.ndarray, distances: np.ndarray, true: np.ndarray, *, rule: VotingRule | str,
                     k: int, params: VotingParams = VotingParams(), entry_weights: np.ndarray | None = None,
-                    method: CalibrationMethod | str = CalibrationMethod.ISOTONIC,
-                    score: ConfidenceScore | str = ConfidenceScore.SHARE, fitted_on_version: int | None = None,
+                    method: CalibrationMethod | str = CalibrationMethod.PLATT,
+                    score: ConfidenceScore | str = ConfidenceScore.COMBINED, fitted_on_version: int | None = None,
                     source: str = "") -> Calibration:
     """Fits a calibration on the neighbour lists of a labelled held-out split.
 
@@ -344,6 +380,14 @@ def fit_calibration(labels: np.ndarray, distances: np.ndarray, true: np.ndarray,
     common = dict(method=method, score=score, rule=rule, k=int(k), softmax_tau=params.softmax_tau,
                   rank_alpha=params.rank_alpha, queries=int(true.size), accuracy=float(correct.mean()),
                   fitted_on_version=fitted_on_version, source=source)
+    if score is ConfidenceScore.COMBINED:
+        if method is not CalibrationMethod.PLATT:
+            raise ValueError("the combined score has three inputs: calibrate it with method platt, or pick one "
+                             "score (share, margin or similarity) for isotonic")
+        features = combined_features(vc)
+        _check_fit_inputs(features[:, 0], correct)
+        weights = _logistic_fit(features, correct.astype(np.float64))
+        return Calibration(coefficients=tuple(float(w) for w in weights), **common)
     if method is CalibrationMethod.ISOTONIC:
         kx, ky = isotonic_fit(raw, correct)
         return Calibration(knots_x=tuple(kx.tolist()), knots_y=tuple(ky.tolist()), **common)

@@ -1,7 +1,8 @@
 """abstain: calibrated confidence, the risk-coverage curve, and telling out-of-memory queries apart.
 
 A memory is built without the held-out classes. Its calibration split (in-memory classes only) is
-evaluated and ``vmem calibrate`` fits and publishes the calibration (isotonic on the rank vote's share, k = 10).
+evaluated and ``vmem calibrate`` fits and publishes the calibration (its default: a logistic fit on the
+rank vote's share, margin and nearest similarity at k = 10).
 The test split -- every class, so the held-out classes' queries are out of memory -- is then evaluated at
 the calibrated version, and from its neighbour lists:
 
@@ -66,6 +67,8 @@ def run(ws: Workspace, out: str) -> dict:
     methods = {}
     for method in CalibrationMethod:
         for score in ConfidenceScore:
+            if score is ConfidenceScore.COMBINED and method is CalibrationMethod.ISOTONIC:
+                continue  # Isotonic maps one score; the combined score has three inputs.
             fit = fit_calibration(c_labels, c_distances, c_true, rule=RULE, k=k, entry_weights=c_weights,
                                   method=method, score=score)
             conf = fit.confidence(vc)

@@ -93,12 +93,13 @@ def _overconfident_lists(rng, n: int, classes: int = 5, k: int = 10):
     return labels, distances, np.where(rng.random(n) < 0.3, (true + 1) % classes, true)
 
 
-@pytest.mark.parametrize("method", list(CalibrationMethod))
-def test_calibration_lowers_ece_on_a_fresh_split(method):
+@pytest.mark.parametrize("method,score", [("isotonic", "share"), ("platt", "share"),
+                                          ("platt", "combined")])
+def test_calibration_lowers_ece_on_a_fresh_split(method, score):
     rng = np.random.default_rng(4)
     fit_on = _overconfident_lists(rng, 3000)
     labels, distances, true = _overconfident_lists(rng, 3000)
-    cal = fit_calibration(*fit_on, rule="plurality", k=10, method=method)
+    cal = fit_calibration(*fit_on, rule="plurality", k=10, method=method, score=score)
     vc = vote_confidence(labels, distances, rule="plurality", k=10)
     correct = vc.labels == true
     before = expected_calibration_error(vc.share, correct)
@@ -111,7 +112,7 @@ def test_a_perfectly_separable_set_is_calibrated():
     labels = np.repeat(np.arange(4), 25)[:, None].repeat(10, axis=1)
     distances = np.sort(np.random.default_rng(5).uniform(0, 0.2, labels.shape), axis=1)
     true = labels[:, 0]
-    cal = fit_calibration(labels, distances, true, rule="rank", k=10)
+    cal = fit_calibration(labels, distances, true, rule="rank", k=10, method="isotonic", score="share")
     vc = vote_confidence(labels, distances, rule="rank", k=10)
     assert expected_calibration_error(vc.share, vc.labels == true) == 0.0
     np.testing.assert_allclose(cal.confidence(vc), 1.0)
@@ -119,7 +120,7 @@ def test_a_perfectly_separable_set_is_calibrated():
 
 def test_calibration_round_trips_and_refuses_bad_fields():
     rng = np.random.default_rng(6)
-    cal = fit_calibration(*_overconfident_lists(rng, 500), rule="softmax", k=7, score="margin",
+    cal = fit_calibration(*_overconfident_lists(rng, 500), rule="softmax", k=7, score="margin", method="isotonic",
                           params=VotingParams(softmax_tau=0.1), fitted_on_version=3)
     again = Calibration.from_dict(cal.to_dict())
     assert again == cal and again.matches("softmax", 7, VotingParams(softmax_tau=0.1))
@@ -128,6 +129,11 @@ def test_calibration_round_trips_and_refuses_bad_fields():
         Calibration.from_dict({**cal.to_dict(), "method": "spline"})
     with pytest.raises(ValueError, match="unknown field"):
         Calibration.from_dict({**cal.to_dict(), "colour": 1})
+    combined = fit_calibration(*_overconfident_lists(rng, 500), rule="rank", k=7)
+    assert combined.method is CalibrationMethod.PLATT and combined.score is ConfidenceScore.COMBINED
+    assert Calibration.from_dict(combined.to_dict()) == combined and len(combined.coefficients) == 4
+    with pytest.raises(ValueError, match="calibrate it with method platt"):
+        fit_calibration(*_overconfident_lists(rng, 50), rule="rank", k=7, method="isotonic", score="combined")
     with pytest.raises(ValueError, match="isotonic calibration needs"):
         Calibration(method=CalibrationMethod.ISOTONIC, score=ConfidenceScore.SHARE, rule=VotingRule.RANK, k=1,
                     softmax_tau=0.07, rank_alpha=2.0, knots_x=(0.5, 0.2), knots_y=(0.1, 0.2))

@@ -7,7 +7,6 @@ embeddings; bad files must all reach the dead-letter output with reasons.
 from __future__ import annotations
 
 import glob
-import json
 import os
 
 import numpy as np

@@ -1,0 +1,32 @@
+"""memory.export: a memory's live entries as a clip-retrieval folder, and back."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from memory import IndexConfig, IndexKind, VisualMemory
+from memory.build import build_memory_local
+from memory.export import export_embeddings, read_clip_folder
+from memory.mutations import forget
+from tests.memory.helpers import ENCODER, clustered
+
+
+def test_export_writes_live_entries_with_class_names_and_uris(tmp_path):
+    x, _ = clustered(50, 32, centres=3, noise=0.5, seed=4)
+    root = str(tmp_path / "mem")
+    ids = [f"e{i:02d}" for i in range(50)]
+    build_memory_local(root, ids=ids, labels=[("cat", "dog")[i % 2] for i in range(50)],
+                       uris=[f"/img/{i}.png" for i in ids], embeddings=x, num_shards=3,
+                       index_config=IndexConfig(kind=IndexKind.BRUTE_FORCE), encoder_identity=ENCODER)
+    forget(root, ids=["e03", "e10"])
+    out = str(tmp_path / "emb")
+    assert export_embeddings(root, out) == 48
+    table = read_clip_folder(out)
+    assert sorted(table.ids.tolist()) == sorted(set(ids) - {"e03", "e10"})
+    row = {i: r for r, i in enumerate(table.ids.tolist())}
+    memory = VisualMemory.open(root)
+    np.testing.assert_allclose(table.embeddings, memory.get_embeddings(table.ids.tolist()), atol=1e-6)
+    assert table.labels[row["e04"]] == "cat" and table.labels[row["e05"]] == "dog"
+    assert table.uris[row["e07"]] == "/img/e07.png"
+    # One part per non-empty shard; an earlier export's parts are replaced, never mixed in.
+    assert export_embeddings(root, out, version=1) == 50 and len(read_clip_folder(out)) == 50

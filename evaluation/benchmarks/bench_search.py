@@ -588,6 +588,8 @@ def format_targets(rows: Sequence[ResultRow], *, target_recall: float, dataset: 
 
 def run_dataset(data: Dataset, s: Settings, workdir: str, *, log: Callable[[str], None]) -> list[ResultRow]:
     """Runs every method on one dataset; returns all rows (exact first)."""
+    import faiss  # pylint: disable=g-import-not-at-top,unused-import
+    import scann  # pylint: disable=g-import-not-at-top,unused-import  # Imports TF (~10 s): not a build cost.
     exact = run_exact(data, s)
     log(f"  exact numpy: {exact.qps:,.1f} QPS")
     rows = [exact]

@@ -143,5 +143,5 @@ def run(ws: Workspace, out: str) -> dict:
     lines += ["", f"`VisualMemory.classify(..., abstain_below={gate})` on the test embeddings abstained differently "
                   f"from the neighbour files on {api_mismatches} queries (must be 0)."]
     write_report(out, name=NAME, setup=s, results=results, markdown="\n".join(lines), seconds=ws.seconds,
-                 command=f"vmem experiment {NAME} --dataset {s.dataset}")
+                 command=s.command(NAME))
     return results

@@ -54,5 +54,5 @@ def run(ws: Workspace, out: str) -> dict:
                 "vs plurality 83.2 -> 81.4).",
               "", "The table is `vmem vote` over the evaluation's neighbour files; it equals `vmem evaluate`'s."]
     write_report(out, name=NAME, setup=ws.setup, results=results, markdown="\n".join(lines), seconds=ws.seconds,
-                 command=f"vmem experiment {NAME} --dataset {ws.setup.dataset}")
+                 command=ws.setup.command(NAME))
     return results

@@ -99,5 +99,5 @@ def run(ws: Workspace, out: str, *, levels=LEVELS, verify_level: int | None = VE
                       f"{v['build_and_evaluate_seconds']:.1f} s vs {v['revote_seconds']:.3f} s per re-vote: "
                       f"{v['speedup']:.0f}x."]
     write_report(out, name=NAME, setup=ws.setup, results=results, markdown="\n".join(lines), seconds=ws.seconds,
-                 command=f"vmem experiment {NAME} --dataset {ws.setup.dataset}")
+                 command=ws.setup.command(NAME))
     return results

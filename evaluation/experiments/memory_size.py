@@ -85,5 +85,5 @@ def run(ws: Workspace, out: str, *, sizes_per_class: list[int] | None = None, bo
                      if "slope" in f else f"| {r} | — | {f['error']} | |")
     lines += ["", f"Paper: {PAPER_SLOPE} per decade (DINOv2 ViT-L/14 up to 1B entries; -0.109 for S/14)."]
     write_report(out, name=NAME, setup=s, results=results, markdown="\n".join(lines), seconds=ws.seconds,
-                 command=f"vmem experiment {NAME} --dataset {s.dataset}")
+                 command=s.command(NAME))
     return results

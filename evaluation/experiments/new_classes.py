@@ -83,5 +83,5 @@ def run(ws: Workspace, out: str) -> dict:
               f"{results['neighbour_lists_not_exact']} (exact delta shards: must be 0; {lists.near_tie_swaps} swap "
               f"near-tied neighbours, distances within {lists.max_distance_gap:.1e}).", "", f"Paper: {PAPER}."]
     write_report(out, name=NAME, setup=s, results=results, markdown="\n".join(lines), seconds=ws.seconds,
-                 command=f"vmem experiment {NAME} --dataset {s.dataset}")
+                 command=s.command(NAME))
     return results

@@ -119,5 +119,5 @@ def run(ws: Workspace, out: str, *, levels=LEVELS, threshold: int = THRESHOLD, p
                       f"{sp['speedup']:.0f}x)."]
     lines += ["", f"Paper: {PAPER}."]
     write_report(out, name=NAME, setup=s, results=results, markdown="\n".join(lines), seconds=ws.seconds,
-                 command=f"vmem experiment {NAME} --dataset {s.dataset}")
+                 command=s.command(NAME))
     return results

@@ -105,5 +105,5 @@ def run(ws: Workspace, out: str) -> dict:
     lines += ["", f"Predictions of the forgotten class {label} over every rule and k = 1..{s.k_max}: "
               f"{by_class['forgotten_class_predictions']} (must be 0).", "", f"Paper: {PAPER}."]
     write_report(out, name=NAME, setup=s, results=results, markdown="\n".join(lines), seconds=ws.seconds,
-                 command=f"vmem experiment {NAME} --dataset {s.dataset}")
+                 command=s.command(NAME))
     return results

@@ -71,6 +71,16 @@ class Setup:
         if not self.hold_out:
             object.__setattr__(self, "hold_out", HOLD_OUT[self.dataset])
 
+    def command(self, name: str) -> str:
+        """The `vmem experiment` command line that reproduces experiment ``name`` with this setup."""
+        default = Setup(dataset=self.dataset)
+        flags = [f"--{f.name.replace('_', '-')} {getattr(self, f.name)}" for f in dataclasses.fields(self)
+                 if f.name in ("train_per_class", "calib_per_class", "test_per_class", "shards", "seed")
+                 and getattr(self, f.name) != getattr(default, f.name)]
+        if self.hold_out != default.hold_out:
+            flags.append("--hold-out " + ",".join(self.hold_out))
+        return " ".join([f"vmem experiment {name} --dataset {self.dataset}", *flags])
+
     def embedding_key(self) -> dict[str, Any]:
         """What the cached embeddings depend on."""
         return {"dataset": self.dataset, "train_per_class": self.train_per_class,

@@ -64,7 +64,10 @@ def test_k_sweep_equals_the_evaluation_and_separable_classes_are_all_right(ws, t
     assert r["revote_equals_evaluate"] and r["queries"] == 100 and r["memory_entries"] == 200
     assert r["accuracy"]["rank"]["1"] == 1.0 and r["best"]["rank"]["accuracy"] == 1.0
     assert os.path.getsize(tmp_path / "ks" / "accuracy_vs_k.png") > 10_000
-    assert _report(tmp_path / "ks")["setup"]["k_max"] == 30
+    report = _report(tmp_path / "ks")
+    assert report["setup"]["k_max"] == 30
+    assert report["command"] == ("vmem experiment k-sweep --dataset fashion-mnist --train-per-class 40 "
+                                 "--calib-per-class 20 --test-per-class 20 --hold-out d,e")
 
 
 def test_label_noise_at_100_percent_is_chance_and_re_voting_equals_a_rebuilt_memory(ws, tmp_path):

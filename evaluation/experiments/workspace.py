@@ -128,6 +128,9 @@ class Workspace:
         from pipelines import build  # pylint: disable=g-import-not-at-top
         s = self.setup
         images = self.path("images")
+        # PNGs of an earlier, larger setup would otherwise be read as part of this one's splits.
+        for stale in (images, self.path("images-calib")):
+            shutil.rmtree(stale, ignore_errors=True)
         self._timed("prepare_images", prepare_dataset, s.dataset, images, per_class=s.train_per_class,
                     test_per_class=s.test_per_class)
         self._timed("prepare_images", prepare_dataset, s.dataset, self.path("images-calib"),

@@ -30,3 +30,22 @@ def test_export_writes_live_entries_with_class_names_and_uris(tmp_path):
     assert table.uris[row["e07"]] == "/img/e07.png"
     # One part per non-empty shard; an earlier export's parts are replaced, never mixed in.
     assert export_embeddings(root, out, version=1) == 50 and len(read_clip_folder(out)) == 50
+
+
+def test_vmem_export_command_and_a_build_from_its_output(tmp_path, capsys):
+    from pipelines import cli
+    x, _ = clustered(30, 32, centres=2, noise=0.5, seed=5)
+    root = str(tmp_path / "mem")
+    build_memory_local(root, ids=[f"e{i}" for i in range(30)], labels=["a", "b", "c"] * 10,
+                       uris=[f"/img/{i}.png" for i in range(30)], embeddings=x, num_shards=1,
+                       index_config=IndexConfig(kind=IndexKind.BRUTE_FORCE), encoder_identity=ENCODER)
+    out = str(tmp_path / "emb")
+    assert cli.main(["export", "--memory", root, "--output", out]) == 0
+    assert f"exported 30 entries to {out}" in capsys.readouterr().out
+    rebuilt = str(tmp_path / "rebuilt")
+    assert cli.main(["build", "--embeddings", f"clip:{out},label_column=label", "--encoder-id", "fake",
+                     "--output", rebuilt, "--shards", "2"]) == 0
+    again = VisualMemory.open(rebuilt)
+    assert len(again) == 30 and again.class_names == ("a", "b", "c")
+    np.testing.assert_allclose(again.get_embeddings(["e7"]), VisualMemory.open(root).get_embeddings(["e7"]),
+                               atol=1e-6)

@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from memory.enums import parse_enum
 from memory.voting import VotingParams, VotingRule, neighbor_weights, vote
 
 __all__ = ["Calibration", "CalibrationMethod", "ConfidenceScore", "VoteConfidence", "combined_features",
@@ -55,13 +56,7 @@ class ConfidenceScore(enum.Enum):
 
     @classmethod
     def parse(cls, name: str | ConfidenceScore) -> ConfidenceScore:
-        if isinstance(name, ConfidenceScore):
-            return name
-        try:
-            return cls(str(name).strip().lower())
-        except ValueError:
-            raise ValueError(f"unknown confidence score {name!r}; allowed: "
-                             f"{', '.join(s.value for s in cls)}") from None
+        return parse_enum(cls, name, "confidence score")
 
 
 class CalibrationMethod(enum.Enum):
@@ -71,13 +66,7 @@ class CalibrationMethod(enum.Enum):
 
     @classmethod
     def parse(cls, name: str | CalibrationMethod) -> CalibrationMethod:
-        if isinstance(name, CalibrationMethod):
-            return name
-        try:
-            return cls(str(name).strip().lower())
-        except ValueError:
-            raise ValueError(f"unknown calibration method {name!r}; allowed: "
-                             f"{', '.join(m.value for m in cls)}") from None
+        return parse_enum(cls, name, "calibration method")
 
 
 class VoteConfidence(NamedTuple):

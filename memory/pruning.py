@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from memory import storage
+from memory.enums import parse_enum
 
 __all__ = ["PAPER_K", "PAPER_THRESHOLD", "PruningCounts", "PruningMode", "bucket_counts_path", "counts_dir",
            "counts_summary", "format_summary", "hard_prune_ids", "leave_one_out", "mislabelled_hits", "read_all_counts",
@@ -51,13 +52,7 @@ class PruningMode(enum.Enum):
 
     @classmethod
     def parse(cls, name: "str | PruningMode") -> "PruningMode":
-        if isinstance(name, PruningMode):
-            return name
-        try:
-            return cls(str(name).strip().lower())
-        except ValueError:
-            raise ValueError(f"unknown pruning mode {name!r}; allowed: "
-                             f"{', '.join(m.value for m in cls)}") from None
+        return parse_enum(cls, name, "pruning mode")
 
 
 def _as_2d(name: str, a: np.ndarray) -> np.ndarray:

@@ -52,6 +52,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from memory.enums import parse_enum
+
 __all__ = [
     "Prediction",
     "VotingParams",
@@ -78,14 +80,7 @@ class VotingRule(enum.Enum):
         Raises:
             ValueError: naming the unknown value and the allowed ones.
         """
-        if isinstance(name, VotingRule):
-            return name
-        try:
-            return cls(str(name).strip().lower())
-        except ValueError:
-            allowed = ", ".join(r.value for r in cls)
-            raise ValueError(
-                f"unknown voting rule {name!r}; allowed: {allowed}") from None
+        return parse_enum(cls, name, "voting rule")
 
 
 @dataclasses.dataclass(frozen=True)

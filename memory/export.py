@@ -12,42 +12,18 @@ memories from: the images are embedded once, every other memory is built from th
 
 from __future__ import annotations
 
-import dataclasses
 import io
 from collections.abc import Sequence
 
 import numpy as np
 
 from memory import storage
+from memory.blocks import EntryBlock
 
-__all__ = ["EmbeddingTable", "export_embeddings", "read_clip_folder", "write_clip_folder"]
-
-
-@dataclasses.dataclass(frozen=True)
-class EmbeddingTable:
-    """Rows of (id, class name, uri, embedding), row i of every array describing entry i."""
-    ids: np.ndarray
-    labels: np.ndarray
-    uris: np.ndarray
-    embeddings: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.ids.shape[0])
-
-    def take(self, rows: np.ndarray | Sequence[int]) -> EmbeddingTable:
-        """The given rows (a boolean mask or indices), in that order."""
-        rows = np.asarray(rows)
-        return EmbeddingTable(self.ids[rows], self.labels[rows], self.uris[rows], self.embeddings[rows])
-
-    def with_labels(self, labels: np.ndarray | Sequence[str]) -> EmbeddingTable:
-        """The same rows under other class names (e.g. randomised labels): no re-embedding."""
-        labels = np.asarray(labels, dtype=str)
-        if labels.shape != self.ids.shape:
-            raise ValueError(f"labels shape {labels.shape} != {self.ids.shape}: one label per row")
-        return dataclasses.replace(self, labels=labels)
+__all__ = ["export_embeddings", "read_clip_folder", "write_clip_folder"]
 
 
-def write_clip_folder(directory: str, parts: Sequence[EmbeddingTable]) -> int:
+def write_clip_folder(directory: str, parts: Sequence[EntryBlock]) -> int:
     """Writes ``parts`` as ``img_emb/img_emb_<i>.npy`` + ``metadata/metadata_<i>.parquet``; returns the rows.
 
     Existing files of the layout under ``directory`` are removed first, so a re-export never mixes in
@@ -73,7 +49,7 @@ def write_clip_folder(directory: str, parts: Sequence[EmbeddingTable]) -> int:
     return rows
 
 
-def read_clip_folder(directory: str, *, label_column: str = "label") -> EmbeddingTable:
+def read_clip_folder(directory: str, *, label_column: str = "label") -> EntryBlock:
     """Reads a clip-retrieval folder written by :func:`write_clip_folder` (or clip-retrieval) into memory."""
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
     names = sorted((n for n in storage.list_dir(storage.join(directory, "img_emb")) if n.endswith(".npy")),
@@ -93,7 +69,7 @@ def read_clip_folder(directory: str, *, label_column: str = "label") -> Embeddin
         labels += meta.column(label_column).to_pylist()
         uris += meta.column("image_path").to_pylist()
         embeddings.append(emb.astype(np.float32))
-    return EmbeddingTable(np.asarray(ids, dtype=str), np.asarray(labels, dtype=str), np.asarray(uris, dtype=str),
+    return EntryBlock(np.asarray(ids, dtype=str), np.asarray(labels, dtype=str), np.asarray(uris, dtype=str),
                           np.concatenate(embeddings))
 
 
@@ -120,7 +96,7 @@ def export_embeddings(root: str, directory: str, *, version: int | None = None) 
             continue
         data = read_shard_data(storage.join(root, info.path))
         live = ~np.isin(data.ids.astype(str), forgotten) if forgotten.size else np.ones(len(data), bool)
-        parts.append(EmbeddingTable(data.ids[live], names[data.labels[live]], data.uris[live],
+        parts.append(EntryBlock(data.ids[live], names[data.labels[live]], data.uris[live],
                                     data.embeddings[live]))
     written = write_clip_folder(directory, parts)
     if written != manifest.total:

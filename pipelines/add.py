@@ -87,7 +87,7 @@ from pipelines.embed import (DecodeImages, EmbedImages, EncoderMismatchError, ch
 from pipelines.readers import FAILED_TAG, ImageSource, ReadImages, _failed, parse_image_spec
 from pipelines.records import EntryBlock, Stage
 from pipelines.write import (DEAD_LETTER_DIR, SPILL_ROWS, EntriesToBlocks, SpillBlocks, block_class_names,
-                             count_rows, dedupe_block, read_spills, take_rows)
+                             count_rows, dedupe_block, read_spills)
 
 _LOG = logging.getLogger("visual_memory")
 _NAMESPACE = "visual_memory"
@@ -467,7 +467,7 @@ class _WriteDeltaShardFn(beam.DoFn):
         block = read_spills(paths)
         rejected = [r for r in grouped["rejected"]]
         if rejected:
-            block = take_rows(block, np.flatnonzero(~np.isin(block.ids, np.concatenate(rejected))))
+            block = block.take(np.flatnonzero(~np.isin(block.ids, np.concatenate(rejected))))
         kept, dups = dedupe_block(block)  # Ids given twice in this add: the first by uri is kept.
         for d, k in dups:
             yield _failed(str(block.ids[d]), str(block.uris[d]), "duplicate_id",

@@ -7,6 +7,9 @@ import typing
 
 import numpy as np
 
+# Blocks of entries are a memory/ type (memory.export writes them too); the jobs import them from here.
+from memory.blocks import EntryBlock  # noqa: F401  (re-exported)
+
 
 class ImageRecord(typing.NamedTuple):
     """One source image as read: its stable id, where it came from, its class name and encoded bytes."""
@@ -62,22 +65,3 @@ class FailedRecord(typing.NamedTuple):
         return cls(**json.loads(line))
 
 
-class EntryBlock(typing.NamedTuple):
-    """A block of memory entries travelling as one element (row i of every array is entry i).
-
-    Web-scale jobs move blocks of a few thousand rows instead of one element per entry: per-element overhead
-    in Beam's Python SDK dominates at 1e8-1e9 entries, and a block pickles as a handful of numpy buffers.
-
-    Attributes:
-      ids: unicode [n] entry ids.
-      labels: unicode [n] class names.
-      uris: unicode [n] source URIs (absolute).
-      embeddings: float32 [n, d] unit rows.
-    """
-    ids: np.ndarray
-    labels: np.ndarray
-    uris: np.ndarray
-    embeddings: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.ids.shape[0])

@@ -119,7 +119,7 @@ from memory.versions import (ConcurrentUpdateError, _conflict, checked_deletion_
                              publish_version, read_version)
 from pipelines.records import EntryBlock
 from pipelines.runner import with_default_runner
-from pipelines.write import BLOCK_ROWS, SPILL_DIR, SPILL_ROWS, SpillBlocks, read_spills, take_rows
+from pipelines.write import BLOCK_ROWS, SPILL_DIR, SPILL_ROWS, SpillBlocks, read_spills
 
 _LOG = logging.getLogger("visual_memory")
 _NAMESPACE = "visual_memory"
@@ -419,7 +419,7 @@ class _WriteTargetShardFn(beam.DoFn):
         index, paths = element
         job = self._job
         block = read_spills([p for p in paths if p is not None], dim=job.manifest.dim)
-        block = take_rows(block, np.argsort(block.ids, kind="stable"))  # The order write_shard stores.
+        block = block.take(np.argsort(block.ids, kind="stable"))  # The order write_shard stores.
         # An empty target (every row forgotten) becomes an empty shard; duplicate ids fail in write_shard.
         data = ShardData(ids=block.ids, labels=np.asarray(block.labels, np.int32), uris=block.uris,
                          embeddings=block.embeddings.reshape(-1, job.manifest.dim))

@@ -105,10 +105,6 @@ def concat_blocks(blocks: list[EntryBlock], dim: int | None = None) -> EntryBloc
     return EntryBlock(*(np.concatenate([getattr(b, f) for b in blocks]) for f in EntryBlock._fields))
 
 
-def take_rows(block: EntryBlock, rows: np.ndarray) -> EntryBlock:
-    return EntryBlock(*(getattr(block, f)[rows] for f in EntryBlock._fields))
-
-
 def dedupe_block(block: EntryBlock) -> tuple[EntryBlock, list[tuple[int, int]]]:
     """Keeps the first row of each id by uri (deterministic); returns (kept rows, [(duplicate row, kept row)]).
 
@@ -124,7 +120,7 @@ def dedupe_block(block: EntryBlock) -> tuple[EntryBlock, list[tuple[int, int]]]:
         return block, []
     run_start = np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))
     dups = [(int(order[i]), int(order[run_start[i]])) for i in np.flatnonzero(~first)]
-    return take_rows(block, np.sort(order[first])), dups
+    return block.take(np.sort(order[first])), dups
 
 
 def _spill_bytes(block: EntryBlock) -> bytes:
@@ -171,7 +167,7 @@ class SpillBlocks(beam.DoFn):
         bounds = np.flatnonzero(np.diff(shards[order])) + 1
         for rows in np.split(order, bounds):
             shard = int(shards[rows[0]])
-            self._buffers.setdefault(shard, []).append(take_rows(block, rows))
+            self._buffers.setdefault(shard, []).append(block.take(rows))
             self._buffered[shard] = self._buffered.get(shard, 0) + len(rows)
             if self._buffered[shard] >= self._spill_rows:
                 yield self._flush(shard)
@@ -217,7 +213,7 @@ class _DedupeFn(beam.DoFn):
         yield from _failed_rows(full, dups)
         del full
         for start in range(0, len(block), BLOCK_ROWS):
-            yield take_rows(block, np.arange(start, min(start + BLOCK_ROWS, len(block))))
+            yield block.take(np.arange(start, min(start + BLOCK_ROWS, len(block))))
 
 
 class _WriteShardFn(beam.DoFn):
@@ -232,7 +228,7 @@ class _WriteShardFn(beam.DoFn):
         block, dups = dedupe_block(full)
         yield from _failed_rows(full, dups)
         del full
-        block = take_rows(block, np.argsort(block.ids, kind="stable"))  # write_shard then sorts nothing.
+        block = block.take(np.argsort(block.ids, kind="stable"))  # write_shard then sorts nothing.
         class_index = {name: i for i, name in enumerate(class_names)}
         labels = np.fromiter((class_index[l] for l in block.labels.tolist()), np.int32, len(block))
         data = ShardData(ids=block.ids, labels=labels, uris=block.uris, embeddings=block.embeddings)

@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from memory.export import EmbeddingTable, export_embeddings, read_clip_folder, write_clip_folder
+from memory.blocks import EntryBlock
+from memory.export import export_embeddings, read_clip_folder, write_clip_folder
 
 _LOG = logging.getLogger("visual_memory")
 
@@ -98,7 +99,7 @@ class Workspace:
         self.setup = setup
         self.root = os.path.abspath(os.path.join(work_dir, setup.dataset))
         self.seconds: dict[str, float] = {}
-        self._tables: dict[str, EmbeddingTable] = {}
+        self._tables: dict[str, EntryBlock] = {}
         self._encoder_id: str | None = None
         self._memo: dict[str, Any] = {}
 
@@ -167,7 +168,7 @@ class Workspace:
             self.prepare()
         return self._encoder_id
 
-    def table(self, split: str) -> EmbeddingTable:
+    def table(self, split: str) -> EntryBlock:
         """The embedded split (ids, class names, uris, unit embeddings), read once."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
@@ -182,7 +183,7 @@ class Workspace:
 
     # ------------------------------------------------------------------ the real jobs
 
-    def write_table(self, name: str, table: EmbeddingTable) -> str:
+    def write_table(self, name: str, table: EntryBlock) -> str:
         """Writes rows as a clip-retrieval folder under ``tables/NAME``; returns its ``--embeddings`` spec."""
         directory = self.path("tables", name)
         write_clip_folder(directory, [table])

@@ -16,7 +16,8 @@ import pytest
 from evaluation.experiments import abstain, k_sweep, label_noise, memory_size, new_classes, pruning, unlearning
 from evaluation.experiments.common import read_neighbors, revote
 from evaluation.experiments.workspace import Setup, Workspace
-from memory.export import EmbeddingTable, write_clip_folder
+from memory.blocks import EntryBlock
+from memory.export import write_clip_folder
 from memory.vectors import l2_normalize
 
 CLASSES = ("a", "b", "c", "d", "e")
@@ -24,11 +25,11 @@ HELD_OUT = ("d", "e")
 DIM = 16
 
 
-def _split(rng, centres, per_class: int, prefix: str, noise: float) -> EmbeddingTable:
+def _split(rng, centres, per_class: int, prefix: str, noise: float) -> EntryBlock:
     labels = np.repeat(np.arange(len(CLASSES)), per_class)
     x = centres[labels] + noise * rng.normal(size=(labels.size, DIM))
     ids = np.asarray([f"{CLASSES[c]}/{prefix}-{i:04d}" for i, c in enumerate(labels)])
-    return EmbeddingTable(ids, np.asarray(CLASSES)[labels], np.asarray([f"/img/{i}.png" for i in ids]),
+    return EntryBlock(ids, np.asarray(CLASSES)[labels], np.asarray([f"/img/{i}.png" for i in ids]),
                           l2_normalize(x.astype(np.float32)))
 
 

@@ -84,7 +84,7 @@ def fit_from_evaluation(directory: str, *, memory: str | None = None, rule: str 
     """
     import numpy as np
 
-    from memory.confidence import fit_calibration, raw_score, vote_confidence
+    from memory.confidence import fit_on_confidence, raw_score, vote_confidence
     from memory.manifest import read_manifest
     from memory.voting import VotingParams
 
@@ -106,12 +106,11 @@ def fit_from_evaluation(directory: str, *, memory: str | None = None, rule: str 
                           rank_alpha=float(extra.get("rank_alpha", 2.0)))
     labels, distances, true, weights = neighbors_io.to_arrays(records, k_max)
     try:
-        calibration = fit_calibration(labels, distances, true, rule=rule, k=k, params=params, entry_weights=weights,
-                                      method=method, score=score, fitted_on_version=latest.version,
-                                      source=os.path.abspath(directory))
+        vc = vote_confidence(labels, distances, rule=rule, k=k, params=params, entry_weights=weights)
+        calibration = fit_on_confidence(vc, true, rule=rule, k=k, params=params, method=method, score=score,
+                                        fitted_on_version=latest.version, source=os.path.abspath(directory))
     except ValueError as e:
         raise UsageError(str(e)) from None
-    vc = vote_confidence(labels, distances, rule=rule, k=k, params=params, entry_weights=weights)
     correct = (vc.labels == true) & (true >= 0)
     return root, calibration, np.asarray(correct), raw_score(vc, calibration.score), calibration.confidence(vc)
 

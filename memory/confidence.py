@@ -40,11 +40,12 @@ from memory.enums import parse_enum
 from memory.voting import VotingParams, VotingRule, neighbor_weights, vote
 
 __all__ = ["Calibration", "CalibrationMethod", "ConfidenceScore", "VoteConfidence", "combined_features",
-           "fit_calibration",
-           "isotonic_fit", "platt_fit", "raw_score", "vote_confidence"]
+           "fit_calibration", "fit_on_confidence", "isotonic_fit", "platt_fit", "raw_score", "vote_confidence"]
 
 # Scores are clipped this far inside (0, 1) before a logit: a share of exactly 1.0 is common.
 _EPS = 1e-4
+_COMBINED_NEEDS_PLATT = ("the combined score has three inputs: calibrate it with method platt, or pick one score "
+                         "(share, margin or similarity) for isotonic")
 
 
 class ConfidenceScore(enum.Enum):
@@ -269,8 +270,7 @@ class Calibration:
     def __post_init__(self):
         if self.score is ConfidenceScore.COMBINED:
             if self.method is not CalibrationMethod.PLATT:
-                raise ValueError("the combined score has three inputs: calibrate it with method platt, or pick one "
-                                 "score (share, margin or similarity) for isotonic")
+                raise ValueError(_COMBINED_NEEDS_PLATT)
             if len(self.coefficients) != 4 or not np.isfinite(self.coefficients).all():
                 raise ValueError(f"a combined calibration needs 4 finite coefficients, got {self.coefficients!r}")
         elif self.method is CalibrationMethod.ISOTONIC:
@@ -343,9 +343,7 @@ class Calibration:
 
 def fit_calibration(labels: np.ndarray, distances: np.ndarray, true: np.ndarray, *, rule: VotingRule | str,
                     k: int, params: VotingParams = VotingParams(), entry_weights: np.ndarray | None = None,
-                    method: CalibrationMethod | str = CalibrationMethod.PLATT,
-                    score: ConfidenceScore | str = ConfidenceScore.COMBINED, fitted_on_version: int | None = None,
-                    source: str = "") -> Calibration:
+                    **options) -> Calibration:
     """Fits a calibration on the neighbour lists of a labelled held-out split.
 
     Args:
@@ -353,15 +351,31 @@ def fit_calibration(labels: np.ndarray, distances: np.ndarray, true: np.ndarray,
         ``evaluation.neighbors_io.to_arrays`` gives them).
       true: ``[n]`` true labels (-1 for a class the memory does not know: the vote is then always wrong).
       rule, k, params: The vote to calibrate.
-      method, score: See the module docstring.
-      fitted_on_version, source: Recorded with the fit.
+      **options: ``method``, ``score``, ``fitted_on_version``, ``source``: see `fit_on_confidence`.
 
     Raises:
       ValueError: on empty or mismatched inputs, or bad names.
     """
+    vc = vote_confidence(labels, distances, rule=rule, k=k, params=params, entry_weights=entry_weights)
+    return fit_on_confidence(vc, true, rule=rule, k=k, params=params, **options)
+
+
+def fit_on_confidence(vc: VoteConfidence, true: np.ndarray, *, rule: VotingRule | str, k: int,
+                      params: VotingParams = VotingParams(),
+                      method: CalibrationMethod | str = CalibrationMethod.PLATT,
+                      score: ConfidenceScore | str = ConfidenceScore.COMBINED, fitted_on_version: int | None = None,
+                      source: str = "") -> Calibration:
+    """`fit_calibration` on an already computed `vote_confidence` of the same rule, k and params.
+
+    Args:
+      vc: The held-out queries' votes and raw scores.
+      true: ``[n]`` true labels (-1: a class the memory does not know).
+      rule, k, params: The vote ``vc`` was computed for (recorded in the fit).
+      method, score: See the module docstring.
+      fitted_on_version, source: Recorded with the fit.
+    """
     rule, method, score = VotingRule.parse(rule), CalibrationMethod.parse(method), ConfidenceScore.parse(score)
     true = np.asarray(true)
-    vc = vote_confidence(labels, distances, rule=rule, k=k, params=params, entry_weights=entry_weights)
     if true.shape != vc.labels.shape:
         raise ValueError(f"true has shape {true.shape}, expected [{vc.labels.shape[0]}] (one label per query)")
     correct = (vc.labels == true) & (true >= 0)
@@ -371,8 +385,7 @@ def fit_calibration(labels: np.ndarray, distances: np.ndarray, true: np.ndarray,
                   fitted_on_version=fitted_on_version, source=source)
     if score is ConfidenceScore.COMBINED:
         if method is not CalibrationMethod.PLATT:
-            raise ValueError("the combined score has three inputs: calibrate it with method platt, or pick one "
-                             "score (share, margin or similarity) for isotonic")
+            raise ValueError(_COMBINED_NEEDS_PLATT)
         features = combined_features(vc)
         _check_fit_inputs(features[:, 0], correct)
         weights = _logistic_fit(features, correct.astype(np.float64))

@@ -41,7 +41,7 @@ def _calibrate(eval_dir: str, memory: str) -> None:
 
 
 def run(ws: Workspace, out: str) -> dict:
-    from memory.confidence import (CalibrationMethod, ConfidenceScore, fit_calibration,  # pylint: disable=g-import-not-at-top
+    from memory.confidence import (CalibrationMethod, ConfidenceScore, fit_on_confidence,  # pylint: disable=g-import-not-at-top
                                    memory_calibration, raw_score, vote_confidence)
     from memory.manifest import read_manifest  # pylint: disable=g-import-not-at-top
     from memory.visual_memory import VisualMemory  # pylint: disable=g-import-not-at-top
@@ -64,13 +64,13 @@ def run(ws: Workspace, out: str) -> dict:
     correct = (vc.labels == true) & inside
     calibrated = calibration.confidence(vc)
     c_labels, c_distances, c_true, c_weights = neighbors_io.to_arrays(read_neighbors(calib_dir), s.k_max)
+    c_vc = vote_confidence(c_labels, c_distances, rule=RULE, k=k, entry_weights=c_weights)
     methods = {}
     for method in CalibrationMethod:
         for score in ConfidenceScore:
             if score is ConfidenceScore.COMBINED and method is CalibrationMethod.ISOTONIC:
                 continue  # Isotonic maps one score; the combined score has three inputs.
-            fit = fit_calibration(c_labels, c_distances, c_true, rule=RULE, k=k, entry_weights=c_weights,
-                                  method=method, score=score)
+            fit = fit_on_confidence(c_vc, c_true, rule=RULE, k=k, method=method, score=score)
             conf = fit.confidence(vc)
             raw = raw_score(vc, score)
             raw_prob = (raw + 1) / 2 if score is ConfidenceScore.SIMILARITY else raw

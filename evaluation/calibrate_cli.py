@@ -24,14 +24,13 @@ Exit status: 0 on success (or a --dry-run), 2 on a usage or input error.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys
 from collections.abc import Sequence
 
 from evaluation import neighbors_io
-from pipelines.cli_args import EXIT_USAGE, RaisingArgumentParser, UsageError
+from pipelines.cli_args import RaisingArgumentParser, UsageError, run_command
 
 __all__ = ["build_parser", "fit_from_evaluation", "main"]
 
@@ -64,9 +63,10 @@ def _evaluation_inputs(directory: str):
     except FileNotFoundError:
         raise UsageError(f"--evaluation {directory!r} holds no report.json; pass the --output directory of a "
                          "`vmem evaluate` run") from None
-    files = sorted(glob.glob(os.path.join(directory, "neighbors-*.jsonl*")))
-    if not files:
-        raise UsageError(f"--evaluation {directory!r} holds no neighbors-*.jsonl files")
+    try:
+        files = neighbors_io.evaluation_files(directory)
+    except FileNotFoundError:
+        raise UsageError(f"--evaluation {directory!r} holds no neighbors-*.jsonl files") from None
     return report, neighbors_io.read_neighbor_files(files)
 
 
@@ -145,13 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs ``vmem calibrate``; returns the exit status (0 ok, 2 usage or input error)."""
     from memory.manifest import ManifestError
     from memory.versions import ConcurrentUpdateError
-    try:
-        return _run(build_parser().parse_args(argv))
-    except (UsageError, ValueError, ManifestError, ConcurrentUpdateError, FileNotFoundError) as e:
-        print(f"vmem calibrate: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
+    return run_command("vmem calibrate", build_parser(), _run, argv,
+                       errors=(ValueError, ManifestError, ConcurrentUpdateError, FileNotFoundError))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ nearest first; :func:`to_arrays` checks this.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import gzip
 import json
 import math
@@ -32,6 +33,7 @@ import numpy as np
 
 __all__ = [
     "NeighborFormatError",
+    "evaluation_files",
     "NeighborRecord",
     "iter_records",
     "read_neighbor_files",
@@ -278,6 +280,18 @@ def _chain(first: list[str], rest: IO[str]) -> Iterator[str]:
 def read_records(path: str | os.PathLike) -> list[NeighborRecord]:
     """Reads all records of one file; see :func:`iter_records`."""
     return list(iter_records(path))
+
+
+def evaluation_files(eval_dir: str | os.PathLike) -> list[str]:
+    """The neighbour-list files a ``vmem evaluate --output EVAL_DIR`` wrote (``neighbors-*.jsonl``, maybe .gz).
+
+    Raises:
+      FileNotFoundError: naming the directory, when it holds none.
+    """
+    files = sorted(glob.glob(os.path.join(os.fspath(eval_dir), "neighbors-*.jsonl*")))
+    if not files:
+        raise FileNotFoundError(f"{os.fspath(eval_dir)} holds no neighbors-*.jsonl; did the evaluation run?")
+    return files
 
 
 def read_neighbor_files(paths: Sequence[str | os.PathLike]

@@ -27,7 +27,7 @@ from evaluation import metrics
 from evaluation import neighbors_io
 from evaluation import report as report_lib
 from memory import voting
-from pipelines.cli_args import EXIT_USAGE, RaisingArgumentParser, UsageError
+from pipelines.cli_args import RaisingArgumentParser, UsageError, run_command
 
 __all__ = ["main", "build_parser"]
 
@@ -149,15 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Args:
         argv: Arguments after ``vote`` (default ``sys.argv[1:]``).
     """
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-        return _run(args)
-    except UsageError as e:
-        print(f"vmem vote: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
+    return run_command("vmem vote", build_parser(), _run, argv)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from pipelines.cli_args import EXIT_USAGE, RaisingArgumentParser, UsageError
+from pipelines.cli_args import RaisingArgumentParser, UsageError, run_command
 
 # Name -> module under evaluation.experiments, in the order `all` (and `make paper`) runs them.
 EXPERIMENTS = {
@@ -110,13 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs ``vmem experiment``; returns the exit status (0 ok, 2 usage error)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return _run(build_parser().parse_args(argv))
-    except UsageError as e:
-        print(f"vmem experiment: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
+    return run_command("vmem experiment", build_parser(), _run, argv)
 
 
 if __name__ == "__main__":

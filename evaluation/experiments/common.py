@@ -99,8 +99,7 @@ def revote(records: Sequence[neighbors_io.NeighborRecord], *, k_max: int,
 
 def read_neighbors(eval_dir: str) -> list[neighbors_io.NeighborRecord]:
     """An evaluation's neighbour lists, sorted by query id (JSONL shard order is the runner's)."""
-    from evaluation.experiments.workspace import neighbor_files  # pylint: disable=g-import-not-at-top
-    return sorted(neighbors_io.read_neighbor_files(neighbor_files(eval_dir)), key=lambda r: r.query_id)
+    return sorted(neighbors_io.read_neighbor_files(neighbors_io.evaluation_files(eval_dir)), key=lambda r: r.query_id)
 
 
 def table_from_report(report: Mapping[str, Any], key: str = "accuracy") -> dict[str, dict[int, float]]:

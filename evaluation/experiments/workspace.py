@@ -16,7 +16,6 @@ encoder identity), so ``vmem experiment`` runs after the first reuse the embeddi
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import logging
 import os
@@ -238,14 +237,6 @@ class Workspace:
         """``vmem prune --memory M ARGV...``."""
         from pipelines import prune  # pylint: disable=g-import-not-at-top
         self._timed("prune", prune.run, ["--memory", memory, *argv])
-
-
-def neighbor_files(eval_dir: str) -> list[str]:
-    """The neighbour-list shards an evaluation wrote."""
-    files = sorted(glob.glob(os.path.join(eval_dir, "neighbors-*.jsonl")))
-    if not files:
-        raise FileNotFoundError(f"{eval_dir} holds no neighbors-*.jsonl; did the evaluation run?")
-    return files
 
 
 def rng_for(setup: Setup, *purpose: Any) -> np.random.Generator:

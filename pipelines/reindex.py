@@ -110,6 +110,7 @@ from memory import compaction, storage
 from memory import shard as shard_io
 from memory.index import IndexConfig
 from memory.manifest import Manifest, ManifestError, ShardInfo, WeightsRef, sha256_checksum
+from memory.metadata import metadata_without
 from memory.mutations import (_fresh_name, _member, purge_history, purge_requested_since_reindex,
                               read_entry_weights, read_forgotten, WEIGHTS_DIR)
 from memory.routing import read_router
@@ -471,6 +472,7 @@ def assemble_manifest(job: ReindexJob, plan: compaction.ReindexPlan, rebuilt: di
                            f"shards hold {stored}; nothing was published")
     forgotten = read_forgotten(job.root, m)
     weights = _weights_without(job.root, m, forgotten, job.new_version)
+    metadata = metadata_without(job.root, m, forgotten, job.new_version)
     reused = [t.name for t in plan.targets if t.reused is not None]
     rebuilt_names = [t.name for t in plan.targets if t.reused is None]
     change = {"kind": "reindex", "job": job.job_token,
@@ -486,7 +488,7 @@ def assemble_manifest(job: ReindexJob, plan: compaction.ReindexPlan, rebuilt: di
     if "num_shards" in build_config:
         build_config["num_shards"] = plan.num_shards
     return dataclasses.replace(m, shards=shards, delta_shards=(), forgotten=None, entry_weights=weights,
-                               build_config=build_config, change=change)
+                               metadata=metadata, build_config=build_config, change=change)
 
 
 def _published_by(root: str, n: int, job_token: str) -> Manifest | None:

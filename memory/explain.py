@@ -77,6 +77,11 @@ class Prediction:
         ``label`` is then -1, ``label_name`` "unknown", and ``vote_label_name`` keeps the vote's class.
       reason: Why the memory abstained ("" when it answered).
       vote_label_name: The class the neighbours voted for, whether or not the memory answered with it.
+      rerank_reason: With a re-ranker (memory.rerank): what happened to this query -- ``answered`` (the
+        re-ranker picked ``label_name``), ``margin_above_gate`` (not sent), or a fallback reason (the vote
+        stands); "" without a re-ranker.
+      rerank_calls: Calls the re-ranker made for this query (retries included; 0 from its cache).
+      rerank_detail: A fallback's detail (the invalid answer, the error).
     """
     label: int
     label_name: str
@@ -89,6 +94,9 @@ class Prediction:
     abstained: bool = False
     reason: str = ""
     vote_label_name: str = ""
+    rerank_reason: str = ""
+    rerank_calls: int = 0
+    rerank_detail: str = ""
 
     def top_scores(self, n: int = 5) -> list[tuple[str, float]]:
         """The n best ``(class name, score)`` pairs."""
@@ -108,6 +116,8 @@ class Prediction:
             "abstained": self.abstained,
             "reason": self.reason,
             "vote_label_name": self.vote_label_name,
+            **({"rerank_reason": self.rerank_reason, "rerank_calls": self.rerank_calls,
+                "rerank_detail": self.rerank_detail} if self.rerank_reason else {}),
         }
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
-import dataclasses
 import math
 import os
 import threading
@@ -25,8 +24,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 import numpy as np
 
 from memory import storage
-from memory.confidence import memory_calibration, vote_confidence
-from memory.explain import Prediction, explain
+from memory import classify as classify_lib
+from memory.explain import Prediction
+from memory.filters import Crowding, QueryFilter, RowAttributes, as_filters, crowded_search, search_filtered
 from memory.index import ShardIndex
 from memory.manifest import Manifest, ManifestError
 from memory.merge import merge_topk
@@ -39,9 +39,12 @@ from memory.versions import latest_version, read_version
 from memory.voting import VotingParams, VotingRule
 
 if TYPE_CHECKING:
-    from encoders.base import Encoder, PreprocessSpec
+    from encoders.base import Encoder
+    from memory.rerank import Reranker, ResponseCache
 
 _PAD_ID = ""
+# Brute-force indices over a shard's filtered live rows kept for this many distinct filters.
+_FILTER_INDEX_CACHE = 8
 
 
 def _resolve_threads(threads: int | None, shards: int) -> int:
@@ -56,9 +59,6 @@ def _num_leaves(index: ShardIndex) -> int:
     """Leaves of a tree+AH shard, as its config resolved them at build time."""
     return index.config.resolve_leaves(len(index))[0]
 
-
-# Images embedded per encoder call in classify(): bounds the float32 pixel batch held in memory.
-_EMBED_BATCH = 32
 
 
 class SearchResult(NamedTuple):
@@ -107,8 +107,10 @@ class VisualMemory:
         self._row_weights = None if entry_weights is None else row_weights(entry_weights, ids)
         # Per shard, a brute-force index over its live rows, built on the first query the bounded over-fetch
         # leaves short (it reads that shard's embeddings); views from with_search_params share it.
-        self._live_indices: dict[int, tuple[ShardIndex | None, np.ndarray]] = {}
+        self._live_indices: dict[tuple[int, str], tuple[ShardIndex | None, np.ndarray]] = {}
         self._live_lock = threading.Lock()
+        self._metadata = None  # memory.metadata.MetadataTable, read on the first metadata filter or crowding.
+        self._metadata_values: dict[str, np.ndarray] = {}
         self._row_of_id: dict[str, int] | None = None
         self._embeddings: np.ndarray | None = None
         self._uris: np.ndarray | None = None
@@ -254,12 +256,19 @@ class VisualMemory:
     def dim(self) -> int:
         return self._manifest.dim
 
-    def search(self, queries: np.ndarray, k: int) -> SearchResult:
+    def search(self, queries: np.ndarray, k: int, *,
+               filters: QueryFilter | Sequence[QueryFilter | None] | None = None,
+               crowding: Crowding | None = None) -> SearchResult:
         """Finds the k nearest memory entries of each query across all shards.
 
         Args:
           queries: [nq, dim] query embeddings (L2-normalised here).
           k: Neighbours per query, >= 1; when k exceeds len(self) the tail is padded.
+          filters: Only entries a `memory.filters.QueryFilter` admits (labels, uri prefix, metadata values),
+            one filter for every query or one (or None) per query. Applied before the top-k cut, like
+            forgetting: k admitted neighbours whenever k exist.
+          crowding: At most ``crowding.max_per_group`` neighbours per group (memory.filters.Crowding); the
+            list is the greedy walk down the distance order, exact (more is fetched until k are kept).
 
         Returns:
           SearchResult, nearest first, forgotten entries never included; equal distances ordered by
@@ -276,17 +285,47 @@ class VisualMemory:
                 f"{self._manifest.encoder.get('name')!r} has dim {self.dim}), got {q.shape}; embed queries with "
                 "the memory's encoder")
         q = l2_normalize(q) if q.shape[0] else q.astype(np.float32)
-        nq = q.shape[0]
+        per_query = as_filters(filters, q.shape[0])
+        if crowding is None:
+            gidx, dist = self._search_rows(q, int(k), per_query)
+        else:
+            groups = crowding.groups(self._attributes())
+            gidx, dist = crowded_search(
+                lambda rows, n: self._search_rows(q[rows], n, [per_query[i] for i in rows.tolist()]),
+                q.shape[0], int(k), lambda rows: groups[rows], crowding.max_per_group, len(self))
+        valid = gidx >= 0
+        safe = np.maximum(gidx, 0)
+        ids = np.where(valid, self._ids[safe], _PAD_ID) if self._ids.size else np.full(gidx.shape, _PAD_ID)
+        labels = np.where(valid, self._labels[safe], -1).astype(np.int32) if self._ids.size else \
+            np.full(gidx.shape, -1, np.int32)
+        weights = None
+        if self._row_weights is not None:
+            weights = np.where(valid, self._row_weights[safe], np.float32(1.0)).astype(np.float32)
+        return SearchResult(ids=ids, labels=labels, distances=dist, weights=weights)
 
+    def _search_rows(self, q: np.ndarray, k: int, filters: list[QueryFilter | None]
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """Global rows and distances [nq, k] of unit queries' top-k live (and admitted) entries."""
+        nq = q.shape[0]
         # Which shards each query visits: all of them, or (partition-routed) the routed main shards + deltas.
         visit = search_mask(self._router, q, [ix is not None for ix in self._indices], probes=self._route_probes)
+        filtered = any(f is not None for f in filters)
 
         def search_shard(s: int) -> tuple[np.ndarray, np.ndarray]:
             rows = np.flatnonzero(visit[:, s])
             dead = self._dead[self._offsets[s]:self._offsets[s + 1]] if self._dead_per_shard[s] else None
-            # Forgotten rows never come back (exactly, for brute force: see search_live_rows).
-            found, found_dist = search_live_rows(self._indices[s], q if rows.size == nq else q[rows], k, dead,
-                                                 live_index=lambda: self._live_index(s))
+            sub = q if rows.size == nq else q[rows]
+
+            def live_search(queries, excluded, key):
+                # Forgotten (and filtered-out) rows never come back (exactly, for brute force: see
+                # search_live_rows).
+                return search_live_rows(self._indices[s], queries, k, excluded,
+                                        live_index=lambda: self._live_index(s, key, excluded))
+            if filtered:
+                found, found_dist = search_filtered(live_search, sub, k, dead, [filters[i] for i in rows.tolist()],
+                                                    self._attributes(s))
+            else:
+                found, found_dist = live_search(sub, dead, "dead")
             if rows.size == nq:
                 local, dist = found, found_dist
             else:  # Routed: search only this shard's queries; the others get padding from it.
@@ -302,30 +341,52 @@ class VisualMemory:
         else:
             partials = [search_shard(s) for s in shards]
         if not partials:
-            return SearchResult(ids=np.full((nq, k), _PAD_ID, dtype="<U1"),
-                                labels=np.full((nq, k), -1, dtype=np.int32),
-                                distances=np.full((nq, k), np.inf, dtype=np.float32),
-                                weights=None if self._row_weights is None else np.ones((nq, k), dtype=np.float32))
+            return np.full((nq, k), -1, dtype=np.int64), np.full((nq, k), np.inf, dtype=np.float32)
         # Ties between shards are ordered by entry id (looked up only for rows that have a tie).
-        gidx, dist = merge_topk(partials, k, tie_keys=lambda rows: self._ids[rows])
-        valid = gidx >= 0
-        safe = np.maximum(gidx, 0)
-        ids = np.where(valid, self._ids[safe], _PAD_ID)
-        labels = np.where(valid, self._labels[safe], -1).astype(np.int32)
-        weights = None
-        if self._row_weights is not None:
-            weights = np.where(valid, self._row_weights[safe], np.float32(1.0)).astype(np.float32)
-        return SearchResult(ids=ids, labels=labels, distances=dist, weights=weights)
+        return merge_topk(partials, k, tie_keys=lambda rows: self._ids[rows])
 
-    def _live_index(self, s: int) -> tuple[ShardIndex | None, np.ndarray]:
-        """Shard s's brute-force index over its live rows (memory.shard_search.build_live_index), built once."""
+    def _live_index(self, s: int, key: str, excluded: np.ndarray) -> tuple[ShardIndex | None, np.ndarray]:
+        """Shard s's brute-force index over its rows outside ``excluded`` (forgotten, or filtered out too).
+
+        Built once per (shard, exclusion key) and shared by views from with_search_params; filter exclusions
+        are kept for the last few distinct filters only (memory.shard_search.build_live_index).
+        """
         with self._live_lock:
-            if s not in self._live_indices:
+            cached = self._live_indices.get((s, key))
+            if cached is None:
                 from memory.shard import read_shard_data  # pylint: disable=g-import-not-at-top
+                # The embeddings are read again for each new exclusion (not kept: they would double the
+                # memory's footprint); the brute-force index over the admitted rows is kept.
                 info = self._manifest.all_shards[s]
-                embeddings = read_shard_data(storage.join(self._root, info.path)).embeddings
-                self._live_indices[s] = build_live_index(embeddings, self._dead[self._offsets[s]:self._offsets[s + 1]])
-            return self._live_indices[s]
+                cached = build_live_index(read_shard_data(storage.join(self._root, info.path)).embeddings, excluded)
+                if key != "dead":
+                    filter_keys = [kk for kk in self._live_indices if kk[1] != "dead"]
+                    for old in filter_keys[:max(0, len(filter_keys) - _FILTER_INDEX_CACHE + 1)]:
+                        del self._live_indices[old]
+                self._live_indices[(s, key)] = cached
+            return cached
+
+    def _attributes(self, s: int | None = None) -> RowAttributes:
+        """Labels, uris and metadata of shard s's rows (all rows for None), read on first need."""
+        lo, hi = (0, self._ids.size) if s is None else (int(self._offsets[s]), int(self._offsets[s + 1]))
+        return RowAttributes(self._labels[lo:hi], self.class_names, lambda: self._all_uris()[lo:hi],
+                             lambda column: self._metadata_column(column)[lo:hi])
+
+    def _metadata_column(self, column: str) -> np.ndarray:
+        with self._live_lock:
+            if column not in self._metadata_values:
+                if self._metadata is None:
+                    from memory.metadata import read_metadata  # pylint: disable=g-import-not-at-top
+                    self._metadata = read_metadata(self._root, self._manifest)
+                if self._metadata is None:
+                    raise ValueError(f"memory {self._root} (version {self.version}) has no metadata columns, so "
+                                     f"nothing can select on {column!r}; attach some with `vmem metadata`")
+                self._metadata_values[column] = self._metadata.values(column, self._ids)
+            return self._metadata_values[column]
+
+    def live_entry_ids(self) -> np.ndarray:
+        """Every live (not forgotten) entry id, sorted."""
+        return np.sort(self._ids[~self._dead])
 
     def _id_rows(self) -> dict[str, int]:
         if self._row_of_id is None:
@@ -390,7 +451,7 @@ class VisualMemory:
         uris = self._all_uris()
         return uris[[rows_of[i] for i in ids]] if ids else np.zeros((0,), dtype="<U1")
 
-    def _uris_of_results(self, ids: np.ndarray) -> np.ndarray:
+    def uris_of_results(self, ids: np.ndarray) -> np.ndarray:
         """Uris of a SearchResult.ids array (any shape); padding ids map to ""."""
         rows_of = self._id_rows()
         uris = self._all_uris()
@@ -445,15 +506,6 @@ class VisualMemory:
             self._encoder = loaded
         return self._encoder
 
-    def _preprocess_spec(self) -> PreprocessSpec:
-        from encoders.base import EncoderError, PreprocessSpec
-        raw = self._manifest.encoder.get("preprocess")
-        try:
-            return PreprocessSpec.from_dict(raw)
-        except (EncoderError, TypeError) as e:
-            raise ValueError(f"the manifest of {self._root} has an unusable encoder preprocess spec {raw!r} "
-                             f"({e}); query with vectors embedded by the memory's encoder instead") from None
-
     def embed_images(self, images: Sequence[Any], *, encoder: Encoder | None = None) -> np.ndarray:
         """Embeds query images exactly as the build embedded the memory's entries.
 
@@ -470,46 +522,15 @@ class VisualMemory:
           ValueError: naming the query, for an undecodable image or an unsupported item type; or see
             `query_encoder`.
         """
-        from encoders.preprocess import ImageDecodeError, decode_and_preprocess, preprocess
-        spec = self._preprocess_spec()
-        pixels = []
-        # Every image is decoded before the encoder loads, so a bad query fails in milliseconds, not after
-        # the seconds a model load takes.
-        for i, item in enumerate(images):
-            where = f"query {i}"
-            try:
-                if isinstance(item, (bytes, bytearray, memoryview)):
-                    where += f" ({len(item)} bytes)"
-                    pixels.append(decode_and_preprocess(bytes(item), spec))
-                elif isinstance(item, (str, os.PathLike)):
-                    path = os.fspath(item)
-                    where += f" ({path!r})"
-                    local = path[len("file://"):] if path.startswith("file://") else path
-                    try:
-                        data = storage.read_bytes(local)
-                    except IsADirectoryError:
-                        raise FileNotFoundError(f"{where}: {path!r} is a directory, not an image file") from None
-                    except FileNotFoundError:
-                        raise FileNotFoundError(f"{where}: no such image file {path!r}") from None
-                    pixels.append(decode_and_preprocess(data, spec))
-                elif isinstance(item, np.ndarray):
-                    where += f" (array {item.dtype} {item.shape})"
-                    pixels.append(preprocess(item, spec))
-                else:
-                    raise ValueError(
-                        f"{where}: unsupported query of type {type(item).__name__}; pass encoded image bytes, a "
-                        "file path or a uint8 [H, W, 3] array (or a float [n, dim] array of embeddings)")
-            except ImageDecodeError as e:
-                raise ValueError(f"cannot read {where} as an image: {e}") from None
-        if not pixels:
-            return np.zeros((0, self.dim), np.float32)
-        model = self.query_encoder(encoder)
-        features = [model.embed(np.stack(pixels[s:s + _EMBED_BATCH])) for s in range(0, len(pixels), _EMBED_BATCH)]
-        return l2_normalize(np.concatenate(features))
+        return classify_lib.embed_images(self, images, encoder=encoder)
 
     def classify(self, queries: np.ndarray | Sequence[Any], *, rule: VotingRule | str = VotingRule.RANK,
                  k: int = 10, params: VotingParams = VotingParams(),
-                 encoder: Encoder | None = None, abstain_below: float | None = None) -> list[Prediction]:
+                 encoder: Encoder | None = None, abstain_below: float | None = None,
+                 filters: QueryFilter | Sequence[QueryFilter | None] | None = None,
+                 crowding: Crowding | None = None, rerank: Reranker | None = None,
+                 rerank_below: float | None = None, rerank_top_n: int = 10,
+                 rerank_cache: ResponseCache | None = None) -> list[Prediction]:
         """Classifies queries by their k nearest memory entries and explains each decision.
 
         Args:
@@ -524,59 +545,26 @@ class VisualMemory:
           abstain_below: Answer "unknown" (label -1, with the reason) for every query whose confidence is
             below this value in [0, 1]. The confidence is calibrated when the memory carries a calibration
             for this rule, k and params (`vmem calibrate`), else it is the raw share of the winner's score.
+          filters: Only entries a filter admits may vote (memory.filters.QueryFilter: labels, uri prefix,
+            metadata values), one for all queries or one per query; k admitted neighbours whenever k exist.
+          crowding: At most c voters per group (memory.filters.Crowding).
+          rerank: A second opinion (memory.rerank: memory.gemini.GeminiReranker, memory.second_opinion.
+            EncoderReranker) asked for every query whose vote margin is below ``rerank_below``; it sees the
+            query image and its top ``rerank_top_n`` neighbours. Its answer replaces the vote only when it
+            is one of those neighbours' labels; otherwise the vote stands and ``rerank_reason`` says why.
+          rerank_cache: Answers already paid for (memory.rerank.ResponseCache): never asked twice.
 
         Returns:
           One `memory.explain.Prediction` per query: label, per-class scores, confidence and the neighbours
           with their ids, labels, distances, weights and source uris. The label is `memory.voting.vote`'s,
           with the memory's entry weights (soft pruning), if any, multiplied into the rule's weights, unless
-          the memory abstained.
+          the memory abstained or a re-ranker answered.
 
         Raises:
-          ValueError: bad rule or k, wrong vector dimension, undecodable image or encoder identity mismatch,
-            each naming the bad value and the fix.
+          ValueError: bad rule, k, filter or gate, wrong vector dimension, undecodable image or encoder
+            identity mismatch, each naming the bad value and the fix.
         """
-        rule = VotingRule.parse(rule)
-        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"k must be an int >= 1, got {k!r}")
-        if abstain_below is not None and not (isinstance(abstain_below, (int, float, np.floating))
-                                              and 0.0 <= float(abstain_below) <= 1.0):
-            raise ValueError(f"abstain_below must be a probability in [0, 1] (e.g. 0.8) or None, got "
-                             f"{abstain_below!r}")
-        calibration = memory_calibration(self._manifest)
-        if isinstance(queries, np.ndarray) and queries.dtype.kind == "f":
-            vectors = queries
-        elif isinstance(queries, np.ndarray) and queries.dtype == np.uint8 and queries.ndim == 4:
-            vectors = self.embed_images(list(queries), encoder=encoder)
-        elif isinstance(queries, (np.ndarray, str, bytes, bytearray, os.PathLike)):
-            raise ValueError(
-                f"queries must be a float [n, {self.dim}] array of embeddings or a list of images, got "
-                f"{type(queries).__name__}"
-                + (f" {queries.dtype} {queries.shape}" if isinstance(queries, np.ndarray) else "")
-                + "; wrap a single image in a list: classify([image])")
-        else:
-            vectors = self.embed_images(list(queries), encoder=encoder)
-        if vectors.ndim == 2 and vectors.shape[0] == 0:
-            return []
-        result = self.search(vectors, int(k))
-        uris = self._uris_of_results(result.ids)
-        # Soft-pruning weights, when the memory has them, multiply each neighbour's vote.
-        predictions = [explain(result.ids[q], result.labels[q], result.distances[q], rule=rule, k=int(k),
-                               params=params, class_names=self.class_names, uris=uris[q],
-                               entry_weights=None if result.weights is None else result.weights[q])
-                       for q in range(result.ids.shape[0])]
-        vc = vote_confidence(result.labels, result.distances, rule=rule, k=min(int(k), result.labels.shape[1]),
-                             params=params, entry_weights=result.weights)
-        calibrated = calibration is not None and calibration.matches(rule, k, params)
-        confidence = calibration.confidence(vc) if calibrated else vc.share
-        how = calibration.describe() if calibrated else (
-            "raw share of the winner's score; uncalibrated" + (
-                "" if calibration is None else f" (the memory's calibration is for rule {calibration.rule.value}, "
-                                               f"k {calibration.k})"))
-        out = []
-        for p, c in zip(predictions, confidence.tolist()):
-            fields = dict(confidence=float(c), calibrated=calibrated)
-            if abstain_below is not None and c < abstain_below:
-                fields.update(label=-1, label_name="unknown", abstained=True,
-                              reason=f"confidence {c:.3f} < {float(abstain_below):g} ({how})")
-            out.append(dataclasses.replace(p, **fields))
-        return out
+        return classify_lib.classify(self, queries, rule=rule, k=k, params=params, encoder=encoder,
+                                     abstain_below=abstain_below, filters=filters, crowding=crowding,
+                                     rerank=rerank, rerank_below=rerank_below, rerank_top_n=rerank_top_n,
+                                     rerank_cache=rerank_cache)

@@ -22,12 +22,15 @@ import numpy as np
 from memory import storage
 from memory.index import IndexConfig, IndexKind, ShardIndex
 from memory.manifest import Manifest, ShardInfo
+from memory.filters import Crowding, QueryFilter, RowAttributes, crowd, crowded_search, search_filtered
 from memory.merge import merge_topk
 from memory.mutations import read_entry_weights, read_forgotten, row_weights
 from memory.shard import load_shard_index, read_shard_entries
 from memory.vectors import l2_normalize
 
 PAD_ID = ""
+# Brute-force indices over a shard's filtered live rows kept for this many distinct filters.
+FILTER_INDEX_CACHE = 8
 # Extra neighbours asked of an index beyond k, to make up for forgotten rows: max(k, 64), never more than the
 # shard's forgotten rows. Enough for tombstones scattered over the shard; a query that still finds fewer than
 # k live rows (e.g. its whole neighbourhood was forgotten with its class) is searched by brute force over the
@@ -101,27 +104,38 @@ class PartialTopK(NamedTuple):
       distances: float32 [nq, k] cosine distances (+inf = padding).
       weights: float32 [nq, k] entry weight of each neighbour (soft pruning; 1.0 for unweighted entries and
         for padding), or None when the memory has no entry weights.
+      uris: unicode [nq, k] source uri of each neighbour ("" = padding), when the search was asked for them
+        (a re-ranker shows the neighbours' images); else None.
+      groups: unicode [nq, k] crowding group of each neighbour (memory.filters.Crowding), for a crowded
+        search; else None.
     """
     ids: np.ndarray
     labels: np.ndarray
     distances: np.ndarray
     weights: np.ndarray | None = None
+    uris: np.ndarray | None = None
+    groups: np.ndarray | None = None
 
     def row(self, i: int) -> "PartialTopK":
-        return PartialTopK(self.ids[i:i + 1], self.labels[i:i + 1], self.distances[i:i + 1],
-                           None if self.weights is None else self.weights[i:i + 1])
+        return PartialTopK(*(None if a is None else a[i:i + 1] for a in self))
 
 
-def empty_partial(nq: int, k: int, *, weighted: bool = False) -> PartialTopK:
-    return PartialTopK(np.full((nq, k), PAD_ID, dtype="<U1"), np.full((nq, k), -1, np.int32),
-                       np.full((nq, k), np.inf, np.float32), np.ones((nq, k), np.float32) if weighted else None)
+def empty_partial(nq: int, k: int, *, weighted: bool = False, with_uris: bool = False,
+                  crowded: bool = False) -> PartialTopK:
+    blank = np.full((nq, k), PAD_ID, dtype="<U1")
+    return PartialTopK(blank, np.full((nq, k), -1, np.int32), np.full((nq, k), np.inf, np.float32),
+                       np.ones((nq, k), np.float32) if weighted else None, blank.copy() if with_uris else None,
+                       blank.copy() if crowded else None)
 
 
-def merge_partials(partials: Sequence[PartialTopK], k: int) -> PartialTopK:
+def merge_partials(partials: Sequence[PartialTopK], k: int, *, max_per_group: int | None = None) -> PartialTopK:
     """Exact top-k of the union of partials over the same queries (ties by ascending id).
 
     Weights travel with their neighbours: the result has weights when any partial has them (a partial
-    without weights counts as weight 1.0 for all its neighbours), else None.
+    without weights counts as weight 1.0 for all its neighbours), else None; uris and groups likewise.
+    With ``max_per_group`` (crowded partials, each carrying ``groups``) the union is crowded: at most that
+    many per group, the greedy walk of memory.filters.crowd -- exact and associative when every partial is
+    itself a crowded top-k.
     """
     if not partials:
         raise ValueError("merge_partials needs at least one partial")
@@ -132,19 +146,36 @@ def merge_partials(partials: Sequence[PartialTopK], k: int) -> PartialTopK:
         cols = np.broadcast_to(np.arange(p.ids.shape[1], dtype=np.int64) + off, p.ids.shape)
         pairs.append((np.where(p.labels >= 0, cols, -1), p.distances))
         keys.append(p.ids.astype(str))
-    idx, dist = merge_topk(pairs, k, tie_keys=keys)
-    all_ids = np.concatenate([p.ids.astype(str) for p in partials], axis=1)
-    all_labels = np.concatenate([p.labels for p in partials], axis=1)
+    width = int(offsets[-1]) if max_per_group is not None else k
+    idx, dist = merge_topk(pairs, width, tie_keys=keys)
+    if max_per_group is not None:
+        if any(p.groups is None for p in partials):
+            raise ValueError("crowded merge: every partial must carry groups (search with crowding)")
+        groups = np.concatenate([p.groups.astype(str) for p in partials], axis=1)
+        rows = np.arange(nq)[:, None]
+        cols, _ = crowd(np.where(idx >= 0, groups[rows, np.maximum(idx, 0)], ""), idx >= 0, k, max_per_group)
+        keep = cols >= 0
+        idx = np.where(keep, np.take_along_axis(idx, np.maximum(cols, 0), axis=1), -1)
+        dist = np.where(keep, np.take_along_axis(dist, np.maximum(cols, 0), axis=1), np.inf).astype(np.float32)
     valid = idx >= 0
     safe = np.maximum(idx, 0)
     rows = np.arange(nq)[:, None]
-    weights = None
-    if any(p.weights is not None for p in partials):
-        all_weights = np.concatenate([np.ones(p.ids.shape, np.float32) if p.weights is None
-                                      else p.weights.astype(np.float32) for p in partials], axis=1)
-        weights = np.where(valid, all_weights[rows, safe], np.float32(1.0)).astype(np.float32)
+
+    def gather(field: str, fill, dtype=None):
+        if all(getattr(p, field) is None for p in partials):
+            return None
+        parts = [getattr(p, field) if getattr(p, field) is not None else np.full(p.ids.shape, fill, dtype)
+                 for p in partials]
+        both = np.concatenate([np.asarray(x, dtype) if dtype else x.astype(str) for x in parts], axis=1)
+        return np.where(valid, both[rows, safe], fill)
+
+    all_ids = np.concatenate([p.ids.astype(str) for p in partials], axis=1)
+    all_labels = np.concatenate([p.labels for p in partials], axis=1)
+    weights = gather("weights", np.float32(1.0), np.float32)
     return PartialTopK(np.where(valid, all_ids[rows, safe], PAD_ID),
-                       np.where(valid, all_labels[rows, safe], -1).astype(np.int32), dist, weights)
+                       np.where(valid, all_labels[rows, safe], -1).astype(np.int32), dist,
+                       None if weights is None else weights.astype(np.float32),
+                       gather("uris", PAD_ID), gather("groups", PAD_ID))
 
 
 def searchable_shards(manifest: Manifest) -> tuple[ShardInfo, ...]:
@@ -172,6 +203,10 @@ class LoadedShard:
         memory has no entry weights (then search returns PartialTopK.weights = None).
       shard_dir: Where the shard's files are: its embeddings are read from there (once) only when a query
         must be searched by brute force over the live rows (see `search_live_rows`).
+      uris: unicode [n] source uris (for filters, crowding and re-ranking), or None when not loaded.
+      class_names: The memory's class names (label filters name classes).
+      metadata: The version's metadata table (memory.metadata.MetadataTable) for metadata filters and
+        crowding, or None.
     """
     name: str
     index: ShardIndex | None
@@ -180,11 +215,15 @@ class LoadedShard:
     dead: np.ndarray | None = None
     weights: np.ndarray | None = None
     shard_dir: str | None = None
-    _live: tuple[ShardIndex | None, np.ndarray] | None = dataclasses.field(default=None, init=False, repr=False)
+    uris: np.ndarray | None = None
+    class_names: tuple[str, ...] = ()
+    metadata: object | None = None
+    _live: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     @classmethod
     def load(cls, root: str, info: ShardInfo, *, forgotten: np.ndarray | None = None,
-             entry_weights: tuple[np.ndarray, np.ndarray] | None = None) -> "LoadedShard":
+             entry_weights: tuple[np.ndarray, np.ndarray] | None = None, with_uris: bool = False,
+             class_names: Sequence[str] = (), metadata: object | None = None) -> "LoadedShard":
         """Loads a main or delta shard.
 
         Args:
@@ -193,6 +232,9 @@ class LoadedShard:
           forgotten: The version's tombstoned ids (`load_forgotten`); rows with these ids are skipped.
           entry_weights: The version's (sorted ids, weights) (`load_entry_weights`), or None for an
             unweighted memory.
+          with_uris: Keep the rows' source uris (filters by uri prefix, crowding by uri, re-ranking).
+          class_names: The memory's class names, for label filters.
+          metadata: The version's `memory.metadata.read_metadata` table, for metadata filters and crowding.
         """
         shard_dir = storage.join(root, info.path)
         data = read_shard_entries(shard_dir)  # The embeddings live in the index only.
@@ -203,32 +245,76 @@ class LoadedShard:
             dead = dead if dead.any() else None
         weights = None if entry_weights is None else row_weights(entry_weights, ids)
         return cls(name=info.name, index=load_shard_index(shard_dir, info), ids=ids,
-                   labels=data.labels.astype(np.int32), dead=dead, weights=weights, shard_dir=shard_dir)
+                   labels=data.labels.astype(np.int32), dead=dead, weights=weights, shard_dir=shard_dir,
+                   uris=data.uris if with_uris else None, class_names=tuple(class_names), metadata=metadata)
 
-    def _live_index(self) -> tuple[ShardIndex | None, np.ndarray]:
-        if self._live is None:
+    def _live_index(self, key: str, excluded: np.ndarray) -> tuple[ShardIndex | None, np.ndarray]:
+        if key not in self._live:
             if self.shard_dir is None:
                 raise ValueError(f"shard {self.name}: a query needs the brute-force search over the live rows, which "
                                  "reads the shard's embeddings; load the shard with LoadedShard.load")
             from memory.shard import read_shard_data  # pylint: disable=g-import-not-at-top
-            self._live = build_live_index(read_shard_data(self.shard_dir).embeddings, self.dead)
-        return self._live
+            if key != "dead" and len(self._live) >= FILTER_INDEX_CACHE:  # Bounded: filters can be many.
+                del self._live[next(kk for kk in self._live if kk != "dead")]
+            self._live[key] = build_live_index(read_shard_data(self.shard_dir).embeddings, excluded)
+        return self._live[key]
 
-    def search(self, queries: np.ndarray, k: int) -> PartialTopK:
+    def attributes(self) -> RowAttributes:
+        """What filters and crowding read of this shard's rows."""
+        def uris():
+            if self.uris is None:
+                raise ValueError(f"shard {self.name}: uri filters and crowding need the uris; load the shard with "
+                                 "LoadedShard.load(..., with_uris=True)")
+            return self.uris
+
+        def metadata(column):
+            if self.metadata is None:
+                raise ValueError(f"shard {self.name}: no metadata table loaded, so nothing can select on {column!r}; "
+                                 "attach metadata with `vmem metadata` and load it (memory.metadata.read_metadata)")
+            return self.metadata.values(column, self.ids)
+        return RowAttributes(self.labels, self.class_names, uris, metadata)
+
+    def _rows(self, q: np.ndarray, k: int, filters: Sequence[QueryFilter | None] | None
+              ) -> tuple[np.ndarray, np.ndarray]:
+        def live_search(queries, excluded, key):
+            return search_live_rows(self.index, queries, k, excluded,
+                                    live_index=lambda: self._live_index(key, excluded))
+        if filters is None or all(f is None for f in filters):
+            return live_search(q, self.dead, "dead")
+        return search_filtered(live_search, q, k, self.dead, list(filters), self.attributes())
+
+    def search(self, queries: np.ndarray, k: int, *, filters: Sequence[QueryFilter | None] | None = None,
+               crowding: Crowding | None = None) -> PartialTopK:
         """Top-k live rows of this shard for each (normalised here) query.
 
         Forgotten rows are skipped with a bounded over-fetch, and queries left short by it are searched by
         brute force over the live rows (`search_live_rows`): for a brute-force shard, exactly the top-k of
-        the shard without the forgotten rows.
+        the shard without the forgotten rows. ``filters`` (one per query, None = unfiltered) exclude rows the
+        same way (memory.filters); ``crowding`` returns this shard's crowded top-k with each hit's group (so
+        `merge_partials(..., max_per_group=c)` crowds the union exactly).
         """
         q = l2_normalize(np.asarray(queries, dtype=np.float32))
         if self.index is None:
-            return empty_partial(q.shape[0], k, weighted=self.weights is not None)
-        local, dist = search_live_rows(self.index, q, k, self.dead, live_index=self._live_index)
+            return empty_partial(q.shape[0], k, weighted=self.weights is not None, with_uris=self.uris is not None,
+                                 crowded=crowding is not None)
+        groups = None
+        if crowding is None:
+            local, dist = self._rows(q, k, filters)
+        else:
+            row_groups = crowding.groups(self.attributes())
+            live = len(self.index) - (0 if self.dead is None else int(self.dead.sum()))
+
+            def fetch(rows, n):
+                return self._rows(q[rows], n, None if filters is None else [filters[i] for i in rows])
+            local, dist = crowded_search(fetch, q.shape[0], k, lambda rows: row_groups[rows],
+                                         crowding.max_per_group, live)
         valid = local >= 0
         safe = np.maximum(local, 0)
+        if crowding is not None:
+            groups = np.where(valid, row_groups[safe], PAD_ID)
         weights = None
         if self.weights is not None:
             weights = np.where(valid, self.weights[safe], np.float32(1.0)).astype(np.float32)
         return PartialTopK(np.where(valid, self.ids[safe], PAD_ID), np.where(valid, self.labels[safe], -1),
-                           np.where(valid, dist, np.inf).astype(np.float32), weights)
+                           np.where(valid, dist, np.inf).astype(np.float32), weights,
+                           None if self.uris is None else np.where(valid, self.uris[safe], PAD_ID), groups)

@@ -32,7 +32,7 @@ from memory.manifest import Manifest, ManifestError
 from memory.merge import merge_topk
 from memory.mutations import read_entry_weights, read_forgotten, row_weights
 from memory.routing import Router, read_router, search_mask
-from memory.shard_search import build_live_index, search_live_rows
+from memory.shard_search import FILTER_INDEX_CACHE, build_live_index, search_live_rows
 from memory.shard import load_shard_index, read_shard_embeddings, read_shard_entries, verify_shard
 from memory.vectors import l2_normalize
 from memory.versions import latest_version, read_version
@@ -43,8 +43,6 @@ if TYPE_CHECKING:
     from memory.rerank import Reranker, ResponseCache
 
 _PAD_ID = ""
-# Brute-force indices over a shard's filtered live rows kept for this many distinct filters.
-_FILTER_INDEX_CACHE = 8
 
 
 def _resolve_threads(threads: int | None, shards: int) -> int:
@@ -361,7 +359,7 @@ class VisualMemory:
                 cached = build_live_index(read_shard_data(storage.join(self._root, info.path)).embeddings, excluded)
                 if key != "dead":
                     filter_keys = [kk for kk in self._live_indices if kk[1] != "dead"]
-                    for old in filter_keys[:max(0, len(filter_keys) - _FILTER_INDEX_CACHE + 1)]:
+                    for old in filter_keys[:max(0, len(filter_keys) - FILTER_INDEX_CACHE + 1)]:
                         del self._live_indices[old]
                 self._live_indices[(s, key)] = cached
             return cached

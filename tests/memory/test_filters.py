@@ -268,3 +268,38 @@ def test_near_duplicate_groups_and_crowding_by_them(tmp_path):
     res = mem.search(base, 3, crowding=Crowding.parse("1:meta:near_dup"))
     for row in res.ids:
         assert len({by_id[i] for i in row}) == 3
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_distributed_path_equals_visual_memory_with_filters_and_crowding(tmp_path, seed):
+    """What the evaluate job runs (LoadedShard per shard, merge_partials in any grouping) equals search()."""
+    from memory.shard_search import LoadedShard, load_forgotten, merge_partials, searchable_shards
+    rng = np.random.default_rng(300 + seed)
+    ids, labels, uris, x = _entries(rng, 140)
+    uris = [f"gs://site{int(rng.integers(0, 5))}/img/{i}.png" for i in ids]
+    root = str(tmp_path / "m")
+    _build(root, ids, labels, uris, x, 4)
+    mutations.forget(root, ids=ids[:20])
+    publish_metadata(root, ids[20:], {"src": [f"s{int(v)}" for v in rng.integers(0, 3, 120)]})
+    mem = VisualMemory.open(root)
+    m = read_manifest(root)
+    q = l2_normalize(rng.normal(size=(6, D)))
+    filters = [QueryFilter(labels=("cat", "dog")), None, QueryFilter(uri_prefix="gs://site1/"),
+               QueryFilter.parse("meta:src=s0|s2"), None, QueryFilter(labels=("ant",))]
+    crowding = [None, Crowding(1, "uri"), Crowding(2, "meta:src")][seed % 3]
+    k = int(rng.integers(2, 12))
+    shards = [LoadedShard.load(root, info, forgotten=load_forgotten(root, m), with_uris=True,
+                               class_names=m.class_names, metadata=read_metadata(root, m))
+              for info in searchable_shards(m)]
+    partials = [s.search(q, k, filters=filters, crowding=crowding) for s in shards]
+    c = None if crowding is None else crowding.max_per_group
+    flat = merge_partials(partials, k, max_per_group=c)
+    # A different merge grouping (what a CombineFn may do) gives the same lists.
+    tree = merge_partials([merge_partials(partials[:2], k, max_per_group=c),
+                           merge_partials(partials[2:], k, max_per_group=c)], k, max_per_group=c)
+    want = mem.search(q, k, filters=filters, crowding=crowding)
+    np.testing.assert_array_equal(flat.ids, want.ids)
+    np.testing.assert_array_equal(tree.ids, want.ids)
+    np.testing.assert_array_equal(flat.distances, want.distances)
+    uri_of = dict(zip(ids, uris))
+    assert all(u == (uri_of[i] if i else "") for i, u in zip(flat.ids.ravel(), flat.uris.ravel()))

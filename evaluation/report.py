@@ -234,6 +234,28 @@ def _plot(path: str, report: Mapping[str, Any],
     fig.savefig(path, dpi=120)
 
 
+def rerank_markdown(r: Mapping[str, Any]) -> str:
+    """The re-rank section of report.md (memory.rerank.summary_of plus the job's settings)."""
+    lines = [f"## Re-ranking: {r['reranker']} over the {r['rule']}@{r['k']} vote",
+             "",
+             f"Cost gate: vote margin < {r['below']:g}; top {r['top_n']} neighbours shown"
+             + (" (**dry run: no call made**)" if r.get("dry_run") else "") + ".",
+             "",
+             "| queries | vote accuracy | after re-ranking | sent | re-ranked | changed (to right / to wrong) "
+             "| calls | from cache | fallbacks |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+             f"| {r['queries']} | {r['accuracy_vote']:.2f} | {r['accuracy_reranked']:.2f} "
+             f"| {r['sent']} ({100 * r['fraction_sent']:.1f}%) | {r['reranked']} ({100 * r['fraction_reranked']:.1f}%) "
+             f"| {r['changed']} ({r['changed_to_right']} / {r['changed_to_wrong']}) | {r['calls']} | {r['cached']} "
+             f"| {r['fallbacks']} |",
+             ""]
+    if r.get("dry_run"):
+        lines += [f"A real run would send {r['would_send']} queries (at least {r['would_send']} calls; retries "
+                  "add more).", ""]
+    lines += ["Outcomes: " + ", ".join(f"{k} {v}" for k, v in r["reasons"].items()), ""]
+    return "\n".join(lines)
+
+
 def write_report(
     output_dir: str | os.PathLike,
     report: Mapping[str, Any],
@@ -267,5 +289,8 @@ def write_report(
     with open(paths["markdown"], "w", encoding="utf-8") as f:
         f.write("# Visual memory voting report\n\n")
         f.write(markdown_table(report, baselines=baselines))
+        rerank = (report.get("extra") or {}).get("rerank")
+        if rerank and "queries" in rerank:
+            f.write("\n" + rerank_markdown(rerank))
     _plot(paths["plot"], report, baselines)
     return paths

@@ -40,6 +40,7 @@ INVALID_ANSWER = "invalid_answer"  # The answer was not exactly one candidate la
 TIMEOUT = "timeout"
 ERROR = "error"                  # HTTP / client error after the retries.
 NO_IMAGE = "missing_image"       # The query's or every candidate's image could not be read.
+DRY_RUN = "dry_run"              # Would have been sent; a dry run makes no call.
 FALLBACK_REASONS = (INVALID_ANSWER, TIMEOUT, ERROR, NO_IMAGE)
 
 
@@ -315,37 +316,51 @@ def read_image_bytes(uri: str) -> bytes | None:
         return None
 
 
+def tally(outcome: RerankOutcome, vote_label: str, true_label: str) -> dict[str, Any]:
+    """One query's contribution to the re-rank report (summable with `add_tallies`)."""
+    vote_ok, final_ok, changed = vote_label == true_label, outcome.label == true_label, outcome.label != vote_label
+    return {"queries": 1, "vote_correct": int(vote_ok), "reranked_correct": int(final_ok), "calls": int(outcome.calls),
+            "cached": int(outcome.cached), "sent": int(outcome.reason not in (NOT_GATED, SINGLE_LABEL, DRY_RUN)),
+            "would_send": int(outcome.reason == DRY_RUN), "reranked": int(outcome.reranked),
+            "changed": int(changed), "changed_to_right": int(changed and final_ok),
+            "changed_to_wrong": int(changed and vote_ok), "reasons": {outcome.reason: 1}}
+
+
+def add_tallies(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The tally of two disjoint query sets (None is the empty tally)."""
+    if a is None or b is None:
+        return b if a is None else a
+    out = {key: a[key] + b[key] for key in a if key != "reasons"}
+    reasons = dict(a["reasons"])
+    for reason, n in b["reasons"].items():
+        reasons[reason] = reasons.get(reason, 0) + n
+    out["reasons"] = dict(sorted(reasons.items()))
+    return out
+
+
+def summary_of(t: dict[str, Any]) -> dict[str, Any]:
+    """The report's re-rank section from a tally: accuracy of the vote and after re-ranking (percent), calls,
+    the fractions sent and re-ranked, answers that changed the vote (and whether to right or wrong), fallbacks."""
+    n = t["queries"]
+    return {**{key: value for key, value in t.items() if key not in ("vote_correct", "reranked_correct")},
+            "accuracy_vote": 100.0 * t["vote_correct"] / n if n else 0.0,
+            "accuracy_reranked": 100.0 * t["reranked_correct"] / n if n else 0.0,
+            "fraction_sent": t["sent"] / n if n else 0.0,
+            "fraction_reranked": t["reranked"] / n if n else 0.0,
+            "fallbacks": int(sum(t["reasons"].get(r, 0) for r in FALLBACK_REASONS))}
+
+
 def summarize(outcomes: Sequence[RerankOutcome], vote_labels: Sequence[str], true_labels: Sequence[str]
               ) -> dict[str, Any]:
-    """The report's re-rank section: accuracy of the vote and after re-ranking, calls, fraction sent and
-    re-ranked, answers that changed the vote (and how many of those were right), fallbacks by reason."""
-    n = len(outcomes)
-    if not n == len(vote_labels) == len(true_labels):
-        raise ValueError(f"{n} outcomes, {len(vote_labels)} votes, {len(true_labels)} true labels: one per query")
-    reasons: dict[str, int] = {}
-    for o in outcomes:
-        reasons[o.reason] = reasons.get(o.reason, 0) + 1
-    vote_ok = np.asarray([v == t for v, t in zip(vote_labels, true_labels)], dtype=bool)
-    final_ok = np.asarray([o.label == t for o, t in zip(outcomes, true_labels)], dtype=bool)
-    changed = np.asarray([o.label != v for o, v in zip(outcomes, vote_labels)], dtype=bool)
-    sent = int(sum(o.reason not in (NOT_GATED, SINGLE_LABEL) for o in outcomes))
-    reranked = int(sum(o.reranked for o in outcomes))
-    return {
-        "queries": n,
-        "accuracy_vote": 100.0 * float(vote_ok.mean()) if n else 0.0,
-        "accuracy_reranked": 100.0 * float(final_ok.mean()) if n else 0.0,
-        "calls": int(sum(o.calls for o in outcomes)),
-        "cached": int(sum(o.cached for o in outcomes)),
-        "sent": sent,
-        "fraction_sent": sent / n if n else 0.0,
-        "reranked": reranked,
-        "fraction_reranked": reranked / n if n else 0.0,
-        "changed": int(changed.sum()),
-        "changed_to_right": int((changed & final_ok).sum()),
-        "changed_to_wrong": int((changed & vote_ok).sum()),
-        "fallbacks": int(sum(reasons.get(r, 0) for r in FALLBACK_REASONS)),
-        "reasons": dict(sorted(reasons.items())),
-    }
+    """`summary_of` the tally of every query (outcome, the vote's label, the true label)."""
+    if not len(outcomes) == len(vote_labels) == len(true_labels):
+        raise ValueError(f"{len(outcomes)} outcomes, {len(vote_labels)} votes, {len(true_labels)} true labels: "
+                         "one per query")
+    total = None
+    for o, v, t in zip(outcomes, vote_labels, true_labels):
+        total = add_tallies(total, tally(o, v, t))
+    return summary_of(total or {**tally(RerankOutcome("", NOT_GATED), "", ""), "queries": 0, "vote_correct": 0,
+                                "reranked_correct": 0, "changed": 0, "reasons": {}})
 
 
 def env_api_key() -> str | None:

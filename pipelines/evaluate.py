@@ -576,14 +576,9 @@ def _search_vote_report(p, args, root: str, manifest: Manifest, params: VotingPa
              "encoder": manifest.encoder.get("name"), "k_max": args.k_max}
     if manifest.router is not None:
         extra["route_probes"] = args.route_probes or manifest.router.probes
-    if default_filter is not None or query_filters:
-        extra["filter"] = {"default": None if default_filter is None else default_filter.to_dict(),
-                           "per_query_file": args.filters, "per_query": len(query_filters or {})}
-    if crowding is not None:
-        extra["crowding"] = crowding.to_dict()
+    extra.update(rerank_args.report_extra(args, default_filter, query_filters, crowding, spec))
     side = {}
     if spec is not None:
-        extra["rerank"] = rerank_args.rerank_info(spec, args)
         _, summary = merged | "Rerank" >> rerank_stage.RerankStage(
             spec, args.output, manifest.class_names, rule=VotingRule.parse(args.rerank_rule), k=args.rerank_k,
             params=params, below=args.rerank_below, top_n=args.rerank_top_n, dry_run=args.rerank_dry_run)

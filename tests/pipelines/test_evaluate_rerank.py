@@ -132,3 +132,42 @@ def test_rerank_and_filter_flag_errors(tiny_memory, fmnist_small, tmp_path, monk
     rc = cli.main(["evaluate", "--memory", tiny_memory, "--images", os.path.join(fmnist_small, "test"), "--output",
                    str(tmp_path / "x"), "--k-max", "12", *flags])
     assert rc == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_offline_second_opinion_in_the_job(tiny_memory, fmnist_small, tmp_path):
+    """The real EfficientNet-Lite1 re-ranker on real images: every gated query gets an answer from its candidates."""
+    out = str(tmp_path / "lite1")
+    report = _evaluate(tiny_memory, fmnist_small, out, "--rerank", "encoder:efficientnet-lite1", "--rerank-below",
+                       "0.5", "--rerank-top-n", "6")
+    r = report["extra"]["rerank"]
+    rows = _rerank_rows(out)
+    assert r["queries"] == len(rows) == 50 and r["sent"] > 0
+    assert r["reasons"].get("answered", 0) + r["reasons"].get("single_candidate_label", 0) == r["sent"]
+    assert all(row["margin"] < 0.5 for row in rows.values() if row["reason"] == "answered")
+    assert all(row["label"] == row["vote_label"] for row in rows.values() if row["reason"] != "answered")
+
+
+def test_a_retried_bundle_pays_no_call_twice(tmp_path, gemini_env):
+    """RerankModelHandler.request on the same batch twice (what a runner does after a worker crash)."""
+    from PIL import Image
+
+    from memory import rerank
+    from pipelines.rerank import RerankModelHandler
+    from pipelines.rerank_args import RerankSpec
+    paths = []
+    for i, rgb in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        Image.new("RGB", (8, 8), rgb).save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    batch = [(f"q{i}", rerank.make_request(f"q{i}", paths[0], ["a", "b"], paths[1:], [0.1, 0.2], vote_label="a",
+                                           margin=0.0, top_n=2), "a", "b") for i in range(3)]
+    with FakeGenai(respond=lambda req: answer("b")) as fake:
+        spec = RerankSpec("gemini", "gemini-test", (("api_key", "test-key"), ("base_url", fake.url)))
+        first = RerankModelHandler(spec, str(tmp_path / "cache"))
+        got = first.run_inference(batch, first.load_model())
+        retried = RerankModelHandler(spec, str(tmp_path / "cache"))  # A new worker: nothing in memory.
+        again = retried.run_inference(batch, retried.load_model())
+        assert len(fake.generate_requests()) == 3
+    assert [r.inference.label for r in got] == ["b"] * 3 and [r.inference.calls for r in got] == [1] * 3
+    assert [(r.inference.label, r.inference.cached, r.inference.calls) for r in again] == [("b", True, 0)] * 3
+    assert first.num_retries == 0  # Beam's whole-batch retry would re-send answered queries.

@@ -26,6 +26,8 @@ import threading
 import urllib.parse
 from typing import Any, Optional
 
+from tests.fake_http import local_server
+
 FAKE_HOST = "dataflow-sandbox.test"
 ENDPOINT = f"http://{FAKE_HOST}"
 
@@ -59,32 +61,8 @@ class FakeDataflow:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._jobs: dict[str, dict] = {}
-        fake = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            timeout = request_timeout_s  # A stuck client never holds the server thread forever.
-
-            def log_message(self, fmt, *args):  # Quiet: the test prints what it needs.
-                pass
-
-            def do_GET(self):
-                fake._handle(self)
-
-            def do_POST(self):
-                fake._handle(self)
-
-            def do_PUT(self):
-                fake._handle(self)
-
-            def do_DELETE(self):
-                fake._handle(self)
-
-            def do_CONNECT(self):
-                fake._handle(self)
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-dataflow", daemon=True)
+        self._server, self._thread = local_server(self._handle, name="fake-dataflow",
+                                                  request_timeout_s=request_timeout_s)
 
     @property
     def proxy_url(self) -> str:

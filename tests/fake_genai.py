@@ -24,6 +24,8 @@ import threading
 import urllib.parse
 from typing import Any, Callable, Optional
 
+from tests.fake_http import local_server
+
 _GENERATE = re.compile(r"^/(?P<version>v1[a-z0-9]*)/(?:projects/[^/]+/locations/[^/]+/publishers/google/)?"
                        r"models/(?P<model>[^/:]+):generateContent$")
 
@@ -119,27 +121,7 @@ class FakeGenai:
         self._script = list(behaviours)
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        fake = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            timeout = 10.0
-
-            def log_message(self, fmt, *args):
-                pass
-
-            def do_POST(self):
-                fake._handle(self)
-
-            def do_GET(self):
-                fake._handle(self)
-
-            def do_CONNECT(self):
-                fake._handle(self)
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02},
-                                        name="fake-genai", daemon=True)
+        self._server, self._thread = local_server(self._handle, name="fake-genai")
 
     @property
     def url(self) -> str:

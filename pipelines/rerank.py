@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from typing import Any, Iterable, Sequence
 
 import apache_beam as beam
@@ -35,6 +36,9 @@ from pipelines.rerank_args import RerankSpec
 _LOG = logging.getLogger("visual_memory")
 _NAMESPACE = "visual_memory"
 RERANK_PREFIX = "rerank"
+_PROGRESS_EVERY = 100
+_CALLS = Metrics.counter(_NAMESPACE, "rerank_calls")
+_FALLBACKS = Metrics.counter(_NAMESPACE, "rerank_fallbacks")
 CACHE_DIR = "rerank_cache"
 
 
@@ -46,6 +50,10 @@ class _Client:
     """What RunInference shares per worker (an object: Beam's Shared handle keeps a weak reference to it)."""
     reranker: rerank_lib.Reranker
     cache: rerank_lib.ResponseCache | None
+    done: int = 0
+    calls: int = 0
+    fallbacks: int = 0
+    started: float = dataclasses.field(default_factory=time.monotonic)
 
 
 class RerankModelHandler(RemoteModelHandler):
@@ -68,8 +76,18 @@ class RerankModelHandler(RemoteModelHandler):
         prefetch = getattr(reranker, "prefetch", None)
         if prefetch is not None:  # A local encoder embeds the batch's images together.
             prefetch([r for _, r, _, _ in batch])
-        return [PredictionResult(example, rerank_lib.rerank_cached(reranker, example[1], cache))
-                for example in batch]
+        out = [PredictionResult(example, rerank_lib.rerank_cached(reranker, example[1], cache)) for example in batch]
+        calls = sum(r.inference.calls for r in out)
+        fallbacks = sum(r.inference.reason in rerank_lib.FALLBACK_REASONS for r in out)
+        _CALLS.inc(calls)
+        _FALLBACKS.inc(fallbacks)
+        before = model.done
+        model.done, model.calls, model.fallbacks = model.done + len(out), model.calls + calls, model.fallbacks + fallbacks
+        if model.done // _PROGRESS_EVERY > before // _PROGRESS_EVERY:
+            _LOG.info("re-ranked %d queries on this worker with %s: %d calls, %d fallbacks (%.1f queries/s)",
+                      model.done, reranker.name, model.calls, model.fallbacks,
+                      model.done / max(time.monotonic() - model.started, 1e-9))
+        return out
 
     def batch_elements_kwargs(self):
         return {"min_batch_size": 1, "max_batch_size": 32}

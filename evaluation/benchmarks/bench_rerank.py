@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import logging
 import os
 import platform
 import shutil
@@ -169,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         default=[0.02, 0.05])
     parser.add_argument("--crowding", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()
     results = run(args)
     results["seconds_total"] = time.perf_counter() - start

@@ -42,6 +42,9 @@ ERROR = "error"                  # HTTP / client error after the retries.
 NO_IMAGE = "missing_image"       # The query's or every candidate's image could not be read.
 DRY_RUN = "dry_run"              # Would have been sent; a dry run makes no call.
 FALLBACK_REASONS = (INVALID_ANSWER, TIMEOUT, ERROR, NO_IMAGE)
+# Part of every cache key: bump it when the prompt or what is shown changes, so cached answers to the old
+# prompt are not reused.
+PROMPT_VERSION = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +83,7 @@ class RerankRequest:
         """Cache key: re-ranker name (with its settings) + query (id, uri, image bytes) + candidates (uris and
         labels). Stable across processes."""
         image = "" if self.query_image is None else hashlib.sha256(self.query_image).hexdigest()
-        blob = json.dumps([reranker, self.query_id, self.query_uri, image,
+        blob = json.dumps([PROMPT_VERSION, reranker, self.query_id, self.query_uri, image,
                            [(c.label, c.uri) for c in self.candidates]], separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 

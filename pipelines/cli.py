@@ -162,10 +162,13 @@ def cmd_evaluate(argv: Sequence[str]) -> int:
     start = time.monotonic()
     evaluate.run(argv)
     elapsed = time.monotonic() - start
-    from evaluation.report import markdown_table
+    from evaluation.report import markdown_table, rerank_markdown
     from memory import storage
     report = json.loads(storage.read_text(storage.join(args.output, "report.json")))
     print(markdown_table(report, baselines=report.get("baselines") or {}), end="")
+    rerank = (report.get("extra") or {}).get("rerank")
+    if rerank and "queries" in rerank:
+        print("\n" + rerank_markdown(rerank), end="")
     print(f"{report['queries']} queries ({report['failed']} failed) in {elapsed:.1f}s "
           f"({report['queries'] / max(elapsed, 1e-9):.1f} queries/s end to end); report in {args.output}/")
     return 0

@@ -76,7 +76,7 @@ def gemini_env(monkeypatch):
 
 
 def test_gemini_rerank_in_the_job_with_fallbacks_and_no_second_call(tiny_memory, fmnist_small, tmp_path,
-                                                                    gemini_env):
+                                                                    gemini_env, capsys):
     out = str(tmp_path / "g")
     flags = ["--rerank", "gemini:gemini-test", "--rerank-below", "1.01", "--rerank-top-n", "5",
              "--gemini-base-url", None, "--gemini-timeout", "1", "--gemini-retries", "1"]
@@ -87,6 +87,9 @@ def test_gemini_rerank_in_the_job_with_fallbacks_and_no_second_call(tiny_memory,
         flags[flags.index(None)] = fake.url
         dry = _evaluate(tiny_memory, fmnist_small, str(tmp_path / "dry"), *flags, "--rerank-dry-run")
         assert fake.requests == []  # A dry run makes no call.
+        printed = capsys.readouterr().out
+        assert "dry run: no call made" in printed and f"A real run would send {dry['extra']['rerank']['would_send']}" \
+            in printed
         report = _evaluate(tiny_memory, fmnist_small, out, *flags)
         calls = len(fake.generate_requests())
         assert fake.unexpected_requests() == []

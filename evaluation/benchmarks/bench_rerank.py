@@ -72,15 +72,13 @@ def _gate_for_fraction(rows: Sequence[dict], fraction: float) -> float:
 
 
 def run(args) -> dict[str, Any]:
-    from evaluation.experiments.common import plot_lines  # pylint: disable=g-import-not-at-top
-    from pipelines import cli  # pylint: disable=g-import-not-at-top
     os.makedirs(args.output, exist_ok=True)
     base, base_s = _evaluate(args.memory, args.images, os.path.join(args.output, "eval-plain"))
     plain = 100.0 * base["accuracy"][RULE][str(K)]
     results: dict[str, Any] = {"plain": {"accuracy_rank10": plain, "seconds": base_s, "queries": base["queries"]},
                                "rerank": {}, "crowding": {}}
     series = {}
-    for w in args.weights:
+    for w in args.weights if args.part in ("all", "rerank") else ():
         out = os.path.join(args.output, f"eval-rerank-w{w:g}")
         rep, secs = _evaluate(args.memory, args.images, out, "--rerank", f"encoder:{args.encoder}",
                               "--rerank-below", "1.01", "--rerank-top-n", str(args.top_n), "--rerank-weight", str(w))
@@ -99,6 +97,16 @@ def run(args) -> dict[str, Any]:
               f"re-ranking all {summary['reranked']} queries (changed {summary['changed']}: "
               f"{summary['changed_to_right']} to right, {summary['changed_to_wrong']} to wrong); best gate "
               f"{gates[best]:.3f} ({100 * frac[best]:.1f}% sent) -> {acc[best]:.2f}; +{secs - base_s:.1f}s")
+    results["best_rank_plain"] = 100 * max(base["accuracy"][RULE].values())
+    if args.part in ("all", "rerank"):
+        _check(args, results, base_s, series, plain)
+    if args.part in ("all", "crowding"):
+        _crowding(args, results, plain)
+    return results
+
+
+def _check(args, results: dict, base_s: float, series: dict, plain: float) -> None:
+    from evaluation.experiments.common import plot_lines  # pylint: disable=g-import-not-at-top
     # One point of the curve, run for real with its gate (a different output: no shared answer cache).
     w0 = args.weights[0]
     rows0 = rerank_rows(os.path.join(args.output, f"eval-rerank-w{w0:g}"))
@@ -118,42 +126,52 @@ def run(args) -> dict[str, Any]:
                "first)", ylabel="top-1 accuracy (%)", title=f"Second-opinion re-ranking on the demo ({RULE}@{K})",
                references=[(f"vote alone ({plain:.2f})", plain)])
 
+
+def _crowding(args, results: dict, plain: float) -> None:
+    from pipelines import cli  # pylint: disable=g-import-not-at-top
     copy = os.path.join(args.output, "memory-copy")
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(args.memory, copy)
     for d in args.near_duplicate_distances:
         column = f"near_dup_{d:g}"
         assert cli.main(["metadata", "--memory", copy, "--near-duplicates", str(d), "--column", column]) == 0
+        from memory.manifest import read_manifest  # pylint: disable=g-import-not-at-top
+        from memory.metadata import read_metadata  # pylint: disable=g-import-not-at-top
+        groups = read_metadata(copy, read_manifest(copy)).columns[column]
+        sizes = np.unique(groups, return_counts=True)[1]
         for c in args.crowding:
             rep, secs = _evaluate(copy, args.images, os.path.join(args.output, f"eval-crowd-{c}-{d:g}"),
                                   "--crowding", f"{c}:meta:{column}")
             best_rank = max(rep["accuracy"][RULE].values())
             results["crowding"][f"{c}:{column}"] = {"accuracy_rank10": 100 * rep["accuracy"][RULE][str(K)],
-                                                    "best_rank": 100 * best_rank, "seconds": secs}
+                                                    "best_rank": 100 * best_rank, "seconds": secs,
+                                                    "groups": int((sizes > 1).sum()),
+                                                    "grouped_entries": int(sizes[sizes > 1].sum())}
             print(f"crowding {c} per {column}: rank@10 {100 * rep['accuracy'][RULE][str(K)]:.2f} "
                   f"(plain {plain:.2f}), best rank {100 * best_rank:.2f} ({secs:.1f}s)")
-    results["best_rank_plain"] = 100 * max(base["accuracy"][RULE].values())
-    return results
 
 
 def markdown(results: dict, args) -> str:
     lines = [f"Demo memory `{args.memory}`, {results['plain']['queries']} test queries; vote: {RULE}@{K} = "
-             f"{results['plain']['accuracy_rank10']:.2f}; {os.cpu_count()} cores, {platform.python_version()}.", "",
-             "| re-ranker | all re-ranked | changed (right / wrong) | best gate (sent) | at 10% / 20% / 30% sent "
-             "| extra time | per re-ranked query |", "|---|---:|---:|---:|---:|---:|---:|"]
+             f"{results['plain']['accuracy_rank10']:.2f}; {os.cpu_count()} cores, {platform.python_version()}."]
+    if results["rerank"]:
+        lines += ["", "| re-ranker | all re-ranked | changed (right / wrong) | best gate (sent) | at 10% / 20% / 30% sent "
+                  "| extra time | per re-ranked query |", "|---|---:|---:|---:|---:|---:|---:|"]
     for w, r in results["rerank"].items():
         s, b, a = r["summary"], r["best"], r["at_fraction"]
         lines.append(f"| {args.encoder}, weight {w} | {s['accuracy_reranked']:.2f} | {s['changed']} "
                      f"({s['changed_to_right']} / {s['changed_to_wrong']}) | {b['accuracy']:.2f} at "
                      f"{b['gate']:.3f} ({100 * b['fraction']:.1f}%) | {a['0.1']:.2f} / {a['0.2']:.2f} / "
                      f"{a['0.3']:.2f} | {r['extra_seconds']:.1f} s | {r['ms_per_reranked_query']:.0f} ms |")
-    c = results["check"]
-    lines += ["", f"Check: a real run with `--rerank-below {c['gate']:.4f}` sent {c['sent']} queries and scored "
-              f"{c['measured_accuracy']:.2f}; the curve predicts {c['predicted_accuracy']:.2f}.", "",
-              "| crowding | rank@10 | best rank |", "|---|---:|---:|",
-              f"| none | {results['plain']['accuracy_rank10']:.2f} | {results['best_rank_plain']:.2f} |"]
+    c = results.get("check")
+    if c:
+        lines += ["", f"Check: a real run with `--rerank-below {c['gate']:.4f}` sent {c['sent']} queries and scored "
+                  f"{c['measured_accuracy']:.2f}; the curve predicts {c['predicted_accuracy']:.2f}."]
+    lines += ["", "| crowding | near-duplicate groups of 2+ (entries) | rank@10 | best rank |", "|---|---:|---:|---:|",
+              f"| none | | {results['plain']['accuracy_rank10']:.2f} | {results['best_rank_plain']:.2f} |"]
     for name, r in results["crowding"].items():
-        lines.append(f"| at most {name.replace(':', ' per ', 1)} | {r['accuracy_rank10']:.2f} | {r['best_rank']:.2f} |")
+        lines.append(f"| at most {name.replace(':', ' per ', 1)} | {r['groups']} ({r['grouped_entries']}) "
+                     f"| {r['accuracy_rank10']:.2f} | {r['best_rank']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -169,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--near-duplicate-distances", type=lambda s: [float(x) for x in s.split(",")],
                         default=[0.02, 0.05])
     parser.add_argument("--crowding", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
+    parser.add_argument("--part", choices=("all", "rerank", "crowding"), default="all")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     start = time.perf_counter()

@@ -559,9 +559,10 @@ def _search_vote_report(p, args, root: str, manifest: Manifest, params: VotingPa
     default_filter, crowding = rerank_args.selection_from_args(args)
     query_filters = rerank_args.load_query_filters(args.filters) if args.filters else None
     spec = rerank_args.rerank_spec_from_args(args)
-    if spec is not None and args.rerank_top_n > args.k_max:
-        raise EvaluationError(f"--rerank-top-n {args.rerank_top_n} exceeds --k-max {args.k_max}: the job retrieves "
-                              "k-max neighbours; raise --k-max or lower --rerank-top-n.")
+    for flag, value in (("--rerank-top-n", args.rerank_top_n), ("--rerank-k", args.rerank_k)):
+        if spec is not None and not 1 <= value <= args.k_max:
+            raise EvaluationError(f"{flag} {value} must be in [1, --k-max {args.k_max}]: the job retrieves k-max "
+                                  f"neighbours; raise --k-max or lower {flag}.")
     merged = (queries
               | "SearchShards" >> SearchShards(root, manifest, k=args.k_max, batch_size=args.query_batch,
                                                 route_probes=args.route_probes, default_filter=default_filter,

@@ -26,7 +26,7 @@ import threading
 import urllib.parse
 from typing import Any, Optional
 
-from tests.fake_http import local_server
+from tests.fake_http import local_server, read_body
 
 FAKE_HOST = "dataflow-sandbox.test"
 ENDPOINT = f"http://{FAKE_HOST}"
@@ -93,12 +93,7 @@ class FakeDataflow:
         else:
             url = urllib.parse.urlsplit(handler.path)  # Absolute URI: the client talks to us as a proxy.
             host, path, query = url.hostname or handler.headers.get("Host", ""), url.path, url.query
-        length = int(handler.headers.get("Content-Length") or 0)
-        raw = handler.rfile.read(length) if length else b""
-        try:
-            body = json.loads(raw) if raw else None
-        except ValueError:
-            body = raw.decode("utf-8", "replace")
+        body = read_body(handler)
         request = Request(handler.command, host, path, query, body)
         with self._lock:
             self.requests.append(request)

@@ -24,7 +24,7 @@ import threading
 import urllib.parse
 from typing import Any, Callable, Optional
 
-from tests.fake_http import local_server
+from tests.fake_http import local_server, read_body
 
 _GENERATE = re.compile(r"^/(?P<version>v1[a-z0-9]*)/(?:projects/[^/]+/locations/[^/]+/publishers/google/)?"
                        r"models/(?P<model>[^/:]+):generateContent$")
@@ -152,12 +152,7 @@ class FakeGenai:
 
     def _handle(self, handler: http.server.BaseHTTPRequestHandler) -> None:
         url = urllib.parse.urlsplit(handler.path)
-        length = int(handler.headers.get("Content-Length") or 0)
-        raw = handler.rfile.read(length) if length else b""
-        try:
-            body = json.loads(raw) if raw else None
-        except ValueError:
-            body = raw.decode("utf-8", "replace")
+        body = read_body(handler)
         request = Request(handler.command, url.path if handler.command != "CONNECT" else handler.path, url.query,
                           {k.lower(): v for k, v in handler.headers.items()}, body)
         with self._lock:

@@ -27,3 +27,14 @@ def local_server(handle: Callable[[http.server.BaseHTTPRequestHandler], None], *
     server.daemon_threads = True
     return server, threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, name=name,
                                     daemon=True)
+
+
+def read_body(handler: http.server.BaseHTTPRequestHandler):
+    """A request's body: parsed JSON, the raw text when it is not JSON, None when empty."""
+    import json  # pylint: disable=g-import-not-at-top
+    length = int(handler.headers.get("Content-Length") or 0)
+    raw = handler.rfile.read(length) if length else b""
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return raw.decode("utf-8", "replace")

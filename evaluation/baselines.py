@@ -7,6 +7,8 @@ isolates the encoder.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from memory.voting import VotingRule, predict_all_k
@@ -50,3 +52,26 @@ def pixel_knn_baseline(memory_images: list[np.ndarray], memory_labels: np.ndarra
     true = np.asarray(query_labels)
     return {"pixel 1-NN": float(np.mean(labels[:, 0] == true)),
             f"pixel kNN rank@{idx.shape[1]}": float(np.mean(preds[:, -1] == true))}
+
+
+def _load_pixels(uris: Sequence[str]) -> list[np.ndarray]:
+    from encoders.preprocess import decode_image  # pylint: disable=g-import-not-at-top
+    from memory import storage  # pylint: disable=g-import-not-at-top
+    return [decode_image(storage.read_bytes(u)) for u in uris]
+
+
+def memory_pixel_baseline(root: str, manifest, query_uris: Sequence[str], query_labels: np.ndarray,
+                   *, k: int) -> dict[str, float]:
+    """Raw-pixel kNN over the memory's own source images (for the demo's comparison)."""
+    from memory import storage  # pylint: disable=g-import-not-at-top
+    from memory.shard import read_shard_data  # pylint: disable=g-import-not-at-top
+    from memory.shard_search import load_forgotten, searchable_shards  # pylint: disable=g-import-not-at-top
+    forgotten = load_forgotten(root, manifest)
+    uris, labels = [], []
+    for info in searchable_shards(manifest):
+        data = read_shard_data(storage.join(root, info.path))
+        live = ~np.isin(data.ids.astype(str), forgotten)  # The baseline sees exactly the live memory.
+        uris += [str(u) for u in data.uris[live]]
+        labels.append(data.labels[live])
+    return pixel_knn_baseline(_load_pixels(uris), np.concatenate(labels), _load_pixels(query_uris), query_labels,
+                              k=k)

@@ -54,8 +54,7 @@ from memory.voting import VotingParams, VotingRule
 from pipelines.build import is_precomputed, precomputed_identity, read_precomputed
 from pipelines.runner import with_default_runner
 from pipelines.embed import DecodeImages, EmbedImages, check_same_identity, memory_encoder_spec
-from pipelines import rerank as rerank_stage
-from pipelines import rerank_args
+from pipelines import rerank as rerank_stage, rerank_args
 from pipelines.readers import ReadImages, parse_image_spec
 from pipelines.records import EmbeddedImage
 from pipelines.write import WriteDeadLetters
@@ -276,27 +275,6 @@ class WriteNeighbors(beam.PTransform):
                 | "WriteJsonl" >> beam.io.WriteToText(self._prefix, file_name_suffix=".jsonl"))
 
 
-def _load_pixels(uris: Sequence[str]) -> list[np.ndarray]:
-    from encoders.preprocess import decode_image
-    return [decode_image(storage.read_bytes(u)) for u in uris]
-
-
-def pixel_baseline(root: str, manifest: Manifest, query_uris: Sequence[str], query_labels: np.ndarray,
-                   *, k: int) -> dict[str, float]:
-    """Raw-pixel kNN over the memory's own source images (for the demo's comparison)."""
-    from evaluation.baselines import pixel_knn_baseline
-    from memory.shard import read_shard_data
-    forgotten = load_forgotten(root, manifest)
-    uris, labels = [], []
-    for info in searchable_shards(manifest):
-        data = read_shard_data(storage.join(root, info.path))
-        live = ~np.isin(data.ids.astype(str), forgotten)  # The baseline sees exactly the live memory.
-        uris += [str(u) for u in data.uris[live]]
-        labels.append(data.labels[live])
-    return pixel_knn_baseline(_load_pixels(uris), np.concatenate(labels), _load_pixels(query_uris), query_labels,
-                              k=k)
-
-
 class VoteTally(NamedTuple):
     """Votes of a set of queries, reduced to what the report needs (summable, a few KB whatever the count).
 
@@ -417,7 +395,8 @@ class _ReportFn(beam.DoFn):
         if self._pixel_k:
             # Only here are the queries' uris gathered (the raw-pixel baseline loads every image anyway).
             refs = sorted(pixel_queries)
-            baselines = pixel_baseline(self._root, self._manifest, [uri for _, uri, _ in refs],
+            from evaluation.baselines import memory_pixel_baseline
+            baselines = memory_pixel_baseline(self._root, self._manifest, [uri for _, uri, _ in refs],
                                        np.array([label for _, _, label in refs], dtype=np.int64), k=self._pixel_k)
         weights_ref = self._manifest.entry_weights
         weights_info = None if weights_ref is None else {
@@ -578,7 +557,7 @@ def _search_vote_report(p, args, root: str, manifest: Manifest, params: VotingPa
     if manifest.router is not None:
         extra["route_probes"] = args.route_probes or manifest.router.probes
     extra.update(rerank_args.report_extra(args, default_filter, query_filters, crowding, spec))
-    side = {}
+    side = {}  # The re-rank summary, when re-ranking.
     if spec is not None:
         _, summary = merged | "Rerank" >> rerank_stage.RerankStage(
             spec, args.output, manifest.class_names, rule=VotingRule.parse(args.rerank_rule), k=args.rerank_k,

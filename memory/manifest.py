@@ -32,7 +32,7 @@ class ManifestError(ValueError):
     """A manifest (or a shard it describes) is missing, malformed or inconsistent."""
 
 
-CHANGE_KINDS = ("build", "add", "forget", "prune", "reindex", "purge", "calibrate", "metadata")
+CHANGE_KINDS = ("build", "add", "forget", "prune", "reindex", "purge", "calibrate", "metadata", "tune")
 _SHA256_LEN = len("sha256:") + 64
 WEIGHTS_KINDS = ("soft_pruning",)
 
@@ -200,6 +200,8 @@ class Manifest:
         as a dict: method, score, rule, k, knots or coefficients, the version it was fitted on); None when
         the memory was never calibrated. Later versions carry it forward; `fitted_on_version` says whether
         the memory changed since.
+      search_defaults: The default search setting found by `vmem tune` (memory.tuning: leaves_fraction,
+        reorder, route_probes, and what it was tuned for under ``tuned``); None -> the build's own setting.
       metadata: Per-entry metadata columns (filters and crowding select on them, memory.metadata); None for
         none. Later versions carry it forward; entries added later have no metadata until it is attached.
     """
@@ -221,6 +223,7 @@ class Manifest:
     router: RouterRef | None = None
     calibration: dict | None = None
     metadata: MetadataRef | None = None
+    search_defaults: dict | None = None
 
     @property
     def all_shards(self) -> tuple[ShardInfo, ...]:
@@ -262,6 +265,8 @@ class Manifest:
             d["calibration"] = dict(self.calibration)
         if self.metadata is not None:
             d["metadata"] = dict(dataclasses.asdict(self.metadata), columns=list(self.metadata.columns))
+        if self.search_defaults is not None:
+            d["search_defaults"] = dict(self.search_defaults)
         return d
 
     def to_json(self) -> str:
@@ -323,6 +328,7 @@ class Manifest:
             change=d.get("change") if d.get("change") is not None else {},
             delta_shards=delta_shards,
             calibration=d.get("calibration"),
+            search_defaults=d.get("search_defaults"),
             **optional,
         )
 
@@ -457,6 +463,8 @@ class Manifest:
                 json.dumps(self.calibration, allow_nan=False)
             except (TypeError, ValueError) as e:
                 raise ManifestError(f"manifest field 'calibration': not JSON-serialisable ({e})") from None
+        if self.search_defaults is not None and not isinstance(self.search_defaults, dict):
+            raise ManifestError(f"manifest field 'search_defaults': expected an object, got {self.search_defaults!r}")
         if self.metadata is not None and (
                 not self.metadata.columns or not all(isinstance(c, str) and c and c != "id"
                                                      for c in self.metadata.columns)):
@@ -475,7 +483,7 @@ class Manifest:
 
 
 _OPTIONAL_FIELDS = ("version", "parent", "change", "delta_shards", "forgotten", "entry_weights", "router",
-                   "calibration", "metadata")
+                   "calibration", "metadata", "search_defaults")
 
 
 def manifest_path(root: str) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
-import math
 import os
 import threading
 from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
@@ -32,6 +31,7 @@ from memory.manifest import Manifest, ManifestError
 from memory.merge import merge_topk
 from memory.mutations import read_entry_weights, read_forgotten, row_weights
 from memory.routing import Router, read_router, search_mask
+from memory.tuning import tuned_index
 from memory.shard_search import FILTER_INDEX_CACHE, build_live_index, search_live_rows
 from memory.shard import load_shard_index, read_shard_embeddings, read_shard_entries, verify_shard
 from memory.vectors import l2_normalize
@@ -51,11 +51,6 @@ def _resolve_threads(threads: int | None, shards: int) -> int:
     if not isinstance(threads, (int, np.integer)) or threads < 1:
         raise ValueError(f"search_threads must be None or an int >= 1, got {threads!r}")
     return int(threads)
-
-
-def _num_leaves(index: ShardIndex) -> int:
-    """Leaves of a tree+AH shard, as its config resolved them at build time."""
-    return index.config.resolve_leaves(len(index))[0]
 
 
 
@@ -122,7 +117,7 @@ class VisualMemory:
 
     @classmethod
     def open(cls, path: str, *, version: int | None = None, verify: bool = False,
-             search_threads: int | None = None) -> VisualMemory:
+             search_threads: int | None = None, search_defaults: bool = True) -> VisualMemory:
         """Opens a memory at its latest version, or at a pinned one.
 
         Args:
@@ -131,6 +126,8 @@ class VisualMemory:
           verify: Recompute every shard's checksum against the manifest (reads all embeddings).
           search_threads: Shards searched at once by `search` (ScaNN releases the GIL, so shards run in
             parallel); None -> one per CPU, at most one per shard; 1 -> one after another.
+          search_defaults: Search with the setting `vmem tune` recorded in the manifest, if any (False: the
+            build's own setting).
 
         Returns:
           The opened memory.
@@ -168,9 +165,13 @@ class VisualMemory:
         if forgotten.size and int(np.isin(all_ids, forgotten).sum()) != forgotten.size:
             raise ManifestError(f"version {manifest.version}: {forgotten.size} tombstoned ids but only "
                                 f"{int(np.isin(all_ids, forgotten).sum())} of them are in its shards")
-        return cls(root, manifest, indices, all_ids, all_labels, np.asarray(offsets, dtype=np.int64),
-                   forgotten=forgotten, entry_weights=read_entry_weights(root, manifest),
-                   search_threads=search_threads, router=read_router(root, manifest))
+        memory = cls(root, manifest, indices, all_ids, all_labels, np.asarray(offsets, dtype=np.int64),
+                     forgotten=forgotten, entry_weights=read_entry_weights(root, manifest),
+                     search_threads=search_threads, router=read_router(root, manifest))
+        if search_defaults and manifest.search_defaults:
+            from memory.tuning import SearchSetting  # pylint: disable=g-import-not-at-top
+            return SearchSetting.from_dict(manifest.search_defaults).apply(memory)
+        return memory
 
     def with_search_params(self, *, leaves_fraction: float | None = None, reorder: int | None = None,
                            threads: int | None = None, route_probes: int | None = None) -> VisualMemory:
@@ -193,12 +194,7 @@ class VisualMemory:
         view = copy.copy(self)
         if route_probes is not None:
             view._route_probes = int(route_probes)
-        view._indices = [
-            None if ix is None else ix.with_search_params(
-                leaves_to_search=None if leaves_fraction is None or ix.num_leaves_to_search is None
-                else max(1, math.ceil(leaves_fraction * _num_leaves(ix))),
-                reorder=reorder)
-            for ix in self._indices]
+        view._indices = [None if ix is None else tuned_index(ix, leaves_fraction, reorder) for ix in self._indices]
         if threads is not None:
             view._search_threads = _resolve_threads(threads, sum(ix is not None for ix in self._indices))
             view._pool, view._pool_lock = None, threading.Lock()
@@ -385,6 +381,16 @@ class VisualMemory:
     def live_entry_ids(self) -> np.ndarray:
         """Every live (not forgotten) entry id, sorted."""
         return np.sort(self._ids[~self._dead])
+
+    def labels_of(self, ids: np.ndarray) -> np.ndarray:
+        """int32 label index of each live entry id (any shape; "" padding -> -1)."""
+        rows_of = self._id_rows()
+        flat = [self._labels[rows_of[i]] if i != _PAD_ID else -1 for i in np.asarray(ids).ravel().tolist()]
+        return np.asarray(flat, dtype=np.int32).reshape(np.shape(ids))
+
+    def has_tree_shards(self) -> bool:
+        """Whether any shard has a tree+AH index (whose leaves and re-rank depth can be tuned)."""
+        return any(ix is not None and ix.num_leaves_to_search is not None for ix in self._indices)
 
     def _id_rows(self) -> dict[str, int]:
         if self._row_of_id is None:

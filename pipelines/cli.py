@@ -15,6 +15,7 @@
     vmem forget --memory MEMORY (--ids FILE | --label NAME | --source-prefix URI) [--purge-history]
     vmem calibrate --evaluation EVAL_DIR [--rule rank] [--k 10] [--method isotonic|platt] [--score share]
     vmem export --memory MEMORY --output DIR
+    vmem tune --memory MEMORY --queries (DIR | clip:DIR) [--rule rank] [--k 10] [--min-agreement 0.999] [--no-publish]
     vmem metadata --memory MEMORY (--table FILE [--id-column id] | --near-duplicates MAX_DISTANCE) [--replace]
     vmem experiment NAME --dataset fashion-mnist|mnist --output DIR [--work-dir W]   (NAME: see --help)
 
@@ -48,6 +49,7 @@ COMMANDS = {
     "vote": "recompute accuracy per voting rule and k from stored neighbour lists",
     "calibrate": "fit vote confidence -> P(right) on a held-out evaluation and store it in the memory",
     "export": "write a memory's embeddings, labels and uris as a clip-retrieval folder",
+    "tune": "find the cheapest search setting whose votes agree with exact search; record it as the default",
     "metadata": "attach per-entry metadata columns (a table, or near-duplicate groups) for filters and crowding",
     "experiment": "reproduce one of the paper's findings on a bundled dataset (k-sweep, label-noise, ...)",
 }
@@ -128,6 +130,12 @@ def describe(manifest) -> str:
                  and manifest.change.get("kind") != "calibrate")
         lines.append(f"calibration  {cal.describe()}" + (
             "; the memory changed since (re-run vmem calibrate)" if stale else ""))
+    if manifest.search_defaults:
+        from memory.tuning import SearchSetting
+        tuned = manifest.search_defaults.get("tuned") or {}
+        lines.append(f"search       {SearchSetting.from_dict(manifest.search_defaults).describe()} (vmem tune: votes "
+                     f"agree with exact search on {100 * tuned.get('agreement', 0):.2f}% of {tuned.get('queries')} "
+                     f"queries, version {tuned.get('fitted_on_version')})")
     if manifest.metadata is not None:
         lines.append(f"metadata     columns {', '.join(manifest.metadata.columns)} for {manifest.metadata.count} entries "
                      "(--filter meta:COLUMN=v, --crowding C:meta:COLUMN)")
@@ -263,6 +271,11 @@ def cmd_metadata(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_tune(argv: Sequence[str]) -> int:
+    from pipelines.tune_cli import main as tune_main
+    return tune_main(list(argv))
+
+
 def cmd_experiment(argv: Sequence[str]) -> int:
     from evaluation.experiments.cli import main as experiment_main
     return experiment_main(list(argv))
@@ -271,7 +284,8 @@ def cmd_experiment(argv: Sequence[str]) -> int:
 _HANDLERS = {"prepare-data": cmd_prepare_data, "build": cmd_build, "info": cmd_info, "evaluate": cmd_evaluate,
              "vote": cmd_vote, "classify": cmd_classify, "history": cmd_history, "forget": cmd_forget,
              "reindex": cmd_reindex, "add": cmd_add, "prune": cmd_prune, "calibrate": cmd_calibrate,
-             "export": cmd_export, "metadata": cmd_metadata, "experiment": cmd_experiment}
+             "export": cmd_export, "metadata": cmd_metadata, "tune": cmd_tune,
+             "experiment": cmd_experiment}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -50,6 +50,7 @@ from memory.metadata import read_metadata
 from memory.routing import read_router, search_mask
 from memory.shard_search import (LoadedShard, PartialTopK, load_entry_weights, load_forgotten, merge_partials,
                                  searchable_shards)
+from memory.tuning import SearchSetting, default_setting, tuned_index
 from memory.voting import VotingParams, VotingRule
 from pipelines.build import is_precomputed, precomputed_identity, read_precomputed
 from pipelines.runner import with_default_runner
@@ -106,7 +107,7 @@ class _SearchShardFn(beam.DoFn):
     """
 
     def __init__(self, root: str, manifest: Manifest, k: int, *, crowding: Crowding | None = None,
-                 with_uris: bool = False, with_metadata: bool = False):
+                 with_uris: bool = False, with_metadata: bool = False, setting: SearchSetting | None = None):
         self._root = root
         self._manifest = manifest
         # Main and delta shards; tombstoned (forgotten) rows are skipped inside LoadedShard.search, and each
@@ -116,6 +117,7 @@ class _SearchShardFn(beam.DoFn):
         self._crowding = crowding
         self._with_uris = with_uris
         self._with_metadata = with_metadata
+        self._setting = setting  # The memory's tuned leaves / re-rank depth (`vmem tune`), if any.
         self._forgotten = None
         self._entry_weights = None
         self._metadata = None
@@ -135,6 +137,8 @@ class _SearchShardFn(beam.DoFn):
         shard = LoadedShard.load(self._root, info, forgotten=self._forgotten, entry_weights=self._entry_weights,
                                  with_uris=self._with_uris, class_names=self._manifest.class_names,
                                  metadata=self._metadata)
+        if self._setting is not None and shard.index is not None:
+            shard.index = tuned_index(shard.index, self._setting.leaves_fraction, self._setting.reorder)
         for batch in batches:
             filters = None if batch.filters is None else [
                 None if f is None else QueryFilter.from_dict(f) for f in batch.filters]
@@ -181,7 +185,7 @@ class SearchShards(beam.PTransform):
     def __init__(self, root: str, manifest: Manifest, *, k: int, batch_size: int = 256,
                  route_probes: int | None = None, default_filter: QueryFilter | None = None,
                  query_filters: dict[str, dict] | None = None, crowding: Crowding | None = None,
-                 with_uris: bool = False):
+                 with_uris: bool = False, setting: SearchSetting | None = None):
         super().__init__()
         self._root = root
         self._manifest = manifest
@@ -191,6 +195,7 @@ class SearchShards(beam.PTransform):
         self._default = None if default_filter is None else default_filter.to_dict()
         self._query_filters = query_filters or {}
         self._crowding = crowding
+        self._setting = setting
         self._with_uris = with_uris or crowding is not None or default_filter is not None or bool(query_filters)
 
     def expand(self, queries):
@@ -208,7 +213,7 @@ class SearchShards(beam.PTransform):
             | "GroupByShard" >> beam.GroupByKey()
             | "SearchShard" >> beam.ParDo(_SearchShardFn(
                 self._root, self._manifest, self._k, crowding=self._crowding, with_uris=self._with_uris,
-                with_metadata=meta and self._manifest.metadata is not None)))
+                with_metadata=meta and self._manifest.metadata is not None, setting=self._setting)))
 
 
 class _MergeTopKFn(beam.CombineFn):
@@ -542,11 +547,13 @@ def _search_vote_report(p, args, root: str, manifest: Manifest, params: VotingPa
         if spec is not None and not 1 <= value <= args.k_max:
             raise EvaluationError(f"{flag} {value} must be in [1, --k-max {args.k_max}]: the job retrieves k-max "
                                   f"neighbours; raise --k-max or lower {flag}.")
+    setting = default_setting(manifest)  # `vmem tune`'s, unless --route-probes overrides its probes.
+    route_probes = args.route_probes or (setting.route_probes if setting else None)
     merged = (queries
               | "SearchShards" >> SearchShards(root, manifest, k=args.k_max, batch_size=args.query_batch,
-                                                route_probes=args.route_probes, default_filter=default_filter,
+                                                route_probes=route_probes, default_filter=default_filter,
                                                 query_filters=query_filters, crowding=crowding,
-                                                with_uris=spec is not None)
+                                                with_uris=spec is not None, setting=setting)
               | "MergeNeighbors" >> MergeNeighbors(args.k_max, crowding))
     neighbor_files = merged | "WriteNeighbors" >> WriteNeighbors(args.output, manifest.class_names)
     failures = tuple(failure_sets) | "AllFailures" >> beam.Flatten()
@@ -555,7 +562,9 @@ def _search_vote_report(p, args, root: str, manifest: Manifest, params: VotingPa
     extra = {"command": "vmem evaluate", "memory": root, "version_pinned": args.version, **source_info,
              "encoder": manifest.encoder.get("name"), "k_max": args.k_max}
     if manifest.router is not None:
-        extra["route_probes"] = args.route_probes or manifest.router.probes
+        extra["route_probes"] = route_probes or manifest.router.probes
+    if setting is not None:
+        extra["search_setting"] = setting.to_dict()
     extra.update(rerank_args.report_extra(args, default_filter, query_filters, crowding, spec))
     side = {}  # The re-rank summary, when re-ranking.
     if spec is not None:

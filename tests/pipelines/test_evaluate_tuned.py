@@ -1,0 +1,35 @@
+"""The evaluate job's shard search uses the memory's recorded (`vmem tune`) search setting."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from memory.index import IndexKind
+from memory.manifest import read_manifest
+from memory.tuning import SearchSetting, default_setting, publish_search_defaults
+from memory.visual_memory import VisualMemory
+from tests.memory.test_tuning import _memory
+
+
+def test_the_evaluate_job_searches_with_the_recorded_setting(tmp_path):
+    """What _SearchShardFn runs (shards loaded on a worker, tuned there) equals VisualMemory.open's search."""
+    from memory.shard_search import merge_partials
+    from pipelines.evaluate import QueryBatch, _SearchShardFn
+    root, mem, x, ids, q, true = _memory(tmp_path, IndexKind.TREE_AH)
+    setting = SearchSetting(leaves_fraction=1 / 64, reorder=10)  # Cheap: differs from the build's setting.
+    publish_search_defaults(root, {"chosen": {**setting.to_dict(), "qps": 1.0, "recall": 0.5, "agreement": 0.99,
+                                              "accuracy": 50.0},
+                                   "criteria": {"rule": "rank", "k": 10}, "exact": {"accuracy": 50.0, "queries": 1}})
+    m = read_manifest(root)
+    fn = _SearchShardFn(root, m, 10, setting=default_setting(m))
+    fn.setup()
+    batch = QueryBatch(tuple(f"q{i}" for i in range(len(q))), ("c0",) * len(q), ("",) * len(q), q)
+    partials = {}
+    for s in range(len(m.shards)):
+        for qid, qn in fn.process((s, [batch])):
+            partials.setdefault(qid, []).append(qn.neighbors)
+    job = np.concatenate([merge_partials(partials[f"q{i}"], 10).ids for i in range(len(q))])
+    tuned = VisualMemory.open(root).search(q, 10).ids
+    build = VisualMemory.open(root, search_defaults=False).search(q, 10).ids
+    np.testing.assert_array_equal(job, tuned)
+    assert (tuned != build).any()  # The recorded setting really changed the search.

@@ -128,10 +128,13 @@ def _recall(found: np.ndarray, exact: np.ndarray) -> float:
 def candidate_settings(memory: VisualMemory, k: int) -> list[SearchSetting]:
     """The grid searched: leaves x re-rank depth for tree+AH shards, x router probes for a routed memory."""
     tree = memory.has_tree_shards()
-    leaves = LEAF_FRACTIONS if tree else (None,)
-    reorders = tuple(sorted({max(k, f * k) for f in REORDER_FACTORS})) if tree else (None,)
+    routed = memory.router is not None
+    # A routed tree+AH memory multiplies three knobs: a coarser leaves x re-rank grid keeps it near 100 trials.
+    leaves = (LEAF_FRACTIONS[2::2] if routed else LEAF_FRACTIONS) if tree else (None,)
+    factors = REORDER_FACTORS[::2] if routed else REORDER_FACTORS
+    reorders = tuple(sorted({max(k, f * k) for f in factors})) if tree else (None,)
     probes: Sequence[int | None] = (None,)
-    if memory.router is not None:
+    if routed:
         n = memory.router.centroids.shape[0]
         probes = tuple(p for p in ROUTE_PROBES if p <= n) + ((n,) if n not in ROUTE_PROBES else ())
     return [SearchSetting(lf, ro, rp) for rp in probes for lf in leaves for ro in reorders

@@ -80,3 +80,23 @@ def test_tune_cli_on_a_brute_force_memory_says_nothing_to_tune(tmp_path, capsys)
     assert "nothing to tune" in capsys.readouterr().out
     assert cli.main(["tune", "--memory", root, "--queries", str(tmp_path / "q"), "--min-agreement", "2"]) == 2
 
+
+
+def test_routed_memory_tunes_its_probes(tmp_path):
+    x, q = clustered(3000, D, centres=30, noise=0.3, seed=4, nq=300)
+    rng = np.random.default_rng(5)
+    anchors = l2_normalize(rng.normal(size=(6, D)))
+    labels = [f"c{int(i)}" for i in np.argmax(x @ anchors.T, axis=1)]
+    root = str(tmp_path / "routed")
+    build_memory_local(root, ids=[f"e{i:05d}" for i in range(3000)], labels=labels, uris=[""] * 3000, embeddings=x,
+                       num_shards=4, index_config=IndexConfig(kind=IndexKind.BRUTE_FORCE),
+                       encoder_identity={**ENCODER, "dim": D}, sharding="partition")
+    mem = VisualMemory.open(root)
+    grid = candidate_settings(mem, 10)
+    assert grid and all(s.leaves_fraction is None and s.reorder is None and s.route_probes for s in grid)
+    assert max(s.route_probes for s in grid) == mem.router.centroids.shape[0]  # Probing all = every shard.
+    true = np.asarray([mem.class_names.index(f"c{int(i)}") for i in np.argmax(q @ anchors.T, axis=1)])
+    result = tune(mem, q, true, repeats=1)
+    assert result["chosen"] is not None and result["chosen"]["agreement"] >= 0.999
+    full = [t for t in result["trials"] if t["route_probes"] == mem.router.centroids.shape[0]]
+    assert full[0]["recall"] == 1.0 and full[0]["agreement"] == 1.0  # Every shard, brute force: exact.

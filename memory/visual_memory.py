@@ -117,7 +117,8 @@ class VisualMemory:
 
     @classmethod
     def open(cls, path: str, *, version: int | None = None, verify: bool = False,
-             search_threads: int | None = None, search_defaults: bool = True) -> VisualMemory:
+             search_threads: int | None = None, search_defaults: bool = True,
+             load_encoder: bool = False) -> VisualMemory:
         """Opens a memory at its latest version, or at a pinned one.
 
         Args:
@@ -128,6 +129,8 @@ class VisualMemory:
             parallel); None -> one per CPU, at most one per shard; 1 -> one after another.
           search_defaults: Search with the setting `vmem tune` recorded in the manifest, if any (False: the
             build's own setting).
+          load_encoder: Load the query encoder now and run it once (serving: the first image query then pays
+            no model load or tracing); by default it loads on the first image query.
 
         Returns:
           The opened memory.
@@ -170,8 +173,14 @@ class VisualMemory:
                      search_threads=search_threads, router=read_router(root, manifest))
         if search_defaults and manifest.search_defaults:
             from memory.tuning import SearchSetting  # pylint: disable=g-import-not-at-top
-            return SearchSetting.from_dict(manifest.search_defaults).apply(memory)
+            memory = SearchSetting.from_dict(manifest.search_defaults).apply(memory)
+        if load_encoder:
+            memory.warm_up()
         return memory
+
+    def warm_up(self) -> None:
+        """Loads the query encoder and runs it on one blank image, so the next image query pays neither."""
+        self.embed_images([np.zeros((32, 32, 3), dtype=np.uint8)])  # Preprocessing resizes it.
 
     def with_search_params(self, *, leaves_fraction: float | None = None, reorder: int | None = None,
                            threads: int | None = None, route_probes: int | None = None) -> VisualMemory:

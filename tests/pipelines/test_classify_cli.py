@@ -207,3 +207,11 @@ def test_classify_filter_crowding_and_gemini_rerank(tiny_memory, fmnist_small, t
         assert a["rerank_reason"] == "answered" and a["label_name"] == b["label_name"]
     # The query image went inline: its bytes are the file's (small PNGs are sent unchanged).
     assert fake.generate_requests()[0].images()[0][0] == open(coat, "rb").read()
+
+
+def test_open_with_load_encoder_warms_the_encoder(tiny_memory, fmnist_small):
+    memory = VisualMemory.open(tiny_memory, load_encoder=True)
+    assert memory._encoder is not None  # Loaded and run inside open.
+    coat, coat_id = _image(fmnist_small, "coat", 3)
+    [p] = memory.classify([coat], k=3)
+    assert p.neighbors[0].id == coat_id

@@ -23,6 +23,23 @@ import numpy as np
 from evaluation.benchmarks import synthetic
 
 
+def compare(reports: dict) -> str:
+    """Each dtype at the settings float32's tuner chose and float32's recall-0.95 choice picked."""
+    ref = reports.get("float32") or next(iter(reports.values()))
+    picks = [(what, ref[key]) for what, key in (("votes agree 99.9%", "chosen"), ("recall 0.95", "by_recall"))
+             if ref[key] is not None]
+    lines = ["", "| dtype | bytes/entry | setting (picked on float32 by) | queries/s | recall | agreement | accuracy |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    for dtype, rep in reports.items():
+        trials = {(t.get("leaves_fraction"), t.get("reorder"), t.get("route_probes")): t for t in rep["trials"]}
+        for what, pick in picks:
+            t = trials[(pick.get("leaves_fraction"), pick.get("reorder"), pick.get("route_probes"))]
+            lines.append(f"| {dtype} | {rep['bytes_per_entry']:.0f} | leaves {t.get('leaves_fraction'):.4g}, reorder "
+                         f"{t.get('reorder')} ({what}) | {t['qps']:.0f} | {t['recall']:.4f} | "
+                         f"{100 * t['agreement']:.2f}% | {t['accuracy']:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=1_000_000)
@@ -34,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--noise-ratio", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="out/bench-tune-1m")
+    p.add_argument("--dtypes", default="float32",
+                   help="re-ranking dtypes to build and tune side by side, e.g. float32,int8 (bytes per entry, "
+                        "recall and queries/s of each at the same settings)")
     args = p.parse_args(argv)
     from memory.build import build_memory_local  # pylint: disable=g-import-not-at-top
     from memory.index import IndexConfig, IndexKind  # pylint: disable=g-import-not-at-top
@@ -48,29 +68,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     anchors = synthetic.gaussian_unit_vectors(args.classes, args.dim, seed=args.seed + 7)
     labels = np.argmax(base @ anchors.T, axis=1)
     true = np.argmax(queries @ anchors.T, axis=1)
-    memory_dir = os.path.join(args.output, "memory")
-    build_s = 0.0
-    if not os.path.exists(os.path.join(memory_dir, "manifest.json")):
+    from evaluation.benchmarks.bench_scale import bytes_by_kind  # pylint: disable=g-import-not-at-top
+    reports = {}
+    for dtype in args.dtypes.split(","):
+        memory_dir = os.path.join(args.output, "memory" if dtype == "float32" else f"memory-{dtype}")
+        build_s = 0.0
+        if not os.path.exists(os.path.join(memory_dir, "manifest.json")):
+            start = time.perf_counter()
+            ids = np.char.add("e", np.char.zfill(np.arange(args.n).astype(str), 8))
+            build_memory_local(memory_dir, ids=ids.tolist(), labels=[f"c{i:03d}" for i in labels],
+                               uris=[""] * args.n, embeddings=base, num_shards=args.shards,
+                               index_config=IndexConfig(kind=IndexKind.TREE_AH, embedding_dtype=dtype),
+                               encoder_identity={"name": "synthetic", "content_hash": "sha256:" + "0" * 64,
+                                                 "dim": args.dim, "preprocess": {}})
+            build_s = time.perf_counter() - start
+            print(f"built {args.n} x {args.dim} tree+AH memory ({dtype} re-ranking rows), {args.shards} shards, in "
+                  f"{build_s:.0f}s", flush=True)
+        memory = VisualMemory.open(memory_dir, search_defaults=False)
+        index = {c: i for i, c in enumerate(memory.class_names)}
+        true_idx = np.asarray([index.get(f"c{i:03d}", -1) for i in true])
         start = time.perf_counter()
-        ids = np.char.add("e", np.char.zfill(np.arange(args.n).astype(str), 8))
-        build_memory_local(memory_dir, ids=ids.tolist(), labels=[f"c{i:03d}" for i in labels],
-                           uris=[""] * args.n, embeddings=base, num_shards=args.shards,
-                           index_config=IndexConfig(kind=IndexKind.TREE_AH),
-                           encoder_identity={"name": "synthetic", "content_hash": "sha256:" + "0" * 64,
-                                             "dim": args.dim, "preprocess": {}})
-        build_s = time.perf_counter() - start
-        print(f"built {args.n} x {args.dim} tree+AH memory, {args.shards} shards, in {build_s:.0f}s", flush=True)
-    memory = VisualMemory.open(memory_dir, search_defaults=False)
-    index = {c: i for i, c in enumerate(memory.class_names)}
-    true_idx = np.asarray([index.get(f"c{i:03d}", -1) for i in true])
-    start = time.perf_counter()
-    result = tune(memory, queries, true_idx, repeats=1)
-    result.update(seconds=time.perf_counter() - start, build_seconds=build_s, n=args.n, dim=args.dim,
-                  cores=os.cpu_count(), command="python -m evaluation.benchmarks.bench_tune " +
-                  " ".join(sys.argv[1:] if argv is None else argv))
-    print(render(result))
-    with open(os.path.join(args.output, "report.json"), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
+        result = tune(memory, queries, true_idx, repeats=1)
+        size = bytes_by_kind(memory_dir)
+        result.update(seconds=time.perf_counter() - start, build_seconds=build_s, n=args.n, dim=args.dim,
+                      dtype=dtype, bytes_per_entry=sum(size.values()) / args.n, bytes=size, cores=os.cpu_count(),
+                      command="python -m evaluation.benchmarks.bench_tune " +
+                      " ".join(sys.argv[1:] if argv is None else argv))
+        print(f"\n## {dtype}: {result['bytes_per_entry']:.0f} bytes per entry\n\n{render(result)}", flush=True)
+        with open(os.path.join(args.output, "report.json" if dtype == "float32" else f"report-{dtype}.json"), "w",
+                  encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+        reports[dtype] = result
+    if len(reports) > 1:
+        print(compare(reports))
     return 0
 
 

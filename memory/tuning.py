@@ -153,7 +153,8 @@ def _qps(memory: VisualMemory, q: np.ndarray, k: int, repeats: int) -> tuple[flo
 
 def tune(memory: VisualMemory, queries: np.ndarray, true_labels: np.ndarray, *, rule: VotingRule | str = "rank",
          k: int = 10, params: VotingParams = VotingParams(), min_agreement: float = 0.999,
-         max_accuracy_drop: float = 0.1, min_recall: float = 0.95, repeats: int = 2) -> dict[str, Any]:
+         max_accuracy_drop: float = 0.1, min_recall: float = 0.95, repeats: int = 2,
+         reference: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
     """Measures every candidate setting and picks the fastest whose votes agree with exact search.
 
     Args:
@@ -164,6 +165,8 @@ def tune(memory: VisualMemory, queries: np.ndarray, true_labels: np.ndarray, *, 
       max_accuracy_drop: Points of accuracy the setting may lose against exact search (0.1).
       min_recall: For the comparison only: the fastest setting with recall@k >= this.
       repeats: Timed searches per setting (the best counts).
+      reference: (ids, labels, distances) of the exact search to compare with, instead of brute force over this
+        memory's stored rows: e.g. float32 exact neighbours for a memory storing int8 rows.
 
     Returns:
       ``{"chosen": Trial dict or None, "by_recall": Trial dict or None, "exact": {...}, "trials": [...],
@@ -174,7 +177,7 @@ def tune(memory: VisualMemory, queries: np.ndarray, true_labels: np.ndarray, *, 
     true = np.asarray(true_labels)
     if q.ndim != 2 or q.shape[0] == 0 or true.shape != (q.shape[0],):
         raise ValueError(f"tune needs [nq, dim] queries with one true label each, got {q.shape} and {true.shape}")
-    exact_ids, exact_labels, exact_dist = exact_search(memory, q, k)
+    exact_ids, exact_labels, exact_dist = exact_search(memory, q, k) if reference is None else reference
     exact_vote = vote(exact_labels, exact_dist, rule=rule, k=exact_labels.shape[1], params=params).labels
     exact_acc = 100.0 * float(np.mean(exact_vote == true))
     trials = []

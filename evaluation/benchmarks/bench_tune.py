@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     labels = np.argmax(base @ anchors.T, axis=1)
     true = np.argmax(queries @ anchors.T, axis=1)
     from evaluation.benchmarks.bench_scale import bytes_by_kind  # pylint: disable=g-import-not-at-top
-    reports = {}
+    reports, reference = {}, None
     for dtype in args.dtypes.split(","):
         memory_dir = os.path.join(args.output, "memory" if dtype == "float32" else f"memory-{dtype}")
         build_s = 0.0
@@ -88,7 +88,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         index = {c: i for i, c in enumerate(memory.class_names)}
         true_idx = np.asarray([index.get(f"c{i:03d}", -1) for i in true])
         start = time.perf_counter()
-        result = tune(memory, queries, true_idx, repeats=1)
+        if dtype == "float32":
+            from memory.tuning import exact_search  # pylint: disable=g-import-not-at-top
+            reference = exact_search(memory, queries, 10)
+        # Every dtype is compared with float32's exact neighbours (the original vectors'), when float32 ran first.
+        result = tune(memory, queries, true_idx, repeats=1, reference=reference)
         size = bytes_by_kind(memory_dir)
         result.update(seconds=time.perf_counter() - start, build_seconds=build_s, n=args.n, dim=args.dim,
                       dtype=dtype, bytes_per_entry=sum(size.values()) / args.n, bytes=size, cores=os.cpu_count(),

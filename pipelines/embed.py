@@ -7,6 +7,7 @@ The encoder is loaded once per worker by RunInference's shared model handle; thi
 from __future__ import annotations
 
 import json
+import os
 import logging
 import time
 from typing import Any, Iterable, Optional, Sequence
@@ -74,20 +75,83 @@ class _DecodeFn(beam.DoFn):
         self._decode = decode_and_preprocess
         self._error_cls = ImageDecodeError
 
-    def process(self, record: ImageRecord):
+    def _decode_one(self, record: ImageRecord):
+        """The DecodedImage of one record, or (record, reason, detail) when it cannot be decoded.
+
+        Thread-safe and metric-free (Beam counts only on the bundle's thread): `_output` makes the element.
+        """
         try:
             pixels = self._decode(record.data, self._spec)
         except self._error_cls as e:
-            yield _failed(record.id, record.uri, e.reason, exception_detail(e), Stage.DECODE)
-            return
+            return record, e.reason, exception_detail(e)
         except MemoryError:
             # A worker out of memory is not bad data: fail the bundle so the runner retries it elsewhere.
             raise
         except Exception as e:  # Decoders raise arbitrary types on hostile bytes; one file never kills the job.
-            yield _failed(record.id, record.uri, "decode_error", exception_detail(e), Stage.DECODE)
-            return
-        self._decoded.inc()
-        yield DecodedImage(record.id, record.uri, record.label, pixels)
+            return record, "decode_error", exception_detail(e)
+        return DecodedImage(record.id, record.uri, record.label, pixels)
+
+    def _output(self, out):
+        if isinstance(out, DecodedImage):
+            self._decoded.inc()
+            return out
+        record, reason, detail = out
+        return _failed(record.id, record.uri, reason, detail, Stage.DECODE)
+
+    def process(self, record: ImageRecord):
+        yield self._output(self._decode_one(record))
+
+
+# Images a decoder keeps in flight per DoFn instance: bounds the buffered pixels (~600 KB each at 224 px).
+_DECODE_AHEAD = 32
+
+
+class _ParallelDecodeFn(_DecodeFn):
+    """`_DecodeFn` on a small thread pool, so decoding uses every core between the encoder's batches.
+
+    Pillow releases the GIL while it decodes and resizes (measured: 1.74x on 2 cores for Fashion-MNIST PNGs),
+    but the local runner runs a fused stage's elements one after another on one thread. Each record is
+    decoded in the pool; results leave in input order, with their own element's timestamp and window, as soon
+    as the oldest is done (at most ``_DECODE_AHEAD`` wait), and the rest in ``finish_bundle``. A MemoryError
+    still fails the bundle.
+    """
+
+    def __init__(self, spec: PreprocessSpec, threads: int | None = None):
+        super().__init__(spec)
+        self._threads = threads
+
+    def setup(self):
+        super().setup()
+        import concurrent.futures  # pylint: disable=g-import-not-at-top
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self._threads or max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="vmem-decode")
+
+    def start_bundle(self):
+        import collections  # pylint: disable=g-import-not-at-top
+        self._pending = collections.deque()
+
+    def _emit(self):
+        from apache_beam.utils.windowed_value import WindowedValue  # pylint: disable=g-import-not-at-top
+        future, timestamp, window = self._pending.popleft()
+        out = self._output(future.result())  # Re-raises a MemoryError from the pool thread.
+        if isinstance(out, beam.pvalue.TaggedOutput):
+            yield beam.pvalue.TaggedOutput(out.tag, WindowedValue(out.value, timestamp, [window]))
+        else:
+            yield WindowedValue(out, timestamp, [window])
+
+    def process(self, record: ImageRecord, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
+        self._pending.append((self._pool.submit(self._decode_one, record), timestamp, window))
+        while self._pending and (len(self._pending) > _DECODE_AHEAD or self._pending[0][0].done()):
+            yield from self._emit()
+
+    def finish_bundle(self):
+        while self._pending:
+            yield from self._emit()
+
+    def teardown(self):
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 class DecodeImages(beam.PTransform):
@@ -98,7 +162,8 @@ class DecodeImages(beam.PTransform):
         self._spec = spec
 
     def expand(self, records):
-        results = records | "Decode" >> beam.ParDo(_DecodeFn(self._spec)).with_outputs(FAILED_TAG, main="images")
+        results = records | "Decode" >> beam.ParDo(_ParallelDecodeFn(self._spec)).with_outputs(
+            FAILED_TAG, main="images")
         return results.images, results[FAILED_TAG]
 
 

@@ -97,3 +97,44 @@ def test_memory_error_while_parsing_a_tfrecord_propagates():
     fn._example_cls = _Example
     with pytest.raises(MemoryError, match="huge example"):
         list(fn.process(("/x/train.tfrecord", b"serialized")))
+
+
+def test_parallel_decode_keeps_order_dead_letters_and_memory_errors(tmp_path):
+    """_ParallelDecodeFn (the DecodeImages stage) emits every record once, in input order, bad files as dead
+    letters, and fails the bundle on a MemoryError from its pool."""
+    import io
+
+    from PIL import Image
+
+    from pipelines.embed import _ParallelDecodeFn
+    from pipelines.records import DecodedImage
+
+    def png(v):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (v, v, v)).save(buf, format="PNG")
+        return buf.getvalue()
+    records = [ImageRecord(f"r{i:03d}", f"/x/{i}.png", "cat", png(i) if i % 7 else b"broken") for i in range(100)]
+    with TestPipeline(runner="FnApiRunner") as p:
+        images, failed = p | beam.Create(records) | DecodeImages(SPEC)
+        assert_that(images | beam.Map(lambda d: d.id), equal_to([r.id for r in records if r.data != b"broken"]),
+                    label="images")
+        assert_that(failed | beam.Map(lambda f: (f.id, f.stage)),
+                    equal_to([(r.id, "decode") for r in records if r.data == b"broken"]), label="failed")
+    from apache_beam.transforms.window import GlobalWindow
+    from apache_beam.utils.timestamp import Timestamp
+    fn = _ParallelDecodeFn(SPEC, threads=2)
+    fn.setup()
+    fn.start_bundle()
+    where = dict(timestamp=Timestamp(0), window=GlobalWindow())
+    out = [o for r in records[:20] for o in fn.process(r, **where)] + list(fn.finish_bundle())
+    ids = [(o.value.value.id if isinstance(o, beam.pvalue.TaggedOutput) else o.value.id) for o in out]
+    assert ids == [r.id for r in records[:20]]  # Input order.
+    assert all(isinstance(o.value, DecodedImage) for o in out if not isinstance(o, beam.pvalue.TaggedOutput))
+
+    def out_of_memory(data, spec):
+        raise MemoryError("no room for pixels")
+    fn._decode = out_of_memory
+    fn.start_bundle()
+    with pytest.raises(MemoryError, match="no room"):
+        [o for r in records[:3] for o in fn.process(r, **where)] + list(fn.finish_bundle())
+    fn.teardown()

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pipelines.cli_args import EXIT_USAGE, RaisingArgumentParser, UsageError
+from pipelines.cli_args import RaisingArgumentParser, UsageError, run_command
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 _CHUNK = 256
@@ -103,8 +103,7 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _run(argv: Sequence[str]) -> int:
-    args = build_parser().parse_args(list(argv))
+def _run(args) -> int:
     for name in ("min_agreement", "min_recall"):
         if not 0.0 < getattr(args, name) <= 1.0:
             raise UsageError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(args, name)}")
@@ -138,15 +137,9 @@ def _run(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        build_parser().print_help()
-        return 0
-    try:
-        return _run(argv)
-    except (UsageError, ValueError, FileNotFoundError) as e:
-        print(f"vmem tune: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    """Runs ``vmem tune``; 0 on success, 2 on a usage or input error (the message names the fix)."""
+    return run_command("vmem tune", build_parser(), _run, sys.argv[1:] if argv is None else list(argv),
+                       errors=(ValueError, FileNotFoundError))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,9 @@ def test_the_evaluate_job_searches_with_the_recorded_setting(tmp_path):
                                               "accuracy": 50.0},
                                    "criteria": {"rule": "rank", "k": 10}, "exact": {"accuracy": 50.0, "queries": 1}})
     m = read_manifest(root)
+    from pipelines.cli import describe
+    assert "search       leaves 0.01562, reorder 10 (vmem tune: votes agree with exact search on 99.00% of 1" \
+        in describe(m)
     fn = _SearchShardFn(root, m, 10, setting=default_setting(m))
     fn.setup()
     batch = QueryBatch(tuple(f"q{i}" for i in range(len(q))), ("c0",) * len(q), ("",) * len(q), q)

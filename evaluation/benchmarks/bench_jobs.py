@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     from evaluation.datasets import prepare_fashion_mnist
     from pipelines import build, evaluate
 
+    from evaluation.benchmarks.machine import describe as describe_machine  # pylint: disable=g-import-not-at-top
+    print(describe_machine(), flush=True)
     work = tempfile.mkdtemp(prefix="vmem-bench-")
     prepare_fashion_mnist(work, per_class=args.images // 10, test_per_class=args.queries // 10)
     train = os.path.join(work, "train")

@@ -690,6 +690,8 @@ def main(argv: Sequence[str] | None = None) -> list[ResultRow]:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    from evaluation.benchmarks.machine import describe as describe_machine  # pylint: disable=g-import-not-at-top
+    print(describe_machine(), flush=True)
     all_rows: list[ResultRow] = []
     t_total = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="vmem-bench-search-") as workdir:

@@ -61,6 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from memory.visual_memory import VisualMemory  # pylint: disable=g-import-not-at-top
     from pipelines.tune_cli import render  # pylint: disable=g-import-not-at-top
 
+    from evaluation.benchmarks.machine import describe as describe_machine  # pylint: disable=g-import-not-at-top
+    print(describe_machine(), flush=True)
     base = synthetic.structured_unit_vectors(args.n, args.dim, centres=args.centres, noise_ratio=args.noise_ratio,
                                              seed=args.seed)
     queries = synthetic.structured_unit_vectors(args.queries, args.dim, centres=args.centres,

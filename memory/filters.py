@@ -135,8 +135,12 @@ class RowAttributes:
     """What filters and crowding read of a block of entry rows: labels, class names, uris, metadata values.
 
     ``uris`` and ``metadata`` are callables so that they are read only when a filter or crowding needs them.
-    ``metadata(column)`` returns unicode [n] values ("" = no value).
+    ``metadata(column)`` returns unicode [n] values ("" = no value). Keep one instance per block of rows: it
+    memoises what it reads and derives (uris, metadata columns, each filter's admitted rows for the last
+    `MASK_CACHE` filters, crowding groups), which every query batch would otherwise recompute over all rows.
     """
+
+    MASK_CACHE = 8
 
     def __init__(self, labels: np.ndarray, class_names: Sequence[str], uris: Callable[[], np.ndarray],
                  metadata: Callable[[str], np.ndarray]):
@@ -144,15 +148,31 @@ class RowAttributes:
         self.class_names = tuple(class_names)
         self._uris = uris
         self._metadata = metadata
+        self._memo: dict[Any, np.ndarray] = {}
+        self._masks: dict[str, np.ndarray] = {}
+
+    def memo(self, key: Any, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        """``compute()``, once per key for this block of rows."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
     def uris(self) -> np.ndarray:
-        return self._uris()
+        return self.memo("uris", self._uris)
 
     def metadata(self, column: str) -> np.ndarray:
-        return self._metadata(column)
+        return self.memo(("metadata", column), lambda: self._metadata(column))
 
     def allowed(self, f: QueryFilter) -> np.ndarray:
         """bool [n]: rows ``f`` admits."""
+        key = f.key()
+        if key not in self._masks:
+            if len(self._masks) >= self.MASK_CACHE:
+                del self._masks[next(iter(self._masks))]
+            self._masks[key] = self._allowed(f)
+        return self._masks[key]
+
+    def _allowed(self, f: QueryFilter) -> np.ndarray:
         ok = np.ones(self.labels.shape, dtype=bool)
         if f.labels is not None:
             unknown = sorted(set(f.labels) - set(self.class_names))
@@ -244,7 +264,10 @@ class Crowding:
         return cls(c, by or "uri")
 
     def groups(self, attributes: RowAttributes) -> np.ndarray:
-        """unicode [n] group key of each row ("" = a group of its own)."""
+        """unicode [n] group key of each row ("" = a group of its own); computed once per block of rows."""
+        return attributes.memo(("groups", self.by), lambda: self._groups(attributes))
+
+    def _groups(self, attributes: RowAttributes) -> np.ndarray:
         if self.by.startswith("meta:"):
             return attributes.metadata(self.by[5:]).astype(str)
         uris = attributes.uris().astype(str)

@@ -219,6 +219,7 @@ class LoadedShard:
     class_names: tuple[str, ...] = ()
     metadata: object | None = None
     _live: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
+    _attributes: RowAttributes | None = dataclasses.field(default=None, init=False, repr=False)
 
     @classmethod
     def load(cls, root: str, info: ShardInfo, *, forgotten: np.ndarray | None = None,
@@ -260,7 +261,12 @@ class LoadedShard:
         return self._live[key]
 
     def attributes(self) -> RowAttributes:
-        """What filters and crowding read of this shard's rows."""
+        """What filters and crowding read of this shard's rows (one instance, so what it derives is kept)."""
+        if self._attributes is None:
+            self._attributes = self._make_attributes()
+        return self._attributes
+
+    def _make_attributes(self) -> RowAttributes:
         def uris():
             if self.uris is None:
                 raise ValueError(f"shard {self.name}: uri filters and crowding need the uris; load the shard with "

@@ -104,6 +104,7 @@ class VisualMemory:
         self._live_lock = threading.Lock()
         self._metadata = None  # memory.metadata.MetadataTable, read on the first metadata filter or crowding.
         self._metadata_values: dict[str, np.ndarray] = {}
+        self._row_attributes: dict[int | None, RowAttributes] = {}
         self._row_of_id: dict[str, int] | None = None
         self._embeddings: np.ndarray | None = None
         self._uris: np.ndarray | None = None
@@ -370,10 +371,13 @@ class VisualMemory:
             return cached
 
     def _attributes(self, s: int | None = None) -> RowAttributes:
-        """Labels, uris and metadata of shard s's rows (all rows for None), read on first need."""
-        lo, hi = (0, self._ids.size) if s is None else (int(self._offsets[s]), int(self._offsets[s + 1]))
-        return RowAttributes(self._labels[lo:hi], self.class_names, lambda: self._all_uris()[lo:hi],
-                             lambda column: self._metadata_column(column)[lo:hi])
+        """Labels, uris and metadata of shard s's rows (all rows for None), read on first need and kept."""
+        if s not in self._row_attributes:
+            lo, hi = (0, self._ids.size) if s is None else (int(self._offsets[s]), int(self._offsets[s + 1]))
+            self._row_attributes[s] = RowAttributes(self._labels[lo:hi], self.class_names,
+                                                    lambda: self._all_uris()[lo:hi],
+                                                    lambda column: self._metadata_column(column)[lo:hi])
+        return self._row_attributes[s]
 
     def _metadata_column(self, column: str) -> np.ndarray:
         with self._live_lock:

@@ -78,13 +78,6 @@ def thumbnail(data: bytes | None, max_px: int) -> bytes | None:
         return None
 
 
-def _read(uri: str) -> bytes | None:
-    try:
-        return read_image_bytes(uri)
-    except Exception:  # pylint: disable=broad-except  # e.g. a GCS permission error: not an OSError.
-        return None
-
-
 def _exception_types(*names: str) -> tuple[type, ...]:
     """Exception classes by "module.Name" (httpx2 is the client's default backend), those importable."""
     import importlib  # pylint: disable=g-import-not-at-top
@@ -264,11 +257,11 @@ class GeminiReranker:
         vote, labels = request.vote_label, request.labels
         if len(labels) < 2:
             return RerankOutcome(vote, SINGLE_LABEL)
-        raw = request.query_image if request.query_image is not None else _read(request.query_uri)
+        raw = request.query_image if request.query_image is not None else read_image_bytes(request.query_uri)
         query = thumbnail(raw, self.thumbnail_px)
         if query is None:
             return RerankOutcome(vote, NO_IMAGE, detail=f"query image unreadable: {request.query_uri or '<bytes>'}")
-        cands = [thumbnail(_read(c.uri), self.thumbnail_px) for c in request.candidates]
+        cands = [thumbnail(read_image_bytes(c.uri), self.thumbnail_px) for c in request.candidates]
         if all(c is None for c in cands):
             return RerankOutcome(vote, NO_IMAGE, detail=f"none of the {len(cands)} candidate images is readable")
         labels = shown(request, cands).labels  # Only labels with an example image on show are offered.

@@ -279,8 +279,8 @@ class RateLimiter:
     """At most ``per_second`` calls per second from this process (a token bucket of ``burst`` calls).
 
     ``per_second=None`` does not limit. Thread-safe; `acquire` sleeps until a token is free. A Beam job runs
-    one limiter per DoFn instance, so the job's rate is this times the workers' threads (pipelines/rerank.py
-    divides the job-wide limit by the worker count it is given).
+    one limiter per re-ranker instance on each worker, so the job's rate is up to this times the workers
+    (``--rerank-rate`` is per worker process).
     """
 
     def __init__(self, per_second: float | None, burst: int = 1, *, clock=time.monotonic, sleep=time.sleep):
@@ -329,6 +329,11 @@ def tally(outcome: RerankOutcome, vote_label: str, true_label: str) -> dict[str,
             "changed_to_wrong": int(changed and vote_ok), "reasons": {outcome.reason: 1}}
 
 
+def empty_tally() -> dict[str, Any]:
+    """The tally of no query (every count of `tally` at zero)."""
+    return {**{key: 0 for key in tally(RerankOutcome("", NOT_GATED), "", "")}, "reasons": {}}
+
+
 def add_tallies(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
     """The tally of two disjoint query sets (None is the empty tally)."""
     if a is None or b is None:
@@ -359,11 +364,10 @@ def summarize(outcomes: Sequence[RerankOutcome], vote_labels: Sequence[str], tru
     if not len(outcomes) == len(vote_labels) == len(true_labels):
         raise ValueError(f"{len(outcomes)} outcomes, {len(vote_labels)} votes, {len(true_labels)} true labels: "
                          "one per query")
-    total = None
+    total = empty_tally()
     for o, v, t in zip(outcomes, vote_labels, true_labels):
         total = add_tallies(total, tally(o, v, t))
-    return summary_of(total or {**tally(RerankOutcome("", NOT_GATED), "", ""), "queries": 0, "vote_correct": 0,
-                                "reranked_correct": 0, "changed": 0, "reasons": {}})
+    return summary_of(total)
 
 
 def env_api_key() -> str | None:

@@ -334,10 +334,8 @@ def empty_tally() -> dict[str, Any]:
     return {**{key: 0 for key in tally(RerankOutcome("", NOT_GATED), "", "")}, "reasons": {}}
 
 
-def add_tallies(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The tally of two disjoint query sets (None is the empty tally)."""
-    if a is None or b is None:
-        return b if a is None else a
+def add_tallies(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """The tally of two disjoint query sets."""
     out = {key: a[key] + b[key] for key in a if key != "reasons"}
     reasons = dict(a["reasons"])
     for reason, n in b["reasons"].items():

@@ -74,8 +74,8 @@ class RerankModelHandler(RemoteModelHandler):
     def request(self, batch: Sequence[Any], model, inference_args=None) -> Iterable[PredictionResult]:
         reranker, cache = model.reranker, model.cache
         prefetch = getattr(reranker, "prefetch", None)
-        if prefetch is not None:  # A local encoder embeds the batch's images together.
-            prefetch([r for _, r, _, _ in batch])
+        if prefetch is not None:  # A local encoder embeds the images of the batch's unanswered queries together.
+            prefetch([r for _, r, _, _ in batch if cache is None or cache.get(r.key(reranker.name)) is None])
         out = [PredictionResult(example, rerank_lib.rerank_cached(reranker, example[1], cache)) for example in batch]
         calls = sum(r.inference.calls for r in out)
         fallbacks = sum(r.inference.reason in rerank_lib.FALLBACK_REASONS for r in out)
@@ -108,19 +108,17 @@ def _vote_and_gate(batch, *, class_names: Sequence[str], rule: VotingRule, k: in
     out = []
     for i, (qid, q) in enumerate(batch):
         vote_label = str(names[vc.labels[i]])
-        if not send[i]:
-            out.append(("done", record(qid, q.label, vote_label, float(vc.margin[i]),
-                                       rerank_lib.RerankOutcome(vote_label, rerank_lib.NOT_GATED))))
-            continue
-        uris = q.neighbors.uris[0] if q.neighbors.uris is not None else np.full(labels.shape[1], "")
-        request = rerank_lib.make_request(qid, q.uri, names[labels[i]], uris, distances[i], vote_label=vote_label,
-                                          margin=float(vc.margin[i]), top_n=top_n)
-        if dry_run or len(request.labels) < 2:
-            reason = rerank_lib.DRY_RUN if dry_run and len(request.labels) >= 2 else rerank_lib.SINGLE_LABEL
+        request, reason = None, rerank_lib.NOT_GATED
+        if send[i]:
+            uris = q.neighbors.uris[0] if q.neighbors.uris is not None else np.full(labels.shape[1], "")
+            request = rerank_lib.make_request(qid, q.uri, names[labels[i]], uris, distances[i],
+                                              vote_label=vote_label, margin=float(vc.margin[i]), top_n=top_n)
+            reason = rerank_lib.SINGLE_LABEL if len(request.labels) < 2 else rerank_lib.DRY_RUN if dry_run else None
+        if reason is None:
+            out.append(("send", (qid, request, vote_label, q.label)))
+        else:
             out.append(("done", record(qid, q.label, vote_label, float(vc.margin[i]),
                                        rerank_lib.RerankOutcome(vote_label, reason))))
-        else:
-            out.append(("send", (qid, request, vote_label, q.label)))
     return out
 
 
@@ -132,20 +130,20 @@ def record(qid: str, true_label: str, vote_label: str, margin: float, outcome: r
 
 class _TallyFn(beam.CombineFn):
     def create_accumulator(self):
-        return None
+        return rerank_lib.empty_tally()
 
     def add_input(self, acc, rec):
         outcome = rerank_lib.RerankOutcome(rec["label"], rec["reason"], rec["calls"], cached=rec["cached"])
         return rerank_lib.add_tallies(acc, rerank_lib.tally(outcome, rec["vote_label"], rec["true_label"]))
 
     def merge_accumulators(self, accumulators):
-        out = None
+        out = rerank_lib.empty_tally()
         for a in accumulators:
             out = rerank_lib.add_tallies(out, a)
         return out
 
     def extract_output(self, acc):
-        return None if acc is None else rerank_lib.summary_of(acc)
+        return rerank_lib.summary_of(acc)
 
 
 class RerankStage(beam.PTransform):

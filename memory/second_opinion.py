@@ -75,7 +75,7 @@ class EncoderReranker:
         """Embeds the (key, bytes) images not cached yet; unreadable ones cache as None."""
         from encoders.preprocess import ImageDecodeError, decode_and_preprocess  # pylint: disable=g-import-not-at-top
         model, spec = self._model()
-        todo = [(key, data) for key, data in dict(items).items() if key not in self._cache]
+        todo = [(key, data) for key, data in items if key not in self._cache]
         pixels, keys = [], []
         for key, data in todo:
             try:
@@ -103,15 +103,18 @@ class EncoderReranker:
         return request.query_uri
 
     def prefetch(self, requests: Sequence[RerankRequest]) -> None:
-        """Embeds every image the requests need that is not cached, in encoder-sized batches."""
-        need: list[tuple[str, bytes | None]] = []
+        """Embeds every image the requests need that is not cached, in encoder-sized batches; each distinct
+        image is read once (the same memory entries recur among many queries' candidates)."""
+        need: dict[str, bytes | None] = {}
         for r in requests:
             key = self._query_key(r)
-            if key and key not in self._cache:
-                need.append((key, r.query_image if r.query_image is not None else read_image_bytes(r.query_uri)))
-            need += [(c.uri, read_image_bytes(c.uri)) for c in r.candidates if c.uri and c.uri not in self._cache]
+            if key and key not in self._cache and key not in need:
+                need[key] = r.query_image if r.query_image is not None else read_image_bytes(r.query_uri)
+            for c in r.candidates:
+                if c.uri and c.uri not in self._cache and c.uri not in need:
+                    need[c.uri] = read_image_bytes(c.uri)
         if need:
-            self._embed(need)
+            self._embed(list(need.items()))
 
     def rerank(self, request: RerankRequest) -> RerankOutcome:
         self.prefetch([request])

@@ -93,27 +93,21 @@ def publish_metadata(root: str, ids: Sequence[str], columns: Mapping[str, Sequen
       KeyError: listing ids that are not live. ValueError: bad shapes, names or duplicate ids.
       ConcurrentUpdateError.
     """
-    from memory.mutations import _base, live_ids  # pylint: disable=g-import-not-at-top  # (mutations -> scann)
+    from memory.mutations import _base, _str_array, check_unique_live  # pylint: disable=g-import-not-at-top  # (mutations -> scann)
     from memory.versions import publish_version  # pylint: disable=g-import-not-at-top
     base, m = _base(root, expected_version)
-    ids_arr = np.asarray([str(i) for i in ids], dtype=str)
+    ids_arr = _str_array(ids)
     if not columns:
         raise ValueError("no metadata columns given; pass at least one column besides the id")
     cols = {}
     for name, values in columns.items():
         if not isinstance(name, str) or not name or name == ID_COLUMN:
             raise ValueError(f"metadata column name {name!r}: must be a non-empty string other than {ID_COLUMN!r}")
-        arr = np.asarray(["" if v is None else str(v) for v in values], dtype=str)
+        arr = _str_array("" if v is None else v for v in values)
         if arr.shape != ids_arr.shape:
             raise ValueError(f"metadata column {name!r} has {arr.shape[0]} values for {ids_arr.shape[0]} ids")
         cols[name] = arr
-    uniq, n_of = np.unique(ids_arr, return_counts=True)
-    if (n_of > 1).any():
-        raise ValueError(f"duplicate ids in metadata: {uniq[n_of > 1][:10].tolist()}")
-    unknown = ids_arr[~np.isin(ids_arr, live_ids(root, version=base))]
-    if unknown.size:
-        raise KeyError(f"{unknown.size} id(s) not live in version {base}: {unknown[:10].tolist()}; nothing was "
-                       "published")
+    check_unique_live(root, base, ids_arr, what="metadata")
     old = None if replace else read_metadata(root, m)
     if old is not None:  # Merge: listed ids take the new values, every other row and column is kept.
         all_ids = np.union1d(old.ids, ids_arr)

@@ -169,6 +169,21 @@ def live_ids(root: str, *, version: int | None = None) -> np.ndarray:
     return np.sort(ids[~np.isin(ids, read_forgotten(root, m))])
 
 
+def check_unique_live(root: str, version: int, ids: np.ndarray, *, what: str) -> None:
+    """Refuses per-entry values (weights, metadata) for duplicate ids or ids not live in ``version``.
+
+    Raises:
+      ValueError: listing the duplicates. KeyError: listing the ids that are not live.
+    """
+    uniq, n_of = np.unique(ids, return_counts=True)
+    if (n_of > 1).any():
+        raise ValueError(f"duplicate ids in {what}: {_listed(uniq[n_of > 1])}")
+    unknown = ids[~np.isin(ids, live_ids(root, version=version))]
+    if unknown.size:
+        raise KeyError(f"{unknown.size} id(s) not live in version {version}: {_listed(unknown)}; nothing was "
+                       "published")
+
+
 def _base(root: str, expected_version: int | None) -> tuple[int, Manifest]:
     latest = latest_version(root)
     base = latest if expected_version is None else expected_version
@@ -409,12 +424,7 @@ def publish_entry_weights(root: str, *, ids: Sequence[str], weights: np.ndarray,
         raise ValueError(f"weights shape {w.shape} != ids shape {ids_arr.shape}; one weight per id")
     if not np.isfinite(w).all() or (w < 0).any():
         raise ValueError("weights must be finite and >= 0")
-    uniq, n_of = np.unique(ids_arr, return_counts=True)
-    if (n_of > 1).any():
-        raise ValueError(f"duplicate ids in weights: {_listed(uniq[n_of > 1])}")
-    unknown = ids_arr[~np.isin(ids_arr, live_ids(root, version=base))]
-    if unknown.size:
-        raise KeyError(f"{unknown.size} id(s) not live in version {base}: {_listed(unknown)}; nothing was published")
+    check_unique_live(root, base, ids_arr, what="weights")
     order = np.argsort(ids_arr, kind="stable")
     buf = io.BytesIO()
     np.savez(buf, ids=ids_arr[order], weights=w[order].astype(np.float32))

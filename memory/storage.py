@@ -334,3 +334,26 @@ def _download_blobs(blobs, prefix: str, local_dir: str) -> bool:
         os.makedirs(os.path.dirname(target), exist_ok=True)
         blob.download_to_filename(target, retry=_retry())
     return found
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+def list_image_folder(root: str) -> tuple[list[str], list[str]]:
+    """(image paths, class names) of a local ImageFolder ``root/CLASS/IMAGE``, sorted by path.
+
+    Raises:
+      FileNotFoundError: naming ``root``, when it is not a directory or holds no CLASS/IMAGE files.
+    """
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{root!r} is not a directory; pass an ImageFolder (CLASS/IMAGE files), "
+                                "e.g. data/fashion-mnist/test from `vmem prepare-data`")
+    paths, labels = [], []
+    for cls in sorted(e.name for e in os.scandir(root) if e.is_dir()):
+        for name in sorted(os.listdir(os.path.join(root, cls))):
+            if name.lower().endswith(IMAGE_SUFFIXES):
+                paths.append(os.path.join(root, cls, name))
+                labels.append(cls)
+    if not paths:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root!r}/CLASS/")
+    return paths, labels

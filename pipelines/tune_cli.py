@@ -15,7 +15,6 @@ recall@k >= --min-recall, for comparison. Nothing here imports Beam.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -24,7 +23,6 @@ import numpy as np
 
 from pipelines.cli_args import RaisingArgumentParser, UsageError, run_command
 
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 _CHUNK = 256
 
 
@@ -44,20 +42,6 @@ def build_parser() -> RaisingArgumentParser:
     return p
 
 
-def _image_folder(directory: str) -> tuple[list[str], list[str]]:
-    paths, labels = [], []
-    for cls in sorted(os.listdir(directory)):
-        sub = os.path.join(directory, cls)
-        if os.path.isdir(sub):
-            for name in sorted(os.listdir(sub)):
-                if name.lower().endswith(_IMAGE_SUFFIXES):
-                    paths.append(os.path.join(sub, name))
-                    labels.append(cls)
-    if not paths:
-        raise UsageError(f"--queries {directory!r}: no CLASS/IMAGE files found (expected an ImageFolder)")
-    return paths, labels
-
-
 def load_queries(memory, spec: str, max_queries: int) -> tuple[np.ndarray, np.ndarray]:
     """(embeddings [n, dim], label indices [n]; -1 for classes the memory lacks) of at most max_queries."""
     if spec.startswith("clip:"):
@@ -68,9 +52,11 @@ def load_queries(memory, spec: str, max_queries: int) -> tuple[np.ndarray, np.nd
         take = np.linspace(0, len(block) - 1, min(max_queries, len(block))).round().astype(int)
         names, emb = block.labels[take].tolist(), block.embeddings[take]
     else:
-        if not os.path.isdir(spec):
-            raise UsageError(f"--queries {spec!r} is neither a directory nor clip:DIR")
-        paths, names = _image_folder(spec)
+        from memory.storage import list_image_folder  # pylint: disable=g-import-not-at-top
+        try:
+            paths, names = list_image_folder(spec)
+        except FileNotFoundError as e:
+            raise UsageError(f"--queries: {e} (or pass clip:DIR)") from None
         take = np.linspace(0, len(paths) - 1, min(max_queries, len(paths))).round().astype(int)
         paths, names = [paths[i] for i in take], [names[i] for i in take]
         parts, start = [], time.monotonic()

@@ -62,7 +62,6 @@ RESULTS_JSON = "storage_results.json"
 _NPY_HEADER = 128
 # Query images decoded and preprocessed per embed_images call: 224x224x3 float32 pixels are 0.6 MB each.
 _EMBED_CHUNK = 256
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
 class MemoryEntries(NamedTuple):
@@ -285,22 +284,6 @@ def markdown_table(report: StorageReport) -> str:
     return "\n".join(lines)
 
 
-def list_image_folder(root: str) -> tuple[list[str], list[str]]:
-    """(image paths, class names) of a local ImageFolder ``root/CLASS/IMAGE``, sorted by path."""
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"--images {root!r} is not a directory; pass an ImageFolder (CLASS/IMAGE files), "
-                                "e.g. data/fashion-mnist/test from `vmem prepare-data`")
-    paths, labels = [], []
-    for cls in sorted(e.name for e in os.scandir(root) if e.is_dir()):
-        for name in sorted(os.listdir(os.path.join(root, cls))):
-            if name.lower().endswith(_IMAGE_SUFFIXES):
-                paths.append(os.path.join(root, cls, name))
-                labels.append(cls)
-    if not paths:
-        raise FileNotFoundError(f"no images ({', '.join(_IMAGE_SUFFIXES)}) under {root!r}/CLASS/")
-    return paths, labels
-
-
 def embed_query_images(memory_root: str, paths: Sequence[str]) -> np.ndarray:
     """Embeds image files with the memory's own encoder and preprocessing (`VisualMemory.embed_images`)."""
     memory = VisualMemory.open(memory_root)
@@ -325,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         t0 = time.perf_counter()
         entries = read_memory_entries(args.memory)
-        paths, labels = list_image_folder(args.images)
+        paths, labels = storage.list_image_folder(args.images)
         queries = embed_query_images(args.memory, paths)
         t1 = time.perf_counter()
         report = measure_storage(entries, queries, labels, k=args.k, work_dir=work)

@@ -148,3 +148,23 @@ def test_ah_training_iterations_reach_scann():
     index = ShardIndex.build(x, IndexConfig(kind=IndexKind.TREE_AH, ah_training_iterations=3))
     assert "max_clustering_iterations: 3" in index._searcher.config()
     assert index.config.ah_training_iterations == 3
+
+
+def test_avq_and_soar_validated_and_reach_scann():
+    for field in ("avq", "soar_lambda"):
+        for bad in (0, -1.0, float("nan"), True, "2"):
+            with pytest.raises(ValueError, match=field):
+                IndexConfig(**{field: bad})
+    assert IndexConfig().avq == 2.5 and IndexConfig().soar_lambda is None
+    assert IndexConfig(avq=None).to_dict()["avq"] is None
+    x, q = clustered(3000, 16, centres=20, noise=0.5, seed=5, nq=50)
+    plain = ShardIndex.build(x, IndexConfig(kind=IndexKind.TREE_AH, avq=None))
+    tuned = ShardIndex.build(x, IndexConfig(kind=IndexKind.TREE_AH, avq=3.0, soar_lambda=1.5))
+    assert "avq" not in plain._searcher.config() and "database_spilling" not in plain._searcher.config()
+    text = tuned._searcher.config()
+    assert "avq: 3" in text and "orthogonality_amplification_lambda: 1.5" in text
+    # A spilled entry sits in two leaves; a query probing both must still get it once, at its true distance.
+    idx, dist = tuned.with_search_params(leaves_to_search=tuned.num_leaves_to_search).search(q, 10)
+    assert all(len(set(row.tolist())) == 10 for row in idx)
+    np.testing.assert_allclose(dist, 1.0 - np.einsum("qd,qkd->qk", q, x[idx]), atol=1e-5)
+    assert recall_at_k(idx, q, x, 10) >= 0.9

@@ -2,7 +2,8 @@
 
     python -m evaluation.benchmarks.bench_search [--n 1000000] [--dim 256] [--queries 1000] [--shards 4] \
         [--datasets structured,gaussian] [--real-embeddings FILE.npy|MEMORY[,...]] [--leaves-factors 0.5,1] \
-        [--threads 1] [--memory-sharding hash,partition]
+        [--threads 1,2] [--target-recalls 0.95,0.98,0.99,0.999] [--memory-sharding hash,partition] \
+        [--avq default|none|X] [--soar-lambda default|none|X]
 
 For each dataset one table, all methods measured in this one process on the same query batch:
 
@@ -24,14 +25,17 @@ For each dataset one table, all methods measured in this one process on the same
    ``faiss hnsw``: HNSW32 (only up to ``--hnsw-max-n`` points; its build on 1M x 256 takes too long here).
 
 Each approximate method sweeps its search-time knob (leaves probed and re-rank depth, nprobe and k_factor,
-efSearch) from cheap to expensive; every sweep row is printed and the fastest row reaching
-recall@k >= ``--target-recall`` is the method's headline. QPS is the best of ``--repeats`` timings of the
-whole query batch. A final "targets" block compares the structured-data figures with the project targets.
+efSearch) from cheap to expensive until it reaches the highest of ``--target-recalls``; every sweep row is
+printed, then a frontier table per thread count: each method's fastest setting at each recall level. QPS is
+the best of ``--repeats`` timings of the whole query batch. A final "targets" block per dataset gives the
+project targets' verdicts at every level and thread count (memory routed >= 1.1x faiss IVF-PQ + refine;
+sharded memories within 20% of one index; ScaNN >= 50x exact numpy at the lowest level).
 
-Thread policy (printed): ``--threads T`` (default 1) search threads for every index method: the unsharded
+Thread policy (printed): ``--threads T1,T2`` (default 1 and all cores) search threads for every index method,
+every setting timed at each: the unsharded
 ScaNN index splits the query batch into T chunks searched at once (``ShardIndex.search`` ->
 ``search_batched``; ScaNN releases the GIL), the memory searches T shards at once
-(``VisualMemory.open(search_threads=T)``), faiss gets ``omp_set_num_threads(T)``. numpy's matmul uses
+(``VisualMemory.with_search_params(threads=T)``), faiss gets ``omp_set_num_threads(T)``. numpy's matmul uses
 every BLAS thread, so the baseline gets at least as many cores as the indexes: ratios are conservative.
 
 Sweeps tune the built indexes in place through ``ShardIndex.with_search_params`` and
@@ -44,7 +48,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
-import enum
 import math
 import os
 import sys
@@ -55,60 +58,24 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from evaluation.benchmarks import synthetic
+from evaluation.benchmarks.search_report import (K, Method, ResultRow, format_frontier, format_table,
+                                                 format_targets, mark_best)
 
-K = 10
 # Searched fractions of the partitions (ScaNN leaves, faiss IVF lists), cheap to expensive. Going to 1.0
 # lets the sweep reach high recall even on unclustered data, where partitions barely prune.
 LEAF_FRACTIONS = (0.002, 0.003, 0.004, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.2, 0.35, 0.6, 1.0)
 # Candidates re-scored exactly (unsharded ScaNN reorder, faiss k_factor * k).
-REORDERS = (50, 60, 75, 90, 100, 125, 150, 200, 400, 1000, 2000)
+REORDERS = (50, 60, 75, 90, 100, 125, 150, 200, 300, 400, 1000, 2000)
 # Per-shard re-rank depth of the sharded memory: each shard holds ~1/S of a query's true neighbours, so
 # it needs a shallower re-rank than one big index; S shards x depth is the total exact work.
-SHARD_REORDERS = (15, 20, 25, 30, 50, 75, 100, 200, 500)
+SHARD_REORDERS = (15, 20, 25, 30, 50, 75, 100, 150, 200, 300, 500)
 # Router centroids per query (routed memory): each value is swept like the other knobs.
 ROUTE_PROBES = (1, 2, 4, 8)
 HNSW_EF = (16, 32, 64, 128, 256, 512, 1024)
 DATASETS = ("structured", "gaussian")
-_PLATEAU = 0.002
+TARGET_RECALLS = (0.95, 0.98, 0.99, 0.999)
+_PLATEAU = 0.0005
 _EXTRA_LEVEL_MAX_S = 1.0
-# Targets (from the project brief) checked on the structured dataset.
-TARGET_SPEEDUP = 50.0
-TARGET_SHARDED_SLOWDOWN = 0.20
-
-
-class Method(enum.Enum):
-    """The search methods compared."""
-    EXACT = "exact numpy"
-    SCANN = "scann"
-    MEMORY = "memory"
-    MEMORY_ROUTED = "memory routed"
-    FAISS_IVFPQ_FS = "faiss ivfpq-fs"
-    FAISS_HNSW = "faiss hnsw"
-
-
-@dataclasses.dataclass(frozen=True)
-class ResultRow:
-    """One measured configuration.
-
-    Attributes:
-      dataset: Dataset name.
-      method: Which method.
-      params: Build and search parameters, human readable.
-      build_s: Seconds to build the index (shared by every sweep row of one method; 0 for exact).
-      qps: Queries per second (best of repeats over the whole batch).
-      recall: recall@K against exact ground truth.
-      speedup: qps / the exact numpy method's qps on the same dataset.
-      selected: True for the method's headline row: the fastest reaching the target recall (always True
-        for exact). A method with no row reaching the target has no selected row.
-    """
-    dataset: str
-    method: Method
-    params: str
-    build_s: float
-    qps: float
-    recall: float
-    speedup: float
-    selected: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,8 +96,8 @@ class Settings:
     shards: int
     seed: int
     repeats: int
-    target_recall: float
-    threads: int
+    target_recalls: tuple[float, ...]
+    threads: tuple[int, ...]
     build_threads: int
     leaves_factors: tuple[float, ...]
     training_sample: int
@@ -138,6 +105,8 @@ class Settings:
     centres: int
     noise_ratio: float
     memory_shardings: tuple[str, ...] = ("hash", "partition")
+    avq: float | None = None
+    soar_lambda: float | None = None
 
 
 # --------------------------------------------------------------------------------------------- exact
@@ -268,33 +237,43 @@ def best_seconds(fn: Callable[[], object], *, repeats: int) -> tuple[float, obje
 @dataclasses.dataclass(frozen=True)
 class _Trial:
     params: str
+    threads: int
     qps: float
     recall: float
 
 
-def _sweep(levels: Sequence[Sequence[tuple[str, Callable[[], np.ndarray]]]], data: Dataset,
-           settings: Settings) -> list[_Trial]:
-    """Measures knob settings grouped in levels of increasing cost (e.g. leaves probed).
+# A sweep setting: (params, search(threads) -> found row indices [nq, K]).
+Setting = tuple[str, Callable[[int], np.ndarray]]
+
+
+def _sweep(levels: Sequence[Sequence[Setting]], data: Dataset, settings: Settings) -> list[_Trial]:
+    """Measures knob settings grouped in levels of increasing cost (e.g. leaves probed), at every thread count.
 
     Within a level the settings are ordered by cost too (e.g. re-rank depth) and the level stops at the
-    first one reaching the target or gaining less than _PLATEAU recall over the previous one. The sweep
-    stops one level after the first level that reached the target (right there when that level already
-    took over _EXTRA_LEVEL_MAX_S per batch): beyond that every setting only probes more, so it cannot be the
-    fastest at the target.
+    first one reaching the highest target recall or gaining less than _PLATEAU recall over the previous one
+    (a deeper re-rank cannot find what the probed partitions do not hold). The sweep stops one level after
+    the first level that reached the highest target (right there when that level already took over
+    _EXTRA_LEVEL_MAX_S per batch): beyond that every setting only probes more, so it cannot be the fastest
+    at any target. Recall does not depend on the thread count; each setting is timed at each of
+    ``settings.threads``.
     """
+    top = max(settings.target_recalls)
     trials: list[_Trial] = []
     reached_at = None
     for li, level in enumerate(levels):
-        previous, secs = -1.0, 0.0
+        previous, secs, recall = -1.0, 0.0, 0.0
         for params, search in level:
-            secs, found = best_seconds(search, repeats=settings.repeats)
-            recall = synthetic.recall_at_k(found, data.true_ids)
-            trials.append(_Trial(params, data.queries.shape[0] / secs, recall))
-            # A deeper re-rank cannot find what the probed partitions do not hold: stop once it stops helping.
-            if recall >= settings.target_recall or recall - previous < _PLATEAU:
+            recall = None
+            for threads in settings.threads:
+                secs, found = best_seconds(lambda search=search, threads=threads: search(threads),
+                                           repeats=settings.repeats)
+                if recall is None:
+                    recall = synthetic.recall_at_k(found, data.true_ids)
+                trials.append(_Trial(params, threads, data.queries.shape[0] / secs, recall))
+            if recall >= top or recall - previous < _PLATEAU:
                 break
             previous = recall
-        if reached_at is None and trials[-1].recall >= settings.target_recall:
+        if reached_at is None and recall >= top:
             reached_at = li
             if secs > _EXTRA_LEVEL_MAX_S:
                 break  # Near-exhaustive probing (unclustered data): the next level cannot be faster.
@@ -304,11 +283,9 @@ def _sweep(levels: Sequence[Sequence[tuple[str, Callable[[], np.ndarray]]]], dat
 
 
 def _rows(data: Dataset, method: Method, trials: list[_Trial], *, build_s: float, exact_qps: float,
-          target: float, build_params: str) -> list[ResultRow]:
-    passing = [t for t in trials if t.recall >= target]
-    best = max(passing, key=lambda t: t.qps) if passing else None
+          build_params: str) -> list[ResultRow]:
     return [ResultRow(dataset=data.name, method=method, params=f"{build_params}; {t.params}", build_s=build_s,
-                      qps=t.qps, recall=t.recall, speedup=t.qps / exact_qps, selected=t is best)
+                      threads=t.threads, qps=t.qps, recall=t.recall, speedup=t.qps / exact_qps)
             for t in trials]
 
 
@@ -331,20 +308,23 @@ def _scann_config(n: int, s: Settings, factor: float):
     # quantizers are trained alike.
     return IndexConfig(kind=IndexKind.TREE_AH, num_leaves=leaves, num_leaves_to_search=max(1, leaves // 50),
                        reorder=100, dims_per_block=2, anisotropic_quantization_threshold=0.2,
-                       training_sample_size=min(n, s.training_sample), ah_training_iterations=25)
+                       training_sample_size=min(n, s.training_sample), ah_training_iterations=25,
+                       avq=s.avq, soar_lambda=s.soar_lambda)
 
 
 def _config_str(cfg) -> str:
     return (f"leaves={cfg.num_leaves} train={cfg.training_sample_size} dpb={cfg.dims_per_block} "
-            f"aq={cfg.anisotropic_quantization_threshold} it={cfg.ah_training_iterations}")
+            f"aq={cfg.anisotropic_quantization_threshold} it={cfg.ah_training_iterations} avq={cfg.avq} "
+            f"soar={cfg.soar_lambda} dtype={cfg.embedding_dtype}")
 
 
 def run_exact(data: Dataset, s: Settings) -> ResultRow:
     secs, found = best_seconds(lambda: exact_topk(data.base, data.queries, K), repeats=s.repeats)
     qps = data.queries.shape[0] / secs
     return ResultRow(dataset=data.name, method=Method.EXACT, params="block=65536 (matmul + partition)",
-                     build_s=0.0, qps=qps, recall=synthetic.recall_at_k(found, data.true_ids), speedup=1.0,
-                     selected=True)
+                     build_s=0.0, threads=os.cpu_count() or 1, qps=qps,
+                     recall=synthetic.recall_at_k(found, data.true_ids), speedup=1.0,
+                     best_at=tuple(s.target_recalls))
 
 
 def run_scann(data: Dataset, s: Settings, exact_qps: float) -> list[ResultRow]:
@@ -363,19 +343,12 @@ def run_scann(data: Dataset, s: Settings, exact_qps: float) -> list[ResultRow]:
             for reorder in REORDERS:
                 tuned = index.with_search_params(leaves_to_search=leaves, reorder=reorder)
                 level.append((f"search {leaves} leaves, reorder {reorder}",
-                              lambda tuned=tuned: _split_search(tuned, data.queries, s.threads)))
+                              lambda threads, tuned=tuned: _split_search(tuned, data.queries, threads)))
             levels.append(level)
         rows += _rows(data, Method.SCANN, _sweep(levels, data, s), build_s=build_s, exact_qps=exact_qps,
-                      target=s.target_recall, build_params=_config_str(cfg))
+                      build_params=_config_str(cfg))
         del index
-    return _select_fastest(rows, s.target_recall)
-
-
-def _select_fastest(rows: list[ResultRow], target: float) -> list[ResultRow]:
-    """Re-marks ``selected`` over rows of several builds of one method: the fastest reaching the target."""
-    passing = [r for r in rows if r.recall >= target]
-    best = max(passing, key=lambda r: r.qps) if passing else None
-    return [dataclasses.replace(r, selected=r is best) for r in rows]
+    return mark_best(rows, s.target_recalls)
 
 
 def run_memory(data: Dataset, s: Settings, exact_qps: float, workdir: str, *, sharding: str = "hash"
@@ -406,13 +379,16 @@ def run_memory(data: Dataset, s: Settings, exact_qps: float, workdir: str, *, sh
                        num_shards=s.shards, index_config=cfg, sharding=sharding,
                        encoder_identity={"name": "synthetic", "content_hash": "none", "dim": data.base.shape[1],
                                          "preprocess": {}})
-    memory = VisualMemory.open(root, search_threads=s.threads)
+    memory = VisualMemory.open(root, search_threads=1)
     build_s = time.perf_counter() - start
+    # One view per thread count, made once: tuned views below share its search pool.
+    by_threads = {t: memory.with_search_params(threads=t) for t in s.threads}
     counts = [info.count for info in memory.manifest.shards]
     routed = memory.router is not None
     trials = []
     for probes in ROUTE_PROBES if routed else (None,):
-        view = memory if probes is None else memory.with_search_params(route_probes=probes)
+        views = {t: m if probes is None else m.with_search_params(route_probes=probes) for t, m in by_threads.items()}
+        view = views[s.threads[0]]
         route = "" if probes is None else (
             f"route {probes} ({view.router.route(data.queries, probes).sum(axis=1).mean():.2f} shards/query), ")
         levels = []
@@ -421,16 +397,17 @@ def run_memory(data: Dataset, s: Settings, exact_qps: float, workdir: str, *, sh
             level = []
             for reorder in SHARD_REORDERS:
                 # Same fraction of every shard's own leaves (shards differ slightly in size and leaf count).
-                tuned = view.with_search_params(leaves_fraction=fraction, reorder=reorder)
+                tuned = {t: v.with_search_params(leaves_fraction=fraction, reorder=reorder) for t, v in views.items()}
                 level.append((f"{route}search {frac_leaves}/{cfg.num_leaves} leaves/shard, reorder {reorder}/shard",
-                              lambda tuned=tuned: _memory_rows(tuned.search(data.queries, K).ids)))
+                              lambda threads, tuned=tuned: _memory_rows(tuned[threads].search(data.queries, K).ids)))
             levels.append(level)
         trials += _sweep(levels, data, s)
     build_params = f"{s.shards} shards of {min(counts)}-{max(counts)}, per shard {_config_str(cfg)}"
     if routed:
         build_params = f"{sharding}: {memory.router.centroids.shape[0]} router centroids, {build_params}"
-    return _rows(data, Method.MEMORY_ROUTED if routed else Method.MEMORY, trials, build_s=build_s,
-                 exact_qps=exact_qps, target=s.target_recall, build_params=build_params)
+    rows = _rows(data, Method.MEMORY_ROUTED if routed else Method.MEMORY, trials, build_s=build_s,
+                 exact_qps=exact_qps, build_params=build_params)
+    return mark_best(rows, s.target_recalls)
 
 
 def _split_search(index, queries: np.ndarray, threads: int) -> np.ndarray:
@@ -464,7 +441,6 @@ def run_faiss_ivfpq(data: Dataset, s: Settings, exact_qps: float) -> list[Result
         index.train(train)
         index.add(data.base)
         build_s = time.perf_counter() - start
-        faiss.omp_set_num_threads(s.threads)
         ivf = faiss.extract_index_ivf(index)
         refine = faiss.downcast_index(index)
         levels = []
@@ -473,7 +449,8 @@ def run_faiss_ivfpq(data: Dataset, s: Settings, exact_qps: float) -> list[Result
             for reorder in REORDERS:
                 k_factor = max(1, reorder // K)
 
-                def search(nprobe=nprobe, k_factor=k_factor, ivf=ivf, refine=refine):
+                def search(threads, nprobe=nprobe, k_factor=k_factor, ivf=ivf, refine=refine):
+                    faiss.omp_set_num_threads(threads)
                     ivf.nprobe = nprobe
                     refine.k_factor = k_factor
                     return refine.search(data.queries, K)[1]
@@ -481,9 +458,9 @@ def run_faiss_ivfpq(data: Dataset, s: Settings, exact_qps: float) -> list[Result
                 level.append((f"nprobe {nprobe}, k_factor {k_factor}", search))
             levels.append(level)
         rows += _rows(data, Method.FAISS_IVFPQ_FS, _sweep(levels, data, s), build_s=build_s, exact_qps=exact_qps,
-                      target=s.target_recall, build_params=f"{factory} train={train.shape[0]}")
+                      build_params=f"{factory} train={train.shape[0]}")
         del index, ivf, refine
-    return _select_fastest(rows, s.target_recall)
+    return mark_best(rows, s.target_recalls)
 
 
 def run_faiss_hnsw(data: Dataset, s: Settings, exact_qps: float) -> list[ResultRow]:
@@ -494,16 +471,16 @@ def run_faiss_hnsw(data: Dataset, s: Settings, exact_qps: float) -> list[ResultR
     start = time.perf_counter()
     index.add(data.base)
     build_s = time.perf_counter() - start
-    faiss.omp_set_num_threads(s.threads)
     levels = []
     for ef in HNSW_EF:
-        def search(ef=ef):
+        def search(threads, ef=ef):
+            faiss.omp_set_num_threads(threads)
             index.hnsw.efSearch = ef
             return index.search(data.queries, K)[1]
         levels.append([(f"efSearch {ef}", search)])
     trials = _sweep(levels, data, s)
-    return _rows(data, Method.FAISS_HNSW, trials, build_s=build_s, exact_qps=exact_qps, target=s.target_recall,
-                 build_params=f"HNSW32 efConstruction={index.hnsw.efConstruction}")
+    return mark_best(_rows(data, Method.FAISS_HNSW, trials, build_s=build_s, exact_qps=exact_qps,
+                           build_params=f"HNSW32 efConstruction={index.hnsw.efConstruction}"), s.target_recalls)
 
 
 def per_query_floor_us(dim: int, *, seed: int = 0, repeats: int = 3) -> float:
@@ -519,68 +496,6 @@ def per_query_floor_us(dim: int, *, seed: int = 0, repeats: int = 3) -> float:
                                                reorder=10))
     secs, _ = best_seconds(lambda: index.search(queries, K), repeats=repeats)
     return secs / queries.shape[0] * 1e6
-
-
-# --------------------------------------------------------------------------------------------- report
-
-
-def format_table(rows: Sequence[ResultRow], *, title: str) -> str:
-    """Markdown table; the headline (selected) rows are marked with '*'."""
-    lines = [title, "",
-             f"| method | params | build s | QPS | recall@{K} | QPS / exact-numpy QPS |",
-             "|---|---|---:|---:|---:|---:|"]
-    for r in rows:
-        mark = " *" if r.selected else ""
-        lines.append(f"| {r.method.value}{mark} | {r.params} | {r.build_s:.1f} | {r.qps:,.0f} | "
-                     f"{r.recall:.3f} | {r.speedup:.1f}x |")
-    return "\n".join(lines)
-
-
-def headline(rows: Sequence[ResultRow], method: Method) -> ResultRow | None:
-    """The selected row of a method (None when no setting reached the target recall)."""
-    return next((r for r in rows if r.method is method and r.selected), None)
-
-
-def format_targets(rows: Sequence[ResultRow], *, target_recall: float, dataset: str = "structured",
-                   floor_us: float | None = None, shards: int | None = None) -> str:
-    """The PASS/MISS block for the project targets, on one dataset's rows."""
-    rows = [r for r in rows if r.dataset == dataset]
-    scann = headline(rows, Method.SCANN)
-    faiss_best = max((r for r in rows if r.selected and r.method in (Method.FAISS_IVFPQ_FS, Method.FAISS_HNSW)),
-                     key=lambda r: r.qps, default=None)
-
-    def verdict(ok: bool) -> str:
-        return "PASS" if ok else "MISS"
-
-    lines = [f"targets ({dataset}, recall@{K} >= {target_recall}):"]
-    if scann is None:
-        lines.append(f"  scann >= {TARGET_SPEEDUP:.0f}x exact numpy QPS: no ScaNN setting reached the recall: MISS")
-    else:
-        lines.append(f"  scann >= {TARGET_SPEEDUP:.0f}x exact numpy QPS: {scann.speedup:.1f}x "
-                     f"({scann.qps:,.0f} QPS, recall {scann.recall:.3f}): {verdict(scann.speedup >= TARGET_SPEEDUP)}")
-    if scann is None or faiss_best is None:
-        lines.append("  scann QPS >= best faiss QPS at the recall: not measurable (a method missed the recall): MISS"
-                     if scann is None else "  scann QPS >= best faiss QPS: no faiss setting reached the recall: PASS")
-    else:
-        lines.append(f"  scann QPS >= best faiss QPS: {scann.qps:,.0f} vs {faiss_best.qps:,.0f} "
-                     f"({faiss_best.method.value}): {verdict(scann.qps >= faiss_best.qps)}")
-    for method, what in ((Method.MEMORY, "hash-sharded memory"), (Method.MEMORY_ROUTED, "partition-routed memory")):
-        if not any(r.method is method for r in rows):
-            continue
-        memory = headline(rows, method)
-        if scann is None or memory is None:
-            lines.append(f"  {what} <= {TARGET_SHARDED_SLOWDOWN:.0%} slower than one index: "
-                         "a method missed the recall: MISS")
-            continue
-        slower = 1.0 - memory.qps / scann.qps
-        lines.append(f"  {what} <= {TARGET_SHARDED_SLOWDOWN:.0%} slower than one index: "
-                     f"{slower:+.1%} ({memory.qps:,.0f} vs {scann.qps:,.0f} QPS): "
-                     f"{verdict(slower <= TARGET_SHARDED_SLOWDOWN)}")
-    if floor_us is not None and scann is not None and shards:
-        lines.append(f"  ScaNN fixed cost per query and searcher: {floor_us:.0f} us (10,000-point index); "
-                     f"{shards} shards searched one after another pay >= {shards * floor_us:.0f} us/query "
-                     f"against {1e6 / scann.qps:.0f} us/query for the whole unsharded search")
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -607,9 +522,12 @@ def run_dataset(data: Dataset, s: Settings, workdir: str, *, log: Callable[[str]
             continue
         start = time.perf_counter()
         new = fn()
-        best = headline(new, method)
-        log(f"  {method.value}: {time.perf_counter() - start:.0f} s incl. build {new[0].build_s:.0f} s; "
-            + (f"fastest at target {best.qps:,.0f} QPS" if best else "target recall not reached"))
+        best = ", ".join(
+            f"{t:g}: " + "/".join(f"{r.qps:,.0f}" for r in sorted((r for r in new if t in r.best_at),
+                                                                   key=lambda r: r.threads)) or "-"
+            for t in s.target_recalls)
+        log(f"  {method.value}: {time.perf_counter() - start:.0f} s incl. build {new[0].build_s:.0f} s; fastest QPS "
+            f"at {best} (threads {'/'.join(map(str, s.threads))})")
         rows.extend(new)
     return rows
 
@@ -621,9 +539,40 @@ def _threads_note(s: Settings) -> str:
         blas = "BLAS"
     env = {v: os.environ[v] for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS") if v in os.environ}
     blas = f"{blas}, " + (f"threads set by {env}" if env else f"default threads = all {os.cpu_count()} cores")
-    return (f"threads: numpy BLAS {blas}; search {s.threads} for every index (ScaNN: query chunks; memory: "
-            f"shards at once; faiss: omp_set_num_threads), faiss build {s.build_threads}; ScaNN training: its "
+    threads = ", ".join(str(t) for t in s.threads)
+    return (f"threads: numpy BLAS {blas}; search threads {threads} for every index, each setting timed at each "
+            f"(ScaNN: query chunks; memory: shards at once; faiss: omp_set_num_threads), faiss build {s.build_threads}; ScaNN training: its "
             "default pool")
+
+
+def _parse_list(parser: argparse.ArgumentParser, flag: str, value: str, kind: type, ok: Callable[[float], bool]
+                ) -> list:
+    try:
+        items = [kind(v) for v in value.split(",") if v]
+    except ValueError:
+        items = []
+    if not items or not all(ok(v) for v in items):
+        parser.error(f"{flag} must be a comma-separated list of valid {kind.__name__}s, got {value!r}")
+    return items
+
+
+def _parse_optional(parser: argparse.ArgumentParser, flag: str, value: str, default: float | None) -> float | None:
+    if value == "default":
+        return default
+    if value == "none":
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not number > 0:
+        parser.error(f"{flag} must be a number > 0, 'none' or 'default', got {value!r}")
+    return number
+
+
+def _default_config():
+    from memory.index import IndexConfig  # pylint: disable=g-import-not-at-top
+    return IndexConfig()
 
 
 def main(argv: Sequence[str] | None = None) -> list[ResultRow]:
@@ -640,9 +589,17 @@ def main(argv: Sequence[str] | None = None) -> list[ResultRow]:
                              "comma-separated and concatenated; --queries rows are held out at random")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="timings per setting; the best is reported")
-    parser.add_argument("--target-recall", type=float, default=0.95)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="search threads for every index method (ScaNN, the memory, faiss)")
+    parser.add_argument("--target-recalls", default=",".join(f"{t:g}" for t in TARGET_RECALLS),
+                        help="comma-separated recall@10 levels; each method's fastest setting at each is reported "
+                             "and the sweeps run until the highest is reached")
+    parser.add_argument("--threads", default=f"1,{os.cpu_count() or 1}",
+                        help="comma-separated search thread counts for every index method (ScaNN, the memory, "
+                             "faiss); every setting is timed at each (default: 1 and all cores)")
+    parser.add_argument("--avq", default="default",
+                        help="ScaNN tree AVQ for the one index and the memories: a number, 'none', or 'default' "
+                             "(memory.index.IndexConfig's default)")
+    parser.add_argument("--soar-lambda", default="default",
+                        help="ScaNN SOAR spilling lambda: a number, 'none', or 'default' (IndexConfig's default)")
     parser.add_argument("--build-threads", type=int, default=os.cpu_count() or 1,
                         help="faiss build threads (ScaNN training picks its own)")
     parser.add_argument("--leaves-factors", default="0.5,1",
@@ -659,12 +616,15 @@ def main(argv: Sequence[str] | None = None) -> list[ResultRow]:
     args = parser.parse_args(argv)
     for flag, value, low in (("--n", args.n, K + 1), ("--dim", args.dim, 1), ("--queries", args.queries, 1),
                              ("--shards", args.shards, 1), ("--repeats", args.repeats, 1),
-                             ("--threads", args.threads, 1), ("--build-threads", args.build_threads, 1),
+                             ("--build-threads", args.build_threads, 1),
                              ("--training-sample", args.training_sample, 16)):
         if value < low:
             parser.error(f"{flag} must be >= {low}, got {value}")
-    if not 0.0 < args.target_recall <= 1.0:
-        parser.error(f"--target-recall must be in (0, 1], got {args.target_recall}")
+    targets = _parse_list(parser, "--target-recalls", args.target_recalls, float, lambda t: 0.0 < t <= 1.0)
+    threads = _parse_list(parser, "--threads", args.threads, int, lambda t: t >= 1)
+    avq, soar = (_parse_optional(parser, flag, value, default) for flag, value, default in
+                 (("--avq", args.avq, _default_config().avq),
+                  ("--soar-lambda", args.soar_lambda, _default_config().soar_lambda)))
     try:
         factors = tuple(float(f) for f in args.leaves_factors.split(",") if f)
     except ValueError:
@@ -681,7 +641,8 @@ def main(argv: Sequence[str] | None = None) -> list[ResultRow]:
     if any(m not in ("hash", "partition") for m in shardings):
         parser.error(f"--memory-sharding must list hash and/or partition, got {args.memory_sharding!r}")
     s = Settings(n=args.n, dim=args.dim, queries=args.queries, shards=args.shards, seed=args.seed,
-                 repeats=args.repeats, target_recall=args.target_recall, threads=args.threads,
+                 repeats=args.repeats, target_recalls=tuple(sorted(set(targets))),
+                 threads=tuple(dict.fromkeys(threads)), avq=avq, soar_lambda=soar,
                  build_threads=args.build_threads, leaves_factors=factors,
                  training_sample=args.training_sample,
                  hnsw_max_n=args.hnsw_max_n, centres=args.centres, noise_ratio=args.noise_ratio,
@@ -703,14 +664,17 @@ def main(argv: Sequence[str] | None = None) -> list[ResultRow]:
             rows = run_dataset(data, s, workdir, log=log)
             all_rows.extend(rows)
             n, d = data.base.shape
-            print(format_table(rows, title=(
-                f"\n{name}: n={n:,} d={d} queries={data.queries.shape[0]} k={K}, best of {s.repeats}; "
-                f"'*' = fastest setting with recall@{K} >= {s.target_recall}")), flush=True)
+            title = f"{name}: n={n:,} d={d} queries={data.queries.shape[0]} k={K}, best of {s.repeats}"
+            print(format_table(rows, title=f"\n{title}; every sweep row ('best at': the target recalls where it "
+                                           "is its method's fastest at its thread count)"), flush=True)
+            print(format_frontier(rows, targets=s.target_recalls, threads=s.threads,
+                                  title=f"\n{title}: fastest setting of each method at each recall@{K} level"))
             del data
     print()
     print(_threads_note(s))
-    if "structured" in names:
-        print(format_targets(all_rows, target_recall=s.target_recall, floor_us=per_query_floor_us(s.dim),
+    for name in names:
+        print(format_targets(all_rows, targets=s.target_recalls, threads=s.threads, dataset=name,
+                             floor_us=per_query_floor_us(s.dim) if name == "structured" else None,
                              shards=s.shards))
     print(f"total wall time {time.perf_counter() - t_total:.0f} s")
     return all_rows

@@ -9,7 +9,7 @@ import io
 import numpy as np
 import pytest
 
-from evaluation.benchmarks import bench_search, synthetic
+from evaluation.benchmarks import bench_search, search_data, synthetic
 from tests.conftest import brute_force_topk
 
 TINY = ["--n", "5000", "--dim", "32", "--queries", "100", "--shards", "4", "--datasets", "structured",
@@ -98,14 +98,14 @@ def test_exact_topk_matches_float64_oracle_across_blocks():
     expected, _ = brute_force_topk(base, queries, 10)
     # Block sizes that do not divide n and smaller than k exercise the cross-block merge.
     for block in (7, 128, 1000, 4096):
-        got = bench_search.exact_topk(base, queries, 10, block=block)
+        got = search_data.exact_topk(base, queries, 10, block=block)
         np.testing.assert_array_equal(got, expected)
 
 
 def test_exact_topk_handles_ties():
     base = np.zeros((50, 4), dtype=np.float32)
     base[:, 0] = 1.0  # Every row scores the same: ties broken by ascending row.
-    got = bench_search.exact_topk(base, np.eye(4, dtype=np.float32)[:2], 10, block=16)
+    got = search_data.exact_topk(base, np.eye(4, dtype=np.float32)[:2], 10, block=16)
     np.testing.assert_array_equal(got, np.tile(np.arange(10), (2, 1)))
 
 
@@ -180,14 +180,14 @@ def test_load_embeddings_from_npy_and_memory_skips_forgotten(tmp_path):
     forget(root, ids=["e03", "e17"])
     npy = str(tmp_path / "extra.npy")
     np.save(npy, x[:5])
-    got = bench_search.load_embeddings(f"{root},{npy}")
+    got = search_data.load_embeddings(f"{root},{npy}")
     assert got.shape == (38 + 5, 32)
     live = {tuple(np.round(r, 5)) for i, r in enumerate(x) if ids[i] not in ("e03", "e17")}
     assert {tuple(np.round(r, 5)) for r in got[:38]} == live
     np.testing.assert_array_equal(got[38:], x[:5])
     with pytest.raises(ValueError, match="one d"):
         np.save(str(tmp_path / "bad.npy"), np.zeros((3, 7), np.float32))
-        bench_search.load_embeddings(f"{npy},{tmp_path / 'bad.npy'}")
+        search_data.load_embeddings(f"{npy},{tmp_path / 'bad.npy'}")
 
 
 def test_per_query_floor_is_positive_and_reported(tiny_run):

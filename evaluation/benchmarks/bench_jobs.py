@@ -7,7 +7,8 @@ Prints images/s of (a) the encoder alone on already-preprocessed batches (the ce
 preprocess alone, (c) the whole `vmem build` job (read files, decode, RunInference, normalise, shard,
 ScaNN, manifest) on the local runner, (d) the whole `vmem evaluate` job (read, decode, embed, fan out to
 shards, merge top-100, write neighbours, vote, report), the ratios (c)/(a) and (d)/(a), and peak RSS.
-(a) and (c) are the best of ``--repeats`` runs each: on a shared 2-core machine single runs vary by +-30%.
+(a), (c) and (d) are the best of ``--repeats`` runs each (the same for both sides of each ratio): on a shared
+2-core machine single runs vary by +-30%.
 TensorFlow is imported before any timing, so neither side pays for it.
 """
 
@@ -29,7 +30,7 @@ def _peak_rss_mb() -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=2000, help="Fashion-MNIST training images (multiple of 10)")
-    parser.add_argument("--repeats", type=int, default=2, help="best of this many runs for (a) and (c)")
+    parser.add_argument("--repeats", type=int, default=2, help="best of this many runs for (a), (c) and (d)")
     parser.add_argument("--queries", type=int, default=500, help="Fashion-MNIST test images (multiple of 10)")
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=64, help="batch size of the raw-encoder baseline")
@@ -82,10 +83,12 @@ def main(argv=None) -> int:
 
     test = os.path.join(work, "test")
     n_queries = sum(len(fs) for _, _, fs in os.walk(test))
-    t0 = time.perf_counter()
-    evaluate.run(["--memory", out, "--images", test, "--output", os.path.join(work, "eval"), "--k-max", "100",
-                  *args.beam_args.split()])
-    eval_s = time.perf_counter() - t0
+    eval_s = float("inf")
+    for i in range(args.repeats):
+        t0 = time.perf_counter()
+        evaluate.run(["--memory", out, "--images", test, "--output", os.path.join(work, f"eval-{i}"), "--k-max",
+                      "100", *args.beam_args.split()])
+        eval_s = min(eval_s, time.perf_counter() - t0)
 
     n = len(files)
     raw_rate, job_rate, eval_rate = n / raw_s, n / job_s, n_queries / eval_s

@@ -116,7 +116,8 @@ def _verdict(ok: bool) -> str:
 
 def format_targets(rows: Sequence[ResultRow], *, targets: Sequence[float], threads: Sequence[int],
                    dataset: str = "structured", floor_us: float | None = None, shards: int | None = None) -> str:
-    """The PASS/MISS block of the project targets on one dataset's rows, one line per target and threads."""
+    """The PASS/MISS block of the project targets on one dataset's rows: the ScaNN line, then a table with one
+    row per (threads, target recall)."""
     rows = [r for r in rows if r.dataset == dataset]
     lines = [f"targets ({dataset}, recall@{K}):"]
     low = min(targets)
@@ -127,19 +128,18 @@ def format_targets(rows: Sequence[ResultRow], *, targets: Sequence[float], threa
         lines.append(f"  scann >= {TARGET_SPEEDUP:.0f}x exact numpy at {low:g} ({min(threads)} thread): "
                      f"{scann_low.speedup:.1f}x ({scann_low.qps:,.0f} QPS): "
                      f"{_verdict(scann_low.speedup >= TARGET_SPEEDUP)}")
-    methods = {m for m in (r.method for r in rows)}
-    columns = []
-    if Method.MEMORY_ROUTED in methods and Method.FAISS_IVFPQ_FS in methods:
-        columns.append(f"memory routed / faiss IVF-PQ+refine (>= {TARGET_VS_FAISS:.1f}x)")
-    for method, what in ((Method.MEMORY, "hash-sharded"), (Method.MEMORY_ROUTED, "partition-routed")):
-        if method in methods and Method.SCANN in methods:
-            columns.append(f"{what} memory vs one index (<= {TARGET_SHARDED_SLOWDOWN:.0%} slower)")
+    methods = {r.method for r in rows}
+    vs_faiss = Method.MEMORY_ROUTED in methods and Method.FAISS_IVFPQ_FS in methods
+    sharded = [(m, what) for m, what in ((Method.MEMORY, "hash-sharded"), (Method.MEMORY_ROUTED, "partition-routed"))
+               if m in methods and Method.SCANN in methods]
+    columns = ([f"memory routed / faiss IVF-PQ+refine (>= {TARGET_VS_FAISS:.1f}x)"] if vs_faiss else []) + [
+        f"{what} memory vs one index (<= {TARGET_SHARDED_SLOWDOWN:.0%} slower)" for _, what in sharded]
     if columns:
         lines += ["", "| recall@10 | threads | " + " | ".join(columns) + " |", "|---:|---:|" + "---|" * len(columns)]
     for t in threads:
         for x in targets:
             cells = []
-            if Method.MEMORY_ROUTED in methods and Method.FAISS_IVFPQ_FS in methods:
+            if vs_faiss:
                 mine, faiss = headline(rows, Method.MEMORY_ROUTED, x, t), headline(rows, Method.FAISS_IVFPQ_FS, x, t)
                 if mine is None:
                     cells.append("memory never reached it: MISS")
@@ -150,9 +150,7 @@ def format_targets(rows: Sequence[ResultRow], *, targets: Sequence[float], threa
                     cells.append(f"{ratio:.2f}x ({mine.qps:,.0f} vs {faiss.qps:,.0f}): "
                                  f"{_verdict(ratio >= TARGET_VS_FAISS)}")
             one = headline(rows, Method.SCANN, x, t)
-            for method in (Method.MEMORY, Method.MEMORY_ROUTED):
-                if method not in methods or Method.SCANN not in methods:
-                    continue
+            for method, _ in sharded:
                 memory = headline(rows, method, x, t)
                 if one is None or memory is None:
                     cells.append("a method never reached it: MISS")

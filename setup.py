@@ -20,6 +20,7 @@ setuptools.setup(
         "tensorflow-cpu>=2.20,<2.21",
         "scann==1.4.2",
         "numpy>=2.0,<3",
+        "threadpoolctl>=3.1,<4",  # one BLAS thread inside VisualMemory.search (memory/shard_search.py)
         "google-cloud-storage>=3.0,<4",
         "pillow>=10",
         "matplotlib>=3.8",

@@ -14,7 +14,10 @@ tombstoned rows are skipped exactly (`search_live_rows`, shared with VisualMemor
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import os
+import threading
 from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -118,6 +121,82 @@ class PartialTopK(NamedTuple):
 
     def row(self, i: int) -> "PartialTopK":
         return PartialTopK(*(None if a is None else a[i:i + 1] for a in self))
+
+
+class _OneThreadBlas:
+    """Context manager: numpy's BLAS on one thread while any search is inside it (re-entrant across threads).
+
+    After each call OpenBLAS's worker threads keep spinning for a while, on the very cores the search threads
+    need: measured on the 1M x 256 routed benchmark memory (2 cores), two search threads answered 30,700
+    queries/s with the router's matmul on two BLAS threads and 44,400 with it on one (one search thread:
+    28,100). The first search in sets the limit and the last one out restores it, so concurrent searches from
+    several caller threads cannot leave BLAS limited. OpenBLAS's thread count is process-wide, and threadpoolctl
+    lets one thread at a time control it (a limit set or restored from any other thread is silently ignored),
+    so both are done on one dedicated thread here, whichever caller thread enters first or leaves last. A
+    caller that holds its own threadpoolctl limit keeps control: this then changes nothing.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._inside = 0
+        self._limiter = None
+        self._control: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def _on_control_thread(self, fn):
+        if self._control is None:
+            self._control = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vmem-blas-limit")
+        return self._control.submit(fn).result()
+
+    def __enter__(self):
+        with self._lock:
+            if self._inside == 0:
+                self._limiter = self._on_control_thread(_limit_blas_to_one_thread)
+            self._inside += 1
+        return self
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._inside -= 1
+            if self._inside == 0:
+                limiter, self._limiter = self._limiter, None
+                self._on_control_thread(lambda: limiter.__exit__(None, None, None))
+
+    def _after_fork_in_child(self):
+        # The control thread does not survive a fork: the child starts with no limit held and no thread.
+        self._lock, self._inside, self._limiter, self._control = threading.Lock(), 0, None, None
+
+
+def _limit_blas_to_one_thread():
+    from threadpoolctl import ThreadpoolController  # pylint: disable=g-import-not-at-top
+    # Only BLAS pools on pthreads (numpy's OpenBLAS) are process-wide. OpenMP-threaded ones (faiss's bundled
+    # OpenBLAS, MKL) take per-thread limits that would bind the control thread alone; searches never use them.
+    blas = ThreadpoolController().select(user_api="blas").select(threading_layer="pthreads")
+    return blas.limit(limits=1).__enter__()
+
+
+one_thread_blas = _OneThreadBlas()
+os.register_at_fork(after_in_child=one_thread_blas._after_fork_in_child)  # pylint: disable=protected-access
+
+# Below this many queries per thread a batch is not split into query chunks (each chunk's ScaNN calls would
+# get too few queries to amortise their per-call cost); its shards are searched in parallel instead.
+MIN_CHUNK_QUERIES = 64
+
+
+def search_in_chunks(search: Callable[[int, int], tuple[np.ndarray, np.ndarray]], nq: int, threads: int,
+                     executor: Callable[[], concurrent.futures.Executor]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Rows and distances of queries [0, nq) searched as ``threads`` contiguous chunks on ``executor()``.
+
+    ``search(start, stop)`` answers one chunk end to end (route, search its shards one after another, merge).
+    Splitting the batch by queries instead of by shards keeps every thread busy whatever the routing (four
+    routed shards of unequal load on two threads leave one idle) and runs routing and merging in parallel
+    too. Returns None when the batch is too small to split (fewer than MIN_CHUNK_QUERIES per thread): the
+    caller then searches it whole, shards in parallel.
+    """
+    if threads < 2 or nq < threads * MIN_CHUNK_QUERIES:
+        return None
+    bounds = np.linspace(0, nq, threads + 1).astype(int)
+    parts = list(executor().map(search, bounds[:-1].tolist(), bounds[1:].tolist()))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def empty_partial(nq: int, k: int, *, weighted: bool = False, with_uris: bool = False,

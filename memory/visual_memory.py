@@ -30,9 +30,10 @@ from memory.index import ShardIndex
 from memory.manifest import Manifest, ManifestError
 from memory.merge import merge_topk
 from memory.mutations import read_entry_weights, read_forgotten, row_weights
-from memory.routing import Router, read_router, search_mask
+from memory.routing import Router, check_route_ratio, read_router, search_mask
 from memory.tuning import tuned_index
-from memory.shard_search import FILTER_INDEX_CACHE, build_live_index, search_live_rows
+from memory.shard_search import (FILTER_INDEX_CACHE, build_live_index, one_thread_blas, search_in_chunks,
+                                 search_live_rows)
 from memory.shard import load_shard_index, read_shard_embeddings, read_shard_entries, verify_shard
 from memory.vectors import l2_normalize
 from memory.versions import latest_version, read_version
@@ -87,6 +88,7 @@ class VisualMemory:
         # Partition-routed memories send each query only to the main shards its nearest centroids route it to.
         self._router = router
         self._route_probes: int | None = None
+        self._route_ratio: float | None = None
         self._manifest = manifest
         self._indices = list(indices)
         self._ids = ids
@@ -126,8 +128,10 @@ class VisualMemory:
           path: Memory root (the directory holding versions/ and manifest.json), local or ``gs://``.
           version: A version number to open instead of the latest (see `memory.versions.history`).
           verify: Recompute every shard's checksum against the manifest (reads all embeddings).
-          search_threads: Shards searched at once by `search` (ScaNN releases the GIL, so shards run in
-            parallel); None -> one per CPU, at most one per shard; 1 -> one after another.
+          search_threads: Threads `search` uses (ScaNN releases the GIL): a batch of at least 64 queries per
+            thread is split into that many query chunks, each routed, searched and merged on its own thread;
+            a smaller one has its shards searched in parallel. None -> one per CPU, at most one per shard;
+            1 -> one thread.
           search_defaults: Search with the setting `vmem tune` recorded in the manifest, if any (False: the
             build's own setting).
           load_encoder: Load the query encoder now and run it once (serving: the first image query then pays
@@ -184,17 +188,29 @@ class VisualMemory:
         self.embed_images([np.zeros((32, 32, 3), dtype=np.uint8)])  # Preprocessing resizes it.
 
     def with_search_params(self, *, leaves_fraction: float | None = None, reorder: int | None = None,
-                           threads: int | None = None, route_probes: int | None = None) -> VisualMemory:
+                           threads: int | None = None, route_probes: int | None = None,
+                           route_ratio: float | None = None) -> VisualMemory:
         """A view of this memory whose tree+AH shards probe another fraction of their leaves / re-rank more.
 
         Shares every loaded index (nothing is copied or rebuilt); brute-force shards are unaffected. Use it to
         trade recall for speed on a built memory (see evaluation/benchmarks/bench_search.py). ``threads``
-        sets how many shards are searched at once (see `open`); None keeps this memory's setting.
+        sets how many threads search (see `open`); None keeps this memory's setting.
         ``route_probes`` (partition-routed memories only) sets how many nearest router centroids pick the
         main shards a query visits; None keeps the current setting (the router's default at first).
+        ``route_ratio`` switches a routed memory to distance-ratio routing instead (`memory.routing.Router.route`:
+        a query visits every main shard whose nearest centroid is at most that many times as far as its nearest
+        centroid); passing ``route_probes`` switches back.
         """
         if leaves_fraction is not None and not 0.0 < leaves_fraction <= 1.0:
             raise ValueError(f"leaves_fraction must be in (0, 1], got {leaves_fraction}")
+        if route_probes is not None and route_ratio is not None:
+            raise ValueError(f"pass route_probes ({route_probes!r}) or route_ratio ({route_ratio!r}), not both: "
+                             "they are two routing rules")
+        if route_ratio is not None:
+            if self._router is None:
+                raise ValueError("route_ratio applies to partition-routed memories only; this memory is hash-sharded "
+                                 "(every query visits every shard). Build with --sharding partition to route.")
+            route_ratio = check_route_ratio(route_ratio)
         if route_probes is not None:
             if self._router is None:
                 raise ValueError("route_probes applies to partition-routed memories only; this memory is hash-sharded "
@@ -203,7 +219,9 @@ class VisualMemory:
                 raise ValueError(f"route_probes must be an int >= 1, got {route_probes!r}")
         view = copy.copy(self)
         if route_probes is not None:
-            view._route_probes = int(route_probes)
+            view._route_probes, view._route_ratio = int(route_probes), None
+        if route_ratio is not None:
+            view._route_ratio = route_ratio
         view._indices = [None if ix is None else tuned_index(ix, leaves_fraction, reorder) for ix in self._indices]
         if threads is not None:
             view._search_threads = _resolve_threads(threads, sum(ix is not None for ix in self._indices))
@@ -223,8 +241,13 @@ class VisualMemory:
         return self._router.probes if self._route_probes is None else self._route_probes
 
     @property
+    def route_ratio(self) -> float | None:
+        """The distance ratio of distance-ratio routing, or None (probes routing, or a hash-sharded memory)."""
+        return self._route_ratio
+
+    @property
     def search_threads(self) -> int:
-        """How many shards `search` searches at once."""
+        """How many threads `search` uses (see `open`)."""
         return self._search_threads
 
     def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
@@ -291,11 +314,11 @@ class VisualMemory:
         q = l2_normalize(q) if q.shape[0] else q.astype(np.float32)
         per_query = as_filters(filters, q.shape[0])
         if crowding is None:
-            gidx, dist = self._search_rows(q, int(k), per_query)
+            gidx, dist = self._search_batch(q, int(k), per_query)
         else:
             groups = crowding.groups(self._attributes())
             gidx, dist = crowded_search(
-                lambda rows, n: self._search_rows(q[rows], n, [per_query[i] for i in rows.tolist()]),
+                lambda rows, n: self._search_batch(q[rows], n, [per_query[i] for i in rows.tolist()]),
                 q.shape[0], int(k), lambda rows: groups[rows], crowding.max_per_group, len(self))
         valid = gidx >= 0
         safe = np.maximum(gidx, 0)
@@ -307,12 +330,24 @@ class VisualMemory:
             weights = np.where(valid, self._row_weights[safe], np.float32(1.0)).astype(np.float32)
         return SearchResult(ids=ids, labels=labels, distances=dist, weights=weights)
 
-    def _search_rows(self, q: np.ndarray, k: int, filters: list[QueryFilter | None]
+    def _search_batch(self, q: np.ndarray, k: int, filters: list[QueryFilter | None]
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """`_search_rows` of a batch, split into one query chunk per search thread when it is large enough."""
+        # search_threads bounds every thread a search runs, numpy's BLAS (the router's matmul) included: spinning
+        # OpenBLAS workers would take the cores of the search threads.
+        with one_thread_blas:
+            chunked = search_in_chunks(lambda a, b: self._search_rows(q[a:b], k, filters[a:b], parallel=False),
+                                       q.shape[0], self._search_threads, self._executor)
+            return self._search_rows(q, k, filters) if chunked is None else chunked
+
+    def _search_rows(self, q: np.ndarray, k: int, filters: list[QueryFilter | None], *, parallel: bool = True
                      ) -> tuple[np.ndarray, np.ndarray]:
-        """Global rows and distances [nq, k] of unit queries' top-k live (and admitted) entries."""
-        nq = q.shape[0]
+        """Global rows and distances [nq, k] of unit queries' top-k live (and admitted) entries (shards
+        searched in parallel when ``parallel``)."""
         # Which shards each query visits: all of them, or (partition-routed) the routed main shards + deltas.
-        visit = search_mask(self._router, q, [ix is not None for ix in self._indices], probes=self._route_probes)
+        visit = search_mask(self._router, q, [ix is not None for ix in self._indices], probes=self._route_probes,
+                            ratio=self._route_ratio)
+        nq = q.shape[0]
         filtered = any(f is not None for f in filters)
 
         def search_shard(s: int) -> tuple[np.ndarray, np.ndarray]:
@@ -340,7 +375,7 @@ class VisualMemory:
             return glob, dist
 
         shards = [s for s, index in enumerate(self._indices) if index is not None and visit[:, s].any()]
-        if self._search_threads > 1 and len(shards) > 1 and nq:
+        if parallel and self._search_threads > 1 and len(shards) > 1 and nq:
             partials = list(self._executor().map(search_shard, shards))
         else:
             partials = [search_shard(s) for s in shards]

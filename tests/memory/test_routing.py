@@ -106,6 +106,34 @@ def test_route_matches_brute_force_owners_of_the_nearest_centroids():
         Router(centroids=cents, owners=owners, num_shards=4, probes=3)
 
 
+def test_ratio_route_visits_the_shards_within_the_distance_ratio_of_the_nearest_centroid():
+    rng = np.random.default_rng(3)
+    cents = _unit(rng.normal(size=(40, DIM)))
+    owners = rng.integers(0, 5, 40).astype(np.int32)
+    owners[:5] = np.arange(5)
+    router = Router(centroids=cents, owners=owners, num_shards=5, probes=3)
+    q = _unit(rng.normal(size=(60, DIM)))
+    dist = 1.0 - q @ cents.T
+    for ratio in (1.0, 1.05, 1.3, 2.0):
+        routed = router.route(q, ratio=ratio)
+        for i in range(60):  # Brute force: shard s's nearest centroid against the nearest overall.
+            want = {s for s in range(5) if dist[i, owners == s].min() <= ratio * dist[i].min() * (1 + 1e-6)}
+            got = set(np.flatnonzero(routed[i]).tolist())
+            assert want - got <= {s for s in want if abs(dist[i, owners == s].min() - ratio * dist[i].min()) < 1e-5}
+            assert got - want <= {s for s in got if abs(dist[i, owners == s].min() - ratio * dist[i].min()) < 1e-5}
+    # Ratio 1 is the nearest centroid's shard (probes 1); a larger ratio only adds shards.
+    np.testing.assert_array_equal(router.route(q, ratio=1.0), router.route(q, probes=1))
+    assert (router.route(q, ratio=1.3) >= router.route(q, ratio=1.05)).all()
+    assert router.route(q, probes=1, ratio=100.0).all()  # The ratio rule wins over probes.
+    assert router.route(q[:0], ratio=1.2).shape == (0, 5)
+    for bad in (0.99, 0, float("nan"), float("inf"), True, "1.2"):
+        with pytest.raises(ValueError, match="route ratio must be a number >= 1"):
+            router.route(q, ratio=bad)
+    mask = search_mask(router, q, [True, True, False, True, True, True], ratio=1.3)
+    np.testing.assert_array_equal(mask[:, 5], True)  # The delta shard is searched regardless.
+    assert not mask[:, 2].any()
+
+
 def test_search_mask_routes_main_shards_searches_deltas_and_never_loses_a_query():
     cents = np.eye(DIM, dtype=np.float32)[:4]
     router = Router(centroids=cents, owners=np.arange(4, dtype=np.int32), num_shards=4, probes=1)
@@ -206,6 +234,19 @@ def test_routed_search_visits_fewer_shards_and_keeps_recall(tmp_path):
         hashed.with_search_params(route_probes=2)
     with pytest.raises(ValueError, match="route_probes must be"):
         memory.with_search_params(route_probes=0)
+    # Distance-ratio routing: near-probes-1 cost, recall at least probes 1's; route_probes switches back.
+    by_ratio = memory.with_search_params(route_ratio=1.2)
+    assert by_ratio.route_ratio == 1.2 and memory.route_ratio is None
+    assert memory.router.route(q, ratio=1.2).sum(axis=1).mean() < 2.0
+    ratio_found = by_ratio.search(q, 10).ids
+    assert np.mean([len(set(ratio_found[i]) & set(truth[i])) / 10 for i in range(200)]) >= 0.95
+    assert by_ratio.with_search_params(route_probes=3).route_ratio is None
+    with pytest.raises(ValueError, match="not both"):
+        memory.with_search_params(route_probes=2, route_ratio=1.2)
+    with pytest.raises(ValueError, match="hash-sharded"):
+        hashed.with_search_params(route_ratio=1.2)
+    with pytest.raises(ValueError, match="route ratio must be"):
+        memory.with_search_params(route_ratio=0.5)
 
 
 def test_forget_and_purge_keep_the_router(tmp_path):

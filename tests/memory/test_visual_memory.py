@@ -8,6 +8,7 @@ import pytest
 
 from memory import IndexConfig, IndexKind, SearchResult, VisualMemory
 from memory.build import build_memory_local
+from memory.filters import QueryFilter
 from memory.manifest import MANIFEST_NAME, ManifestError, read_manifest
 from memory.shard import ShardData, read_shard_data, write_shard
 from tests.memory.helpers import ENCODER, assert_exact_topk, clustered, recall_at_k
@@ -103,6 +104,27 @@ def test_parallel_shard_search_equals_sequential(built):
     np.testing.assert_array_equal(got, a.ids)
     with pytest.raises(ValueError, match="search_threads"):
         VisualMemory.open(str(root), search_threads=0)
+
+
+def test_query_chunked_search_equals_one_thread(built):
+    """A batch of >= 64 queries per thread is split into query chunks (memory.shard_search.search_in_chunks):
+    each chunk routes, searches and merges on its own thread; the answer must not change, per-query
+    filters included (each chunk gets its own queries' filters)."""
+    root, _, (_, _, _, _, q) = built[4]
+    rng = np.random.default_rng(3)
+    many = np.concatenate([q, q[rng.integers(0, len(q), 240)] + 0.05 * rng.standard_normal((240, D))])
+    filters = [QueryFilter(labels=(CLASSES[i % 4],)) if i % 3 else None for i in range(len(many))]
+    seq = VisualMemory.open(str(root), search_threads=1)
+    want, want_f = seq.search(many, K), seq.search(many, K, filters=filters)
+    for threads in (2, 4):  # 300 queries: 150 or 75 per chunk.
+        par = seq.with_search_params(threads=threads)
+        got, got_f = par.search(many, K), par.search(many, K, filters=filters)
+        np.testing.assert_array_equal(got.ids, want.ids)
+        np.testing.assert_array_equal(got.distances, want.distances)
+        np.testing.assert_array_equal(got_f.ids, want_f.ids)
+    # The filters reached each chunk's own queries: a filtered query's neighbours all carry its label.
+    labels = seq.label_names(want_f.labels)
+    assert all((labels[i] == CLASSES[i % 4]).all() for i in range(len(many)) if i % 3)
 
 
 def test_tree_ah_memory_recall(tmp_path):

@@ -29,9 +29,12 @@ if TYPE_CHECKING:
 
 LEAF_FRACTIONS = (1 / 256, 1 / 128, 1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
 REORDER_FACTORS = (1, 2, 4, 10, 20, 50)   # x k
-ROUTE_PROBES = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
+ROUTE_PROBES = (1, 2, 4, 8, 16, 64)
+# Distance-ratio routing (memory.routing.Router.route): visits fewer shards than probes at equal coverage.
+ROUTE_RATIOS = (1.05, 1.1, 1.2, 1.3, 1.5)
 
 
+_KNOBS = ("leaves_fraction", "reorder", "route_probes", "route_ratio")
 _MEASURED = ("qps", "recall", "agreement", "accuracy")  # A Trial dict's measurements (not settings).
 
 
@@ -41,6 +44,7 @@ class SearchSetting:
     leaves_fraction: float | None = None
     reorder: int | None = None
     route_probes: int | None = None
+    route_ratio: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -50,11 +54,11 @@ class SearchSetting:
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)} - {"tuned", *_MEASURED}
         if unknown:
             raise ValueError(f"unknown search setting field(s) {sorted(unknown)}")
-        return cls(**{k: d[k] for k in ("leaves_fraction", "reorder", "route_probes") if d.get(k) is not None})
+        return cls(**{k: d[k] for k in _KNOBS if d.get(k) is not None})
 
     def apply(self, memory: VisualMemory) -> VisualMemory:
         return memory.with_search_params(leaves_fraction=self.leaves_fraction, reorder=self.reorder,
-                                         route_probes=self.route_probes)
+                                         route_probes=self.route_probes, route_ratio=self.route_ratio)
 
     def describe(self) -> str:
         parts = []
@@ -64,6 +68,8 @@ class SearchSetting:
             parts.append(f"reorder {self.reorder}")
         if self.route_probes is not None:
             parts.append(f"route probes {self.route_probes}")
+        if self.route_ratio is not None:
+            parts.append(f"route ratio {self.route_ratio:g}")
         return ", ".join(parts) or "the memory's own"
 
 
@@ -126,19 +132,21 @@ def _recall(found: np.ndarray, exact: np.ndarray) -> float:
 
 
 def candidate_settings(memory: VisualMemory, k: int) -> list[SearchSetting]:
-    """The grid searched: leaves x re-rank depth for tree+AH shards, x router probes for a routed memory."""
+    """The grid searched: leaves x re-rank depth for tree+AH shards, x routing rules (router probes, then
+    distance ratios) for a routed memory."""
     tree = memory.has_tree_shards()
     routed = memory.router is not None
     # A routed tree+AH memory multiplies three knobs: a coarser leaves x re-rank grid keeps it near 100 trials.
     leaves = (LEAF_FRACTIONS[2::2] if routed else LEAF_FRACTIONS) if tree else (None,)
     factors = REORDER_FACTORS[::2] if routed else REORDER_FACTORS
     reorders = tuple(sorted({max(k, f * k) for f in factors})) if tree else (None,)
-    probes: Sequence[int | None] = (None,)
+    routes: Sequence[tuple[int | None, float | None]] = ((None, None),)
     if routed:
         n = memory.router.centroids.shape[0]
         probes = tuple(p for p in ROUTE_PROBES if p <= n) + ((n,) if n not in ROUTE_PROBES else ())
-    return [SearchSetting(lf, ro, rp) for rp in probes for lf in leaves for ro in reorders
-            if not (lf is None and ro is None and rp is None)]
+        routes = [(p, None) for p in probes] + [(None, r) for r in ROUTE_RATIOS]
+    return [SearchSetting(lf, ro, rp, rr) for rp, rr in routes for lf in leaves for ro in reorders
+            if not (lf is None and ro is None and rp is None and rr is None)]
 
 
 def _qps(memory: VisualMemory, q: np.ndarray, k: int, repeats: int) -> tuple[float, np.ndarray]:

@@ -93,10 +93,12 @@ def test_routed_memory_tunes_its_probes(tmp_path):
                        encoder_identity={**ENCODER, "dim": D}, sharding="partition")
     mem = VisualMemory.open(root)
     grid = candidate_settings(mem, 10)
-    assert grid and all(s.leaves_fraction is None and s.reorder is None and s.route_probes for s in grid)
-    assert max(s.route_probes for s in grid) == mem.router.centroids.shape[0]  # Probing all = every shard.
+    assert grid and all(s.leaves_fraction is None and s.reorder is None for s in grid)
+    assert all((s.route_probes is None) != (s.route_ratio is None) for s in grid)  # One routing rule each.
+    assert max(s.route_probes or 0 for s in grid) == mem.router.centroids.shape[0]  # Probing all = every shard.
+    assert sorted(s.route_ratio for s in grid if s.route_ratio) == [1.05, 1.1, 1.2, 1.3, 1.5]
     true = np.asarray([mem.class_names.index(f"c{int(i)}") for i in np.argmax(q @ anchors.T, axis=1)])
     result = tune(mem, q, true, repeats=1)
     assert result["chosen"] is not None and result["chosen"]["agreement"] >= 0.999
-    full = [t for t in result["trials"] if t["route_probes"] == mem.router.centroids.shape[0]]
+    full = [t for t in result["trials"] if t.get("route_probes") == mem.router.centroids.shape[0]]
     assert full[0]["recall"] == 1.0 and full[0]["agreement"] == 1.0  # Every shard, brute force: exact.

@@ -61,8 +61,8 @@ def test_search_shards_and_merge_equal_visual_memory_search(synthetic_memory):
                                    for i in range(37)]))
 
 
-@pytest.mark.parametrize("probes", [None, 1])
-def test_routed_fan_out_equals_visual_memory_search_and_skips_shards(tmp_path, probes):
+@pytest.mark.parametrize("probes,ratio", [(None, None), (1, None), (None, 1.2)])
+def test_routed_fan_out_equals_visual_memory_search_and_skips_shards(tmp_path, probes, ratio):
     from memory.routing import RouterConfig
     rng = np.random.default_rng(3)
     centres = _unit(rng, 6, 16)
@@ -78,15 +78,17 @@ def test_routed_fan_out_equals_visual_memory_search_and_skips_shards(tmp_path, p
     manifest = read_manifest(root)
     q = emb[rng.choice(400, 30, replace=False)] + 0.05 * rng.normal(size=(30, 16)).astype(np.float32)
     memory = VisualMemory.open(root)
-    if probes is not None:
-        memory = memory.with_search_params(route_probes=probes)
+    if probes is not None or ratio is not None:
+        memory = memory.with_search_params(route_probes=probes, route_ratio=ratio)
     expected = memory.search(q, 12)
-    assert memory.router.route(q, memory.route_probes).sum() < 30 * 4  # Routing skips some shard searches.
+    # Routing skips some shard searches.
+    assert memory.router.route(q, memory.route_probes, ratio=memory.route_ratio).sum() < 30 * 4
     queries = [EmbeddedImage(f"q{i:02d}", f"/q/{i}", "c1", q[i]) for i in range(30)]
 
     with TestPipeline(runner="FnApiRunner") as p:
         merged = (p | beam.Create(queries)
-                  | evaluate.SearchShards(root, manifest, k=12, batch_size=8, route_probes=probes)
+                  | evaluate.SearchShards(root, manifest, k=12, batch_size=8, route_probes=probes,
+                                          route_ratio=ratio)
                   | evaluate.MergeNeighbors(12))
         got = merged | beam.MapTuple(lambda qid, n: (qid, n.neighbors.ids[0].tolist(), n.neighbors.distances[0]))
 
@@ -199,6 +201,9 @@ def test_evaluate_a_partition_routed_memory_end_to_end(fmnist_small, tiny_encode
     expected = memory.search(memory.embed_images([os.path.join(fmnist_small, "test", r.query_id) for r in records]),
                              10)
     assert [list(r.neighbor_ids) for r in records] == expected.ids.tolist()
+    assert cli.main(["evaluate", "--memory", routed, "--images", os.path.join(fmnist_small, "test"),
+                     "--output", str(tmp_path / "both"), "--route-probes", "1", "--route-ratio", "1.2"]) != 0
+    assert "two routing rules" in capsys.readouterr().err
     # --route-probes on a hash-sharded memory is a usage error naming the fix.
     assert cli.main(["evaluate", "--memory", tiny_memory, "--images", os.path.join(fmnist_small, "test"),
                      "--output", str(tmp_path / "bad"), "--route-probes", "2"]) != 0

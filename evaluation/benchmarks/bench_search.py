@@ -18,7 +18,8 @@ For each dataset one table, all methods measured in this one process on the same
    sample; build time includes writing the shard files and opening the memory.
    ``memory routed``: the same, built with ``sharding="partition"``: a router (memory.routing, shipped
    defaults: up to 1,024 centroids trained on 50,000 id-hashed entries) gives each shard one region, and
-   each query searches only the shards owning its ``route_probes`` nearest centroids (swept 1, 2, 4, 8).
+   each query searches only the shards its routing rule picks (swept: the shards owning its 1 or 4 nearest
+   centroids, and distance-ratio routing at ratios 1.1, 1.2, 1.3; see `memory.routing.Router.route`).
    Build time includes training the router.
 4. ``faiss ivfpq-fs``: IVF + 4-bit PQ fast-scan + exact float re-ranking (``IVF{nlist},PQ{m}x4fs,RFlat``),
    one index per ``--leaves-factors`` entry like ScaNN;
@@ -71,8 +72,8 @@ REORDERS = (50, 60, 75, 90, 100, 125, 150, 200, 300, 400, 1000, 2000)
 # Per-shard re-rank depth of the sharded memory: each shard holds ~1/S of a query's true neighbours, so
 # it needs a shallower re-rank than one big index; S shards x depth is the total exact work.
 SHARD_REORDERS = (15, 20, 25, 30, 50, 75, 100, 150, 200, 300, 500)
-# Router centroids per query (routed memory): each value is swept like the other knobs.
-ROUTE_PROBES = (1, 2, 4, 8)
+# Routing rules swept on the routed memory: router probes, and distance-ratio routing (memory.routing.Router.route).
+ROUTES = ({"route_probes": 1}, {"route_ratio": 1.1}, {"route_ratio": 1.2}, {"route_ratio": 1.3}, {"route_probes": 16})
 HNSW_EF = (16, 32, 64, 128, 256, 512, 1024)
 TARGET_RECALLS = (0.95, 0.98, 0.99, 0.999)
 _PLATEAU = 0.0005
@@ -238,7 +239,7 @@ def run_memory(data: Dataset, s: Settings, exact_qps: float, workdir: str, *, sh
     Each shard gets what ``vmem build`` gives it by default: round(sqrt(shard size)) leaves
     (`IndexConfig.resolve_leaves`), with the unsharded index's AH settings and training sample.
     ``sharding="partition"`` builds the routed memory with the shipped RouterConfig defaults and sweeps the
-    route probes too.
+    routing rules (ROUTES) too.
     """
     from memory.build import build_memory_local  # pylint: disable=g-import-not-at-top
     from memory.visual_memory import VisualMemory  # pylint: disable=g-import-not-at-top
@@ -266,11 +267,13 @@ def run_memory(data: Dataset, s: Settings, exact_qps: float, workdir: str, *, sh
     counts = [info.count for info in memory.manifest.shards]
     routed = memory.router is not None
     trials = []
-    for probes in ROUTE_PROBES if routed else (None,):
-        views = {t: m if probes is None else m.with_search_params(route_probes=probes) for t, m in by_threads.items()}
+    for route in ROUTES if routed else ({},):
+        views = {t: m.with_search_params(**route) for t, m in by_threads.items()}
         view = views[s.threads[0]]
-        route = "" if probes is None else (
-            f"route {probes} ({view.router.route(data.queries, probes).sum(axis=1).mean():.2f} shards/query), ")
+        route_desc = ""
+        if route:
+            shards_per_query = view.router.route(data.queries, view.route_probes, ratio=view.route_ratio).sum(axis=1)
+            route_desc = f"route {_route_str(route)} ({shards_per_query.mean():.2f} shards/query), "
         levels = []
         for frac_leaves in _leaf_counts(cfg.num_leaves):
             fraction = frac_leaves / cfg.num_leaves
@@ -278,7 +281,8 @@ def run_memory(data: Dataset, s: Settings, exact_qps: float, workdir: str, *, sh
             for reorder in SHARD_REORDERS:
                 # Same fraction of every shard's own leaves (shards differ slightly in size and leaf count).
                 tuned = {t: v.with_search_params(leaves_fraction=fraction, reorder=reorder) for t, v in views.items()}
-                level.append((f"{route}search {frac_leaves}/{cfg.num_leaves} leaves/shard, reorder {reorder}/shard",
+                level.append((f"{route_desc}search {frac_leaves}/{cfg.num_leaves} leaves/shard, "
+                              f"reorder {reorder}/shard",
                               lambda threads, tuned=tuned: _memory_rows(tuned[threads].search(data.queries, K).ids)))
             levels.append(level)
         trials += _sweep(levels, data, s)
@@ -287,6 +291,10 @@ def run_memory(data: Dataset, s: Settings, exact_qps: float, workdir: str, *, sh
         build_params = f"{sharding}: {memory.router.centroids.shape[0]} router centroids, {build_params}"
     return _rows(data, Method.MEMORY_ROUTED if routed else Method.MEMORY, trials, build_s=build_s,
                  exact_qps=exact_qps, build_params=build_params)
+
+
+def _route_str(route: dict) -> str:
+    return f"probes {route['route_probes']}" if "route_probes" in route else f"ratio {route['route_ratio']:g}"
 
 
 @functools.cache

@@ -78,3 +78,46 @@ def merge_topk(partials: Sequence[tuple[np.ndarray, np.ndarray]], k: int, *,
     out_dist[:, :take] = np.take_along_axis(all_dist, order, axis=1)
     out_idx[~np.isfinite(out_dist)] = -1
     return out_idx, out_dist
+
+
+def merge_shard_answers(found: list[tuple[np.ndarray, np.ndarray, np.ndarray]], nq: int, k: int,
+                        visits: np.ndarray, *, tie_keys: Callable[[np.ndarray], np.ndarray] | None = None
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Global top-k [nq, k] of queries that each searched some of the shards.
+
+    A query that searched one shard (a routed query's usual case) takes that shard's answer as it is: a
+    shard breaks distance ties by row, which is id order (memory.shard), as `merge_topk` does. Only the
+    queries that searched several shards are merged, over padded partials of just those queries; that
+    skips the merge's sort for most queries of a routed memory.
+
+    Args:
+      found: Per searched shard, (query rows int [n_s] ascending, global rows int64 [n_s, k], distances
+        float32 [n_s, k]), padded with -1 / +inf.
+      nq: Queries in the batch.
+      k: Neighbours per query.
+      visits: int [nq]: how many of the ``found`` shards each query searched.
+      tie_keys: Keys of global rows ordering equal distances across shards, as for `merge_topk`.
+
+    Returns:
+      (global rows int64 [nq, k], distances float32 [nq, k]); a query that searched no shard is all padding.
+    """
+    out_idx = np.full((nq, k), -1, dtype=np.int64)
+    out_dist = np.full((nq, k), np.inf, dtype=np.float32)
+    single = visits == 1
+    for rows, glob, dist in found:
+        one = single[rows]
+        out_idx[rows[one]], out_dist[rows[one]] = glob[one], dist[one]
+    several = np.flatnonzero(visits > 1)
+    if several.size:
+        at = np.full(nq, -1, dtype=np.int64)
+        at[several] = np.arange(several.size)
+        partials = []
+        for rows, glob, dist in found:
+            pos = at[rows]
+            keep = pos >= 0
+            p_idx = np.full((several.size, k), -1, dtype=np.int64)
+            p_dist = np.full((several.size, k), np.inf, dtype=np.float32)
+            p_idx[pos[keep]], p_dist[pos[keep]] = glob[keep], dist[keep]
+            partials.append((p_idx, p_dist))
+        out_idx[several], out_dist[several] = merge_topk(partials, k, tie_keys=tie_keys)
+    return out_idx, out_dist

@@ -28,7 +28,7 @@ from memory.explain import Prediction
 from memory.filters import Crowding, QueryFilter, RowAttributes, as_filters, crowded_search, search_filtered
 from memory.index import ShardIndex
 from memory.manifest import Manifest, ManifestError
-from memory.merge import merge_topk
+from memory.merge import merge_shard_answers
 from memory.mutations import read_entry_weights, read_forgotten, row_weights
 from memory.routing import Router, check_route_ratio, read_router, search_mask
 from memory.tuning import tuned_index
@@ -350,7 +350,7 @@ class VisualMemory:
         nq = q.shape[0]
         filtered = any(f is not None for f in filters)
 
-        def search_shard(s: int) -> tuple[np.ndarray, np.ndarray]:
+        def search_shard(s: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             rows = np.flatnonzero(visit[:, s])
             dead = self._dead[self._offsets[s]:self._offsets[s + 1]] if self._dead_per_shard[s] else None
             sub = q if rows.size == nq else q[rows]
@@ -365,24 +365,15 @@ class VisualMemory:
                                                     self._attributes(s))
             else:
                 found, found_dist = live_search(sub, dead, "dead")
-            if rows.size == nq:
-                local, dist = found, found_dist
-            else:  # Routed: search only this shard's queries; the others get padding from it.
-                local = np.full((nq, found.shape[1]), -1, dtype=found.dtype)
-                dist = np.full((nq, found.shape[1]), np.inf, dtype=np.float32)
-                local[rows], dist[rows] = found, found_dist
-            glob = np.where(local >= 0, local + self._offsets[s], -1)
-            return glob, dist
+            return rows, np.where(found >= 0, found + self._offsets[s], -1), found_dist
 
         shards = [s for s, index in enumerate(self._indices) if index is not None and visit[:, s].any()]
         if parallel and self._search_threads > 1 and len(shards) > 1 and nq:
-            partials = list(self._executor().map(search_shard, shards))
+            found = list(self._executor().map(search_shard, shards))
         else:
-            partials = [search_shard(s) for s in shards]
-        if not partials:
-            return np.full((nq, k), -1, dtype=np.int64), np.full((nq, k), np.inf, dtype=np.float32)
-        # Ties between shards are ordered by entry id (looked up only for rows that have a tie).
-        return merge_topk(partials, k, tie_keys=lambda rows: self._ids[rows])
+            found = [search_shard(s) for s in shards]
+        return merge_shard_answers(found, nq, k, visit[:, shards].sum(axis=1),
+                                   tie_keys=lambda rows: self._ids[rows])
 
     def _live_index(self, s: int, key: str, excluded: np.ndarray) -> tuple[ShardIndex | None, np.ndarray]:
         """Shard s's brute-force index over its rows outside ``excluded`` (forgotten, or filtered out too).
@@ -620,3 +611,4 @@ class VisualMemory:
                                      abstain_below=abstain_below, filters=filters, crowding=crowding,
                                      rerank=rerank, rerank_below=rerank_below, rerank_top_n=rerank_top_n,
                                      rerank_cache=rerank_cache)
+

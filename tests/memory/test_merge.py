@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from memory.merge import merge_topk
+from memory.merge import merge_shard_answers, merge_topk
 
 
 def _partials(dist: np.ndarray, shard_of: np.ndarray, num_shards: int, k: int):
@@ -108,3 +108,35 @@ def test_rejects_bad_arguments():
         merge_topk([part, (np.zeros((3, 3), np.int64), np.zeros((3, 3), np.float32))], 2)
     with pytest.raises(ValueError, match="tie_keys"):
         merge_topk([part], 2, tie_keys=[])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_merge_shard_answers_equals_merging_padded_partials(seed):
+    """Queries that searched one shard keep its answer, the others are merged: the result equals merge_topk over
+    every shard padded to the whole batch (the routed memory's old path), ties and short shards included."""
+    rng = np.random.default_rng(seed)
+    nq, k, shards = 200, 5, 4
+    visit = rng.random((nq, shards)) < [0.9, 0.3, 0.2, 0.1]
+    visit[rng.random(nq) < 0.1] = False  # Some queries searched nothing.
+    found, padded = [], []
+    for s in range(shards):
+        rows = np.flatnonzero(visit[:, s])
+        # Distances on a coarse grid (ties within and across shards), sorted per row; global rows ascending
+        # within ties (what a shard whose rows are sorted by id returns); a few rows short of k.
+        dist = np.sort(rng.integers(0, 6, (rows.size, k)) / 8, axis=1).astype(np.float32)
+        glob = s * 1000 + np.sort(rng.choice(1000, (rows.size, k)), axis=1)
+        order = np.lexsort((glob, dist), axis=-1)
+        glob, dist = np.take_along_axis(glob, order, 1), np.take_along_axis(dist, order, 1)
+        short = rng.random(rows.size) < 0.2
+        glob[short, -2:], dist[short, -2:] = -1, np.inf
+        found.append((rows, glob, dist))
+        p_idx, p_dist = np.full((nq, k), -1), np.full((nq, k), np.inf, dtype=np.float32)
+        p_idx[rows], p_dist[rows] = glob, dist
+        padded.append((p_idx, p_dist))
+    keys = lambda rows: np.char.zfill(rows.astype(str), 6)  # noqa: E731  (id strings order like the rows)
+    want = merge_topk(padded, k, tie_keys=keys)
+    got = merge_shard_answers(found, nq, k, visit.sum(axis=1), tie_keys=keys)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    assert (got[0][~visit.any(axis=1)] == -1).all()
+    assert (visit.sum(axis=1) == 1).sum() > 50 and (visit.sum(axis=1) > 1).sum() > 20  # Both paths ran.

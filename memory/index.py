@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from memory.scann_cpu import import_scann
+
 # AH with lut16 learns 16 centres per block; ScaNN refuses to train on fewer points than that.
 _MIN_POINTS_FOR_AH = 16
 _INDEX_META_NAME = "vmem_index.json"
@@ -184,7 +186,7 @@ class ShardIndex:
         Returns:
           The built index.
         """
-        import scann  # pylint: disable=g-import-not-at-top  # Heavy (imports TF); only needed here.
+        scann = import_scann()  # Heavy (imports TF); only needed here.
 
         db = np.ascontiguousarray(embeddings, dtype=np.float32)
         if db.ndim != 2 or db.shape[0] == 0 or db.shape[1] == 0:
@@ -311,7 +313,7 @@ class ShardIndex:
     @classmethod
     def load(cls, local_dir: str) -> ShardIndex:
         """Loads an index written by `save` from a local directory."""
-        import scann  # pylint: disable=g-import-not-at-top
+        scann = import_scann()
 
         meta_path = os.path.join(local_dir, _INDEX_META_NAME)
         if not os.path.isfile(meta_path):

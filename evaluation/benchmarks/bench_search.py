@@ -123,7 +123,7 @@ class _Trial:
     recall: float
 
 
-# A sweep setting: (params, search(threads) -> found row indices [nq, K]).
+# A sweep setting: (params, search(threads) -> found row indices [nq, K], or the memory's ids of them).
 Setting = tuple[str, Callable[[int], np.ndarray]]
 
 
@@ -149,7 +149,7 @@ def _sweep(levels: Sequence[Sequence[Setting]], data: Dataset, settings: Setting
                 secs, found = best_seconds(lambda search=search, threads=threads: search(threads),
                                            repeats=settings.repeats)
                 if recall is None:
-                    recall = synthetic.recall_at_k(found, data.true_ids)
+                    recall = synthetic.recall_at_k(_as_rows(found), data.true_ids)
                 trials.append(_Trial(params, threads, data.queries.shape[0] / secs, recall))
             if recall >= top or recall - previous < _PLATEAU:
                 break
@@ -283,7 +283,7 @@ def run_memory(data: Dataset, s: Settings, exact_qps: float, workdir: str, *, sh
                 tuned = {t: v.with_search_params(leaves_fraction=fraction, reorder=reorder) for t, v in views.items()}
                 level.append((f"{route_desc}search {frac_leaves}/{cfg.num_leaves} leaves/shard, "
                               f"reorder {reorder}/shard",
-                              lambda threads, tuned=tuned: _memory_rows(tuned[threads].search(data.queries, K).ids)))
+                              lambda threads, tuned=tuned: tuned[threads].search(data.queries, K).ids))
             levels.append(level)
         trials += _sweep(levels, data, s)
     build_params = f"{s.shards} shards of {min(counts)}-{max(counts)}, per shard {_config_str(cfg)}"
@@ -312,9 +312,14 @@ def _split_search(index, queries: np.ndarray, threads: int) -> np.ndarray:
     return np.concatenate([found for found, _ in _pool(threads).map(lambda c: index.search(c, K), chunks)])
 
 
-def _memory_rows(ids: np.ndarray) -> np.ndarray:
+def _as_rows(found: np.ndarray) -> np.ndarray:
+    """Row indices of a search's answer: the memory answers with its string ids (zero-padded row numbers
+    here), parsed back outside the timed call (2.4 ms per 1,000 queries: a cost of this comparison, not of
+    the memory, whose own id lookup stays timed)."""
+    if found.dtype.kind != "U":
+        return found
     # Padding ("") only appears when k > memory size; map it to -1 so it never counts as found.
-    return np.where(ids == "", "-1", ids).astype(np.int64)
+    return np.where(found == "", "-1", found).astype(np.int64)
 
 
 def run_faiss_ivfpq(data: Dataset, s: Settings, exact_qps: float) -> list[ResultRow]:
@@ -397,7 +402,6 @@ def per_query_floor_us(dim: int, *, seed: int = 0, repeats: int = 3) -> float:
 def run_dataset(data: Dataset, s: Settings, workdir: str, *, log: Callable[[str], None]) -> list[ResultRow]:
     """Runs every method on one dataset; returns all rows (exact first)."""
     import faiss  # pylint: disable=g-import-not-at-top,unused-import
-    import scann  # pylint: disable=g-import-not-at-top,unused-import  # Imports TF (~10 s): not a build cost.
     exact = run_exact(data, s)
     log(f"  exact numpy: {exact.qps:,.1f} QPS")
     rows = [exact]
@@ -546,6 +550,9 @@ def main(argv: Sequence[str] | None = None) -> list[ResultRow]:
 
     from evaluation.benchmarks.machine import describe as describe_machine  # pylint: disable=g-import-not-at-top
     print(describe_machine(), flush=True)
+    from memory.scann_cpu import describe as describe_scann, import_scann  # pylint: disable=g-import-not-at-top
+    import_scann()  # Imports TF (~10 s): before any timing, so not a build cost.
+    print(describe_scann(), flush=True)
     all_rows: list[ResultRow] = []
     t_total = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="vmem-bench-search-") as workdir:

@@ -9,9 +9,12 @@ search ran on the SSE4/AVX1 fallbacks (seen with ``perf``: ``avx1::DenseManyToMa
 checks the OS saves the wider registers) reports the features ScaNN's check asks for; a flag ScaNN set
 itself is never touched, so on machines where its check works this changes nothing.
 
-Measured on the 1M x 256 routed benchmark memory, 1,000 queries, identical neighbour ids either way
-(README, "Search"): one search thread 23.8k -> 27.9k queries/s at recall@10 0.97 (2 leaves per shard,
-re-rank 60), 21.0k -> 24.7k at 0.99.
+Measured on the 1M x 256 routed benchmark memory (2,000 queries, one search thread, three alternating
+processes per mode; identical neighbour ids either way): median 27.5k -> 29.2k queries/s at 2 leaves per
+shard and re-rank 60, 23.8k -> 24.6k at re-rank 100, 14.6k -> 15.1k with ratio routing 1.3 and re-rank
+200, i.e. +3-6%, within this machine's run-to-run noise (+-15%) for any single pair. perf shows why the
+gain is small: re-ranking's random row reads and the AH lookup-table build (which ScaNN runs on a
+non-FMA path either way) dominate the per-query cost, not the kernels switched.
 
 Set ``VMEM_SCANN_CPU_FEATURES=0`` to leave ScaNN's flags as it set them.
 """

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import os
 import threading
 from typing import Callable, NamedTuple, Sequence
@@ -129,7 +130,8 @@ class _OneThreadBlas:
     After each call OpenBLAS's worker threads keep spinning for a while, on the very cores the search threads
     need: measured on the 1M x 256 routed benchmark memory (2 cores), two search threads answered 30,700
     queries/s with the router's matmul on two BLAS threads and 44,400 with it on one (one search thread:
-    28,100). The first search in sets the limit and the last one out restores it, so concurrent searches from
+    28,100). (A one-thread search does not enter it: there BLAS's second thread speeds the matmul up.) The
+    first search in sets the limit and the last one out restores it, so concurrent searches from
     several caller threads cannot leave BLAS limited. OpenBLAS's thread count is process-wide, and threadpoolctl
     lets one thread at a time control it (a limit set or restored from any other thread is silently ignored),
     so both are done on one dedicated thread here, whichever caller thread enters first or leaves last. A
@@ -166,12 +168,18 @@ class _OneThreadBlas:
         self._lock, self._inside, self._limiter, self._control = threading.Lock(), 0, None, None
 
 
-def _limit_blas_to_one_thread():
+@functools.cache
+def _process_wide_blas():
     from threadpoolctl import ThreadpoolController  # pylint: disable=g-import-not-at-top
-    # Only BLAS pools on pthreads (numpy's OpenBLAS) are process-wide. OpenMP-threaded ones (faiss's bundled
-    # OpenBLAS, MKL) take per-thread limits that would bind the control thread alone; searches never use them.
-    blas = ThreadpoolController().select(user_api="blas").select(threading_layer="pthreads")
-    return blas.limit(limits=1).__enter__()
+    # Made once: a ThreadpoolController scans every loaded library (0.7 ms with TensorFlow loaded). numpy's
+    # BLAS is loaded before any search. Only BLAS pools on pthreads (numpy's OpenBLAS) are process-wide;
+    # OpenMP-threaded ones (faiss's bundled OpenBLAS, MKL) take per-thread limits that would bind the control
+    # thread alone, and searches never call them.
+    return ThreadpoolController().select(user_api="blas").select(threading_layer="pthreads")
+
+
+def _limit_blas_to_one_thread():
+    return _process_wide_blas().limit(limits=1).__enter__()
 
 
 one_thread_blas = _OneThreadBlas()

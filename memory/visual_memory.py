@@ -333,8 +333,12 @@ class VisualMemory:
     def _search_batch(self, q: np.ndarray, k: int, filters: list[QueryFilter | None]
                       ) -> tuple[np.ndarray, np.ndarray]:
         """`_search_rows` of a batch, split into one query chunk per search thread when it is large enough."""
-        # search_threads bounds every thread a search runs, numpy's BLAS (the router's matmul) included: spinning
-        # OpenBLAS workers would take the cores of the search threads.
+        if self._search_threads == 1:
+            # One search thread: numpy's BLAS may use the other cores for the router's matmul (limiting it to
+            # one thread there cost 3 ms per 1,000 queries at 1M).
+            return self._search_rows(q, k, filters)
+        # Several: search_threads bounds every thread the search runs, numpy's BLAS included, since spinning
+        # OpenBLAS workers would take the search threads' cores.
         with one_thread_blas:
             chunked = search_in_chunks(lambda a, b: self._search_rows(q[a:b], k, filters[a:b], parallel=False),
                                        q.shape[0], self._search_threads, self._executor)

@@ -86,13 +86,18 @@ def test_group_centroids_balances_and_keeps_regions_together():
     np.testing.assert_array_equal(group_centroids(cents, sizes, 1, seed=0), np.zeros(40, np.int32))
 
 
-def test_route_matches_brute_force_owners_of_the_nearest_centroids():
-    rng = np.random.default_rng(2)
-    cents = _unit(rng.normal(size=(30, DIM)))
-    owners = rng.integers(0, 5, 30).astype(np.int32)
+def _random_router(seed: int, num_centroids: int, num_queries: int):
+    """A 5-shard router over random centroids (every shard owns at least one) and random unit queries."""
+    rng = np.random.default_rng(seed)
+    cents = _unit(rng.normal(size=(num_centroids, DIM)))
+    owners = rng.integers(0, 5, num_centroids).astype(np.int32)
     owners[:5] = np.arange(5)
-    router = Router(centroids=cents, owners=owners, num_shards=5, probes=3)
-    q = _unit(rng.normal(size=(50, DIM)))
+    return Router(centroids=cents, owners=owners, num_shards=5, probes=3), cents, owners, \
+        _unit(rng.normal(size=(num_queries, DIM)))
+
+
+def test_route_matches_brute_force_owners_of_the_nearest_centroids():
+    router, cents, owners, q = _random_router(2, 30, 50)
     routed = router.route(q)
     top = np.argsort(-(q @ cents.T), axis=1)[:, :3]
     for i in range(50):
@@ -107,12 +112,7 @@ def test_route_matches_brute_force_owners_of_the_nearest_centroids():
 
 
 def test_ratio_route_visits_the_shards_within_the_distance_ratio_of_the_nearest_centroid():
-    rng = np.random.default_rng(3)
-    cents = _unit(rng.normal(size=(40, DIM)))
-    owners = rng.integers(0, 5, 40).astype(np.int32)
-    owners[:5] = np.arange(5)
-    router = Router(centroids=cents, owners=owners, num_shards=5, probes=3)
-    q = _unit(rng.normal(size=(60, DIM)))
+    router, cents, owners, q = _random_router(3, 40, 60)
     dist = 1.0 - q @ cents.T
     for ratio in (1.0, 1.05, 1.3, 2.0):
         routed = router.route(q, ratio=ratio)

@@ -35,8 +35,9 @@ sharded memories within 20% of one index; ScaNN >= 50x exact numpy at the lowest
 Thread policy (printed): ``--threads T1,T2`` (default 1 and all cores) search threads for every index method,
 every setting timed at each: the unsharded
 ScaNN index splits the query batch into T chunks searched at once (``ShardIndex.search`` ->
-``search_batched``; ScaNN releases the GIL), the memory searches T shards at once
-(``VisualMemory.with_search_params(threads=T)``), faiss gets ``omp_set_num_threads(T)``. numpy's matmul uses
+``search_batched``; ScaNN releases the GIL), the memory splits the batch into T query chunks, each routed,
+searched and merged on its own thread (``VisualMemory.with_search_params(threads=T)``), faiss gets
+``omp_set_num_threads(T)``. numpy's matmul uses
 every BLAS thread, so the baseline gets at least as many cores as the indexes: ratios are conservative.
 
 Sweeps tune the built indexes in place through ``ShardIndex.with_search_params`` and
@@ -438,8 +439,9 @@ def _threads_note(s: Settings) -> str:
     blas = f"{blas}, " + (f"threads set by {env}" if env else f"default threads = all {os.cpu_count()} cores")
     threads = ", ".join(str(t) for t in s.threads)
     return (f"threads: numpy BLAS {blas}; search threads {threads} for every index, each setting timed at each "
-            f"(ScaNN: query chunks; memory: shards at once; faiss: omp_set_num_threads), faiss build {s.build_threads}; ScaNN training: its "
-            "default pool")
+            f"(ScaNN: query chunks; memory: query chunks of >= 64 per thread, else shards at once, numpy's BLAS held "
+            f"at one thread meanwhile; faiss: omp_set_num_threads), faiss build {s.build_threads}; ScaNN training: "
+            "its default pool")
 
 
 def _parse_list(parser: argparse.ArgumentParser, flag: str, value: str, kind: type, ok: Callable[[float], bool]

@@ -130,8 +130,9 @@ class _OneThreadBlas:
     After each call OpenBLAS's worker threads keep spinning for a while, on the very cores the search threads
     need: measured on the 1M x 256 routed benchmark memory (2 cores), two search threads answered 30,700
     queries/s with the router's matmul on two BLAS threads and 44,400 with it on one (one search thread:
-    28,100). (A one-thread search does not enter it: there BLAS's second thread speeds the matmul up.) The
-    first search in sets the limit and the last one out restores it, so concurrent searches from
+    28,100); and a 2-thread search right after a 1-thread one whose matmul had used two BLAS threads took
+    25 ms per 1,000 queries instead of 14 (the workers were still spinning). The first search in sets the
+    limit and the last one out restores it, so concurrent searches from
     several caller threads cannot leave BLAS limited. OpenBLAS's thread count is process-wide, and threadpoolctl
     lets one thread at a time control it (a limit set or restored from any other thread is silently ignored),
     so both are done on one dedicated thread here, whichever caller thread enters first or leaves last. A

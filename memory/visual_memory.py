@@ -333,12 +333,10 @@ class VisualMemory:
     def _search_batch(self, q: np.ndarray, k: int, filters: list[QueryFilter | None]
                       ) -> tuple[np.ndarray, np.ndarray]:
         """`_search_rows` of a batch, split into one query chunk per search thread when it is large enough."""
-        if self._search_threads == 1:
-            # One search thread: numpy's BLAS may use the other cores for the router's matmul (limiting it to
-            # one thread there cost 3 ms per 1,000 queries at 1M).
-            return self._search_rows(q, k, filters)
-        # Several: search_threads bounds every thread the search runs, numpy's BLAS included, since spinning
-        # OpenBLAS workers would take the search threads' cores.
+        # search_threads bounds every thread the search runs, numpy's BLAS (the router's matmul) included: a
+        # one-thread search uses one core, and OpenBLAS workers woken by a matmul keep spinning for a while
+        # after it, on the cores the search threads (and the next search) need: a 2-thread search right after
+        # a 1-thread one whose matmul ran on two BLAS threads took 25 ms per 1,000 queries instead of 14.
         with one_thread_blas:
             chunked = search_in_chunks(lambda a, b: self._search_rows(q[a:b], k, filters[a:b], parallel=False),
                                        q.shape[0], self._search_threads, self._executor)

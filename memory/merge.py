@@ -113,6 +113,9 @@ def merge_shard_answers(found: list[tuple[np.ndarray, np.ndarray, np.ndarray]], 
         at[several] = np.arange(several.size)
         partials = []
         for rows, glob, dist in found:
+            if several.size == nq and rows.size == nq:  # Every query searched several shards, this one included.
+                partials.append((glob, dist))
+                continue
             pos = at[rows]
             keep = pos >= 0
             p_idx = np.full((several.size, k), -1, dtype=np.int64)

@@ -57,12 +57,12 @@ def scann_cpu_flags() -> dict[str, bool]:
     """ScaNN's SIMD flags as they stand now ({} when its extension is not loaded or exports none)."""
     lib = _extension()
     out = {}
-    for name, _ in SCANN_FLAGS:
+    for name, _ in SCANN_FLAGS if lib is not None else ():
         try:
-            out[name] = bool(_flag(lib, name).value) if lib is not None else None
+            out[name] = bool(_flag(lib, name).value)
         except ValueError:  # Symbol not exported by this ScaNN build.
             continue
-    return {k: v for k, v in out.items() if v is not None}
+    return out
 
 
 def import_scann() -> Any:

@@ -132,11 +132,11 @@ class _OneThreadBlas:
     queries/s with the router's matmul on two BLAS threads and 44,400 with it on one (one search thread:
     28,100); and a 2-thread search right after a 1-thread one whose matmul had used two BLAS threads took
     25 ms per 1,000 queries instead of 14 (the workers were still spinning). The first search in sets the
-    limit and the last one out restores it, so concurrent searches from
-    several caller threads cannot leave BLAS limited. OpenBLAS's thread count is process-wide, and threadpoolctl
-    lets one thread at a time control it (a limit set or restored from any other thread is silently ignored),
-    so both are done on one dedicated thread here, whichever caller thread enters first or leaves last. A
-    caller that holds its own threadpoolctl limit keeps control: this then changes nothing.
+    limit and the last one out restores it, so concurrent searches from several caller threads cannot leave
+    BLAS limited. OpenBLAS's thread count is process-wide, and threadpoolctl lets one thread at a time
+    control it (a limit set or restored from any other thread is silently ignored), so both are done on one
+    dedicated thread here, whichever caller thread enters first or leaves last. A caller that holds its own
+    threadpoolctl limit keeps control: this then changes nothing.
     """
 
     def __init__(self):

@@ -206,15 +206,13 @@ class VisualMemory:
         if route_probes is not None and route_ratio is not None:
             raise ValueError(f"pass route_probes ({route_probes!r}) or route_ratio ({route_ratio!r}), not both: "
                              "they are two routing rules")
-        if route_ratio is not None:
-            if self._router is None:
-                raise ValueError("route_ratio applies to partition-routed memories only; this memory is hash-sharded "
+        for name, value in (("route_probes", route_probes), ("route_ratio", route_ratio)):
+            if value is not None and self._router is None:
+                raise ValueError(f"{name} applies to partition-routed memories only; this memory is hash-sharded "
                                  "(every query visits every shard). Build with --sharding partition to route.")
+        if route_ratio is not None:
             route_ratio = check_route_ratio(route_ratio)
         if route_probes is not None:
-            if self._router is None:
-                raise ValueError("route_probes applies to partition-routed memories only; this memory is hash-sharded "
-                                 "(every query visits every shard). Build with --sharding partition to route.")
             if isinstance(route_probes, bool) or not isinstance(route_probes, (int, np.integer)) or route_probes < 1:
                 raise ValueError(f"route_probes must be an int >= 1, got {route_probes!r}")
         view = copy.copy(self)
@@ -613,4 +611,3 @@ class VisualMemory:
                                      abstain_below=abstain_below, filters=filters, crowding=crowding,
                                      rerank=rerank, rerank_below=rerank_below, rerank_top_n=rerank_top_n,
                                      rerank_cache=rerank_cache)
-

@@ -18,8 +18,8 @@ For each dataset one table, all methods measured in this one process on the same
    sample; build time includes writing the shard files and opening the memory.
    ``memory routed``: the same, built with ``sharding="partition"``: a router (memory.routing, shipped
    defaults: up to 1,024 centroids trained on 50,000 id-hashed entries) gives each shard one region, and
-   each query searches only the shards its routing rule picks (swept: the shards owning its 1 or 4 nearest
-   centroids, and distance-ratio routing at ratios 1.1, 1.2, 1.3; see `memory.routing.Router.route`).
+   each query searches only the shards its routing rule picks (swept, ROUTES: the shards owning its 1 or 16
+   nearest centroids, and distance-ratio routing at ratios 1.1, 1.2, 1.3; see `memory.routing.Router.route`).
    Build time includes training the router.
 4. ``faiss ivfpq-fs``: IVF + 4-bit PQ fast-scan + exact float re-ranking (``IVF{nlist},PQ{m}x4fs,RFlat``),
    one index per ``--leaves-factors`` entry like ScaNN;
@@ -73,8 +73,10 @@ REORDERS = (50, 60, 75, 90, 100, 125, 150, 200, 300, 400, 1000, 2000)
 # Per-shard re-rank depth of the sharded memory: each shard holds ~1/S of a query's true neighbours, so
 # it needs a shallower re-rank than one big index; S shards x depth is the total exact work.
 SHARD_REORDERS = (15, 20, 25, 30, 50, 75, 100, 150, 200, 300, 500)
-# Routing rules swept on the routed memory: router probes, and distance-ratio routing (memory.routing.Router.route).
-ROUTES = ({"route_probes": 1}, {"route_ratio": 1.1}, {"route_ratio": 1.2}, {"route_ratio": 1.3}, {"route_probes": 16})
+# Routing rules swept on the routed memory: router probes, and distance-ratio routing (Router.route);
+# probes 16 is the wide rule for data where routing is hard.
+ROUTES = ({"route_probes": 1}, {"route_ratio": 1.1}, {"route_ratio": 1.2}, {"route_ratio": 1.3},
+          {"route_probes": 16})
 HNSW_EF = (16, 32, 64, 128, 256, 512, 1024)
 TARGET_RECALLS = (0.95, 0.98, 0.99, 0.999)
 _PLATEAU = 0.0005

@@ -20,7 +20,8 @@ from memory.scann_cpu import import_scann
 
 # AH with lut16 learns 16 centres per block; ScaNN refuses to train on fewer points than that.
 _MIN_POINTS_FOR_AH = 16
-_INDEX_META_NAME = "vmem_index.json"
+INDEX_META_NAME = "vmem_index.json"  # Our metadata beside ScaNN's files in a saved index.
+_INDEX_META_NAME = INDEX_META_NAME
 # embedding_dtype -> ScaNN's ReorderType name, and the file its serialised searcher keeps the rows in.
 EMBEDDING_DTYPES = {"float32": "FLOAT32", "bfloat16": "BFLOAT16", "int8": "INT8"}
 # Measured on 1M x 256 clustered unit vectors, 500 leaves, one probed, re-rank 75: recall@10 0.971 with
@@ -167,8 +168,10 @@ class ShardIndex:
     """
 
     def __init__(self, searcher: Any, *, kind: IndexKind, size: int, dim: int, config: IndexConfig,
-                 num_leaves_to_search: int | None):
+                 num_leaves_to_search: int | None, template_id: str | None = None):
         self._searcher = searcher
+        # Digest of the memory-wide index template this searcher was built from (memory.shared_index), or None.
+        self._template_id = template_id
         self._kind = kind
         self._size = size
         self._dim = dim
@@ -241,11 +244,16 @@ class ShardIndex:
         config = self._config if reorder is None else dataclasses.replace(self._config, reorder=reorder)
         leaves = self._leaves_to_search if leaves_to_search is None else leaves_to_search
         return ShardIndex(self._searcher, kind=self._kind, size=self._size, dim=self._dim, config=config,
-                          num_leaves_to_search=leaves)
+                          num_leaves_to_search=leaves, template_id=self._template_id)
 
     @property
     def config(self) -> IndexConfig:
         return self._config
+
+    @property
+    def template_id(self) -> str | None:
+        """The memory-wide index template this searcher was built from (`memory.shared_index`), or None."""
+        return self._template_id
 
     @property
     def dim(self) -> int:
@@ -289,10 +297,12 @@ class ShardIndex:
                 leaves_to_search=self._leaves_to_search)
         found = np.asarray(found)
         sims = np.asarray(sims, dtype=np.float32)
-        # A tree search can return fewer than k_eff hits when the probed leaves hold fewer points.
+        # A tree search can return fewer than k_eff hits when the probed leaves hold fewer points: fewer
+        # columns, or (a batch whose other queries found more) NaN-scored padding rows 0, which are no hits.
         width = min(found.shape[1], k_eff) if found.ndim == 2 else 0
-        idx[:, :width] = found[:, :width].astype(np.int64)
-        dist[:, :width] = np.float32(1.0) - sims[:, :width]
+        hit = np.isfinite(sims[:, :width])
+        idx[:, :width] = np.where(hit, found[:, :width].astype(np.int64), -1)
+        dist[:, :width] = np.where(hit, np.float32(1.0) - sims[:, :width], np.inf)
         return idx, dist
 
     def save(self, local_dir: str) -> None:
@@ -307,6 +317,8 @@ class ShardIndex:
             "num_leaves_to_search": self._leaves_to_search,
             "config": self._config.to_dict(),
         }
+        if self._template_id is not None:
+            meta["template_id"] = self._template_id
         with open(os.path.join(local_dir, _INDEX_META_NAME), "w", encoding="utf-8") as f:
             json.dump(meta, f, sort_keys=True, indent=2)
 
@@ -323,7 +335,7 @@ class ShardIndex:
         searcher = scann.scann_ops_pybind.load_searcher(local_dir)
         return cls(searcher, kind=_parse_kind(meta["kind"]), size=int(meta["size"]), dim=int(meta["dim"]),
                    config=IndexConfig.from_dict(meta["config"]),
-                   num_leaves_to_search=meta["num_leaves_to_search"])
+                   num_leaves_to_search=meta["num_leaves_to_search"], template_id=meta.get("template_id"))
 
 
 

@@ -6,6 +6,7 @@ write_shard per shard, then write_manifest once); this function is for tests, no
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Sequence
 
 import numpy as np
@@ -16,6 +17,7 @@ from memory.manifest import (FORMAT_VERSION, BuildCounts, Manifest, Metric, mani
 )
 from memory.routing import RouterConfig, select_sample_rows, train_router, write_router
 from memory.shard import ShardData, write_shard
+from memory.shared_index import TEMPLATE_DIR, local_template, train_template, uses_template, write_template
 from memory.sharding import Sharding, parse_sharding, shard_for_id, shard_name
 from memory.vectors import l2_normalize
 from memory.versions import list_versions, publish_version, version_path
@@ -45,7 +47,10 @@ def build_memory_local(root: str, *, ids: Sequence[str], labels: Sequence[str], 
       counts: Build counts; defaults to read = embedded = n, failed = 0.
       sharding: HASH assigns entries by a stable hash of their id; PARTITION trains a router
         (memory.routing) on the ``router_config.training_sample_size`` entries with the smallest
-        `router_sample_key` and assigns each entry to the shard owning its nearest centroid.
+        `router_sample_key` and assigns each entry to the shard owning its nearest centroid. A HASH build
+        whose shards resolve to tree+AH first trains one index template for the whole memory on the
+        ``index_config.training_sample_size`` entries with the smallest key and builds every tree+AH shard
+        from it (memory.shared_index), so the opened memory searches those shards as one index.
       router_config: How a PARTITION build trains its router.
 
     Returns:
@@ -81,15 +86,23 @@ def build_memory_local(root: str, *, ids: Sequence[str], labels: Sequence[str], 
         storage.remove_tree(version_path(root, v))
     if storage.exists(manifest_path(root)):
         storage.remove_tree(manifest_path(root))
+    template = None
+    if router is None and uses_template(index_config, np.bincount(shard_of, minlength=num_shards).tolist()):
+        sample = emb[select_sample_rows(ids_arr.tolist(), index_config.training_sample_size or n)]
+        template = {"path": TEMPLATE_DIR, "id": write_template(root, train_template(sample, index_config, n))}
     shards = []
-    for s in range(num_shards):
-        rows = np.flatnonzero(shard_of == s)
-        name = shard_name(s, num_shards)
-        data = ShardData(ids=ids_arr[rows], labels=label_idx[rows], uris=uris_arr[rows],
-                         embeddings=emb[rows].reshape(len(rows), dim))
-        shards.append(write_shard(storage.join(root, name), data, index_config=index_config, name=name,
-                                  root_relative_path=name))
+    with contextlib.ExitStack() as stack:
+        template_dir = None if template is None else stack.enter_context(local_template(root))
+        for s in range(num_shards):
+            rows = np.flatnonzero(shard_of == s)
+            name = shard_name(s, num_shards)
+            data = ShardData(ids=ids_arr[rows], labels=label_idx[rows], uris=uris_arr[rows],
+                             embeddings=emb[rows].reshape(len(rows), dim))
+            shards.append(write_shard(storage.join(root, name), data, index_config=index_config, name=name,
+                                      root_relative_path=name, template_dir=template_dir))
     config: dict[str, Any] = dict(build_config or {})
+    if template is not None:
+        config.setdefault("index_template", template)
     config.setdefault("index_config", index_config.to_dict())
     config.setdefault("num_shards", num_shards)
     config.setdefault("sharding", sharding.value)

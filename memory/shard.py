@@ -30,17 +30,22 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
 import typing
+from collections.abc import Sequence
 
 import numpy as np
 
 from memory import storage
-from memory.index import IndexConfig, ShardIndex, dataset_file, rows_from_dataset_file
-from memory.manifest import ManifestError, ShardInfo
+from memory.index import IndexConfig, IndexKind, ShardIndex, dataset_file, rows_from_dataset_file
+from memory.manifest import Manifest, ManifestError, ShardInfo
+from memory.shared_index import merge_runs
 from memory.vectors import l2_normalize
+
+_LOG = logging.getLogger(__name__)
 
 ENTRIES_NAME = "entries.parquet"
 LEGACY_ARRAY_NAMES = ("embeddings", "ids", "labels", "uris")  # Format 1 files, also its checksum order.
@@ -178,7 +183,7 @@ def _local_files(local_dir: str) -> list[str]:
 
 
 def write_shard(shard_dir: str, data: ShardData, *, index_config: IndexConfig, name: str,
-                root_relative_path: str) -> ShardInfo:
+                root_relative_path: str, template_dir: str | None = None) -> ShardInfo:
     """Writes one shard (entry table + ScaNN index) and returns its manifest entry.
 
     Everything is first written to a local temporary directory (ScaNN cannot serialise to ``gs://``), then
@@ -192,6 +197,9 @@ def write_shard(shard_dir: str, data: ShardData, *, index_config: IndexConfig, n
       index_config: How to build the ScaNN index (its embedding_dtype is how the rows are stored).
       name: Shard name for the manifest (e.g. ``shard-00003-of-00016``).
       root_relative_path: shard_dir relative to the memory root, recorded in the manifest.
+      template_dir: A local memory-wide index template (`memory.shared_index`): a shard that resolves to
+        tree+AH is built from it (its partitioner and codebook), so the memory can search it merged with its
+        sibling shards; None trains the shard's own.
 
     Returns:
       The ShardInfo to put in the manifest.
@@ -203,7 +211,11 @@ def write_shard(shard_dir: str, data: ShardData, *, index_config: IndexConfig, n
         with open(os.path.join(tmp, ENTRIES_NAME), "wb") as f:
             f.write(_entries_parquet_bytes(data, dim=dim, embedding_dtype=index_config.embedding_dtype))
         if n:
-            index = ShardIndex.build(data.embeddings, index_config)
+            if template_dir is not None and index_config.resolve_kind(n) is IndexKind.TREE_AH:
+                from memory.shared_index import build_from_template  # pylint: disable=g-import-not-at-top
+                index = build_from_template(data.embeddings, template_dir)
+            else:
+                index = ShardIndex.build(data.embeddings, index_config)
             del data  # The index holds its own copy; free ours before serialising (peak memory per worker).
             index.save(os.path.join(tmp, SCANN_DIR))
             kind = index.kind.value
@@ -365,6 +377,67 @@ def load_shard_index(shard_dir: str, info: ShardInfo) -> ShardIndex | None:
         raise ManifestError(
             f"shard {info.name}: index at {scann_dir} has {len(index)} entries of kind {index.kind.value}, "
             f"manifest says {info.count} of kind {info.index_kind}")
+    return index
+
+
+def shard_template_id(shard_dir: str, info: ShardInfo) -> str | None:
+    """The index template a tree+AH shard was built from (`memory.shared_index`), read from its small index
+    metadata file without loading the searcher; None for other shards and for shards without one."""
+    if info.index_kind != IndexKind.TREE_AH.value:
+        return None
+    from memory.index import INDEX_META_NAME  # pylint: disable=g-import-not-at-top
+    try:
+        meta = json.loads(storage.read_bytes(storage.join(shard_dir, SCANN_DIR, INDEX_META_NAME)))
+    except FileNotFoundError:
+        return None  # load_shard_index reports the missing index.
+    return meta.get("template_id")
+
+
+# Most entries one merged index holds (four shards of the default 500,000-entry target): a hash memory of more
+# is searched as several merged indexes, so a job's worker loads a bounded piece of it.
+MERGE_MAX_ROWS = 2_000_000
+
+
+def search_units(root: str, manifest: Manifest, *, merge: bool = True) -> list[tuple[int, ...]]:
+    """The searched indexes of a memory version: each a tuple of `manifest.all_shards` positions, one shard, or
+    a run of consecutive shards built from one index template and searched as one index (memory.shared_index;
+    hash-sharded memories only: a routed memory searches only the shards a query is routed to). The in-process
+    memory and the distributed jobs search the same units, so they return the same neighbours."""
+    infos = manifest.all_shards
+    if not merge or manifest.router is not None:
+        return [(s,) for s in range(len(infos))]
+    ids = [shard_template_id(storage.join(root, info.path), info) for info in infos]
+    runs = dict(merge_runs(ids, [info.count for info in infos], MERGE_MAX_ROWS))
+    units, s = [], 0
+    while s < len(infos):
+        stop = runs.get(s, s + 1)
+        units.append(tuple(range(s, stop)))
+        s = stop
+    return units
+
+
+def load_unit_index(shard_dirs: Sequence[str], infos: Sequence[ShardInfo]) -> ShardIndex | None:
+    """The index of one `search_units` unit: its shard's (`load_shard_index`), or its shards' searched as one
+    (`memory.shared_index.load_merged`)."""
+    if len(infos) == 1:
+        return load_shard_index(shard_dirs[0], infos[0])
+    from memory.shared_index import load_merged  # pylint: disable=g-import-not-at-top
+    names = [info.name for info in infos]
+    with contextlib.ExitStack() as stack:
+        local = []
+        for shard_dir, info in zip(shard_dirs, infos):
+            scann_dir = storage.join(shard_dir, SCANN_DIR)
+            if not storage.exists(scann_dir):
+                raise ManifestError(f"shard {info.name}: index directory {scann_dir} missing")
+            local.append(stack.enter_context(_local_scann_dir(scann_dir)))
+            _refuse_pickles(_local_files(local[-1]), f"shard {info.name} index {scann_dir}")
+        try:
+            index = load_merged(local)
+        except ValueError as e:
+            raise ManifestError(f"shards {names}: {e}") from None
+    if len(index) != sum(info.count for info in infos):
+        raise ManifestError(f"shards {names}: merged index has {len(index)} entries, manifest says "
+                            f"{sum(info.count for info in infos)}")
     return index
 
 

@@ -29,7 +29,7 @@ from memory.manifest import Manifest, ShardInfo
 from memory.filters import Crowding, QueryFilter, RowAttributes, crowd, crowded_search, search_filtered
 from memory.merge import merge_topk
 from memory.mutations import read_entry_weights, read_forgotten, row_weights
-from memory.shard import load_shard_index, read_shard_entries
+from memory.shard import load_unit_index, read_shard_entries
 from memory.vectors import l2_normalize
 
 PAD_ID = ""
@@ -289,8 +289,9 @@ class LoadedShard:
       dead: bool [n], rows that are forgotten (tombstoned) and must never be returned; None for none.
       weights: float32 [n] entry weight of each row (soft pruning; 1.0 for unlisted ids), or None when the
         memory has no entry weights (then search returns PartialTopK.weights = None).
-      shard_dir: Where the shard's files are: its embeddings are read from there (once) only when a query
-        must be searched by brute force over the live rows (see `search_live_rows`).
+      shard_dirs: Where the shard's files are (each shard's, for a unit searched as one index): the embeddings
+        are read from there (once) only when a query must be searched by brute force over the live rows (see
+        `search_live_rows`).
       uris: unicode [n] source uris (for filters, crowding and re-ranking), or None when not loaded.
       class_names: The memory's class names (label filters name classes).
       metadata: The version's metadata table (memory.metadata.MetadataTable) for metadata filters and
@@ -302,7 +303,7 @@ class LoadedShard:
     labels: np.ndarray
     dead: np.ndarray | None = None
     weights: np.ndarray | None = None
-    shard_dir: str | None = None
+    shard_dirs: tuple[str, ...] = ()
     uris: np.ndarray | None = None
     class_names: tuple[str, ...] = ()
     metadata: object | None = None
@@ -310,14 +311,14 @@ class LoadedShard:
     _attributes: RowAttributes | None = dataclasses.field(default=None, init=False, repr=False)
 
     @classmethod
-    def load(cls, root: str, info: ShardInfo, *, forgotten: np.ndarray | None = None,
+    def load(cls, root: str, info: ShardInfo | Sequence[ShardInfo], *, forgotten: np.ndarray | None = None,
              entry_weights: tuple[np.ndarray, np.ndarray] | None = None, with_uris: bool = False,
              class_names: Sequence[str] = (), metadata: object | None = None) -> "LoadedShard":
-        """Loads a main or delta shard.
+        """Loads a main or delta shard, or a `memory.shard.search_units` unit of shards searched as one index.
 
         Args:
           root: Memory root.
-          info: The shard (from `searchable_shards(manifest)`).
+          info: The shard (from `searchable_shards(manifest)`), or a unit's shards in order.
           forgotten: The version's tombstoned ids (`load_forgotten`); rows with these ids are skipped.
           entry_weights: The version's (sorted ids, weights) (`load_entry_weights`), or None for an
             unweighted memory.
@@ -325,27 +326,30 @@ class LoadedShard:
           class_names: The memory's class names, for label filters.
           metadata: The version's `memory.metadata.read_metadata` table, for metadata filters and crowding.
         """
-        shard_dir = storage.join(root, info.path)
-        data = read_shard_entries(shard_dir)  # The embeddings live in the index only.
-        ids = data.ids
+        infos = [info] if isinstance(info, ShardInfo) else list(info)
+        dirs = tuple(storage.join(root, i.path) for i in infos)
+        entries = [read_shard_entries(d) for d in dirs]  # The embeddings live in the index only.
+        ids = np.concatenate([e.ids for e in entries])
         dead = None
         if forgotten is not None and len(forgotten) and ids.size:
             dead = np.isin(ids, np.asarray(forgotten, dtype=str))
             dead = dead if dead.any() else None
         weights = None if entry_weights is None else row_weights(entry_weights, ids)
-        return cls(name=info.name, index=load_shard_index(shard_dir, info), ids=ids,
-                   labels=data.labels.astype(np.int32), dead=dead, weights=weights, shard_dir=shard_dir,
-                   uris=data.uris if with_uris else None, class_names=tuple(class_names), metadata=metadata)
+        return cls(name="+".join(i.name for i in infos), index=load_unit_index(dirs, infos), ids=ids,
+                   labels=np.concatenate([e.labels for e in entries]).astype(np.int32), dead=dead, weights=weights,
+                   shard_dirs=dirs, uris=np.concatenate([e.uris for e in entries]) if with_uris else None,
+                   class_names=tuple(class_names), metadata=metadata)
 
     def _live_index(self, key: str, excluded: np.ndarray) -> tuple[ShardIndex | None, np.ndarray]:
         if key not in self._live:
-            if self.shard_dir is None:
+            if not self.shard_dirs:
                 raise ValueError(f"shard {self.name}: a query needs the brute-force search over the live rows, which "
                                  "reads the shard's embeddings; load the shard with LoadedShard.load")
             from memory.shard import read_shard_data  # pylint: disable=g-import-not-at-top
             if key != "dead" and len(self._live) >= FILTER_INDEX_CACHE:  # Bounded: filters can be many.
                 del self._live[next(kk for kk in self._live if kk != "dead")]
-            self._live[key] = build_live_index(read_shard_data(self.shard_dir).embeddings, excluded)
+            parts = [read_shard_data(d).embeddings for d in self.shard_dirs]
+            self._live[key] = build_live_index(parts[0] if len(parts) == 1 else np.concatenate(parts), excluded)
         return self._live[key]
 
     def attributes(self) -> RowAttributes:

@@ -34,7 +34,7 @@ from memory.routing import Router, check_route_ratio, read_router, search_mask
 from memory.tuning import tuned_index
 from memory.shard_search import (FILTER_INDEX_CACHE, build_live_index, one_thread_blas, search_in_chunks,
                                  search_live_rows)
-from memory.shard import load_shard_index, read_shard_embeddings, read_shard_entries, verify_shard
+from memory.shard import load_unit_index, read_shard_embeddings, read_shard_entries, search_units, verify_shard
 from memory.vectors import l2_normalize
 from memory.versions import latest_version, read_version
 from memory.voting import VotingParams, VotingRule
@@ -83,14 +83,18 @@ class VisualMemory:
                  ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, *,
                  forgotten: np.ndarray | None = None,
                  entry_weights: tuple[np.ndarray, np.ndarray] | None = None,
-                 search_threads: int | None = None, router: Router | None = None):
+                 search_threads: int | None = None, router: Router | None = None,
+                 units: Sequence[tuple[int, ...]] | None = None):
         self._root = root
         # Partition-routed memories send each query only to the main shards its nearest centroids route it to.
         self._router = router
         self._route_probes: int | None = None
         self._route_ratio: float | None = None
         self._manifest = manifest
+        # One index per search unit: a shard, or a run of shards built from one index template and searched as
+        # one (memory.shared_index); units[u] lists unit u's manifest shards, offsets[u] its first row.
         self._indices = list(indices)
+        self._units = [(u,) for u in range(len(self._indices))] if units is None else [tuple(u) for u in units]
         self._ids = ids
         self._labels = labels
         self._offsets = offsets
@@ -113,15 +117,14 @@ class VisualMemory:
         # The query encoder is loaded on the first image query only: vector queries and search never need
         # TensorFlow, and loading a model takes seconds.
         self._encoder: Encoder | None = None
-        searchable = sum(ix is not None for ix in self._indices)
-        self._search_threads = _resolve_threads(search_threads, searchable)
+        self._search_threads = _resolve_threads(search_threads, self._searchable_shards())
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
 
     @classmethod
     def open(cls, path: str, *, version: int | None = None, verify: bool = False,
              search_threads: int | None = None, search_defaults: bool = True,
-             load_encoder: bool = False) -> VisualMemory:
+             load_encoder: bool = False, merge_shards: bool = True) -> VisualMemory:
         """Opens a memory at its latest version, or at a pinned one.
 
         Args:
@@ -136,6 +139,10 @@ class VisualMemory:
             build's own setting).
           load_encoder: Load the query encoder now and run it once (serving: the first image query then pays
             no model load or tracing); by default it loads on the first image query.
+          merge_shards: Search consecutive tree+AH shards built from one index template (hash builds of
+            tree+AH memories, `memory.shared_index`) as one ScaNN index: the same neighbours' quality at one
+            index's speed instead of one search per shard (their per-row files are concatenated into a
+            temporary directory once, at open). False searches every shard on its own.
 
         Returns:
           The opened memory.
@@ -147,26 +154,31 @@ class VisualMemory:
         """
         root = path.rstrip("/") if len(path) > 1 else path
         manifest = read_version(root, latest_version(root) if version is None else version)
-        indices, ids, labels, offsets = [], [], [], [0]
-        for info in manifest.all_shards:
-            shard_dir = storage.join(root, info.path)
+        infos = manifest.all_shards
+        dirs = [storage.join(root, info.path) for info in infos]
+        ids, labels, row_offsets = [], [], [0]
+        for info, shard_dir in zip(infos, dirs):
             if verify:
                 verify_shard(shard_dir, info)
             try:
                 data = read_shard_entries(shard_dir)  # Not the embeddings: the index holds the only copy.
             except FileNotFoundError as e:
                 raise ManifestError(f"shard {info.name}: {e}") from None
-            index = load_shard_index(shard_dir, info)
-            if len(data.ids) != info.count or (index is not None and index.dim != manifest.dim):
-                raise ManifestError(
-                    f"shard {info.name}: files hold {len(data.ids)} entries of dim "
-                    f"{None if index is None else index.dim}, manifest says {info.count} of dim {manifest.dim}")
+            if len(data.ids) != info.count:
+                raise ManifestError(f"shard {info.name}: files hold {len(data.ids)} entries, manifest says {info.count}")
             if info.count and int(data.labels.max()) >= len(manifest.class_names):
                 raise ManifestError(f"shard {info.name}: label {int(data.labels.max())} outside class_names")
-            indices.append(index)
             ids.append(data.ids)
             labels.append(data.labels)
-            offsets.append(offsets[-1] + info.count)
+            row_offsets.append(row_offsets[-1] + info.count)
+        # Hash shards built from one index template are searched as one index (memory.shared_index).
+        units = search_units(root, manifest, merge=merge_shards)
+        indices = [load_unit_index([dirs[s] for s in unit], [infos[s] for s in unit]) for unit in units]
+        for unit, index in zip(units, indices):
+            if index is not None and index.dim != manifest.dim:
+                raise ManifestError(f"shard {infos[unit[0]].name}: index of dim {index.dim}, manifest says "
+                                    f"{manifest.dim}")
+        offsets = [0] + [row_offsets[unit[-1] + 1] for unit in units]
         all_ids = np.concatenate(ids) if ids else np.zeros((0,), dtype="<U1")
         all_labels = np.concatenate(labels) if labels else np.zeros((0,), dtype=np.int32)
         forgotten = read_forgotten(root, manifest)
@@ -175,7 +187,7 @@ class VisualMemory:
                                 f"{int(np.isin(all_ids, forgotten).sum())} of them are in its shards")
         memory = cls(root, manifest, indices, all_ids, all_labels, np.asarray(offsets, dtype=np.int64),
                      forgotten=forgotten, entry_weights=read_entry_weights(root, manifest),
-                     search_threads=search_threads, router=read_router(root, manifest))
+                     search_threads=search_threads, router=read_router(root, manifest), units=units)
         if search_defaults and manifest.search_defaults:
             from memory.tuning import SearchSetting  # pylint: disable=g-import-not-at-top
             memory = SearchSetting.from_dict(manifest.search_defaults).apply(memory)
@@ -222,9 +234,19 @@ class VisualMemory:
             view._route_ratio = route_ratio
         view._indices = [None if ix is None else tuned_index(ix, leaves_fraction, reorder) for ix in self._indices]
         if threads is not None:
-            view._search_threads = _resolve_threads(threads, sum(ix is not None for ix in self._indices))
+            view._search_threads = _resolve_threads(threads, self._searchable_shards())
             view._pool, view._pool_lock = None, threading.Lock()
         return view
+
+    def _searchable_shards(self) -> int:
+        return sum(len(unit) for unit, ix in zip(self._units, self._indices) if ix is not None)
+
+    @property
+    def searched_as(self) -> list[tuple[str, ...]]:
+        """The shard names of each searched index: one name per shard, or several for shards searched as one
+        index (built from one index template, see `memory.shared_index`)."""
+        names = [info.name for info in self._manifest.all_shards]
+        return [tuple(names[s] for s in unit) for unit, ix in zip(self._units, self._indices) if ix is not None]
 
     @property
     def router(self) -> Router | None:
@@ -387,8 +409,9 @@ class VisualMemory:
                 from memory.shard import read_shard_data  # pylint: disable=g-import-not-at-top
                 # The embeddings are read again for each new exclusion (not kept: they would double the
                 # memory's footprint); the brute-force index over the admitted rows is kept.
-                info = self._manifest.all_shards[s]
-                cached = build_live_index(read_shard_data(storage.join(self._root, info.path)).embeddings, excluded)
+                parts = [read_shard_data(storage.join(self._root, self._manifest.all_shards[u].path)).embeddings
+                         for u in self._units[s]]
+                cached = build_live_index(parts[0] if len(parts) == 1 else np.concatenate(parts), excluded)
                 if key != "dead":
                     filter_keys = [kk for kk in self._live_indices if kk[1] != "dead"]
                     for old in filter_keys[:max(0, len(filter_keys) - FILTER_INDEX_CACHE + 1)]:

@@ -39,6 +39,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 from typing import Optional, Sequence
 
 import apache_beam as beam
@@ -48,13 +49,14 @@ from configs.build import BuildConfig, load_config
 from memory import storage
 from memory.index import IndexConfig, IndexKind
 from memory.manifest import MANIFEST_NAME
+from memory.shared_index import uses_template
 from memory.sharding import Sharding
 from pipelines.embed import DecodeImages, EmbedImages
 from pipelines.readers import ImageSource, ReadImages, parse_image_spec
 from pipelines.cli_args import UsageError
 from pipelines.runner import with_default_runner
-from pipelines.write import (EntriesToBlocks, TrainRouter, WriteDeadLetters, WriteManifest, WriteMemoryShards,
-                             block_class_names, count_rows, shards_for_count)
+from pipelines.write import (EntriesToBlocks, TrainIndexTemplate, TrainRouter, WriteDeadLetters, WriteManifest,
+                             WriteMemoryShards, block_class_names, count_rows, shards_for_count)
 
 _LOG = logging.getLogger("visual_memory")
 
@@ -177,6 +179,15 @@ def read_precomputed(p: beam.Pipeline, source, identity: dict):
     return blocks, read_failures, identities, records_read
 
 
+def _may_use_template(config: BuildConfig, entry_count: int | None) -> bool:
+    """Whether a hash build may have tree+AH shards, hence an index template (decided at launch when the
+    entry count is known; otherwise TrainIndexTemplate decides once the rows are counted)."""
+    if entry_count is None:
+        return uses_template(config.index, [config.index.tree_ah_min_size])
+    shards = config.num_shards or shards_for_count(entry_count, config.target_shard_size)
+    return uses_template(config.index, [math.ceil(entry_count / shards)])
+
+
 def build_pipeline(p: beam.Pipeline, *, source, output: str, config: BuildConfig, encoder_id: str | None = None,
                    entry_count: int | None = None) -> None:
     """Adds the build graph to ``p``.
@@ -219,13 +230,19 @@ def build_pipeline(p: beam.Pipeline, *, source, output: str, config: BuildConfig
     else:
         num_shards = (count_rows(blocks, "CountForShards")
                       | "NumShards" >> beam.Map(shards_for_count, config.target_shard_size))
-    router = None
+    router = template = None
+    sampled = config.sharding is Sharding.PARTITION or _may_use_template(config, entry_count)
+    if sampled and router_blocks is None:
+        router_blocks, _ = p | "ReadForSample" >> ReadEmbeddings(source)
     if config.sharding is Sharding.PARTITION:
-        if router_blocks is None:
-            router_blocks, _ = p | "ReadForRouter" >> ReadEmbeddings(source)
         router = router_blocks | "TrainRouter" >> TrainRouter(output, num_shards=num_shards, config=config.router)
+    elif sampled:
+        # One index template for every tree+AH hash shard: the opened memory searches them as one index.
+        template = router_blocks | "TrainIndexTemplate" >> TrainIndexTemplate(output, num_shards=num_shards,
+                                                                             config=config.index)
     infos, shard_failures = blocks | "WriteMemoryShards" >> WriteMemoryShards(
-        output, num_shards=num_shards, index_config=config.index, class_names=class_names, router=router)
+        output, num_shards=num_shards, index_config=config.index, class_names=class_names, router=router,
+        template=template)
     failures = (tuple(failure_sets) + (shard_failures,)) | "AllFailures" >> beam.Flatten()
     dead_letter_files = failures | "WriteDeadLetters" >> WriteDeadLetters(output)
     failed = failures | "CountFailed" >> beam.combiners.Count.Globally()
@@ -233,7 +250,7 @@ def build_pipeline(p: beam.Pipeline, *, source, output: str, config: BuildConfig
     _ = infos | "WriteManifest" >> WriteManifest(
         output, num_shards=num_shards, index_config=config.index, build_config=build_config,
         identities=identities, class_names=class_names, records_read=records_read, failed=failed,
-        dead_letter_files=dead_letter_files, router=router)
+        dead_letter_files=dead_letter_files, router=router, template=template)
 
 
 def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipeline] = None

@@ -121,7 +121,9 @@ def describe(manifest) -> str:
         f"{(manifest.build_config.get('index') or {}).get('embedding_dtype', 'float32')} (inside each shard's index)",
         f"shards       {len(manifest.shards)}" + (
             "" if manifest.router is None else
-            f", partition-routed: {manifest.router.count} router centroids, {manifest.router.probes} probes per query"),
+            f", partition-routed: {manifest.router.count} router centroids, {manifest.router.probes} probes per query")
+        + (", hash shards from one index template (searched as one index)"
+           if manifest.router is None and manifest.build_config.get("index_template") else ""),
     ]
     if manifest.calibration is not None:
         from memory.confidence import memory_calibration

@@ -48,6 +48,7 @@ from memory.filters import Crowding, QueryFilter
 from memory.manifest import Manifest, read_manifest
 from memory.metadata import read_metadata
 from memory.routing import check_route_ratio, read_router, search_mask
+from memory.shard import search_units
 from memory.shard_search import (LoadedShard, PartialTopK, load_entry_weights, load_forgotten, merge_partials,
                                  searchable_shards)
 from memory.tuning import SearchSetting, default_setting, tuned_index
@@ -107,12 +108,15 @@ class _SearchShardFn(beam.DoFn):
     """
 
     def __init__(self, root: str, manifest: Manifest, k: int, *, crowding: Crowding | None = None,
-                 with_uris: bool = False, with_metadata: bool = False, setting: SearchSetting | None = None):
+                 with_uris: bool = False, with_metadata: bool = False, setting: SearchSetting | None = None,
+                 units: Sequence[tuple[int, ...]] | None = None):
         self._root = root
         self._manifest = manifest
         # Main and delta shards; tombstoned (forgotten) rows are skipped inside LoadedShard.search, and each
-        # hit carries its entry weight when the version has soft-pruning weights.
+        # hit carries its entry weight when the version has soft-pruning weights. Each key is a search unit
+        # (memory.shard.search_units): one shard, or shards built from one index template searched as one.
         self._infos = searchable_shards(manifest)
+        self._units = [(s,) for s in range(len(self._infos))] if units is None else [tuple(u) for u in units]
         self._k = k
         self._crowding = crowding
         self._with_uris = with_uris
@@ -132,8 +136,8 @@ class _SearchShardFn(beam.DoFn):
             self._metadata = read_metadata(self._root, self._manifest)
 
     def process(self, element):
-        shard_index, batches = element
-        info = self._infos[shard_index]
+        unit, batches = element
+        info = [self._infos[s] for s in self._units[unit]]
         shard = LoadedShard.load(self._root, info, forgotten=self._forgotten, entry_weights=self._entry_weights,
                                  with_uris=self._with_uris, class_names=self._manifest.class_names,
                                  metadata=self._metadata)
@@ -155,13 +159,17 @@ class _FanOutFn(beam.DoFn):
     query to the main shards its router picks (memory.routing.search_mask) and to every delta shard.
     """
 
-    def __init__(self, root: str, manifest: Manifest, probes: int | None, ratio: float | None = None):
+    def __init__(self, root: str, manifest: Manifest, probes: int | None, ratio: float | None = None,
+                 units: Sequence[tuple[int, ...]] | None = None):
         self._root = root
         self._manifest = manifest
         self._probes = probes
         self._ratio = ratio
         self._router = None
-        self._live = np.asarray([s.count > 0 for s in searchable_shards(manifest)], dtype=bool)
+        counts = [s.count for s in searchable_shards(manifest)]
+        units = [(s,) for s in range(len(counts))] if units is None else units
+        # A routed memory's units are its shards (search_units), so the router's shard mask indexes them.
+        self._live = np.asarray([sum(counts[s] for s in unit) > 0 for unit in units], dtype=bool)
         self._routed = Metrics.counter(_NAMESPACE, "query_shard_routes")
 
     def setup(self):
@@ -206,6 +214,7 @@ class SearchShards(beam.PTransform):
         default, per_query = self._default, self._query_filters
         filtered = default is not None or bool(per_query)
         meta = filtered or (self._crowding is not None and self._crowding.by.startswith("meta:"))
+        units = search_units(self._root, self._manifest)  # What VisualMemory.open searches, so the same answers.
         return (
             queries
             | "BatchQueries" >> beam.BatchElements(min_batch_size=1, max_batch_size=self._batch_size)
@@ -214,11 +223,11 @@ class SearchShards(beam.PTransform):
                 np.stack([q.embedding for q in qs]),
                 tuple(per_query.get(q.id, default) for q in qs) if filtered else None))
             | "FanOutToShards" >> beam.ParDo(_FanOutFn(self._root, self._manifest, self._route_probes,
-                                                       self._route_ratio))
+                                                       self._route_ratio, units=units))
             | "GroupByShard" >> beam.GroupByKey()
             | "SearchShard" >> beam.ParDo(_SearchShardFn(
                 self._root, self._manifest, self._k, crowding=self._crowding, with_uris=self._with_uris,
-                with_metadata=meta and self._manifest.metadata is not None, setting=self._setting)))
+                with_metadata=meta and self._manifest.metadata is not None, setting=self._setting, units=units)))
 
 
 class _MergeTopKFn(beam.CombineFn):

@@ -83,6 +83,7 @@ Anything that is not a re-index flag is passed to Beam's PipelineOptions.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import io
 import logging
@@ -115,6 +116,7 @@ from memory.mutations import (_fresh_name, _member, purge_history, purge_request
                               read_entry_weights, read_forgotten, WEIGHTS_DIR)
 from memory.routing import read_router
 from memory.shard import ShardData
+from memory.shared_index import local_template
 from memory.sharding import shard_for_id
 from memory.versions import (ConcurrentUpdateError, _conflict, checked_deletion_paths, latest_version, list_versions,
                              publish_version, read_version)
@@ -427,8 +429,12 @@ class _WriteTargetShardFn(beam.DoFn):
         del block
         name, rel = job.target_path(plan, index)
         start = time.perf_counter()
-        info = shard_io.write_shard(storage.join(job.root, rel), data, index_config=job.index_config, name=name,
-                                    root_relative_path=rel)
+        # A hash memory built with an index template keeps it: its rebuilt tree+AH shards still search as one.
+        templated = job.manifest.router is None and bool(job.manifest.build_config.get("index_template"))
+        with contextlib.ExitStack() as stack:
+            template_dir = stack.enter_context(local_template(job.root)) if templated else None
+            info = shard_io.write_shard(storage.join(job.root, rel), data, index_config=job.index_config, name=name,
+                                        root_relative_path=rel, template_dir=template_dir)
         self._written.inc()
         _LOG.info("reindex: rebuilt %s: %d entries, index %s, %.1fs -> %s", name, info.count, info.index_kind,
                   time.perf_counter() - start, rel)

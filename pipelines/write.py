@@ -14,6 +14,7 @@ the published shard.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import io
@@ -32,6 +33,7 @@ from memory.index import IndexConfig
 from memory.manifest import FORMAT_VERSION, BuildCounts, Manifest, Metric, RouterRef, ShardInfo, write_manifest
 from memory.routing import RouterConfig, router_sample_key, train_router, write_router
 from memory.shard import ShardData, write_shard
+from memory.shared_index import TEMPLATE_DIR, local_template, train_template, uses_template, write_template
 from memory.sharding import shard_for_id, shard_name
 from pipelines.readers import FAILED_TAG, _failed
 from pipelines.records import EmbeddedImage, EntryBlock, Stage
@@ -43,6 +45,9 @@ DEAD_LETTER_DIR = "dead_letter"
 SPILL_DIR = ".build-tmp"
 # Rows per spill file: large enough that a billion entries make ~1e4-1e5 files, small enough to buffer.
 SPILL_ROWS = 65_536
+# Most entries a hash build's index template trains on (IndexConfig.training_sample_size's default): one worker
+# holds up to twice this many sample rows while they are combined.
+TEMPLATE_SAMPLE_MAX = 250_000
 BLOCK_ROWS = 4_096
 _ATTEMPT_RE = re.compile(r"^shard-\d{5}-of-\d{5}(-[0-9a-f]{8})?$")
 
@@ -222,7 +227,7 @@ class _WriteShardFn(beam.DoFn):
         self._index_config = index_config
         self._written = Metrics.counter(_NAMESPACE, "entries_written")
 
-    def process(self, element, class_names, num_shards):
+    def process(self, element, class_names, num_shards, template=None):
         index, paths = element
         full = read_spills(paths)
         block, dups = dedupe_block(full)
@@ -236,8 +241,11 @@ class _WriteShardFn(beam.DoFn):
         name, _, _ = shard_paths(self._output, index, num_shards)
         # One directory per attempt: a retried or zombie attempt never overwrites the files of another.
         rel = f"{SHARDS_DIR}/{name}-{secrets.token_hex(4)}"
-        info = write_shard(storage.join(self._output, rel), data, index_config=self._index_config, name=name,
-                           root_relative_path=rel)
+        with contextlib.ExitStack() as stack:
+            # The memory-wide index template (TrainIndexTemplate), when this hash build has one.
+            template_dir = stack.enter_context(local_template(self._output)) if template else None
+            info = write_shard(storage.join(self._output, rel), data, index_config=self._index_config, name=name,
+                               root_relative_path=rel, template_dir=template_dir)
         del data
         self._written.inc(info.count)
         _LOG.info("wrote %s: %d entries, index %s", name, info.count, info.index_kind)
@@ -254,6 +262,41 @@ def _train_and_write_router(sample, num_shards: int, *, output: str, config: Rou
     _LOG.info("router: %d centroids trained on %d entries, shard shares %s", ref.count, len(embeddings),
               np.bincount(router.assign(embeddings), minlength=num_shards).tolist())
     return router, ref
+
+
+def _train_and_write_template(sample, count: int, num_shards: int, *, output: str, config: IndexConfig) -> dict:
+    """Template sample (keys, embeddings) -> {"path", "id"} of the written index template, or {} when no shard
+    of this build will be tree+AH (memory.shared_index.uses_template)."""
+    _, embeddings = sample
+    if not uses_template(config, [math.ceil(count / num_shards)]) or len(embeddings) < 16:
+        return {}
+    ref = {"path": TEMPLATE_DIR, "id": write_template(output, train_template(embeddings, config, count))}
+    _LOG.info("index template for %d entries in %d shards trained on %d entries", count, num_shards, len(embeddings))
+    return ref
+
+
+class TrainIndexTemplate(beam.PTransform):
+    """EntryBlock -> one {"path", "id"} (or {}): a hash build's memory-wide index template, trained and written.
+
+    Its sample is the ``index_config.training_sample_size`` entries (at most TEMPLATE_SAMPLE_MAX) with the
+    smallest `memory.routing.router_sample_key`, the router's rule; every tree+AH shard is then built from it
+    (memory.shared_index) so an opened memory searches its shards as one index. ``num_shards``: a singleton.
+    """
+
+    def __init__(self, output: str, *, num_shards, config: IndexConfig):
+        super().__init__()
+        self._output = output
+        self._num_shards = num_shards
+        self._config = config
+
+    def expand(self, blocks):
+        size = min(self._config.training_sample_size or TEMPLATE_SAMPLE_MAX, TEMPLATE_SAMPLE_MAX)
+        count = count_rows(blocks, "CountForTemplate")
+        return (blocks
+                | "Sample" >> beam.CombineGlobally(_SmallestKeysFn(size))
+                | "Train" >> beam.Map(_train_and_write_template, beam.pvalue.AsSingleton(count),
+                                      beam.pvalue.AsSingleton(self._num_shards), output=self._output,
+                                      config=self._config))
 
 
 class _SmallestKeysFn(beam.CombineFn):
@@ -321,13 +364,14 @@ class WriteMemoryShards(beam.PTransform):
     """
 
     def __init__(self, output: str, *, num_shards, index_config: IndexConfig, class_names, router=None,
-                 spill_rows: int = SPILL_ROWS):
+                 spill_rows: int = SPILL_ROWS, template=None):
         super().__init__()
         self._output = output
         self._num_shards = num_shards
         self._index_config = index_config
         self._class_names = class_names  # PCollection with one sorted list, used as a side input.
         self._router = router
+        self._template = template  # One {"path", "id"} or {} from TrainIndexTemplate, or None.
         self._spill_rows = spill_rows
 
     def expand(self, blocks):
@@ -352,7 +396,8 @@ class WriteMemoryShards(beam.PTransform):
             | "GroupByShard" >> beam.GroupByKey()
             | "WriteShard" >> beam.ParDo(
                 _WriteShardFn(self._output, self._index_config),
-                class_names=beam.pvalue.AsSingleton(self._class_names), num_shards=n
+                class_names=beam.pvalue.AsSingleton(self._class_names), num_shards=n,
+                **({} if self._template is None else {"template": beam.pvalue.AsSingleton(self._template)})
             ).with_outputs(FAILED_TAG, main="infos"))
         failures.append(results[FAILED_TAG])
         return results.infos, (tuple(failures) | "ShardFailures" >> beam.Flatten())
@@ -459,13 +504,16 @@ class _WriteManifestFn(beam.DoFn):
         self._build_config = build_config
 
     def process(self, unused, infos, identities, class_names, records_read, failed, dead_letter_files, router,
-                num_shards):
+                num_shards, template=()):
         if len(router) > 1:
             raise BuildError(f"{len(router)} routers were trained for one build; expected one")
+        build_config = dict(self._build_config, num_shards=num_shards)
+        if template and template[0]:
+            build_config["index_template"] = template[0]
         manifest = assemble_manifest(
             output=self._output, infos=infos, num_shards=num_shards, index_config=self._index_config,
             identities=identities, class_names=class_names, records_read=records_read, failed=failed,
-            build_config=dict(self._build_config, num_shards=num_shards), dead_letter_files=dead_letter_files,
+            build_config=build_config, dead_letter_files=dead_letter_files,
             router=router[0][1] if router else None)
         manifest = publish_build(self._output, manifest)
         removed = remove_build_leftovers(self._output, manifest)
@@ -479,12 +527,13 @@ class WriteManifest(beam.PTransform):
     """Writes ``manifest.json`` once every shard and dead letter is written (side inputs enforce the order)."""
 
     def __init__(self, output: str, *, num_shards, index_config: IndexConfig, build_config: dict,
-                 identities, class_names, records_read, failed, dead_letter_files, router=None):
+                 identities, class_names, records_read, failed, dead_letter_files, router=None, template=None):
         super().__init__()
         self._fn = _WriteManifestFn(output, index_config, build_config)
         self._side = dict(identities=identities, class_names=class_names, records_read=records_read,
                           failed=failed, dead_letter_files=dead_letter_files, router=router,
                           num_shards=num_shards)
+        self._template = template
 
     def expand(self, infos):
         s = self._side
@@ -501,4 +550,5 @@ class WriteManifest(beam.PTransform):
                 dead_letter_files=beam.pvalue.AsList(s["dead_letter_files"]),
                 router=beam.pvalue.AsList(s["router"] if s["router"] is not None
                                           else infos.pipeline | "NoRouter" >> beam.Create([])),
-                num_shards=beam.pvalue.AsSingleton(s["num_shards"])))
+                num_shards=beam.pvalue.AsSingleton(s["num_shards"]),
+                **({} if self._template is None else {"template": beam.pvalue.AsList(self._template)})))

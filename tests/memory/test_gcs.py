@@ -53,7 +53,9 @@ def test_gcs_memory_matches_local(gcs_bucket, tmp_path):
         np.testing.assert_array_equal(a.ids, b.ids)
         np.testing.assert_array_equal(a.uris, b.uris)
         np.testing.assert_array_equal(a.embeddings, b.embeddings)
-    assert storage.list_dir(gcs_root) == ["manifest.json"] + [s.name for s in m_gcs.shards] + ["versions"]
+    # index_template: the hash build's one tree+AH template (memory.shared_index), written to GCS like the shards.
+    assert storage.list_dir(gcs_root) == ["index_template", "manifest.json"] + [s.name for s in m_gcs.shards] + [
+        "versions"]
     assert storage.list_dir(storage.join(gcs_root, "versions")) == ["v000001.json"]
     a = VisualMemory.open(gcs_root, verify=True).search(q, 10)
     b = VisualMemory.open(str(tmp_path)).search(q, 10)

@@ -255,3 +255,24 @@ def test_manifest_publish_is_idempotent_under_a_retried_step(tmp_path):
     other = dataclasses.replace(retried, counts=dataclasses.replace(retried.counts, read=61, failed=1))
     with pytest.raises(ConcurrentUpdateError):
         publish_build(out, other)
+
+
+def test_hash_build_of_tree_shards_trains_one_template_and_the_memory_searches_them_as_one(tmp_path):
+    """TrainIndexTemplate: every tree+AH shard the Beam build writes shares one template (memory.shared_index)."""
+    keys, _, emb = _clip_folder(str(tmp_path / "emb"), [300, 250, 150])
+    out = str(tmp_path / "mem")
+    build.run([f"--embeddings=clip:{tmp_path / 'emb'},label_column=label", "--encoder-id=test-clip-24",
+               f"--output={out}", "--target-shard-size=200", "--index=tree_ah", "--runner=FnApiRunner"])
+    mem = VisualMemory.open(out, verify=True)
+    template = mem.manifest.build_config["index_template"]
+    assert template["path"] == "index_template" and os.path.isdir(os.path.join(out, "index_template"))
+    assert {s.index_kind for s in mem.manifest.shards} == {"tree_ah"}
+    assert mem.searched_as == [tuple(s.name for s in mem.manifest.shards)]
+    found = mem.with_search_params(leaves_fraction=1.0, reorder=1000).search(emb[:50], 1)
+    np.testing.assert_array_equal(found.ids[:, 0], keys[:50])
+    # The same build with brute-force shards trains no template.
+    out_bf = str(tmp_path / "bf")
+    build.run([f"--embeddings=clip:{tmp_path / 'emb'},label_column=label", "--encoder-id=test-clip-24",
+               f"--output={out_bf}", "--target-shard-size=200", "--index=brute_force", "--runner=FnApiRunner"])
+    assert "index_template" not in VisualMemory.open(out_bf).manifest.build_config
+    assert not os.path.exists(os.path.join(out_bf, "index_template"))

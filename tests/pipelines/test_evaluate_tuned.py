@@ -6,6 +6,7 @@ import numpy as np
 
 from memory.index import IndexKind
 from memory.manifest import read_manifest
+from memory.shard import search_units
 from memory.tuning import SearchSetting, default_setting, publish_search_defaults
 from memory.visual_memory import VisualMemory
 from tests.memory.test_tuning import _memory
@@ -24,12 +25,15 @@ def test_the_evaluate_job_searches_with_the_recorded_setting(tmp_path):
     from pipelines.cli import describe
     assert "search       leaves 0.01562, reorder 10 (vmem tune: votes agree with exact search on 99.00% of 1" \
         in describe(m)
-    fn = _SearchShardFn(root, m, 10, setting=default_setting(m))
+    # The job searches what VisualMemory.open does: hash shards built from one index template as one index.
+    units = search_units(root, m)
+    assert units == [tuple(range(len(m.shards)))]
+    fn = _SearchShardFn(root, m, 10, setting=default_setting(m), units=units)
     fn.setup()
     batch = QueryBatch(tuple(f"q{i}" for i in range(len(q))), ("c0",) * len(q), ("",) * len(q), q)
     partials = {}
-    for s in range(len(m.shards)):
-        for qid, qn in fn.process((s, [batch])):
+    for u in range(len(units)):
+        for qid, qn in fn.process((u, [batch])):
             partials.setdefault(qid, []).append(qn.neighbors)
     job = np.concatenate([merge_partials(partials[f"q{i}"], 10).ids for i in range(len(q))])
     tuned = VisualMemory.open(root).search(q, 10).ids

@@ -581,3 +581,27 @@ def test_plan_from_summaries_equals_plan_reindex(drifted):
             m, main_ids=main_ids, forgotten=np.array(forgotten), delta_ids=delta_ids, num_shards=n)
     with pytest.raises(ValueError, match="no summary of main shard"):
         compaction.plan_from_summaries(m, summaries[1:])
+
+
+def test_reindex_of_a_templated_hash_memory_keeps_searching_its_shards_as_one(tmp_path, capsys):
+    """Rebuilt tree+AH shards reuse the memory's index template (memory.shared_index), so they still merge."""
+    from tests.memory.helpers import ENCODER, clustered
+    x, q = clustered(3000, 32, centres=30, noise=0.3, seed=3, nq=40)
+    ids = [f"t{i:05d}" for i in range(3000)]
+    root = str(tmp_path / "m")
+    build_memory_local(root, ids=ids, labels=[f"c{i % 4}" for i in range(3000)], uris=[""] * 3000, embeddings=x,
+                       num_shards=3, index_config=IndexConfig(kind=IndexKind.TREE_AH, training_sample_size=1500),
+                       encoder_identity=ENCODER)
+    template = read_manifest(root).build_config["index_template"]
+    gone = [i for i in ids if shard_for_id(i, 3) == 0][:40]
+    mutations.forget(root, ids=gone)
+    assert reindex.main(["--memory", root]) == reindex.EXIT_OK
+    assert "rebuilt 1: shard-00000-of-00003" in capsys.readouterr().out
+    new = read_manifest(root)
+    assert new.build_config["index_template"] == template and new.change["kind"] == "reindex"
+    mem = VisualMemory.open(root)
+    assert mem.searched_as == [tuple(s.name for s in new.shards)]
+    full = mem.with_search_params(leaves_fraction=1.0, reorder=3000).search(q, 10)
+    from memory.tuning import exact_search
+    np.testing.assert_array_equal(full.ids, exact_search(mem, q, 10)[0])
+    assert not set(gone) & set(full.ids.ravel().tolist())

@@ -13,9 +13,11 @@ For each dataset one table, all methods measured in this one process on the same
    ``--leaves-factors`` entry (factor * sqrt(n) leaves).
 3. ``memory``: the same data in ``--shards`` shards (ids hashed by `memory.sharding.shard_for_id`), built
    with `memory.build.build_memory_local` into a temp dir and queried through
-   `memory.visual_memory.VisualMemory.search` (per-shard ScaNN + `memory.merge.merge_topk`). Each shard
-   gets the default round(sqrt(shard size)) leaves and the unsharded index's AH settings and training
-   sample; build time includes writing the shard files and opening the memory.
+   `memory.visual_memory.VisualMemory.search`, with the unsharded index's AH settings and training sample.
+   As `vmem build` does for a hash memory of tree+AH shards, one index template (round(sqrt(n)) leaves) is
+   trained on an id-hashed sample and every shard is built from it, so the opened memory searches the four
+   shards as one ScaNN index (`memory.shared_index`); build time includes the template, writing the shard
+   files and opening the memory (which concatenates the shards' per-row files once).
    ``memory routed``: the same, built with ``sharding="partition"``: a router (memory.routing, shipped
    defaults: up to 1,024 centroids trained on 50,000 id-hashed entries) gives each shard one region, and
    each query searches only the shards its routing rule picks (swept, ROUTES: the shards owning its 1 or 16
@@ -248,12 +250,13 @@ def run_memory(data: Dataset, s: Settings, exact_qps: float, workdir: str, *, sh
     from memory.visual_memory import VisualMemory  # pylint: disable=g-import-not-at-top
     n = data.base.shape[0]
     shard_n = math.ceil(n / s.shards)
-    # Measured at 1M x 256 (structured): matching the unsharded index's leaf *size* instead (125 leaves
-    # per shard against 500 in one index) capped recall@10 at 0.87 with one leaf probed per shard, because
-    # each leaf then spans 4x more of the data's clusters. Each shard trains on the full sample: 4 shards
-    # trained on 25k points each lost ~0.05 recall@10 at equal probing versus the unsharded index's 100k.
-    cfg = dataclasses.replace(_scann_config(n, s, s.leaves_factors[0]), num_leaves=_num_leaves(shard_n, 1.0),
+    # The build's default leaves: a routed shard resolves round(sqrt(shard size)); a hash memory's index
+    # template (memory.shared_index) round(sqrt(n)) for the whole memory, whose shards then search as one
+    # index. Each routed shard trains on the full sample: 4 shards trained on 25k points each lost ~0.05
+    # recall@10 at equal probing versus the unsharded index's 100k (measured at 1M x 256, structured).
+    cfg = dataclasses.replace(_scann_config(n, s, s.leaves_factors[0]), num_leaves=None,
                               training_sample_size=min(shard_n, s.training_sample))
+    leaves = _num_leaves(shard_n, 1.0) if sharding == "partition" else _num_leaves(n, 1.0)
     # Zero-padded decimal ids: sort order (the shard row order) is numeric order, and ids parse back to rows.
     width = max(1, len(str(n - 1)))
     ids = [f"{i:0{width}d}" for i in range(n)]
@@ -269,6 +272,9 @@ def run_memory(data: Dataset, s: Settings, exact_qps: float, workdir: str, *, sh
     by_threads = {t: memory.with_search_params(threads=t) for t in s.threads}
     counts = [info.count for info in memory.manifest.shards]
     routed = memory.router is not None
+    # Hash shards built from one template search as one index: re-rank depths of one index, not per shard.
+    merged = len(memory.searched_as) == 1 and len(memory.searched_as[0]) > 1
+    reorders, per = (REORDERS, "") if merged else (SHARD_REORDERS, "/shard")
     trials = []
     for route in ROUTES if routed else ({},):
         views = {t: m.with_search_params(**route) for t, m in by_threads.items()}
@@ -278,18 +284,21 @@ def run_memory(data: Dataset, s: Settings, exact_qps: float, workdir: str, *, sh
             shards_per_query = view.router.route(data.queries, view.route_probes, ratio=view.route_ratio).sum(axis=1)
             route_desc = f"route {_route_str(route)} ({shards_per_query.mean():.2f} shards/query), "
         levels = []
-        for frac_leaves in _leaf_counts(cfg.num_leaves):
-            fraction = frac_leaves / cfg.num_leaves
+        for frac_leaves in _leaf_counts(leaves):
+            fraction = frac_leaves / leaves
             level = []
-            for reorder in SHARD_REORDERS:
+            for reorder in reorders:
                 # Same fraction of every shard's own leaves (shards differ slightly in size and leaf count).
                 tuned = {t: v.with_search_params(leaves_fraction=fraction, reorder=reorder) for t, v in views.items()}
-                level.append((f"{route_desc}search {frac_leaves}/{cfg.num_leaves} leaves/shard, "
-                              f"reorder {reorder}/shard",
+                level.append((f"{route_desc}search {frac_leaves}/{leaves} leaves{per}, "
+                              f"reorder {reorder}{per}",
                               lambda threads, tuned=tuned: tuned[threads].search(data.queries, K).ids))
             levels.append(level)
         trials += _sweep(levels, data, s)
     build_params = f"{s.shards} shards of {min(counts)}-{max(counts)}, per shard {_config_str(cfg)}"
+    if merged:
+        build_params = (f"{s.shards} hash shards of {min(counts)}-{max(counts)} from one index template "
+                        f"({leaves} leaves), searched as one index, {_config_str(cfg)}")
     if routed:
         build_params = f"{sharding}: {memory.router.centroids.shape[0]} router centroids, {build_params}"
     return _rows(data, Method.MEMORY_ROUTED if routed else Method.MEMORY, trials, build_s=build_s,

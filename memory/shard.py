@@ -32,7 +32,6 @@ import io
 import json
 import logging
 import os
-import shutil
 import tempfile
 import typing
 from collections.abc import Sequence
@@ -348,15 +347,8 @@ def _local_scann_dir(scann_dir: str):
     ScaNN reads the whole searcher into memory on load, so a downloaded copy is deleted as soon as it is
     loaded instead of piling up on a worker's disk, one copy per shard ever loaded.
     """
-    if not storage.is_gcs(scann_dir):
-        yield scann_dir
-        return
-    tmp = tempfile.mkdtemp(prefix="vmem-scann-")
-    try:
-        storage.download_dir(scann_dir, tmp)
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with storage.local_dir(scann_dir, prefix="vmem-scann-") as local:
+        yield local
 
 
 def load_shard_index(shard_dir: str, info: ShardInfo) -> ShardIndex | None:
@@ -391,6 +383,27 @@ def shard_template_id(shard_dir: str, info: ShardInfo) -> str | None:
     except FileNotFoundError:
         return None  # load_shard_index reports the missing index.
     return meta.get("template_id")
+
+
+def read_entry_tables(shard_dirs: Sequence[str], infos: Sequence[ShardInfo], *, num_classes: int,
+                      verify: bool = False) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Every shard's ids and labels (not the embeddings: the index holds the only copy), checked against the
+    manifest (counts, labels below ``num_classes``; with ``verify``, every file's checksum)."""
+    ids, labels = [], []
+    for info, shard_dir in zip(infos, shard_dirs):
+        if verify:
+            verify_shard(shard_dir, info)
+        try:
+            data = read_shard_entries(shard_dir)
+        except FileNotFoundError as e:
+            raise ManifestError(f"shard {info.name}: {e}") from None
+        if len(data.ids) != info.count:
+            raise ManifestError(f"shard {info.name}: files hold {len(data.ids)} entries, manifest says {info.count}")
+        if info.count and int(data.labels.max()) >= num_classes:
+            raise ManifestError(f"shard {info.name}: label {int(data.labels.max())} outside class_names")
+        ids.append(data.ids)
+        labels.append(data.labels)
+    return ids, labels
 
 
 # Most entries one merged index holds (four shards of the default 500,000-entry target): a hash memory of more

@@ -111,15 +111,8 @@ def local_template(root: str) -> Iterator[str]:
     src = storage.join(root, TEMPLATE_DIR)
     if not storage.exists(src):
         raise FileNotFoundError(f"no index template at {src}")
-    if not storage.is_gcs(src):
-        yield src
-        return
-    tmp = tempfile.mkdtemp(prefix="vmem-template-")
-    try:
-        storage.download_dir(src, tmp)
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with storage.local_dir(src, prefix="vmem-template-") as local:
+        yield local
 
 
 def build_from_template(embeddings: np.ndarray, template_dir: str) -> ShardIndex:

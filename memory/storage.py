@@ -322,6 +322,21 @@ def download_dir(src_dir: str, local_dir: str) -> None:
         raise FileNotFoundError(f"no such GCS directory (no objects under it): {src_dir}")
 
 
+@contextlib.contextmanager
+def local_dir(path: str, *, prefix: str = "vmem-"):
+    """A local directory with ``path``'s files: ``path`` itself when local, else a download removed on exit
+    (readers that load everything into memory, like ScaNN, so copies never pile up on a worker's disk)."""
+    if not is_gcs(path):
+        yield path
+        return
+    tmp = tempfile.mkdtemp(prefix=prefix)
+    try:
+        download_dir(path, tmp)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _download_blobs(blobs, prefix: str, local_dir: str) -> bool:
     """Downloads ``blobs`` (names under ``prefix``) into ``local_dir``; False if there was no file to copy."""
     found = False

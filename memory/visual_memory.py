@@ -34,7 +34,7 @@ from memory.routing import Router, check_route_ratio, read_router, search_mask
 from memory.tuning import tuned_index
 from memory.shard_search import (FILTER_INDEX_CACHE, build_live_index, one_thread_blas, search_in_chunks,
                                  search_live_rows)
-from memory.shard import load_unit_index, read_shard_embeddings, read_shard_entries, search_units, verify_shard
+from memory.shard import load_unit_index, read_entry_tables, read_shard_embeddings, read_shard_entries, search_units
 from memory.vectors import l2_normalize
 from memory.versions import latest_version, read_version
 from memory.voting import VotingParams, VotingRule
@@ -156,21 +156,8 @@ class VisualMemory:
         manifest = read_version(root, latest_version(root) if version is None else version)
         infos = manifest.all_shards
         dirs = [storage.join(root, info.path) for info in infos]
-        ids, labels, row_offsets = [], [], [0]
-        for info, shard_dir in zip(infos, dirs):
-            if verify:
-                verify_shard(shard_dir, info)
-            try:
-                data = read_shard_entries(shard_dir)  # Not the embeddings: the index holds the only copy.
-            except FileNotFoundError as e:
-                raise ManifestError(f"shard {info.name}: {e}") from None
-            if len(data.ids) != info.count:
-                raise ManifestError(f"shard {info.name}: files hold {len(data.ids)} entries, manifest says {info.count}")
-            if info.count and int(data.labels.max()) >= len(manifest.class_names):
-                raise ManifestError(f"shard {info.name}: label {int(data.labels.max())} outside class_names")
-            ids.append(data.ids)
-            labels.append(data.labels)
-            row_offsets.append(row_offsets[-1] + info.count)
+        ids, labels = read_entry_tables(dirs, infos, num_classes=len(manifest.class_names), verify=verify)
+        row_offsets = np.cumsum([0] + [info.count for info in infos])
         # Hash shards built from one index template are searched as one index (memory.shared_index).
         units = search_units(root, manifest, merge=merge_shards)
         indices = [load_unit_index([dirs[s] for s in unit], [infos[s] for s in unit]) for unit in units]

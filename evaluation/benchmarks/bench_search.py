@@ -14,10 +14,11 @@ For each dataset one table, all methods measured in this one process on the same
 3. ``memory``: the same data in ``--shards`` shards (ids hashed by `memory.sharding.shard_for_id`), built
    with `memory.build.build_memory_local` into a temp dir and queried through
    `memory.visual_memory.VisualMemory.search`, with the unsharded index's AH settings and training sample.
-   As `vmem build` does for a hash memory of tree+AH shards, one index template (round(sqrt(n)) leaves) is
-   trained on an id-hashed sample and every shard is built from it, so the opened memory searches the four
-   shards as one ScaNN index (`memory.shared_index`); build time includes the template, writing the shard
-   files and opening the memory (which concatenates the shards' per-row files once).
+   As `vmem build` does for a hash memory of tree+AH shards, one index template (the first
+   ``--leaves-factors`` tree of the unsharded index: factor * sqrt(n) leaves) is trained on an id-hashed
+   sample and every shard is built from it, so the opened memory searches the four shards as one ScaNN index
+   (`memory.shared_index`); build time includes the template, writing the shard files and opening the
+   memory (which concatenates the shards' per-row files once).
    ``memory routed``: the same, built with ``sharding="partition"``: a router (memory.routing, shipped
    defaults: up to 1,024 centroids trained on 50,000 id-hashed entries) gives each shard one region, and
    each query searches only the shards its routing rule picks (swept, ROUTES: the shards owning its 1 or 16
@@ -250,13 +251,16 @@ def run_memory(data: Dataset, s: Settings, exact_qps: float, workdir: str, *, sh
     from memory.visual_memory import VisualMemory  # pylint: disable=g-import-not-at-top
     n = data.base.shape[0]
     shard_n = math.ceil(n / s.shards)
-    # The build's default leaves: a routed shard resolves round(sqrt(shard size)); a hash memory's index
-    # template (memory.shared_index) round(sqrt(n)) for the whole memory, whose shards then search as one
-    # index. Each routed shard trains on the full sample: 4 shards trained on 25k points each lost ~0.05
-    # recall@10 at equal probing versus the unsharded index's 100k (measured at 1M x 256, structured).
-    cfg = dataclasses.replace(_scann_config(n, s, s.leaves_factors[0]), num_leaves=None,
+    # A routed shard gets the build's default round(sqrt(shard size)) leaves. A hash memory's index template
+    # (memory.shared_index), whose shards then search as one index over all n, gets the first unsharded
+    # index's tree (--leaves-factors[0] * sqrt(n) leaves), so the two rows compare the sharding's cost on one
+    # tree. (The template's default, round(sqrt(n)) = 1,000 leaves at 1M, reached 0.999 at a third of the
+    # speed of 500 leaves here: measured in one run.) Each routed shard trains on the full sample: 4 shards
+    # trained on 25k points each lost ~0.05 recall@10 at equal probing versus the unsharded index's 100k.
+    leaves = _num_leaves(shard_n, 1.0) if sharding == "partition" else _num_leaves(n, s.leaves_factors[0])
+    cfg = dataclasses.replace(_scann_config(n, s, s.leaves_factors[0]),
+                              num_leaves=None if sharding == "partition" else leaves,
                               training_sample_size=min(shard_n, s.training_sample))
-    leaves = _num_leaves(shard_n, 1.0) if sharding == "partition" else _num_leaves(n, 1.0)
     # Zero-padded decimal ids: sort order (the shard row order) is numeric order, and ids parse back to rows.
     width = max(1, len(str(n - 1)))
     ids = [f"{i:0{width}d}" for i in range(n)]

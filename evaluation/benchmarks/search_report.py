@@ -163,5 +163,7 @@ def format_targets(rows: Sequence[ResultRow], *, targets: Sequence[float], threa
     if floor_us is not None and scann_low is not None and shards:
         lines.append(f"  ScaNN fixed cost per query and searcher: {floor_us:.0f} us (10,000-point index); "
                      f"{shards} shards searched one after another pay >= {shards * floor_us:.0f} us/query "
-                     f"against {1e6 / scann_low.qps:.0f} us/query for the whole unsharded search at {low:g}")
+                     f"against {1e6 / scann_low.qps:.0f} us/query for the whole unsharded search at {low:g} "
+                     "(shards with their own indexes; hash shards built from one index template are searched as one "
+                     "index and pay it once)")
     return "\n".join(lines)

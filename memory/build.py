@@ -17,7 +17,7 @@ from memory.manifest import (FORMAT_VERSION, BuildCounts, Manifest, Metric, mani
 )
 from memory.routing import RouterConfig, select_sample_rows, train_router, write_router
 from memory.shard import ShardData, write_shard
-from memory.shared_index import TEMPLATE_DIR, local_template, train_template, uses_template, write_template
+from memory.shared_index import local_template, train_template, uses_template, write_template
 from memory.sharding import Sharding, parse_sharding, shard_for_id, shard_name
 from memory.vectors import l2_normalize
 from memory.versions import list_versions, publish_version, version_path
@@ -89,10 +89,10 @@ def build_memory_local(root: str, *, ids: Sequence[str], labels: Sequence[str], 
     template = None
     if router is None and uses_template(index_config, np.bincount(shard_of, minlength=num_shards).tolist()):
         sample = emb[select_sample_rows(ids_arr.tolist(), index_config.training_sample_size or n)]
-        template = {"path": TEMPLATE_DIR, "id": write_template(root, train_template(sample, index_config, n))}
+        template = write_template(root, train_template(sample, index_config, n))
     shards = []
     with contextlib.ExitStack() as stack:
-        template_dir = None if template is None else stack.enter_context(local_template(root))
+        template_dir = None if template is None else stack.enter_context(local_template(root, template))
         for s in range(num_shards):
             rows = np.flatnonzero(shard_of == s)
             name = shard_name(s, num_shards)

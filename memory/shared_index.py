@@ -69,16 +69,25 @@ def template_config(config: IndexConfig, total_entries: int, sample_size: int) -
 def uses_template(config: IndexConfig, shard_sizes: Sequence[int]) -> bool:
     """Whether a hash-sharded build of these shard sizes gets a template: some shard resolves to tree+AH, and
     SOAR spilling is off (spilled rows are stored twice, a layout `load_merged` does not concatenate)."""
-    return config.soar_lambda is None and any(config.resolve_kind(n) is IndexKind.TREE_AH for n in shard_sizes)
+    # float32 rows only: ScaNN cannot load an emptied template whose re-ranking rows are bfloat16 or int8.
+    return (config.soar_lambda is None and config.embedding_dtype == "float32"
+            and any(config.resolve_kind(n) is IndexKind.TREE_AH for n in shard_sizes))
 
 
 def train_template(sample: np.ndarray, config: IndexConfig, total_entries: int) -> ShardIndex:
     """A tree+AH searcher trained on ``sample`` (unit rows drawn from the whole memory) for a memory of
-    ``total_entries``; its own rows are dropped when shards are built from it."""
+    ``total_entries``, emptied of its rows: a template keeps only what was trained (tree centres and AH
+    codebooks, means over many entries, like the router's centroids), never an entry's embedding, so
+    forgetting an entry leaves no copy of it here."""
     sample = np.ascontiguousarray(sample, dtype=np.float32)
     if sample.ndim != 2 or sample.shape[0] < 16:
         raise ValueError(f"an index template needs at least 16 sample rows, got shape {sample.shape}")
-    return ShardIndex.build(sample, template_config(config, total_entries, sample.shape[0]))
+    trained = ShardIndex.build(sample, template_config(config, total_entries, sample.shape[0]))
+    searcher = trained._searcher  # pylint: disable=protected-access  # Same package: the ScaNN searcher.
+    # Deleting swaps the last row into the hole, so the rows go last first.
+    searcher.searcher.delete(list(range(sample.shape[0] - 1, -1, -1)))
+    return ShardIndex(searcher, kind=IndexKind.TREE_AH, size=0, dim=trained.dim, config=trained.config,
+                      num_leaves_to_search=trained.num_leaves_to_search)
 
 
 def template_id(local_dir: str) -> str:
@@ -93,25 +102,32 @@ def template_id(local_dir: str) -> str:
     return h.hexdigest()
 
 
-def write_template(root: str, template: ShardIndex) -> str:
-    """Saves the template under ``root/index_template`` (local or ``gs://``); returns its `template_id`."""
+def write_template(root: str, template: ShardIndex) -> dict:
+    """Saves the template under ``root/index_template/<digest>`` (local or ``gs://``) and returns its reference
+    ``{"path": root-relative directory, "id": template_id}``. Content-addressed: a retried build step that
+    trains another template writes another directory, never over the one shards are being built from."""
     with tempfile.TemporaryDirectory(prefix="vmem-template-") as tmp:
         template.save(tmp)
         tid = template_id(tmp)
-        dest = storage.join(root, TEMPLATE_DIR)
-        storage.remove_tree(dest)
-        storage.makedirs(dest)
-        storage.upload_dir(tmp, dest)
-    return tid
+        rel = f"{TEMPLATE_DIR}/{tid[:16]}"
+        dest = storage.join(root, rel)
+        if not storage.exists(storage.join(dest, INDEX_META_NAME)):  # Written last by a finished upload.
+            storage.makedirs(dest)
+            for name in sorted(os.listdir(tmp), key=lambda n: n == INDEX_META_NAME):
+                with open(os.path.join(tmp, name), "rb") as f:
+                    storage.write_bytes(storage.join(dest, name), f.read())
+    return {"path": rel, "id": tid}
 
 
 @contextlib.contextmanager
-def local_template(root: str) -> Iterator[str]:
-    """A local directory holding ``root``'s template (the directory itself, or a download removed after)."""
-    src = storage.join(root, TEMPLATE_DIR)
+def local_template(root: str, ref: dict) -> Iterator[str]:
+    """A local directory holding the template ``ref`` (from `write_template`) of the memory at ``root``."""
+    src = storage.join(root, ref["path"])
     if not storage.exists(src):
-        raise FileNotFoundError(f"no index template at {src}")
+        raise FileNotFoundError(f"no index template at {src} (build_config.index_template {ref})")
     with storage.local_dir(src, prefix="vmem-template-") as local:
+        if template_id(local) != ref["id"]:
+            raise ValueError(f"index template at {src} does not match its recorded digest {ref['id'][:16]}...")
         yield local
 
 
@@ -123,20 +139,21 @@ def build_from_template(embeddings: np.ndarray, template_dir: str) -> ShardIndex
     db = np.ascontiguousarray(embeddings, dtype=np.float32)
     if db.ndim != 2 or db.shape[0] == 0:
         raise ValueError(f"build_from_template needs a non-empty [n, d] array, got shape {db.shape}")
-    template = ShardIndex.load(template_dir)
-    if template.dim != db.shape[1]:
-        raise ValueError(f"template at {template_dir} has dim {template.dim}, the shard's rows {db.shape[1]}")
+    with open(os.path.join(template_dir, INDEX_META_NAME), encoding="utf-8") as f:
+        meta = json.load(f)
+    if int(meta["dim"]) != db.shape[1]:
+        raise ValueError(f"template at {template_dir} has dim {meta['dim']}, the shard's rows {db.shape[1]}")
     searcher = scann.scann_ops_pybind.load_searcher(template_dir)
-    size = searcher.searcher.size()
-    # Deleting swaps the last row into the hole, so the rows go last first; the template is then empty.
-    searcher.searcher.delete(list(range(size - 1, -1, -1)))
+    if searcher.searcher.size():
+        searcher.searcher.delete(list(range(searcher.searcher.size() - 1, -1, -1)))
     for start in range(0, db.shape[0], _UPSERT_BATCH):
         part = db[start:start + _UPSERT_BATCH]
         got = searcher.searcher.upsert([None] * part.shape[0], list(part), 1)
         if got[0] != start or got[-1] != start + part.shape[0] - 1:
             raise RuntimeError(f"ScaNN upsert placed rows {got[0]}..{got[-1]}, expected {start}..{start + len(part) - 1}")
-    return ShardIndex(searcher, kind=IndexKind.TREE_AH, size=db.shape[0], dim=db.shape[1], config=template.config,
-                      num_leaves_to_search=template.num_leaves_to_search, template_id=template_id(template_dir))
+    return ShardIndex(searcher, kind=IndexKind.TREE_AH, size=db.shape[0], dim=db.shape[1],
+                      config=IndexConfig.from_dict(meta["config"]), num_leaves_to_search=meta["num_leaves_to_search"],
+                      template_id=template_id(template_dir))
 
 
 def merge_runs(template_ids: Sequence[str | None], counts: Sequence[int] | None = None,

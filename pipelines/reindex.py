@@ -430,9 +430,9 @@ class _WriteTargetShardFn(beam.DoFn):
         name, rel = job.target_path(plan, index)
         start = time.perf_counter()
         # A hash memory built with an index template keeps it: its rebuilt tree+AH shards still search as one.
-        templated = job.manifest.router is None and bool(job.manifest.build_config.get("index_template"))
+        template = job.manifest.build_config.get("index_template") if job.manifest.router is None else None
         with contextlib.ExitStack() as stack:
-            template_dir = stack.enter_context(local_template(job.root)) if templated else None
+            template_dir = stack.enter_context(local_template(job.root, template)) if template else None
             info = shard_io.write_shard(storage.join(job.root, rel), data, index_config=job.index_config, name=name,
                                         root_relative_path=rel, template_dir=template_dir)
         self._written.inc()

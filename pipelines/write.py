@@ -33,7 +33,7 @@ from memory.index import IndexConfig
 from memory.manifest import FORMAT_VERSION, BuildCounts, Manifest, Metric, RouterRef, ShardInfo, write_manifest
 from memory.routing import RouterConfig, router_sample_key, train_router, write_router
 from memory.shard import ShardData, write_shard
-from memory.shared_index import TEMPLATE_DIR, local_template, train_template, uses_template, write_template
+from memory.shared_index import local_template, train_template, uses_template, write_template
 from memory.sharding import shard_for_id, shard_name
 from pipelines.readers import FAILED_TAG, _failed
 from pipelines.records import EmbeddedImage, EntryBlock, Stage
@@ -243,7 +243,7 @@ class _WriteShardFn(beam.DoFn):
         rel = f"{SHARDS_DIR}/{name}-{secrets.token_hex(4)}"
         with contextlib.ExitStack() as stack:
             # The memory-wide index template (TrainIndexTemplate), when this hash build has one.
-            template_dir = stack.enter_context(local_template(self._output)) if template else None
+            template_dir = stack.enter_context(local_template(self._output, template)) if template else None
             info = write_shard(storage.join(self._output, rel), data, index_config=self._index_config, name=name,
                                root_relative_path=rel, template_dir=template_dir)
         del data
@@ -270,7 +270,7 @@ def _train_and_write_template(sample, count: int, num_shards: int, *, output: st
     _, embeddings = sample
     if not uses_template(config, [math.ceil(count / num_shards)]) or len(embeddings) < 16:
         return {}
-    ref = {"path": TEMPLATE_DIR, "id": write_template(output, train_template(embeddings, config, count))}
+    ref = write_template(output, train_template(embeddings, config, count))
     _LOG.info("index template for %d entries in %d shards trained on %d entries", count, num_shards, len(embeddings))
     return ref
 

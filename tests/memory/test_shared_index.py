@@ -55,7 +55,10 @@ def test_hash_tree_shards_share_one_template_and_search_as_one_index(tmp_path):
     x, q = _build(tmp_path / "m")
     mem = VisualMemory.open(str(tmp_path / "m"))
     ref = mem.manifest.build_config["index_template"]
-    assert ref["path"] == TEMPLATE_DIR and os.path.isdir(tmp_path / "m" / TEMPLATE_DIR)
+    assert ref["path"] == f"{TEMPLATE_DIR}/{ref['id'][:16]}" and os.path.isdir(tmp_path / "m" / ref["path"])
+    # The template keeps what was trained, no entry's row: forgetting leaves no copy of an embedding there.
+    template_rows = np.load(tmp_path / "m" / ref["path"] / "dataset.npy")
+    assert template_rows.shape[0] == 0 and not os.path.exists(tmp_path / "m" / ref["path"] / "hashed_dataset.npy")
     metas = [json.load(open(os.path.join(d, "vmem_index.json"))) for d in _scann_dirs(tmp_path / "m")]
     assert {m["template_id"] for m in metas} == {ref["id"]}
     assert mem.searched_as == [tuple(info.name for info in mem.manifest.shards)]

@@ -39,7 +39,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from memory import storage
-from memory.index import IndexConfig, IndexKind, ShardIndex, dataset_file, rows_from_dataset_file
+from memory.index import INDEX_META_NAME, IndexConfig, IndexKind, ShardIndex, dataset_file, rows_from_dataset_file
 from memory.manifest import Manifest, ManifestError, ShardInfo
 from memory.shared_index import merge_runs
 from memory.vectors import l2_normalize
@@ -351,6 +351,17 @@ def _local_scann_dir(scann_dir: str):
         yield local
 
 
+@contextlib.contextmanager
+def _checked_local_index_dir(shard_dir: str, info: ShardInfo):
+    """The shard's ScaNN directory, local, after checking it exists and holds no pickle."""
+    scann_dir = storage.join(shard_dir, SCANN_DIR)
+    if not storage.exists(scann_dir):
+        raise ManifestError(f"shard {info.name}: index directory {scann_dir} missing")
+    with _local_scann_dir(scann_dir) as local:
+        _refuse_pickles(_local_files(local), f"shard {info.name} index {scann_dir}")
+        yield local
+
+
 def load_shard_index(shard_dir: str, info: ShardInfo) -> ShardIndex | None:
     """Loads a shard's ScaNN index; None for an empty shard.
 
@@ -360,10 +371,7 @@ def load_shard_index(shard_dir: str, info: ShardInfo) -> ShardIndex | None:
     if info.index_kind == EMPTY_KIND:
         return None
     scann_dir = storage.join(shard_dir, SCANN_DIR)
-    if not storage.exists(scann_dir):
-        raise ManifestError(f"shard {info.name}: index directory {scann_dir} missing")
-    with _local_scann_dir(scann_dir) as local:
-        _refuse_pickles(_local_files(local), f"shard {info.name} index {scann_dir}")
+    with _checked_local_index_dir(shard_dir, info) as local:
         index = ShardIndex.load(local)
     if len(index) != info.count or index.kind.value != info.index_kind:
         raise ManifestError(
@@ -377,7 +385,6 @@ def shard_template_id(shard_dir: str, info: ShardInfo) -> str | None:
     metadata file without loading the searcher; None for other shards and for shards without one."""
     if info.index_kind != IndexKind.TREE_AH.value:
         return None
-    from memory.index import INDEX_META_NAME  # pylint: disable=g-import-not-at-top
     try:
         meta = json.loads(storage.read_bytes(storage.join(shard_dir, SCANN_DIR, INDEX_META_NAME)))
     except FileNotFoundError:
@@ -439,11 +446,7 @@ def load_unit_index(shard_dirs: Sequence[str], infos: Sequence[ShardInfo]) -> Sh
     with contextlib.ExitStack() as stack:
         local = []
         for shard_dir, info in zip(shard_dirs, infos):
-            scann_dir = storage.join(shard_dir, SCANN_DIR)
-            if not storage.exists(scann_dir):
-                raise ManifestError(f"shard {info.name}: index directory {scann_dir} missing")
-            local.append(stack.enter_context(_local_scann_dir(scann_dir)))
-            _refuse_pickles(_local_files(local[-1]), f"shard {info.name} index {scann_dir}")
+            local.append(stack.enter_context(_checked_local_index_dir(shard_dir, info)))
         try:
             index = load_merged(local)
         except ValueError as e:

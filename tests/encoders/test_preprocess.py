@@ -173,3 +173,15 @@ def test_preprocess_spec_round_trips_and_validates():
         PreprocessSpec(crop_fraction=1.5)
     with pytest.raises(EncoderError, match="imagesize"):
         PreprocessSpec.from_dict({"imagesize": 3})
+
+
+@pytest.mark.parametrize("mode", list(ResizeMode))
+@pytest.mark.parametrize("shape", [(28, 28), (37, 53), (300, 200)])
+def test_greyscale_fast_path_is_bit_identical_to_rgb(mode, shape):
+    """A greyscale file is resized as one band; the result equals converting it to RGB first, bit for bit."""
+    spec = PreprocessSpec(resize=mode, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    grey = np.random.default_rng(shape[0]).integers(0, 256, shape, dtype=np.uint8)
+    for data in (_encode(grey, "PNG", "L"), _encode(grey, "JPEG", "L", quality=90)):
+        assert Image.open(io.BytesIO(data)).mode == "L"
+        rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        np.testing.assert_array_equal(decode_and_preprocess(data, spec), preprocess(rgb, spec))

@@ -39,19 +39,13 @@ from typing import NamedTuple, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.metrics import Metrics
 
 from encoders.base import resolve_preprocess
 from evaluation.metrics import CorrectCounts
 from memory import storage
-from memory.filters import Crowding, QueryFilter
 from memory.manifest import Manifest, read_manifest
-from memory.metadata import read_metadata
-from memory.routing import check_route_ratio, read_router, search_mask
-from memory.shard import search_units
-from memory.shard_search import (LoadedShard, PartialTopK, load_entry_weights, load_forgotten, merge_partials,
-                                 searchable_shards)
-from memory.tuning import SearchSetting, default_setting, tuned_index
+from memory.routing import check_route_ratio
+from memory.tuning import default_setting
 from memory.voting import VotingParams, VotingRule
 from pipelines.build import is_precomputed, precomputed_identity, read_precomputed
 from pipelines.runner import with_default_runner
@@ -59,6 +53,9 @@ from pipelines.embed import DecodeImages, EmbedImages, check_same_identity, memo
 from pipelines import rerank as rerank_stage, rerank_args
 from pipelines.readers import ReadImages, parse_image_spec
 from pipelines.records import EmbeddedImage
+# The search stages live in pipelines.search_shards; these names stay importable from here (prune, tests).
+from pipelines.search_shards import (BatchNeighbors, MergeNeighbors, QueryBatch, QueryNeighbors,  # noqa: F401
+                                     SearchShards)
 from pipelines.write import WriteDeadLetters
 
 _LOG = logging.getLogger("visual_memory")
@@ -70,202 +67,11 @@ class EvaluationError(RuntimeError):
     """The evaluation cannot give a meaningful answer (the message says why and what to do)."""
 
 
-class QueryBatch(NamedTuple):
-    ids: tuple[str, ...]
-    labels: tuple[str, ...]
-    uris: tuple[str, ...]
-    embeddings: np.ndarray
-    filters: tuple[dict | None, ...] | None = None  # memory.filters.QueryFilter.to_dict() per query, or None.
-
-    def take(self, rows: np.ndarray) -> QueryBatch:
-        return QueryBatch(tuple(self.ids[i] for i in rows), tuple(self.labels[i] for i in rows),
-                          tuple(self.uris[i] for i in rows), self.embeddings[rows],
-                          None if self.filters is None else tuple(self.filters[i] for i in rows))
-
-
-class QueryNeighbors(NamedTuple):
-    """One query's true class name, source uri and (partial or merged) neighbours (a 1-row PartialTopK)."""
-    label: str
-    uri: str
-    neighbors: PartialTopK
-
-
 def check_query_identity(memory_identity: dict, query_identity: dict) -> None:
     """Refuses queries embedded by a different encoder."""
     check_same_identity(memory_identity, query_identity, what="queries",
                         fix="Evaluate with the memory's own encoder files (leave --config unset), or rebuild the "
                             "memory with the new encoder.")
-
-
-class _SearchShardFn(beam.DoFn):
-    """(shard index, query batches) -> (query id, QueryNeighbors) with this shard's top-K.
-
-    The input is grouped by shard, so each shard arrives exactly once (with every query batch routed to it):
-    the shard is loaded here, for its one key, and released when the key is done. A ``Shared`` handle would
-    not load it less often (no second element for the same shard ever comes), and would keep the last shard
-    of the job alive in the worker (Shared's keep-alive) and, holding one object per handle, evict it as soon
-    as another thread acquired another shard.
-    """
-
-    def __init__(self, root: str, manifest: Manifest, k: int, *, crowding: Crowding | None = None,
-                 with_uris: bool = False, with_metadata: bool = False, setting: SearchSetting | None = None,
-                 units: Sequence[tuple[int, ...]] | None = None):
-        self._root = root
-        self._manifest = manifest
-        # Main and delta shards; tombstoned (forgotten) rows are skipped inside LoadedShard.search, and each
-        # hit carries its entry weight when the version has soft-pruning weights. Each key is a search unit
-        # (memory.shard.search_units): one shard, or shards built from one index template searched as one.
-        self._infos = searchable_shards(manifest)
-        self._units = [(s,) for s in range(len(self._infos))] if units is None else [tuple(u) for u in units]
-        self._k = k
-        self._crowding = crowding
-        self._with_uris = with_uris
-        self._with_metadata = with_metadata
-        self._setting = setting  # The memory's tuned leaves / re-rank depth (`vmem tune`), if any.
-        self._forgotten = None
-        self._entry_weights = None
-        self._metadata = None
-        self._searched = Metrics.counter(_NAMESPACE, "query_shard_searches")
-
-    def setup(self):
-        # Tombstones and weights can hold millions of ids: read once per DoFn instance on the worker (instances
-        # are reused across bundles), never pickled into the graph.
-        self._forgotten = load_forgotten(self._root, self._manifest)
-        self._entry_weights = load_entry_weights(self._root, self._manifest)
-        if self._with_metadata:
-            self._metadata = read_metadata(self._root, self._manifest)
-
-    def process(self, element):
-        unit, batches = element
-        info = [self._infos[s] for s in self._units[unit]]
-        shard = LoadedShard.load(self._root, info, forgotten=self._forgotten, entry_weights=self._entry_weights,
-                                 with_uris=self._with_uris, class_names=self._manifest.class_names,
-                                 metadata=self._metadata)
-        if self._setting is not None and shard.index is not None:
-            shard.index = tuned_index(shard.index, self._setting.leaves_fraction, self._setting.reorder)
-        for batch in batches:
-            filters = None if batch.filters is None else [
-                None if f is None else QueryFilter.from_dict(f) for f in batch.filters]
-            partial = shard.search(batch.embeddings, self._k, filters=filters, crowding=self._crowding)
-            self._searched.inc(len(batch.ids))
-            for i, qid in enumerate(batch.ids):
-                yield qid, QueryNeighbors(batch.labels[i], batch.uris[i], partial.row(i))
-
-
-class _FanOutFn(beam.DoFn):
-    """QueryBatch -> (shard index, QueryBatch of the queries that search that shard).
-
-    Hash-sharded memories send every batch to every non-empty shard; a partition-routed memory sends each
-    query to the main shards its router picks (memory.routing.search_mask) and to every delta shard.
-    """
-
-    def __init__(self, root: str, manifest: Manifest, probes: int | None, ratio: float | None = None,
-                 units: Sequence[tuple[int, ...]] | None = None):
-        self._root = root
-        self._manifest = manifest
-        self._probes = probes
-        self._ratio = ratio
-        self._router = None
-        counts = [s.count for s in searchable_shards(manifest)]
-        units = [(s,) for s in range(len(counts))] if units is None else units
-        # A routed memory's units are its shards (search_units), so the router's shard mask indexes them.
-        self._live = np.asarray([sum(counts[s] for s in unit) > 0 for unit in units], dtype=bool)
-        self._routed = Metrics.counter(_NAMESPACE, "query_shard_routes")
-
-    def setup(self):
-        # The router file (centroids) is read once per worker, not pickled into the graph.
-        self._router = read_router(self._root, self._manifest)
-
-    def process(self, batch: QueryBatch):
-        visit = search_mask(self._router, batch.embeddings, self._live, probes=self._probes, ratio=self._ratio)
-        for s in np.flatnonzero(visit.any(axis=0)).tolist():
-            rows = np.flatnonzero(visit[:, s])
-            self._routed.inc(int(rows.size))
-            yield s, batch if rows.size == len(batch.ids) else batch.take(rows)
-
-
-class SearchShards(beam.PTransform):
-    """EmbeddedImage queries -> (query id, QueryNeighbors) once per shard the query searches.
-
-    Every non-empty shard for a hash-sharded memory; the routed main shards and every delta shard for a
-    partition-routed one (``route_probes`` nearest centroids, or distance-ratio routing with ``route_ratio``;
-    neither -> the router's default probes).
-    """
-
-    def __init__(self, root: str, manifest: Manifest, *, k: int, batch_size: int = 256,
-                 route_probes: int | None = None, route_ratio: float | None = None,
-                 default_filter: QueryFilter | None = None,
-                 query_filters: dict[str, dict] | None = None, crowding: Crowding | None = None,
-                 with_uris: bool = False, setting: SearchSetting | None = None):
-        super().__init__()
-        self._root = root
-        self._manifest = manifest
-        self._k = k
-        self._batch_size = batch_size
-        self._route_probes = route_probes
-        self._route_ratio = route_ratio
-        self._default = None if default_filter is None else default_filter.to_dict()
-        self._query_filters = query_filters or {}
-        self._crowding = crowding
-        self._setting = setting
-        self._with_uris = with_uris or crowding is not None or default_filter is not None or bool(query_filters)
-
-    def expand(self, queries):
-        default, per_query = self._default, self._query_filters
-        filtered = default is not None or bool(per_query)
-        meta = filtered or (self._crowding is not None and self._crowding.by.startswith("meta:"))
-        units = search_units(self._root, self._manifest)  # What VisualMemory.open searches, so the same answers.
-        return (
-            queries
-            | "BatchQueries" >> beam.BatchElements(min_batch_size=1, max_batch_size=self._batch_size)
-            | "ToQueryBatch" >> beam.Map(lambda qs: QueryBatch(
-                tuple(q.id for q in qs), tuple(q.label for q in qs), tuple(q.uri for q in qs),
-                np.stack([q.embedding for q in qs]),
-                tuple(per_query.get(q.id, default) for q in qs) if filtered else None))
-            | "FanOutToShards" >> beam.ParDo(_FanOutFn(self._root, self._manifest, self._route_probes,
-                                                       self._route_ratio, units=units))
-            | "GroupByShard" >> beam.GroupByKey()
-            | "SearchShard" >> beam.ParDo(_SearchShardFn(
-                self._root, self._manifest, self._k, crowding=self._crowding, with_uris=self._with_uris,
-                with_metadata=meta and self._manifest.metadata is not None, setting=self._setting, units=units)))
-
-
-class _MergeTopKFn(beam.CombineFn):
-    """Exact merge of a query's per-shard partial top-K lists (associative: partial combining is safe)."""
-
-    def __init__(self, k: int, max_per_group: int | None = None):
-        self._k = k
-        self._max_per_group = max_per_group
-
-    def create_accumulator(self):
-        return None
-
-    def add_input(self, acc, value: QueryNeighbors):
-        return self.merge_accumulators([acc, value])
-
-    def merge_accumulators(self, accumulators):
-        present = [a for a in accumulators if a is not None]
-        if not present:
-            return None
-        if len(present) == 1:
-            return present[0]
-        merged = merge_partials([a.neighbors for a in present], self._k, max_per_group=self._max_per_group)
-        return QueryNeighbors(present[0].label, present[0].uri, merged)
-
-    def extract_output(self, acc):
-        return acc
-
-
-class MergeNeighbors(beam.PTransform):
-    """(query id, per-shard QueryNeighbors) -> (query id, QueryNeighbors) holding the global top-K."""
-
-    def __init__(self, k: int, crowding: Crowding | None = None):
-        super().__init__()
-        self._k = k
-        self._max_per_group = None if crowding is None else crowding.max_per_group
-
-    def expand(self, partials):
-        return partials | "MergeTopK" >> beam.CombinePerKey(_MergeTopKFn(self._k, self._max_per_group))
 
 
 def to_record(query_id: str, q: QueryNeighbors, class_index: dict[str, int]):
@@ -274,9 +80,35 @@ def to_record(query_id: str, q: QueryNeighbors, class_index: dict[str, int]):
     keep = n.labels[0] >= 0
     return NeighborRecord(
         query_id=query_id, true_label=class_index.get(q.label, -1),
-        neighbor_ids=[str(x) for x in n.ids[0][keep]], neighbor_labels=[int(x) for x in n.labels[0][keep]],
-        neighbor_distances=[float(x) for x in n.distances[0][keep]],
-        neighbor_weights=None if n.weights is None else [float(x) for x in n.weights[0][keep]])
+        neighbor_ids=n.ids[0][keep].astype(str).tolist(), neighbor_labels=n.labels[0][keep].astype(int).tolist(),
+        neighbor_distances=n.distances[0][keep].tolist(),
+        neighbor_weights=None if n.weights is None else n.weights[0][keep].tolist())
+
+
+def neighbor_arrays(batch: Sequence[tuple[str, QueryNeighbors]], class_index: dict[str, int], k_max: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """What `evaluation.neighbors_io.to_arrays` makes of the batch's `to_record`s, without the records.
+
+    (labels int64 [n, k_max], distances float64 [n, k_max], true int64 [n], entry weights float64 or None):
+    each query's real neighbours first, padded with label -1, distance inf and weight 0.
+    """
+    n = len(batch)
+    weighted = [q.neighbors.weights is not None for _, q in batch]
+    if any(weighted) and not all(weighted):
+        raise ValueError(f"query {batch[weighted.index(False)][0]!r} has no entry weights but others of its batch "
+                         "do; one memory version's neighbours are either all weighted or all not")
+    labels = np.full((n, k_max), -1, dtype=np.int64)
+    distances = np.full((n, k_max), np.inf, dtype=np.float64)
+    weights = np.zeros((n, k_max)) if n and all(weighted) else None
+    for i, (_, q) in enumerate(batch):
+        nb = q.neighbors
+        keep = np.flatnonzero(nb.labels[0] >= 0)[:k_max]
+        labels[i, :keep.size] = nb.labels[0][keep]
+        distances[i, :keep.size] = nb.distances[0][keep]
+        if weights is not None:
+            weights[i, :keep.size] = nb.weights[0][keep]
+    true = np.fromiter((class_index.get(q.label, -1) for _, q in batch), dtype=np.int64, count=n)
+    return labels, distances, true, weights
 
 
 class WriteNeighbors(beam.PTransform):
@@ -310,11 +142,9 @@ class VoteTally(NamedTuple):
 def vote_batch(batch: Sequence[tuple[str, QueryNeighbors]], class_index: dict[str, int], k_max: int,
                params: VotingParams) -> VoteTally:
     """Votes one batch of merged neighbour lists with every rule at every k (pure numpy, no Beam)."""
-    from evaluation.neighbors_io import to_arrays
     from memory.voting import predict_all_k
 
-    records = [to_record(qid, q, class_index) for qid, q in batch]
-    labels, distances, true, entry_weights = to_arrays(records, k_max)
+    labels, distances, true, entry_weights = neighbor_arrays(batch, class_index, k_max)
     counts = CorrectCounts.of(predict_all_k(labels, distances, k_max=k_max, params=params,
                                             entry_weights=entry_weights), true)
     unpruned = None
@@ -377,8 +207,8 @@ class VoteNeighbors(beam.PTransform):
 def check_query_counts(*, read: int, queries: int, failed: int, dead_letter_dir: str) -> None:
     """Refuses to report unless every record read was either answered as a query or failed.
 
-    A query lost or merged on the way (e.g. two images sharing one id are merged into one neighbour list)
-    would otherwise shift the accuracy silently.
+    ``queries`` counts distinct query ids: a query lost on the way, or two images sharing one id (which the
+    neighbour files and any re-vote could not tell apart), would otherwise shift the accuracy silently.
 
     Raises:
       EvaluationError: naming the three counts, when read != queries + failed.
@@ -386,8 +216,8 @@ def check_query_counts(*, read: int, queries: int, failed: int, dead_letter_dir:
     if read != queries + failed:
         raise EvaluationError(
             f"bookkeeping mismatch: read {read} record(s) but answered {queries} queries + {failed} failed = "
-            f"{queries + failed}; no report was written. Query ids must be unique (two images with one id are "
-            f"merged into one query); see the failures in {dead_letter_dir}/.")
+            f"{queries + failed}; no report was written. Query ids must be unique (two images with one id "
+            f"count as one query); see the failures in {dead_letter_dir}/.")
 
 
 class _ReportFn(beam.DoFn):
@@ -400,12 +230,13 @@ class _ReportFn(beam.DoFn):
         self._extra = extra
         self._pixel_k = pixel_baseline_k
 
-    def process(self, unused, tally, identities, failed, records_read, neighbor_files, pixel_queries, rerank=None):
+    def process(self, unused, tally, identities, failed, records_read, distinct_queries, neighbor_files, pixel_queries,
+                rerank=None):
         from evaluation import report as report_lib
 
         for identity in identities:
             check_query_identity(self._manifest.encoder, json.loads(identity))
-        check_query_counts(read=records_read, queries=0 if tally is None else tally.counts.queries, failed=failed,
+        check_query_counts(read=records_read, queries=distinct_queries, failed=failed,
                            dead_letter_dir=storage.join(self._output, "dead_letter"))
         if tally is None or tally.counts.queries == 0:
             raise EvaluationError(f"no query could be embedded ({failed} failed); see the reasons in "
@@ -456,6 +287,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tau", type=float, default=0.07, help="SoftmaxVoting temperature (default 0.07)")
     parser.add_argument("--alpha", type=float, default=2.0, help="RankVoting offset: weight 1/(alpha+i) (default 2)")
     parser.add_argument("--query-batch", type=int, default=256, help="queries per shard search call")
+    parser.add_argument("--search-threads", type=int, default=None, metavar="T",
+                        help="threads each worker searches a shard's query batches on (default: its cores, at most "
+                             "4); 1 on runners that already run one bundle per core")
     parser.add_argument("--route-probes", type=int, default=None, metavar="P",
                         help="partition-routed memories: nearest router centroids whose shards each query searches "
                              "(default: the memory's, set at build); more probes -> higher recall, more shards")
@@ -485,6 +319,8 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     args, beam_args = build_arg_parser().parse_known_args(argv)
     if args.k_max < 1:
         raise ValueError(f"--k-max must be >= 1, got {args.k_max}.")
+    if args.search_threads is not None and args.search_threads < 1:
+        raise ValueError(f"--search-threads must be >= 1, got {args.search_threads}.")
     if args.route_probes is not None and args.route_probes < 1:
         raise ValueError(f"--route-probes must be >= 1, got {args.route_probes}.")
     params = VotingParams(softmax_tau=args.tau, rank_alpha=args.alpha)
@@ -583,7 +419,8 @@ def _search_vote_report(p, args, root: str, manifest: Manifest, params: VotingPa
                                                 route_probes=route_probes, route_ratio=route_ratio,
                                                 default_filter=default_filter,
                                                 query_filters=query_filters, crowding=crowding,
-                                                with_uris=spec is not None, setting=setting)
+                                                with_uris=spec is not None, setting=setting,
+                                                search_threads=args.search_threads)
               | "MergeNeighbors" >> MergeNeighbors(args.k_max, crowding))
     neighbor_files = merged | "WriteNeighbors" >> WriteNeighbors(args.output, manifest.class_names)
     failures = tuple(failure_sets) | "AllFailures" >> beam.Flatten()
@@ -606,6 +443,8 @@ def _search_vote_report(p, args, root: str, manifest: Manifest, params: VotingPa
             params=params, below=args.rerank_below, top_n=args.rerank_top_n, dry_run=args.rerank_dry_run)
         side["rerank"] = beam.pvalue.AsSingleton(summary)
     tally = merged | "Vote" >> VoteNeighbors(manifest.class_names, args.k_max, params)
+    distinct_queries = (merged | "QueryIds" >> beam.Keys() | "DistinctQueryIds" >> beam.Distinct()
+                        | "CountQueries" >> beam.combiners.Count.Globally())
     class_index = {c: i for i, c in enumerate(manifest.class_names)}
     pixel = bool(args.pixel_baseline)
     pixel_queries = merged | "PixelBaselineQueries" >> beam.FlatMapTuple(
@@ -616,6 +455,7 @@ def _search_vote_report(p, args, root: str, manifest: Manifest, params: VotingPa
              _ReportFn(args.output, root, manifest, params, extra, args.pixel_baseline),
              tally=beam.pvalue.AsSingleton(tally), identities=beam.pvalue.AsList(identities),
              failed=beam.pvalue.AsSingleton(failed), records_read=beam.pvalue.AsSingleton(records_read),
+             distinct_queries=beam.pvalue.AsSingleton(distinct_queries),
              neighbor_files=beam.pvalue.AsList(neighbor_files),
              pixel_queries=beam.pvalue.AsList(pixel_queries), **side))
     result = p.run()

@@ -54,7 +54,7 @@ from memory.manifest import Manifest, read_manifest
 from memory.shard_search import load_forgotten, searchable_shards
 from memory.sharding import shard_for_id
 from pipelines.runner import with_default_runner
-from pipelines.evaluate import MergeNeighbors, QueryNeighbors, SearchShards
+from pipelines.search_shards import MergeNeighbors, QueryNeighbors, SearchShards
 from pipelines.records import EmbeddedImage
 
 _LOG = logging.getLogger("visual_memory")

@@ -22,6 +22,7 @@ from memory.visual_memory import VisualMemory
 from memory.voting import VotingRule, predict_all_k
 from pipelines import build, cli, evaluate
 from pipelines.records import EmbeddedImage
+from pipelines.search_shards import _SearchShardFn, merge_batch_neighbors
 
 
 def _unit(rng, n, d):
@@ -144,6 +145,33 @@ def test_vote_neighbors_in_batches_equals_one_vote_over_all_queries(synthetic_me
         got = tally | beam.Map(lambda t: (t.counts.queries, t.counts.table(), sorted(t.unknown_labels),
                                           t.unpruned is not None))
         assert_that(got, equal_to([(n, expected, ["not-a-class"], weighted)]))
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_neighbor_arrays_equal_the_records_arrays(weighted):
+    """The vote reads the merged lists directly; padded lists give what to_arrays makes of their records."""
+    from evaluation.neighbors_io import to_arrays
+    from memory.shard_search import PartialTopK
+    rng = np.random.default_rng(4)
+    class_index = {"a": 0, "b": 1, "c": 2}
+    batch = []
+    for i in range(6):
+        real = [9, 4, 0, 7, 1, 9][i]  # Real neighbours before the padding; 9 > k_max is cut.
+        dist = np.sort(rng.random(9).astype(np.float32))
+        dist[real:] = np.inf
+        labels = np.where(np.arange(9) < real, rng.integers(0, 3, 9), -1).astype(np.int32)
+        ids = np.array([f"e{j}" if j < real else "" for j in range(9)])
+        weights = np.where(np.arange(9) < real, rng.random(9), 1.0).astype(np.float32)[None] if weighted else None
+        batch.append((f"q{i}", evaluate.QueryNeighbors(["a", "b", "zz"][i % 3], "", PartialTopK(
+            ids[None], labels[None], dist[None], weights))))
+    got = evaluate.neighbor_arrays(batch, class_index, 8)
+    want = to_arrays([evaluate.to_record(qid, q, class_index) for qid, q in batch], 8)
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None
+        else:
+            assert g.dtype == w.dtype
+            np.testing.assert_array_equal(g, w)
 
 
 def test_evaluate_writes_neighbours_and_report(tiny_memory, fmnist_small, tmp_path, capsys):
@@ -270,14 +298,16 @@ def test_search_shard_fn_loads_a_shard_for_its_key_and_keeps_none_after(syntheti
     q = _unit(np.random.default_rng(3), 6, 16)
     batches = [evaluate.QueryBatch(tuple(f"q{i}" for i in rows), ("c1",) * len(rows), ("/q",) * len(rows), q[rows])
                for rows in ([0, 1, 2], [3, 4, 5])]
-    fn = evaluate._SearchShardFn(root, manifest, 5)
+    fn = _SearchShardFn(root, manifest, 5)
     fn.setup()
-    first = list(fn.process((0, batches)))
-    second = list(fn.process((1, batches[:1])))
-    assert [qid for qid, _ in first] == [f"q{i}" for i in range(6)] and len(second) == 3
+    keyed = [(b.ids[0], b) for b in batches]
+    first = list(fn.process((0, keyed)))
+    second = list(fn.process((1, keyed[:1])))
+    assert [key for key, _ in first] == ["q0", "q3"] and [key for key, _ in second] == ["q0"]
+    assert [qid for _, b in first for qid in b.ids] == [f"q{i}" for i in range(6)] and len(second[0][1].ids) == 3
     assert len(loads) == 2  # One load per shard key, whatever the number of batches.
     expected = real_load(root, manifest.shards[0]).search(q, 5)
-    assert [tuple(n.neighbors.ids[0]) for _, n in first] == [tuple(r) for r in expected.ids]
+    np.testing.assert_array_equal(np.concatenate([b.neighbors.ids for _, b in first]), expected.ids)
     del first, second
     gc.collect()
     assert [ref() for ref in loads] == [None, None]  # No shard outlives its key on the worker.

@@ -14,8 +14,7 @@ from tests.memory.test_tuning import _memory
 
 def test_the_evaluate_job_searches_with_the_recorded_setting(tmp_path):
     """What _SearchShardFn runs (shards loaded on a worker, tuned there) equals VisualMemory.open's search."""
-    from memory.shard_search import merge_partials
-    from pipelines.evaluate import QueryBatch, _SearchShardFn
+    from pipelines.search_shards import QueryBatch, _SearchShardFn, merge_batch_neighbors
     root, mem, x, ids, q, true = _memory(tmp_path, IndexKind.TREE_AH)
     setting = SearchSetting(leaves_fraction=1 / 64, reorder=10)  # Cheap: differs from the build's setting.
     publish_search_defaults(root, {"chosen": {**setting.to_dict(), "qps": 1.0, "recall": 0.5, "agreement": 0.99,
@@ -31,11 +30,10 @@ def test_the_evaluate_job_searches_with_the_recorded_setting(tmp_path):
     fn = _SearchShardFn(root, m, 10, setting=default_setting(m), units=units)
     fn.setup()
     batch = QueryBatch(tuple(f"q{i}" for i in range(len(q))), ("c0",) * len(q), ("",) * len(q), q)
-    partials = {}
-    for u in range(len(units)):
-        for qid, qn in fn.process((u, [batch])):
-            partials.setdefault(qid, []).append(qn.neighbors)
-    job = np.concatenate([merge_partials(partials[f"q{i}"], 10).ids for i in range(len(q))])
+    parts = [b for u in range(len(units)) for _, b in fn.process((u, [("q0", batch)]))]
+    merged = merge_batch_neighbors(parts, 10)
+    assert merged.ids == batch.ids
+    job = merged.neighbors.ids
     tuned = VisualMemory.open(root).search(q, 10).ids
     build = VisualMemory.open(root, search_defaults=False).search(q, 10).ids
     np.testing.assert_array_equal(job, tuned)

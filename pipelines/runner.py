@@ -33,7 +33,7 @@ def with_default_runner(beam_args: Sequence[str]) -> list[str]:
     DirectRunner in Beam 2.77 first tries to download the Prism binary; offline that costs a failed
     download on every run, so without an explicit ``--runner`` we go straight to the in-process runner
     (``FnApiRunner``, in_memory mode). One worker is enough for the embedding jobs: the encoder already
-    uses every core (measured: build job 0.89x of the raw encoder rate on 2 CPUs,
+    uses every core (measured: build job 0.81x-0.91x of the raw encoder rate on 2 CPUs,
     evaluation/benchmarks/bench_jobs.py). ``--direct_running_mode=multi_processing
     --direct_num_workers=N`` runs N worker processes instead.
 

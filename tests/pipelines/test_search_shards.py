@@ -5,29 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from memory.build import build_memory_local
-from memory.index import IndexConfig
 from memory.manifest import read_manifest
 from memory.shard_search import PAD_ID, LoadedShard, PartialTopK, merge_partials
 from pipelines.search_shards import BatchNeighbors, QueryBatch, _SearchShardFn, merge_batch_neighbors
-
-
-def _unit(rng, n, d):
-    x = rng.normal(size=(n, d)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+from tests.pipelines.test_evaluate import _unit, synthetic_memory  # noqa: F401  (the fixture, reused)
 
 
 @pytest.fixture(scope="module")
-def memory(tmp_path_factory):
-    rng = np.random.default_rng(5)
-    emb = _unit(rng, 400, 16)
-    root = str(tmp_path_factory.mktemp("search-shards") / "mem")
-    ids = [f"e{i:04d}" for i in range(400)]
-    build_memory_local(root, ids=ids, labels=[f"c{i % 6}" for i in range(400)], uris=[f"/img/{i}" for i in ids],
-                       embeddings=emb, num_shards=4, index_config=IndexConfig(),
-                       encoder_identity={"name": "synthetic", "content_hash": "sha256:0", "dim": 16,
-                                         "preprocess": {}})
-    return root
+def memory(synthetic_memory):
+    return synthetic_memory[0]
 
 
 def test_scatter_places_rows_and_pads_the_rest():

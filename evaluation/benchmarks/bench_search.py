@@ -32,7 +32,7 @@ Each approximate method sweeps its search-time knob (leaves probed and re-rank d
 efSearch) from cheap to expensive until it reaches the highest of ``--target-recalls``; every sweep row is
 printed, then a frontier table per thread count: each method's fastest setting at each recall level. QPS is
 the best of ``--repeats`` timings of the whole query batch. A final "targets" block per dataset gives the
-project targets' verdicts at every level and thread count (memory routed >= 1.1x faiss IVF-PQ + refine;
+project targets' verdicts at every level and thread count (hash and routed memories >= 1.1x faiss IVF-PQ + refine;
 sharded memories within 20% of one index; ScaNN >= 50x exact numpy at the lowest level).
 
 Thread policy (printed): ``--threads T1,T2`` (default 1 and all cores) search threads for every index method,
@@ -70,7 +70,7 @@ from evaluation.benchmarks.search_report import (K, Method, ResultRow, format_fr
 
 # Searched fractions of the partitions (ScaNN leaves, faiss IVF lists), cheap to expensive. Going to 1.0
 # lets the sweep reach high recall even on unclustered data, where partitions barely prune.
-LEAF_FRACTIONS = (0.002, 0.003, 0.004, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.2, 0.35, 0.6, 1.0)
+LEAF_FRACTIONS = (0.002, 0.003, 0.004, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.35, 0.6, 1.0)
 # Candidates re-scored exactly (unsharded ScaNN reorder, faiss k_factor * k).
 REORDERS = (50, 60, 75, 90, 100, 125, 150, 200, 300, 400, 1000, 2000)
 # Per-shard re-rank depth of the sharded memory: each shard holds ~1/S of a query's true neighbours, so

@@ -75,9 +75,9 @@ def test_printed_tables_and_targets(tiny_run):
     for method in bench_search.Method:
         assert f"| {method.value} |" in text
     assert "targets (structured, recall@10):" in text
-    # ScaNN vs exact once, then per (threads, level): the routed memory vs faiss and both sharding lines.
+    # ScaNN vs exact once, then per (threads, level): the hash and routed memories vs faiss and both sharding lines.
     verdicts = text.count(": PASS") + text.count(": MISS")
-    assert verdicts == 1 + 2 * 4 * 3, verdicts
+    assert verdicts == 1 + 2 * 4 * 4, verdicts
     sweep_rows = [line for line in text.split("fastest setting of each method")[0].splitlines()
                   if line.startswith("| ") and "---" not in line]
     assert len(sweep_rows) == len(rows) + 1
@@ -216,6 +216,13 @@ def test_targets_verdicts_follow_the_measured_ratios():
     line95, line99 = [line for line in text.splitlines() if line.startswith(("| 0.95 |", "| 0.99 |"))]
     assert "1.20x (9,000 vs 7,500): PASS" in line95 and "+10.0% (9,000 vs 10,000): PASS" in line95
     assert "1.05x (3,150 vs 3,000): MISS" in line99 and "+37.0% (3,150 vs 5,000): MISS" in line99
+    # With the hash memory (the default sharding) measured too, it gets its own faiss column, first.
+    hashed = rows + mark_best([_row(Method.MEMORY, 8_400, 0.96), _row(Method.MEMORY, 3_000, 0.992)], targets)
+    text = format_targets(hashed, targets=targets, threads=(1,))
+    assert "| recall@10 | threads | hash memory / faiss IVF-PQ+refine (>= 1.1x) | memory routed / faiss" in text
+    line95, line99 = [line for line in text.splitlines() if line.startswith(("| 0.95 |", "| 0.99 |"))]
+    assert line95.split(" | ")[2] == "1.12x (8,400 vs 7,500): PASS" and "1.20x (9,000 vs 7,500): PASS" in line95
+    assert line99.split(" | ")[2] == "1.00x (3,000 vs 3,000): MISS"
     # Nothing reaches 0.999: every verdict there misses or says why.
     text = format_targets(rows, targets=(0.999,), threads=(1,))
     assert "memory never reached it: MISS" in text and "ScaNN never reached it: MISS" in text

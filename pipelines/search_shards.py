@@ -133,6 +133,7 @@ class _SearchShardFn(beam.DoFn):
         self._entry_weights = None
         self._metadata = None
         self._pool = None
+        self._in_flight = 0
         self._searched = Metrics.counter(_NAMESPACE, "query_shard_searches")
 
     def setup(self):
@@ -145,6 +146,7 @@ class _SearchShardFn(beam.DoFn):
         threads = self._threads or default_search_threads()
         if threads > 1 and self._crowding is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vmem-shard")
+        self._in_flight = 2 * threads
 
     def _search(self, shard: LoadedShard, batch: QueryBatch) -> PartialTopK:
         filters = None if batch.filters is None else [
@@ -154,7 +156,6 @@ class _SearchShardFn(beam.DoFn):
     def _answers(self, shard: LoadedShard, keyed_batches):
         """(key, batch, partial) per batch, in input order; unfiltered batches on the pool when there is one."""
         pending = collections.deque()
-        limit = 2 * (self._pool._max_workers if self._pool is not None else 1)  # pylint: disable=protected-access
         for key, batch in keyed_batches:
             if self._pool is None or batch.filters is not None:
                 while pending:
@@ -162,7 +163,7 @@ class _SearchShardFn(beam.DoFn):
                 yield key, batch, self._search(shard, batch)
                 continue
             pending.append(self._pool.submit(lambda kb: (kb[0], kb[1], self._search(shard, kb[1])), (key, batch)))
-            while len(pending) > limit or (pending and pending[0].done()):
+            while len(pending) > self._in_flight or (pending and pending[0].done()):
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()

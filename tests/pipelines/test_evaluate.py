@@ -22,7 +22,7 @@ from memory.visual_memory import VisualMemory
 from memory.voting import VotingRule, predict_all_k
 from pipelines import build, cli, evaluate
 from pipelines.records import EmbeddedImage
-from pipelines.search_shards import _SearchShardFn, merge_batch_neighbors
+from pipelines.search_shards import _SearchShardFn
 
 
 def _unit(rng, n, d):

@@ -12,7 +12,7 @@ from tests.pipelines.test_evaluate import _unit, synthetic_memory  # noqa: F401 
 
 
 @pytest.fixture(scope="module")
-def memory(synthetic_memory):
+def memory(synthetic_memory):  # noqa: F811  (pytest injects the imported fixture)
     return synthetic_memory[0]
 
 

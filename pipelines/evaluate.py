@@ -13,8 +13,9 @@ Dataflow::
 
 Queries are embedded with the memory's own encoder (from its manifest); a different encoder is refused.
 Query batches fan out to the shards (grouped by shard, so each shard is loaded once, by the one worker that
-searches every batch routed to it, and released afterwards), each shard returns a partial top-K per query,
-partials merge exactly per query (ties by id, as ``VisualMemory.search``), and the neighbour lists are
+searches every batch routed to it, and released afterwards), each shard returns a partial top-K for the
+batch's queries it searched, a batch's partials merge exactly per query in one combine keyed by the batch
+(ties by id, as ``VisualMemory.search``; pipelines.search_shards), and the neighbour lists are
 written as JSONL before voting, so ``vmem vote`` can re-vote without re-searching. Voting runs per batch of
 merged queries where they were merged; only the per-rule, per-k counts of correct answers are summed into the
 one report worker, so no worker ever holds every query's neighbours.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def l2_normalize(x: np.ndarray, *, eps: float = 1e-12) -> np.ndarray:
+def l2_normalize(x: np.ndarray, *, eps: float = 1e-12, first_row: int = 0) -> np.ndarray:
     """Scales each row to unit L2 norm.
 
     Cosine distance in the memory is ``1 - dot`` of unit vectors, so every embedding and every query goes
@@ -15,6 +15,7 @@ def l2_normalize(x: np.ndarray, *, eps: float = 1e-12) -> np.ndarray:
     Args:
       x: Array of shape [n, d] (or [d], treated as one row).
       eps: Rows with norm <= eps are rejected rather than silently turned into NaN or zeros.
+      first_row: Index of x's first row in the caller's array (a chunk of it), for the error message.
 
     Returns:
       float32 array of the same shape with unit-length rows.
@@ -34,7 +35,7 @@ def l2_normalize(x: np.ndarray, *, eps: float = 1e-12) -> np.ndarray:
     if bad.size:
         i = int(bad[0])
         raise ValueError(
-            f"cannot L2-normalise row {i}: norm {norms[i]!r} (rows with zero or non-finite norm have no "
-            f"direction; {bad.size} such row(s) in total); drop or fix these embeddings")
+            f"cannot L2-normalise row {first_row + i}: norm {float(norms[i])!r} (rows with zero or non-finite norm "
+            f"have no direction; {bad.size} such row(s) in total); drop or fix these embeddings")
     out = (arr64 / norms[:, None]).astype(np.float32)
     return out[0] if squeeze else out

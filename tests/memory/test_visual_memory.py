@@ -125,6 +125,11 @@ def test_query_chunked_search_equals_one_thread(built):
     # The filters reached each chunk's own queries: a filtered query's neighbours all carry its label.
     labels = seq.label_names(want_f.labels)
     assert all((labels[i] == CLASSES[i % 4]).all() for i in range(len(many)) if i % 3)
+    # Each chunk normalises its own rows (the unnormalised `many` above); a zero row is named by its batch index.
+    many[200] = 0.0
+    for threads in (1, 2):
+        with pytest.raises(ValueError, match=r"cannot L2-normalise row 200: norm 0\.0"):
+            seq.with_search_params(threads=threads).search(many, K)
 
 
 def test_tree_ah_memory_recall(tmp_path):

@@ -46,12 +46,6 @@ if TYPE_CHECKING:
 _PAD_ID = ""
 
 
-def _unit_rows(q: np.ndarray, first_row: int = 0) -> np.ndarray:
-    """float32 rows scaled to unit length (row by row, so a chunk's rows equal the whole batch's); errors name
-    the row by its index in the batch (``first_row``: the chunk's start)."""
-    return l2_normalize(q, first_row=first_row) if q.shape[0] else q.astype(np.float32)
-
-
 def _resolve_threads(threads: int | None, shards: int) -> int:
     if threads is None:
         return max(1, min(os.cpu_count() or 1, shards))
@@ -329,7 +323,7 @@ class VisualMemory:
             # Normalised inside each query chunk, on the search threads (1.9 ms per 1,000 x 1280 queries on one).
             gidx, dist = self._search_batch(q, int(k), per_query, normalized=False)
         else:
-            q = _unit_rows(q)
+            q = l2_normalize(q)
             groups = crowding.groups(self._attributes())
             gidx, dist = crowded_search(
                 lambda rows, n: self._search_batch(q[rows], n, [per_query[i] for i in rows.tolist()]),
@@ -348,14 +342,15 @@ class VisualMemory:
                       ) -> tuple[np.ndarray, np.ndarray]:
         """`_search_rows` of a batch, split into one query chunk per search thread when it is large enough
         (rows scaled to unit length per chunk first unless ``normalized``)."""
-        unit = (lambda x, first_row=0: x) if normalized else _unit_rows
+        # Row by row, so a chunk's rows equal the whole batch's; a bad row is named by its index in the batch.
+        unit = (lambda x, first_row=0: x) if normalized else l2_normalize
         # search_threads bounds every thread the search runs, numpy's BLAS (the router's matmul) included: a
         # one-thread search uses one core, and OpenBLAS workers woken by a matmul keep spinning for a while
         # after it, on the cores the search threads (and the next search) need: a 2-thread search right after
         # a 1-thread one whose matmul ran on two BLAS threads took 25 ms per 1,000 queries instead of 14.
         with one_thread_blas:
             chunked = search_in_chunks(
-                lambda a, b: self._search_rows(unit(q[a:b], a), k, filters[a:b], parallel=False),
+                lambda a, b: self._search_rows(unit(q[a:b], first_row=a), k, filters[a:b], parallel=False),
                 q.shape[0], self._search_threads, self._executor)
             return self._search_rows(unit(q), k, filters) if chunked is None else chunked
 

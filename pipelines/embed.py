@@ -7,7 +7,6 @@ The encoder is loaded once per worker by RunInference's shared model handle; thi
 from __future__ import annotations
 
 import json
-import os
 import logging
 import time
 from typing import Any, Iterable, Optional, Sequence
@@ -21,6 +20,7 @@ from encoders.base import EncoderSpec, PreprocessSpec
 from memory.vectors import l2_normalize
 from pipelines.readers import FAILED_TAG, _failed
 from pipelines.records import DecodedImage, EmbeddedImage, EntryMeta, ImageRecord, Stage
+from pipelines.runner import worker_pool_threads
 
 _LOG = logging.getLogger("visual_memory")
 _NAMESPACE = "visual_memory"
@@ -124,7 +124,7 @@ class _ParallelDecodeFn(_DecodeFn):
         super().setup()
         import concurrent.futures  # pylint: disable=g-import-not-at-top
         self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=self._threads or max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="vmem-decode")
+            max_workers=self._threads or worker_pool_threads(), thread_name_prefix="vmem-decode")
 
     def start_bundle(self):
         import collections  # pylint: disable=g-import-not-at-top

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 # Beam 2.77's FnApiRunner in --direct_running_mode=multi_threading corrupts data between stages when
@@ -53,3 +54,11 @@ def with_default_runner(beam_args: Sequence[str]) -> list[str]:
     if not _has_flag(args, "--runner"):
         args.append("--runner=FnApiRunner")
     return args
+
+
+def worker_pool_threads() -> int:
+    """Threads a DoFn's own pool uses on a worker (decoding, a shard's query batches): its cores, at most 4.
+
+    The work on these pools (Pillow, ScaNN) releases the GIL; more than 4 threads bought nothing measurable.
+    """
+    return max(1, min(4, os.cpu_count() or 1))

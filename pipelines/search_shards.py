@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import os
 from typing import NamedTuple, Sequence
 
 import apache_beam as beam
@@ -29,13 +28,9 @@ from memory.shard import search_units
 from memory.shard_search import (LoadedShard, PartialTopK, load_entry_weights, load_forgotten, merge_partials,
                                  one_thread_blas, searchable_shards)
 from memory.tuning import SearchSetting, tuned_index
+from pipelines.runner import worker_pool_threads
 
 _NAMESPACE = "visual_memory"
-
-
-def default_search_threads() -> int:
-    """Threads a worker searches one unit's batches on: its cores, at most 4 (ScaNN releases the GIL)."""
-    return max(1, min(4, os.cpu_count() or 1))
 
 
 class QueryBatch(NamedTuple):
@@ -143,7 +138,7 @@ class _SearchShardFn(beam.DoFn):
         self._entry_weights = load_entry_weights(self._root, self._manifest)
         if self._with_metadata:
             self._metadata = read_metadata(self._root, self._manifest)
-        threads = self._threads or default_search_threads()
+        threads = self._threads or worker_pool_threads()
         if threads > 1 and self._crowding is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vmem-shard")
         self._in_flight = 2 * threads
@@ -155,18 +150,22 @@ class _SearchShardFn(beam.DoFn):
 
     def _answers(self, shard: LoadedShard, keyed_batches):
         """(key, batch, partial) per batch, in input order; unfiltered batches on the pool when there is one."""
-        pending = collections.deque()
+        pending = collections.deque()  # (key, batch, future of its partial), oldest first.
+
+        def oldest():
+            key, batch, future = pending.popleft()
+            return key, batch, future.result()
         for key, batch in keyed_batches:
             if self._pool is None or batch.filters is not None:
                 while pending:
-                    yield pending.popleft().result()
+                    yield oldest()
                 yield key, batch, self._search(shard, batch)
                 continue
-            pending.append(self._pool.submit(lambda kb: (kb[0], kb[1], self._search(shard, kb[1])), (key, batch)))
-            while len(pending) > self._in_flight or (pending and pending[0].done()):
-                yield pending.popleft().result()
+            pending.append((key, batch, self._pool.submit(self._search, shard, batch)))
+            while len(pending) > self._in_flight or (pending and pending[0][2].done()):
+                yield oldest()
         while pending:
-            yield pending.popleft().result()
+            yield oldest()
 
     def process(self, element):
         unit, keyed_batches = element
@@ -226,7 +225,7 @@ class SearchShards(beam.PTransform):
     Every non-empty unit for a hash-sharded memory; the routed main shards and every delta shard for a
     partition-routed one (``route_probes`` nearest centroids, or distance-ratio routing with ``route_ratio``;
     neither -> the router's default probes). ``search_threads``: threads each worker searches a unit's batches
-    on (default `default_search_threads`).
+    on (default `pipelines.runner.worker_pool_threads`).
     """
 
     def __init__(self, root: str, manifest: Manifest, *, k: int, batch_size: int = 256,

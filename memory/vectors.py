@@ -7,7 +7,8 @@ import numpy as np
 # A float32 row whose float32 sum of squares is within this of 1 is already unit length to float32 precision:
 # rows scaled to unit length in float64 and rounded to float32 come out within 5e-7 at 1,280 dims (the
 # demo's encoder), so this leaves headroom for wider rows' summation error. Such rows are kept as they are
-# (a query's scale never changes its neighbour order; a distance moves by at most 2e-6).
+# (a query's scale never changes its neighbour order; a distance moves by at most 2e-6, so an entry's scale
+# can only swap neighbours whose distances are that close).
 UNIT_SUMSQ_TOL = 4e-6
 
 

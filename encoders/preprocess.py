@@ -149,8 +149,6 @@ def _normalisation_lut(mean: tuple[float, ...], std: tuple[float, ...]) -> np.nd
     return lut
 
 
-
-
 def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
     if image.dtype != np.uint8:

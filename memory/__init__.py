@@ -4,7 +4,7 @@ Pure Python + numpy + ScaNN (+ google-cloud-storage for gs://); no Apache Beam i
 from notebooks and from inside Beam DoFns alike.
 """
 
-from memory.index import IndexConfig, IndexKind
+from memory.index.shard_index import IndexConfig, IndexKind
 from memory.visual_memory import SearchResult, VisualMemory
 
 __all__ = ["IndexConfig", "IndexKind", "SearchResult", "VisualMemory"]

@@ -12,15 +12,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from memory import storage
-from memory.index import IndexConfig
-from memory.manifest import (FORMAT_VERSION, BuildCounts, Manifest, Metric, manifest_path, utc_now_iso,
+from memory.index.shard_index import IndexConfig
+from memory.store.manifest import (FORMAT_VERSION, BuildCounts, Manifest, Metric, manifest_path, utc_now_iso,
 )
-from memory.routing import RouterConfig, select_sample_rows, train_router, write_router
-from memory.shard import ShardData, write_shard
-from memory.shared_index import local_template, train_template, uses_template, write_template
-from memory.sharding import Sharding, parse_sharding, shard_for_id, shard_name
+from memory.search.routing import RouterConfig, select_sample_rows, train_router, write_router
+from memory.store.shard import ShardData, write_shard
+from memory.index.template import local_template, train_template, uses_template, write_template
+from memory.store.sharding import Sharding, parse_sharding, shard_for_id, shard_name
 from memory.vectors import l2_normalize
-from memory.versions import list_versions, publish_version, version_path
+from memory.store.versions import list_versions, publish_version, version_path
 
 
 def build_memory_local(root: str, *, ids: Sequence[str], labels: Sequence[str], uris: Sequence[str],
@@ -46,11 +46,11 @@ def build_memory_local(root: str, *, ids: Sequence[str], labels: Sequence[str], 
         are added).
       counts: Build counts; defaults to read = embedded = n, failed = 0.
       sharding: HASH assigns entries by a stable hash of their id; PARTITION trains a router
-        (memory.routing) on the ``router_config.training_sample_size`` entries with the smallest
+        (memory.search.routing) on the ``router_config.training_sample_size`` entries with the smallest
         `router_sample_key` and assigns each entry to the shard owning its nearest centroid. A HASH build
         whose shards resolve to tree+AH first trains one index template for the whole memory on the
         ``index_config.training_sample_size`` entries with the smallest key and builds every tree+AH shard
-        from it (memory.shared_index), so the opened memory searches those shards as one index.
+        from it (memory.index.template), so the opened memory searches those shards as one index.
       router_config: How a PARTITION build trains its router.
 
     Returns:

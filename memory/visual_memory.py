@@ -7,7 +7,7 @@ rows were forgotten), forgotten ones are dropped, and a query left with fewer th
 class forgotten, say) is searched by brute force over that shard's live rows. For brute-force shards that is
 the same answer as a memory built from scratch without the forgotten entries.
 
-A partition-routed memory (built with ``sharding="partition"``, see memory.routing) sends each query only
+A partition-routed memory (built with ``sharding="partition"``, see memory.search.routing) sends each query only
 to the main shards owning its ``route_probes`` nearest router centroids (plus every delta shard); probing
 every centroid searches every shard.
 """
@@ -23,25 +23,25 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 import numpy as np
 
 from memory import storage
-from memory import classify as classify_lib
-from memory.explain import Prediction
-from memory.filters import Crowding, QueryFilter, RowAttributes, as_filters, crowded_search, search_filtered
-from memory.index import ShardIndex
-from memory.manifest import Manifest, ManifestError
-from memory.merge import merge_shard_answers
-from memory.mutations import read_entry_weights, read_forgotten, row_weights
-from memory.routing import Router, check_route_ratio, read_router, search_mask
-from memory.tuning import tuned_index
-from memory.shard_search import (FILTER_INDEX_CACHE, build_live_index, one_thread_blas, search_in_chunks,
+from memory.decide import classify as classify_lib
+from memory.decide.explain import Prediction
+from memory.search.filters import Crowding, QueryFilter, RowAttributes, as_filters, crowded_search, search_filtered
+from memory.index.shard_index import ShardIndex
+from memory.store.manifest import Manifest, ManifestError
+from memory.search.merge import merge_shard_answers
+from memory.store.mutations import read_entry_weights, read_forgotten, row_weights
+from memory.search.routing import Router, check_route_ratio, read_router, search_mask
+from memory.search.tuning import tuned_index
+from memory.search.shard_search import (FILTER_INDEX_CACHE, build_live_index, one_thread_blas, search_in_chunks,
                                  search_live_rows)
-from memory.shard import load_unit_index, read_entry_tables, read_shard_embeddings, read_shard_entries, search_units
+from memory.store.shard import load_unit_index, read_entry_tables, read_shard_embeddings, read_shard_entries, search_units
 from memory.vectors import l2_normalize
-from memory.versions import latest_version, read_version
-from memory.voting import VotingParams, VotingRule
+from memory.store.versions import latest_version, read_version
+from memory.decide.voting import VotingParams, VotingRule
 
 if TYPE_CHECKING:
     from encoders.base import Encoder
-    from memory.rerank import Reranker, ResponseCache
+    from memory.rerank.base import Reranker, ResponseCache
 
 _PAD_ID = ""
 
@@ -92,7 +92,7 @@ class VisualMemory:
         self._route_ratio: float | None = None
         self._manifest = manifest
         # One index per search unit: a shard, or a run of shards built from one index template and searched as
-        # one (memory.shared_index); units[u] lists unit u's manifest shards, offsets[u] its first row.
+        # one (memory.index.template); units[u] lists unit u's manifest shards, offsets[u] its first row.
         self._indices = list(indices)
         self._units = [(u,) for u in range(len(self._indices))] if units is None else [tuple(u) for u in units]
         self._ids = ids
@@ -108,7 +108,7 @@ class VisualMemory:
         # leaves short (it reads that shard's embeddings); views from with_search_params share it.
         self._live_indices: dict[tuple[int, str], tuple[ShardIndex | None, np.ndarray]] = {}
         self._live_lock = threading.Lock()
-        self._metadata = None  # memory.metadata.MetadataTable, read on the first metadata filter or crowding.
+        self._metadata = None  # memory.store.metadata.MetadataTable, read on the first metadata filter or crowding.
         self._metadata_values: dict[str, np.ndarray] = {}
         self._row_attributes: dict[int | None, RowAttributes] = {}
         self._row_of_id: dict[str, int] | None = None
@@ -140,7 +140,7 @@ class VisualMemory:
           load_encoder: Load the query encoder now and run it once (serving: the first image query then pays
             no model load or tracing); by default it loads on the first image query.
           merge_shards: Search consecutive tree+AH shards built from one index template (hash builds of
-            tree+AH memories, `memory.shared_index`) as one ScaNN index: the same neighbours' quality at one
+            tree+AH memories, `memory.index.template`) as one ScaNN index: the same neighbours' quality at one
             index's speed instead of one search per shard (their per-row files are concatenated into a
             temporary directory once, at open). False searches every shard on its own.
 
@@ -158,7 +158,7 @@ class VisualMemory:
         dirs = [storage.join(root, info.path) for info in infos]
         ids, labels = read_entry_tables(dirs, infos, num_classes=len(manifest.class_names), verify=verify)
         row_offsets = np.cumsum([0] + [info.count for info in infos])
-        # Hash shards built from one index template are searched as one index (memory.shared_index).
+        # Hash shards built from one index template are searched as one index (memory.index.template).
         units = search_units(root, manifest, merge=merge_shards)
         indices = [load_unit_index([dirs[s] for s in unit], [infos[s] for s in unit]) for unit in units]
         for unit, index in zip(units, indices):
@@ -176,7 +176,7 @@ class VisualMemory:
                      forgotten=forgotten, entry_weights=read_entry_weights(root, manifest),
                      search_threads=search_threads, router=read_router(root, manifest), units=units)
         if search_defaults and manifest.search_defaults:
-            from memory.tuning import SearchSetting  # pylint: disable=g-import-not-at-top
+            from memory.search.tuning import SearchSetting  # pylint: disable=g-import-not-at-top
             memory = SearchSetting.from_dict(manifest.search_defaults).apply(memory)
         if load_encoder:
             memory.warm_up()
@@ -196,7 +196,7 @@ class VisualMemory:
         sets how many threads search (see `open`); None keeps this memory's setting.
         ``route_probes`` (partition-routed memories only) sets how many nearest router centroids pick the
         main shards a query visits; None keeps the current setting (the router's default at first).
-        ``route_ratio`` switches a routed memory to distance-ratio routing instead (`memory.routing.Router.route`:
+        ``route_ratio`` switches a routed memory to distance-ratio routing instead (`memory.search.routing.Router.route`:
         a query visits every main shard whose nearest centroid is at most that many times as far as its nearest
         centroid); passing ``route_probes`` switches back.
         """
@@ -231,7 +231,7 @@ class VisualMemory:
     @property
     def searched_as(self) -> list[tuple[str, ...]]:
         """The shard names of each searched index: one name per shard, or several for shards searched as one
-        index (built from one index template, see `memory.shared_index`)."""
+        index (built from one index template, see `memory.index.template`)."""
         names = [info.name for info in self._manifest.all_shards]
         return [tuple(names[s] for s in unit) for unit, ix in zip(self._units, self._indices) if ix is not None]
 
@@ -298,10 +298,10 @@ class VisualMemory:
         Args:
           queries: [nq, dim] query embeddings (L2-normalised here).
           k: Neighbours per query, >= 1; when k exceeds len(self) the tail is padded.
-          filters: Only entries a `memory.filters.QueryFilter` admits (labels, uri prefix, metadata values),
+          filters: Only entries a `memory.search.filters.QueryFilter` admits (labels, uri prefix, metadata values),
             one filter for every query or one (or None) per query. Applied before the top-k cut, like
             forgetting: k admitted neighbours whenever k exist.
-          crowding: At most ``crowding.max_per_group`` neighbours per group (memory.filters.Crowding); the
+          crowding: At most ``crowding.max_per_group`` neighbours per group (memory.search.filters.Crowding); the
             list is the greedy walk down the distance order, exact (more is fetched until k are kept).
 
         Returns:
@@ -401,7 +401,7 @@ class VisualMemory:
         with self._live_lock:
             cached = self._live_indices.get((s, key))
             if cached is None:
-                from memory.shard import read_shard_data  # pylint: disable=g-import-not-at-top
+                from memory.store.shard import read_shard_data  # pylint: disable=g-import-not-at-top
                 # The embeddings are read again for each new exclusion (not kept: they would double the
                 # memory's footprint); the brute-force index over the admitted rows is kept.
                 parts = [read_shard_data(storage.join(self._root, self._manifest.all_shards[u].path)).embeddings
@@ -427,7 +427,7 @@ class VisualMemory:
         with self._live_lock:
             if column not in self._metadata_values:
                 if self._metadata is None:
-                    from memory.metadata import read_metadata  # pylint: disable=g-import-not-at-top
+                    from memory.store.metadata import read_metadata  # pylint: disable=g-import-not-at-top
                     self._metadata = read_metadata(self._root, self._manifest)
                 if self._metadata is None:
                     raise ValueError(f"memory {self._root} (version {self.version}) has no metadata columns, so "
@@ -606,17 +606,17 @@ class VisualMemory:
           abstain_below: Answer "unknown" (label -1, with the reason) for every query whose confidence is
             below this value in [0, 1]. The confidence is calibrated when the memory carries a calibration
             for this rule, k and params (`vmem calibrate`), else it is the raw share of the winner's score.
-          filters: Only entries a filter admits may vote (memory.filters.QueryFilter: labels, uri prefix,
+          filters: Only entries a filter admits may vote (memory.search.filters.QueryFilter: labels, uri prefix,
             metadata values), one for all queries or one per query; k admitted neighbours whenever k exist.
-          crowding: At most c voters per group (memory.filters.Crowding).
-          rerank: A second opinion (memory.rerank: memory.gemini.GeminiReranker, memory.second_opinion.
+          crowding: At most c voters per group (memory.search.filters.Crowding).
+          rerank: A second opinion (memory.rerank.base: memory.rerank.gemini.GeminiReranker, memory.rerank.second_opinion.
             EncoderReranker) asked for every query whose vote margin is below ``rerank_below``; it sees the
             query image and its top ``rerank_top_n`` neighbours. Its answer replaces the vote only when it
             is one of those neighbours' labels; otherwise the vote stands and ``rerank_reason`` says why.
-          rerank_cache: Answers already paid for (memory.rerank.ResponseCache): never asked twice.
+          rerank_cache: Answers already paid for (memory.rerank.base.ResponseCache): never asked twice.
 
         Returns:
-          One `memory.explain.Prediction` per query: label, per-class scores, confidence and the neighbours
+          One `memory.decide.explain.Prediction` per query: label, per-class scores, confidence and the neighbours
           with their ids, labels, distances, weights and source uris. The label is `memory.voting.vote`'s,
           with the memory's entry weights (soft pruning), if any, multiplied into the rule's weights, unless
           the memory abstained or a re-ranker answered.

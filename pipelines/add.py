@@ -35,7 +35,7 @@ dim (checked at launch, before anything is read). Ids already live in version n,
 physically present (until ``vmem reindex``) and ids given twice in this add become dead letters (reasons
 ``duplicate_id`` / ``forgotten_id``), never a failed job.
 
-Bounded memory per worker, as in the build (pipelines/write.py): entries travel as `EntryBlock`s; known ids
+Bounded memory per worker, as in the build (pipelines/stages/write.py): entries travel as `EntryBlock`s; known ids
 are rejected by an id-hash bucketed join (for blocks only ids and uris are joined); rows are spilled to
 files per delta shard (``deltas/v{n+1:06d}-<job id>/.spill/``) and the GroupByKey moves only (delta shard,
 spill file) references, so one worker holds one delta shard. There are ``max(1, ceil(entries /
@@ -73,20 +73,20 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from encoders.base import EncoderSpec, resolve_preprocess
 from memory import storage
-from memory.index import IndexConfig, IndexKind
-from memory.manifest import Manifest, ManifestError, ShardInfo
-from memory.mutations import DELTAS_DIR, DuplicateIdError, extended_class_names, read_forgotten
-from memory.shard import ShardData, write_shard
-from memory.sharding import shard_for_id
-from memory.versions import ConcurrentUpdateError, latest_version, publish_version, read_version
-from pipelines.cli_args import UsageError
+from memory.index.shard_index import IndexConfig, IndexKind
+from memory.store.manifest import Manifest, ManifestError, ShardInfo
+from memory.store.mutations import DELTAS_DIR, DuplicateIdError, extended_class_names, read_forgotten
+from memory.store.shard import ShardData, write_shard
+from memory.store.sharding import shard_for_id
+from memory.store.versions import ConcurrentUpdateError, latest_version, publish_version, read_version
+from vmem.args import UsageError
 from pipelines.build import is_precomputed, precomputed_identity, read_precomputed
 from pipelines.runner import with_default_runner
-from pipelines.embed import (DecodeImages, EmbedImages, EncoderMismatchError, check_same_identity,
+from pipelines.stages.embed import (DecodeImages, EmbedImages, EncoderMismatchError, check_same_identity,
                              memory_encoder_spec)
-from pipelines.readers import FAILED_TAG, ImageSource, ReadImages, _failed, parse_image_spec
+from pipelines.io.readers import FAILED_TAG, ImageSource, ReadImages, _failed, parse_image_spec
 from pipelines.records import EntryBlock, Stage
-from pipelines.write import (DEAD_LETTER_DIR, SPILL_ROWS, EntriesToBlocks, SpillBlocks, block_class_names,
+from pipelines.stages.write import (DEAD_LETTER_DIR, SPILL_ROWS, EntriesToBlocks, SpillBlocks, block_class_names,
                              count_rows, dedupe_block, read_spills)
 
 _LOG = logging.getLogger("visual_memory")
@@ -175,7 +175,7 @@ def check_precomputed_identity(plan: AddPlan, encoder_id: str | None, source, *,
     Raises:
       AddError: naming both encoders (or dims) and the fix.
     """
-    from pipelines.embedding_sources import embedding_dim  # pylint: disable=g-import-not-at-top
+    from pipelines.io.embedding_sources import embedding_dim  # pylint: disable=g-import-not-at-top
 
     memory_name = plan.encoder_identity.get("name")
     if not is_precomputed(plan.encoder_identity):
@@ -235,7 +235,7 @@ class _StoredIdsFn(beam.DoFn):
         self._buckets = buckets
 
     def process(self, shard_path: str):
-        from memory import shard as shard_io  # pylint: disable=g-import-not-at-top
+        from memory.store import shard as shard_io  # pylint: disable=g-import-not-at-top
         shard_dir = storage.join(self._root, shard_path)
         read_ids = getattr(shard_io, "read_shard_ids", None)
         ids = read_ids(shard_dir) if read_ids else shard_io.read_shard_data(shard_dir).ids
@@ -493,7 +493,7 @@ class WriteDeltaShards(beam.PTransform):
     """EntryBlock -> ((index, ShardInfo) of each written delta shard, FailedRecords for ids repeated in the add).
 
     There are ``count`` delta shards (a singleton PCollection: ``max(1, ceil(entries / target))``); a row goes
-    to ``shard_for_id(id, count)``. Rows are spilled to files per delta shard (`pipelines.write.SpillBlocks`)
+    to ``shard_for_id(id, count)``. Rows are spilled to files per delta shard (`pipelines.stages.write.SpillBlocks`)
     and one worker writes one delta shard from its spill files, dropping the rows whose id is in
     ``rejected`` (arrays of ids; may be empty). Labels map through ``class_names`` (a singleton: old names,
     then new ones).
@@ -773,7 +773,7 @@ def launch(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pi
     build_config = manifest.build_config
     identity = entry_count = None
     if args.embeddings is not None:
-        from pipelines.embedding_sources import (  # pylint: disable=g-import-not-at-top
+        from pipelines.io.embedding_sources import (  # pylint: disable=g-import-not-at-top
             count_entries, parse_embeddings_spec)
         source = parse_embeddings_spec(args.embeddings)
         identity = check_precomputed_identity(plan, args.encoder_id, source, memory_dim=manifest.dim)

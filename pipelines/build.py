@@ -15,7 +15,7 @@ Dataflow (ship the code with setup.py; the bundled encoder weights come from PyP
         --temp_location=gs://BUCKET/tmp --setup_file=./setup.py
 
 Large memories (tree+AH shards): ``--sharding partition`` trains a router so each shard holds one region
-of the embedding space and each query searches only the shards it routes to (see memory/routing.py)::
+of the embedding space and each query searches only the shards it routes to (see memory/search/routing.py)::
 
     vmem build --images gs://BUCKET/imagenet/train --output gs://BUCKET/memories/in1k --shards 16 \\
         --sharding partition --runner=DataflowRunner ...
@@ -47,15 +47,15 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from configs.build import BuildConfig, load_config
 from memory import storage
-from memory.index import IndexConfig, IndexKind
-from memory.manifest import MANIFEST_NAME
-from memory.shared_index import uses_template
-from memory.sharding import Sharding
-from pipelines.embed import DecodeImages, EmbedImages
-from pipelines.readers import ImageSource, ReadImages, parse_image_spec
-from pipelines.cli_args import UsageError
+from memory.index.shard_index import IndexConfig, IndexKind
+from memory.store.manifest import MANIFEST_NAME
+from memory.index.template import uses_template
+from memory.store.sharding import Sharding
+from pipelines.stages.embed import DecodeImages, EmbedImages
+from pipelines.io.readers import ImageSource, ReadImages, parse_image_spec
+from vmem.args import UsageError
 from pipelines.runner import with_default_runner
-from pipelines.write import (EntriesToBlocks, TrainIndexTemplate, TrainRouter, WriteDeadLetters, WriteManifest,
+from pipelines.stages.write import (EntriesToBlocks, TrainIndexTemplate, TrainRouter, WriteDeadLetters, WriteManifest,
                              WriteMemoryShards, block_class_names, count_rows, shards_for_count)
 
 _LOG = logging.getLogger("visual_memory")
@@ -71,7 +71,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     source.add_argument("--embeddings",
                         help="precomputed embeddings instead of images: clip:DIR (clip-retrieval's img_emb/*.npy + "
                              "metadata/*.parquet) or tfrecord:PATTERN of float features (see "
-                             "pipelines/embedding_sources.py); needs --encoder-id")
+                             "pipelines/io/embedding_sources.py); needs --encoder-id")
     parser.add_argument("--encoder-id", default=None,
                         help="with --embeddings: name of the encoder that computed them (recorded in the manifest; "
                              "queries must be embedded with the same encoder)")
@@ -166,10 +166,10 @@ def read_precomputed(p: beam.Pipeline, source, identity: dict):
 
     Returns:
       (blocks, read failures, identities, records read): EntryBlocks and FailedRecords from
-      `pipelines.embedding_sources.ReadEmbeddings`, a PCollection holding the identity's JSON (what
+      `pipelines.io.embedding_sources.ReadEmbeddings`, a PCollection holding the identity's JSON (what
       EmbedImages reports for images), and a singleton count of every source row (blocks' rows + failures).
     """
-    from pipelines.embedding_sources import ReadEmbeddings  # pylint: disable=g-import-not-at-top
+    from pipelines.io.embedding_sources import ReadEmbeddings  # pylint: disable=g-import-not-at-top
     blocks, read_failures = p | "ReadEmbeddings" >> ReadEmbeddings(source)
     identities = p | "EncoderIdentity" >> beam.Create([json.dumps(identity, sort_keys=True)])
     records_read = ((count_rows(blocks, "CountEntries"),
@@ -214,7 +214,7 @@ def build_pipeline(p: beam.Pipeline, *, source, output: str, config: BuildConfig
         router_blocks = blocks
         source_config = {"images": source.to_dict(), "preprocess": preprocess.to_dict()}
     else:
-        from pipelines.embedding_sources import ReadEmbeddings, embedding_dim
+        from pipelines.io.embedding_sources import ReadEmbeddings, embedding_dim
         identity = precomputed_identity(encoder_id, embedding_dim(source), source.to_dict().get("location", ""))
         blocks, read_failures, identities, records_read = read_precomputed(p, source, identity)
         failure_sets.append(read_failures)
@@ -260,7 +260,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     config = resolve_config(args)
     entry_count = None
     if args.embeddings is not None:
-        from pipelines.embedding_sources import count_entries, parse_embeddings_spec
+        from pipelines.io.embedding_sources import count_entries, parse_embeddings_spec
         if not args.encoder_id:
             raise UsageError("--embeddings needs --encoder-id NAME: the encoder that computed the embeddings is "
                              "recorded in the manifest, and queries must be embedded with it")

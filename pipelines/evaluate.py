@@ -15,7 +15,7 @@ Queries are embedded with the memory's own encoder (from its manifest); a differ
 Query batches fan out to the shards (grouped by shard, so each shard is loaded once, by the one worker that
 searches every batch routed to it, and released afterwards), each shard returns a partial top-K for the
 batch's queries it searched, a batch's partials merge exactly per query in one combine keyed by the batch
-(ties by id, as ``VisualMemory.search``; pipelines.search_shards), and the neighbour lists are
+(ties by id, as ``VisualMemory.search``; pipelines.stages.search_shards), and the neighbour lists are
 written as JSONL before voting, so ``vmem vote`` can re-vote without re-searching. Voting runs per batch of
 merged queries where they were merged; only the per-rule, per-k counts of correct answers are summed into the
 one report worker, so no worker ever holds every query's neighbours.
@@ -44,20 +44,21 @@ import numpy as np
 from encoders.base import resolve_preprocess
 from evaluation.metrics import CorrectCounts
 from memory import storage
-from memory.manifest import Manifest, read_manifest
-from memory.routing import check_route_ratio
-from memory.tuning import default_setting
-from memory.voting import VotingParams, VotingRule
+from memory.store.manifest import Manifest, read_manifest
+from memory.search.routing import check_route_ratio
+from memory.search.tuning import default_setting
+from memory.decide.voting import VotingParams, VotingRule
 from pipelines.build import is_precomputed, precomputed_identity, read_precomputed
 from pipelines.runner import with_default_runner
-from pipelines.embed import DecodeImages, EmbedImages, check_same_identity, memory_encoder_spec
-from pipelines import rerank as rerank_stage, rerank_args
-from pipelines.readers import ReadImages, parse_image_spec
+from pipelines.stages.embed import DecodeImages, EmbedImages, check_same_identity, memory_encoder_spec
+from pipelines.stages import rerank as rerank_stage
+from pipelines import rerank_args
+from pipelines.io.readers import ReadImages, parse_image_spec
 from pipelines.records import EmbeddedImage
-# The search stages live in pipelines.search_shards; these names stay importable from here (prune, tests).
-from pipelines.search_shards import (BatchNeighbors, MergeNeighbors, QueryBatch, QueryNeighbors,  # noqa: F401
+# The search stages live in pipelines.stages.search_shards; these names stay importable from here (prune, tests).
+from pipelines.stages.search_shards import (BatchNeighbors, MergeNeighbors, QueryBatch, QueryNeighbors,  # noqa: F401
                                      SearchShards)
-from pipelines.write import WriteDeadLetters
+from pipelines.stages.write import WriteDeadLetters
 
 _LOG = logging.getLogger("visual_memory")
 _NAMESPACE = "visual_memory"
@@ -143,7 +144,7 @@ class VoteTally(NamedTuple):
 def vote_batch(batch: Sequence[tuple[str, QueryNeighbors]], class_index: dict[str, int], k_max: int,
                params: VotingParams) -> VoteTally:
     """Votes one batch of merged neighbour lists with every rule at every k (pure numpy, no Beam)."""
-    from memory.voting import predict_all_k
+    from memory.decide.voting import predict_all_k
 
     labels, distances, true, entry_weights = neighbor_arrays(batch, class_index, k_max)
     counts = CorrectCounts.of(predict_all_k(labels, distances, k_max=k_max, params=params,
@@ -370,7 +371,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
 def _run_precomputed(args, beam_args, root: str, manifest: Manifest, params: VotingParams, test_pipeline):
     """Queries from precomputed embeddings, for a memory built from precomputed embeddings of the same encoder."""
     from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
-    from pipelines.embedding_sources import embedding_dim, parse_embeddings_spec
+    from pipelines.io.embedding_sources import embedding_dim, parse_embeddings_spec
 
     name = manifest.encoder.get("name")
     if args.embeddings is None:

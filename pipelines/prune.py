@@ -49,12 +49,14 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from memory import pruning, storage
-from memory.manifest import Manifest, read_manifest
-from memory.shard_search import load_forgotten, searchable_shards
-from memory.sharding import shard_for_id
+from memory.decide import pruning
+
+from memory import storage
+from memory.store.manifest import Manifest, read_manifest
+from memory.search.shard_search import load_forgotten, searchable_shards
+from memory.store.sharding import shard_for_id
 from pipelines.runner import with_default_runner
-from pipelines.search_shards import MergeNeighbors, QueryNeighbors, SearchShards
+from pipelines.stages.search_shards import MergeNeighbors, QueryNeighbors, SearchShards
 from pipelines.records import EmbeddedImage
 
 _LOG = logging.getLogger("visual_memory")
@@ -87,7 +89,7 @@ class _ReadShardEntriesFn(beam.DoFn):
         self._read = Metrics.counter(_NAMESPACE, "prune_entries_read")
 
     def process(self, shard_index: int) -> Iterable[EmbeddedImage]:
-        from memory.shard import read_shard_data
+        from memory.store.shard import read_shard_data
         info = searchable_shards(self._manifest)[shard_index]
         data = read_shard_data(storage.join(self._root, info.path))
         ids = data.ids.astype(str)
@@ -275,8 +277,8 @@ class DecidePerBucket(beam.PTransform):
 def _already_published(root: str, base: int, mode: pruning.PruningMode, prune_ids: np.ndarray,
                        params: dict) -> Optional[Manifest]:
     """Version base + 1 if it is exactly this job's change (a retried final step), else None."""
-    from memory.mutations import read_forgotten
-    from memory.versions import latest_version, read_version
+    from memory.store.mutations import read_forgotten
+    from memory.store.versions import latest_version, read_version
     if latest_version(root) != base + 1:
         return None
     m = read_version(root, base + 1)
@@ -310,8 +312,8 @@ class _PublishFn(beam.DoFn):
         self._buckets = buckets
 
     def process(self, unused, bucket_counts: Sequence[BucketCounts], entries_read: int):
-        from memory import mutations
-        from memory.versions import ConcurrentUpdateError
+        from memory.store import mutations
+        from memory.store.versions import ConcurrentUpdateError
         n = self._manifest.version
         counted = sum(b.entries for b in bucket_counts)
         if counted != entries_read or len({b.bucket for b in bucket_counts}) != len(bucket_counts):

@@ -7,8 +7,8 @@ import typing
 
 import numpy as np
 
-# Blocks of entries are a memory/ type (memory.export writes them too); the jobs import them from here.
-from memory.blocks import EntryBlock  # noqa: F401  (re-exported)
+# Blocks of entries are a memory/ type (memory.store.export writes them too); the jobs import them from here.
+from memory.store.blocks import EntryBlock  # noqa: F401  (re-exported)
 
 
 class ImageRecord(typing.NamedTuple):

@@ -38,7 +38,7 @@ worker process, the router once per DoFn instance:
   memory -- and that one result both feeds its summary (rows per target) and spills its live rows, so the
   plan and the rows agree row for row (recomputing a nearest centroid elsewhere could break a
   floating-point tie differently).
-* Plan: the summaries (a few counts per shard) are combined into the plan (memory.compaction
+* Plan: the summaries (a few counts per shard) are combined into the plan (memory.store.compaction
   .plan_from_summaries): with an unchanged shard count, a main shard holding no forgotten row and receiving
   no delta row is *reused* as is (same directory); every other target shard is *rebuilt*. Counting
   forgotten rows per shard needs the ids (tombstones say which ids, not where they are stored), and so does
@@ -47,7 +47,7 @@ worker process, the router once per DoFn instance:
   read, forgotten rows are dropped and live rows go to ``shard_for_id(id, target count)`` (a routed
   memory's rows stay in their shard).
 * Rows never travel as per-entry elements: blocks of <= BLOCK_ROWS rows are spilled by target shard to
-  files under ``shards/r{n+1:06d}-<job id>/.build-tmp/`` (pipelines.write.SpillBlocks), the GroupByKey moves
+  files under ``shards/r{n+1:06d}-<job id>/.build-tmp/`` (pipelines.stages.write.SpillBlocks), the GroupByKey moves
   only (target, spill file) references, and the worker writing a target shard reads its spill files, holding
   one shard. Each rebuilt shard is written with the memory's IndexConfig into a NEW directory
   ``shards/r{n+1:06d}-<job id>/shard-IIIII-of-NNNNN`` (never a path a published version uses).
@@ -107,22 +107,24 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from memory import compaction, storage
-from memory import shard as shard_io
-from memory.index import IndexConfig
-from memory.manifest import Manifest, ManifestError, ShardInfo, WeightsRef, sha256_checksum
-from memory.metadata import metadata_without
-from memory.mutations import (_fresh_name, _member, purge_history, purge_requested_since_reindex,
+from memory.store import compaction
+
+from memory import storage
+from memory.store import shard as shard_io
+from memory.index.shard_index import IndexConfig
+from memory.store.manifest import Manifest, ManifestError, ShardInfo, WeightsRef, sha256_checksum
+from memory.store.metadata import metadata_without
+from memory.store.mutations import (_fresh_name, _member, purge_history, purge_requested_since_reindex,
                               read_entry_weights, read_forgotten, WEIGHTS_DIR)
-from memory.routing import read_router
-from memory.shard import ShardData
-from memory.shared_index import local_template
-from memory.sharding import shard_for_id
-from memory.versions import (ConcurrentUpdateError, _conflict, checked_deletion_paths, latest_version, list_versions,
+from memory.search.routing import read_router
+from memory.store.shard import ShardData
+from memory.index.template import local_template
+from memory.store.sharding import shard_for_id
+from memory.store.versions import (ConcurrentUpdateError, _conflict, checked_deletion_paths, latest_version, list_versions,
                              publish_version, read_version)
 from pipelines.records import EntryBlock
 from pipelines.runner import with_default_runner
-from pipelines.write import BLOCK_ROWS, SPILL_DIR, SPILL_ROWS, SpillBlocks, read_spills
+from pipelines.stages.write import BLOCK_ROWS, SPILL_DIR, SPILL_ROWS, SpillBlocks, read_spills
 
 _LOG = logging.getLogger("visual_memory")
 _NAMESPACE = "visual_memory"
@@ -212,7 +214,7 @@ class ReindexJob:
       index_config: IndexConfig for rebuilt shards (the memory's own).
       needed: Whether --if-needed would run it; reason says why (not).
       purge: Whether a forget since the last re-index asked for --purge-history.
-      spill_rows: Rows per spill file (pipelines.write.SPILL_ROWS; smaller in tests).
+      spill_rows: Rows per spill file (pipelines.stages.write.SPILL_ROWS; smaller in tests).
     """
     root: str
     manifest: Manifest
@@ -312,7 +314,7 @@ def _read_source(job: ReindexJob, info: ShardInfo) -> ShardData:
 class _SpillLiveRowsFn(SpillBlocks):
     """Base of the DoFns that read a source shard and spill its live rows to the target shards' files.
 
-    Rows travel as EntryBlocks of at most BLOCK_ROWS rows into pipelines.write's SpillBlocks, which writes them
+    Rows travel as EntryBlocks of at most BLOCK_ROWS rows into pipelines.stages.write's SpillBlocks, which writes them
     to ``job.spill_dir`` and emits ``(target shard, spill path)``; ``labels`` hold label indices here.
     """
 

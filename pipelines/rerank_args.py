@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from memory import rerank as rerank_lib
+from memory.rerank import base as rerank_lib
 from memory import storage
-from memory.filters import Crowding, QueryFilter
+from memory.search.filters import Crowding, QueryFilter
 
 
 def add_selection_args(parser: argparse.ArgumentParser, *, per_query_file: bool) -> None:
@@ -73,9 +73,9 @@ class RerankSpec:
     def build(self) -> rerank_lib.Reranker:
         opts = dict(self.options)
         if self.kind == "gemini":
-            from memory.gemini import GeminiReranker  # pylint: disable=g-import-not-at-top
+            from memory.rerank.gemini import GeminiReranker  # pylint: disable=g-import-not-at-top
             return GeminiReranker(self.name, **opts)
-        from memory.second_opinion import EncoderReranker  # pylint: disable=g-import-not-at-top
+        from memory.rerank.second_opinion import EncoderReranker  # pylint: disable=g-import-not-at-top
         return EncoderReranker(self.name, **opts)
 
 
@@ -86,7 +86,7 @@ def rerank_spec_from_args(args) -> RerankSpec | None:
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag.replace('_', '-')} needs --rerank KIND:NAME")
         return None
-    from memory.gemini import parse_rerank_spec  # pylint: disable=g-import-not-at-top
+    from memory.rerank.gemini import parse_rerank_spec  # pylint: disable=g-import-not-at-top
     kind, name = parse_rerank_spec(args.rerank)
     if args.rerank_below is None:
         raise ValueError("--rerank needs --rerank-below MARGIN (the cost gate: queries whose vote margin is below it "

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from evaluation.datasets import FASHION_MNIST_DIR, prepare_fashion_mnist
+from tests.gcs_emulator import gcs_bucket  # noqa: F401  (re-exported pytest fixture)
 
 
 def _save_tiny_encoder(path: str) -> None:
@@ -114,3 +115,17 @@ def brute_force_topk(db: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.nd
     d = 1.0 - queries.astype(np.float64) @ db.astype(np.float64).T
     order = np.lexsort((np.broadcast_to(np.arange(db.shape[0]), d.shape), d), axis=-1)[:, :k]
     return order, np.take_along_axis(d, order, axis=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_memory(fmnist_small, tiny_encoder_config_file, tmp_path_factory) -> str:
+    """A memory built by the build job from fmnist_small/train with the tiny real encoder.
+
+    Module-scoped: every test module gets its own copy, so modules that publish new versions (prune, add)
+    never change another module's memory.
+    """
+    from pipelines import build
+    out = str(tmp_path_factory.mktemp("tiny_memory") / "mem")
+    build.run(["--images", os.path.join(fmnist_small, "train"), "--output", out,
+               "--config", tiny_encoder_config_file])
+    return out

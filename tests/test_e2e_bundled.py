@@ -7,10 +7,10 @@ import os
 import numpy as np
 import pytest
 
-from memory.manifest import read_manifest
-from memory.shard import read_shard_data
+from memory.store.manifest import read_manifest
+from memory.store.shard import read_shard_data
 from memory.visual_memory import VisualMemory
-from pipelines import cli
+from vmem import main as cli
 from tests.conftest import brute_force_topk
 
 

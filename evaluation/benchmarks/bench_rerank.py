@@ -128,15 +128,15 @@ def _check(args, results: dict, base_s: float, series: dict, plain: float) -> No
 
 
 def _crowding(args, results: dict, plain: float) -> None:
-    from pipelines import cli  # pylint: disable=g-import-not-at-top
+    from vmem import main as cli  # pylint: disable=g-import-not-at-top
     copy = os.path.join(args.output, "memory-copy")
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(args.memory, copy)
     for d in args.near_duplicate_distances:
         column = f"near_dup_{d:g}"
         assert cli.main(["metadata", "--memory", copy, "--near-duplicates", str(d), "--column", column]) == 0
-        from memory.manifest import read_manifest  # pylint: disable=g-import-not-at-top
-        from memory.metadata import read_metadata  # pylint: disable=g-import-not-at-top
+        from memory.store.manifest import read_manifest  # pylint: disable=g-import-not-at-top
+        from memory.store.metadata import read_metadata  # pylint: disable=g-import-not-at-top
         groups = read_metadata(copy, read_manifest(copy)).columns[column]
         sizes = np.unique(groups, return_counts=True)[1]
         for c in args.crowding:

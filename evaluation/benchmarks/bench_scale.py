@@ -261,7 +261,7 @@ def ensure_dataset(work_dir: str, spec: DataSpec, *, log) -> tuple[str, float]:
 def embeddings_spec(data_dir: str) -> str:
     """The ``vmem build --embeddings`` spec of a generated directory: the ONE place that spells it.
 
-    Grammar: pipelines/embedding_sources.py (``clip:DIR,label_column=COL``; ids default to ``key`` and uris
+    Grammar: pipelines/io/embedding_sources.py (``clip:DIR,label_column=COL``; ids default to ``key`` and uris
     to ``image_path``, which is what `write_clip_dataset` writes).
     """
     return f"clip:{data_dir},label_column=label"

@@ -9,7 +9,7 @@ For each dataset one table, all methods measured in this one process on the same
 
 1. ``exact numpy``: blocked float32 matmul + top-k selection over unit vectors (the baseline; BLAS threads
    as configured, 2 on the reference machine).
-2. ``scann``: one unsharded `memory.index.ShardIndex` (TREE_AH) over all n vectors, built once per
+2. ``scann``: one unsharded `memory.index.shard_index.ShardIndex` (TREE_AH) over all n vectors, built once per
    ``--leaves-factors`` entry (factor * sqrt(n) leaves).
 3. ``memory``: the same data in ``--shards`` shards (ids hashed by `memory.sharding.shard_for_id`), built
    with `memory.build.build_memory_local` into a temp dir and queried through
@@ -17,12 +17,12 @@ For each dataset one table, all methods measured in this one process on the same
    As `vmem build` does for a hash memory of tree+AH shards, one index template (the first
    ``--leaves-factors`` tree of the unsharded index: factor * sqrt(n) leaves) is trained on an id-hashed
    sample and every shard is built from it, so the opened memory searches the four shards as one ScaNN index
-   (`memory.shared_index`); build time includes the template, writing the shard files and opening the
+   (`memory.index.template`); build time includes the template, writing the shard files and opening the
    memory (which concatenates the shards' per-row files once).
-   ``memory routed``: the same, built with ``sharding="partition"``: a router (memory.routing, shipped
+   ``memory routed``: the same, built with ``sharding="partition"``: a router (memory.search.routing, shipped
    defaults: up to 1,024 centroids trained on 50,000 id-hashed entries) gives each shard one region, and
    each query searches only the shards its routing rule picks (swept, ROUTES: the shards owning its 1 or 16
-   nearest centroids, and distance-ratio routing at ratios 1.1, 1.2, 1.3; see `memory.routing.Router.route`).
+   nearest centroids, and distance-ratio routing at ratios 1.1, 1.2, 1.3; see `memory.search.routing.Router.route`).
    Build time includes training the router.
 4. ``faiss ivfpq-fs``: IVF + 4-bit PQ fast-scan + exact float re-ranking (``IVF{nlist},PQ{m}x4fs,RFlat``),
    one index per ``--leaves-factors`` entry like ScaNN;
@@ -189,7 +189,7 @@ def _num_leaves(n: int, factor: float) -> int:
 
 
 def _scann_config(n: int, s: Settings, factor: float):
-    from memory.index import IndexConfig, IndexKind  # pylint: disable=g-import-not-at-top
+    from memory.index.shard_index import IndexConfig, IndexKind  # pylint: disable=g-import-not-at-top
     leaves = _num_leaves(n, factor)
     # AH codebooks get faiss PQ's default 25 k-means iterations (ScaNN's own default is 10), so both
     # quantizers are trained alike.
@@ -216,7 +216,7 @@ def run_exact(data: Dataset, s: Settings) -> ResultRow:
 
 def run_scann(data: Dataset, s: Settings, exact_qps: float) -> list[ResultRow]:
     """One unsharded ScaNN index per partition count in ``--leaves-factors``, each swept."""
-    from memory.index import ShardIndex  # pylint: disable=g-import-not-at-top
+    from memory.index.shard_index import ShardIndex  # pylint: disable=g-import-not-at-top
     n = data.base.shape[0]
     rows = []
     for factor in s.leaves_factors:
@@ -252,7 +252,7 @@ def run_memory(data: Dataset, s: Settings, exact_qps: float, workdir: str, *, sh
     n = data.base.shape[0]
     shard_n = math.ceil(n / s.shards)
     # A routed shard gets the build's default round(sqrt(shard size)) leaves. A hash memory's index template
-    # (memory.shared_index), whose shards then search as one index over all n, gets the first unsharded
+    # (memory.index.template), whose shards then search as one index over all n, gets the first unsharded
     # index's tree (--leaves-factors[0] * sqrt(n) leaves), so the two rows compare the sharding's cost on one
     # tree. (The template's default, round(sqrt(n)) = 1,000 leaves at 1M, reached 0.999 at a third of the
     # speed of 500 leaves here: measured in one run.) Each routed shard trains on the full sample: 4 shards
@@ -403,7 +403,7 @@ def per_query_floor_us(dim: int, *, seed: int = 0, repeats: int = 3) -> float:
     Its real work is a few microseconds, so this is ScaNN's fixed cost per query and searcher, which a
     memory searched in one process pays once per shard (the reason sharding in one process has a floor).
     """
-    from memory.index import IndexConfig, IndexKind, ShardIndex  # pylint: disable=g-import-not-at-top
+    from memory.index.shard_index import IndexConfig, IndexKind, ShardIndex  # pylint: disable=g-import-not-at-top
     base = synthetic.gaussian_unit_vectors(10_000, dim, seed=seed)
     queries = synthetic.gaussian_unit_vectors(1_000, dim, seed=seed + 1)
     index = ShardIndex.build(base, IndexConfig(kind=IndexKind.TREE_AH, num_leaves=10, num_leaves_to_search=1,
@@ -485,7 +485,7 @@ def _parse_optional(parser: argparse.ArgumentParser, flag: str, value: str, defa
 
 
 def _default_config():
-    from memory.index import IndexConfig  # pylint: disable=g-import-not-at-top
+    from memory.index.shard_index import IndexConfig  # pylint: disable=g-import-not-at-top
     return IndexConfig()
 
 
@@ -511,7 +511,7 @@ def main(argv: Sequence[str] | None = None) -> list[ResultRow]:
                              "faiss); every setting is timed at each (default: 1 and all cores)")
     parser.add_argument("--avq", default="default",
                         help="ScaNN tree AVQ for the one index and the memories: a number, 'none', or 'default' "
-                             "(memory.index.IndexConfig's default)")
+                             "(memory.index.shard_index.IndexConfig's default)")
     parser.add_argument("--soar-lambda", default="default",
                         help="ScaNN SOAR spilling lambda: a number, 'none', or 'default' (IndexConfig's default)")
     parser.add_argument("--build-threads", type=int, default=os.cpu_count() or 1,
@@ -567,7 +567,7 @@ def main(argv: Sequence[str] | None = None) -> list[ResultRow]:
 
     from evaluation.benchmarks.machine import describe as describe_machine  # pylint: disable=g-import-not-at-top
     print(describe_machine(), flush=True)
-    from memory.scann_cpu import describe as describe_scann, import_scann  # pylint: disable=g-import-not-at-top
+    from memory.index.scann_cpu import describe as describe_scann, import_scann  # pylint: disable=g-import-not-at-top
     import_scann()  # Imports TF (~10 s): before any timing, so not a build cost.
     print(describe_scann(), flush=True)
     all_rows: list[ResultRow] = []

@@ -4,7 +4,7 @@
         [--k 10] [--out DIR] [--work-dir DIR]
 
 A shard's only copy of its embeddings is ScaNN's dataset file, in ``IndexConfig.embedding_dtype`` (see
-`memory.shard`): the rows brute force scores or tree+AH re-ranks with. This benchmark measures what the dtype
+`memory.store.shard`): the rows brute force scores or tree+AH re-ranks with. This benchmark measures what the dtype
 costs and saves on a built memory:
 
 1. Reads the memory's live entries (ids, labels, uris and embeddings of every main and delta shard, forgotten
@@ -43,15 +43,15 @@ from evaluation.benchmarks.bench_scale import BYTE_KINDS, bytes_by_kind
 from evaluation.metrics import accuracy_table
 from memory import storage
 from memory.build import build_memory_local
-from memory.compaction import index_config_of
-from memory.index import EMBEDDING_DTYPES, IndexConfig
-from memory.manifest import read_manifest
-from memory.mutations import read_forgotten
-from memory.routing import RouterConfig
-from memory.shard import read_shard_data, read_shard_entries
-from memory.sharding import Sharding
+from memory.store.compaction import index_config_of
+from memory.index.shard_index import EMBEDDING_DTYPES, IndexConfig
+from memory.store.manifest import read_manifest
+from memory.store.mutations import read_forgotten
+from memory.search.routing import RouterConfig
+from memory.store.shard import read_shard_data, read_shard_entries
+from memory.store.sharding import Sharding
 from memory.visual_memory import VisualMemory
-from memory.voting import VotingRule, predict_all_k
+from memory.decide.voting import VotingRule, predict_all_k
 
 DTYPES = ("float32", "bfloat16", "int8")
 REFERENCE_DTYPE = "float32"

@@ -56,10 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "recall and queries/s of each at the same settings)")
     args = p.parse_args(argv)
     from memory.build import build_memory_local  # pylint: disable=g-import-not-at-top
-    from memory.index import IndexConfig, IndexKind  # pylint: disable=g-import-not-at-top
-    from memory.tuning import tune  # pylint: disable=g-import-not-at-top
+    from memory.index.shard_index import IndexConfig, IndexKind  # pylint: disable=g-import-not-at-top
+    from memory.search.tuning import tune  # pylint: disable=g-import-not-at-top
     from memory.visual_memory import VisualMemory  # pylint: disable=g-import-not-at-top
-    from pipelines.tune_cli import render  # pylint: disable=g-import-not-at-top
+    from vmem.tune import render  # pylint: disable=g-import-not-at-top
 
     from evaluation.benchmarks.machine import describe as describe_machine  # pylint: disable=g-import-not-at-top
     print(describe_machine(), flush=True)
@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         true_idx = np.asarray([index.get(f"c{i:03d}", -1) for i in true])
         start = time.perf_counter()
         if dtype == "float32":
-            from memory.tuning import exact_search  # pylint: disable=g-import-not-at-top
+            from memory.search.tuning import exact_search  # pylint: disable=g-import-not-at-top
             reference = exact_search(memory, queries, 10)
         # Every dtype is compared with float32's exact neighbours (the original vectors'), when float32 ran first.
         result = tune(memory, queries, true_idx, repeats=1, reference=reference)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from memory import voting
+from memory.decide import voting
 
 CLASS_COUNTS = (10, 1000)
 

@@ -103,9 +103,9 @@ def load_embeddings(path: str) -> np.ndarray:
             parts.append(np.asarray(np.load(source, mmap_mode="r"), dtype=np.float32))
             continue
         from memory import storage  # pylint: disable=g-import-not-at-top
-        from memory.mutations import read_forgotten  # pylint: disable=g-import-not-at-top
-        from memory.shard import read_shard_data  # pylint: disable=g-import-not-at-top
-        from memory.versions import latest_version, read_version  # pylint: disable=g-import-not-at-top
+        from memory.store.mutations import read_forgotten  # pylint: disable=g-import-not-at-top
+        from memory.store.shard import read_shard_data  # pylint: disable=g-import-not-at-top
+        from memory.store.versions import latest_version, read_version  # pylint: disable=g-import-not-at-top
         root = source.rstrip("/")
         manifest = read_version(root, latest_version(root))  # Raises "not a visual memory: ..." otherwise.
         forgotten = read_forgotten(root, manifest)

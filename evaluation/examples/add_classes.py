@@ -103,7 +103,7 @@ def _queries_meeting_new_entries(eval_dir: str, num_old_classes: int) -> tuple[i
 def run_example(*, out: str, per_class: int, test_per_class: int, hold_out: Sequence[str], config: str,
                 k: int = 10, shards: int = 4) -> Summary:
     """Runs the whole flow into ``out`` (replacing an earlier run there) and returns the figures."""
-    from memory.versions import read_version
+    from memory.store.versions import read_version
     from pipelines import add, build, evaluate
 
     unknown = sorted(set(hold_out) - set(FASHION_MNIST_CLASSES))

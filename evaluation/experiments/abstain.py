@@ -34,16 +34,16 @@ THRESHOLDS = (0.5, 0.8, 0.9, 0.95)
 
 
 def _calibrate(eval_dir: str, memory: str) -> None:
-    from evaluation.calibrate_cli import main as calibrate_main  # pylint: disable=g-import-not-at-top
+    from vmem.calibrate import main as calibrate_main  # pylint: disable=g-import-not-at-top
     code = calibrate_main(["--evaluation", eval_dir, "--memory", memory, "--rule", RULE, "--k", str(K)])
     if code != 0:
         raise RuntimeError(f"vmem calibrate --evaluation {eval_dir} failed with exit status {code}")
 
 
 def run(ws: Workspace, out: str) -> dict:
-    from memory.confidence import (CalibrationMethod, ConfidenceScore, fit_on_confidence,  # pylint: disable=g-import-not-at-top
+    from memory.decide.confidence import (CalibrationMethod, ConfidenceScore, fit_on_confidence,  # pylint: disable=g-import-not-at-top
                                    memory_calibration, raw_score, vote_confidence)
-    from memory.manifest import read_manifest  # pylint: disable=g-import-not-at-top
+    from memory.store.manifest import read_manifest  # pylint: disable=g-import-not-at-top
     from memory.visual_memory import VisualMemory  # pylint: disable=g-import-not-at-top
     s = ws.setup
     k = min(K, s.k_max)

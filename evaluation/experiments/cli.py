@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from pipelines.cli_args import RaisingArgumentParser, UsageError, run_command
+from vmem.args import RaisingArgumentParser, UsageError, run_command
 
 # Name -> module under evaluation.experiments, in the order `all` (and `make paper`) runs them.
 EXPERIMENTS = {

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from evaluation import metrics, neighbors_io
-from memory import voting
+from memory.decide import voting
 
 __all__ = ["Revote", "plot_lines", "revote", "rule_summary", "write_report"]
 

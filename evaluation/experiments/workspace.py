@@ -4,7 +4,7 @@ A :class:`Workspace` turns a bundled dataset (Fashion-MNIST from Debian, MNIST f
 into three splits of real PNG files -- ``train`` (the memory pool), ``calib`` (held-out training images, for
 calibration) and ``test`` (held-out test images, the queries) -- and embeds each split **once** with the
 bundled encoder through the real build job (``vmem build --images``, Beam, ScaNN), then exports the
-embeddings as clip-retrieval folders (``memory.export``). Every memory an experiment needs -- a subset, the
+embeddings as clip-retrieval folders (``memory.store.export``). Every memory an experiment needs -- a subset, the
 same entries under randomised labels, a memory without some classes -- is then built from those folders by
 ``vmem build --embeddings`` and queried by ``vmem evaluate --embeddings``: the same jobs a user runs, on the
 same embeddings, without paying the encoder again. Changing labels never re-embeds anything.
@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from memory.blocks import EntryBlock
-from memory.export import export_embeddings, read_clip_folder, write_clip_folder
+from memory.store.blocks import EntryBlock
+from memory.store.export import export_embeddings, read_clip_folder, write_clip_folder
 
 _LOG = logging.getLogger("visual_memory")
 
@@ -126,7 +126,7 @@ class Workspace:
             self._stamp = stamp
             return stamp
         from evaluation.datasets import prepare_dataset  # pylint: disable=g-import-not-at-top
-        from memory.manifest import read_manifest  # pylint: disable=g-import-not-at-top
+        from memory.store.manifest import read_manifest  # pylint: disable=g-import-not-at-top
         from pipelines import build  # pylint: disable=g-import-not-at-top
         s = self.setup
         images = self.path("images")

@@ -179,7 +179,7 @@ def test_spec_and_commands_name_the_data_dir():
 
 
 def test_spec_parses_as_the_clip_layout_written():
-    embedding_sources = pytest.importorskip("pipelines.embedding_sources")
+    embedding_sources = pytest.importorskip("pipelines.io.embedding_sources")
     source = embedding_sources.parse_embeddings_spec(bench_scale.embeddings_spec("/d/x"))
     assert source.kind is embedding_sources.EmbeddingKind.CLIP and source.location == "/d/x"
     # write_clip_dataset's label column; ids and uris come from the default key / image_path columns.

@@ -156,7 +156,7 @@ def test_structured_is_clustered_and_gaussian_is_not():
 
 
 def test_split_search_over_threads_equals_one_call():
-    from memory.index import IndexConfig, IndexKind, ShardIndex
+    from memory.index.shard_index import IndexConfig, IndexKind, ShardIndex
     base = synthetic.structured_unit_vectors(3000, 16, centres=30, noise_ratio=0.9, seed=0)
     queries = synthetic.structured_unit_vectors(101, 16, centres=30, noise_ratio=0.9, seed=0, draw=1)
     index = ShardIndex.build(base, IndexConfig(kind=IndexKind.TREE_AH, num_leaves=20, num_leaves_to_search=4))
@@ -167,8 +167,8 @@ def test_split_search_over_threads_equals_one_call():
 
 def test_load_embeddings_from_npy_and_memory_skips_forgotten(tmp_path):
     from memory.build import build_memory_local
-    from memory.index import IndexConfig
-    from memory.mutations import forget
+    from memory.index.shard_index import IndexConfig
+    from memory.store.mutations import forget
     from tests.memory.helpers import ENCODER
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, 32)).astype(np.float32)

@@ -7,12 +7,12 @@ import pytest
 
 from evaluation.benchmarks import bench_storage
 from evaluation.metrics import accuracy_table
-from memory import mutations
+from memory.store import mutations
 from memory.build import build_memory_local
-from memory.index import IndexConfig, IndexKind
-from memory.manifest import read_manifest
+from memory.index.shard_index import IndexConfig, IndexKind
+from memory.store.manifest import read_manifest
 from memory.vectors import l2_normalize
-from memory.voting import predict_all_k
+from memory.decide.voting import predict_all_k
 from tests.conftest import brute_force_topk
 
 N, D, NQ, SHARDS, K = 480, 32, 60, 3, 10

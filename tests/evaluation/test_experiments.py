@@ -16,8 +16,8 @@ import pytest
 from evaluation.experiments import abstain, k_sweep, label_noise, memory_size, new_classes, pruning, unlearning
 from evaluation.experiments.common import read_neighbors, revote
 from evaluation.experiments.workspace import Setup, Workspace
-from memory.blocks import EntryBlock
-from memory.export import write_clip_folder
+from memory.store.blocks import EntryBlock
+from memory.store.export import write_clip_folder
 from memory.vectors import l2_normalize
 
 CLASSES = ("a", "b", "c", "d", "e")

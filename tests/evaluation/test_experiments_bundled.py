@@ -8,7 +8,7 @@ import os
 import pytest
 
 from evaluation.experiments.cli import EXPERIMENTS
-from pipelines import cli
+from vmem import main as cli
 
 
 def _results(out, name) -> dict:

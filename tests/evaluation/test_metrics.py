@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from evaluation import metrics
-from memory.voting import VotingRule
+from memory.decide.voting import VotingRule
 
 
 def test_accuracy_table_values():

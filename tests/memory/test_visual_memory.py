@@ -8,9 +8,9 @@ import pytest
 
 from memory import IndexConfig, IndexKind, SearchResult, VisualMemory
 from memory.build import build_memory_local
-from memory.filters import QueryFilter
-from memory.manifest import MANIFEST_NAME, ManifestError, read_manifest
-from memory.shard import ShardData, read_shard_data, write_shard
+from memory.search.filters import QueryFilter
+from memory.store.manifest import MANIFEST_NAME, ManifestError, read_manifest
+from memory.store.shard import ShardData, read_shard_data, write_shard
 from tests.memory.helpers import ENCODER, assert_exact_topk, clustered, recall_at_k
 
 N, D, K = 600, 32, 10

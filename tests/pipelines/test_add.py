@@ -18,11 +18,12 @@ import pytest
 
 from evaluation.datasets import prepare_fashion_mnist
 from evaluation.neighbors_io import read_neighbor_files
-from memory.mutations import forget
-from memory.shard import read_shard_data
-from memory.versions import ConcurrentUpdateError, latest_version, read_version
+from memory.store.mutations import forget
+from memory.store.shard import read_shard_data
+from memory.store.versions import ConcurrentUpdateError, latest_version, read_version
 from memory.visual_memory import VisualMemory
-from pipelines import add, build, cli, evaluate
+from pipelines import add, build, evaluate
+from vmem import main as cli
 from pipelines.records import FailedRecord
 from tests.conftest import brute_force_topk
 
@@ -305,7 +306,7 @@ def test_reject_known_ids_is_a_bucketed_join_no_worker_holds_every_id(tmp_path, 
     from apache_beam.testing.test_pipeline import TestPipeline
     from apache_beam.testing.util import assert_that, equal_to
     from memory.build import build_memory_local
-    from memory.index import IndexConfig
+    from memory.index.shard_index import IndexConfig
     from pipelines.records import ImageRecord
 
     rng = np.random.default_rng(5)
@@ -467,7 +468,7 @@ def test_precomputed_add_refuses_another_encoder_or_dim_before_reading(clip_flow
 
 def test_precomputed_add_refuses_a_memory_built_from_images(clip_flow, tmp_path, monkeypatch):
     from memory.build import build_memory_local
-    from memory.index import IndexConfig
+    from memory.index.shard_index import IndexConfig
     root = str(tmp_path / "images-mem")
     x = _unit(np.random.default_rng(2), 30)
     build_memory_local(root, ids=[f"i{i}" for i in range(30)], labels=["c0"] * 30,
@@ -481,8 +482,8 @@ def test_precomputed_add_refuses_a_memory_built_from_images(clip_flow, tmp_path,
 
 def test_publish_step_is_idempotent_when_retried(clip_flow, tmp_path):
     """A retried publish step finds its own version (success); another publish there is a conflict."""
-    from memory.index import IndexConfig, IndexKind
-    from memory.shard import ShardData, write_shard
+    from memory.index.shard_index import IndexConfig, IndexKind
+    from memory.store.shard import ShardData, write_shard
     root = str(tmp_path / "mem")
     shutil.copytree(clip_flow.memory, root)
     plan = add.plan_add(root, images=False)
@@ -523,7 +524,7 @@ def test_reject_known_ids_in_blocks_joins_ids_only_per_bucket(tmp_path, monkeypa
     from apache_beam.testing.test_pipeline import TestPipeline
     from apache_beam.testing.util import assert_that, equal_to
     from memory.build import build_memory_local
-    from memory.index import IndexConfig
+    from memory.index.shard_index import IndexConfig
     from pipelines.records import EntryBlock
 
     n = 200

@@ -12,8 +12,8 @@ import os
 import numpy as np
 import pytest
 
-from memory.manifest import read_manifest
-from memory.shard import read_shard_data
+from memory.store.manifest import read_manifest
+from memory.store.shard import read_shard_data
 from memory.visual_memory import VisualMemory
 from pipelines import build
 from pipelines.records import FailedRecord
@@ -121,13 +121,13 @@ def test_empty_hash_buckets_become_empty_shards(fmnist_small, tiny_encoder_confi
 
 def test_partition_build_trains_the_same_router_as_the_local_build_and_routes_entries(
         fmnist_small, tiny_encoder_config_file, tmp_path):
-    from memory.routing import RouterConfig, read_router, select_sample_rows, train_router
+    from memory.search.routing import RouterConfig, read_router, select_sample_rows, train_router
     out = str(tmp_path / "routed")
     _build(os.path.join(fmnist_small, "train"), out, tiny_encoder_config_file, "--shards", "3",
            "--sharding", "partition", "--route-probes", "2")
     manifest, ids, emb, _ = _stored(out)
     assert manifest.build_config["sharding"] == "partition" and manifest.router.probes == 2
-    from pipelines.cli import describe
+    from vmem.main import describe
     assert f"shards       3, partition-routed: {manifest.router.count} router centroids, 2 probes" in describe(manifest)
     router = read_router(out, manifest)
     # The Beam job samples by the same id digest and trains with the same seed as the pure-numpy build.
@@ -229,7 +229,7 @@ def test_build_from_precomputed_embeddings(tmp_path, sharding):
 
 
 def test_precomputed_build_needs_encoder_id_and_partition_shards_are_checked_before_reading(tmp_path):
-    from pipelines.cli_args import UsageError
+    from vmem.args import UsageError
     _clip_folder(str(tmp_path / "emb"), [40])
     spec = f"--embeddings=clip:{tmp_path / 'emb'},label_column=label"
     with pytest.raises(UsageError, match="--encoder-id"):
@@ -243,8 +243,8 @@ def test_precomputed_build_needs_encoder_id_and_partition_shards_are_checked_bef
 def test_manifest_publish_is_idempotent_under_a_retried_step(tmp_path):
     """A retried manifest step finds its own version 1 (success); a different memory there is a conflict."""
     import dataclasses
-    from memory.versions import ConcurrentUpdateError
-    from pipelines.write import publish_build
+    from memory.store.versions import ConcurrentUpdateError
+    from pipelines.stages.write import publish_build
     _clip_folder(str(tmp_path / "emb"), [60])
     out = str(tmp_path / "mem")
     build.run([f"--embeddings=clip:{tmp_path / 'emb'},label_column=label", "--encoder-id=x", f"--output={out}",
@@ -258,7 +258,7 @@ def test_manifest_publish_is_idempotent_under_a_retried_step(tmp_path):
 
 
 def test_hash_build_of_tree_shards_trains_one_template_and_the_memory_searches_them_as_one(tmp_path):
-    """TrainIndexTemplate: every tree+AH shard the Beam build writes shares one template (memory.shared_index)."""
+    """TrainIndexTemplate: every tree+AH shard the Beam build writes shares one template (memory.index.template)."""
     keys, _, emb = _clip_folder(str(tmp_path / "emb"), [300, 250, 150])
     out = str(tmp_path / "mem")
     build.run([f"--embeddings=clip:{tmp_path / 'emb'},label_column=label", "--encoder-id=test-clip-24",

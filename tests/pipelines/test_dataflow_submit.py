@@ -204,7 +204,7 @@ def test_job_submits_to_dataflow(submitted, job):
     sdist = storage.read_bytes(_gs_from_package_location(packages["workflow.tar.gz"]))
     with tarfile.open(fileobj=io.BytesIO(sdist), mode="r:gz") as tar:
         members = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
-    for path in ("setup.py", "README.md", f"pipelines/{job}.py", "memory/manifest.py", "encoders/__init__.py",
+    for path in ("setup.py", "README.md", f"pipelines/{job}.py", "memory/store/manifest.py", "encoders/__init__.py",
                  "configs/__init__.py", "evaluation/__init__.py"):
         assert path in members, f"{path} missing from the staged sdist: {sorted(members)}"
 

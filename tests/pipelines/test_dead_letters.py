@@ -10,8 +10,8 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from encoders.base import PreprocessSpec, ResizeMode
-from pipelines.embed import DecodeImages, _DecodeFn, _FailedBatchFn
-from pipelines.readers import ReadImages, _ParseTFRecordFn, parse_image_spec
+from pipelines.stages.embed import DecodeImages, _DecodeFn, _FailedBatchFn
+from pipelines.io.readers import ReadImages, _ParseTFRecordFn, parse_image_spec
 from pipelines.records import EntryMeta, ImageRecord
 
 SPEC = PreprocessSpec(image_size=16, resize=ResizeMode.RESIZE_SQUARE)
@@ -106,7 +106,7 @@ def test_parallel_decode_keeps_order_dead_letters_and_memory_errors(tmp_path):
 
     from PIL import Image
 
-    from pipelines.embed import _ParallelDecodeFn
+    from pipelines.stages.embed import _ParallelDecodeFn
     from pipelines.records import DecodedImage
 
     def png(v):

@@ -15,14 +15,15 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from evaluation.neighbors_io import read_neighbor_files
 from memory.build import build_memory_local
-from memory.index import IndexConfig
-from memory.manifest import read_manifest
-from memory.shard_search import LoadedShard, merge_partials
+from memory.index.shard_index import IndexConfig
+from memory.store.manifest import read_manifest
+from memory.search.shard_search import LoadedShard, merge_partials
 from memory.visual_memory import VisualMemory
-from memory.voting import VotingRule, predict_all_k
-from pipelines import build, cli, evaluate
+from memory.decide.voting import VotingRule, predict_all_k
+from pipelines import build, evaluate
+from vmem import main as cli
 from pipelines.records import EmbeddedImage
-from pipelines.search_shards import _SearchShardFn
+from pipelines.stages.search_shards import _SearchShardFn
 
 
 def _unit(rng, n, d):
@@ -64,7 +65,7 @@ def test_search_shards_and_merge_equal_visual_memory_search(synthetic_memory):
 
 @pytest.mark.parametrize("probes,ratio", [(None, None), (1, None), (None, 1.2)])
 def test_routed_fan_out_equals_visual_memory_search_and_skips_shards(tmp_path, probes, ratio):
-    from memory.routing import RouterConfig
+    from memory.search.routing import RouterConfig
     rng = np.random.default_rng(3)
     centres = _unit(rng, 6, 16)
     emb = centres[rng.integers(0, 6, 400)] + 0.05 * rng.normal(size=(400, 16)).astype(np.float32)
@@ -123,8 +124,8 @@ def test_merge_partials_is_exact_and_order_independent(synthetic_memory):
 def test_vote_neighbors_in_batches_equals_one_vote_over_all_queries(synthetic_memory, weighted):
     """Voting where the queries were merged and summing counts == gathering every list and voting once."""
     from evaluation.metrics import accuracy_table
-    from memory.shard_search import PartialTopK
-    from memory.voting import VotingParams
+    from memory.search.shard_search import PartialTopK
+    from memory.decide.voting import VotingParams
     root, _ = synthetic_memory
     class_names = read_manifest(root).class_names
     rng = np.random.default_rng(3)
@@ -151,7 +152,7 @@ def test_vote_neighbors_in_batches_equals_one_vote_over_all_queries(synthetic_me
 def test_neighbor_arrays_equal_the_records_arrays(weighted):
     """The vote reads the merged lists directly; padded lists give what to_arrays makes of their records."""
     from evaluation.neighbors_io import to_arrays
-    from memory.shard_search import PartialTopK
+    from memory.search.shard_search import PartialTopK
     rng = np.random.default_rng(4)
     class_index = {"a": 0, "b": 1, "c": 2}
     batch = []

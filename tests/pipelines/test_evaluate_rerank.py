@@ -14,7 +14,7 @@ import pytest
 
 from evaluation.neighbors_io import read_neighbor_files
 from memory.visual_memory import VisualMemory
-from pipelines import cli
+from vmem import main as cli
 from tests.fake_genai import FakeGenai, answer, hang, status
 
 
@@ -156,8 +156,8 @@ def test_a_retried_bundle_pays_no_call_twice(tmp_path, gemini_env):
     """RerankModelHandler.request on the same batch twice (what a runner does after a worker crash)."""
     from PIL import Image
 
-    from memory import rerank
-    from pipelines.rerank import RerankModelHandler
+    from memory.rerank import base as rerank
+    from pipelines.stages.rerank import RerankModelHandler
     from pipelines.rerank_args import RerankSpec
     paths = []
     for i, rgb in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):

@@ -4,24 +4,24 @@ from __future__ import annotations
 
 import numpy as np
 
-from memory.index import IndexKind
-from memory.manifest import read_manifest
-from memory.shard import search_units
-from memory.tuning import SearchSetting, default_setting, publish_search_defaults
+from memory.index.shard_index import IndexKind
+from memory.store.manifest import read_manifest
+from memory.store.shard import search_units
+from memory.search.tuning import SearchSetting, default_setting, publish_search_defaults
 from memory.visual_memory import VisualMemory
-from tests.memory.test_tuning import _memory
+from tests.memory.search.test_tuning import _memory
 
 
 def test_the_evaluate_job_searches_with_the_recorded_setting(tmp_path):
     """What _SearchShardFn runs (shards loaded on a worker, tuned there) equals VisualMemory.open's search."""
-    from pipelines.search_shards import QueryBatch, _SearchShardFn, merge_batch_neighbors
+    from pipelines.stages.search_shards import QueryBatch, _SearchShardFn, merge_batch_neighbors
     root, mem, x, ids, q, true = _memory(tmp_path, IndexKind.TREE_AH)
     setting = SearchSetting(leaves_fraction=1 / 64, reorder=10)  # Cheap: differs from the build's setting.
     publish_search_defaults(root, {"chosen": {**setting.to_dict(), "qps": 1.0, "recall": 0.5, "agreement": 0.99,
                                               "accuracy": 50.0},
                                    "criteria": {"rule": "rank", "k": 10}, "exact": {"accuracy": 50.0, "queries": 1}})
     m = read_manifest(root)
-    from pipelines.cli import describe
+    from vmem.main import describe
     assert "search       leaves 0.01562, reorder 10 (vmem tune: votes agree with exact search on 99.00% of 1" \
         in describe(m)
     # The job searches what VisualMemory.open does: hash shards built from one index template as one index.

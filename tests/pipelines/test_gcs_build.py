@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 from memory import storage
-from memory.manifest import read_manifest
-from memory.shard import read_shard_data
+from memory.store.manifest import read_manifest
+from memory.store.shard import read_shard_data
 from memory.visual_memory import VisualMemory
-from pipelines import build, cli
+from pipelines import build
+from vmem import main as cli
 from pipelines.records import FailedRecord
 from tests.conftest import brute_force_topk
 

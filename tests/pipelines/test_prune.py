@@ -13,15 +13,17 @@ import pytest
 
 from evaluation.metrics import accuracy_table, best_k
 from evaluation.neighbors_io import read_neighbor_files
-from memory import pruning, storage
+from memory.decide import pruning
+from memory import storage
 from memory.build import build_memory_local
-from memory.index import IndexConfig
-from memory.manifest import read_manifest
-from memory.mutations import add_entries_local, forget, live_ids, read_entry_weights, read_forgotten
-from memory.shard import read_shard_data
+from memory.index.shard_index import IndexConfig
+from memory.store.manifest import read_manifest
+from memory.store.mutations import add_entries_local, forget, live_ids, read_entry_weights, read_forgotten
+from memory.store.shard import read_shard_data
 from memory.visual_memory import VisualMemory
-from memory.voting import VotingRule, predict_all_k
-from pipelines import cli, prune
+from memory.decide.voting import VotingRule, predict_all_k
+from vmem import main as cli
+from pipelines import prune
 
 ENCODER = {"name": "synthetic", "content_hash": "sha256:0", "dim": 16, "preprocess": {}}
 

@@ -1,4 +1,4 @@
-"""`vmem reindex` (pipelines/reindex.py) and its planner (memory/compaction.py).
+"""`vmem reindex` (pipelines/reindex.py) and its planner (memory/store/compaction.py).
 
 The bar: a re-index changes nothing a search sees (answers equal those before it and those of a memory built
 from scratch from the live entries), removes forgotten rows physically, rewrites only changed shards, and
@@ -18,16 +18,16 @@ import time
 import numpy as np
 import pytest
 
-from memory import compaction, mutations
-from memory import shard as shard_io
-from memory import versions as versions_mod
+from memory.store import compaction, mutations
+from memory.store import shard as shard_io
+from memory.store import versions as versions_mod
 from memory.build import build_memory_local
-from memory.index import IndexConfig, IndexKind
-from memory.manifest import read_manifest
-from memory.shard import read_shard_data
-from memory.sharding import shard_for_id
+from memory.index.shard_index import IndexConfig, IndexKind
+from memory.store.manifest import read_manifest
+from memory.store.shard import read_shard_data
+from memory.store.sharding import shard_for_id
 from memory.vectors import l2_normalize
-from memory.versions import ConcurrentUpdateError, list_versions, read_version
+from memory.store.versions import ConcurrentUpdateError, list_versions, read_version
 from memory.visual_memory import VisualMemory
 from pipelines import reindex
 
@@ -440,7 +440,7 @@ def test_dataflow_dry_run_builds_the_graph_offline(drifted):
 
 
 def test_reindex_of_a_partition_routed_memory_keeps_rows_routes_deltas_and_answers(tmp_path, capsys):
-    from memory.routing import RouterConfig, read_router
+    from memory.search.routing import RouterConfig, read_router
     rng = np.random.default_rng(5)
     centres = l2_normalize(rng.normal(size=(8, D)))
     x = l2_normalize(centres[rng.integers(0, 8, N)] + 0.2 * rng.normal(size=(N, D)) / np.sqrt(D)).astype(np.float32)
@@ -485,7 +485,7 @@ def test_reindex_of_a_partition_routed_memory_keeps_rows_routes_deltas_and_answe
 
 def _routed_memory(root, n, seed=3, added=None):
     """A 4-shard partition-routed memory of n entries after forgetting 2% and adding 10% (delta rows)."""
-    from memory.routing import RouterConfig
+    from memory.search.routing import RouterConfig
     rng = np.random.default_rng(seed)
     centres = l2_normalize(rng.normal(size=(8, D)))
     x = l2_normalize(centres[rng.integers(0, 8, n)] + 0.2 * rng.normal(size=(n, D)) / np.sqrt(D)).astype(np.float32)
@@ -584,7 +584,7 @@ def test_plan_from_summaries_equals_plan_reindex(drifted):
 
 
 def test_reindex_of_a_templated_hash_memory_keeps_searching_its_shards_as_one(tmp_path, capsys):
-    """Rebuilt tree+AH shards reuse the memory's index template (memory.shared_index), so they still merge."""
+    """Rebuilt tree+AH shards reuse the memory's index template (memory.index.template), so they still merge."""
     from tests.memory.helpers import ENCODER, clustered
     x, q = clustered(3000, 32, centres=30, noise=0.3, seed=3, nq=40)
     ids = [f"t{i:05d}" for i in range(3000)]
@@ -602,6 +602,6 @@ def test_reindex_of_a_templated_hash_memory_keeps_searching_its_shards_as_one(tm
     mem = VisualMemory.open(root)
     assert mem.searched_as == [tuple(s.name for s in new.shards)]
     full = mem.with_search_params(leaves_fraction=1.0, reorder=3000).search(q, 10)
-    from memory.tuning import exact_search
+    from memory.search.tuning import exact_search
     np.testing.assert_array_equal(full.ids, exact_search(mem, q, 10)[0])
     assert not set(gone) & set(full.ids.ravel().tolist())

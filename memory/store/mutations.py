@@ -1,0 +1,576 @@
+"""A living memory: add entries, forget them exactly, weight them (soft pruning), purge old history.
+
+Every mutation reads one version, writes its new files at fresh paths, and publishes the next version
+exclusively (memory.versions.publish_version); a concurrent mutation based on the same version fails with
+ConcurrentUpdateError and publishes nothing. No index is rebuilt here:
+
+* **forget** writes a new cumulative tombstone file (``tombstones/vNNNNNN-<token>.npy``: every forgotten id
+  still physically present in a main or delta shard) and publishes. Searches skip tombstoned rows exactly
+  (memory.visual_memory, memory.search.shard_search). The embeddings stay in the shard files until a re-index
+  rewrites those shards without them and `purge_history` deletes the old files.
+* **add** writes brute-force *delta shards* (``deltas/<version_tag>/delta-00000-of-0000N/``, the same
+  layout as a shard) and publishes them next to the main shards; a re-index later folds them in.
+* **entry weights** (soft pruning) are a ``weights/vNNNNNN-<token>.npz`` file of (ids, weights).
+
+Ids are the unit of identity: an id is *live* when it is in some main or delta shard of the version and not
+in its tombstones. A forgotten id cannot be re-added until a re-index removed it physically (tombstones are
+by id, so they would hide the new entry too).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import posixpath
+import re
+import secrets
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from memory import storage
+from memory.index.shard_index import IndexConfig, IndexKind
+from memory.store.manifest import (ForgottenSet, Manifest, ManifestError, ShardInfo, WeightsRef, read_checked_file,
+                             sha256_checksum)
+from memory.store.shard import ShardData, write_shard
+from memory.vectors import l2_normalize
+from memory.store.versions import (ConcurrentUpdateError, _conflict, checked_deletion_paths, latest_version, list_versions,
+                             publish_version, read_version, version_path)
+
+TOMBSTONES_DIR = "tombstones"
+WEIGHTS_DIR = "weights"
+DELTAS_DIR = "deltas"
+_TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Ids listed in an error message: enough to act on, bounded for a 1M-id mistake.
+_MAX_LISTED = 50
+
+__all__ = ["DuplicateIdError", "add_entries_local", "clear_entry_weights", "extended_class_names", "forget",
+           "live_ids", "publish_add", "publish_entry_weights", "purge_history", "purge_requested_since_reindex",
+           "read_entry_weights", "read_forgotten", "row_weights", "write_delta_shard"]
+
+
+class DuplicateIdError(ValueError):
+    """Entries to add carry ids that are already in the memory (live, or forgotten but not yet re-indexed)."""
+
+
+def _fresh_name(directory: str, version: int, suffix: str) -> str:
+    # The random token keeps two racing writers of the same version from overwriting each other's file
+    # (the loser's file is simply never referenced).
+    return f"{directory}/v{version:06d}-{secrets.token_hex(4)}{suffix}"
+
+
+def _str_array(values: Iterable[Any]) -> np.ndarray:
+    arr = np.asarray([str(v) for v in values], dtype=str)
+    return arr if arr.size else np.zeros((0,), dtype="<U1")
+
+
+def _listed(values: np.ndarray | Sequence[str]) -> str:
+    values = [str(v) for v in values]
+    more = f" ... and {len(values) - _MAX_LISTED} more" if len(values) > _MAX_LISTED else ""
+    return f"{values[:_MAX_LISTED]}{more}"
+
+
+def _read_npy(root: str, rel: str) -> tuple[np.ndarray, bytes]:
+    data = storage.read_bytes(storage.join(root, rel))
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False), data
+    except ValueError as e:
+        raise ManifestError(f"cannot read {storage.join(root, rel)}: {e}") from None
+
+
+def read_forgotten(root: str, manifest: Manifest) -> np.ndarray:
+    """The sorted unicode array of the version's tombstoned ids (empty when nothing is forgotten).
+
+    Raises:
+      ManifestError: the tombstone file is missing, corrupt (checksum) or disagrees with the manifest.
+    """
+    ref = manifest.forgotten
+    if ref is None:
+        return np.zeros((0,), dtype="<U1")
+    try:
+        ids, blob = _read_npy(root, ref.path)
+    except FileNotFoundError:
+        raise ManifestError(f"version {manifest.version}: tombstone file {storage.join(root, ref.path)} missing") from None
+    if sha256_checksum(blob) != ref.checksum or ids.shape != (ref.count,) or (ids.size and ids.dtype.kind != "U"):
+        raise ManifestError(f"version {manifest.version}: tombstone file {storage.join(root, ref.path)} does not "
+                            f"match the manifest (checksum or count {ref.count}); the file was modified")
+    return ids.astype(str) if ids.size else np.zeros((0,), dtype="<U1")
+
+
+def read_entry_weights(root: str, manifest: Manifest) -> tuple[np.ndarray, np.ndarray] | None:
+    """(sorted ids, float32 weights) of the version's soft-pruning weights, or None."""
+    ref = manifest.entry_weights
+    if ref is None:
+        return None
+    blob = read_checked_file(root, manifest, ref.path, ref.checksum, "weights file")
+    path = storage.join(root, ref.path)
+    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+        ids, weights = z["ids"].astype(str), z["weights"].astype(np.float32)
+    if ids.shape != (ref.count,) or weights.shape != (ref.count,):
+        raise ManifestError(f"version {manifest.version}: weights file {path} holds {ids.shape[0]} ids, manifest "
+                            f"says {ref.count}")
+    return ids, weights
+
+
+def row_weights(entry_weights: tuple[np.ndarray, np.ndarray], ids: np.ndarray) -> np.ndarray:
+    """float32 [len(ids)] weight of each id under `read_entry_weights`'s (sorted ids, weights); 1.0 if unlisted."""
+    w_ids, w = entry_weights
+    ids = np.asarray(ids, dtype=str)
+    out = np.ones(ids.shape, dtype=np.float32)
+    if w_ids.size and ids.size:
+        pos = np.clip(np.searchsorted(w_ids, ids), 0, w_ids.size - 1)
+        hit = w_ids[pos] == ids
+        out[hit] = np.asarray(w, dtype=np.float32)[pos[hit]]
+    return out
+
+
+def _column(root: str, info: ShardInfo, name: str) -> np.ndarray:
+    """One per-row column ("ids", "labels" or "uris") of a shard, without reading its embeddings."""
+    from memory.store.shard import read_shard_entries, read_shard_ids  # pylint: disable=g-import-not-at-top  # Cycle.
+
+    shard_dir = storage.join(root, info.path)
+    arr = read_shard_ids(shard_dir) if name == "ids" else getattr(read_shard_entries(shard_dir), name)
+    if arr.shape[:1] != (info.count,):
+        raise ManifestError(f"shard {info.name}: {name} holds {arr.shape[0]} rows, manifest says {info.count}")
+    return arr
+
+
+def _columns(root: str, manifest: Manifest, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Concatenated per-row columns of every main and delta shard (physical rows, forgotten included)."""
+    out = {}
+    for name in names:
+        parts = [_column(root, info, name) for info in manifest.all_shards if info.count]
+        empty = np.zeros((0,), dtype=np.int32 if name == "labels" else "<U1")
+        out[name] = np.concatenate(parts) if parts else empty
+    return out
+
+
+def _member(sorted_values: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """bool mask: which queries occur in sorted_values (binary search; np.isin sorts both, far slower)."""
+    if not sorted_values.size or not queries.size:
+        return np.zeros(queries.shape, dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_values, queries), sorted_values.size - 1)
+    return sorted_values[pos] == queries
+
+
+def _present(root: str, manifest: Manifest, queries: np.ndarray) -> np.ndarray:
+    """bool mask: which query ids are stored in some main or delta shard (rows are sorted by id per shard)."""
+    found = np.zeros(queries.shape, dtype=bool)
+    for info in manifest.all_shards:
+        if info.count:
+            found |= _member(_column(root, info, "ids"), queries)
+    return found
+
+
+def live_ids(root: str, *, version: int | None = None) -> np.ndarray:
+    """Sorted ids of the live entries of a version (default: the latest)."""
+    m = read_version(root, latest_version(root) if version is None else version)
+    ids = _columns(root, m, ["ids"])["ids"]
+    return np.sort(ids[~np.isin(ids, read_forgotten(root, m))])
+
+
+def check_unique_live(root: str, version: int, ids: np.ndarray, *, what: str) -> None:
+    """Refuses per-entry values (weights, metadata) for duplicate ids or ids not live in ``version``.
+
+    Raises:
+      ValueError: listing the duplicates. KeyError: listing the ids that are not live.
+    """
+    uniq, n_of = np.unique(ids, return_counts=True)
+    if (n_of > 1).any():
+        raise ValueError(f"duplicate ids in {what}: {_listed(uniq[n_of > 1])}")
+    unknown = ids[~np.isin(ids, live_ids(root, version=version))]
+    if unknown.size:
+        raise KeyError(f"{unknown.size} id(s) not live in version {version}: {_listed(unknown)}; nothing was "
+                       "published")
+
+
+def _base(root: str, expected_version: int | None) -> tuple[int, Manifest]:
+    latest = latest_version(root)
+    base = latest if expected_version is None else expected_version
+    if base != latest:
+        # Fail before writing any file: the publish would be refused anyway.
+        raise _conflict(root, base + 1, base, latest)
+    return base, read_version(root, base)
+
+
+def forget(root: str, *, ids: Iterable[str] | None = None, label: str | None = None,
+           source_prefix: str | None = None, expected_version: int | None = None,
+           request_purge: bool = False) -> Manifest:
+    """Forgets entries exactly: from the published version on, no search returns them.
+
+    The selections given (any of ids, label, source_prefix) are united. Only a tombstone file and a version
+    file are written; no index is rebuilt.
+
+    Args:
+      root: Memory root, local or ``gs://``.
+      ids: Entry ids; every one must be live.
+      label: A class name; all its live entries are forgotten.
+      source_prefix: All live entries whose source uri starts with this string.
+      expected_version: The version the caller looked at (default: the latest now).
+      request_purge: Record in the change that the next re-index must also purge old versions and files.
+
+    Returns:
+      The published manifest; ``change`` holds ``forgotten`` (this call) and ``forgotten_total``.
+
+    Raises:
+      KeyError: listing unknown or already-forgotten ids, or naming an unknown label / a selection that
+        matches no live entry. Nothing is published.
+      ConcurrentUpdateError: the memory moved past ``expected_version``, or a concurrent writer won.
+      ValueError: no selection given.
+    """
+    if ids is None and label is None and source_prefix is None:
+        raise ValueError("forget needs a selection: ids=[...], label='name' and/or source_prefix='gs://...'")
+    base, m = _base(root, expected_version)
+    gone = read_forgotten(root, m)
+    selected, selection = [], {}
+    if ids is not None:
+        req = np.unique(_str_array(ids))
+        if not req.size:
+            raise ValueError("forget(ids=...) got an empty id list; pass at least one id")
+        forgotten_already = _member(gone, req)
+        unknown = req[forgotten_already | ~_present(root, m, req)]
+        if unknown.size:
+            already = unknown[_member(gone, unknown)]
+            note = f" ({len(already)} of them already forgotten: {_listed(already)})" if already.size else ""
+            raise KeyError(f"{len(unknown)} unknown id(s), not live in version {base} of {root}: "
+                           f"{_listed(unknown)}{note}; nothing was forgotten")
+        selected.append(req)
+        selection["ids"] = int(req.size)
+    names = ["ids"] + (["labels"] if label is not None else []) + (["uris"] if source_prefix is not None else [])
+    cols = _columns(root, m, names) if len(names) > 1 else {}
+    phys = cols.get("ids")
+    if label is not None:
+        if label not in m.class_names:
+            raise KeyError(f"unknown label {label!r}; this memory's classes: {_listed(m.class_names)}; nothing was "
+                           "forgotten")
+        rows = cols["labels"] == m.class_names.index(label)
+        rows[rows] = ~_member(gone, phys[rows])
+        if not rows.any():
+            raise KeyError(f"label {label!r} has no live entries in version {base}; nothing was forgotten")
+        selected.append(phys[rows])
+        selection["label"] = label
+    if source_prefix is not None:
+        if not source_prefix:
+            raise ValueError("source_prefix must be a non-empty string (an empty prefix would forget everything)")
+        rows = np.char.startswith(cols["uris"], source_prefix)
+        rows[rows] = ~_member(gone, phys[rows])
+        if not rows.any():
+            raise KeyError(f"no live entry's source uri starts with {source_prefix!r} in version {base}; nothing "
+                           "was forgotten")
+        selected.append(phys[rows])
+        selection["source_prefix"] = source_prefix
+    new = np.unique(np.concatenate(selected))
+    tombstones = np.union1d(gone, new).astype(str)
+    n = base + 1
+    rel = _fresh_name(TOMBSTONES_DIR, n, ".npy")
+    buf = io.BytesIO()
+    np.save(buf, tombstones, allow_pickle=False)
+    blob = buf.getvalue()
+    storage.write_bytes(storage.join(root, rel), blob)
+    what = ", ".join(f"{k}={v!r}" if k != "ids" else f"{v} id(s)" for k, v in selection.items())
+    change = {"kind": "forget", "summary": f"forgot {new.size} entries ({what})", "forgotten": int(new.size),
+              "forgotten_total": int(tombstones.size), "selection": selection}
+    if request_purge:
+        change["purge_requested"] = True
+    return publish_version(root, dataclasses.replace(
+        m, forgotten=ForgottenSet(path=rel, count=int(tombstones.size), checksum=sha256_checksum(blob)), change=change),
+        expected_parent=base)
+
+
+def extended_class_names(old: Sequence[str], new_labels: Iterable[str]) -> tuple[str, ...]:
+    """Class names after adding entries labelled ``new_labels``: ``old`` then unseen names, sorted.
+
+    Append-only, so every stored label index keeps its meaning.
+    """
+    old = tuple(old)
+    known = set(old)
+    return old + tuple(sorted({str(x) for x in new_labels} - known))
+
+
+def write_delta_shard(root: str, data: ShardData, *, version_tag: str, index: int, count: int) -> ShardInfo:
+    """Writes one delta shard (brute-force ScaNN index) to ``deltas/<version_tag>/delta-IIIII-of-CCCCC``.
+
+    Args:
+      root: Memory root.
+      data: Entries; labels are indices into the class names the add will publish (extended_class_names).
+      version_tag: A directory name unique to this add (e.g. ``v000007-<job id>``): never reuse a tag of a
+        published version, whose files must not change.
+      index: This delta shard's index in [0, count).
+      count: Number of delta shards this add writes.
+
+    Returns:
+      The ShardInfo to pass to publish_add.
+    """
+    if not isinstance(version_tag, str) or not _TAG_RE.match(version_tag):
+        raise ValueError(f"version_tag {version_tag!r} must be a non-empty name of letters, digits, '.', '_', '-'")
+    if not (isinstance(count, int) and count >= 1 and isinstance(index, int) and 0 <= index < count):
+        raise ValueError(f"delta shard index {index!r} out of range for count {count!r} (allowed 0..count-1)")
+    leaf = f"delta-{index:05d}-of-{count:05d}"
+    rel = f"{DELTAS_DIR}/{version_tag}/{leaf}"
+    return write_shard(storage.join(root, rel), data, index_config=IndexConfig(kind=IndexKind.BRUTE_FORCE),
+                       name=f"{DELTAS_DIR}-{version_tag}-{leaf}", root_relative_path=rel)
+
+
+def publish_add(root: str, *, delta_infos: Sequence[ShardInfo], new_class_names: Sequence[str],
+                expected_version: int | None, counts: dict | None = None) -> Manifest:
+    """Publishes delta shards written by write_delta_shard as the next version.
+
+    Args:
+      root: Memory root.
+      delta_infos: The new delta shards (all fully written).
+      new_class_names: Labels of the added entries (names; known ones are fine, unseen ones are appended).
+      expected_version: The version the add was computed from (its class names were used for the labels).
+      counts: The add job's record counts (e.g. read / embedded / failed), stored in the change.
+
+    Returns:
+      The published manifest.
+
+    Raises:
+      DuplicateIdError: listing ids already in the memory (live, forgotten-but-present, or twice in the add).
+      ManifestError: a delta shard's files disagree with its ShardInfo or hold labels beyond the class names.
+      ConcurrentUpdateError: the memory moved on; re-run the add against the latest version.
+    """
+    base, m = _base(root, expected_version)
+    class_names = extended_class_names(m.class_names, new_class_names)
+    infos = tuple(delta_infos)
+    added_ids, added = [], 0
+    for info in infos:
+        if not isinstance(info, ShardInfo):
+            raise TypeError(f"delta_infos must be ShardInfo (from write_delta_shard), got {info!r}")
+        if not info.count:
+            continue
+        ids, labels = _column(root, info, "ids"), _column(root, info, "labels")
+        if labels.size and int(labels.max()) >= len(class_names):
+            raise ManifestError(f"delta shard {info.name}: label {int(labels.max())} outside the {len(class_names)} "
+                                "class names; map labels with extended_class_names(old, new_labels)")
+        added_ids.append(ids)
+        added += info.count
+    new_ids = np.concatenate(added_ids) if added_ids else np.zeros((0,), "<U1")
+    uniq, n_of = np.unique(new_ids, return_counts=True)
+    if (n_of > 1).any():
+        raise DuplicateIdError(f"ids added twice in this add: {_listed(uniq[n_of > 1])}; nothing was published")
+    phys = _columns(root, m, ["ids"])["ids"]
+    gone = read_forgotten(root, m)
+    clash = new_ids[np.isin(new_ids, phys)]
+    if clash.size:
+        forgotten = clash[np.isin(clash, gone)]
+        live = np.setdiff1d(clash, forgotten)
+        parts = []
+        if live.size:
+            parts.append(f"{live.size} id(s) already live in version {base}: {_listed(live)} (forget them first "
+                         "to replace them)")
+        if forgotten.size:
+            parts.append(f"{forgotten.size} forgotten id(s) still physically present until `vmem reindex`: "
+                         f"{_listed(forgotten)} (re-index first, or add them under new ids)")
+        raise DuplicateIdError("; ".join(parts) + "; nothing was published")
+    new_classes = list(class_names[len(m.class_names):])
+    change = {"kind": "add", "summary": f"added {added} entries in {len(infos)} delta shard(s)"
+                                        + (f", new classes {new_classes}" if new_classes else ""),
+              "added": added, "new_classes": new_classes, "counts": dict(counts or {})}
+    return publish_version(root, dataclasses.replace(
+        m, class_names=class_names, delta_shards=tuple(m.delta_shards) + infos, change=change),
+        expected_parent=base)
+
+
+def add_entries_local(root: str, *, ids: Sequence[str], labels: Sequence[str], uris: Sequence[str],
+                      embeddings: np.ndarray, expected_version: int | None = None) -> Manifest:
+    """Adds entries without Beam (notebooks, tests): one delta shard, then publish_add.
+
+    Args:
+      root: Memory root.
+      ids: New unique ids.
+      labels: Class name of each entry (new names become new classes).
+      uris: Source uri of each entry.
+      embeddings: [n, dim] embeddings of the memory's encoder (L2-normalised here).
+      expected_version: See publish_add (default: the latest now).
+    """
+    base, m = _base(root, expected_version)
+    ids_arr, label_arr, uris_arr = _str_array(ids), _str_array(labels), _str_array(uris)
+    emb = np.asarray(embeddings)
+    n = ids_arr.shape[0]
+    if n == 0:
+        raise ValueError("add_entries_local needs at least one entry")
+    if emb.ndim != 2 or emb.shape != (n, m.dim) or label_arr.shape != (n,) or uris_arr.shape != (n,):
+        raise ValueError(f"inconsistent inputs: {n} ids, {label_arr.shape[0]} labels, {uris_arr.shape[0]} uris, "
+                         f"embeddings {emb.shape}; expected n of each and [n, {m.dim}] embeddings")
+    class_names = extended_class_names(m.class_names, label_arr.tolist())
+    index_of = {c: i for i, c in enumerate(class_names)}
+    data = ShardData(ids=ids_arr, labels=np.asarray([index_of[x] for x in label_arr.tolist()], np.int32),
+                     uris=uris_arr, embeddings=l2_normalize(emb))
+    info = write_delta_shard(root, data, version_tag=f"v{base + 1:06d}-{secrets.token_hex(4)}", index=0, count=1)
+    return publish_add(root, delta_infos=[info], new_class_names=label_arr.tolist(), expected_version=base,
+                       counts={"added": n})
+
+
+def publish_entry_weights(root: str, *, ids: Sequence[str], weights: np.ndarray, params: dict,
+                          expected_version: int | None = None, kind: str = "soft_pruning") -> Manifest:
+    """Publishes per-entry voting weights (soft pruning) as the next version; replaces any previous weights.
+
+    Args:
+      root: Memory root.
+      ids: Live entry ids (entries not listed weigh 1.0).
+      weights: float [len(ids)] finite, >= 0 (e.g. gamma = 1.75 / (1 + v)).
+      params: JSON-serialisable parameters that produced the weights.
+      expected_version: The version the weights were computed on (default: the latest now).
+      kind: WeightsRef.kind.
+
+    Raises:
+      KeyError: listing ids that are not live. ValueError: bad weights. ConcurrentUpdateError.
+    """
+    base, m = _base(root, expected_version)
+    ids_arr = _str_array(ids)
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != ids_arr.shape:
+        raise ValueError(f"weights shape {w.shape} != ids shape {ids_arr.shape}; one weight per id")
+    if not np.isfinite(w).all() or (w < 0).any():
+        raise ValueError("weights must be finite and >= 0")
+    check_unique_live(root, base, ids_arr, what="weights")
+    order = np.argsort(ids_arr, kind="stable")
+    buf = io.BytesIO()
+    np.savez(buf, ids=ids_arr[order], weights=w[order].astype(np.float32))
+    blob = buf.getvalue()
+    rel = _fresh_name(WEIGHTS_DIR, base + 1, ".npz")
+    storage.write_bytes(storage.join(root, rel), blob)
+    ref = WeightsRef(path=rel, count=int(ids_arr.size), checksum=sha256_checksum(blob), kind=kind, params=dict(params))
+    down = int((w < 1).sum())
+    change = {"kind": "prune", "summary": f"entry weights ({kind}) for {ids_arr.size} entries, {down} below 1",
+              "weighted": int(ids_arr.size), "weights_below_1": down, "params": dict(params)}
+    return publish_version(root, dataclasses.replace(m, entry_weights=ref, change=change), expected_parent=base)
+
+
+def clear_entry_weights(root: str, *, expected_version: int | None = None) -> Manifest:
+    """Publishes the next version without entry weights (every entry weighs 1.0 again)."""
+    base, m = _base(root, expected_version)
+    if m.entry_weights is None:
+        raise ValueError(f"version {base} of {root} has no entry weights to clear")
+    return publish_version(root, dataclasses.replace(
+        m, entry_weights=None, change={"kind": "prune", "summary": "cleared entry weights", "weighted": 0}),
+        expected_parent=base)
+
+
+def _data_paths(m: Manifest) -> set[str]:
+    """Files and directories a version references, except its tombstone file."""
+    paths = {s.path for s in m.all_shards}
+    if m.entry_weights is not None:
+        paths.add(m.entry_weights.path)
+    if m.router is not None:
+        paths.add(m.router.path)
+    if m.metadata is not None:
+        paths.add(m.metadata.path)
+    return paths
+
+
+def _all_paths(m: Manifest) -> set[str]:
+    return _data_paths(m) | ({m.forgotten.path} if m.forgotten else set())
+
+
+def purge_requested_since_reindex(root: str) -> bool:
+    """True if a forget since the latest re-index (or build) asked for old history to be purged."""
+    for record in reversed(list_versions(root)):
+        change = read_version(root, record).change
+        if change.get("kind") in ("reindex", "build") or not change:
+            return False
+        if change.get("purge_requested"):
+            return True
+    return False
+
+
+def purge_history(root: str, *, expected_version: int | None = None) -> list[int]:
+    """Deletes old versions that can still show what the latest version no longer shows, and their files.
+
+    Semantics, with L the latest version: an older version v is *kept* iff every shard, delta shard and
+    weights file it references is also referenced by L and its tombstones include all of L's tombstones.
+    Then v's live entries are a subset of L's, so it reveals nothing L has forgotten. Every other older
+    version is *purged*: a new version L+1 (a copy of L, change kind "purge" listing the purged versions and
+    deleted paths) is published first, then the purged version files are deleted, then every file or shard
+    directory referenced by a purged version and by no remaining version.
+
+    Embeddings of entries forgotten but not yet re-indexed live in shards that L itself references, so they
+    stay on disk (hidden by tombstones) until a re-index writes new shards without them; purging after the
+    re-index deletes the old shard directories. Readers that pinned a purged version fail to reopen it.
+
+    Returns:
+      The purged version numbers (ascending; [] when nothing needed purging, and then nothing is published).
+    """
+    _finish_interrupted_purges(root)
+    versions = list_versions(root)
+    if len(versions) < 2:
+        return []
+    base, latest = _base(root, expected_version)
+    gone = set(read_forgotten(root, latest).tolist())
+    keep_paths = _data_paths(latest)
+    kept, purged, purged_paths = [latest], [], set()
+    for n in versions[:-1]:
+        m = read_version(root, n)
+        if _data_paths(m) <= keep_paths and gone <= set(read_forgotten(root, m).tolist()):
+            kept.append(m)
+        else:
+            purged.append(n)
+            purged_paths |= _all_paths(m)
+    if not purged:
+        return []
+    still = set().union(*(_all_paths(m) for m in kept))
+    delete = sorted(purged_paths - still)
+    # Checked before the record is published: a bad path is never recorded, and nothing is deleted.
+    full_paths = checked_deletion_paths(root, delete, what=f"the paths versions {purged} reference")
+    publish_version(root, dataclasses.replace(latest, change={
+        "kind": "purge", "summary": f"purged {len(purged)} old version(s) and {len(delete)} unreferenced path(s)",
+        "purged_versions": purged, "deleted_paths": delete}), expected_parent=base)
+    for n in purged:
+        storage.remove_tree(version_path(root, n))
+    for rel, path in zip(delete, full_paths):
+        storage.remove_tree(path)
+        _remove_empty_parents(root, rel)
+    return purged
+
+
+def _finish_interrupted_purges(root: str) -> list[str]:
+    """Completes the deletions of earlier purges that were killed after publishing their record.
+
+    A purge publishes the list of what it will delete before deleting anything, so a purge killed halfway
+    leaves a record naming the leftovers. Those paths are unreferenced by every remaining version (paths are
+    never reused), and they may still hold forgotten embeddings: delete whatever of them still exists.
+    Returns the relative paths deleted now.
+    """
+    versions = [read_version(root, n) for n in list_versions(root)]
+    referenced = set().union(*(_all_paths(m) for m in versions)) if versions else set()
+    purges = [m for m in versions if m.change.get("kind") == "purge"]
+    # Every listed path of every record is checked before anything is deleted.
+    checked = {}
+    for m in purges:
+        numbers = m.change.get("purged_versions", [])
+        bad = [n for n in numbers if isinstance(n, bool) or not isinstance(n, int) or n < 1]
+        if bad:
+            raise ManifestError(f"refusing to purge: version {m.version}'s change.purged_versions lists {bad!r}, not "
+                                f"version numbers; nothing was deleted")
+        rels = m.change.get("deleted_paths", [])
+        checked[m.version] = checked_deletion_paths(root, rels, what=f"version {m.version}'s change.deleted_paths")
+    finished = []
+    for m in purges:
+        for n in m.change.get("purged_versions", []):
+            if storage.exists(version_path(root, n)):
+                storage.remove_tree(version_path(root, n))
+        for rel, path in zip(m.change.get("deleted_paths", []), checked[m.version]):
+            if rel not in referenced and storage.exists(path):
+                storage.remove_tree(path)
+                _remove_empty_parents(root, rel)
+                finished.append(rel)
+    return finished
+
+
+def _remove_empty_parents(root: str, rel: str) -> None:
+    """Locally, drop directories a deletion left empty (deltas/<tag>/); GCS has no directories."""
+    if storage.is_gcs(root):
+        return
+    import os  # pylint: disable=g-import-not-at-top
+    parent = posixpath.dirname(rel)
+    while parent:
+        path = storage.join(root, *parent.split("/"))
+        try:
+            os.rmdir(path)
+        except OSError:
+            return
+        parent = posixpath.dirname(parent)
+
+
+__all__ += ["ConcurrentUpdateError"]

@@ -1,0 +1,302 @@
+"""Immutable, exclusively-published versions of a memory: the history of a living memory.
+
+On disk (local directory or ``gs://``)::
+
+  MEMORY/versions/v000001.json   the build (a full Manifest with version=1, parent=None, change.kind=build)
+  MEMORY/versions/v000002.json   e.g. a forget: version=2, parent=1, change={"kind": "forget", ...}
+  MEMORY/manifest.json           a copy of the latest version, for tools that do not know versions
+
+Rules:
+
+* A version file is never modified or overwritten. Publishing version n+1 creates
+  ``versions/v{n+1:06d}.json`` *exclusively* -- locally a fully written, fsynced temp file is hard-linked
+  to the final name (``os.link`` fails if it exists); on GCS a single upload with ``if_generation_match=0``
+  (fails with 412 if the object exists) -- so of two publishers based on the same parent exactly one wins
+  and the other gets :class:`ConcurrentUpdateError`.
+* Every file a version references (shards, delta shards, tombstone and weights files) must be completely
+  written before it is published, and must never be overwritten afterwards: new data goes to new paths.
+* Readers resolve the latest version by listing ``versions/`` (largest n); ``manifest.json`` is only
+  consulted for a memory built before versions existed (read as version 1). Temp files (``.tmp-*``) are
+  never versions, so a crash at any point leaves the previous latest version intact and readable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Any
+
+from memory import storage
+from memory.store.manifest import (MANIFEST_NAME, Manifest, ManifestError, manifest_path, read_manifest_file,
+                             utc_now_iso)
+
+VERSIONS_DIR = "versions"
+_VERSION_RE = re.compile(r"^v(\d{6,})\.json$")
+
+__all__ = ["ConcurrentUpdateError", "VERSIONS_DIR", "checked_deletion_paths", "history", "latest_version",
+           "list_versions", "publish_version", "read_version", "version_name"]
+
+
+class ConcurrentUpdateError(RuntimeError):
+    """Another writer published the version this change wanted to publish; nothing of this change is live."""
+
+
+def version_name(n: int) -> str:
+    """``v000003.json`` for n = 3."""
+    return f"v{n:06d}.json"
+
+
+def version_path(root: str, n: int) -> str:
+    return storage.join(root, VERSIONS_DIR, version_name(n))
+
+
+def list_versions(root: str) -> list[int]:
+    """Version numbers present under ``root/versions/``, ascending ([] for a memory without versions)."""
+    try:
+        names = storage.list_dir(storage.join(root, VERSIONS_DIR))
+    except FileNotFoundError:
+        return []
+    return sorted(int(m.group(1)) for m in map(_VERSION_RE.match, names) if m)
+
+
+def checked_deletion_paths(root: str, rels, *, what: str) -> list[str]:
+    """Full paths of the root-relative paths a purge (or clean-up) is about to delete, all checked first.
+
+    The lists come from version files (``change.deleted_paths``) and plans, which anyone with write access to
+    the memory can edit: a path must be a plain relative path (no leading ``/``, no ``..`` / ``.`` / empty
+    segment, no ``scheme://``) below the memory root, not the root itself, not its history (``versions/``,
+    ``manifest.json``), and, locally, must not resolve outside the root through a symbolic link. Every path is
+    checked before the caller deletes any, so one bad entry deletes nothing.
+
+    Args:
+      root: Memory root, local or ``gs://``.
+      rels: Root-relative paths (``/``-separated).
+      what: Where the list comes from, for the message (e.g. "version 7's change.deleted_paths").
+
+    Returns:
+      ``storage.join(root, rel)`` for each path, in order.
+
+    Raises:
+      ManifestError: naming the first bad path, the memory and the rule it breaks; nothing was deleted.
+    """
+    out = []
+    base = None if storage.is_gcs(root) else os.path.realpath(root)
+    for rel in rels:
+        problem = None
+        parts = rel.split("/") if isinstance(rel, str) else []
+        if not isinstance(rel, str) or not rel:
+            problem = "is not a non-empty path"
+        elif rel.startswith("/") or "\\" in rel or "://" in rel or (len(rel) > 1 and rel[1] == ":"):
+            problem = "is absolute (deleted paths are relative to the memory root)"
+        elif any(p in ("", ".", "..") for p in parts):
+            problem = "has an empty, '.' or '..' segment"
+        elif parts[0] == VERSIONS_DIR or rel == MANIFEST_NAME:
+            problem = "is the memory's version history, never deleted as data"
+        elif base is not None:
+            real = os.path.realpath(os.path.join(base, *parts))
+            if not real.startswith(base + os.sep):
+                problem = f"resolves to {real}, outside the memory root {base}"
+        if problem:
+            raise ManifestError(f"refusing to delete {rel!r} listed in {what} of {root}: it {problem}; nothing was "
+                                "deleted. Fix or remove that entry (the version file was edited or is corrupt).")
+        out.append(storage.join(root, rel))
+    return out
+
+
+def _has_legacy_manifest(root: str) -> bool:
+    return storage.exists(manifest_path(root))
+
+
+def latest_version(root: str) -> int:
+    """The latest published version of the memory at ``root``.
+
+    Raises:
+      ManifestError: "not a visual memory" when there is neither a version nor a manifest.json.
+    """
+    versions = list_versions(root)
+    if versions:
+        return versions[-1]
+    if _has_legacy_manifest(root):
+        return 1
+    raise ManifestError(f"not a visual memory: {manifest_path(root)} missing; build one with `vmem build ...` "
+                        "(or memory.build.build_memory_local)")
+
+
+def read_version(root: str, n: int) -> Manifest:
+    """Reads and validates version ``n``.
+
+    A memory built before versions existed (only manifest.json) has exactly one version, 1.
+
+    Raises:
+      ManifestError: naming the version and the available ones, when it does not exist (e.g. purged).
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ManifestError(f"version must be an int >= 1, got {n!r}")
+    versions = list_versions(root)
+    if not versions:
+        if n == 1:
+            return read_manifest_file(manifest_path(root))
+        if not _has_legacy_manifest(root):
+            latest_version(root)  # Raises "not a visual memory".
+        raise ManifestError(f"{root} has no version {n}; available: [1] (a memory built before versions)")
+    if n not in versions:
+        raise ManifestError(f"{root} has no version {n}; available: {_ranges(versions)} "
+                            "(older versions may have been removed by `vmem forget --purge-history`)")
+    manifest = read_manifest_file(version_path(root, n))
+    if manifest.version != n:
+        raise ManifestError(f"{version_path(root, n)} says it is version {manifest.version}, not {n}")
+    return manifest
+
+
+def _ranges(versions: list[int]) -> str:
+    if len(versions) <= 6:
+        return str(versions)
+    return f"[{versions[0]}, {versions[1]}, ..., {versions[-1]}] ({len(versions)} versions)"
+
+
+def _check_compatible(parent: Manifest, child: Manifest) -> None:
+    """Invariants between consecutive versions: same encoder/metric/dim, append-only class names."""
+    if (child.encoder, child.dim, child.metric) != (parent.encoder, parent.dim, parent.metric):
+        raise ManifestError(
+            f"version {child.version} changes the encoder/dim/metric of version {parent.version} "
+            f"({parent.encoder.get('name')!r}, {parent.dim}) -> ({child.encoder.get('name')!r}, {child.dim}); "
+            "a memory keeps one encoder for life: build a new memory instead")
+    old = tuple(parent.class_names)
+    if tuple(child.class_names[:len(old)]) != old:
+        raise ManifestError(
+            f"version {child.version} reorders or drops class names of version {parent.version}; class names "
+            "are append-only so stored label indices never change (use memory.mutations.extended_class_names)")
+
+
+def _create_exclusive_local(path: str, data: bytes) -> bool:
+    """Creates ``path`` with ``data`` unless it exists; False if it existed. Never leaves a partial file."""
+    with storage.staged_local_file(path, data) as tmp:
+        try:
+            # link() is atomic and refuses an existing target, unlike rename()/replace().
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # Make the new directory entry durable before anyone relies on the version.
+    finally:
+        os.close(dir_fd)
+    return True
+
+
+def _create_exclusive_gcs(path: str, data: bytes) -> bool:
+    """Creates the object unless it exists (if_generation_match=0); False if it existed."""
+    from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
+
+    blob = storage._blob(path)  # pylint: disable=protected-access
+    try:
+        # With a generation precondition the client's retries are safe: a retry of an upload that had in
+        # fact succeeded gets 412, and the byte comparison below recognises our own object.
+        blob.upload_from_string(data, if_generation_match=0, retry=storage._retry(),  # pylint: disable=protected-access
+                                content_type="application/json")
+        return True
+    except exceptions.PreconditionFailed:
+        pass
+    try:
+        return storage.read_bytes(path) == data
+    except FileNotFoundError:
+        return False
+
+
+def _create_exclusive(path: str, data: bytes) -> bool:
+    if storage.is_gcs(path):
+        try:
+            return _create_exclusive_gcs(path, data)
+        except Exception as e:  # pylint: disable=broad-except  # Only google-cloud errors are rewrapped.
+            if storage._is_google_api_error(e):  # pylint: disable=protected-access
+                raise OSError(f"publishing {path} failed on GCS: {e}") from e
+            raise
+    return _create_exclusive_local(path, data)
+
+
+def publish_version(root: str, manifest: Manifest, *, expected_parent: int | None) -> Manifest:
+    """Publishes ``manifest`` as version ``expected_parent + 1`` (1 when expected_parent is None).
+
+    Call it last, after every file the manifest references is completely written (at paths no earlier
+    version uses). Its ``version`` and ``parent`` are set here; ``change["at"]`` defaults to now.
+
+    Args:
+      root: Memory root, local or ``gs://``.
+      manifest: The new version's content.
+      expected_parent: The version this change was computed from (None: a new memory).
+
+    Returns:
+      The published manifest (with version, parent and change filled in).
+
+    Raises:
+      ConcurrentUpdateError: another writer already published that version (or the memory is no longer at
+        ``expected_parent``); this change was not published and must be re-run against the latest version.
+      ManifestError: the manifest is invalid, or breaks an invariant with its parent (encoder, class order).
+    """
+    if expected_parent is not None and (isinstance(expected_parent, bool) or not isinstance(expected_parent, int)
+                                        or expected_parent < 1):
+        raise ValueError(f"expected_parent must be None or an int >= 1, got {expected_parent!r}")
+    n = 1 if expected_parent is None else expected_parent + 1
+    change = dict(manifest.change)
+    if change:
+        change.setdefault("at", utc_now_iso())
+    manifest = dataclasses.replace(manifest, version=n, parent=expected_parent, change=change)
+    manifest.validate()
+    versions = list_versions(root)
+    current = versions[-1] if versions else (1 if _has_legacy_manifest(root) else None)
+    if current != expected_parent:
+        raise _conflict(root, n, expected_parent, current)
+    if expected_parent is not None:
+        parent = read_version(root, expected_parent)
+        _check_compatible(parent, manifest)
+        if not versions:
+            # A memory built before versions: materialise its manifest.json as v000001 first, since
+            # manifest.json is about to be replaced by the copy of version 2.
+            _create_exclusive(version_path(root, 1), parent.to_json().encode("utf-8"))
+    if not _create_exclusive(version_path(root, n), manifest.to_json().encode("utf-8")):
+        raise _conflict(root, n, expected_parent, max(list_versions(root), default=None))
+    _refresh_manifest_copy(root, n, manifest)
+    return manifest
+
+
+def _conflict(root: str, n: int, expected_parent: int | None, latest: int | None) -> ConcurrentUpdateError:
+    based = "an empty root" if expected_parent is None else f"version {expected_parent}"
+    return ConcurrentUpdateError(
+        f"cannot publish version {n} ({version_name(n)}) of {root}: it was computed from {based}, but the "
+        f"memory's latest version is now {latest} (another writer published meanwhile). Nothing of this "
+        "change was published; re-run it against the latest version.")
+
+
+def _refresh_manifest_copy(root: str, n: int, manifest: Manifest) -> None:
+    """Best effort: manifest.json mirrors the latest version (readers never trust it over versions/)."""
+    storage.write_text(manifest_path(root), manifest.to_json())
+    latest = max(list_versions(root), default=n)
+    if latest != n:  # A faster writer published after us: mirror theirs instead of ours.
+        storage.write_text(manifest_path(root), read_version(root, latest).to_json())
+
+
+def change_of(manifest: Manifest) -> dict[str, Any]:
+    """The manifest's change, with a build change derived for manifests written before versions existed."""
+    if manifest.change:
+        return dict(manifest.change)
+    return {"kind": "build", "at": manifest.created_at,
+            "summary": f"built {manifest.physical_total} entries in {len(manifest.shards)} shards"}
+
+
+def history(root: str) -> list[dict[str, Any]]:
+    """One record per existing version, oldest first.
+
+    Returns:
+      ``[{"version", "parent", "kind", "at", "summary", "entries" (live entries), "change" (full)}, ...]``.
+      Versions removed by purge_history are absent; the purge version's change lists them.
+    """
+    versions = list_versions(root) or [latest_version(root)]
+    out = []
+    for n in versions:
+        m = read_version(root, n)
+        change = change_of(m)
+        out.append({"version": n, "parent": m.parent, "kind": change.get("kind"), "at": change.get("at"),
+                    "summary": change.get("summary", ""), "entries": m.total, "change": change})
+    return out
+

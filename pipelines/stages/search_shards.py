@@ -1,0 +1,305 @@
+"""Search every (routed) shard for batches of query embeddings and merge their top-K exactly: the Beam stages
+behind `vmem evaluate` and `vmem prune` (the numpy search and merge live in memory.search.shard_search).
+
+    queries | SearchShards(root, manifest, k=100) | MergeNeighbors(100)   # -> (query id, QueryNeighbors)
+
+Query batches fan out to the search units (memory.shard.search_units), grouped by unit so each is loaded once
+by the one worker that searches every batch routed to it. Each unit answers a whole batch (the queries of it
+that were routed there), keyed by the batch, and the partial answers of one batch merge as batches: one
+exact merge per batch and unit instead of one per query and unit, and a few hundred shuffled elements per
+10,000 queries instead of one per query and unit. Only the merged batch is split into one element per query.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+from typing import NamedTuple, Sequence
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+
+from memory.search.filters import Crowding, QueryFilter
+from memory.store.manifest import Manifest
+from memory.store.metadata import read_metadata
+from memory.search.routing import read_router, search_mask
+from memory.store.shard import search_units
+from memory.search.shard_search import (LoadedShard, PartialTopK, load_entry_weights, load_forgotten, merge_partials,
+                                 one_thread_blas, searchable_shards)
+from memory.search.tuning import SearchSetting, tuned_index
+from pipelines.runner import worker_pool_threads
+
+_NAMESPACE = "visual_memory"
+
+
+class QueryBatch(NamedTuple):
+    ids: tuple[str, ...]
+    labels: tuple[str, ...]
+    uris: tuple[str, ...]
+    embeddings: np.ndarray
+    filters: tuple[dict | None, ...] | None = None  # memory.search.filters.QueryFilter.to_dict() per query, or None.
+
+    def take(self, rows: np.ndarray) -> QueryBatch:
+        return QueryBatch(tuple(self.ids[i] for i in rows), tuple(self.labels[i] for i in rows),
+                          tuple(self.uris[i] for i in rows), self.embeddings[rows],
+                          None if self.filters is None else tuple(self.filters[i] for i in rows))
+
+
+class QueryNeighbors(NamedTuple):
+    """One query's true class name, source uri and (partial or merged) neighbours (a 1-row PartialTopK)."""
+    label: str
+    uri: str
+    neighbors: PartialTopK
+
+
+class BatchNeighbors(NamedTuple):
+    """Some queries of one batch (ids, true class names, uris) and their neighbours, one PartialTopK row each."""
+    ids: tuple[str, ...]
+    labels: tuple[str, ...]
+    uris: tuple[str, ...]
+    neighbors: PartialTopK
+
+    def queries(self):
+        """(query id, QueryNeighbors) per query."""
+        return [(qid, QueryNeighbors(self.labels[i], self.uris[i], self.neighbors.row(i)))
+                for i, qid in enumerate(self.ids)]
+
+
+def merge_batch_neighbors(parts: Sequence[BatchNeighbors], k: int, *,
+                          max_per_group: int | None = None) -> BatchNeighbors:
+    """Exact per-query merge of partial answers for queries of one batch (each part may cover some of them).
+
+    A query's rows are matched by id; the result covers every query any part covers, in first-seen order.
+    Associative and order-independent in the neighbours (`merge_partials`), so Beam may combine in any grouping.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    position: dict[str, int] = {}
+    ids, labels, uris = [], [], []
+    for part in parts:
+        for i, qid in enumerate(part.ids):
+            if qid not in position:
+                position[qid] = len(ids)
+                ids.append(qid)
+                labels.append(part.labels[i])
+                uris.append(part.uris[i])
+    n = len(ids)
+    scattered = [p.neighbors.scatter(np.fromiter((position[q] for q in p.ids), np.int64, len(p.ids)), n)
+                 for p in parts]
+    merged = merge_partials(scattered, k, max_per_group=max_per_group)
+    return BatchNeighbors(tuple(ids), tuple(labels), tuple(uris), merged)
+
+
+class _SearchShardFn(beam.DoFn):
+    """(unit, [(batch key, QueryBatch)]) -> (batch key, BatchNeighbors) with this unit's top-K per query.
+
+    The input is grouped by unit, so each unit arrives exactly once (with every query batch routed to it):
+    it is loaded here, for its one key, and released when the key is done. A ``Shared`` handle would not
+    load it less often (no second element for the same unit ever comes), and would keep the last unit of the
+    job alive in the worker (Shared's keep-alive) and, holding one object per handle, evict it as soon as
+    another thread acquired another unit.
+
+    The batches are searched on ``threads`` threads (ScaNN releases the GIL; numpy's BLAS is held at one
+    thread meanwhile), at most 2 x ``threads`` in flight, answers in input order: after the shuffle barrier
+    the unit's search is all the local runner does, on one thread otherwise. Filtered and crowded searches
+    stay on one thread (their per-shard caches of admitted rows and groups are not shared between threads).
+    """
+
+    def __init__(self, root: str, manifest: Manifest, k: int, *, crowding: Crowding | None = None,
+                 with_uris: bool = False, with_metadata: bool = False, setting: SearchSetting | None = None,
+                 units: Sequence[tuple[int, ...]] | None = None, threads: int | None = None):
+        self._root = root
+        self._manifest = manifest
+        # Main and delta shards; tombstoned (forgotten) rows are skipped inside LoadedShard.search, and each
+        # hit carries its entry weight when the version has soft-pruning weights. Each key is a search unit
+        # (memory.shard.search_units): one shard, or shards built from one index template searched as one.
+        self._infos = searchable_shards(manifest)
+        self._units = [(s,) for s in range(len(self._infos))] if units is None else [tuple(u) for u in units]
+        self._k = k
+        self._crowding = crowding
+        self._with_uris = with_uris
+        self._with_metadata = with_metadata
+        self._setting = setting  # The memory's tuned leaves / re-rank depth (`vmem tune`), if any.
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"search threads must be an int >= 1, got {threads!r}")
+        self._threads = threads
+        self._forgotten = None
+        self._entry_weights = None
+        self._metadata = None
+        self._pool = None
+        self._in_flight = 0
+        self._searched = Metrics.counter(_NAMESPACE, "query_shard_searches")
+
+    def setup(self):
+        # Tombstones and weights can hold millions of ids: read once per DoFn instance on the worker (instances
+        # are reused across bundles), never pickled into the graph.
+        self._forgotten = load_forgotten(self._root, self._manifest)
+        self._entry_weights = load_entry_weights(self._root, self._manifest)
+        if self._with_metadata:
+            self._metadata = read_metadata(self._root, self._manifest)
+        threads = self._threads or worker_pool_threads()
+        if threads > 1 and self._crowding is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vmem-shard")
+        self._in_flight = 2 * threads
+
+    def _search(self, shard: LoadedShard, batch: QueryBatch) -> PartialTopK:
+        filters = None if batch.filters is None else [
+            None if f is None else QueryFilter.from_dict(f) for f in batch.filters]
+        return shard.search(batch.embeddings, self._k, filters=filters, crowding=self._crowding)
+
+    def _answers(self, shard: LoadedShard, keyed_batches):
+        """(key, batch, partial) per batch, in input order; unfiltered batches on the pool when there is one."""
+        pending = collections.deque()  # (key, batch, future of its partial), oldest first.
+
+        def oldest():
+            key, batch, future = pending.popleft()
+            return key, batch, future.result()
+        for key, batch in keyed_batches:
+            if self._pool is None or batch.filters is not None:
+                while pending:
+                    yield oldest()
+                yield key, batch, self._search(shard, batch)
+                continue
+            pending.append((key, batch, self._pool.submit(self._search, shard, batch)))
+            while len(pending) > self._in_flight or (pending and pending[0][2].done()):
+                yield oldest()
+        while pending:
+            yield oldest()
+
+    def process(self, element):
+        unit, keyed_batches = element
+        info = [self._infos[s] for s in self._units[unit]]
+        shard = LoadedShard.load(self._root, info, forgotten=self._forgotten, entry_weights=self._entry_weights,
+                                 with_uris=self._with_uris, class_names=self._manifest.class_names,
+                                 metadata=self._metadata)
+        if self._setting is not None and shard.index is not None:
+            shard.index = tuned_index(shard.index, self._setting.leaves_fraction, self._setting.reorder)
+        with one_thread_blas:
+            for key, batch, partial in self._answers(shard, keyed_batches):
+                self._searched.inc(len(batch.ids))
+                yield key, BatchNeighbors(batch.ids, batch.labels, batch.uris, partial)
+
+    def teardown(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _FanOutFn(beam.DoFn):
+    """QueryBatch -> (unit, (batch key, QueryBatch of the queries that search that unit)).
+
+    Hash-sharded memories send every batch to every non-empty unit; a partition-routed memory sends each
+    query to the main shards its router picks (memory.routing.search_mask) and to every delta shard. The batch
+    key (its first query's id) tells MergeNeighbors which partial answers belong to one batch.
+    """
+
+    def __init__(self, root: str, manifest: Manifest, probes: int | None, ratio: float | None = None,
+                 units: Sequence[tuple[int, ...]] | None = None):
+        self._root = root
+        self._manifest = manifest
+        self._probes = probes
+        self._ratio = ratio
+        self._router = None
+        counts = [s.count for s in searchable_shards(manifest)]
+        units = [(s,) for s in range(len(counts))] if units is None else units
+        # A routed memory's units are its shards (search_units), so the router's shard mask indexes them.
+        self._live = np.asarray([sum(counts[s] for s in unit) > 0 for unit in units], dtype=bool)
+        self._routed = Metrics.counter(_NAMESPACE, "query_shard_routes")
+
+    def setup(self):
+        # The router file (centroids) is read once per worker, not pickled into the graph.
+        self._router = read_router(self._root, self._manifest)
+
+    def process(self, batch: QueryBatch):
+        visit = search_mask(self._router, batch.embeddings, self._live, probes=self._probes, ratio=self._ratio)
+        key = batch.ids[0]
+        for s in np.flatnonzero(visit.any(axis=0)).tolist():
+            rows = np.flatnonzero(visit[:, s])
+            self._routed.inc(int(rows.size))
+            yield s, (key, batch if rows.size == len(batch.ids) else batch.take(rows))
+
+
+class SearchShards(beam.PTransform):
+    """EmbeddedImage queries -> (batch key, BatchNeighbors) once per search unit a batch's queries search.
+
+    Every non-empty unit for a hash-sharded memory; the routed main shards and every delta shard for a
+    partition-routed one (``route_probes`` nearest centroids, or distance-ratio routing with ``route_ratio``;
+    neither -> the router's default probes). ``search_threads``: threads each worker searches a unit's batches
+    on (default `pipelines.runner.worker_pool_threads`).
+    """
+
+    def __init__(self, root: str, manifest: Manifest, *, k: int, batch_size: int = 256,
+                 route_probes: int | None = None, route_ratio: float | None = None,
+                 default_filter: QueryFilter | None = None,
+                 query_filters: dict[str, dict] | None = None, crowding: Crowding | None = None,
+                 with_uris: bool = False, setting: SearchSetting | None = None, search_threads: int | None = None):
+        super().__init__()
+        self._root = root
+        self._manifest = manifest
+        self._k = k
+        self._batch_size = batch_size
+        self._route_probes = route_probes
+        self._route_ratio = route_ratio
+        self._default = None if default_filter is None else default_filter.to_dict()
+        self._query_filters = query_filters or {}
+        self._crowding = crowding
+        self._setting = setting
+        self._search_threads = search_threads
+        self._with_uris = with_uris or crowding is not None or default_filter is not None or bool(query_filters)
+
+    def expand(self, queries):
+        default, per_query = self._default, self._query_filters
+        filtered = default is not None or bool(per_query)
+        meta = filtered or (self._crowding is not None and self._crowding.by.startswith("meta:"))
+        units = search_units(self._root, self._manifest)  # What VisualMemory.open searches, so the same answers.
+        return (
+            queries
+            | "BatchQueries" >> beam.BatchElements(min_batch_size=1, max_batch_size=self._batch_size)
+            | "ToQueryBatch" >> beam.Map(lambda qs: QueryBatch(
+                tuple(q.id for q in qs), tuple(q.label for q in qs), tuple(q.uri for q in qs),
+                np.stack([q.embedding for q in qs]),
+                tuple(per_query.get(q.id, default) for q in qs) if filtered else None))
+            | "FanOutToShards" >> beam.ParDo(_FanOutFn(self._root, self._manifest, self._route_probes,
+                                                       self._route_ratio, units=units))
+            | "GroupByShard" >> beam.GroupByKey()
+            | "SearchShard" >> beam.ParDo(_SearchShardFn(
+                self._root, self._manifest, self._k, crowding=self._crowding, with_uris=self._with_uris,
+                with_metadata=meta and self._manifest.metadata is not None, setting=self._setting, units=units,
+                threads=self._search_threads)))
+
+
+class _MergeBatchFn(beam.CombineFn):
+    """Exact merge of a batch's per-unit partial answers (associative: partial combining is safe)."""
+
+    def __init__(self, k: int, max_per_group: int | None = None):
+        self._k = k
+        self._max_per_group = max_per_group
+
+    def create_accumulator(self):
+        return None
+
+    def add_input(self, acc, value: BatchNeighbors):
+        return self.merge_accumulators([acc, value])
+
+    def merge_accumulators(self, accumulators):
+        present = [a for a in accumulators if a is not None]
+        if not present:
+            return None
+        return merge_batch_neighbors(present, self._k, max_per_group=self._max_per_group)
+
+    def extract_output(self, acc):
+        return acc
+
+
+class MergeNeighbors(beam.PTransform):
+    """(batch key, per-unit BatchNeighbors) -> (query id, QueryNeighbors) holding each query's global top-K."""
+
+    def __init__(self, k: int, crowding: Crowding | None = None):
+        super().__init__()
+        self._k = k
+        self._max_per_group = None if crowding is None else crowding.max_per_group
+
+    def expand(self, partials):
+        return (partials
+                | "MergeTopK" >> beam.CombinePerKey(_MergeBatchFn(self._k, self._max_per_group))
+                | "PerQuery" >> beam.FlatMapTuple(lambda _, batch: batch.queries()))

@@ -1,3 +1,0 @@
-"""Fixtures for the memory/ tests."""
-
-from tests.gcs_emulator import gcs_bucket  # noqa: F401  (re-exported pytest fixture)

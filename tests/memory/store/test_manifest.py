@@ -1,0 +1,95 @@
+"""Manifest JSON round trip and validation errors."""
+
+import dataclasses
+import json
+
+import pytest
+
+from memory.store.manifest import (FORMAT_VERSION, BuildCounts, Manifest, ManifestError, Metric, ShardInfo,
+                             read_manifest, write_manifest)
+from tests.memory.helpers import ENCODER
+
+
+def _manifest(**overrides) -> Manifest:
+    fields = dict(
+        format_version=FORMAT_VERSION,
+        encoder=dict(ENCODER),
+        dim=32,
+        metric=Metric.COSINE,
+        class_names=("cat", "dog"),
+        shards=(ShardInfo("shard-00000-of-00002", "shard-00000-of-00002", 3, "sha256:" + "a" * 64, "brute_force"),
+                ShardInfo("shard-00001-of-00002", "shard-00001-of-00002", 0, "sha256:" + "b" * 64, "empty")),
+        build_config={"index_config": {"kind": "auto"}},
+        counts=BuildCounts(read=4, embedded=3, failed=1),
+        created_at="2026-11-26T12:00:00Z",
+    )
+    fields.update(overrides)
+    return Manifest(**fields)
+
+
+def test_json_round_trip(tmp_path):
+    m = _manifest()
+    m.validate()
+    assert m.total == 3
+    text = m.to_json()
+    d = json.loads(text)
+    assert d["metric"] == "cosine" and d["shards"][1]["index_kind"] == "empty"
+    assert list(d) == sorted(d)  # Sorted keys: equal manifests are byte-identical.
+    assert Manifest.from_json(text) == m
+    write_manifest(str(tmp_path), m)
+    assert read_manifest(str(tmp_path)) == m
+    # Version 1 and its manifest.json copy; no temp files left behind.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "versions"]
+    assert [p.name for p in (tmp_path / "versions").iterdir()] == ["v000001.json"]
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (dict(format_version=3), "format_version"),
+    (dict(dim=0), "dim"),
+    (dict(dim=16), "encoder.dim"),
+    (dict(encoder={"name": "x", "dim": 32}), "encoder"),
+    (dict(class_names=("cat", "cat")), "class_names"),
+    (dict(counts=BuildCounts(read=-1, embedded=0, failed=0)), "counts.read"),
+    (dict(created_at="yesterday"), "created_at"),
+    (dict(created_at="2026-11-26T12:00:00"), "created_at"),  # No timezone.
+])
+def test_validation_names_the_field(overrides, field):
+    with pytest.raises(ManifestError, match=f"'{field}'"):
+        _manifest(**overrides).validate()
+
+
+@pytest.mark.parametrize("shard_overrides, field", [
+    (dict(checksum="md5:abc"), "shards[0].checksum"),
+    (dict(path="../elsewhere"), "shards[0].path"),
+    (dict(path="gs://b/x"), "shards[0].path"),
+    (dict(index_kind="hnsw"), "shards[0].index_kind"),
+    (dict(index_kind="empty"), "shards[0].index_kind"),  # count 3 but "empty".
+    (dict(count=-2), "shards[0].count"),
+])
+def test_shard_validation_names_the_field(shard_overrides, field):
+    m = _manifest()
+    bad = dataclasses.replace(m.shards[0], **shard_overrides)
+    with pytest.raises(ManifestError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        dataclasses.replace(m, shards=(bad,) + m.shards[1:]).validate()
+
+
+def test_from_json_errors():
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        Manifest.from_json("{")
+    d = json.loads(_manifest().to_json())
+    del d["counts"]
+    with pytest.raises(ManifestError, match="missing field"):
+        Manifest.from_json(json.dumps(d))
+    d = json.loads(_manifest().to_json())
+    d["metric"] = "l2"
+    with pytest.raises(ManifestError, match="'metric'.*allowed"):
+        Manifest.from_json(json.dumps(d))
+    d = json.loads(_manifest().to_json())
+    d["format_version"] = 99
+    with pytest.raises(ManifestError, match="unsupported version 99"):
+        Manifest.from_json(json.dumps(d))
+
+
+def test_read_missing_manifest(tmp_path):
+    with pytest.raises(ManifestError, match="not a visual memory: .*manifest.json missing; build one with `vmem build"):
+        read_manifest(str(tmp_path))

@@ -1,0 +1,145 @@
+"""End-to-end tests for ``vmem vote`` (evaluation.vote_cli.main)."""
+
+import json
+
+import pytest
+
+from vmem import vote as vote_cli
+from evaluation.neighbors_io import NeighborRecord, write_records
+
+D3 = [0.1, 0.2, 0.3]
+
+
+def _write_inputs(tmp_path):
+    """Four queries with hand-computed predictions.
+
+    Plurality / distance / rank predict, for k = 1, 2, 3:
+        q1 (true 0) [0, 1, 1]: 0, 0 (tie, first reached), 1
+        q2 (true 1) [1, 0, 0]: 1, 1, 0
+        q3 (true 2) [2] (padded): 2, 2, 2
+        q4 (true 1) [0, 1, 1]: 0, 0, 1
+    -> 3/4, 3/4, 2/4. Softmax (tau 0.07) keeps the nearest class at k = 3
+    (1 vs exp(-0.1/0.07) + exp(-0.2/0.07) = 0.30) -> 3/4, 3/4, 3/4.
+    q2 is in the paper's format in a second, gzipped file.
+    """
+    ours = tmp_path / "ours.jsonl"
+    write_records(ours, [
+        NeighborRecord("q1", 0, ["a", "b", "c"], [0, 1, 1], D3),
+        NeighborRecord("q3", 2, ["d"], [2], [0.05]),
+        NeighborRecord("q4", 1, ["e", "f", "g"], [0, 1, 1], D3),
+    ])
+    paper = tmp_path / "paper.json"
+    paper.write_text(json.dumps([{
+        "image_id": "q2", "image_class": 1, "neighbor_image_ids": ["h", "i", "j"],
+        "neighbor_classes": [1, 0, 0], "neighbor_distances": D3}]))
+    return ours, paper
+
+
+def test_end_to_end_known_accuracies(tmp_path, capsys):
+    ours, paper = _write_inputs(tmp_path)
+    out = tmp_path / "out"
+    rc = vote_cli.main(["--neighbors", str(ours), str(paper), "--output",
+                        str(out), "--baseline", "linear probe=0.863"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["queries"] == 4
+    assert report["failed"] == 0
+    assert report["k_max"] == 3
+    assert report["accuracy"] == {
+        "plurality": {"1": 0.75, "2": 0.75, "3": 0.5},
+        "distance": {"1": 0.75, "2": 0.75, "3": 0.5},
+        "softmax": {"1": 0.75, "2": 0.75, "3": 0.75},
+        "rank": {"1": 0.75, "2": 0.75, "3": 0.5},
+    }
+    assert report["best"]["softmax"] == {"k": 1, "accuracy": 0.75}
+    assert report["extra"]["softmax_tau"] == 0.07
+    assert report["extra"]["rank_alpha"] == 2.0
+    assert report["extra"]["entry_weights"] is False
+    assert report["baselines"] == {"linear probe": 0.863}
+    stdout = capsys.readouterr().out
+    assert "| k | plurality | distance | softmax | rank |" in stdout
+    assert "| 3 | 50.00 | 50.00 | 75.00 | 50.00 |" in stdout
+    assert (out / "report.md").read_text().endswith(stdout)
+    assert (out / "accuracy_vs_k.png").stat().st_size > 5000
+
+
+def test_rules_k_max_and_tau(tmp_path, capsys):
+    ours, paper = _write_inputs(tmp_path)
+    out = tmp_path / "out"
+    # tau = 1: q1's B gets exp(-0.1) + exp(-0.2) > 1 -> softmax like plurality.
+    rc = vote_cli.main(["--neighbors", str(ours), str(paper), "--output",
+                        str(out), "--rules", "softmax,rank,softmax",
+                        "--k-max", "2", "--tau", "1"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["rules"] == ["softmax", "rank"]
+    assert report["accuracy"]["softmax"] == {"1": 0.75, "2": 0.75}
+    rc = vote_cli.main(["--neighbors", str(ours), str(paper), "--output",
+                        str(out), "--rules", "softmax", "--tau", "1"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["accuracy"]["softmax"]["3"] == 0.5
+
+
+def test_entry_weights_are_used(tmp_path):
+    path = tmp_path / "w.jsonl"
+    # Rank without weights: 0.5 vs 1/3 + 1/4 -> 1 (wrong); the soft-pruning
+    # weight 1.75/4 on the first "1" makes it 0.396 -> 0 (right).
+    write_records(path, [NeighborRecord("q", 0, ["a", "b", "c"], [0, 1, 1], D3,
+                                        [1.0, 1.75 / 4, 1.0])])
+    out = tmp_path / "out"
+    assert vote_cli.main(["--neighbors", str(path), "--output", str(out),
+                          "--rules", "rank"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["accuracy"]["rank"] == {"1": 1.0, "2": 1.0, "3": 1.0}
+    assert report["extra"]["entry_weights"] is True
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--k-max", "0"], "--k-max must be >= 1, got 0"),
+    (["--k-max", "x"], "argument --k-max: invalid int value: 'x'"),
+    (["--rules", "rank,borda"], "--rules: unknown voting rule 'borda'; "
+     "allowed: plurality, distance, softmax, rank"),
+    (["--rules", ","], "--rules is empty; allowed: plurality, distance"),
+    (["--tau", "0"], "--tau: softmax_tau must be a finite number > 0, got 0.0"),
+    (["--alpha", "-2"], "--alpha: rank_alpha must be a finite number > 0"),
+    (["--baseline", "probe=86.3"], "--baseline 'probe=86.3' must be "
+     "NAME=ACCURACY with ACCURACY in [0, 1]"),
+])
+def test_usage_errors(tmp_path, capsys, args, message):
+    ours, _ = _write_inputs(tmp_path)
+    rc = vote_cli.main(["--neighbors", str(ours), "--output",
+                        str(tmp_path / "out")] + args)
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vmem vote: error: ")
+    assert message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_file(tmp_path, capsys):
+    missing = tmp_path / "missing.jsonl"
+    rc = vote_cli.main(["--neighbors", str(missing), "--output",
+                        str(tmp_path / "out")])
+    assert rc == 2
+    assert f"neighbours file not found: {missing}" in capsys.readouterr().err
+
+
+def test_malformed_record(tmp_path, capsys):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"image_id": 1, "image_class": 0}\n')
+    rc = vote_cli.main(["--neighbors", str(path), "--output",
+                        str(tmp_path / "out")])
+    assert rc == 2
+    assert (f"{path}:1: paper record is missing field 'neighbor_image_ids'"
+            in capsys.readouterr().err)
+
+
+def test_missing_required_flag(capsys):
+    assert vote_cli.main(["--output", "x"]) == 2
+    assert "the following arguments are required: --neighbors" in (
+        capsys.readouterr().err)
+
+
+def test_help_exits_zero(capsys):
+    assert vote_cli.main(["--help"]) == 0
+    assert "--neighbors FILE [FILE ...]" in capsys.readouterr().out

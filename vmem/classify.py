@@ -1,0 +1,302 @@
+"""``vmem classify``: classify images with a visual memory and show the neighbours behind each decision.
+
+For every IMAGE it prints the predicted label and the score of the best classes; with ``--explain`` also
+each voting neighbour's rank (0-based, the ``i`` of RANK voting), id, label, cosine distance, weight and
+source uri. ``--html FILE`` writes one self-contained page (thumbnails inlined as ``data:`` URIs) showing
+each query next to its neighbours; ``--json`` prints machine-readable results instead of text.
+
+Examples::
+
+    vmem classify --memory out/fmnist-memory data/fashion-mnist/test/Coat/00012.png --explain
+    vmem classify --memory gs://BUCKET/memories/in1k photo1.jpg photo2.jpg --rule softmax --k 50 \\
+        --html neighbours.html
+
+Queries are embedded with the memory's own encoder (the EncoderSpec recorded in its manifest) and its
+preprocessing. Nothing here imports Apache Beam.
+
+Exit status: 0 on success, 2 on a usage or input error (missing memory, unreadable image, unknown rule,
+k < 1); the message names the bad value and the allowed values or the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from memory import storage
+from memory.decide.explain import Prediction
+from memory.decide.voting import VotingParams, VotingRule
+from pipelines import rerank_args
+from vmem.args import EXIT_USAGE, RaisingArgumentParser, UsageError
+
+__all__ = ["build_parser", "main", "render_html", "render_text"]
+
+_TOP_SCORES = 5
+_THUMB_PX = 128
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vmem classify`` argument parser."""
+    allowed = ", ".join(r.value for r in VotingRule)
+    defaults = VotingParams()
+    parser = RaisingArgumentParser(prog="vmem classify",
+                     description="Classify images by their nearest neighbours in a visual memory.")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (local paths or gs://)")
+    parser.add_argument("--memory", required=True, help="memory directory (local or gs://)")
+    parser.add_argument("--rule", default=VotingRule.RANK.value, help=f"voting rule ({allowed}; default rank)")
+    parser.add_argument("--k", default="10", help="neighbours that vote (>= 1; default 10)")
+    parser.add_argument("--tau", type=float, default=defaults.softmax_tau, help="softmax temperature (> 0)")
+    parser.add_argument("--alpha", type=float, default=defaults.rank_alpha,
+                        help="rank-voting offset: weight 1/(alpha + i) with 0-based i (> 0)")
+    parser.add_argument("--explain", action="store_true",
+                        help="list every voting neighbour: rank, id, label, distance, weight, source uri")
+    parser.add_argument("--html", metavar="FILE", default=None,
+                        help="write a self-contained HTML page with each query and its neighbours")
+    parser.add_argument("--json", action="store_true", help="print results as JSON instead of text")
+    parser.add_argument("--abstain-below", type=float, default=None, metavar="P",
+                        help="answer 'unknown' (with the reason) when the vote's confidence is below P in [0, 1]; "
+                             "calibrated when the memory carries a calibration for this rule and k "
+                             "(`vmem calibrate`), else the raw share of the winner's score")
+    rerank_args.add_selection_args(parser, per_query_file=False)
+    rerank_args.add_rerank_args(parser)
+    parser.add_argument("--rerank-cache", default=None, metavar="DIR",
+                        help="keep re-ranker answers here and never pay for the same query twice")
+    return parser
+
+
+class _DryRun:
+    """A re-ranker that makes no call: every query it is asked about is counted as one that would be sent."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def rerank(self, request):
+        from memory.rerank.base import DRY_RUN, RerankOutcome
+        return RerankOutcome(request.vote_label, DRY_RUN)
+
+
+def _parse_k(text: str) -> int:
+    try:
+        k = int(text)
+    except ValueError:
+        raise UsageError(f"--k must be an integer >= 1, got {text!r}") from None
+    if k < 1:
+        raise UsageError(f"--k must be an integer >= 1, got {k}; e.g. --k 10")
+    return k
+
+
+# --------------------------------------------------------------------------- text / JSON
+
+
+def render_text(image: str, prediction: Prediction, *, explain: bool) -> str:
+    """One query's result as human-readable lines."""
+    lines = [f"{image}"]
+    if prediction.abstained:
+        lines.append(f"  predicted  unknown (the vote said {prediction.vote_label_name})   "
+                     f"[rule {prediction.rule.value}, k {prediction.k}]")
+        lines.append(f"  abstained  {prediction.reason}")
+    elif prediction.label < 0:
+        lines.append(f"  predicted  (none: no neighbours)   [rule {prediction.rule.value}, k {prediction.k}]")
+    else:
+        lines.append(f"  predicted  {prediction.label_name} (label {prediction.label})   "
+                     f"[rule {prediction.rule.value}, k {prediction.k}]")
+    if prediction.rerank_reason:
+        lines.append(f"  re-rank    {prediction.rerank_reason}"
+                     + (f" (the vote said {prediction.vote_label_name})"
+                        if prediction.label_name != prediction.vote_label_name else "")
+                     + (f": {prediction.rerank_detail}" if prediction.rerank_detail else "")
+                     + f"   [{prediction.rerank_calls} calls]")
+    if prediction.confidence is not None:
+        lines.append(f"  confidence {prediction.confidence:.3f} "
+                     f"({'calibrated' if prediction.calibrated else 'raw share of the score, uncalibrated'})")
+    top = prediction.top_scores(_TOP_SCORES)
+    lines.append("  scores     " + "   ".join(f"{name} {score:.6g}" for name, score in top)
+                 + (f"   (+{len(prediction.scores) - len(top)} more)" if len(prediction.scores) > len(top) else ""))
+    if explain:
+        lines.append(f"  {'rank':>4}  {'distance':>10}  {'weight':>12}  {'label':<20}  {'id':<30}  uri")
+        for rank, n in enumerate(prediction.neighbors):
+            lines.append(f"  {rank:>4}  {n.distance:>10.6f}  {n.weight:>12.6g}  "
+                         f"{f'{n.label_name} ({n.label})':<20}  {n.id:<30}  {n.uri}")
+    return "\n".join(lines)
+
+
+def _json_result(image: str, prediction: Prediction, *, explain: bool) -> dict:
+    out = {"image": image, **prediction.to_dict()}
+    if not explain:
+        del out["neighbors"]
+    return out
+
+
+# --------------------------------------------------------------------------- HTML
+
+
+def _thumbnail(uri: str) -> tuple[str | None, str]:
+    """Returns ``(data URI, "")`` for a readable image, or ``(None, reason)`` for one that is not."""
+    # Imported here: Pillow is only needed for --html.
+    from PIL import Image
+
+    from encoders.preprocess import ImageDecodeError, decode_image
+    if not uri:
+        return None, "no source uri recorded"
+    path = uri[len("file://"):] if uri.startswith("file://") else uri
+    try:
+        rgb = decode_image(storage.read_bytes(path))
+    except (OSError, ImageDecodeError) as e:
+        return None, f"{type(e).__name__}: {e}"
+    img = Image.fromarray(rgb, "RGB")
+    # Re-encoded as a small PNG: one format for every source, and the page stays small for large photos.
+    img.thumbnail((_THUMB_PX, _THUMB_PX), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), ""
+
+
+_CSS = """
+body { font-family: sans-serif; margin: 1.5em; color: #222; }
+section { border-top: 1px solid #ccc; padding: 1em 0; }
+.row { display: flex; flex-wrap: wrap; gap: 12px; align-items: flex-start; }
+figure { margin: 0; width: 150px; font-size: 12px; word-break: break-all; }
+figure.query { width: 180px; }
+figure img, .missing { width: 128px; height: 128px; object-fit: contain; image-rendering: pixelated;
+  background: #f4f4f4; border: 1px solid #ddd; }
+.missing { display: flex; align-items: center; justify-content: center; text-align: center; color: #a00;
+  font-size: 11px; overflow: hidden; }
+.same { outline: 3px solid #2a2; } .other { outline: 3px solid #c44; }
+table { border-collapse: collapse; font-size: 13px; } td, th { padding: 2px 8px; text-align: left; }
+"""
+
+
+def _figure(uri: str, caption_lines: Sequence[str], thumbs: dict, *, css_class: str = "",
+            figure_class: str = "") -> str:
+    if uri not in thumbs:
+        thumbs[uri] = _thumbnail(uri)
+    src, reason = thumbs[uri]
+    if src is None:
+        image = f'<div class="missing {css_class}">source unreadable: {html.escape(reason)}</div>'
+    else:
+        image = f'<img class="{css_class}" src="{src}" alt="{html.escape(uri)}">'
+    caption = "<br>".join(html.escape(line) for line in caption_lines)
+    return f'<figure class="{figure_class}">{image}<figcaption>{caption}</figcaption></figure>'
+
+
+def render_html(memory_path: str, results: Sequence[tuple[str, Prediction]]) -> str:
+    """A self-contained page: each query, its predicted label and scores, and its neighbours.
+
+    Thumbnails are read from each neighbour's source uri (local or ``gs://``) and inlined as base64 PNG
+    ``data:`` URIs; a source that cannot be read or decoded shows a placeholder with the reason. All text is
+    HTML-escaped.
+    """
+    thumbs: dict[str, tuple[str | None, str]] = {}
+    parts = ["<!DOCTYPE html>", '<html><head><meta charset="utf-8">',
+             f"<title>vmem classify: {html.escape(memory_path)}</title>", f"<style>{_CSS}</style></head><body>",
+             f"<h1>Visual memory classification</h1><p>memory: <code>{html.escape(memory_path)}</code></p>"]
+    for image, p in results:
+        label = p.label_name if p.label >= 0 or p.abstained else "(none: no neighbours)"
+        rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{score:.6g}</td></tr>"
+                       for name, score in p.top_scores(_TOP_SCORES))
+        parts.append("<section>")
+        parts.append(f"<h2>{html.escape(image)}</h2>")
+        parts.append(f"<p>predicted <b>{html.escape(label)}</b> &middot; rule {html.escape(p.rule.value)}, "
+                     f"k {p.k}</p>")
+        parts.append('<div class="row">')
+        parts.append(_figure(image, ["query"], thumbs, figure_class="query"))
+        parts.append(f"<table><tr><th>class</th><th>score</th></tr>{rows}</table>")
+        parts.append("</div><h3>neighbours</h3><div class=\"row\">")
+        for rank, n in enumerate(p.neighbors):
+            parts.append(_figure(
+                n.uri,
+                [f"#{rank}  {n.label_name}", f"distance {n.distance:.6f}", f"weight {n.weight:.6g}",
+                 f"id {n.id}"],
+                thumbs, css_class="same" if n.label == p.label else "other"))
+        parts.append("</div></section>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _run(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(list(argv))
+    try:
+        rule = VotingRule.parse(args.rule)
+    except ValueError as e:
+        raise UsageError(f"--rule: {e}") from None
+    k = _parse_k(args.k)
+    try:
+        params = VotingParams(softmax_tau=args.tau, rank_alpha=args.alpha)
+    except ValueError as e:
+        raise UsageError(f"--tau/--alpha: {e}") from None
+    # Cheap checks before the memory and the encoder load (seconds).
+    for image in args.images:
+        local = image[len("file://"):] if image.startswith("file://") else image
+        if not storage.is_gcs(local) and not os.path.isfile(local):
+            raise UsageError(f"IMAGE {image!r} is not a readable file; pass paths of image files "
+                             "(PNG, JPEG, ...)")
+    if args.abstain_below is not None and not 0.0 <= args.abstain_below <= 1.0:
+        raise UsageError(f"--abstain-below must be a probability in [0, 1], got {args.abstain_below}; e.g. 0.8")
+    try:
+        query_filter, crowding = rerank_args.selection_from_args(args)
+        spec = rerank_args.rerank_spec_from_args(args)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.html and os.path.isdir(args.html):
+        raise UsageError(f"--html {args.html!r} is a directory; pass a file name such as neighbours.html")
+
+    from memory.store.manifest import ManifestError
+    from memory.visual_memory import VisualMemory
+    try:
+        memory = VisualMemory.open(args.memory)
+    except ManifestError as e:
+        raise UsageError(f"--memory {args.memory!r}: {e}") from None
+    reranker = None
+    if spec is not None:
+        reranker = _DryRun(f"{spec.kind}:{spec.name}") if args.rerank_dry_run else spec.build()
+    from memory.rerank.base import ResponseCache
+    predictions = memory.classify(list(args.images), rule=rule, k=k, params=params,
+                                  abstain_below=args.abstain_below, filters=query_filter, crowding=crowding,
+                                  rerank=reranker, rerank_below=args.rerank_below, rerank_top_n=args.rerank_top_n,
+                                  rerank_cache=None if args.rerank_cache is None else ResponseCache(args.rerank_cache))
+    results = list(zip(args.images, predictions))
+    if reranker is not None:
+        from collections import Counter
+        reasons = Counter(p.rerank_reason for p in predictions)
+        print(f"re-rank ({reranker.name}, margin < {args.rerank_below:g}): "
+              + ", ".join(f"{r} {n}" for r, n in sorted(reasons.items()))
+              + f"; {sum(p.rerank_calls for p in predictions)} calls"
+              + (" (dry run: no call made)" if args.rerank_dry_run else ""), file=sys.stderr)
+
+    if args.json:
+        print(json.dumps({"memory": args.memory, "results": [
+            _json_result(image, p, explain=args.explain) for image, p in results]}, indent=2))
+    else:
+        print("\n\n".join(render_text(image, p, explain=args.explain) for image, p in results))
+    if args.html:
+        storage.write_text(args.html, render_html(args.memory, results))
+        print(f"wrote {args.html}", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs ``vmem classify``; returns the exit status (0 ok, 2 usage or input error)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        build_parser().print_help()
+        return 0
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    try:
+        return _run(argv)
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        # ValueError covers undecodable images and encoder-identity errors, whose messages name the fix.
+        print(f"vmem classify: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""``vmem forget``: remove entries from a visual memory's answers, exactly and at once.
+
+Examples::
+
+    vmem forget --memory out/fmnist-memory --ids ids_to_forget.txt
+    vmem forget --memory out/fmnist-memory --label Sandal
+    vmem forget --memory gs://BUCKET/memories/in1k --source-prefix gs://BUCKET/imagenet/train/n01440764/ \\
+        --purge-history
+
+Publishes a new version whose tombstones hide the selected entries: from then on every search, vote and
+explanation (``VisualMemory``, ``vmem classify``, ``vmem evaluate``) returns exactly what a memory built
+without them would. No index is rebuilt, so this takes milliseconds to seconds, not a build.
+
+What is physically deleted, and when: forgetting hides entries; their embeddings stay inside the shard
+files (and older versions still show them) until ``vmem reindex`` rewrites the affected shards without them.
+``--purge-history`` additionally deletes, right away, every older version that can still show a forgotten
+entry (and files only those versions used), and records that the next re-index must purge again, which is
+when the old shard files holding the embeddings are deleted.
+
+The ids file holds one id per line (blank lines ignored). Exit status: 0 on success, 2 on a usage or input
+error (unknown id, label or prefix, missing file, concurrent update); the message names the bad value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+from vmem.args import EXIT_USAGE, RaisingArgumentParser, UsageError
+
+__all__ = ["build_parser", "main", "read_ids_file"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vmem forget`` argument parser."""
+    parser = RaisingArgumentParser(
+        prog="vmem forget",
+        description="Forget entries of a visual memory (exact: searches behave as if they were never added).",
+        epilog="Embeddings are physically deleted only after `vmem reindex` rewrote their shards (and the "
+               "history was purged); until then they are hidden by tombstones.")
+    parser.add_argument("--memory", required=True, help="memory directory (local or gs://)")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--ids", metavar="FILE", help="file with one entry id per line (local or gs://)")
+    which.add_argument("--label", metavar="NAME", help="forget every live entry of this class")
+    which.add_argument("--source-prefix", metavar="URI", help="forget every live entry whose source uri starts "
+                                                              "with URI")
+    parser.add_argument("--expected-version", type=int, default=None,
+                        help="refuse unless the memory is still at this version (default: the latest)")
+    parser.add_argument("--purge-history", action="store_true",
+                        help="also delete older versions that still show forgotten entries now, and have the "
+                             "next `vmem reindex` purge the old shard files that hold their embeddings")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    return parser
+
+
+def read_ids_file(path: str) -> list[str]:
+    """Ids from a text file, one per line; surrounding whitespace and blank lines are ignored."""
+    from memory import storage
+    try:
+        text = storage.read_text(path)
+    except FileNotFoundError:
+        raise UsageError(f"--ids file {path!r} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--ids file {path!r} is not UTF-8 text ({e})") from None
+    ids = [line.strip() for line in text.splitlines() if line.strip()]
+    if not ids:
+        raise UsageError(f"--ids file {path!r} holds no id (expected one id per line)")
+    return ids
+
+
+def _run(argv: Sequence[str]) -> int:
+    from memory.store.mutations import forget, purge_history
+    args = build_parser().parse_args(argv)
+    root = args.memory.rstrip("/") or args.memory
+    ids = read_ids_file(args.ids) if args.ids else None
+    start = time.perf_counter()
+    manifest = forget(root, ids=ids, label=args.label, source_prefix=args.source_prefix,
+                      expected_version=args.expected_version, request_purge=args.purge_history)
+    forget_s = time.perf_counter() - start
+    change = manifest.change
+    purged = purge_history(root) if args.purge_history else []
+    elapsed = time.perf_counter() - start
+    result = {"memory": root, "version": manifest.version, "parent": manifest.parent,
+              "forgotten": change["forgotten"], "forgotten_total": change["forgotten_total"],
+              "selection": change["selection"], "live_entries": manifest.total,
+              "forget_seconds": round(forget_s, 4), "seconds": round(elapsed, 4), "purged_versions": purged}
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+        return 0
+    what = ", ".join(f"{k} {v!r}" if k != "ids" else f"{v} listed id(s)" for k, v in change["selection"].items())
+    print(f"forgot {change['forgotten']} entries ({what}) in {root}: "
+          f"version {manifest.version} (parent {manifest.parent}); {manifest.total} live entries, "
+          f"{change['forgotten_total']} hidden by tombstones; {forget_s * 1000:.1f} ms")
+    if args.purge_history:
+        print(f"purged versions: {purged or 'none'}; the forgotten embeddings remain in the current shard files "
+              "until `vmem reindex` (which then purges them)")
+    else:
+        print("their embeddings remain in the shard files until `vmem reindex`; older versions still show them "
+              "(use --purge-history to delete those)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs ``vmem forget``; returns the exit status (0 ok, 2 usage or input error)."""
+    from memory.store.manifest import ManifestError
+    from memory.store.versions import ConcurrentUpdateError
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        build_parser().print_help()
+        return 0
+    try:
+        return _run(argv)
+    except KeyError as e:
+        # KeyError's str() is the repr of its message; print the message itself.
+        print(f"vmem forget: error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (UsageError, ValueError, FileNotFoundError, ManifestError, ConcurrentUpdateError) as e:
+        print(f"vmem forget: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -39,7 +39,7 @@ class CorrectCounts:
         """Counts one batch.
 
         Args:
-            preds: ``{rule: [n, k_max]}`` predictions as returned by ``memory.voting.predict_all_k``
+            preds: ``{rule: [n, k_max]}`` predictions as returned by ``memory.decide.voting.predict_all_k``
                 (column ``k - 1`` holds the prediction from the first k neighbours; -1 means no prediction
                 and is wrong).
             true: ``[n]`` ground-truth labels (-1 for a class the memory does not know: always wrong).
@@ -102,7 +102,7 @@ def accuracy_table(preds: Mapping[VotingRule | str, np.ndarray],
 
     Args:
         preds: ``{rule: [n, k_max]}`` predictions as returned by
-            ``memory.voting.predict_all_k`` (column ``k - 1`` holds the prediction
+            ``memory.decide.voting.predict_all_k`` (column ``k - 1`` holds the prediction
             from the first k neighbours; -1 means no prediction and is wrong).
         true: ``[n]`` ground-truth labels.
 

@@ -2,7 +2,7 @@
 
 A memory is opened at one version (the latest, or a pinned one): its main shards and delta shards are
 searched together, and its tombstoned (forgotten) rows are skipped exactly: a shard holding forgotten rows
-is asked for a bounded over-fetch (memory.shard_search.overfetch: at most 2k + 64 neighbours, however many
+is asked for a bounded over-fetch (memory.search.shard_search.overfetch: at most 2k + 64 neighbours, however many
 rows were forgotten), forgotten ones are dropped, and a query left with fewer than k live hits (its whole
 class forgotten, say) is searched by brute force over that shard's live rows. For brute-force shards that is
 the same answer as a memory built from scratch without the forgotten entries.
@@ -99,7 +99,7 @@ class VisualMemory:
         self._labels = labels
         self._offsets = offsets
         # Rows (of main and delta shards alike) that are tombstoned, and how many each shard holds (shards
-        # without any are searched as they are; see memory.shard_search.search_live_rows for the others).
+        # without any are searched as they are; see memory.search.shard_search.search_live_rows for the others).
         forgotten = np.zeros((0,), "<U1") if forgotten is None else forgotten
         self._dead = np.isin(ids, forgotten) if forgotten.size else np.zeros(ids.shape, dtype=bool)
         self._dead_per_shard = [int(self._dead[offsets[s]:offsets[s + 1]].sum()) for s in range(len(offsets) - 1)]
@@ -129,7 +129,7 @@ class VisualMemory:
 
         Args:
           path: Memory root (the directory holding versions/ and manifest.json), local or ``gs://``.
-          version: A version number to open instead of the latest (see `memory.versions.history`).
+          version: A version number to open instead of the latest (see `memory.store.versions.history`).
           verify: Recompute every shard's checksum against the manifest (reads all embeddings).
           search_threads: Threads `search` uses (ScaNN releases the GIL): a batch of at least 64 queries per
             thread is split into that many query chunks, each routed, searched and merged on its own thread;
@@ -396,7 +396,7 @@ class VisualMemory:
         """Shard s's brute-force index over its rows outside ``excluded`` (forgotten, or filtered out too).
 
         Built once per (shard, exclusion key) and shared by views from with_search_params; filter exclusions
-        are kept for the last few distinct filters only (memory.shard_search.build_live_index).
+        are kept for the last few distinct filters only (memory.search.shard_search.build_live_index).
         """
         with self._live_lock:
             cached = self._live_indices.get((s, key))
@@ -617,7 +617,7 @@ class VisualMemory:
 
         Returns:
           One `memory.decide.explain.Prediction` per query: label, per-class scores, confidence and the neighbours
-          with their ids, labels, distances, weights and source uris. The label is `memory.voting.vote`'s,
+          with their ids, labels, distances, weights and source uris. The label is `memory.decide.voting.vote`'s,
           with the memory's entry weights (soft pruning), if any, multiplied into the rule's weights, unless
           the memory abstained or a re-ranker answered.
 

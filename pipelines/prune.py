@@ -26,9 +26,9 @@ buckets (``--count-buckets``, default one per million entries); each bucket writ
 to its v histogram and the ids it selects, and only those reach the final step, which publishes version n + 1
 (unless --counts-only):
 
-* ``--mode hard --threshold T``: ``memory.mutations.forget`` of exactly the entries with v >= T (nothing is
+* ``--mode hard --threshold T``: ``memory.store.mutations.forget`` of exactly the entries with v >= T (nothing is
   published when there are none). Compare with ``vmem evaluate --version n`` (before) vs the latest.
-* ``--mode soft``: ``memory.mutations.publish_entry_weights`` with gamma = 1.75 / (1 + v) for the entries
+* ``--mode soft``: ``memory.store.mutations.publish_entry_weights`` with gamma = 1.75 / (1 + v) for the entries
   with v >= 1 (all others weigh 1). ``vmem evaluate`` then reports the weighted vote as ``accuracy`` and the
   unweighted one as ``accuracy_unpruned``.
 

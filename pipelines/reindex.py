@@ -61,7 +61,7 @@ One final step publishes version n+1 (change kind ``reindex``: rebuilt and reuse
 forgotten rows, folded delta rows) with no delta shards, no tombstones and the entry weights minus forgotten
 ids, then deletes the spill files. If a forget since the last re-index asked for ``--purge-history``, the
 old versions and the shard files that still hold forgotten embeddings are then deleted
-(memory.mutations.purge_history). A shard that disagrees with the manifest (row count) fails the job on the
+(memory.store.mutations.purge_history). A shard that disagrees with the manifest (row count) fails the job on the
 worker that reads it; nothing is published.
 
 Exit status: 0 re-indexed and published; 10 nothing to do (``--if-needed`` and below both thresholds; the

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def format_table(records: Sequence[dict]) -> str:
-    """Fixed-width text table of memory.versions.history records."""
+    """Fixed-width text table of memory.store.versions.history records."""
     header = ("version", "parent", "kind", "time", "entries", "summary")
     rows = [(str(r["version"]), "-" if r["parent"] is None else str(r["parent"]), str(r["kind"]),
              str(r["at"] or ""), str(r["entries"]), str(r["summary"])) for r in records]

@@ -5,7 +5,7 @@
 
 Queries are a labelled held-out split: an ImageFolder (embedded with the memory's own encoder) or a
 clip-retrieval folder of precomputed embeddings (``vmem export`` writes one). Every setting of the grid
-(memory.tuning.candidate_settings) is timed and compared with exact (brute-force) search; the fastest whose
+(memory.search.tuning.candidate_settings) is timed and compared with exact (brute-force) search; the fastest whose
 votes agree on >= --min-agreement of the queries and whose accuracy is within --max-accuracy-drop points is
 published as the memory's default search setting (a new version, change kind ``tune``), which
 ``VisualMemory.open`` and ``vmem evaluate`` then use. The table also shows the fastest setting reaching

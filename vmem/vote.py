@@ -1,7 +1,7 @@
 """``vmem vote``: accuracy of every voting rule at every k from neighbour lists.
 
 Reads per-query neighbour lists (our JSONL or the paper's published JSON,
-see ``evaluation.neighbors_io``), runs ``memory.voting.predict_all_k`` once
+see ``evaluation.neighbors_io``), runs ``memory.decide.voting.predict_all_k`` once
 and writes report.json, report.md and accuracy_vs_k.png to ``--output``.
 Records that carry ``neighbor_entry_weights`` (soft pruning) are voted with
 those weights. The Markdown table is printed to stdout.

@@ -11,7 +11,7 @@ For each dataset one table, all methods measured in this one process on the same
    as configured, 2 on the reference machine).
 2. ``scann``: one unsharded `memory.index.shard_index.ShardIndex` (TREE_AH) over all n vectors, built once per
    ``--leaves-factors`` entry (factor * sqrt(n) leaves).
-3. ``memory``: the same data in ``--shards`` shards (ids hashed by `memory.sharding.shard_for_id`), built
+3. ``memory``: the same data in ``--shards`` shards (ids hashed by `memory.store.sharding.shard_for_id`), built
    with `memory.build.build_memory_local` into a temp dir and queried through
    `memory.visual_memory.VisualMemory.search`, with the unsharded index's AH settings and training sample.
    As `vmem build` does for a hash memory of tree+AH shards, one index template (the first

@@ -15,7 +15,7 @@ costs and saves on a built memory:
    memory's own encoder (`VisualMemory.embed_images`, the preprocessing `vmem classify` uses).
 3. Per dtype: bytes on disk per entry over every file of the memory (`bench_scale.bytes_by_kind`: ScaNN's
    dataset file vs the rest); top-1 accuracy of rank voting at ``--k`` (the `vmem classify` default rule and
-   k; `evaluation.metrics.accuracy_table` over `memory.voting.predict_all_k`, as `vmem evaluate` computes it)
+   k; `evaluation.metrics.accuracy_table` over `memory.decide.voting.predict_all_k`, as `vmem evaluate` computes it)
    and its change against float32 in percentage points; the fraction of queries whose top-k ids equal
    float32's (as a set, and in the same order).
 4. A reference row for the old format 1 (embeddings.npy float32 beside ScaNN's float32 dataset, ids and uris

@@ -4,7 +4,7 @@
 
 Builds (once; reused when --output already holds it) a tree+AH memory of ``--n`` structured unit vectors (the
 bench_search generator) labelled by the nearest of ``--classes`` random anchor directions, so votes near class
-boundaries are close; then runs `memory.tuning.tune` with ``--queries`` held-out vectors and prints every
+boundaries are close; then runs `memory.search.tuning.tune` with ``--queries`` held-out vectors and prints every
 trial, the setting decision agreement picks and the one recall@10 >= 0.95 picks. The demo memory is tuned with
 the CLI instead (``vmem tune --memory out/fmnist-tree --queries data/fashion-mnist/test``).
 """

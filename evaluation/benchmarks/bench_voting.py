@@ -1,4 +1,4 @@
-"""Throughput of ``memory.voting.predict_all_k`` for 10 vs 1000 classes.
+"""Throughput of ``memory.decide.voting.predict_all_k`` for 10 vs 1000 classes.
 
 For each rule, one ``predict_all_k`` call computes the prediction at every
 k = 1..k_max. Both class counts are measured side by side in the same run

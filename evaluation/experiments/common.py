@@ -3,7 +3,7 @@
 Re-voting is how experiments that change only labels or per-entry weights avoid searching again: the
 neighbours of a query do not depend on the labels or weights of the memory's entries, so the neighbour
 lists ``vmem evaluate`` wrote, relabelled or reweighted by entry id, are exactly what the changed memory
-would retrieve. The vote is ``memory.voting.predict_all_k`` over ``evaluation.neighbors_io.to_arrays``,
+would retrieve. The vote is ``memory.decide.voting.predict_all_k`` over ``evaluation.neighbors_io.to_arrays``,
 the same two functions ``vmem vote`` runs.
 """
 

@@ -11,7 +11,7 @@ score           definition
 ``combined``    all three at once (``platt`` only): a logistic fit on their logits
 ==============  ===============================================================================
 
-Scores use the rule's own weights (``memory.voting.neighbor_weights``, entry weights multiplied in), so
+Scores use the rule's own weights (``memory.decide.voting.neighbor_weights``, entry weights multiplied in), so
 they describe exactly the vote that decided. None of them is a probability. :class:`Calibration` maps one
 of them to the probability that the vote is right, fitted on the neighbour lists of a labelled split the
 memory never saw (``vmem evaluate`` on it, then ``vmem calibrate``):
@@ -71,7 +71,7 @@ class CalibrationMethod(enum.Enum):
 
 
 class VoteConfidence(NamedTuple):
-    """Per query: the vote's label (as ``memory.voting.vote``) and its raw confidence scores, all ``[nq]``.
+    """Per query: the vote's label (as ``memory.decide.voting.vote``) and its raw confidence scores, all ``[nq]``.
 
     A query without any live neighbour has label -1, share 0, margin 0 and similarity -1.
     """

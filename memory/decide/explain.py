@@ -5,9 +5,9 @@ Every decision of a visual memory is traceable to the neighbours that voted for 
 first ``k`` neighbours, its id, label, distance, source uri and the weight it voted with, plus the summed
 score of every class.
 
-The explanation cannot disagree with the vote: the predicted label is :func:`memory.voting.vote`'s own
+The explanation cannot disagree with the vote: the predicted label is :func:`memory.decide.voting.vote`'s own
 answer for the same row (same rule, k, params and tie rule: the class that *reached* the top score first
-wins), and the weights shown are :func:`memory.voting.neighbor_weights`'s. Weights are the exact ones
+wins), and the weights shown are :func:`memory.decide.voting.neighbor_weights`'s. Weights are the exact ones
 (``stable=False``): for SOFTMAX that is ``exp(s_i / tau)`` rather than the per-query rescaled weights
 ``vote()`` sums internally. Rescaling by one positive constant changes no decision, and the exact values
 are comparable across queries.

@@ -58,7 +58,7 @@ class IndexConfig:
         PQ codebooks with 25).
       embedding_dtype: How ScaNN stores the rows it re-ranks (tree+AH) or scores (brute force), which is also the
         memory's only copy of the embeddings: ``float32`` (exact), ``bfloat16`` (half the bytes, ~3 significant
-        digits) or ``int8`` (a quarter, per-dimension scaled fixed point). `memory.shard.read_shard_data`
+        digits) or ``int8`` (a quarter, per-dimension scaled fixed point). `memory.store.shard.read_shard_data`
         returns them dequantised to float32, so a re-index of a quantised memory stays quantised.
       spherical: Train the partitioning tree with unit-norm centroids (spherical k-means). Memory entries are
         unit vectors searched by cosine, where plain k-means centroids of different norms bias the leaf
@@ -273,7 +273,7 @@ class ShardIndex:
           (indices int64 [nq, k], distances float32 [nq, k]) of local row indices and cosine distances,
           nearest first; when k > n the tail is padded with index -1 and distance +inf. Equal distances
           come out in ascending row order (ScaNN's order), i.e. ascending id within a shard written by
-          `memory.shard.write_shard`.
+          `memory.store.shard.write_shard`.
         """
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be an int >= 1, got {k!r}")

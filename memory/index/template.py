@@ -7,7 +7,7 @@ distributed IVF builds (train the quantizers once, add each shard's vectors with
 lists: faiss ``IndexIVF.merge_from``, contrib ``ondisk.merge_ondisk``) to ScaNN:
 
 1. `train_template` trains a tree+AH searcher on an id-hashed sample of the whole memory (the entries with
-   the smallest `memory.routing.router_sample_key`, the router's sample rule), with the leaves sized for the
+   the smallest `memory.search.routing.router_sample_key`, the router's sample rule), with the leaves sized for the
    whole memory, emptied of its rows; `write_template` stores it under ``ROOT/index_template/<digest>/``.
 2. `build_from_template` builds a shard's searcher from that template: ScaNN itself assigns the shard's rows
    to the template's leaves and encodes them with its codebook (``upsert`` into the emptied template), so

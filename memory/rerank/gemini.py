@@ -3,7 +3,7 @@
 `GeminiReranker` implements `memory.rerank.base.Reranker` through the google-genai client (imported lazily, on the
 first call), either the Gemini Developer API (an API key) or Vertex AI (``vertexai=True`` with a project and a
 location). Images are sent inline as thumbnails (longest side at most ``thumbnail_px``) in the order of
-`memory.rerank.prompt_parts`; the answer is accepted only through `memory.rerank.parse_answer`.
+`memory.rerank.base.prompt_parts`; the answer is accepted only through `memory.rerank.base.parse_answer`.
 
 Retries are ours, not the client's (its retry is off: one attempt per call): HTTP 408, 429 and >= 500, timeouts
 and dropped connections are retried up to ``max_retries`` times, waiting ``backoff_s * 2**attempt`` or what the

@@ -3,13 +3,13 @@
 **Filters** restrict a query's neighbours to entries with one of some labels, a source uri under a prefix,
 and/or given values in metadata columns (memory.store.metadata). They are applied *before* the top-k cut, the way
 forgetting is: inside each shard, the rows a filter excludes are treated exactly like tombstoned rows by
-`memory.shard_search.search_live_rows` (bounded over-fetch, then a brute-force search over the allowed live
+`memory.search.shard_search.search_live_rows` (bounded over-fetch, then a brute-force search over the allowed live
 rows for any query left short). So a filtered query gets k allowed neighbours whenever k exist, and for
 brute-force shards exactly the top-k a memory holding only the allowed entries would return.
 
 **Crowding** (Vertex AI Vector Search's crowding tags): among a query's k neighbours at most ``max_per_group``
 come from one group -- entries sharing a source-uri prefix, or a metadata column value such as a
-near-duplicate group id (`memory.metadata.near_duplicate_groups`). The crowded list is the greedy walk down
+near-duplicate group id (`memory.store.metadata.near_duplicate_groups`). The crowded list is the greedy walk down
 the distance order keeping an entry while its group has fewer than c kept, cut at k. That walk is exact under
 sharding: an entry of the global crowded top-k is also in its own shard's crowded top-k, so shards crowd
 their lists, the merge keeps every shard's list and crowds the union (`crowd`), in any merge order.

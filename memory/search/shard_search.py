@@ -242,7 +242,7 @@ def merge_partials(partials: Sequence[PartialTopK], k: int, *, max_per_group: in
     Weights travel with their neighbours: the result has weights when any partial has them (a partial
     without weights counts as weight 1.0 for all its neighbours), else None; uris and groups likewise.
     With ``max_per_group`` (crowded partials, each carrying ``groups``) the union is crowded: at most that
-    many per group, the greedy walk of memory.filters.crowd -- exact and associative when every partial is
+    many per group, the greedy walk of memory.search.filters.crowd -- exact and associative when every partial is
     itself a crowded top-k.
     """
     if not partials:
@@ -334,7 +334,7 @@ class LoadedShard:
     def load(cls, root: str, info: ShardInfo | Sequence[ShardInfo], *, forgotten: np.ndarray | None = None,
              entry_weights: tuple[np.ndarray, np.ndarray] | None = None, with_uris: bool = False,
              class_names: Sequence[str] = (), metadata: object | None = None) -> "LoadedShard":
-        """Loads a main or delta shard, or a `memory.shard.search_units` unit of shards searched as one index.
+        """Loads a main or delta shard, or a `memory.store.shard.search_units` unit of shards searched as one index.
 
         Args:
           root: Memory root.
@@ -344,7 +344,7 @@ class LoadedShard:
             unweighted memory.
           with_uris: Keep the rows' source uris (filters by uri prefix, crowding by uri, re-ranking).
           class_names: The memory's class names, for label filters.
-          metadata: The version's `memory.metadata.read_metadata` table, for metadata filters and crowding.
+          metadata: The version's `memory.store.metadata.read_metadata` table, for metadata filters and crowding.
         """
         infos = [info] if isinstance(info, ShardInfo) else list(info)
         dirs = tuple(storage.join(root, i.path) for i in infos)
@@ -388,7 +388,7 @@ class LoadedShard:
         def metadata(column):
             if self.metadata is None:
                 raise ValueError(f"shard {self.name}: no metadata table loaded, so nothing can select on {column!r}; "
-                                 "attach metadata with `vmem metadata` and load it (memory.metadata.read_metadata)")
+                                 "attach metadata with `vmem metadata` and load it (memory.store.metadata.read_metadata)")
             return self.metadata.values(column, self.ids)
         return RowAttributes(self.labels, self.class_names, uris, metadata)
 

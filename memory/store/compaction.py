@@ -88,7 +88,7 @@ def needs_reindex(manifest: Manifest, *, delta_threshold: float, forgotten_thres
       delta_threshold: Fraction in [0, inf).
       forgotten_threshold: Fraction in [0, 1].
       target_shards: The shard count the re-index would produce (None: unchanged).
-      purge_requested: memory.mutations.purge_requested_since_reindex(root).
+      purge_requested: memory.store.mutations.purge_requested_since_reindex(root).
 
     Returns:
       (needed, human-readable reason naming the measured fractions and the thresholds).
@@ -252,7 +252,7 @@ def plan_reindex(manifest: Manifest, *, main_ids: Mapping[str, np.ndarray], forg
     Args:
       manifest: The version to re-index.
       main_ids: ``{ShardInfo.path: ids stored in that main shard}`` for every main shard.
-      forgotten: The version's tombstoned ids (memory.mutations.read_forgotten).
+      forgotten: The version's tombstoned ids (memory.store.mutations.read_forgotten).
       delta_ids: Ids of each delta shard.
       num_shards: Main shards after the re-index (None: unchanged; see target_shard_count).
       index_config_changed: The re-index builds with another IndexConfig than the memory's.

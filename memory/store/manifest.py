@@ -187,7 +187,7 @@ class Manifest:
       parent: The version this one was derived from (None for a build).
       change: What produced this version: ``{"kind": one of CHANGE_KINDS, "at": ISO time, "summary": str,
         ...kind-specific details (counts)}``. Empty for manifests written by code that predates versions
-        (it then reads as a build; see memory.versions.history).
+        (it then reads as a build; see memory.store.versions.history).
       delta_shards: Brute-force shards of entries added since the last re-index, searched exactly together
         with ``shards``.
       forgotten: Tombstones of forgotten entries still physically present in ``shards``/``delta_shards``;
@@ -401,7 +401,7 @@ class Manifest:
             if field == "delta_shards" and shard.index_kind not in _DELTA_INDEX_KINDS:
                 raise ManifestError(
                     f"manifest field '{where}.index_kind': {shard.index_kind!r}; delta shards are searched exactly, "
-                    f"allowed: {list(_DELTA_INDEX_KINDS)} (write them with memory.mutations.write_delta_shard)")
+                    f"allowed: {list(_DELTA_INDEX_KINDS)} (write them with memory.store.mutations.write_delta_shard)")
         self._validate_versioning(paths)
         if not isinstance(self.build_config, dict):
             raise ManifestError(f"manifest field 'build_config': expected an object, got {self.build_config!r}")
@@ -493,7 +493,7 @@ def manifest_path(root: str) -> str:
 def write_manifest(root: str, manifest: Manifest) -> None:
     """Publishes a freshly built memory as version 1; call it last, after every shard is written.
 
-    Creates ``<root>/versions/v000001.json`` exclusively (see memory.versions.publish_version) and then
+    Creates ``<root>/versions/v000001.json`` exclusively (see memory.store.versions.publish_version) and then
     ``<root>/manifest.json``. A root that already holds versions is refused with ConcurrentUpdateError:
     a rebuild must start from an empty root (``vmem build --overwrite`` deletes it first).
     """

@@ -1,7 +1,7 @@
 """A living memory: add entries, forget them exactly, weight them (soft pruning), purge old history.
 
 Every mutation reads one version, writes its new files at fresh paths, and publishes the next version
-exclusively (memory.versions.publish_version); a concurrent mutation based on the same version fails with
+exclusively (memory.store.versions.publish_version); a concurrent mutation based on the same version fails with
 ConcurrentUpdateError and publishes nothing. No index is rebuilt here:
 
 * **forget** writes a new cumulative tombstone file (``tombstones/vNNNNNN-<token>.npy``: every forgotten id

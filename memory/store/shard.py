@@ -438,7 +438,7 @@ def search_units(root: str, manifest: Manifest, *, merge: bool = True) -> list[t
 
 def load_unit_index(shard_dirs: Sequence[str], infos: Sequence[ShardInfo]) -> ShardIndex | None:
     """The index of one `search_units` unit: its shard's (`load_shard_index`), or its shards' searched as one
-    (`memory.shared_index.load_merged`)."""
+    (`memory.index.template.load_merged`)."""
     if len(infos) == 1:
         return load_shard_index(shard_dirs[0], infos[0])
     from memory.index.template import load_merged  # pylint: disable=g-import-not-at-top

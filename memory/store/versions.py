@@ -166,7 +166,7 @@ def _check_compatible(parent: Manifest, child: Manifest) -> None:
     if tuple(child.class_names[:len(old)]) != old:
         raise ManifestError(
             f"version {child.version} reorders or drops class names of version {parent.version}; class names "
-            "are append-only so stored label indices never change (use memory.mutations.extended_class_names)")
+            "are append-only so stored label indices never change (use memory.store.mutations.extended_class_names)")
 
 
 def _create_exclusive_local(path: str, data: bytes) -> bool:

@@ -11,7 +11,7 @@ a bundle the runner retries after a crash re-uses them: no call is paid twice. `
 before any call and reports how many queries would be sent.
 
 Every query leaves the stage with a record (its vote, final label, reason, calls) in ``rerank-*.jsonl``;
-the report's ``rerank`` section sums them (memory.rerank.tally).
+the report's ``rerank`` section sums them (memory.rerank.base.tally).
 """
 
 from __future__ import annotations

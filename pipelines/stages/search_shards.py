@@ -3,7 +3,7 @@ behind `vmem evaluate` and `vmem prune` (the numpy search and merge live in memo
 
     queries | SearchShards(root, manifest, k=100) | MergeNeighbors(100)   # -> (query id, QueryNeighbors)
 
-Query batches fan out to the search units (memory.shard.search_units), grouped by unit so each is loaded once
+Query batches fan out to the search units (memory.store.shard.search_units), grouped by unit so each is loaded once
 by the one worker that searches every batch routed to it. Each unit answers a whole batch (the queries of it
 that were routed there), keyed by the batch, and the partial answers of one batch merge as batches: one
 exact merge per batch and unit instead of one per query and unit, and a few hundred shuffled elements per
@@ -113,7 +113,7 @@ class _SearchShardFn(beam.DoFn):
         self._manifest = manifest
         # Main and delta shards; tombstoned (forgotten) rows are skipped inside LoadedShard.search, and each
         # hit carries its entry weight when the version has soft-pruning weights. Each key is a search unit
-        # (memory.shard.search_units): one shard, or shards built from one index template searched as one.
+        # (memory.store.shard.search_units): one shard, or shards built from one index template searched as one.
         self._infos = searchable_shards(manifest)
         self._units = [(s,) for s in range(len(self._infos))] if units is None else [tuple(u) for u in units]
         self._k = k
@@ -189,7 +189,7 @@ class _FanOutFn(beam.DoFn):
     """QueryBatch -> (unit, (batch key, QueryBatch of the queries that search that unit)).
 
     Hash-sharded memories send every batch to every non-empty unit; a partition-routed memory sends each
-    query to the main shards its router picks (memory.routing.search_mask) and to every delta shard. The batch
+    query to the main shards its router picks (memory.search.routing.search_mask) and to every delta shard. The batch
     key (its first query's id) tells MergeNeighbors which partial answers belong to one batch.
     """
 

@@ -266,7 +266,7 @@ def _train_and_write_router(sample, num_shards: int, *, output: str, config: Rou
 
 def _train_and_write_template(sample, count: int, num_shards: int, *, output: str, config: IndexConfig) -> dict:
     """Template sample (keys, embeddings) -> {"path", "id"} of the written index template, or {} when no shard
-    of this build will be tree+AH (memory.shared_index.uses_template)."""
+    of this build will be tree+AH (memory.index.template.uses_template)."""
     _, embeddings = sample
     if not uses_template(config, [math.ceil(count / num_shards)]) or len(embeddings) < 16:
         return {}
@@ -279,7 +279,7 @@ class TrainIndexTemplate(beam.PTransform):
     """EntryBlock -> one {"path", "id"} (or {}): a hash build's memory-wide index template, trained and written.
 
     Its sample is the ``index_config.training_sample_size`` entries (at most TEMPLATE_SAMPLE_MAX) with the
-    smallest `memory.routing.router_sample_key`, the router's rule; every tree+AH shard is then built from it
+    smallest `memory.search.routing.router_sample_key`, the router's rule; every tree+AH shard is then built from it
     (memory.index.template) so an opened memory searches its shards as one index. ``num_shards``: a singleton.
     """
 
@@ -335,7 +335,7 @@ class TrainRouter(beam.PTransform):
     """EntryBlock -> one (Router, RouterRef): a partition-routed memory's router, trained and written.
 
     The training sample is the ``config.training_sample_size`` entries with the smallest
-    `memory.routing.router_sample_key` (a digest of the id), so the local build and every runner train on
+    `memory.search.routing.router_sample_key` (a digest of the id), so the local build and every runner train on
     the same entries. ``num_shards``: a singleton PCollection.
     """
 

@@ -107,7 +107,7 @@ def test_parallel_shard_search_equals_sequential(built):
 
 
 def test_query_chunked_search_equals_one_thread(built):
-    """A batch of >= 64 queries per thread is split into query chunks (memory.shard_search.search_in_chunks):
+    """A batch of >= 64 queries per thread is split into query chunks (memory.search.shard_search.search_in_chunks):
     each chunk routes, searches and merges on its own thread; the answer must not change, per-query
     filters included (each chunk gets its own queries' filters)."""
     root, _, (_, _, _, _, q) = built[4]

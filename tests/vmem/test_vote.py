@@ -1,4 +1,4 @@
-"""End-to-end tests for ``vmem vote`` (evaluation.vote_cli.main)."""
+"""End-to-end tests for ``vmem vote`` (vmem.vote.main)."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""memory.explain.explain and VisualMemory.classify on seeded synthetic vectors (no TensorFlow)."""
+"""memory.decide.explain.explain and VisualMemory.classify on seeded synthetic vectors (no TensorFlow)."""
 
 from __future__ import annotations
 

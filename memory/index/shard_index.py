@@ -365,8 +365,8 @@ class ShardIndex:
 
 
 
-def rows_from_dataset_file(embedding_dtype: EmbeddingDtype, stored: np.ndarray, int8_multipliers: np.ndarray | None = None
-                           ) -> np.ndarray:
+def rows_from_dataset_file(embedding_dtype: EmbeddingDtype, stored: np.ndarray,
+                           int8_multipliers: np.ndarray | None = None) -> np.ndarray:
     """Float32 [n, d] rows from a saved searcher's dataset file: exact for float32, dequantised otherwise.
 
     ScaNN keeps bfloat16 rows as the int16 bit patterns (the high half of a float32) and int8 rows as

@@ -29,8 +29,8 @@ MANIFEST_NAME = "manifest.json"
 _ENCODER_KEYS = ("name", "content_hash", "dim", "preprocess")
 # The build_config key of the memory's IndexConfig (as a dict), the name of configs.build.BuildConfig's field.
 INDEX_CONFIG_KEY = "index"
-# The key of the same dict in memories built in-process (memory.build.build_memory_local) with older code: read
-# when INDEX_CONFIG_KEY is absent, never written.
+# Read when INDEX_CONFIG_KEY is absent, never written: the key under which existing memories built in-process
+# (memory.build.build_memory_local) hold the same dict.
 LEGACY_INDEX_CONFIG_KEY = "index_config"
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from encoders.base import EncoderSpec
 from memory.index.shard_index import IndexConfig
 from memory.search.routing import RouterConfig
+from memory.store.manifest import INDEX_CONFIG_KEY
 from memory.store.sharding import Sharding, parse_sharding
 
 
@@ -70,7 +71,7 @@ class BuildConfig:
     def to_dict(self) -> dict[str, Any]:
         return {
             "encoder": self.encoder.to_dict(),
-            "index": self.index.to_dict(),
+            INDEX_CONFIG_KEY: self.index.to_dict(),
             "num_shards": self.num_shards,
             "target_shard_size": self.target_shard_size,
             "sharding": self.sharding.value,
@@ -85,7 +86,7 @@ class BuildConfig:
         d = dict(d)
         return cls(
             encoder=EncoderSpec.from_dict(d.pop("encoder")) if "encoder" in d else EncoderSpec(),
-            index=IndexConfig.from_dict(d.pop("index")) if "index" in d else IndexConfig(),
+            index=IndexConfig.from_dict(d.pop(INDEX_CONFIG_KEY)) if INDEX_CONFIG_KEY in d else IndexConfig(),
             router=RouterConfig.from_dict(d.pop("router")) if "router" in d else RouterConfig(),
             **d)
 

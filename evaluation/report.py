@@ -235,7 +235,7 @@ def _plot(path: str, report: Mapping[str, Any],
 
 
 def rerank_markdown(r: Mapping[str, Any]) -> str:
-    """The re-rank section of report.md (memory.rerank.base.summary_of plus the job's settings)."""
+    """The re-rank section of report.md (memory.rerank.base.RerankTally.to_dict plus the job's settings)."""
     lines = [f"## Re-ranking: {r['reranker']} over the {r['rule']}@{r['k']} vote",
              "",
              f"Cost gate: vote margin < {r['below']:g}; top {r['top_n']} neighbours shown"

@@ -13,8 +13,8 @@ import numpy as np
 
 from memory import storage
 from memory.index.shard_index import IndexConfig
-from memory.store.manifest import (FORMAT_VERSION, BuildCounts, Manifest, Metric, manifest_path, utc_now_iso,
-)
+from memory.store.manifest import (FORMAT_VERSION, INDEX_CONFIG_KEY, BuildCounts, Manifest, Metric, manifest_path,
+                                   utc_now_iso)
 from memory.search.routing import RouterConfig, select_sample_rows, train_router, write_router
 from memory.store.shard import ShardData, write_shard
 from memory.index.template import local_template, train_template, uses_template, write_template
@@ -42,8 +42,8 @@ def build_memory_local(root: str, *, ids: Sequence[str], labels: Sequence[str], 
       num_shards: Number of shards (>= 1).
       index_config: Per-shard ScaNN index configuration.
       encoder_identity: EncoderIdentity.to_dict() of the encoder that produced the embeddings.
-      build_config: Extra build description recorded in the manifest ("index_config" and "num_shards"
-        are added).
+      build_config: Extra build description recorded in the manifest (``index_config`` under
+        memory.store.manifest.INDEX_CONFIG_KEY, "num_shards" and "sharding" are added).
       counts: Build counts; defaults to read = embedded = n, failed = 0.
       sharding: HASH assigns entries by a stable hash of their id; PARTITION trains a router
         (memory.search.routing) on the ``router_config.training_sample_size`` entries with the smallest
@@ -103,7 +103,7 @@ def build_memory_local(root: str, *, ids: Sequence[str], labels: Sequence[str], 
     config: dict[str, Any] = dict(build_config or {})
     if template is not None:
         config.setdefault("index_template", template)
-    config.setdefault("index_config", index_config.to_dict())
+    config.setdefault(INDEX_CONFIG_KEY, index_config.to_dict())
     config.setdefault("num_shards", num_shards)
     config.setdefault("sharding", sharding.value)
     if router is not None:

@@ -47,7 +47,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from configs.build import BuildConfig, load_config
 from memory import storage
-from memory.index.shard_index import IndexConfig, IndexKind
+from memory.index.shard_index import EmbeddingDtype, IndexConfig, IndexKind
 from memory.store.manifest import MANIFEST_NAME
 from memory.index.template import uses_template
 from memory.store.sharding import Sharding
@@ -80,7 +80,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help="number of shards (default: from the config; automatic = entries / target shard size)")
     parser.add_argument("--target-shard-size", type=int, default=None, metavar="N",
                         help="entries per shard when --shards is not given (default: from the config, 500000)")
-    parser.add_argument("--embedding-dtype", choices=["float32", "bfloat16", "int8"], default=None,
+    parser.add_argument("--embedding-dtype", choices=[d.value for d in EmbeddingDtype], default=None,
                         help="how shards store the rows ScaNN re-ranks: the memory's only embedding copy "
                              "(default: from the config, float32)")
     parser.add_argument("--config", default=None,

@@ -276,7 +276,7 @@ def prepare_job(root: str, *, target_shard_size: int | None = None, delta_thresh
                                               purge_requested=purge)
     token = job_token or secrets.token_hex(4)
     job = ReindexJob(root=root, manifest=manifest, num_shards=target_n, job_token=token,
-                     index_config=compaction.index_config_of(manifest), needed=needed, reason=reason, purge=purge,
+                     index_config=manifest.index_config, needed=needed, reason=reason, purge=purge,
                      spill_rows=spill_rows)
     if storage.exists(storage.join(root, job.job_dir)):
         raise ReindexError(f"{storage.join(root, job.job_dir)} already exists; pick another job token")

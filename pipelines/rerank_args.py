@@ -1,18 +1,19 @@
 """Flags that `vmem evaluate` and `vmem classify` share for filters, crowding and re-ranking (no Beam import:
-`vmem classify` runs without Beam), and `RerankSpec`, the picklable recipe a worker builds its re-ranker from.
+`vmem classify` runs without Beam), and the `memory.rerank.RerankSpec` they describe (re-rankers are chosen
+through the registry in memory/rerank/__init__.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from typing import Any
 
 import numpy as np
 
-from memory.rerank import base as rerank_lib
 from memory import storage
+from memory.rerank import RerankFlags, RerankSpec, parse_rerank_spec, rerank_help
+from memory.rerank import base as rerank_lib
 from memory.search.filters import Crowding, QueryFilter
 
 
@@ -35,9 +36,7 @@ def add_selection_args(parser: argparse.ArgumentParser, *, per_query_file: bool)
 def add_rerank_args(parser: argparse.ArgumentParser) -> None:
     """--rerank and its cost gate, Gemini client settings and dry run."""
     g = parser.add_argument_group("re-ranking (a second opinion for low-margin votes)")
-    g.add_argument("--rerank", default=None, metavar="KIND:NAME",
-                   help="gemini:MODEL (e.g. gemini:gemini-2.5-flash; API key from GOOGLE_API_KEY or GEMINI_API_KEY, "
-                        "or --gemini-vertex) or encoder:efficientnet-lite1 (offline, a second bundled encoder)")
+    g.add_argument("--rerank", default=None, metavar="KIND:NAME", help=rerank_help())
     g.add_argument("--rerank-below", type=float, default=None, metavar="MARGIN",
                    help="cost gate: only queries whose vote margin is below this are sent (margins are in [0, 1]; "
                         "1.01 sends all)")
@@ -63,20 +62,12 @@ def selection_from_args(args) -> tuple[QueryFilter | None, Crowding | None]:
             None if not args.crowding else Crowding.parse(args.crowding))
 
 
-@dataclasses.dataclass(frozen=True)
-class RerankSpec:
-    """Everything needed to build the re-ranker on a worker (picklable, no client inside)."""
-    kind: str
-    name: str
-    options: tuple[tuple[str, Any], ...] = ()
-
-    def build(self) -> rerank_lib.Reranker:
-        opts = dict(self.options)
-        if self.kind == "gemini":
-            from memory.rerank.gemini import GeminiReranker  # pylint: disable=g-import-not-at-top
-            return GeminiReranker(self.name, **opts)
-        from memory.rerank.second_opinion import EncoderReranker  # pylint: disable=g-import-not-at-top
-        return EncoderReranker(self.name, **opts)
+def rerank_flags_from_args(args) -> RerankFlags:
+    """The re-rank flags every re-ranker kind may read (memory.rerank.RerankFlags)."""
+    return RerankFlags(dry_run=bool(args.rerank_dry_run), rate_limit=args.rerank_rate, weight=args.rerank_weight,
+                       gemini_vertex=args.gemini_vertex, gemini_project=args.gemini_project,
+                       gemini_location=args.gemini_location, gemini_base_url=args.gemini_base_url,
+                       gemini_timeout_s=args.gemini_timeout, gemini_retries=args.gemini_retries)
 
 
 def rerank_spec_from_args(args) -> RerankSpec | None:
@@ -86,25 +77,13 @@ def rerank_spec_from_args(args) -> RerankSpec | None:
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag.replace('_', '-')} needs --rerank KIND:NAME")
         return None
-    from memory.rerank.gemini import parse_rerank_spec  # pylint: disable=g-import-not-at-top
     kind, name = parse_rerank_spec(args.rerank)
     if args.rerank_below is None:
         raise ValueError("--rerank needs --rerank-below MARGIN (the cost gate: queries whose vote margin is below it "
                          "are sent; e.g. 0.3, or 1.01 for every query)")
     rerank_lib.gate(np.zeros(0), args.rerank_below)
     rerank_lib.check_top_n(args.rerank_top_n)
-    if kind == "gemini":
-        options = dict(vertexai=args.gemini_vertex, project=args.gemini_project, location=args.gemini_location,
-                       base_url=args.gemini_base_url, timeout_s=args.gemini_timeout, max_retries=args.gemini_retries,
-                       rate_limit=args.rerank_rate)
-        if not args.gemini_vertex and not args.rerank_dry_run and not rerank_lib.env_api_key():
-            raise ValueError("--rerank gemini:... needs an API key in GOOGLE_API_KEY or GEMINI_API_KEY, or "
-                             "--gemini-vertex --gemini-project P --gemini-location L")
-        if not args.gemini_vertex:
-            options["api_key"] = rerank_lib.env_api_key()
-    else:
-        options = dict(weight=args.rerank_weight)
-    spec = RerankSpec(kind, name, tuple(sorted(options.items())))
+    spec = RerankSpec.from_flags(kind, name, rerank_flags_from_args(args))
     if not args.rerank_dry_run:
         spec.build()  # Validates the configuration now (no client is created, no model loaded).
     return spec
@@ -126,7 +105,7 @@ def report_extra(args, default_filter: QueryFilter | None, query_filters: dict |
 
 def rerank_info(spec: RerankSpec, args) -> dict:
     """What the report records about the re-rank configuration (no secrets)."""
-    return {"reranker": f"{spec.kind}:{spec.name}", "below": args.rerank_below, "top_n": args.rerank_top_n,
+    return {"reranker": spec.text, "below": args.rerank_below, "top_n": args.rerank_top_n,
             "rule": args.rerank_rule, "k": args.rerank_k, "dry_run": bool(args.rerank_dry_run),
             "options": {k: v for k, v in spec.options if k != "api_key"}}
 

@@ -77,8 +77,8 @@ class _DryRun:
         self.name = name
 
     def rerank(self, request):
-        from memory.rerank.base import DRY_RUN, RerankOutcome
-        return RerankOutcome(request.vote_label, DRY_RUN)
+        from memory.rerank.base import RerankOutcome, RerankReason
+        return RerankOutcome(request.vote_label, RerankReason.DRY_RUN)
 
 
 def _parse_k(text: str) -> int:
@@ -257,7 +257,7 @@ def _run(argv: Sequence[str]) -> int:
         raise UsageError(f"--memory {args.memory!r}: {e}") from None
     reranker = None
     if spec is not None:
-        reranker = _DryRun(f"{spec.kind}:{spec.name}") if args.rerank_dry_run else spec.build()
+        reranker = _DryRun(spec.text) if args.rerank_dry_run else spec.build()
     from memory.rerank.base import ResponseCache
     predictions = memory.classify(list(args.images), rule=rule, k=k, params=params,
                                   abstain_below=args.abstain_below, filters=query_filter, crowding=crowding,

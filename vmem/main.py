@@ -118,7 +118,7 @@ def describe(manifest) -> str:
         f"encoder      {enc['name']} ({enc['content_hash'][:23]}...), dim {manifest.dim}, metric {manifest.metric.value}",
         f"built        {manifest.created_at}; read {manifest.counts.read}, failed {manifest.counts.failed}",
         f"storage      format {manifest.format_version}, embeddings stored as "
-        f"{(manifest.build_config.get('index') or {}).get('embedding_dtype', 'float32')} (inside each shard's index)",
+        f"{manifest.embedding_dtype.value} (inside each shard's index)",
         f"shards       {len(manifest.shards)}" + (
             "" if manifest.router is None else
             f", partition-routed: {manifest.router.count} router centroids, {manifest.router.probes} probes per query")

@@ -33,6 +33,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from memory.rerank.base import RerankRecord
+
 RULE, K = "rank", 10
 
 
@@ -46,19 +48,20 @@ def _evaluate(memory: str, images: str, out: str, *extra: str) -> tuple[dict, fl
         return json.load(f), seconds
 
 
-def rerank_rows(out: str) -> list[dict]:
+def rerank_rows(out: str) -> list[RerankRecord]:
+    """Every query's record from the job's ``rerank-*.jsonl`` under ``out``."""
     rows = []
     for path in sorted(glob.glob(os.path.join(out, "rerank-*.jsonl"))):
         with open(path, encoding="utf-8") as f:
-            rows += [json.loads(line) for line in f if line.strip()]
+            rows += [RerankRecord.from_dict(json.loads(line)) for line in f if line.strip()]
     return rows
 
 
-def curve(rows: Sequence[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def curve(rows: Sequence[RerankRecord]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(gates t, fraction of queries with margin < t, accuracy with --rerank-below t), t over every margin."""
-    margin = np.asarray([r["margin"] for r in rows])
-    vote_ok = np.asarray([r["vote_label"] == r["true_label"] for r in rows])
-    final_ok = np.asarray([r["label"] == r["true_label"] for r in rows])
+    margin = np.asarray([r.margin for r in rows])
+    vote_ok = np.asarray([r.vote_label == r.true_label for r in rows])
+    final_ok = np.asarray([r.label == r.true_label for r in rows])
     gates = np.concatenate([[0.0], np.unique(margin), [1.01]])
     gates = np.unique(gates)
     frac = np.asarray([(margin < t).mean() for t in gates])
@@ -66,7 +69,7 @@ def curve(rows: Sequence[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return gates, frac, acc
 
 
-def _gate_for_fraction(rows: Sequence[dict], fraction: float) -> float:
+def _gate_for_fraction(rows: Sequence[RerankRecord], fraction: float) -> float:
     gates, frac, _ = curve(rows)
     return float(gates[int(np.searchsorted(frac, fraction))])
 

@@ -202,7 +202,7 @@ def _scann_config(n: int, s: Settings, factor: float):
 def _config_str(cfg) -> str:
     return (f"leaves={cfg.num_leaves} train={cfg.training_sample_size} dpb={cfg.dims_per_block} "
             f"aq={cfg.anisotropic_quantization_threshold} it={cfg.ah_training_iterations} avq={cfg.avq} "
-            f"soar={cfg.soar_lambda} dtype={cfg.embedding_dtype}")
+            f"soar={cfg.soar_lambda} dtype={cfg.embedding_dtype.value}")
 
 
 def run_exact(data: Dataset, s: Settings) -> ResultRow:

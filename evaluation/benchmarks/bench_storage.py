@@ -43,8 +43,7 @@ from evaluation.benchmarks.bench_scale import BYTE_KINDS, bytes_by_kind
 from evaluation.metrics import accuracy_table
 from memory import storage
 from memory.build import build_memory_local
-from memory.store.compaction import index_config_of
-from memory.index.shard_index import EMBEDDING_DTYPES, IndexConfig
+from memory.index.shard_index import EmbeddingDtype, IndexConfig
 from memory.store.manifest import read_manifest
 from memory.store.mutations import read_forgotten
 from memory.search.routing import RouterConfig
@@ -102,7 +101,7 @@ def read_memory_entries(root: str) -> MemoryEntries:
     router = manifest.build_config.get("router")
     return MemoryEntries(
         ids=ids[live], labels=np.asarray(manifest.class_names, dtype=str)[label_idx[live]], uris=uris[live],
-        embeddings=emb[live], num_shards=len(manifest.shards), index_config=index_config_of(manifest),
+        embeddings=emb[live], num_shards=len(manifest.shards), index_config=manifest.index_config,
         # A Beam build records its router config even for hash sharding; the manifest's router ref decides.
         sharding=Sharding.HASH if manifest.router is None else Sharding.PARTITION,
         router_config=RouterConfig.from_dict(router) if isinstance(router, dict) else RouterConfig(),
@@ -229,9 +228,10 @@ def measure_storage(entries: MemoryEntries, query_embeddings: np.ndarray, query_
     Returns:
       One row per dtype, in ``dtypes`` order, then the computed format-1 row.
     """
-    unknown = sorted(set(dtypes) - set(EMBEDDING_DTYPES))
+    allowed = sorted(d.value for d in EmbeddingDtype)
+    unknown = sorted(set(dtypes) - set(allowed))
     if unknown or REFERENCE_DTYPE not in dtypes:
-        raise ValueError(f"dtypes must include {REFERENCE_DTYPE!r} and be among {sorted(EMBEDDING_DTYPES)}, "
+        raise ValueError(f"dtypes must include {REFERENCE_DTYPE!r} and be among {allowed}, "
                          f"got {list(dtypes)}")
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")

@@ -18,7 +18,8 @@ from memory import storage
 from memory.decide.confidence import memory_calibration, vote_confidence
 from memory.decide.explain import Prediction, explain
 from memory.search.filters import Crowding, QueryFilter
-from memory.rerank.base import NOT_GATED, Reranker, ResponseCache, check_top_n, gate, make_request, rerank_cached
+from memory.rerank.base import (Reranker, RerankReason, ResponseCache, check_top_n, gate, make_request,
+                                rerank_cached)
 from memory.vectors import l2_normalize
 from memory.decide.voting import VotingParams, VotingRule
 
@@ -167,7 +168,7 @@ def classify(memory: VisualMemory, queries: np.ndarray | Sequence[Any], *, rule:
                                        vote_label=p.label_name, margin=float(vc.margin[q]), top_n=rerank_top_n,
                                        query_image=data)
                 outcome = rerank_cached(rerank, request, rerank_cache)
-            reason = NOT_GATED if outcome is None else outcome.reason
+            reason = RerankReason.NOT_GATED if outcome is None else outcome.reason
             fields.update(rerank_reason=reason, rerank_calls=0 if outcome is None else outcome.calls,
                           rerank_detail="" if outcome is None else outcome.detail)
             answered = outcome is not None and outcome.reranked

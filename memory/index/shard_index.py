@@ -16,19 +16,44 @@ from typing import Any
 
 import numpy as np
 
+from memory.enums import parse_enum
 from memory.index.scann_cpu import import_scann
 
 # AH with lut16 learns 16 centres per block; ScaNN refuses to train on fewer points than that.
 _MIN_POINTS_FOR_AH = 16
 INDEX_META_NAME = "vmem_index.json"  # Our metadata beside ScaNN's files in a saved index.
 _INDEX_META_NAME = INDEX_META_NAME
-# embedding_dtype -> ScaNN's ReorderType name, and the file its serialised searcher keeps the rows in.
-EMBEDDING_DTYPES = {"float32": "FLOAT32", "bfloat16": "BFLOAT16", "int8": "INT8"}
 # Measured on 1M x 256 clustered unit vectors, 500 leaves, one probed, re-rank 75: recall@10 0.971 with
 # avq=2.5 against 0.952 without, at the same speed; the fastest setting at recall 0.98 gained 13% and at
 # 0.999 40% (one-off runs; compare with `bench_search --avq none` against the default).
 AVQ_DEFAULT = 2.5
-_DATASET_FILES = {"float32": "dataset.npy", "bfloat16": "bfloat16_dataset.npy", "int8": "int8_dataset.npy"}
+
+
+class EmbeddingDtype(enum.Enum):
+    """How a shard's rows are stored inside its ScaNN index, the memory's only copy of its embeddings."""
+    FLOAT32 = "float32"  # Exact.
+    BFLOAT16 = "bfloat16"  # Half the bytes, ~3 significant digits.
+    INT8 = "int8"  # A quarter of the bytes, per-dimension scaled fixed point.
+
+    @classmethod
+    def parse(cls, value: str | EmbeddingDtype) -> EmbeddingDtype:
+        """``value`` as a member; raises ValueError naming the bad value and the allowed ones."""
+        return parse_enum(cls, value, "embedding_dtype")
+
+    @property
+    def reorder_type(self) -> str:
+        """ScaNN's ``ReorderType`` name for rows stored this way."""
+        return self.value.upper()
+
+    @property
+    def dataset_file(self) -> str:
+        """The file of a saved ShardIndex that holds its rows (see `rows_from_dataset_file`)."""
+        return _DATASET_FILES[self]
+
+
+# The file a serialised ScaNN searcher keeps its rows in, per storage dtype.
+_DATASET_FILES = {EmbeddingDtype.FLOAT32: "dataset.npy", EmbeddingDtype.BFLOAT16: "bfloat16_dataset.npy",
+                  EmbeddingDtype.INT8: "int8_dataset.npy"}
 
 
 class IndexKind(enum.Enum):
@@ -57,8 +82,9 @@ class IndexConfig:
       ah_training_iterations: k-means iterations per AH codebook (ScaNN's default is 10; faiss trains its
         PQ codebooks with 25).
       embedding_dtype: How ScaNN stores the rows it re-ranks (tree+AH) or scores (brute force), which is also the
-        memory's only copy of the embeddings: ``float32`` (exact), ``bfloat16`` (half the bytes, ~3 significant
-        digits) or ``int8`` (a quarter, per-dimension scaled fixed point). `memory.store.shard.read_shard_data`
+        memory's only copy of the embeddings (`EmbeddingDtype`; its string value is accepted): ``float32``
+        (exact), ``bfloat16`` (half the bytes, ~3 significant digits) or ``int8`` (a quarter, per-dimension
+        scaled fixed point). `memory.store.shard.read_shard_data`
         returns them dequantised to float32, so a re-index of a quantised memory stays quantised.
       spherical: Train the partitioning tree with unit-norm centroids (spherical k-means). Memory entries are
         unit vectors searched by cosine, where plain k-means centroids of different norms bias the leaf
@@ -80,7 +106,7 @@ class IndexConfig:
     training_sample_size: int | None = 250_000
     spherical: bool = True
     ah_training_iterations: int = 10
-    embedding_dtype: str = "float32"
+    embedding_dtype: EmbeddingDtype = EmbeddingDtype.FLOAT32
     avq: float | None = AVQ_DEFAULT
     soar_lambda: float | None = None
 
@@ -88,9 +114,8 @@ class IndexConfig:
         if not isinstance(self.kind, IndexKind):
             # Accept the string form (configs, JSON) but store the enum.
             object.__setattr__(self, "kind", _parse_kind(self.kind))
-        if self.embedding_dtype not in EMBEDDING_DTYPES:
-            raise ValueError(f"IndexConfig.embedding_dtype must be one of {sorted(EMBEDDING_DTYPES)}, "
-                             f"got {self.embedding_dtype!r}")
+        # Accept the string form (configs, JSON, --embedding-dtype) but store the enum.
+        object.__setattr__(self, "embedding_dtype", EmbeddingDtype.parse(self.embedding_dtype))
         for field in ("tree_ah_min_size", "reorder", "dims_per_block", "ah_training_iterations"):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
@@ -106,9 +131,10 @@ class IndexConfig:
                 raise ValueError(f"IndexConfig.{field} must be None or a number > 0, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        """Returns a JSON-serialisable dict (kind as its string value)."""
+        """Returns a JSON-serialisable dict (kind and embedding_dtype as their string values)."""
         d = dataclasses.asdict(self)
         d["kind"] = self.kind.value
+        d["embedding_dtype"] = self.embedding_dtype.value
         return d
 
     @classmethod
@@ -197,7 +223,7 @@ class ShardIndex:
         n, dim = db.shape
         kind = config.resolve_kind(n)
         builder = scann.scann_ops_pybind.builder(db, 10, "dot_product")
-        quantize = scann.ReorderType[EMBEDDING_DTYPES[config.embedding_dtype]]
+        quantize = scann.ReorderType[config.embedding_dtype.reorder_type]
         leaves_to_search = None
         if kind is IndexKind.BRUTE_FORCE:
             searcher = builder.score_brute_force(quantize=quantize).build()
@@ -339,24 +365,20 @@ class ShardIndex:
 
 
 
-def dataset_file(embedding_dtype: str) -> str:
-    """The file of a saved ShardIndex that holds its rows (see `rows_from_dataset_file`)."""
-    return _DATASET_FILES[embedding_dtype]
-
-
-def rows_from_dataset_file(embedding_dtype: str, stored: np.ndarray, int8_multipliers: np.ndarray | None = None
-                           ) -> np.ndarray:
+def rows_from_dataset_file(embedding_dtype: EmbeddingDtype, stored: np.ndarray,
+                           int8_multipliers: np.ndarray | None = None) -> np.ndarray:
     """Float32 [n, d] rows from a saved searcher's dataset file: exact for float32, dequantised otherwise.
 
     ScaNN keeps bfloat16 rows as the int16 bit patterns (the high half of a float32) and int8 rows as
     ``round(x * multiplier)`` per dimension (``int8_multipliers.npy``).
     """
-    if embedding_dtype == "float32":
+    if embedding_dtype is EmbeddingDtype.FLOAT32:
         return np.asarray(stored, dtype=np.float32)
-    if embedding_dtype == "bfloat16":
+    if embedding_dtype is EmbeddingDtype.BFLOAT16:
         return (np.asarray(stored).astype(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    if embedding_dtype == "int8":
+    if embedding_dtype is EmbeddingDtype.INT8:
         if int8_multipliers is None:
             raise ValueError("int8 rows need int8_multipliers.npy")
         return np.asarray(stored, np.float32) / np.asarray(int8_multipliers, np.float32)[None, :]
-    raise ValueError(f"unknown embedding_dtype {embedding_dtype!r}")
+    raise ValueError(f"unknown embedding_dtype {embedding_dtype!r}; pass an EmbeddingDtype "
+                     f"({', '.join(d.value for d in EmbeddingDtype)})")

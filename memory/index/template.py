@@ -38,7 +38,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from memory import storage
-from memory.index.shard_index import INDEX_META_NAME, IndexConfig, IndexKind, ShardIndex
+from memory.index.shard_index import INDEX_META_NAME, EmbeddingDtype, IndexConfig, IndexKind, ShardIndex
 from memory.index.scann_cpu import import_scann
 
 TEMPLATE_DIR = "index_template"
@@ -70,7 +70,7 @@ def uses_template(config: IndexConfig, shard_sizes: Sequence[int]) -> bool:
     """Whether a hash-sharded build of these shard sizes gets a template: some shard resolves to tree+AH, and
     SOAR spilling is off (spilled rows are stored twice, a layout `load_merged` does not concatenate)."""
     # float32 rows only: ScaNN cannot load an emptied template whose re-ranking rows are bfloat16 or int8.
-    return (config.soar_lambda is None and config.embedding_dtype == "float32"
+    return (config.soar_lambda is None and config.embedding_dtype is EmbeddingDtype.FLOAT32
             and any(config.resolve_kind(n) is IndexKind.TREE_AH for n in shard_sizes))
 
 

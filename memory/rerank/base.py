@@ -8,8 +8,10 @@ an HTTP error after the retries -- falls back to the vote, and the outcome recor
 
 A re-ranker is anything with ``name`` and ``rerank(request) -> RerankOutcome``: `memory.rerank.gemini.GeminiReranker`
 (a Gemini model through the google-genai client) and `memory.rerank.second_opinion.EncoderReranker` (a second
-image encoder re-scoring the candidates, offline). Both are used by ``VisualMemory.classify(rerank=...)``
-and by the evaluate job's re-rank stage (pipelines/stages/rerank.py), which is why this module is pure Python.
+image encoder re-scoring the candidates, offline), both registered by kind in `memory.rerank`. Both are used by
+``VisualMemory.classify(rerank=...)`` and by the evaluate job's re-rank stage (pipelines/stages/rerank.py),
+which is why this module is pure Python. Every outcome says why it ended as it did (`RerankReason`); the
+job writes one `RerankRecord` per query and sums their `RerankTally` into the report's re-rank section.
 
 **No call twice.** A `ResponseCache` keeps each answered request under a key derived from the re-ranker,
 the query and the exact candidates (`RerankRequest.key`); the job consults it before every call, so a
@@ -19,6 +21,7 @@ bundle that a runner retries after a crash re-uses the answers its first attempt
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import json
 import os
@@ -26,22 +29,44 @@ import re
 import threading
 import time
 import unicodedata
-from typing import Any, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
 from memory import storage
+from memory.enums import parse_enum
 
-# Outcome reasons (the report counts them; `reranked` is True only for ANSWERED).
-ANSWERED = "answered"            # The re-ranker picked one of the candidate labels.
-NOT_GATED = "margin_above_gate"  # The vote was sure enough: no call was made.
-SINGLE_LABEL = "single_candidate_label"  # Every candidate has one label: nothing to choose, no call.
-INVALID_ANSWER = "invalid_answer"  # The answer was not exactly one candidate label.
-TIMEOUT = "timeout"
-ERROR = "error"                  # HTTP / client error after the retries.
-NO_IMAGE = "missing_image"       # The query's or every candidate's image could not be read.
-DRY_RUN = "dry_run"              # Would have been sent; a dry run makes no call.
-FALLBACK_REASONS = (INVALID_ANSWER, TIMEOUT, ERROR, NO_IMAGE)
+
+class RerankReason(enum.StrEnum):
+    """Why a query's re-rank outcome is what it is (the report counts them; only ANSWERED re-ranks).
+
+    String-valued: records, the report and ``Prediction.rerank_reason`` carry the value (``"answered"``).
+    """
+    ANSWERED = "answered"  # The re-ranker picked one of the candidate labels.
+    NOT_GATED = "margin_above_gate"  # The vote was sure enough: no call was made.
+    SINGLE_LABEL = "single_candidate_label"  # Every candidate has one label: nothing to choose, no call.
+    INVALID_ANSWER = "invalid_answer"  # The answer was not exactly one candidate label.
+    TIMEOUT = "timeout"
+    ERROR = "error"  # HTTP / client error after the retries.
+    NO_IMAGE = "missing_image"  # The query's or every candidate's image could not be read.
+    DRY_RUN = "dry_run"  # Would have been sent; a dry run makes no call.
+
+    @classmethod
+    def parse(cls, value: str | RerankReason) -> RerankReason:
+        """``value`` as a member; raises ValueError naming the bad value and the allowed ones."""
+        return parse_enum(cls, value, "re-rank reason")
+
+    @property
+    def is_fallback(self) -> bool:
+        """The query was sent but the vote stands: an invalid answer, a timeout, an error, no image."""
+        return self in (RerankReason.INVALID_ANSWER, RerankReason.TIMEOUT, RerankReason.ERROR, RerankReason.NO_IMAGE)
+
+    @property
+    def sent(self) -> bool:
+        """The query went to the re-ranker (or its cache): not left out by the gate, a single label or a dry run."""
+        return self not in (RerankReason.NOT_GATED, RerankReason.SINGLE_LABEL, RerankReason.DRY_RUN)
+
+
 # Part of every cache key: bump it when the prompt or what is shown changes, so cached answers to the old
 # prompt are not reused.
 PROMPT_VERSION = 1
@@ -93,28 +118,31 @@ class RerankOutcome:
     """The result for one query.
 
     Attributes:
-      label: The final class name: the re-ranker's answer when ``reason == ANSWERED``, else the vote's.
-      reason: One of the module's reason constants.
+      label: The final class name: the re-ranker's answer when ``reason`` is ANSWERED, else the vote's.
+      reason: Why (a `RerankReason`; its string value is accepted).
       calls: Remote calls (or second-opinion scorings) made for this query, retries included; 0 from cache.
       detail: Human-readable detail for fallbacks (the invalid answer, the error message).
       cached: The outcome came from the `ResponseCache` (no call made now).
     """
     label: str
-    reason: str
+    reason: RerankReason
     calls: int = 0
     detail: str = ""
     cached: bool = False
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reason", RerankReason.parse(self.reason))
+
     @property
     def reranked(self) -> bool:
-        return self.reason == ANSWERED
+        return self.reason is RerankReason.ANSWERED
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return dict(dataclasses.asdict(self), reason=self.reason.value)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RerankOutcome:
-        return cls(label=str(d["label"]), reason=str(d["reason"]), calls=int(d.get("calls", 0)),
+        return cls(label=str(d["label"]), reason=RerankReason.parse(str(d["reason"])), calls=int(d.get("calls", 0)),
                    detail=str(d.get("detail", "")), cached=bool(d.get("cached", False)))
 
 
@@ -249,7 +277,7 @@ class ResponseCache:
         return outcome
 
     def put(self, key: str, outcome: RerankOutcome) -> None:
-        if outcome.reason not in (ANSWERED, INVALID_ANSWER):
+        if outcome.reason not in (RerankReason.ANSWERED, RerankReason.INVALID_ANSWER):
             return
         storage.write_bytes(self._path(key), json.dumps(outcome.to_dict()).encode())
         with self._lock:
@@ -259,16 +287,16 @@ class ResponseCache:
 def rerank_cached(reranker: Reranker, request: RerankRequest, cache: ResponseCache | None) -> RerankOutcome:
     """`reranker.rerank(request)` unless ``cache`` already holds its answer; stores worthwhile answers."""
     if len(request.labels) < 2:
-        return RerankOutcome(request.vote_label, SINGLE_LABEL)
+        return RerankOutcome(request.vote_label, RerankReason.SINGLE_LABEL)
     key = request.key(reranker.name)
     if cache is not None:
         hit = cache.get(key)
         if hit is not None:
             return hit
     outcome = reranker.rerank(request)
-    if outcome.reason != ANSWERED and outcome.label != request.vote_label:
+    if not outcome.reranked and outcome.label != request.vote_label:
         raise AssertionError(f"{reranker.name}: a fallback outcome must keep the vote's label, got {outcome}")
-    if outcome.reason == ANSWERED and outcome.label not in request.labels:
+    if outcome.reranked and outcome.label not in request.labels:
         raise AssertionError(f"{reranker.name}: answered {outcome.label!r}, not a candidate label {request.labels}")
     if cache is not None:
         cache.put(key, outcome)
@@ -319,53 +347,156 @@ def read_image_bytes(uri: str) -> bytes | None:
         return None
 
 
-def tally(outcome: RerankOutcome, vote_label: str, true_label: str) -> dict[str, Any]:
-    """One query's contribution to the re-rank report (summable with `add_tallies`)."""
-    vote_ok, final_ok, changed = vote_label == true_label, outcome.label == true_label, outcome.label != vote_label
-    return {"queries": 1, "vote_correct": int(vote_ok), "reranked_correct": int(final_ok), "calls": int(outcome.calls),
-            "cached": int(outcome.cached), "sent": int(outcome.reason not in (NOT_GATED, SINGLE_LABEL, DRY_RUN)),
-            "would_send": int(outcome.reason == DRY_RUN), "reranked": int(outcome.reranked),
-            "changed": int(changed), "changed_to_right": int(changed and final_ok),
-            "changed_to_wrong": int(changed and vote_ok), "reasons": {outcome.reason: 1}}
+@dataclasses.dataclass(frozen=True)
+class RerankTally:
+    """Counts over a set of queries, summable with ``+``; `to_dict` is the report's re-rank section.
 
+    Attributes:
+      queries: Queries counted.
+      vote_correct: Queries whose vote was the true label.
+      reranked_correct: Queries whose final label (after re-ranking) was the true label.
+      calls: Remote calls (or second-opinion scorings) made, retries included.
+      cached: Outcomes served from the response cache.
+      sent: Queries that went to the re-ranker or its cache (`RerankReason.sent`).
+      would_send: Queries a dry run would have sent.
+      reranked: Queries the re-ranker answered.
+      changed: Queries whose final label differs from the vote's.
+      changed_to_right: Changed, and now the true label.
+      changed_to_wrong: Changed, and the vote had been the true label.
+      reasons: Queries per `RerankReason` (only reasons that occurred).
+    """
+    queries: int = 0
+    vote_correct: int = 0
+    reranked_correct: int = 0
+    calls: int = 0
+    cached: int = 0
+    sent: int = 0
+    would_send: int = 0
+    reranked: int = 0
+    changed: int = 0
+    changed_to_right: int = 0
+    changed_to_wrong: int = 0
+    reasons: Mapping[RerankReason, int] = dataclasses.field(default_factory=dict)
 
-def empty_tally() -> dict[str, Any]:
-    """The tally of no query (every count of `tally` at zero)."""
-    return {**{key: 0 for key in tally(RerankOutcome("", NOT_GATED), "", "")}, "reasons": {}}
+    @classmethod
+    def of(cls, outcome: RerankOutcome, vote_label: str, true_label: str) -> RerankTally:
+        """One query's tally: its outcome, the vote's label and the true label."""
+        vote_ok, final_ok, changed = vote_label == true_label, outcome.label == true_label, outcome.label != vote_label
+        return cls(queries=1, vote_correct=int(vote_ok), reranked_correct=int(final_ok), calls=int(outcome.calls),
+                   cached=int(outcome.cached), sent=int(outcome.reason.sent),
+                   would_send=int(outcome.reason is RerankReason.DRY_RUN), reranked=int(outcome.reranked),
+                   changed=int(changed), changed_to_right=int(changed and final_ok),
+                   changed_to_wrong=int(changed and vote_ok), reasons={outcome.reason: 1})
 
+    def __add__(self, other: RerankTally) -> RerankTally:
+        """The tally of two disjoint query sets."""
+        counts = {f.name: getattr(self, f.name) + getattr(other, f.name)
+                  for f in dataclasses.fields(self) if f.name != "reasons"}
+        reasons = dict(self.reasons)
+        for reason, n in other.reasons.items():
+            reasons[reason] = reasons.get(reason, 0) + n
+        return RerankTally(**counts, reasons=dict(sorted(reasons.items())))
 
-def add_tallies(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """The tally of two disjoint query sets."""
-    out = {key: a[key] + b[key] for key in a if key != "reasons"}
-    reasons = dict(a["reasons"])
-    for reason, n in b["reasons"].items():
-        reasons[reason] = reasons.get(reason, 0) + n
-    out["reasons"] = dict(sorted(reasons.items()))
-    return out
+    @property
+    def accuracy_vote(self) -> float:
+        """Top-1 accuracy of the vote, in percent."""
+        return 100.0 * self.vote_correct / self.queries if self.queries else 0.0
 
+    @property
+    def accuracy_reranked(self) -> float:
+        """Top-1 accuracy after re-ranking, in percent."""
+        return 100.0 * self.reranked_correct / self.queries if self.queries else 0.0
 
-def summary_of(t: dict[str, Any]) -> dict[str, Any]:
-    """The report's re-rank section from a tally: accuracy of the vote and after re-ranking (percent), calls,
-    the fractions sent and re-ranked, answers that changed the vote (and whether to right or wrong), fallbacks."""
-    n = t["queries"]
-    return {**{key: value for key, value in t.items() if key not in ("vote_correct", "reranked_correct")},
-            "accuracy_vote": 100.0 * t["vote_correct"] / n if n else 0.0,
-            "accuracy_reranked": 100.0 * t["reranked_correct"] / n if n else 0.0,
-            "fraction_sent": t["sent"] / n if n else 0.0,
-            "fraction_reranked": t["reranked"] / n if n else 0.0,
-            "fallbacks": int(sum(t["reasons"].get(r, 0) for r in FALLBACK_REASONS))}
+    @property
+    def fraction_sent(self) -> float:
+        return self.sent / self.queries if self.queries else 0.0
+
+    @property
+    def fraction_reranked(self) -> float:
+        return self.reranked / self.queries if self.queries else 0.0
+
+    @property
+    def fallbacks(self) -> int:
+        """Queries sent whose vote stands (`RerankReason.is_fallback`)."""
+        return int(sum(n for reason, n in self.reasons.items() if reason.is_fallback))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report's re-rank section: every count but the two correct counts, which become the accuracies
+        (percent), then the fractions sent and re-ranked and the fallbacks."""
+        return {"queries": self.queries, "calls": self.calls, "cached": self.cached, "sent": self.sent,
+                "would_send": self.would_send, "reranked": self.reranked, "changed": self.changed,
+                "changed_to_right": self.changed_to_right, "changed_to_wrong": self.changed_to_wrong,
+                "reasons": {reason.value: n for reason, n in sorted(self.reasons.items())},
+                "accuracy_vote": self.accuracy_vote, "accuracy_reranked": self.accuracy_reranked,
+                "fraction_sent": self.fraction_sent, "fraction_reranked": self.fraction_reranked,
+                "fallbacks": self.fallbacks}
 
 
 def summarize(outcomes: Sequence[RerankOutcome], vote_labels: Sequence[str], true_labels: Sequence[str]
-              ) -> dict[str, Any]:
-    """`summary_of` the tally of every query (outcome, the vote's label, the true label)."""
+              ) -> RerankTally:
+    """The tally of every query (outcome, the vote's label, the true label)."""
     if not len(outcomes) == len(vote_labels) == len(true_labels):
         raise ValueError(f"{len(outcomes)} outcomes, {len(vote_labels)} votes, {len(true_labels)} true labels: "
                          "one per query")
-    total = empty_tally()
+    total = RerankTally()
     for o, v, t in zip(outcomes, vote_labels, true_labels):
-        total = add_tallies(total, tally(o, v, t))
-    return summary_of(total)
+        total = total + RerankTally.of(o, v, t)
+    return total
+
+
+@dataclasses.dataclass(frozen=True)
+class RerankRecord:
+    """One query's line in the evaluate job's ``rerank-*.jsonl``.
+
+    Attributes:
+      query_id: The query's id.
+      true_label: Its true class name.
+      vote_label: The vote's class name.
+      margin: The vote's margin (the cost gate's input).
+      label: The final class name.
+      reason: Why (`RerankOutcome.reason`).
+      calls: Calls made for this query (0 from the cache).
+      cached: The outcome came from the response cache.
+      detail: A fallback's detail.
+    """
+    query_id: str
+    true_label: str
+    vote_label: str
+    margin: float
+    label: str
+    reason: RerankReason
+    calls: int = 0
+    cached: bool = False
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reason", RerankReason.parse(self.reason))
+
+    @classmethod
+    def of(cls, query_id: str, true_label: str, vote_label: str, margin: float, outcome: RerankOutcome
+           ) -> RerankRecord:
+        """The record of one query's outcome."""
+        return cls(query_id, true_label, vote_label, margin, outcome.label, outcome.reason, outcome.calls,
+                   outcome.cached, outcome.detail)
+
+    @property
+    def outcome(self) -> RerankOutcome:
+        return RerankOutcome(self.label, self.reason, self.calls, self.detail, self.cached)
+
+    def tally(self) -> RerankTally:
+        """This query's `RerankTally`."""
+        return RerankTally.of(self.outcome, self.vote_label, self.true_label)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON line's object (reason as its string value)."""
+        return dict(dataclasses.asdict(self), reason=self.reason.value)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RerankRecord:
+        """Inverse of `to_dict`; raises KeyError naming a missing field."""
+        return cls(query_id=str(d["query_id"]), true_label=str(d["true_label"]), vote_label=str(d["vote_label"]),
+                   margin=float(d["margin"]), label=str(d["label"]), reason=RerankReason.parse(d["reason"]),
+                   calls=int(d.get("calls", 0)), cached=bool(d.get("cached", False)), detail=str(d.get("detail", "")))
 
 
 def env_api_key() -> str | None:

@@ -22,26 +22,14 @@ import threading
 import time
 from typing import Any, Callable
 
-from memory.rerank.base import (ANSWERED, ERROR, INVALID_ANSWER, NO_IMAGE, SINGLE_LABEL, TIMEOUT, RateLimiter,
-                           RerankOutcome, RerankRequest, env_api_key, parse_answer, prompt_parts, read_image_bytes,
-                           shown)
+from memory.rerank import RerankFlags
+from memory.rerank.base import (RateLimiter, RerankOutcome, RerankReason, RerankRequest, env_api_key, parse_answer,
+                                prompt_parts, read_image_bytes, shown)
 
-RERANK_KINDS = ("gemini", "encoder")
 DEVELOPER_API_VERSION = "v1beta"  # Pinned: enum response schemas and thinking config are documented there.
 MAX_DELAY_S = 300.0               # The longest wait between two attempts, whatever the server asks.
 ANSWER_CHARS = 200                # How much of an invalid answer the outcome keeps.
 ERROR_CHARS = 500
-
-
-def parse_rerank_spec(spec: str) -> tuple[str, str]:
-    """``"gemini:gemini-2.5-flash"`` -> ``("gemini", "gemini-2.5-flash")``; ``"encoder:NAME"`` likewise."""
-    if isinstance(spec, str):
-        kind, sep, name = spec.strip().partition(":")
-        kind, name = kind.strip().lower(), name.strip()
-        if sep and kind in RERANK_KINDS and name and not re.search(r"\s", name):
-            return kind, name
-    raise ValueError(f"re-ranker must be 'gemini:MODEL' (e.g. gemini:gemini-2.5-flash) or 'encoder:NAME' "
-                     f"(e.g. encoder:efficientnet-lite1), got {spec!r}")
 
 
 def image_mime(data: bytes) -> str:
@@ -239,40 +227,43 @@ class GeminiReranker:
                              if self.enum_schema else None))
         return [types.Content(role="user", parts=parts)], config
 
-    def _classify(self, e: Exception) -> tuple[str, bool, float | None, str]:
+    def _classify(self, e: Exception) -> tuple[RerankReason, bool, float | None, str]:
         """(reason, retryable, the server's delay, message) for an exception of one attempt."""
         from google.genai import errors  # pylint: disable=g-import-not-at-top
         if isinstance(e, errors.APIError):
             code = int(e.code or 0)
             retry = code in (408, 429) or code >= 500
-            return (TIMEOUT if code in (408, 504) else ERROR, retry, _server_delay(e) if retry else None,
-                    f"HTTP {code} {e.status or ''}: {e.message or e.details}")
+            return (RerankReason.TIMEOUT if code in (408, 504) else RerankReason.ERROR, retry,
+                    _server_delay(e) if retry else None, f"HTTP {code} {e.status or ''}: {e.message or e.details}")
         if isinstance(e, (TimeoutError, *_exception_types(*_TIMEOUTS))):
-            return TIMEOUT, True, None, f"no answer within {self.timeout_s:g} s ({type(e).__name__}: {e})"
+            return RerankReason.TIMEOUT, True, None, f"no answer within {self.timeout_s:g} s ({type(e).__name__}: {e})"
         if isinstance(e, (ConnectionError, *_exception_types(*_DROPPED))):
-            return ERROR, True, None, f"{type(e).__name__}: {e}"
-        return ERROR, False, None, f"{type(e).__name__}: {e}"
+            return RerankReason.ERROR, True, None, f"{type(e).__name__}: {e}"
+        return RerankReason.ERROR, False, None, f"{type(e).__name__}: {e}"
 
     def rerank(self, request: RerankRequest) -> RerankOutcome:
         vote, labels = request.vote_label, request.labels
         if len(labels) < 2:
-            return RerankOutcome(vote, SINGLE_LABEL)
+            return RerankOutcome(vote, RerankReason.SINGLE_LABEL)
         raw = request.query_image if request.query_image is not None else read_image_bytes(request.query_uri)
         query = thumbnail(raw, self.thumbnail_px)
         if query is None:
-            return RerankOutcome(vote, NO_IMAGE, detail=f"query image unreadable: {request.query_uri or '<bytes>'}")
+            return RerankOutcome(vote, RerankReason.NO_IMAGE,
+                                 detail=f"query image unreadable: {request.query_uri or '<bytes>'}")
         cands = [thumbnail(read_image_bytes(c.uri), self.thumbnail_px) for c in request.candidates]
         if all(c is None for c in cands):
-            return RerankOutcome(vote, NO_IMAGE, detail=f"none of the {len(cands)} candidate images is readable")
+            return RerankOutcome(vote, RerankReason.NO_IMAGE,
+                                 detail=f"none of the {len(cands)} candidate images is readable")
         labels = shown(request, cands).labels  # Only labels with an example image on show are offered.
         if len(labels) < 2:
-            return RerankOutcome(vote, SINGLE_LABEL, detail="one label left among the readable candidate images")
+            return RerankOutcome(vote, RerankReason.SINGLE_LABEL,
+                                 detail="one label left among the readable candidate images")
         try:
             client = self.client()
             contents, config = self._contents_and_config(request, query, cands)
         except Exception as e:  # pylint: disable=broad-except
-            return RerankOutcome(vote, ERROR, detail=f"cannot set up the Gemini call: {type(e).__name__}: {e}"
-                                 [:ERROR_CHARS])
+            return RerankOutcome(vote, RerankReason.ERROR,
+                                 detail=f"cannot set up the Gemini call: {type(e).__name__}: {e}"[:ERROR_CHARS])
         for attempt in range(self.max_retries + 1):
             self._limiter.acquire()
             calls = attempt + 1  # Every attempt is a call.
@@ -288,6 +279,31 @@ class GeminiReranker:
             text = getattr(response, "text", None)
             label = parse_answer(text, labels)
             if label is None:
-                return RerankOutcome(vote, INVALID_ANSWER, calls, (text or _empty_answer(response))[:ANSWER_CHARS])
-            return RerankOutcome(label, ANSWERED, calls)
+                return RerankOutcome(vote, RerankReason.INVALID_ANSWER, calls,
+                                     (text or _empty_answer(response))[:ANSWER_CHARS])
+            return RerankOutcome(label, RerankReason.ANSWERED, calls)
         raise AssertionError("unreachable: the last attempt returns")
+
+
+def make_reranker(name: str, **options: Any) -> GeminiReranker:
+    """The re-ranker of ``--rerank gemini:MODEL`` (registered in `memory.rerank`)."""
+    return GeminiReranker(name, **options)
+
+
+def spec_options(flags: RerankFlags) -> dict[str, Any]:
+    """`GeminiReranker` options from the shared re-rank flags; the API key is read from the environment
+    (GOOGLE_API_KEY, then GEMINI_API_KEY) unless Vertex AI is used.
+
+    Raises:
+      ValueError: no API key, no Vertex AI and not a dry run.
+    """
+    options: dict[str, Any] = dict(vertexai=flags.gemini_vertex, project=flags.gemini_project,
+                                   location=flags.gemini_location, base_url=flags.gemini_base_url,
+                                   timeout_s=flags.gemini_timeout_s, max_retries=flags.gemini_retries,
+                                   rate_limit=flags.rate_limit)
+    if not flags.gemini_vertex and not flags.dry_run and not env_api_key():
+        raise ValueError("--rerank gemini:... needs an API key in GOOGLE_API_KEY or GEMINI_API_KEY, or "
+                         "--gemini-vertex --gemini-project P --gemini-location L")
+    if not flags.gemini_vertex:
+        options["api_key"] = env_api_key()
+    return options

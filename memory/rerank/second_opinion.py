@@ -18,7 +18,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from memory.rerank.base import ANSWERED, NO_IMAGE, RerankOutcome, RerankRequest, read_image_bytes
+from memory.rerank import RerankFlags
+from memory.rerank.base import RerankOutcome, RerankReason, RerankRequest, read_image_bytes
 from memory.vectors import l2_normalize
 from memory.decide.voting import VotingParams, VotingRule, vote
 
@@ -120,12 +121,12 @@ class EncoderReranker:
         self.prefetch([request])
         q = self._cache.get(self._query_key(request))
         if q is None:
-            return RerankOutcome(request.vote_label, NO_IMAGE, detail="query image unreadable: "
+            return RerankOutcome(request.vote_label, RerankReason.NO_IMAGE, detail="query image unreadable: "
                                  f"{request.query_uri or '<bytes>'}")
         cands = [(c, self._cache.get(c.uri)) for c in request.candidates]
         cands = [(c, e) for c, e in cands if e is not None]
         if not cands:
-            return RerankOutcome(request.vote_label, NO_IMAGE, detail="no candidate image is readable")
+            return RerankOutcome(request.vote_label, RerankReason.NO_IMAGE, detail="no candidate image is readable")
         second = np.asarray([float(e @ q) for _, e in cands])
         first = np.asarray([1.0 - c.distance for c, _ in cands])
         score = self.weight * second + (1.0 - self.weight) * first
@@ -136,4 +137,14 @@ class EncoderReranker:
         # The vote wants distances nearest first; RankVoting uses only the order.
         dist = np.asarray([1.0 - score[order]], dtype=np.float32)
         winner = int(vote(idx, dist, rule=VotingRule.RANK, k=idx.shape[1], params=self.params).labels[0])
-        return RerankOutcome(names[winner], ANSWERED, calls=1)
+        return RerankOutcome(names[winner], RerankReason.ANSWERED, calls=1)
+
+
+def make_reranker(name: str, **options: Any) -> EncoderReranker:
+    """The re-ranker of ``--rerank encoder:NAME`` (registered in `memory.rerank`)."""
+    return EncoderReranker(name, **options)
+
+
+def spec_options(flags: RerankFlags) -> dict[str, Any]:
+    """`EncoderReranker` options from the shared re-rank flags: the second encoder's weight."""
+    return dict(weight=flags.weight)

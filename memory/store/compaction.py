@@ -28,12 +28,11 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from memory.index.shard_index import IndexConfig
 from memory.store.manifest import Manifest, ShardInfo
 from memory.store.sharding import shard_for_id, shard_name
 
 __all__ = ["ReindexPlan", "ShardSummary", "TargetShard", "check_shard_count", "count_forgotten", "delta_fraction",
-           "forgotten_fraction", "index_config_of", "needs_reindex", "orphan_reindex_dirs", "plan_from_summaries",
+           "forgotten_fraction", "needs_reindex", "orphan_reindex_dirs", "plan_from_summaries",
            "plan_reindex", "reindex_dir", "summarize_delta_shard", "summarize_main_shard", "target_shard_count"]
 
 REINDEX_SHARDS_DIR = "shards"
@@ -114,17 +113,6 @@ def needs_reindex(manifest: Manifest, *, delta_threshold: float, forgotten_thres
     if reasons:
         return True, "; ".join(reasons) + f": {measured}"
     return False, f"nothing to do: {measured}"
-
-
-def index_config_of(manifest: Manifest) -> IndexConfig:
-    """The IndexConfig the memory was built with.
-
-    ``build_config["index"]`` (the Beam build, configs.build.BuildConfig.to_dict) or
-    ``build_config["index_config"]`` (memory.build.build_memory_local); IndexConfig() when neither is
-    recorded.
-    """
-    raw = manifest.build_config.get("index", manifest.build_config.get("index_config"))
-    return IndexConfig.from_dict(raw) if isinstance(raw, dict) else IndexConfig()
 
 
 @dataclasses.dataclass(frozen=True)

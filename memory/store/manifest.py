@@ -20,12 +20,18 @@ import json
 from typing import Any
 
 from memory import storage
+from memory.index.shard_index import EmbeddingDtype, IndexConfig
 
 # 2: shards hold entries.parquet + scann/ (no separate embeddings copy; see memory/store/shard.py). 1: .npy arrays.
 FORMAT_VERSION = 2
 READABLE_FORMAT_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 _ENCODER_KEYS = ("name", "content_hash", "dim", "preprocess")
+# The build_config key of the memory's IndexConfig (as a dict), the name of configs.build.BuildConfig's field.
+INDEX_CONFIG_KEY = "index"
+# Read when INDEX_CONFIG_KEY is absent, never written: the key under which existing memories built in-process
+# (memory.build.build_memory_local) hold the same dict.
+LEGACY_INDEX_CONFIG_KEY = "index_config"
 
 
 class ManifestError(ValueError):
@@ -180,7 +186,8 @@ class Manifest:
       metric: Distance metric.
       class_names: Label vocabulary; stored labels index into it.
       shards: All shards, in shard-index order.
-      build_config: Free-form, JSON-serialisable description of the build (index config, sources, ...).
+      build_config: Free-form, JSON-serialisable description of the build (sources, batch sizes, ...); the
+        IndexConfig is under ``INDEX_CONFIG_KEY`` (read it as `index_config`).
       counts: Build record counts.
       created_at: ISO-8601 UTC timestamp.
       version: This version's number (>= 1); a memory built before versions existed reads as version 1.
@@ -229,6 +236,20 @@ class Manifest:
     def all_shards(self) -> tuple[ShardInfo, ...]:
         """Main shards then delta shards: everything a search must visit."""
         return tuple(self.shards) + tuple(self.delta_shards)
+
+    @property
+    def index_config(self) -> IndexConfig:
+        """The IndexConfig the memory was built with; IndexConfig() when the build recorded none.
+
+        Read from ``build_config[INDEX_CONFIG_KEY]``, else from ``build_config[LEGACY_INDEX_CONFIG_KEY]``.
+        """
+        raw = self.build_config.get(INDEX_CONFIG_KEY, self.build_config.get(LEGACY_INDEX_CONFIG_KEY))
+        return IndexConfig.from_dict(raw) if isinstance(raw, dict) else IndexConfig()
+
+    @property
+    def embedding_dtype(self) -> EmbeddingDtype:
+        """How the memory's shards store their rows (`index_config`'s embedding_dtype)."""
+        return self.index_config.embedding_dtype
 
     @property
     def physical_total(self) -> int:

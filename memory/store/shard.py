@@ -39,7 +39,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from memory import storage
-from memory.index.shard_index import INDEX_META_NAME, IndexConfig, IndexKind, ShardIndex, dataset_file, rows_from_dataset_file
+from memory.index.shard_index import (INDEX_META_NAME, EmbeddingDtype, IndexConfig, IndexKind, ShardIndex,
+                                      rows_from_dataset_file)
 from memory.store.manifest import Manifest, ManifestError, ShardInfo
 from memory.index.template import merge_runs
 from memory.vectors import l2_normalize
@@ -138,7 +139,7 @@ class ShardEntries(typing.NamedTuple):
     uris: np.ndarray
 
 
-def _entries_parquet_bytes(data: ShardData, *, dim: int, embedding_dtype: str) -> bytes:
+def _entries_parquet_bytes(data: ShardData, *, dim: int, embedding_dtype: EmbeddingDtype) -> bytes:
     import pyarrow as pa  # pylint: disable=g-import-not-at-top
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
 
@@ -146,7 +147,7 @@ def _entries_parquet_bytes(data: ShardData, *, dim: int, embedding_dtype: str) -
                       "label": pa.array(data.labels, pa.int32()),
                       "uri": pa.array(data.uris.tolist(), pa.string())})
     table = table.replace_schema_metadata(
-        {"vmem": json.dumps({"dim": int(dim), "embedding_dtype": embedding_dtype}, sort_keys=True)})
+        {"vmem": json.dumps({"dim": int(dim), "embedding_dtype": embedding_dtype.value}, sort_keys=True)})
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd", use_dictionary=["label"], write_statistics=False)
     return buf.getvalue()
@@ -314,17 +315,17 @@ def _embeddings_of(entries, shard_dir: str) -> np.ndarray:
     if entries.metadata.num_rows == 0:  # An empty shard has no index, hence no rows.
         return np.zeros((0, int(meta["dim"])), np.float32)
     scann_dir = storage.join(shard_dir, SCANN_DIR)
-    dtype = meta["embedding_dtype"]
-    path = storage.join(scann_dir, dataset_file(dtype))
+    dtype = EmbeddingDtype.parse(meta["embedding_dtype"])
+    path = storage.join(scann_dir, dtype.dataset_file)
     stored = _load_npy(storage.read_bytes(path), path)
     multipliers = None
-    if dtype == "int8":
+    if dtype is EmbeddingDtype.INT8:
         mpath = storage.join(scann_dir, _INT8_MULTIPLIERS)
         multipliers = _load_npy(storage.read_bytes(mpath), mpath)
     rows = rows_from_dataset_file(dtype, stored, multipliers)
     del stored
     # Quantised rows are within ~1e-3 of unit length; exact unit rows again for a re-index or an add.
-    return rows if dtype == "float32" else l2_normalize(rows)
+    return rows if dtype is EmbeddingDtype.FLOAT32 else l2_normalize(rows)
 
 
 def read_shard_embeddings(shard_dir: str) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The evaluate job's re-rank stage (its flags and `RerankSpec` are in pipelines/rerank_args.py).
+"""The evaluate job's re-rank stage (its flags are in pipelines/rerank_args.py, `RerankSpec` in memory/rerank).
 
 After the search and merge, each query's vote (``--rerank-rule`` at ``--rerank-k``) is computed where it was
 merged; queries whose vote margin is below ``--rerank-below`` go through `RunInference` with
@@ -11,7 +11,7 @@ a bundle the runner retries after a crash re-uses them: no call is paid twice. `
 before any call and reports how many queries would be sent.
 
 Every query leaves the stage with a record (its vote, final label, reason, calls) in ``rerank-*.jsonl``;
-the report's ``rerank`` section sums them (memory.rerank.base.tally).
+the report's ``rerank`` section sums them (memory.rerank.base.RerankRecord, RerankTally).
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import PredictionResult, RemoteModelHandler, RunInference
 
-from memory.rerank import base as rerank_lib
 from memory import storage
 from memory.decide.confidence import vote_confidence
 from memory.decide.voting import VotingParams, VotingRule
-from pipelines.rerank_args import RerankSpec
+from memory.rerank import RerankSpec
+from memory.rerank import base as rerank_lib
+from memory.rerank.base import RerankReason, RerankRecord, RerankTally
 
 _LOG = logging.getLogger("visual_memory")
 _NAMESPACE = "visual_memory"
@@ -78,7 +79,7 @@ class RerankModelHandler(RemoteModelHandler):
             prefetch([r for _, r, _, _ in batch if cache is None or cache.get(r.key(reranker.name)) is None])
         out = [PredictionResult(example, rerank_lib.rerank_cached(reranker, example[1], cache)) for example in batch]
         calls = sum(r.inference.calls for r in out)
-        fallbacks = sum(r.inference.reason in rerank_lib.FALLBACK_REASONS for r in out)
+        fallbacks = sum(r.inference.reason.is_fallback for r in out)
         _CALLS.inc(calls)
         _FALLBACKS.inc(fallbacks)
         before = model.done
@@ -108,42 +109,38 @@ def _vote_and_gate(batch, *, class_names: Sequence[str], rule: VotingRule, k: in
     out = []
     for i, (qid, q) in enumerate(batch):
         vote_label = str(names[vc.labels[i]])
-        request, reason = None, rerank_lib.NOT_GATED
+        request, reason = None, RerankReason.NOT_GATED
         if send[i]:
             uris = q.neighbors.uris[0] if q.neighbors.uris is not None else np.full(labels.shape[1], "")
             request = rerank_lib.make_request(qid, q.uri, names[labels[i]], uris, distances[i],
                                               vote_label=vote_label, margin=float(vc.margin[i]), top_n=top_n)
-            reason = rerank_lib.SINGLE_LABEL if len(request.labels) < 2 else rerank_lib.DRY_RUN if dry_run else None
+            reason = (RerankReason.SINGLE_LABEL if len(request.labels) < 2 else RerankReason.DRY_RUN if dry_run
+                      else None)
         if reason is None:
             out.append(("send", (qid, request, vote_label, q.label)))
         else:
-            out.append(("done", record(qid, q.label, vote_label, float(vc.margin[i]),
-                                       rerank_lib.RerankOutcome(vote_label, reason))))
+            out.append(("done", RerankRecord.of(qid, q.label, vote_label, float(vc.margin[i]),
+                                                rerank_lib.RerankOutcome(vote_label, reason))))
     return out
 
 
-def record(qid: str, true_label: str, vote_label: str, margin: float, outcome: rerank_lib.RerankOutcome) -> dict:
-    return {"query_id": qid, "true_label": true_label, "vote_label": vote_label, "margin": margin,
-            "label": outcome.label, "reason": outcome.reason, "calls": outcome.calls, "cached": outcome.cached,
-            "detail": outcome.detail}
-
-
 class _TallyFn(beam.CombineFn):
+    """RerankRecords -> the report's re-rank section (RerankTally.to_dict)."""
+
     def create_accumulator(self):
-        return rerank_lib.empty_tally()
+        return RerankTally()
 
     def add_input(self, acc, rec):
-        outcome = rerank_lib.RerankOutcome(rec["label"], rec["reason"], rec["calls"], cached=rec["cached"])
-        return rerank_lib.add_tallies(acc, rerank_lib.tally(outcome, rec["vote_label"], rec["true_label"]))
+        return acc + rec.tally()
 
     def merge_accumulators(self, accumulators):
-        out = rerank_lib.empty_tally()
+        out = RerankTally()
         for a in accumulators:
-            out = rerank_lib.add_tallies(out, a)
+            out = out + a
         return out
 
     def extract_output(self, acc):
-        return rerank_lib.summary_of(acc)
+        return acc.to_dict()
 
 
 class RerankStage(beam.PTransform):
@@ -171,10 +168,10 @@ class RerankStage(beam.PTransform):
         answered = (to_send
                     | "Count" >> beam.Map(counted)
                     | "Rerank" >> RunInference(RerankModelHandler(self._spec, storage.join(self._output, CACHE_DIR)))
-                    | "ToRecord" >> beam.Map(lambda r: record(r.example[0], r.example[3], r.example[2],
-                                                              r.example[1].margin, r.inference)))
+                    | "ToRecord" >> beam.Map(lambda r: RerankRecord.of(r.example[0], r.example[3], r.example[2],
+                                                                       r.example[1].margin, r.inference)))
         records = (done, answered) | "AllRecords" >> beam.Flatten()
-        files = (records | "Json" >> beam.Map(json.dumps)
+        files = (records | "Json" >> beam.Map(lambda r: json.dumps(r.to_dict()))
                  | "WriteRerank" >> beam.io.WriteToText(storage.join(self._output, RERANK_PREFIX),
                                                          file_name_suffix=".jsonl"))
         summary = records | "Tally" >> beam.CombineGlobally(_TallyFn())

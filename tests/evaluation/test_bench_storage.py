@@ -62,7 +62,7 @@ def test_variants_keep_shards_and_index_kind(measured):
         assert [(s.name, s.count, s.index_kind) for s in rebuilt.shards] == [
             (s.name, s.count, s.index_kind) for s in original.shards]
         assert {s.index_kind for s in rebuilt.shards} == {kind.value}
-        assert rebuilt.build_config["index_config"]["embedding_dtype"] == dtype
+        assert rebuilt.build_config["index"]["embedding_dtype"] == dtype
 
 
 def test_dataset_bytes_shrink_with_the_dtype(measured):

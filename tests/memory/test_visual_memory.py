@@ -54,7 +54,7 @@ def test_manifest_contents(built):
     assert [s.name for s in manifest.shards] == [f"shard-0000{i}-of-00004" for i in range(4)]
     assert sum(s.count for s in manifest.shards) == N and all(s.count > 100 for s in manifest.shards)
     assert manifest.build_config["source"] == "synthetic"
-    assert manifest.build_config["index_config"]["kind"] == "brute_force"
+    assert manifest.build_config["index"]["kind"] == "brute_force"
     assert manifest.counts.embedded == N and manifest.encoder == ENCODER
     mem = VisualMemory.open(str(root))
     assert len(mem) == N and mem.dim == D and mem.class_names == CLASSES and mem.encoder_identity == ENCODER

@@ -158,7 +158,7 @@ def test_a_retried_bundle_pays_no_call_twice(tmp_path, gemini_env):
 
     from memory.rerank import base as rerank
     from pipelines.stages.rerank import RerankModelHandler
-    from pipelines.rerank_args import RerankSpec
+    from memory.rerank import RerankSpec
     paths = []
     for i, rgb in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
         Image.new("RGB", (8, 8), rgb).save(tmp_path / f"{i}.png")
@@ -175,3 +175,18 @@ def test_a_retried_bundle_pays_no_call_twice(tmp_path, gemini_env):
     assert [r.inference.label for r in got] == ["b"] * 3 and [r.inference.calls for r in got] == [1] * 3
     assert [(r.inference.label, r.inference.cached, r.inference.calls) for r in again] == [("b", True, 0)] * 3
     assert first.num_retries == 0  # Beam's whole-batch retry would re-send answered queries.
+
+
+def test_a_registered_third_reranker_runs_in_the_job(tiny_memory, fmnist_small, tmp_path, monkeypatch):
+    """--rerank KIND:NAME resolves through memory.rerank's registry: a kind registered there runs in the job."""
+    from tests import fake_reranker
+    fake_reranker.registered(monkeypatch)
+    out = str(tmp_path / "last")
+    report = _evaluate(tiny_memory, fmnist_small, out, "--rerank", "last:x", "--rerank-below", "1.01",
+                       "--rerank-top-n", "5", "--rerank-rate", "7")
+    r = report["extra"]["rerank"]
+    rows = _rerank_rows(out)
+    assert r["reranker"] == "last:x" and r["options"] == {"rate_limit": 7.0}
+    assert r["queries"] == len(rows) == 50 and r["calls"] == r["reranked"] == r["reasons"]["answered"]
+    assert r["reranked"] + r["reasons"].get("single_candidate_label", 0) == 50
+    assert all(row["reason"] in ("answered", "single_candidate_label") for row in rows.values())

@@ -72,11 +72,11 @@ class Scripted:
         self.seen.append(request)
         got = self.answers.get(request.query_id)
         if got is None:
-            return rerank.RerankOutcome(request.vote_label, rerank.TIMEOUT, calls=3, detail="slow")
+            return rerank.RerankOutcome(request.vote_label, rerank.RerankReason.TIMEOUT, calls=3, detail="slow")
         label = rerank.parse_answer(got, request.labels)
         if label is None:
-            return rerank.RerankOutcome(request.vote_label, rerank.INVALID_ANSWER, calls=1, detail=got)
-        return rerank.RerankOutcome(label, rerank.ANSWERED, calls=1)
+            return rerank.RerankOutcome(request.vote_label, rerank.RerankReason.INVALID_ANSWER, calls=1, detail=got)
+        return rerank.RerankOutcome(label, rerank.RerankReason.ANSWERED, calls=1)
 
 
 def test_cache_answers_once_and_retries_timeouts(tmp_path):
@@ -84,12 +84,12 @@ def test_cache_answers_once_and_retries_timeouts(tmp_path):
     s = Scripted({"q1": "Shirt"})
     first = rerank.rerank_cached(s, _request(), cache)
     again = rerank.rerank_cached(s, _request(), rerank.ResponseCache(str(tmp_path / "cache")))  # New process.
-    assert first == rerank.RerankOutcome("Shirt", rerank.ANSWERED, calls=1)
-    assert again == rerank.RerankOutcome("Shirt", rerank.ANSWERED, calls=0, cached=True)
+    assert first == rerank.RerankOutcome("Shirt", rerank.RerankReason.ANSWERED, calls=1)
+    assert again == rerank.RerankOutcome("Shirt", rerank.RerankReason.ANSWERED, calls=0, cached=True)
     assert len(s.seen) == 1
     slow = Scripted({}, name="slow")
-    assert rerank.rerank_cached(slow, _request(), cache).reason == rerank.TIMEOUT
-    assert rerank.rerank_cached(slow, _request(), cache).reason == rerank.TIMEOUT
+    assert rerank.rerank_cached(slow, _request(), cache).reason == rerank.RerankReason.TIMEOUT
+    assert rerank.rerank_cached(slow, _request(), cache).reason == rerank.RerankReason.TIMEOUT
     assert len(slow.seen) == 2  # Timeouts are not cached: asked again.
     # A damaged cache file is a miss, not a crash.
     [path] = (tmp_path / "cache").glob("*/*.json")
@@ -102,19 +102,50 @@ def test_cached_outcome_must_keep_the_vote_on_fallback(tmp_path):
         name = "liar"
 
         def rerank(self, request):
-            return rerank.RerankOutcome("Shirt", rerank.ERROR)
+            return rerank.RerankOutcome("Shirt", rerank.RerankReason.ERROR)
     with pytest.raises(AssertionError, match="must keep the vote"):
         rerank.rerank_cached(Liar(), _request(), None)
 
 
+def _outcomes():
+    reason = rerank.RerankReason
+    return [rerank.RerankOutcome("a", reason.NOT_GATED), rerank.RerankOutcome("b", reason.ANSWERED, 1),
+            rerank.RerankOutcome("c", reason.ANSWERED, 2), rerank.RerankOutcome("a", reason.TIMEOUT, 3)]
+
+
 def test_summarize_counts():
-    outcomes = [rerank.RerankOutcome("a", rerank.NOT_GATED), rerank.RerankOutcome("b", rerank.ANSWERED, 1),
-                rerank.RerankOutcome("c", rerank.ANSWERED, 2), rerank.RerankOutcome("a", rerank.TIMEOUT, 3)]
-    s = rerank.summarize(outcomes, vote_labels=["a", "a", "c", "a"], true_labels=["a", "b", "a", "b"])
+    s = rerank.summarize(_outcomes(), vote_labels=["a", "a", "c", "a"], true_labels=["a", "b", "a", "b"]).to_dict()
     assert s["accuracy_vote"] == 25.0 and s["accuracy_reranked"] == 50.0
     assert (s["calls"], s["sent"], s["reranked"], s["changed"], s["changed_to_right"], s["fallbacks"]) == \
         (6, 3, 2, 1, 1, 1)
     assert s["reasons"] == {"answered": 2, "margin_above_gate": 1, "timeout": 1}
+
+
+def test_report_section_json_is_unchanged():
+    """The report's re-rank section and a record line, byte for byte as the job writes them."""
+    s = rerank.summarize(_outcomes(), vote_labels=["a", "a", "c", "a"], true_labels=["a", "b", "a", "b"])
+    assert json.dumps(s.to_dict()) == (
+        '{"queries": 4, "calls": 6, "cached": 0, "sent": 3, "would_send": 0, "reranked": 2, "changed": 1, '
+        '"changed_to_right": 1, "changed_to_wrong": 0, "reasons": {"answered": 2, "margin_above_gate": 1, '
+        '"timeout": 1}, "accuracy_vote": 25.0, "accuracy_reranked": 50.0, "fraction_sent": 0.75, '
+        '"fraction_reranked": 0.5, "fallbacks": 1}')
+    assert json.dumps(rerank.RerankTally().to_dict()) == (
+        '{"queries": 0, "calls": 0, "cached": 0, "sent": 0, "would_send": 0, "reranked": 0, "changed": 0, '
+        '"changed_to_right": 0, "changed_to_wrong": 0, "reasons": {}, "accuracy_vote": 0.0, '
+        '"accuracy_reranked": 0.0, "fraction_sent": 0.0, "fraction_reranked": 0.0, "fallbacks": 0}')
+    outcome = rerank.RerankOutcome("a", "invalid_answer", 1, "a cat")
+    record = rerank.RerankRecord.of("q1", "b", "a", 0.25, outcome)
+    line = json.dumps(record.to_dict())
+    assert line == ('{"query_id": "q1", "true_label": "b", "vote_label": "a", "margin": 0.25, "label": "a", '
+                    '"reason": "invalid_answer", "calls": 1, "cached": false, "detail": "a cat"}')
+    assert rerank.RerankRecord.from_dict(json.loads(line)) == record and record.outcome == outcome
+    assert record.reason is rerank.RerankReason.INVALID_ANSWER and record.reason.is_fallback
+    # Tallies add in any grouping (what Beam's CombineFn does) and a record's tally is its outcome's.
+    parts = [rerank.RerankTally.of(o, v, t) for o, v, t in zip(_outcomes(), "aaca", "abab")]
+    assert (parts[0] + parts[1]) + (parts[2] + parts[3]) == s == sum(parts, rerank.RerankTally())
+    assert record.tally() == rerank.RerankTally.of(outcome, "a", "b")
+    with pytest.raises(ValueError, match="unknown re-rank reason 'maybe'; allowed: answered, margin_above_gate"):
+        rerank.RerankOutcome("a", "maybe")
 
 
 def test_rate_limiter_spaces_calls():
@@ -170,9 +201,9 @@ def test_classify_reranks_only_low_margin_queries(image_memory, tmp_path):
     got = mem.classify(q, k=5, rerank=s, rerank_below=0.6, rerank_top_n=6)  # Margins: 0.54 and 1.
     # Query 1 (the far one) has a unanimous vote: margin 1, never sent.
     assert [r.query_id for r in s.seen] == ["0"]
-    assert got[1].rerank_reason == rerank.NOT_GATED and got[1].label_name == plain[1].label_name
+    assert got[1].rerank_reason == rerank.RerankReason.NOT_GATED and got[1].label_name == plain[1].label_name
     assert plain[0].label_name == "Coat" and got[0].vote_label_name == "Coat"
-    assert got[0].rerank_reason == rerank.ANSWERED and got[0].label_name == "T-shirt/top"
+    assert got[0].rerank_reason == rerank.RerankReason.ANSWERED and got[0].label_name == "T-shirt/top"
     assert got[0].rerank_calls == 1 and "re-ranked by scripted" in got[0].reason
     assert len(s.seen[0].candidates) == 6 and len(got[0].neighbors) == 5  # top-N shown, k voted.
     # Vector queries carry no image: a Gemini-style re-ranker would answer NO_IMAGE; the scripted one needs none.
@@ -183,7 +214,7 @@ def test_classify_reranks_only_low_margin_queries(image_memory, tmp_path):
 def test_classify_rerank_fallback_keeps_the_vote_and_filters_apply(image_memory):
     mem, near, _ = image_memory
     got = mem.classify(near[None], k=5, rerank=Scripted({}), rerank_below=1.01)[0]
-    assert got.rerank_reason == rerank.TIMEOUT and got.rerank_detail == "slow" and got.rerank_calls == 3
+    assert got.rerank_reason == rerank.RerankReason.TIMEOUT and got.rerank_detail == "slow" and got.rerank_calls == 3
     assert got.label_name == mem.classify(near[None], k=5)[0].label_name
     s = Scripted({"0": "Shirt"})
     only = mem.classify(near[None], k=3, filters=QueryFilter(labels=("Coat", "Shirt")), rerank=s, rerank_below=1.01)

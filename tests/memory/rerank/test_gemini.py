@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from memory.rerank import base as rerank
-from memory.rerank.gemini import GeminiReranker, parse_rerank_spec, thumbnail
+from memory.rerank import parse_rerank_spec
+from memory.rerank.gemini import GeminiReranker, thumbnail
 from tests.fake_genai import FakeGenai, answer, hang, status
 
 MODEL = "gemini-2.5-flash"
@@ -75,7 +76,7 @@ def _close(rgb, want, tol=8) -> bool:
 def test_valid_answer_sends_the_query_and_candidates_inline(request_, tmp_path):
     with FakeGenai(answer("Shirt")) as fake:
         outcome = _reranker(fake).rerank(request_)
-    assert outcome == rerank.RerankOutcome("Shirt", rerank.ANSWERED, calls=1)
+    assert outcome == rerank.RerankOutcome("Shirt", rerank.RerankReason.ANSWERED, calls=1)
     [req] = fake.requests
     assert req.method == "POST" and req.path == f"/v1beta/models/{MODEL}:generateContent"
     assert req.headers["x-goog-api-key"] == "test-key"
@@ -109,7 +110,7 @@ def test_unreadable_candidate_is_left_out_with_its_label(request_, tmp_path):
     (tmp_path / "c2.png").write_bytes(b"not an image")  # The second Coat: Coat and Shirt stay on show.
     with FakeGenai(answer("coat.")) as fake:
         outcome = _reranker(fake).rerank(request_)
-    assert outcome.reason == rerank.ANSWERED and outcome.label == "Coat"  # Normalised by parse_answer.
+    assert outcome.reason == rerank.RerankReason.ANSWERED and outcome.label == "Coat"  # Normalised by parse_answer.
     [req] = fake.requests
     assert [_colour(d) for d, _ in req.images()[1:]] == [COLOURS["Coat"], COLOURS["Shirt"]]
     assert "2 labelled examples follow" in " ".join(req.texts())
@@ -119,26 +120,27 @@ def test_unreadable_candidates_leaving_one_label_make_no_call(request_, tmp_path
     (tmp_path / "c1.png").write_bytes(b"not an image")  # The only Shirt: nothing left to choose between.
     with FakeGenai() as fake:
         outcome = _reranker(fake).rerank(request_)
-    assert (outcome.reason, outcome.label, outcome.calls) == (rerank.SINGLE_LABEL, "Coat", 0)
+    assert (outcome.reason, outcome.label, outcome.calls) == (rerank.RerankReason.SINGLE_LABEL, "Coat", 0)
     assert fake.requests == []
 
 
 def test_answer_outside_the_candidates_is_invalid(request_):
     with FakeGenai(answer("a cat, probably")) as fake:
         outcome = _reranker(fake).rerank(request_)
-    assert outcome == rerank.RerankOutcome("Coat", rerank.INVALID_ANSWER, calls=1, detail="a cat, probably")
+    assert outcome == rerank.RerankOutcome("Coat", rerank.RerankReason.INVALID_ANSWER, calls=1,
+                                           detail="a cat, probably")
     with FakeGenai(answer("x" * 500)) as fake:
         assert _reranker(fake).rerank(request_).detail == "x" * 200
     with FakeGenai(answer("", finish_reason="MAX_TOKENS")) as fake:
         outcome = _reranker(fake).rerank(request_)
-    assert outcome.reason == rerank.INVALID_ANSWER and "MAX_TOKENS" in outcome.detail
+    assert outcome.reason == rerank.RerankReason.INVALID_ANSWER and "MAX_TOKENS" in outcome.detail
 
 
 def test_429_then_success_retries_after_the_backoff(request_):
     with FakeGenai(status(429), answer("Shirt")) as fake:
         reranker = _reranker(fake, backoff_s=0.25)
         outcome = reranker.rerank(request_)
-    assert outcome == rerank.RerankOutcome("Shirt", rerank.ANSWERED, calls=2)
+    assert outcome == rerank.RerankOutcome("Shirt", rerank.RerankReason.ANSWERED, calls=2)
     assert reranker._sleep.calls == [0.25]
     assert len(fake.requests) == 2
 
@@ -147,7 +149,7 @@ def test_server_asked_delay_is_honoured(request_):
     with FakeGenai(status(503, retry_after=7), status(429, retry_delay="3.5s"), answer("Coat")) as fake:
         reranker = _reranker(fake, backoff_s=1.0)
         outcome = reranker.rerank(request_)
-    assert outcome.reason == rerank.ANSWERED and outcome.calls == 3
+    assert outcome.reason == rerank.RerankReason.ANSWERED and outcome.calls == 3
     assert reranker._sleep.calls == [7.0, 3.5]  # max(backoff 1 then 2, the server's delay)
 
 
@@ -157,7 +159,7 @@ def test_timeout_after_retries(request_):
         reranker = _reranker(fake, timeout_s=0.5, max_retries=1, backoff_s=0.1)
         outcome = reranker.rerank(request_)
     assert time.monotonic() - start < 2.5
-    assert outcome.label == "Coat" and outcome.reason == rerank.TIMEOUT and outcome.calls == 2
+    assert outcome.label == "Coat" and outcome.reason == rerank.RerankReason.TIMEOUT and outcome.calls == 2
     assert "0.5 s" in outcome.detail and "Timeout" in outcome.detail
     assert reranker._sleep.calls == [0.1]
     assert len(fake.requests) == 2
@@ -167,13 +169,13 @@ def test_server_errors(request_):
     with FakeGenai(default=status(500)) as fake:
         reranker = _reranker(fake, max_retries=2, backoff_s=1.0)
         outcome = reranker.rerank(request_)
-    assert outcome.label == "Coat" and outcome.reason == rerank.ERROR and outcome.calls == 3
+    assert outcome.label == "Coat" and outcome.reason == rerank.RerankReason.ERROR and outcome.calls == 3
     assert outcome.detail.startswith("HTTP 500 INTERNAL") and "after 3 attempts" in outcome.detail
     assert reranker._sleep.calls == [1.0, 2.0] and len(fake.requests) == 3
     with FakeGenai(status(400), answer("Shirt")) as fake:
         reranker = _reranker(fake)
         outcome = reranker.rerank(request_)
-    assert outcome.label == "Coat" and outcome.reason == rerank.ERROR and outcome.calls == 1
+    assert outcome.label == "Coat" and outcome.reason == rerank.RerankReason.ERROR and outcome.calls == 1
     assert outcome.detail.startswith("HTTP 400 INVALID_ARGUMENT")
     assert reranker._sleep.calls == [] and len(fake.requests) == 1
 
@@ -183,16 +185,16 @@ def test_missing_images_make_no_call(request_, tmp_path):
         reranker = _reranker(fake)
         no_query = rerank.RerankRequest("q", str(tmp_path / "gone.png"), request_.candidates, "Coat", 0.1)
         assert reranker.rerank(no_query) == rerank.RerankOutcome(
-            "Coat", rerank.NO_IMAGE, calls=0, detail=f"query image unreadable: {tmp_path / 'gone.png'}")
+            "Coat", rerank.RerankReason.NO_IMAGE, calls=0, detail=f"query image unreadable: {tmp_path / 'gone.png'}")
         no_cands = rerank.RerankRequest("q", "", tuple(rerank.Candidate(c.label, str(tmp_path / "x"), 0.1)
                                                        for c in request_.candidates), "Coat", 0.1,
                                         query_image=open(request_.query_uri, "rb").read())
         outcome = reranker.rerank(no_cands)
-        assert (outcome.label, outcome.reason, outcome.calls) == ("Coat", rerank.NO_IMAGE, 0)
+        assert (outcome.label, outcome.reason, outcome.calls) == ("Coat", rerank.RerankReason.NO_IMAGE, 0)
         # Query bytes given directly (classify of bytes) do make a call.
         bytes_query = rerank.RerankRequest("q", "", request_.candidates, "Coat", 0.1,
                                            query_image=open(request_.query_uri, "rb").read())
-        assert reranker.rerank(bytes_query).reason == rerank.ANSWERED
+        assert reranker.rerank(bytes_query).reason == rerank.RerankReason.ANSWERED
     assert len(fake.requests) == 1
 
 
@@ -203,8 +205,8 @@ def test_cache_serves_the_second_identical_request(request_, tmp_path):
         first = rerank.rerank_cached(reranker, request_, cache)
         second = rerank.rerank_cached(reranker, request_, cache)
         third = rerank.rerank_cached(reranker, request_, rerank.ResponseCache(str(tmp_path / "cache")))
-    assert first == rerank.RerankOutcome("Shirt", rerank.ANSWERED, calls=1)
-    assert second == third == rerank.RerankOutcome("Shirt", rerank.ANSWERED, calls=0, cached=True)
+    assert first == rerank.RerankOutcome("Shirt", rerank.RerankReason.ANSWERED, calls=1)
+    assert second == third == rerank.RerankOutcome("Shirt", rerank.RerankReason.ANSWERED, calls=0, cached=True)
     assert len(fake.requests) == 1
 
 
@@ -268,7 +270,7 @@ def test_a_request_to_a_real_google_host_fails_loudly(request_):
     """The guard itself: without base_url the client goes to googleapis.com, i.e. to the dead proxy."""
     reranker = GeminiReranker(MODEL, api_key="k", max_retries=0, timeout_s=2.0)
     outcome = reranker.rerank(request_)
-    assert outcome.reason in (rerank.ERROR, rerank.TIMEOUT) and outcome.calls == 1
+    assert outcome.reason in (rerank.RerankReason.ERROR, rerank.RerankReason.TIMEOUT) and outcome.calls == 1
     assert "Connect" in outcome.detail or "Proxy" in outcome.detail
 
 

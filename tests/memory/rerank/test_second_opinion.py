@@ -42,7 +42,7 @@ def request_(tmp_path):
 def test_second_encoder_order_decides_with_full_weight(request_):
     enc = MeanColour()
     out = EncoderReranker(weight=1.0, loaded=enc).rerank(request_)
-    assert out == rerank.RerankOutcome("A", rerank.ANSWERED, calls=1)
+    assert out == rerank.RerankOutcome("A", rerank.RerankReason.ANSWERED, calls=1)
     # Weight 0 is the memory's own order: a rank vote over the four, B.
     assert EncoderReranker(weight=0.0, loaded=MeanColour()).rerank(request_).label == "B"
 
@@ -60,7 +60,7 @@ def test_unreadable_query_falls_back(request_, tmp_path):
     bad = rerank.make_request("q", str(tmp_path / "missing.png"), ["B", "A"], [c.uri for c in request_.candidates[1:3]],
                               [0.1, 0.2], vote_label="B", margin=0.0, top_n=2)
     out = EncoderReranker(loaded=MeanColour()).rerank(bad)
-    assert (out.reason, out.label) == (rerank.NO_IMAGE, "B")
+    assert (out.reason, out.label) == (rerank.RerankReason.NO_IMAGE, "B")
 
 
 def test_pickles_without_the_model(request_):

@@ -5,8 +5,10 @@ import json
 
 import pytest
 
-from memory.store.manifest import (FORMAT_VERSION, BuildCounts, Manifest, ManifestError, Metric, ShardInfo,
-                             read_manifest, write_manifest)
+from configs.build import BuildConfig
+from memory.index.shard_index import EmbeddingDtype, IndexConfig
+from memory.store.manifest import (FORMAT_VERSION, INDEX_CONFIG_KEY, LEGACY_INDEX_CONFIG_KEY, BuildCounts, Manifest,
+                                   ManifestError, Metric, ShardInfo, read_manifest, write_manifest)
 from tests.memory.helpers import ENCODER
 
 
@@ -93,3 +95,26 @@ def test_from_json_errors():
 def test_read_missing_manifest(tmp_path):
     with pytest.raises(ManifestError, match="not a visual memory: .*manifest.json missing; build one with `vmem build"):
         read_manifest(str(tmp_path))
+
+
+@pytest.mark.parametrize("build_config, dtype", [
+    ({"index": {"kind": "tree_ah", "embedding_dtype": "int8"}}, EmbeddingDtype.INT8),  # The key written now.
+    ({"index_config": {"kind": "auto", "embedding_dtype": "bfloat16"}}, EmbeddingDtype.BFLOAT16),  # Older key.
+    ({"index_config": {"kind": "brute_force"}}, EmbeddingDtype.FLOAT32),  # No dtype recorded: the default.
+    ({"source": "synthetic"}, EmbeddingDtype.FLOAT32),  # No index config recorded.
+])
+def test_index_config_and_embedding_dtype_read_either_key(tmp_path, build_config, dtype):
+    write_manifest(str(tmp_path), _manifest(build_config=build_config))
+    m = read_manifest(str(tmp_path))
+    assert m.embedding_dtype is dtype and m.index_config.embedding_dtype is dtype
+    raw = build_config.get(INDEX_CONFIG_KEY, build_config.get(LEGACY_INDEX_CONFIG_KEY))
+    assert m.index_config == (IndexConfig.from_dict(raw) if raw else IndexConfig())
+
+
+def test_new_memories_record_the_index_config_under_one_key():
+    config = IndexConfig(kind="brute_force", embedding_dtype="int8")
+    assert config.embedding_dtype is EmbeddingDtype.INT8 and config.to_dict()["embedding_dtype"] == "int8"
+    assert IndexConfig.from_dict(config.to_dict()) == config
+    assert BuildConfig(index=config).to_dict()[INDEX_CONFIG_KEY] == config.to_dict()
+    with pytest.raises(ValueError, match="unknown embedding_dtype 'int4'; allowed: float32, bfloat16, int8"):
+        IndexConfig(embedding_dtype="int4")

@@ -44,7 +44,8 @@ import numpy as np
 from encoders.base import resolve_preprocess
 from evaluation.metrics import CorrectCounts
 from memory import storage
-from memory.store.manifest import Manifest, read_manifest
+from memory.store.manifest import Manifest
+from memory.store.versions import read_manifest
 from memory.search.routing import check_route_ratio
 from memory.search.tuning import default_setting
 from memory.decide.voting import VotingParams, VotingRule

@@ -99,7 +99,7 @@ def cmd_build(argv: Sequence[str]) -> int:
     start = time.monotonic()
     build.run(argv)
     elapsed = time.monotonic() - start
-    from memory.store.manifest import read_manifest
+    from memory.store.versions import read_manifest
     manifest = read_manifest(args.output)
     c = manifest.counts
     print(f"built {args.output}: {c.embedded} entries in {len(manifest.shards)} shards, {len(manifest.class_names)} "
@@ -152,7 +152,7 @@ def cmd_info(argv: Sequence[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print the manifest as JSON")
     parser.add_argument("--verify", action="store_true", help="also check every shard's checksum")
     args = parser.parse_args(argv)
-    from memory.store.manifest import read_manifest
+    from memory.store.versions import read_manifest
     manifest = read_manifest(args.memory)
     if args.verify:
         from memory.visual_memory import VisualMemory

@@ -211,12 +211,11 @@ def tune(memory: VisualMemory, queries: np.ndarray, true_labels: np.ndarray, *, 
 
 def publish_search_defaults(root: str, result: dict[str, Any], *, expected_version: int | None = None):
     """Publishes the next version with ``result["chosen"]`` as the memory's default search setting."""
-    from memory.store.mutations import _base  # pylint: disable=g-import-not-at-top
-    from memory.store.versions import publish_version  # pylint: disable=g-import-not-at-top
+    from memory.store.versions import publish_version, read_base_version  # pylint: disable=g-import-not-at-top
     chosen = result.get("chosen")
     if chosen is None:
         raise ValueError("no setting met the criteria; nothing to publish (exact search stays the default)")
-    base, manifest = _base(root, expected_version)
+    base, manifest = read_base_version(root, expected_version)
     setting = SearchSetting.from_dict(chosen)
     defaults = {**setting.to_dict(), "tuned": {
         "fitted_on_version": base, "qps": chosen["qps"], "recall": chosen["recall"],

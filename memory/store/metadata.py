@@ -20,6 +20,7 @@ import numpy as np
 
 from memory import storage
 from memory.store.manifest import Manifest, ManifestError, MetadataRef, read_checked_file, sha256_checksum
+from memory.store.versions import publish_version, read_base_version, versioned_file_name
 
 if TYPE_CHECKING:
     from memory.visual_memory import VisualMemory
@@ -93,17 +94,16 @@ def publish_metadata(root: str, ids: Sequence[str], columns: Mapping[str, Sequen
       KeyError: listing ids that are not live. ValueError: bad shapes, names or duplicate ids.
       ConcurrentUpdateError.
     """
-    from memory.store.mutations import _base, _str_array, check_unique_live  # pylint: disable=g-import-not-at-top  # (mutations -> scann)
-    from memory.store.versions import publish_version  # pylint: disable=g-import-not-at-top
-    base, m = _base(root, expected_version)
-    ids_arr = _str_array(ids)
+    from memory.store.mutations import check_unique_live, str_array  # pylint: disable=g-import-not-at-top  # (mutations -> scann)
+    base, m = read_base_version(root, expected_version)
+    ids_arr = str_array(ids)
     if not columns:
         raise ValueError("no metadata columns given; pass at least one column besides the id")
     cols = {}
     for name, values in columns.items():
         if not isinstance(name, str) or not name or name == ID_COLUMN:
             raise ValueError(f"metadata column name {name!r}: must be a non-empty string other than {ID_COLUMN!r}")
-        arr = _str_array("" if v is None else v for v in values)
+        arr = str_array("" if v is None else v for v in values)
         if arr.shape != ids_arr.shape:
             raise ValueError(f"metadata column {name!r} has {arr.shape[0]} values for {ids_arr.shape[0]} ids")
         cols[name] = arr
@@ -124,8 +124,7 @@ def publish_metadata(root: str, ids: Sequence[str], columns: Mapping[str, Sequen
         order = np.argsort(ids_arr, kind="stable")
         ids_arr, cols = ids_arr[order], {c: v[order] for c, v in cols.items()}
     blob = _table_bytes(ids_arr, cols)
-    from memory.store.mutations import _fresh_name  # pylint: disable=g-import-not-at-top
-    rel = _fresh_name(METADATA_DIR, base + 1, ".parquet")
+    rel = versioned_file_name(METADATA_DIR, base + 1, ".parquet")
     storage.write_bytes(storage.join(root, rel), blob)
     ref = MetadataRef(path=rel, count=int(ids_arr.size), checksum=sha256_checksum(blob), columns=tuple(cols))
     change = {"kind": "metadata", "summary": f"metadata columns {list(cols)} for {ids_arr.size} entries",
@@ -203,8 +202,7 @@ def metadata_without(root: str, manifest: Manifest, forgotten: np.ndarray, new_v
         return manifest.metadata
     if not keep.any():
         return None
-    from memory.store.mutations import _fresh_name  # pylint: disable=g-import-not-at-top
     blob = _table_bytes(table.ids[keep], {c: v[keep] for c, v in table.columns.items()})
-    rel = _fresh_name(METADATA_DIR, new_version, ".parquet")
+    rel = versioned_file_name(METADATA_DIR, new_version, ".parquet")
     storage.write_bytes(storage.join(root, rel), blob)
     return dataclasses.replace(manifest.metadata, path=rel, count=int(keep.sum()), checksum=sha256_checksum(blob))

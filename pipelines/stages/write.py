@@ -30,7 +30,8 @@ from apache_beam.metrics import Metrics
 
 from memory import storage
 from memory.index.shard_index import IndexConfig
-from memory.store.manifest import FORMAT_VERSION, BuildCounts, Manifest, Metric, RouterRef, ShardInfo, write_manifest
+from memory.store.manifest import FORMAT_VERSION, BuildCounts, Manifest, Metric, RouterRef, ShardInfo
+from memory.store.versions import write_manifest
 from memory.search.routing import RouterConfig, router_sample_key, train_router, write_router
 from memory.store.shard import ShardData, write_shard
 from memory.index.template import local_template, train_template, uses_template, write_template

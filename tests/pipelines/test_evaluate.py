@@ -16,7 +16,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from evaluation.neighbors_io import read_neighbor_files
 from memory.build import build_memory_local
 from memory.index.shard_index import IndexConfig
-from memory.store.manifest import read_manifest
+from memory.store.versions import read_manifest
 from memory.search.shard_search import LoadedShard, merge_partials
 from memory.visual_memory import VisualMemory
 from memory.decide.voting import VotingRule, predict_all_k

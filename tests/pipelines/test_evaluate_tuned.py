@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from memory.index.shard_index import IndexKind
-from memory.store.manifest import read_manifest
+from memory.store.versions import read_manifest
 from memory.store.shard import search_units
 from memory.search.tuning import SearchSetting, default_setting, publish_search_defaults
 from memory.visual_memory import VisualMemory

@@ -6,7 +6,7 @@ import numpy as np
 
 from memory.build import build_memory_local
 from memory.index.shard_index import IndexConfig, IndexKind
-from memory.store.manifest import read_manifest
+from memory.store.versions import read_manifest
 from memory.search.tuning import SearchSetting, candidate_settings, default_setting, exact_search, publish_search_defaults, tune
 from memory.vectors import l2_normalize
 from memory.visual_memory import VisualMemory

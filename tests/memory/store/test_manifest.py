@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from memory.store.manifest import (FORMAT_VERSION, BuildCounts, Manifest, ManifestError, Metric, ShardInfo,
-                             read_manifest, write_manifest)
+from memory.store.manifest import FORMAT_VERSION, BuildCounts, Manifest, ManifestError, Metric, ShardInfo
+from memory.store.versions import read_manifest, write_manifest
 from tests.memory.helpers import ENCODER
 
 

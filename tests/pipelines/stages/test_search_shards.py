@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from memory.store.manifest import read_manifest
+from memory.store.versions import read_manifest
 from memory.search.shard_search import PAD_ID, LoadedShard, PartialTopK, merge_partials
 from pipelines.stages.search_shards import BatchNeighbors, QueryBatch, _SearchShardFn, merge_batch_neighbors
 from tests.pipelines.test_evaluate import _unit, synthetic_memory  # noqa: F401  (the fixture, reused)

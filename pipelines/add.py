@@ -71,7 +71,8 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from encoders.base import EncoderSpec, resolve_preprocess
+from encoders.base import EncoderSpec
+from encoders.bundled import resolve_preprocess
 from memory import storage
 from memory.index.shard_index import IndexConfig, IndexKind
 from memory.store.manifest import Manifest, ManifestError, ShardInfo

@@ -41,7 +41,7 @@ from typing import NamedTuple, Optional, Sequence
 import apache_beam as beam
 import numpy as np
 
-from encoders.base import resolve_preprocess
+from encoders.bundled import resolve_preprocess
 from evaluation.metrics import CorrectCounts
 from memory import storage
 from memory.store.manifest import Manifest

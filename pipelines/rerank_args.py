@@ -9,7 +9,6 @@ import dataclasses
 import json
 from typing import Any
 
-import numpy as np
 
 from memory.rerank import base as rerank_lib
 from memory import storage
@@ -91,7 +90,7 @@ def rerank_spec_from_args(args) -> RerankSpec | None:
     if args.rerank_below is None:
         raise ValueError("--rerank needs --rerank-below MARGIN (the cost gate: queries whose vote margin is below it "
                          "are sent; e.g. 0.3, or 1.01 for every query)")
-    rerank_lib.gate(np.zeros(0), args.rerank_below)
+    rerank_lib.check_rerank_below(args.rerank_below)
     rerank_lib.check_top_n(args.rerank_top_n)
     if kind == "gemini":
         options = dict(vertexai=args.gemini_vertex, project=args.gemini_project, location=args.gemini_location,

@@ -133,7 +133,7 @@ def describe(manifest) -> str:
         lines.append(f"calibration  {cal.describe()}" + (
             "; the memory changed since (re-run vmem calibrate)" if stale else ""))
     if manifest.search_defaults:
-        from memory.search.tuning import SearchSetting
+        from memory.search.setting import SearchSetting
         tuned = manifest.search_defaults.get("tuned") or {}
         lines.append(f"search       {SearchSetting.from_dict(manifest.search_defaults).describe()} (vmem tune: votes "
                      f"agree with exact search on {100 * tuned.get('agreement', 0):.2f}% of {tuned.get('queries')} "
@@ -254,7 +254,8 @@ def cmd_metadata(argv: Sequence[str]) -> int:
     parser.add_argument("--k", type=int, default=10, help="--near-duplicates: neighbours looked at per entry")
     parser.add_argument("--replace", action="store_true", help="drop the existing table instead of merging into it")
     args = parser.parse_args(argv)
-    from memory.store.metadata import near_duplicate_groups, publish_metadata, read_table_file
+    from memory.search.duplicates import near_duplicate_groups
+    from memory.store.metadata import publish_metadata, read_table_file
     start = time.monotonic()
     if args.table:
         ids, columns = read_table_file(args.table, id_column=args.id_column)

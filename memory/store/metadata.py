@@ -6,24 +6,21 @@ its checksum, like soft-pruning weights. Attaching publishes a new version (chan
 versions carry the table forward. Entries without a row (added after the last attach) have no value in any
 column: a metadata filter never admits them and crowding treats each as a group of its own.
 
-`near_duplicate_groups` computes a near-duplicate group id per entry with the memory's own search (entries
-within a cosine distance of each other, joined transitively), to attach as a column and crowd by.
+`memory.search.duplicates.near_duplicate_groups` computes a near-duplicate group id per entry, to attach as a
+column and crowd by.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from memory import storage
 from memory.store.manifest import Manifest, ManifestError, MetadataRef, read_checked_file, sha256_checksum
 from memory.store.versions import publish_version, read_base_version, versioned_file_name
-
-if TYPE_CHECKING:
-    from memory.visual_memory import VisualMemory
 
 METADATA_DIR = "metadata"
 ID_COLUMN = "id"
@@ -155,41 +152,6 @@ def read_table_file(path: str, *, id_column: str = ID_COLUMN) -> tuple[np.ndarra
         return np.asarray(["" if v is None else str(v) for v in col.cast(pa.string()).to_pylist()], dtype=str)
     return strings(table.column(id_column)), {c: strings(table.column(c)) for c in table.column_names
                                               if c != id_column}
-
-
-def near_duplicate_groups(memory: VisualMemory, max_distance: float, *, k: int = 10,
-                          batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """A near-duplicate group id for every live entry, with the memory's own search.
-
-    Two entries are near-duplicates when one is among the other's ``k`` nearest neighbours at cosine
-    distance <= ``max_distance``; groups are the transitive closure (union-find). The group id is the
-    smallest member id, so it does not depend on search order.
-
-    Returns:
-      (ids unicode [n], group ids unicode [n]) over the memory's live entries.
-    """
-    if not 0.0 <= float(max_distance) < 2.0:
-        raise ValueError(f"max_distance must be a cosine distance in [0, 2), e.g. 0.02, got {max_distance!r}")
-    ids = memory.live_entry_ids()
-    parent = np.arange(ids.size)
-    pos = {i: n for n, i in enumerate(ids.tolist())}
-
-    def find(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for start in range(0, ids.size, batch):
-        chunk = ids[start:start + batch]
-        found = memory.search(memory.get_embeddings(chunk), min(k + 1, max(len(memory), 1)))
-        close = (found.distances <= max_distance) & (found.ids != "")
-        for q, j in zip(*np.nonzero(close)):
-            a, b = find(start + int(q)), find(pos[str(found.ids[q, j])])
-            if a != b:
-                parent[max(a, b)] = min(a, b)  # ids are sorted, so the root is the smallest member id.
-    roots = np.asarray([find(i) for i in range(ids.size)], dtype=np.int64)
-    return ids, ids[roots] if ids.size else ids
 
 
 def metadata_without(root: str, manifest: Manifest, forgotten: np.ndarray, new_version: int) -> MetadataRef | None:

@@ -7,7 +7,8 @@ import numpy as np
 from memory.index.shard_index import IndexKind
 from memory.store.versions import read_manifest
 from memory.store.shard import search_units
-from memory.search.tuning import SearchSetting, default_setting, publish_search_defaults
+from memory.search.setting import SearchSetting, default_setting
+from memory.search.tuning import publish_search_defaults
 from memory.visual_memory import VisualMemory
 from tests.memory.search.test_tuning import _memory
 

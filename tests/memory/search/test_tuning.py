@@ -7,7 +7,8 @@ import numpy as np
 from memory.build import build_memory_local
 from memory.index.shard_index import IndexConfig, IndexKind
 from memory.store.versions import read_manifest
-from memory.search.tuning import SearchSetting, candidate_settings, default_setting, exact_search, publish_search_defaults, tune
+from memory.search.setting import SearchSetting, default_setting
+from memory.search.tuning import candidate_settings, exact_search, publish_search_defaults, tune
 from memory.vectors import l2_normalize
 from memory.visual_memory import VisualMemory
 from memory.decide.voting import vote
@@ -49,7 +50,7 @@ def test_tune_picks_the_fastest_setting_that_keeps_the_votes_and_records_it(tmp_
     assert chosen is not None and result["exact"]["queries"] == 400
     # Independently: the chosen setting's votes agree with exact search's on >= 99.9 % of the queries.
     setting = SearchSetting.from_dict(chosen)
-    res = setting.apply(mem).search(q, 10)
+    res = mem.with_search_params(**setting.search_params()).search(q, 10)
     _, exact_labels, exact_dist = exact_search(mem, q, 10)
     exact_vote = vote(exact_labels, exact_dist, rule="rank", k=10).labels
     got_vote = vote(res.labels, res.distances, rule="rank", k=10).labels
@@ -66,7 +67,7 @@ def test_tune_picks_the_fastest_setting_that_keeps_the_votes_and_records_it(tmp_
     assert m.change["kind"] == "tune" and default_setting(read_manifest(root)) == setting
     opened = VisualMemory.open(root)
     raw = VisualMemory.open(root, search_defaults=False)
-    want = setting.apply(raw)
+    want = raw.with_search_params(**setting.search_params())
     assert [ix.num_leaves_to_search for ix in opened._indices] == [ix.num_leaves_to_search for ix in want._indices]
     assert [ix.config.reorder for ix in opened._indices] == [ix.config.reorder for ix in want._indices]
     np.testing.assert_array_equal(opened.search(q, 10).ids, want.search(q, 10).ids)

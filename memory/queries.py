@@ -71,7 +71,7 @@ def preprocess_queries(images: Sequence[Any], spec: PreprocessSpec) -> list[np.n
       FileNotFoundError: naming the query and path, for a missing file.
       ValueError: naming the query, for an undecodable image or an unsupported item type.
     """
-    from encoders.preprocess import ImageDecodeError, decode_and_preprocess, preprocess  # pylint: disable=g-import-not-at-top
+    from encoders.preprocess import ImageDecodeError, decode_and_preprocess, preprocess
     pixels = []
     for i, item in enumerate(images):
         where = f"query {i}"

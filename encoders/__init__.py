@@ -18,8 +18,8 @@ from encoders.base import (
     EncoderSpec,
     PreprocessSpec,
     ResizeMode,
-    resolve_preprocess,
 )
+from encoders.bundled import resolve_preprocess
 # The ``preprocess`` function is deliberately not re-exported: binding it here
 # would shadow the ``encoders.preprocess`` submodule attribute, so that
 # ``import encoders.preprocess as p`` would yield the function. Use

@@ -271,37 +271,6 @@ class Encoder(abc.ABC):
         return np.ascontiguousarray(images)
 
 
-def resolve_preprocess(spec: EncoderSpec) -> PreprocessSpec:
-    """The preprocessing ``load_encoder(spec)`` will use, without loading a model.
-
-    Lets pipelines decode and resize images (and record the spec) at graph
-    construction time without importing TensorFlow.
-
-    Args:
-        spec: The encoder spec.
-
-    Returns:
-        ``spec.preprocess`` if set; else the bundled model's own spec for
-        ``BUNDLED``, or ``PreprocessSpec()`` for user models.
-
-    Raises:
-        EncoderError: ``spec`` names an unknown bundled encoder.
-    """
-    if spec.preprocess is not None:
-        return spec.preprocess
-    if spec.kind is EncoderKind.BUNDLED:
-        # Imported here: efficientnet_lite imports this module (and is TF-free).
-        from encoders import efficientnet_lite
-
-        if spec.uri not in efficientnet_lite.VARIANTS:
-            raise EncoderError(
-                f"Unknown bundled encoder {spec.uri!r}; available: {list(efficientnet_lite.VARIANTS)}. "
-                "For your own model use kind=SAVED_MODEL, TF_HUB or KERAS."
-            )
-        return efficientnet_lite.preprocess_spec(spec.uri)
-    return PreprocessSpec()
-
-
 def cache_root() -> str:
     """Directory for derived model files: ``$VMEM_CACHE_DIR`` or ``~/.cache/...``."""
     env = os.environ.get("VMEM_CACHE_DIR")

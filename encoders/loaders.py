@@ -28,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 import tensorflow as tf
 
-from encoders import efficientnet_lite
+from encoders import bundled, efficientnet_lite
 from encoders.base import (
     Encoder,
     EncoderError,
@@ -37,7 +37,6 @@ from encoders.base import (
     EncoderSpec,
     PreprocessSpec,
     cache_root,
-    resolve_preprocess,
 )
 
 # Bump when the bundled export changes (architecture, signature) so stale
@@ -45,7 +44,7 @@ from encoders.base import (
 _BUNDLED_EXPORT_VERSION = 1
 _BUNDLED_MARKER = "visual_memory_bundled.json"
 _BUNDLED_OUTPUT_KEY = "embedding"
-BUNDLED_ENCODERS = tuple(efficientnet_lite.VARIANTS)
+BUNDLED_ENCODERS = tuple(bundled.VARIANTS)
 
 
 # --------------------------------------------------------------------------- hashing
@@ -349,7 +348,7 @@ def _load_saved_model(spec: EncoderSpec, path: str) -> TFEncoder:
         loader=tf.saved_model.load,
         name=_default_name(spec),
         content_hash=hash_tree(path),
-        preprocess=resolve_preprocess(spec),
+        preprocess=bundled.resolve_preprocess(spec),
         output_key=spec.output_key,
     )
 
@@ -376,7 +375,7 @@ def _load_tf_hub(spec: EncoderSpec, path: str) -> TFEncoder:
         loader=hub.load,
         name=_default_name(spec),
         content_hash=hash_tree(resolved),
-        preprocess=resolve_preprocess(spec),
+        preprocess=bundled.resolve_preprocess(spec),
         output_key=spec.output_key,
     )
 
@@ -404,7 +403,7 @@ def _load_keras(spec: EncoderSpec, path: str) -> TFEncoder:
         output_key=spec.output_key,
         name=_default_name(spec),
         content_hash=hash_file(path),
-        preprocess=resolve_preprocess(spec),
+        preprocess=bundled.resolve_preprocess(spec),
         where=where,
     )
 
@@ -440,7 +439,7 @@ def _check_bundled_name(name: str) -> None:
 
 
 def bundled_saved_model_dir(
-    name: str = efficientnet_lite.NAME, *, cache_dir: str | None = None
+    name: str = bundled.NAME, *, cache_dir: str | None = None
 ) -> str:
     """Returns the cached SavedModel of a bundled encoder, exporting it if needed.
 
@@ -491,11 +490,11 @@ def bundled_saved_model_dir(
     return final
 
 
-def export_bundled_saved_model(out_dir: str, *, name: str = efficientnet_lite.NAME) -> str:
+def export_bundled_saved_model(out_dir: str, *, name: str = bundled.NAME) -> str:
     """Exports a bundled encoder as a SavedModel (e.g. to upload for Dataflow).
 
     The result loads with ``EncoderSpec(kind=SAVED_MODEL, uri=out_dir,
-    output_key="embedding", preprocess=efficientnet_lite.preprocess_spec(name))``.
+    output_key="embedding", preprocess=bundled.preprocess_spec(name))``.
 
     Args:
         out_dir: Destination directory, local or ``gs://``; must not exist or be empty.
@@ -520,12 +519,7 @@ def export_bundled_saved_model(out_dir: str, *, name: str = efficientnet_lite.NA
 def _load_bundled(spec: EncoderSpec) -> TFEncoder:
     _check_bundled_name(spec.uri)
     path = bundled_saved_model_dir(spec.uri)
-    # The variant's own spec rather than resolve_preprocess(spec), which knows
-    # only the default bundled encoder.
-    preprocess = (
-        spec.preprocess if spec.preprocess is not None
-        else efficientnet_lite.preprocess_spec(spec.uri)
-    )
+    preprocess = bundled.resolve_preprocess(spec)
     return _load_saved_model_dir(
         path,
         spec,

@@ -206,6 +206,66 @@ def staged_local_file(path: str, data: bytes):
             os.remove(tmp)
 
 
+def create_exclusive(path: str, data: bytes, *, content_type: str = "application/octet-stream") -> bool:
+    """Creates the file or object ``path`` holding ``data`` unless it already exists.
+
+    Of two writers creating one path exactly one wins: locally a fully written, fsynced temp file is
+    hard-linked to ``path`` (``os.link`` refuses an existing target); on GCS one upload with
+    ``if_generation_match=0``. Never leaves a partial file under ``path``.
+
+    Args:
+      path: Local path or ``gs://`` object.
+      data: The complete content.
+      content_type: The GCS object's content type.
+
+    Returns:
+      True when this call created ``path``; False when it existed (on GCS: True also when the existing object
+      holds exactly ``data``, a retried upload of our own).
+
+    Raises:
+      OSError: naming ``path``, for a GCS error other than the precondition.
+    """
+    if is_gcs(path):
+        try:
+            return _create_exclusive_gcs(path, data, content_type)
+        except Exception as e:  # pylint: disable=broad-except  # Only google-cloud errors are rewrapped.
+            if _is_google_api_error(e):
+                raise OSError(f"creating {path} failed on GCS: {e}") from e
+            raise
+    return _create_exclusive_local(path, data)
+
+
+def _create_exclusive_local(path: str, data: bytes) -> bool:
+    with staged_local_file(path, data) as tmp:
+        try:
+            # link() is atomic and refuses an existing target, unlike rename()/replace().
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # Make the new directory entry durable before anyone relies on it.
+    finally:
+        os.close(dir_fd)
+    return True
+
+
+def _create_exclusive_gcs(path: str, data: bytes, content_type: str) -> bool:
+    from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
+
+    try:
+        # With a generation precondition the client's retries are safe: a retry of an upload that had in
+        # fact succeeded gets 412, and the byte comparison below recognises our own object.
+        _blob(path).upload_from_string(data, if_generation_match=0, retry=_retry(), content_type=content_type)
+        return True
+    except exceptions.PreconditionFailed:
+        pass
+    try:
+        return read_bytes(path) == data
+    except FileNotFoundError:
+        return False
+
+
 def read_text(path: str, *, encoding: str = "utf-8") -> str:
     """Reads a text file (see read_bytes)."""
     return read_bytes(path).decode(encoding)

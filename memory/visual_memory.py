@@ -16,27 +16,29 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
-import os
 import threading
 from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 import numpy as np
 
 from memory import storage
-from memory.decide import classify as classify_lib
+from memory.decide.classify import ClassifyOptions, classify_neighbors
+from memory.decide.confidence import memory_calibration
 from memory.decide.explain import Prediction
 from memory.search.filters import Crowding, QueryFilter, RowAttributes, as_filters, crowded_search, search_filtered
 from memory.index.shard_index import ShardIndex
 from memory.store.manifest import Manifest, ManifestError
 from memory.search.merge import merge_shard_answers
 from memory.store.mutations import read_entry_weights, read_forgotten, row_weights
-from memory.search.routing import Router, check_route_ratio, read_router, search_mask
-from memory.search.tuning import tuned_index
+from memory.search.routing import Router, read_router, search_mask
+from memory.search.setting import check_search_params, default_setting, resolve_search_threads, tuned_index
 from memory.search.shard_search import (FILTER_INDEX_CACHE, build_live_index, one_thread_blas, search_in_chunks,
                                  search_live_rows)
 from memory.store.shard import load_unit_index, read_entry_tables, read_shard_embeddings, read_shard_entries, search_units
+from memory.queries import (check_query_encoder, embed_pixels, load_query_encoder, preprocess_queries,
+                            query_preprocess, split_queries)
 from memory.vectors import l2_normalize
-from memory.store.versions import latest_version, read_version
+from memory.store.versions import read_manifest
 from memory.decide.voting import VotingParams, VotingRule
 
 if TYPE_CHECKING:
@@ -44,15 +46,6 @@ if TYPE_CHECKING:
     from memory.rerank.base import Reranker, ResponseCache
 
 _PAD_ID = ""
-
-
-def _resolve_threads(threads: int | None, shards: int) -> int:
-    if threads is None:
-        return max(1, min(os.cpu_count() or 1, shards))
-    if not isinstance(threads, (int, np.integer)) or threads < 1:
-        raise ValueError(f"search_threads must be None or an int >= 1, got {threads!r}")
-    return int(threads)
-
 
 
 class SearchResult(NamedTuple):
@@ -117,7 +110,7 @@ class VisualMemory:
         # The query encoder is loaded on the first image query only: vector queries and search never need
         # TensorFlow, and loading a model takes seconds.
         self._encoder: Encoder | None = None
-        self._search_threads = _resolve_threads(search_threads, self._searchable_shards())
+        self._search_threads = resolve_search_threads(search_threads, self._searchable_shards())
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
 
@@ -153,7 +146,7 @@ class VisualMemory:
             checksum mismatch.
         """
         root = path.rstrip("/") if len(path) > 1 else path
-        manifest = read_version(root, latest_version(root) if version is None else version)
+        manifest = read_manifest(root, version=version)
         infos = manifest.all_shards
         dirs = [storage.join(root, info.path) for info in infos]
         ids, labels = read_entry_tables(dirs, infos, num_classes=len(manifest.class_names), verify=verify)
@@ -175,9 +168,9 @@ class VisualMemory:
         memory = cls(root, manifest, indices, all_ids, all_labels, np.asarray(offsets, dtype=np.int64),
                      forgotten=forgotten, entry_weights=read_entry_weights(root, manifest),
                      search_threads=search_threads, router=read_router(root, manifest), units=units)
-        if search_defaults and manifest.search_defaults:
-            from memory.search.tuning import SearchSetting  # pylint: disable=g-import-not-at-top
-            memory = SearchSetting.from_dict(manifest.search_defaults).apply(memory)
+        setting = default_setting(manifest) if search_defaults else None
+        if setting is not None:
+            memory = memory.with_search_params(**setting.search_params())
         if load_encoder:
             memory.warm_up()
         return memory
@@ -200,28 +193,16 @@ class VisualMemory:
         a query visits every main shard whose nearest centroid is at most that many times as far as its nearest
         centroid); passing ``route_probes`` switches back.
         """
-        if leaves_fraction is not None and not 0.0 < leaves_fraction <= 1.0:
-            raise ValueError(f"leaves_fraction must be in (0, 1], got {leaves_fraction}")
-        if route_probes is not None and route_ratio is not None:
-            raise ValueError(f"pass route_probes ({route_probes!r}) or route_ratio ({route_ratio!r}), not both: "
-                             "they are two routing rules")
-        for name, value in (("route_probes", route_probes), ("route_ratio", route_ratio)):
-            if value is not None and self._router is None:
-                raise ValueError(f"{name} applies to partition-routed memories only; this memory is hash-sharded "
-                                 "(every query visits every shard). Build with --sharding partition to route.")
-        if route_ratio is not None:
-            route_ratio = check_route_ratio(route_ratio)
-        if route_probes is not None:
-            if isinstance(route_probes, bool) or not isinstance(route_probes, (int, np.integer)) or route_probes < 1:
-                raise ValueError(f"route_probes must be an int >= 1, got {route_probes!r}")
+        route_probes, route_ratio = check_search_params(leaves_fraction=leaves_fraction, route_probes=route_probes,
+                                                        route_ratio=route_ratio, routed=self._router is not None)
         view = copy.copy(self)
         if route_probes is not None:
-            view._route_probes, view._route_ratio = int(route_probes), None
+            view._route_probes, view._route_ratio = route_probes, None
         if route_ratio is not None:
             view._route_ratio = route_ratio
         view._indices = [None if ix is None else tuned_index(ix, leaves_fraction, reorder) for ix in self._indices]
         if threads is not None:
-            view._search_threads = _resolve_threads(threads, self._searchable_shards())
+            view._search_threads = resolve_search_threads(threads, self._searchable_shards())
             view._pool, view._pool_lock = None, threading.Lock()
         return view
 
@@ -519,14 +500,6 @@ class VisualMemory:
         flat = [uris[rows_of[i]] if i != _PAD_ID else "" for i in ids.ravel().tolist()]
         return np.asarray(flat, dtype=str).reshape(ids.shape) if flat else np.zeros(ids.shape, dtype="<U1")
 
-    def _identity_mismatch(self, identity: Any) -> str | None:
-        want = self._manifest.encoder
-        if (identity.name, identity.content_hash) == (want.get("name"), want.get("content_hash")):
-            return None
-        return (f"query encoder {identity.name!r} ({identity.content_hash}) differs from the encoder this memory "
-                f"was built with, {want.get('name')!r} ({want.get('content_hash')}); embeddings of different "
-                f"encoders are not comparable")
-
     def query_encoder(self, encoder: Encoder | None = None) -> Encoder:
         """Returns the encoder that image queries are embedded with.
 
@@ -543,28 +516,9 @@ class VisualMemory:
             longer has the recorded identity, or the manifest records no encoder spec.
         """
         if encoder is not None:
-            problem = self._identity_mismatch(encoder.identity)
-            if problem:
-                raise ValueError(f"{problem}. Fix: omit encoder= to load this memory's own encoder from its "
-                                 f"manifest, or pass the encoder {self._manifest.encoder.get('name')!r} that "
-                                 f"built {self._root}.")
-            return encoder
+            return check_query_encoder(encoder, self._manifest, self._root)
         if self._encoder is None:
-            # Imported here: memory/ must not need TensorFlow for vector queries.
-            from encoders.base import EncoderSpec
-            spec_dict = self._manifest.build_config.get("encoder")
-            if not isinstance(spec_dict, dict):
-                raise ValueError(
-                    f"the manifest of {self._root} records no encoder spec (build_config['encoder'] is "
-                    f"{spec_dict!r}; memories built by memory.build.build_memory_local without one have none); "
-                    "pass encoder=load_encoder(<the spec that built it>) or query with vectors")
-            from encoders.loaders import load_encoder  # TensorFlow: only once a model is really needed.
-            loaded = load_encoder(EncoderSpec.from_dict(spec_dict))
-            problem = self._identity_mismatch(loaded.identity)
-            if problem:
-                raise ValueError(f"{problem}. The model at {spec_dict.get('uri')!r} changed after the build; "
-                                 "restore the original model files or rebuild the memory with the new model.")
-            self._encoder = loaded
+            self._encoder = load_query_encoder(self._manifest, self._root)
         return self._encoder
 
     def embed_images(self, images: Sequence[Any], *, encoder: Encoder | None = None) -> np.ndarray:
@@ -583,7 +537,12 @@ class VisualMemory:
           ValueError: naming the query, for an undecodable image or an unsupported item type; or see
             `query_encoder`.
         """
-        return classify_lib.embed_images(self, images, encoder=encoder)
+        # Every image is decoded before the encoder loads, so a bad query fails in milliseconds, not after
+        # the seconds a model load takes.
+        pixels = preprocess_queries(images, query_preprocess(self._manifest, self._root))
+        if not pixels:
+            return np.zeros((0, self.dim), np.float32)
+        return embed_pixels(self.query_encoder(encoder), pixels)
 
     def classify(self, queries: np.ndarray | Sequence[Any], *, rule: VotingRule | str = VotingRule.RANK,
                  k: int = 10, params: VotingParams = VotingParams(),
@@ -625,7 +584,15 @@ class VisualMemory:
           ValueError: bad rule, k, filter or gate, wrong vector dimension, undecodable image or encoder
             identity mismatch, each naming the bad value and the fix.
         """
-        return classify_lib.classify(self, queries, rule=rule, k=k, params=params, encoder=encoder,
-                                     abstain_below=abstain_below, filters=filters, crowding=crowding,
-                                     rerank=rerank, rerank_below=rerank_below, rerank_top_n=rerank_top_n,
-                                     rerank_cache=rerank_cache)
+        options = ClassifyOptions(rule=rule, k=k, params=params, abstain_below=abstain_below, rerank=rerank,
+                                  rerank_below=rerank_below, rerank_top_n=rerank_top_n, rerank_cache=rerank_cache)
+        calibration = memory_calibration(self._manifest)
+        vectors, images = split_queries(queries, self.dim)
+        if images is not None:
+            vectors = self.embed_images(images, encoder=encoder)
+        if vectors.ndim == 2 and vectors.shape[0] == 0:
+            return []
+        result = self.search(vectors, options.fetch, filters=filters, crowding=crowding)
+        return classify_neighbors(result.ids, result.labels, result.distances, result.weights,
+                                  self.uris_of_results(result.ids), class_names=self.class_names,
+                                  calibration=calibration, options=options, images=images)

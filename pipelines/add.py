@@ -71,7 +71,8 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from encoders.base import EncoderSpec, resolve_preprocess
+from encoders.base import EncoderSpec
+from encoders.bundled import resolve_preprocess
 from memory import storage
 from memory.index.shard_index import IndexConfig, IndexKind
 from memory.store.manifest import Manifest, ManifestError, ShardInfo
@@ -84,7 +85,7 @@ from pipelines.build import is_precomputed, precomputed_identity, read_precomput
 from pipelines.runner import with_default_runner
 from pipelines.stages.embed import (DecodeImages, EmbedImages, EncoderMismatchError, check_same_identity,
                              memory_encoder_spec)
-from pipelines.io.readers import FAILED_TAG, ImageSource, ReadImages, _failed, parse_image_spec
+from pipelines.io.readers import FAILED_TAG, ImageSource, ReadImages, dead_letter, parse_image_spec
 from pipelines.records import EntryBlock, Stage
 from pipelines.stages.write import (DEAD_LETTER_DIR, SPILL_ROWS, EntriesToBlocks, SpillBlocks, block_class_names,
                              count_rows, dedupe_block, read_spills)
@@ -293,9 +294,9 @@ class _RejectInBucketFn(_BucketJoinFn):
         stored, forgotten = self.known_ids(grouped)
         for record in grouped["new"]:
             if _member(forgotten, record.id):
-                yield _failed(record.id, record.uri, "forgotten_id", _forgotten_detail(self._version), Stage.READ)
+                yield dead_letter(record.id, record.uri, "forgotten_id", _forgotten_detail(self._version), Stage.READ)
             elif _member(stored, record.id):
-                yield _failed(record.id, record.uri, "duplicate_id",
+                yield dead_letter(record.id, record.uri, "duplicate_id",
                               f"id is already live in version {self._version} of {self._root}; forget it first to "
                               "replace it, or add the image under another id", Stage.READ)
             else:
@@ -381,10 +382,10 @@ class _RejectRowsInBucketFn(_BucketJoinFn):
             gone = _members(forgotten, rows.ids)
             live = _members(stored, rows.ids) & ~gone  # Tombstones list forgotten ids that are still stored.
             for i in np.flatnonzero(gone).tolist():
-                yield _failed(str(rows.ids[i]), str(rows.uris[i]), "forgotten_id", _forgotten_detail(self._version),
+                yield dead_letter(str(rows.ids[i]), str(rows.uris[i]), "forgotten_id", _forgotten_detail(self._version),
                               Stage.READ)
             for i in np.flatnonzero(live).tolist():
-                yield _failed(str(rows.ids[i]), str(rows.uris[i]), "duplicate_id",
+                yield dead_letter(str(rows.ids[i]), str(rows.uris[i]), "duplicate_id",
                               f"id is already live in version {self._version} of {self._root}; forget it first to "
                               "replace it, or add the entry under another id", Stage.READ)
             rejected = gone | live
@@ -470,7 +471,7 @@ class _WriteDeltaShardFn(beam.DoFn):
             block = block.take(np.flatnonzero(~np.isin(block.ids, np.concatenate(rejected))))
         kept, dups = dedupe_block(block)  # Ids given twice in this add: the first by uri is kept.
         for d, k in dups:
-            yield _failed(str(block.ids[d]), str(block.uris[d]), "duplicate_id",
+            yield dead_letter(str(block.ids[d]), str(block.uris[d]), "duplicate_id",
                           f"id given twice in this add; kept {block.uris[k]}", Stage.EMBED)
         del block
         if not len(kept):

@@ -41,12 +41,13 @@ from typing import NamedTuple, Optional, Sequence
 import apache_beam as beam
 import numpy as np
 
-from encoders.base import resolve_preprocess
+from encoders.bundled import resolve_preprocess
 from evaluation.metrics import CorrectCounts
 from memory import storage
-from memory.store.manifest import Manifest, read_manifest
+from memory.store.manifest import Manifest
+from memory.store.versions import read_manifest
 from memory.search.routing import check_route_ratio
-from memory.search.tuning import default_setting
+from memory.search.setting import default_setting
 from memory.decide.voting import VotingParams, VotingRule
 from pipelines.build import is_precomputed, precomputed_identity, read_precomputed
 from pipelines.runner import with_default_runner

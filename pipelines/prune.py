@@ -52,7 +52,8 @@ from apache_beam.metrics import Metrics
 from memory.decide import pruning
 
 from memory import storage
-from memory.store.manifest import Manifest, read_manifest
+from memory.store.manifest import Manifest
+from memory.store.versions import read_manifest
 from memory.search.shard_search import load_forgotten, searchable_shards
 from memory.store.sharding import shard_for_id
 from pipelines.runner import with_default_runner

@@ -114,14 +114,14 @@ from memory.store import shard as shard_io
 from memory.index.shard_index import IndexConfig
 from memory.store.manifest import Manifest, ManifestError, ShardInfo, WeightsRef, sha256_checksum
 from memory.store.metadata import metadata_without
-from memory.store.mutations import (_fresh_name, _member, purge_history, purge_requested_since_reindex,
-                              read_entry_weights, read_forgotten, WEIGHTS_DIR)
+from memory.store.mutations import (WEIGHTS_DIR, in_sorted, purge_history, purge_requested_since_reindex,
+                                    read_entry_weights, read_forgotten)
 from memory.search.routing import read_router
 from memory.store.shard import ShardData
 from memory.index.template import local_template
 from memory.store.sharding import shard_for_id
-from memory.store.versions import (ConcurrentUpdateError, _conflict, checked_deletion_paths, latest_version, list_versions,
-                             publish_version, read_version)
+from memory.store.versions import (ConcurrentUpdateError, checked_deletion_paths, latest_version, list_versions,
+                                   publish_version, read_version, versioned_file_name)
 from pipelines.records import EntryBlock
 from pipelines.runner import with_default_runner
 from pipelines.stages.write import BLOCK_ROWS, SPILL_DIR, SPILL_ROWS, SpillBlocks, read_spills
@@ -379,7 +379,7 @@ class _ScanSourceFn(_SpillLiveRowsFn):
             targets = np.asarray(self._router.assign(data.embeddings), np.int64)
         self._folded.inc(len(data))
         yield beam.pvalue.TaggedOutput(SUMMARY, compaction.summarize_delta_shard(info.path, ids, targets, forgotten))
-        yield from self._spill(info, data, ~_member(forgotten, ids), targets)
+        yield from self._spill(info, data, ~in_sorted(forgotten, ids), targets)
 
 
 class _ReadLiveRowsFn(_SpillLiveRowsFn):
@@ -392,7 +392,7 @@ class _ReadLiveRowsFn(_SpillLiveRowsFn):
         job = self._job
         data = _read_source(job, info)
         ids = data.ids.astype(str)
-        keep = ~_member(_forgotten_of(job), ids)
+        keep = ~in_sorted(_forgotten_of(job), ids)
         if job.manifest.router is None:
             targets = np.fromiter((shard_for_id(i, plan.num_shards) for i in ids.tolist()), np.int64, ids.size)
         else:  # Routed main rows stay where they are.
@@ -450,7 +450,7 @@ def _weights_without(root: str, manifest: Manifest, forgotten: np.ndarray, new_v
     if ref is None or loaded is None:
         return None
     ids, weights = loaded
-    keep = ~_member(forgotten, ids)
+    keep = ~in_sorted(forgotten, ids)
     if keep.all():
         return ref
     if not keep.any():
@@ -458,7 +458,7 @@ def _weights_without(root: str, manifest: Manifest, forgotten: np.ndarray, new_v
     buf = io.BytesIO()
     np.savez(buf, ids=ids[keep], weights=weights[keep].astype(np.float32))
     blob = buf.getvalue()
-    rel = _fresh_name(WEIGHTS_DIR, new_version, ".npz")
+    rel = versioned_file_name(WEIGHTS_DIR, new_version, ".npz")
     storage.write_bytes(storage.join(root, rel), blob)
     return dataclasses.replace(ref, path=rel, count=int(keep.sum()), checksum=sha256_checksum(blob))
 
@@ -624,7 +624,7 @@ def execute(job: ReindexJob, beam_args: Sequence[str] = (), test_pipeline: Optio
     """
     latest = latest_version(job.root)
     if latest != job.version:
-        raise _conflict(job.root, job.new_version, job.version, latest)
+        raise ConcurrentUpdateError.stale(job.root, job.new_version, job.version, latest)
     _LOG.info("reindex: %s version %d -> %d: %d shards; workers read the shards, plan and write to %s", job.root,
               job.version, job.new_version, job.num_shards, job.job_dir)
     p = test_pipeline or beam.Pipeline(options=PipelineOptions(with_default_runner(beam_args)))
@@ -636,7 +636,7 @@ def execute(job: ReindexJob, beam_args: Sequence[str] = (), test_pipeline: Optio
     except Exception as e:  # pylint: disable=broad-except  # Runners wrap worker errors in their own types.
         latest = latest_version(job.root)
         if latest > job.version and _published_by(job.root, job.new_version, job.job_token) is None:
-            raise _conflict(job.root, job.new_version, job.version, latest) from e
+            raise ConcurrentUpdateError.stale(job.root, job.new_version, job.version, latest) from e
         raise
     return result
 

@@ -9,7 +9,6 @@ import argparse
 import json
 from typing import Any
 
-import numpy as np
 
 from memory import storage
 from memory.rerank import RerankFlags, RerankSpec, parse_rerank_spec, rerank_help
@@ -81,7 +80,7 @@ def rerank_spec_from_args(args) -> RerankSpec | None:
     if args.rerank_below is None:
         raise ValueError("--rerank needs --rerank-below MARGIN (the cost gate: queries whose vote margin is below it "
                          "are sent; e.g. 0.3, or 1.01 for every query)")
-    rerank_lib.gate(np.zeros(0), args.rerank_below)
+    rerank_lib.check_rerank_below(args.rerank_below)
     rerank_lib.check_top_n(args.rerank_top_n)
     spec = RerankSpec.from_flags(kind, name, rerank_flags_from_args(args))
     if not args.rerank_dry_run:

@@ -15,7 +15,7 @@ from evaluation.datasets import FASHION_MNIST_DIR, prepare_fashion_mnist
 from tests.gcs_emulator import gcs_bucket  # noqa: F401  (re-exported pytest fixture)
 
 
-def _save_tiny_encoder(path: str) -> None:
+def save_tiny_encoder(path: str) -> None:
     """A deterministic 48-d 'encoder': 4x4 average-pooled RGB. Real SavedModel, real loader path."""
     import tensorflow as tf
 
@@ -32,7 +32,7 @@ def _save_tiny_encoder(path: str) -> None:
 def resaved_encoder_config(tmp_path, encoder_dir: str, *, num_shards: int) -> tuple[str, str]:
     """A private copy of a SavedModel encoder and a config file using it: (config path, encoder copy dir).
 
-    Re-saving the copy afterwards (``_save_tiny_encoder``) keeps the spec but changes the content hash, which
+    Re-saving the copy afterwards (``save_tiny_encoder``) keeps the spec but changes the content hash, which
     is how tests simulate an encoder whose files changed after a memory was built.
     """
     import shutil
@@ -52,7 +52,7 @@ def resaved_encoder_config(tmp_path, encoder_dir: str, *, num_shards: int) -> tu
 @pytest.fixture(scope="session")
 def tiny_encoder_dir(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("tiny_encoder") / "saved_model")
-    _save_tiny_encoder(path)
+    save_tiny_encoder(path)
     return path
 
 
@@ -71,7 +71,8 @@ def tiny_encoder_config_file(tiny_encoder_dir, tmp_path_factory) -> str:
     return str(path)
 
 
-def _require_fashion_mnist() -> None:
+def require_fashion_mnist() -> None:
+    """Fails the test, with the install command, when the Fashion-MNIST files are missing."""
     if not os.path.exists(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")):
         pytest.fail(f"{FASHION_MNIST_DIR} missing: run `make install` (installs Debian's dataset-fashion-mnist).")
 
@@ -79,7 +80,7 @@ def _require_fashion_mnist() -> None:
 @pytest.fixture(scope="session")
 def fmnist_small(tmp_path_factory) -> str:
     """200 real Fashion-MNIST training images (20 per class) and 50 test images as ImageFolders."""
-    _require_fashion_mnist()
+    require_fashion_mnist()
     root = str(tmp_path_factory.mktemp("fmnist"))
     prepare_fashion_mnist(root, per_class=20, test_per_class=5)
     return root

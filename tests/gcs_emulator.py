@@ -42,7 +42,7 @@ _START_TIMEOUT_S = 20.0
 _ENV = "STORAGE_EMULATOR_HOST"
 # An authorized_user credential that google.auth accepts without a refresh: token present, expiry far away.
 # Fake values only; nothing here is valid anywhere but the emulator, which does not check them.
-_FAKE_CREDENTIALS = {
+FAKE_CREDENTIALS = {
     "type": "authorized_user",
     "client_id": "emulator-client-id",
     "client_secret": "emulator-client-secret",
@@ -105,7 +105,7 @@ def gcs_bucket() -> Iterator[str]:
             stdout=log, stderr=subprocess.STDOUT, cwd=log_dir)
     credentials_path = os.path.join(log_dir, "emulator-credentials.json")
     with open(credentials_path, "w", encoding="utf-8") as f:
-        json.dump(_FAKE_CREDENTIALS, f)
+        json.dump(FAKE_CREDENTIALS, f)
     env = {
         _ENV: url,
         "GOOGLE_APPLICATION_CREDENTIALS": credentials_path,

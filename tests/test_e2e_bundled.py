@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from memory.store.manifest import read_manifest
+from memory.store.versions import read_manifest
 from memory.store.shard import read_shard_data
 from memory.visual_memory import VisualMemory
 from vmem import main as cli

@@ -85,7 +85,7 @@ def fit_from_evaluation(directory: str, *, memory: str | None = None, rule: str 
     import numpy as np
 
     from memory.decide.confidence import fit_on_confidence, raw_score, vote_confidence
-    from memory.store.manifest import read_manifest
+    from memory.store.versions import read_manifest
     from memory.decide.voting import VotingParams
 
     report, records = _evaluation_inputs(directory)

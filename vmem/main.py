@@ -99,7 +99,7 @@ def cmd_build(argv: Sequence[str]) -> int:
     start = time.monotonic()
     build.run(argv)
     elapsed = time.monotonic() - start
-    from memory.store.manifest import read_manifest
+    from memory.store.versions import read_manifest
     manifest = read_manifest(args.output)
     c = manifest.counts
     print(f"built {args.output}: {c.embedded} entries in {len(manifest.shards)} shards, {len(manifest.class_names)} "
@@ -133,7 +133,7 @@ def describe(manifest) -> str:
         lines.append(f"calibration  {cal.describe()}" + (
             "; the memory changed since (re-run vmem calibrate)" if stale else ""))
     if manifest.search_defaults:
-        from memory.search.tuning import SearchSetting
+        from memory.search.setting import SearchSetting
         tuned = manifest.search_defaults.get("tuned") or {}
         lines.append(f"search       {SearchSetting.from_dict(manifest.search_defaults).describe()} (vmem tune: votes "
                      f"agree with exact search on {100 * tuned.get('agreement', 0):.2f}% of {tuned.get('queries')} "
@@ -152,7 +152,7 @@ def cmd_info(argv: Sequence[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print the manifest as JSON")
     parser.add_argument("--verify", action="store_true", help="also check every shard's checksum")
     args = parser.parse_args(argv)
-    from memory.store.manifest import read_manifest
+    from memory.store.versions import read_manifest
     manifest = read_manifest(args.memory)
     if args.verify:
         from memory.visual_memory import VisualMemory
@@ -254,7 +254,8 @@ def cmd_metadata(argv: Sequence[str]) -> int:
     parser.add_argument("--k", type=int, default=10, help="--near-duplicates: neighbours looked at per entry")
     parser.add_argument("--replace", action="store_true", help="drop the existing table instead of merging into it")
     args = parser.parse_args(argv)
-    from memory.store.metadata import near_duplicate_groups, publish_metadata, read_table_file
+    from memory.search.duplicates import near_duplicate_groups
+    from memory.store.metadata import publish_metadata, read_table_file
     start = time.monotonic()
     if args.table:
         ids, columns = read_table_file(args.table, id_column=args.id_column)

@@ -73,7 +73,7 @@ def render(result: dict) -> str:
     lines = [f"exact search: accuracy {result['exact']['accuracy']:.2f} over {result['exact']['queries']} queries "
              f"({result['criteria']['rule']}@{result['criteria']['k']})",
              "", "| setting | queries/s | recall | vote agreement | accuracy |", "|---|---:|---:|---:|---:|"]
-    from memory.search.tuning import SearchSetting  # pylint: disable=g-import-not-at-top
+    from memory.search.setting import SearchSetting  # pylint: disable=g-import-not-at-top
     for t in sorted(result["trials"], key=lambda t: -t["qps"]):
         lines.append(f"| {SearchSetting.from_dict(t).describe()} | {t['qps']:.0f} | {t['recall']:.4f} | "
                      f"{100 * t['agreement']:.2f}% | {t['accuracy']:.2f} |")

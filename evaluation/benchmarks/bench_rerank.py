@@ -138,7 +138,7 @@ def _crowding(args, results: dict, plain: float) -> None:
     for d in args.near_duplicate_distances:
         column = f"near_dup_{d:g}"
         assert cli.main(["metadata", "--memory", copy, "--near-duplicates", str(d), "--column", column]) == 0
-        from memory.store.manifest import read_manifest  # pylint: disable=g-import-not-at-top
+        from memory.store.versions import read_manifest  # pylint: disable=g-import-not-at-top
         from memory.store.metadata import read_metadata  # pylint: disable=g-import-not-at-top
         groups = read_metadata(copy, read_manifest(copy)).columns[column]
         sizes = np.unique(groups, return_counts=True)[1]

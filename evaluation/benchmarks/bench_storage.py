@@ -44,7 +44,7 @@ from evaluation.metrics import accuracy_table
 from memory import storage
 from memory.build import build_memory_local
 from memory.index.shard_index import EmbeddingDtype, IndexConfig
-from memory.store.manifest import read_manifest
+from memory.store.versions import read_manifest
 from memory.store.mutations import read_forgotten
 from memory.search.routing import RouterConfig
 from memory.store.shard import read_shard_data, read_shard_entries

@@ -43,7 +43,7 @@ def _calibrate(eval_dir: str, memory: str) -> None:
 def run(ws: Workspace, out: str) -> dict:
     from memory.decide.confidence import (CalibrationMethod, ConfidenceScore, fit_on_confidence,  # pylint: disable=g-import-not-at-top
                                    memory_calibration, raw_score, vote_confidence)
-    from memory.store.manifest import read_manifest  # pylint: disable=g-import-not-at-top
+    from memory.store.versions import read_manifest  # pylint: disable=g-import-not-at-top
     from memory.visual_memory import VisualMemory  # pylint: disable=g-import-not-at-top
     s = ws.setup
     k = min(K, s.k_max)

@@ -38,7 +38,7 @@ def run(ws: Workspace, out: str) -> dict:
     add_seconds = ws.seconds["add"] - before_add.get("add", 0.0)
     _, after_dir = ws.evaluate(memory, old_test, "new-classes-old-after")
     new_report, new_dir = ws.evaluate(memory, new_test, "new-classes-new-after")
-    from memory.store.manifest import read_manifest  # pylint: disable=g-import-not-at-top
+    from memory.store.versions import read_manifest  # pylint: disable=g-import-not-at-top
     names = read_manifest(memory).class_names
     new_labels = {names.index(c) for c in held}
     before, after = read_neighbors(before_dir), read_neighbors(after_dir)

@@ -32,7 +32,7 @@ PAPER = "hard (v >= 128) 83.6 -> 83.7, soft (gamma = 1.75/(1+v)) 83.6 -> 84.1 (R
 
 
 def _level(ws: Workspace, percent: int, *, threshold: int, prune_k: int, verify: bool) -> dict:
-    from memory.store.manifest import read_manifest  # pylint: disable=g-import-not-at-top
+    from memory.store.versions import read_manifest  # pylint: disable=g-import-not-at-top
     from memory.store.mutations import read_entry_weights, read_forgotten  # pylint: disable=g-import-not-at-top
     s = ws.setup
     k = min(10, s.k_max)

@@ -59,7 +59,7 @@ def _case(ws: Workspace, name: str, forget_args: list[str], keep: np.ndarray, fo
             "accuracy_tables_equal": v_forgot.table == v_again.table,
             "accuracy_difference_bound": lists.accuracy_bound()}
     if forgotten_label is not None:
-        from memory.store.manifest import read_manifest  # pylint: disable=g-import-not-at-top
+        from memory.store.versions import read_manifest  # pylint: disable=g-import-not-at-top
         label = read_manifest(memory).class_names.index(forgotten_label)
         case["forgotten_class"] = forgotten_label
         case["forgotten_class_predictions"] = int(sum((p == label).sum() for p in v_forgot.preds.values()))

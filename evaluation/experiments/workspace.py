@@ -126,7 +126,7 @@ class Workspace:
             self._stamp = stamp
             return stamp
         from evaluation.datasets import prepare_dataset  # pylint: disable=g-import-not-at-top
-        from memory.store.manifest import read_manifest  # pylint: disable=g-import-not-at-top
+        from memory.store.versions import read_manifest  # pylint: disable=g-import-not-at-top
         from pipelines import build  # pylint: disable=g-import-not-at-top
         s = self.setup
         images = self.path("images")

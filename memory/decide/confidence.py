@@ -422,9 +422,8 @@ def publish_calibration(root: str, calibration: Calibration, *, expected_version
     Returns:
       The published Manifest.
     """
-    from memory.store.mutations import _base  # pylint: disable=g-import-not-at-top  # (mutations -> shard -> scann)
-    from memory.store.versions import publish_version  # pylint: disable=g-import-not-at-top
-    base, manifest = _base(root, expected_version)
+    from memory.store.versions import publish_version, read_base_version  # pylint: disable=g-import-not-at-top
+    base, manifest = read_base_version(root, expected_version)
     change = {"kind": "calibrate", "summary": f"confidence calibration: {calibration.describe()}",
               "method": calibration.method.value, "score": calibration.score.value, "rule": calibration.rule.value,
               "k": calibration.k, "queries": calibration.queries}

@@ -139,6 +139,7 @@ def explain(
     uris: Sequence[str] | np.ndarray,
     params: VotingParams = VotingParams(),
     entry_weights: Sequence[float] | np.ndarray | None = None,
+    winner: int | None = None,
 ) -> Prediction:
     """Classifies one query from its neighbours and says why.
 
@@ -152,6 +153,9 @@ def explain(
       uris: ``[K]`` source uri of each neighbour ("" for padding).
       params: Rule hyper-parameters.
       entry_weights: Optional ``[K]`` non-negative per-neighbour factors (soft pruning), as in ``vote()``.
+      winner: The label ``vote()`` chose for this row, when the caller already voted on it (with the same rule,
+        k, params and entry weights, e.g. `memory.decide.confidence.vote_confidence`'s ``labels``); None
+        votes here.
 
     Returns:
       The :class:`Prediction`; its ``label`` equals ``vote(labels[None], distances[None], ...)``'s.
@@ -173,11 +177,12 @@ def explain(
         raise ValueError(f"label {int(labels_row.max())} is outside class_names (allowed: -1 for padding, "
                          f"0..{len(class_names) - 1}); pass the class_names of the memory that was searched")
     ew = None if entry_weights is None else _row("entry_weights", entry_weights, np.float64)[None, :]
-    # vote() validates k, label dtype and shapes, and decides the label: the explanation reuses the decision
-    # instead of re-deriving it, so the two cannot diverge even by float rounding.
-    decision = vote(labels_row[None, :], distances_row[None, :], rule=rule, k=k, params=params,
-                    entry_weights=ew, num_classes=len(class_names))
-    winner = int(decision.labels[0])
+    if winner is None:
+        # vote() validates k, label dtype and shapes, and decides the label: the explanation reuses the decision
+        # instead of re-deriving it, so the two cannot diverge even by float rounding.
+        decision = vote(labels_row[None, :], distances_row[None, :], rule=rule, k=k, params=params,
+                        entry_weights=ew, num_classes=len(class_names))
+        winner = int(decision.labels[0])
     labels_k, distances_k = labels_row[:k], distances_row[:k]
     weights = neighbor_weights(rule, distances_k[None, :], params=params, labels=labels_k[None, :],
                                entry_weights=None if ew is None else ew[:, :k], stable=False)[0]

@@ -29,11 +29,13 @@ import re
 import threading
 import time
 import unicodedata
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
 from memory import storage
+from memory.decide.confidence import VoteConfidence, vote_confidence
+from memory.decide.voting import VotingParams, VotingRule
 from memory.enums import parse_enum
 
 
@@ -155,20 +157,37 @@ class Reranker(Protocol):
         ...
 
 
+def check_rerank_below(below: Any) -> float | None:
+    """The cost gate ``below`` (None: send no query), checked where it enters (`VisualMemory.classify`, the
+    ``--rerank-below`` flag); `gate` and `vote_and_gate` take it as checked.
+
+    Raises:
+      ValueError: naming the value, unless it is None or a number >= 0.
+    """
+    if below is not None and (not isinstance(below, (int, float, np.floating)) or isinstance(below, bool)
+                              or below < 0):
+        raise ValueError(f"rerank_below must be a number >= 0 (a vote margin in [0, 1], e.g. 0.3), got {below!r}")
+    return below
+
+
 def gate(margins: np.ndarray, below: float | None) -> np.ndarray:
     """bool [nq]: the queries worth a call, those whose vote margin is strictly below ``below``.
 
-    ``below=None`` sends none; ``below > 1`` sends every query (margins are in [0, 1]).
+    ``below=None`` sends none; ``below > 1`` sends every query (margins are in [0, 1]). ``below`` is taken as
+    checked (`check_rerank_below`).
     """
     margins = np.asarray(margins, dtype=np.float64)
     if below is None:
         return np.zeros(margins.shape, dtype=bool)
-    if not isinstance(below, (int, float, np.floating)) or isinstance(below, bool) or below < 0:
-        raise ValueError(f"rerank_below must be a number >= 0 (a vote margin in [0, 1], e.g. 0.3), got {below!r}")
     return margins < float(below)
 
 
 def check_top_n(top_n: Any) -> int:
+    """The neighbours shown per query, checked where it enters; `make_request` takes it as checked.
+
+    Raises:
+      ValueError: naming the value, unless it is an int in [2, 64].
+    """
     if isinstance(top_n, bool) or not isinstance(top_n, (int, np.integer)) or not 2 <= top_n <= 64:
         raise ValueError(f"rerank top_n must be an int in [2, 64] (neighbours shown per query), got {top_n!r}")
     return int(top_n)
@@ -177,10 +196,61 @@ def check_top_n(top_n: Any) -> int:
 def make_request(query_id: str, query_uri: str, labels: Sequence[str], uris: Sequence[str],
                  distances: Sequence[float], *, vote_label: str, margin: float, top_n: int,
                  query_image: bytes | None = None) -> RerankRequest:
-    """A request from one query's neighbour list (class names, uris, distances; padding "" is skipped)."""
+    """A request from one query's neighbour list (class names, uris, distances; padding "" is skipped), showing
+    its first ``top_n`` (checked, `check_top_n`) candidates."""
     cands = tuple(Candidate(str(lab), str(uri), float(d))
-                  for lab, uri, d in zip(labels, uris, distances) if str(lab))[:check_top_n(top_n)]
+                  for lab, uri, d in zip(labels, uris, distances) if str(lab))[:int(top_n)]
     return RerankRequest(str(query_id), str(query_uri), cands, str(vote_label), float(margin), query_image)
+
+
+class GatedVote(NamedTuple):
+    """The one vote of a batch of queries and the re-rank requests its cost gate lets through.
+
+    Attributes:
+      vote: Each query's vote and confidence scores (memory.decide.confidence.VoteConfidence); the gate reads
+        its ``margin``.
+      vote_labels: unicode [nq]: the vote's class name of each query ("" for a query without neighbours).
+      requests: Per query, its `RerankRequest` when its margin is below the gate, else None.
+    """
+    vote: VoteConfidence
+    vote_labels: np.ndarray
+    requests: list[RerankRequest | None]
+
+
+def vote_and_gate(labels: np.ndarray, distances: np.ndarray, entry_weights: np.ndarray | None, *,
+                  class_names: Sequence[str], rule: VotingRule, k: int, params: VotingParams,
+                  below: float | None, top_n: int, query_ids: Sequence[str], query_uris: Sequence[str],
+                  neighbor_uris: Sequence[Sequence[str]],
+                  query_image: Callable[[int], bytes | None] | None = None) -> GatedVote:
+    """Votes each query once, gates it on that vote's margin, and builds the request of each query sent.
+
+    `VisualMemory.classify` and the evaluate job's re-rank stage both run this, so both send exactly the same
+    queries with the same candidates. Inputs are taken as checked where they entered (k >= 1,
+    `check_rerank_below`, `check_top_n`).
+
+    Args:
+      labels, distances: ``[nq, K]`` neighbours, nearest first (-1 / inf padding); the first ``k`` vote, the
+        first ``top_n`` non-padding ones are shown to the re-ranker.
+      entry_weights: ``[nq, K]`` soft-pruning weights multiplied into the votes, or None.
+      class_names: The memory's class names (``labels`` index into them).
+      rule, k, params: The vote.
+      below: The cost gate: queries whose margin is strictly below it are sent; None sends none.
+      top_n: Candidates per request.
+      query_ids, query_uris: Each query's id and image uri ("" when the re-ranker is shown bytes instead).
+      neighbor_uris: ``[nq, K]`` source uri of each neighbour.
+      query_image: Encoded image bytes of query q, asked only for queries sent (None: no bytes).
+    """
+    kk = min(int(k), labels.shape[1])
+    vc = vote_confidence(labels[:, :kk], distances[:, :kk], rule=rule, k=kk, params=params,
+                         entry_weights=None if entry_weights is None else entry_weights[:, :kk])
+    names = np.asarray(tuple(class_names) + ("",), dtype=str)  # -1 (padding, no vote) indexes "".
+    vote_labels = names[vc.labels]
+    send = gate(vc.margin, below)
+    requests = [make_request(query_ids[q], query_uris[q], names[labels[q]], neighbor_uris[q], distances[q],
+                             vote_label=vote_labels[q], margin=float(vc.margin[q]), top_n=top_n,
+                             query_image=None if query_image is None else query_image(q))
+                if send[q] else None for q in range(labels.shape[0])]
+    return GatedVote(vc, vote_labels, requests)
 
 
 def prompt_text(request: RerankRequest) -> tuple[str, str]:

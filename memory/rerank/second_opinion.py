@@ -31,7 +31,7 @@ class EncoderReranker:
     """Second-opinion re-ranking by a bundled encoder (see the module docstring).
 
     Args:
-      encoder: A bundled encoder name (encoders.efficientnet_lite.VARIANTS).
+      encoder: A bundled encoder name (encoders.bundled.VARIANTS).
       weight: Share of the second encoder's similarity in the candidates' new score, in [0, 1]
         (1 = its order alone; 0 = the memory's own order, i.e. a rank vote over N).
       cache_size: Image embeddings kept (by uri).

@@ -9,7 +9,7 @@ brute-force shards exactly the top-k a memory holding only the allowed entries w
 
 **Crowding** (Vertex AI Vector Search's crowding tags): among a query's k neighbours at most ``max_per_group``
 come from one group -- entries sharing a source-uri prefix, or a metadata column value such as a
-near-duplicate group id (`memory.store.metadata.near_duplicate_groups`). The crowded list is the greedy walk down
+near-duplicate group id (`memory.search.duplicates.near_duplicate_groups`). The crowded list is the greedy walk down
 the distance order keeping an entry while its group has fewer than c kept, cut at k. That walk is exact under
 sharding: an entry of the global crowded top-k is also in its own shard's crowded top-k, so shards crowd
 their lists, the merge keeps every shard's list and crowds the union (`crowd`), in any merge order.

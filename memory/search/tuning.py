@@ -17,60 +17,19 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from memory.decide.voting import VotingParams, VotingRule, vote
-
-if TYPE_CHECKING:
-    from memory.index.shard_index import ShardIndex
-    from memory.visual_memory import VisualMemory
+from memory.search.setting import SearchSetting
+from memory.visual_memory import VisualMemory
 
 LEAF_FRACTIONS = (1 / 256, 1 / 128, 1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
 REORDER_FACTORS = (1, 2, 4, 10, 20, 50)   # x k
 ROUTE_PROBES = (1, 2, 4, 8, 16, 64)
 # Distance-ratio routing (memory.search.routing.Router.route): visits fewer shards than probes at equal coverage.
 ROUTE_RATIOS = (1.05, 1.1, 1.2, 1.3, 1.5)
-
-
-_KNOBS = ("leaves_fraction", "reorder", "route_probes", "route_ratio")
-_MEASURED = ("qps", "recall", "agreement", "accuracy")  # A Trial dict's measurements (not settings).
-
-
-@dataclasses.dataclass(frozen=True)
-class SearchSetting:
-    """A memory's search knobs (None = keep the memory's own)."""
-    leaves_fraction: float | None = None
-    reorder: int | None = None
-    route_probes: int | None = None
-    route_ratio: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SearchSetting:
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)} - {"tuned", *_MEASURED}
-        if unknown:
-            raise ValueError(f"unknown search setting field(s) {sorted(unknown)}")
-        return cls(**{k: d[k] for k in _KNOBS if d.get(k) is not None})
-
-    def apply(self, memory: VisualMemory) -> VisualMemory:
-        return memory.with_search_params(leaves_fraction=self.leaves_fraction, reorder=self.reorder,
-                                         route_probes=self.route_probes, route_ratio=self.route_ratio)
-
-    def describe(self) -> str:
-        parts = []
-        if self.leaves_fraction is not None:
-            parts.append(f"leaves {self.leaves_fraction:.4g}")
-        if self.reorder is not None:
-            parts.append(f"reorder {self.reorder}")
-        if self.route_probes is not None:
-            parts.append(f"route probes {self.route_probes}")
-        if self.route_ratio is not None:
-            parts.append(f"route ratio {self.route_ratio:g}")
-        return ", ".join(parts) or "the memory's own"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,19 +44,6 @@ class Trial:
     def to_dict(self) -> dict[str, Any]:
         return {**self.setting.to_dict(), "qps": self.qps, "recall": self.recall, "agreement": self.agreement,
                 "accuracy": self.accuracy}
-
-
-def tuned_index(index: ShardIndex, leaves_fraction: float | None, reorder: int | None) -> ShardIndex:
-    """The shard's index probing ``leaves_fraction`` of its leaves (tree+AH only) and re-ranking ``reorder``."""
-    leaves = None
-    if leaves_fraction is not None and index.num_leaves_to_search is not None:
-        leaves = max(1, math.ceil(leaves_fraction * index.config.resolve_leaves(len(index))[0]))
-    return index.with_search_params(leaves_to_search=leaves, reorder=reorder)
-
-
-def default_setting(manifest) -> SearchSetting | None:
-    """The manifest's tuned default search setting (`vmem tune`), or None."""
-    return None if not manifest.search_defaults else SearchSetting.from_dict(manifest.search_defaults)
 
 
 def exact_search(memory: VisualMemory, queries: np.ndarray, k: int, *, block: int = 65_536
@@ -190,7 +136,7 @@ def tune(memory: VisualMemory, queries: np.ndarray, true_labels: np.ndarray, *, 
     exact_acc = 100.0 * float(np.mean(exact_vote == true))
     trials = []
     for setting in candidate_settings(memory, k):
-        view = setting.apply(memory)
+        view = memory.with_search_params(**setting.search_params())
         qps, _ = _qps(view, q, k, repeats)
         res = view.search(q, k)
         pred = vote(res.labels, res.distances, rule=rule, k=min(k, res.labels.shape[1]), params=params).labels
@@ -211,12 +157,11 @@ def tune(memory: VisualMemory, queries: np.ndarray, true_labels: np.ndarray, *, 
 
 def publish_search_defaults(root: str, result: dict[str, Any], *, expected_version: int | None = None):
     """Publishes the next version with ``result["chosen"]`` as the memory's default search setting."""
-    from memory.store.mutations import _base  # pylint: disable=g-import-not-at-top
-    from memory.store.versions import publish_version  # pylint: disable=g-import-not-at-top
+    from memory.store.versions import publish_version, read_base_version  # pylint: disable=g-import-not-at-top
     chosen = result.get("chosen")
     if chosen is None:
         raise ValueError("no setting met the criteria; nothing to publish (exact search stays the default)")
-    base, manifest = _base(root, expected_version)
+    base, manifest = read_base_version(root, expected_version)
     setting = SearchSetting.from_dict(chosen)
     defaults = {**setting.to_dict(), "tuned": {
         "fitted_on_version": base, "qps": chosen["qps"], "recall": chosen["recall"],

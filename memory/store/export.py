@@ -84,7 +84,7 @@ def export_embeddings(root: str, directory: str, *, version: int | None = None) 
     Returns:
       The number of rows written (the version's live entries).
     """
-    from memory.store.manifest import read_manifest  # pylint: disable=g-import-not-at-top
+    from memory.store.versions import read_manifest  # pylint: disable=g-import-not-at-top
     from memory.store.shard import read_shard_data  # pylint: disable=g-import-not-at-top
     from memory.search.shard_search import load_forgotten  # pylint: disable=g-import-not-at-top
     manifest = read_manifest(root, version=version)

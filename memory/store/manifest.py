@@ -7,7 +7,7 @@ A memory changes by publishing immutable *versions* (``versions/v000001.json``, 
 each is a full Manifest with its ``version``, ``parent`` and the ``change`` that produced it, plus the
 living-memory fields ``delta_shards`` (entries added since the last re-index), ``forgotten`` (tombstones)
 and ``entry_weights`` (soft pruning). ``manifest.json`` is a copy of the latest version for tools that do not
-know versions; `read_manifest` resolves the latest version itself.
+know versions; `memory.store.versions.read_manifest` resolves the latest version itself.
 """
 
 from __future__ import annotations
@@ -509,31 +509,6 @@ _OPTIONAL_FIELDS = ("version", "parent", "change", "delta_shards", "forgotten", 
 
 def manifest_path(root: str) -> str:
     return storage.join(root, MANIFEST_NAME)
-
-
-def write_manifest(root: str, manifest: Manifest) -> None:
-    """Publishes a freshly built memory as version 1; call it last, after every shard is written.
-
-    Creates ``<root>/versions/v000001.json`` exclusively (see memory.store.versions.publish_version) and then
-    ``<root>/manifest.json``. A root that already holds versions is refused with ConcurrentUpdateError:
-    a rebuild must start from an empty root (``vmem build --overwrite`` deletes it first).
-    """
-    from memory.store.versions import publish_version  # pylint: disable=g-import-not-at-top  # (versions imports us)
-    manifest.validate()
-    publish_version(root, dataclasses.replace(manifest, version=1, parent=None), expected_parent=None)
-
-
-def read_manifest(root: str, *, version: int | None = None) -> Manifest:
-    """Reads and validates the latest version of a memory (or the pinned ``version``).
-
-    The latest version is the highest ``versions/vNNNNNN.json``; a memory built before versions existed has
-    only ``manifest.json``, read as version 1.
-
-    Raises:
-      ManifestError: if there is no memory (with how to build one), no such version, or it is malformed.
-    """
-    from memory.store.versions import latest_version, read_version  # pylint: disable=g-import-not-at-top
-    return read_version(root, latest_version(root) if version is None else version)
 
 
 def read_manifest_file(path: str) -> Manifest:

@@ -6,23 +6,21 @@ its checksum, like soft-pruning weights. Attaching publishes a new version (chan
 versions carry the table forward. Entries without a row (added after the last attach) have no value in any
 column: a metadata filter never admits them and crowding treats each as a group of its own.
 
-`near_duplicate_groups` computes a near-duplicate group id per entry with the memory's own search (entries
-within a cosine distance of each other, joined transitively), to attach as a column and crowd by.
+`memory.search.duplicates.near_duplicate_groups` computes a near-duplicate group id per entry, to attach as a
+column and crowd by.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from memory import storage
 from memory.store.manifest import Manifest, ManifestError, MetadataRef, read_checked_file, sha256_checksum
-
-if TYPE_CHECKING:
-    from memory.visual_memory import VisualMemory
+from memory.store.versions import publish_version, read_base_version, versioned_file_name
 
 METADATA_DIR = "metadata"
 ID_COLUMN = "id"
@@ -93,17 +91,16 @@ def publish_metadata(root: str, ids: Sequence[str], columns: Mapping[str, Sequen
       KeyError: listing ids that are not live. ValueError: bad shapes, names or duplicate ids.
       ConcurrentUpdateError.
     """
-    from memory.store.mutations import _base, _str_array, check_unique_live  # pylint: disable=g-import-not-at-top  # (mutations -> scann)
-    from memory.store.versions import publish_version  # pylint: disable=g-import-not-at-top
-    base, m = _base(root, expected_version)
-    ids_arr = _str_array(ids)
+    from memory.store.mutations import check_unique_live, str_array  # pylint: disable=g-import-not-at-top  # (mutations -> scann)
+    base, m = read_base_version(root, expected_version)
+    ids_arr = str_array(ids)
     if not columns:
         raise ValueError("no metadata columns given; pass at least one column besides the id")
     cols = {}
     for name, values in columns.items():
         if not isinstance(name, str) or not name or name == ID_COLUMN:
             raise ValueError(f"metadata column name {name!r}: must be a non-empty string other than {ID_COLUMN!r}")
-        arr = _str_array("" if v is None else v for v in values)
+        arr = str_array("" if v is None else v for v in values)
         if arr.shape != ids_arr.shape:
             raise ValueError(f"metadata column {name!r} has {arr.shape[0]} values for {ids_arr.shape[0]} ids")
         cols[name] = arr
@@ -124,8 +121,7 @@ def publish_metadata(root: str, ids: Sequence[str], columns: Mapping[str, Sequen
         order = np.argsort(ids_arr, kind="stable")
         ids_arr, cols = ids_arr[order], {c: v[order] for c, v in cols.items()}
     blob = _table_bytes(ids_arr, cols)
-    from memory.store.mutations import _fresh_name  # pylint: disable=g-import-not-at-top
-    rel = _fresh_name(METADATA_DIR, base + 1, ".parquet")
+    rel = versioned_file_name(METADATA_DIR, base + 1, ".parquet")
     storage.write_bytes(storage.join(root, rel), blob)
     ref = MetadataRef(path=rel, count=int(ids_arr.size), checksum=sha256_checksum(blob), columns=tuple(cols))
     change = {"kind": "metadata", "summary": f"metadata columns {list(cols)} for {ids_arr.size} entries",
@@ -158,41 +154,6 @@ def read_table_file(path: str, *, id_column: str = ID_COLUMN) -> tuple[np.ndarra
                                               if c != id_column}
 
 
-def near_duplicate_groups(memory: VisualMemory, max_distance: float, *, k: int = 10,
-                          batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """A near-duplicate group id for every live entry, with the memory's own search.
-
-    Two entries are near-duplicates when one is among the other's ``k`` nearest neighbours at cosine
-    distance <= ``max_distance``; groups are the transitive closure (union-find). The group id is the
-    smallest member id, so it does not depend on search order.
-
-    Returns:
-      (ids unicode [n], group ids unicode [n]) over the memory's live entries.
-    """
-    if not 0.0 <= float(max_distance) < 2.0:
-        raise ValueError(f"max_distance must be a cosine distance in [0, 2), e.g. 0.02, got {max_distance!r}")
-    ids = memory.live_entry_ids()
-    parent = np.arange(ids.size)
-    pos = {i: n for n, i in enumerate(ids.tolist())}
-
-    def find(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for start in range(0, ids.size, batch):
-        chunk = ids[start:start + batch]
-        found = memory.search(memory.get_embeddings(chunk), min(k + 1, max(len(memory), 1)))
-        close = (found.distances <= max_distance) & (found.ids != "")
-        for q, j in zip(*np.nonzero(close)):
-            a, b = find(start + int(q)), find(pos[str(found.ids[q, j])])
-            if a != b:
-                parent[max(a, b)] = min(a, b)  # ids are sorted, so the root is the smallest member id.
-    roots = np.asarray([find(i) for i in range(ids.size)], dtype=np.int64)
-    return ids, ids[roots] if ids.size else ids
-
-
 def metadata_without(root: str, manifest: Manifest, forgotten: np.ndarray, new_version: int) -> MetadataRef | None:
     """The metadata minus forgotten ids (re-index drops them with their rows): the same ref if none is listed."""
     table = read_metadata(root, manifest)
@@ -203,8 +164,7 @@ def metadata_without(root: str, manifest: Manifest, forgotten: np.ndarray, new_v
         return manifest.metadata
     if not keep.any():
         return None
-    from memory.store.mutations import _fresh_name  # pylint: disable=g-import-not-at-top
     blob = _table_bytes(table.ids[keep], {c: v[keep] for c, v in table.columns.items()})
-    rel = _fresh_name(METADATA_DIR, new_version, ".parquet")
+    rel = versioned_file_name(METADATA_DIR, new_version, ".parquet")
     storage.write_bytes(storage.join(root, rel), blob)
     return dataclasses.replace(manifest.metadata, path=rel, count=int(keep.sum()), checksum=sha256_checksum(blob))

@@ -34,8 +34,9 @@ from memory.store.manifest import (ForgottenSet, Manifest, ManifestError, ShardI
                              sha256_checksum)
 from memory.store.shard import ShardData, write_shard
 from memory.vectors import l2_normalize
-from memory.store.versions import (ConcurrentUpdateError, _conflict, checked_deletion_paths, latest_version, list_versions,
-                             publish_version, read_version, version_path)
+from memory.store.versions import (ConcurrentUpdateError, checked_deletion_paths, latest_version, list_versions,
+                                   publish_version, read_base_version, read_version, version_path,
+                                   versioned_file_name)
 
 TOMBSTONES_DIR = "tombstones"
 WEIGHTS_DIR = "weights"
@@ -44,22 +45,18 @@ _TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Ids listed in an error message: enough to act on, bounded for a 1M-id mistake.
 _MAX_LISTED = 50
 
-__all__ = ["DuplicateIdError", "add_entries_local", "clear_entry_weights", "extended_class_names", "forget",
-           "live_ids", "publish_add", "publish_entry_weights", "purge_history", "purge_requested_since_reindex",
-           "read_entry_weights", "read_forgotten", "row_weights", "write_delta_shard"]
+__all__ = ["DuplicateIdError", "add_entries_local", "check_unique_live", "clear_entry_weights",
+           "extended_class_names", "forget", "in_sorted", "live_ids", "publish_add",
+           "publish_entry_weights", "purge_history", "purge_requested_since_reindex", "read_entry_weights",
+           "read_forgotten", "row_weights", "str_array", "write_delta_shard"]
 
 
 class DuplicateIdError(ValueError):
     """Entries to add carry ids that are already in the memory (live, or forgotten but not yet re-indexed)."""
 
 
-def _fresh_name(directory: str, version: int, suffix: str) -> str:
-    # The random token keeps two racing writers of the same version from overwriting each other's file
-    # (the loser's file is simply never referenced).
-    return f"{directory}/v{version:06d}-{secrets.token_hex(4)}{suffix}"
-
-
-def _str_array(values: Iterable[Any]) -> np.ndarray:
+def str_array(values: Iterable[Any]) -> np.ndarray:
+    """The values as a 1-D unicode array (ids, labels, uris, metadata values); ``<U1`` when empty."""
     arr = np.asarray([str(v) for v in values], dtype=str)
     return arr if arr.size else np.zeros((0,), dtype="<U1")
 
@@ -145,8 +142,11 @@ def _columns(root: str, manifest: Manifest, names: Sequence[str]) -> dict[str, n
     return out
 
 
-def _member(sorted_values: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    """bool mask: which queries occur in sorted_values (binary search; np.isin sorts both, far slower)."""
+def in_sorted(sorted_values: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """bool mask of ``queries``' shape: which queries occur in the ascending ``sorted_values``.
+
+    A binary search per query: np.isin sorts both arrays, far slower for a few queries against many ids.
+    """
     if not sorted_values.size or not queries.size:
         return np.zeros(queries.shape, dtype=bool)
     pos = np.minimum(np.searchsorted(sorted_values, queries), sorted_values.size - 1)
@@ -158,7 +158,7 @@ def _present(root: str, manifest: Manifest, queries: np.ndarray) -> np.ndarray:
     found = np.zeros(queries.shape, dtype=bool)
     for info in manifest.all_shards:
         if info.count:
-            found |= _member(_column(root, info, "ids"), queries)
+            found |= in_sorted(_column(root, info, "ids"), queries)
     return found
 
 
@@ -182,15 +182,6 @@ def check_unique_live(root: str, version: int, ids: np.ndarray, *, what: str) ->
     if unknown.size:
         raise KeyError(f"{unknown.size} id(s) not live in version {version}: {_listed(unknown)}; nothing was "
                        "published")
-
-
-def _base(root: str, expected_version: int | None) -> tuple[int, Manifest]:
-    latest = latest_version(root)
-    base = latest if expected_version is None else expected_version
-    if base != latest:
-        # Fail before writing any file: the publish would be refused anyway.
-        raise _conflict(root, base + 1, base, latest)
-    return base, read_version(root, base)
 
 
 def forget(root: str, *, ids: Iterable[str] | None = None, label: str | None = None,
@@ -220,17 +211,17 @@ def forget(root: str, *, ids: Iterable[str] | None = None, label: str | None = N
     """
     if ids is None and label is None and source_prefix is None:
         raise ValueError("forget needs a selection: ids=[...], label='name' and/or source_prefix='gs://...'")
-    base, m = _base(root, expected_version)
+    base, m = read_base_version(root, expected_version)
     gone = read_forgotten(root, m)
     selected, selection = [], {}
     if ids is not None:
-        req = np.unique(_str_array(ids))
+        req = np.unique(str_array(ids))
         if not req.size:
             raise ValueError("forget(ids=...) got an empty id list; pass at least one id")
-        forgotten_already = _member(gone, req)
+        forgotten_already = in_sorted(gone, req)
         unknown = req[forgotten_already | ~_present(root, m, req)]
         if unknown.size:
-            already = unknown[_member(gone, unknown)]
+            already = unknown[in_sorted(gone, unknown)]
             note = f" ({len(already)} of them already forgotten: {_listed(already)})" if already.size else ""
             raise KeyError(f"{len(unknown)} unknown id(s), not live in version {base} of {root}: "
                            f"{_listed(unknown)}{note}; nothing was forgotten")
@@ -244,7 +235,7 @@ def forget(root: str, *, ids: Iterable[str] | None = None, label: str | None = N
             raise KeyError(f"unknown label {label!r}; this memory's classes: {_listed(m.class_names)}; nothing was "
                            "forgotten")
         rows = cols["labels"] == m.class_names.index(label)
-        rows[rows] = ~_member(gone, phys[rows])
+        rows[rows] = ~in_sorted(gone, phys[rows])
         if not rows.any():
             raise KeyError(f"label {label!r} has no live entries in version {base}; nothing was forgotten")
         selected.append(phys[rows])
@@ -253,7 +244,7 @@ def forget(root: str, *, ids: Iterable[str] | None = None, label: str | None = N
         if not source_prefix:
             raise ValueError("source_prefix must be a non-empty string (an empty prefix would forget everything)")
         rows = np.char.startswith(cols["uris"], source_prefix)
-        rows[rows] = ~_member(gone, phys[rows])
+        rows[rows] = ~in_sorted(gone, phys[rows])
         if not rows.any():
             raise KeyError(f"no live entry's source uri starts with {source_prefix!r} in version {base}; nothing "
                            "was forgotten")
@@ -262,7 +253,7 @@ def forget(root: str, *, ids: Iterable[str] | None = None, label: str | None = N
     new = np.unique(np.concatenate(selected))
     tombstones = np.union1d(gone, new).astype(str)
     n = base + 1
-    rel = _fresh_name(TOMBSTONES_DIR, n, ".npy")
+    rel = versioned_file_name(TOMBSTONES_DIR, n, ".npy")
     buf = io.BytesIO()
     np.save(buf, tombstones, allow_pickle=False)
     blob = buf.getvalue()
@@ -330,7 +321,7 @@ def publish_add(root: str, *, delta_infos: Sequence[ShardInfo], new_class_names:
       ManifestError: a delta shard's files disagree with its ShardInfo or hold labels beyond the class names.
       ConcurrentUpdateError: the memory moved on; re-run the add against the latest version.
     """
-    base, m = _base(root, expected_version)
+    base, m = read_base_version(root, expected_version)
     class_names = extended_class_names(m.class_names, new_class_names)
     infos = tuple(delta_infos)
     added_ids, added = [], 0
@@ -384,8 +375,8 @@ def add_entries_local(root: str, *, ids: Sequence[str], labels: Sequence[str], u
       embeddings: [n, dim] embeddings of the memory's encoder (L2-normalised here).
       expected_version: See publish_add (default: the latest now).
     """
-    base, m = _base(root, expected_version)
-    ids_arr, label_arr, uris_arr = _str_array(ids), _str_array(labels), _str_array(uris)
+    base, m = read_base_version(root, expected_version)
+    ids_arr, label_arr, uris_arr = str_array(ids), str_array(labels), str_array(uris)
     emb = np.asarray(embeddings)
     n = ids_arr.shape[0]
     if n == 0:
@@ -417,8 +408,8 @@ def publish_entry_weights(root: str, *, ids: Sequence[str], weights: np.ndarray,
     Raises:
       KeyError: listing ids that are not live. ValueError: bad weights. ConcurrentUpdateError.
     """
-    base, m = _base(root, expected_version)
-    ids_arr = _str_array(ids)
+    base, m = read_base_version(root, expected_version)
+    ids_arr = str_array(ids)
     w = np.asarray(weights, dtype=np.float64)
     if w.shape != ids_arr.shape:
         raise ValueError(f"weights shape {w.shape} != ids shape {ids_arr.shape}; one weight per id")
@@ -429,7 +420,7 @@ def publish_entry_weights(root: str, *, ids: Sequence[str], weights: np.ndarray,
     buf = io.BytesIO()
     np.savez(buf, ids=ids_arr[order], weights=w[order].astype(np.float32))
     blob = buf.getvalue()
-    rel = _fresh_name(WEIGHTS_DIR, base + 1, ".npz")
+    rel = versioned_file_name(WEIGHTS_DIR, base + 1, ".npz")
     storage.write_bytes(storage.join(root, rel), blob)
     ref = WeightsRef(path=rel, count=int(ids_arr.size), checksum=sha256_checksum(blob), kind=kind, params=dict(params))
     down = int((w < 1).sum())
@@ -440,7 +431,7 @@ def publish_entry_weights(root: str, *, ids: Sequence[str], weights: np.ndarray,
 
 def clear_entry_weights(root: str, *, expected_version: int | None = None) -> Manifest:
     """Publishes the next version without entry weights (every entry weighs 1.0 again)."""
-    base, m = _base(root, expected_version)
+    base, m = read_base_version(root, expected_version)
     if m.entry_weights is None:
         raise ValueError(f"version {base} of {root} has no entry weights to clear")
     return publish_version(root, dataclasses.replace(
@@ -496,7 +487,7 @@ def purge_history(root: str, *, expected_version: int | None = None) -> list[int
     versions = list_versions(root)
     if len(versions) < 2:
         return []
-    base, latest = _base(root, expected_version)
+    base, latest = read_base_version(root, expected_version)
     gone = set(read_forgotten(root, latest).tolist())
     keep_paths = _data_paths(latest)
     kept, purged, purged_paths = [latest], [], set()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import secrets
 from typing import Any
 
 from memory import storage
@@ -33,13 +34,24 @@ from memory.store.manifest import (MANIFEST_NAME, Manifest, ManifestError, manif
 
 VERSIONS_DIR = "versions"
 _VERSION_RE = re.compile(r"^v(\d{6,})\.json$")
+_JSON = "application/json"
 
 __all__ = ["ConcurrentUpdateError", "VERSIONS_DIR", "checked_deletion_paths", "history", "latest_version",
-           "list_versions", "publish_version", "read_version", "version_name"]
+           "list_versions", "publish_version", "read_base_version", "read_manifest", "read_version",
+           "version_name", "versioned_file_name", "write_manifest"]
 
 
 class ConcurrentUpdateError(RuntimeError):
     """Another writer published the version this change wanted to publish; nothing of this change is live."""
+
+    @classmethod
+    def stale(cls, root: str, n: int, expected_parent: int | None, latest: int | None) -> ConcurrentUpdateError:
+        """The error for version ``n`` of ``root``, computed from ``expected_parent`` while ``latest`` is live."""
+        based = "an empty root" if expected_parent is None else f"version {expected_parent}"
+        return cls(
+            f"cannot publish version {n} ({version_name(n)}) of {root}: it was computed from {based}, but the "
+            f"memory's latest version is now {latest} (another writer published meanwhile). Nothing of this "
+            "change was published; re-run it against the latest version.")
 
 
 def version_name(n: int) -> str:
@@ -149,6 +161,41 @@ def read_version(root: str, n: int) -> Manifest:
     return manifest
 
 
+def read_manifest(root: str, *, version: int | None = None) -> Manifest:
+    """Reads and validates the latest version of a memory (or the pinned ``version``).
+
+    The latest version is the highest ``versions/vNNNNNN.json``; a memory built before versions existed has
+    only ``manifest.json``, read as version 1.
+
+    Raises:
+      ManifestError: if there is no memory (with how to build one), no such version, or it is malformed.
+    """
+    return read_version(root, latest_version(root) if version is None else version)
+
+
+def read_base_version(root: str, expected_version: int | None) -> tuple[int, Manifest]:
+    """(n, version n) to compute a change on: the latest version, which must be ``expected_version`` if given.
+
+    Raises:
+      ConcurrentUpdateError: the latest version is not ``expected_version``; raised before the caller writes
+        any file, since publishing on top of it would be refused anyway.
+    """
+    latest = latest_version(root)
+    base = latest if expected_version is None else expected_version
+    if base != latest:
+        raise ConcurrentUpdateError.stale(root, base + 1, base, latest)
+    return base, read_version(root, base)
+
+
+def versioned_file_name(directory: str, version: int, suffix: str) -> str:
+    """A new relative path ``DIRECTORY/vNNNNNN-TOKEN.SUFFIX`` for a file that version ``version`` references.
+
+    The random token keeps two racing writers of the same version from overwriting each other's file (the
+    loser's file is simply never referenced), so a published file is never overwritten.
+    """
+    return f"{directory}/v{version:06d}-{secrets.token_hex(4)}{suffix}"
+
+
 def _ranges(versions: list[int]) -> str:
     if len(versions) <= 6:
         return str(versions)
@@ -167,52 +214,6 @@ def _check_compatible(parent: Manifest, child: Manifest) -> None:
         raise ManifestError(
             f"version {child.version} reorders or drops class names of version {parent.version}; class names "
             "are append-only so stored label indices never change (use memory.store.mutations.extended_class_names)")
-
-
-def _create_exclusive_local(path: str, data: bytes) -> bool:
-    """Creates ``path`` with ``data`` unless it exists; False if it existed. Never leaves a partial file."""
-    with storage.staged_local_file(path, data) as tmp:
-        try:
-            # link() is atomic and refuses an existing target, unlike rename()/replace().
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # Make the new directory entry durable before anyone relies on the version.
-    finally:
-        os.close(dir_fd)
-    return True
-
-
-def _create_exclusive_gcs(path: str, data: bytes) -> bool:
-    """Creates the object unless it exists (if_generation_match=0); False if it existed."""
-    from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
-
-    blob = storage._blob(path)  # pylint: disable=protected-access
-    try:
-        # With a generation precondition the client's retries are safe: a retry of an upload that had in
-        # fact succeeded gets 412, and the byte comparison below recognises our own object.
-        blob.upload_from_string(data, if_generation_match=0, retry=storage._retry(),  # pylint: disable=protected-access
-                                content_type="application/json")
-        return True
-    except exceptions.PreconditionFailed:
-        pass
-    try:
-        return storage.read_bytes(path) == data
-    except FileNotFoundError:
-        return False
-
-
-def _create_exclusive(path: str, data: bytes) -> bool:
-    if storage.is_gcs(path):
-        try:
-            return _create_exclusive_gcs(path, data)
-        except Exception as e:  # pylint: disable=broad-except  # Only google-cloud errors are rewrapped.
-            if storage._is_google_api_error(e):  # pylint: disable=protected-access
-                raise OSError(f"publishing {path} failed on GCS: {e}") from e
-            raise
-    return _create_exclusive_local(path, data)
 
 
 def publish_version(root: str, manifest: Manifest, *, expected_parent: int | None) -> Manifest:
@@ -246,26 +247,30 @@ def publish_version(root: str, manifest: Manifest, *, expected_parent: int | Non
     versions = list_versions(root)
     current = versions[-1] if versions else (1 if _has_legacy_manifest(root) else None)
     if current != expected_parent:
-        raise _conflict(root, n, expected_parent, current)
+        raise ConcurrentUpdateError.stale(root, n, expected_parent, current)
     if expected_parent is not None:
         parent = read_version(root, expected_parent)
         _check_compatible(parent, manifest)
         if not versions:
             # A memory built before versions: materialise its manifest.json as v000001 first, since
             # manifest.json is about to be replaced by the copy of version 2.
-            _create_exclusive(version_path(root, 1), parent.to_json().encode("utf-8"))
-    if not _create_exclusive(version_path(root, n), manifest.to_json().encode("utf-8")):
-        raise _conflict(root, n, expected_parent, max(list_versions(root), default=None))
+            storage.create_exclusive(version_path(root, 1), parent.to_json().encode("utf-8"),
+                                     content_type=_JSON)
+    if not storage.create_exclusive(version_path(root, n), manifest.to_json().encode("utf-8"), content_type=_JSON):
+        raise ConcurrentUpdateError.stale(root, n, expected_parent, max(list_versions(root), default=None))
     _refresh_manifest_copy(root, n, manifest)
     return manifest
 
 
-def _conflict(root: str, n: int, expected_parent: int | None, latest: int | None) -> ConcurrentUpdateError:
-    based = "an empty root" if expected_parent is None else f"version {expected_parent}"
-    return ConcurrentUpdateError(
-        f"cannot publish version {n} ({version_name(n)}) of {root}: it was computed from {based}, but the "
-        f"memory's latest version is now {latest} (another writer published meanwhile). Nothing of this "
-        "change was published; re-run it against the latest version.")
+def write_manifest(root: str, manifest: Manifest) -> None:
+    """Publishes a freshly built memory as version 1; call it last, after every shard is written.
+
+    Creates ``<root>/versions/v000001.json`` exclusively (see `publish_version`) and then
+    ``<root>/manifest.json``. A root that already holds versions is refused with ConcurrentUpdateError:
+    a rebuild must start from an empty root (``vmem build --overwrite`` deletes it first).
+    """
+    manifest.validate()
+    publish_version(root, dataclasses.replace(manifest, version=1, parent=None), expected_parent=None)
 
 
 def _refresh_manifest_copy(root: str, n: int, manifest: Manifest) -> None:

@@ -28,7 +28,6 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import PredictionResult, RemoteModelHandler, RunInference
 
 from memory import storage
-from memory.decide.confidence import vote_confidence
 from memory.decide.voting import VotingParams, VotingRule
 from memory.rerank import RerankSpec
 from memory.rerank import base as rerank_lib
@@ -99,27 +98,23 @@ def _vote_and_gate(batch, *, class_names: Sequence[str], rule: VotingRule, k: in
     """(query id, QueryNeighbors) batch -> ("send", example) for gated queries, ("done", record) for the rest."""
     n = [q.neighbors for _, q in batch]
     labels = np.concatenate([x.labels for x in n])
-    distances = np.concatenate([x.distances for x in n])
-    weights = None if n[0].weights is None else np.concatenate([x.weights for x in n])
-    kk = min(k, labels.shape[1])
-    vc = vote_confidence(labels[:, :kk], distances[:, :kk], rule=rule, k=kk, params=params,
-                         entry_weights=None if weights is None else weights[:, :kk])
-    send = rerank_lib.gate(vc.margin, below)
-    names = np.asarray(tuple(class_names) + ("",), dtype=str)
+    no_uris = np.full(labels.shape[1], "")
+    gated = rerank_lib.vote_and_gate(
+        labels, np.concatenate([x.distances for x in n]),
+        None if n[0].weights is None else np.concatenate([x.weights for x in n]), class_names=class_names,
+        rule=rule, k=k, params=params, below=below, top_n=top_n, query_ids=[qid for qid, _ in batch],
+        query_uris=[q.uri for _, q in batch],
+        neighbor_uris=[no_uris if x.uris is None else x.uris[0] for x in n])
     out = []
-    for i, (qid, q) in enumerate(batch):
-        vote_label = str(names[vc.labels[i]])
-        request, reason = None, RerankReason.NOT_GATED
-        if send[i]:
-            uris = q.neighbors.uris[0] if q.neighbors.uris is not None else np.full(labels.shape[1], "")
-            request = rerank_lib.make_request(qid, q.uri, names[labels[i]], uris, distances[i],
-                                              vote_label=vote_label, margin=float(vc.margin[i]), top_n=top_n)
-            reason = (RerankReason.SINGLE_LABEL if len(request.labels) < 2 else RerankReason.DRY_RUN if dry_run
-                      else None)
+    for (qid, q), vote_label, request, margin in zip(batch, gated.vote_labels.tolist(), gated.requests,
+                                                     gated.vote.margin.tolist()):
+        reason = RerankReason.NOT_GATED
+        if request is not None:
+            reason = RerankReason.SINGLE_LABEL if len(request.labels) < 2 else RerankReason.DRY_RUN if dry_run else None
         if reason is None:
             out.append(("send", (qid, request, vote_label, q.label)))
         else:
-            out.append(("done", RerankRecord.of(qid, q.label, vote_label, float(vc.margin[i]),
+            out.append(("done", RerankRecord.of(qid, q.label, vote_label, margin,
                                                 rerank_lib.RerankOutcome(vote_label, reason))))
     return out
 

@@ -27,7 +27,7 @@ from memory.search.routing import read_router, search_mask
 from memory.store.shard import search_units
 from memory.search.shard_search import (LoadedShard, PartialTopK, load_entry_weights, load_forgotten, merge_partials,
                                  one_thread_blas, searchable_shards)
-from memory.search.tuning import SearchSetting, tuned_index
+from memory.search.setting import SearchSetting, tuned_index
 from pipelines.runner import worker_pool_threads
 
 _NAMESPACE = "visual_memory"

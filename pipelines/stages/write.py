@@ -30,12 +30,13 @@ from apache_beam.metrics import Metrics
 
 from memory import storage
 from memory.index.shard_index import IndexConfig
-from memory.store.manifest import FORMAT_VERSION, BuildCounts, Manifest, Metric, RouterRef, ShardInfo, write_manifest
+from memory.store.manifest import FORMAT_VERSION, BuildCounts, Manifest, Metric, RouterRef, ShardInfo
+from memory.store.versions import write_manifest
 from memory.search.routing import RouterConfig, router_sample_key, train_router, write_router
 from memory.store.shard import ShardData, write_shard
 from memory.index.template import local_template, train_template, uses_template, write_template
 from memory.store.sharding import shard_for_id, shard_name
-from pipelines.io.readers import FAILED_TAG, _failed
+from pipelines.io.readers import FAILED_TAG, dead_letter
 from pipelines.records import EmbeddedImage, EntryBlock, Stage
 
 _LOG = logging.getLogger("visual_memory")
@@ -195,7 +196,7 @@ def _router_assign(block: EntryBlock, router) -> np.ndarray:
 
 
 def _failed_rows(block: EntryBlock, dups) -> list:
-    return [_failed(str(block.ids[d]), str(block.uris[d]), "duplicate_id", f"id already used by {block.uris[k]}",
+    return [dead_letter(str(block.ids[d]), str(block.uris[d]), "duplicate_id", f"id already used by {block.uris[k]}",
                     Stage.EMBED) for d, k in dups]
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from encoders import efficientnet_lite, loaders, torch_legacy
+from encoders import bundled, efficientnet_lite, loaders, torch_legacy
 from encoders.preprocess import decode_and_preprocess
 
 # The reference PyTorch model gets 18/20 top-1 on these images; allow one slip.
@@ -28,7 +28,7 @@ def imagenet_samples(foolbox_data_dir):
     # File names are imagenet_<index>_<label>.jpg.
     labels = np.array([int(os.path.basename(f)[:-4].split("_")[2]) for f in files])
     images = np.stack(
-        [decode_and_preprocess(pathlib.Path(f).read_bytes(), efficientnet_lite.PREPROCESS)
+        [decode_and_preprocess(pathlib.Path(f).read_bytes(), bundled.PREPROCESS)
          for f in files]
     )
     return images, labels
@@ -88,7 +88,7 @@ def test_bundled_identity(bundled_encoder):
     identity = bundled_encoder.identity
     assert identity.name == "efficientnet-lite0"
     assert identity.dim == 1280 and bundled_encoder.dim == 1280
-    assert identity.preprocess == efficientnet_lite.PREPROCESS
+    assert identity.preprocess == bundled.PREPROCESS
     # torch hub names weight files by the sha256 prefix: "-57934424.pth".
     assert identity.content_hash.startswith("sha256:57934424")
     assert identity.content_hash == loaders.hash_file(efficientnet_lite.weights_path())
@@ -125,7 +125,7 @@ def test_exported_copy_loads_as_a_user_saved_model(bundled_encoder, imagenet_sam
 
     out = loaders.export_bundled_saved_model(str(tmp_path / "export"))
     spec = EncoderSpec(EncoderKind.SAVED_MODEL, out, output_key="embedding",
-                       preprocess=efficientnet_lite.PREPROCESS)
+                       preprocess=bundled.PREPROCESS)
     encoder = load_encoder(spec)
     images = imagenet_samples[0][:2]
     np.testing.assert_allclose(encoder.embed(images), bundled_encoder.embed(images), atol=1e-5)
@@ -152,7 +152,7 @@ def lite1_samples(foolbox_data_dir):
     """(images preprocessed for Lite1 [20, 240, 240, 3], labels [20])."""
     files = _sample_files(foolbox_data_dir)
     labels = np.array([int(os.path.basename(f)[:-4].split("_")[2]) for f in files])
-    spec = efficientnet_lite.preprocess_spec(LITE1)
+    spec = bundled.preprocess_spec(LITE1)
     images = np.stack([decode_and_preprocess(pathlib.Path(f).read_bytes(), spec) for f in files])
     return images, labels
 
@@ -191,15 +191,15 @@ def lite1_encoder(bundled_cache_dir, tmp_path_factory):
 
 
 def test_variants_keep_lite0_the_default():
-    assert efficientnet_lite.NAME == "efficientnet-lite0"
-    assert list(efficientnet_lite.VARIANTS) == ["efficientnet-lite0", LITE1]
-    assert efficientnet_lite.preprocess_spec() == efficientnet_lite.PREPROCESS
-    assert efficientnet_lite.PREPROCESS.image_size == 224
+    assert bundled.NAME == "efficientnet-lite0"
+    assert list(bundled.VARIANTS) == ["efficientnet-lite0", LITE1]
+    assert bundled.preprocess_spec() == bundled.PREPROCESS
+    assert bundled.PREPROCESS.image_size == 224
     assert efficientnet_lite.weights_path() == efficientnet_lite.weights_path("efficientnet-lite0")
     assert efficientnet_lite.build_model().name == "efficientnet_lite0"
     # Lite1: the same normalisation and crop, at 240 px.
-    assert efficientnet_lite.preprocess_spec(LITE1) == dataclasses.replace(
-        efficientnet_lite.PREPROCESS, image_size=240
+    assert bundled.preprocess_spec(LITE1) == dataclasses.replace(
+        bundled.PREPROCESS, image_size=240
     )
     weights = os.path.basename(efficientnet_lite.weights_path(LITE1))
     assert weights == "efficientnet-lite1-77cc7160.pth"
@@ -212,12 +212,12 @@ def test_variants_keep_lite0_the_default():
 def test_lite1_block_repeats_match_state_dict(lite1_state):
     blocks = sorted({int(k.split(".")[1]) for k in lite1_state if k.startswith("_blocks.")})
     assert blocks == list(range(21))
-    lite0, lite1 = (efficientnet_lite.VARIANTS[n].repeats for n in ("efficientnet-lite0", LITE1))
+    lite0, lite1 = (bundled.VARIANTS[n].repeats for n in ("efficientnet-lite0", LITE1))
     # Lite depth scaling: first and last stage fixed, the others ceil(1.1 * r).
     assert lite1 == (1, *(math.ceil(1.1 * r) for r in lite0[1:-1]), 1) == (1, 3, 3, 4, 4, 5, 1)
     # Every block's kernel, width and expansion agree with its stage in the table.
     for index, kernel, _, expand, f_in, f_out in efficientnet_lite._block_configs(
-        efficientnet_lite.VARIANTS[LITE1]
+        bundled.VARIANTS[LITE1]
     ):
         p = f"_blocks.{index}."
         assert lite1_state[p + "_depthwise_conv.weight"].shape == (f_in * expand, 1, kernel, kernel)
@@ -262,7 +262,7 @@ def test_lite1_bundled_encoder(lite1_encoder, lite1_outputs, lite1_samples):
     encoder, cache = lite1_encoder
     identity = encoder.identity
     assert identity.name == LITE1 and identity.dim == 1280
-    assert identity.preprocess == efficientnet_lite.preprocess_spec(LITE1)
+    assert identity.preprocess == bundled.preprocess_spec(LITE1)
     assert identity.content_hash.startswith("sha256:77cc7160")
     assert identity.content_hash == loaders.hash_file(efficientnet_lite.weights_path(LITE1))
     # Its own cache entry and marker, never the Lite0 one.
@@ -286,6 +286,6 @@ def test_lite1_export_loads_as_a_user_saved_model(lite1_encoder, lite1_samples, 
     monkeypatch.setenv("VMEM_CACHE_DIR", cache)  # Copies the cached export; no re-export.
     out = loaders.export_bundled_saved_model(str(tmp_path / "export"), name=LITE1)
     spec = EncoderSpec(EncoderKind.SAVED_MODEL, out, output_key="embedding",
-                       preprocess=efficientnet_lite.preprocess_spec(LITE1))
+                       preprocess=bundled.preprocess_spec(LITE1))
     images = lite1_samples[0][:2]
     np.testing.assert_allclose(load_encoder(spec).embed(images), encoder.embed(images), atol=1e-5)

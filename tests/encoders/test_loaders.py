@@ -256,9 +256,9 @@ def test_encoder_spec_is_plain_data():
 
 
 def test_resolve_preprocess_matches_loaded_encoder_without_tensorflow(tmp_path):
-    from encoders import efficientnet_lite, resolve_preprocess
+    from encoders import bundled, resolve_preprocess
 
-    assert resolve_preprocess(EncoderSpec()) == efficientnet_lite.PREPROCESS
+    assert resolve_preprocess(EncoderSpec()) == bundled.PREPROCESS
     custom = PreprocessSpec(image_size=_SIZE, resize="resize_square")
     assert resolve_preprocess(EncoderSpec(preprocess=custom)) == custom
     path = _save(_MeanProject(_weights(8)), tmp_path / "m")

@@ -10,7 +10,7 @@ from evaluation.metrics import accuracy_table
 from memory.store import mutations
 from memory.build import build_memory_local
 from memory.index.shard_index import IndexConfig, IndexKind
-from memory.store.manifest import read_manifest
+from memory.store.versions import read_manifest
 from memory.vectors import l2_normalize
 from memory.decide.voting import predict_all_k
 from tests.conftest import brute_force_topk

@@ -9,7 +9,8 @@ import pytest
 from memory import IndexConfig, IndexKind, SearchResult, VisualMemory
 from memory.build import build_memory_local
 from memory.search.filters import QueryFilter
-from memory.store.manifest import MANIFEST_NAME, ManifestError, read_manifest
+from memory.store.manifest import MANIFEST_NAME, ManifestError
+from memory.store.versions import read_manifest
 from memory.store.shard import ShardData, read_shard_data, write_shard
 from tests.memory.helpers import ENCODER, assert_exact_topk, clustered, recall_at_k
 

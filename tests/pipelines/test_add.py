@@ -68,8 +68,8 @@ def _evaluate(memory: str, images: str, out: str) -> tuple[dict, dict]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from tests.conftest import _require_fashion_mnist
-    _require_fashion_mnist()
+    from tests.conftest import require_fashion_mnist
+    require_fashion_mnist()
     root = tmp_path_factory.mktemp("add_data")
     fm = str(root / "fm")
     prepare_fashion_mnist(fm, per_class=PER_CLASS, test_per_class=TEST_PER_CLASS)
@@ -268,12 +268,12 @@ def test_vmem_add_cli_prints_what_was_added(data, flow, tmp_path, capsys):
 
 
 def test_refuses_a_memory_whose_encoder_files_changed(data, tiny_encoder_dir, tmp_path):
-    from tests.conftest import _save_tiny_encoder, resaved_encoder_config
+    from tests.conftest import save_tiny_encoder, resaved_encoder_config
     config, enc = resaved_encoder_config(tmp_path, tiny_encoder_dir, num_shards=1)
     mem = str(tmp_path / "mem")
     build.run(["--images", data.test_old, "--output", mem, "--config", config])
     shutil.rmtree(enc)
-    _save_tiny_encoder(enc)  # Re-saved: different bytes, so a different content hash.
+    save_tiny_encoder(enc)  # Re-saved: different bytes, so a different content hash.
     with pytest.raises(add.AddError, match="meaningless"):
         add.run(["--memory", mem, "--images", data.test_new])
     assert latest_version(mem) == 1 and not os.path.exists(os.path.join(mem, "deltas"))

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-from memory.store.manifest import read_manifest
+from memory.store.versions import read_manifest
 from memory.store.shard import read_shard_data
 from memory.visual_memory import VisualMemory
 from pipelines import build
@@ -173,7 +173,7 @@ def test_duplicate_ids_become_dead_letters_whatever_the_sharding(fmnist_small, t
     assert sorted(d.uri for d in dead) == [files[21], files[33]]
 
 
-def _clip_folder(root, parts, *, dim=24, seed=0, duplicate=None):
+def clip_folder(root, parts, *, dim=24, seed=0, duplicate=None):
     """clip-retrieval layout: img_emb/img_emb_<i>.npy + metadata/metadata_<i>.parquet; returns all rows."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -200,7 +200,7 @@ def _clip_folder(root, parts, *, dim=24, seed=0, duplicate=None):
 @pytest.mark.parametrize("sharding", ["hash", "partition"])
 def test_build_from_precomputed_embeddings(tmp_path, sharding):
     """--embeddings: no encoder runs; the shard count follows from the entry count; spills and attempts go."""
-    keys, labels, emb = _clip_folder(str(tmp_path / "emb"), [300, 250, 150], duplicate="p0-0007")
+    keys, labels, emb = clip_folder(str(tmp_path / "emb"), [300, 250, 150], duplicate="p0-0007")
     out = str(tmp_path / "mem")
     build.run([f"--embeddings=clip:{tmp_path / 'emb'},label_column=label", "--encoder-id=test-clip-24",
                f"--output={out}", "--target-shard-size=200", f"--sharding={sharding}", "--runner=FnApiRunner"])
@@ -230,7 +230,7 @@ def test_build_from_precomputed_embeddings(tmp_path, sharding):
 
 def test_precomputed_build_needs_encoder_id_and_partition_shards_are_checked_before_reading(tmp_path):
     from vmem.args import UsageError
-    _clip_folder(str(tmp_path / "emb"), [40])
+    clip_folder(str(tmp_path / "emb"), [40])
     spec = f"--embeddings=clip:{tmp_path / 'emb'},label_column=label"
     with pytest.raises(UsageError, match="--encoder-id"):
         build.run([spec, f"--output={tmp_path / 'a'}", "--runner=FnApiRunner"])
@@ -245,7 +245,7 @@ def test_manifest_publish_is_idempotent_under_a_retried_step(tmp_path):
     import dataclasses
     from memory.store.versions import ConcurrentUpdateError
     from pipelines.stages.write import publish_build
-    _clip_folder(str(tmp_path / "emb"), [60])
+    clip_folder(str(tmp_path / "emb"), [60])
     out = str(tmp_path / "mem")
     build.run([f"--embeddings=clip:{tmp_path / 'emb'},label_column=label", "--encoder-id=x", f"--output={out}",
                "--runner=FnApiRunner"])
@@ -259,7 +259,7 @@ def test_manifest_publish_is_idempotent_under_a_retried_step(tmp_path):
 
 def test_hash_build_of_tree_shards_trains_one_template_and_the_memory_searches_them_as_one(tmp_path):
     """TrainIndexTemplate: every tree+AH shard the Beam build writes shares one template (memory.index.template)."""
-    keys, _, emb = _clip_folder(str(tmp_path / "emb"), [300, 250, 150])
+    keys, _, emb = clip_folder(str(tmp_path / "emb"), [300, 250, 150])
     out = str(tmp_path / "mem")
     build.run([f"--embeddings=clip:{tmp_path / 'emb'},label_column=label", "--encoder-id=test-clip-24",
                f"--output={out}", "--target-shard-size=200", "--index=tree_ah", "--runner=FnApiRunner"])

@@ -26,7 +26,7 @@ import pytest
 
 from memory import storage
 from tests.fake_dataflow import ENDPOINT, FakeDataflow, Request
-from tests.gcs_emulator import _FAKE_CREDENTIALS
+from tests.gcs_emulator import FAKE_CREDENTIALS
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _PROJECT = "vmem-test-project"
@@ -112,7 +112,7 @@ def submitted(gcs_bucket, fmnist_small, tiny_memory, tmp_path_factory) -> Submis
     scratch = tmp_path_factory.mktemp("dataflow-submit")
     (scratch / "tmp").mkdir()
     credentials = scratch / "credentials.json"
-    credentials.write_text(json.dumps(_FAKE_CREDENTIALS))  # Token + far expiry: never refreshed.
+    credentials.write_text(json.dumps(FAKE_CREDENTIALS))  # Token + far expiry: never refreshed.
     jobs_file, results_file, log_path = scratch / "jobs.json", scratch / "results.json", scratch / "submit.log"
     jobs_file.write_text(json.dumps({job: _job_argv(job, base=base, memory=memory, images=images, queries=queries)
                                      for job in JOBS}))

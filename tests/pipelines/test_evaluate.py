@@ -16,7 +16,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from evaluation.neighbors_io import read_neighbor_files
 from memory.build import build_memory_local
 from memory.index.shard_index import IndexConfig
-from memory.store.manifest import read_manifest
+from memory.store.versions import read_manifest
 from memory.search.shard_search import LoadedShard, merge_partials
 from memory.visual_memory import VisualMemory
 from memory.decide.voting import VotingRule, predict_all_k
@@ -26,7 +26,8 @@ from pipelines.records import EmbeddedImage
 from pipelines.stages.search_shards import _SearchShardFn
 
 
-def _unit(rng, n, d):
+def unit_rows(rng, n, d):
+    """float32 [n, d] random unit-length rows."""
     x = rng.normal(size=(n, d)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
@@ -34,7 +35,7 @@ def _unit(rng, n, d):
 @pytest.fixture(scope="module")
 def synthetic_memory(tmp_path_factory):
     rng = np.random.default_rng(0)
-    emb = _unit(rng, 300, 16)
+    emb = unit_rows(rng, 300, 16)
     root = str(tmp_path_factory.mktemp("synthetic") / "mem")
     ids = [f"e{i:04d}" for i in range(300)]
     labels = [f"c{i % 7}" for i in range(300)]
@@ -49,7 +50,7 @@ def test_search_shards_and_merge_equal_visual_memory_search(synthetic_memory):
     root, emb = synthetic_memory
     manifest = read_manifest(root)
     rng = np.random.default_rng(1)
-    q = _unit(rng, 37, 16)
+    q = unit_rows(rng, 37, 16)
     queries = [EmbeddedImage(f"q{i}", f"/q/{i}", "c1", q[i]) for i in range(37)]
     expected = VisualMemory.open(root).search(q, 12)
 
@@ -67,7 +68,7 @@ def test_search_shards_and_merge_equal_visual_memory_search(synthetic_memory):
 def test_routed_fan_out_equals_visual_memory_search_and_skips_shards(tmp_path, probes, ratio):
     from memory.search.routing import RouterConfig
     rng = np.random.default_rng(3)
-    centres = _unit(rng, 6, 16)
+    centres = unit_rows(rng, 6, 16)
     emb = centres[rng.integers(0, 6, 400)] + 0.05 * rng.normal(size=(400, 16)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     root = str(tmp_path / "routed")
@@ -109,7 +110,7 @@ def test_merge_partials_is_exact_and_order_independent(synthetic_memory):
     root, _ = synthetic_memory
     manifest = read_manifest(root)
     shards = [LoadedShard.load(root, info) for info in manifest.shards]
-    q = _unit(np.random.default_rng(2), 5, 16)
+    q = unit_rows(np.random.default_rng(2), 5, 16)
     partials = [s.search(q, 10) for s in shards]
     a = merge_partials(partials, 10)
     b = merge_partials(partials[::-1], 10)
@@ -249,12 +250,12 @@ def test_evaluate_refuses_a_different_encoder(tiny_memory, fmnist_small, tmp_pat
 
 def test_evaluate_detects_changed_encoder_files(fmnist_small, tiny_encoder_dir, tmp_path):
     """Same spec, different weights (content hash): the job must refuse, not report nonsense."""
-    from tests.conftest import _save_tiny_encoder, resaved_encoder_config
+    from tests.conftest import save_tiny_encoder, resaved_encoder_config
     config, enc = resaved_encoder_config(tmp_path, tiny_encoder_dir, num_shards=2)
     mem = str(tmp_path / "mem")
     build.run(["--images", os.path.join(fmnist_small, "test"), "--output", mem, "--config", config])
     shutil.rmtree(enc)
-    _save_tiny_encoder(enc)  # Re-saved: different bytes, so a different content hash.
+    save_tiny_encoder(enc)  # Re-saved: different bytes, so a different content hash.
     with pytest.raises(Exception, match="meaningless"):
         evaluate.run(["--memory", mem, "--images", os.path.join(fmnist_small, "test"),
                       "--output", str(tmp_path / "e")])
@@ -296,7 +297,7 @@ def test_search_shard_fn_loads_a_shard_for_its_key_and_keeps_none_after(syntheti
         return shard
 
     monkeypatch.setattr(LoadedShard, "load", spy)
-    q = _unit(np.random.default_rng(3), 6, 16)
+    q = unit_rows(np.random.default_rng(3), 6, 16)
     batches = [evaluate.QueryBatch(tuple(f"q{i}" for i in rows), ("c1",) * len(rows), ("/q",) * len(rows), q[rows])
                for rows in ([0, 1, 2], [3, 4, 5])]
     fn = _SearchShardFn(root, manifest, 5)
@@ -316,9 +317,9 @@ def test_search_shard_fn_loads_a_shard_for_its_key_and_keeps_none_after(syntheti
 
 def test_evaluate_precomputed_query_embeddings(tmp_path):
     """A memory built from embeddings is evaluated with query embeddings of the same encoder; images are refused."""
-    from tests.pipelines.test_build import _clip_folder
-    keys, labels, emb = _clip_folder(str(tmp_path / "mem-emb"), [200, 100], dim=16, seed=3)
-    qkeys, qlabels, qemb = _clip_folder(str(tmp_path / "q-emb"), [40], dim=16, seed=4)
+    from tests.pipelines.test_build import clip_folder
+    keys, labels, emb = clip_folder(str(tmp_path / "mem-emb"), [200, 100], dim=16, seed=3)
+    qkeys, qlabels, qemb = clip_folder(str(tmp_path / "q-emb"), [40], dim=16, seed=4)
     mem = str(tmp_path / "mem")
     build.run([f"--embeddings=clip:{tmp_path / 'mem-emb'},label_column=label", "--encoder-id=enc-16",
                f"--output={mem}", "--runner=FnApiRunner"])

@@ -5,17 +5,18 @@ from __future__ import annotations
 import numpy as np
 
 from memory.index.shard_index import IndexKind
-from memory.store.manifest import read_manifest
+from memory.store.versions import read_manifest
 from memory.store.shard import search_units
-from memory.search.tuning import SearchSetting, default_setting, publish_search_defaults
+from memory.search.setting import SearchSetting, default_setting
+from memory.search.tuning import publish_search_defaults
 from memory.visual_memory import VisualMemory
-from tests.memory.search.test_tuning import _memory
+from tests.memory.search.test_tuning import tuning_memory
 
 
 def test_the_evaluate_job_searches_with_the_recorded_setting(tmp_path):
     """What _SearchShardFn runs (shards loaded on a worker, tuned there) equals VisualMemory.open's search."""
     from pipelines.stages.search_shards import QueryBatch, _SearchShardFn, merge_batch_neighbors
-    root, mem, x, ids, q, true = _memory(tmp_path, IndexKind.TREE_AH)
+    root, mem, x, ids, q, true = tuning_memory(tmp_path, IndexKind.TREE_AH)
     setting = SearchSetting(leaves_fraction=1 / 64, reorder=10)  # Cheap: differs from the build's setting.
     publish_search_defaults(root, {"chosen": {**setting.to_dict(), "qps": 1.0, "recall": 0.5, "agreement": 0.99,
                                               "accuracy": 50.0},

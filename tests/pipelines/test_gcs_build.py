@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from memory import storage
-from memory.store.manifest import read_manifest
+from memory.store.versions import read_manifest
 from memory.store.shard import read_shard_data
 from memory.visual_memory import VisualMemory
 from pipelines import build

@@ -17,7 +17,7 @@ from memory.decide import pruning
 from memory import storage
 from memory.build import build_memory_local
 from memory.index.shard_index import IndexConfig
-from memory.store.manifest import read_manifest
+from memory.store.versions import read_manifest
 from memory.store.mutations import add_entries_local, forget, live_ids, read_entry_weights, read_forgotten
 from memory.store.shard import read_shard_data
 from memory.visual_memory import VisualMemory

@@ -18,16 +18,16 @@ import time
 import numpy as np
 import pytest
 
+from memory import storage
 from memory.store import compaction, mutations
 from memory.store import shard as shard_io
 from memory.store import versions as versions_mod
 from memory.build import build_memory_local
 from memory.index.shard_index import IndexConfig, IndexKind
-from memory.store.manifest import read_manifest
 from memory.store.shard import read_shard_data
 from memory.store.sharding import shard_for_id
 from memory.vectors import l2_normalize
-from memory.store.versions import ConcurrentUpdateError, list_versions, read_version
+from memory.store.versions import ConcurrentUpdateError, list_versions, read_manifest, read_version
 from memory.visual_memory import VisualMemory
 from pipelines import reindex
 
@@ -294,7 +294,7 @@ def test_failure_at_each_step_leaves_the_previous_answers(drifted, monkeypatch, 
         if where == "write_shard#2":
             _fail_on_call(mp, shard_io, "write_shard", 2)
         elif where == "create_version_file":
-            _fail_on_call(mp, versions_mod, "_create_exclusive", 1)
+            _fail_on_call(mp, storage, "create_exclusive", 1)
         elif where == "after_version_file":
             _fail_on_call(mp, versions_mod, "_refresh_manifest_copy", 1)
         elif where == "purge":  # Published, then killed before the purge published anything.

@@ -11,7 +11,7 @@ from evaluation.neighbors_io import NeighborRecord, write_records
 from memory import IndexConfig, IndexKind, VisualMemory
 from memory.build import build_memory_local
 from memory.decide.confidence import memory_calibration
-from memory.store.manifest import read_manifest
+from memory.store.versions import read_manifest
 from memory.store.mutations import forget
 from vmem import main as cli
 from tests.memory.helpers import ENCODER, clustered

@@ -7,7 +7,8 @@ import pytest
 
 from memory.build import build_memory_local
 from memory.index.shard_index import EmbeddingDtype, IndexConfig, IndexKind
-from memory.store.manifest import INDEX_CONFIG_KEY, read_manifest
+from memory.store.manifest import INDEX_CONFIG_KEY
+from memory.store.versions import read_manifest
 from memory.vectors import l2_normalize
 from vmem import main as cli
 

@@ -150,7 +150,7 @@ def test_entry_weights_travel_through_shard_search_and_merge(tmp_path):
     exactly as VisualMemory.search does; an unweighted memory gives weights None."""
     from memory.build import build_memory_local
     from memory.index.shard_index import IndexConfig
-    from memory.store.manifest import read_manifest
+    from memory.store.versions import read_manifest
     from memory.store.mutations import forget, publish_entry_weights
     from memory.search.shard_search import (LoadedShard, load_entry_weights, load_forgotten, merge_partials,
                                      searchable_shards)

@@ -33,8 +33,10 @@ def test_gate_sends_only_margins_below():
     m = np.array([0.0, 0.29, 0.3, 0.9])
     assert rerank.gate(m, 0.3).tolist() == [True, True, False, False]
     assert not rerank.gate(m, None).any() and rerank.gate(m, 1.01).all()
+    # The gate takes its threshold as checked where it entered (VisualMemory.classify, --rerank-below).
     with pytest.raises(ValueError, match="rerank_below must be a number >= 0"):
-        rerank.gate(m, -1)
+        rerank.check_rerank_below(-1)
+    assert rerank.check_rerank_below(0.3) == 0.3 and rerank.check_rerank_below(None) is None
 
 
 def _request(**kw):
@@ -47,7 +49,7 @@ def test_request_skips_padding_and_lists_labels_in_order():
     assert [c.uri for c in r.candidates] == ["/a", "/b", "/c"] and r.labels == ("Coat", "Shirt")
     assert _request(top_n=2).labels == ("Coat", "Shirt") and len(_request(top_n=2).candidates) == 2
     with pytest.raises(ValueError, match=r"top_n must be an int in \[2, 64\]"):
-        _request(top_n=1)
+        rerank.check_top_n(1)  # Checked where it enters; make_request takes it as checked.
     # The key covers the re-ranker, the query's image bytes and the candidates.
     assert r.key("gemini:a") != r.key("gemini:b")
     assert _request(query_image=b"1").key("x") != _request(query_image=b"2").key("x")

@@ -15,8 +15,9 @@ from memory.store import mutations
 from memory.build import build_memory_local
 from memory.search.filters import Crowding, QueryFilter, crowd, uri_prefix
 from memory.index.shard_index import IndexConfig, IndexKind
-from memory.store.manifest import read_manifest
-from memory.store.metadata import near_duplicate_groups, publish_metadata, read_metadata, read_table_file
+from memory.store.versions import read_manifest
+from memory.search.duplicates import near_duplicate_groups
+from memory.store.metadata import publish_metadata, read_metadata, read_table_file
 from memory.vectors import l2_normalize
 from memory.visual_memory import VisualMemory
 

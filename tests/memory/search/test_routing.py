@@ -11,7 +11,8 @@ import pytest
 from memory.store import compaction
 from memory.build import build_memory_local
 from memory.index.shard_index import IndexConfig, IndexKind
-from memory.store.manifest import Manifest, ManifestError, read_manifest
+from memory.store.manifest import Manifest, ManifestError
+from memory.store.versions import read_manifest
 from memory.store.mutations import forget, purge_history
 from memory.search.routing import (Router, RouterConfig, group_centroids, read_router, search_mask, select_sample_rows,
                             spherical_kmeans, train_router, write_router)

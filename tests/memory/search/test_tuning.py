@@ -6,8 +6,9 @@ import numpy as np
 
 from memory.build import build_memory_local
 from memory.index.shard_index import IndexConfig, IndexKind
-from memory.store.manifest import read_manifest
-from memory.search.tuning import SearchSetting, candidate_settings, default_setting, exact_search, publish_search_defaults, tune
+from memory.store.versions import read_manifest
+from memory.search.setting import SearchSetting, default_setting
+from memory.search.tuning import candidate_settings, exact_search, publish_search_defaults, tune
 from memory.vectors import l2_normalize
 from memory.visual_memory import VisualMemory
 from memory.decide.voting import vote
@@ -16,7 +17,8 @@ from tests.memory.helpers import ENCODER, clustered, exact_distances
 D = 32
 
 
-def _memory(tmp_path, kind, n=6000, shards=2):
+def tuning_memory(tmp_path, kind, n=6000, shards=2):
+    """A memory of index ``kind`` whose votes are near-tied often (worth tuning), and held-out queries."""
     x, q = clustered(n, D, centres=40, noise=0.35, seed=1, nq=400)
     rng = np.random.default_rng(2)
     # Labels come from the nearest of 8 random anchors (not the generating centres): near-tied votes exist.
@@ -32,7 +34,7 @@ def _memory(tmp_path, kind, n=6000, shards=2):
 
 
 def test_exact_search_is_brute_force_with_ties_by_id(tmp_path):
-    root, mem, x, ids, q, _ = _memory(tmp_path, IndexKind.BRUTE_FORCE, n=500)
+    root, mem, x, ids, q, _ = tuning_memory(tmp_path, IndexKind.BRUTE_FORCE, n=500)
     found, labels, dist = exact_search(mem, q[:30], 7, block=128)  # Several blocks.
     d = exact_distances(q[:30], x)
     ref = np.lexsort((np.broadcast_to(np.arange(500), d.shape), d), axis=1)[:, :7]
@@ -43,13 +45,13 @@ def test_exact_search_is_brute_force_with_ties_by_id(tmp_path):
 
 
 def test_tune_picks_the_fastest_setting_that_keeps_the_votes_and_records_it(tmp_path):
-    root, mem, x, ids, q, true = _memory(tmp_path, IndexKind.TREE_AH)
+    root, mem, x, ids, q, true = tuning_memory(tmp_path, IndexKind.TREE_AH)
     result = tune(mem, q, true, k=10, repeats=1)
     chosen = result["chosen"]
     assert chosen is not None and result["exact"]["queries"] == 400
     # Independently: the chosen setting's votes agree with exact search's on >= 99.9 % of the queries.
     setting = SearchSetting.from_dict(chosen)
-    res = setting.apply(mem).search(q, 10)
+    res = mem.with_search_params(**setting.search_params()).search(q, 10)
     _, exact_labels, exact_dist = exact_search(mem, q, 10)
     exact_vote = vote(exact_labels, exact_dist, rule="rank", k=10).labels
     got_vote = vote(res.labels, res.distances, rule="rank", k=10).labels
@@ -66,7 +68,7 @@ def test_tune_picks_the_fastest_setting_that_keeps_the_votes_and_records_it(tmp_
     assert m.change["kind"] == "tune" and default_setting(read_manifest(root)) == setting
     opened = VisualMemory.open(root)
     raw = VisualMemory.open(root, search_defaults=False)
-    want = setting.apply(raw)
+    want = raw.with_search_params(**setting.search_params())
     assert [ix.num_leaves_to_search for ix in opened._indices] == [ix.num_leaves_to_search for ix in want._indices]
     assert [ix.config.reorder for ix in opened._indices] == [ix.config.reorder for ix in want._indices]
     np.testing.assert_array_equal(opened.search(q, 10).ids, want.search(q, 10).ids)
@@ -74,7 +76,7 @@ def test_tune_picks_the_fastest_setting_that_keeps_the_votes_and_records_it(tmp_
 
 def test_tune_cli_on_a_brute_force_memory_says_nothing_to_tune(tmp_path, capsys):
     from vmem import main as cli
-    root, *_ = _memory(tmp_path, IndexKind.BRUTE_FORCE, n=200)
+    root, *_ = tuning_memory(tmp_path, IndexKind.BRUTE_FORCE, n=200)
     (tmp_path / "q").mkdir()
     assert cli.main(["tune", "--memory", root, "--queries", str(tmp_path / "q")]) == 0
     assert "nothing to tune" in capsys.readouterr().out

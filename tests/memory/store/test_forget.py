@@ -17,12 +17,12 @@ import pytest
 from memory.store import mutations
 from memory.build import build_memory_local
 from memory.index.shard_index import IndexConfig, IndexKind
-from memory.store.manifest import ManifestError, read_manifest
+from memory.store.manifest import ManifestError
 from memory.store.mutations import DuplicateIdError
 from memory.store.shard import read_shard_data, write_shard
 from memory.search.shard_search import LoadedShard, load_forgotten, merge_partials, searchable_shards
 from memory.vectors import l2_normalize
-from memory.store.versions import ConcurrentUpdateError, history, list_versions, publish_version
+from memory.store.versions import ConcurrentUpdateError, history, list_versions, publish_version, read_manifest
 from memory.visual_memory import VisualMemory
 from memory.decide.voting import VotingRule, predict_all_k
 

@@ -8,7 +8,8 @@ import pytest
 from configs.build import BuildConfig
 from memory.index.shard_index import EmbeddingDtype, IndexConfig
 from memory.store.manifest import (FORMAT_VERSION, INDEX_CONFIG_KEY, LEGACY_INDEX_CONFIG_KEY, BuildCounts, Manifest,
-                                   ManifestError, Metric, ShardInfo, read_manifest, write_manifest)
+                                   ManifestError, Metric, ShardInfo)
+from memory.store.versions import read_manifest, write_manifest
 from tests.memory.helpers import ENCODER
 
 

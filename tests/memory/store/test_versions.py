@@ -13,10 +13,9 @@ import pytest
 from memory.store import mutations
 from memory.build import build_memory_local
 from memory.index.shard_index import IndexConfig, IndexKind
-from memory.store.manifest import (BuildCounts, ForgottenSet, Manifest, ManifestError, Metric, ShardInfo, WeightsRef,
-                             read_manifest)
+from memory.store.manifest import BuildCounts, ForgottenSet, Manifest, ManifestError, Metric, ShardInfo, WeightsRef
 from memory.store.versions import (ConcurrentUpdateError, history, latest_version, list_versions, publish_version,
-                             read_version)
+                                   read_manifest, read_version)
 from memory.visual_memory import VisualMemory
 from tests.memory.helpers import ENCODER, clustered
 

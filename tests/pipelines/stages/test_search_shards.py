@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from memory.store.manifest import read_manifest
+from memory.store.versions import read_manifest
 from memory.search.shard_search import PAD_ID, LoadedShard, PartialTopK, merge_partials
 from pipelines.stages.search_shards import BatchNeighbors, QueryBatch, _SearchShardFn, merge_batch_neighbors
-from tests.pipelines.test_evaluate import _unit, synthetic_memory  # noqa: F401  (the fixture, reused)
+from tests.pipelines.test_evaluate import unit_rows, synthetic_memory  # noqa: F401  (the fixture, reused)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_batch_merge_equals_the_per_query_merge(memory, seed):
     manifest = read_manifest(memory)
     shards = [LoadedShard.load(memory, info) for info in manifest.shards]
     rng = np.random.default_rng(seed)
-    q = _unit(rng, 20, 16)
+    q = unit_rows(rng, 20, 16)
     qids = tuple(f"q{i:02d}" for i in range(20))
     visits = rng.random((20, 4)) < 0.5
     visits[np.arange(20), rng.integers(0, 4, 20)] = True  # Every query searches at least one unit.
@@ -64,7 +64,7 @@ def test_threaded_unit_search_answers_as_one_thread_in_order(memory):
     rng = np.random.default_rng(9)
     batches = []
     for b in range(9):
-        q = _unit(rng, 13, 16)
+        q = unit_rows(rng, 13, 16)
         ids = tuple(f"b{b}q{i}" for i in range(13))
         filters = tuple(QueryFilter(labels=("c1", "c2")).to_dict() if i % 2 else None for i in range(13)) \
             if b == 4 else None  # One filtered batch in the middle runs on the caller's thread.

@@ -111,7 +111,7 @@ class VisualMemory:
         units = [(u,) for u in range(len(indices))] if units is None else [tuple(u) for u in units]
         infos = manifest.all_shards
         metadata = functools.cache(lambda: _read_metadata(root, manifest))
-        self._units = []
+        self._units: list[LoadedShard] = []
         bounds = np.asarray(offsets).tolist()
         for lo, hi, unit, index in zip(bounds[:-1], bounds[1:], units, indices):
             self._units.append(LoadedShard.of_rows(

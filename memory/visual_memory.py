@@ -1,11 +1,13 @@
 """A visual memory opened for querying: manifest + every shard's index, ids and labels.
 
 A memory is opened at one version (the latest, or a pinned one): its main shards and delta shards are
-searched together, and its tombstoned (forgotten) rows are skipped exactly: a shard holding forgotten rows
-is asked for a bounded over-fetch (memory.search.shard_search.overfetch: at most 2k + 64 neighbours, however many
-rows were forgotten), forgotten ones are dropped, and a query left with fewer than k live hits (its whole
-class forgotten, say) is searched by brute force over that shard's live rows. For brute-force shards that is
-the same answer as a memory built from scratch without the forgotten entries.
+searched together, each search unit by the shard searcher the evaluate job runs too
+(memory.search.shard_search.LoadedShard, partial answers merged by `merge_partials`), so both return the same
+lists. Tombstoned (forgotten) rows are skipped exactly: a shard holding forgotten rows is asked for a bounded
+over-fetch (memory.search.shard_search.overfetch: at most 2k + 64 neighbours, however many rows were
+forgotten), forgotten ones are dropped, and a query left with fewer than k live hits (its whole class
+forgotten, say) is searched by brute force over that shard's live rows. For brute-force shards that is the
+same answer as a memory built from scratch without the forgotten entries.
 
 A partition-routed memory (built with ``sharding="partition"``, see memory.search.routing) sends each query only
 to the main shards owning its ``route_probes`` nearest router centroids (plus every delta shard); probing
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
+import functools
 import threading
 from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
@@ -25,15 +28,15 @@ from memory import storage
 from memory.decide.classify import ClassifyOptions, classify_neighbors
 from memory.decide.confidence import memory_calibration
 from memory.decide.explain import Prediction
-from memory.search.filters import Crowding, QueryFilter, RowAttributes, as_filters, crowded_search, search_filtered
+from memory.search.filters import Crowding, QueryFilter, as_filters
 from memory.index.shard_index import ShardIndex
 from memory.store.manifest import Manifest, ManifestError
-from memory.search.merge import merge_shard_answers
 from memory.store.mutations import read_entry_weights, read_forgotten, row_weights
 from memory.search.routing import Router, read_router, search_mask
 from memory.search.setting import check_search_params, default_setting, resolve_search_threads, tuned_index
-from memory.search.shard_search import (FILTER_INDEX_CACHE, build_live_index, one_thread_blas, search_in_chunks,
-                                 search_live_rows)
+from memory.search.shard_search import (LoadedShard, PartialTopK, empty_partial, merge_partials, one_thread_blas,
+                                        search_in_chunks)
+from memory.store.metadata import read_metadata
 from memory.store.shard import load_unit_index, read_entry_tables, read_shard_embeddings, read_shard_entries, search_units
 from memory.queries import (check_query_encoder, embed_pixels, load_query_encoder, preprocess_queries,
                             query_preprocess, split_queries)
@@ -84,26 +87,28 @@ class VisualMemory:
         self._route_probes: int | None = None
         self._route_ratio: float | None = None
         self._manifest = manifest
-        # One index per search unit: a shard, or a run of shards built from one index template and searched as
-        # one (memory.index.template); units[u] lists unit u's manifest shards, offsets[u] its first row.
-        self._indices = list(indices)
-        self._units = [(u,) for u in range(len(self._indices))] if units is None else [tuple(u) for u in units]
         self._ids = ids
         self._labels = labels
-        self._offsets = offsets
-        # Rows (of main and delta shards alike) that are tombstoned, and how many each shard holds (shards
-        # without any are searched as they are; see memory.search.shard_search.search_live_rows for the others).
+        # Rows (of main and delta shards alike) that are tombstoned.
         forgotten = np.zeros((0,), "<U1") if forgotten is None else forgotten
         self._dead = np.isin(ids, forgotten) if forgotten.size else np.zeros(ids.shape, dtype=bool)
-        self._dead_per_shard = [int(self._dead[offsets[s]:offsets[s + 1]].sum()) for s in range(len(offsets) - 1)]
-        self._row_weights = None if entry_weights is None else row_weights(entry_weights, ids)
-        # Per shard, a brute-force index over its live rows, built on the first query the bounded over-fetch
-        # leaves short (it reads that shard's embeddings); views from with_search_params share it.
-        self._live_indices: dict[tuple[int, str], tuple[ShardIndex | None, np.ndarray]] = {}
-        self._live_lock = threading.Lock()
-        self._metadata = None  # memory.store.metadata.MetadataTable, read on the first metadata filter or crowding.
-        self._metadata_values: dict[str, np.ndarray] = {}
-        self._row_attributes: dict[int | None, RowAttributes] = {}
+        weights = None if entry_weights is None else row_weights(entry_weights, ids)
+        self._weighted = weights is not None
+        # One searcher per search unit: a shard, or a run of shards built from one index template and searched as
+        # one (memory.index.template); units[u] lists unit u's manifest shards, offsets[u] its first row. Each
+        # holds views of this memory's rows; the metadata table is read on the first metadata filter or crowding.
+        units = [(u,) for u in range(len(indices))] if units is None else [tuple(u) for u in units]
+        infos = manifest.all_shards
+        metadata = functools.cache(lambda: read_metadata(root, manifest))
+        self._units: list[LoadedShard] = []
+        bounds = np.asarray(offsets).tolist()
+        for lo, hi, unit, index in zip(bounds[:-1], bounds[1:], units, indices):
+            self._units.append(LoadedShard.of_rows(
+                "+".join(infos[s].name for s in unit), index, ids[lo:hi], labels[lo:hi], dead=self._dead[lo:hi],
+                weights=None if weights is None else weights[lo:hi],
+                shard_dirs=[storage.join(root, infos[s].path) for s in unit], class_names=manifest.class_names,
+                metadata=metadata))
+        self._unit_shards = units
         self._row_of_id: dict[str, int] | None = None
         self._embeddings: np.ndarray | None = None
         self._uris: np.ndarray | None = None
@@ -200,21 +205,23 @@ class VisualMemory:
             view._route_probes, view._route_ratio = route_probes, None
         if route_ratio is not None:
             view._route_ratio = route_ratio
-        view._indices = [None if ix is None else tuned_index(ix, leaves_fraction, reorder) for ix in self._indices]
+        view._units = [u if u.index is None else u.with_index(tuned_index(u.index, leaves_fraction, reorder))
+                       for u in self._units]
         if threads is not None:
             view._search_threads = resolve_search_threads(threads, self._searchable_shards())
             view._pool, view._pool_lock = None, threading.Lock()
         return view
 
     def _searchable_shards(self) -> int:
-        return sum(len(unit) for unit, ix in zip(self._units, self._indices) if ix is not None)
+        return sum(len(shards) for shards, u in zip(self._unit_shards, self._units) if u.index is not None)
 
     @property
     def searched_as(self) -> list[tuple[str, ...]]:
         """The shard names of each searched index: one name per shard, or several for shards searched as one
         index (built from one index template, see `memory.index.template`)."""
         names = [info.name for info in self._manifest.all_shards]
-        return [tuple(names[s] for s in unit) for unit, ix in zip(self._units, self._indices) if ix is not None]
+        return [tuple(names[s] for s in shards) for shards, u in zip(self._unit_shards, self._units)
+                if u.index is not None]
 
     @property
     def router(self) -> Router | None:
@@ -300,121 +307,46 @@ class VisualMemory:
                 f"{self._manifest.encoder.get('name')!r} has dim {self.dim}), got {q.shape}; embed queries with "
                 "the memory's encoder")
         per_query = as_filters(filters, q.shape[0])
-        if crowding is None:
-            gidx, dist = self._search_batch(q, int(k), per_query)
-        else:
-            # Here, so a bad row is named by its index in the batch, not in a crowding round's rows; the rounds'
-            # chunks then only check that their rows are unit length.
-            q = l2_normalize(q)
-            groups = crowding.groups(self._attributes())
-            gidx, dist = crowded_search(
-                lambda rows, n: self._search_batch(q[rows], n, [per_query[i] for i in rows.tolist()]),
-                q.shape[0], int(k), lambda rows: groups[rows], crowding.max_per_group, len(self))
-        valid = gidx >= 0
-        safe = np.maximum(gidx, 0)
-        ids = np.where(valid, self._ids[safe], _PAD_ID) if self._ids.size else np.full(gidx.shape, _PAD_ID)
-        labels = np.where(valid, self._labels[safe], -1).astype(np.int32) if self._ids.size else \
-            np.full(gidx.shape, -1, np.int32)
-        weights = None
-        if self._row_weights is not None:
-            weights = np.where(valid, self._row_weights[safe], np.float32(1.0)).astype(np.float32)
-        return SearchResult(ids=ids, labels=labels, distances=dist, weights=weights)
-
-    def _search_batch(self, q: np.ndarray, k: int, filters: list[QueryFilter | None]
-                      ) -> tuple[np.ndarray, np.ndarray]:
-        """`_search_rows` of a batch, split into one query chunk per search thread when it is large enough.
-
-        Each chunk scales its own rows to unit length on its search thread (`l2_normalize`: 2.2 ms per 1,000 x
-        1280 queries in float64, 0.25 ms to check rows that are unit already), row by row, so a chunk's rows
-        equal the whole batch's; a bad row is named by its index in the batch.
-        """
+        filtered = any(f is not None for f in per_query)
         # search_threads bounds every thread the search runs, numpy's BLAS (the router's matmul) included: a
         # one-thread search uses one core, and OpenBLAS workers woken by a matmul keep spinning for a while
         # after it, on the cores the search threads (and the next search) need: a 2-thread search right after
         # a 1-thread one whose matmul ran on two BLAS threads took 25 ms per 1,000 queries instead of 14.
+        # Each chunk scales its own rows to unit length on its search thread (`l2_normalize`: 2.2 ms per 1,000
+        # x 1280 queries in float64, 0.25 ms to check rows that are unit already), row by row, so a chunk's
+        # rows equal the whole batch's; a bad row is named by its index in the batch.
         with one_thread_blas:
-            chunked = search_in_chunks(
-                lambda a, b: self._search_rows(l2_normalize(q[a:b], first_row=a), k, filters[a:b], parallel=False),
+            found = search_in_chunks(
+                lambda a, b: self._search_units(l2_normalize(q[a:b], first_row=a), int(k),
+                                                per_query[a:b] if filtered else None, crowding, parallel=False),
                 q.shape[0], self._search_threads, self._executor)
-            return self._search_rows(l2_normalize(q), k, filters) if chunked is None else chunked
+            if found is None:
+                found = self._search_units(l2_normalize(q), int(k), per_query if filtered else None, crowding)
+        return SearchResult(ids=found.ids, labels=found.labels, distances=found.distances, weights=found.weights)
 
-    def _search_rows(self, q: np.ndarray, k: int, filters: list[QueryFilter | None], *, parallel: bool = True
-                     ) -> tuple[np.ndarray, np.ndarray]:
-        """Global rows and distances [nq, k] of unit queries' top-k live (and admitted) entries (shards
-        searched in parallel when ``parallel``)."""
-        # Which shards each query visits: all of them, or (partition-routed) the routed main shards + deltas.
-        visit = search_mask(self._router, q, [ix is not None for ix in self._indices], probes=self._route_probes,
+    def _search_units(self, q: np.ndarray, k: int, filters: list[QueryFilter | None] | None,
+                      crowding: Crowding | None, *, parallel: bool = True) -> PartialTopK:
+        """Top-k of unit queries over the units each is routed to (searched in parallel when ``parallel``)."""
+        # Which units each query visits: all of them, or (partition-routed) the routed main shards + deltas.
+        visit = search_mask(self._router, q, [u.index is not None for u in self._units], probes=self._route_probes,
                             ratio=self._route_ratio)
         nq = q.shape[0]
-        filtered = any(f is not None for f in filters)
 
-        def search_shard(s: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-            rows = np.flatnonzero(visit[:, s])
-            dead = self._dead[self._offsets[s]:self._offsets[s + 1]] if self._dead_per_shard[s] else None
+        def search_unit(u: int) -> tuple[np.ndarray, PartialTopK]:
+            rows = np.flatnonzero(visit[:, u])
             sub = q if rows.size == nq else q[rows]
+            return rows, self._units[u].search(sub, k, filters=None if filters is None else
+                                               [filters[i] for i in rows.tolist()], crowding=crowding)
 
-            def live_search(queries, excluded, key):
-                # Forgotten (and filtered-out) rows never come back (exactly, for brute force: see
-                # search_live_rows).
-                return search_live_rows(self._indices[s], queries, k, excluded,
-                                        live_index=lambda: self._live_index(s, key, excluded))
-            if filtered:
-                found, found_dist = search_filtered(live_search, sub, k, dead, [filters[i] for i in rows.tolist()],
-                                                    self._attributes(s))
-            else:
-                found, found_dist = live_search(sub, dead, "dead")
-            return rows, np.where(found >= 0, found + self._offsets[s], -1), found_dist
-
-        shards = [s for s, index in enumerate(self._indices) if index is not None and visit[:, s].any()]
-        if parallel and self._search_threads > 1 and len(shards) > 1 and nq:
-            found = list(self._executor().map(search_shard, shards))
+        searched = [u for u, unit in enumerate(self._units) if unit.index is not None and visit[:, u].any()]
+        if parallel and self._search_threads > 1 and len(searched) > 1 and nq:
+            found = list(self._executor().map(search_unit, searched))
         else:
-            found = [search_shard(s) for s in shards]
-        return merge_shard_answers(found, nq, k, visit[:, shards].sum(axis=1),
-                                   tie_keys=lambda rows: self._ids[rows])
-
-    def _live_index(self, s: int, key: str, excluded: np.ndarray) -> tuple[ShardIndex | None, np.ndarray]:
-        """Shard s's brute-force index over its rows outside ``excluded`` (forgotten, or filtered out too).
-
-        Built once per (shard, exclusion key) and shared by views from with_search_params; filter exclusions
-        are kept for the last few distinct filters only (memory.search.shard_search.build_live_index).
-        """
-        with self._live_lock:
-            cached = self._live_indices.get((s, key))
-            if cached is None:
-                from memory.store.shard import read_shard_data  # pylint: disable=g-import-not-at-top
-                # The embeddings are read again for each new exclusion (not kept: they would double the
-                # memory's footprint); the brute-force index over the admitted rows is kept.
-                parts = [read_shard_data(storage.join(self._root, self._manifest.all_shards[u].path)).embeddings
-                         for u in self._units[s]]
-                cached = build_live_index(parts[0] if len(parts) == 1 else np.concatenate(parts), excluded)
-                if key != "dead":
-                    filter_keys = [kk for kk in self._live_indices if kk[1] != "dead"]
-                    for old in filter_keys[:max(0, len(filter_keys) - FILTER_INDEX_CACHE + 1)]:
-                        del self._live_indices[old]
-                self._live_indices[(s, key)] = cached
-            return cached
-
-    def _attributes(self, s: int | None = None) -> RowAttributes:
-        """Labels, uris and metadata of shard s's rows (all rows for None), read on first need and kept."""
-        if s not in self._row_attributes:
-            lo, hi = (0, self._ids.size) if s is None else (int(self._offsets[s]), int(self._offsets[s + 1]))
-            self._row_attributes[s] = RowAttributes(self._labels[lo:hi], self.class_names,
-                                                    lambda: self._all_uris()[lo:hi],
-                                                    lambda column: self._metadata_column(column)[lo:hi])
-        return self._row_attributes[s]
-
-    def _metadata_column(self, column: str) -> np.ndarray:
-        with self._live_lock:
-            if column not in self._metadata_values:
-                if self._metadata is None:
-                    from memory.store.metadata import read_metadata  # pylint: disable=g-import-not-at-top
-                    self._metadata = read_metadata(self._root, self._manifest)
-                if self._metadata is None:
-                    raise ValueError(f"memory {self._root} (version {self.version}) has no metadata columns, so "
-                                     f"nothing can select on {column!r}; attach some with `vmem metadata`")
-                self._metadata_values[column] = self._metadata.values(column, self._ids)
-            return self._metadata_values[column]
+            found = [search_unit(u) for u in searched]
+        if not found:
+            return empty_partial(nq, k, weighted=self._weighted)
+        return merge_partials([p for _, p in found], k, rows=[rows for rows, _ in found], num_queries=nq,
+                              max_per_group=None if crowding is None else crowding.max_per_group)
 
     def live_entry_ids(self) -> np.ndarray:
         """Every live (not forgotten) entry id, sorted."""
@@ -428,7 +360,7 @@ class VisualMemory:
 
     def has_tree_shards(self) -> bool:
         """Whether any shard has a tree+AH index (whose leaves and re-rank depth can be tuned)."""
-        return any(ix is not None and ix.num_leaves_to_search is not None for ix in self._indices)
+        return any(u.index is not None and u.index.num_leaves_to_search is not None for u in self._units)
 
     def _id_rows(self) -> dict[str, int]:
         if self._row_of_id is None:

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import posixpath
 import re
+import threading
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -138,6 +139,7 @@ class RowAttributes:
     ``metadata(column)`` returns unicode [n] values ("" = no value). Keep one instance per block of rows: it
     memoises what it reads and derives (uris, metadata columns, each filter's admitted rows for the last
     `MASK_CACHE` filters, crowding groups), which every query batch would otherwise recompute over all rows.
+    Safe to share between threads: each value is computed once, under a lock.
     """
 
     MASK_CACHE = 8
@@ -150,12 +152,15 @@ class RowAttributes:
         self._metadata = metadata
         self._memo: dict[Any, np.ndarray] = {}
         self._masks: dict[str, np.ndarray] = {}
+        # Re-entrant: a value may derive from another (groups from uris, a filter's mask from a column).
+        self._lock = threading.RLock()
 
     def memo(self, key: Any, compute: Callable[[], np.ndarray]) -> np.ndarray:
         """``compute()``, once per key for this block of rows."""
-        if key not in self._memo:
-            self._memo[key] = compute()
-        return self._memo[key]
+        with self._lock:
+            if key not in self._memo:
+                self._memo[key] = compute()
+            return self._memo[key]
 
     def uris(self) -> np.ndarray:
         return self.memo("uris", self._uris)
@@ -166,11 +171,12 @@ class RowAttributes:
     def allowed(self, f: QueryFilter) -> np.ndarray:
         """bool [n]: rows ``f`` admits."""
         key = f.key()
-        if key not in self._masks:
-            if len(self._masks) >= self.MASK_CACHE:
-                del self._masks[next(iter(self._masks))]
-            self._masks[key] = self._allowed(f)
-        return self._masks[key]
+        with self._lock:
+            if key not in self._masks:
+                if len(self._masks) >= self.MASK_CACHE:
+                    del self._masks[next(iter(self._masks))]
+                self._masks[key] = self._allowed(f)
+            return self._masks[key]
 
     def _allowed(self, f: QueryFilter) -> np.ndarray:
         ok = np.ones(self.labels.shape, dtype=bool)

@@ -91,8 +91,8 @@ def merge_shard_answers(found: list[tuple[np.ndarray, np.ndarray, np.ndarray]], 
     skips the merge's sort for most queries of a routed memory.
 
     Args:
-      found: Per searched shard, (query rows int [n_s] ascending, global rows int64 [n_s, k], distances
-        float32 [n_s, k]), padded with -1 / +inf.
+      found: Per searched shard, (query rows int [n_s] ascending, global rows int64 [n_s, k_s], distances
+        float32 [n_s, k_s]), nearest first, padded with -1 / +inf; k_s may differ from k.
       nq: Queries in the batch.
       k: Neighbours per query.
       visits: int [nq]: how many of the ``found`` shards each query searched.
@@ -106,7 +106,8 @@ def merge_shard_answers(found: list[tuple[np.ndarray, np.ndarray, np.ndarray]], 
     single = visits == 1
     for rows, glob, dist in found:
         one = single[rows]
-        out_idx[rows[one]], out_dist[rows[one]] = glob[one], dist[one]
+        width = min(k, glob.shape[1])  # A list longer than k is cut (it is nearest first), a shorter one padded.
+        out_idx[rows[one], :width], out_dist[rows[one], :width] = glob[one, :width], dist[one, :width]
     several = np.flatnonzero(visits > 1)
     if several.size:
         at = np.full(nq, -1, dtype=np.int64)
@@ -118,8 +119,8 @@ def merge_shard_answers(found: list[tuple[np.ndarray, np.ndarray, np.ndarray]], 
                 continue
             pos = at[rows]
             keep = pos >= 0
-            p_idx = np.full((several.size, k), -1, dtype=np.int64)
-            p_dist = np.full((several.size, k), np.inf, dtype=np.float32)
+            p_idx = np.full((several.size, glob.shape[1]), -1, dtype=np.int64)
+            p_dist = np.full((several.size, glob.shape[1]), np.inf, dtype=np.float32)
             p_idx[pos[keep]], p_dist[pos[keep]] = glob[keep], dist[keep]
             partials.append((p_idx, p_dist))
         out_idx[several], out_dist[several] = merge_topk(partials, k, tie_keys=tie_keys)

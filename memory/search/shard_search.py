@@ -1,15 +1,18 @@
-"""One shard searched on its own, and exact merging of per-shard partial top-k lists.
+"""The one shard searcher and the exact merge of its partial top-k lists: every search runs through here.
 
-This is what the distributed query job runs: each worker loads one shard (:class:`LoadedShard`), answers
-every query batch for it with a :class:`PartialTopK`, and the partials of one query are merged with
-:func:`merge_partials` (associative and commutative, so it can be a Beam CombineFn). Ties break by entry id,
-exactly as :meth:`memory.visual_memory.VisualMemory.search` does, so both paths return the same lists.
+A search unit (a shard, or shards built from one index template and searched as one index) is a
+:class:`LoadedShard`: its index, the ids, labels and weights of its rows, its forgotten rows and what filters
+and crowding read of them. Its ``search`` answers a batch of queries with a :class:`PartialTopK`, and the
+partials of the units a batch visited are merged with :func:`merge_partials` (exact, associative and
+commutative, so it can be a Beam CombineFn). `memory.visual_memory.VisualMemory.search` (routing and
+query-chunked threads on top) and the evaluate / prune job (`pipelines.stages.search_shards`, one unit per
+worker) both search this way, so they return the same lists; ties break by entry id.
 
 A living memory (memory.store.mutations) is searched the same way: fan out over `searchable_shards(manifest)`
 (main shards and delta shards) and load each with ``forgotten=load_forgotten(root, manifest)`` so that
-tombstoned rows are skipped exactly (`search_live_rows`, shared with VisualMemory.search); with
-``entry_weights=load_entry_weights(root, manifest)`` each hit also carries its soft-pruning weight
-(``PartialTopK.weights``), which merging keeps with its neighbour.
+tombstoned rows are skipped exactly (`search_live_rows`); with ``entry_weights=load_entry_weights(root,
+manifest)`` each hit also carries its soft-pruning weight (``PartialTopK.weights``), which merging keeps with
+its neighbour.
 """
 
 from __future__ import annotations
@@ -19,15 +22,15 @@ import dataclasses
 import functools
 import os
 import threading
-from typing import Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
 from memory import storage
 from memory.index.shard_index import IndexConfig, IndexKind, ShardIndex
-from memory.store.manifest import Manifest, ShardInfo
+from memory.store.manifest import Manifest, ManifestError, ShardInfo
 from memory.search.filters import Crowding, QueryFilter, RowAttributes, crowd, crowded_search, search_filtered
-from memory.search.merge import merge_topk
+from memory.search.merge import merge_shard_answers
 from memory.store.mutations import read_entry_weights, read_forgotten, row_weights
 from memory.store.shard import load_unit_index, read_shard_entries
 from memory.vectors import l2_normalize
@@ -211,79 +214,120 @@ os.register_at_fork(after_in_child=one_thread_blas._after_fork_in_child)  # pyli
 MIN_CHUNK_QUERIES = 64
 
 
-def search_in_chunks(search: Callable[[int, int], tuple[np.ndarray, np.ndarray]], nq: int, threads: int,
-                     executor: Callable[[], concurrent.futures.Executor]) -> tuple[np.ndarray, np.ndarray] | None:
-    """Rows and distances of queries [0, nq) searched as ``threads`` contiguous chunks on ``executor()``.
+def search_in_chunks(search: Callable[[int, int], tuple], nq: int, threads: int,
+                     executor: Callable[[], concurrent.futures.Executor]) -> tuple | None:
+    """The answers to queries [0, nq) searched as ``threads`` contiguous chunks on ``executor()``.
 
-    ``search(start, stop)`` answers one chunk end to end (route, search its shards one after another, merge).
-    Splitting the batch by queries instead of by shards keeps every thread busy whatever the routing (four
-    routed shards of unequal load on two threads leave one idle) and runs routing and merging in parallel
-    too. Returns None when the batch is too small to split (fewer than MIN_CHUNK_QUERIES per thread): the
-    caller then searches it whole, shards in parallel.
+    ``search(start, stop)`` answers one chunk end to end (route, search its units one after another, merge)
+    with a tuple of [n, ...] arrays (a `PartialTopK`, say; None fields stay None); the chunks' answers are
+    concatenated field by field, in query order. Splitting the batch by queries instead of by units keeps
+    every thread busy whatever the routing (four routed shards of unequal load on two threads leave one idle)
+    and runs routing and merging in parallel too. Returns None when the batch is too small to split (fewer
+    than MIN_CHUNK_QUERIES per thread): the caller then searches it whole, units in parallel.
     """
     if threads < 2 or nq < threads * MIN_CHUNK_QUERIES:
         return None
     bounds = np.linspace(0, nq, threads + 1).astype(int)
     parts = list(executor().map(search, bounds[:-1].tolist(), bounds[1:].tolist()))
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    fields = [None if first is None else np.concatenate([p[i] for p in parts]) for i, first in enumerate(parts[0])]
+    return parts[0]._make(fields) if hasattr(parts[0], "_make") else tuple(fields)
 
 
 def empty_partial(nq: int, k: int, *, weighted: bool = False, with_uris: bool = False,
                   crowded: bool = False) -> PartialTopK:
+    """An all-padding [nq, k] answer (queries that found nothing), with the optional fields asked for."""
     blank = np.full((nq, k), PAD_ID, dtype="<U1")
     return PartialTopK(blank, np.full((nq, k), -1, np.int32), np.full((nq, k), np.inf, np.float32),
                        np.ones((nq, k), np.float32) if weighted else None, blank.copy() if with_uris else None,
                        blank.copy() if crowded else None)
 
 
-def merge_partials(partials: Sequence[PartialTopK], k: int, *, max_per_group: int | None = None) -> PartialTopK:
-    """Exact top-k of the union of partials over the same queries (ties by ascending id).
+def merge_partials(partials: Sequence[PartialTopK], k: int, *, rows: Sequence[np.ndarray] | None = None,
+                   num_queries: int | None = None, max_per_group: int | None = None) -> PartialTopK:
+    """Exact top-k of the union of partials, per query (ties by ascending id).
+
+    Every partial is nearest first with ties in id order (what `LoadedShard.search` and this function return),
+    so a query that only one partial answers takes that partial's list as it is (a routed query's usual
+    case); the others are merged (`memory.search.merge.merge_shard_answers`).
 
     Weights travel with their neighbours: the result has weights when any partial has them (a partial
     without weights counts as weight 1.0 for all its neighbours), else None; uris and groups likewise.
     With ``max_per_group`` (crowded partials, each carrying ``groups``) the union is crowded: at most that
-    many per group, the greedy walk of memory.search.filters.crowd -- exact and associative when every partial is
-    itself a crowded top-k.
+    many per group, the greedy walk of memory.search.filters.crowd -- exact and associative when every
+    partial is itself a crowded top-k.
+
+    Args:
+      partials: Per unit (or per already merged group of units), its answers.
+      k: Neighbours per query.
+      rows: Per partial, the rows (ascending, distinct ints) of a ``num_queries``-query batch its rows
+        answer; None: every partial answers the same queries, row for row.
+      num_queries: The batch's size, with ``rows``. A query no partial answers is all padding.
+      max_per_group: Crowd the union (see above).
+
+    Returns:
+      The merged [nq, k] answers.
     """
     if not partials:
         raise ValueError("merge_partials needs at least one partial")
-    nq = partials[0].ids.shape[0]
-    offsets = np.cumsum([0] + [p.ids.shape[1] for p in partials])
-    pairs, keys = [], []
-    for off, p in zip(offsets, partials):
-        cols = np.broadcast_to(np.arange(p.ids.shape[1], dtype=np.int64) + off, p.ids.shape)
-        pairs.append((np.where(p.labels >= 0, cols, -1), p.distances))
-        keys.append(p.ids.astype(str))
-    width = int(offsets[-1]) if max_per_group is not None else k
-    idx, dist = merge_topk(pairs, width, tie_keys=keys)
+    if rows is None:
+        nq = partials[0].ids.shape[0]
+        bad = [i for i, p in enumerate(partials) if p.ids.shape[0] != nq]
+        if bad:
+            raise ValueError(f"partial {bad[0]} answers {partials[bad[0]].ids.shape[0]} queries, partial 0 {nq}: "
+                             "pass rows= (and num_queries=) to merge partials of different queries")
+        covered = [np.arange(nq)] * len(partials)
+    else:
+        if num_queries is None or len(rows) != len(partials):
+            raise ValueError(f"rows= needs one row array per partial ({len(rows)} for {len(partials)}) and "
+                             "num_queries=")
+        nq = int(num_queries)
+        covered = [np.asarray(r, dtype=np.int64) for r in rows]
+        bad = [i for i, (p, r) in enumerate(zip(partials, covered)) if r.shape != (p.ids.shape[0],)]
+        if bad:
+            raise ValueError(f"partial {bad[0]}: {covered[bad[0]].shape} rows for its "
+                             f"{partials[bad[0]].ids.shape[0]} queries; give one row per query")
+    if max_per_group is not None and any(p.groups is None for p in partials):
+        raise ValueError("crowded merge: every partial must carry groups (search with crowding)")
+    if len(partials) == 1 and partials[0].ids.shape[1] == k and covered[0].size == nq:
+        return partials[0]
+    visits = np.full(nq, len(partials)) if rows is None else np.bincount(np.concatenate(covered), minlength=nq)
+    # Candidates are numbered across the partials' flattened [n_p, k_p] lists: every field is then gathered
+    # with one index, and ids are only compared for rows with equal distances (merge_topk's tie keys).
+    starts = np.cumsum([0] + [p.ids.size for p in partials])
+    if not starts[-1]:
+        return empty_partial(nq, k, weighted=any(p.weights is not None for p in partials),
+                             with_uris=any(p.uris is not None for p in partials), crowded=max_per_group is not None)
+    found = [(r, np.where(p.labels >= 0, np.arange(start, start + p.ids.size).reshape(p.ids.shape), -1),
+              p.distances) for p, r, start in zip(partials, covered, starts)]
+    flat_ids = np.concatenate([p.ids.ravel() for p in partials]).astype(str, copy=False)
+    width = k if max_per_group is None else max(k, int(sum(p.ids.shape[1] for p in partials)))
+    idx, dist = merge_shard_answers(found, nq, width, visits, tie_keys=lambda i: flat_ids[i])
     if max_per_group is not None:
-        if any(p.groups is None for p in partials):
-            raise ValueError("crowded merge: every partial must carry groups (search with crowding)")
-        groups = np.concatenate([p.groups.astype(str) for p in partials], axis=1)
-        rows = np.arange(nq)[:, None]
-        cols, _ = crowd(np.where(idx >= 0, groups[rows, np.maximum(idx, 0)], ""), idx >= 0, k, max_per_group)
-        keep = cols >= 0
-        idx = np.where(keep, np.take_along_axis(idx, np.maximum(cols, 0), axis=1), -1)
-        dist = np.where(keep, np.take_along_axis(dist, np.maximum(cols, 0), axis=1), np.inf).astype(np.float32)
+        # A query answered by one crowded partial keeps its list (cut to k); the union of several is crowded.
+        several = np.flatnonzero(visits > 1)
+        crowded_idx, crowded_dist = idx[:, :k].copy(), dist[:, :k].copy()
+        if several.size:
+            groups = np.concatenate([p.groups.ravel() for p in partials]).astype(str, copy=False)
+            sub = idx[several]
+            cols, _ = crowd(np.where(sub >= 0, groups[np.maximum(sub, 0)], ""), sub >= 0, k, max_per_group)
+            keep = cols >= 0
+            cols = np.maximum(cols, 0)
+            crowded_idx[several] = np.where(keep, np.take_along_axis(sub, cols, axis=1), -1)
+            crowded_dist[several] = np.where(keep, np.take_along_axis(dist[several], cols, axis=1), np.inf)
+        idx, dist = crowded_idx, crowded_dist
     valid = idx >= 0
     safe = np.maximum(idx, 0)
-    rows = np.arange(nq)[:, None]
 
-    def gather(field: str, fill, dtype=None):
+    def gather(field: str, fill, dtype):
         if all(getattr(p, field) is None for p in partials):
             return None
-        parts = [getattr(p, field) if getattr(p, field) is not None else np.full(p.ids.shape, fill, dtype)
-                 for p in partials]
-        both = np.concatenate([np.asarray(x, dtype) if dtype else x.astype(str) for x in parts], axis=1)
-        return np.where(valid, both[rows, safe], fill)
+        flat = np.concatenate([np.full(p.ids.size, fill, dtype) if getattr(p, field) is None else
+                               getattr(p, field).ravel() for p in partials]).astype(dtype, copy=False)
+        return np.where(valid, flat[safe], fill).astype(dtype, copy=False)
 
-    all_ids = np.concatenate([p.ids.astype(str) for p in partials], axis=1)
-    all_labels = np.concatenate([p.labels for p in partials], axis=1)
-    weights = gather("weights", np.float32(1.0), np.float32)
-    return PartialTopK(np.where(valid, all_ids[rows, safe], PAD_ID),
-                       np.where(valid, all_labels[rows, safe], -1).astype(np.int32), dist,
-                       None if weights is None else weights.astype(np.float32),
-                       gather("uris", PAD_ID), gather("groups", PAD_ID))
+    return PartialTopK(np.where(valid, flat_ids[safe], PAD_ID), gather("labels", -1, np.int32), dist,
+                       gather("weights", np.float32(1.0), np.float32), gather("uris", PAD_ID, str),
+                       gather("groups", PAD_ID, str))
 
 
 def searchable_shards(manifest: Manifest) -> tuple[ShardInfo, ...]:
@@ -301,21 +345,39 @@ def load_entry_weights(root: str, manifest: Manifest) -> tuple[np.ndarray, np.nd
     return read_entry_weights(root, manifest)
 
 
-@dataclasses.dataclass
+class _DerivedRows:
+    """What a unit derives from its rows on first need, shared by its views with another index (`with_index`).
+
+    Searches of one unit may run on several threads at once (VisualMemory's query chunks, the job's pool):
+    the lock makes each brute-force index over admitted rows, and the filters' view of the rows, built once.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.live: dict[str, tuple[ShardIndex | None, np.ndarray]] = {}
+        self.attributes: RowAttributes | None = None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class LoadedShard:
-    """A shard's index plus the ids and labels needed to name its hits.
+    """One search unit: a shard (or shards searched as one index) with what naming and filtering its hits needs.
 
     Attributes:
+      name: The shard's name (names joined by "+" for a unit of several), for messages.
+      index: The unit's index over all its rows (forgotten ones included), or None for an empty unit.
+      ids: unicode [n] entry id of each row.
+      labels: int32 [n] class index of each row.
       dead: bool [n], rows that are forgotten (tombstoned) and must never be returned; None for none.
       weights: float32 [n] entry weight of each row (soft pruning; 1.0 for unlisted ids), or None when the
         memory has no entry weights (then search returns PartialTopK.weights = None).
-      shard_dirs: Where the shard's files are (each shard's, for a unit searched as one index): the embeddings
-        are read from there (once) only when a query must be searched by brute force over the live rows (see
-        `search_live_rows`).
-      uris: unicode [n] source uris (for filters, crowding and re-ranking), or None when not loaded.
+      shard_dirs: Where the unit's shards are: the embeddings are read from there (once per exclusion) only
+        when a query must be searched by brute force over the live (admitted) rows (see `search_live_rows`),
+        and the uris when a filter or crowding needs them and ``uris`` is None.
+      uris: unicode [n] source uris, loaded with the unit; then every hit carries its uri
+        (``PartialTopK.uris``, what a re-ranker shows). None: hits carry none.
       class_names: The memory's class names (label filters name classes).
-      metadata: The version's metadata table (memory.store.metadata.MetadataTable) for metadata filters and
-        crowding, or None.
+      metadata: Returns the version's metadata table (memory.store.metadata.MetadataTable, or None when it has
+        none); called on the first metadata filter or crowding.
     """
     name: str
     index: ShardIndex | None
@@ -326,14 +388,13 @@ class LoadedShard:
     shard_dirs: tuple[str, ...] = ()
     uris: np.ndarray | None = None
     class_names: tuple[str, ...] = ()
-    metadata: object | None = None
-    _live: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
-    _attributes: RowAttributes | None = dataclasses.field(default=None, init=False, repr=False)
+    metadata: Callable[[], Any] | None = None
+    _derived: _DerivedRows = dataclasses.field(default_factory=_DerivedRows, repr=False)
 
     @classmethod
     def load(cls, root: str, info: ShardInfo | Sequence[ShardInfo], *, forgotten: np.ndarray | None = None,
              entry_weights: tuple[np.ndarray, np.ndarray] | None = None, with_uris: bool = False,
-             class_names: Sequence[str] = (), metadata: object | None = None) -> "LoadedShard":
+             class_names: Sequence[str] = (), metadata: Any | None = None) -> LoadedShard:
         """Loads a main or delta shard, or a `memory.store.shard.search_units` unit of shards searched as one index.
 
         Args:
@@ -342,9 +403,10 @@ class LoadedShard:
           forgotten: The version's tombstoned ids (`load_forgotten`); rows with these ids are skipped.
           entry_weights: The version's (sorted ids, weights) (`load_entry_weights`), or None for an
             unweighted memory.
-          with_uris: Keep the rows' source uris (filters by uri prefix, crowding by uri, re-ranking).
+          with_uris: Load the rows' source uris now, and return each hit's (re-ranking).
           class_names: The memory's class names, for label filters.
-          metadata: The version's `memory.store.metadata.read_metadata` table, for metadata filters and crowding.
+          metadata: The version's `memory.store.metadata.read_metadata` table, for metadata filters and
+            crowding.
         """
         infos = [info] if isinstance(info, ShardInfo) else list(info)
         dirs = tuple(storage.join(root, i.path) for i in infos)
@@ -353,44 +415,79 @@ class LoadedShard:
         dead = None
         if forgotten is not None and len(forgotten) and ids.size:
             dead = np.isin(ids, np.asarray(forgotten, dtype=str))
-            dead = dead if dead.any() else None
-        weights = None if entry_weights is None else row_weights(entry_weights, ids)
-        return cls(name="+".join(i.name for i in infos), index=load_unit_index(dirs, infos), ids=ids,
-                   labels=np.concatenate([e.labels for e in entries]).astype(np.int32), dead=dead, weights=weights,
-                   shard_dirs=dirs, uris=np.concatenate([e.uris for e in entries]) if with_uris else None,
-                   class_names=tuple(class_names), metadata=metadata)
+        return cls.of_rows("+".join(i.name for i in infos), load_unit_index(dirs, infos), ids,
+                           np.concatenate([e.labels for e in entries]).astype(np.int32), dead=dead,
+                           weights=None if entry_weights is None else row_weights(entry_weights, ids),
+                           shard_dirs=dirs, uris=np.concatenate([e.uris for e in entries]) if with_uris else None,
+                           class_names=class_names, metadata=None if metadata is None else lambda: metadata)
+
+    @classmethod
+    def of_rows(cls, name: str, index: ShardIndex | None, ids: np.ndarray, labels: np.ndarray, *,
+                dead: np.ndarray | None = None, weights: np.ndarray | None = None, shard_dirs: Sequence[str] = (),
+                uris: np.ndarray | None = None, class_names: Sequence[str] = (),
+                metadata: Callable[[], Any] | None = None) -> LoadedShard:
+        """A unit over rows its caller has read (VisualMemory reads every shard's entry table at once).
+
+        ``dead`` may be all False (then it is dropped: the unit searches as one without forgotten rows); the
+        other arguments are the attributes of the same names.
+        """
+        return cls(name=name, index=index, ids=ids, labels=labels,
+                   dead=None if dead is None or not dead.any() else dead, weights=weights,
+                   shard_dirs=tuple(shard_dirs), uris=uris, class_names=tuple(class_names), metadata=metadata)
+
+    def with_index(self, index: ShardIndex | None) -> LoadedShard:
+        """This unit searched with another index over the same rows (memory.search.tuning.tuned_index); what it
+        derived from its rows (brute-force indices over admitted rows, filter masks, groups) is shared."""
+        return dataclasses.replace(self, index=index)
+
+    @property
+    def live_rows(self) -> int:
+        """Rows a search can return: all, less the forgotten ones."""
+        return int(self.ids.size) - (0 if self.dead is None else int(self.dead.sum()))
 
     def _live_index(self, key: str, excluded: np.ndarray) -> tuple[ShardIndex | None, np.ndarray]:
-        if key not in self._live:
-            if not self.shard_dirs:
-                raise ValueError(f"shard {self.name}: a query needs the brute-force search over the live rows, which "
-                                 "reads the shard's embeddings; load the shard with LoadedShard.load")
-            from memory.store.shard import read_shard_data  # pylint: disable=g-import-not-at-top
-            if key != "dead" and len(self._live) >= FILTER_INDEX_CACHE:  # Bounded: filters can be many.
-                del self._live[next(kk for kk in self._live if kk != "dead")]
-            parts = [read_shard_data(d).embeddings for d in self.shard_dirs]
-            self._live[key] = build_live_index(parts[0] if len(parts) == 1 else np.concatenate(parts), excluded)
-        return self._live[key]
+        derived = self._derived
+        with derived.lock:
+            if key not in derived.live:
+                if not self.shard_dirs:
+                    raise ValueError(f"shard {self.name}: a query needs the brute-force search over the live rows, "
+                                     "which reads the shard's embeddings; give the unit its shard_dirs")
+                from memory.store.shard import read_shard_data  # pylint: disable=g-import-not-at-top
+                if key != "dead" and len(derived.live) >= FILTER_INDEX_CACHE:  # Bounded: filters can be many.
+                    del derived.live[next(kk for kk in derived.live if kk != "dead")]
+                # Read again for each new exclusion, not kept: the embeddings would double the unit's footprint.
+                parts = [read_shard_data(d).embeddings for d in self.shard_dirs]
+                derived.live[key] = build_live_index(parts[0] if len(parts) == 1 else np.concatenate(parts), excluded)
+            return derived.live[key]
 
     def attributes(self) -> RowAttributes:
-        """What filters and crowding read of this shard's rows (one instance, so what it derives is kept)."""
-        if self._attributes is None:
-            self._attributes = self._make_attributes()
-        return self._attributes
+        """What filters and crowding read of this unit's rows (one instance, so what it derives is kept)."""
+        derived = self._derived
+        with derived.lock:
+            if derived.attributes is None:
+                derived.attributes = RowAttributes(self.labels, self.class_names, self._row_uris,
+                                                   self._metadata_values)
+            return derived.attributes
 
-    def _make_attributes(self) -> RowAttributes:
-        def uris():
-            if self.uris is None:
-                raise ValueError(f"shard {self.name}: uri filters and crowding need the uris; load the shard with "
-                                 "LoadedShard.load(..., with_uris=True)")
+    def _row_uris(self) -> np.ndarray:
+        if self.uris is not None:
             return self.uris
+        if not self.shard_dirs:
+            raise ValueError(f"shard {self.name}: uri filters and crowding need the uris; give the unit its "
+                             "shard_dirs or its uris")
+        # Only the entry tables are read (not the embeddings).
+        uris = np.concatenate([read_shard_entries(d).uris for d in self.shard_dirs])
+        if uris.shape != self.ids.shape:
+            raise ManifestError(f"shard {self.name}: {self.shard_dirs} hold {uris.shape} uris for {self.ids.size} "
+                                "entries; rebuild the memory")
+        return uris
 
-        def metadata(column):
-            if self.metadata is None:
-                raise ValueError(f"shard {self.name}: no metadata table loaded, so nothing can select on {column!r}; "
-                                 "attach metadata with `vmem metadata` and load it (memory.store.metadata.read_metadata)")
-            return self.metadata.values(column, self.ids)
-        return RowAttributes(self.labels, self.class_names, uris, metadata)
+    def _metadata_values(self, column: str) -> np.ndarray:
+        table = None if self.metadata is None else self.metadata()
+        if table is None:
+            raise ValueError(f"shard {self.name}: this memory version has no metadata columns, so nothing can "
+                             f"select on {column!r}; attach some with `vmem metadata`")
+        return table.values(column, self.ids)
 
     def _rows(self, q: np.ndarray, k: int, filters: Sequence[QueryFilter | None] | None
               ) -> tuple[np.ndarray, np.ndarray]:
@@ -403,13 +500,13 @@ class LoadedShard:
 
     def search(self, queries: np.ndarray, k: int, *, filters: Sequence[QueryFilter | None] | None = None,
                crowding: Crowding | None = None) -> PartialTopK:
-        """Top-k live rows of this shard for each (normalised here) query.
+        """Top-k live rows of this unit for each (normalised here) query; safe to call from several threads.
 
         Forgotten rows are skipped with a bounded over-fetch, and queries left short by it are searched by
-        brute force over the live rows (`search_live_rows`): for a brute-force shard, exactly the top-k of
-        the shard without the forgotten rows. ``filters`` (one per query, None = unfiltered) exclude rows the
-        same way (memory.search.filters); ``crowding`` returns this shard's crowded top-k with each hit's group (so
-        `merge_partials(..., max_per_group=c)` crowds the union exactly).
+        brute force over the live rows (`search_live_rows`): for a brute-force unit, exactly the top-k of
+        the unit without the forgotten rows. ``filters`` (one per query, None = unfiltered) exclude rows the
+        same way (memory.search.filters); ``crowding`` returns this unit's crowded top-k with each hit's group
+        (so `merge_partials(..., max_per_group=c)` crowds the union exactly).
         """
         q = l2_normalize(np.asarray(queries, dtype=np.float32))
         if self.index is None:
@@ -420,12 +517,11 @@ class LoadedShard:
             local, dist = self._rows(q, k, filters)
         else:
             row_groups = crowding.groups(self.attributes())
-            live = len(self.index) - (0 if self.dead is None else int(self.dead.sum()))
 
             def fetch(rows, n):
                 return self._rows(q[rows], n, None if filters is None else [filters[i] for i in rows])
             local, dist = crowded_search(fetch, q.shape[0], k, lambda rows: row_groups[rows],
-                                         crowding.max_per_group, live)
+                                         crowding.max_per_group, self.live_rows)
         valid = local >= 0
         safe = np.maximum(local, 0)
         if crowding is not None:

@@ -1,5 +1,6 @@
 """Search every (routed) shard for batches of query embeddings and merge their top-K exactly: the Beam stages
-behind `vmem evaluate` and `vmem prune` (the numpy search and merge live in memory.search.shard_search).
+behind `vmem evaluate` and `vmem prune`. Each unit is searched by memory.search.shard_search.LoadedShard and the
+partial answers merged by its `merge_partials`: the searcher and merge `VisualMemory.search` runs.
 
     queries | SearchShards(root, manifest, k=100) | MergeNeighbors(100)   # -> (query id, QueryNeighbors)
 
@@ -84,10 +85,9 @@ def merge_batch_neighbors(parts: Sequence[BatchNeighbors], k: int, *,
                 ids.append(qid)
                 labels.append(part.labels[i])
                 uris.append(part.uris[i])
-    n = len(ids)
-    scattered = [p.neighbors.scatter(np.fromiter((position[q] for q in p.ids), np.int64, len(p.ids)), n)
-                 for p in parts]
-    merged = merge_partials(scattered, k, max_per_group=max_per_group)
+    rows = [np.fromiter((position[q] for q in p.ids), np.int64, len(p.ids)) for p in parts]
+    merged = merge_partials([p.neighbors for p in parts], k, rows=rows, num_queries=len(ids),
+                            max_per_group=max_per_group)
     return BatchNeighbors(tuple(ids), tuple(labels), tuple(uris), merged)
 
 
@@ -102,8 +102,8 @@ class _SearchShardFn(beam.DoFn):
 
     The batches are searched on ``threads`` threads (ScaNN releases the GIL; numpy's BLAS is held at one
     thread meanwhile), at most 2 x ``threads`` in flight, answers in input order: after the shuffle barrier
-    the unit's search is all the local runner does, on one thread otherwise. Filtered and crowded searches
-    stay on one thread (their per-shard caches of admitted rows and groups are not shared between threads).
+    the unit's search is all the local runner does, on one thread otherwise. Filtered and crowded batches
+    share the pool (`LoadedShard.search` builds what it derives from its rows once, under a lock).
     """
 
     def __init__(self, root: str, manifest: Manifest, k: int, *, crowding: Crowding | None = None,
@@ -139,7 +139,7 @@ class _SearchShardFn(beam.DoFn):
         if self._with_metadata:
             self._metadata = read_metadata(self._root, self._manifest)
         threads = self._threads or worker_pool_threads()
-        if threads > 1 and self._crowding is None:
+        if threads > 1:
             self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vmem-shard")
         self._in_flight = 2 * threads
 
@@ -149,16 +149,14 @@ class _SearchShardFn(beam.DoFn):
         return shard.search(batch.embeddings, self._k, filters=filters, crowding=self._crowding)
 
     def _answers(self, shard: LoadedShard, keyed_batches):
-        """(key, batch, partial) per batch, in input order; unfiltered batches on the pool when there is one."""
+        """(key, batch, partial) per batch, in input order; searched on the pool when there is one."""
         pending = collections.deque()  # (key, batch, future of its partial), oldest first.
 
         def oldest():
             key, batch, future = pending.popleft()
             return key, batch, future.result()
         for key, batch in keyed_batches:
-            if self._pool is None or batch.filters is not None:
-                while pending:
-                    yield oldest()
+            if self._pool is None:
                 yield key, batch, self._search(shard, batch)
                 continue
             pending.append((key, batch, self._pool.submit(self._search, shard, batch)))
@@ -174,7 +172,7 @@ class _SearchShardFn(beam.DoFn):
                                  with_uris=self._with_uris, class_names=self._manifest.class_names,
                                  metadata=self._metadata)
         if self._setting is not None and shard.index is not None:
-            shard.index = tuned_index(shard.index, self._setting.leaves_fraction, self._setting.reorder)
+            shard = shard.with_index(tuned_index(shard.index, self._setting.leaves_fraction, self._setting.reorder))
         with one_thread_blas:
             for key, batch, partial in self._answers(shard, keyed_batches):
                 self._searched.inc(len(batch.ids))

@@ -106,6 +106,63 @@ def test_routed_fan_out_equals_visual_memory_search_and_skips_shards(tmp_path, p
         assert_that(got, matches)
 
 
+@pytest.mark.parametrize("crowding", [None, "2:uri"])
+def test_classify_equals_the_job_on_a_living_template_memory(tmp_path, crowding):
+    """VisualMemory.classify and the evaluate job vote over the same neighbours (one shard searcher, one merge):
+    tree+AH shards searched as one template index, forgotten rows, a delta shard and soft-pruning weights."""
+    from memory.decide import pruning
+    from memory.index.shard_index import IndexKind
+    from memory.search.filters import Crowding
+    from memory.decide.voting import vote
+    from memory.store import mutations
+    rng = np.random.default_rng(11)
+    centres = unit_rows(rng, 8, 16)
+    emb = centres[rng.integers(0, 8, 600)] + 0.2 * rng.normal(size=(600, 16)).astype(np.float32)
+    ids = [f"e{i:04d}" for i in range(600)]
+    uris = [f"/img/g{i % 40}/{i}" for i in range(600)]
+    root = str(tmp_path / "mem")
+    build_memory_local(root, ids=ids[:500], labels=[f"c{i % 5}" for i in range(500)], uris=uris[:500],
+                       embeddings=emb[:500], num_shards=3,
+                       index_config=IndexConfig(kind=IndexKind.TREE_AH, num_leaves=8, num_leaves_to_search=3),
+                       encoder_identity={"name": "synthetic", "content_hash": "sha256:0", "dim": 16,
+                                         "preprocess": {}})
+    mutations.forget(root, ids=ids[:500:7])
+    mutations.add_entries_local(root, ids=ids[500:], labels=[f"c{i % 5}" for i in range(500, 600)],
+                                uris=uris[500:], embeddings=emb[500:])
+    weighted = [i for n, i in enumerate(ids[:550]) if n >= 100 and (n % 7 or n >= 500)]  # Live ones only.
+    mutations.publish_entry_weights(root, ids=weighted, weights=pruning.soft_weights(rng.integers(0, 9, len(weighted))),
+                                    params={"rule": pruning.SOFT_RULE})
+    memory = VisualMemory.open(root)
+    assert len(memory.searched_as[0]) == 3  # The three tree+AH shards are one search unit; the delta another.
+    manifest = read_manifest(root)
+    crowd = None if crowding is None else Crowding.parse(crowding)
+    q = unit_rows(rng, 40, 16)
+    queries = [EmbeddedImage(f"q{i:02d}", f"/q/{i}", "c1", q[i]) for i in range(40)]
+    want = memory.search(q, 10, crowding=crowd)
+    predictions = memory.classify(q, rule=VotingRule.RANK, k=10, crowding=crowd)
+
+    with TestPipeline(runner="FnApiRunner") as p:
+        merged = (p | beam.Create(queries)
+                  | evaluate.SearchShards(root, manifest, k=10, batch_size=8, crowding=crowd, search_threads=2)
+                  | evaluate.MergeNeighbors(10, crowding=crowd))
+        got = merged | beam.MapTuple(lambda qid, n: (qid, n.neighbors))
+
+        def matches(actual):
+            # Same neighbours in the same order; distances equal up to float32 rounding of the batch matmul.
+            assert sorted(qid for qid, _ in actual) == [f"q{i:02d}" for i in range(40)]
+            for qid, neighbors in actual:
+                i = int(qid[1:])
+                np.testing.assert_array_equal(neighbors.ids[0], want.ids[i])
+                np.testing.assert_allclose(neighbors.distances[0], want.distances[i], atol=1e-5)
+                np.testing.assert_array_equal(neighbors.weights[0], want.weights[i])
+                voted = vote(neighbors.labels, neighbors.distances, rule=VotingRule.RANK, k=10,
+                             entry_weights=neighbors.weights).labels[0]
+                assert voted == predictions[i].label, qid
+
+        assert_that(got, matches)
+    assert (want.weights < 1).any() and not np.isin(want.ids, ids[:500:7]).any()
+
+
 def test_merge_partials_is_exact_and_order_independent(synthetic_memory):
     root, _ = synthetic_memory
     manifest = read_manifest(root)

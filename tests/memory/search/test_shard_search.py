@@ -1,4 +1,4 @@
-"""memory.search.shard_search helpers that VisualMemory.search runs its threads with."""
+"""memory.search.shard_search: the helpers VisualMemory.search runs its threads with, and the merge by query rows."""
 
 import concurrent.futures
 import threading
@@ -106,3 +106,55 @@ def test_search_in_chunks_splits_contiguously_and_concatenates_in_order():
         assert search_in_chunks(search, 3 * MIN_CHUNK_QUERIES - 1, 3, lambda: pool) is None
         assert search_in_chunks(search, 10_000, 1, lambda: pool) is None
         assert calls == []
+
+
+def _unit_answer(rng, n, k, first_id, crowd_c):
+    """n query rows of a unit holding entries first_id..first_id + 99: k distinct ones each, nearest first, ties
+    in id order (what LoadedShard.search returns), crowded to at most ``crowd_c`` per group when given; some
+    rows short of k."""
+    from memory.search.filters import crowd
+    from memory.search.shard_search import PartialTopK
+    num = first_id + rng.random((n, 100)).argsort(axis=1)[:, :3 * k]
+    dist = (rng.integers(0, 5, num.shape) / 8).astype(np.float32)  # A coarse grid: many ties.
+    order = np.lexsort((num, dist), axis=-1)  # Zero-padded ids: numeric order is id order.
+    num, dist = np.take_along_axis(num, order, 1), np.take_along_axis(dist, order, 1)
+    groups = np.char.add("g", (num % 5).astype(str))
+    if crowd_c is None:
+        cols = np.tile(np.arange(k), (n, 1))
+    else:
+        cols, _ = crowd(groups, np.ones(num.shape, bool), k, crowd_c)
+    cols[rng.random(n) < 0.2, -2:] = -1
+    valid, take = cols >= 0, np.maximum(cols, 0)
+
+    def pick(a, fill):
+        return np.where(valid, np.take_along_axis(a, take, 1), fill)
+    return PartialTopK(pick(np.char.add("e", np.char.zfill(num.astype(str), 4)), ""),
+                       pick(num % 7, -1).astype(np.int32), pick(dist, np.inf).astype(np.float32),
+                       pick(rng.random(num.shape).astype(np.float32), np.float32(1.0)), None,
+                       None if crowd_c is None else pick(groups, ""))
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("crowd_c", [None, 1, 2])
+def test_merge_partials_with_rows_equals_merging_scattered_partials(seed, crowd_c):
+    """Partials answering different queries of a batch (routing) merged with rows= equal the merge of the same
+    partials scattered to the whole batch: a query one partial answers keeps its list, ties by id included."""
+    from memory.search.shard_search import merge_partials
+    rng = np.random.default_rng(seed)
+    nq, k, units = 60, 5, 4
+    visit = rng.random((nq, units)) < [0.9, 0.4, 0.3, 0.2]
+    visit[rng.random(nq) < 0.1] = False  # Some queries searched nothing.
+    rows = [np.flatnonzero(visit[:, u]) for u in range(units)]
+    parts = [_unit_answer(rng, r.size, k, 100 * u, crowd_c) for u, r in enumerate(rows)]
+    parts[1] = parts[1]._replace(weights=None)  # Unweighted partials count as weight 1.
+    got = merge_partials(parts, k, rows=rows, num_queries=nq, max_per_group=crowd_c)
+    want = merge_partials([p.scatter(r, nq) for p, r in zip(parts, rows)], k, max_per_group=crowd_c)
+    for field in ("ids", "labels", "distances", "weights", "groups"):
+        if getattr(want, field) is None:
+            assert getattr(got, field) is None
+        else:
+            np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
+    assert got.uris is None and (got.ids[~visit.any(axis=1)] == "").all()
+    assert (visit.sum(axis=1) == 1).sum() > 10 and (visit.sum(axis=1) > 1).sum() > 10  # Both paths ran.
+    with pytest.raises(ValueError, match="one row per query"):
+        merge_partials(parts, k, rows=[r[:-1] for r in rows], num_queries=nq)

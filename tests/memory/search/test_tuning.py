@@ -69,8 +69,8 @@ def test_tune_picks_the_fastest_setting_that_keeps_the_votes_and_records_it(tmp_
     opened = VisualMemory.open(root)
     raw = VisualMemory.open(root, search_defaults=False)
     want = raw.with_search_params(**setting.search_params())
-    assert [ix.num_leaves_to_search for ix in opened._indices] == [ix.num_leaves_to_search for ix in want._indices]
-    assert [ix.config.reorder for ix in opened._indices] == [ix.config.reorder for ix in want._indices]
+    assert [u.index.num_leaves_to_search for u in opened._units] == [u.index.num_leaves_to_search for u in want._units]
+    assert [u.index.config.reorder for u in opened._units] == [u.index.config.reorder for u in want._units]
     np.testing.assert_array_equal(opened.search(q, 10).ids, want.search(q, 10).ids)
 
 

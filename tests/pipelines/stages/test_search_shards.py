@@ -67,7 +67,7 @@ def test_threaded_unit_search_answers_as_one_thread_in_order(memory):
         q = unit_rows(rng, 13, 16)
         ids = tuple(f"b{b}q{i}" for i in range(13))
         filters = tuple(QueryFilter(labels=("c1", "c2")).to_dict() if i % 2 else None for i in range(13)) \
-            if b == 4 else None  # One filtered batch in the middle runs on the caller's thread.
+            if b == 4 else None  # One filtered batch in the middle.
         batches.append((ids[0], QueryBatch(ids, ("c0",) * 13, ("",) * 13, q, filters)))
     answers = []
     for threads in (1, 2, 3):

@@ -25,7 +25,7 @@ worker builds its re-ranker from.
 
 2. At the end of this module::
 
-       register(RerankerKind("my_kind", "memory.rerank.base.my_kind", usage="my_kind:NAME", example="my_kind:x",
+       register(RerankerKind("my_kind", "memory.rerank.my_kind", usage="my_kind:NAME", example="my_kind:x",
                              help="my_kind:NAME (what it is)"))
 
 A re-ranker that needs a setting no flag carries yet also needs that flag (pipelines/rerank_args.py) and a

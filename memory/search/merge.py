@@ -91,7 +91,7 @@ def merge_shard_answers(found: list[tuple[np.ndarray, np.ndarray, np.ndarray]], 
     skips the merge's sort for most queries of a routed memory.
 
     Args:
-      found: Per searched shard, (query rows int [n_s] ascending, global rows int64 [n_s, k_s], distances
+      found: Per searched shard, (query rows int [n_s], distinct, global rows int64 [n_s, k_s], distances
         float32 [n_s, k_s]), nearest first, padded with -1 / +inf; k_s may differ from k.
       nq: Queries in the batch.
       k: Neighbours per query.
@@ -114,7 +114,8 @@ def merge_shard_answers(found: list[tuple[np.ndarray, np.ndarray, np.ndarray]], 
         at[several] = np.arange(several.size)
         partials = []
         for rows, glob, dist in found:
-            if several.size == nq and rows.size == nq:  # Every query searched several shards, this one included.
+            if several.size == nq and rows.size == nq and (rows == np.arange(nq)).all():
+                # Every query searched several shards, this one included, row for row.
                 partials.append((glob, dist))
                 continue
             pos = at[rows]

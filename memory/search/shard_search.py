@@ -259,7 +259,7 @@ def merge_partials(partials: Sequence[PartialTopK], k: int, *, rows: Sequence[np
     Args:
       partials: Per unit (or per already merged group of units), its answers.
       k: Neighbours per query.
-      rows: Per partial, the rows (ascending, distinct ints) of a ``num_queries``-query batch its rows
+      rows: Per partial, the rows (distinct ints, in any order) of a ``num_queries``-query batch its rows
         answer; None: every partial answers the same queries, row for row.
       num_queries: The batch's size, with ``rows``. A query no partial answers is all padding.
       max_per_group: Crowd the union (see above).
@@ -288,7 +288,8 @@ def merge_partials(partials: Sequence[PartialTopK], k: int, *, rows: Sequence[np
                              f"{partials[bad[0]].ids.shape[0]} queries; give one row per query")
     if max_per_group is not None and any(p.groups is None for p in partials):
         raise ValueError("crowded merge: every partial must carry groups (search with crowding)")
-    if len(partials) == 1 and partials[0].ids.shape[1] == k and covered[0].size == nq:
+    if len(partials) == 1 and partials[0].ids.shape[1] == k and (
+            rows is None or np.array_equal(covered[0], np.arange(nq))):
         return partials[0]
     visits = np.full(nq, len(partials)) if rows is None else np.bincount(np.concatenate(covered), minlength=nq)
     # Candidates are numbered across the partials' flattened [n_p, k_p] lists: every field is then gathered

@@ -156,5 +156,18 @@ def test_merge_partials_with_rows_equals_merging_scattered_partials(seed, crowd_
             np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
     assert got.uris is None and (got.ids[~visit.any(axis=1)] == "").all()
     assert (visit.sum(axis=1) == 1).sum() > 10 and (visit.sum(axis=1) > 1).sum() > 10  # Both paths ran.
+    # Rows in any order (a partial merged earlier lists its queries in first-seen order), a full one included.
+    parts.append(_unit_answer(rng, nq, k, 1000, crowd_c))
+    rows.append(np.arange(nq))
+    want = merge_partials([p.scatter(r, nq) for p, r in zip(parts, rows)], k, max_per_group=crowd_c)
+    shuffled = [rng.permutation(r.size) for r in rows]
+    moved = [type(p)(*(None if a is None else a[o] for a in p)) for p, o in zip(parts, shuffled)]
+    moved_rows = [r[o] for r, o in zip(rows, shuffled)]
+    got = merge_partials(moved, k, rows=moved_rows, num_queries=nq, max_per_group=crowd_c)
+    for field in ("ids", "labels", "distances", "weights"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
+    assert got.uris is None and (want.groups is None) == (got.groups is None)
+    alone = merge_partials(moved[-1:], k, rows=moved_rows[-1:], num_queries=nq, max_per_group=crowd_c)
+    np.testing.assert_array_equal(alone.ids, parts[-1].ids)  # One partial, rows permuted: put back in order.
     with pytest.raises(ValueError, match="one row per query"):
         merge_partials(parts, k, rows=[r[:-1] for r in rows], num_queries=nq)

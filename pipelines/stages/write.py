@@ -35,7 +35,7 @@ from memory.search.routing import RouterConfig, router_sample_key, train_router,
 from memory.store.shard import ShardData, write_shard
 from memory.index.template import local_template, train_template, uses_template, write_template
 from memory.store.sharding import shard_for_id, shard_name
-from pipelines.io.readers import FAILED_TAG, _failed
+from pipelines.io.readers import FAILED_TAG, failed_record
 from pipelines.records import EmbeddedImage, EntryBlock, Stage
 
 _LOG = logging.getLogger("visual_memory")
@@ -195,8 +195,8 @@ def _router_assign(block: EntryBlock, router) -> np.ndarray:
 
 
 def _failed_rows(block: EntryBlock, dups) -> list:
-    return [_failed(str(block.ids[d]), str(block.uris[d]), "duplicate_id", f"id already used by {block.uris[k]}",
-                    Stage.EMBED) for d, k in dups]
+    return [failed_record(str(block.ids[d]), str(block.uris[d]), "duplicate_id", f"id already used by {block.uris[k]}",
+                          Stage.EMBED) for d, k in dups]
 
 
 def read_spills(paths, dim: int | None = None) -> EntryBlock:

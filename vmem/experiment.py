@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from evaluation.experiments.registry import EXPERIMENTS
 from vmem.args import RaisingArgumentParser, UsageError, run_command
 
-__all__ = ["build_parser", "main", "setup_from_args"]
+__all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup_from_args(args: argparse.Namespace):
+def _setup_from_args(args: argparse.Namespace):
     """The experiments' Setup from the flags (UsageError naming a bad value)."""
     from evaluation.experiments.workspace import Setup  # pylint: disable=g-import-not-at-top
     hold_out = tuple(c.strip() for c in (args.hold_out or "").split(",") if c.strip())
@@ -70,7 +70,7 @@ def _run(argv: Sequence[str]) -> int:
     unknown = [n for n in names if n not in EXPERIMENTS]
     if unknown:
         raise UsageError(f"unknown experiment {unknown[0]!r}; allowed: {', '.join(EXPERIMENTS)}, all")
-    setup = setup_from_args(args)
+    setup = _setup_from_args(args)
     unknown_classes = sorted(set(setup.hold_out) - set(_classes(setup.dataset)))
     if unknown_classes:
         raise UsageError(f"--hold-out: {unknown_classes} are not {setup.dataset} classes; allowed: "

@@ -14,15 +14,15 @@ Two on-disk formats are understood, detected per record:
         {"image_id": ..., "image_class": 65, "neighbor_image_ids": [...],
           "neighbor_classes": [...], "neighbor_distances": [...]}
 
-Files ending in ``.gz`` are decompressed transparently. Neighbour lists are
+Files ending in ``.gz`` are decompressed transparently; ``gs://`` files are read too. Neighbour lists are
 nearest first; :func:`to_arrays` checks this.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import gzip
+import io
 import json
 import math
 import os
@@ -30,6 +30,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import IO, Any
 
 import numpy as np
+
+from memory import storage
+# The record the evaluate job writes; its schema lives with the job's records.
+from pipelines.records import NEIGHBOR_FIELDS, NEIGHBOR_WEIGHTS_FIELD, NeighborRecord
 
 __all__ = [
     "NeighborFormatError",
@@ -42,13 +46,10 @@ __all__ = [
     "write_records",
 ]
 
-OUR_FIELDS = ("query_id", "true_label", "neighbor_ids", "neighbor_labels",
-              "neighbor_distances")
-OUR_OPTIONAL_WEIGHTS = "neighbor_entry_weights"
 PAPER_FIELDS = ("image_id", "image_class", "neighbor_image_ids",
                 "neighbor_classes", "neighbor_distances")
 # Keys that identify a format; neighbor_distances is shared by both.
-_OUR_MARKERS = frozenset(OUR_FIELDS) - {"neighbor_distances"}
+_OUR_MARKERS = frozenset(NEIGHBOR_FIELDS) - {"neighbor_distances"}
 _PAPER_MARKERS = frozenset(PAPER_FIELDS) - {"neighbor_distances"}
 
 
@@ -56,56 +57,10 @@ class NeighborFormatError(ValueError):
     """A neighbours file or record is malformed; the message says where."""
 
 
-@dataclasses.dataclass(frozen=True)
-class NeighborRecord:
-    """The retrieved neighbours of one query.
-
-    Attributes:
-        query_id: Identifier of the query image.
-        true_label: Ground-truth label of the query.
-        neighbor_ids: Memory entry ids, nearest first.
-        neighbor_labels: Labels of the neighbours.
-        neighbor_distances: Cosine distances ``1 - cos``, non-decreasing.
-        neighbor_weights: Optional per-neighbour entry weights (e.g. soft-pruning
-            gamma); stored as ``neighbor_entry_weights`` on disk.
-    """
-
-    query_id: str
-    true_label: int
-    neighbor_ids: list[str]
-    neighbor_labels: list[int]
-    neighbor_distances: list[float]
-    neighbor_weights: list[float] | None = None
-
-    def __post_init__(self):
-        n = len(self.neighbor_ids)
-        lengths = {
-            "neighbor_ids": n,
-            "neighbor_labels": len(self.neighbor_labels),
-            "neighbor_distances": len(self.neighbor_distances),
-        }
-        if self.neighbor_weights is not None:
-            lengths["neighbor_weights"] = len(self.neighbor_weights)
-        if len(set(lengths.values())) != 1:
-            raise ValueError(
-                f"query {self.query_id!r}: neighbour lists differ in length: "
-                f"{lengths}")
-
-    def to_json(self) -> dict[str, Any]:
-        """Returns the record in our JSONL schema."""
-        out = {
-            "query_id": self.query_id,
-            "true_label": self.true_label,
-            "neighbor_ids": list(self.neighbor_ids),
-            "neighbor_labels": list(self.neighbor_labels),
-            "neighbor_distances": list(self.neighbor_distances),
-        }
-        if self.neighbor_weights is not None:
-            out[OUR_OPTIONAL_WEIGHTS] = list(self.neighbor_weights)
-        return out
-
-
 def _open_text(path: str, mode: str) -> IO[str]:
+    if mode == "r" and storage.is_gcs(path):
+        data = storage.read_bytes(path)
+        return io.StringIO((gzip.decompress(data) if path.endswith(".gz") else data).decode("utf-8"))
     if path.endswith(".gz"):
         return gzip.open(path, mode + "t", encoding="utf-8")
     return open(path, mode, encoding="utf-8")
@@ -182,13 +137,13 @@ def parse_record(obj: Any, *, where: str) -> NeighborRecord:
             f"{where}: expected a JSON object, got {type(obj).__name__}")
     keys = obj.keys()
     if _OUR_MARKERS & keys:
-        fmt, names = "visual-memory", OUR_FIELDS
+        fmt, names = "visual-memory", NEIGHBOR_FIELDS
     elif _PAPER_MARKERS & keys:
         fmt, names = "paper", PAPER_FIELDS
     else:
         raise NeighborFormatError(
             f"{where}: record matches neither format; expected fields "
-            f"{', '.join(OUR_FIELDS)} (ours) or {', '.join(PAPER_FIELDS)} "
+            f"{', '.join(NEIGHBOR_FIELDS)} (ours) or {', '.join(PAPER_FIELDS)} "
             f"(paper), got {', '.join(sorted(keys)) or 'no fields'}")
     _require(obj, names, fmt, where)
     qid, true, ids, labels, dists = (obj[n] for n in names)
@@ -197,12 +152,12 @@ def parse_record(obj: Any, *, where: str) -> NeighborRecord:
               for x in _as_list(labels, names[3], where)]
     dists = _as_floats(dists, names[4], where)
     weights = None
-    if fmt == "visual-memory" and obj.get(OUR_OPTIONAL_WEIGHTS) is not None:
-        weights = _as_floats(obj[OUR_OPTIONAL_WEIGHTS], OUR_OPTIONAL_WEIGHTS,
+    if fmt == "visual-memory" and obj.get(NEIGHBOR_WEIGHTS_FIELD) is not None:
+        weights = _as_floats(obj[NEIGHBOR_WEIGHTS_FIELD], NEIGHBOR_WEIGHTS_FIELD,
                              where)
         if any(w < 0 or math.isinf(w) for w in weights):
             raise NeighborFormatError(
-                f"{where}: {OUR_OPTIONAL_WEIGHTS} must be finite and >= 0")
+                f"{where}: {NEIGHBOR_WEIGHTS_FIELD} must be finite and >= 0")
     try:
         return NeighborRecord(
             query_id=str(qid), true_label=_as_int(true, names[1], where),
@@ -303,7 +258,8 @@ def read_neighbor_files(paths: Sequence[str | os.PathLike]
         NeighborFormatError: on a malformed record or a query id that occurs
             twice (it would be counted twice in the accuracy).
     """
-    missing = [os.fspath(p) for p in paths if not os.path.isfile(p)]
+    missing = [os.fspath(p) for p in paths
+               if not (storage.exists(os.fspath(p)) if storage.is_gcs(os.fspath(p)) else os.path.isfile(p))]
     if missing:
         raise FileNotFoundError(f"neighbours file not found: {missing[0]}")
     seen: dict[str, str] = {}

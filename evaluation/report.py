@@ -42,6 +42,7 @@ __all__ = [
     "build_report",
     "markdown_table",
     "table_ks",
+    "tune_markdown",
     "write_report",
 ]
 
@@ -253,6 +254,27 @@ def rerank_markdown(r: Mapping[str, Any]) -> str:
         lines += [f"A real run would send {r['would_send']} queries (at least {r['would_send']} calls; retries "
                   "add more).", ""]
     lines += ["Outcomes: " + ", ".join(f"{k} {v}" for k, v in r["reasons"].items()), ""]
+    return "\n".join(lines)
+
+
+def tune_markdown(result: Mapping[str, Any]) -> str:
+    """The table ``vmem tune`` prints: every setting it tried, the chosen one and the recall-based comparison."""
+    lines = [f"exact search: accuracy {result['exact']['accuracy']:.2f} over {result['exact']['queries']} queries "
+             f"({result['criteria']['rule']}@{result['criteria']['k']})",
+             "", "| setting | queries/s | recall | vote agreement | accuracy |", "|---|---:|---:|---:|---:|"]
+    from memory.search.setting import SearchSetting  # pylint: disable=g-import-not-at-top
+    for t in sorted(result["trials"], key=lambda t: -t["qps"]):
+        lines.append(f"| {SearchSetting.from_dict(t).describe()} | {t['qps']:.0f} | {t['recall']:.4f} | "
+                     f"{100 * t['agreement']:.2f}% | {t['accuracy']:.2f} |")
+    lines.append("")
+    for key, what in (("chosen", f"votes agree >= {100 * result['criteria']['min_agreement']:g}%"),
+                      ("by_recall", f"recall >= {result['criteria']['min_recall']:g}")):
+        t = result[key]
+        lines.append(f"fastest with {what}: " + ("none" if t is None else
+                                                 f"{SearchSetting.from_dict(t).describe()} at {t['qps']:.0f} q/s"))
+    if result.get("speedup_vs_recall"):
+        lines.append(f"decision agreement is {result['speedup_vs_recall']:.2f}x the queries/s of recall >= "
+                     f"{result['criteria']['min_recall']:g}")
     return "\n".join(lines)
 
 

@@ -53,8 +53,7 @@ from memory.index.template import uses_template
 from memory.store.sharding import Sharding
 from pipelines.stages.embed import DecodeImages, EmbedImages
 from pipelines.io.readers import ImageSource, ReadImages, parse_image_spec
-from vmem.args import UsageError
-from pipelines.runner import with_default_runner
+from pipelines.runner import FlagError, with_default_runner
 from pipelines.stages.write import (EntriesToBlocks, TrainIndexTemplate, TrainRouter, WriteDeadLetters, WriteManifest,
                              WriteMemoryShards, block_class_names, count_rows, shards_for_count)
 
@@ -100,7 +99,19 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace) -> BuildConfig:
+    """The build config: ``--config`` (default configs.default) with the flags that override it.
+
+    Raises:
+      FlagError: an override the config refuses (e.g. ``--shards 0``).
+    """
     config = load_config(args.config)
+    try:
+        return _override(config, args)
+    except ValueError as e:
+        raise FlagError(str(e)) from None
+
+
+def _override(config: BuildConfig, args: argparse.Namespace) -> BuildConfig:
     if args.shards is not None:
         config = config.replace(num_shards=args.shards)
     if args.target_shard_size is not None:
@@ -132,17 +143,20 @@ def check_partition_shards(config: BuildConfig, entry_count: int | None) -> None
 
     Every shard owns at least one router centroid and the router trains on at most
     ``router.training_sample_size`` entries (all of them when fewer).
+
+    Raises:
+      FlagError: naming ``--shards`` and the fix.
     """
     if config.sharding is not Sharding.PARTITION or config.num_shards is None:
         return
     n = config.num_shards
     if n > config.router.num_centroids:
-        raise UsageError(f"--shards {n} with partition sharding: the router has {config.router.num_centroids} "
-                         "centroids and every shard owns at least one; use fewer shards or more centroids "
-                         "(config router.num_centroids)")
+        raise FlagError(f"--shards {n} with partition sharding: the router has {config.router.num_centroids} "
+                        "centroids and every shard owns at least one; use fewer shards or more centroids "
+                        "(config router.num_centroids)")
     if entry_count is not None and min(entry_count, config.router.training_sample_size) < n:
-        raise UsageError(f"--shards {n} with partition sharding but the source holds {entry_count} entries: the "
-                         "router needs at least one training entry per shard; use fewer shards or hash sharding")
+        raise FlagError(f"--shards {n} with partition sharding but the source holds {entry_count} entries: the "
+                        "router needs at least one training entry per shard; use fewer shards or hash sharding")
 
 
 def precomputed_identity(encoder_id: str, dim: int, spec: str) -> dict:
@@ -255,26 +269,32 @@ def build_pipeline(p: beam.Pipeline, *, source, output: str, config: BuildConfig
 
 def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipeline] = None
         ) -> beam.runners.runner.PipelineResult:
-    """Parses ``argv`` (build flags + Beam flags), builds the graph and runs it to completion."""
+    """Parses ``argv`` (build flags + Beam flags), builds the graph and runs it to completion.
+
+    Raises:
+      FlagError: a bad flag value or combination (before anything is read or written).
+      FileExistsError: ``--output`` holds a memory and ``--overwrite`` was not given.
+    """
     args, beam_args = build_arg_parser().parse_known_args(argv)
+    beam_args = with_default_runner(beam_args)
     config = resolve_config(args)
     entry_count = None
     if args.embeddings is not None:
         from pipelines.io.embedding_sources import count_entries, parse_embeddings_spec
         if not args.encoder_id:
-            raise UsageError("--embeddings needs --encoder-id NAME: the encoder that computed the embeddings is "
-                             "recorded in the manifest, and queries must be embedded with it")
+            raise FlagError("--embeddings needs --encoder-id NAME: the encoder that computed the embeddings is "
+                            "recorded in the manifest, and queries must be embedded with it")
         source = parse_embeddings_spec(args.embeddings)
         entry_count = count_entries(source)
         _LOG.info("source holds %s entries", "an unknown number of" if entry_count is None else entry_count)
     else:
         if args.encoder_id:
-            raise UsageError("--encoder-id applies to --embeddings only; image builds record their encoder's "
-                             "identity themselves (config encoder)")
+            raise FlagError("--encoder-id applies to --embeddings only; image builds record their encoder's "
+                            "identity themselves (config encoder)")
         source = parse_image_spec(args.images)
     check_partition_shards(config, entry_count)
     prepare_output(args.output, overwrite=args.overwrite)
-    p = test_pipeline or beam.Pipeline(options=PipelineOptions(with_default_runner(beam_args)))
+    p = test_pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
     build_pipeline(p, source=source, output=args.output, config=config, encoder_id=args.encoder_id,
                    entry_count=entry_count)
     result = p.run()

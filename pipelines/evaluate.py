@@ -1,4 +1,4 @@
-"""The query-and-vote job: embed a held-out split, search every shard, merge top-K, vote, report.
+"""The query job of ``vmem evaluate``: embed a held-out split, search every shard, merge top-K, write neighbours.
 
 Local::
 
@@ -16,9 +16,14 @@ Query batches fan out to the shards (grouped by shard, so each shard is loaded o
 searches every batch routed to it, and released afterwards), each shard returns a partial top-K for the
 batch's queries it searched, a batch's partials merge exactly per query in one combine keyed by the batch
 (ties by id, as ``VisualMemory.search``; pipelines.stages.search_shards), and the neighbour lists are
-written as JSONL before voting, so ``vmem vote`` can re-vote without re-searching. Voting runs per batch of
-merged queries where they were merged; only the per-rule, per-k counts of correct answers are summed into the
-one report worker, so no worker ever holds every query's neighbours.
+written as JSONL (``neighbors-*.jsonl``, `pipelines.records.NeighborRecord`). The last step checks the
+books (the queries' encoder is the memory's; every record read was answered or failed) and writes
+``evaluation-summary.json`` (`pipelines.records.EvaluationSummary`). ``vmem evaluate`` then votes the
+neighbour files with every rule at every k, the path ``vmem vote`` takes, and writes report.json, report.md
+and accuracy_vs_k.png (evaluation.vote_report); no worker of the job ever holds every query's neighbours.
+
+Python: ``run(argv)`` parses the flags into `evaluate_pipeline(p, *, ...)`, which adds the graph to a
+pipeline; `evaluation.vote_report.write_evaluation_report(output)` writes the report after it ran.
 
 Pruned memories: a soft-pruned version (``vmem prune --mode soft``) carries entry weights; every
 neighbour then carries its weight (``neighbor_entry_weights`` in the JSONL), ``accuracy`` / ``best`` in
@@ -32,38 +37,37 @@ without weights. A hard prune publishes a forget; compare it by evaluating the v
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
-import os
-import tempfile
-from typing import NamedTuple, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import apache_beam as beam
-import numpy as np
 
-from encoders.bundled import resolve_preprocess
-from evaluation.metrics import CorrectCounts
 from memory import storage
-from memory.store.manifest import Manifest
-from memory.store.versions import read_manifest
+from memory.decide.voting import VotingParams, VotingRule
+from memory.search.filters import Crowding, QueryFilter
 from memory.search.routing import check_route_ratio
 from memory.search.setting import default_setting
-from memory.decide.voting import VotingParams, VotingRule
-from pipelines.build import is_precomputed, precomputed_identity, read_precomputed
-from pipelines.runner import with_default_runner
-from pipelines.stages.embed import DecodeImages, EmbedImages, check_same_identity, memory_encoder_spec
-from pipelines.stages import rerank as rerank_stage
+from memory.store.manifest import Manifest
+from memory.store.versions import read_manifest
 from pipelines import rerank_args
-from pipelines.io.readers import ReadImages, parse_image_spec
-from pipelines.records import EmbeddedImage
-# The search stages live in pipelines.stages.search_shards; these names stay importable from here (prune, tests).
+from pipelines.build import is_precomputed, precomputed_identity, read_precomputed
+from pipelines.io.readers import ImageSource, ReadImages, parse_image_spec
+from pipelines.records import EmbeddedImage, EvaluationSummary, NeighborRecord
+from pipelines.runner import FlagError, with_default_runner
+from pipelines.stages import rerank as rerank_stage
+from pipelines.stages.embed import DecodeImages, EmbedImages, check_same_identity, memory_encoder_spec
+# The search stages live in pipelines.stages.search_shards; these names stay importable from here (tests).
 from pipelines.stages.search_shards import (BatchNeighbors, MergeNeighbors, QueryBatch, QueryNeighbors,  # noqa: F401
-                                     SearchShards)
+                                            SearchShards)
 from pipelines.stages.write import WriteDeadLetters
 
 _LOG = logging.getLogger("visual_memory")
-_NAMESPACE = "visual_memory"
 NEIGHBORS_PREFIX = "neighbors"
+
+__all__ = ["EvaluationError", "RerankOptions", "WriteNeighbors", "build_arg_parser", "check_query_counts",
+           "check_query_identity", "evaluate_pipeline", "run", "to_record"]
 
 
 class EvaluationError(RuntimeError):
@@ -77,8 +81,8 @@ def check_query_identity(memory_identity: dict, query_identity: dict) -> None:
                             "memory with the new encoder.")
 
 
-def to_record(query_id: str, q: QueryNeighbors, class_index: dict[str, int]):
-    from evaluation.neighbors_io import NeighborRecord
+def to_record(query_id: str, q: QueryNeighbors, class_index: dict[str, int]) -> NeighborRecord:
+    """One query's merged neighbours as the JSONL record (real neighbours only; the padding is dropped)."""
     n = q.neighbors
     keep = n.labels[0] >= 0
     return NeighborRecord(
@@ -86,32 +90,6 @@ def to_record(query_id: str, q: QueryNeighbors, class_index: dict[str, int]):
         neighbor_ids=n.ids[0][keep].astype(str).tolist(), neighbor_labels=n.labels[0][keep].astype(int).tolist(),
         neighbor_distances=n.distances[0][keep].tolist(),
         neighbor_weights=None if n.weights is None else n.weights[0][keep].tolist())
-
-
-def neighbor_arrays(batch: Sequence[tuple[str, QueryNeighbors]], class_index: dict[str, int], k_max: int
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """What `evaluation.neighbors_io.to_arrays` makes of the batch's `to_record`s, without the records.
-
-    (labels int64 [n, k_max], distances float64 [n, k_max], true int64 [n], entry weights float64 or None):
-    each query's real neighbours first, padded with label -1, distance inf and weight 0.
-    """
-    n = len(batch)
-    weighted = [q.neighbors.weights is not None for _, q in batch]
-    if any(weighted) and not all(weighted):
-        raise ValueError(f"query {batch[weighted.index(False)][0]!r} has no entry weights but others of its batch "
-                         "do; one memory version's neighbours are either all weighted or all not")
-    labels = np.full((n, k_max), -1, dtype=np.int64)
-    distances = np.full((n, k_max), np.inf, dtype=np.float64)
-    weights = np.zeros((n, k_max)) if n and all(weighted) else None
-    for i, (_, q) in enumerate(batch):
-        nb = q.neighbors
-        keep = np.flatnonzero(nb.labels[0] >= 0)[:k_max]
-        labels[i, :keep.size] = nb.labels[0][keep]
-        distances[i, :keep.size] = nb.distances[0][keep]
-        if weights is not None:
-            weights[i, :keep.size] = nb.weights[0][keep]
-    true = np.fromiter((class_index.get(q.label, -1) for _, q in batch), dtype=np.int64, count=n)
-    return labels, distances, true, weights
 
 
 class WriteNeighbors(beam.PTransform):
@@ -129,82 +107,18 @@ class WriteNeighbors(beam.PTransform):
                 | "WriteJsonl" >> beam.io.WriteToText(self._prefix, file_name_suffix=".jsonl"))
 
 
-class VoteTally(NamedTuple):
-    """Votes of a set of queries, reduced to what the report needs (summable, a few KB whatever the count).
+class UnknownLabels(beam.PTransform):
+    """(query id, QueryNeighbors) -> the query class names the memory does not know, each once."""
 
-    Attributes:
-      counts: Correct predictions per rule and k (weighted votes on a soft-pruned memory).
-      unpruned: On a soft-pruned memory, the same neighbours voted without entry weights; else None.
-      unknown_labels: Query class names the memory does not know (their queries count as wrong).
-    """
-    counts: CorrectCounts
-    unpruned: CorrectCounts | None
-    unknown_labels: frozenset[str]
-
-
-def vote_batch(batch: Sequence[tuple[str, QueryNeighbors]], class_index: dict[str, int], k_max: int,
-               params: VotingParams) -> VoteTally:
-    """Votes one batch of merged neighbour lists with every rule at every k (pure numpy, no Beam)."""
-    from memory.decide.voting import predict_all_k
-
-    labels, distances, true, entry_weights = neighbor_arrays(batch, class_index, k_max)
-    counts = CorrectCounts.of(predict_all_k(labels, distances, k_max=k_max, params=params,
-                                            entry_weights=entry_weights), true)
-    unpruned = None
-    if entry_weights is not None:
-        unpruned = CorrectCounts.of(predict_all_k(labels, distances, k_max=k_max, params=params), true)
-    unknown = frozenset(q.label for _, q in batch if q.label not in class_index)
-    return VoteTally(counts, unpruned, unknown)
-
-
-def sum_tallies(tallies: Sequence[VoteTally]) -> VoteTally:
-    """Adds the tallies of disjoint query sets."""
-    unpruned = [t.unpruned for t in tallies]
-    if any(u is None for u in unpruned) and not all(u is None for u in unpruned):
-        raise ValueError("cannot add weighted and unweighted vote tallies (queries of one memory version "
-                         "are either all weighted or all not)")
-    return VoteTally(CorrectCounts.sum(t.counts for t in tallies),
-                     None if unpruned[0] is None else CorrectCounts.sum(unpruned),
-                     frozenset().union(*(t.unknown_labels for t in tallies)))
-
-
-class _SumTalliesFn(beam.CombineFn):
-    """Sums VoteTally values; None when there were no queries at all."""
-
-    def create_accumulator(self):
-        return None
-
-    def add_input(self, acc, tally):
-        return self.merge_accumulators([acc, tally])
-
-    def merge_accumulators(self, accumulators):
-        present = [a for a in accumulators if a is not None]
-        return sum_tallies(present) if present else None
-
-    def extract_output(self, acc):
-        return acc
-
-
-class VoteNeighbors(beam.PTransform):
-    """(query id, merged QueryNeighbors) -> one VoteTally for all queries.
-
-    Each batch of queries is voted where it was merged; only the per-rule, per-k correct counts travel
-    to the single report worker, so the job's memory does not grow with the number of queries.
-    """
-
-    def __init__(self, class_names: Sequence[str], k_max: int, params: VotingParams, *, batch_size: int = 1024):
+    def __init__(self, class_names: Sequence[str]):
         super().__init__()
-        self._class_index = {c: i for i, c in enumerate(class_names)}
-        self._k_max = k_max
-        self._params = params
-        self._batch_size = batch_size
+        self._known = frozenset(class_names)
 
     def expand(self, merged):
-        class_index, k_max, params = self._class_index, self._k_max, self._params
+        known = self._known
         return (merged
-                | "BatchForVote" >> beam.BatchElements(min_batch_size=1, max_batch_size=self._batch_size)
-                | "VoteBatch" >> beam.Map(lambda batch: vote_batch(batch, class_index, k_max, params))
-                | "SumTallies" >> beam.CombineGlobally(_SumTalliesFn()))
+                | "QueryLabels" >> beam.FlatMapTuple(lambda _, q: [] if q.label in known else [q.label])
+                | "DistinctLabels" >> beam.Distinct())
 
 
 def check_query_counts(*, read: int, queries: int, failed: int, dead_letter_dir: str) -> None:
@@ -223,54 +137,195 @@ def check_query_counts(*, read: int, queries: int, failed: int, dead_letter_dir:
             f"count as one query); see the failures in {dead_letter_dir}/.")
 
 
-class _ReportFn(beam.DoFn):
-    def __init__(self, output: str, root: str, manifest: Manifest, params: VotingParams,
-                 extra: dict, pixel_baseline_k: int | None):
+class _SummaryFn(beam.DoFn):
+    """Once, after every neighbour file is written: checks the books and writes the EvaluationSummary."""
+
+    def __init__(self, output: str, manifest: Manifest, summary: EvaluationSummary):
         self._output = output
-        self._root = root
         self._manifest = manifest
-        self._params = params
-        self._extra = extra
-        self._pixel_k = pixel_baseline_k
+        self._summary = summary  # Launch-time fields; the counts are filled in here.
 
-    def process(self, unused, tally, identities, failed, records_read, distinct_queries, neighbor_files, pixel_queries,
-                rerank=None):
-        from evaluation import report as report_lib
-
+    def process(self, unused, identities, failed, records_read, distinct_queries, neighbor_files, unknown_labels,
+                pixel_queries, rerank=None):
+        dead_letter_dir = storage.join(self._output, "dead_letter")
         for identity in identities:
             check_query_identity(self._manifest.encoder, json.loads(identity))
-        check_query_counts(read=records_read, queries=distinct_queries, failed=failed,
-                           dead_letter_dir=storage.join(self._output, "dead_letter"))
-        if tally is None or tally.counts.queries == 0:
+        check_query_counts(read=records_read, queries=distinct_queries, failed=failed, dead_letter_dir=dead_letter_dir)
+        if distinct_queries == 0:
             raise EvaluationError(f"no query could be embedded ({failed} failed); see the reasons in "
-                                  f"{storage.join(self._output, 'dead_letter')}/.")
-        baselines = {}
-        if self._pixel_k:
-            # Only here are the queries' uris gathered (the raw-pixel baseline loads every image anyway).
-            refs = sorted(pixel_queries)
-            from evaluation.baselines import memory_pixel_baseline
-            baselines = memory_pixel_baseline(self._root, self._manifest, [uri for _, uri, _ in refs],
-                                       np.array([label for _, _, label in refs], dtype=np.int64), k=self._pixel_k)
-        weights_ref = self._manifest.entry_weights
-        weights_info = None if weights_ref is None else {
-            "kind": weights_ref.kind, "count": weights_ref.count, "params": dict(weights_ref.params)}
-        report = report_lib.build_report(
-            tally.counts.table(), queries=tally.counts.queries, failed=failed, extra=dict(
-                self._extra, neighbor_files=sorted(neighbor_files), memory_entries=self._manifest.total,
-                memory_version=self._manifest.version, entry_weights=weights_info,
-                query_classes_unknown_to_memory=sorted(tally.unknown_labels), softmax_tau=self._params.softmax_tau,
-                rank_alpha=self._params.rank_alpha, rank_convention="weight 1/(alpha + i), i 0-based",
-                tie_rule="first class to reach the top score wins",
-                **({} if rerank is None else {"rerank": dict(self._extra["rerank"], **rerank)})),
-            unpruned_table=None if tally.unpruned is None else tally.unpruned.table())
-        with tempfile.TemporaryDirectory() as tmp:
-            report_lib.write_report(tmp, report, baselines=baselines)
-            if storage.is_gcs(self._output):
-                storage.upload_dir(tmp, self._output)
-            else:
-                for name in os.listdir(tmp):
-                    storage.write_bytes(storage.join(self._output, name), storage.read_bytes(os.path.join(tmp, name)))
-        yield report
+                                  f"{dead_letter_dir}/.")
+        summary = dataclasses.replace(
+            self._summary, queries=distinct_queries, failed=failed, records_read=records_read,
+            neighbor_files=tuple(sorted(neighbor_files)), unknown_labels=tuple(sorted(unknown_labels)),
+            rerank=rerank, pixel_queries=tuple(sorted(pixel_queries)))
+        storage.write_text(storage.join(self._output, EvaluationSummary.FILE_NAME), summary.to_json())
+        yield summary
+
+
+@dataclasses.dataclass(frozen=True)
+class RerankOptions:
+    """The re-rank stage's settings (the ``--rerank`` flags): who answers, which vote it starts from, the gate.
+
+    Attributes:
+      spec: The re-ranker, built on the workers.
+      rule: The vote re-ranking starts from.
+      k: That vote's k (<= the job's k_max).
+      below: Cost gate: queries whose vote margin is below this are sent.
+      top_n: Neighbours shown per query (<= the job's k_max).
+      dry_run: Make no call; count what would be sent.
+    """
+    spec: rerank_args.RerankSpec
+    rule: VotingRule
+    k: int
+    below: float
+    top_n: int
+    dry_run: bool = False
+
+
+def _source_info(source) -> dict:
+    return {"images" if isinstance(source, ImageSource) else "embeddings": source.to_dict()}
+
+
+def evaluate_pipeline(p: beam.Pipeline, *, root: str, manifest: Manifest, source, output: str,
+                      encoder_id: str | None = None, version: int | None = None, k_max: int = 100,
+                      params: VotingParams = VotingParams(), query_batch: int = 256, search_threads: int | None = None,
+                      route_probes: int | None = None, route_ratio: float | None = None,
+                      default_filter: QueryFilter | None = None, query_filters: Mapping[str, dict] | None = None,
+                      crowding: Crowding | None = None, rerank: RerankOptions | None = None,
+                      pixel_baseline: int | None = None, extra: Mapping[str, Any] | None = None) -> None:
+    """Adds the evaluation graph to ``p``: queries -> search -> merge -> neighbour files + EvaluationSummary.
+
+    Args:
+      root: The memory's root.
+      manifest: The version searched, read once at launch (`memory.store.manifest.read_manifest`).
+      source: An ImageSource (embedded with the memory's own encoder) or, for a memory built from
+        precomputed embeddings, an EmbeddingSource of embeddings of ``encoder_id``.
+      output: Directory of the neighbour files, dead letters, re-rank records and the summary.
+      encoder_id: With an EmbeddingSource: the encoder that computed the embeddings.
+      version: The version the caller pinned (None: the latest), recorded in the report.
+      k_max: Neighbours retrieved per query.
+      params: Voting parameters of the report (and of the re-rank stage's vote).
+      query_batch: Queries per shard search call.
+      search_threads: Threads a worker searches a shard's batches on (None: its cores, at most 4).
+      route_probes: Partition-routed memories: router centroids each query searches (None: the tuned
+        setting's, else the memory's).
+      route_ratio: Partition-routed memories: distance-ratio routing instead of probes.
+      default_filter: Only entries it admits may vote, for every query.
+      query_filters: ``{query id: filter dict}`` overriding ``default_filter`` for those queries.
+      crowding: At most C voters per group.
+      rerank: The re-rank stage's settings, or None.
+      pixel_baseline: K of the raw-pixel kNN baseline the report adds (the summary then lists every query's uri).
+      extra: What the report records about the filters, crowding and re-ranking (`rerank_args.report_extra`).
+
+    Raises:
+      EvaluationError: the memory cannot answer these queries: routing options on a hash-sharded memory, an
+        image source for a memory of precomputed embeddings or the other way round, another encoder or dim.
+    """
+    for name, value in (("route probes", route_probes), ("route ratio", route_ratio)):
+        if value is not None and manifest.router is None:
+            flag = "--" + name.replace(" ", "-")
+            raise EvaluationError(f"{flag} {value}: memory {root} is hash-sharded (every query searches every "
+                                  f"shard); drop {flag} or build with --sharding partition.")
+    if isinstance(source, ImageSource):
+        if is_precomputed(manifest.encoder):
+            _refuse_images(root, manifest)
+        encoder = memory_encoder_spec(manifest)
+        from encoders.bundled import resolve_preprocess  # pylint: disable=g-import-not-at-top
+        records, read_failures = p | "ReadQueries" >> ReadImages(source)
+        images, decode_failures = records | "DecodeQueries" >> DecodeImages(resolve_preprocess(encoder))
+        queries, embed_failures, identities = images | "EmbedQueries" >> EmbedImages(
+            # Batches start at min_batch_size and grow; at 8 most batches of a 1,000-query run stayed at 8-9 images,
+            # and the bundled encoder embeds 96 images/s at batch 8 against 107-114 at 32-64 (2 cores).
+            encoder, min_batch_size=32, max_batch_size=64, progress_every=500)
+        records_read = ((records, read_failures) | "AllRead" >> beam.Flatten()
+                        | "CountRead" >> beam.combiners.Count.Globally())
+        failure_sets = (read_failures, decode_failures, embed_failures)
+    else:
+        identity = _precomputed_query_identity(root, manifest, source, encoder_id)
+        blocks, read_failures, identities, records_read = read_precomputed(p, source, identity)
+        queries = blocks | "QueryRows" >> beam.FlatMap(
+            lambda b: [EmbeddedImage(str(b.ids[i]), str(b.uris[i]), str(b.labels[i]), b.embeddings[i])
+                       for i in range(len(b))])
+        failure_sets = (read_failures,)
+
+    setting = default_setting(manifest)  # `vmem tune`'s, unless route_probes/route_ratio override its routing.
+    if route_probes is None and route_ratio is None and setting is not None:
+        route_probes, route_ratio = setting.route_probes, setting.route_ratio
+    merged = (queries
+              | "SearchShards" >> SearchShards(root, manifest, k=k_max, batch_size=query_batch,
+                                                route_probes=route_probes, route_ratio=route_ratio,
+                                                default_filter=default_filter, query_filters=query_filters,
+                                                crowding=crowding, with_uris=rerank is not None, setting=setting,
+                                                search_threads=search_threads)
+              | "MergeNeighbors" >> MergeNeighbors(k_max, crowding))
+    neighbor_files = merged | "WriteNeighbors" >> WriteNeighbors(output, manifest.class_names)
+    failures = failure_sets | "AllFailures" >> beam.Flatten()
+    _ = failures | "WriteDeadLetters" >> WriteDeadLetters(output)
+    failed = failures | "CountFailed" >> beam.combiners.Count.Globally()
+    report_extra = {"command": "vmem evaluate", "memory": root, "version_pinned": version, **_source_info(source),
+                    "encoder": manifest.encoder.get("name"), "k_max": k_max}
+    if manifest.router is not None:
+        if route_ratio is not None:
+            report_extra["route_ratio"] = route_ratio
+        else:
+            report_extra["route_probes"] = route_probes or manifest.router.probes
+    if setting is not None:
+        report_extra["search_setting"] = setting.to_dict()
+    report_extra.update(extra or {})
+    side = {}  # The re-rank summary, when re-ranking.
+    if rerank is not None:
+        _, rerank_summary = merged | "Rerank" >> rerank_stage.RerankStage(
+            rerank.spec, output, manifest.class_names, rule=rerank.rule, k=rerank.k, params=params,
+            below=rerank.below, top_n=rerank.top_n, dry_run=rerank.dry_run)
+        side["rerank"] = beam.pvalue.AsSingleton(rerank_summary)
+    distinct_queries = (merged | "QueryIds" >> beam.Keys() | "DistinctQueryIds" >> beam.Distinct()
+                        | "CountQueries" >> beam.combiners.Count.Globally())
+    unknown_labels = merged | "UnknownLabels" >> UnknownLabels(manifest.class_names)
+    class_index = {c: i for i, c in enumerate(manifest.class_names)}
+    pixel = bool(pixel_baseline)
+    # Only then are the queries' uris gathered (the raw-pixel baseline loads every image anyway).
+    pixel_queries = merged | "PixelBaselineQueries" >> beam.FlatMapTuple(
+        lambda qid, q: [(qid, q.uri, class_index.get(q.label, -1))] if pixel else [])
+    weights = manifest.entry_weights
+    summary = EvaluationSummary(
+        extra=report_extra, memory=root, memory_version=manifest.version, memory_entries=manifest.total,
+        entry_weights=None if weights is None else {"kind": weights.kind, "count": weights.count,
+                                                    "params": dict(weights.params)},
+        k_max=k_max, softmax_tau=params.softmax_tau, rank_alpha=params.rank_alpha, queries=0, failed=0,
+        records_read=0, neighbor_files=(), unknown_labels=(), pixel_baseline=pixel_baseline or None)
+    _ = (p
+         | "Once" >> beam.Create([None])
+         | "Report" >> beam.ParDo(
+             _SummaryFn(output, manifest, summary), identities=beam.pvalue.AsList(identities),
+             failed=beam.pvalue.AsSingleton(failed), records_read=beam.pvalue.AsSingleton(records_read),
+             distinct_queries=beam.pvalue.AsSingleton(distinct_queries),
+             neighbor_files=beam.pvalue.AsList(neighbor_files), unknown_labels=beam.pvalue.AsList(unknown_labels),
+             pixel_queries=beam.pvalue.AsList(pixel_queries), **side))
+
+
+def _refuse_images(root: str, manifest: Manifest) -> None:
+    name = manifest.encoder.get("name")
+    raise EvaluationError(
+        f"memory {root} was built from precomputed embeddings of encoder {name!r}, which this job cannot run "
+        f"on images; evaluate with --embeddings SPEC --encoder-id {name} (queries embedded by that encoder).")
+
+
+def _precomputed_query_identity(root: str, manifest: Manifest, source, encoder_id: str | None) -> dict:
+    """The identity of precomputed query embeddings, after refusing any the memory cannot be compared with."""
+    from pipelines.io.embedding_sources import embedding_dim  # pylint: disable=g-import-not-at-top
+    name = manifest.encoder.get("name")
+    if not is_precomputed(manifest.encoder):
+        raise EvaluationError(
+            f"memory {root} was built from images with encoder {name!r}; precomputed query embeddings cannot be "
+            "shown to come from it. Evaluate with --images (embedded by the memory's own encoder).")
+    if encoder_id != name:
+        raise EvaluationError(
+            f"--encoder-id {encoder_id!r}: memory {root} holds embeddings of encoder {name!r}; queries must come "
+            f"from the same encoder (pass --encoder-id {name} if they do).")
+    dim = embedding_dim(source)
+    if dim != manifest.dim:
+        raise EvaluationError(f"--embeddings {source.location}: dim {dim}, memory {root} has dim {manifest.dim}.")
+    return precomputed_identity(encoder_id, dim, source.to_dict().get("location", ""))
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -313,154 +368,85 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _rerank_options(args: argparse.Namespace, spec: rerank_args.RerankSpec | None) -> RerankOptions | None:
+    if spec is None:
+        return None
+    for flag, value in (("--rerank-top-n", args.rerank_top_n), ("--rerank-k", args.rerank_k)):
+        if not 1 <= value <= args.k_max:
+            raise FlagError(f"{flag} {value} must be in [1, --k-max {args.k_max}]: the job retrieves k-max "
+                            f"neighbours; raise --k-max or lower {flag}.")
+    try:
+        rule = VotingRule.parse(args.rerank_rule)
+    except ValueError as e:
+        raise FlagError(f"--rerank-rule: {e}") from None
+    return RerankOptions(spec=spec, rule=rule, k=args.rerank_k, below=args.rerank_below, top_n=args.rerank_top_n,
+                         dry_run=args.rerank_dry_run)
+
+
 def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipeline] = None
         ) -> beam.runners.runner.PipelineResult:
-    """Parses flags, builds the evaluation graph and runs it to completion."""
-    from apache_beam.options.pipeline_options import PipelineOptions
-    from configs.build import load_config
+    """Parses ``argv`` (evaluate flags + Beam flags), builds the graph and runs it to completion.
+
+    Writes the neighbour files and ``evaluation-summary.json``; the report is
+    `evaluation.vote_report.write_evaluation_report`'s (``vmem evaluate`` runs both).
+
+    Raises:
+      FlagError: a bad flag value or combination (before anything is read).
+      EvaluationError: the memory cannot answer these queries, or the books do not balance.
+    """
+    from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
+    from configs.build import load_config  # pylint: disable=g-import-not-at-top
 
     args, beam_args = build_arg_parser().parse_known_args(argv)
-    if args.k_max < 1:
-        raise ValueError(f"--k-max must be >= 1, got {args.k_max}.")
-    if args.search_threads is not None and args.search_threads < 1:
-        raise ValueError(f"--search-threads must be >= 1, got {args.search_threads}.")
-    if args.route_probes is not None and args.route_probes < 1:
-        raise ValueError(f"--route-probes must be >= 1, got {args.route_probes}.")
-    params = VotingParams(softmax_tau=args.tau, rank_alpha=args.alpha)
-    root = args.memory.rstrip("/")
-    manifest = read_manifest(root, version=args.version)
+    for flag, value in (("--k-max", args.k_max), ("--search-threads", args.search_threads),
+                        ("--route-probes", args.route_probes)):
+        if value is not None and value < 1:
+            raise FlagError(f"{flag} must be >= 1, got {value}.")
     if args.route_ratio is not None:
         if args.route_probes is not None:
-            raise ValueError(f"--route-probes {args.route_probes} and --route-ratio {args.route_ratio} are two "
-                             "routing rules; pass one.")
-        check_route_ratio(args.route_ratio)
-    for flag, value in (("--route-probes", args.route_probes), ("--route-ratio", args.route_ratio)):
-        if value is not None and manifest.router is None:
-            raise EvaluationError(f"{flag} {value}: memory {root} is hash-sharded (every query searches every "
-                                  f"shard); drop {flag} or build with --sharding partition.")
-    if is_precomputed(manifest.encoder) or args.embeddings is not None:
-        return _run_precomputed(args, beam_args, root, manifest, params, test_pipeline)
-    if args.encoder_id:
-        raise EvaluationError("--encoder-id applies to --embeddings only; image queries are embedded with the "
-                              "memory's own encoder.")
-    encoder = memory_encoder_spec(manifest)
-    if args.config:
-        requested = load_config(args.config).encoder
-        if requested.to_dict() != encoder.to_dict():
-            raise EvaluationError(
-                f"--config {args.config!r} selects encoder {requested.to_dict()} but memory {root} was built with "
-                f"{encoder.to_dict()}; queries must use the memory's encoder. Drop --config.")
-    source = parse_image_spec(args.images)
-    preprocess = resolve_preprocess(encoder)
-    storage.makedirs(args.output)
-
-    p = test_pipeline or beam.Pipeline(options=PipelineOptions(
-        with_default_runner(beam_args)))
-    records, read_failures = p | "ReadQueries" >> ReadImages(source)
-    images, decode_failures = records | "DecodeQueries" >> DecodeImages(preprocess)
-    queries, embed_failures, identities = images | "EmbedQueries" >> EmbedImages(
-        # Batches start at min_batch_size and grow; at 8 most batches of a 1,000-query run stayed at 8-9 images,
-        # and the bundled encoder embeds 96 images/s at batch 8 against 107-114 at 32-64 (2 cores).
-        encoder, min_batch_size=32, max_batch_size=64, progress_every=500)
-    records_read = ((records, read_failures) | "AllRead" >> beam.Flatten()
-                    | "CountRead" >> beam.combiners.Count.Globally())
-    return _search_vote_report(p, args, root, manifest, params, queries=queries, identities=identities,
-                               failure_sets=(read_failures, decode_failures, embed_failures),
-                               records_read=records_read, source_info={"images": source.to_dict()})
-
-
-def _run_precomputed(args, beam_args, root: str, manifest: Manifest, params: VotingParams, test_pipeline):
-    """Queries from precomputed embeddings, for a memory built from precomputed embeddings of the same encoder."""
-    from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
-    from pipelines.io.embedding_sources import embedding_dim, parse_embeddings_spec
-
-    name = manifest.encoder.get("name")
-    if args.embeddings is None:
-        raise EvaluationError(
-            f"memory {root} was built from precomputed embeddings of encoder {name!r}, which this job cannot run "
-            f"on images; evaluate with --embeddings SPEC --encoder-id {name} (queries embedded by that encoder).")
-    if not is_precomputed(manifest.encoder):
-        raise EvaluationError(
-            f"memory {root} was built from images with encoder {name!r}; precomputed query embeddings cannot be "
-            "shown to come from it. Evaluate with --images (embedded by the memory's own encoder).")
-    if args.encoder_id != name:
-        raise EvaluationError(
-            f"--encoder-id {args.encoder_id!r}: memory {root} holds embeddings of encoder {name!r}; queries must come "
-            f"from the same encoder (pass --encoder-id {name} if they do).")
-    source = parse_embeddings_spec(args.embeddings)
-    dim = embedding_dim(source)
-    if dim != manifest.dim:
-        raise EvaluationError(f"--embeddings {source.location}: dim {dim}, memory {root} has dim {manifest.dim}.")
-    storage.makedirs(args.output)
-    p = test_pipeline or beam.Pipeline(options=PipelineOptions(with_default_runner(beam_args)))
-    blocks, read_failures, identities, records_read = read_precomputed(
-        p, source, precomputed_identity(args.encoder_id, dim, source.to_dict().get("location", "")))
-    queries = blocks | "QueryRows" >> beam.FlatMap(
-        lambda b: [EmbeddedImage(str(b.ids[i]), str(b.uris[i]), str(b.labels[i]), b.embeddings[i])
-                   for i in range(len(b))])
-    return _search_vote_report(p, args, root, manifest, params, queries=queries, identities=identities,
-                               failure_sets=(read_failures,), records_read=records_read,
-                               source_info={"embeddings": source.to_dict()})
-
-
-def _search_vote_report(p, args, root: str, manifest: Manifest, params: VotingParams, *, queries, identities,
-                        failure_sets, records_read, source_info: dict):
-    """The shared back half: search every (routed) shard, merge, write neighbours, vote and report."""
-    default_filter, crowding = rerank_args.selection_from_args(args)
+            raise FlagError(f"--route-probes {args.route_probes} and --route-ratio {args.route_ratio} are two "
+                            "routing rules; pass one.")
+        try:
+            check_route_ratio(args.route_ratio)
+        except ValueError as e:
+            raise FlagError(f"--route-ratio: {e}") from None
+    if args.images is not None and args.encoder_id:
+        raise FlagError("--encoder-id applies to --embeddings only; image queries are embedded with the memory's "
+                        "own encoder.")
+    try:
+        params = VotingParams(softmax_tau=args.tau, rank_alpha=args.alpha)
+        default_filter, crowding = rerank_args.selection_from_args(args)
+        spec = rerank_args.rerank_spec_from_args(args)
+    except ValueError as e:
+        raise FlagError(str(e)) from None
+    rerank = _rerank_options(args, spec)
+    beam_args = with_default_runner(beam_args)
     query_filters = rerank_args.load_query_filters(args.filters) if args.filters else None
-    spec = rerank_args.rerank_spec_from_args(args)
-    for flag, value in (("--rerank-top-n", args.rerank_top_n), ("--rerank-k", args.rerank_k)):
-        if spec is not None and not 1 <= value <= args.k_max:
-            raise EvaluationError(f"{flag} {value} must be in [1, --k-max {args.k_max}]: the job retrieves k-max "
-                                  f"neighbours; raise --k-max or lower {flag}.")
-    setting = default_setting(manifest)  # `vmem tune`'s, unless --route-probes/--route-ratio override its routing.
-    route_probes, route_ratio = args.route_probes, args.route_ratio
-    if route_probes is None and route_ratio is None and setting is not None:
-        route_probes, route_ratio = setting.route_probes, setting.route_ratio
-    merged = (queries
-              | "SearchShards" >> SearchShards(root, manifest, k=args.k_max, batch_size=args.query_batch,
-                                                route_probes=route_probes, route_ratio=route_ratio,
-                                                default_filter=default_filter,
-                                                query_filters=query_filters, crowding=crowding,
-                                                with_uris=spec is not None, setting=setting,
-                                                search_threads=args.search_threads)
-              | "MergeNeighbors" >> MergeNeighbors(args.k_max, crowding))
-    neighbor_files = merged | "WriteNeighbors" >> WriteNeighbors(args.output, manifest.class_names)
-    failures = tuple(failure_sets) | "AllFailures" >> beam.Flatten()
-    _ = failures | "WriteDeadLetters" >> WriteDeadLetters(args.output)
-    failed = failures | "CountFailed" >> beam.combiners.Count.Globally()
-    extra = {"command": "vmem evaluate", "memory": root, "version_pinned": args.version, **source_info,
-             "encoder": manifest.encoder.get("name"), "k_max": args.k_max}
-    if manifest.router is not None:
-        if route_ratio is not None:
-            extra["route_ratio"] = route_ratio
-        else:
-            extra["route_probes"] = route_probes or manifest.router.probes
-    if setting is not None:
-        extra["search_setting"] = setting.to_dict()
-    extra.update(rerank_args.report_extra(args, default_filter, query_filters, crowding, spec))
-    side = {}  # The re-rank summary, when re-ranking.
-    if spec is not None:
-        _, summary = merged | "Rerank" >> rerank_stage.RerankStage(
-            spec, args.output, manifest.class_names, rule=VotingRule.parse(args.rerank_rule), k=args.rerank_k,
-            params=params, below=args.rerank_below, top_n=args.rerank_top_n, dry_run=args.rerank_dry_run)
-        side["rerank"] = beam.pvalue.AsSingleton(summary)
-    tally = merged | "Vote" >> VoteNeighbors(manifest.class_names, args.k_max, params)
-    distinct_queries = (merged | "QueryIds" >> beam.Keys() | "DistinctQueryIds" >> beam.Distinct()
-                        | "CountQueries" >> beam.combiners.Count.Globally())
-    class_index = {c: i for i, c in enumerate(manifest.class_names)}
-    pixel = bool(args.pixel_baseline)
-    pixel_queries = merged | "PixelBaselineQueries" >> beam.FlatMapTuple(
-        lambda qid, q: [(qid, q.uri, class_index.get(q.label, -1))] if pixel else [])
-    _ = (p
-         | "Once" >> beam.Create([None])
-         | "Report" >> beam.ParDo(
-             _ReportFn(args.output, root, manifest, params, extra, args.pixel_baseline),
-             tally=beam.pvalue.AsSingleton(tally), identities=beam.pvalue.AsList(identities),
-             failed=beam.pvalue.AsSingleton(failed), records_read=beam.pvalue.AsSingleton(records_read),
-             distinct_queries=beam.pvalue.AsSingleton(distinct_queries),
-             neighbor_files=beam.pvalue.AsList(neighbor_files),
-             pixel_queries=beam.pvalue.AsList(pixel_queries), **side))
+
+    root = args.memory.rstrip("/")
+    manifest = read_manifest(root, version=args.version)
+    if args.embeddings is not None:
+        from pipelines.io.embedding_sources import parse_embeddings_spec  # pylint: disable=g-import-not-at-top
+        source = parse_embeddings_spec(args.embeddings)
+    else:
+        if args.config and not is_precomputed(manifest.encoder):
+            requested, encoder = load_config(args.config).encoder, memory_encoder_spec(manifest)
+            if requested.to_dict() != encoder.to_dict():
+                raise EvaluationError(
+                    f"--config {args.config!r} selects encoder {requested.to_dict()} but memory {root} was built "
+                    f"with {encoder.to_dict()}; queries must use the memory's encoder. Drop --config.")
+        source = parse_image_spec(args.images)
+    p = test_pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
+    evaluate_pipeline(p, root=root, manifest=manifest, source=source, output=args.output,
+                      encoder_id=args.encoder_id, version=args.version, k_max=args.k_max, params=params,
+                      query_batch=args.query_batch, search_threads=args.search_threads,
+                      route_probes=args.route_probes, route_ratio=args.route_ratio, default_filter=default_filter,
+                      query_filters=query_filters, crowding=crowding, rerank=rerank,
+                      pixel_baseline=args.pixel_baseline,
+                      extra=rerank_args.report_extra(args, default_filter, query_filters, crowding, spec))
+    storage.makedirs(args.output)
+    # An earlier run's summary would list its neighbour files; only this run's may be read after it.
+    storage.remove_tree(storage.join(args.output, EvaluationSummary.FILE_NAME))
     result = p.run()
     result.wait_until_finish()
     return result

@@ -34,6 +34,9 @@ to its v histogram and the ids it selects, and only those reach the final step, 
 
 The publish is exclusive on version n: if the memory moved on meanwhile, the job fails and publishes
 nothing (re-run it). A retried final step that finds its own change already published as n + 1 accepts it.
+
+Python: ``run(argv)`` parses the flags into `prune_pipeline(p, *, ...)`; ``vmem prune`` (vmem/prune.py) runs
+it and prints the summary.
 """
 
 from __future__ import annotations
@@ -41,8 +44,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
-import sys
 from typing import Iterable, NamedTuple, Optional, Sequence
 
 import apache_beam as beam
@@ -56,16 +57,16 @@ from memory.store.manifest import Manifest
 from memory.store.versions import read_manifest
 from memory.search.shard_search import load_forgotten, searchable_shards
 from memory.store.sharding import shard_for_id
-from pipelines.runner import with_default_runner
+from pipelines.runner import FlagError, with_default_runner
 from pipelines.stages.search_shards import MergeNeighbors, QueryNeighbors, SearchShards
 from pipelines.records import EmbeddedImage
 
 _LOG = logging.getLogger("visual_memory")
-EXIT_USAGE = 2
 _NAMESPACE = "visual_memory"
 
 __all__ = ["BucketCounts", "CountMislabelledHits", "DecidePerBucket", "PruneOutcome", "ReadMemoryEntries",
-           "build_arg_parser", "counts_dir", "main", "read_bucket_counts", "run", "summary_of_value_counts"]
+           "build_arg_parser", "check_args", "counts_dir", "prune_pipeline", "read_bucket_counts", "run",
+           "summary_of_value_counts"]
 # Entries per id-hash bucket of counts by default: a bucket's ids and counts are a few tens of MB.
 ENTRIES_PER_COUNT_BUCKET = 1_000_000
 
@@ -381,96 +382,76 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_args(args: argparse.Namespace) -> Optional[pruning.PruningMode]:
+def check_args(args: argparse.Namespace) -> Optional[pruning.PruningMode]:
+    """The pruning mode the flags ask for (None: --counts-only); FlagError naming a bad flag."""
     if args.k < 1:
-        raise ValueError(f"--k must be >= 1, got {args.k}.")
+        raise FlagError(f"--k must be >= 1, got {args.k}.")
     if args.count_buckets is not None and args.count_buckets < 1:
-        raise ValueError(f"--count-buckets must be >= 1, got {args.count_buckets}.")
+        raise FlagError(f"--count-buckets must be >= 1, got {args.count_buckets}.")
     if args.mode is None:
         if not args.counts_only:
-            raise ValueError("choose --mode hard --threshold T or --mode soft (or --counts-only to only count).")
+            raise FlagError("choose --mode hard --threshold T or --mode soft (or --counts-only to only count).")
         return None
     mode = pruning.PruningMode.parse(args.mode)
     if mode is pruning.PruningMode.HARD and (args.threshold is None or args.threshold < 1):
-        raise ValueError(f"--mode hard needs --threshold T >= 1 (entries with v >= T are forgotten), got "
+        raise FlagError(f"--mode hard needs --threshold T >= 1 (entries with v >= T are forgotten), got "
                          f"{args.threshold!r}; see the v histogram from --counts-only to pick T.")
     if mode is pruning.PruningMode.SOFT and args.threshold is not None:
-        raise ValueError("--threshold applies to --mode hard only; soft pruning weights every entry with v >= 1.")
+        raise FlagError("--threshold applies to --mode hard only; soft pruning weights every entry with v >= 1.")
     return mode
 
 
-def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipeline] = None
-        ) -> beam.runners.runner.PipelineResult:
-    """Parses flags, builds the pruning graph on the latest version and runs it to completion."""
-    from apache_beam.options.pipeline_options import PipelineOptions
+def prune_pipeline(p: beam.Pipeline, *, root: str, manifest: Manifest, mode: Optional[pruning.PruningMode],
+                   k: int = pruning.PAPER_K, threshold: Optional[int] = None, counts_only: bool = False,
+                   query_batch: int = 256, count_buckets: Optional[int] = None) -> None:
+    """Adds the pruning graph to ``p``: self-query every live entry of ``manifest``, count, decide, publish.
 
-    args, beam_args = build_arg_parser().parse_known_args(argv)
-    mode = _check_args(args)
-    root = args.memory.rstrip("/")
-    manifest = read_manifest(root)  # Version n, read once: everything below is computed on it.
-
-    p = test_pipeline or beam.Pipeline(options=PipelineOptions(with_default_runner(beam_args)))
+    Args:
+      root: The memory's root.
+      manifest: The version pruned (n), read once at launch; version n + 1 is published (unless counts_only).
+      mode: Hard or soft pruning (None with ``counts_only``).
+      k: Neighbours per self-query after leaving the entry out.
+      threshold: Hard pruning: entries with v >= threshold are forgotten.
+      counts_only: Write the counts and the summary, publish nothing.
+      query_batch: Self-queries per shard search call.
+      count_buckets: Id-hash buckets of the counts (None: one per ENTRIES_PER_COUNT_BUCKET entries).
+    """
     entries = p | "ReadMemoryEntries" >> ReadMemoryEntries(root, manifest)
     merged = (entries
-              | "SearchShards" >> SearchShards(root, manifest, k=args.k + 1, batch_size=args.query_batch)
-              | "MergeNeighbors" >> MergeNeighbors(args.k + 1))
-    counts = (merged, entries) | "CountMislabelledHits" >> CountMislabelledHits(manifest.class_names, k=args.k)
-    buckets = args.count_buckets or max(1, math.ceil(manifest.total / ENTRIES_PER_COUNT_BUCKET))
+              | "SearchShards" >> SearchShards(root, manifest, k=k + 1, batch_size=query_batch)
+              | "MergeNeighbors" >> MergeNeighbors(k + 1))
+    counts = (merged, entries) | "CountMislabelledHits" >> CountMislabelledHits(manifest.class_names, k=k)
+    buckets = count_buckets or max(1, math.ceil(manifest.total / ENTRIES_PER_COUNT_BUCKET))
     decided = counts | "DecidePerBucket" >> DecidePerBucket(
-        root, manifest.version, k=args.k, mode=mode, threshold=args.threshold, counts_only=args.counts_only,
-        buckets=buckets)
+        root, manifest.version, k=k, mode=mode, threshold=threshold, counts_only=counts_only, buckets=buckets)
     entries_read = entries | "CountEntries" >> beam.combiners.Count.Globally()
     _ = (p
          | "Once" >> beam.Create([None])
          | "SummariseAndPublish" >> beam.ParDo(
-             _PublishFn(root, manifest, mode, args.k, args.threshold, args.counts_only, buckets),
+             _PublishFn(root, manifest, mode, k, threshold, counts_only, buckets),
              bucket_counts=beam.pvalue.AsList(decided), entries_read=beam.pvalue.AsSingleton(entries_read)))
+
+
+def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipeline] = None
+        ) -> beam.runners.runner.PipelineResult:
+    """Parses flags, builds the pruning graph on the latest version and runs it to completion.
+
+    The summary (``pruning.summary_path(root, n)``) says what was published.
+
+    Raises:
+      FlagError: a bad flag value or combination.
+      ConcurrentUpdateError: the memory moved on meanwhile; nothing was published.
+    """
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    args, beam_args = build_arg_parser().parse_known_args(argv)
+    mode = check_args(args)
+    beam_args = with_default_runner(beam_args)
+    root = args.memory.rstrip("/")
+    manifest = read_manifest(root)  # Version n, read once: everything below is computed on it.
+    p = test_pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
+    prune_pipeline(p, root=root, manifest=manifest, mode=mode, k=args.k, threshold=args.threshold,
+                   counts_only=args.counts_only, query_batch=args.query_batch, count_buckets=args.count_buckets)
     result = p.run()
     result.wait_until_finish()
     return result
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``vmem prune``: runs the job, then prints what was pruned / down-weighted and the v distribution.
-
-    Returns 0 on success, 2 on a bad flag, an unknown memory or a concurrent update (the message says why).
-    """
-    import json
-    import time
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        build_arg_parser().print_help()
-        return 0
-    args, _ = build_arg_parser().parse_known_args(argv)
-    start = time.monotonic()
-    try:
-        base = read_manifest(args.memory.rstrip("/")).version
-        run(argv)
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
-        # ManifestError is a ValueError, ConcurrentUpdateError a RuntimeError: both name the fix.
-        if os.environ.get("VMEM_DEBUG"):
-            raise
-        print(f"vmem prune: error: {e}\n(set VMEM_DEBUG=1 for the traceback)", file=sys.stderr)
-        return EXIT_USAGE
-    elapsed = time.monotonic() - start
-    summary = json.loads(storage.read_text(pruning.summary_path(args.memory.rstrip("/"), base)))
-    outcome = summary["outcome"]
-    print(pruning.format_summary(summary))
-    if outcome["mode"] == "counts-only":
-        print(f"counts of version {base} (k={summary['k']}) in {outcome['counts_path']}; nothing published")
-    elif outcome["published_version"] is None:
-        print(f"no entry has v >= {summary['threshold']}: nothing to prune, nothing published "
-              f"(version {base} stays the latest)")
-    elif outcome["mode"] == pruning.PruningMode.HARD.value:
-        print(f"hard pruning: forgot {outcome['pruned']} of {outcome['entries']} entries (v >= "
-              f"{summary['threshold']}) -> version {outcome['published_version']}; compare with "
-              f"`vmem evaluate --version {base}`")
-    else:
-        print(f"soft pruning: down-weighted {outcome['down_weighted']} of {outcome['entries']} entries "
-              f"(gamma = 1.75/(1+v) for v >= 1) -> version {outcome['published_version']}")
-    print(f"done in {elapsed:.1f}s; counts in {outcome['counts_path']}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

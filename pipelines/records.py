@@ -1,9 +1,15 @@
-"""Small typed records that flow between pipeline stages (never ad-hoc dicts)."""
+"""Small typed records that flow between pipeline stages (never ad-hoc dicts), and the records the evaluate job
+writes for its readers: `NeighborRecord` (one line of ``neighbors-*.jsonl``) and `EvaluationSummary`.
+
+No Beam import: ``vmem vote`` and ``vmem calibrate`` read these files without starting Beam.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import typing
+from typing import Any
 
 import numpy as np
 
@@ -65,3 +71,114 @@ class FailedRecord(typing.NamedTuple):
         return cls(**json.loads(line))
 
 
+
+
+# The neighbour-list JSONL schema (one object per query); evaluation.neighbors_io also reads the paper's.
+NEIGHBOR_FIELDS = ("query_id", "true_label", "neighbor_ids", "neighbor_labels", "neighbor_distances")
+NEIGHBOR_WEIGHTS_FIELD = "neighbor_entry_weights"
+
+
+@dataclasses.dataclass(frozen=True)
+class NeighborRecord:
+    """The retrieved neighbours of one query: one line of the evaluate job's ``neighbors-*.jsonl``.
+
+    Attributes:
+        query_id: Identifier of the query image.
+        true_label: Ground-truth label index of the query in the memory's class names (-1: a class the
+            memory does not know).
+        neighbor_ids: Memory entry ids, nearest first.
+        neighbor_labels: Labels of the neighbours.
+        neighbor_distances: Cosine distances ``1 - cos``, non-decreasing.
+        neighbor_weights: Optional per-neighbour entry weights (e.g. soft-pruning
+            gamma); stored as ``neighbor_entry_weights`` on disk.
+    """
+
+    query_id: str
+    true_label: int
+    neighbor_ids: list[str]
+    neighbor_labels: list[int]
+    neighbor_distances: list[float]
+    neighbor_weights: list[float] | None = None
+
+    def __post_init__(self):
+        n = len(self.neighbor_ids)
+        lengths = {
+            "neighbor_ids": n,
+            "neighbor_labels": len(self.neighbor_labels),
+            "neighbor_distances": len(self.neighbor_distances),
+        }
+        if self.neighbor_weights is not None:
+            lengths["neighbor_weights"] = len(self.neighbor_weights)
+        if len(set(lengths.values())) != 1:
+            raise ValueError(
+                f"query {self.query_id!r}: neighbour lists differ in length: "
+                f"{lengths}")
+
+    def to_json(self) -> dict[str, Any]:
+        """Returns the record in the JSONL schema."""
+        out = {
+            "query_id": self.query_id,
+            "true_label": self.true_label,
+            "neighbor_ids": list(self.neighbor_ids),
+            "neighbor_labels": list(self.neighbor_labels),
+            "neighbor_distances": list(self.neighbor_distances),
+        }
+        if self.neighbor_weights is not None:
+            out[NEIGHBOR_WEIGHTS_FIELD] = list(self.neighbor_weights)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationSummary:
+    """What the evaluate job counted and wrote besides its neighbour lists: ``OUTPUT/evaluation-summary.json``.
+
+    Written once, by the job's last step, after every check passed (the queries' encoder is the memory's, every
+    record read was answered or failed). ``vmem evaluate`` then votes the listed neighbour files and writes the
+    report from them and this summary (`evaluation.vote_report.write_evaluation_report`).
+
+    Attributes:
+      extra: What the report records about the run, in report order: command, memory, pinned version, query
+        source, encoder, k_max, routing, search setting, filters, crowding and re-ranking.
+      memory: The memory's root.
+      memory_version: The version searched.
+      memory_entries: Its live entries.
+      entry_weights: ``{"kind", "count", "params"}`` of a soft-pruned version's entry weights, else None.
+      k_max: Neighbours retrieved (and voted over) per query.
+      softmax_tau: Softmax voting temperature.
+      rank_alpha: Rank voting offset.
+      queries: Distinct query ids answered.
+      failed: Records that failed (see ``dead_letter/``).
+      records_read: Records read from the query source.
+      neighbor_files: The neighbour files this run wrote, sorted.
+      unknown_labels: Query class names the memory does not know, sorted (their queries count as wrong).
+      rerank: The re-rank stage's summary (memory.rerank.base.RerankTally.to_dict), or None without re-ranking.
+      pixel_baseline: K of the raw-pixel kNN baseline, or None.
+      pixel_queries: With a pixel baseline, ``(query id, uri, label index)`` of every query, sorted; else ().
+    """
+    extra: dict[str, Any]
+    memory: str
+    memory_version: int
+    memory_entries: int
+    entry_weights: dict[str, Any] | None
+    k_max: int
+    softmax_tau: float
+    rank_alpha: float
+    queries: int
+    failed: int
+    records_read: int
+    neighbor_files: tuple[str, ...]
+    unknown_labels: tuple[str, ...]
+    rerank: dict[str, Any] | None = None
+    pixel_baseline: int | None = None
+    pixel_queries: tuple[tuple[str, str, int], ...] = ()
+
+    FILE_NAME: typing.ClassVar[str] = "evaluation-summary.json"
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, allow_nan=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "EvaluationSummary":
+        d = json.loads(text)
+        return cls(**dict(d, neighbor_files=tuple(d["neighbor_files"]), unknown_labels=tuple(d["unknown_labels"]),
+                          pixel_queries=tuple((str(q), str(u), int(c)) for q, u, c in d["pixel_queries"])))

@@ -1,4 +1,5 @@
-"""Runner defaults shared by every job (no Beam or TensorFlow import: launchers stay quick)."""
+"""What every job shares at launch: its flag-error type and runner defaults (no Beam or TensorFlow import:
+launchers stay quick)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,14 @@ from typing import Sequence
 # runner's coder. The same pipeline is correct in in_memory and multi_processing modes, so those are the
 # only modes we use or recommend.
 _UNSAFE_MODE = "multi_threading"
+
+
+class FlagError(ValueError):
+    """A job flag has a bad value, or two flags exclude each other; the message names the flag and the fix.
+
+    Raised while a job's ``run`` parses its flags, before anything is read or written. The ``vmem`` commands
+    report it as a usage error (exit status 2); every other exception of a job is a runtime failure.
+    """
 
 
 def _has_flag(args: Sequence[str], name: str) -> bool:
@@ -39,14 +48,14 @@ def with_default_runner(beam_args: Sequence[str]) -> list[str]:
     --direct_num_workers=N`` runs N worker processes instead.
 
     Raises:
-      ValueError: for ``--direct_running_mode=multi_threading`` with more than one worker, which loses or
+      FlagError: for ``--direct_running_mode=multi_threading`` with more than one worker, which loses or
         corrupts elements in this Beam version (see the comment above); the message names the safe modes.
     """
     args = list(beam_args)
     mode = _flag_value(args, "--direct_running_mode")
     workers = _flag_value(args, "--direct_num_workers")
     if mode == _UNSAFE_MODE and workers not in (None, "1"):
-        raise ValueError(
+        raise FlagError(
             f"--direct_running_mode={_UNSAFE_MODE} with --direct_num_workers={workers} is refused: Beam 2.77's "
             "multi-threaded local runner loses or corrupts elements between stages of these jobs (measured). "
             "Use --direct_running_mode=multi_processing --direct_num_workers=N for N worker processes, or "

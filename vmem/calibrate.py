@@ -18,21 +18,22 @@ have searched the memory's latest version (otherwise re-run ``vmem evaluate``). 
 (tau, alpha) are the evaluation's. ECE before and after is printed: measured on the same split the map was
 fitted on, so the "after" figure is optimistic; the ``abstain`` experiment measures it on another split.
 
-Exit status: 0 on success (or a --dry-run), 2 on a usage or input error.
+The fit itself is evaluation.calibration.fit_from_evaluation (the ``abstain`` experiment calls it too).
+
+Exit status: 0 on success (or a --dry-run); 1 when the evaluation or the memory cannot be read, the memory
+changed since the evaluation, or the split cannot support the fit; 2 on a bad flag.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 
-from evaluation import neighbors_io
 from vmem.args import RaisingArgumentParser, UsageError, run_command
 
-__all__ = ["build_parser", "fit_from_evaluation", "main"]
+__all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,72 +56,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _evaluation_inputs(directory: str):
-    report_path = os.path.join(directory, "report.json")
+def _run(argv: Sequence[str]) -> int:
+    from evaluation.calibration import fit_from_evaluation, read_evaluation
+    from evaluation.stats import expected_calibration_error
+    from memory.decide.confidence import CalibrationMethod, ConfidenceScore, publish_calibration
+    from memory.decide.voting import VotingRule
+
+    args = build_parser().parse_args(argv)
     try:
-        with open(report_path, encoding="utf-8") as f:
-            report = json.load(f)
-    except FileNotFoundError:
-        raise UsageError(f"--evaluation {directory!r} holds no report.json; pass the --output directory of a "
-                         "`vmem evaluate` run") from None
-    try:
-        files = neighbors_io.evaluation_files(directory)
-    except FileNotFoundError:
-        raise UsageError(f"--evaluation {directory!r} holds no neighbors-*.jsonl files") from None
-    return report, neighbors_io.read_neighbor_files(files)
-
-
-def fit_from_evaluation(directory: str, *, memory: str | None = None, rule: str = "rank", k: int = 10,
-                        method: str = "platt", score: str = "combined"):
-    """Fits a calibration on a ``vmem evaluate`` output directory.
-
-    Returns:
-      ``(root, calibration, correct, raw, calibrated)``: the memory root, the fitted
-      ``memory.decide.confidence.Calibration`` and the split's per-query correctness, raw scores and calibrated
-      confidences (for ECE).
-
-    Raises:
-      UsageError: naming the bad value: no report, a memory that changed since, k beyond the neighbours.
-    """
-    import numpy as np
-
-    from memory.decide.confidence import fit_on_confidence, raw_score, vote_confidence
-    from memory.store.versions import read_manifest
-    from memory.decide.voting import VotingParams
-
-    report, records = _evaluation_inputs(directory)
-    extra = report.get("extra") or {}
-    root = (memory or extra.get("memory") or "").rstrip("/")
-    if not root:
-        raise UsageError(f"{directory}/report.json does not name the memory; pass --memory")
-    latest = read_manifest(root)
-    searched = extra.get("memory_version")
-    if searched is not None and searched != latest.version:
-        raise UsageError(f"the evaluation in {directory} searched version {searched} of {root}, which is now at "
-                         f"version {latest.version}; re-run `vmem evaluate` on the held-out split first")
-    k_max = int(report.get("k_max") or 0)
-    if not 1 <= k <= k_max:
-        raise UsageError(f"--k {k} is out of range; the evaluation retrieved {k_max} neighbours per query "
-                         f"(allowed 1..{k_max})")
-    params = VotingParams(softmax_tau=float(extra.get("softmax_tau", 0.07)),
-                          rank_alpha=float(extra.get("rank_alpha", 2.0)))
-    labels, distances, true, weights = neighbors_io.to_arrays(records, k_max)
-    try:
-        vc = vote_confidence(labels, distances, rule=rule, k=k, params=params, entry_weights=weights)
-        calibration = fit_on_confidence(vc, true, rule=rule, k=k, params=params, method=method, score=score,
-                                        fitted_on_version=latest.version, source=os.path.abspath(directory))
+        VotingRule.parse(args.rule)
+        method, score = CalibrationMethod.parse(args.method), ConfidenceScore.parse(args.score)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    correct = (vc.labels == true) & (true >= 0)
-    return root, calibration, np.asarray(correct), raw_score(vc, calibration.score), calibration.confidence(vc)
-
-
-def _run(args: argparse.Namespace) -> int:
-    from evaluation.stats import expected_calibration_error
-    from memory.decide.confidence import ConfidenceScore, publish_calibration
-
+    if score is ConfidenceScore.COMBINED and method is not CalibrationMethod.PLATT:
+        raise UsageError(f"--score combined needs --method platt (got --method {args.method}); isotonic maps one "
+                         "score: pass --score share, margin or similarity with it")
+    evaluation = read_evaluation(args.evaluation)
+    if not 1 <= args.k <= evaluation.k_max:
+        raise UsageError(f"--k {args.k} is out of range; the evaluation retrieved {evaluation.k_max} neighbours per "
+                         f"query (allowed 1..{evaluation.k_max})")
     root, calibration, correct, raw, calibrated = fit_from_evaluation(
-        args.evaluation, memory=args.memory, rule=args.rule, k=args.k, method=args.method, score=args.score)
+        evaluation, memory=args.memory, rule=args.rule, k=args.k, method=args.method, score=args.score)
     # The raw score as a stand-in probability: share (also for combined) and margin are in [0, 1];
     # similarity is rescaled.
     as_prob = (raw + 1) / 2 if calibration.score is ConfidenceScore.SIMILARITY else raw
@@ -142,11 +98,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs ``vmem calibrate``; returns the exit status (0 ok, 2 usage or input error)."""
-    from memory.store.manifest import ManifestError
-    from memory.store.versions import ConcurrentUpdateError
-    return run_command("vmem calibrate", build_parser(), _run, argv,
-                       errors=(ValueError, ManifestError, ConcurrentUpdateError, FileNotFoundError))
+    """Runs ``vmem calibrate``; returns the exit status."""
+    return run_command("vmem calibrate", _run, argv)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ Examples::
 Queries are embedded with the memory's own encoder (the EncoderSpec recorded in its manifest) and its
 preprocessing. Nothing here imports Apache Beam.
 
-Exit status: 0 on success, 2 on a usage or input error (missing memory, unreadable image, unknown rule,
-k < 1); the message names the bad value and the allowed values or the fix.
+Exit status: 0 on success; 1 on a runtime failure (missing memory, unreadable image); 2 on a bad flag
+(unknown rule, k < 1). The message names the bad value and the allowed values or the fix.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from memory import storage
 from memory.decide.explain import Prediction
 from memory.decide.voting import VotingParams, VotingRule
 from pipelines import rerank_args
-from vmem.args import EXIT_USAGE, RaisingArgumentParser, UsageError
+from vmem.args import RaisingArgumentParser, UsageError, run_command
 
 __all__ = ["build_parser", "main", "render_html", "render_text"]
 
@@ -237,8 +237,8 @@ def _run(argv: Sequence[str]) -> int:
     for image in args.images:
         local = image[len("file://"):] if image.startswith("file://") else image
         if not storage.is_gcs(local) and not os.path.isfile(local):
-            raise UsageError(f"IMAGE {image!r} is not a readable file; pass paths of image files "
-                             "(PNG, JPEG, ...)")
+            raise FileNotFoundError(f"IMAGE {image!r} is not a readable file; pass paths of image files "
+                                    "(PNG, JPEG, ...)")
     if args.abstain_below is not None and not 0.0 <= args.abstain_below <= 1.0:
         raise UsageError(f"--abstain-below must be a probability in [0, 1], got {args.abstain_below}; e.g. 0.8")
     try:
@@ -254,7 +254,7 @@ def _run(argv: Sequence[str]) -> int:
     try:
         memory = VisualMemory.open(args.memory)
     except ManifestError as e:
-        raise UsageError(f"--memory {args.memory!r}: {e}") from None
+        raise ManifestError(f"--memory {args.memory!r}: {e}") from None
     reranker = None
     if spec is not None:
         reranker = _DryRun(spec.text) if args.rerank_dry_run else spec.build()
@@ -284,18 +284,8 @@ def _run(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs ``vmem classify``; returns the exit status (0 ok, 2 usage or input error)."""
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        build_parser().print_help()
-        return 0
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-    try:
-        return _run(argv)
-    except (UsageError, ValueError, FileNotFoundError) as e:
-        # ValueError covers undecodable images and encoder-identity errors, whose messages name the fix.
-        print(f"vmem classify: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    """Runs ``vmem classify``; returns the exit status (0 ok, 1 runtime failure, 2 bad flag)."""
+    return run_command("vmem classify", _run, argv)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@ files (and older versions still show them) until ``vmem reindex`` rewrites the a
 entry (and files only those versions used), and records that the next re-index must purge again, which is
 when the old shard files holding the embeddings are deleted.
 
-The ids file holds one id per line (blank lines ignored). Exit status: 0 on success, 2 on a usage or input
-error (unknown id, label or prefix, missing file, concurrent update); the message names the bad value.
+The ids file holds one id per line (blank lines ignored). Exit status: 0 on success; 1 when nothing can be
+forgotten as asked (an unknown id, label or prefix, a missing or empty ids file, not a memory, another
+writer publishing first); 2 on a bad flag. The message names the bad value.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from vmem.args import EXIT_USAGE, RaisingArgumentParser, UsageError
+from vmem.args import RaisingArgumentParser, run_command
 
 __all__ = ["build_parser", "main", "read_ids_file"]
 
@@ -57,17 +58,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_ids_file(path: str) -> list[str]:
-    """Ids from a text file, one per line; surrounding whitespace and blank lines are ignored."""
+    """Ids from a text file, one per line; surrounding whitespace and blank lines are ignored.
+
+    Raises:
+      FileNotFoundError: naming the file, when it does not exist.
+      ValueError: naming the file, when it is not UTF-8 text or holds no id.
+    """
     from memory import storage
     try:
         text = storage.read_text(path)
     except FileNotFoundError:
-        raise UsageError(f"--ids file {path!r} does not exist") from None
+        raise FileNotFoundError(f"--ids file {path!r} does not exist") from None
     except UnicodeDecodeError as e:
-        raise UsageError(f"--ids file {path!r} is not UTF-8 text ({e})") from None
+        raise ValueError(f"--ids file {path!r} is not UTF-8 text ({e})") from None
     ids = [line.strip() for line in text.splitlines() if line.strip()]
     if not ids:
-        raise UsageError(f"--ids file {path!r} holds no id (expected one id per line)")
+        raise ValueError(f"--ids file {path!r} holds no id (expected one id per line)")
     return ids
 
 
@@ -104,22 +110,8 @@ def _run(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs ``vmem forget``; returns the exit status (0 ok, 2 usage or input error)."""
-    from memory.store.manifest import ManifestError
-    from memory.store.versions import ConcurrentUpdateError
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        build_parser().print_help()
-        return 0
-    try:
-        return _run(argv)
-    except KeyError as e:
-        # KeyError's str() is the repr of its message; print the message itself.
-        print(f"vmem forget: error: {e.args[0] if e.args else e}", file=sys.stderr)
-        return EXIT_USAGE
-    except (UsageError, ValueError, FileNotFoundError, ManifestError, ConcurrentUpdateError) as e:
-        print(f"vmem forget: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    """Runs ``vmem forget``; returns the exit status."""
+    return run_command("vmem forget", _run, argv)
 
 
 if __name__ == "__main__":

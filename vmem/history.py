@@ -9,7 +9,7 @@ One row per existing version: version, parent, change kind (build, add, forget, 
 UTC time, live entries after the change, and its summary. Versions deleted by a purge are absent; the
 purge's own row lists them (``--json`` shows every change's full details). Nothing here imports Beam.
 
-Exit status: 0 on success, 2 when MEMORY is not a visual memory (the message names the path).
+Exit status: 0 on success, 1 when MEMORY is not a visual memory (the message names the path), 2 on a bad flag.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from vmem.args import EXIT_USAGE, RaisingArgumentParser, UsageError
+from vmem.args import RaisingArgumentParser, run_command
 
 __all__ = ["build_parser", "format_table", "main"]
 
@@ -43,25 +43,20 @@ def format_table(records: Sequence[dict]) -> str:
     return "\n".join([fmt(header)] + [fmt(r) for r in rows]) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Runs ``vmem history``; returns the exit status (0 ok, 2 usage or input error)."""
-    from memory.store.manifest import ManifestError
-    from memory.store.versions import history
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if any(a in ("-h", "--help") for a in argv):
-            build_parser().print_help()
-            return 0
-        args = build_parser().parse_args(argv)
-        records = history(args.memory.rstrip("/") or args.memory)
-    except (UsageError, ManifestError, FileNotFoundError) as e:
-        print(f"vmem history: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+def _run(argv: Sequence[str]) -> int:
+    from memory.store.versions import history  # pylint: disable=g-import-not-at-top
+    args = build_parser().parse_args(argv)
+    records = history(args.memory.rstrip("/") or args.memory)
     if args.json:
         print(json.dumps(records, indent=2, sort_keys=True))
     else:
         print(format_table(records), end="")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs ``vmem history``; returns the exit status."""
+    return run_command("vmem history", _run, argv)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import numpy as np
 
 from vmem.args import RaisingArgumentParser, UsageError, run_command
 
+__all__ = ["build_parser", "load_queries", "main"]
+
 _CHUNK = 256
 
 
@@ -56,7 +58,7 @@ def load_queries(memory, spec: str, max_queries: int) -> tuple[np.ndarray, np.nd
         try:
             paths, names = list_image_folder(spec)
         except FileNotFoundError as e:
-            raise UsageError(f"--queries: {e} (or pass clip:DIR)") from None
+            raise FileNotFoundError(f"--queries: {e} (or pass clip:DIR)") from None
         take = np.linspace(0, len(paths) - 1, min(max_queries, len(paths))).round().astype(int)
         paths, names = [paths[i] for i in take], [names[i] for i in take]
         parts, start = [], time.monotonic()
@@ -69,37 +71,19 @@ def load_queries(memory, spec: str, max_queries: int) -> tuple[np.ndarray, np.nd
     return np.asarray(emb, np.float32), np.asarray([index.get(n, -1) for n in names], dtype=np.int64)
 
 
-def render(result: dict) -> str:
-    lines = [f"exact search: accuracy {result['exact']['accuracy']:.2f} over {result['exact']['queries']} queries "
-             f"({result['criteria']['rule']}@{result['criteria']['k']})",
-             "", "| setting | queries/s | recall | vote agreement | accuracy |", "|---|---:|---:|---:|---:|"]
-    from memory.search.setting import SearchSetting  # pylint: disable=g-import-not-at-top
-    for t in sorted(result["trials"], key=lambda t: -t["qps"]):
-        lines.append(f"| {SearchSetting.from_dict(t).describe()} | {t['qps']:.0f} | {t['recall']:.4f} | "
-                     f"{100 * t['agreement']:.2f}% | {t['accuracy']:.2f} |")
-    lines.append("")
-    for key, what in (("chosen", f"votes agree >= {100 * result['criteria']['min_agreement']:g}%"),
-                      ("by_recall", f"recall >= {result['criteria']['min_recall']:g}")):
-        t = result[key]
-        lines.append(f"fastest with {what}: " + ("none" if t is None else
-                                                 f"{SearchSetting.from_dict(t).describe()} at {t['qps']:.0f} q/s"))
-    if result.get("speedup_vs_recall"):
-        lines.append(f"decision agreement is {result['speedup_vs_recall']:.2f}x the queries/s of recall >= "
-                     f"{result['criteria']['min_recall']:g}")
-    return "\n".join(lines)
-
-
-def _run(args) -> int:
+def _run(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(argv)
     for name in ("min_agreement", "min_recall"):
         if not 0.0 < getattr(args, name) <= 1.0:
             raise UsageError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(args, name)}")
+    from evaluation.report import tune_markdown  # pylint: disable=g-import-not-at-top
     from memory.store.manifest import ManifestError  # pylint: disable=g-import-not-at-top
     from memory.search.tuning import publish_search_defaults, tune  # pylint: disable=g-import-not-at-top
     from memory.visual_memory import VisualMemory  # pylint: disable=g-import-not-at-top
     try:
         memory = VisualMemory.open(args.memory, search_defaults=False)
     except ManifestError as e:
-        raise UsageError(f"--memory {args.memory!r}: {e}") from None
+        raise ManifestError(f"--memory {args.memory!r}: {e}") from None
     from memory.search.tuning import candidate_settings  # pylint: disable=g-import-not-at-top
     if not candidate_settings(memory, args.k):
         print(f"{args.memory}: every shard is brute force and the memory is not routed: search is already exact, "
@@ -110,7 +94,7 @@ def _run(args) -> int:
     result = tune(memory, queries, labels, rule=args.rule, k=args.k, min_agreement=args.min_agreement,
                   max_accuracy_drop=args.max_accuracy_drop, min_recall=args.min_recall)
     result["seconds"] = time.monotonic() - start
-    print(render(result))
+    print(tune_markdown(result))
     if args.report:
         with open(args.report, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)
@@ -123,9 +107,8 @@ def _run(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs ``vmem tune``; 0 on success, 2 on a usage or input error (the message names the fix)."""
-    return run_command("vmem tune", build_parser(), _run, sys.argv[1:] if argv is None else list(argv),
-                       errors=(ValueError, FileNotFoundError))
+    """Runs ``vmem tune``; returns the exit status (0 ok, 1 runtime failure, 2 bad flag)."""
+    return run_command("vmem tune", _run, argv)
 
 
 if __name__ == "__main__":

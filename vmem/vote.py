@@ -1,7 +1,8 @@
 """``vmem vote``: accuracy of every voting rule at every k from neighbour lists.
 
 Reads per-query neighbour lists (our JSONL or the paper's published JSON,
-see ``evaluation.neighbors_io``), runs ``memory.decide.voting.predict_all_k`` once
+see ``evaluation.neighbors_io``), votes them with every rule at every k
+(``evaluation.vote_report.count_votes``, the path ``vmem evaluate`` takes)
 and writes report.json, report.md and accuracy_vs_k.png to ``--output``.
 Records that carry ``neighbor_entry_weights`` (soft pruning) are voted with
 those weights. The Markdown table is printed to stdout.
@@ -12,8 +13,9 @@ Example::
                 --k-max 100 --rules rank,softmax --tau 0.07 --alpha 2.0 \\
                 --baseline "linear probe=0.863"
 
-Exit status: 0 on success, 2 on a usage or input error (the message names
-the bad value and the allowed values).
+Exit status: 0 on success; 1 when the neighbour files are missing, malformed
+or hold no query; 2 on a bad flag (the message names the bad value and the
+allowed values).
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ import math
 import sys
 from collections.abc import Sequence
 
-from evaluation import metrics
 from evaluation import neighbors_io
 from evaluation import report as report_lib
+from evaluation.vote_report import count_votes
 from memory.decide import voting
 from vmem.args import RaisingArgumentParser, UsageError, run_command
 
@@ -91,7 +93,8 @@ def _parse_baselines(items: Sequence[str]) -> dict[str, float]:
     return out
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(argv)
     if args.k_max is not None and args.k_max < 1:
         raise UsageError(f"--k-max must be >= 1, got {args.k_max}")
     rules = _parse_rules(args.rules)
@@ -105,12 +108,10 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         records = neighbors_io.read_neighbor_files(args.neighbors)
-    except FileNotFoundError as e:
-        raise UsageError(str(e)) from None
-    except (neighbors_io.NeighborFormatError, UnicodeDecodeError, OSError) as e:
-        raise UsageError(f"cannot read neighbours: {e}") from None
+    except (neighbors_io.NeighborFormatError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read neighbours: {e}") from None
     if not records:
-        raise UsageError(
+        raise ValueError(
             f"no queries in --neighbors {' '.join(args.neighbors)}")
     longest = max(len(r.neighbor_labels) for r in records)
     k_max = args.k_max if args.k_max is not None else max(longest, 1)
@@ -118,17 +119,10 @@ def _run(args: argparse.Namespace) -> int:
         print(f"vmem vote: note: --k-max {k_max} exceeds the longest neighbour "
               f"list ({longest}); missing neighbours count as padding",
               file=sys.stderr)
-    try:
-        labels, distances, true, entry_weights = neighbors_io.to_arrays(
-            records, k_max)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-
-    preds = voting.predict_all_k(labels, distances, rules=rules, k_max=k_max,
-                                 params=params, entry_weights=entry_weights)
-    table = metrics.accuracy_table(preds, true)
+    votes = count_votes(records, k_max=k_max, rules=rules, params=params)
+    entry_weights = records[0].neighbor_weights is not None  # count_votes checked: all or none carry them.
     report = report_lib.build_report(
-        table, queries=len(records), failed=0,
+        votes.counts.table(), queries=len(records), failed=0,
         extra={
             "command": "vmem vote",
             "neighbors": list(args.neighbors),
@@ -136,7 +130,7 @@ def _run(args: argparse.Namespace) -> int:
             "rank_alpha": params.rank_alpha,
             "rank_convention": "weight 1/(alpha + i), i 0-based",
             "tie_rule": "first class to reach the top score wins",
-            "entry_weights": entry_weights is not None,
+            "entry_weights": entry_weights,
         })
     report_lib.write_report(args.output, report, baselines=baselines)
     print(report_lib.markdown_table(report, baselines=baselines), end="")
@@ -149,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Args:
         argv: Arguments after ``vote`` (default ``sys.argv[1:]``).
     """
-    return run_command("vmem vote", build_parser(), _run, argv)
+    return run_command("vmem vote", _run, argv)
 
 
 if __name__ == "__main__":

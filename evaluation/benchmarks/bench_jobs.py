@@ -41,6 +41,7 @@ def main(argv=None) -> int:
     from encoders.base import EncoderSpec
     from encoders.preprocess import decode_and_preprocess
     from evaluation.datasets import prepare_fashion_mnist
+    from evaluation.vote_report import write_evaluation_report
     from pipelines import build, evaluate
 
     from evaluation.benchmarks.machine import describe as describe_machine  # pylint: disable=g-import-not-at-top
@@ -88,6 +89,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         evaluate.run(["--memory", out, "--images", test, "--output", os.path.join(work, f"eval-{i}"), "--k-max",
                       "100", *args.beam_args.split()])
+        write_evaluation_report(os.path.join(work, f"eval-{i}"))  # What `vmem evaluate` does after the job.
         eval_s = min(eval_s, time.perf_counter() - t0)
 
     n = len(files)

@@ -39,13 +39,13 @@ RULE, K = "rank", 10
 
 
 def _evaluate(memory: str, images: str, out: str, *extra: str) -> tuple[dict, float]:
+    from evaluation.vote_report import write_evaluation_report  # pylint: disable=g-import-not-at-top
     from pipelines import evaluate  # pylint: disable=g-import-not-at-top
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     evaluate.run(["--memory", memory, "--images", images, "--output", out, "--k-max", "20", *extra])
-    seconds = time.perf_counter() - start
-    with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
-        return json.load(f), seconds
+    report = write_evaluation_report(out)
+    return report, time.perf_counter() - start
 
 
 def rerank_rows(out: str) -> list[RerankRecord]:
@@ -131,15 +131,18 @@ def _check(args, results: dict, base_s: float, series: dict, plain: float) -> No
 
 
 def _crowding(args, results: dict, plain: float) -> None:
-    from vmem import main as cli  # pylint: disable=g-import-not-at-top
+    from memory.search.duplicates import near_duplicate_groups  # pylint: disable=g-import-not-at-top
+    from memory.store.metadata import publish_metadata, read_metadata  # pylint: disable=g-import-not-at-top
+    from memory.store.versions import read_manifest  # pylint: disable=g-import-not-at-top
+    from memory.visual_memory import VisualMemory  # pylint: disable=g-import-not-at-top
     copy = os.path.join(args.output, "memory-copy")
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(args.memory, copy)
     for d in args.near_duplicate_distances:
         column = f"near_dup_{d:g}"
-        assert cli.main(["metadata", "--memory", copy, "--near-duplicates", str(d), "--column", column]) == 0
-        from memory.store.versions import read_manifest  # pylint: disable=g-import-not-at-top
-        from memory.store.metadata import read_metadata  # pylint: disable=g-import-not-at-top
+        # What `vmem metadata --near-duplicates D --column C` publishes (its default k, 10).
+        ids, groups = near_duplicate_groups(VisualMemory.open(copy), d, k=10)
+        publish_metadata(copy, ids, {column: groups})
         groups = read_metadata(copy, read_manifest(copy)).columns[column]
         sizes = np.unique(groups, return_counts=True)[1]
         for c in args.crowding:

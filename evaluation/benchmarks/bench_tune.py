@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from memory.index.shard_index import IndexConfig, IndexKind  # pylint: disable=g-import-not-at-top
     from memory.search.tuning import tune  # pylint: disable=g-import-not-at-top
     from memory.visual_memory import VisualMemory  # pylint: disable=g-import-not-at-top
-    from vmem.tune import render  # pylint: disable=g-import-not-at-top
+    from evaluation.report import tune_markdown  # pylint: disable=g-import-not-at-top
 
     from evaluation.benchmarks.machine import describe as describe_machine  # pylint: disable=g-import-not-at-top
     print(describe_machine(), flush=True)
@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       dtype=dtype, bytes_per_entry=sum(size.values()) / args.n, bytes=size, cores=os.cpu_count(),
                       command="python -m evaluation.benchmarks.bench_tune " +
                       " ".join(sys.argv[1:] if argv is None else argv))
-        print(f"\n## {dtype}: {result['bytes_per_entry']:.0f} bytes per entry\n\n{render(result)}", flush=True)
+        print(f"\n## {dtype}: {result['bytes_per_entry']:.0f} bytes per entry\n\n{tune_markdown(result)}", flush=True)
         with open(os.path.join(args.output, "report.json" if dtype == "float32" else f"report-{dtype}.json"), "w",
                   encoding="utf-8") as f:
             json.dump(result, f, indent=2)

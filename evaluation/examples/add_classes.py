@@ -81,6 +81,14 @@ def split_classes(root: str, out: str, hold_out: Sequence[str]) -> dict[str, str
     return dirs
 
 
+def _evaluate(memory: str, images: str, output: str, k: int) -> None:
+    """``vmem evaluate``: the job, then the report from its neighbour files."""
+    from evaluation.vote_report import write_evaluation_report
+    from pipelines import evaluate
+    evaluate.run(["--memory", memory, "--images", images, "--output", output, "--k-max", str(k)])
+    write_evaluation_report(output)
+
+
 def _report(directory: str) -> dict:
     with open(os.path.join(directory, "report.json")) as f:
         return json.load(f)
@@ -104,7 +112,7 @@ def run_example(*, out: str, per_class: int, test_per_class: int, hold_out: Sequ
                 k: int = 10, shards: int = 4) -> Summary:
     """Runs the whole flow into ``out`` (replacing an earlier run there) and returns the figures."""
     from memory.store.versions import read_version
-    from pipelines import add, build, evaluate
+    from pipelines import add, build
 
     unknown = sorted(set(hold_out) - set(FASHION_MNIST_CLASSES))
     if unknown or not hold_out or len(set(hold_out)) == len(FASHION_MNIST_CLASSES):
@@ -119,7 +127,6 @@ def run_example(*, out: str, per_class: int, test_per_class: int, hold_out: Sequ
     evals = {name: os.path.join(out, name) for name in ("eval_old_before", "eval_old_after", "eval_new_after")}
     for d in evals.values():
         shutil.rmtree(d, ignore_errors=True)
-    common = ["--k-max", str(k)]
     commands = (
         f"vmem build --images {dirs['train_old']} --output {memory} --config {config} --shards {shards} --overwrite",
         f"vmem evaluate --memory {memory} --images {dirs['test_old']} --output {evals['eval_old_before']} --k-max {k}",
@@ -132,14 +139,14 @@ def run_example(*, out: str, per_class: int, test_per_class: int, hold_out: Sequ
                "--overwrite"])
     seconds["build"] = time.monotonic() - t
     t = time.monotonic()
-    evaluate.run(["--memory", memory, "--images", dirs["test_old"], "--output", evals["eval_old_before"], *common])
+    _evaluate(memory, dirs["test_old"], evals["eval_old_before"], k)
     seconds["evaluate_before"] = time.monotonic() - t
     t = time.monotonic()
     _, plan = add.launch(["--memory", memory, "--images", dirs["train_new"]])
     seconds["add"] = time.monotonic() - t
     t = time.monotonic()
-    evaluate.run(["--memory", memory, "--images", dirs["test_old"], "--output", evals["eval_old_after"], *common])
-    evaluate.run(["--memory", memory, "--images", dirs["test_new"], "--output", evals["eval_new_after"], *common])
+    _evaluate(memory, dirs["test_old"], evals["eval_old_after"], k)
+    _evaluate(memory, dirs["test_new"], evals["eval_new_after"], k)
     seconds["evaluate_after"] = time.monotonic() - t
     before = _row("old classes", plan.base_version, _report(evals["eval_old_before"]), k)
     after = _row("old classes", plan.new_version, _report(evals["eval_old_after"]), k)

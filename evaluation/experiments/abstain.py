@@ -34,10 +34,11 @@ THRESHOLDS = (0.5, 0.8, 0.9, 0.95)
 
 
 def _calibrate(eval_dir: str, memory: str) -> None:
-    from vmem.calibrate import main as calibrate_main  # pylint: disable=g-import-not-at-top
-    code = calibrate_main(["--evaluation", eval_dir, "--memory", memory, "--rule", RULE, "--k", str(K)])
-    if code != 0:
-        raise RuntimeError(f"vmem calibrate --evaluation {eval_dir} failed with exit status {code}")
+    """``vmem calibrate --evaluation EVAL_DIR --memory M --rule rank --k 10``: fit and publish (its defaults)."""
+    from evaluation.calibration import fit_from_evaluation, read_evaluation  # pylint: disable=g-import-not-at-top
+    from memory.decide.confidence import publish_calibration  # pylint: disable=g-import-not-at-top
+    fit = fit_from_evaluation(read_evaluation(eval_dir), memory=memory, rule=RULE, k=K)
+    publish_calibration(fit.root, fit.calibration, expected_version=fit.calibration.fitted_on_version)
 
 
 def run(ws: Workspace, out: str) -> dict:

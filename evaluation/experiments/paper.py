@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from evaluation.experiments.cli import EXPERIMENTS, run_experiments
+from evaluation.experiments.registry import EXPERIMENTS, run_experiments
 from evaluation.experiments.workspace import HOLD_OUT, Setup, Workspace
 
 DATASETS = tuple(HOLD_OUT)

@@ -9,10 +9,8 @@ rule at any k can predict it), and the accuracies must be equal.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import os
+import time
 
 import numpy as np
 
@@ -25,22 +23,21 @@ PAPER = "deleting an entry removes its influence completely; deleting a feature 
 FORGET_FRACTION = 0.10
 
 
-def _forget(memory: str, *args: str) -> dict:
-    from vmem.forget import main as forget_main  # pylint: disable=g-import-not-at-top
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        code = forget_main(["--memory", memory, *args, "--json"])
-    if code != 0:
-        raise RuntimeError(f"vmem forget {' '.join(args)} failed with exit status {code}")
-    return json.loads(buf.getvalue())
+def _forget(memory: str, *, ids: list[str] | None = None, label: str | None = None) -> dict:
+    """``vmem forget --ids FILE`` / ``--label NAME``: the new version, timed as the command times it."""
+    from memory.store.mutations import forget  # pylint: disable=g-import-not-at-top
+    start = time.perf_counter()
+    manifest = forget(memory, ids=ids, label=label)
+    return {"forgotten": manifest.change["forgotten"], "forget_seconds": round(time.perf_counter() - start, 4),
+            "version": manifest.version, "live_entries": manifest.total}
 
 
-def _case(ws: Workspace, name: str, forget_args: list[str], keep: np.ndarray, forgotten_label: str | None) -> dict:
+def _case(ws: Workspace, name: str, selection: dict, keep: np.ndarray, forgotten_label: str | None) -> dict:
     s = ws.setup
     k = min(10, s.k_max)
     train = ws.table("train")
     memory = ws.build(f"unlearn-{name}", ws.split_spec("train"))
-    result = _forget(memory, *forget_args)
+    result = _forget(memory, **selection)
     _, forgot_dir = ws.evaluate(memory, ws.split_spec("test"), f"unlearn-{name}-after-forget")
     rebuilt = ws.build(f"unlearn-{name}-rebuilt", ws.write_table(f"unlearn-{name}-kept", train.take(keep)))
     _, rebuilt_dir = ws.evaluate(rebuilt, ws.split_spec("test"), f"unlearn-{name}-rebuilt")
@@ -70,16 +67,12 @@ def run(ws: Workspace, out: str) -> dict:
     s = ws.setup
     train = ws.table("train")
     label = s.hold_out[0]
-    by_class = _case(ws, "class", ["--label", label], train.labels != label, label)
+    by_class = _case(ws, "class", {"label": label}, train.labels != label, label)
     rng = rng_for(s, NAME)
     chosen = rng.choice(len(train), size=int(round(FORGET_FRACTION * len(train))), replace=False)
     keep = np.ones(len(train), dtype=bool)
     keep[chosen] = False
-    ids_file = ws.path("tables", "unlearn-ids.txt")
-    os.makedirs(os.path.dirname(ids_file), exist_ok=True)
-    with open(ids_file, "w", encoding="utf-8") as f:
-        f.write("\n".join(train.ids[chosen].tolist()) + "\n")
-    by_ids = _case(ws, "ids", ["--ids", ids_file], keep, None)
+    by_ids = _case(ws, "ids", {"ids": train.ids[chosen].tolist()}, keep, None)
     results = {"class": by_class, "random_ids": by_ids, "forget_fraction": FORGET_FRACTION, "paper": PAPER}
     k = min(10, s.k_max)
     rules = list(by_class["accuracy_after_forget"])

@@ -203,6 +203,7 @@ class Workspace:
     def evaluate(self, memory: str, spec: str, name: str, *, version: int | None = None,
                  k_max: int | None = None) -> tuple[dict, str]:
         """``vmem evaluate --embeddings SPEC`` into ``evals/NAME``; returns (report.json, the directory)."""
+        from evaluation.vote_report import write_evaluation_report  # pylint: disable=g-import-not-at-top
         from pipelines import evaluate  # pylint: disable=g-import-not-at-top
         out = self.path("evals", name)
         shutil.rmtree(out, ignore_errors=True)  # Stale neighbour shards of an earlier run would be read too.
@@ -211,8 +212,7 @@ class Workspace:
         if version is not None:
             argv += ["--version", str(version)]
         self._timed("evaluate", evaluate.run, argv)
-        with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
-            return json.load(f), out
+        return self._timed("evaluate", write_evaluation_report, out), out
 
     def add(self, memory: str, spec: str) -> int:
         """``vmem add --embeddings SPEC``; returns the new version."""

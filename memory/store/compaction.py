@@ -3,7 +3,7 @@
 A re-index folds the delta shards into the main shards and drops forgotten rows physically. It rewrites
 only what changed: with an unchanged shard count, a main shard that holds no forgotten row and receives no
 delta row is *reused* as it is (same directory, same ShardInfo) in the new version; every other target
-shard is *rebuilt* into a fresh directory. The Beam job (pipelines/reindex.py) executes the plan.
+shard is *rebuilt* into a fresh directory. The Beam job (pipelines/reindex/) executes the plan.
 
 Why reuse is exact: main shards are hash partitions (entry ``id`` lives in shard
 ``shard_for_id(id, num_shards)``), so target shard ``t`` of the new version is exactly the live rows of old

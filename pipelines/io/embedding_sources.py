@@ -40,7 +40,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from pipelines.io.readers import FAILED_TAG, dead_letter, parse_example, parse_spec_options
+from pipelines.io.readers import FAILED_TAG, failed_record, parse_example, parse_spec_options
 from pipelines.records import EntryBlock
 
 _NAMESPACE = "visual_memory"
@@ -326,7 +326,7 @@ class _ReadClipItemFn(beam.DoFn):
             name = posixpath.basename(item.pair.npy or item.pair.parquet)
             reason, detail = item.problem
             for row in range(item.start, item.stop):
-                yield dead_letter(f"{name}:{row}", item.pair.npy or item.pair.parquet, reason, detail)
+                yield failed_record(f"{name}:{row}", item.pair.npy or item.pair.parquet, reason, detail)
             return
         import pyarrow.parquet as pq
         columns = item.columns
@@ -347,8 +347,8 @@ class _ReadClipItemFn(beam.DoFn):
                 yield from self._block(item, lo, hi, table, npy_file)
         if offset < item.stop:  # The footer promised more rows than the row group yielded.
             for row in range(max(offset, item.start), item.stop):
-                yield dead_letter(f"{posixpath.basename(item.pair.npy)}:{row}", item.pair.npy, "truncated_metadata",
-                              f"{item.pair.parquet} ended at row {offset}")
+                yield failed_record(f"{posixpath.basename(item.pair.npy)}:{row}", item.pair.npy, "truncated_metadata",
+                                    f"{item.pair.parquet} ended at row {offset}")
 
     def _block(self, item: _WorkItem, lo: int, hi: int, table: dict, npy_file):
         cols, npy = item.columns, item.pair.npy
@@ -370,17 +370,17 @@ class _ReadClipItemFn(beam.DoFn):
                 label = posixpath.basename(posixpath.dirname(_text(table["image_path"][i])))
             fallback = f"{posixpath.basename(npy)}:{row}"
             if not record_id:
-                yield dead_letter(fallback, uri, "missing_id", f"row {row} of {item.pair.parquet}: empty {cols.id!r}")
+                yield failed_record(fallback, uri, "missing_id", f"row {row} of {item.pair.parquet}: empty {cols.id!r}")
             elif not label:
                 where = repr(cols.label) if cols.label else "parent directory of 'image_path'"
-                yield dead_letter(record_id, uri, "missing_label", f"row {row} of {item.pair.parquet}: empty {where}")
+                yield failed_record(record_id, uri, "missing_label", f"row {row} of {item.pair.parquet}: empty {where}")
             elif i >= rows.shape[0]:
-                yield dead_letter(record_id, uri, "truncated_embeddings",
-                              f"{npy} holds fewer rows than its header's {item.header.rows}")
+                yield failed_record(record_id, uri, "truncated_embeddings",
+                                    f"{npy} holds fewer rows than its header's {item.header.rows}")
             elif not finite[i]:
-                yield dead_letter(record_id, uri, "non_finite_embedding", f"row {row} of {npy} has NaN or inf")
+                yield failed_record(record_id, uri, "non_finite_embedding", f"row {row} of {npy} has NaN or inf")
             elif not nonzero[i]:
-                yield dead_letter(record_id, uri, "zero_norm_embedding", f"row {row} of {npy} is all zeros")
+                yield failed_record(record_id, uri, "zero_norm_embedding", f"row {row} of {npy} is all zeros")
             else:
                 kept.append((record_id, label, uri, unit[unit_index[i]]))
         if kept:
@@ -453,18 +453,18 @@ class _ParseEmbeddingExampleFn(beam.DoFn):
         uri = uri or f"{filename}#{record_id or fallback}"
         values = features[opt("embedding_feature")].float_list.value if opt("embedding_feature") in features else []
         if not record_id:
-            yield dead_letter(fallback, uri, "missing_id", f"no bytes feature {opt('id_feature')!r} in the Example")
+            yield failed_record(fallback, uri, "missing_id", f"no bytes feature {opt('id_feature')!r} in the Example")
         elif not label:
-            yield dead_letter(record_id, uri, "missing_label", f"no feature {opt('label_feature')!r} in the Example")
+            yield failed_record(record_id, uri, "missing_label", f"no feature {opt('label_feature')!r} in the Example")
         elif len(values) != self._dim:
-            yield dead_letter(record_id, uri, "wrong_dim",
-                          f"float_list {opt('embedding_feature')!r} has {len(values)} values, expected {self._dim}")
+            yield failed_record(record_id, uri, "wrong_dim", f"float_list {opt('embedding_feature')!r} has "
+                                f"{len(values)} values, expected {self._dim}")
         else:
             unit, finite, nonzero = _normalise(np.asarray(values, dtype=np.float32)[None, :])
             if not finite[0]:
-                yield dead_letter(record_id, uri, "non_finite_embedding", "embedding has NaN or inf")
+                yield failed_record(record_id, uri, "non_finite_embedding", "embedding has NaN or inf")
             elif not nonzero[0]:
-                yield dead_letter(record_id, uri, "zero_norm_embedding", "embedding is all zeros")
+                yield failed_record(record_id, uri, "zero_norm_embedding", "embedding is all zeros")
             else:
                 yield record_id, label, uri, unit[0]
 

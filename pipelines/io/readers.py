@@ -133,8 +133,8 @@ def parse_image_spec(spec: str) -> ImageSource:
     return ImageSource(SourceKind.IMAGE_FOLDER, spec.rstrip("/"))
 
 
-def dead_letter(record_id: str, uri: str, reason: str, detail: str, stage: str = Stage.READ
-                ) -> beam.pvalue.TaggedOutput:
+def failed_record(record_id: str, uri: str, reason: str, detail: str, stage: str = Stage.READ
+                  ) -> beam.pvalue.TaggedOutput:
     """A bad record's `FailedRecord` on the ``FAILED_TAG`` output, counted in ``failed_<stage>_<reason>``.
 
     Every stage that rejects a record (unreadable, undecodable, duplicate id) yields this instead of dropping
@@ -156,7 +156,7 @@ def parse_example(example_cls, filename: str, serialized: bytes):
     except MemoryError:
         raise
     except Exception as e:  # pylint: disable=broad-except  # protobuf raises DecodeError, a plain Exception.
-        return fallback_id, None, dead_letter(fallback_id, filename, "bad_example", f"{type(e).__name__}: {e}")
+        return fallback_id, None, failed_record(fallback_id, filename, "bad_example", f"{type(e).__name__}: {e}")
 
 
 def _read_file(path: str) -> bytes:
@@ -198,8 +198,8 @@ class _ListClassDirsFn(beam.DoFn):
             raise FileNotFoundError(f"ImageFolder root {root!r} is empty or missing; expected ROOT/<class>/<image>.")
         prefix = root.rstrip("/") + "/"
         for path in files:
-            yield dead_letter(path[len(prefix):], path, "not_in_class_dir",
-                          f"file lies directly in {prefix}; ImageFolder expects ROOT/<class>/<image>")
+            yield failed_record(path[len(prefix):], path, "not_in_class_dir",
+                                f"file lies directly in {prefix}; ImageFolder expects ROOT/<class>/<image>")
         yield from dirs
 
 
@@ -223,13 +223,13 @@ class _ReadFolderFileFn(beam.DoFn):
         rel = path[len(self._root):] if path.startswith(self._root) else path
         parts = rel.split("/")
         if len(parts) < 2:
-            yield dead_letter(rel, path, "not_in_class_dir",
-                          f"file lies directly in {self._root}; ImageFolder expects ROOT/<class>/<image>")
+            yield failed_record(rel, path, "not_in_class_dir",
+                                f"file lies directly in {self._root}; ImageFolder expects ROOT/<class>/<image>")
             return
         try:
             data = _read_file(path)
         except OSError as e:
-            yield dead_letter(rel, path, "unreadable", f"{type(e).__name__}: {e}")
+            yield failed_record(rel, path, "unreadable", f"{type(e).__name__}: {e}")
             return
         self._read.inc()
         yield ImageRecord(id=rel, uri=path, label=parts[0], data=data)
@@ -253,7 +253,7 @@ class _ParseTFRecordFn(beam.DoFn):
             yield failure
             return
         if "image/encoded" not in features or not features["image/encoded"].bytes_list.value:
-            yield dead_letter(fallback_id, filename, "missing_feature", "no image/encoded bytes in the Example")
+            yield failed_record(fallback_id, filename, "missing_feature", "no image/encoded bytes in the Example")
             return
         data = features["image/encoded"].bytes_list.value[0]
         if "image/class/text" in features and features["image/class/text"].bytes_list.value:
@@ -261,8 +261,8 @@ class _ParseTFRecordFn(beam.DoFn):
         elif "image/class/label" in features and features["image/class/label"].int64_list.value:
             label = str(features["image/class/label"].int64_list.value[0])
         else:
-            yield dead_letter(fallback_id, filename, "missing_feature",
-                          "no image/class/label (int64) or image/class/text in the Example")
+            yield failed_record(fallback_id, filename, "missing_feature",
+                                "no image/class/label (int64) or image/class/text in the Example")
             return
         record_id = fallback_id
         if "image/filename" in features and features["image/filename"].bytes_list.value:
@@ -311,7 +311,7 @@ class _ReadWebDatasetShardFn(beam.DoFn):
                     fields[ext] = (member.name, tar.extractfile(member).read())
         except (OSError, tarfile.TarError, EOFError) as e:
             # A truncated or corrupt shard: samples already emitted stand, the rest cannot be enumerated.
-            yield dead_letter(posixpath.basename(path), path, "unreadable_tar", f"{type(e).__name__}: {e}")
+            yield failed_record(posixpath.basename(path), path, "unreadable_tar", f"{type(e).__name__}: {e}")
             return
         if key is not None:
             yield from self._sample(path, key, fields)
@@ -324,13 +324,13 @@ class _ReadWebDatasetShardFn(beam.DoFn):
                 if not isinstance(meta, dict):
                     raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
             except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError.
-                yield dead_letter(key, f"{path}#{fields['json'][0]}", "bad_json", f"{type(e).__name__}: {e}")
+                yield failed_record(key, f"{path}#{fields['json'][0]}", "bad_json", f"{type(e).__name__}: {e}")
                 return
         record_id = str(meta.get("key") or key)
         image = next((fields[ext] for ext in _WDS_IMAGE_EXTENSIONS if ext in fields), None)
         if image is None:
-            yield dead_letter(record_id, f"{path}#{key}", "missing_image",
-                          f"sample has {sorted(fields)} but no {'/'.join(_WDS_IMAGE_EXTENSIONS)} member")
+            yield failed_record(record_id, f"{path}#{key}", "missing_image",
+                                f"sample has {sorted(fields)} but no {'/'.join(_WDS_IMAGE_EXTENSIONS)} member")
             return
         member_uri = f"{path}#{image[0]}"
         if self._label_field is not None:
@@ -341,7 +341,7 @@ class _ReadWebDatasetShardFn(beam.DoFn):
             label = fields["cls"][1].decode("utf-8", "replace").strip() if "cls" in fields else ""
             where = "a .cls member"
         if not label:
-            yield dead_letter(record_id, member_uri, "missing_label", f"sample has no label: expected {where}")
+            yield failed_record(record_id, member_uri, "missing_label", f"sample has no label: expected {where}")
             return
         uri = str(meta["url"]) if self._uri_from == "url" and meta.get("url") else member_uri
         self._read.inc()
@@ -387,7 +387,7 @@ class _ParseManifestLineFn(beam.DoFn):
         try:
             yield parse_manifest_line(line, fmt=self._fmt, base_dir=self._base)
         except (ValueError, json.JSONDecodeError, StopIteration) as e:
-            yield dead_letter(line[:200], self._path, "bad_manifest_row", f"{type(e).__name__}: {e}")
+            yield failed_record(line[:200], self._path, "bad_manifest_row", f"{type(e).__name__}: {e}")
 
 
 class _ReadManifestEntryFn(beam.DoFn):
@@ -398,7 +398,7 @@ class _ReadManifestEntryFn(beam.DoFn):
         try:
             data = _read_file(row.uri)
         except (OSError, ValueError) as e:  # Beam raises BeamIOError (an IOError) or ValueError for bad paths.
-            yield dead_letter(row.id, row.uri, "unreadable", f"{type(e).__name__}: {e}")
+            yield failed_record(row.id, row.uri, "unreadable", f"{type(e).__name__}: {e}")
             return
         self._read.inc()
         yield ImageRecord(id=row.id, uri=row.uri, label=row.label, data=data)

@@ -18,7 +18,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, Predi
 
 from encoders.base import EncoderSpec, PreprocessSpec
 from memory.vectors import l2_normalize
-from pipelines.io.readers import FAILED_TAG, dead_letter
+from pipelines.io.readers import FAILED_TAG, failed_record
 from pipelines.records import DecodedImage, EmbeddedImage, EntryMeta, ImageRecord, Stage
 from pipelines.runner import worker_pool_threads
 
@@ -96,7 +96,7 @@ class _DecodeFn(beam.DoFn):
             self._decoded.inc()
             return out
         record, reason, detail = out
-        return dead_letter(record.id, record.uri, reason, detail, Stage.DECODE)
+        return failed_record(record.id, record.uri, reason, detail, Stage.DECODE)
 
     def process(self, record: ImageRecord):
         yield self._output(self._decode_one(record))
@@ -216,8 +216,9 @@ class _ToEntryFn(beam.DoFn):
             self._start = time.monotonic()
         vector = np.asarray(result.inference, dtype=np.float32)
         if vector.ndim != 1 or not np.all(np.isfinite(vector)) or not np.any(vector):
-            yield dead_letter(meta.id, meta.uri, "invalid_embedding",
-                          f"encoder returned shape {vector.shape} with non-finite or all-zero values", Stage.EMBED)
+            yield failed_record(meta.id, meta.uri, "invalid_embedding",
+                                f"encoder returned shape {vector.shape} with non-finite or all-zero values",
+                                Stage.EMBED)
             return
         if result.model_id not in self._identities:
             # One identity per worker is the norm; emitting each new one lets the manifest step check them.
@@ -243,7 +244,7 @@ class _FailedBatchFn(beam.DoFn):
                               f"{_batch_error_detail(error)}")
         detail = _batch_error_detail(error)
         for meta, _ in batch:
-            yield dead_letter(meta.id, meta.uri, "encoder_error", detail, Stage.EMBED).value
+            yield failed_record(meta.id, meta.uri, "encoder_error", detail, Stage.EMBED).value
 
 
 class EmbedImages(beam.PTransform):

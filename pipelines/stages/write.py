@@ -36,7 +36,7 @@ from memory.search.routing import RouterConfig, router_sample_key, train_router,
 from memory.store.shard import ShardData, write_shard
 from memory.index.template import local_template, train_template, uses_template, write_template
 from memory.store.sharding import shard_for_id, shard_name
-from pipelines.io.readers import FAILED_TAG, dead_letter
+from pipelines.io.readers import FAILED_TAG, failed_record
 from pipelines.records import EmbeddedImage, EntryBlock, Stage
 
 _LOG = logging.getLogger("visual_memory")
@@ -196,8 +196,8 @@ def _router_assign(block: EntryBlock, router) -> np.ndarray:
 
 
 def _failed_rows(block: EntryBlock, dups) -> list:
-    return [dead_letter(str(block.ids[d]), str(block.uris[d]), "duplicate_id", f"id already used by {block.uris[k]}",
-                    Stage.EMBED) for d, k in dups]
+    return [failed_record(str(block.ids[d]), str(block.uris[d]), "duplicate_id", f"id already used by {block.uris[k]}",
+                          Stage.EMBED) for d, k in dups]
 
 
 def read_spills(paths, dim: int | None = None) -> EntryBlock:
@@ -267,7 +267,7 @@ def _train_and_write_router(sample, num_shards: int, *, output: str, config: Rou
 
 def _train_and_write_template(sample, count: int, num_shards: int, *, output: str, config: IndexConfig) -> dict:
     """Template sample (keys, embeddings) -> {"path", "id"} of the written index template, or {} when no shard
-    of this build will be tree+AH (memory.index.template.uses_template)."""
+    of this build will be tree+AH (memory.shared_index.uses_template)."""
     _, embeddings = sample
     if not uses_template(config, [math.ceil(count / num_shards)]) or len(embeddings) < 16:
         return {}
@@ -280,7 +280,7 @@ class TrainIndexTemplate(beam.PTransform):
     """EntryBlock -> one {"path", "id"} (or {}): a hash build's memory-wide index template, trained and written.
 
     Its sample is the ``index_config.training_sample_size`` entries (at most TEMPLATE_SAMPLE_MAX) with the
-    smallest `memory.search.routing.router_sample_key`, the router's rule; every tree+AH shard is then built from it
+    smallest `memory.routing.router_sample_key`, the router's rule; every tree+AH shard is then built from it
     (memory.index.template) so an opened memory searches its shards as one index. ``num_shards``: a singleton.
     """
 
@@ -336,7 +336,7 @@ class TrainRouter(beam.PTransform):
     """EntryBlock -> one (Router, RouterRef): a partition-routed memory's router, trained and written.
 
     The training sample is the ``config.training_sample_size`` entries with the smallest
-    `memory.search.routing.router_sample_key` (a digest of the id), so the local build and every runner train on
+    `memory.routing.router_sample_key` (a digest of the id), so the local build and every runner train on
     the same entries. ``num_shards``: a singleton PCollection.
     """
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from evaluation.experiments.cli import EXPERIMENTS
+from evaluation.experiments.registry import EXPERIMENTS
 from vmem import main as cli
 
 

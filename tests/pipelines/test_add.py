@@ -22,7 +22,13 @@ from memory.store.mutations import forget
 from memory.store.shard import read_shard_data
 from memory.store.versions import ConcurrentUpdateError, latest_version, read_version
 from memory.visual_memory import VisualMemory
+from evaluation.vote_report import write_evaluation_report
 from pipelines import add, build, evaluate
+from pipelines.add import delta_shards as add_delta_shards
+from pipelines.add import job as add_job
+from pipelines.add import known_ids as add_known_ids
+from pipelines.add import plan as add_plan
+from vmem import add as add_cli
 from vmem import main as cli
 from pipelines.records import FailedRecord
 from tests.conftest import brute_force_topk
@@ -61,6 +67,7 @@ def _stored(root: str, version: int | None = None):
 
 def _evaluate(memory: str, images: str, out: str) -> tuple[dict, dict]:
     evaluate.run(["--memory", memory, "--images", images, "--output", out, "--k-max", "10"])
+    write_evaluation_report(out)
     report = json.load(open(os.path.join(out, "report.json")))
     records = read_neighbor_files(sorted(glob.glob(os.path.join(out, "neighbors-*.jsonl"))))
     return report, {r.query_id: r for r in records}
@@ -247,7 +254,7 @@ def test_concurrent_publish_fails_the_add_and_publishes_nothing(data, flow, tmp_
     root = str(tmp_path / "mem")
     shutil.copytree(flow.memory, root)
     forget(root, ids=[sorted(_stored(root)[0])[0]])  # Version 3, published "while the add was running".
-    monkeypatch.setattr(add, "latest_version", lambda r: 2)  # The add was launched at version 2.
+    monkeypatch.setattr(add_plan, "latest_version", lambda r: 2)  # The add was launched at version 2.
     with pytest.raises(ConcurrentUpdateError, match="re-run"):
         add.run(["--memory", root, "--images", os.path.join(data.test_new)])
     assert latest_version(root) == 3
@@ -256,12 +263,12 @@ def test_concurrent_publish_fails_the_add_and_publishes_nothing(data, flow, tmp_
 def test_vmem_add_cli_prints_what_was_added(data, flow, tmp_path, capsys):
     root = str(tmp_path / "mem")
     shutil.copytree(flow.memory, root)
-    assert add.main(["--memory", root, "--images", data.test_new]) == 0
+    assert add_cli.main(["--memory", root, "--images", data.test_new]) == 0
     out = capsys.readouterr().out
     assert f"added {len(HELD_OUT) * TEST_PER_CLASS} entries to {root} in 1 delta shard(s): version 3 (parent 2)" in out
     assert "new classes  0: (none)" in out and "failed 0" in out and "add-v000003" in out
-    # Adding the same images again: every one is a duplicate, nothing is published, exit status 2.
-    assert add.main(["--memory", root, "--images", data.test_new]) == 2
+    # Adding the same images again: every one is a duplicate, nothing is published, exit status 1.
+    assert add_cli.main(["--memory", root, "--images", data.test_new]) == 1
     assert "nothing to add" in capsys.readouterr().err and latest_version(root) == 3
     reasons = {f.reason for f in _dead_letters(os.path.join(root, "dead_letter", "add-v000004")).values()}
     assert reasons == {"duplicate_id"}
@@ -321,13 +328,13 @@ def test_reject_known_ids_is_a_bucketed_join_no_worker_holds_every_id(tmp_path, 
     forget(root, ids=["m007", "m150"])
     version = latest_version(root)
     held = []
-    real_process = add._RejectInBucketFn.process
+    real_process = add_known_ids._RejectInBucketFn.process
 
     def spy(self, element):
         held.append(sum(len(c) for c in element[1]["stored"]))
         return real_process(self, element)
 
-    monkeypatch.setattr(add._RejectInBucketFn, "process", spy)
+    monkeypatch.setattr(add_known_ids._RejectInBucketFn, "process", spy)
     new = [ImageRecord(i, f"/new/{i}", "c0", b"") for i in ("m003", "m007", "m150", "m199", "n1", "n2", "n3")]
     with TestPipeline(runner="FnApiRunner") as p:
         kept, failed = p | beam.Create(new) | add.RejectKnownIds(root, version, buckets=4)
@@ -385,14 +392,14 @@ def clip_flow(tmp_path_factory):
     emb = np.concatenate([f.new_emb, _unit(rng, 2), bad])
     f.source = _clip_dir(str(root / "new"), keys, labels, emb)
     f.groups = []
-    real = add._WriteDeltaShardFn.process
+    real = add_delta_shards._WriteDeltaShardFn.process
 
     def spy(self, element, *args, **kwargs):
         f.groups.append(element)
         return real(self, element, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(add._WriteDeltaShardFn, "process", spy)
+        mp.setattr(add_delta_shards._WriteDeltaShardFn, "process", spy)
         f.result, f.plan = add.launch(["--memory", f.memory, f"--embeddings=clip:{f.source},label_column=label",
                                        "--encoder-id=x", "--delta-shard-size=20", "--runner=FnApiRunner"])
     f.v2 = read_version(f.memory, 2)
@@ -412,7 +419,7 @@ def test_add_precomputed_embeddings_to_a_precomputed_memory(clip_flow):
     assert 1 <= len(v2.delta_shards) <= 4
     leaves = [s.path.split("/")[-1] for s in v2.delta_shards]
     assert all(s.path.startswith(f"deltas/{f.plan.version_tag}/") for s in v2.delta_shards)
-    assert all(add._ATTEMPT_RE.match(leaf) and leaf.split("-")[3] == "00004" for leaf in leaves), leaves
+    assert all(add_plan._ATTEMPT_RE.match(leaf) and leaf.split("-")[3] == "00004" for leaf in leaves), leaves
     # The spills and nothing but the published attempts are left.
     assert sorted(os.listdir(os.path.join(f.memory, f.plan.delta_dir))) == sorted(leaves)
     failures = _dead_letters(f.plan.dead_letter_dir)
@@ -442,7 +449,7 @@ def _refused(monkeypatch, argv, match, root, error=add.AddError):
     def no_graph(*args, **kwargs):
         raise AssertionError("the add built its graph before refusing")
 
-    monkeypatch.setattr(add, "add_pipeline", no_graph)
+    monkeypatch.setattr(add_job, "add_pipeline", no_graph)
     with pytest.raises(error, match=match):
         add.run(["--memory", root, *argv, "--runner=FnApiRunner"])
     deltas = os.path.join(root, "deltas")
@@ -500,7 +507,7 @@ def test_publish_step_is_idempotent_when_retried(clip_flow, tmp_path):
     identity = json.dumps(v2.encoder, sort_keys=True)
 
     def publish_step(read, failed):
-        return list(add._PublishAddFn(plan).process(
+        return list(add_job._PublishAddFn(plan).process(
             None, infos=[(0, attempts[0])], identities=[identity], class_names=list(v2.class_names),
             records_read=read, failed=failed, dead_letter_files=[]))
 
@@ -535,13 +542,13 @@ def test_reject_known_ids_in_blocks_joins_ids_only_per_bucket(tmp_path, monkeypa
                        encoder_identity={"name": "fake", "content_hash": "sha256:0", "dim": 8, "preprocess": {}})
     forget(root, ids=["m007", "m150"])
     held = []
-    real_process = add._RejectRowsInBucketFn.process
+    real_process = add_known_ids._RejectRowsInBucketFn.process
 
     def spy(self, element):
         held.append((sum(len(c) for c in element[1]["stored"]), [type(r).__name__ for r in element[1]["new"]]))
         return real_process(self, element)
 
-    monkeypatch.setattr(add._RejectRowsInBucketFn, "process", spy)
+    monkeypatch.setattr(add_known_ids._RejectRowsInBucketFn, "process", spy)
     new = np.array(["m003", "m007", "m150", "m199", "n1", "n2", "n3", "n1"])
     block = EntryBlock(new, np.array(["c0"] * 7 + ["zebra"]), np.array([f"/new/{i}" for i in range(8)]),
                        _unit(np.random.default_rng(6), 8, 8))

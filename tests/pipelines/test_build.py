@@ -127,7 +127,7 @@ def test_partition_build_trains_the_same_router_as_the_local_build_and_routes_en
            "--sharding", "partition", "--route-probes", "2")
     manifest, ids, emb, _ = _stored(out)
     assert manifest.build_config["sharding"] == "partition" and manifest.router.probes == 2
-    from vmem.main import describe
+    from vmem.info import describe
     assert f"shards       3, partition-routed: {manifest.router.count} router centroids, 2 probes" in describe(manifest)
     router = read_router(out, manifest)
     # The Beam job samples by the same id digest and trains with the same seed as the pure-numpy build.
@@ -229,12 +229,12 @@ def test_build_from_precomputed_embeddings(tmp_path, sharding):
 
 
 def test_precomputed_build_needs_encoder_id_and_partition_shards_are_checked_before_reading(tmp_path):
-    from vmem.args import UsageError
+    from pipelines.runner import FlagError
     clip_folder(str(tmp_path / "emb"), [40])
     spec = f"--embeddings=clip:{tmp_path / 'emb'},label_column=label"
-    with pytest.raises(UsageError, match="--encoder-id"):
+    with pytest.raises(FlagError, match="--encoder-id"):
         build.run([spec, f"--output={tmp_path / 'a'}", "--runner=FnApiRunner"])
-    with pytest.raises(UsageError, match="source holds 40 entries"):
+    with pytest.raises(FlagError, match="source holds 40 entries"):
         build.run([spec, "--encoder-id=x", f"--output={tmp_path / 'b'}", "--shards=64", "--sharding=partition",
                    "--runner=FnApiRunner"])
     assert not os.path.exists(tmp_path / "b")  # Refused before anything was written.

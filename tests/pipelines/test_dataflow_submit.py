@@ -204,7 +204,10 @@ def test_job_submits_to_dataflow(submitted, job):
     sdist = storage.read_bytes(_gs_from_package_location(packages["workflow.tar.gz"]))
     with tarfile.open(fileobj=io.BytesIO(sdist), mode="r:gz") as tar:
         members = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
-    for path in ("setup.py", "README.md", f"pipelines/{job}.py", "memory/store/manifest.py", "encoders/__init__.py",
+    package = os.path.join(_REPO, "pipelines", job)  # A job is a module or a package of modules.
+    job_files = ([f"pipelines/{job}/{f}" for f in sorted(os.listdir(package)) if f.endswith(".py")]
+                 if os.path.isdir(package) else [f"pipelines/{job}.py"])
+    for path in ("setup.py", "README.md", *job_files, "memory/store/manifest.py", "encoders/__init__.py",
                  "configs/__init__.py", "evaluation/__init__.py"):
         assert path in members, f"{path} missing from the staged sdist: {sorted(members)}"
 

@@ -13,7 +13,8 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from evaluation.neighbors_io import read_neighbor_files
+from evaluation.neighbors_io import parse_record, read_neighbor_files
+from evaluation.vote_report import write_evaluation_report
 from memory.build import build_memory_local
 from memory.index.shard_index import IndexConfig
 from memory.store.versions import read_manifest
@@ -179,9 +180,10 @@ def test_merge_partials_is_exact_and_order_independent(synthetic_memory):
 
 
 @pytest.mark.parametrize("weighted", [False, True])
-def test_vote_neighbors_in_batches_equals_one_vote_over_all_queries(synthetic_memory, weighted):
-    """Voting where the queries were merged and summing counts == gathering every list and voting once."""
+def test_votes_counted_in_chunks_equal_one_vote_over_all_queries(synthetic_memory, weighted):
+    """The neighbour lists the job writes, voted a chunk at a time and summed == one vote over every list."""
     from evaluation.metrics import accuracy_table
+    from evaluation.vote_report import count_votes
     from memory.search.shard_search import PartialTopK
     from memory.decide.voting import VotingParams
     root, _ = synthetic_memory
@@ -197,18 +199,23 @@ def test_vote_neighbors_in_batches_equals_one_vote_over_all_queries(synthetic_me
         None if weights is None else weights[i:i + 1]))) for i in range(n)]
     true = np.array([class_names.index(t) if t in class_names else -1 for t in true_names])
     expected = accuracy_table(predict_all_k(labels, dists, entry_weights=weights), true)
+    class_index = {c: i for i, c in enumerate(class_names)}
+    # Through JSON, as the job writes them and the report reads them back.
+    records = [parse_record(json.loads(json.dumps(evaluate.to_record(qid, q, class_index).to_json())), where=qid)
+               for qid, q in merged]
+    votes = count_votes(records, k_max=k, params=VotingParams(), unpruned=True, chunk_records=8)
+    assert (votes.counts.queries, votes.counts.table(), votes.unpruned is not None) == (n, expected, weighted)
+    if weighted:
+        assert votes.unpruned.table() == accuracy_table(predict_all_k(labels, dists), true)
 
     with TestPipeline(runner="FnApiRunner") as p:
-        tally = (p | beam.Create(merged)
-                 | evaluate.VoteNeighbors(class_names, k, VotingParams(), batch_size=8))
-        got = tally | beam.Map(lambda t: (t.counts.queries, t.counts.table(), sorted(t.unknown_labels),
-                                          t.unpruned is not None))
-        assert_that(got, equal_to([(n, expected, ["not-a-class"], weighted)]))
+        unknown = p | beam.Create(merged) | evaluate.UnknownLabels(class_names)
+        assert_that(unknown, equal_to(["not-a-class"]))
 
 
 @pytest.mark.parametrize("weighted", [False, True])
-def test_neighbor_arrays_equal_the_records_arrays(weighted):
-    """The vote reads the merged lists directly; padded lists give what to_arrays makes of their records."""
+def test_written_records_give_the_padded_arrays_the_vote_reads(weighted):
+    """A merged list's real neighbours come first in the arrays, padded with label -1, distance inf, weight 0."""
     from evaluation.neighbors_io import to_arrays
     from memory.search.shard_search import PartialTopK
     rng = np.random.default_rng(4)
@@ -223,9 +230,19 @@ def test_neighbor_arrays_equal_the_records_arrays(weighted):
         weights = np.where(np.arange(9) < real, rng.random(9), 1.0).astype(np.float32)[None] if weighted else None
         batch.append((f"q{i}", evaluate.QueryNeighbors(["a", "b", "zz"][i % 3], "", PartialTopK(
             ids[None], labels[None], dist[None], weights))))
-    got = evaluate.neighbor_arrays(batch, class_index, 8)
-    want = to_arrays([evaluate.to_record(qid, q, class_index) for qid, q in batch], 8)
-    for g, w in zip(got, want):
+    k_max = 8
+    want_labels = np.full((6, k_max), -1, np.int64)
+    want_dist = np.full((6, k_max), np.inf)
+    want_weights = np.zeros((6, k_max)) if weighted else None
+    for i, (_, q) in enumerate(batch):
+        keep = np.flatnonzero(q.neighbors.labels[0] >= 0)[:k_max]
+        want_labels[i, :keep.size] = q.neighbors.labels[0][keep]
+        want_dist[i, :keep.size] = q.neighbors.distances[0][keep]
+        if weighted:
+            want_weights[i, :keep.size] = q.neighbors.weights[0][keep]
+    want_true = np.array([class_index.get(q.label, -1) for _, q in batch])
+    got = to_arrays([evaluate.to_record(qid, q, class_index) for qid, q in batch], k_max)
+    for g, w in zip(got, (want_labels, want_dist, want_true, want_weights)):
         if w is None:
             assert g is None
         else:
@@ -300,7 +317,7 @@ def test_evaluate_a_partition_routed_memory_end_to_end(fmnist_small, tiny_encode
 def test_evaluate_refuses_a_different_encoder(tiny_memory, fmnist_small, tmp_path, capsys):
     rc = cli.main(["evaluate", "--memory", tiny_memory, "--images", os.path.join(fmnist_small, "test"),
                    "--output", str(tmp_path / "e"), "--config", "configs.default"])
-    assert rc == 2
+    assert rc == 1  # The memory cannot answer queries of another encoder: a runtime failure.
     err = capsys.readouterr().err
     assert "memory's encoder" in err and "efficientnet-lite0" in err
 
@@ -383,6 +400,7 @@ def test_evaluate_precomputed_query_embeddings(tmp_path):
     out = str(tmp_path / "eval")
     evaluate.run([f"--memory={mem}", f"--embeddings=clip:{tmp_path / 'q-emb'},label_column=label",
                   "--encoder-id=enc-16", f"--output={out}", "--k-max=5", "--runner=FnApiRunner"])
+    assert write_evaluation_report(out) == json.load(open(os.path.join(out, "report.json")))
     report = json.load(open(os.path.join(out, "report.json")))
     assert report["queries"] == 40 and report["failed"] == 0
     # The neighbours equal an in-process search of the same memory with the same query vectors.

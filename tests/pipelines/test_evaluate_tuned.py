@@ -22,7 +22,7 @@ def test_the_evaluate_job_searches_with_the_recorded_setting(tmp_path):
                                               "accuracy": 50.0},
                                    "criteria": {"rule": "rank", "k": 10}, "exact": {"accuracy": 50.0, "queries": 1}})
     m = read_manifest(root)
-    from vmem.main import describe
+    from vmem.info import describe
     assert "search       leaves 0.01562, reorder 10 (vmem tune: votes agree with exact search on 99.00% of 1" \
         in describe(m)
     # The job searches what VisualMemory.open does: hash shards built from one index template as one index.

@@ -23,6 +23,7 @@ from memory.store.shard import read_shard_data
 from memory.visual_memory import VisualMemory
 from memory.decide.voting import VotingRule, predict_all_k
 from vmem import main as cli
+from vmem import prune as prune_cli
 from pipelines import prune
 
 ENCODER = {"name": "synthetic", "content_hash": "sha256:0", "dim": 16, "preprocess": {}}
@@ -141,7 +142,7 @@ def test_hard_prune_forgets_exactly_v_at_or_above_threshold(tmp_path, capsys):
     expected = set(ids[v >= threshold].tolist())
     assert 0 < len(expected) < len(ids)
     gone_before = set(read_forgotten(root, read_manifest(root)).tolist())
-    assert prune.main(["--memory", root, "--mode", "hard", "--threshold", str(threshold), "--k", "10"]) == 0
+    assert prune_cli.main(["--memory", root, "--mode", "hard", "--threshold", str(threshold), "--k", "10"]) == 0
     m = read_manifest(root)
     assert m.version == base + 1 and m.change["kind"] == "forget"
     assert set(read_forgotten(root, m).tolist()) - gone_before == expected
@@ -156,7 +157,7 @@ def test_hard_prune_above_every_count_publishes_nothing(tmp_path, capsys):
     root = str(tmp_path / "mem")
     _synthetic_memory(root)
     base = read_manifest(root).version
-    assert prune.main(["--memory", root, "--mode", "hard", "--threshold", "100000", "--k", "10"]) == 0
+    assert prune_cli.main(["--memory", root, "--mode", "hard", "--threshold", "100000", "--k", "10"]) == 0
     assert read_manifest(root).version == base
     assert "nothing published" in capsys.readouterr().out
 
@@ -217,12 +218,12 @@ def test_prune_flag_errors_name_the_fix(tmp_path):
         prune.run(["--memory", root, "--mode", "soft", "--threshold", "3"])
 
 
-def test_main_returns_usage_status_with_the_reason(tmp_path, capsys):
-    assert prune.main(["--memory", str(tmp_path / "nothing-here"), "--mode", "soft"]) == 2
+def test_main_returns_the_status_with_the_reason(tmp_path, capsys):
+    assert prune_cli.main(["--memory", str(tmp_path / "nothing-here"), "--mode", "soft"]) == 1  # Not a memory.
     assert "not a visual memory" in capsys.readouterr().err
     root = str(tmp_path / "mem")
     _synthetic_memory(root)
-    assert prune.main(["--memory", root, "--mode", "hard", "--threshold", "0"]) == 2
+    assert prune_cli.main(["--memory", root, "--mode", "hard", "--threshold", "0"]) == 2
     assert "--threshold T >= 1" in capsys.readouterr().err
 
 
@@ -240,7 +241,7 @@ def test_evaluation_of_soft_pruned_memory_reports_both_tables(tiny_memory, fmnis
     before = _evaluate(root, fmnist_small, str(tmp_path / "before"))
     assert "accuracy_unpruned" not in before
 
-    assert prune.main(["--memory", root, "--mode", "soft", "--k", "10"]) == 0
+    assert prune_cli.main(["--memory", root, "--mode", "soft", "--k", "10"]) == 0
     out = str(tmp_path / "after")
     report = _evaluate(root, fmnist_small, out)
     assert report["extra"]["entry_weights"]["params"]["rule"] == "1.75/(1+v)"

@@ -1,4 +1,4 @@
-"""`vmem reindex` (pipelines/reindex.py) and its planner (memory/store/compaction.py).
+"""`vmem reindex` (vmem/reindex.py, the job in pipelines/reindex/) and its planner (memory/store/compaction.py).
 
 The bar: a re-index changes nothing a search sees (answers equal those before it and those of a memory built
 from scratch from the live entries), removes forgotten rows physically, rewrites only changed shards, and
@@ -27,9 +27,14 @@ from memory.index.shard_index import IndexConfig, IndexKind
 from memory.store.shard import read_shard_data
 from memory.store.sharding import shard_for_id
 from memory.vectors import l2_normalize
-from memory.store.versions import ConcurrentUpdateError, list_versions, read_manifest, read_version
+from memory.store.versions import ConcurrentUpdateError, latest_version, list_versions, read_manifest, read_version
 from memory.visual_memory import VisualMemory
 from pipelines import reindex
+from pipelines.reindex import commit as reindex_commit
+from pipelines.reindex import stages as reindex_stages
+from pipelines.stages.write import SPILL_DIR
+from vmem import reindex as reindex_cli
+from vmem.args import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 D = 16
@@ -182,10 +187,10 @@ def test_orphan_dirs_are_only_unreferenced_dirs_of_published_versions():
 
 def test_reindex_equals_before_and_from_scratch_and_drops_forgotten(drifted, tmp_path, capsys):
     root, rows, forgotten, added, q = drifted
-    before_version = reindex.latest_version(root)
+    before_version = latest_version(root)
     before = _answers(root, q)
     old = read_manifest(root)
-    assert reindex.main(["--memory", root]) == reindex.EXIT_OK
+    assert reindex_cli.main(["--memory", root]) == EXIT_OK
     out = capsys.readouterr().out
     assert "rebuilt 3: shard-00000-of-00004, shard-00001-of-00004, shard-00002-of-00004" in out
     assert "reused  1: shard-00003-of-00004" in out and "dropped 12 forgotten rows, folded 9 delta rows" in out
@@ -237,7 +242,7 @@ def test_forget_purge_history_then_reindex_leaves_no_forgotten_byte_anywhere(tmp
     everything = lambda: [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]  # noqa: E731
     vectors = [rows[i][2] for i in forgotten]
     assert _leaks(everything(), forgotten, vectors)  # Control: tombstones and old shards still hold them.
-    assert reindex.main(["--memory", root, "--if-needed"]) == 0  # Needed: a purge is pending.
+    assert reindex_cli.main(["--memory", root, "--if-needed"]) == 0  # Needed: a purge is pending.
     assert "purged versions" in capsys.readouterr().out
     _assert_same(before, _answers(root, q))
     assert not _leaks(everything(), forgotten, vectors)
@@ -247,20 +252,20 @@ def test_forget_purge_history_then_reindex_leaves_no_forgotten_byte_anywhere(tmp
 
 def test_if_needed_exit_codes_and_target_shard_size(drifted, capsys):
     root, _, _, _, q = drifted
-    n = reindex.latest_version(root)
+    n = latest_version(root)
     before = _answers(root, q)
-    assert reindex.main(["--memory", root, "--if-needed"]) == reindex.EXIT_NOTHING_TO_DO
+    assert reindex_cli.main(["--memory", root, "--if-needed"]) == reindex_cli.EXIT_NOTHING_TO_DO
     assert "nothing to do: delta fraction 0.0380" in capsys.readouterr().out
-    assert reindex.main(["--memory", root, "--if_needed=true", "--nothing_to_do_status=0"]) == 0
-    assert reindex.latest_version(root) == n
+    assert reindex_cli.main(["--memory", root, "--if_needed=true", "--nothing_to_do_status=0"]) == 0
+    assert latest_version(root) == n
     assert reindex.run(["--memory", root, "--if-needed"]) is None
-    assert reindex.main(["--memory", root, "--delta-threshold", "-1"]) == reindex.EXIT_USAGE
-    assert reindex.main(["--memory", root + "-missing"]) == reindex.EXIT_USAGE
-    assert reindex.main(["--memory", root, "--if-needed", "--delta-threshold", "0.03"]) == 0
-    assert reindex.latest_version(root) == n + 1
+    assert reindex_cli.main(["--memory", root, "--delta-threshold", "-1"]) == EXIT_USAGE
+    assert reindex_cli.main(["--memory", root + "-missing"]) == EXIT_FAILURE  # No memory: a runtime failure.
+    assert reindex_cli.main(["--memory", root, "--if-needed", "--delta-threshold", "0.03"]) == 0
+    assert latest_version(root) == n + 1
     _assert_same(before, _answers(root, q))
     # A new shard count (ceil(237 / 100) = 3) rebuilds every shard; the answers stay the same.
-    assert reindex.main(["--memory", root, "--if-needed", "--target-shard-size", "100"]) == 0
+    assert reindex_cli.main(["--memory", root, "--if-needed", "--target-shard-size", "100"]) == 0
     m = read_manifest(root)
     assert len(m.shards) == 3 and m.change["reused"] == [] and m.build_config["num_shards"] == 3
     _assert_same(before, _answers(root, q))
@@ -288,7 +293,7 @@ def test_failure_at_each_step_leaves_the_previous_answers(drifted, monkeypatch, 
     root, _, forgotten, _, q = drifted
     if where.startswith("purge"):
         mutations.forget(root, ids=[sorted(mutations.live_ids(root).tolist())[5]], request_purge=True)
-    n = reindex.latest_version(root)
+    n = latest_version(root)
     before = _answers(root, q)
     with monkeypatch.context() as mp:
         if where == "write_shard#2":
@@ -298,15 +303,15 @@ def test_failure_at_each_step_leaves_the_previous_answers(drifted, monkeypatch, 
         elif where == "after_version_file":
             _fail_on_call(mp, versions_mod, "_refresh_manifest_copy", 1)
         elif where == "purge":  # Published, then killed before the purge published anything.
-            _fail_on_call(mp, reindex, "purge_history", 1)
+            _fail_on_call(mp, reindex_commit, "purge_history", 1)
         else:  # Killed halfway through the purge's deletions.
             _fail_on_call(mp, mutations, "_remove_empty_parents", 1)
-        assert reindex.main(["--memory", root]) == reindex.EXIT_FAILURE
+        assert reindex_cli.main(["--memory", root]) == EXIT_FAILURE
     assert "injected failure" in capsys.readouterr().err
     published = {"after_version_file": 1, "purge": 1, "purge_midway": 2}.get(where, 0)
-    assert reindex.latest_version(root) == n + published
+    assert latest_version(root) == n + published
     _assert_same(before, _answers(root, q))  # Opens, and answers as before (or as the identical new version).
-    assert reindex.main(["--memory", root]) == reindex.EXIT_OK  # A re-run succeeds...
+    assert reindex_cli.main(["--memory", root]) == EXIT_OK  # A re-run succeeds...
     if where == "purge":  # ...and finishes the purge the crashed run owed.
         assert "purge" in [h["kind"] for h in versions_mod.history(root)]
     _assert_same(before, _answers(root, q))
@@ -318,9 +323,10 @@ def test_failure_at_each_step_leaves_the_previous_answers(drifted, monkeypatch, 
 
 
 def test_sigkill_at_random_times_leaves_a_working_memory(drifted, tmp_path):
-    """`python pipelines/reindex.py` killed with SIGKILL at seeded random moments after chosen progress lines."""
+    """`python vmem/reindex.py` (the Flex Template launcher's command) killed with SIGKILL at seeded random moments
+    after chosen progress lines."""
     root, _, _, _, q = drifted
-    n = reindex.latest_version(root)
+    n = latest_version(root)
     before = _answers(root, q)
     rng = np.random.default_rng(5)
     # While reading sources, while writing shards, around the publish.
@@ -333,7 +339,7 @@ def test_sigkill_at_random_times_leaves_a_working_memory(drifted, tmp_path):
         shutil.copytree(root, copy)
         log_path = tmp_path / f"kill{i}.log"
         with open(log_path, "wb") as log:  # Three at once: their ~10 s imports overlap.
-            p = subprocess.Popen([sys.executable, os.path.join(REPO, "pipelines", "reindex.py"), "--memory", copy],
+            p = subprocess.Popen([sys.executable, os.path.join(REPO, "vmem", "reindex.py"), "--memory", copy],
                                  stdout=log, stderr=subprocess.STDOUT, env=env)
         procs.append((copy, p, log_path, marker, delay))
     outcomes = []
@@ -344,7 +350,7 @@ def test_sigkill_at_random_times_leaves_a_working_memory(drifted, tmp_path):
         time.sleep(delay)
         p.send_signal(signal.SIGKILL)
         p.wait(timeout=30)
-        v = reindex.latest_version(copy)
+        v = latest_version(copy)
         assert v in (n, n + 1), log_path.read_text()
         steps = [line.split("reindex: ")[-1].replace(copy, "M") for line in log_path.read_text().splitlines()
                  if "reindex: " in line]
@@ -354,7 +360,7 @@ def test_sigkill_at_random_times_leaves_a_working_memory(drifted, tmp_path):
     # A run killed before publishing left an unreferenced directory; a re-run succeeds and deletes it. Which
     # copy that is depends on timing (under load the "writing shards" kill can land after the publish), so
     # take every copy that stayed at version n.
-    unpublished = [c for c, *_ in procs if reindex.latest_version(c) == n]
+    unpublished = [c for c, *_ in procs if latest_version(c) == n]
     assert unpublished, outcomes
     def listed(copy):  # A run killed before writing anything has not created shards/ yet.
         path = os.path.join(copy, "shards")
@@ -363,7 +369,7 @@ def test_sigkill_at_random_times_leaves_a_working_memory(drifted, tmp_path):
     for copy in unpublished:
         referenced = {s.path.split("/")[1] for s in read_manifest(copy).shards if s.path.startswith("shards/")}
         orphans = listed(copy) - referenced
-        assert reindex.main(["--memory", copy]) == 0
+        assert reindex_cli.main(["--memory", copy]) == 0
         _assert_same(before, _answers(copy, q))
         assert not orphans & listed(copy)
     print("SIGKILL (delay s, version after, last progress line):", outcomes)
@@ -386,18 +392,18 @@ def test_two_reindexes_of_the_same_version_publish_once(drifted):
 
 def test_a_publish_during_the_reindex_wins_and_the_reindex_fails(drifted, monkeypatch, capsys):
     root, _, _, _, q = drifted
-    n = reindex.latest_version(root)
+    n = latest_version(root)
     victim = sorted(mutations.live_ids(root).tolist())[0]
     real = shard_io.write_shard
     def write_then_someone_forgets(*args, **kwargs):  # noqa: E306
-        if reindex.latest_version(root) == n:
+        if latest_version(root) == n:
             mutations.forget(root, ids=[victim])
         return real(*args, **kwargs)
     monkeypatch.setattr(shard_io, "write_shard", write_then_someone_forgets)
-    assert reindex.main(["--memory", root]) == reindex.EXIT_FAILURE
+    assert reindex_cli.main(["--memory", root]) == EXIT_FAILURE
     err = capsys.readouterr().err
     assert f"cannot publish version {n + 1}" in err and "another writer published meanwhile" in err
-    assert reindex.latest_version(root) == n + 1 and read_manifest(root).change["kind"] == "forget"
+    assert latest_version(root) == n + 1 and read_manifest(root).change["kind"] == "forget"
     assert victim not in VisualMemory.open(root).search(q, 300).ids
 
 
@@ -408,7 +414,7 @@ def test_flex_template_metadata_names_only_accepted_flags():
     with open(os.path.join(REPO, "templates", "reindex", "metadata.json"), encoding="utf-8") as f:
         meta = json.load(f)
     assert meta["name"] and meta["description"]
-    accepted = {o.lstrip("-") for a in reindex.build_arg_parser()._actions for o in a.option_strings}
+    accepted = {o.lstrip("-") for a in reindex_cli.build_parser()._actions for o in a.option_strings}
     examples = {"memory": "gs://b/memories/m", "if_needed": "true", "target_shard_size": "50000",
                 "delta_threshold": "0.1", "forgotten_threshold": ".25", "nothing_to_do_status": "0"}
     assert {p["name"] for p in meta["parameters"]} == set(examples)
@@ -416,11 +422,11 @@ def test_flex_template_metadata_names_only_accepted_flags():
     for p in meta["parameters"]:
         assert p["name"] in accepted and p["helpText"] and p["label"]
         assert all(re.fullmatch(r, examples[p["name"]]) for r in p.get("regexes", [])), p["name"]
-    args, rest = reindex.build_arg_parser().parse_known_args([f"--{k}={v}" for k, v in examples.items()])
+    args, rest = reindex_cli.build_parser().parse_known_args([f"--{k}={v}" for k, v in examples.items()])
     assert rest == [] and args.if_needed is True and args.target_shard_size == 50000 and args.nothing_to_do_status == 0
     with open(os.path.join(REPO, "templates", "reindex", "Dockerfile"), encoding="utf-8") as f:
         docker = f.read()
-    assert "python311-template-launcher-base" in docker and "pipelines/reindex.py" in docker
+    assert "python311-template-launcher-base" in docker and "vmem/reindex.py" in docker
     assert "FLEX_TEMPLATE_PYTHON_SETUP_FILE" in docker and "requirements-nodeps.txt" in docker
 
 
@@ -428,7 +434,7 @@ def test_dataflow_dry_run_builds_the_graph_offline(drifted):
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
     root = drifted[0]
-    n = reindex.latest_version(root)
+    n = latest_version(root)
     argv = ["--memory", root, "--runner=DataflowRunner", "--dry_run=True", "--project=test-project",
             "--region=us-central1", "--temp_location=gs://test-bucket/tmp"]
     p = beam.Pipeline(options=PipelineOptions(argv[2:]))
@@ -436,7 +442,7 @@ def test_dataflow_dry_run_builds_the_graph_offline(drifted):
     names = {t.unique_name for t in p.to_runner_api().components.transforms.values()}
     for step in ("ListSourceShards", "ReadLiveRows", "GroupByTarget", "WriteTargetShard", "Publish"):
         assert step in names
-    assert reindex.latest_version(root) == n  # Nothing ran.
+    assert latest_version(root) == n  # Nothing ran.
 
 
 def test_reindex_of_a_partition_routed_memory_keeps_rows_routes_deltas_and_answers(tmp_path, capsys):
@@ -460,7 +466,7 @@ def test_reindex_of_a_partition_routed_memory_keeps_rows_routes_deltas_and_answe
     q = np.concatenate([new_x[:2], x[10:14]])
     full = lambda m: m.with_search_params(route_probes=16)  # Every shard: exact, comparable across layouts.
     before = full(VisualMemory.open(root)).search(q, 9)
-    assert reindex.main(["--memory", root]) == reindex.EXIT_OK
+    assert reindex_cli.main(["--memory", root]) == EXIT_OK
     new = read_manifest(root)
     assert new.router == old.router and len(new.shards) == SHARDS and new.delta_shards == ()
     targets = set(router.assign(new_x).tolist())
@@ -476,7 +482,7 @@ def test_reindex_of_a_partition_routed_memory_keeps_rows_routes_deltas_and_answe
     np.testing.assert_array_equal(before.ids, after.ids)
     np.testing.assert_array_equal(before.distances, after.distances)
     capsys.readouterr()
-    assert reindex.main(["--memory", root, "--target-shard-size", "60"]) == reindex.EXIT_USAGE
+    assert reindex_cli.main(["--memory", root, "--target-shard-size", "60"]) == EXIT_USAGE
     assert "keeps its shard count" in capsys.readouterr().err
 
 
@@ -515,7 +521,8 @@ def test_launcher_reads_no_shard_and_the_graph_does_not_grow_with_the_memory(tmp
     with monkeypatch.context() as mp:
         for module, name in ((shard_io, "read_shard_ids"), (shard_io, "read_shard_data"),
                              (shard_io, "read_shard_entries"), (shard_io, "read_shard_embeddings"),
-                             (reindex, "read_forgotten"), (reindex, "read_router"), (reindex, "read_entry_weights"),
+                             (reindex_stages, "read_forgotten"), (reindex_stages, "read_router"),
+                             (reindex_commit, "read_forgotten"), (reindex_commit, "read_entry_weights"),
                              (mutations, "read_forgotten")):
             real = getattr(module, name)
             mp.setattr(module, name, lambda *a, _real=real, _name=name, **k: (reads.append(_name), _real(*a, **k))[1])
@@ -524,7 +531,8 @@ def test_launcher_reads_no_shard_and_the_graph_does_not_grow_with_the_memory(tmp
     sizes = {}
     for n, job in jobs.items():
         assert len(pickle.dumps(job)) < 10_000
-        for fn in (reindex._ScanSourceFn(job), reindex._ReadLiveRowsFn(job), reindex._WriteTargetShardFn(job)):
+        for fn in (reindex_stages.ScanSourceFn(job), reindex_stages.ReadLiveRowsFn(job),
+                   reindex_stages.WriteTargetShardFn(job)):
             assert len(pickler.dumps(fn)) < 20_000, type(fn).__name__
         p = beam.Pipeline()
         reindex.build_pipeline(p, job)
@@ -552,15 +560,15 @@ def test_routed_reindex_through_small_spill_files_matches_and_cleans_up(tmp_path
     after = VisualMemory.open(root).with_search_params(route_probes=16).search(q, 9)
     np.testing.assert_array_equal(before.ids, after.ids)
     np.testing.assert_array_equal(before.distances, after.distances)
-    leftovers = [d for d, _, _ in os.walk(root) if os.path.basename(d) == reindex.SPILL_DIR]
+    leftovers = [d for d, _, _ in os.walk(root) if os.path.basename(d) == SPILL_DIR]
     assert leftovers == []
     # A run killed right after its publish leaves spill files in its (referenced) directory: the next
     # clean-up deletes them and nothing else.
-    spill = os.path.join(root, job.job_dir, reindex.SPILL_DIR, "shard-00000")
+    spill = os.path.join(root, job.job_dir, SPILL_DIR, "shard-00000")
     os.makedirs(spill)
     open(os.path.join(spill, "x.npz"), "wb").close()
     assert reindex.remove_orphans(root) == []
-    assert not os.path.exists(os.path.join(root, job.job_dir, reindex.SPILL_DIR))
+    assert not os.path.exists(os.path.join(root, job.job_dir, SPILL_DIR))
     assert sorted(os.listdir(os.path.join(root, job.job_dir))) == sorted(s.name for s in new.shards
                                                                          if s.path.startswith(job.job_dir))
 
@@ -595,7 +603,7 @@ def test_reindex_of_a_templated_hash_memory_keeps_searching_its_shards_as_one(tm
     template = read_manifest(root).build_config["index_template"]
     gone = [i for i in ids if shard_for_id(i, 3) == 0][:40]
     mutations.forget(root, ids=gone)
-    assert reindex.main(["--memory", root]) == reindex.EXIT_OK
+    assert reindex_cli.main(["--memory", root]) == EXIT_OK
     assert "rebuilt 1: shard-00000-of-00003" in capsys.readouterr().out
     new = read_manifest(root)
     assert new.build_config["index_template"] == template and new.change["kind"] == "reindex"

@@ -54,22 +54,23 @@ def test_forget_ids_file_then_history(memory, tmp_path, capsys):
     assert [r["change"]["kind"] for r in records] == ["build", "forget", "forget"]
 
 
-def test_forget_errors_exit_2_naming_the_value(memory, tmp_path, capsys):
+def test_forget_errors_name_the_value(memory, tmp_path, capsys):
+    """Nothing to forget as asked is a runtime failure (1); flags that exclude each other are a usage error (2)."""
     root, ids = memory
     ids_file = tmp_path / "ids.txt"
     ids_file.write_text(f"{ids[0]}\nghost-7\n")
-    assert forget_cli.main(["--memory", root, "--ids", str(ids_file)]) == 2
+    assert forget_cli.main(["--memory", root, "--ids", str(ids_file)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("vmem forget: error: 1 unknown id(s)") and "['ghost-7']" in err
-    assert forget_cli.main(["--memory", root, "--label", "bird"]) == 2
+    assert forget_cli.main(["--memory", root, "--label", "bird"]) == 1
     assert "unknown label 'bird'" in capsys.readouterr().err
-    assert forget_cli.main(["--memory", root, "--ids", str(tmp_path / "missing.txt")]) == 2
+    assert forget_cli.main(["--memory", root, "--ids", str(tmp_path / "missing.txt")]) == 1
     assert "missing.txt" in capsys.readouterr().err
     assert forget_cli.main(["--memory", root, "--label", "cat", "--ids", str(ids_file)]) == 2
     assert "not allowed with" in capsys.readouterr().err
-    assert forget_cli.main(["--memory", str(tmp_path / "nowhere"), "--label", "cat"]) == 2
+    assert forget_cli.main(["--memory", str(tmp_path / "nowhere"), "--label", "cat"]) == 1
     assert "not a visual memory" in capsys.readouterr().err
-    assert history_cli.main([str(tmp_path / "nowhere")]) == 2
+    assert history_cli.main([str(tmp_path / "nowhere")]) == 1
     assert "not a visual memory" in capsys.readouterr().err
     assert list_versions(root) == [1]
 
@@ -78,7 +79,7 @@ def test_forget_with_purge_history(memory, capsys):
     root, ids = memory
     assert forget_cli.main(["--memory", root, "--source-prefix", "gs://photos/cat/"]) == 0
     capsys.readouterr()
-    assert forget_cli.main(["--memory", root, "--ids", "/dev/null"]) == 2  # Empty ids file.
+    assert forget_cli.main(["--memory", root, "--ids", "/dev/null"]) == 1  # Empty ids file.
     assert "holds no id" in capsys.readouterr().err
     ids_file = f"{root}/../one.txt"
     with open(ids_file, "w") as f:

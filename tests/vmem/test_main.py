@@ -19,18 +19,18 @@ def test_usage_and_unknown_command(capsys):
 
 def test_build_errors_name_the_bad_value(tmp_path, capsys):
     missing = str(tmp_path / "nope")
-    assert cli.main(["build", "--images", missing, "--output", str(tmp_path / "m")]) == 2
+    assert cli.main(["build", "--images", missing, "--output", str(tmp_path / "m")]) == 1  # A runtime failure.
     err = capsys.readouterr().err
     assert missing in err and "ImageFolder" in err
     assert cli.main(["build", "--images", str(tmp_path), "--output", str(tmp_path / "m"), "--shards", "0"]) == 2
     assert "--shards" in capsys.readouterr().err
     assert cli.main(["build", "--images", str(tmp_path), "--output", str(tmp_path / "m"),
-                     "--config", "configs.nonexistent"]) == 2
+                     "--config", "configs.nonexistent"]) == 1
     assert "configs.nonexistent" in capsys.readouterr().err
 
 
 def test_info_on_a_non_memory_explains(tmp_path, capsys):
-    assert cli.main(["info", str(tmp_path)]) == 2
+    assert cli.main(["info", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "manifest.json" in err and "vmem build" in err
 
@@ -81,4 +81,38 @@ def test_metadata_command_attaches_a_table_and_near_duplicate_groups(tmp_path, c
     assert set(res.ids[0][res.ids[0] != ""]) == {i for n, i in enumerate(ids) if n % 2}
     crowded = mem.search(base[:1], 3, crowding=Crowding.parse("1:meta:near_dup"))
     assert crowded.ids[0][0] == "e00" and "e06" not in crowded.ids[0]  # e06 is e00's twin.
-    assert cli.main(["metadata", "--memory", root, "--table", str(tmp_path / "missing.csv")]) == 2
+    assert cli.main(["metadata", "--memory", root, "--table", str(tmp_path / "missing.csv")]) == 1
+
+
+def test_every_command_is_a_module_with_main_and_reports_a_missing_flag_as_usage(capsys):
+    """One table: every command's module has main(argv) -> int, run through the one runner (bad flag: 2)."""
+    import importlib
+    for name, command in cli.COMMANDS.items():
+        module = importlib.import_module(command.module)
+        assert callable(module.main), name
+        assert cli.main([name]) == 2, name  # Every command has a required argument.
+        err = capsys.readouterr().err
+        assert f"vmem {name}: error: " in err and "required" in err, (name, err)
+        assert cli.main([name, "--help"]) == 0, name
+        assert f"vmem {name}" in capsys.readouterr().out, name
+
+
+def test_runtime_failures_exit_1_and_vmem_debug_re_raises(tmp_path, capsys, monkeypatch):
+    import pytest
+
+    from memory.store.manifest import ManifestError
+    monkeypatch.delenv("VMEM_DEBUG", raising=False)
+    assert cli.main(["history", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("vmem history: error: not a visual memory") and "VMEM_DEBUG=1" in err
+    monkeypatch.setenv("VMEM_DEBUG", "1")
+    with pytest.raises(ManifestError, match="not a visual memory"):
+        cli.main(["history", str(tmp_path)])
+
+
+def test_vmem_help_imports_neither_beam_nor_tensorflow():
+    code = ("import sys; from vmem import main; main.main(['--help']); main.main(['info', '/nonexistent']); "
+            "print(sorted(m for m in ('apache_beam', 'tensorflow') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert result.stdout.strip().endswith("[]"), result.stdout + result.stderr

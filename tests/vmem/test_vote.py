@@ -120,7 +120,7 @@ def test_missing_file(tmp_path, capsys):
     missing = tmp_path / "missing.jsonl"
     rc = vote_cli.main(["--neighbors", str(missing), "--output",
                         str(tmp_path / "out")])
-    assert rc == 2
+    assert rc == 1
     assert f"neighbours file not found: {missing}" in capsys.readouterr().err
 
 
@@ -129,7 +129,7 @@ def test_malformed_record(tmp_path, capsys):
     path.write_text('{"image_id": 1, "image_class": 0}\n')
     rc = vote_cli.main(["--neighbors", str(path), "--output",
                         str(tmp_path / "out")])
-    assert rc == 2
+    assert rc == 1
     assert (f"{path}:1: paper record is missing field 'neighbor_image_ids'"
             in capsys.readouterr().err)
 

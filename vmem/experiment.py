@@ -2,39 +2,33 @@
 
     vmem experiment k-sweep --dataset fashion-mnist --output out/paper/fashion-mnist/k-sweep
     vmem experiment all --dataset mnist --output out/paper/mnist [--work-dir out/paper-work]
-    python -m evaluation.experiments.cli label-noise --dataset mnist --output /tmp/noise --train-per-class 200
+    vmem experiment label-noise --dataset mnist --output /tmp/noise --train-per-class 200
 
 The dataset's splits are embedded once per --work-dir (cached; see evaluation.experiments.workspace); each
 experiment writes report.json, report.md and PNG plots into --output (``all``: one sub-directory each).
-Everything is seeded (--seed); two runs with the same flags give the same numbers.
+Everything is seeded (--seed); two runs with the same flags give the same numbers. The experiments
+themselves are evaluation.experiments.registry's.
+
+Exit status: 0 done; 1 an experiment failed (e.g. the dataset is not installed); 2 a bad flag, an unknown
+experiment or class.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
 
+from evaluation.experiments.registry import EXPERIMENTS
 from vmem.args import RaisingArgumentParser, UsageError, run_command
 
-# Name -> module under evaluation.experiments, in the order `all` (and `make paper`) runs them.
-EXPERIMENTS = {
-    "k-sweep": "k_sweep",
-    "label-noise": "label_noise",
-    "memory-size": "memory_size",
-    "new-classes": "new_classes",
-    "unlearning": "unlearning",
-    "pruning": "pruning",
-    "abstain": "abstain",
-}
+__all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``vmem experiment`` argument parser."""
     from evaluation.experiments.workspace import HOLD_OUT, Setup  # pylint: disable=g-import-not-at-top
     d = Setup()
     parser = RaisingArgumentParser(prog="vmem experiment", description=__doc__.split("\n")[0])
@@ -57,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup_from_args(args: argparse.Namespace):
+def _setup_from_args(args: argparse.Namespace):
+    """The experiments' Setup from the flags (UsageError naming a bad value)."""
     from evaluation.experiments.workspace import Setup  # pylint: disable=g-import-not-at-top
     hold_out = tuple(c.strip() for c in (args.hold_out or "").split(",") if c.strip())
     try:
@@ -67,25 +62,15 @@ def setup_from_args(args: argparse.Namespace):
         raise UsageError(str(e)) from None
 
 
-def run_experiments(names: Sequence[str], ws, output: str, *, nested: bool) -> dict[str, dict]:
-    """Runs the named experiments on one workspace; ``nested`` puts each in ``output/NAME``."""
-    results = {}
-    for name in names:
-        module = importlib.import_module(f"evaluation.experiments.{EXPERIMENTS[name]}")
-        out = os.path.join(output, name) if nested else output
-        start = time.monotonic()
-        results[name] = module.run(ws, out)
-        print(f"{ws.setup.dataset} {name}: {time.monotonic() - start:.1f}s -> {out}/report.md", flush=True)
-    return results
-
-
-def _run(args: argparse.Namespace) -> int:
+def _run(argv: Sequence[str]) -> int:
+    from evaluation.experiments.registry import run_experiments  # pylint: disable=g-import-not-at-top
     from evaluation.experiments.workspace import Workspace  # pylint: disable=g-import-not-at-top
+    args = build_parser().parse_args(argv)
     names = list(EXPERIMENTS) if args.name == "all" else [args.name]
     unknown = [n for n in names if n not in EXPERIMENTS]
     if unknown:
         raise UsageError(f"unknown experiment {unknown[0]!r}; allowed: {', '.join(EXPERIMENTS)}, all")
-    setup = setup_from_args(args)
+    setup = _setup_from_args(args)
     unknown_classes = sorted(set(setup.hold_out) - set(_classes(setup.dataset)))
     if unknown_classes:
         raise UsageError(f"--hold-out: {unknown_classes} are not {setup.dataset} classes; allowed: "
@@ -107,10 +92,8 @@ def _classes(dataset: str) -> tuple[str, ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs ``vmem experiment``; returns the exit status (0 ok, 2 usage error)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run_command("vmem experiment", build_parser(), _run, argv)
+    """Runs ``vmem experiment``; returns the exit status."""
+    return run_command("vmem experiment", _run, argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,127 @@
+"""The re-index job's last step: publish version n+1 from the plan and the rebuilt shards, then clean up.
+
+`assemble_manifest` checks the books and builds the new version (no delta shards, no tombstones, the entry
+weights and metadata minus forgotten ids); `publish` publishes it once (a retried step recognises its own
+version), purges the history when a forget asked for it and `remove_orphans` deletes what crashed or
+superseded runs left behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+
+import numpy as np
+
+from memory import storage
+from memory.store import compaction
+from memory.store.manifest import Manifest, ShardInfo, WeightsRef, sha256_checksum
+from memory.store.metadata import metadata_without
+from memory.store.mutations import WEIGHTS_DIR, in_sorted, purge_history, read_entry_weights, read_forgotten
+from memory.store.versions import versioned_file_name
+from memory.store.versions import checked_deletion_paths, latest_version, list_versions, publish_version, read_version
+from pipelines.reindex.plan import ReindexError, ReindexJob, published_by
+from pipelines.stages.write import SPILL_DIR
+
+_LOG = logging.getLogger("visual_memory")
+
+__all__ = ["assemble_manifest", "publish", "remove_orphans"]
+
+
+def _weights_without(root: str, manifest: Manifest, forgotten: np.ndarray, new_version: int) -> WeightsRef | None:
+    """The entry weights minus forgotten ids: the same ref if none was weighted, else a new weights file."""
+    ref = manifest.entry_weights
+    loaded = read_entry_weights(root, manifest)
+    if ref is None or loaded is None:
+        return None
+    ids, weights = loaded
+    keep = ~in_sorted(forgotten, ids)
+    if keep.all():
+        return ref
+    if not keep.any():
+        return None
+    buf = io.BytesIO()
+    np.savez(buf, ids=ids[keep], weights=weights[keep].astype(np.float32))
+    blob = buf.getvalue()
+    rel = versioned_file_name(WEIGHTS_DIR, new_version, ".npz")
+    storage.write_bytes(storage.join(root, rel), blob)
+    return dataclasses.replace(ref, path=rel, count=int(keep.sum()), checksum=sha256_checksum(blob))
+
+
+def assemble_manifest(job: ReindexJob, plan: compaction.ReindexPlan, rebuilt: dict[int, ShardInfo]) -> Manifest:
+    """The new version's content (version/parent are set by publish_version), after checking the books.
+
+    Raises:
+      ReindexError: a rebuilt shard is missing, or the new version would not hold exactly the live entries.
+    """
+    m = job.manifest
+    missing = sorted(set(plan.rebuilt) - set(rebuilt))
+    if missing:
+        raise ReindexError(f"rebuilt shard(s) {missing} were not written; nothing was published")
+    shards = tuple(t.reused if t.reused is not None else rebuilt[t.index] for t in plan.targets)
+    stored = sum(s.count for s in shards)
+    if stored != m.total:
+        raise ReindexError(f"bookkeeping mismatch: version {m.version} has {m.total} live entries but the re-indexed "
+                           f"shards hold {stored}; nothing was published")
+    forgotten = read_forgotten(job.root, m)
+    weights = _weights_without(job.root, m, forgotten, job.new_version)
+    metadata = metadata_without(job.root, m, forgotten, job.new_version)
+    reused = [t.name for t in plan.targets if t.reused is not None]
+    rebuilt_names = [t.name for t in plan.targets if t.reused is None]
+    change = {"kind": "reindex", "job": job.job_token,
+              "summary": (f"re-indexed into {plan.num_shards} shards: rebuilt {len(rebuilt_names)}, reused "
+                          f"{len(reused)}; dropped {plan.forgotten_rows} forgotten rows, folded {plan.delta_rows} "
+                          "delta rows"),
+              "rebuilt": rebuilt_names, "reused": reused, "dropped_forgotten": plan.forgotten_rows,
+              "folded_delta": plan.delta_rows, "num_shards": plan.num_shards,
+              "reasons": {t.name: list(t.reasons) for t in plan.targets if t.reused is None}}
+    if job.purge:
+        change["purge_requested"] = True
+    build_config = dict(m.build_config)
+    if "num_shards" in build_config:
+        build_config["num_shards"] = plan.num_shards
+    return dataclasses.replace(m, shards=shards, delta_shards=(), forgotten=None, entry_weights=weights,
+                               metadata=metadata, build_config=build_config, change=change)
+
+
+def remove_orphans(root: str) -> list[str]:
+    """Deletes ``shards/rNNNNNN-*`` directories of crashed or losing re-index runs (compaction.orphan_reindex_dirs)."""
+    try:
+        children = storage.list_dir(storage.join(root, compaction.REINDEX_SHARDS_DIR))
+    except FileNotFoundError:
+        return []
+    versions = list_versions(root) or [latest_version(root)]
+    referenced = {s.path for n in versions for s in read_version(root, n).all_shards}
+    orphans = compaction.orphan_reindex_dirs(children, referenced_paths=referenced, latest=versions[-1])
+    paths = checked_deletion_paths(root, orphans, what="the orphan re-index directories under shards/")
+    for rel, path in zip(orphans, paths):
+        storage.remove_tree(path)
+        _LOG.info("reindex: removed orphan directory %s (a crashed or superseded re-index)", rel)
+    # A published re-index killed right after its publish may have left its spill files in its (referenced)
+    # directory; every writer of those directories has finished, so they are safe to delete.
+    prefix = compaction.REINDEX_SHARDS_DIR + "/"
+    published_dirs = {p.split("/")[1] for p in referenced if p.startswith(prefix) and p.count("/") >= 2}
+    for name in sorted(set(children) & published_dirs):
+        spill = storage.join(root, compaction.REINDEX_SHARDS_DIR, name, SPILL_DIR)
+        if storage.exists(spill):
+            storage.remove_tree(spill)
+    return orphans
+
+
+def publish(job: ReindexJob, plan: compaction.ReindexPlan, rebuilt: dict[int, ShardInfo]) -> Manifest:
+    """Publishes version n+1 (once; a retried step recognises its own version), then purges and cleans up.
+
+    Raises:
+      ConcurrentUpdateError: another writer published version n+1 first; nothing of this run is live.
+    """
+    published = published_by(job.root, job.new_version, job.job_token)
+    if published is None:
+        published = publish_version(job.root, assemble_manifest(job, plan, rebuilt), expected_parent=job.version)
+        _LOG.info("reindex: published version %d of %s", published.version, job.root)
+    storage.remove_tree(job.spill_dir)
+    if job.purge:
+        purged = purge_history(job.root)
+        _LOG.info("reindex: purged versions %s (a forget requested --purge-history)", purged)
+    remove_orphans(job.root)
+    return published

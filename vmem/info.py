@@ -1,0 +1,88 @@
+"""``vmem info``: describe a built memory (entries, classes, encoder, storage, shards, calibration, tuning).
+
+    vmem info out/fmnist-memory
+    vmem info gs://BUCKET/memories/in1k --verify      # also checks every shard's checksum
+    vmem info out/fmnist-memory --json                # the manifest itself
+
+Reads the manifest only (``--verify`` opens every shard); no TensorFlow or Beam import, so it answers at once.
+
+Exit status: 0 described (and verified); 1 not a memory, or a checksum does not match; 2 a bad flag.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from vmem.args import RaisingArgumentParser, run_command
+
+__all__ = ["build_parser", "describe", "main"]
+
+
+def build_parser() -> RaisingArgumentParser:
+    """The ``vmem info`` argument parser."""
+    parser = RaisingArgumentParser(prog="vmem info", description="Describe a built memory.")
+    parser.add_argument("memory", help="memory directory (local or gs://)")
+    parser.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    parser.add_argument("--verify", action="store_true", help="also check every shard's checksum")
+    return parser
+
+
+def describe(manifest) -> str:
+    """The text ``vmem info`` prints for a manifest."""
+    enc = manifest.encoder
+    lines = [
+        f"entries      {manifest.counts.embedded}",
+        f"classes      {len(manifest.class_names)}: {', '.join(manifest.class_names[:20])}"
+        + (" ..." if len(manifest.class_names) > 20 else ""),
+        f"encoder      {enc['name']} ({enc['content_hash'][:23]}...), dim {manifest.dim}, metric {manifest.metric.value}",
+        f"built        {manifest.created_at}; read {manifest.counts.read}, failed {manifest.counts.failed}",
+        f"storage      format {manifest.format_version}, embeddings stored as "
+        f"{manifest.embedding_dtype.value} (inside each shard's index)",
+        f"shards       {len(manifest.shards)}" + (
+            "" if manifest.router is None else
+            f", partition-routed: {manifest.router.count} router centroids, {manifest.router.probes} probes per query")
+        + (", hash shards from one index template (searched as one index)"
+           if manifest.router is None and manifest.build_config.get("index_template") else ""),
+    ]
+    if manifest.calibration is not None:
+        from memory.decide.confidence import memory_calibration
+        cal = memory_calibration(manifest)
+        stale = (cal.fitted_on_version is not None and cal.fitted_on_version != manifest.version
+                 and manifest.change.get("kind") != "calibrate")
+        lines.append(f"calibration  {cal.describe()}" + (
+            "; the memory changed since (re-run vmem calibrate)" if stale else ""))
+    if manifest.search_defaults:
+        from memory.search.setting import SearchSetting
+        tuned = manifest.search_defaults.get("tuned") or {}
+        lines.append(f"search       {SearchSetting.from_dict(manifest.search_defaults).describe()} (vmem tune: votes "
+                     f"agree with exact search on {100 * tuned.get('agreement', 0):.2f}% of {tuned.get('queries')} "
+                     f"queries, version {tuned.get('fitted_on_version')})")
+    if manifest.metadata is not None:
+        lines.append(f"metadata     columns {', '.join(manifest.metadata.columns)} for {manifest.metadata.count} entries "
+                     "(--filter meta:COLUMN=v, --crowding C:meta:COLUMN)")
+    for s in manifest.shards:
+        lines.append(f"  {s.name}  {s.count:>9} entries  {s.index_kind:<11} {s.checksum[:19]}...")
+    return "\n".join(lines)
+
+
+def _run(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(argv)
+    from memory.store.versions import read_manifest  # pylint: disable=g-import-not-at-top
+    manifest = read_manifest(args.memory)
+    if args.verify:
+        from memory.visual_memory import VisualMemory  # pylint: disable=g-import-not-at-top
+        VisualMemory.open(args.memory, verify=True)
+    print(manifest.to_json() if args.json else describe(manifest))
+    if args.verify:
+        print("verify       all shard checksums match")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs ``vmem info``; returns the exit status."""
+    return run_command("vmem info", _run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -154,3 +154,27 @@ def test_no_private_test_helpers_imported_across_test_modules():
     found = _private_imports(tests, tests)
     assert not found, "private test helpers imported from another test module:\n" + "\n".join(found)
 
+
+
+def _upward(graph: dict[str, set[str]]) -> list[str]:
+    """``module -> imported`` for every import from a higher layer of LAYERS than the importer's own."""
+    rank = {package: i for i, package in enumerate(LAYERS)}
+    return sorted(f"{module} -> {target}" for module, targets in graph.items() for target in targets
+                  if rank[target.split(".")[0]] < rank[module.split(".")[0]])
+
+
+def test_upward_finder_finds_an_upward_import():
+    assert _upward({"memory.a": {"pipelines.b", "encoders.c"}, "pipelines.b": {"memory.a"}}) == [
+        "memory.a -> pipelines.b"]
+
+
+def test_imports_only_point_down_the_layers():
+    found = _upward(_graph(_modules(LAYERS)))
+    assert not found, (f"imports against the layering {' -> '.join(LAYERS)} (move the code down to the layer "
+                       "that owns it, or have the higher layer pass it in):\n" + "\n".join(found))
+
+
+def test_memory_never_imports_beam():
+    found = [f"{module}:{imp.line}" for module, path in _modules(("memory",)).items()
+             for imp in _imports(module, path) if imp.target.split(".")[0] == "apache_beam"]
+    assert not found, "memory/ must stay usable without Beam; Beam imports found at:\n" + "\n".join(found)

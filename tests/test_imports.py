@@ -178,3 +178,11 @@ def test_memory_never_imports_beam():
     found = [f"{module}:{imp.line}" for module, path in _modules(("memory",)).items()
              for imp in _imports(module, path) if imp.target.split(".")[0] == "apache_beam"]
     assert not found, "memory/ must stay usable without Beam; Beam imports found at:\n" + "\n".join(found)
+
+
+def test_tests_import_no_private_production_names():
+    """Tests drive public names only (DoFns included, whose lifecycle some tests drive by hand)."""
+    tests, modules = _modules(("tests",)), _modules(LAYERS)
+    found = _private_imports(modules, tests)
+    assert not found, "tests importing private production names (make the name public and documented):\n" + \
+        "\n".join(found)

@@ -124,14 +124,14 @@ def _open(path: str):
 
 
 @dataclasses.dataclass(frozen=True)
-class _NpyHeader:
+class NpyHeader:
     rows: int
     dim: int
     dtype: str
     offset: int  # Byte offset of row 0.
 
 
-def _read_npy_header(path: str) -> _NpyHeader:
+def read_npy_header(path: str) -> NpyHeader:
     """Parses an .npy header (a few hundred bytes) without reading the array."""
     from numpy.lib import format as npy_format
     with _open(path) as f:
@@ -146,10 +146,10 @@ def _read_npy_header(path: str) -> _NpyHeader:
     if len(shape) != 2 or fortran or dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):
         raise ValueError(f"{path}: expected a C-order float16/32/64 [n, d] array; got shape {shape}, "
                          f"dtype {dtype}, fortran_order={fortran}.")
-    return _NpyHeader(rows=int(shape[0]), dim=int(shape[1]), dtype=dtype.str, offset=int(offset))
+    return NpyHeader(rows=int(shape[0]), dim=int(shape[1]), dtype=dtype.str, offset=int(offset))
 
 
-def _read_npy_rows(f, header: _NpyHeader, start: int, stop: int) -> np.ndarray:
+def read_npy_rows(f, header: NpyHeader, start: int, stop: int) -> np.ndarray:
     """Rows [start, stop) of the open npy file ``f`` as float32 via one seek + ranged read; fewer rows if the
     file is truncated."""
     dtype = np.dtype(header.dtype)
@@ -201,7 +201,7 @@ class _WorkItem(typing.NamedTuple):
     pair: _Pair
     start: int
     stop: int
-    header: _NpyHeader | None
+    header: NpyHeader | None
     row_group: int  # Parquet row group holding [start, stop); -1 with a problem.
     row_group_start: int  # First row of that row group within the file.
     columns: _Columns | None
@@ -225,7 +225,7 @@ def _resolve_columns(source: EmbeddingSource, names: list[str]) -> tuple[_Column
 
 class _PartInfo(typing.NamedTuple):
     rows: int  # Rows this part accounts for: max(npy rows, parquet rows).
-    header: _NpyHeader | None
+    header: NpyHeader | None
     row_groups: list[int]
     columns: _Columns | None
     problem: tuple[str, str] | None
@@ -237,7 +237,7 @@ def _inspect_part(source: EmbeddingSource, pair: _Pair, expected_dim: int | None
     header, npy_rows, pq_rows, row_groups, columns, problem = None, 0, 0, [], None, None
     if pair.npy is not None:
         try:
-            header = _read_npy_header(pair.npy)
+            header = read_npy_header(pair.npy)
             npy_rows = header.rows
         except (OSError, ValueError) as e:
             problem = ("unreadable_embeddings", f"{pair.npy}: {type(e).__name__}: {e}")
@@ -352,7 +352,7 @@ class _ReadClipItemFn(beam.DoFn):
 
     def _block(self, item: _WorkItem, lo: int, hi: int, table: dict, npy_file):
         cols, npy = item.columns, item.pair.npy
-        rows = _read_npy_rows(npy_file, item.header, lo, hi)
+        rows = read_npy_rows(npy_file, item.header, lo, hi)
         unit, finite, nonzero = _normalise(rows)
         unit_index = np.cumsum(finite & nonzero) - 1
         kept = []
@@ -420,7 +420,7 @@ def _first_tfrecord(pattern: str) -> bytes:
         return f.read(length)
 
 
-class _ParseEmbeddingExampleFn(beam.DoFn):
+class ParseEmbeddingExampleFn(beam.DoFn):
     """(filename, serialized Example) -> (id, label, uri, unit float32 row) or a dead letter."""
 
     def __init__(self, source: EmbeddingSource, dim: int):
@@ -486,7 +486,7 @@ def embedding_dim(source: EmbeddingSource) -> int:
     """The embedding dimension: the first npy file's header, or the first TFRecord's float_list length."""
     if source.kind is EmbeddingKind.CLIP:
         first = next(p for p in _list_pairs(source.location) if p.npy is not None)
-        return _read_npy_header(first.npy).dim
+        return read_npy_header(first.npy).dim
     from tensorflow.core.example import example_pb2
     features = example_pb2.Example.FromString(_first_tfrecord(source.location)).features.feature
     name = source.option("embedding_feature")
@@ -546,7 +546,7 @@ class ReadEmbeddings(beam.PTransform):
             pbegin
             | "TFRecordPattern" >> beam.Create([src.location])
             | "ReadTFRecords" >> ReadAllFromTFRecord(with_filename=True)
-            | "ParseExamples" >> beam.ParDo(_ParseEmbeddingExampleFn(src, dim)).with_outputs(
+            | "ParseExamples" >> beam.ParDo(ParseEmbeddingExampleFn(src, dim)).with_outputs(
                 FAILED_TAG, main="rows"))
         blocks = (
             rows.rows

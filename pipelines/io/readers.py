@@ -164,7 +164,7 @@ def _read_file(path: str) -> bytes:
         return f.read()
 
 
-def _list_one_level(root: str) -> tuple[list[str], list[str]]:
+def list_one_level(root: str) -> tuple[list[str], list[str]]:
     """(sub-directories, files) directly under ``root``, without listing anything deeper.
 
     Beam FileSystems has no one-level listing (``match(root/*)`` walks or lists every object below ``root``),
@@ -193,7 +193,7 @@ class _ListClassDirsFn(beam.DoFn):
     """ImageFolder root -> one element per class directory; loose files at the root are dead letters."""
 
     def process(self, root: str):
-        dirs, files = _list_one_level(root)
+        dirs, files = list_one_level(root)
         if not dirs and not files:
             raise FileNotFoundError(f"ImageFolder root {root!r} is empty or missing; expected ROOT/<class>/<image>.")
         prefix = root.rstrip("/") + "/"
@@ -235,7 +235,7 @@ class _ReadFolderFileFn(beam.DoFn):
         yield ImageRecord(id=rel, uri=path, label=parts[0], data=data)
 
 
-class _ParseTFRecordFn(beam.DoFn):
+class ParseTFRecordFn(beam.DoFn):
     """(filename, serialized tf.train.Example) -> ImageRecord, ImageNet-style feature keys."""
 
     def __init__(self):
@@ -461,7 +461,7 @@ class ReadImages(beam.PTransform):
                 pbegin
                 | "TFRecordPattern" >> beam.Create([src.location])
                 | "ReadTFRecords" >> ReadAllFromTFRecord(with_filename=True)
-                | "ParseExamples" >> beam.ParDo(_ParseTFRecordFn()).with_outputs(FAILED_TAG, main="records"))
+                | "ParseExamples" >> beam.ParDo(ParseTFRecordFn()).with_outputs(FAILED_TAG, main="records"))
             return results.records, results[FAILED_TAG]
         fmt, header = _manifest_format_and_header(src.location)
         rows = (

@@ -65,7 +65,9 @@ def _is_memory_error(error: Any) -> bool:
     return isinstance(exc_type, type) and issubclass(exc_type, MemoryError)
 
 
-class _DecodeFn(beam.DoFn):
+class DecodeFn(beam.DoFn):
+    """ImageRecord -> DecodedImage (decoded and preprocessed by ``spec``), or a dead letter with the reason."""
+
     def __init__(self, spec: PreprocessSpec):
         self._spec = spec
         self._decoded = Metrics.counter(_NAMESPACE, "images_decoded")
@@ -106,8 +108,8 @@ class _DecodeFn(beam.DoFn):
 _DECODE_AHEAD = 32
 
 
-class _ParallelDecodeFn(_DecodeFn):
-    """`_DecodeFn` on a small thread pool, so decoding uses every core between the encoder's batches.
+class ParallelDecodeFn(DecodeFn):
+    """`DecodeFn` on a small thread pool, so decoding uses every core between the encoder's batches.
 
     Pillow releases the GIL while it decodes and resizes (measured: 1.74x on 2 cores for Fashion-MNIST PNGs),
     but the local runner runs a fused stage's elements one after another on one thread. Each record is
@@ -162,7 +164,7 @@ class DecodeImages(beam.PTransform):
         self._spec = spec
 
     def expand(self, records):
-        results = records | "Decode" >> beam.ParDo(_ParallelDecodeFn(self._spec)).with_outputs(
+        results = records | "Decode" >> beam.ParDo(ParallelDecodeFn(self._spec)).with_outputs(
             FAILED_TAG, main="images")
         return results.images, results[FAILED_TAG]
 
@@ -232,7 +234,7 @@ class _ToEntryFn(beam.DoFn):
         yield EmbeddedImage(meta.id, meta.uri, meta.label, l2_normalize(vector[None, :])[0])
 
 
-class _FailedBatchFn(beam.DoFn):
+class FailedBatchFn(beam.DoFn):
     """RunInference's dead letters (a failed batch and its exception) -> one FailedRecord per image."""
 
     def process(self, element):
@@ -265,7 +267,7 @@ class EmbedImages(beam.PTransform):
         inferred, dlq = keyed | "RunEncoder" >> RunInference(self._handler).with_exception_handling()
         entries = inferred | "ToEntries" >> beam.ParDo(_ToEntryFn(self._progress_every)).with_outputs(
             FAILED_TAG, _ToEntryFn.IDENTITY_TAG, main="entries")
-        batch_failures = dlq.failed_inferences | "ExplodeFailedBatches" >> beam.ParDo(_FailedBatchFn())
+        batch_failures = dlq.failed_inferences | "ExplodeFailedBatches" >> beam.ParDo(FailedBatchFn())
         failures = (entries[FAILED_TAG], batch_failures) | "MergeEmbedFailures" >> beam.Flatten()
         identities = entries[_ToEntryFn.IDENTITY_TAG] | "DistinctIdentities" >> beam.Distinct()
         return entries.entries, failures, identities

@@ -91,7 +91,7 @@ def merge_batch_neighbors(parts: Sequence[BatchNeighbors], k: int, *,
     return BatchNeighbors(tuple(ids), tuple(labels), tuple(uris), merged)
 
 
-class _SearchShardFn(beam.DoFn):
+class SearchShardFn(beam.DoFn):
     """(unit, [(batch key, QueryBatch)]) -> (batch key, BatchNeighbors) with this unit's top-K per query.
 
     The input is grouped by unit, so each unit arrives exactly once (with every query batch routed to it):
@@ -260,7 +260,7 @@ class SearchShards(beam.PTransform):
             | "FanOutToShards" >> beam.ParDo(_FanOutFn(self._root, self._manifest, self._route_probes,
                                                        self._route_ratio, units=units))
             | "GroupByShard" >> beam.GroupByKey()
-            | "SearchShard" >> beam.ParDo(_SearchShardFn(
+            | "SearchShard" >> beam.ParDo(SearchShardFn(
                 self._root, self._manifest, self._k, crowding=self._crowding, with_uris=self._with_uris,
                 with_metadata=meta and self._manifest.metadata is not None, setting=self._setting, units=units,
                 threads=self._search_threads)))

@@ -10,8 +10,8 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from encoders.base import PreprocessSpec, ResizeMode
-from pipelines.stages.embed import DecodeImages, _DecodeFn, _FailedBatchFn
-from pipelines.io.readers import ReadImages, _ParseTFRecordFn, parse_image_spec
+from pipelines.stages.embed import DecodeImages, DecodeFn, FailedBatchFn
+from pipelines.io.readers import ReadImages, ParseTFRecordFn, parse_image_spec
 from pipelines.records import EntryMeta, ImageRecord
 
 SPEC = PreprocessSpec(image_size=16, resize=ResizeMode.RESIZE_SQUARE)
@@ -44,7 +44,7 @@ def test_encoder_failure_detail_is_the_encoders_exception():
     with TestPipeline(runner="FnApiRunner") as p:
         keyed = p | beam.Create([(EntryMeta("a", "/x/a.png", "cat"), np.zeros((2, 2, 3), np.float32))])
         _, dlq = keyed | RunInference(KeyedModelHandler(_FailingHandler())).with_exception_handling()
-        failures = dlq.failed_inferences | beam.ParDo(_FailedBatchFn())
+        failures = dlq.failed_inferences | beam.ParDo(FailedBatchFn())
         assert_that(failures | beam.Map(lambda f: (f.id, f.reason, f.detail)),
                     equal_to([("a", "encoder_error", "ValueError: boom on 1 image(s)")]))
 
@@ -65,13 +65,13 @@ def test_memory_error_in_the_encoder_fails_the_job_instead_of_dead_letters():
     p = TestPipeline(runner="FnApiRunner")
     keyed = p | beam.Create([(EntryMeta("a", "/x/a.png", "cat"), np.zeros((2, 2, 3), np.float32))])
     _, dlq = keyed | RunInference(KeyedModelHandler(_OutOfMemoryHandler())).with_exception_handling()
-    _ = dlq.failed_inferences | beam.ParDo(_FailedBatchFn())
+    _ = dlq.failed_inferences | beam.ParDo(FailedBatchFn())
     with pytest.raises(Exception, match="ran out of memory on a batch of 1 images: MemoryError: encoder out"):
         p.run().wait_until_finish()
 
 
 def test_memory_error_while_decoding_propagates():
-    fn = _DecodeFn(SPEC)
+    fn = DecodeFn(SPEC)
     fn.setup()
 
     def out_of_memory(data, spec):
@@ -86,7 +86,7 @@ def test_memory_error_while_decoding_propagates():
 
 
 def test_memory_error_while_parsing_a_tfrecord_propagates():
-    fn = _ParseTFRecordFn()
+    fn = ParseTFRecordFn()
     fn.setup()
 
     class _Example:
@@ -100,13 +100,13 @@ def test_memory_error_while_parsing_a_tfrecord_propagates():
 
 
 def test_parallel_decode_keeps_order_dead_letters_and_memory_errors(tmp_path):
-    """_ParallelDecodeFn (the DecodeImages stage) emits every record once, in input order, bad files as dead
+    """ParallelDecodeFn (the DecodeImages stage) emits every record once, in input order, bad files as dead
     letters, and fails the bundle on a MemoryError from its pool."""
     import io
 
     from PIL import Image
 
-    from pipelines.stages.embed import _ParallelDecodeFn
+    from pipelines.stages.embed import ParallelDecodeFn
     from pipelines.records import DecodedImage
 
     def png(v):
@@ -122,7 +122,7 @@ def test_parallel_decode_keeps_order_dead_letters_and_memory_errors(tmp_path):
                     equal_to([(r.id, "decode") for r in records if r.data == b"broken"]), label="failed")
     from apache_beam.transforms.window import GlobalWindow
     from apache_beam.utils.timestamp import Timestamp
-    fn = _ParallelDecodeFn(SPEC, threads=2)
+    fn = ParallelDecodeFn(SPEC, threads=2)
     fn.setup()
     fn.start_bundle()
     where = dict(timestamp=Timestamp(0), window=GlobalWindow())

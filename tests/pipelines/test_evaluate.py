@@ -24,7 +24,7 @@ from memory.decide.voting import VotingRule, predict_all_k
 from pipelines import build, evaluate
 from vmem import main as cli
 from pipelines.records import EmbeddedImage
-from pipelines.stages.search_shards import _SearchShardFn
+from pipelines.stages.search_shards import SearchShardFn
 
 
 def unit_rows(rng, n, d):
@@ -374,7 +374,7 @@ def test_search_shard_fn_loads_a_shard_for_its_key_and_keeps_none_after(syntheti
     q = unit_rows(np.random.default_rng(3), 6, 16)
     batches = [evaluate.QueryBatch(tuple(f"q{i}" for i in rows), ("c1",) * len(rows), ("/q",) * len(rows), q[rows])
                for rows in ([0, 1, 2], [3, 4, 5])]
-    fn = _SearchShardFn(root, manifest, 5)
+    fn = SearchShardFn(root, manifest, 5)
     fn.setup()
     keyed = [(b.ids[0], b) for b in batches]
     first = list(fn.process((0, keyed)))

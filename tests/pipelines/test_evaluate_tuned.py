@@ -14,8 +14,8 @@ from tests.memory.search.test_tuning import tuning_memory
 
 
 def test_the_evaluate_job_searches_with_the_recorded_setting(tmp_path):
-    """What _SearchShardFn runs (shards loaded on a worker, tuned there) equals VisualMemory.open's search."""
-    from pipelines.stages.search_shards import QueryBatch, _SearchShardFn, merge_batch_neighbors
+    """What SearchShardFn runs (shards loaded on a worker, tuned there) equals VisualMemory.open's search."""
+    from pipelines.stages.search_shards import QueryBatch, SearchShardFn, merge_batch_neighbors
     root, mem, x, ids, q, true = tuning_memory(tmp_path, IndexKind.TREE_AH)
     setting = SearchSetting(leaves_fraction=1 / 64, reorder=10)  # Cheap: differs from the build's setting.
     publish_search_defaults(root, {"chosen": {**setting.to_dict(), "qps": 1.0, "recall": 0.5, "agreement": 0.99,
@@ -28,7 +28,7 @@ def test_the_evaluate_job_searches_with_the_recorded_setting(tmp_path):
     # The job searches what VisualMemory.open does: hash shards built from one index template as one index.
     units = search_units(root, m)
     assert units == [tuple(range(len(m.shards)))]
-    fn = _SearchShardFn(root, m, 10, setting=default_setting(m), units=units)
+    fn = SearchShardFn(root, m, 10, setting=default_setting(m), units=units)
     fn.setup()
     batch = QueryBatch(tuple(f"q{i}" for i in range(len(q))), ("c0",) * len(q), ("",) * len(q), q)
     parts = [b for u in range(len(units)) for _, b in fn.process((u, [("q0", batch)]))]

@@ -13,8 +13,8 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipelines.io.embedding_sources import (EmbeddingKind, EmbeddingSource, ReadEmbeddings, _read_npy_header,
-                                         _read_npy_rows, count_entries, embedding_dim, parse_embeddings_spec)
+from pipelines.io.embedding_sources import (EmbeddingKind, EmbeddingSource, ReadEmbeddings, read_npy_header,
+                                         read_npy_rows, count_entries, embedding_dim, parse_embeddings_spec)
 from pipelines.records import EntryBlock
 
 
@@ -202,17 +202,17 @@ def test_npy_rows_are_read_by_range_not_whole(tmp_path):
     rows = np.arange(1000 * 8, dtype=np.float16).reshape(1000, 8)
     path = str(tmp_path / "img_emb_0.npy")
     np.save(path, rows)
-    header = _read_npy_header(path)
+    header = read_npy_header(path)
     assert (header.rows, header.dim, np.dtype(header.dtype)) == (1000, 8, np.float16)
     f = _CountingFile(path)
-    got = _read_npy_rows(f, header, 500, 510)
+    got = read_npy_rows(f, header, 500, 510)
     np.testing.assert_array_equal(got, rows[500:510].astype(np.float32))
     assert got.dtype == np.float32
     assert f.bytes_read == 10 * 8 * 2  # Ten rows, not the 16 kB file.
     # A truncated file yields the rows that exist.
     with open(path, "r+b") as g:
         g.truncate(header.offset + 995 * 16)
-    assert _read_npy_rows(open(path, "rb"), header, 990, 1000).shape == (5, 8)
+    assert read_npy_rows(open(path, "rb"), header, 990, 1000).shape == (5, 8)
 
 
 def test_clip_truncated_npy_rows_are_dead_letters(tmp_path):
@@ -220,7 +220,7 @@ def test_clip_truncated_npy_rows_are_dead_letters(tmp_path):
     e = np.ones((4, 2), np.float32)
     _write_part(root, 0, e, {"key": ["a", "b", "c", "d"], "label": ["x"] * 4})
     path = os.path.join(root, "img_emb", "img_emb_0.npy")
-    offset = _read_npy_header(path).offset
+    offset = read_npy_header(path).offset
     with open(path, "r+b") as g:
         g.truncate(offset + 3 * 8)
     with TestPipeline(runner="FnApiRunner") as p:
@@ -268,8 +268,8 @@ def test_tfrecord_embeddings(tmp_path):
 
 
 def test_memory_error_while_parsing_an_embedding_example_propagates():
-    from pipelines.io.embedding_sources import _ParseEmbeddingExampleFn
-    fn = _ParseEmbeddingExampleFn(parse_embeddings_spec("tfrecord:/x/emb-*.tfrecord"), 3)
+    from pipelines.io.embedding_sources import ParseEmbeddingExampleFn
+    fn = ParseEmbeddingExampleFn(parse_embeddings_spec("tfrecord:/x/emb-*.tfrecord"), 3)
 
     class _Example:
         error = MemoryError("huge example")

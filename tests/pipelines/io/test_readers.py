@@ -12,7 +12,7 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipelines.io.readers import (ImageSource, ReadImages, SourceKind, _list_one_level, parse_image_spec,
+from pipelines.io.readers import (ImageSource, ReadImages, SourceKind, list_one_level, parse_image_spec,
                                parse_manifest_line)
 
 PNG_1PX = bytes.fromhex(
@@ -121,11 +121,11 @@ def test_imagenet_style_tfrecords(tmp_path):
 
 def test_image_folder_lists_one_level_then_each_class(tmp_path):
     _tree(tmp_path, {"cat/a.png": b"a", "cat/sub/deep/b.png": b"b", "dog/c.png": b"c", "stray.png": b"x"})
-    dirs, files = _list_one_level(str(tmp_path) + "/")
+    dirs, files = list_one_level(str(tmp_path) + "/")
     assert dirs == [str(tmp_path / "cat"), str(tmp_path / "dog")]
     assert files == [str(tmp_path / "stray.png")]  # Nothing below the class directories is listed here.
     with pytest.raises(FileNotFoundError, match="not a directory"):
-        _list_one_level(str(tmp_path / "missing"))
+        list_one_level(str(tmp_path / "missing"))
 
 
 def test_image_folder_on_gcs(gcs_bucket, tmp_path):
@@ -133,7 +133,7 @@ def test_image_folder_on_gcs(gcs_bucket, tmp_path):
     _tree(tmp_path, {"cat/a.png": b"aa", "cat/sub/b.png": b"bb", "dog/c.png": b"cc", "stray.png": b"x"})
     root = storage.join(gcs_bucket, "readers-test", "imgs")
     storage.upload_dir(str(tmp_path), root)
-    assert _list_one_level(root) == ([f"{root}/cat", f"{root}/dog"], [f"{root}/stray.png"])
+    assert list_one_level(root) == ([f"{root}/cat", f"{root}/dog"], [f"{root}/stray.png"])
     with TestPipeline(runner="FnApiRunner") as p:
         records, failures = p | ReadImages(parse_image_spec(root))
         assert_that(records | beam.Map(lambda r: (r.id, r.label, r.data, r.uri)), equal_to([

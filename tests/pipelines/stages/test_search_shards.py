@@ -7,7 +7,7 @@ import pytest
 
 from memory.store.versions import read_manifest
 from memory.search.shard_search import PAD_ID, LoadedShard, PartialTopK, merge_partials
-from pipelines.stages.search_shards import BatchNeighbors, QueryBatch, _SearchShardFn, merge_batch_neighbors
+from pipelines.stages.search_shards import BatchNeighbors, QueryBatch, SearchShardFn, merge_batch_neighbors
 from tests.pipelines.test_evaluate import unit_rows, synthetic_memory  # noqa: F401  (the fixture, reused)
 
 
@@ -71,7 +71,7 @@ def test_threaded_unit_search_answers_as_one_thread_in_order(memory):
         batches.append((ids[0], QueryBatch(ids, ("c0",) * 13, ("",) * 13, q, filters)))
     answers = []
     for threads in (1, 2, 3):
-        fn = _SearchShardFn(memory, manifest, 6, threads=threads)
+        fn = SearchShardFn(memory, manifest, 6, threads=threads)
         fn.setup()
         answers.append(list(fn.process((2, batches))))
         fn.teardown()
@@ -88,4 +88,4 @@ def test_threaded_unit_search_answers_as_one_thread_in_order(memory):
 
 def test_search_threads_must_be_positive(memory):
     with pytest.raises(ValueError, match="search threads must be an int >= 1, got 0"):
-        _SearchShardFn(memory, read_manifest(memory), 5, threads=0)
+        SearchShardFn(memory, read_manifest(memory), 5, threads=0)

@@ -30,6 +30,9 @@ Without ``--shards`` the shard count is ceil(entries / target_shard_size) (confi
 counted from the source's metadata at launch for precomputed embeddings, counted by the job for images.
 
 Anything that is not a build flag is passed to Beam's PipelineOptions.
+
+Python: ``run(argv)`` parses the flags into `build_memory(*, source, output, config, ...)`, which checks them,
+builds the graph (`build_pipeline(p, *, ...)`) and runs it; experiments and benchmarks call `build_memory`.
 """
 
 from __future__ import annotations
@@ -40,10 +43,9 @@ import hashlib
 import json
 import logging
 import math
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from configs.build import BuildConfig, load_config
 from memory import storage
@@ -53,9 +55,12 @@ from memory.index.template import uses_template
 from memory.store.sharding import Sharding
 from pipelines.stages.embed import DecodeImages, EmbedImages
 from pipelines.io.readers import ImageSource, ReadImages, parse_image_spec
-from pipelines.runner import FlagError, with_default_runner
+from pipelines.runner import BeamOptions, FlagError, resolve_pipeline_options
 from pipelines.stages.write import (EntriesToBlocks, TrainIndexTemplate, TrainRouter, WriteDeadLetters, WriteManifest,
                              WriteMemoryShards, block_class_names, count_rows, shards_for_count)
+
+if TYPE_CHECKING:
+    from pipelines.io.embedding_sources import EmbeddingSource
 
 _LOG = logging.getLogger("visual_memory")
 
@@ -267,36 +272,64 @@ def build_pipeline(p: beam.Pipeline, *, source, output: str, config: BuildConfig
         dead_letter_files=dead_letter_files, router=router, template=template)
 
 
+def build_memory(*, source: ImageSource | EmbeddingSource, output: str, config: BuildConfig,
+                 encoder_id: str | None = None, overwrite: bool = False, pipeline_options: BeamOptions = None,
+                 test_pipeline: Optional[beam.Pipeline] = None) -> beam.runners.runner.PipelineResult:
+    """Builds a memory at ``output`` from ``source``: checks the arguments, builds the graph, runs it to completion.
+
+    Args:
+      source: An ImageSource (`parse_image_spec`: images are decoded and embedded with ``config.encoder``) or
+        an EmbeddingSource (`pipelines.io.embedding_sources.parse_embeddings_spec`: precomputed embeddings).
+      output: Memory directory to create (local or gs://).
+      config: The build config (`configs.build.load_config`, with any ``replace`` overrides).
+      encoder_id: With an EmbeddingSource (required there): the encoder that computed the embeddings,
+        recorded in the manifest.
+      overwrite: Replace an existing memory at ``output`` (its files are deleted first).
+      pipeline_options: Runner settings: Beam flags or a PipelineOptions (`pipelines.runner.BeamOptions`;
+        default: one in-process worker).
+      test_pipeline: Build the graph on this pipeline instead of one made from ``pipeline_options``.
+
+    Raises:
+      FlagError: an encoder id with images, none with embeddings, or a partition shard count the router
+        cannot serve (before anything is read or written).
+      FileExistsError: ``output`` holds a memory and ``overwrite`` is False.
+    """
+    options = resolve_pipeline_options(pipeline_options)
+    entry_count = None
+    if isinstance(source, ImageSource):
+        if encoder_id:
+            raise FlagError("--encoder-id applies to --embeddings only; image builds record their encoder's "
+                            "identity themselves (config encoder)")
+    else:
+        from pipelines.io.embedding_sources import count_entries  # pylint: disable=g-import-not-at-top
+        if not encoder_id:
+            raise FlagError("--embeddings needs --encoder-id NAME: the encoder that computed the embeddings is "
+                            "recorded in the manifest, and queries must be embedded with it")
+        entry_count = count_entries(source)
+        _LOG.info("source holds %s entries", "an unknown number of" if entry_count is None else entry_count)
+    check_partition_shards(config, entry_count)
+    prepare_output(output, overwrite=overwrite)
+    p = test_pipeline or beam.Pipeline(options=options)
+    build_pipeline(p, source=source, output=output, config=config, encoder_id=encoder_id, entry_count=entry_count)
+    result = p.run()
+    result.wait_until_finish()
+    return result
+
+
 def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipeline] = None
         ) -> beam.runners.runner.PipelineResult:
-    """Parses ``argv`` (build flags + Beam flags), builds the graph and runs it to completion.
+    """Parses ``argv`` (build flags + Beam flags) and runs `build_memory` with them.
 
     Raises:
       FlagError: a bad flag value or combination (before anything is read or written).
       FileExistsError: ``--output`` holds a memory and ``--overwrite`` was not given.
     """
     args, beam_args = build_arg_parser().parse_known_args(argv)
-    beam_args = with_default_runner(beam_args)
     config = resolve_config(args)
-    entry_count = None
     if args.embeddings is not None:
-        from pipelines.io.embedding_sources import count_entries, parse_embeddings_spec
-        if not args.encoder_id:
-            raise FlagError("--embeddings needs --encoder-id NAME: the encoder that computed the embeddings is "
-                            "recorded in the manifest, and queries must be embedded with it")
+        from pipelines.io.embedding_sources import parse_embeddings_spec  # pylint: disable=g-import-not-at-top
         source = parse_embeddings_spec(args.embeddings)
-        entry_count = count_entries(source)
-        _LOG.info("source holds %s entries", "an unknown number of" if entry_count is None else entry_count)
     else:
-        if args.encoder_id:
-            raise FlagError("--encoder-id applies to --embeddings only; image builds record their encoder's "
-                            "identity themselves (config encoder)")
         source = parse_image_spec(args.images)
-    check_partition_shards(config, entry_count)
-    prepare_output(args.output, overwrite=args.overwrite)
-    p = test_pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
-    build_pipeline(p, source=source, output=args.output, config=config, encoder_id=args.encoder_id,
-                   entry_count=entry_count)
-    result = p.run()
-    result.wait_until_finish()
-    return result
+    return build_memory(source=source, output=args.output, config=config, encoder_id=args.encoder_id,
+                        overwrite=args.overwrite, pipeline_options=beam_args, test_pipeline=test_pipeline)

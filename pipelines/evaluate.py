@@ -22,8 +22,9 @@ books (the queries' encoder is the memory's; every record read was answered or f
 neighbour files with every rule at every k, the path ``vmem vote`` takes, and writes report.json, report.md
 and accuracy_vs_k.png (evaluation.vote_report); no worker of the job ever holds every query's neighbours.
 
-Python: ``run(argv)`` parses the flags into `evaluate_pipeline(p, *, ...)`, which adds the graph to a
-pipeline; `evaluation.vote_report.write_evaluation_report(output)` writes the report after it ran.
+Python: ``run(argv)`` parses the flags into `evaluate_memory(*, memory, source, output, ...)`, which checks
+them, builds the graph (`evaluate_pipeline(p, *, ...)`) and runs it; experiments and benchmarks call
+`evaluate_memory`. `evaluation.vote_report.write_evaluation_report(output)` writes the report after it ran.
 
 Pruned memories: a soft-pruned version (``vmem prune --mode soft``) carries entry weights; every
 neighbour then carries its weight (``neighbor_entry_weights`` in the JSONL), ``accuracy`` / ``best`` in
@@ -40,7 +41,7 @@ import argparse
 import dataclasses
 import json
 import logging
-from typing import Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import apache_beam as beam
 
@@ -55,7 +56,7 @@ from pipelines import rerank_args
 from pipelines.build import is_precomputed, precomputed_identity, read_precomputed
 from pipelines.io.readers import ImageSource, ReadImages, parse_image_spec
 from pipelines.records import EmbeddedImage, EvaluationSummary, NeighborRecord
-from pipelines.runner import FlagError, with_default_runner
+from pipelines.runner import BeamOptions, FlagError, resolve_pipeline_options
 from pipelines.stages import rerank as rerank_stage
 from pipelines.stages.embed import DecodeImages, EmbedImages, check_same_identity, memory_encoder_spec
 # The search stages live in pipelines.stages.search_shards; these names stay importable from here (tests).
@@ -63,11 +64,15 @@ from pipelines.stages.search_shards import (BatchNeighbors, MergeNeighbors, Quer
                                             SearchShards)
 from pipelines.stages.write import WriteDeadLetters
 
+if TYPE_CHECKING:
+    from encoders.base import EncoderSpec
+    from pipelines.io.embedding_sources import EmbeddingSource
+
 _LOG = logging.getLogger("visual_memory")
 NEIGHBORS_PREFIX = "neighbors"
 
 __all__ = ["EvaluationError", "RerankOptions", "WriteNeighbors", "build_arg_parser", "check_query_counts",
-           "check_query_identity", "evaluate_pipeline", "run", "to_record"]
+           "check_query_identity", "evaluate_memory", "evaluate_pipeline", "run", "selection_report", "to_record"]
 
 
 class EvaluationError(RuntimeError):
@@ -181,6 +186,12 @@ class RerankOptions:
     top_n: int
     dry_run: bool = False
 
+    def report_info(self) -> dict:
+        """What the report records about the re-rank configuration (no secrets)."""
+        return {"reranker": self.spec.text, "below": self.below, "top_n": self.top_n, "rule": self.rule.value,
+                "k": self.k, "dry_run": bool(self.dry_run),
+                "options": {k: v for k, v in self.spec.options if k != "api_key"}}
+
 
 def _source_info(source) -> dict:
     return {"images" if isinstance(source, ImageSource) else "embeddings": source.to_dict()}
@@ -215,7 +226,7 @@ def evaluate_pipeline(p: beam.Pipeline, *, root: str, manifest: Manifest, source
       crowding: At most C voters per group.
       rerank: The re-rank stage's settings, or None.
       pixel_baseline: K of the raw-pixel kNN baseline the report adds (the summary then lists every query's uri).
-      extra: What the report records about the filters, crowding and re-ranking (`rerank_args.report_extra`).
+      extra: What the report records about the filters, crowding and re-ranking (`selection_report`).
 
     Raises:
       EvaluationError: the memory cannot answer these queries: routing options on a hash-sharded memory, an
@@ -368,13 +379,24 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def selection_report(*, default_filter: QueryFilter | None = None, query_filters: Mapping[str, dict] | None = None,
+                     filters_file: str | None = None, crowding: Crowding | None = None,
+                     rerank: RerankOptions | None = None) -> dict:
+    """The evaluation report's record of the filters, crowding and re-ranking it ran with."""
+    extra: dict[str, Any] = {}
+    if default_filter is not None or query_filters:
+        extra["filter"] = {"default": None if default_filter is None else default_filter.to_dict(),
+                           "per_query_file": filters_file, "per_query": len(query_filters or {})}
+    if crowding is not None:
+        extra["crowding"] = crowding.to_dict()
+    if rerank is not None:
+        extra["rerank"] = rerank.report_info()
+    return extra
+
+
 def _rerank_options(args: argparse.Namespace, spec: rerank_args.RerankSpec | None) -> RerankOptions | None:
     if spec is None:
         return None
-    for flag, value in (("--rerank-top-n", args.rerank_top_n), ("--rerank-k", args.rerank_k)):
-        if not 1 <= value <= args.k_max:
-            raise FlagError(f"{flag} {value} must be in [1, --k-max {args.k_max}]: the job retrieves k-max "
-                            f"neighbours; raise --k-max or lower {flag}.")
     try:
         rule = VotingRule.parse(args.rerank_rule)
     except ValueError as e:
@@ -383,70 +405,127 @@ def _rerank_options(args: argparse.Namespace, spec: rerank_args.RerankSpec | Non
                          dry_run=args.rerank_dry_run)
 
 
+def _check_options(*, source, encoder_id: str | None, k_max: int, search_threads: int | None,
+                   route_probes: int | None, route_ratio: float | None, rerank: RerankOptions | None) -> None:
+    for flag, value in (("--k-max", k_max), ("--search-threads", search_threads), ("--route-probes", route_probes)):
+        if value is not None and value < 1:
+            raise FlagError(f"{flag} must be >= 1, got {value}.")
+    if route_ratio is not None:
+        if route_probes is not None:
+            raise FlagError(f"--route-probes {route_probes} and --route-ratio {route_ratio} are two routing rules; "
+                            "pass one.")
+        try:
+            check_route_ratio(route_ratio)
+        except ValueError as e:
+            raise FlagError(f"--route-ratio: {e}") from None
+    if isinstance(source, ImageSource) and encoder_id:
+        raise FlagError("--encoder-id applies to --embeddings only; image queries are embedded with the memory's "
+                        "own encoder.")
+    if rerank is not None:
+        for flag, value in (("--rerank-top-n", rerank.top_n), ("--rerank-k", rerank.k)):
+            if not 1 <= value <= k_max:
+                raise FlagError(f"{flag} {value} must be in [1, --k-max {k_max}]: the job retrieves k-max "
+                                f"neighbours; raise --k-max or lower {flag}.")
+
+
+def evaluate_memory(*, memory: str, source: ImageSource | EmbeddingSource, output: str,
+                    encoder_id: str | None = None, version: int | None = None, k_max: int = 100,
+                    params: VotingParams = VotingParams(), query_batch: int = 256, search_threads: int | None = None,
+                    route_probes: int | None = None, route_ratio: float | None = None,
+                    default_filter: QueryFilter | None = None, filters_file: str | None = None,
+                    crowding: Crowding | None = None, rerank: RerankOptions | None = None,
+                    pixel_baseline: int | None = None, query_encoder: EncoderSpec | None = None,
+                    pipeline_options: BeamOptions = None, test_pipeline: Optional[beam.Pipeline] = None
+                    ) -> beam.runners.runner.PipelineResult:
+    """Evaluates ``source``'s queries against ``memory``: checks the arguments, builds the graph, runs it.
+
+    Writes the neighbour files and ``evaluation-summary.json`` into ``output``; the report is
+    `evaluation.vote_report.write_evaluation_report`'s (``vmem evaluate`` runs both).
+
+    Args:
+      memory: A built memory (local or gs://).
+      source: Held-out queries: an ImageSource (`parse_image_spec`; embedded with the memory's own encoder) or,
+        for a memory built from precomputed embeddings, an EmbeddingSource of embeddings of ``encoder_id``.
+      output: Directory of the neighbour files, dead letters, re-rank records and the summary.
+      encoder_id: With an EmbeddingSource: the encoder that computed the embeddings; must be the memory's.
+      version: Evaluate this pinned version (None: the latest).
+      k_max: Neighbours retrieved per query.
+      params: Voting parameters of the report (and of the re-rank stage's vote).
+      query_batch: Queries per shard search call.
+      search_threads: Threads a worker searches a shard's batches on (None: its cores, at most 4).
+      route_probes: Partition-routed memories: router centroids each query searches.
+      route_ratio: Partition-routed memories: distance-ratio routing instead of probes.
+      default_filter: Only entries it admits may vote, for every query.
+      filters_file: Per-query filters, a JSONL file (`rerank_args.load_query_filters`).
+      crowding: At most C voters per group.
+      rerank: The re-rank stage's settings, or None.
+      pixel_baseline: K of the raw-pixel kNN baseline the report adds.
+      query_encoder: With an ImageSource: the encoder the caller means the queries to be embedded with
+        (``--config``'s); refused unless it is the memory's.
+      pipeline_options: Runner settings: Beam flags or a PipelineOptions (`pipelines.runner.BeamOptions`;
+        default: one in-process worker).
+      test_pipeline: Build the graph on this pipeline instead of one made from ``pipeline_options``.
+
+    Raises:
+      FlagError: a bad value or combination (before anything is read).
+      EvaluationError: the memory cannot answer these queries, or the books do not balance.
+    """
+    _check_options(source=source, encoder_id=encoder_id, k_max=k_max, search_threads=search_threads,
+                   route_probes=route_probes, route_ratio=route_ratio, rerank=rerank)
+    options = resolve_pipeline_options(pipeline_options)
+    query_filters = rerank_args.load_query_filters(filters_file) if filters_file else None
+    root = memory.rstrip("/")
+    manifest = read_manifest(root, version=version)
+    if isinstance(source, ImageSource) and query_encoder is not None and not is_precomputed(manifest.encoder):
+        encoder = memory_encoder_spec(manifest)
+        if query_encoder.to_dict() != encoder.to_dict():
+            raise EvaluationError(
+                f"--config selects encoder {query_encoder.to_dict()} but memory {root} was built with "
+                f"{encoder.to_dict()}; queries must use the memory's encoder. Drop --config.")
+    p = test_pipeline or beam.Pipeline(options=options)
+    evaluate_pipeline(p, root=root, manifest=manifest, source=source, output=output, encoder_id=encoder_id,
+                      version=version, k_max=k_max, params=params, query_batch=query_batch,
+                      search_threads=search_threads, route_probes=route_probes, route_ratio=route_ratio,
+                      default_filter=default_filter, query_filters=query_filters, crowding=crowding, rerank=rerank,
+                      pixel_baseline=pixel_baseline,
+                      extra=selection_report(default_filter=default_filter, query_filters=query_filters,
+                                             filters_file=filters_file, crowding=crowding, rerank=rerank))
+    storage.makedirs(output)
+    # An earlier run's summary would list its neighbour files; only this run's may be read after it.
+    storage.remove_tree(storage.join(output, EvaluationSummary.FILE_NAME))
+    result = p.run()
+    result.wait_until_finish()
+    return result
+
+
 def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipeline] = None
         ) -> beam.runners.runner.PipelineResult:
-    """Parses ``argv`` (evaluate flags + Beam flags), builds the graph and runs it to completion.
-
-    Writes the neighbour files and ``evaluation-summary.json``; the report is
-    `evaluation.vote_report.write_evaluation_report`'s (``vmem evaluate`` runs both).
+    """Parses ``argv`` (evaluate flags + Beam flags) and runs `evaluate_memory` with them.
 
     Raises:
       FlagError: a bad flag value or combination (before anything is read).
       EvaluationError: the memory cannot answer these queries, or the books do not balance.
     """
-    from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
     from configs.build import load_config  # pylint: disable=g-import-not-at-top
 
     args, beam_args = build_arg_parser().parse_known_args(argv)
-    for flag, value in (("--k-max", args.k_max), ("--search-threads", args.search_threads),
-                        ("--route-probes", args.route_probes)):
-        if value is not None and value < 1:
-            raise FlagError(f"{flag} must be >= 1, got {value}.")
-    if args.route_ratio is not None:
-        if args.route_probes is not None:
-            raise FlagError(f"--route-probes {args.route_probes} and --route-ratio {args.route_ratio} are two "
-                            "routing rules; pass one.")
-        try:
-            check_route_ratio(args.route_ratio)
-        except ValueError as e:
-            raise FlagError(f"--route-ratio: {e}") from None
-    if args.images is not None and args.encoder_id:
-        raise FlagError("--encoder-id applies to --embeddings only; image queries are embedded with the memory's "
-                        "own encoder.")
     try:
         params = VotingParams(softmax_tau=args.tau, rank_alpha=args.alpha)
         default_filter, crowding = rerank_args.selection_from_args(args)
         spec = rerank_args.rerank_spec_from_args(args)
     except ValueError as e:
         raise FlagError(str(e)) from None
-    rerank = _rerank_options(args, spec)
-    beam_args = with_default_runner(beam_args)
-    query_filters = rerank_args.load_query_filters(args.filters) if args.filters else None
-
-    root = args.memory.rstrip("/")
-    manifest = read_manifest(root, version=args.version)
+    query_encoder = None
     if args.embeddings is not None:
         from pipelines.io.embedding_sources import parse_embeddings_spec  # pylint: disable=g-import-not-at-top
         source = parse_embeddings_spec(args.embeddings)
     else:
-        if args.config and not is_precomputed(manifest.encoder):
-            requested, encoder = load_config(args.config).encoder, memory_encoder_spec(manifest)
-            if requested.to_dict() != encoder.to_dict():
-                raise EvaluationError(
-                    f"--config {args.config!r} selects encoder {requested.to_dict()} but memory {root} was built "
-                    f"with {encoder.to_dict()}; queries must use the memory's encoder. Drop --config.")
         source = parse_image_spec(args.images)
-    p = test_pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
-    evaluate_pipeline(p, root=root, manifest=manifest, source=source, output=args.output,
-                      encoder_id=args.encoder_id, version=args.version, k_max=args.k_max, params=params,
-                      query_batch=args.query_batch, search_threads=args.search_threads,
-                      route_probes=args.route_probes, route_ratio=args.route_ratio, default_filter=default_filter,
-                      query_filters=query_filters, crowding=crowding, rerank=rerank,
-                      pixel_baseline=args.pixel_baseline,
-                      extra=rerank_args.report_extra(args, default_filter, query_filters, crowding, spec))
-    storage.makedirs(args.output)
-    # An earlier run's summary would list its neighbour files; only this run's may be read after it.
-    storage.remove_tree(storage.join(args.output, EvaluationSummary.FILE_NAME))
-    result = p.run()
-    result.wait_until_finish()
-    return result
+        if args.config:
+            query_encoder = load_config(args.config).encoder
+    return evaluate_memory(memory=args.memory, source=source, output=args.output, encoder_id=args.encoder_id,
+                           version=args.version, k_max=args.k_max, params=params, query_batch=args.query_batch,
+                           search_threads=args.search_threads, route_probes=args.route_probes,
+                           route_ratio=args.route_ratio, default_filter=default_filter, filters_file=args.filters,
+                           crowding=crowding, rerank=_rerank_options(args, spec), pixel_baseline=args.pixel_baseline,
+                           query_encoder=query_encoder, pipeline_options=beam_args, test_pipeline=test_pipeline)

@@ -35,8 +35,9 @@ to its v histogram and the ids it selects, and only those reach the final step, 
 The publish is exclusive on version n: if the memory moved on meanwhile, the job fails and publishes
 nothing (re-run it). A retried final step that finds its own change already published as n + 1 accepts it.
 
-Python: ``run(argv)`` parses the flags into `prune_pipeline(p, *, ...)`; ``vmem prune`` (vmem/prune.py) runs
-it and prints the summary.
+Python: ``run(argv)`` parses the flags into `prune_memory(*, memory, mode, ...)`, which checks them, builds
+the graph (`prune_pipeline(p, *, ...)`) and runs it; experiments call `prune_memory`. ``vmem prune``
+(vmem/prune.py) runs the job and prints the summary.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ from memory.store.manifest import Manifest
 from memory.store.versions import read_manifest
 from memory.search.shard_search import load_forgotten, searchable_shards
 from memory.store.sharding import shard_for_id
-from pipelines.runner import FlagError, with_default_runner
+from pipelines.runner import BeamOptions, FlagError, resolve_pipeline_options
 from pipelines.stages.search_shards import MergeNeighbors, QueryNeighbors, SearchShards
 from pipelines.records import EmbeddedImage
 
@@ -65,8 +66,8 @@ _LOG = logging.getLogger("visual_memory")
 _NAMESPACE = "visual_memory"
 
 __all__ = ["BucketCounts", "CountMislabelledHits", "DecidePerBucket", "PruneOutcome", "ReadMemoryEntries",
-           "build_arg_parser", "check_args", "counts_dir", "prune_pipeline", "read_bucket_counts", "run",
-           "summary_of_value_counts"]
+           "build_arg_parser", "check_args", "check_prune_options", "counts_dir", "prune_memory", "prune_pipeline",
+           "read_bucket_counts", "run", "summary_of_value_counts"]
 # Entries per id-hash bucket of counts by default: a bucket's ids and counts are a few tens of MB.
 ENTRIES_PER_COUNT_BUCKET = 1_000_000
 
@@ -382,22 +383,29 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_args(args: argparse.Namespace) -> Optional[pruning.PruningMode]:
-    """The pruning mode the flags ask for (None: --counts-only); FlagError naming a bad flag."""
-    if args.k < 1:
-        raise FlagError(f"--k must be >= 1, got {args.k}.")
-    if args.count_buckets is not None and args.count_buckets < 1:
-        raise FlagError(f"--count-buckets must be >= 1, got {args.count_buckets}.")
-    if args.mode is None:
-        if not args.counts_only:
+def check_prune_options(*, mode: Optional[pruning.PruningMode], threshold: Optional[int], k: int,
+                        counts_only: bool, count_buckets: Optional[int]) -> None:
+    """Refuses a bad pruning request before the memory is read; FlagError naming the flag and the fix."""
+    if k < 1:
+        raise FlagError(f"--k must be >= 1, got {k}.")
+    if count_buckets is not None and count_buckets < 1:
+        raise FlagError(f"--count-buckets must be >= 1, got {count_buckets}.")
+    if mode is None:
+        if not counts_only:
             raise FlagError("choose --mode hard --threshold T or --mode soft (or --counts-only to only count).")
-        return None
-    mode = pruning.PruningMode.parse(args.mode)
-    if mode is pruning.PruningMode.HARD and (args.threshold is None or args.threshold < 1):
+        return
+    if mode is pruning.PruningMode.HARD and (threshold is None or threshold < 1):
         raise FlagError(f"--mode hard needs --threshold T >= 1 (entries with v >= T are forgotten), got "
-                         f"{args.threshold!r}; see the v histogram from --counts-only to pick T.")
-    if mode is pruning.PruningMode.SOFT and args.threshold is not None:
+                         f"{threshold!r}; see the v histogram from --counts-only to pick T.")
+    if mode is pruning.PruningMode.SOFT and threshold is not None:
         raise FlagError("--threshold applies to --mode hard only; soft pruning weights every entry with v >= 1.")
+
+
+def check_args(args: argparse.Namespace) -> Optional[pruning.PruningMode]:
+    """The pruning mode the flags ask for (None: --counts-only) after `check_prune_options`."""
+    mode = None if args.mode is None else pruning.PruningMode.parse(args.mode)
+    check_prune_options(mode=mode, threshold=args.threshold, k=args.k, counts_only=args.counts_only,
+                        count_buckets=args.count_buckets)
     return mode
 
 
@@ -432,26 +440,52 @@ def prune_pipeline(p: beam.Pipeline, *, root: str, manifest: Manifest, mode: Opt
              bucket_counts=beam.pvalue.AsList(decided), entries_read=beam.pvalue.AsSingleton(entries_read)))
 
 
-def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipeline] = None
-        ) -> beam.runners.runner.PipelineResult:
-    """Parses flags, builds the pruning graph on the latest version and runs it to completion.
+def prune_memory(*, memory: str, mode: Optional[pruning.PruningMode], threshold: Optional[int] = None,
+                 k: int = pruning.PAPER_K, counts_only: bool = False, query_batch: int = 256,
+                 count_buckets: Optional[int] = None, pipeline_options: BeamOptions = None,
+                 test_pipeline: Optional[beam.Pipeline] = None) -> beam.runners.runner.PipelineResult:
+    """Prunes the latest version of ``memory``: checks the arguments, builds the graph, runs it to completion.
 
     The summary (``pruning.summary_path(root, n)``) says what was published.
+
+    Args:
+      memory: A built memory (local or gs://); its latest version n is pruned.
+      mode: Hard (forget entries with v >= ``threshold``) or soft (weights 1.75/(1+v) for v >= 1); None
+        only with ``counts_only``.
+      threshold: Hard pruning: entries with v >= threshold are forgotten.
+      k: Neighbours per self-query after leaving the entry out.
+      counts_only: Write the counts and the summary, publish nothing.
+      query_batch: Self-queries per shard search call.
+      count_buckets: Id-hash buckets of the counts (None: one per ENTRIES_PER_COUNT_BUCKET entries).
+      pipeline_options: Runner settings: Beam flags or a PipelineOptions (`pipelines.runner.BeamOptions`;
+        default: one in-process worker).
+      test_pipeline: Build the graph on this pipeline instead of one made from ``pipeline_options``.
+
+    Raises:
+      FlagError: a bad value or combination (`check_prune_options`).
+      ConcurrentUpdateError: the memory moved on meanwhile; nothing was published.
+    """
+    check_prune_options(mode=mode, threshold=threshold, k=k, counts_only=counts_only, count_buckets=count_buckets)
+    options = resolve_pipeline_options(pipeline_options)
+    root = memory.rstrip("/")
+    manifest = read_manifest(root)  # Version n, read once: everything below is computed on it.
+    p = test_pipeline or beam.Pipeline(options=options)
+    prune_pipeline(p, root=root, manifest=manifest, mode=mode, k=k, threshold=threshold, counts_only=counts_only,
+                   query_batch=query_batch, count_buckets=count_buckets)
+    result = p.run()
+    result.wait_until_finish()
+    return result
+
+
+def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipeline] = None
+        ) -> beam.runners.runner.PipelineResult:
+    """Parses ``argv`` (prune flags + Beam flags) and runs `prune_memory` with them.
 
     Raises:
       FlagError: a bad flag value or combination.
       ConcurrentUpdateError: the memory moved on meanwhile; nothing was published.
     """
-    from apache_beam.options.pipeline_options import PipelineOptions
-
     args, beam_args = build_arg_parser().parse_known_args(argv)
-    mode = check_args(args)
-    beam_args = with_default_runner(beam_args)
-    root = args.memory.rstrip("/")
-    manifest = read_manifest(root)  # Version n, read once: everything below is computed on it.
-    p = test_pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
-    prune_pipeline(p, root=root, manifest=manifest, mode=mode, k=args.k, threshold=args.threshold,
-                   counts_only=args.counts_only, query_batch=args.query_batch, count_buckets=args.count_buckets)
-    result = p.run()
-    result.wait_until_finish()
-    return result
+    return prune_memory(memory=args.memory, mode=check_args(args), threshold=args.threshold, k=args.k,
+                        counts_only=args.counts_only, query_batch=args.query_batch, count_buckets=args.count_buckets,
+                        pipeline_options=beam_args, test_pipeline=test_pipeline)

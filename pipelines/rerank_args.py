@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
-
 
 from memory import storage
 from memory.rerank import RerankFlags, RerankSpec, parse_rerank_spec, rerank_help
@@ -86,27 +84,6 @@ def rerank_spec_from_args(args) -> RerankSpec | None:
     if not args.rerank_dry_run:
         spec.build()  # Validates the configuration now (no client is created, no model loaded).
     return spec
-
-
-def report_extra(args, default_filter: QueryFilter | None, query_filters: dict | None, crowding: Crowding | None,
-                 spec: RerankSpec | None) -> dict:
-    """The evaluation report's record of the filters, crowding and re-ranking it ran with."""
-    extra: dict[str, Any] = {}
-    if default_filter is not None or query_filters:
-        extra["filter"] = {"default": None if default_filter is None else default_filter.to_dict(),
-                           "per_query_file": args.filters, "per_query": len(query_filters or {})}
-    if crowding is not None:
-        extra["crowding"] = crowding.to_dict()
-    if spec is not None:
-        extra["rerank"] = rerank_info(spec, args)
-    return extra
-
-
-def rerank_info(spec: RerankSpec, args) -> dict:
-    """What the report records about the re-rank configuration (no secrets)."""
-    return {"reranker": spec.text, "below": args.rerank_below, "top_n": args.rerank_top_n,
-            "rule": args.rerank_rule, "k": args.rerank_k, "dry_run": bool(args.rerank_dry_run),
-            "options": {k: v for k, v in spec.options if k != "api_key"}}
 
 
 def load_query_filters(path: str) -> dict[str, dict]:

@@ -1,10 +1,13 @@
-"""What every job shares at launch: its flag-error type and runner defaults (no Beam or TensorFlow import:
-launchers stay quick)."""
+"""What every job shares at launch: its flag-error type and runner defaults (Beam is imported only when a
+job resolves its PipelineOptions, TensorFlow never: launchers stay quick)."""
 
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence, Union
+
+if TYPE_CHECKING:
+    from apache_beam.options.pipeline_options import PipelineOptions
 
 # Beam 2.77's FnApiRunner in --direct_running_mode=multi_threading corrupts data between stages when
 # several worker threads run bundles of large elements at once: measured here, `vmem evaluate` on 3,000
@@ -14,12 +17,18 @@ from typing import Sequence
 # runner's coder. The same pipeline is correct in in_memory and multi_processing modes, so those are the
 # only modes we use or recommend.
 _UNSAFE_MODE = "multi_threading"
+DEFAULT_RUNNER = "FnApiRunner"
+
+# What a job's typed entry point (`pipelines.build.build_memory`, ...) takes as runner settings: Beam flags
+# (``["--runner=DataflowRunner", "--project=P", ...]``), a PipelineOptions, or None (the defaults).
+BeamOptions = Union["PipelineOptions", Sequence[str], None]
 
 
 class FlagError(ValueError):
     """A job flag has a bad value, or two flags exclude each other; the message names the flag and the fix.
 
-    Raised while a job's ``run`` parses its flags, before anything is read or written. The ``vmem`` commands
+    Raised while a job's ``run`` parses its flags, or its typed entry point (`pipelines.build.build_memory`,
+    ...) checks its arguments, before anything is read or written. The ``vmem`` commands
     report it as a usage error (exit status 2); every other exception of a job is a runtime failure.
     """
 
@@ -52,17 +61,46 @@ def with_default_runner(beam_args: Sequence[str]) -> list[str]:
         corrupts elements in this Beam version (see the comment above); the message names the safe modes.
     """
     args = list(beam_args)
-    mode = _flag_value(args, "--direct_running_mode")
-    workers = _flag_value(args, "--direct_num_workers")
-    if mode == _UNSAFE_MODE and workers not in (None, "1"):
+    _check_running_mode(_flag_value(args, "--direct_running_mode"), _flag_value(args, "--direct_num_workers"))
+    if not _has_flag(args, "--runner"):
+        args.append(f"--runner={DEFAULT_RUNNER}")
+    return args
+
+
+def _check_running_mode(mode: str | None, workers: str | int | None) -> None:
+    if mode == _UNSAFE_MODE and workers not in (None, 1, "1"):
         raise FlagError(
             f"--direct_running_mode={_UNSAFE_MODE} with --direct_num_workers={workers} is refused: Beam 2.77's "
             "multi-threaded local runner loses or corrupts elements between stages of these jobs (measured). "
             "Use --direct_running_mode=multi_processing --direct_num_workers=N for N worker processes, or "
             "leave both flags out (one in-process worker).")
-    if not _has_flag(args, "--runner"):
-        args.append("--runner=FnApiRunner")
-    return args
+
+
+def resolve_pipeline_options(options: BeamOptions = None) -> PipelineOptions:
+    """A job's PipelineOptions: the runner settings with `with_default_runner`'s default and refusal.
+
+    Args:
+      options: Beam flags (``["--runner=DataflowRunner", "--project=P", ...]``), a PipelineOptions, or None
+        (no flags). A PipelineOptions without a runner gets FnApiRunner set on it, as flags without
+        ``--runner`` get ``--runner=FnApiRunner``.
+
+    Raises:
+      FlagError: the multi-threaded local runner with more than one worker (see `with_default_runner`).
+      TypeError: a single string instead of a sequence of flags.
+    """
+    # pylint: disable-next=g-import-not-at-top
+    from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+    if isinstance(options, str):
+        raise TypeError(f"pipeline_options {options!r}: pass a list of Beam flags (e.g. {options.split()!r}) or a "
+                        "PipelineOptions, not one string.")
+    if not isinstance(options, PipelineOptions):
+        return PipelineOptions(with_default_runner(options or ()))
+    direct = options.view_as(DirectOptions)
+    _check_running_mode(direct.direct_running_mode, direct.direct_num_workers)
+    standard = options.view_as(StandardOptions)
+    if standard.runner is None:
+        standard.runner = DEFAULT_RUNNER
+    return options
 
 
 def worker_pool_threads() -> int:

@@ -39,10 +39,13 @@ def main(argv=None) -> int:
 
     from encoders import load_encoder, resolve_preprocess
     from encoders.base import EncoderSpec
+    from configs.build import load_config
     from encoders.preprocess import decode_and_preprocess
     from evaluation.datasets import prepare_fashion_mnist
     from evaluation.vote_report import write_evaluation_report
-    from pipelines import build, evaluate
+    from pipelines.build import build_memory
+    from pipelines.evaluate import evaluate_memory
+    from pipelines.io.readers import parse_image_spec
 
     from evaluation.benchmarks.machine import describe as describe_machine  # pylint: disable=g-import-not-at-top
     print(describe_machine(), flush=True)
@@ -75,11 +78,12 @@ def main(argv=None) -> int:
     del pixels, batch, encoder
 
     out = os.path.join(work, "memory")
+    config = load_config(None).replace(num_shards=args.shards)
     job_s = float("inf")
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        build.run(["--images", train, "--output", out, "--shards", str(args.shards), "--overwrite",
-                   *args.beam_args.split()])
+        build_memory(source=parse_image_spec(train), output=out, config=config, overwrite=True,
+                     pipeline_options=args.beam_args.split())
         job_s = min(job_s, time.perf_counter() - t0)
 
     test = os.path.join(work, "test")
@@ -87,8 +91,8 @@ def main(argv=None) -> int:
     eval_s = float("inf")
     for i in range(args.repeats):
         t0 = time.perf_counter()
-        evaluate.run(["--memory", out, "--images", test, "--output", os.path.join(work, f"eval-{i}"), "--k-max",
-                      "100", *args.beam_args.split()])
+        evaluate_memory(memory=out, source=parse_image_spec(test), output=os.path.join(work, f"eval-{i}"), k_max=100,
+                        pipeline_options=args.beam_args.split())
         write_evaluation_report(os.path.join(work, f"eval-{i}"))  # What `vmem evaluate` does after the job.
         eval_s = min(eval_s, time.perf_counter() - t0)
 

@@ -29,23 +29,40 @@ import platform
 import shutil
 import sys
 import time
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from memory.rerank.base import RerankRecord
+from memory.search.filters import Crowding
+
+if TYPE_CHECKING:
+    from pipelines.evaluate import RerankOptions
 
 RULE, K = "rank", 10
 
 
-def _evaluate(memory: str, images: str, out: str, *extra: str) -> tuple[dict, float]:
+def _evaluate(memory: str, images: str, out: str, *, rerank: RerankOptions | None = None,
+              crowding: Crowding | None = None) -> tuple[dict, float]:
+    """``vmem evaluate --k-max 20`` (the job, then the report), optionally re-ranking or crowding."""
     from evaluation.vote_report import write_evaluation_report  # pylint: disable=g-import-not-at-top
-    from pipelines import evaluate  # pylint: disable=g-import-not-at-top
+    from pipelines.evaluate import evaluate_memory  # pylint: disable=g-import-not-at-top
+    from pipelines.io.readers import parse_image_spec  # pylint: disable=g-import-not-at-top
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    evaluate.run(["--memory", memory, "--images", images, "--output", out, "--k-max", "20", *extra])
+    evaluate_memory(memory=memory, source=parse_image_spec(images), output=out, k_max=20, rerank=rerank,
+                    crowding=crowding)
     report = write_evaluation_report(out)
     return report, time.perf_counter() - start
+
+
+def _rerank(args, *, weight: float, below: float) -> RerankOptions:
+    """``--rerank encoder:ENCODER --rerank-below BELOW --rerank-top-n N --rerank-weight W`` (rank@10 vote)."""
+    from memory.decide.voting import VotingRule  # pylint: disable=g-import-not-at-top
+    from memory.rerank import RerankFlags, RerankSpec  # pylint: disable=g-import-not-at-top
+    from pipelines.evaluate import RerankOptions  # pylint: disable=g-import-not-at-top
+    spec = RerankSpec.from_flags("encoder", args.encoder, RerankFlags(weight=weight))
+    return RerankOptions(spec=spec, rule=VotingRule(RULE), k=K, below=below, top_n=args.top_n)
 
 
 def rerank_rows(out: str) -> list[RerankRecord]:
@@ -83,8 +100,7 @@ def run(args) -> dict[str, Any]:
     series = {}
     for w in args.weights if args.part in ("all", "rerank") else ():
         out = os.path.join(args.output, f"eval-rerank-w{w:g}")
-        rep, secs = _evaluate(args.memory, args.images, out, "--rerank", f"encoder:{args.encoder}",
-                              "--rerank-below", "1.01", "--rerank-top-n", str(args.top_n), "--rerank-weight", str(w))
+        rep, secs = _evaluate(args.memory, args.images, out, rerank=_rerank(args, weight=w, below=1.01))
         rows = rerank_rows(out)
         gates, frac, acc = curve(rows)
         summary = rep["extra"]["rerank"]
@@ -115,8 +131,7 @@ def _check(args, results: dict, base_s: float, series: dict, plain: float) -> No
     rows0 = rerank_rows(os.path.join(args.output, f"eval-rerank-w{w0:g}"))
     gate = _gate_for_fraction(rows0, args.check_fraction)
     check, check_s = _evaluate(args.memory, args.images, os.path.join(args.output, "eval-rerank-check"),
-                               "--rerank", f"encoder:{args.encoder}", "--rerank-below", f"{gate!r}",
-                               "--rerank-top-n", str(args.top_n), "--rerank-weight", str(w0))
+                               rerank=_rerank(args, weight=w0, below=gate))
     gates, frac, acc = curve(rows0)
     predicted = float(acc[int(np.searchsorted(gates, gate))])
     got = check["extra"]["rerank"]
@@ -147,7 +162,7 @@ def _crowding(args, results: dict, plain: float) -> None:
         sizes = np.unique(groups, return_counts=True)[1]
         for c in args.crowding:
             rep, secs = _evaluate(copy, args.images, os.path.join(args.output, f"eval-crowd-{c}-{d:g}"),
-                                  "--crowding", f"{c}:meta:{column}")
+                                  crowding=Crowding.parse(f"{c}:meta:{column}"))
             best_rank = max(rep["accuracy"][RULE].values())
             results["crowding"][f"{c}:{column}"] = {"accuracy_rank10": 100 * rep["accuracy"][RULE][str(K)],
                                                     "best_rank": 100 * best_rank, "seconds": secs,

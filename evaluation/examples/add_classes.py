@@ -84,8 +84,9 @@ def split_classes(root: str, out: str, hold_out: Sequence[str]) -> dict[str, str
 def _evaluate(memory: str, images: str, output: str, k: int) -> None:
     """``vmem evaluate``: the job, then the report from its neighbour files."""
     from evaluation.vote_report import write_evaluation_report
-    from pipelines import evaluate
-    evaluate.run(["--memory", memory, "--images", images, "--output", output, "--k-max", str(k)])
+    from pipelines.evaluate import evaluate_memory
+    from pipelines.io.readers import parse_image_spec
+    evaluate_memory(memory=memory, source=parse_image_spec(images), output=output, k_max=k)
     write_evaluation_report(output)
 
 
@@ -111,8 +112,11 @@ def _queries_meeting_new_entries(eval_dir: str, num_old_classes: int) -> tuple[i
 def run_example(*, out: str, per_class: int, test_per_class: int, hold_out: Sequence[str], config: str,
                 k: int = 10, shards: int = 4) -> Summary:
     """Runs the whole flow into ``out`` (replacing an earlier run there) and returns the figures."""
+    from configs.build import load_config
     from memory.store.versions import read_version
-    from pipelines import add, build
+    from pipelines.add import add_to_memory
+    from pipelines.build import build_memory
+    from pipelines.io.readers import parse_image_spec
 
     unknown = sorted(set(hold_out) - set(FASHION_MNIST_CLASSES))
     if unknown or not hold_out or len(set(hold_out)) == len(FASHION_MNIST_CLASSES):
@@ -135,14 +139,14 @@ def run_example(*, out: str, per_class: int, test_per_class: int, hold_out: Sequ
         f"vmem evaluate --memory {memory} --images {dirs['test_new']} --output {evals['eval_new_after']} --k-max {k}",
     )
     t = time.monotonic()
-    build.run(["--images", dirs["train_old"], "--output", memory, "--config", config, "--shards", str(shards),
-               "--overwrite"])
+    build_memory(source=parse_image_spec(dirs["train_old"]), output=memory,
+                 config=load_config(config).replace(num_shards=shards), overwrite=True)
     seconds["build"] = time.monotonic() - t
     t = time.monotonic()
     _evaluate(memory, dirs["test_old"], evals["eval_old_before"], k)
     seconds["evaluate_before"] = time.monotonic() - t
     t = time.monotonic()
-    _, plan = add.launch(["--memory", memory, "--images", dirs["train_new"]])
+    _, plan = add_to_memory(memory=memory, source=parse_image_spec(dirs["train_new"]))
     seconds["add"] = time.monotonic() - t
     t = time.monotonic()
     _evaluate(memory, dirs["test_old"], evals["eval_old_after"], k)

@@ -22,6 +22,7 @@ from evaluation.experiments.common import check_equivalent, compare_neighbor_lis
     read_neighbors, revote, rule_summary, table_from_report, write_report
 from evaluation.experiments.label_noise import noisy_labels
 from evaluation.experiments.workspace import Workspace
+from memory.decide.pruning import PruningMode
 
 NAME = "pruning"
 LEVELS = (0, 20, 40)
@@ -42,7 +43,7 @@ def _level(ws: Workspace, percent: int, *, threshold: int, prune_k: int, verify:
     none_report, none_dir = ws.evaluate(memory, ws.split_spec("test"), f"prune-{percent}-none")
     records = read_neighbors(none_dir)
     none = revote(records, k_max=s.k_max)
-    ws.prune(memory, "--mode", "soft", "--k", str(prune_k))
+    ws.prune(memory, mode=PruningMode.SOFT, k=prune_k)
     soft_version = read_manifest(memory)
     # No entry outvoted even once: the soft prune publishes no weights, and every entry weighs 1.
     ids, weights = read_entry_weights(memory, soft_version) or (np.zeros(0, str), np.zeros(0, np.float32))
@@ -54,7 +55,7 @@ def _level(ws: Workspace, percent: int, *, threshold: int, prune_k: int, verify:
             "re-voting with the soft-pruning weights vs vmem evaluate of the soft-pruned version",
             compare_neighbor_lists(records, read_neighbors(soft_dir)), table_from_report(soft_report), soft.table)
         out["soft_speedup"] = {"revote_seconds": soft.seconds}
-    ws.prune(memory, "--mode", "hard", "--threshold", str(threshold), "--k", str(prune_k))
+    ws.prune(memory, mode=PruningMode.HARD, threshold=threshold, k=prune_k)
     hard_version = read_manifest(memory)
     pruned = set(read_forgotten(memory, hard_version).tolist())
     hard_report, _ = ws.evaluate(memory, ws.split_spec("test"), f"prune-{percent}-hard")

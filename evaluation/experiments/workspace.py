@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from memory.decide.pruning import PruningMode
 from memory.store.blocks import EntryBlock
 from memory.store.export import export_embeddings, read_clip_folder, write_clip_folder
 
@@ -125,9 +126,11 @@ class Workspace:
         if stamp is not None and stamp.get("key") == self.setup.embedding_key():
             self._stamp = stamp
             return stamp
+        from configs.build import load_config  # pylint: disable=g-import-not-at-top
         from evaluation.datasets import prepare_dataset  # pylint: disable=g-import-not-at-top
         from memory.store.versions import read_manifest  # pylint: disable=g-import-not-at-top
-        from pipelines import build  # pylint: disable=g-import-not-at-top
+        from pipelines.build import build_memory  # pylint: disable=g-import-not-at-top
+        from pipelines.io.readers import parse_image_spec  # pylint: disable=g-import-not-at-top
         s = self.setup
         images = self.path("images")
         # PNGs of an earlier, larger setup would otherwise be read as part of this one's splits.
@@ -140,11 +143,12 @@ class Workspace:
         dirs = {"train": os.path.join(images, "train"), "calib": self.path("images-calib", "train"),
                 "test": os.path.join(images, "test")}
         counts = {}
+        config = load_config(s.config).replace(num_shards=1)
         for split in SPLITS:
             memory = self.path("embed", split)
             _LOG.info("embedding the %s split (%s) with the bundled encoder", split, dirs[split])
-            self._timed("embed_images", build.run, ["--images", dirs[split], "--output", memory,
-                                                    "--config", s.config, "--shards", "1", "--overwrite"])
+            self._timed("embed_images", build_memory, source=parse_image_spec(dirs[split]), output=memory,
+                        config=config, overwrite=True)
             counts[split] = export_embeddings(memory, self.path("embeddings", split))
         identity = read_manifest(self.path("embed", "train")).encoder
         stamp = {"key": self.setup.embedding_key(), "counts": counts, "encoder": identity,
@@ -194,31 +198,33 @@ class Workspace:
 
     def build(self, name: str, spec: str, *, shards: int | None = None) -> str:
         """``vmem build --embeddings SPEC`` into ``memories/NAME`` (replacing it); returns the memory root."""
-        from pipelines import build  # pylint: disable=g-import-not-at-top
+        from configs.build import load_config  # pylint: disable=g-import-not-at-top
+        from pipelines.build import build_memory  # pylint: disable=g-import-not-at-top
+        from pipelines.io.embedding_sources import parse_embeddings_spec  # pylint: disable=g-import-not-at-top
         root = self.path("memories", name)
-        self._timed("build", build.run, ["--embeddings", spec, "--encoder-id", self.encoder_id, "--output", root,
-                                         "--shards", str(shards or self.setup.shards), "--overwrite"])
+        config = load_config(None).replace(num_shards=shards or self.setup.shards)
+        self._timed("build", build_memory, source=parse_embeddings_spec(spec), output=root, config=config,
+                    encoder_id=self.encoder_id, overwrite=True)
         return root
 
     def evaluate(self, memory: str, spec: str, name: str, *, version: int | None = None,
                  k_max: int | None = None) -> tuple[dict, str]:
         """``vmem evaluate --embeddings SPEC`` into ``evals/NAME``; returns (report.json, the directory)."""
         from evaluation.vote_report import write_evaluation_report  # pylint: disable=g-import-not-at-top
-        from pipelines import evaluate  # pylint: disable=g-import-not-at-top
+        from pipelines.evaluate import evaluate_memory  # pylint: disable=g-import-not-at-top
+        from pipelines.io.embedding_sources import parse_embeddings_spec  # pylint: disable=g-import-not-at-top
         out = self.path("evals", name)
         shutil.rmtree(out, ignore_errors=True)  # Stale neighbour shards of an earlier run would be read too.
-        argv = ["--memory", memory, "--embeddings", spec, "--encoder-id", self.encoder_id, "--output", out,
-                "--k-max", str(k_max or self.setup.k_max)]
-        if version is not None:
-            argv += ["--version", str(version)]
-        self._timed("evaluate", evaluate.run, argv)
+        self._timed("evaluate", evaluate_memory, memory=memory, source=parse_embeddings_spec(spec), output=out,
+                    encoder_id=self.encoder_id, version=version, k_max=k_max or self.setup.k_max)
         return self._timed("evaluate", write_evaluation_report, out), out
 
     def add(self, memory: str, spec: str) -> int:
         """``vmem add --embeddings SPEC``; returns the new version."""
-        from pipelines import add  # pylint: disable=g-import-not-at-top
-        _, plan = self._timed("add", add.launch, ["--memory", memory, "--embeddings", spec,
-                                                  "--encoder-id", self.encoder_id])
+        from pipelines.add import add_to_memory  # pylint: disable=g-import-not-at-top
+        from pipelines.io.embedding_sources import parse_embeddings_spec  # pylint: disable=g-import-not-at-top
+        _, plan = self._timed("add", add_to_memory, memory=memory, source=parse_embeddings_spec(spec),
+                              encoder_id=self.encoder_id)
         return plan.new_version
 
     def base(self) -> tuple[str, dict, str]:
@@ -233,10 +239,10 @@ class Workspace:
             self._memo["base"] = (memory, report, out)
         return self._memo["base"]
 
-    def prune(self, memory: str, *argv: str) -> None:
-        """``vmem prune --memory M ARGV...``."""
-        from pipelines import prune  # pylint: disable=g-import-not-at-top
-        self._timed("prune", prune.run, ["--memory", memory, *argv])
+    def prune(self, memory: str, *, mode: PruningMode, k: int, threshold: int | None = None) -> None:
+        """``vmem prune --memory M --mode MODE --k K [--threshold T]``."""
+        from pipelines.prune import prune_memory  # pylint: disable=g-import-not-at-top
+        self._timed("prune", prune_memory, memory=memory, mode=mode, threshold=threshold, k=k)
 
 
 def rng_for(setup: Setup, *purpose: Any) -> np.random.Generator:

@@ -50,15 +50,18 @@ Anything that is not an add flag is passed to Beam's PipelineOptions.
 
 Modules: `plan` (the launch-time AddPlan, encoder checks, and the publish of version n+1), `known_ids`
 (RejectKnownIds: the id-hash bucketed join), `delta_shards` (WriteDeltaShards), `job` (flags, the typed
-`add_pipeline(p, *, ...)`, `launch` and `run`). Printing what was added is ``vmem add``'s (vmem/add.py).
+`add_pipeline(p, *, ...)`, the typed `add_to_memory(*, memory, source, ...)` that runs it, and `launch` /
+`run`, which parse flags into it). Experiments and examples call `add_to_memory`. Printing what was added is
+``vmem add``'s (vmem/add.py).
 """
 
 from pipelines.add.delta_shards import WriteDeltaShards, delta_shard_path
-from pipelines.add.job import PublishAdd, add_pipeline, build_arg_parser, launch, run
+from pipelines.add.job import PublishAdd, add_pipeline, add_to_memory, build_arg_parser, launch, run
 from pipelines.add.known_ids import RejectKnownIds, RejectKnownIdsInBlocks, id_buckets
 from pipelines.add.plan import (DEFAULT_DELTA_SHARD_SIZE, AddError, AddPlan, check_precomputed_identity, plan_add,
                                 publish_add_version, remove_add_leftovers)
 
 __all__ = ["AddError", "AddPlan", "DEFAULT_DELTA_SHARD_SIZE", "PublishAdd", "RejectKnownIds", "RejectKnownIdsInBlocks",
-           "WriteDeltaShards", "add_pipeline", "build_arg_parser", "check_precomputed_identity", "delta_shard_path",
-           "id_buckets", "launch", "plan_add", "publish_add_version", "remove_add_leftovers", "run"]
+           "WriteDeltaShards", "add_pipeline", "add_to_memory", "build_arg_parser", "check_precomputed_identity",
+           "delta_shard_path", "id_buckets", "launch", "plan_add", "publish_add_version", "remove_add_leftovers",
+           "run"]

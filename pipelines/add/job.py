@@ -1,4 +1,5 @@
-"""The add job's flags and graph: `add_pipeline` (typed), `launch` and `run` (Beam's ``run(argv)``).
+"""The add job's flags and graph: `add_pipeline` (the graph), `add_to_memory` (the typed entry point that runs
+it), `launch` and `run` (Beam's ``run(argv)``: flags parsed into `add_to_memory`).
 
 The graph (images; precomputed embeddings replace the first four steps by ReadEmbeddings ─► RejectKnownIds
 on blocks)::
@@ -14,10 +15,9 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from encoders.bundled import resolve_preprocess
 from memory import storage
@@ -31,15 +31,18 @@ from pipelines.add.plan import (DEFAULT_DELTA_SHARD_SIZE, AddError, AddPlan, aba
                                 remove_add_leftovers)
 from pipelines.build import is_precomputed, read_precomputed
 from pipelines.io.readers import ImageSource, ReadImages, parse_image_spec
-from pipelines.runner import FlagError, with_default_runner
+from pipelines.runner import BeamOptions, FlagError, resolve_pipeline_options
 from pipelines.stages.embed import DecodeImages, EmbedImages, EncoderMismatchError
 from pipelines.stages.write import EntriesToBlocks, block_class_names, count_rows
+
+if TYPE_CHECKING:
+    from pipelines.io.embedding_sources import EmbeddingSource
 
 _LOG = logging.getLogger("visual_memory")
 ADD_DESCRIPTION = ("The add job: publish new entries (images or precomputed embeddings) as delta shards of a new "
                    "version.")
 
-__all__ = ["PublishAdd", "add_pipeline", "build_arg_parser", "launch", "run"]
+__all__ = ["PublishAdd", "add_pipeline", "add_to_memory", "build_arg_parser", "launch", "run"]
 
 
 class _PublishAddFn(beam.DoFn):
@@ -182,37 +185,58 @@ def _cause(error: BaseException, kinds: tuple[type, ...]) -> BaseException | Non
 _USER_ERRORS = (ConcurrentUpdateError, DuplicateIdError, AddError, EncoderMismatchError, ManifestError)
 
 
-def launch(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipeline] = None
-           ) -> tuple[beam.runners.runner.PipelineResult, AddPlan]:
-    """Like :func:`run`, also returning the :class:`AddPlan` (base version, job id, paths) it ran."""
-    args, beam_args = build_arg_parser().parse_known_args(argv)
-    if args.delta_shard_size < 1:
-        raise FlagError(f"--delta-shard-size must be >= 1, got {args.delta_shard_size}.")
-    if args.images is not None and args.encoder_id:
+def add_to_memory(*, memory: str, source: ImageSource | EmbeddingSource, encoder_id: str | None = None,
+                  delta_shard_size: int = DEFAULT_DELTA_SHARD_SIZE, min_batch_size: int | None = None,
+                  max_batch_size: int | None = None, pipeline_options: BeamOptions = None,
+                  test_pipeline: Optional[beam.Pipeline] = None
+                  ) -> tuple[beam.runners.runner.PipelineResult, AddPlan]:
+    """Adds ``source``'s entries to ``memory`` as a new version: checks the arguments, builds the graph, runs it.
+
+    Args:
+      memory: An existing memory (local or gs://); gets a new version.
+      source: An ImageSource (`parse_image_spec`; embedded with the memory's own encoder) or, for a memory
+        built from precomputed embeddings, an EmbeddingSource of embeddings of ``encoder_id``.
+      encoder_id: With an EmbeddingSource: the encoder that computed the embeddings; must be the memory's.
+      delta_shard_size: Target entries per delta shard.
+      min_batch_size: RunInference batch bounds (None: the memory's build config).
+      max_batch_size: See ``min_batch_size``.
+      pipeline_options: Runner settings: Beam flags or a PipelineOptions (`pipelines.runner.BeamOptions`;
+        default: one in-process worker).
+      test_pipeline: Build the graph on this pipeline instead of one made from ``pipeline_options``.
+
+    Returns:
+      The pipeline result and the :class:`AddPlan` (base version, job id, paths) it ran.
+
+    Raises:
+      FlagError: a bad value or combination (before the memory is read).
+      ConcurrentUpdateError: another writer published after launch; nothing was published, re-run.
+      AddError: no entry could be added, the workers ran a different encoder, or precomputed embeddings of
+        another encoder (or dim) than the memory's.
+    """
+    if delta_shard_size < 1:
+        raise FlagError(f"--delta-shard-size must be >= 1, got {delta_shard_size}.")
+    images = isinstance(source, ImageSource)
+    if images and encoder_id:
         raise FlagError("--encoder-id applies to --embeddings only; images are embedded with the memory's own "
                         "encoder")
-    beam_args = with_default_runner(beam_args)
-    plan = plan_add(args.memory, images=args.images is not None)
+    options = resolve_pipeline_options(pipeline_options)
+    plan = plan_add(memory, images=images)
     manifest = read_version(plan.root, plan.base_version)
     build_config = manifest.build_config
     identity = entry_count = None
-    if args.embeddings is not None:
-        from pipelines.io.embedding_sources import (  # pylint: disable=g-import-not-at-top
-            count_entries, parse_embeddings_spec)
-        source = parse_embeddings_spec(args.embeddings)
-        identity = check_precomputed_identity(plan, args.encoder_id, source, memory_dim=manifest.dim)
+    if not images:
+        from pipelines.io.embedding_sources import count_entries  # pylint: disable=g-import-not-at-top
+        identity = check_precomputed_identity(plan, encoder_id, source, memory_dim=manifest.dim)
         entry_count = count_entries(source)
-    else:
-        if is_precomputed(plan.encoder_identity):
-            name = plan.encoder_identity.get("name")
-            raise AddError(f"{plan.root} was built from precomputed embeddings of encoder {name!r}, which this job "
-                           f"cannot run on images: add embeddings of that encoder with --embeddings SPEC "
-                           f"--encoder-id {name}. Nothing was published.")
-        source = parse_image_spec(args.images)
-    min_batch = args.min_batch_size or int(build_config.get("min_batch_size", 16))
-    max_batch = max(min_batch, args.max_batch_size or int(build_config.get("max_batch_size", 64)))
-    p = test_pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
-    add_pipeline(p, plan=plan, source=source, target_size=args.delta_shard_size, min_batch_size=min_batch,
+    elif is_precomputed(plan.encoder_identity):
+        name = plan.encoder_identity.get("name")
+        raise AddError(f"{plan.root} was built from precomputed embeddings of encoder {name!r}, which this job "
+                       f"cannot run on images: add embeddings of that encoder with --embeddings SPEC "
+                       f"--encoder-id {name}. Nothing was published.")
+    min_batch = min_batch_size or int(build_config.get("min_batch_size", 16))
+    max_batch = max(min_batch, max_batch_size or int(build_config.get("max_batch_size", 64)))
+    p = test_pipeline or beam.Pipeline(options=options)
+    add_pipeline(p, plan=plan, source=source, target_size=delta_shard_size, min_batch_size=min_batch,
                  max_batch_size=max_batch, progress_every=int(build_config.get("progress_every", 200)),
                  identity=identity, entry_count=entry_count)
     try:
@@ -226,9 +250,23 @@ def launch(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pi
     return result, plan
 
 
+def launch(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipeline] = None
+           ) -> tuple[beam.runners.runner.PipelineResult, AddPlan]:
+    """Parses ``argv`` (add flags + Beam flags) and runs `add_to_memory` with them; returns what it returns."""
+    args, beam_args = build_arg_parser().parse_known_args(argv)
+    if args.embeddings is not None:
+        from pipelines.io.embedding_sources import parse_embeddings_spec  # pylint: disable=g-import-not-at-top
+        source = parse_embeddings_spec(args.embeddings)
+    else:
+        source = parse_image_spec(args.images)
+    return add_to_memory(memory=args.memory, source=source, encoder_id=args.encoder_id,
+                         delta_shard_size=args.delta_shard_size, min_batch_size=args.min_batch_size,
+                         max_batch_size=args.max_batch_size, pipeline_options=beam_args, test_pipeline=test_pipeline)
+
+
 def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipeline] = None
         ) -> beam.runners.runner.PipelineResult:
-    """Parses ``argv`` (add flags + Beam flags), builds the add graph and runs it to completion.
+    """Parses ``argv`` (add flags + Beam flags), builds the add graph and runs it to completion (`launch`).
 
     Raises:
       ConcurrentUpdateError: another writer published after launch; nothing was published, re-run.

@@ -126,26 +126,6 @@ class PartialTopK(NamedTuple):
     def row(self, i: int) -> "PartialTopK":
         return PartialTopK(*(None if a is None else a[i:i + 1] for a in self))
 
-    def scatter(self, rows: np.ndarray, n: int) -> "PartialTopK":
-        """This partial's rows placed at ``rows`` of an n-row partial whose other rows are all padding.
-
-        Padding never wins a merge (`merge_partials`), so merging partials that cover different queries of one
-        batch, each scattered to the batch's rows, is the per-query merge of the queries each covers.
-        """
-        rows = np.asarray(rows, dtype=np.int64)
-        if rows.shape != (self.ids.shape[0],):
-            raise ValueError(f"scatter needs one row index per query: {rows.shape} for {self.ids.shape[0]} queries")
-        fills = (PAD_ID, -1, np.inf, 1.0, PAD_ID, PAD_ID)
-        out = []
-        for a, fill in zip(self, fills):
-            if a is None:
-                out.append(None)
-                continue
-            full = np.full((n,) + a.shape[1:], fill, dtype=a.dtype)
-            full[rows] = a
-            out.append(full)
-        return PartialTopK(*out)
-
 
 class _OneThreadBlas:
     """Context manager: numpy's BLAS on one thread while any search is inside it (re-entrant across threads).

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from threadpoolctl import ThreadpoolController
 
-from memory.search.shard_search import MIN_CHUNK_QUERIES, one_thread_blas, search_in_chunks
+from memory.search.shard_search import (MIN_CHUNK_QUERIES, PAD_ID, PartialTopK, merge_partials, one_thread_blas,
+                                        search_in_chunks)
 
 
 def _blas_threads() -> set[int]:
@@ -113,7 +114,6 @@ def _unit_answer(rng, n, k, first_id, crowd_c):
     in id order (what LoadedShard.search returns), crowded to at most ``crowd_c`` per group when given; some
     rows short of k."""
     from memory.search.filters import crowd
-    from memory.search.shard_search import PartialTopK
     num = first_id + rng.random((n, 100)).argsort(axis=1)[:, :3 * k]
     dist = (rng.integers(0, 5, num.shape) / 8).astype(np.float32)  # A coarse grid: many ties.
     order = np.lexsort((num, dist), axis=-1)  # Zero-padded ids: numeric order is id order.
@@ -139,7 +139,6 @@ def _unit_answer(rng, n, k, first_id, crowd_c):
 def test_merge_partials_with_rows_equals_merging_scattered_partials(seed, crowd_c):
     """Partials answering different queries of a batch (routing) merged with rows= equal the merge of the same
     partials scattered to the whole batch: a query one partial answers keeps its list, ties by id included."""
-    from memory.search.shard_search import merge_partials
     rng = np.random.default_rng(seed)
     nq, k, units = 60, 5, 4
     visit = rng.random((nq, units)) < [0.9, 0.4, 0.3, 0.2]
@@ -148,7 +147,7 @@ def test_merge_partials_with_rows_equals_merging_scattered_partials(seed, crowd_
     parts = [_unit_answer(rng, r.size, k, 100 * u, crowd_c) for u, r in enumerate(rows)]
     parts[1] = parts[1]._replace(weights=None)  # Unweighted partials count as weight 1.
     got = merge_partials(parts, k, rows=rows, num_queries=nq, max_per_group=crowd_c)
-    want = merge_partials([p.scatter(r, nq) for p, r in zip(parts, rows)], k, max_per_group=crowd_c)
+    want = merge_partials([scatter(p, r, nq) for p, r in zip(parts, rows)], k, max_per_group=crowd_c)
     for field in ("ids", "labels", "distances", "weights", "groups"):
         if getattr(want, field) is None:
             assert getattr(got, field) is None
@@ -159,7 +158,7 @@ def test_merge_partials_with_rows_equals_merging_scattered_partials(seed, crowd_
     # Rows in any order (a partial merged earlier lists its queries in first-seen order), a full one included.
     parts.append(_unit_answer(rng, nq, k, 1000, crowd_c))
     rows.append(np.arange(nq))
-    want = merge_partials([p.scatter(r, nq) for p, r in zip(parts, rows)], k, max_per_group=crowd_c)
+    want = merge_partials([scatter(p, r, nq) for p, r in zip(parts, rows)], k, max_per_group=crowd_c)
     shuffled = [rng.permutation(r.size) for r in rows]
     moved = [type(p)(*(None if a is None else a[o] for a in p)) for p, o in zip(parts, shuffled)]
     moved_rows = [r[o] for r, o in zip(rows, shuffled)]
@@ -171,3 +170,32 @@ def test_merge_partials_with_rows_equals_merging_scattered_partials(seed, crowd_
     np.testing.assert_array_equal(alone.ids, parts[-1].ids)  # One partial, rows permuted: put back in order.
     with pytest.raises(ValueError, match="one row per query"):
         merge_partials(parts, k, rows=[r[:-1] for r in rows], num_queries=nq)
+
+
+def scatter(partial: PartialTopK, rows: np.ndarray, n: int) -> PartialTopK:
+    """``partial``'s rows placed at ``rows`` of an n-row partial whose other rows are all padding: the reference
+    that merging by query rows is checked against (padding never wins `merge_partials`)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.shape != (partial.ids.shape[0],):
+        raise ValueError(f"scatter needs one row index per query: {rows.shape} for {partial.ids.shape[0]} queries")
+    out = []
+    for a, fill in zip(partial, (PAD_ID, -1, np.inf, 1.0, PAD_ID, PAD_ID)):
+        if a is None:
+            out.append(None)
+            continue
+        full = np.full((n,) + a.shape[1:], fill, dtype=a.dtype)
+        full[rows] = a
+        out.append(full)
+    return PartialTopK(*out)
+
+
+def test_scatter_places_rows_and_pads_the_rest():
+    p = PartialTopK(np.array([["a", "b"], ["c", ""]]), np.array([[1, 2], [3, -1]], np.int32),
+                    np.array([[0.1, 0.2], [0.3, np.inf]], np.float32), np.array([[0.5, 1.0], [0.25, 1.0]], np.float32))
+    s = scatter(p, np.array([3, 0]), 4)
+    assert s.ids.tolist() == [["c", ""], [PAD_ID, PAD_ID], [PAD_ID, PAD_ID], ["a", "b"]]
+    assert s.labels.tolist() == [[3, -1], [-1, -1], [-1, -1], [1, 2]]
+    assert np.isinf(s.distances[1:3]).all() and s.distances[3].tolist() == pytest.approx([0.1, 0.2])
+    assert s.weights[1:3].tolist() == [[1.0, 1.0]] * 2 and s.uris is None and s.groups is None
+    with pytest.raises(ValueError, match="one row index per query"):
+        scatter(p, np.array([0]), 4)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from memory.store.versions import read_manifest
-from memory.search.shard_search import PAD_ID, LoadedShard, PartialTopK, merge_partials
+from memory.search.shard_search import LoadedShard, merge_partials
 from pipelines.stages.search_shards import BatchNeighbors, QueryBatch, SearchShardFn, merge_batch_neighbors
 from tests.pipelines.test_evaluate import unit_rows, synthetic_memory  # noqa: F401  (the fixture, reused)
 
@@ -14,18 +14,6 @@ from tests.pipelines.test_evaluate import unit_rows, synthetic_memory  # noqa: F
 @pytest.fixture(scope="module")
 def memory(synthetic_memory):  # noqa: F811  (pytest injects the imported fixture)
     return synthetic_memory[0]
-
-
-def test_scatter_places_rows_and_pads_the_rest():
-    p = PartialTopK(np.array([["a", "b"], ["c", ""]]), np.array([[1, 2], [3, -1]], np.int32),
-                    np.array([[0.1, 0.2], [0.3, np.inf]], np.float32), np.array([[0.5, 1.0], [0.25, 1.0]], np.float32))
-    s = p.scatter(np.array([3, 0]), 4)
-    assert s.ids.tolist() == [["c", ""], [PAD_ID, PAD_ID], [PAD_ID, PAD_ID], ["a", "b"]]
-    assert s.labels.tolist() == [[3, -1], [-1, -1], [-1, -1], [1, 2]]
-    assert np.isinf(s.distances[1:3]).all() and s.distances[3].tolist() == pytest.approx([0.1, 0.2])
-    assert s.weights[1:3].tolist() == [[1.0, 1.0]] * 2 and s.uris is None and s.groups is None
-    with pytest.raises(ValueError, match="one row index per query"):
-        p.scatter(np.array([0]), 4)
 
 
 @pytest.mark.parametrize("seed", range(4))

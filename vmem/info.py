@@ -29,7 +29,8 @@ def build_parser() -> RaisingArgumentParser:
     """The ``vmem info`` argument parser."""
     parser = RaisingArgumentParser(prog="vmem info", description="Describe a built memory.")
     parser.add_argument("memory", help="memory directory (local or gs://)")
-    parser.add_argument("--json", action="store_true", help="print the manifest as JSON, with the live counts under \"live\"")
+    parser.add_argument("--json", action="store_true",
+                        help="print the manifest as JSON, with the live counts under \"live\"")
     parser.add_argument("--verify", action="store_true", help="also check every shard's checksum")
     return parser
 

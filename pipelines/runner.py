@@ -33,6 +33,18 @@ class FlagError(ValueError):
     """
 
 
+def runner_error(error: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The first exception of ``kinds`` in ``error`` or its cause/context chain: runners re-raise a worker's
+    error wrapped in, or chained to, their own types."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, kinds):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def _has_flag(args: Sequence[str], name: str) -> bool:
     return any(a == name or a.startswith(name + "=") for a in args)
 

@@ -72,7 +72,7 @@ def _published(job, seconds: float) -> dict:
 
 def _run(argv: Sequence[str]) -> int:
     from memory.store.versions import ConcurrentUpdateError  # pylint: disable=g-import-not-at-top
-    from memory.store.after_publish import AfterPublishError  # pylint: disable=g-import-not-at-top
+    from memory.store.after_publish import AfterPublishError, cause_text  # pylint: disable=g-import-not-at-top
     from pipelines import reindex  # pylint: disable=g-import-not-at-top
     start = time.perf_counter()
     args, beam_args = reindex.parse_flags(argv, build_parser())
@@ -89,9 +89,10 @@ def _run(argv: Sequence[str]) -> int:
     except (ConcurrentUpdateError, reindex.ReindexError, AfterPublishError):
         raise
     except Exception as e:  # pylint: disable=broad-except  # Any failure of the job: say what is live now.
+        # execute raises AfterPublishError once this run's version is published, so here nothing of it is.
         raise reindex.ReindexError(
-            f"{type(e).__name__}: {e}\nversion {job.version} is unchanged unless a version {job.new_version} with "
-            f"change.job={job.job_token!r} was published; re-run `vmem reindex`") from e
+            f"{cause_text(e)}\nversion {job.version} is unchanged (nothing of this run was "
+            "published); re-run `vmem reindex`") from e
     r = _published(job, time.perf_counter() - start)
     if r.get("submitted"):
         print(f"vmem reindex: submitted the job that publishes version {job.new_version} of {job.root}")

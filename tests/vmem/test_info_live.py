@@ -86,3 +86,13 @@ def test_info_after_add_forget_and_prune_shows_the_live_memory(tmp_path, capsys)
     assert (js["live"]["soft_pruned"], js["live"]["hard_pruned"], js["live"]["live_entries"]) == (soft, hard,
                                                                                                   67 - hard)
     assert live_counts(root, m) == live_counts(root, read_manifest(root, version=5))
+
+    # reindex: forgotten rows are dropped and delta shards folded in; the soft weights stay.
+    assert cli.main(["reindex", "--memory", root]) == 0
+    capsys.readouterr()
+    text, js = _info(capsys, root)
+    assert "version      6 (reindex, parent 5)" in text
+    assert f"entries      {67 - hard} live; the build embedded 60" in text
+    assert "forgotten    " not in text and "delta shards " not in text
+    assert js["live"] == dict(js["live"], live_entries=67 - hard, stored_rows=67 - hard, forgotten=0, hard_pruned=0,
+                              delta_shards=0, soft_pruned=read_entry_weights(root, read_manifest(root))[0].size)

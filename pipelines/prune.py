@@ -55,12 +55,12 @@ from apache_beam.metrics import Metrics
 from memory.decide import pruning
 
 from memory import storage
-from memory.store.after_publish import AfterPublishError, after_publish
+from memory.store.after_publish import after_publish
 from memory.store.manifest import Manifest
 from memory.store.versions import read_manifest
 from memory.search.shard_search import load_forgotten, searchable_shards
 from memory.store.sharding import shard_for_id
-from pipelines.runner import BeamOptions, FlagError, resolve_pipeline_options, runner_error
+from pipelines.runner import BeamOptions, FlagError, after_publish_error, resolve_pipeline_options
 from pipelines.stages.search_shards import MergeNeighbors, QueryNeighbors, SearchShards
 from pipelines.records import EmbeddedImage
 
@@ -483,10 +483,10 @@ def prune_memory(*, memory: str, mode: Optional[pruning.PruningMode], threshold:
         result = p.run()
         result.wait_until_finish()
     except Exception as e:  # pylint: disable=broad-except  # Runners wrap worker errors in their own types.
-        after = runner_error(e, (AfterPublishError,))
+        after = after_publish_error(e)
         if after is None:
             raise
-        raise after.without_runner_step() from e
+        raise after from e
     return result
 
 

@@ -18,9 +18,12 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from memory.live import LiveCounts, live_counts
 from vmem.args import RaisingArgumentParser, run_command
+
+if TYPE_CHECKING:
+    from memory.live import LiveCounts
 
 __all__ = ["build_parser", "describe", "main"]
 
@@ -63,6 +66,7 @@ def describe(manifest, *, live: LiveCounts | None = None) -> str:
       manifest: The version described.
       live: Its live counts (`memory.live.live_counts`); default: those the manifest alone shows.
     """
+    from memory.live import live_counts  # pylint: disable=g-import-not-at-top
     enc = manifest.encoder
     lines = _live_lines(live or live_counts(None, manifest)) + [
         f"classes      {len(manifest.class_names)}: {', '.join(manifest.class_names[:20])}"
@@ -105,6 +109,7 @@ def _run(argv: Sequence[str]) -> int:
     if args.verify:
         from memory.visual_memory import VisualMemory  # pylint: disable=g-import-not-at-top
         VisualMemory.open(args.memory, verify=True)
+    from memory.live import live_counts  # pylint: disable=g-import-not-at-top
     live = live_counts(args.memory.rstrip("/") or args.memory, manifest)
     if args.json:
         print(json.dumps({**manifest.to_dict(), "live": live.to_dict()}, sort_keys=True, indent=2))

@@ -18,6 +18,8 @@ __all__ = ["AfterPublishError", "after_publish", "cause_text"]
 
 # Beam re-raises a DoFn's error as the same type with " [while running 'STEP']" appended to its message.
 _RUNNER_STEP = re.compile(r"( \[while running '[^']*'\])+$")
+# How a Python traceback in a remote runner's failure text ends for this error.
+_IN_TEXT = re.compile(r"AfterPublishError: (published version \d+ of .*)$", re.MULTILINE)
 
 
 def cause_text(error: BaseException) -> str:
@@ -52,6 +54,13 @@ class AfterPublishError(RuntimeError):
     def without_runner_step(self) -> AfterPublishError:
         """This error as it was raised, without the step annotation a runner appended."""
         return AfterPublishError(_RUNNER_STEP.sub("", str(self.args[0]) if self.args else ""))
+
+    @classmethod
+    def from_text(cls, text: str) -> AfterPublishError | None:
+        """The error a remote worker raised, from the text of a runner's failure (its traceback's last
+        ``AfterPublishError: ...`` line), or None when the text holds none."""
+        found = _IN_TEXT.findall(text)
+        return cls(_RUNNER_STEP.sub("", found[-1].rstrip())) if found else None
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ import apache_beam as beam
 
 from encoders.bundled import resolve_preprocess
 from memory import storage
-from memory.store.after_publish import AfterPublishError, after_publish
+from memory.store.after_publish import after_publish
 from memory.store.manifest import ManifestError, ShardInfo
 from memory.store.mutations import DuplicateIdError, extended_class_names
 from memory.store.versions import ConcurrentUpdateError, read_version
@@ -32,7 +32,7 @@ from pipelines.add.plan import (DEFAULT_DELTA_SHARD_SIZE, AddError, AddPlan, aba
                                 remove_add_leftovers)
 from pipelines.build import is_precomputed, read_precomputed
 from pipelines.io.readers import ImageSource, ReadImages, parse_image_spec
-from pipelines.runner import BeamOptions, FlagError, resolve_pipeline_options, runner_error
+from pipelines.runner import BeamOptions, FlagError, after_publish_error, resolve_pipeline_options, runner_error
 from pipelines.stages.embed import DecodeImages, EmbedImages, EncoderMismatchError
 from pipelines.stages.write import EntriesToBlocks, block_class_names, count_rows
 
@@ -175,8 +175,7 @@ def add_pipeline(p: beam.Pipeline, *, plan: AddPlan, source, target_size: int, m
                                            dead_letter_files=dead_letter_files)
 
 
-_USER_ERRORS = (ConcurrentUpdateError, DuplicateIdError, AddError, EncoderMismatchError, ManifestError,
-                AfterPublishError)
+_USER_ERRORS = (ConcurrentUpdateError, DuplicateIdError, AddError, EncoderMismatchError, ManifestError)
 
 
 def add_to_memory(*, memory: str, source: ImageSource | EmbeddingSource, encoder_id: str | None = None,
@@ -238,9 +237,10 @@ def add_to_memory(*, memory: str, source: ImageSource | EmbeddingSource, encoder
         result = p.run()
         result.wait_until_finish()
     except Exception as e:  # Runners wrap DoFn errors in their own types; surface ours unchanged.
+        after = after_publish_error(e)
+        if after is not None:
+            raise after from e
         cause = runner_error(e, _USER_ERRORS)
-        if isinstance(cause, AfterPublishError):
-            raise cause.without_runner_step() from e
         if cause is not None and cause is not e:
             raise type(cause)(str(cause)) from e
         raise

@@ -16,7 +16,7 @@ from memory.store.versions import ConcurrentUpdateError, latest_version
 from pipelines.reindex.plan import ReindexJob, finish_pending_purge, prepare_job, published_by
 from pipelines.reindex.commit import publish
 from pipelines.reindex.stages import SUMMARY, ReadLiveRowsFn, ScanSourceFn, WriteTargetShardFn, make_plan
-from pipelines.runner import FlagError, runner_error, with_default_runner
+from pipelines.runner import FlagError, after_publish_error, with_default_runner
 
 _LOG = logging.getLogger("visual_memory")
 REINDEX_DESCRIPTION = ("The re-index job: fold delta shards into the main shards and drop forgotten rows "
@@ -143,10 +143,9 @@ def execute(job: ReindexJob, beam_args: Sequence[str] = (), test_pipeline: Optio
         if published is None:
             raise
         # This run's version is live: say so first, then what failed after it.
-        after = runner_error(e, (AfterPublishError,))
-        raise (after.without_runner_step() if after is not None else AfterPublishError.after(
+        raise after_publish_error(e) or AfterPublishError.after(
             root=job.root, version=job.new_version, step="the re-index job", error=e,
-            fix="Re-run `vmem reindex` to finish its clean-up.")) from e
+            fix="Re-run `vmem reindex` to finish its clean-up.") from e
     return result
 
 

@@ -21,6 +21,7 @@ from memory.vectors import l2_normalize
 from memory.visual_memory import VisualMemory
 from pipelines import build
 from pipelines.add import job as add_job
+from pipelines.runner import after_publish_error
 from vmem import main as cli
 
 D = 8
@@ -62,7 +63,8 @@ def test_reindex_that_cannot_clean_up_reports_its_published_version_and_stays_re
         os.makedirs(os.path.join(root, "shards"), exist_ok=True)
         os.symlink(outside, os.path.join(root, "shards", "r000001-deadbeef"))
         step, cause = ("removing orphan directories of crashed re-index runs",
-                       r"refusing to delete 'shards/r000001-deadbeef' .* resolves to .*outside, outside the memory root")
+                       r"refusing to delete 'shards/r000001-deadbeef' .* resolves to .*outside, outside the memory "
+                       r"root")
     else:
         # A shard whose directory resolves outside the memory: the purge after the re-index must delete it.
         shard = read_manifest(root).shards[0]
@@ -165,3 +167,10 @@ def test_after_publish_names_the_version_then_the_step_and_keeps_its_type_throug
     augmented = type(e.value)(e.value.args[0] + " [while running 'Publish']")
     assert str(augmented.without_runner_step()) == str(e.value)
     assert cause_text(KeyError("k")) == "KeyError: k" and cause_text(OSError("x [while running 'S']")) == "x"
+    # A remote runner reports the worker's traceback as text: the error is found in it.
+    text = ("Dataflow pipeline failed. State: FAILED, Error:\nTraceback (most recent call last):\n  File ...\n"
+            f"memory.store.after_publish.AfterPublishError: {e.value} [while running 'Publish']\n")
+    assert str(AfterPublishError.from_text(text)) == str(e.value)
+    assert after_publish_error(RuntimeError(text)).args == e.value.args
+    assert AfterPublishError.from_text("KeyError: 'x'") is None and after_publish_error(KeyError("x")) is None
+

@@ -8,6 +8,8 @@ once a model is really needed: vector queries never load it.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import io
 import os
 from typing import TYPE_CHECKING, Any, Sequence
@@ -64,42 +66,96 @@ def query_preprocess(manifest: Manifest, root: str) -> PreprocessSpec:
                          f"({e}); query with vectors embedded by the memory's encoder instead") from None
 
 
-def preprocess_queries(images: Sequence[Any], spec: PreprocessSpec) -> list[np.ndarray]:
+class OnUnreadable(enum.Enum):
+    """What a batch of image queries does with an image that cannot be read or decoded."""
+    RAISE = "raise"    # The first one fails the batch (naming it), before the encoder loads.
+    REPORT = "report"  # It is named with its reason (`UnreadableQuery`); every readable one is answered.
+
+
+@dataclasses.dataclass(frozen=True)
+class UnreadableQuery:
+    """An image query that could not be read or decoded.
+
+    Attributes:
+      index: Its position in the batch.
+      query: Its path as given, or what it was (``"12 bytes"``, ``"array uint8 (2, 2)"``).
+      reason: Why, naming the query: the message `OnUnreadable.RAISE` raises for it.
+    """
+    index: int
+    query: str
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _preprocess_one(i: int, item: Any, spec: PreprocessSpec) -> np.ndarray:
+    """One image query decoded and preprocessed; raises FileNotFoundError or ValueError naming it."""
+    from encoders.preprocess import ImageDecodeError, decode_and_preprocess, preprocess
+    where = f"query {i}"
+    try:
+        if isinstance(item, (bytes, bytearray, memoryview)):
+            where += f" ({len(item)} bytes)"
+            return decode_and_preprocess(bytes(item), spec)
+        if isinstance(item, (str, os.PathLike)):
+            path = os.fspath(item)
+            where += f" ({path!r})"
+            local = path[len("file://"):] if path.startswith("file://") else path
+            try:
+                data = storage.read_bytes(local)
+            except IsADirectoryError:
+                raise FileNotFoundError(f"{where}: {path!r} is a directory, not an image file") from None
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{where}: no such image file {path!r}") from None
+            return decode_and_preprocess(data, spec)
+        if isinstance(item, np.ndarray):
+            where += f" (array {item.dtype} {item.shape})"
+            return preprocess(item, spec)
+        raise ValueError(
+            f"{where}: unsupported query of type {type(item).__name__}; pass encoded image bytes, a "
+            "file path or a uint8 [H, W, 3] array (or a float [n, dim] array of embeddings)")
+    except ImageDecodeError as e:
+        raise ValueError(f"cannot read {where} as an image: {e}") from None
+
+
+def _described(item: Any) -> str:
+    if isinstance(item, (str, os.PathLike)):
+        return os.fspath(item)
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return f"{len(item)} bytes"
+    if isinstance(item, np.ndarray):
+        return f"array {item.dtype} {item.shape}"
+    return type(item).__name__
+
+
+def preprocess_queries(images: Sequence[Any], spec: PreprocessSpec, *,
+                       on_unreadable: OnUnreadable = OnUnreadable.RAISE
+                       ) -> tuple[list[np.ndarray], list[UnreadableQuery]]:
     """Decodes and preprocesses every image query (see `VisualMemory.embed_images` for the accepted items).
 
+    Args:
+      images: The queries.
+      spec: The manifest's preprocess spec (`query_preprocess`).
+      on_unreadable: RAISE: the first unreadable query raises. REPORT: each is returned as an `UnreadableQuery`
+        (a missing file, a directory, an undecodable image, an unsupported item, a read error) and the
+        others are preprocessed.
+
+    Returns:
+      The pixels of every readable query, in order, and the unreadable ones (always [] with RAISE).
+
     Raises:
-      FileNotFoundError: naming the query and path, for a missing file.
-      ValueError: naming the query, for an undecodable image or an unsupported item type.
+      FileNotFoundError: naming the query and path, for a missing file (RAISE).
+      ValueError: naming the query, for an undecodable image or an unsupported item type (RAISE).
     """
-    from encoders.preprocess import ImageDecodeError, decode_and_preprocess, preprocess
-    pixels = []
+    pixels, unreadable = [], []
     for i, item in enumerate(images):
-        where = f"query {i}"
         try:
-            if isinstance(item, (bytes, bytearray, memoryview)):
-                where += f" ({len(item)} bytes)"
-                pixels.append(decode_and_preprocess(bytes(item), spec))
-            elif isinstance(item, (str, os.PathLike)):
-                path = os.fspath(item)
-                where += f" ({path!r})"
-                local = path[len("file://"):] if path.startswith("file://") else path
-                try:
-                    data = storage.read_bytes(local)
-                except IsADirectoryError:
-                    raise FileNotFoundError(f"{where}: {path!r} is a directory, not an image file") from None
-                except FileNotFoundError:
-                    raise FileNotFoundError(f"{where}: no such image file {path!r}") from None
-                pixels.append(decode_and_preprocess(data, spec))
-            elif isinstance(item, np.ndarray):
-                where += f" (array {item.dtype} {item.shape})"
-                pixels.append(preprocess(item, spec))
-            else:
-                raise ValueError(
-                    f"{where}: unsupported query of type {type(item).__name__}; pass encoded image bytes, a "
-                    "file path or a uint8 [H, W, 3] array (or a float [n, dim] array of embeddings)")
-        except ImageDecodeError as e:
-            raise ValueError(f"cannot read {where} as an image: {e}") from None
-    return pixels
+            pixels.append(_preprocess_one(i, item, spec))
+        except (OSError, ValueError) as e:  # FileNotFoundError is an OSError; read errors are too.
+            if on_unreadable is OnUnreadable.RAISE:
+                raise
+            unreadable.append(UnreadableQuery(index=i, query=_described(item), reason=str(e)))
+    return pixels, unreadable
 
 
 def embed_pixels(encoder: Encoder, pixels: Sequence[np.ndarray]) -> np.ndarray:

@@ -38,8 +38,9 @@ from memory.search.shard_search import (LoadedShard, PartialTopK, empty_partial,
                                         search_in_chunks)
 from memory.store.metadata import read_metadata
 from memory.store.shard import load_unit_index, read_entry_tables, read_shard_embeddings, read_shard_entries, search_units
-from memory.queries import (check_query_encoder, embed_pixels, load_query_encoder, preprocess_queries,
-                            query_preprocess, split_queries)
+from memory.enums import parse_enum
+from memory.queries import (OnUnreadable, UnreadableQuery, check_query_encoder, embed_pixels, load_query_encoder,
+                            preprocess_queries, query_preprocess, split_queries)
 from memory.vectors import l2_normalize
 from memory.store.versions import read_manifest
 from memory.decide.voting import VotingParams, VotingRule
@@ -469,12 +470,18 @@ class VisualMemory:
           ValueError: naming the query, for an undecodable image or an unsupported item type; or see
             `query_encoder`.
         """
+        return self._embed(images, encoder, OnUnreadable.RAISE)[0]
+
+    def _embed(self, images: Sequence[Any], encoder: Encoder | None,
+               on_unreadable: OnUnreadable) -> tuple[np.ndarray, list[UnreadableQuery]]:
+        """Embeddings of the readable images (in batches), and the unreadable ones (see `preprocess_queries`)."""
         # Every image is decoded before the encoder loads, so a bad query fails in milliseconds, not after
         # the seconds a model load takes.
-        pixels = preprocess_queries(images, query_preprocess(self._manifest, self._root))
+        pixels, unreadable = preprocess_queries(images, query_preprocess(self._manifest, self._root),
+                                                on_unreadable=on_unreadable)
         if not pixels:
-            return np.zeros((0, self.dim), np.float32)
-        return embed_pixels(self.query_encoder(encoder), pixels)
+            return np.zeros((0, self.dim), np.float32), unreadable
+        return embed_pixels(self.query_encoder(encoder), pixels), unreadable
 
     def classify(self, queries: np.ndarray | Sequence[Any], *, rule: VotingRule | str = VotingRule.RANK,
                  k: int = 10, params: VotingParams = VotingParams(),
@@ -482,7 +489,8 @@ class VisualMemory:
                  filters: QueryFilter | Sequence[QueryFilter | None] | None = None,
                  crowding: Crowding | None = None, rerank: Reranker | None = None,
                  rerank_below: float | None = None, rerank_top_n: int = 10,
-                 rerank_cache: ResponseCache | None = None) -> list[Prediction]:
+                 rerank_cache: ResponseCache | None = None,
+                 on_unreadable: OnUnreadable | str = OnUnreadable.RAISE) -> list[Prediction | UnreadableQuery]:
         """Classifies queries by their k nearest memory entries and explains each decision.
 
         Args:
@@ -505,9 +513,14 @@ class VisualMemory:
             query image and its top ``rerank_top_n`` neighbours. Its answer replaces the vote only when it
             is one of those neighbours' labels; otherwise the vote stands and ``rerank_reason`` says why.
           rerank_cache: Answers already paid for (memory.rerank.base.ResponseCache): never asked twice.
+          on_unreadable: For image queries (`memory.queries.OnUnreadable`): RAISE fails the call on the first
+            image that cannot be read or decoded, before anything is embedded; REPORT answers every readable
+            image (embedded in batches as usual) and returns a `memory.queries.UnreadableQuery` (its index
+            and the reason) in the place of each unreadable one.
 
         Returns:
-          One `memory.decide.explain.Prediction` per query: label, per-class scores, confidence and the neighbours
+          One `memory.decide.explain.Prediction` per query (or, with REPORT, an UnreadableQuery in the place of
+          each unreadable image): label, per-class scores, confidence and the neighbours
           with their ids, labels, distances, weights and source uris. The label is `memory.decide.voting.vote`'s,
           with the memory's entry weights (soft pruning), if any, multiplied into the rule's weights, unless
           the memory abstained or a re-ranker answered.
@@ -519,12 +532,27 @@ class VisualMemory:
         options = ClassifyOptions(rule=rule, k=k, params=params, abstain_below=abstain_below, rerank=rerank,
                                   rerank_below=rerank_below, rerank_top_n=rerank_top_n, rerank_cache=rerank_cache)
         calibration = memory_calibration(self._manifest)
+        on_unreadable = parse_enum(OnUnreadable, on_unreadable, "on_unreadable")
         vectors, images = split_queries(queries, self.dim)
+        unreadable: list[UnreadableQuery] = []
         if images is not None:
-            vectors = self.embed_images(images, encoder=encoder)
-        if vectors.ndim == 2 and vectors.shape[0] == 0:
-            return []
-        result = self.search(vectors, options.fetch, filters=filters, crowding=crowding)
-        return classify_neighbors(result.ids, result.labels, result.distances, result.weights,
-                                  self.uris_of_results(result.ids), class_names=self.class_names,
-                                  calibration=calibration, options=options, images=images)
+            vectors, unreadable = self._embed(images, encoder, on_unreadable)
+            if unreadable:
+                bad = {u.index for u in unreadable}
+                keep = [i for i in range(len(images)) if i not in bad]
+                if filters is not None and not isinstance(filters, QueryFilter):  # One filter per query.
+                    per_query = as_filters(filters, len(images))
+                    filters = [per_query[i] for i in keep]
+                images = [images[i] for i in keep]
+        predictions: list[Prediction] = []
+        if not (vectors.ndim == 2 and vectors.shape[0] == 0):
+            result = self.search(vectors, options.fetch, filters=filters, crowding=crowding)
+            predictions = classify_neighbors(result.ids, result.labels, result.distances, result.weights,
+                                             self.uris_of_results(result.ids), class_names=self.class_names,
+                                             calibration=calibration, options=options, images=images)
+        if not unreadable:
+            return predictions
+        # Back in the callers' order: each unreadable query in its own place.
+        answered = iter(predictions)
+        by_index = {u.index: u for u in unreadable}
+        return [by_index[i] if i in by_index else next(answered) for i in range(len(predictions) + len(unreadable))]

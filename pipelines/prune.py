@@ -43,6 +43,7 @@ the graph (`prune_pipeline(p, *, ...)`) and runs it; experiments call `prune_mem
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 from typing import Iterable, NamedTuple, Optional, Sequence
@@ -54,11 +55,12 @@ from apache_beam.metrics import Metrics
 from memory.decide import pruning
 
 from memory import storage
+from memory.store.after_publish import after_publish
 from memory.store.manifest import Manifest
 from memory.store.versions import read_manifest
 from memory.search.shard_search import load_forgotten, searchable_shards
 from memory.store.sharding import shard_for_id
-from pipelines.runner import BeamOptions, FlagError, resolve_pipeline_options
+from pipelines.runner import BeamOptions, FlagError, after_publish_error, resolve_pipeline_options
 from pipelines.stages.search_shards import MergeNeighbors, QueryNeighbors, SearchShards
 from pipelines.records import EmbeddedImage
 
@@ -357,7 +359,11 @@ class _PublishFn(beam.DoFn):
                                down_weighted=down, counts_path=path)
         summary = dict(summary, k=self._k, threshold=self._threshold, count_buckets=self._buckets,
                        outcome=outcome._asdict())
-        pruning.write_summary(self._root, n, summary)
+        after = contextlib.nullcontext() if published is None else after_publish(
+            root=self._root, version=published, step="writing the prune summary",
+            fix=f"The prune is live (`vmem history` shows it); its counts are in {path}.")
+        with after:
+            pruning.write_summary(self._root, n, summary)
         _LOG.info("prune of version %d: %s", n, outcome)
         yield outcome
 
@@ -464,6 +470,7 @@ def prune_memory(*, memory: str, mode: Optional[pruning.PruningMode], threshold:
     Raises:
       FlagError: a bad value or combination (`check_prune_options`).
       ConcurrentUpdateError: the memory moved on meanwhile; nothing was published.
+      AfterPublishError: the prune's version is published, then writing its summary failed.
     """
     check_prune_options(mode=mode, threshold=threshold, k=k, counts_only=counts_only, count_buckets=count_buckets)
     options = resolve_pipeline_options(pipeline_options)
@@ -472,8 +479,14 @@ def prune_memory(*, memory: str, mode: Optional[pruning.PruningMode], threshold:
     p = test_pipeline or beam.Pipeline(options=options)
     prune_pipeline(p, root=root, manifest=manifest, mode=mode, k=k, threshold=threshold, counts_only=counts_only,
                    query_batch=query_batch, count_buckets=count_buckets)
-    result = p.run()
-    result.wait_until_finish()
+    try:
+        result = p.run()
+        result.wait_until_finish()
+    except Exception as e:  # pylint: disable=broad-except  # Runners wrap worker errors in their own types.
+        after = after_publish_error(e)
+        if after is None:
+            raise
+        raise after from e
     return result
 
 

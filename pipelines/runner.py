@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Sequence, Union
 if TYPE_CHECKING:
     from apache_beam.options.pipeline_options import PipelineOptions
 
+    from memory.store.after_publish import AfterPublishError
+
 # Beam 2.77's FnApiRunner in --direct_running_mode=multi_threading corrupts data between stages when
 # several worker threads run bundles of large elements at once: measured here, `vmem evaluate` on 3,000
 # queries sometimes reported 2,999 queries (one silently lost), sometimes allocated 24 GB and was killed,
@@ -31,6 +33,29 @@ class FlagError(ValueError):
     ...) checks its arguments, before anything is read or written. The ``vmem`` commands
     report it as a usage error (exit status 2); every other exception of a job is a runtime failure.
     """
+
+
+def runner_error(error: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The first exception of ``kinds`` in ``error`` or its cause/context chain: runners re-raise a worker's
+    error wrapped in, or chained to, their own types."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, kinds):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def after_publish_error(error: BaseException) -> AfterPublishError | None:
+    """The AfterPublishError a job's worker raised, from the runner's error: in its chain (in-process runners) or
+    in its text (remote runners report a worker's traceback as text); without the runner's step annotation."""
+    # Imported here: the `vmem` commands import this module, and `memory` imports numpy and ScaNN.
+    from memory.store.after_publish import AfterPublishError  # pylint: disable=g-import-not-at-top
+    found = runner_error(error, (AfterPublishError,))
+    if isinstance(found, AfterPublishError):
+        return found.without_runner_step()
+    return AfterPublishError.from_text(str(error))
 
 
 def _has_flag(args: Sequence[str], name: str) -> bool:

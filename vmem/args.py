@@ -6,7 +6,9 @@ reports errors the same way (as the ``git`` and ``beam`` command lines do):
 * 0: success.
 * 1: a runtime failure: a file or memory that does not exist or cannot be read, data that cannot be used,
   another writer publishing first, a job that failed. ``vmem CMD: error: MESSAGE`` says what failed and
-  what to do; ``VMEM_DEBUG=1`` re-raises instead, for the traceback.
+  what to do; ``VMEM_DEBUG=1`` re-raises instead, for the traceback. A writer that published its version
+  and then failed (a clean-up, a purge) says so first: ``published version N of MEMORY (readers get it
+  now); then STEP failed: CAUSE. FIX`` (memory.store.after_publish).
 * 2: a usage error: an unknown or missing flag, a value outside the flag's allowed values, flags that
   exclude each other. ``vmem CMD: error: MESSAGE`` names the flag.
 
@@ -56,6 +58,10 @@ def error_message(error: BaseException) -> str:
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("visual_memory").setLevel(logging.INFO)
+    if not os.environ.get("VMEM_DEBUG"):
+        # Beam logs a failing DoFn's traceback before the job fails; the command reports that failure in its one
+        # message, and VMEM_DEBUG=1 shows the traceback.
+        logging.getLogger("apache_beam.runners.common").setLevel(logging.CRITICAL)
 
 
 def run_command(prog: str, body: Callable[[list[str]], int], argv: Sequence[str] | None = None) -> int:

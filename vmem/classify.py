@@ -14,8 +14,13 @@ Examples::
 Queries are embedded with the memory's own encoder (the EncoderSpec recorded in its manifest) and its
 preprocessing. Nothing here imports Apache Beam.
 
-Exit status: 0 on success; 1 on a runtime failure (missing memory, unreadable image); 2 on a bad flag
-(unknown rule, k < 1). The message names the bad value and the allowed values or the fix.
+An IMAGE that cannot be read (missing, a directory, not an image) does not stop the others: every readable
+one is answered (embedded in batches as usual), and each unreadable one gets a record in its place (text:
+``unreadable REASON``; JSON: ``{"image", "error"}``) and a line on stderr.
+
+Exit status: 0 when every image was classified; 1 on a runtime failure (missing memory) and when some images
+could not be read (the others are answered; when none could, only the reasons are printed, on stderr); 2 on
+a bad flag (unknown rule, k < 1). The message names the bad value and the allowed values or the fix.
 """
 
 from __future__ import annotations
@@ -32,10 +37,11 @@ from collections.abc import Sequence
 from memory import storage
 from memory.decide.explain import Prediction
 from memory.decide.voting import VotingParams, VotingRule
+from memory.queries import OnUnreadable, UnreadableQuery
 from pipelines import rerank_args
-from vmem.args import RaisingArgumentParser, UsageError, run_command
+from vmem.args import EXIT_FAILURE, RaisingArgumentParser, UsageError, run_command
 
-__all__ = ["build_parser", "main", "render_html", "render_text"]
+__all__ = ["build_parser", "main", "render_html", "render_text", "render_unreadable"]
 
 _TOP_SCORES = 5
 _THUMB_PX = 128
@@ -46,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     allowed = ", ".join(r.value for r in VotingRule)
     defaults = VotingParams()
     parser = RaisingArgumentParser(prog="vmem classify",
-                     description="Classify images by their nearest neighbours in a visual memory.")
+                     description="Classify images by their nearest neighbours in a visual memory.",
+                     epilog="Exit status: 0 every image classified; 1 a runtime failure, or some images could not be "
+                            "read (each is named with its reason, every readable one is answered); 2 a bad flag.")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (local paths or gs://)")
     parser.add_argument("--memory", required=True, help="memory directory (local or gs://)")
     parser.add_argument("--rule", default=VotingRule.RANK.value, help=f"voting rule ({allowed}; default rank)")
@@ -79,6 +87,10 @@ class _DryRun:
     def rerank(self, request):
         from memory.rerank.base import RerankOutcome, RerankReason
         return RerankOutcome(request.vote_label, RerankReason.DRY_RUN)
+
+
+def _local(image: str) -> str:
+    return image[len("file://"):] if image.startswith("file://") else image
 
 
 def _parse_k(text: str) -> int:
@@ -126,7 +138,14 @@ def render_text(image: str, prediction: Prediction, *, explain: bool) -> str:
     return "\n".join(lines)
 
 
-def _json_result(image: str, prediction: Prediction, *, explain: bool) -> dict:
+def render_unreadable(image: str, unreadable: UnreadableQuery) -> str:
+    """The text record of a query image that could not be read: its name and the reason."""
+    return f"{image}\n  unreadable {unreadable.reason}"
+
+
+def _json_result(image: str, prediction: Prediction | UnreadableQuery, *, explain: bool) -> dict:
+    if isinstance(prediction, UnreadableQuery):
+        return {"image": image, "error": prediction.reason}
     out = {"image": image, **prediction.to_dict()}
     if not explain:
         del out["neighbors"]
@@ -233,12 +252,13 @@ def _run(argv: Sequence[str]) -> int:
         params = VotingParams(softmax_tau=args.tau, rank_alpha=args.alpha)
     except ValueError as e:
         raise UsageError(f"--tau/--alpha: {e}") from None
-    # Cheap checks before the memory and the encoder load (seconds).
-    for image in args.images:
-        local = image[len("file://"):] if image.startswith("file://") else image
-        if not storage.is_gcs(local) and not os.path.isfile(local):
-            raise FileNotFoundError(f"IMAGE {image!r} is not a readable file; pass paths of image files "
-                                    "(PNG, JPEG, ...)")
+    # Cheap check before the memory and the encoder load (seconds): nothing to answer when no image exists.
+    # Some missing ones are reported in their places, the others answered.
+    missing = [image for image in args.images
+               if not storage.is_gcs(_local(image)) and not os.path.isfile(_local(image))]
+    if len(missing) == len(args.images):
+        raise FileNotFoundError("; ".join(f"IMAGE {image!r} is not a readable file" for image in missing)
+                                + "; pass paths of image files (PNG, JPEG, ...)")
     if args.abstain_below is not None and not 0.0 <= args.abstain_below <= 1.0:
         raise UsageError(f"--abstain-below must be a probability in [0, 1], got {args.abstain_below}; e.g. 0.8")
     try:
@@ -262,8 +282,14 @@ def _run(argv: Sequence[str]) -> int:
     predictions = memory.classify(list(args.images), rule=rule, k=k, params=params,
                                   abstain_below=args.abstain_below, filters=query_filter, crowding=crowding,
                                   rerank=reranker, rerank_below=args.rerank_below, rerank_top_n=args.rerank_top_n,
-                                  rerank_cache=None if args.rerank_cache is None else ResponseCache(args.rerank_cache))
+                                  rerank_cache=None if args.rerank_cache is None else ResponseCache(args.rerank_cache),
+                                  on_unreadable=OnUnreadable.REPORT)
+    unreadable = [p for p in predictions if isinstance(p, UnreadableQuery)]
+    if len(unreadable) == len(predictions):  # Nothing to show: the reasons are the whole answer.
+        raise ValueError("; ".join(u.reason for u in unreadable))
     results = list(zip(args.images, predictions))
+    answered = [(image, p) for image, p in results if not isinstance(p, UnreadableQuery)]
+    predictions = [p for _, p in answered]
     if reranker is not None:
         from collections import Counter
         reasons = Counter(p.rerank_reason for p in predictions)
@@ -273,13 +299,18 @@ def _run(argv: Sequence[str]) -> int:
               + (" (dry run: no call made)" if args.rerank_dry_run else ""), file=sys.stderr)
 
     if args.json:
-        print(json.dumps({"memory": args.memory, "results": [
+        print(json.dumps({"memory": args.memory, "unreadable": len(unreadable), "results": [
             _json_result(image, p, explain=args.explain) for image, p in results]}, indent=2))
     else:
-        print("\n\n".join(render_text(image, p, explain=args.explain) for image, p in results))
+        print("\n\n".join(render_unreadable(image, p) if isinstance(p, UnreadableQuery)
+                           else render_text(image, p, explain=args.explain) for image, p in results))
     if args.html:
-        storage.write_text(args.html, render_html(args.memory, results))
+        storage.write_text(args.html, render_html(args.memory, answered))
         print(f"wrote {args.html}", file=sys.stderr)
+    if unreadable:
+        print(f"vmem classify: error: {len(unreadable)} of {len(results)} images could not be read (the other "
+              f"{len(answered)} are answered):\n" + "\n".join(f"  {u.reason}" for u in unreadable), file=sys.stderr)
+        return EXIT_FAILURE
     return 0
 
 

@@ -19,7 +19,8 @@ when the old shard files holding the embeddings are deleted.
 
 The ids file holds one id per line (blank lines ignored). Exit status: 0 on success; 1 when nothing can be
 forgotten as asked (an unknown id, label or prefix, a missing or empty ids file, not a memory, another
-writer publishing first); 2 on a bad flag. The message names the bad value.
+writer publishing first), and when ``--purge-history`` fails after the forget was published (the message
+names the published version first, then what failed); 2 on a bad flag. The message names the bad value.
 """
 
 from __future__ import annotations
@@ -87,7 +88,13 @@ def _run(argv: Sequence[str]) -> int:
                       expected_version=args.expected_version, request_purge=args.purge_history)
     forget_s = time.perf_counter() - start
     change = manifest.change
-    purged = purge_history(root) if args.purge_history else []
+    purged = []
+    if args.purge_history:
+        from memory.store.after_publish import after_publish  # pylint: disable=g-import-not-at-top
+        with after_publish(root=root, version=manifest.version, step="purging the history (--purge-history)",
+                           fix="The forgotten entries are hidden from every reader of the latest version; fix what "
+                               "it names, then run `vmem reindex`, which finishes the purge this forget asked for."):
+            purged = purge_history(root)
     elapsed = time.perf_counter() - start
     result = {"memory": root, "version": manifest.version, "parent": manifest.parent,
               "forgotten": change["forgotten"], "forgotten_total": change["forgotten_total"],

@@ -12,7 +12,8 @@ also spelled with underscores, as template parameters are.
 Exit status: 0 re-indexed and published; 10 nothing to do (``--if-needed`` and below both thresholds; the
 reason is printed; ``--nothing-to-do-status`` changes it, e.g. 0 under a scheduler); 1 failure, including no
 memory at --memory and a concurrent publish (another writer published version n+1 first: nothing of this run
-is live; re-run it); 2 a bad flag.
+is live; re-run it) and a failure after the publish (the message names the published version first, then
+what failed: the memory is readable at the new version); 2 a bad flag.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def _published(job, seconds: float) -> dict:
 
 def _run(argv: Sequence[str]) -> int:
     from memory.store.versions import ConcurrentUpdateError  # pylint: disable=g-import-not-at-top
+    from memory.store.after_publish import AfterPublishError, cause_text  # pylint: disable=g-import-not-at-top
     from pipelines import reindex  # pylint: disable=g-import-not-at-top
     start = time.perf_counter()
     args, beam_args = reindex.parse_flags(argv, build_parser())
@@ -84,12 +86,13 @@ def _run(argv: Sequence[str]) -> int:
         print(f"vmem reindex: re-indexing although not needed by the thresholds ({job.reason})")
     try:
         reindex.execute(job, beam_args)
-    except (ConcurrentUpdateError, reindex.ReindexError):
+    except (ConcurrentUpdateError, reindex.ReindexError, AfterPublishError):
         raise
     except Exception as e:  # pylint: disable=broad-except  # Any failure of the job: say what is live now.
+        # execute raises AfterPublishError once this run's version is published, so here nothing of it is.
         raise reindex.ReindexError(
-            f"{type(e).__name__}: {e}\nversion {job.version} is unchanged unless a version {job.new_version} with "
-            f"change.job={job.job_token!r} was published; re-run `vmem reindex`") from e
+            f"{cause_text(e)}\nversion {job.version} is unchanged (nothing of this run was "
+            "published); re-run `vmem reindex`") from e
     r = _published(job, time.perf_counter() - start)
     if r.get("submitted"):
         print(f"vmem reindex: submitted the job that publishes version {job.new_version} of {job.root}")

@@ -21,6 +21,7 @@ import apache_beam as beam
 
 from encoders.bundled import resolve_preprocess
 from memory import storage
+from memory.store.after_publish import after_publish
 from memory.store.manifest import ManifestError, ShardInfo
 from memory.store.mutations import DuplicateIdError, extended_class_names
 from memory.store.versions import ConcurrentUpdateError, read_version
@@ -31,7 +32,7 @@ from pipelines.add.plan import (DEFAULT_DELTA_SHARD_SIZE, AddError, AddPlan, aba
                                 remove_add_leftovers)
 from pipelines.build import is_precomputed, read_precomputed
 from pipelines.io.readers import ImageSource, ReadImages, parse_image_spec
-from pipelines.runner import BeamOptions, FlagError, resolve_pipeline_options
+from pipelines.runner import BeamOptions, FlagError, after_publish_error, resolve_pipeline_options, runner_error
 from pipelines.stages.embed import DecodeImages, EmbedImages, EncoderMismatchError
 from pipelines.stages.write import EntriesToBlocks, block_class_names, count_rows
 
@@ -69,7 +70,10 @@ class _PublishAddFn(beam.DoFn):
         except (AddError, ConcurrentUpdateError):
             abandon_add(plan)
             raise
-        removed = remove_add_leftovers(plan, manifest)
+        with after_publish(root=plan.root, version=manifest.version, step="removing this add's spill files and "
+                           "abandoned delta shard attempts", fix="The added entries are live; the leftovers are "
+                           "referenced by no version and never read."):
+            removed = remove_add_leftovers(plan, manifest)
         _LOG.info("published version %d of %s: added %d entries in %d delta shard(s), new classes %s; %d failed "
                   "(%s); %d abandoned delta shard attempt(s) removed", manifest.version, plan.root, counts.added,
                   len(infos), manifest.change["new_classes"], counts.failed, sorted(dead_letter_files), len(removed))
@@ -171,17 +175,6 @@ def add_pipeline(p: beam.Pipeline, *, plan: AddPlan, source, target_size: int, m
                                            dead_letter_files=dead_letter_files)
 
 
-def _cause(error: BaseException, kinds: tuple[type, ...]) -> BaseException | None:
-    """The first exception of ``kinds`` in ``error``'s cause/context chain (runners wrap DoFn errors)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, kinds):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
-
-
 _USER_ERRORS = (ConcurrentUpdateError, DuplicateIdError, AddError, EncoderMismatchError, ManifestError)
 
 
@@ -212,6 +205,7 @@ def add_to_memory(*, memory: str, source: ImageSource | EmbeddingSource, encoder
       ConcurrentUpdateError: another writer published after launch; nothing was published, re-run.
       AddError: no entry could be added, the workers ran a different encoder, or precomputed embeddings of
         another encoder (or dim) than the memory's.
+      AfterPublishError: the new version is published, then removing this add's leftovers failed.
     """
     if delta_shard_size < 1:
         raise FlagError(f"--delta-shard-size must be >= 1, got {delta_shard_size}.")
@@ -243,7 +237,10 @@ def add_to_memory(*, memory: str, source: ImageSource | EmbeddingSource, encoder
         result = p.run()
         result.wait_until_finish()
     except Exception as e:  # Runners wrap DoFn errors in their own types; surface ours unchanged.
-        cause = _cause(e, _USER_ERRORS)
+        after = after_publish_error(e)
+        if after is not None:
+            raise after from e
+        cause = runner_error(e, _USER_ERRORS)
         if cause is not None and cause is not e:
             raise type(cause)(str(cause)) from e
         raise

@@ -16,6 +16,7 @@ import numpy as np
 
 from memory import storage
 from memory.store import compaction
+from memory.store.after_publish import after_publish
 from memory.store.manifest import Manifest, ShardInfo, WeightsRef, sha256_checksum
 from memory.store.metadata import metadata_without
 from memory.store.mutations import WEIGHTS_DIR, in_sorted, purge_history, read_entry_weights, read_forgotten
@@ -114,14 +115,22 @@ def publish(job: ReindexJob, plan: compaction.ReindexPlan, rebuilt: dict[int, Sh
 
     Raises:
       ConcurrentUpdateError: another writer published version n+1 first; nothing of this run is live.
+      AfterPublishError: version n+1 is published; a step after it (spill files, purge, orphans) failed.
     """
     published = published_by(job.root, job.new_version, job.job_token)
     if published is None:
         published = publish_version(job.root, assemble_manifest(job, plan, rebuilt), expected_parent=job.version)
         _LOG.info("reindex: published version %d of %s", published.version, job.root)
-    storage.remove_tree(job.spill_dir)
+    # Readers get the new version from here on: a failure below is reported as one after the publish.
+    finish = "Fix what it names, then re-run `vmem reindex`: it finishes this clean-up."
+    with after_publish(root=job.root, version=published.version, step="removing the job's spill files", fix=finish):
+        storage.remove_tree(job.spill_dir)
     if job.purge:
-        purged = purge_history(job.root)
+        with after_publish(root=job.root, version=published.version,
+                           step="purging the history (a forget asked for --purge-history)", fix=finish):
+            purged = purge_history(job.root)
         _LOG.info("reindex: purged versions %s (a forget requested --purge-history)", purged)
-    remove_orphans(job.root)
+    with after_publish(root=job.root, version=published.version,
+                       step="removing orphan directories of crashed re-index runs", fix=finish):
+        remove_orphans(job.root)
     return published

@@ -11,11 +11,12 @@ from typing import Optional, Sequence
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from memory.store.after_publish import AfterPublishError
 from memory.store.versions import ConcurrentUpdateError, latest_version
 from pipelines.reindex.plan import ReindexJob, finish_pending_purge, prepare_job, published_by
 from pipelines.reindex.commit import publish
 from pipelines.reindex.stages import SUMMARY, ReadLiveRowsFn, ScanSourceFn, WriteTargetShardFn, make_plan
-from pipelines.runner import FlagError, with_default_runner
+from pipelines.runner import FlagError, after_publish_error, with_default_runner
 
 _LOG = logging.getLogger("visual_memory")
 REINDEX_DESCRIPTION = ("The re-index job: fold delta shards into the main shards and drop forgotten rows "
@@ -120,6 +121,8 @@ def execute(job: ReindexJob, beam_args: Sequence[str] = (), test_pipeline: Optio
     Raises:
       ConcurrentUpdateError: the memory moved past version n (before the run, or another writer won the
         publish); nothing of this run is live.
+      AfterPublishError: version n+1 is published (readers get it), then the job failed (its clean-up, the
+        purge a forget asked for); the message names the version first, then the failure.
     """
     latest = latest_version(job.root)
     if latest != job.version:
@@ -134,9 +137,15 @@ def execute(job: ReindexJob, beam_args: Sequence[str] = (), test_pipeline: Optio
             result.wait_until_finish()
     except Exception as e:  # pylint: disable=broad-except  # Runners wrap worker errors in their own types.
         latest = latest_version(job.root)
-        if latest > job.version and published_by(job.root, job.new_version, job.job_token) is None:
+        published = published_by(job.root, job.new_version, job.job_token)
+        if latest > job.version and published is None:
             raise ConcurrentUpdateError.stale(job.root, job.new_version, job.version, latest) from e
-        raise
+        if published is None:
+            raise
+        # This run's version is live: say so first, then what failed after it.
+        raise after_publish_error(e) or AfterPublishError.after(
+            root=job.root, version=job.new_version, step="the re-index job", error=e,
+            fix="Re-run `vmem reindex` to finish its clean-up.") from e
     return result
 
 

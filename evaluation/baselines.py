@@ -69,7 +69,7 @@ def memory_pixel_baseline(root: str, manifest, query_uris: Sequence[str], query_
     forgotten = load_forgotten(root, manifest)
     uris, labels = [], []
     for info in searchable_shards(manifest):
-        data = read_shard_data(storage.join(root, info.path))
+        data = read_shard_data(storage.join(root, info.path), info)
         live = ~np.isin(data.ids.astype(str), forgotten)  # The baseline sees exactly the live memory.
         uris += [str(u) for u in data.uris[live]]
         labels.append(data.labels[live])

@@ -81,8 +81,10 @@ class VisualMemory:
                  forgotten: np.ndarray | None = None,
                  entry_weights: tuple[np.ndarray, np.ndarray] | None = None,
                  search_threads: int | None = None, router: Router | None = None,
-                 units: Sequence[tuple[int, ...]] | None = None):
+                 units: Sequence[tuple[int, ...]] | None = None, verify: bool = True):
         self._root = root
+        # Shard files read after opening (embeddings, uris) are checked against the manifest like those at open.
+        self._verify = verify
         # Partition-routed memories send each query only to the main shards its nearest centroids route it to.
         self._router = router
         self._route_probes: int | None = None
@@ -108,7 +110,7 @@ class VisualMemory:
                 "+".join(infos[s].name for s in unit), index, ids[lo:hi], labels[lo:hi], dead=self._dead[lo:hi],
                 weights=None if weights is None else weights[lo:hi],
                 shard_dirs=[storage.join(root, infos[s].path) for s in unit], class_names=manifest.class_names,
-                metadata=metadata))
+                metadata=metadata, shard_infos=[infos[s] for s in unit], verify=verify))
         self._unit_shards = units
         self._row_of_id: dict[str, int] | None = None
         self._embeddings: np.ndarray | None = None
@@ -121,7 +123,7 @@ class VisualMemory:
         self._pool_lock = threading.Lock()
 
     @classmethod
-    def open(cls, path: str, *, version: int | None = None, verify: bool = False,
+    def open(cls, path: str, *, version: int | None = None, verify: bool = True,
              search_threads: int | None = None, search_defaults: bool = True,
              load_encoder: bool = False, merge_shards: bool = True) -> VisualMemory:
         """Opens a memory at its latest version, or at a pinned one.
@@ -129,7 +131,11 @@ class VisualMemory:
         Args:
           path: Memory root (the directory holding versions/ and manifest.json), local or ``gs://``.
           version: A version number to open instead of the latest (see `memory.store.versions.history`).
-          verify: Recompute every shard's checksum against the manifest (reads all embeddings).
+          verify: Check every shard file as it is loaded against the size and crc32c the manifest records of
+            it (memory.store.integrity: on the bytes loading reads anyway; a shard written before those were
+            recorded is checked by its whole-shard sha256, a full read). A mismatch raises `ShardCorruptError`
+            naming the shard and the file, and nothing is served. False skips the check, accepting the risk
+            of serving altered or damaged files.
           search_threads: Threads `search` uses (ScaNN releases the GIL): a batch of at least 64 queries per
             thread is split into that many query chunks, each routed, searched and merged on its own thread;
             a smaller one has its shards searched in parallel. None -> one per CPU, at most one per shard;
@@ -149,7 +155,7 @@ class VisualMemory:
         Raises:
           ManifestError: no manifest ("not a visual memory: ..."), no such version, unsupported
             format_version, malformed manifest, missing shard/tombstone/weights files or (with verify) a
-            checksum mismatch.
+            shard file that differs from the manifest (`memory.store.integrity.ShardCorruptError`).
         """
         root = path.rstrip("/") if len(path) > 1 else path
         manifest = read_manifest(root, version=version)
@@ -158,8 +164,8 @@ class VisualMemory:
         ids, labels = read_entry_tables(dirs, infos, num_classes=len(manifest.class_names), verify=verify)
         row_offsets = np.cumsum([0] + [info.count for info in infos])
         # Hash shards built from one index template are searched as one index (memory.index.template).
-        units = search_units(root, manifest, merge=merge_shards)
-        indices = [load_unit_index([dirs[s] for s in unit], [infos[s] for s in unit]) for unit in units]
+        units = search_units(root, manifest, merge=merge_shards, verify=verify)
+        indices = [load_unit_index([dirs[s] for s in unit], [infos[s] for s in unit], verify=verify) for unit in units]
         for unit, index in zip(units, indices):
             if index is not None and index.dim != manifest.dim:
                 raise ManifestError(f"shard {infos[unit[0]].name}: index of dim {index.dim}, manifest says "
@@ -173,7 +179,7 @@ class VisualMemory:
                                 f"{int(np.isin(all_ids, forgotten).sum())} of them are in its shards")
         memory = cls(root, manifest, indices, all_ids, all_labels, np.asarray(offsets, dtype=np.int64),
                      forgotten=forgotten, entry_weights=read_entry_weights(root, manifest),
-                     search_threads=search_threads, router=read_router(root, manifest), units=units)
+                     search_threads=search_threads, router=read_router(root, manifest), units=units, verify=verify)
         setting = default_setting(manifest) if search_defaults else None
         if setting is not None:
             memory = memory.with_search_params(**setting.search_params())
@@ -381,7 +387,8 @@ class VisualMemory:
         if unknown:
             raise KeyError(f"{len(unknown)} unknown id(s) (not in this memory): {unknown[:20]}")
         if self._embeddings is None:
-            parts = [read_shard_embeddings(storage.join(self._root, info.path)).reshape(-1, self.dim)
+            parts = [read_shard_embeddings(storage.join(self._root, info.path), info,
+                                           verify=self._verify).reshape(-1, self.dim)
                      for info in self._manifest.all_shards]
             self._embeddings = (np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)).astype(
                 np.float32, copy=False)
@@ -402,7 +409,7 @@ class VisualMemory:
             # Only the entry table is read (not the embeddings): explanations need the source of k entries.
             parts = []
             for info in self._manifest.all_shards:
-                uris = read_shard_entries(storage.join(self._root, info.path)).uris
+                uris = read_shard_entries(storage.join(self._root, info.path), info, verify=self._verify).uris
                 if uris.shape != (info.count,):
                     raise ManifestError(f"shard {info.name}: {info.path} holds {uris.shape} uris, manifest says "
                                         f"{info.count} entries; rebuild the memory")

@@ -50,6 +50,7 @@ from memory.decide.voting import VotingParams, VotingRule
 from memory.search.filters import Crowding, QueryFilter
 from memory.search.routing import check_route_ratio
 from memory.search.setting import default_setting
+from memory.store.integrity import NO_VERIFY_HELP
 from memory.store.manifest import Manifest
 from memory.store.versions import read_manifest
 from pipelines import rerank_args
@@ -203,7 +204,8 @@ def evaluate_pipeline(p: beam.Pipeline, *, root: str, manifest: Manifest, source
                       route_probes: int | None = None, route_ratio: float | None = None,
                       default_filter: QueryFilter | None = None, query_filters: Mapping[str, dict] | None = None,
                       crowding: Crowding | None = None, rerank: RerankOptions | None = None,
-                      pixel_baseline: int | None = None, extra: Mapping[str, Any] | None = None) -> None:
+                      pixel_baseline: int | None = None, extra: Mapping[str, Any] | None = None,
+                      verify: bool = True) -> None:
     """Adds the evaluation graph to ``p``: queries -> search -> merge -> neighbour files + EvaluationSummary.
 
     Args:
@@ -227,6 +229,8 @@ def evaluate_pipeline(p: beam.Pipeline, *, root: str, manifest: Manifest, source
       rerank: The re-rank stage's settings, or None.
       pixel_baseline: K of the raw-pixel kNN baseline the report adds (the summary then lists every query's uri).
       extra: What the report records about the filters, crowding and re-ranking (`selection_report`).
+      verify: Workers check every shard file they load against the manifest (memory.store.integrity); False
+        accepts the risk of searching altered files.
 
     Raises:
       EvaluationError: the memory cannot answer these queries: routing options on a hash-sharded memory, an
@@ -267,7 +271,7 @@ def evaluate_pipeline(p: beam.Pipeline, *, root: str, manifest: Manifest, source
                                                 route_probes=route_probes, route_ratio=route_ratio,
                                                 default_filter=default_filter, query_filters=query_filters,
                                                 crowding=crowding, with_uris=rerank is not None, setting=setting,
-                                                search_threads=search_threads)
+                                                search_threads=search_threads, verify=verify)
               | "MergeNeighbors" >> MergeNeighbors(k_max, crowding))
     neighbor_files = merged | "WriteNeighbors" >> WriteNeighbors(output, manifest.class_names)
     failures = failure_sets | "AllFailures" >> beam.Flatten()
@@ -367,6 +371,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                              "every main shard whose nearest centroid is at most R times as far as its nearest "
                              "centroid (R >= 1; measured at 1M: 1.1-1.3 reach probes 8's coverage at 1.02-1.15 shards per "
                              "query, probes 8 3.45)")
+    parser.add_argument("--no-verify", dest="verify", action="store_false", help=NO_VERIFY_HELP)
     parser.add_argument("--version", type=int, default=None, metavar="N",
                         help="evaluate this pinned version of the memory (default: the latest); e.g. the version "
                              "before a hard prune, to compare")
@@ -435,8 +440,8 @@ def evaluate_memory(*, memory: str, source: ImageSource | EmbeddingSource, outpu
                     default_filter: QueryFilter | None = None, filters_file: str | None = None,
                     crowding: Crowding | None = None, rerank: RerankOptions | None = None,
                     pixel_baseline: int | None = None, query_encoder: EncoderSpec | None = None,
-                    pipeline_options: BeamOptions = None, test_pipeline: Optional[beam.Pipeline] = None
-                    ) -> beam.runners.runner.PipelineResult:
+                    verify: bool = True, pipeline_options: BeamOptions = None,
+                    test_pipeline: Optional[beam.Pipeline] = None) -> beam.runners.runner.PipelineResult:
     """Evaluates ``source``'s queries against ``memory``: checks the arguments, builds the graph, runs it.
 
     Writes the neighbour files and ``evaluation-summary.json`` into ``output``; the report is
@@ -462,6 +467,7 @@ def evaluate_memory(*, memory: str, source: ImageSource | EmbeddingSource, outpu
       pixel_baseline: K of the raw-pixel kNN baseline the report adds.
       query_encoder: With an ImageSource: the encoder the caller means the queries to be embedded with
         (``--config``'s); refused unless it is the memory's.
+      verify: Check every shard file the workers load against the manifest (``--no-verify``: False).
       pipeline_options: Runner settings: Beam flags or a PipelineOptions (`pipelines.runner.BeamOptions`;
         default: one in-process worker).
       test_pipeline: Build the graph on this pipeline instead of one made from ``pipeline_options``.
@@ -487,7 +493,7 @@ def evaluate_memory(*, memory: str, source: ImageSource | EmbeddingSource, outpu
                       version=version, k_max=k_max, params=params, query_batch=query_batch,
                       search_threads=search_threads, route_probes=route_probes, route_ratio=route_ratio,
                       default_filter=default_filter, query_filters=query_filters, crowding=crowding, rerank=rerank,
-                      pixel_baseline=pixel_baseline,
+                      pixel_baseline=pixel_baseline, verify=verify,
                       extra=selection_report(default_filter=default_filter, query_filters=query_filters,
                                              filters_file=filters_file, crowding=crowding, rerank=rerank))
     storage.makedirs(output)
@@ -528,4 +534,5 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
                            search_threads=args.search_threads, route_probes=args.route_probes,
                            route_ratio=args.route_ratio, default_filter=default_filter, filters_file=args.filters,
                            crowding=crowding, rerank=_rerank_options(args, spec), pixel_baseline=args.pixel_baseline,
-                           query_encoder=query_encoder, pipeline_options=beam_args, test_pipeline=test_pipeline)
+                           query_encoder=query_encoder, verify=args.verify, pipeline_options=beam_args,
+                           test_pipeline=test_pipeline)

@@ -56,6 +56,7 @@ from memory.decide import pruning
 
 from memory import storage
 from memory.store.after_publish import after_publish
+from memory.store.integrity import NO_VERIFY_HELP
 from memory.store.manifest import Manifest
 from memory.store.versions import read_manifest
 from memory.search.shard_search import load_forgotten, searchable_shards
@@ -88,15 +89,16 @@ class PruneOutcome(NamedTuple):
 class _ReadShardEntriesFn(beam.DoFn):
     """shard index -> EmbeddedImage for each live row of that shard (its stored embedding)."""
 
-    def __init__(self, root: str, manifest: Manifest):
+    def __init__(self, root: str, manifest: Manifest, verify: bool = True):
         self._root = root
         self._manifest = manifest
+        self._verify = verify
         self._read = Metrics.counter(_NAMESPACE, "prune_entries_read")
 
     def process(self, shard_index: int) -> Iterable[EmbeddedImage]:
         from memory.store.shard import read_shard_data
         info = searchable_shards(self._manifest)[shard_index]
-        data = read_shard_data(storage.join(self._root, info.path))
+        data = read_shard_data(storage.join(self._root, info.path), info, verify=self._verify)
         ids = data.ids.astype(str)
         live = ~np.isin(ids, load_forgotten(self._root, self._manifest))
         names = self._manifest.class_names
@@ -107,12 +109,14 @@ class _ReadShardEntriesFn(beam.DoFn):
 
 
 class ReadMemoryEntries(beam.PTransform):
-    """The live entries of one version (main and delta shards, forgotten excluded) as EmbeddedImage."""
+    """The live entries of one version (main and delta shards, forgotten excluded) as EmbeddedImage; ``verify``:
+    check the shard files read against the manifest (memory.store.integrity)."""
 
-    def __init__(self, root: str, manifest: Manifest):
+    def __init__(self, root: str, manifest: Manifest, *, verify: bool = True):
         super().__init__()
         self._root = root
         self._manifest = manifest
+        self._verify = verify
 
     def expand(self, pbegin):
         shards = [i for i, s in enumerate(searchable_shards(self._manifest)) if s.count > 0]
@@ -120,7 +124,7 @@ class ReadMemoryEntries(beam.PTransform):
                 | "ShardIndices" >> beam.Create(shards)
                 # One shard per worker; the reads then fan out in parallel.
                 | "Spread" >> beam.Reshuffle()
-                | "ReadShard" >> beam.ParDo(_ReadShardEntriesFn(self._root, self._manifest)))
+                | "ReadShard" >> beam.ParDo(_ReadShardEntriesFn(self._root, self._manifest, self._verify)))
 
 
 class _MislabelledHitsFn(beam.DoFn):
@@ -307,9 +311,10 @@ class _PublishFn(beam.DoFn):
     """
 
     def __init__(self, root: str, manifest: Manifest, mode: Optional[pruning.PruningMode], k: int,
-                 threshold: Optional[int], counts_only: bool, buckets: int):
+                 threshold: Optional[int], counts_only: bool, buckets: int, verify: bool = True):
         self._root = root
         self._manifest = manifest
+        self._verify = verify  # The publish reads the shards' ids again.
         self._mode = mode
         self._k = k
         self._threshold = threshold
@@ -343,10 +348,11 @@ class _PublishFn(beam.DoFn):
             if selected.size:
                 try:
                     if self._mode is pruning.PruningMode.HARD:
-                        m = mutations.forget(self._root, ids=selected.tolist(), expected_version=n)
+                        m = mutations.forget(self._root, ids=selected.tolist(), expected_version=n,
+                                             verify=self._verify)
                     else:
                         m = mutations.publish_entry_weights(self._root, ids=selected.tolist(), weights=gamma,
-                                                            params=params, expected_version=n)
+                                                            params=params, expected_version=n, verify=self._verify)
                 except ConcurrentUpdateError:
                     m = _already_published(self._root, n, self._mode, selected, params)
                     if m is None:
@@ -383,6 +389,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--counts-only", action="store_true",
                         help="write the counts and summary, publish nothing")
     parser.add_argument("--query-batch", type=int, default=256, help="self-queries per shard search call")
+    parser.add_argument("--no-verify", dest="verify", action="store_false", help=NO_VERIFY_HELP)
     parser.add_argument("--count-buckets", type=int, default=None, metavar="N",
                         help="id-hash buckets the counts are decided and written in (default: one per "
                              f"{ENTRIES_PER_COUNT_BUCKET:,} entries); no worker holds more than one bucket's counts")
@@ -417,7 +424,7 @@ def check_args(args: argparse.Namespace) -> Optional[pruning.PruningMode]:
 
 def prune_pipeline(p: beam.Pipeline, *, root: str, manifest: Manifest, mode: Optional[pruning.PruningMode],
                    k: int = pruning.PAPER_K, threshold: Optional[int] = None, counts_only: bool = False,
-                   query_batch: int = 256, count_buckets: Optional[int] = None) -> None:
+                   query_batch: int = 256, count_buckets: Optional[int] = None, verify: bool = True) -> None:
     """Adds the pruning graph to ``p``: self-query every live entry of ``manifest``, count, decide, publish.
 
     Args:
@@ -429,10 +436,11 @@ def prune_pipeline(p: beam.Pipeline, *, root: str, manifest: Manifest, mode: Opt
       counts_only: Write the counts and the summary, publish nothing.
       query_batch: Self-queries per shard search call.
       count_buckets: Id-hash buckets of the counts (None: one per ENTRIES_PER_COUNT_BUCKET entries).
+      verify: Check every shard file read or searched against the manifest (memory.store.integrity).
     """
-    entries = p | "ReadMemoryEntries" >> ReadMemoryEntries(root, manifest)
+    entries = p | "ReadMemoryEntries" >> ReadMemoryEntries(root, manifest, verify=verify)
     merged = (entries
-              | "SearchShards" >> SearchShards(root, manifest, k=k + 1, batch_size=query_batch)
+              | "SearchShards" >> SearchShards(root, manifest, k=k + 1, batch_size=query_batch, verify=verify)
               | "MergeNeighbors" >> MergeNeighbors(k + 1))
     counts = (merged, entries) | "CountMislabelledHits" >> CountMislabelledHits(manifest.class_names, k=k)
     buckets = count_buckets or max(1, math.ceil(manifest.total / ENTRIES_PER_COUNT_BUCKET))
@@ -442,13 +450,13 @@ def prune_pipeline(p: beam.Pipeline, *, root: str, manifest: Manifest, mode: Opt
     _ = (p
          | "Once" >> beam.Create([None])
          | "SummariseAndPublish" >> beam.ParDo(
-             _PublishFn(root, manifest, mode, k, threshold, counts_only, buckets),
+             _PublishFn(root, manifest, mode, k, threshold, counts_only, buckets, verify),
              bucket_counts=beam.pvalue.AsList(decided), entries_read=beam.pvalue.AsSingleton(entries_read)))
 
 
 def prune_memory(*, memory: str, mode: Optional[pruning.PruningMode], threshold: Optional[int] = None,
                  k: int = pruning.PAPER_K, counts_only: bool = False, query_batch: int = 256,
-                 count_buckets: Optional[int] = None, pipeline_options: BeamOptions = None,
+                 count_buckets: Optional[int] = None, verify: bool = True, pipeline_options: BeamOptions = None,
                  test_pipeline: Optional[beam.Pipeline] = None) -> beam.runners.runner.PipelineResult:
     """Prunes the latest version of ``memory``: checks the arguments, builds the graph, runs it to completion.
 
@@ -463,6 +471,7 @@ def prune_memory(*, memory: str, mode: Optional[pruning.PruningMode], threshold:
       counts_only: Write the counts and the summary, publish nothing.
       query_batch: Self-queries per shard search call.
       count_buckets: Id-hash buckets of the counts (None: one per ENTRIES_PER_COUNT_BUCKET entries).
+      verify: Check every shard file read or searched against the manifest (``--no-verify``: False).
       pipeline_options: Runner settings: Beam flags or a PipelineOptions (`pipelines.runner.BeamOptions`;
         default: one in-process worker).
       test_pipeline: Build the graph on this pipeline instead of one made from ``pipeline_options``.
@@ -478,7 +487,7 @@ def prune_memory(*, memory: str, mode: Optional[pruning.PruningMode], threshold:
     manifest = read_manifest(root)  # Version n, read once: everything below is computed on it.
     p = test_pipeline or beam.Pipeline(options=options)
     prune_pipeline(p, root=root, manifest=manifest, mode=mode, k=k, threshold=threshold, counts_only=counts_only,
-                   query_batch=query_batch, count_buckets=count_buckets)
+                   query_batch=query_batch, count_buckets=count_buckets, verify=verify)
     try:
         result = p.run()
         result.wait_until_finish()
@@ -501,4 +510,4 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
     args, beam_args = build_arg_parser().parse_known_args(argv)
     return prune_memory(memory=args.memory, mode=check_args(args), threshold=args.threshold, k=args.k,
                         counts_only=args.counts_only, query_batch=args.query_batch, count_buckets=args.count_buckets,
-                        pipeline_options=beam_args, test_pipeline=test_pipeline)
+                        verify=args.verify, pipeline_options=beam_args, test_pipeline=test_pipeline)

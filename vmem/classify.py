@@ -38,6 +38,7 @@ from memory import storage
 from memory.decide.explain import Prediction
 from memory.decide.voting import VotingParams, VotingRule
 from memory.queries import OnUnreadable, UnreadableQuery
+from memory.store.integrity import NO_VERIFY_HELP
 from pipelines import rerank_args
 from vmem.args import EXIT_FAILURE, RaisingArgumentParser, UsageError, run_command
 
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--html", metavar="FILE", default=None,
                         help="write a self-contained HTML page with each query and its neighbours")
     parser.add_argument("--json", action="store_true", help="print results as JSON instead of text")
+    parser.add_argument("--no-verify", dest="verify", action="store_false", help=NO_VERIFY_HELP)
     parser.add_argument("--abstain-below", type=float, default=None, metavar="P",
                         help="answer 'unknown' (with the reason) when the vote's confidence is below P in [0, 1]; "
                              "calibrated when the memory carries a calibration for this rule and k "
@@ -272,7 +274,7 @@ def _run(argv: Sequence[str]) -> int:
     from memory.store.manifest import ManifestError
     from memory.visual_memory import VisualMemory
     try:
-        memory = VisualMemory.open(args.memory)
+        memory = VisualMemory.open(args.memory, verify=args.verify)
     except ManifestError as e:
         raise ManifestError(f"--memory {args.memory!r}: {e}") from None
     reranker = None

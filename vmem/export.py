@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from memory.store.integrity import NO_VERIFY_HELP
 from vmem.args import RaisingArgumentParser, run_command
 
 __all__ = ["build_parser", "main"]
@@ -27,6 +28,7 @@ def build_parser() -> RaisingArgumentParser:
     parser.add_argument("--memory", required=True, help="memory directory (local or gs://)")
     parser.add_argument("--output", required=True, help="destination folder (local or gs://)")
     parser.add_argument("--version", type=int, default=None, help="version to export (default: the latest)")
+    parser.add_argument("--no-verify", dest="verify", action="store_false", help=NO_VERIFY_HELP)
     return parser
 
 
@@ -34,7 +36,7 @@ def _run(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     from memory.store.export import export_embeddings  # pylint: disable=g-import-not-at-top
     start = time.monotonic()
-    rows = export_embeddings(args.memory, args.output, version=args.version)
+    rows = export_embeddings(args.memory, args.output, version=args.version, verify=args.verify)
     print(f"exported {rows} entries to {args.output} (img_emb/ + metadata/) in {time.monotonic() - start:.1f}s; "
           f"build from them with --embeddings 'clip:{args.output},label_column=label'")
     return 0

@@ -31,6 +31,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from memory.store.integrity import NO_VERIFY_HELP
 from vmem.args import RaisingArgumentParser, run_command
 
 __all__ = ["build_parser", "main", "read_ids_file"]
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--purge-history", action="store_true",
                         help="also delete older versions that still show forgotten entries now, and have the "
                              "next `vmem reindex` purge the old shard files that hold their embeddings")
+    parser.add_argument("--no-verify", dest="verify", action="store_false", help=NO_VERIFY_HELP)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
 
@@ -85,7 +87,7 @@ def _run(argv: Sequence[str]) -> int:
     ids = read_ids_file(args.ids) if args.ids else None
     start = time.perf_counter()
     manifest = forget(root, ids=ids, label=args.label, source_prefix=args.source_prefix,
-                      expected_version=args.expected_version, request_purge=args.purge_history)
+                      expected_version=args.expected_version, request_purge=args.purge_history, verify=args.verify)
     forget_s = time.perf_counter() - start
     change = manifest.change
     purged = []

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from memory.store.integrity import NO_VERIFY_HELP
 from vmem.args import RaisingArgumentParser, run_command
 
 __all__ = ["build_parser", "main"]
@@ -37,6 +38,7 @@ def build_parser() -> RaisingArgumentParser:
     parser.add_argument("--column", default="near_dup", help="column name for --near-duplicates (default near_dup)")
     parser.add_argument("--k", type=int, default=10, help="--near-duplicates: neighbours looked at per entry")
     parser.add_argument("--replace", action="store_true", help="drop the existing table instead of merging into it")
+    parser.add_argument("--no-verify", dest="verify", action="store_false", help=NO_VERIFY_HELP)
     return parser
 
 
@@ -51,13 +53,13 @@ def _run(argv: Sequence[str]) -> int:
         import numpy as np  # pylint: disable=g-import-not-at-top
 
         from memory.visual_memory import VisualMemory  # pylint: disable=g-import-not-at-top
-        ids, groups = near_duplicate_groups(VisualMemory.open(args.memory), args.near_duplicates, k=args.k)
+        ids, groups = near_duplicate_groups(VisualMemory.open(args.memory, verify=args.verify), args.near_duplicates, k=args.k)
         columns = {args.column: groups}
         sizes = np.unique(groups, return_counts=True)[1]
         print(f"near-duplicate groups at distance <= {args.near_duplicates:g}: {sizes.size} groups over {ids.size} "
               f"entries; {int((sizes > 1).sum())} groups of 2+ hold {int(sizes[sizes > 1].sum())} entries; largest "
               f"{int(sizes.max()) if sizes.size else 0}")
-    m = publish_metadata(args.memory, ids, columns, replace=args.replace)
+    m = publish_metadata(args.memory, ids, columns, replace=args.replace, verify=args.verify)
     print(f"published version {m.version}: metadata columns {list(m.metadata.columns)} for {m.metadata.count} "
           f"entries ({time.monotonic() - start:.1f}s)")
     return 0

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from memory.store.integrity import NO_VERIFY_HELP
 from vmem.args import RaisingArgumentParser, UsageError, run_command
 
 __all__ = ["build_parser", "load_queries", "main"]
@@ -40,6 +41,7 @@ def build_parser() -> RaisingArgumentParser:
     p.add_argument("--min-recall", type=float, default=0.95, help="recall@k of the comparison setting")
     p.add_argument("--max-queries", type=int, default=2000, help="queries used, evenly spread (default 2000)")
     p.add_argument("--no-publish", action="store_true", help="measure and print only")
+    p.add_argument("--no-verify", dest="verify", action="store_false", help=NO_VERIFY_HELP)
     p.add_argument("--report", default=None, metavar="FILE.json", help="also write every trial as JSON")
     return p
 
@@ -81,7 +83,7 @@ def _run(argv: Sequence[str]) -> int:
     from memory.search.tuning import publish_search_defaults, tune  # pylint: disable=g-import-not-at-top
     from memory.visual_memory import VisualMemory  # pylint: disable=g-import-not-at-top
     try:
-        memory = VisualMemory.open(args.memory, search_defaults=False)
+        memory = VisualMemory.open(args.memory, search_defaults=False, verify=args.verify)
     except ManifestError as e:
         raise ManifestError(f"--memory {args.memory!r}: {e}") from None
     from memory.search.tuning import candidate_settings  # pylint: disable=g-import-not-at-top

@@ -26,6 +26,9 @@ For each size n (default all four), on 256-d unit vectors with neighbourhood str
    brute-force shards only have the route probes), the fastest setting with recall@10 >= 0.95 against the
    exact ids (best of ``--repeats`` timings of the 1,000-query batch), then that setting's single-query
    latency over every query (p50 / p99).
+5. **Open**: `VisualMemory.open` with its default check of every shard file against the manifest and with
+   ``verify=False``, best of ``--open-repeats`` alternating opens each (`open_timing.time_open`), and the
+   ratio.
 
 Prints one markdown table (plus the disk breakdown), writes ``<work-dir>/scale_results.json`` and a plot
 of latency vs memory size to ``<work-dir>/scale_latency.png`` (and ``--plot``). The 1M and 10M sizes need
@@ -49,6 +52,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from evaluation.benchmarks import synthetic
+from evaluation.benchmarks.open_timing import time_open
 from evaluation.benchmarks.scale_data import DIM, ENCODER_ID, K, DataSpec, ensure_dataset
 
 DEFAULT_SIZES = (10_000, 100_000, 1_000_000, 10_000_000)
@@ -294,7 +298,14 @@ class SizeResult:
     p50_ms: float
     p99_ms: float
     data_s: float = 0.0
+    open_verified_s: float = 0.0
+    open_unverified_s: float = 0.0
     trials: list = dataclasses.field(default_factory=list)
+
+    @property
+    def open_ratio(self) -> float:
+        """Open time with the shard-file check over open time without it."""
+        return self.open_verified_s / self.open_unverified_s if self.open_unverified_s else float("nan")
 
     @property
     def bytes_per_entry(self) -> float:
@@ -330,6 +341,14 @@ def format_bytes_table(results: Sequence[SizeResult]) -> str:
     for r in results:
         cells = " | ".join(f"{r.bytes_by_kind[k] / r.n:,.1f}" for k in BYTE_KINDS)
         lines.append(f"| {r.n:,} | {r.bytes_per_entry:,.1f} | {cells} |")
+    return "\n".join(lines)
+
+
+def format_open_table(results: Sequence[SizeResult]) -> str:
+    """`VisualMemory.open` seconds with the shard-file check (the default) and without it, and their ratio."""
+    lines = ["| size | open s, verified | open s, verify=False | ratio |", "|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r.n:,} | {r.open_verified_s:.2f} | {r.open_unverified_s:.2f} | {r.open_ratio:.3f} |")
     return "\n".join(lines)
 
 
@@ -420,7 +439,9 @@ def measure_size(spec: DataSpec, args: argparse.Namespace, builder: str, *, log)
         f"(+{_gb(rss_after - rss_before)})")
     del memory, view
     gc.collect()
-    return result
+    opened = time_open(memory_dir, repeats=args.open_repeats, search_threads=args.threads)
+    log(f"n={spec.n:,}: {opened.line()}")
+    return dataclasses.replace(result, open_verified_s=opened.verified_s, open_unverified_s=opened.unverified_s)
 
 
 def parse_sizes(text: str) -> tuple[int, ...]:
@@ -451,6 +472,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shards", type=int, default=None, help="vmem build --shards (default: the build's)")
     parser.add_argument("--threads", type=int, default=1, help="VisualMemory search threads (shards at once)")
     parser.add_argument("--repeats", type=int, default=3, help="timings of a setting reaching the target")
+    parser.add_argument("--open-repeats", type=int, default=3,
+                        help="opens with and without the shard-file check, each (best of them is reported)")
     parser.add_argument("--target-recall", type=float, default=0.95)
     parser.add_argument("--reuse-build", action="store_true",
                         help="search an existing memory of the same size/settings instead of rebuilding")
@@ -469,6 +492,7 @@ def main(argv: Sequence[str] | None = None) -> list[SizeResult]:
         parser.error(f"--target-recall must be in (0, 1], got {args.target_recall}")
     for flag, value in (("--queries", args.queries), ("--rows-per-file", args.rows_per_file),
                         ("--threads", args.threads), ("--repeats", args.repeats), ("--centres", args.centres),
+                        ("--open-repeats", args.open_repeats),
                         ("--num-classes", args.num_classes)):
         if value < 1:
             parser.error(f"{flag} must be >= 1, got {value}")
@@ -494,6 +518,9 @@ def main(argv: Sequence[str] | None = None) -> list[SizeResult]:
     print(format_table(results))
     print("\nbytes per entry on disk, by file kind:\n")
     print(format_bytes_table(results))
+    print(f"\nopen time with and without the shard-file check (best of {args.open_repeats} alternating opens "
+          "each, one process):\n")
+    print(format_open_table(results))
     out_json = os.path.join(args.work_dir, "scale_results.json")
     with open(out_json, "w") as f:
         json.dump({"args": vars(args), "builder": builder, "results": [r.to_dict() for r in results]}, f, indent=1)

@@ -91,7 +91,7 @@ class MemoryEntries(NamedTuple):
 def read_memory_entries(root: str) -> MemoryEntries:
     """Reads the latest version of the memory at ``root`` (local or ``gs://``) into memory."""
     manifest = read_manifest(root)
-    parts = [read_shard_data(storage.join(root, info.path)) for info in manifest.all_shards]
+    parts = [read_shard_data(storage.join(root, info.path), info) for info in manifest.all_shards]
     ids = np.concatenate([p.ids for p in parts]) if parts else np.zeros((0,), "<U1")
     label_idx = np.concatenate([p.labels for p in parts]) if parts else np.zeros((0,), np.int32)
     uris = np.concatenate([p.uris for p in parts]) if parts else np.zeros((0,), "<U1")

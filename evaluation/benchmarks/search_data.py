@@ -110,7 +110,7 @@ def load_embeddings(path: str) -> np.ndarray:
         manifest = read_version(root, latest_version(root))  # Raises "not a visual memory: ..." otherwise.
         forgotten = read_forgotten(root, manifest)
         for info in manifest.all_shards:
-            data = read_shard_data(storage.join(root, info.path))
+            data = read_shard_data(storage.join(root, info.path), info)
             live = ~np.isin(data.ids.astype(str), forgotten) if forgotten.size else slice(None)
             parts.append(np.asarray(data.embeddings, dtype=np.float32).reshape(-1, manifest.dim)[live])
     if not parts:

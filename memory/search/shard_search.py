@@ -354,6 +354,9 @@ class LoadedShard:
       shard_dirs: Where the unit's shards are: the embeddings are read from there (once per exclusion) only
         when a query must be searched by brute force over the live (admitted) rows (see `search_live_rows`),
         and the uris when a filter or crowding needs them and ``uris`` is None.
+      shard_infos: The unit's shards' manifest entries (one per ``shard_dirs``), which those later reads check
+        their files against; () reads them unchecked.
+      verify: Check the files those later reads load against ``shard_infos`` (memory.store.integrity).
       uris: unicode [n] source uris, loaded with the unit; then every hit carries its uri
         (``PartialTopK.uris``, what a re-ranker shows). None: hits carry none.
       class_names: The memory's class names (label filters name classes).
@@ -370,12 +373,14 @@ class LoadedShard:
     uris: np.ndarray | None = None
     class_names: tuple[str, ...] = ()
     metadata: Callable[[], Any] | None = None
+    shard_infos: tuple[ShardInfo, ...] = ()
+    verify: bool = True
     _derived: _DerivedRows = dataclasses.field(default_factory=_DerivedRows, repr=False)
 
     @classmethod
     def load(cls, root: str, info: ShardInfo | Sequence[ShardInfo], *, forgotten: np.ndarray | None = None,
              entry_weights: tuple[np.ndarray, np.ndarray] | None = None, with_uris: bool = False,
-             class_names: Sequence[str] = (), metadata: Any | None = None) -> LoadedShard:
+             class_names: Sequence[str] = (), metadata: Any | None = None, verify: bool = True) -> LoadedShard:
         """Loads a main or delta shard, or a `memory.store.shard.search_units` unit of shards searched as one index.
 
         Args:
@@ -388,25 +393,30 @@ class LoadedShard:
           class_names: The memory's class names, for label filters.
           metadata: The version's `memory.store.metadata.read_metadata` table, for metadata filters and
             crowding.
+          verify: Check every shard file loaded, now and later, against the manifest (memory.store.integrity:
+            `ShardCorruptError` names the shard and the file); False accepts the risk of serving altered files.
         """
         infos = [info] if isinstance(info, ShardInfo) else list(info)
         dirs = tuple(storage.join(root, i.path) for i in infos)
-        entries = [read_shard_entries(d) for d in dirs]  # The embeddings live in the index only.
+        # The embeddings live in the index only.
+        entries = [read_shard_entries(d, i, verify=verify) for d, i in zip(dirs, infos)]
         ids = np.concatenate([e.ids for e in entries])
         dead = None
         if forgotten is not None and len(forgotten) and ids.size:
             dead = np.isin(ids, np.asarray(forgotten, dtype=str))
-        return cls.of_rows("+".join(i.name for i in infos), load_unit_index(dirs, infos), ids,
+        return cls.of_rows("+".join(i.name for i in infos), load_unit_index(dirs, infos, verify=verify), ids,
                            np.concatenate([e.labels for e in entries]).astype(np.int32), dead=dead,
                            weights=None if entry_weights is None else row_weights(entry_weights, ids),
                            shard_dirs=dirs, uris=np.concatenate([e.uris for e in entries]) if with_uris else None,
-                           class_names=class_names, metadata=None if metadata is None else lambda: metadata)
+                           class_names=class_names, metadata=None if metadata is None else lambda: metadata,
+                           shard_infos=infos, verify=verify)
 
     @classmethod
     def of_rows(cls, name: str, index: ShardIndex | None, ids: np.ndarray, labels: np.ndarray, *,
                 dead: np.ndarray | None = None, weights: np.ndarray | None = None, shard_dirs: Sequence[str] = (),
                 uris: np.ndarray | None = None, class_names: Sequence[str] = (),
-                metadata: Callable[[], Any] | None = None) -> LoadedShard:
+                metadata: Callable[[], Any] | None = None, shard_infos: Sequence[ShardInfo] = (),
+                verify: bool = True) -> LoadedShard:
         """A unit over rows its caller has read (VisualMemory reads every shard's entry table at once).
 
         ``dead`` may be all False (then it is dropped: the unit searches as one without forgotten rows); the
@@ -414,7 +424,8 @@ class LoadedShard:
         """
         return cls(name=name, index=index, ids=ids, labels=labels,
                    dead=None if dead is None or not dead.any() else dead, weights=weights,
-                   shard_dirs=tuple(shard_dirs), uris=uris, class_names=tuple(class_names), metadata=metadata)
+                   shard_dirs=tuple(shard_dirs), uris=uris, class_names=tuple(class_names), metadata=metadata,
+                   shard_infos=tuple(shard_infos), verify=verify)
 
     def with_index(self, index: ShardIndex | None) -> LoadedShard:
         """This unit searched with another index over the same rows (memory.search.tuning.tuned_index); what it
@@ -437,9 +448,14 @@ class LoadedShard:
                 if key != "dead" and len(derived.live) >= FILTER_INDEX_CACHE:  # Bounded: filters can be many.
                     del derived.live[next(kk for kk in derived.live if kk != "dead")]
                 # Read again for each new exclusion, not kept: the embeddings would double the unit's footprint.
-                parts = [read_shard_data(d).embeddings for d in self.shard_dirs]
+                parts = [read_shard_data(d, i, verify=self.verify).embeddings for d, i in self._shards()]
                 derived.live[key] = build_live_index(parts[0] if len(parts) == 1 else np.concatenate(parts), excluded)
             return derived.live[key]
+
+    def _shards(self) -> list[tuple[str, ShardInfo | None]]:
+        """(directory, manifest entry or None) of each of the unit's shards, for reads after loading."""
+        infos = self.shard_infos or (None,) * len(self.shard_dirs)
+        return list(zip(self.shard_dirs, infos))
 
     def attributes(self) -> RowAttributes:
         """What filters and crowding read of this unit's rows (one instance, so what it derives is kept)."""
@@ -457,7 +473,7 @@ class LoadedShard:
             raise ValueError(f"shard {self.name}: uri filters and crowding need the uris; give the unit its "
                              "shard_dirs or its uris")
         # Only the entry tables are read (not the embeddings).
-        uris = np.concatenate([read_shard_entries(d).uris for d in self.shard_dirs])
+        uris = np.concatenate([read_shard_entries(d, i, verify=self.verify).uris for d, i in self._shards()])
         if uris.shape != self.ids.shape:
             raise ManifestError(f"shard {self.name}: {self.shard_dirs} hold {uris.shape} uris for {self.ids.size} "
                                 "entries; rebuild the memory")

@@ -73,13 +73,14 @@ def read_clip_folder(directory: str, *, label_column: str = "label") -> EntryBlo
                           np.concatenate(embeddings))
 
 
-def export_embeddings(root: str, directory: str, *, version: int | None = None) -> int:
+def export_embeddings(root: str, directory: str, *, version: int | None = None, verify: bool = True) -> int:
     """Writes a memory's live entries (one part per main or delta shard) as a clip-retrieval folder.
 
     Args:
       root: Memory root (local or ``gs://``).
       directory: Output folder (local or ``gs://``); its ``img_emb``/``metadata`` parts are replaced.
       version: Version to export (default: the latest).
+      verify: Check every shard file read against the manifest (memory.store.integrity).
 
     Returns:
       The number of rows written (the version's live entries).
@@ -94,7 +95,7 @@ def export_embeddings(root: str, directory: str, *, version: int | None = None) 
     for info in manifest.all_shards:
         if info.count == 0:
             continue
-        data = read_shard_data(storage.join(root, info.path))
+        data = read_shard_data(storage.join(root, info.path), info, verify=verify)
         live = ~np.isin(data.ids.astype(str), forgotten) if forgotten.size else np.ones(len(data), bool)
         parts.append(EntryBlock(data.ids[live], names[data.labels[live]], data.uris[live],
                                     data.embeddings[live]))

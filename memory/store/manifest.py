@@ -49,6 +49,20 @@ class Metric(enum.Enum):
 
 
 @dataclasses.dataclass(frozen=True)
+class ShardFile:
+    """One file of a shard as the manifest records it: what loading checks the file's bytes against.
+
+    Attributes:
+      name: Path relative to the shard directory (``/``-separated), e.g. ``scann/dataset.npy``.
+      size: Bytes.
+      crc32c: CRC-32C (Castagnoli) of the bytes, 8 lowercase hex digits (`memory.store.integrity`).
+    """
+    name: str
+    size: int
+    crc32c: str
+
+
+@dataclasses.dataclass(frozen=True)
 class ShardInfo:
     """One shard as recorded in the manifest.
 
@@ -56,14 +70,38 @@ class ShardInfo:
       name: Shard name, e.g. ``shard-00003-of-00016``.
       path: Shard directory relative to the memory root (``/``-separated).
       count: Number of entries.
-      checksum: ``sha256:<hex>`` over the shard's four .npy files (see memory.store.shard).
+      checksum: ``sha256:<hex>`` over every file of the shard, names and sizes included (see
+        memory.store.integrity); what `vmem info --verify` recomputes.
       index_kind: ``brute_force``, ``tree_ah`` or ``empty``.
+      files: Every file of the shard with its size and CRC-32C, sorted by name: each file is checked against
+        its record as it is loaded. Empty for shards written before these were recorded (a re-index records
+        them; until then loading checks the whole shard by ``checksum``).
     """
     name: str
     path: str
     count: int
     checksum: str
     index_kind: str
+    files: tuple[ShardFile, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable; ``files`` only when recorded, so shards without them keep their manifest bytes."""
+        d = dataclasses.asdict(self)
+        if self.files:
+            d["files"] = [dataclasses.asdict(f) for f in self.files]
+        else:
+            del d["files"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ShardInfo:
+        """Inverse of `to_dict`; raises TypeError on unknown or missing keys."""
+        if not isinstance(d, dict):
+            raise TypeError(f"expected an object, got {d!r}")
+        files = d.get("files") or ()
+        if not isinstance(files, (list, tuple)) or not all(isinstance(f, dict) for f in files):
+            raise TypeError(f"'files' must be a list of objects, got {files!r}")
+        return cls(**dict(d, files=tuple(ShardFile(**f) for f in files)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,14 +306,14 @@ class Manifest:
             "dim": self.dim,
             "metric": self.metric.value,
             "class_names": list(self.class_names),
-            "shards": [dataclasses.asdict(s) for s in self.shards],
+            "shards": [s.to_dict() for s in self.shards],
             "build_config": dict(self.build_config),
             "counts": dataclasses.asdict(self.counts),
             "created_at": self.created_at,
             "version": self.version,
             "parent": self.parent,
             "change": dict(self.change),
-            "delta_shards": [dataclasses.asdict(s) for s in self.delta_shards],
+            "delta_shards": [s.to_dict() for s in self.delta_shards],
             "forgotten": dataclasses.asdict(self.forgotten) if self.forgotten else None,
             "entry_weights": dataclasses.asdict(self.entry_weights) if self.entry_weights else None,
         }
@@ -313,7 +351,7 @@ class Manifest:
                 f"manifest field 'metric': unknown value {d['metric']!r}; allowed: {[m.value for m in Metric]}"
             ) from None
         try:
-            shards = tuple(ShardInfo(**s) for s in d["shards"])
+            shards = tuple(ShardInfo.from_dict(s) for s in d["shards"])
         except TypeError as e:
             raise ManifestError(f"manifest field 'shards': malformed entry ({e})") from None
         try:
@@ -321,7 +359,7 @@ class Manifest:
         except TypeError as e:
             raise ManifestError(f"manifest field 'counts': malformed ({e})") from None
         try:
-            delta_shards = tuple(ShardInfo(**s) for s in d.get("delta_shards") or ())
+            delta_shards = tuple(ShardInfo.from_dict(s) for s in d.get("delta_shards") or ())
         except TypeError as e:
             raise ManifestError(f"manifest field 'delta_shards': malformed entry ({e})") from None
         optional = {}
@@ -413,6 +451,7 @@ class Manifest:
                     and len(shard.checksum) == len("sha256:") + 64):
                 raise ManifestError(
                     f"manifest field '{where}.checksum': expected 'sha256:<64 hex>', got {shard.checksum!r}")
+            _validate_shard_files(where, shard.files)
             if shard.index_kind not in _SHARD_INDEX_KINDS:
                 raise ManifestError(
                     f"manifest field '{where}.index_kind': {shard.index_kind!r}; allowed: {list(_SHARD_INDEX_KINDS)}")
@@ -501,6 +540,25 @@ class Manifest:
             if not isinstance(self.entry_weights.params, dict):
                 raise ManifestError(
                     f"manifest field 'entry_weights.params': expected an object, got {self.entry_weights.params!r}")
+
+
+def _validate_shard_files(where: str, files: tuple[ShardFile, ...]) -> None:
+    names = []
+    for j, f in enumerate(files):
+        at = f"{where}.files[{j}]"
+        if not isinstance(f, ShardFile):
+            raise ManifestError(f"manifest field {at!r}: expected ShardFile, got {f!r}")
+        if (not isinstance(f.name, str) or not f.name or f.name.startswith("/") or "://" in f.name
+                or "\\" in f.name or any(part in ("", ".", "..") for part in f.name.split("/"))):
+            raise ManifestError(f"manifest field '{at}.name': {f.name!r} must be a path relative to the shard")
+        if isinstance(f.size, bool) or not isinstance(f.size, int) or f.size < 0:
+            raise ManifestError(f"manifest field '{at}.size': expected an int >= 0, got {f.size!r}")
+        if not (isinstance(f.crc32c, str) and len(f.crc32c) == 8
+                and all(c in "0123456789abcdef" for c in f.crc32c)):
+            raise ManifestError(f"manifest field '{at}.crc32c': expected 8 lowercase hex digits, got {f.crc32c!r}")
+        names.append(f.name)
+    if names != sorted(set(names)):
+        raise ManifestError(f"manifest field '{where}.files': names must be unique and sorted, got {names}")
 
 
 _OPTIONAL_FIELDS = ("version", "parent", "change", "delta_shards", "forgotten", "entry_weights", "router",

@@ -76,7 +76,7 @@ def read_metadata(root: str, manifest: Manifest) -> MetadataTable | None:
 
 
 def publish_metadata(root: str, ids: Sequence[str], columns: Mapping[str, Sequence[str]], *,
-                     expected_version: int | None = None, replace: bool = False) -> Manifest:
+                     expected_version: int | None = None, replace: bool = False, verify: bool = True) -> Manifest:
     """Attaches metadata columns to live entries as the next version.
 
     Args:
@@ -86,6 +86,7 @@ def publish_metadata(root: str, ids: Sequence[str], columns: Mapping[str, Sequen
       expected_version: The version the values describe (default: the latest now).
       replace: Drop the existing table instead of merging into it (by default, listed ids get the given
         values, other rows and columns are kept).
+      verify: Check the shard id files read against the manifest (memory.store.integrity).
 
     Raises:
       KeyError: listing ids that are not live. ValueError: bad shapes, names or duplicate ids.
@@ -104,7 +105,7 @@ def publish_metadata(root: str, ids: Sequence[str], columns: Mapping[str, Sequen
         if arr.shape != ids_arr.shape:
             raise ValueError(f"metadata column {name!r} has {arr.shape[0]} values for {ids_arr.shape[0]} ids")
         cols[name] = arr
-    check_unique_live(root, base, ids_arr, what="metadata")
+    check_unique_live(root, base, ids_arr, what="metadata", verify=verify)
     old = None if replace else read_metadata(root, m)
     if old is not None:  # Merge: listed ids take the new values, every other row and column is kept.
         all_ids = np.union1d(old.ids, ids_arr)

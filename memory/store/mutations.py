@@ -121,22 +121,24 @@ def row_weights(entry_weights: tuple[np.ndarray, np.ndarray], ids: np.ndarray) -
     return out
 
 
-def _column(root: str, info: ShardInfo, name: str) -> np.ndarray:
-    """One per-row column ("ids", "labels" or "uris") of a shard, without reading its embeddings."""
+def _column(root: str, info: ShardInfo, name: str, verify: bool = True) -> np.ndarray:
+    """One per-row column ("ids", "labels" or "uris") of a shard, without reading its embeddings; the file read
+    is checked against the manifest unless ``verify`` is False (memory.store.integrity)."""
     from memory.store.shard import read_shard_entries, read_shard_ids  # pylint: disable=g-import-not-at-top  # Cycle.
 
     shard_dir = storage.join(root, info.path)
-    arr = read_shard_ids(shard_dir) if name == "ids" else getattr(read_shard_entries(shard_dir), name)
+    arr = (read_shard_ids(shard_dir, info, verify=verify) if name == "ids"
+           else getattr(read_shard_entries(shard_dir, info, verify=verify), name))
     if arr.shape[:1] != (info.count,):
         raise ManifestError(f"shard {info.name}: {name} holds {arr.shape[0]} rows, manifest says {info.count}")
     return arr
 
 
-def _columns(root: str, manifest: Manifest, names: Sequence[str]) -> dict[str, np.ndarray]:
+def _columns(root: str, manifest: Manifest, names: Sequence[str], verify: bool = True) -> dict[str, np.ndarray]:
     """Concatenated per-row columns of every main and delta shard (physical rows, forgotten included)."""
     out = {}
     for name in names:
-        parts = [_column(root, info, name) for info in manifest.all_shards if info.count]
+        parts = [_column(root, info, name, verify) for info in manifest.all_shards if info.count]
         empty = np.zeros((0,), dtype=np.int32 if name == "labels" else "<U1")
         out[name] = np.concatenate(parts) if parts else empty
     return out
@@ -153,24 +155,26 @@ def in_sorted(sorted_values: np.ndarray, queries: np.ndarray) -> np.ndarray:
     return sorted_values[pos] == queries
 
 
-def _present(root: str, manifest: Manifest, queries: np.ndarray) -> np.ndarray:
+def _present(root: str, manifest: Manifest, queries: np.ndarray, verify: bool = True) -> np.ndarray:
     """bool mask: which query ids are stored in some main or delta shard (rows are sorted by id per shard)."""
     found = np.zeros(queries.shape, dtype=bool)
     for info in manifest.all_shards:
         if info.count:
-            found |= in_sorted(_column(root, info, "ids"), queries)
+            found |= in_sorted(_column(root, info, "ids", verify), queries)
     return found
 
 
-def live_ids(root: str, *, version: int | None = None) -> np.ndarray:
-    """Sorted ids of the live entries of a version (default: the latest)."""
+def live_ids(root: str, *, version: int | None = None, verify: bool = True) -> np.ndarray:
+    """Sorted ids of the live entries of a version (default: the latest); ``verify``: check the id files read
+    against the manifest (memory.store.integrity)."""
     m = read_version(root, latest_version(root) if version is None else version)
-    ids = _columns(root, m, ["ids"])["ids"]
+    ids = _columns(root, m, ["ids"], verify)["ids"]
     return np.sort(ids[~np.isin(ids, read_forgotten(root, m))])
 
 
-def check_unique_live(root: str, version: int, ids: np.ndarray, *, what: str) -> None:
-    """Refuses per-entry values (weights, metadata) for duplicate ids or ids not live in ``version``.
+def check_unique_live(root: str, version: int, ids: np.ndarray, *, what: str, verify: bool = True) -> None:
+    """Refuses per-entry values (weights, metadata) for duplicate ids or ids not live in ``version`` (``verify``:
+    as `live_ids`).
 
     Raises:
       ValueError: listing the duplicates. KeyError: listing the ids that are not live.
@@ -178,7 +182,7 @@ def check_unique_live(root: str, version: int, ids: np.ndarray, *, what: str) ->
     uniq, n_of = np.unique(ids, return_counts=True)
     if (n_of > 1).any():
         raise ValueError(f"duplicate ids in {what}: {_listed(uniq[n_of > 1])}")
-    unknown = ids[~np.isin(ids, live_ids(root, version=version))]
+    unknown = ids[~np.isin(ids, live_ids(root, version=version, verify=verify))]
     if unknown.size:
         raise KeyError(f"{unknown.size} id(s) not live in version {version}: {_listed(unknown)}; nothing was "
                        "published")
@@ -186,7 +190,7 @@ def check_unique_live(root: str, version: int, ids: np.ndarray, *, what: str) ->
 
 def forget(root: str, *, ids: Iterable[str] | None = None, label: str | None = None,
            source_prefix: str | None = None, expected_version: int | None = None,
-           request_purge: bool = False) -> Manifest:
+           request_purge: bool = False, verify: bool = True) -> Manifest:
     """Forgets entries exactly: from the published version on, no search returns them.
 
     The selections given (any of ids, label, source_prefix) are united. Only a tombstone file and a version
@@ -199,6 +203,8 @@ def forget(root: str, *, ids: Iterable[str] | None = None, label: str | None = N
       source_prefix: All live entries whose source uri starts with this string.
       expected_version: The version the caller looked at (default: the latest now).
       request_purge: Record in the change that the next re-index must also purge old versions and files.
+      verify: Check the shard files read (ids, labels, uris) against the manifest (memory.store.integrity);
+        False accepts the risk of selecting from altered files.
 
     Returns:
       The published manifest; ``change`` holds ``forgotten`` (this call) and ``forgotten_total``.
@@ -219,7 +225,7 @@ def forget(root: str, *, ids: Iterable[str] | None = None, label: str | None = N
         if not req.size:
             raise ValueError("forget(ids=...) got an empty id list; pass at least one id")
         forgotten_already = in_sorted(gone, req)
-        unknown = req[forgotten_already | ~_present(root, m, req)]
+        unknown = req[forgotten_already | ~_present(root, m, req, verify)]
         if unknown.size:
             already = unknown[in_sorted(gone, unknown)]
             note = f" ({len(already)} of them already forgotten: {_listed(already)})" if already.size else ""
@@ -228,7 +234,7 @@ def forget(root: str, *, ids: Iterable[str] | None = None, label: str | None = N
         selected.append(req)
         selection["ids"] = int(req.size)
     names = ["ids"] + (["labels"] if label is not None else []) + (["uris"] if source_prefix is not None else [])
-    cols = _columns(root, m, names) if len(names) > 1 else {}
+    cols = _columns(root, m, names, verify) if len(names) > 1 else {}
     phys = cols.get("ids")
     if label is not None:
         if label not in m.class_names:
@@ -303,7 +309,7 @@ def write_delta_shard(root: str, data: ShardData, *, version_tag: str, index: in
 
 
 def publish_add(root: str, *, delta_infos: Sequence[ShardInfo], new_class_names: Sequence[str],
-                expected_version: int | None, counts: dict | None = None) -> Manifest:
+                expected_version: int | None, counts: dict | None = None, verify: bool = True) -> Manifest:
     """Publishes delta shards written by write_delta_shard as the next version.
 
     Args:
@@ -312,6 +318,8 @@ def publish_add(root: str, *, delta_infos: Sequence[ShardInfo], new_class_names:
       new_class_names: Labels of the added entries (names; known ones are fine, unseen ones are appended).
       expected_version: The version the add was computed from (its class names were used for the labels).
       counts: The add job's record counts (e.g. read / embedded / failed), stored in the change.
+      verify: Check the shard files read (the memory's ids, the delta shards' ids and labels) against the
+        manifest (memory.store.integrity).
 
     Returns:
       The published manifest.
@@ -330,7 +338,7 @@ def publish_add(root: str, *, delta_infos: Sequence[ShardInfo], new_class_names:
             raise TypeError(f"delta_infos must be ShardInfo (from write_delta_shard), got {info!r}")
         if not info.count:
             continue
-        ids, labels = _column(root, info, "ids"), _column(root, info, "labels")
+        ids, labels = _column(root, info, "ids", verify), _column(root, info, "labels", verify)
         if labels.size and int(labels.max()) >= len(class_names):
             raise ManifestError(f"delta shard {info.name}: label {int(labels.max())} outside the {len(class_names)} "
                                 "class names; map labels with extended_class_names(old, new_labels)")
@@ -340,7 +348,7 @@ def publish_add(root: str, *, delta_infos: Sequence[ShardInfo], new_class_names:
     uniq, n_of = np.unique(new_ids, return_counts=True)
     if (n_of > 1).any():
         raise DuplicateIdError(f"ids added twice in this add: {_listed(uniq[n_of > 1])}; nothing was published")
-    phys = _columns(root, m, ["ids"])["ids"]
+    phys = _columns(root, m, ["ids"], verify)["ids"]
     gone = read_forgotten(root, m)
     clash = new_ids[np.isin(new_ids, phys)]
     if clash.size:
@@ -394,7 +402,8 @@ def add_entries_local(root: str, *, ids: Sequence[str], labels: Sequence[str], u
 
 
 def publish_entry_weights(root: str, *, ids: Sequence[str], weights: np.ndarray, params: dict,
-                          expected_version: int | None = None, kind: str = "soft_pruning") -> Manifest:
+                          expected_version: int | None = None, kind: str = "soft_pruning",
+                          verify: bool = True) -> Manifest:
     """Publishes per-entry voting weights (soft pruning) as the next version; replaces any previous weights.
 
     Args:
@@ -404,6 +413,7 @@ def publish_entry_weights(root: str, *, ids: Sequence[str], weights: np.ndarray,
       params: JSON-serialisable parameters that produced the weights.
       expected_version: The version the weights were computed on (default: the latest now).
       kind: WeightsRef.kind.
+      verify: Check the shard id files read against the manifest (memory.store.integrity).
 
     Raises:
       KeyError: listing ids that are not live. ValueError: bad weights. ConcurrentUpdateError.
@@ -415,7 +425,7 @@ def publish_entry_weights(root: str, *, ids: Sequence[str], weights: np.ndarray,
         raise ValueError(f"weights shape {w.shape} != ids shape {ids_arr.shape}; one weight per id")
     if not np.isfinite(w).all() or (w < 0).any():
         raise ValueError("weights must be finite and >= 0")
-    check_unique_live(root, base, ids_arr, what="weights")
+    check_unique_live(root, base, ids_arr, what="weights", verify=verify)
     order = np.argsort(ids_arr, kind="stable")
     buf = io.BytesIO()
     np.savez(buf, ids=ids_arr[order], weights=w[order].astype(np.float32))

@@ -16,9 +16,9 @@ in fixed-width UTF-32 arrays whose width is set by the longest uri.
 Rows are sorted by id so the same entries give byte-identical files whatever order a distributed build
 delivered them in, and so ScaNN's tie order (ascending row) is ascending id.
 
-The checksum covers every file of the shard (names and bytes, ScaNN's included). A shard never holds a
-pickle: ScaNN writes ``scann_docids.pkl`` when built with docids, and loading a shard would unpickle it, so
-any ``*.pkl``/``*.pickle`` file is refused before ScaNN sees the directory.
+The manifest records every file's size and crc32c (and a sha256 over the whole shard), and each read here
+checks the files it loads against those records unless called with ``verify=False``
+(`memory.store.integrity`). A shard never holds a pickle: one is refused before ScaNN sees the directory.
 
 Format 1 shards (embeddings.npy, ids.npy, labels.npy, uris.npy + scann/) are still read.
 """
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -41,17 +40,16 @@ import numpy as np
 from memory import storage
 from memory.index.shard_index import (INDEX_META_NAME, EmbeddingDtype, IndexConfig, IndexKind, ShardIndex,
                                       rows_from_dataset_file)
+# ENTRIES_NAME, LEGACY_ARRAY_NAMES, SCANN_DIR and verify_shard are part of this module's interface too.
+from memory.store.integrity import (ENTRIES_NAME, LEGACY_ARRAY_NAMES, SCANN_DIR, ShardFiles, local_files, record_files,
+                                    refuse_pickles, verify_shard)
 from memory.store.manifest import Manifest, ManifestError, ShardInfo
 from memory.index.template import merge_runs
 from memory.vectors import l2_normalize
 
 _LOG = logging.getLogger(__name__)
 
-ENTRIES_NAME = "entries.parquet"
-LEGACY_ARRAY_NAMES = ("embeddings", "ids", "labels", "uris")  # Format 1 files, also its checksum order.
-SCANN_DIR = "scann"
 EMPTY_KIND = "empty"
-_PICKLE_SUFFIXES = (".pkl", ".pickle")
 _INT8_MULTIPLIERS = "int8_multipliers.npy"
 # Rows must already be unit length; this tolerance admits float32 round-off only.
 _UNIT_NORM_TOL = 1e-3
@@ -153,35 +151,6 @@ def _entries_parquet_bytes(data: ShardData, *, dim: int, embedding_dtype: Embedd
     return buf.getvalue()
 
 
-def _file_digest(h, rel: str, blob: bytes) -> None:
-    h.update(rel.encode() + b"\0" + str(len(blob)).encode() + b"\0")
-    h.update(blob)
-
-
-def _checksum_files(read, names: list[str]) -> str:
-    """sha256 over (relative name, size, bytes) of each file, in sorted name order."""
-    h = hashlib.sha256()
-    for rel in sorted(names):
-        _file_digest(h, rel, read(rel))
-    return "sha256:" + h.hexdigest()
-
-
-def _refuse_pickles(names, where: str) -> None:
-    bad = [n for n in names if n.lower().endswith(_PICKLE_SUFFIXES)]
-    if bad:
-        raise ManifestError(
-            f"{where}: holds pickle file(s) {bad}; a memory never contains pickles (loading would execute them). "
-            "Remove them or rebuild the shard.")
-
-
-def _local_files(local_dir: str) -> list[str]:
-    out = []
-    for root, _, files in os.walk(local_dir):
-        for fname in files:
-            out.append(os.path.relpath(os.path.join(root, fname), local_dir).replace(os.sep, "/"))
-    return sorted(out)
-
-
 def write_shard(shard_dir: str, data: ShardData, *, index_config: IndexConfig, name: str,
                 root_relative_path: str, template_dir: str | None = None) -> ShardInfo:
     """Writes one shard (entry table + ScaNN index) and returns its manifest entry.
@@ -222,18 +191,16 @@ def write_shard(shard_dir: str, data: ShardData, *, index_config: IndexConfig, n
             del index
         else:
             kind = EMPTY_KIND
-        files = _local_files(tmp)
-
         def read_local(rel):
             with open(os.path.join(tmp, *rel.split("/")), "rb") as f:
                 return f.read()
 
-        checksum = _checksum_files(read_local, files)
+        checksum, files = record_files(read_local, local_files(tmp))
         # A stale scann/ from an earlier attempt at the same path would mix files from two searchers.
         storage.remove_tree(storage.join(shard_dir, SCANN_DIR))
         storage.makedirs(shard_dir)
         storage.upload_dir(tmp, shard_dir)
-    return ShardInfo(name=name, path=root_relative_path, count=n, checksum=checksum, index_kind=kind)
+    return ShardInfo(name=name, path=root_relative_path, count=n, checksum=checksum, index_kind=kind, files=files)
 
 
 def _load_npy(blob: bytes, path: str) -> np.ndarray:
@@ -243,18 +210,18 @@ def _load_npy(blob: bytes, path: str) -> np.ndarray:
         raise ManifestError(f"cannot read {path}: {e}") from None
 
 
-def _entries_file(shard_dir: str):
+def _entries_file(files: ShardFiles):
     """The shard's entries.parquet as a pyarrow ParquetFile, or None for a format-1 shard (ids.npy, ...).
 
     One read per shard: a format-2 shard costs no existence check (on GCS, each is a round trip).
     """
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
 
-    path = storage.join(shard_dir, ENTRIES_NAME)
+    path = files.path(ENTRIES_NAME)
     try:
-        blob = storage.read_bytes(path)
+        blob = files.read(ENTRIES_NAME)
     except FileNotFoundError:
-        if storage.exists(storage.join(shard_dir, "ids.npy")):
+        if storage.exists(files.path("ids.npy")):
             return None
         raise
     try:
@@ -270,9 +237,8 @@ def _read_table(entries, shard_dir: str, columns=None):
         raise ManifestError(f"cannot read {storage.join(shard_dir, ENTRIES_NAME)}: {type(e).__name__}: {e}") from None
 
 
-def _read_legacy(shard_dir: str, array_name: str) -> np.ndarray:
-    path = storage.join(shard_dir, array_name + ".npy")
-    return _load_npy(storage.read_bytes(path), path)
+def _read_legacy(files: ShardFiles, array_name: str) -> np.ndarray:
+    return _load_npy(files.read(array_name + ".npy"), files.path(array_name + ".npy"))
 
 
 def _strings(column) -> np.ndarray:
@@ -280,65 +246,76 @@ def _strings(column) -> np.ndarray:
     return np.array(values, dtype=str) if values else np.zeros((0,), "<U1")
 
 
-def read_shard_ids(shard_dir: str) -> np.ndarray:
-    """The shard's ids (unicode [n], sorted), reading nothing else."""
-    entries = _entries_file(shard_dir)
+def read_shard_ids(shard_dir: str, info: ShardInfo | None = None, *, verify: bool = True) -> np.ndarray:
+    """The shard's ids (unicode [n], sorted), reading nothing else.
+
+    ``info`` and ``verify``, here and in every reader of this module: the shard's manifest entry, against which
+    each file read is checked (`memory.store.integrity.ShardFiles`; `ShardCorruptError` on a mismatch) unless
+    ``verify`` is False; without ``info`` the files are read unchecked.
+    """
+    files = ShardFiles(shard_dir, info, verify=verify)
+    entries = _entries_file(files)
     if entries is None:
-        return _read_legacy(shard_dir, "ids").astype(str)
+        return _read_legacy(files, "ids").astype(str)
     return _strings(_read_table(entries, shard_dir, ["id"]).column("id"))
 
 
-def _entries_of(entries, shard_dir: str) -> ShardEntries:
+def _entries_of(entries, files: ShardFiles) -> ShardEntries:
     if entries is None:
-        return ShardEntries(_read_legacy(shard_dir, "ids").astype(str),
-                            _read_legacy(shard_dir, "labels").astype(np.int32),
-                            _read_legacy(shard_dir, "uris").astype(str))
-    table = _read_table(entries, shard_dir)
+        return ShardEntries(_read_legacy(files, "ids").astype(str),
+                            _read_legacy(files, "labels").astype(np.int32),
+                            _read_legacy(files, "uris").astype(str))
+    table = _read_table(entries, files.shard_dir)
     return ShardEntries(_strings(table.column("id")),
                         table.column("label").to_numpy(zero_copy_only=False).astype(np.int32),
                         _strings(table.column("uri")))
 
 
-def read_shard_entries(shard_dir: str) -> ShardEntries:
-    """The shard's ids, labels and uris (no embeddings): what searching a shard needs besides its index."""
-    return _entries_of(_entries_file(shard_dir), shard_dir)
+def read_shard_entries(shard_dir: str, info: ShardInfo | None = None, *, verify: bool = True) -> ShardEntries:
+    """The shard's ids, labels and uris (no embeddings): what searching a shard needs besides its index.
+    ``info``, ``verify``: as `read_shard_ids`."""
+    files = ShardFiles(shard_dir, info, verify=verify)
+    return _entries_of(_entries_file(files), files)
 
 
-def _embeddings_of(entries, shard_dir: str) -> np.ndarray:
+def _embeddings_of(entries, files: ShardFiles) -> np.ndarray:
     if entries is None:
-        return _read_legacy(shard_dir, "embeddings")
+        return _read_legacy(files, "embeddings")
     raw = (entries.schema_arrow.metadata or {}).get(b"vmem")
     if raw is None:
-        raise ManifestError(f"{storage.join(shard_dir, ENTRIES_NAME)}: no vmem metadata (dim, embedding_dtype); "
+        raise ManifestError(f"{files.path(ENTRIES_NAME)}: no vmem metadata (dim, embedding_dtype); "
                             "not written by write_shard")
     meta = json.loads(raw)
     if entries.metadata.num_rows == 0:  # An empty shard has no index, hence no rows.
         return np.zeros((0, int(meta["dim"])), np.float32)
-    scann_dir = storage.join(shard_dir, SCANN_DIR)
     dtype = EmbeddingDtype.parse(meta["embedding_dtype"])
-    path = storage.join(scann_dir, dtype.dataset_file)
-    stored = _load_npy(storage.read_bytes(path), path)
+    rel = f"{SCANN_DIR}/{dtype.dataset_file}"
+    stored = _load_npy(files.read(rel), files.path(rel))
     multipliers = None
     if dtype is EmbeddingDtype.INT8:
-        mpath = storage.join(scann_dir, _INT8_MULTIPLIERS)
-        multipliers = _load_npy(storage.read_bytes(mpath), mpath)
+        mrel = f"{SCANN_DIR}/{_INT8_MULTIPLIERS}"
+        multipliers = _load_npy(files.read(mrel), files.path(mrel))
     rows = rows_from_dataset_file(dtype, stored, multipliers)
     del stored
     # Quantised rows are within ~1e-3 of unit length; exact unit rows again for a re-index or an add.
     return rows if dtype is EmbeddingDtype.FLOAT32 else l2_normalize(rows)
 
 
-def read_shard_embeddings(shard_dir: str) -> np.ndarray:
-    """The shard's float32 [n, d] unit embeddings, row i = entry i (dequantised for bfloat16/int8 storage)."""
-    return _embeddings_of(_entries_file(shard_dir), shard_dir)
+def read_shard_embeddings(shard_dir: str, info: ShardInfo | None = None, *, verify: bool = True) -> np.ndarray:
+    """The shard's float32 [n, d] unit embeddings, row i = entry i (dequantised for bfloat16/int8 storage).
+    ``info``, ``verify``: as `read_shard_ids`."""
+    files = ShardFiles(shard_dir, info, verify=verify)
+    return _embeddings_of(_entries_file(files), files)
 
 
-def read_shard_data(shard_dir: str) -> ShardData:
-    """Reads a shard's entries and embeddings (local or ``gs://``); entries.parquet is read once."""
-    entries_file = _entries_file(shard_dir)
-    entries = _entries_of(entries_file, shard_dir)
+def read_shard_data(shard_dir: str, info: ShardInfo | None = None, *, verify: bool = True) -> ShardData:
+    """Reads a shard's entries and embeddings (local or ``gs://``); entries.parquet is read once.
+    ``info``, ``verify``: as `read_shard_ids`."""
+    files = ShardFiles(shard_dir, info, verify=verify)
+    entries_file = _entries_file(files)
+    entries = _entries_of(entries_file, files)
     return ShardData(ids=entries.ids, labels=entries.labels, uris=entries.uris,
-                     embeddings=_embeddings_of(entries_file, shard_dir))
+                     embeddings=_embeddings_of(entries_file, files))
 
 
 @contextlib.contextmanager
@@ -353,26 +330,30 @@ def _local_scann_dir(scann_dir: str):
 
 
 @contextlib.contextmanager
-def _checked_local_index_dir(shard_dir: str, info: ShardInfo):
-    """The shard's ScaNN directory, local, after checking it exists and holds no pickle."""
+def _checked_local_index_dir(shard_dir: str, info: ShardInfo, verify: bool):
+    """The shard's ScaNN directory, local, after checking it exists, holds no pickle and (with ``verify``) that
+    every file matches the manifest (ScaNN reads them itself, so they are checked just before it does)."""
     scann_dir = storage.join(shard_dir, SCANN_DIR)
     if not storage.exists(scann_dir):
         raise ManifestError(f"shard {info.name}: index directory {scann_dir} missing")
     with _local_scann_dir(scann_dir) as local:
-        _refuse_pickles(_local_files(local), f"shard {info.name} index {scann_dir}")
+        refuse_pickles(local_files(local), f"shard {info.name} index {scann_dir}")
+        ShardFiles(shard_dir, info, verify=verify).check_dir(local, SCANN_DIR)
         yield local
 
 
-def load_shard_index(shard_dir: str, info: ShardInfo) -> ShardIndex | None:
-    """Loads a shard's ScaNN index; None for an empty shard.
+def load_shard_index(shard_dir: str, info: ShardInfo, *, verify: bool = True) -> ShardIndex | None:
+    """Loads a shard's ScaNN index; None for an empty shard. ``verify``: check every index file against the
+    manifest first (`memory.store.integrity`).
 
     Raises:
-      ManifestError: the index is missing, holds a pickle, or disagrees with the manifest.
+      ManifestError: the index is missing, holds a pickle, or disagrees with the manifest
+        (`ShardCorruptError`: a file differs from its record).
     """
     if info.index_kind == EMPTY_KIND:
         return None
     scann_dir = storage.join(shard_dir, SCANN_DIR)
-    with _checked_local_index_dir(shard_dir, info) as local:
+    with _checked_local_index_dir(shard_dir, info, verify) as local:
         index = ShardIndex.load(local)
     if len(index) != info.count or index.kind.value != info.index_kind:
         raise ManifestError(
@@ -381,28 +362,29 @@ def load_shard_index(shard_dir: str, info: ShardInfo) -> ShardIndex | None:
     return index
 
 
-def shard_template_id(shard_dir: str, info: ShardInfo) -> str | None:
+def shard_template_id(shard_dir: str, info: ShardInfo, *, verify: bool = True) -> str | None:
     """The index template a tree+AH shard was built from (`memory.index.template`), read from its small index
-    metadata file without loading the searcher; None for other shards and for shards without one."""
+    metadata file without loading the searcher; None for other shards and for shards without one. ``verify``:
+    check the file against its record first (a shard without per-file records is checked when its index loads:
+    its whole-shard check reads every file, too much for this small read)."""
     if info.index_kind != IndexKind.TREE_AH.value:
         return None
+    files = ShardFiles(shard_dir, info, verify=verify and bool(info.files))
     try:
-        meta = json.loads(storage.read_bytes(storage.join(shard_dir, SCANN_DIR, INDEX_META_NAME)))
+        meta = json.loads(files.read(f"{SCANN_DIR}/{INDEX_META_NAME}"))
     except FileNotFoundError:
         return None  # load_shard_index reports the missing index.
     return meta.get("template_id")
 
 
 def read_entry_tables(shard_dirs: Sequence[str], infos: Sequence[ShardInfo], *, num_classes: int,
-                      verify: bool = False) -> tuple[list[np.ndarray], list[np.ndarray]]:
+                      verify: bool = True) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Every shard's ids and labels (not the embeddings: the index holds the only copy), checked against the
-    manifest (counts, labels below ``num_classes``; with ``verify``, every file's checksum)."""
+    manifest (counts, labels below ``num_classes``; with ``verify``, the files read against their records)."""
     ids, labels = [], []
     for info, shard_dir in zip(infos, shard_dirs):
-        if verify:
-            verify_shard(shard_dir, info)
         try:
-            data = read_shard_entries(shard_dir)
+            data = read_shard_entries(shard_dir, info, verify=verify)
         except FileNotFoundError as e:
             raise ManifestError(f"shard {info.name}: {e}") from None
         if len(data.ids) != info.count:
@@ -419,15 +401,16 @@ def read_entry_tables(shard_dirs: Sequence[str], infos: Sequence[ShardInfo], *, 
 MERGE_MAX_ROWS = 2_000_000
 
 
-def search_units(root: str, manifest: Manifest, *, merge: bool = True) -> list[tuple[int, ...]]:
+def search_units(root: str, manifest: Manifest, *, merge: bool = True, verify: bool = True) -> list[tuple[int, ...]]:
     """The searched indexes of a memory version: each a tuple of `manifest.all_shards` positions, one shard, or
     a run of consecutive shards built from one index template and searched as one index (memory.index.template;
     hash-sharded memories only: a routed memory searches only the shards a query is routed to). The in-process
-    memory and the distributed jobs search the same units, so they return the same neighbours."""
+    memory and the distributed jobs search the same units, so they return the same neighbours. ``verify``: as
+    `shard_template_id`."""
     infos = manifest.all_shards
     if not merge or manifest.router is not None:
         return [(s,) for s in range(len(infos))]
-    ids = [shard_template_id(storage.join(root, info.path), info) for info in infos]
+    ids = [shard_template_id(storage.join(root, info.path), info, verify=verify) for info in infos]
     runs = dict(merge_runs(ids, [info.count for info in infos], MERGE_MAX_ROWS))
     units, s = [], 0
     while s < len(infos):
@@ -437,17 +420,18 @@ def search_units(root: str, manifest: Manifest, *, merge: bool = True) -> list[t
     return units
 
 
-def load_unit_index(shard_dirs: Sequence[str], infos: Sequence[ShardInfo]) -> ShardIndex | None:
+def load_unit_index(shard_dirs: Sequence[str], infos: Sequence[ShardInfo], *, verify: bool = True
+                    ) -> ShardIndex | None:
     """The index of one `search_units` unit: its shard's (`load_shard_index`), or its shards' searched as one
-    (`memory.index.template.load_merged`)."""
+    (`memory.index.template.load_merged`); ``verify`` as `load_shard_index`."""
     if len(infos) == 1:
-        return load_shard_index(shard_dirs[0], infos[0])
+        return load_shard_index(shard_dirs[0], infos[0], verify=verify)
     from memory.index.template import load_merged  # pylint: disable=g-import-not-at-top
     names = [info.name for info in infos]
     with contextlib.ExitStack() as stack:
         local = []
         for shard_dir, info in zip(shard_dirs, infos):
-            local.append(stack.enter_context(_checked_local_index_dir(shard_dir, info)))
+            local.append(stack.enter_context(_checked_local_index_dir(shard_dir, info, verify)))
         try:
             index = load_merged(local)
         except ValueError as e:
@@ -456,46 +440,3 @@ def load_unit_index(shard_dirs: Sequence[str], infos: Sequence[ShardInfo]) -> Sh
         raise ManifestError(f"shards {names}: merged index has {len(index)} entries, manifest says "
                             f"{sum(info.count for info in infos)}")
     return index
-
-
-def _shard_files(shard_dir: str) -> list[str]:
-    """Relative names of every file in the shard (scann/ included)."""
-    names = [n for n in storage.list_dir(shard_dir) if n != SCANN_DIR]
-    if storage.exists(storage.join(shard_dir, SCANN_DIR)):
-        names += [f"{SCANN_DIR}/{n}" for n in storage.list_dir(storage.join(shard_dir, SCANN_DIR))]
-    return names
-
-
-def _legacy_checksum(shard_dir: str, info: ShardInfo) -> str:
-    h = hashlib.sha256()
-    for array_name in LEGACY_ARRAY_NAMES:
-        path = storage.join(shard_dir, array_name + ".npy")
-        try:
-            h.update(storage.read_bytes(path))
-        except FileNotFoundError:
-            raise ManifestError(f"shard {info.name}: file {path} missing") from None
-    return "sha256:" + h.hexdigest()
-
-
-def verify_shard(shard_dir: str, info: ShardInfo) -> None:
-    """Recomputes the shard checksum over all of its files.
-
-    Raises:
-      ManifestError: naming the shard, when files are missing, a pickle is present or the checksum differs
-        from the manifest.
-    """
-    try:
-        names = _shard_files(shard_dir)
-    except FileNotFoundError:
-        raise ManifestError(f"shard {info.name}: directory {shard_dir} missing") from None
-    _refuse_pickles(names, f"shard {info.name} at {shard_dir}")
-    if ENTRIES_NAME not in names and "ids.npy" in names:
-        actual = _legacy_checksum(shard_dir, info)
-    elif ENTRIES_NAME not in names:
-        raise ManifestError(f"shard {info.name}: file {storage.join(shard_dir, ENTRIES_NAME)} missing")
-    else:
-        actual = _checksum_files(lambda rel: storage.read_bytes(storage.join(shard_dir, *rel.split("/"))), names)
-    if actual != info.checksum:
-        raise ManifestError(
-            f"shard {info.name} at {shard_dir}: checksum mismatch (manifest {info.checksum}, files {actual}); "
-            "the shard was modified or partially written after the build; rebuild the memory")

@@ -22,6 +22,7 @@ import apache_beam as beam
 from encoders.bundled import resolve_preprocess
 from memory import storage
 from memory.store.after_publish import after_publish
+from memory.store.integrity import NO_VERIFY_HELP
 from memory.store.manifest import ManifestError, ShardInfo
 from memory.store.mutations import DuplicateIdError, extended_class_names
 from memory.store.versions import ConcurrentUpdateError, read_version
@@ -122,24 +123,26 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-batch-size", type=int, default=None, help="RunInference batch bounds (default: the "
                                                                           "memory's build config)")
     parser.add_argument("--max-batch-size", type=int, default=None)
+    parser.add_argument("--no-verify", dest="verify", action="store_false", help=NO_VERIFY_HELP)
     return parser
 
 
 def add_pipeline(p: beam.Pipeline, *, plan: AddPlan, source, target_size: int, min_batch_size: int = 16,
                  max_batch_size: int = 64, progress_every: int = 200, identity: dict | None = None,
-                 entry_count: int | None = None) -> None:
+                 entry_count: int | None = None, verify: bool = True) -> None:
     """Adds the add graph to ``p``.
 
     Args:
       source: An ImageSource (images are decoded and embedded with the memory's encoder) or an EmbeddingSource
         (precomputed; ``identity`` is their encoder identity, checked by `check_precomputed_identity`).
       entry_count: Rows the EmbeddingSource holds, when known at launch (sizes the id-bucket join).
+      verify: Check the memory's shard files read (their ids) against the manifest (memory.store.integrity).
     """
     old = plan.class_names
     if isinstance(source, ImageSource):
         preprocess = resolve_preprocess(plan.encoder)
         read, read_failures = p | "ReadImages" >> ReadImages(source)
-        records, id_failures = read | "RejectKnownIds" >> RejectKnownIds(plan.root, plan.base_version)
+        records, id_failures = read | "RejectKnownIds" >> RejectKnownIds(plan.root, plan.base_version, verify=verify)
         images, decode_failures = records | "DecodeImages" >> DecodeImages(preprocess)
         entries, embed_failures, identities = images | "EmbedImages" >> EmbedImages(
             plan.encoder, min_batch_size=min_batch_size, max_batch_size=max_batch_size, progress_every=progress_every)
@@ -153,7 +156,7 @@ def add_pipeline(p: beam.Pipeline, *, plan: AddPlan, source, target_size: int, m
     else:
         blocks, read_failures, identities, records_read = read_precomputed(p, source, identity)
         rejected, id_failures, kept = blocks | "RejectKnownIds" >> RejectKnownIdsInBlocks(
-            plan.root, plan.base_version, new_rows=entry_count)
+            plan.root, plan.base_version, new_rows=entry_count, verify=verify)
         failure_sets = [read_failures, id_failures]
         kept_rows = kept | "CountKept" >> (beam.Map(lambda k: k[0]) | beam.CombineGlobally(sum))
         labels = (kept
@@ -180,7 +183,7 @@ _USER_ERRORS = (ConcurrentUpdateError, DuplicateIdError, AddError, EncoderMismat
 
 def add_to_memory(*, memory: str, source: ImageSource | EmbeddingSource, encoder_id: str | None = None,
                   delta_shard_size: int = DEFAULT_DELTA_SHARD_SIZE, min_batch_size: int | None = None,
-                  max_batch_size: int | None = None, pipeline_options: BeamOptions = None,
+                  max_batch_size: int | None = None, verify: bool = True, pipeline_options: BeamOptions = None,
                   test_pipeline: Optional[beam.Pipeline] = None
                   ) -> tuple[beam.runners.runner.PipelineResult, AddPlan]:
     """Adds ``source``'s entries to ``memory`` as a new version: checks the arguments, builds the graph, runs it.
@@ -193,6 +196,7 @@ def add_to_memory(*, memory: str, source: ImageSource | EmbeddingSource, encoder
       delta_shard_size: Target entries per delta shard.
       min_batch_size: RunInference batch bounds (None: the memory's build config).
       max_batch_size: See ``min_batch_size``.
+      verify: Check the memory's shard files read against the manifest (``--no-verify``: False).
       pipeline_options: Runner settings: Beam flags or a PipelineOptions (`pipelines.runner.BeamOptions`;
         default: one in-process worker).
       test_pipeline: Build the graph on this pipeline instead of one made from ``pipeline_options``.
@@ -232,7 +236,7 @@ def add_to_memory(*, memory: str, source: ImageSource | EmbeddingSource, encoder
     p = test_pipeline or beam.Pipeline(options=options)
     add_pipeline(p, plan=plan, source=source, target_size=delta_shard_size, min_batch_size=min_batch,
                  max_batch_size=max_batch, progress_every=int(build_config.get("progress_every", 200)),
-                 identity=identity, entry_count=entry_count)
+                 identity=identity, entry_count=entry_count, verify=verify)
     try:
         result = p.run()
         result.wait_until_finish()
@@ -258,7 +262,8 @@ def launch(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pi
         source = parse_image_spec(args.images)
     return add_to_memory(memory=args.memory, source=source, encoder_id=args.encoder_id,
                          delta_shard_size=args.delta_shard_size, min_batch_size=args.min_batch_size,
-                         max_batch_size=args.max_batch_size, pipeline_options=beam_args, test_pipeline=test_pipeline)
+                         max_batch_size=args.max_batch_size, verify=args.verify, pipeline_options=beam_args,
+                         test_pipeline=test_pipeline)
 
 
 def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipeline] = None

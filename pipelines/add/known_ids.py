@@ -14,6 +14,7 @@ import apache_beam as beam
 import numpy as np
 
 from memory import storage
+from memory.store.manifest import ShardInfo
 from memory.store.mutations import read_forgotten
 from memory.store.sharding import shard_for_id
 from memory.store.versions import read_version
@@ -41,17 +42,17 @@ def _bucketed(ids: np.ndarray, buckets: int):
 
 
 class _StoredIdsFn(beam.DoFn):
-    """A shard's path -> (bucket, its ids hashing there): each worker reads the one shard it was given."""
+    """A shard's ShardInfo -> (bucket, its ids hashing there): each worker reads the one shard it was given,
+    checking the file against the manifest unless ``verify`` is False."""
 
-    def __init__(self, root: str, buckets: int):
+    def __init__(self, root: str, buckets: int, verify: bool = True):
         self._root = root
         self._buckets = buckets
+        self._verify = verify
 
-    def process(self, shard_path: str):
+    def process(self, info: ShardInfo):
         from memory.store import shard as shard_io  # pylint: disable=g-import-not-at-top
-        shard_dir = storage.join(self._root, shard_path)
-        read_ids = getattr(shard_io, "read_shard_ids", None)
-        ids = read_ids(shard_dir) if read_ids else shard_io.read_shard_data(shard_dir).ids
+        ids = shard_io.read_shard_ids(storage.join(self._root, info.path), info, verify=self._verify)
         yield from _bucketed(ids, self._buckets)
 
 
@@ -115,12 +116,12 @@ class _RejectInBucketFn(_BucketJoinFn):
                 yield record
 
 
-def _known_ids_by_bucket(p, root: str, version: int, shard_paths: list[str], buckets: int):
+def _known_ids_by_bucket(p, root: str, version: int, shards: list[ShardInfo], buckets: int, verify: bool):
     """(stored ids, forgotten ids) of a version as (bucket, sorted id array) PCollections; one shard per worker."""
     stored = (p
-              | "StoredShards" >> beam.Create(shard_paths)
+              | "StoredShards" >> beam.Create(shards)
               | "SpreadShards" >> beam.Reshuffle()
-              | "StoredIdsByBucket" >> beam.ParDo(_StoredIdsFn(root, buckets)))
+              | "StoredIdsByBucket" >> beam.ParDo(_StoredIdsFn(root, buckets, verify)))
     forgotten = (p
                  | "Version" >> beam.Create([version])
                  | "ForgottenIdsByBucket" >> beam.ParDo(_TombstonesFn(root, buckets)))
@@ -138,21 +139,23 @@ class RejectKnownIds(beam.PTransform):
       root: Memory root.
       version: The version the add is based on.
       buckets: Id-hash buckets; None -> ``id_buckets(stored rows of the version)``.
+      verify: Check each shard's id file against the manifest as it is read (memory.store.integrity).
     """
 
-    def __init__(self, root: str, version: int, *, buckets: int | None = None):
+    def __init__(self, root: str, version: int, *, buckets: int | None = None, verify: bool = True):
         super().__init__()
         self._root = root
         self._version = version
+        self._verify = verify
         manifest = read_version(root, version)  # Launcher: the manifest only, no shard file.
-        self._shard_paths = [s.path for s in manifest.all_shards if s.count]
+        self._shards = [s for s in manifest.all_shards if s.count]
         self._buckets = buckets or id_buckets(manifest.physical_total)
 
     def expand(self, records):
         buckets = self._buckets
         new = records | "KeyNewByIdBucket" >> beam.Map(lambda r: (shard_for_id(r.id, buckets), r))
-        stored, forgotten = _known_ids_by_bucket(records.pipeline, self._root, self._version, self._shard_paths,
-                                                 buckets)
+        stored, forgotten = _known_ids_by_bucket(records.pipeline, self._root, self._version, self._shards,
+                                                 buckets, self._verify)
         results = ({"new": new, "stored": stored, "forgotten": forgotten}
                    | "CoGroupByIdBucket" >> beam.CoGroupByKey()
                    | "CheckIds" >> beam.ParDo(_RejectInBucketFn(self._root, self._version)).with_outputs(
@@ -221,21 +224,24 @@ class RejectKnownIdsInBlocks(beam.PTransform):
       version: The version the add is based on.
       buckets: Id-hash buckets; None -> enough for the stored rows and for ``new_rows`` (when known).
       new_rows: Rows the source holds, when known at launch.
+      verify: As :class:`RejectKnownIds`.
     """
 
-    def __init__(self, root: str, version: int, *, buckets: int | None = None, new_rows: int | None = None):
+    def __init__(self, root: str, version: int, *, buckets: int | None = None, new_rows: int | None = None,
+                 verify: bool = True):
         super().__init__()
         self._root = root
         self._version = version
+        self._verify = verify
         manifest = read_version(root, version)  # Launcher: the manifest only, no shard file.
-        self._shard_paths = [s.path for s in manifest.all_shards if s.count]
+        self._shards = [s for s in manifest.all_shards if s.count]
         self._buckets = buckets or max(id_buckets(manifest.physical_total), id_buckets(new_rows or 0))
 
     def expand(self, blocks):
         buckets = self._buckets
         new = blocks | "KeyNewRowsByIdBucket" >> beam.FlatMap(_rows_by_bucket, buckets)
-        stored, forgotten = _known_ids_by_bucket(blocks.pipeline, self._root, self._version, self._shard_paths,
-                                                 buckets)
+        stored, forgotten = _known_ids_by_bucket(blocks.pipeline, self._root, self._version, self._shards,
+                                                 buckets, self._verify)
         results = ({"new": new, "stored": stored, "forgotten": forgotten}
                    | "CoGroupByIdBucket" >> beam.CoGroupByKey()
                    | "CheckIds" >> beam.ParDo(_RejectRowsInBucketFn(self._root, self._version)).with_outputs(

@@ -17,6 +17,7 @@ import numpy as np
 from memory import storage
 from memory.store import compaction
 from memory.store.after_publish import after_publish
+from memory.store.integrity import with_file_records
 from memory.store.manifest import Manifest, ShardInfo, WeightsRef, sha256_checksum
 from memory.store.metadata import metadata_without
 from memory.store.mutations import WEIGHTS_DIR, in_sorted, purge_history, read_entry_weights, read_forgotten
@@ -50,6 +51,12 @@ def _weights_without(root: str, manifest: Manifest, forgotten: np.ndarray, new_v
     return dataclasses.replace(ref, path=rel, count=int(keep.sum()), checksum=sha256_checksum(blob))
 
 
+def _reused(job: ReindexJob, info: ShardInfo) -> ShardInfo:
+    """A reused shard's entry; one written before per-file checksums were recorded gets them now, once its files
+    match its whole-shard checksum (unless the job runs unverified)."""
+    return with_file_records(storage.join(job.root, info.path), info) if job.verify else info
+
+
 def assemble_manifest(job: ReindexJob, plan: compaction.ReindexPlan, rebuilt: dict[int, ShardInfo]) -> Manifest:
     """The new version's content (version/parent are set by publish_version), after checking the books.
 
@@ -60,7 +67,7 @@ def assemble_manifest(job: ReindexJob, plan: compaction.ReindexPlan, rebuilt: di
     missing = sorted(set(plan.rebuilt) - set(rebuilt))
     if missing:
         raise ReindexError(f"rebuilt shard(s) {missing} were not written; nothing was published")
-    shards = tuple(t.reused if t.reused is not None else rebuilt[t.index] for t in plan.targets)
+    shards = tuple(_reused(job, t.reused) if t.reused is not None else rebuilt[t.index] for t in plan.targets)
     stored = sum(s.count for s in shards)
     if stored != m.total:
         raise ReindexError(f"bookkeeping mismatch: version {m.version} has {m.total} live entries but the re-indexed "

@@ -12,6 +12,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from memory.store.after_publish import AfterPublishError
+from memory.store.integrity import NO_VERIFY_HELP
 from memory.store.versions import ConcurrentUpdateError, latest_version
 from pipelines.reindex.plan import ReindexJob, finish_pending_purge, prepare_job, published_by
 from pipelines.reindex.commit import publish
@@ -52,6 +53,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--forgotten-threshold", "--forgotten_threshold", dest="forgotten_threshold", type=float,
                         default=0.1, help="with --if-needed: re-index when forgotten rows / stored rows exceeds "
                                           "this (default 0.1)")
+    parser.add_argument("--no-verify", "--no_verify", dest="verify", action="store_false", help=NO_VERIFY_HELP)
     return parser
 
 
@@ -77,7 +79,7 @@ def prepare(args: argparse.Namespace) -> ReindexJob:
     """Finishes an earlier re-index's pending purge, then plans this one (`prepare_job`) from the flags."""
     finish_pending_purge(args.memory)
     return prepare_job(args.memory, target_shard_size=args.target_shard_size, delta_threshold=args.delta_threshold,
-                       forgotten_threshold=args.forgotten_threshold)
+                       forgotten_threshold=args.forgotten_threshold, verify=args.verify)
 
 
 class _PublishFn(beam.DoFn):

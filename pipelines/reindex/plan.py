@@ -46,6 +46,9 @@ class ReindexJob:
       needed: Whether --if-needed would run it; reason says why (not).
       purge: Whether a forget since the last re-index asked for --purge-history.
       spill_rows: Rows per spill file (pipelines.stages.write.SPILL_ROWS; smaller in tests).
+      verify: Check every shard file read against the manifest (memory.store.integrity), and record the per-file
+        checksums of reused shards written before those were recorded (after checking their whole-shard
+        checksum); False reads unchecked and leaves such shards as they are.
     """
     root: str
     manifest: Manifest
@@ -56,6 +59,7 @@ class ReindexJob:
     reason: str
     purge: bool
     spill_rows: int = SPILL_ROWS
+    verify: bool = True
 
     @property
     def version(self) -> int:
@@ -82,7 +86,7 @@ class ReindexJob:
 
 def prepare_job(root: str, *, target_shard_size: int | None = None, delta_threshold: float = 0.1,
                 forgotten_threshold: float = 0.1, job_token: str | None = None,
-                spill_rows: int = SPILL_ROWS) -> ReindexJob:
+                spill_rows: int = SPILL_ROWS, verify: bool = True) -> ReindexJob:
     """Reads the latest version's manifest (and the small version files) and decides what it can from them.
 
     Launcher side: reads no shard and no tombstone, router or weights file. The shard count comes from the
@@ -108,7 +112,7 @@ def prepare_job(root: str, *, target_shard_size: int | None = None, delta_thresh
     token = job_token or secrets.token_hex(4)
     job = ReindexJob(root=root, manifest=manifest, num_shards=target_n, job_token=token,
                      index_config=manifest.index_config, needed=needed, reason=reason, purge=purge,
-                     spill_rows=spill_rows)
+                     spill_rows=spill_rows, verify=verify)
     if storage.exists(storage.join(root, job.job_dir)):
         raise ReindexError(f"{storage.join(root, job.job_dir)} already exists; pick another job token")
     return job

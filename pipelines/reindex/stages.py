@@ -59,7 +59,7 @@ def _given_targets(block: EntryBlock, targets: np.ndarray) -> np.ndarray:
 
 
 def _read_source(job: ReindexJob, info: ShardInfo) -> ShardData:
-    data = shard_io.read_shard_data(storage.join(job.root, info.path))
+    data = shard_io.read_shard_data(storage.join(job.root, info.path), info, verify=job.verify)
     if data.ids.shape != (info.count,):
         raise ManifestError(f"shard {info.name}: {data.ids.shape[0]} rows stored, the manifest says {info.count}")
     return data
@@ -115,7 +115,7 @@ class ScanSourceFn(_SpillLiveRowsFn):
         if index is not None:
             ids = np.zeros((0,), "<U1")
             if info.count:
-                ids = shard_io.read_shard_ids(storage.join(job.root, info.path))
+                ids = shard_io.read_shard_ids(storage.join(job.root, info.path), info, verify=job.verify)
                 if ids.shape != (info.count,):
                     raise ManifestError(f"shard {info.name}: {info.path} holds {ids.shape[0]} ids, the manifest "
                                         f"says {info.count}")

@@ -108,9 +108,11 @@ class SearchShardFn(beam.DoFn):
 
     def __init__(self, root: str, manifest: Manifest, k: int, *, crowding: Crowding | None = None,
                  with_uris: bool = False, with_metadata: bool = False, setting: SearchSetting | None = None,
-                 units: Sequence[tuple[int, ...]] | None = None, threads: int | None = None):
+                 units: Sequence[tuple[int, ...]] | None = None, threads: int | None = None, verify: bool = True):
         self._root = root
         self._manifest = manifest
+        # Check each shard file the worker loads against the manifest (memory.store.integrity).
+        self._verify = verify
         # Main and delta shards; tombstoned (forgotten) rows are skipped inside LoadedShard.search, and each
         # hit carries its entry weight when the version has soft-pruning weights. Each key is a search unit
         # (memory.store.shard.search_units): one shard, or shards built from one index template searched as one.
@@ -170,7 +172,7 @@ class SearchShardFn(beam.DoFn):
         info = [self._infos[s] for s in self._units[unit]]
         shard = LoadedShard.load(self._root, info, forgotten=self._forgotten, entry_weights=self._entry_weights,
                                  with_uris=self._with_uris, class_names=self._manifest.class_names,
-                                 metadata=self._metadata)
+                                 metadata=self._metadata, verify=self._verify)
         if self._setting is not None and shard.index is not None:
             shard = shard.with_index(tuned_index(shard.index, self._setting.leaves_fraction, self._setting.reorder))
         with one_thread_blas:
@@ -223,15 +225,18 @@ class SearchShards(beam.PTransform):
     Every non-empty unit for a hash-sharded memory; the routed main shards and every delta shard for a
     partition-routed one (``route_probes`` nearest centroids, or distance-ratio routing with ``route_ratio``;
     neither -> the router's default probes). ``search_threads``: threads each worker searches a unit's batches
-    on (default `pipelines.runner.worker_pool_threads`).
+    on (default `pipelines.runner.worker_pool_threads`). ``verify``: each worker checks the shard files it loads
+    against the manifest (memory.store.integrity); False accepts the risk of searching altered files.
     """
 
     def __init__(self, root: str, manifest: Manifest, *, k: int, batch_size: int = 256,
                  route_probes: int | None = None, route_ratio: float | None = None,
                  default_filter: QueryFilter | None = None,
                  query_filters: dict[str, dict] | None = None, crowding: Crowding | None = None,
-                 with_uris: bool = False, setting: SearchSetting | None = None, search_threads: int | None = None):
+                 with_uris: bool = False, setting: SearchSetting | None = None, search_threads: int | None = None,
+                 verify: bool = True):
         super().__init__()
+        self._verify = verify
         self._root = root
         self._manifest = manifest
         self._k = k
@@ -249,7 +254,7 @@ class SearchShards(beam.PTransform):
         default, per_query = self._default, self._query_filters
         filtered = default is not None or bool(per_query)
         meta = filtered or (self._crowding is not None and self._crowding.by.startswith("meta:"))
-        units = search_units(self._root, self._manifest)  # What VisualMemory.open searches, so the same answers.
+        units = search_units(self._root, self._manifest, verify=self._verify)  # What VisualMemory.open searches, so the same answers.
         return (
             queries
             | "BatchQueries" >> beam.BatchElements(min_batch_size=1, max_batch_size=self._batch_size)
@@ -263,7 +268,7 @@ class SearchShards(beam.PTransform):
             | "SearchShard" >> beam.ParDo(SearchShardFn(
                 self._root, self._manifest, self._k, crowding=self._crowding, with_uris=self._with_uris,
                 with_metadata=meta and self._manifest.metadata is not None, setting=self._setting, units=units,
-                threads=self._search_threads)))
+                threads=self._search_threads, verify=self._verify)))
 
 
 class _MergeBatchFn(beam.CombineFn):

@@ -84,3 +84,9 @@ def test_spec_parses_as_the_clip_layout_written():
     # write_clip_dataset's label column; ids and uris come from the default key / image_path columns.
     assert source.option("label_column") == "label"
     assert source.option("id_column") is None and source.option("uri_column") is None
+
+
+def test_open_table_shows_verified_and_unverified_open_and_their_ratio():
+    lines = bench_scale.format_open_table([_result(1_000_000, open_verified_s=3.3, open_unverified_s=3.0)]).splitlines()
+    assert lines[0] == "| size | open s, verified | open s, verify=False | ratio |"
+    assert lines[2] == "| 1,000,000 | 3.30 | 3.00 | 1.100 |"

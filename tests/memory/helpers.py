@@ -44,3 +44,21 @@ def assert_exact_topk(idx: np.ndarray, dist: np.ndarray, q: np.ndarray, x: np.nd
     np.testing.assert_allclose(dist, np.take_along_axis(d, idx, axis=1), atol=2e-6)
     assert all(len(set(r)) == k for r in idx.tolist()), "duplicate neighbours"
     assert recall_at_k(idx, q, x, k) == 1.0
+
+
+def strip_file_records(root: str) -> None:
+    """Makes the memory at ``root`` look like one written before per-file checksums were recorded: every version
+    file and manifest.json without the shards' ``files``."""
+    import glob
+    import json
+    import os
+
+    from memory.store.manifest import Manifest
+    for path in glob.glob(os.path.join(root, "versions", "*.json")) + [os.path.join(root, "manifest.json")]:
+        with open(path) as f:
+            d = json.load(f)
+        for key in ("shards", "delta_shards"):
+            for s in d.get(key) or ():
+                s.pop("files", None)
+        with open(path, "w") as f:
+            f.write(Manifest.from_dict(d).to_json())

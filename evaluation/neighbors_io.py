@@ -96,11 +96,19 @@ def _require(obj: dict[str, Any], fields: Sequence[str], fmt: str,
                 f"(required: {', '.join(fields)})")
 
 
+_INT64 = np.iinfo(np.int64)
+
+
 def _as_int(value: Any, field: str, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (
         isinstance(value, float) and not value.is_integer()):
         raise NeighborFormatError(
             f"{where}: field {field!r} must be an integer label, got {value!r}")
+    # Labels are packed into int64 arrays (to_arrays): a larger one would fail there, far from its line.
+    if not _INT64.min <= value <= _INT64.max:
+        raise NeighborFormatError(
+            f"{where}: field {field!r} holds label {value!r}, outside the int64 range "
+            f"[{_INT64.min}, {_INT64.max}]; labels are class indices (0, 1, ...)")
     return int(value)
 
 
@@ -115,10 +123,20 @@ def _as_list(value: Any, field: str, where: str) -> list[Any]:
 def _as_floats(value: Any, field: str, where: str) -> list[float]:
     out = []
     for x in _as_list(value, field, where):
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or math.isnan(x):
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
             raise NeighborFormatError(
                 f"{where}: field {field!r} must hold numbers, got {x!r}")
-        out.append(float(x))
+        # NaN, +/-Infinity (and ints past float range) are not distances: in the arrays inf marks padding, so a
+        # -Infinity nearest neighbour would silently stop voting.
+        try:
+            number = float(x)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise NeighborFormatError(
+                f"{where}: field {field!r} must hold finite numbers, got {x!r}; NaN and +/-Infinity are not "
+                f"distances (write the real distance, or leave the neighbour out)")
+        out.append(number)
     return out
 
 
@@ -151,16 +169,17 @@ def parse_record(obj: Any, *, where: str) -> NeighborRecord:
     labels = [_as_int(x, names[3], where)
               for x in _as_list(labels, names[3], where)]
     dists = _as_floats(dists, names[4], where)
+    true = _as_int(true, names[1], where)
     weights = None
     if fmt == "visual-memory" and obj.get(NEIGHBOR_WEIGHTS_FIELD) is not None:
         weights = _as_floats(obj[NEIGHBOR_WEIGHTS_FIELD], NEIGHBOR_WEIGHTS_FIELD,
                              where)
-        if any(w < 0 or math.isinf(w) for w in weights):
+        if any(w < 0 for w in weights):
             raise NeighborFormatError(
-                f"{where}: {NEIGHBOR_WEIGHTS_FIELD} must be finite and >= 0")
+                f"{where}: {NEIGHBOR_WEIGHTS_FIELD} must be finite and >= 0, got {min(weights)!r}")
     try:
         return NeighborRecord(
-            query_id=str(qid), true_label=_as_int(true, names[1], where),
+            query_id=str(qid), true_label=true,
             neighbor_ids=ids, neighbor_labels=labels, neighbor_distances=dists,
             neighbor_weights=weights)
     except ValueError as e:

@@ -140,6 +140,43 @@ def test_length_mismatch(tmp_path):
         neighbors_io.read_records(path)
 
 
+@pytest.mark.parametrize("bad", ["Infinity", "-Infinity", "NaN", "1e999"])
+def test_non_finite_distances_are_refused_with_file_and_line(tmp_path, bad):
+    # In the arrays inf marks padding: a -Infinity nearest neighbour would silently stop voting.
+    path = tmp_path / "x.jsonl"
+    good = json.dumps(_records()[0].to_json())
+    path.write_text(good + "\n" + good.replace('"q1"', '"q2"').replace("[0.1, 0.2]", f"[{bad}, 0.2]") + "\n")
+    with pytest.raises(NeighborFormatError, match=rf"^{path}:2: field 'neighbor_distances' must hold finite "
+                       r"numbers, got -?(inf|nan); NaN and \+/-Infinity are not distances"):
+        neighbors_io.read_records(path)
+    rec = dict(PAPER_RECORDS[0], neighbor_distances=[0.1, bad])
+    path.write_text(json.dumps(rec).replace(f'"{bad}"', bad) + "\n")
+    with pytest.raises(NeighborFormatError, match=rf"^{path}:1: field 'neighbor_distances' must hold finite"):
+        neighbors_io.read_records(path)
+
+
+@pytest.mark.parametrize("field, value", [("neighbor_labels", [0, 2 ** 63]), ("true_label", -2 ** 63 - 1),
+                                          ("neighbor_labels", [0, 1e300])])
+def test_labels_outside_int64_are_refused_with_file_and_line(tmp_path, field, value):
+    path = tmp_path / "x.jsonl"
+    path.write_text(json.dumps(_records()[0].to_json()) + "\n"
+                    + json.dumps(dict(_records()[1].to_json(), query_id="q3", **{field: value},
+                                      **({"neighbor_ids": ["a", "b"], "neighbor_distances": [0.1, 0.2],
+                                          "neighbor_entry_weights": [1.0, 1.0]} if field == "neighbor_labels"
+                                         else {}))) + "\n")
+    with pytest.raises(NeighborFormatError, match=rf"^{path}:2: field '{field}' holds label .*, outside the int64 "
+                       r"range \[-9223372036854775808, 9223372036854775807\]"):
+        neighbors_io.read_records(path)
+
+
+def test_a_bad_true_label_names_its_location_once(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text(json.dumps(dict(_records()[0].to_json(), true_label="x")) + "\n")
+    with pytest.raises(NeighborFormatError) as e:
+        neighbors_io.read_records(path)
+    assert str(e.value) == f"{path}:1: field 'true_label' must be an integer label, got 'x'"
+
+
 def test_read_neighbor_files_missing_and_duplicates(tmp_path):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     neighbors_io.write_records(a, _records())

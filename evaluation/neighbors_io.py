@@ -39,6 +39,7 @@ __all__ = [
     "NeighborFormatError",
     "evaluation_files",
     "NeighborRecord",
+    "iter_neighbor_files",
     "iter_records",
     "read_neighbor_files",
     "read_records",
@@ -268,30 +269,68 @@ def evaluation_files(eval_dir: str | os.PathLike) -> list[str]:
     return files
 
 
+def _missing(paths: Sequence[str | os.PathLike]) -> None:
+    missing = [os.fspath(p) for p in paths
+               if not (storage.exists(os.fspath(p)) if storage.is_gcs(os.fspath(p)) else os.path.isfile(p))]
+    if missing:
+        raise FileNotFoundError(f"neighbours file not found: {missing[0]}")
+
+
+def _first_repeat(paths: Sequence[str | os.PathLike], suspects: set[int]) -> NeighborFormatError | None:
+    """The first query id read twice, among those whose hash is in ``suspects`` (re-reads the files)."""
+    seen: dict[str, str] = {}
+    for path in paths:
+        for record in iter_records(path):
+            if hash(record.query_id) not in suspects:
+                continue
+            if record.query_id in seen:
+                return NeighborFormatError(
+                    f"query id {record.query_id!r} occurs twice: in "
+                    f"{seen[record.query_id]} and {os.fspath(path)}")
+            seen[record.query_id] = os.fspath(path)
+    return None  # Only hashes collided.
+
+
+def iter_neighbor_files(paths: Sequence[str | os.PathLike]) -> Iterator[NeighborRecord]:
+    """Streams the records of several files (e.g. output shards), in order, refusing a repeated query id.
+
+    Memory: one record at a time plus 8 bytes per query id (a hash, for the repeat check). The check runs
+    when the last file is read: a repeat is then named exactly (the files are read again for it).
+
+    Raises:
+        FileNotFoundError: naming the first missing file (before any record is yielded).
+        NeighborFormatError: on a malformed record or a query id that occurs
+            twice (it would be counted twice in the accuracy).
+    """
+    _missing(paths)
+    blocks, block = [], []
+    for path in paths:
+        for record in iter_records(path):
+            block.append(hash(record.query_id))
+            if len(block) == 65536:
+                blocks.append(np.array(block, dtype=np.int64))
+                block = []
+            yield record
+    hashes = np.concatenate(blocks + [np.array(block, dtype=np.int64)])
+    blocks = block = None
+    hashes.sort()
+    repeated = hashes[1:][hashes[1:] == hashes[:-1]]
+    if repeated.size:
+        error = _first_repeat(paths, set(repeated.tolist()))
+        if error is not None:
+            raise error
+
+
 def read_neighbor_files(paths: Sequence[str | os.PathLike]
                         ) -> list[NeighborRecord]:
-    """Reads several files (e.g. output shards) into one list.
+    """Reads several files (e.g. output shards) into one list; see :func:`iter_neighbor_files`.
 
     Raises:
         FileNotFoundError: naming the first missing file.
         NeighborFormatError: on a malformed record or a query id that occurs
             twice (it would be counted twice in the accuracy).
     """
-    missing = [os.fspath(p) for p in paths
-               if not (storage.exists(os.fspath(p)) if storage.is_gcs(os.fspath(p)) else os.path.isfile(p))]
-    if missing:
-        raise FileNotFoundError(f"neighbours file not found: {missing[0]}")
-    seen: dict[str, str] = {}
-    records = []
-    for path in paths:
-        for record in iter_records(path):
-            if record.query_id in seen:
-                raise NeighborFormatError(
-                    f"query id {record.query_id!r} occurs twice: in "
-                    f"{seen[record.query_id]} and {os.fspath(path)}")
-            seen[record.query_id] = os.fspath(path)
-            records.append(record)
-    return records
+    return list(iter_neighbor_files(paths))
 
 
 def to_arrays(

@@ -80,6 +80,36 @@ def test_rules_k_max_and_tau(tmp_path, capsys):
     assert report["accuracy"]["softmax"]["3"] == 0.5
 
 
+def test_a_k_max_beyond_the_longest_list_is_capped_with_a_note(tmp_path, capsys):
+    # 400,000,000 columns per chunk would be gigabytes; past the longest list (3) every vote is the whole list's.
+    ours, paper = _write_inputs(tmp_path)
+    out = tmp_path / "out"
+    assert vote_cli.main(["--neighbors", str(ours), str(paper), "--output", str(out), "--k-max", "400000000"]) == 0
+    err = capsys.readouterr().err
+    assert err == ("vmem vote: note: --k-max 400000000 exceeds the longest neighbour list (3); voting k = 1..3 "
+                   "(beyond a list every vote is the vote of the whole list)\n")
+    report = json.loads((out / "report.json").read_text())
+    assert report["k_max"] == 3 and report["accuracy"]["softmax"] == {"1": 0.75, "2": 0.75, "3": 0.75}
+
+
+@pytest.mark.parametrize("value, message", [
+    ("-Infinity", "ours.jsonl:2: field 'neighbor_distances' must hold finite numbers, got -inf"),
+    ("99999999999999999999", "ours.jsonl:2: field 'neighbor_labels' holds label 99999999999999999999, outside "
+     "the int64 range"),
+])
+def test_infinite_distances_and_huge_labels_are_refused_with_file_and_line(tmp_path, capsys, value, message):
+    ours, _ = _write_inputs(tmp_path)
+    lines = ours.read_text().splitlines()
+    field = "neighbor_distances" if "Inf" in value else "neighbor_labels"
+    record = json.loads(lines[1])
+    lines[1] = json.dumps(dict(record, **{field: [0]})).replace("[0]", f"[{value}]")
+    ours.write_text("\n".join(lines) + "\n")
+    assert vote_cli.main(["--neighbors", str(ours), "--output", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"vmem vote: error: cannot read neighbours: {ours.parent}/{message}")
+    assert err.count("ours.jsonl:2") == 1 and not (tmp_path / "out").exists()
+
+
 def test_entry_weights_are_used(tmp_path):
     path = tmp_path / "w.jsonl"
     # Rank without weights: 0.5 vs 1/3 + 1/4 -> 1 (wrong); the soft-pruning

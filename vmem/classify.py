@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (local paths or gs://)")
     parser.add_argument("--memory", required=True, help="memory directory (local or gs://)")
     parser.add_argument("--rule", default=VotingRule.RANK.value, help=f"voting rule ({allowed}; default rank)")
-    parser.add_argument("--k", default="10", help="neighbours that vote (>= 1; default 10)")
+    parser.add_argument("--k", default="10", help="neighbours that vote (>= 1; default 10); capped, with a note, at "
+                        "the memory's live entries: a larger k is the vote of every entry")
     parser.add_argument("--tau", type=float, default=defaults.softmax_tau, help="softmax temperature (> 0)")
     parser.add_argument("--alpha", type=float, default=defaults.rank_alpha,
                         help="rank-voting offset: weight 1/(alpha + i) with 0-based i (> 0)")
@@ -255,6 +256,9 @@ def _run(argv: Sequence[str]) -> int:
         memory = VisualMemory.open(args.memory)
     except ManifestError as e:
         raise ManifestError(f"--memory {args.memory!r}: {e}") from None
+    if k > len(memory):
+        print(f"vmem classify: note: --k {k} exceeds the memory's {len(memory)} live entries; all "
+              f"{len(memory)} vote (k {max(len(memory), 1)})", file=sys.stderr)
     reranker = None
     if spec is not None:
         reranker = _DryRun(spec.text) if args.rerank_dry_run else spec.build()

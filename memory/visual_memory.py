@@ -501,7 +501,7 @@ class VisualMemory:
             search is capped at the live entries, so a huge k costs no more than k = len(self)).
           params: Voting hyper-parameters.
           encoder: For image queries: an already loaded encoder, which must have the manifest's identity.
-          abstain_below: Answer "unknown" (label -1, with the reason) for every query whose confidence is
+          abstain_below: Abstain (label -1, label_name None, with the reason) for every query whose confidence is
             below this value in [0, 1]. The confidence is calibrated when the memory carries a calibration
             for this rule, k and params (`vmem calibrate`), else it is the raw share of the winner's score.
           filters: Only entries a filter admits may vote (memory.search.filters.QueryFilter: labels, uri prefix,

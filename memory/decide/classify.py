@@ -121,7 +121,7 @@ def classify_neighbors(ids: np.ndarray, labels: np.ndarray, distances: np.ndarra
                                      f"{float(vc.margin[q]):.3f} < {float(options.rerank_below):g})")
         # A re-ranker's answer is the decision; abstention applies to the vote alone.
         if options.abstain_below is not None and c < options.abstain_below and not answered:
-            fields.update(label=-1, label_name="unknown", abstained=True,
+            fields.update(label=-1, label_name=None, abstained=True,
                           reason=f"confidence {c:.3f} < {float(options.abstain_below):g} ({how})")
         out.append(dataclasses.replace(p, **fields))
     return out

@@ -187,36 +187,60 @@ def parse_record(obj: Any, *, where: str) -> NeighborRecord:
         raise NeighborFormatError(f"{where}: {e}") from None
 
 
-def _iter_json_array(text: str, path: str) -> Iterator[tuple[Any, int]]:
-    """Yields (element, line) of a top-level JSON array, keeping line numbers."""
+# Characters read at once from a JSON array file (more when one element is longer).
+ARRAY_BLOCK_CHARS = 1 << 20
+
+
+def _iter_json_array(f: IO[str], head: str, path: str) -> Iterator[tuple[Any, int]]:
+    """Yields (element, line) of a top-level JSON array, reading ``f`` in blocks and keeping line numbers.
+
+    ``head`` is what was already read (the first line, holding the ``[``). Only the unread part of the
+    current block is held, so memory does not grow with the file.
+    """
     decoder = json.JSONDecoder()
     ws = " \t\r\n"
-    pos = text.index("[") + 1
+    buf, pos = head, head.index("[") + 1
+    line = 1 + head.count("\n", 0, pos)  # The line of buf[pos].
+    eof = False
     expect_value = True
     first = True
+
+    def refill() -> None:
+        nonlocal buf, pos, eof
+        chunk = f.read(max(ARRAY_BLOCK_CHARS, len(buf) - pos))
+        eof = not chunk
+        buf, pos = buf[pos:] + chunk, 0
+
     while True:
-        while pos < len(text) and text[pos] in ws:
+        while pos < len(buf) and buf[pos] in ws:
+            line += buf[pos] == "\n"
             pos += 1
-        if pos >= len(text):
-            raise NeighborFormatError(
-                f"{_where(path, text.count(chr(10)) + 1)}: unterminated JSON array")
-        if text[pos] == "]" and (first or not expect_value):
+        if pos >= len(buf):
+            if eof:
+                raise NeighborFormatError(f"{_where(path, line)}: unterminated JSON array")
+            refill()
+            continue
+        if buf[pos] == "]" and (first or not expect_value):
             return
         if not expect_value:
-            if text[pos] != ",":
-                raise NeighborFormatError(
-                    f"{_where(path, text.count(chr(10), 0, pos) + 1)}: expected ',' "
-                    f"or ']' in JSON array")
+            if buf[pos] != ",":
+                raise NeighborFormatError(f"{_where(path, line)}: expected ',' or ']' in JSON array")
             pos += 1
             expect_value = True
             continue
-        line = text.count("\n", 0, pos) + 1
         try:
-            value, pos = decoder.raw_decode(text, pos)
+            value, end = decoder.raw_decode(buf, pos)
         except json.JSONDecodeError as e:
-            raise NeighborFormatError(
-                f"{_where(path, line)}: invalid JSON: {e.msg}") from None
+            if eof:
+                raise NeighborFormatError(f"{_where(path, line)}: invalid JSON: {e.msg}") from None
+            refill()  # The element may just continue past this block.
+            continue
+        if end == len(buf) and not eof:
+            refill()  # A number at the block's end may continue in the next one.
+            continue
         yield value, line
+        line += buf.count("\n", pos, end)
+        pos = end
         expect_value = False
         first = False
 
@@ -232,8 +256,7 @@ def iter_records(path: str | os.PathLike) -> Iterator[NeighborRecord]:
     with _open_text(path, "r") as f:
         first_line = f.readline()
         if first_line.lstrip().startswith("["):
-            text = first_line + f.read()
-            for obj, line in _iter_json_array(text, path):
+            for obj, line in _iter_json_array(f, first_line, path):
                 yield parse_record(obj, where=_where(path, line))
             return
         for line_no, line in enumerate(_chain([first_line], f), start=1):

@@ -82,6 +82,34 @@ def test_paper_array_error_names_line(tmp_path):
                                    f"field 'neighbor_classes'")
 
 
+def _read_or_error(path):
+    try:
+        return neighbors_io.read_records(path)
+    except NeighborFormatError as e:
+        return str(e)
+
+
+@pytest.mark.parametrize("text", [
+    json.dumps(PAPER_RECORDS, indent=2),
+    "[\n" + ",\n\n".join(json.dumps(r) for r in PAPER_RECORDS * 20) + "\n]\n",
+    json.dumps(PAPER_RECORDS, indent=1)[:-30],                        # Unterminated.
+    json.dumps(PAPER_RECORDS, indent=1).replace("},", "}", 1),        # A missing comma.
+    json.dumps(PAPER_RECORDS, indent=1).replace('"neighbor_classes"', 'neighbor_classes', 1),  # Invalid JSON.
+    "[\n" + json.dumps(PAPER_RECORDS[0]) + ",\n  12345678\n]",      # Not an object, split at any block end.
+    "[ ]",
+])
+def test_a_json_array_read_in_small_blocks_reads_as_one_block(tmp_path, monkeypatch, text):
+    # The array is streamed a block at a time (memory bounded by the block, not the file): every block size
+    # gives the same records, and the same errors on the same lines, as one block holding the whole file.
+    path = tmp_path / "paper.json"
+    path.write_text(text)
+    whole = _read_or_error(path)
+    assert whole == [] or (isinstance(whole, list) and len(whole) >= 2) or whole.startswith(f"{path}:")
+    for block in (1, 2, 3, 7, 64):
+        monkeypatch.setattr(neighbors_io, "ARRAY_BLOCK_CHARS", block)
+        assert _read_or_error(path) == whole, block
+
+
 def test_empty_json_array(tmp_path):
     path = tmp_path / "empty.json"
     path.write_text("[ ]\n")

@@ -173,3 +173,29 @@ def test_missing_required_flag(capsys):
 def test_help_exits_zero(capsys):
     assert vote_cli.main(["--help"]) == 0
     assert "--neighbors FILE [FILE ...]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, flags, digests", [
+    ("fixture", [], ("0afd68195888ab09fb2bb2321caf7f9100b0b1b1c344ddbb1c03969dbff5a652",
+                     "88639aa5577248bcc7a6921e41ce7b0f8fbc3a6a0d0416cfc856a1c960b348e9")),
+    ("many", [], ("040cc8df33df1a8ecec0e7c905eadadcc4166ec56042bb434b58db0af72b0c5b",
+                  "bac992ced804d63bd34fe9c74c9c926f46bad558c749edfb8f55711e8a61a58d")),
+    ("many", ["--k-max", "12"], ("7adcc12997bbf72aa5f065dd3feeeb6fcece532d50981f27e0f27c9f0c91a2c5",
+                                 "c4c98965382a6f902f1d142b093450b0a08aba415cb1ee7ec1543fae9be525bb")),
+])
+def test_streamed_reports_are_byte_identical_to_one_list_of_every_record(tmp_path, capsys, name, flags, digests):
+    """report.json and report.md as the vote of all records read into one list wrote them (digests recorded
+    from that implementation): the fixture above, and 5,000 weighted records (two chunks, lists of 0..30
+    neighbours sorted by length, so the first chunk is narrower than the second)."""
+    import hashlib
+
+    from tests.evaluation.test_vote_report import _records
+    ours, paper = _write_inputs(tmp_path)
+    many = tmp_path / "many.jsonl.gz"
+    write_records(many, sorted(_records(5000, seed=9, weighted=True), key=lambda r: len(r.neighbor_labels)))
+    inputs = [str(ours), str(paper)] if name == "fixture" else [str(many)]
+    out = tmp_path / "out"
+    assert vote_cli.main(["--neighbors", *inputs, *flags, "--output", str(out), "--baseline", "lp=0.8"]) == 0
+    got = tuple(hashlib.sha256((out / f).read_text().replace(str(tmp_path), "TMP").encode()).hexdigest()
+                for f in ("report.json", "report.md"))
+    assert got == digests

@@ -97,7 +97,7 @@ def _require(obj: dict[str, Any], fields: Sequence[str], fmt: str,
                 f"(required: {', '.join(fields)})")
 
 
-_INT64 = np.iinfo(np.int64)
+_INT64_MIN, _INT64_MAX = -2 ** 63, 2 ** 63 - 1
 
 
 def _as_int(value: Any, field: str, where: str) -> int:
@@ -106,10 +106,10 @@ def _as_int(value: Any, field: str, where: str) -> int:
         raise NeighborFormatError(
             f"{where}: field {field!r} must be an integer label, got {value!r}")
     # Labels are packed into int64 arrays (to_arrays): a larger one would fail there, far from its line.
-    if not _INT64.min <= value <= _INT64.max:
+    if not _INT64_MIN <= int(value) <= _INT64_MAX:
         raise NeighborFormatError(
             f"{where}: field {field!r} holds label {value!r}, outside the int64 range "
-            f"[{_INT64.min}, {_INT64.max}]; labels are class indices (0, 1, ...)")
+            f"[{_INT64_MIN}, {_INT64_MAX}]; labels are class indices (0, 1, ...)")
     return int(value)
 
 

@@ -184,7 +184,7 @@ def test_non_finite_distances_are_refused_with_file_and_line(tmp_path, bad):
 
 
 @pytest.mark.parametrize("field, value", [("neighbor_labels", [0, 2 ** 63]), ("true_label", -2 ** 63 - 1),
-                                          ("neighbor_labels", [0, 1e300])])
+                                          ("neighbor_labels", [0, 1e300]), ("true_label", 2.0 ** 63)])
 def test_labels_outside_int64_are_refused_with_file_and_line(tmp_path, field, value):
     path = tmp_path / "x.jsonl"
     path.write_text(json.dumps(_records()[0].to_json()) + "\n"

@@ -12,7 +12,8 @@ from evaluation.vote_report import NoRecordsError, count_votes
 from memory.decide.voting import predict_all_k
 
 
-def _records(n: int, *, seed: int, longest: int = 30, weighted: bool = False, offset: int = 0):
+def random_records(n: int, *, seed: int, longest: int = 30, weighted: bool = False, offset: int = 0
+                   ) -> list[NeighborRecord]:
     """Lists of 0..longest neighbours (most of full length), with tied distances here and there."""
     rng = np.random.default_rng(seed)
     out = []
@@ -34,7 +35,7 @@ def _one_vote(records, k_max, **kw):
 @pytest.mark.parametrize("weighted", [False, True])
 def test_chunks_of_any_width_count_what_one_padded_vote_counts(k_max, weighted):
     # Sorted by length, so later chunks are wider than earlier ones: the earlier counts are widened.
-    records = sorted(_records(300, seed=1, weighted=weighted), key=lambda r: len(r.neighbor_labels))
+    records = sorted(random_records(300, seed=1, weighted=weighted), key=lambda r: len(r.neighbor_labels))
     votes = count_votes(records, k_max=k_max, chunk_records=16, unpruned=True)
     width = 30 if k_max is None else min(k_max, 30)  # Capped at the longest list.
     assert votes.counts.k_max == width and votes.weighted == weighted
@@ -64,8 +65,8 @@ def _peak_bytes(path) -> int:
 
 def test_memory_of_a_streamed_vote_does_not_grow_with_the_file(tmp_path):
     small, large = tmp_path / "n.jsonl", tmp_path / "4n.jsonl"
-    write_records(small, _records(1500, seed=2))
-    write_records(large, [r for part in range(4) for r in _records(1500, seed=2, offset=1500 * part)])
+    write_records(small, random_records(1500, seed=2))
+    write_records(large, [r for part in range(4) for r in random_records(1500, seed=2, offset=1500 * part)])
     (peak_small, n_small), (peak_large, n_large) = _peak_bytes(small), _peak_bytes(large)
     assert (n_small, n_large) == (1500, 6000)
     # A list of every record would take 4x; the chunk's records and arrays are the same for both files, and
@@ -75,8 +76,8 @@ def test_memory_of_a_streamed_vote_does_not_grow_with_the_file(tmp_path):
 
 def test_a_repeated_query_id_is_named_after_the_stream_ends(tmp_path):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    write_records(a, _records(50, seed=3))
-    write_records(b, _records(5, seed=4, offset=48))  # q48 and q49 again.
+    write_records(a, random_records(50, seed=3))
+    write_records(b, random_records(5, seed=4, offset=48))  # q48 and q49 again.
     stream = neighbors_io.iter_neighbor_files([a, b])
     with pytest.raises(neighbors_io.NeighborFormatError, match=rf"^query id 'q48' occurs twice: in {a} and {b}$"):
         count_votes(stream, chunk_records=8)

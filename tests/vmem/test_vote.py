@@ -189,10 +189,10 @@ def test_streamed_reports_are_byte_identical_to_one_list_of_every_record(tmp_pat
     neighbours sorted by length, so the first chunk is narrower than the second)."""
     import hashlib
 
-    from tests.evaluation.test_vote_report import _records
+    from tests.evaluation.test_vote_report import random_records
     ours, paper = _write_inputs(tmp_path)
     many = tmp_path / "many.jsonl.gz"
-    write_records(many, sorted(_records(5000, seed=9, weighted=True), key=lambda r: len(r.neighbor_labels)))
+    write_records(many, sorted(random_records(5000, seed=9, weighted=True), key=lambda r: len(r.neighbor_labels)))
     inputs = [str(ours), str(paper)] if name == "fixture" else [str(many)]
     out = tmp_path / "out"
     assert vote_cli.main(["--neighbors", *inputs, *flags, "--output", str(out), "--baseline", "lp=0.8"]) == 0

@@ -80,6 +80,26 @@ class CorrectCounts:
                 correct[rule] += part.correct[rule]
         return cls(queries=sum(p.queries for p in parts), correct=correct)
 
+    @property
+    def k_max(self) -> int:
+        """The largest k counted (0 when no rule is)."""
+        return max((int(np.size(c)) for c in self.correct.values()), default=0)
+
+    def widened(self, k_max: int) -> CorrectCounts:
+        """These counts extended to ``k_max`` by repeating each rule's count at the largest k.
+
+        Only for queries none of whose neighbour lists is longer than ``self.k_max``: beyond its list a query's
+        vote no longer changes (padding never votes), so its vote at any larger k is its vote at ``self.k_max``.
+
+        Raises:
+            ValueError: if ``k_max`` is below the k already counted.
+        """
+        if k_max < self.k_max:
+            raise ValueError(f"cannot widen counts for k up to {self.k_max} to k_max {k_max}")
+        return CorrectCounts(queries=self.queries, correct={
+            rule: np.concatenate([c, np.repeat(np.asarray(c, dtype=np.int64)[-1:], k_max - np.size(c))])
+            for rule, c in self.correct.items()})
+
     def table(self) -> AccuracyTable:
         """``{rule name: {k: accuracy}}`` with accuracy in [0, 1].
 

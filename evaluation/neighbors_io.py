@@ -39,6 +39,7 @@ __all__ = [
     "NeighborFormatError",
     "evaluation_files",
     "NeighborRecord",
+    "iter_neighbor_files",
     "iter_records",
     "read_neighbor_files",
     "read_records",
@@ -96,11 +97,19 @@ def _require(obj: dict[str, Any], fields: Sequence[str], fmt: str,
                 f"(required: {', '.join(fields)})")
 
 
+_INT64_MIN, _INT64_MAX = -2 ** 63, 2 ** 63 - 1
+
+
 def _as_int(value: Any, field: str, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (
         isinstance(value, float) and not value.is_integer()):
         raise NeighborFormatError(
             f"{where}: field {field!r} must be an integer label, got {value!r}")
+    # Labels are packed into int64 arrays (to_arrays): a larger one would fail there, far from its line.
+    if not _INT64_MIN <= int(value) <= _INT64_MAX:
+        raise NeighborFormatError(
+            f"{where}: field {field!r} holds label {value!r}, outside the int64 range "
+            f"[{_INT64_MIN}, {_INT64_MAX}]; labels are class indices (0, 1, ...)")
     return int(value)
 
 
@@ -115,10 +124,20 @@ def _as_list(value: Any, field: str, where: str) -> list[Any]:
 def _as_floats(value: Any, field: str, where: str) -> list[float]:
     out = []
     for x in _as_list(value, field, where):
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or math.isnan(x):
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
             raise NeighborFormatError(
                 f"{where}: field {field!r} must hold numbers, got {x!r}")
-        out.append(float(x))
+        # NaN, +/-Infinity (and ints past float range) are not distances: in the arrays inf marks padding, so a
+        # -Infinity nearest neighbour would silently stop voting.
+        try:
+            number = float(x)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise NeighborFormatError(
+                f"{where}: field {field!r} must hold finite numbers, got {x!r}; NaN and +/-Infinity are not "
+                f"distances (write the real distance, or leave the neighbour out)")
+        out.append(number)
     return out
 
 
@@ -151,52 +170,77 @@ def parse_record(obj: Any, *, where: str) -> NeighborRecord:
     labels = [_as_int(x, names[3], where)
               for x in _as_list(labels, names[3], where)]
     dists = _as_floats(dists, names[4], where)
+    true = _as_int(true, names[1], where)
     weights = None
     if fmt == "visual-memory" and obj.get(NEIGHBOR_WEIGHTS_FIELD) is not None:
         weights = _as_floats(obj[NEIGHBOR_WEIGHTS_FIELD], NEIGHBOR_WEIGHTS_FIELD,
                              where)
-        if any(w < 0 or math.isinf(w) for w in weights):
+        if any(w < 0 for w in weights):
             raise NeighborFormatError(
-                f"{where}: {NEIGHBOR_WEIGHTS_FIELD} must be finite and >= 0")
+                f"{where}: {NEIGHBOR_WEIGHTS_FIELD} must be finite and >= 0, got {min(weights)!r}")
     try:
         return NeighborRecord(
-            query_id=str(qid), true_label=_as_int(true, names[1], where),
+            query_id=str(qid), true_label=true,
             neighbor_ids=ids, neighbor_labels=labels, neighbor_distances=dists,
             neighbor_weights=weights)
     except ValueError as e:
         raise NeighborFormatError(f"{where}: {e}") from None
 
 
-def _iter_json_array(text: str, path: str) -> Iterator[tuple[Any, int]]:
-    """Yields (element, line) of a top-level JSON array, keeping line numbers."""
+# Characters read at once from a JSON array file (more when one element is longer).
+ARRAY_BLOCK_CHARS = 1 << 20
+
+
+def _iter_json_array(f: IO[str], head: str, path: str) -> Iterator[tuple[Any, int]]:
+    """Yields (element, line) of a top-level JSON array, reading ``f`` in blocks and keeping line numbers.
+
+    ``head`` is what was already read (the first line, holding the ``[``). Only the unread part of the
+    current block is held, so memory does not grow with the file.
+    """
     decoder = json.JSONDecoder()
     ws = " \t\r\n"
-    pos = text.index("[") + 1
+    buf, pos = head, head.index("[") + 1
+    line = 1 + head.count("\n", 0, pos)  # The line of buf[pos].
+    eof = False
     expect_value = True
     first = True
+
+    def refill() -> None:
+        nonlocal buf, pos, eof
+        chunk = f.read(max(ARRAY_BLOCK_CHARS, len(buf) - pos))
+        eof = not chunk
+        buf, pos = buf[pos:] + chunk, 0
+
     while True:
-        while pos < len(text) and text[pos] in ws:
+        while pos < len(buf) and buf[pos] in ws:
+            line += buf[pos] == "\n"
             pos += 1
-        if pos >= len(text):
-            raise NeighborFormatError(
-                f"{_where(path, text.count(chr(10)) + 1)}: unterminated JSON array")
-        if text[pos] == "]" and (first or not expect_value):
+        if pos >= len(buf):
+            if eof:
+                raise NeighborFormatError(f"{_where(path, line)}: unterminated JSON array")
+            refill()
+            continue
+        if buf[pos] == "]" and (first or not expect_value):
             return
         if not expect_value:
-            if text[pos] != ",":
-                raise NeighborFormatError(
-                    f"{_where(path, text.count(chr(10), 0, pos) + 1)}: expected ',' "
-                    f"or ']' in JSON array")
+            if buf[pos] != ",":
+                raise NeighborFormatError(f"{_where(path, line)}: expected ',' or ']' in JSON array")
             pos += 1
             expect_value = True
             continue
-        line = text.count("\n", 0, pos) + 1
         try:
-            value, pos = decoder.raw_decode(text, pos)
+            value, end = decoder.raw_decode(buf, pos)
         except json.JSONDecodeError as e:
-            raise NeighborFormatError(
-                f"{_where(path, line)}: invalid JSON: {e.msg}") from None
+            if eof:
+                raise NeighborFormatError(f"{_where(path, line)}: invalid JSON: {e.msg}") from None
+            refill()  # The element may just continue past this block.
+            continue
+        if end == len(buf) and not eof:
+            refill()  # A number at the block's end may continue in the next one.
+            continue
         yield value, line
+        line += buf.count("\n", pos, end)
+        pos = end
         expect_value = False
         first = False
 
@@ -212,8 +256,7 @@ def iter_records(path: str | os.PathLike) -> Iterator[NeighborRecord]:
     with _open_text(path, "r") as f:
         first_line = f.readline()
         if first_line.lstrip().startswith("["):
-            text = first_line + f.read()
-            for obj, line in _iter_json_array(text, path):
+            for obj, line in _iter_json_array(f, first_line, path):
                 yield parse_record(obj, where=_where(path, line))
             return
         for line_no, line in enumerate(_chain([first_line], f), start=1):
@@ -249,30 +292,68 @@ def evaluation_files(eval_dir: str | os.PathLike) -> list[str]:
     return files
 
 
+def _missing(paths: Sequence[str | os.PathLike]) -> None:
+    missing = [os.fspath(p) for p in paths
+               if not (storage.exists(os.fspath(p)) if storage.is_gcs(os.fspath(p)) else os.path.isfile(p))]
+    if missing:
+        raise FileNotFoundError(f"neighbours file not found: {missing[0]}")
+
+
+def _first_repeat(paths: Sequence[str | os.PathLike], suspects: set[int]) -> NeighborFormatError | None:
+    """The first query id read twice, among those whose hash is in ``suspects`` (re-reads the files)."""
+    seen: dict[str, str] = {}
+    for path in paths:
+        for record in iter_records(path):
+            if hash(record.query_id) not in suspects:
+                continue
+            if record.query_id in seen:
+                return NeighborFormatError(
+                    f"query id {record.query_id!r} occurs twice: in "
+                    f"{seen[record.query_id]} and {os.fspath(path)}")
+            seen[record.query_id] = os.fspath(path)
+    return None  # Only hashes collided.
+
+
+def iter_neighbor_files(paths: Sequence[str | os.PathLike]) -> Iterator[NeighborRecord]:
+    """Streams the records of several files (e.g. output shards), in order, refusing a repeated query id.
+
+    Memory: one record at a time plus 8 bytes per query id (a hash, for the repeat check). The check runs
+    when the last file is read: a repeat is then named exactly (the files are read again for it).
+
+    Raises:
+        FileNotFoundError: naming the first missing file (before any record is yielded).
+        NeighborFormatError: on a malformed record or a query id that occurs
+            twice (it would be counted twice in the accuracy).
+    """
+    _missing(paths)
+    blocks, block = [], []
+    for path in paths:
+        for record in iter_records(path):
+            block.append(hash(record.query_id))
+            if len(block) == 65536:
+                blocks.append(np.array(block, dtype=np.int64))
+                block = []
+            yield record
+    hashes = np.concatenate(blocks + [np.array(block, dtype=np.int64)])
+    blocks = block = None
+    hashes.sort()
+    repeated = hashes[1:][hashes[1:] == hashes[:-1]]
+    if repeated.size:
+        error = _first_repeat(paths, set(repeated.tolist()))
+        if error is not None:
+            raise error
+
+
 def read_neighbor_files(paths: Sequence[str | os.PathLike]
                         ) -> list[NeighborRecord]:
-    """Reads several files (e.g. output shards) into one list.
+    """Reads several files (e.g. output shards) into one list; see :func:`iter_neighbor_files`.
 
     Raises:
         FileNotFoundError: naming the first missing file.
         NeighborFormatError: on a malformed record or a query id that occurs
             twice (it would be counted twice in the accuracy).
     """
-    missing = [os.fspath(p) for p in paths
-               if not (storage.exists(os.fspath(p)) if storage.is_gcs(os.fspath(p)) else os.path.isfile(p))]
-    if missing:
-        raise FileNotFoundError(f"neighbours file not found: {missing[0]}")
-    seen: dict[str, str] = {}
-    records = []
-    for path in paths:
-        for record in iter_records(path):
-            if record.query_id in seen:
-                raise NeighborFormatError(
-                    f"query id {record.query_id!r} occurs twice: in "
-                    f"{seen[record.query_id]} and {os.fspath(path)}")
-            seen[record.query_id] = os.fspath(path)
-            records.append(record)
-    return records
+    return list(iter_neighbor_files(paths))
 
 
 def to_arrays(

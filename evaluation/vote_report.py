@@ -22,10 +22,14 @@ from memory import storage
 from memory.decide.voting import ALL_RULES, VotingParams, VotingRule, predict_all_k
 from pipelines.records import EvaluationSummary, NeighborRecord
 
-__all__ = ["VoteCounts", "count_votes", "read_evaluation_summary", "write_evaluation_report"]
+__all__ = ["NoRecordsError", "VoteCounts", "count_votes", "read_evaluation_summary", "write_evaluation_report"]
 
-# Records voted at once: [chunk, k_max] arrays per rule, a few MB at k_max 100.
+# Records voted at once: [chunk, k_max] arrays per rule, a few MB at k_max 100, plus the chunk's parsed records.
 CHUNK_RECORDS = 4096
+
+
+class NoRecordsError(ValueError):
+    """`count_votes` was given no record."""
 
 
 class VoteCounts(NamedTuple):
@@ -34,43 +38,65 @@ class VoteCounts(NamedTuple):
     Attributes:
       counts: The vote with the records' entry weights, when they carry them (a soft-pruned memory).
       unpruned: With ``unpruned=True`` and weighted records, the same neighbours voted without weights; else None.
+      weighted: Whether the records carry entry weights (all of them do, or none).
     """
     counts: CorrectCounts
     unpruned: CorrectCounts | None
+    weighted: bool = False
 
 
-def count_votes(records: Iterable[NeighborRecord], *, k_max: int, rules: Sequence[VotingRule] = ALL_RULES,
-                params: VotingParams = VotingParams(), unpruned: bool = False,
-                chunk_records: int = CHUNK_RECORDS) -> VoteCounts:
+def _add(total: CorrectCounts | None, part: CorrectCounts) -> CorrectCounts:
+    """``total + part``, the narrower widened first (its queries' lists all end before the wider's k_max)."""
+    if total is None:
+        return part
+    width = max(total.k_max, part.k_max)
+    return CorrectCounts.sum([total.widened(width), part.widened(width)])
+
+
+def count_votes(records: Iterable[NeighborRecord], *, k_max: int | None = None,
+                rules: Sequence[VotingRule] = ALL_RULES, params: VotingParams = VotingParams(),
+                unpruned: bool = False, chunk_records: int = CHUNK_RECORDS) -> VoteCounts:
     """Votes every record with each rule at k = 1..k_max and counts the correct answers.
 
+    Records are read, voted and counted one chunk at a time, and only the running counts are kept, so memory
+    is bounded by the chunk, not by the number of records. Each chunk is voted up to its own longest list:
+    beyond a list its vote no longer changes (padding never votes), so no array is wider than the neighbour
+    lists themselves, whatever ``k_max`` is asked.
+
     Args:
-      records: Neighbour lists, nearest first (their order does not matter).
-      k_max: Neighbours voted over; shorter lists are padded (padding never votes).
+      records: Neighbour lists, nearest first (their order does not matter); an iterator is read once.
+      k_max: Largest k counted, >= 1; capped at the longest neighbour list (the counts then end there). None:
+        the longest list.
       rules: The voting rules, in report order.
       params: Voting parameters.
       unpruned: Also count the vote without entry weights, when the records carry them.
       chunk_records: Records voted at once.
 
     Raises:
-      ValueError: on no records, a list not sorted nearest first, or entry weights on only some records.
+      NoRecordsError: on no records.
+      ValueError: on k_max < 1, a list not sorted nearest first, or entry weights on only some
+        records.
     """
-    parts, unweighted, weighted = [], [], set()
+    if k_max is not None and k_max < 1:
+        raise ValueError(f"k_max must be >= 1, got {k_max}")
+    total, unweighted, weighted = None, None, set()
     records = iter(records)
     while chunk := list(itertools.islice(records, chunk_records)):
-        labels, distances, true, weights = neighbors_io.to_arrays(chunk, k_max)
+        longest = max(max(len(r.neighbor_labels) for r in chunk), 1)
+        k = longest if k_max is None else min(k_max, longest)
+        labels, distances, true, weights = neighbors_io.to_arrays(chunk, k)
         weighted.add(weights is not None)
         if len(weighted) > 1:
             raise ValueError(f"only some records carry neighbor_entry_weights (query {chunk[0].query_id!r} and "
                              "others differ); write them for every query or for none")
-        parts.append(CorrectCounts.of(predict_all_k(labels, distances, rules=list(rules), k_max=k_max,
-                                                    params=params, entry_weights=weights), true))
+        total = _add(total, CorrectCounts.of(predict_all_k(labels, distances, rules=list(rules), k_max=k,
+                                                           params=params, entry_weights=weights), true))
         if unpruned and weights is not None:
-            unweighted.append(CorrectCounts.of(predict_all_k(labels, distances, rules=list(rules), k_max=k_max,
-                                                             params=params), true))
-    if not parts:
-        raise ValueError("no neighbour records to vote on")
-    return VoteCounts(CorrectCounts.sum(parts), CorrectCounts.sum(unweighted) if unweighted else None)
+            unweighted = _add(unweighted, CorrectCounts.of(predict_all_k(labels, distances, rules=list(rules),
+                                                                         k_max=k, params=params), true))
+    if total is None:
+        raise NoRecordsError("no neighbour records to vote on")
+    return VoteCounts(total, unweighted, weighted=weighted == {True})
 
 
 def read_evaluation_summary(output: str) -> EvaluationSummary:
@@ -124,6 +150,9 @@ def write_evaluation_report(output: str) -> dict[str, Any]:
     params = VotingParams(softmax_tau=summary.softmax_tau, rank_alpha=summary.rank_alpha)
     records = itertools.chain.from_iterable(neighbors_io.iter_records(f) for f in summary.neighbor_files)
     votes = count_votes(records, k_max=summary.k_max, params=params, unpruned=True)
+    # The report covers k = 1..k_max of the job even where every list is shorter (a filter, a small memory).
+    votes = VoteCounts(votes.counts.widened(summary.k_max),
+                       None if votes.unpruned is None else votes.unpruned.widened(summary.k_max), votes.weighted)
     if votes.counts.queries != summary.queries:
         raise ValueError(f"the neighbour files of {output} hold {votes.counts.queries} queries but the job answered "
                          f"{summary.queries}; re-run `vmem evaluate`")

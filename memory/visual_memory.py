@@ -56,7 +56,8 @@ class SearchResult(NamedTuple):
     """Neighbours of each query, nearest first.
 
     Attributes:
-      ids: unicode [nq, k] entry ids ("" for padding when k exceeds the memory size).
+      ids: unicode [nq, k] entry ids, k capped at the memory's live entries ("" for padding where fewer than
+        k are found: filters, crowding, routing).
       labels: int32 [nq, k] indices into class_names (-1 for padding).
       distances: float32 [nq, k] cosine distances 1 - dot (+inf for padding).
       weights: float32 [nq, k] entry weight of each neighbour (soft pruning; 1.0 for entries without a
@@ -292,7 +293,9 @@ class VisualMemory:
 
         Args:
           queries: [nq, dim] query embeddings (L2-normalised here).
-          k: Neighbours per query, >= 1; when k exceeds len(self) the tail is padded.
+          k: Neighbours per query, >= 1; capped at the live entry count (``len(self)``, at least 1), before
+            anything is allocated: a larger k returns every live entry, ``[nq, len(self)]``. Fewer than k
+            found (filters, crowding, routing) are padded.
           filters: Only entries a `memory.search.filters.QueryFilter` admits (labels, uri prefix, metadata values),
             one filter for every query or one (or None) per query. Applied before the top-k cut, like
             forgetting: k admitted neighbours whenever k exist.
@@ -307,6 +310,9 @@ class VisualMemory:
         """
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be an int >= 1, got {k!r}")
+        # Every [nq, k] array below is sized by k: past the live entries it would only hold padding (a k of
+        # 1e9 on a 150-entry memory asked for 7.45 GiB).
+        k = min(int(k), max(len(self), 1))
         q = np.asarray(queries)
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise ValueError(
@@ -506,10 +512,11 @@ class VisualMemory:
             array also works), which are decoded and preprocessed with the manifest's preprocess spec and
             embedded with the memory's own encoder (see `embed_images`).
           rule: Voting rule (enum or name).
-          k: Neighbours that vote, >= 1; beyond the memory size the missing neighbours simply do not vote.
+          k: Neighbours that vote, >= 1; beyond the memory size the missing neighbours simply do not vote (the
+            search is capped at the live entries, so a huge k costs no more than k = len(self)).
           params: Voting hyper-parameters.
           encoder: For image queries: an already loaded encoder, which must have the manifest's identity.
-          abstain_below: Answer "unknown" (label -1, with the reason) for every query whose confidence is
+          abstain_below: Abstain (label -1, label_name None, with the reason) for every query whose confidence is
             below this value in [0, 1]. The confidence is calibrated when the memory carries a calibration
             for this rule, k and params (`vmem calibrate`), else it is the raw share of the winner's score.
           filters: Only entries a filter admits may vote (memory.search.filters.QueryFilter: labels, uri prefix,

@@ -216,7 +216,7 @@ def evaluate_pipeline(p: beam.Pipeline, *, root: str, manifest: Manifest, source
       output: Directory of the neighbour files, dead letters, re-rank records and the summary.
       encoder_id: With an EmbeddingSource: the encoder that computed the embeddings.
       version: The version the caller pinned (None: the latest), recorded in the report.
-      k_max: Neighbours retrieved per query.
+      k_max: Neighbours retrieved per query; capped, with a logged warning, at the version's live entries.
       params: Voting parameters of the report (and of the re-rank stage's vote).
       query_batch: Queries per shard search call.
       search_threads: Threads a worker searches a shard's batches on (None: its cores, at most 4).
@@ -236,6 +236,12 @@ def evaluate_pipeline(p: beam.Pipeline, *, root: str, manifest: Manifest, source
       EvaluationError: the memory cannot answer these queries: routing options on a hash-sharded memory, an
         image source for a memory of precomputed embeddings or the other way round, another encoder or dim.
     """
+    if k_max > max(manifest.total, 1):
+        # Every shard search, merge and report row is sized by k_max; past the live entries they would hold
+        # only padding, and every vote there is the vote of every entry.
+        _LOG.warning("--k-max %d exceeds the %d live entries of memory %s (version %d); retrieving and voting "
+                     "k = 1..%d", k_max, manifest.total, root, manifest.version, max(manifest.total, 1))
+        k_max = max(manifest.total, 1)
     for name, value in (("route probes", route_probes), ("route ratio", route_ratio)):
         if value is not None and manifest.router is None:
             flag = "--" + name.replace(" ", "-")
@@ -356,7 +362,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--encoder-id", default=None,
                         help="with --embeddings: the encoder that computed them; must be the memory's")
     parser.add_argument("--output", required=True, help="directory for neighbours JSONL and the report")
-    parser.add_argument("--k-max", type=int, default=100, help="neighbours retrieved and voted over (default 100)")
+    parser.add_argument("--k-max", type=int, default=100,
+                        help="neighbours retrieved and voted over (default 100); capped, with a warning, at the "
+                             "memory's live entries: past them every vote is the vote of every entry")
     parser.add_argument("--tau", type=float, default=0.07, help="SoftmaxVoting temperature (default 0.07)")
     parser.add_argument("--alpha", type=float, default=2.0, help="RankVoting offset: weight 1/(alpha+i) (default 2)")
     parser.add_argument("--query-batch", type=int, default=256, help="queries per shard search call")
@@ -454,7 +462,7 @@ def evaluate_memory(*, memory: str, source: ImageSource | EmbeddingSource, outpu
       output: Directory of the neighbour files, dead letters, re-rank records and the summary.
       encoder_id: With an EmbeddingSource: the encoder that computed the embeddings; must be the memory's.
       version: Evaluate this pinned version (None: the latest).
-      k_max: Neighbours retrieved per query.
+      k_max: Neighbours retrieved per query; capped, with a logged warning, at the version's live entries.
       params: Voting parameters of the report (and of the re-rank stage's vote).
       query_batch: Queries per shard search call.
       search_threads: Threads a worker searches a shard's batches on (None: its cores, at most 4).

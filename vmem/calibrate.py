@@ -5,7 +5,7 @@ neighbour's similarity; see memory.decide.confidence) is not a probability. This
 "the vote is right" on the neighbour lists of a labelled split the memory never saw -- the output
 directory of ``vmem evaluate`` on that split -- and publishes it as the memory's next version. From then on
 ``vmem classify`` and ``VisualMemory.classify`` report calibrated confidences for that rule and k, and
-``--abstain-below P`` / ``abstain_below=P`` answers "unknown" below P.
+``--abstain-below P`` / ``abstain_below=P`` abstains below P (label -1, no class name).
 
 Example::
 

@@ -35,7 +35,7 @@ import sys
 from collections.abc import Sequence
 
 from memory import storage
-from memory.decide.explain import Prediction
+from memory.decide.explain import Prediction, shown_class_name
 from memory.decide.voting import VotingParams, VotingRule
 from memory.queries import OnUnreadable, UnreadableQuery
 from memory.store.integrity import NO_VERIFY_HELP
@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (local paths or gs://)")
     parser.add_argument("--memory", required=True, help="memory directory (local or gs://)")
     parser.add_argument("--rule", default=VotingRule.RANK.value, help=f"voting rule ({allowed}; default rank)")
-    parser.add_argument("--k", default="10", help="neighbours that vote (>= 1; default 10)")
+    parser.add_argument("--k", default="10", help="neighbours that vote (>= 1; default 10); capped, with a note, at "
+                        "the memory's live entries: a larger k is the vote of every entry")
     parser.add_argument("--tau", type=float, default=defaults.softmax_tau, help="softmax temperature (> 0)")
     parser.add_argument("--alpha", type=float, default=defaults.rank_alpha,
                         help="rank-voting offset: weight 1/(alpha + i) with 0-based i (> 0)")
@@ -70,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print results as JSON instead of text")
     parser.add_argument("--no-verify", dest="verify", action="store_false", help=NO_VERIFY_HELP)
     parser.add_argument("--abstain-below", type=float, default=None, metavar="P",
-                        help="answer 'unknown' (with the reason) when the vote's confidence is below P in [0, 1]; "
+                        help="abstain (no class: label -1, label_name null in --json; the reason is given) when "
+                             "the vote's confidence is below P in [0, 1]; "
                              "calibrated when the memory carries a calibration for this rule and k "
                              "(`vmem calibrate`), else the raw share of the winner's score")
     rerank_args.add_selection_args(parser, per_query_file=False)
@@ -110,19 +112,21 @@ def _parse_k(text: str) -> int:
 
 def render_text(image: str, prediction: Prediction, *, explain: bool) -> str:
     """One query's result as human-readable lines."""
+    # Class names are shown quoted where they could be taken for something else (shown_class_name): a class
+    # named "unknown" or "-1" must not read as the abstention.
     lines = [f"{image}"]
     if prediction.abstained:
-        lines.append(f"  predicted  unknown (the vote said {prediction.vote_label_name})   "
+        lines.append(f"  predicted  abstained (the vote said {shown_class_name(prediction.vote_label_name)})   "
                      f"[rule {prediction.rule.value}, k {prediction.k}]")
         lines.append(f"  abstained  {prediction.reason}")
     elif prediction.label < 0:
         lines.append(f"  predicted  (none: no neighbours)   [rule {prediction.rule.value}, k {prediction.k}]")
     else:
-        lines.append(f"  predicted  {prediction.label_name} (label {prediction.label})   "
+        lines.append(f"  predicted  {shown_class_name(prediction.label_name)} (label {prediction.label})   "
                      f"[rule {prediction.rule.value}, k {prediction.k}]")
     if prediction.rerank_reason:
         lines.append(f"  re-rank    {prediction.rerank_reason}"
-                     + (f" (the vote said {prediction.vote_label_name})"
+                     + (f" (the vote said {shown_class_name(prediction.vote_label_name)})"
                         if prediction.label_name != prediction.vote_label_name else "")
                      + (f": {prediction.rerank_detail}" if prediction.rerank_detail else "")
                      + f"   [{prediction.rerank_calls} calls]")
@@ -130,13 +134,13 @@ def render_text(image: str, prediction: Prediction, *, explain: bool) -> str:
         lines.append(f"  confidence {prediction.confidence:.3f} "
                      f"({'calibrated' if prediction.calibrated else 'raw share of the score, uncalibrated'})")
     top = prediction.top_scores(_TOP_SCORES)
-    lines.append("  scores     " + "   ".join(f"{name} {score:.6g}" for name, score in top)
+    lines.append("  scores     " + "   ".join(f"{shown_class_name(name)} {score:.6g}" for name, score in top)
                  + (f"   (+{len(prediction.scores) - len(top)} more)" if len(prediction.scores) > len(top) else ""))
     if explain:
         lines.append(f"  {'rank':>4}  {'distance':>10}  {'weight':>12}  {'label':<20}  {'id':<30}  uri")
         for rank, n in enumerate(prediction.neighbors):
             lines.append(f"  {rank:>4}  {n.distance:>10.6f}  {n.weight:>12.6g}  "
-                         f"{f'{n.label_name} ({n.label})':<20}  {n.id:<30}  {n.uri}")
+                         f"{f'{shown_class_name(n.label_name)} ({n.label})':<20}  {n.id:<30}  {n.uri}")
     return "\n".join(lines)
 
 
@@ -218,7 +222,8 @@ def render_html(memory_path: str, results: Sequence[tuple[str, Prediction]]) -> 
              f"<title>vmem classify: {html.escape(memory_path)}</title>", f"<style>{_CSS}</style></head><body>",
              f"<h1>Visual memory classification</h1><p>memory: <code>{html.escape(memory_path)}</code></p>"]
     for image, p in results:
-        label = p.label_name if p.label >= 0 or p.abstained else "(none: no neighbours)"
+        label = (f"abstained (the vote said {shown_class_name(p.vote_label_name)})" if p.abstained
+                 else shown_class_name(p.label_name) if p.label >= 0 else "(none: no neighbours)")
         rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{score:.6g}</td></tr>"
                        for name, score in p.top_scores(_TOP_SCORES))
         parts.append("<section>")
@@ -232,7 +237,7 @@ def render_html(memory_path: str, results: Sequence[tuple[str, Prediction]]) -> 
         for rank, n in enumerate(p.neighbors):
             parts.append(_figure(
                 n.uri,
-                [f"#{rank}  {n.label_name}", f"distance {n.distance:.6f}", f"weight {n.weight:.6g}",
+                [f"#{rank}  {shown_class_name(n.label_name)}", f"distance {n.distance:.6f}", f"weight {n.weight:.6g}",
                  f"id {n.id}"],
                 thumbs, css_class="same" if n.label == p.label else "other"))
         parts.append("</div></section>")
@@ -277,6 +282,9 @@ def _run(argv: Sequence[str]) -> int:
         memory = VisualMemory.open(args.memory, verify=args.verify)
     except ManifestError as e:
         raise ManifestError(f"--memory {args.memory!r}: {e}") from None
+    if k > len(memory):
+        print(f"vmem classify: note: --k {k} exceeds the memory's {len(memory)} live entries; all "
+              f"{len(memory)} vote (k {max(len(memory), 1)})", file=sys.stderr)
     reranker = None
     if spec is not None:
         reranker = _DryRun(spec.text) if args.rerank_dry_run else spec.build()

@@ -7,6 +7,11 @@ and writes report.json, report.md and accuracy_vs_k.png to ``--output``.
 Records that carry ``neighbor_entry_weights`` (soft pruning) are voted with
 those weights. The Markdown table is printed to stdout.
 
+The files are read as a stream, a chunk of records at a time: memory does not
+grow with their length (only by 8 bytes per query, to refuse a query id that
+occurs twice). ``--k-max`` beyond the longest neighbour list is capped there,
+with a note: every vote past a list is the vote of the whole list.
+
 Example::
 
         vmem vote --neighbors out/neighbors-*.jsonl.gz --output out/report \\
@@ -27,7 +32,7 @@ from collections.abc import Sequence
 
 from evaluation import neighbors_io
 from evaluation import report as report_lib
-from evaluation.vote_report import count_votes
+from evaluation.vote_report import NoRecordsError, count_votes
 from memory.decide import voting
 from vmem.args import RaisingArgumentParser, UsageError, run_command
 
@@ -49,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "accuracy_vs_k.png")
     parser.add_argument(
         "--k-max", type=int, default=None, metavar="K",
-        help="largest k (>= 1); default: the longest neighbour list")
+        help="largest k (>= 1); default and cap: the longest neighbour list (beyond it every vote is the "
+        "vote of the whole list; a larger value is capped with a note)")
     parser.add_argument(
         "--rules", default=allowed,
         help=f"comma-separated voting rules (allowed: {allowed}; default all)")
@@ -106,23 +112,20 @@ def _run(argv: Sequence[str]) -> int:
         raise UsageError(f"{flag}: {e}") from None
     baselines = _parse_baselines(args.baseline)
 
+    records = neighbors_io.iter_neighbor_files(args.neighbors)
     try:
-        records = neighbors_io.read_neighbor_files(args.neighbors)
+        votes = count_votes(records, k_max=args.k_max, rules=rules, params=params)
     except (neighbors_io.NeighborFormatError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read neighbours: {e}") from None
-    if not records:
-        raise ValueError(
-            f"no queries in --neighbors {' '.join(args.neighbors)}")
-    longest = max(len(r.neighbor_labels) for r in records)
-    k_max = args.k_max if args.k_max is not None else max(longest, 1)
-    if k_max > longest:
-        print(f"vmem vote: note: --k-max {k_max} exceeds the longest neighbour "
-              f"list ({longest}); missing neighbours count as padding",
-              file=sys.stderr)
-    votes = count_votes(records, k_max=k_max, rules=rules, params=params)
-    entry_weights = records[0].neighbor_weights is not None  # count_votes checked: all or none carry them.
+    except NoRecordsError:
+        raise ValueError(f"no queries in --neighbors {' '.join(args.neighbors)}") from None
+    k_max = votes.counts.k_max
+    if args.k_max is not None and args.k_max > k_max:
+        print(f"vmem vote: note: --k-max {args.k_max} exceeds the longest neighbour list ({k_max}); voting "
+              f"k = 1..{k_max} (beyond a list every vote is the vote of the whole list)", file=sys.stderr)
+    entry_weights = votes.weighted
     report = report_lib.build_report(
-        votes.counts.table(), queries=len(records), failed=0,
+        votes.counts.table(), queries=votes.counts.queries, failed=0,
         extra={
             "command": "vmem vote",
             "neighbors": list(args.neighbors),

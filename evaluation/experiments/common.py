@@ -102,9 +102,20 @@ def read_neighbors(eval_dir: str) -> list[neighbors_io.NeighborRecord]:
     return sorted(neighbors_io.read_neighbor_files(neighbors_io.evaluation_files(eval_dir)), key=lambda r: r.query_id)
 
 
-def table_from_report(report: Mapping[str, Any], key: str = "accuracy") -> dict[str, dict[int, float]]:
-    """``report.json``'s accuracy table with int k."""
-    return {rule: {int(k): float(a) for k, a in by_k.items()} for rule, by_k in report[key].items()}
+def table_from_report(report: Mapping[str, Any], key: str = "accuracy", *, k_max: int
+                      ) -> dict[str, dict[int, float]]:
+    """``report.json``'s accuracy table with int k, for k = 1..k_max.
+
+    ``vmem evaluate`` caps its k at the memory's live entries (a smaller memory than the setup's k_max: a
+    subset, a pruned version); past them every vote is the vote of every entry, so the accuracy at the
+    report's last k stands for every larger k, as `revote`'s padded arrays give it.
+    """
+    out = {}
+    for rule, by_k in report[key].items():
+        table = {int(k): float(a) for k, a in by_k.items()}
+        last = max(table)
+        out[rule] = {**table, **{k: table[last] for k in range(last + 1, k_max + 1)}}
+    return out
 
 
 def rule_summary(table: Mapping[str, Mapping[int, float]], *, k: int = 10) -> dict[str, dict[str, float]]:

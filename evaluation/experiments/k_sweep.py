@@ -24,7 +24,7 @@ def run(ws: Workspace, out: str) -> dict:
     memory, report, eval_dir = ws.base()
     k_max = ws.setup.k_max
     voted = revote(read_neighbors(eval_dir), k_max=k_max)
-    evaluated = table_from_report(report)
+    evaluated = table_from_report(report, k_max=k_max)
     if voted.table != evaluated:
         raise RuntimeError(f"re-voting {eval_dir}'s neighbour files disagrees with its report: a bug in "
                            "vmem vote or vmem evaluate")

@@ -61,7 +61,7 @@ def run(ws: Workspace, out: str, *, levels=LEVELS, verify_level: int | None = VE
         mean_revote = float(np.mean(revote_seconds))
         verification = {"level": verify_level, **check_equivalent(
             f"the memory rebuilt with {verify_level}% noisy labels vs the relabelled neighbour lists",
-            compare_neighbor_lists(records, read_neighbors(noisy_dir)), table_from_report(noisy_report),
+            compare_neighbor_lists(records, read_neighbors(noisy_dir)), table_from_report(noisy_report, k_max=k_max),
             per_level[verify_level]),
             "build_and_evaluate_seconds": long_way, "revote_seconds": mean_revote,
             "speedup": long_way / max(mean_revote, 1e-9)}

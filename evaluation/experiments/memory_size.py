@@ -43,7 +43,7 @@ def run(ws: Workspace, out: str, *, sizes_per_class: list[int] | None = None, bo
         memory = ws.build(f"size-{n}", ws.write_table(f"size-{n}", ws.table("train").take(rows)))
         report, eval_dir = ws.evaluate(memory, ws.split_spec("test"), f"size-{n}-test")
         voted = revote(read_neighbors(eval_dir), k_max=s.k_max)
-        if voted.table != table_from_report(report):
+        if voted.table != table_from_report(report, k_max=s.k_max):
             raise RuntimeError(f"re-vote of {eval_dir} disagrees with its report")
         points.append((int(rows.size), voted))
     entries = [e for e, _ in points]

@@ -53,14 +53,15 @@ def _level(ws: Workspace, percent: int, *, threshold: int, prune_k: int, verify:
         soft_report, soft_dir = ws.evaluate(memory, ws.split_spec("test"), f"prune-{percent}-soft")
         out["soft_verification"] = check_equivalent(
             "re-voting with the soft-pruning weights vs vmem evaluate of the soft-pruned version",
-            compare_neighbor_lists(records, read_neighbors(soft_dir)), table_from_report(soft_report), soft.table)
+            compare_neighbor_lists(records, read_neighbors(soft_dir)), table_from_report(soft_report, k_max=s.k_max),
+            soft.table)
         out["soft_speedup"] = {"revote_seconds": soft.seconds}
     ws.prune(memory, mode=PruningMode.HARD, threshold=threshold, k=prune_k)
     hard_version = read_manifest(memory)
     pruned = set(read_forgotten(memory, hard_version).tolist())
     hard_report, _ = ws.evaluate(memory, ws.split_spec("test"), f"prune-{percent}-hard")
     hard_table = table_from_report(hard_report, "accuracy_unpruned" if "accuracy_unpruned" in hard_report
-                                   else "accuracy")
+                                   else "accuracy", k_max=s.k_max)
     noisy = set(train.ids[labels != train.labels].tolist())
     out.update({"none": rule_summary(none.table, k=k), "soft": rule_summary(soft.table, k=k),
                 "hard": rule_summary(hard_table, k=k), "hard_pruned_entries": len(pruned),

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from evaluation import datasets
 from memory.decide.pruning import PruningMode
 from memory.store.blocks import EntryBlock
 from memory.store.export import export_embeddings, read_clip_folder, write_clip_folder
@@ -48,7 +49,8 @@ class Setup:
       calib_per_class: Calibration split: the next N training images of every class (never in a memory).
       test_per_class: Queries: the first N test images of every class.
       shards: Main shards of every memory (brute force below 50,000 entries: exact search).
-      k_max: Neighbours retrieved per query (the paper's k range is 1..100).
+      k_max: Neighbours retrieved per query (the paper's k range is 1..100); capped, with a logged warning, at
+        the memory pool (train_per_class x the dataset's classes), the most entries any experiment's memory holds.
       seed: Seeds every random choice (label noise, subsets, forgotten ids).
       config: Build config whose encoder embeds the images (the bundled EfficientNet-Lite0).
       hold_out: Classes held out of the memory by new-classes and abstain (default per dataset).
@@ -71,6 +73,13 @@ class Setup:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.hold_out:
             object.__setattr__(self, "hold_out", HOLD_OUT[self.dataset])
+        pool = self.train_per_class * len(datasets.class_names(self.dataset))
+        if self.k_max > pool:
+            # No memory of an experiment holds more than the pool; the revotes' [queries, k_max] arrays past it
+            # would hold only padding, and every vote there is the vote of every entry.
+            _LOG.warning("k_max %d exceeds the memory pool of %d entries (%d per class); k = 1..%d", self.k_max,
+                         pool, self.train_per_class, pool)
+            object.__setattr__(self, "k_max", pool)
 
     def command(self, name: str) -> str:
         """The `vmem experiment` command line that reproduces experiment ``name`` with this setup."""

@@ -71,7 +71,8 @@ def classify_neighbors(ids: np.ndarray, labels: np.ndarray, distances: np.ndarra
 
     Args:
       ids, labels, distances, uris: ``[nq, K]`` neighbours of each query, nearest first ("" / -1 / inf / ""
-        padding), with ``K >= options.k`` (a `memory.visual_memory.SearchResult` of ``options.fetch``).
+        padding): a `memory.visual_memory.SearchResult` of ``options.fetch``, which the search caps at the
+        memory's live entries (``K < options.k`` then; the neighbours past K would be padding, which never votes).
       weights: ``[nq, K]`` soft-pruning entry weights multiplied into the votes, or None.
       class_names: The memory's class names.
       calibration: The memory's calibration (memory.decide.confidence.memory_calibration), or None.
@@ -95,10 +96,13 @@ def classify_neighbors(ids: np.ndarray, labels: np.ndarray, distances: np.ndarra
         "raw share of the winner's score; uncalibrated" + (
             "" if calibration is None else f" (the memory's calibration is for rule {calibration.rule.value}, "
                                            f"k {calibration.k})"))
-    # Each explanation shows the one vote cast above (its winner), not a second vote of its own.
-    predictions = [explain(ids[q, :k], labels[q, :k], distances[q, :k], rule=rule, k=k, params=params,
-                           class_names=class_names, uris=uris[q, :k],
-                           entry_weights=None if weights is None else weights[q, :k], winner=int(vc.labels[q]))
+    # Each explanation shows the one vote cast above (its winner), not a second vote of its own. It is the
+    # vote of the k asked even where fewer columns were searched (the rest would be padding).
+    kk = min(k, ids.shape[1])
+    predictions = [dataclasses.replace(
+        explain(ids[q, :kk], labels[q, :kk], distances[q, :kk], rule=rule, k=kk, params=params,
+                class_names=class_names, uris=uris[q, :kk], entry_weights=None if weights is None else weights[q, :kk],
+                winner=int(vc.labels[q])), k=k)
                    for q in range(nq)]
     out = []
     for q, (p, c) in enumerate(zip(predictions, confidence.tolist())):
@@ -117,7 +121,7 @@ def classify_neighbors(ids: np.ndarray, labels: np.ndarray, distances: np.ndarra
                                      f"{float(vc.margin[q]):.3f} < {float(options.rerank_below):g})")
         # A re-ranker's answer is the decision; abstention applies to the vote alone.
         if options.abstain_below is not None and c < options.abstain_below and not answered:
-            fields.update(label=-1, label_name="unknown", abstained=True,
+            fields.update(label=-1, label_name=None, abstained=True,
                           reason=f"confidence {c:.3f} < {float(options.abstain_below):g} ({how})")
         out.append(dataclasses.replace(p, **fields))
     return out

@@ -24,8 +24,8 @@ memory never saw (``vmem evaluate`` on it, then ``vmem calibrate``):
   is, which is what tells a query of a class the memory has never seen (its neighbours may agree, but they
   are far) from a hard query of a known class.
 
-``abstain_below=P`` then answers "unknown" for every query whose calibrated confidence is below P: with a
-calibrated score, roughly "answer only when at least P of such answers are right".
+``abstain_below=P`` then abstains (label -1, no class name) for every query whose calibrated confidence is
+below P: with a calibrated score, roughly "answer only when at least P of such answers are right".
 """
 
 from __future__ import annotations

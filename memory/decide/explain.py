@@ -29,7 +29,28 @@ import numpy as np
 
 from memory.decide.voting import VotingParams, VotingRule, class_scores, neighbor_weights, vote
 
-__all__ = ["Neighbor", "Prediction", "explain"]
+__all__ = ["Neighbor", "Prediction", "explain", "shown_class_name"]
+
+# Words text output uses for itself (an abstention, a missing answer): a class so named is shown quoted.
+_OWN_WORDS = frozenset({"abstained", "unknown", "none", "null"})
+
+
+def shown_class_name(name: str) -> str:
+    """A class name as text output shows it: as is, or quoted (``repr``) where it could be taken for something else.
+
+    A class may be named anything a folder can be. Quoted are: the empty name, one that reads as a number
+    (``-1`` would read as the abstention label id; ``nan``, ``1e3``), a word the output uses itself
+    (``abstained``, ``unknown``, ``none``, ``null``, any case), and one with leading or trailing blanks,
+    quotes, parentheses or characters that do not print.
+    """
+    try:
+        float(name)
+        number = True
+    except ValueError:
+        number = False
+    plain = (name and not number and name.strip() == name and name.isprintable()
+             and name.lower() not in _OWN_WORDS and not any(c in name for c in "'\"()"))
+    return name if plain else repr(name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +82,7 @@ class Prediction:
 
     Attributes:
       label: Predicted label index (-1 when the query has no neighbour at all, e.g. an empty memory).
-      label_name: Predicted class name ("" when label is -1).
+      label_name: Predicted class name ("" when the query has no neighbour; None when the memory abstained).
       scores: ``{class name: summed weight}`` of every class among the first k neighbours, in descending
         order of score; the predicted class comes first, and classes with equal scores follow the vote's
         tie rule (the one that reached its score at an earlier neighbour position comes first).
@@ -73,8 +94,9 @@ class Prediction:
         the memory carries a calibration for this rule and k (``calibrated``), else the raw share of the
         winner's score (memory.decide.confidence); None when not computed.
       calibrated: Whether ``confidence`` is calibrated.
-      abstained: True when the answer is "unknown" because ``confidence`` was below the asked threshold;
-        ``label`` is then -1, ``label_name`` "unknown", and ``vote_label_name`` keeps the vote's class.
+      abstained: True when the memory gave no answer because ``confidence`` was below the asked threshold;
+        ``label`` is then -1, ``label_name`` None (an abstention has no class name, so no class, whatever its
+        name, reads as one), and ``vote_label_name`` keeps the vote's class.
       reason: Why the memory abstained ("" when it answered).
       vote_label_name: The class the neighbours voted for, whether or not the memory answered with it.
       rerank_reason: With a re-ranker (memory.rerank.base): what happened to this query -- ``answered`` (the
@@ -84,7 +106,7 @@ class Prediction:
       rerank_detail: A fallback's detail (the invalid answer, the error).
     """
     label: int
-    label_name: str
+    label_name: str | None
     scores: dict[str, float]
     neighbors: tuple[Neighbor, ...]
     rule: VotingRule

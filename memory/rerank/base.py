@@ -162,10 +162,11 @@ def check_rerank_below(below: Any) -> float | None:
     ``--rerank-below`` flag); `gate` and `vote_and_gate` take it as checked.
 
     Raises:
-      ValueError: naming the value, unless it is None or a number >= 0.
+      ValueError: naming the value, unless it is None or a number >= 0 (NaN is refused).
     """
+    # NaN compares False with every margin: the gate would silently send no query (``not below >= 0``).
     if below is not None and (not isinstance(below, (int, float, np.floating)) or isinstance(below, bool)
-                              or below < 0):
+                              or not below >= 0):
         raise ValueError(f"rerank_below must be a number >= 0 (a vote margin in [0, 1], e.g. 0.3), got {below!r}")
     return below
 

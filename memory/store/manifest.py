@@ -573,9 +573,11 @@ def read_manifest_file(path: str) -> Manifest:
     """Reads and validates one manifest JSON file (a version file or manifest.json)."""
     try:
         text = storage.read_text(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError) as e:
+        # A directory in the manifest's place holds no manifest either.
+        what = "missing (a directory is in its place)" if isinstance(e, IsADirectoryError) else "missing"
         raise ManifestError(
-            f"not a visual memory: {path} missing; build one with `vmem build ...` "
+            f"not a visual memory: {path} {what}; build one with `vmem build ...` "
             "(or memory.build.build_memory_local)") from None
     try:
         return Manifest.from_json(text)

@@ -175,3 +175,18 @@ def test_list_comparison_tells_near_tie_swaps_from_real_differences():
     after = [_record("q1", "xnyz", [0.1, 0.15, 0.2, 0.3], labels=[0, 9, 0, 0])]
     c = compare_neighbor_lists(after, [_record("q1", "xyzw", [0.1, 0.2, 0.3, 0.4])], drop_labels_from_a=[9])
     assert c.identical == 1 and c.equivalent
+
+
+def test_setup_caps_k_max_at_the_memory_pool(caplog):
+    # No experiment's memory holds more than train_per_class x 10 classes: the revotes' arrays stop there.
+    with caplog.at_level("WARNING", logger="visual_memory"):
+        setup = Setup(dataset="mnist", train_per_class=3, k_max=10 ** 9)
+    assert setup.k_max == 30 and "k_max 1000000000 exceeds the memory pool of 30 entries (3 per class)" in caplog.text
+    assert Setup(dataset="mnist", train_per_class=3, k_max=30).k_max == 30
+
+
+def test_table_from_report_extends_a_report_capped_at_a_small_memory():
+    from evaluation.experiments.common import table_from_report
+    report = {"accuracy": {"rank": {"1": 0.5, "2": 0.75}}}
+    assert table_from_report(report, k_max=4) == {"rank": {1: 0.5, 2: 0.75, 3: 0.75, 4: 0.75}}
+    assert table_from_report(report, k_max=2) == {"rank": {1: 0.5, 2: 0.75}}

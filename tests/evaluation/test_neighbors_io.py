@@ -82,6 +82,34 @@ def test_paper_array_error_names_line(tmp_path):
                                    f"field 'neighbor_classes'")
 
 
+def _read_or_error(path):
+    try:
+        return neighbors_io.read_records(path)
+    except NeighborFormatError as e:
+        return str(e)
+
+
+@pytest.mark.parametrize("text", [
+    json.dumps(PAPER_RECORDS, indent=2),
+    "[\n" + ",\n\n".join(json.dumps(r) for r in PAPER_RECORDS * 20) + "\n]\n",
+    json.dumps(PAPER_RECORDS, indent=1)[:-30],                        # Unterminated.
+    json.dumps(PAPER_RECORDS, indent=1).replace("},", "}", 1),        # A missing comma.
+    json.dumps(PAPER_RECORDS, indent=1).replace('"neighbor_classes"', 'neighbor_classes', 1),  # Invalid JSON.
+    "[\n" + json.dumps(PAPER_RECORDS[0]) + ",\n  12345678\n]",      # Not an object, split at any block end.
+    "[ ]",
+])
+def test_a_json_array_read_in_small_blocks_reads_as_one_block(tmp_path, monkeypatch, text):
+    # The array is streamed a block at a time (memory bounded by the block, not the file): every block size
+    # gives the same records, and the same errors on the same lines, as one block holding the whole file.
+    path = tmp_path / "paper.json"
+    path.write_text(text)
+    whole = _read_or_error(path)
+    assert whole == [] or (isinstance(whole, list) and len(whole) >= 2) or whole.startswith(f"{path}:")
+    for block in (1, 2, 3, 7, 64):
+        monkeypatch.setattr(neighbors_io, "ARRAY_BLOCK_CHARS", block)
+        assert _read_or_error(path) == whole, block
+
+
 def test_empty_json_array(tmp_path):
     path = tmp_path / "empty.json"
     path.write_text("[ ]\n")
@@ -138,6 +166,43 @@ def test_length_mismatch(tmp_path):
     with pytest.raises(NeighborFormatError,
                        match=rf"^{path}:1: query '17': neighbour lists differ"):
         neighbors_io.read_records(path)
+
+
+@pytest.mark.parametrize("bad", ["Infinity", "-Infinity", "NaN", "1e999"])
+def test_non_finite_distances_are_refused_with_file_and_line(tmp_path, bad):
+    # In the arrays inf marks padding: a -Infinity nearest neighbour would silently stop voting.
+    path = tmp_path / "x.jsonl"
+    good = json.dumps(_records()[0].to_json())
+    path.write_text(good + "\n" + good.replace('"q1"', '"q2"').replace("[0.1, 0.2]", f"[{bad}, 0.2]") + "\n")
+    with pytest.raises(NeighborFormatError, match=rf"^{path}:2: field 'neighbor_distances' must hold finite "
+                       r"numbers, got -?(inf|nan); NaN and \+/-Infinity are not distances"):
+        neighbors_io.read_records(path)
+    rec = dict(PAPER_RECORDS[0], neighbor_distances=[0.1, bad])
+    path.write_text(json.dumps(rec).replace(f'"{bad}"', bad) + "\n")
+    with pytest.raises(NeighborFormatError, match=rf"^{path}:1: field 'neighbor_distances' must hold finite"):
+        neighbors_io.read_records(path)
+
+
+@pytest.mark.parametrize("field, value", [("neighbor_labels", [0, 2 ** 63]), ("true_label", -2 ** 63 - 1),
+                                          ("neighbor_labels", [0, 1e300]), ("true_label", 2.0 ** 63)])
+def test_labels_outside_int64_are_refused_with_file_and_line(tmp_path, field, value):
+    path = tmp_path / "x.jsonl"
+    path.write_text(json.dumps(_records()[0].to_json()) + "\n"
+                    + json.dumps(dict(_records()[1].to_json(), query_id="q3", **{field: value},
+                                      **({"neighbor_ids": ["a", "b"], "neighbor_distances": [0.1, 0.2],
+                                          "neighbor_entry_weights": [1.0, 1.0]} if field == "neighbor_labels"
+                                         else {}))) + "\n")
+    with pytest.raises(NeighborFormatError, match=rf"^{path}:2: field '{field}' holds label .*, outside the int64 "
+                       r"range \[-9223372036854775808, 9223372036854775807\]"):
+        neighbors_io.read_records(path)
+
+
+def test_a_bad_true_label_names_its_location_once(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text(json.dumps(dict(_records()[0].to_json(), true_label="x")) + "\n")
+    with pytest.raises(NeighborFormatError) as e:
+        neighbors_io.read_records(path)
+    assert str(e.value) == f"{path}:1: field 'true_label' must be an integer label, got 'x'"
 
 
 def test_read_neighbor_files_missing_and_duplicates(tmp_path):

@@ -1,6 +1,7 @@
 """build_memory_local + VisualMemory.open + search, against brute force over the stored embeddings."""
 
 import concurrent.futures
+import dataclasses
 import os
 
 import numpy as np
@@ -10,6 +11,7 @@ from memory import IndexConfig, IndexKind, SearchResult, VisualMemory
 from memory.build import build_memory_local
 from memory.search.filters import QueryFilter
 from memory.store.manifest import MANIFEST_NAME, ManifestError
+from memory.store.mutations import forget
 from memory.store.versions import read_manifest
 from memory.store.shard import ShardData, read_shard_data, write_shard
 from tests.memory.helpers import ENCODER, assert_exact_topk, clustered, recall_at_k
@@ -142,15 +144,28 @@ def test_tree_ah_memory_recall(tmp_path):
     assert recall_at_k(np.vectorize(row.__getitem__)(res.ids), q, x, K) >= 0.95
 
 
-def test_k_larger_than_memory_is_padded(tmp_path):
+def test_k_larger_than_memory_is_capped_at_its_live_entries(tmp_path):
     ids, labels, uris, x, q = _entries(1, duplicates=False)
     build_memory_local(str(tmp_path), ids=ids[:7], labels=labels[:7], uris=uris[:7], embeddings=x[:7],
                        num_shards=3, index_config=IndexConfig(), encoder_identity=ENCODER)
     mem = VisualMemory.open(str(tmp_path))
-    res = mem.search(q[:2], 10)
-    assert (res.ids[:, 7:] == "").all() and (res.labels[:, 7:] == -1).all() and np.isinf(res.distances[:, 7:]).all()
-    assert sorted(res.ids[0, :7].tolist()) == sorted(ids[:7])
-    assert mem.label_names(res.labels)[0, 9] == ""
+    # Capped before anything is allocated: 10**9 columns of padding would be gigabytes.
+    for k in (10, 10 ** 9):
+        res = mem.search(q[:2], k)
+        assert res.ids.shape == res.labels.shape == res.distances.shape == (2, 7)
+        assert sorted(res.ids[0].tolist()) == sorted(ids[:7]) and np.isfinite(res.distances).all()
+    # Fewer found than k (a filter) is still padded, up to the cap.
+    res = mem.search(q[:2], 10, filters=QueryFilter(labels=(labels[0],)))
+    kept = int((np.asarray(labels[:7]) == labels[0]).sum())
+    assert (res.ids[:, kept:] == "").all() and (res.labels[:, kept:] == -1).all()
+    assert np.isinf(res.distances[:, kept:]).all() and mem.label_names(res.labels)[0, 6] == ""
+    # The cap is the live count: after a forget, 6. classify at k = 10**9 is the vote of every live entry.
+    forget(str(tmp_path), ids=[ids[0]])
+    mem = VisualMemory.open(str(tmp_path))
+    assert mem.search(q[:2], 10 ** 9).ids.shape == (2, 6)
+    predictions = mem.classify(q[:2], k=10 ** 9, rule="plurality")
+    assert [p.k for p in predictions] == [10 ** 9] * 2 and all(len(p.neighbors) == 6 for p in predictions)
+    assert [dataclasses.replace(p, k=6) for p in predictions] == mem.classify(q[:2], k=6, rule="plurality")
 
 
 def test_empty_shards(tmp_path):
@@ -159,7 +174,7 @@ def test_empty_shards(tmp_path):
                            num_shards=8, index_config=IndexConfig(), encoder_identity=ENCODER)
     assert sum(s.index_kind == "empty" for s in m.shards) >= 6
     res = VisualMemory.open(str(tmp_path), verify=True).search(q[:1], 3)
-    assert sorted(res.ids[0, :2].tolist()) == sorted(ids[:2]) and res.ids[0, 2] == ""
+    assert sorted(res.ids[0].tolist()) == sorted(ids[:2]) and res.ids.shape == (1, 2)  # k 3 capped at 2 entries.
 
 
 def test_errors(built, tmp_path):

@@ -414,3 +414,25 @@ def test_evaluate_precomputed_query_embeddings(tmp_path):
     with pytest.raises(evaluate.EvaluationError, match="precomputed embeddings of encoder 'enc-16'"):
         evaluate.run([f"--memory={mem}", f"--images={tmp_path}", f"--output={tmp_path / 'e3'}",
                       "--runner=FnApiRunner"])
+
+
+def test_evaluate_caps_k_max_at_the_live_entries(tmp_path, caplog):
+    """--k-max 1e9 on a 10-entry memory (one forgotten: 9 live) retrieves and votes k = 1..9, with a warning."""
+    from memory.store.mutations import forget
+    from tests.pipelines.test_build import clip_folder
+    keys, _, _ = clip_folder(str(tmp_path / "mem-emb"), [6, 4], dim=16, seed=5)
+    clip_folder(str(tmp_path / "q-emb"), [7], dim=16, seed=6)
+    mem = str(tmp_path / "mem")
+    build.run([f"--embeddings=clip:{tmp_path / 'mem-emb'},label_column=label", "--encoder-id=enc-16",
+               f"--output={mem}", "--runner=FnApiRunner"])
+    forget(mem, ids=[keys[0]])
+    out = str(tmp_path / "eval")
+    with caplog.at_level("WARNING", logger="visual_memory"):
+        evaluate.run([f"--memory={mem}", f"--embeddings=clip:{tmp_path / 'q-emb'},label_column=label",
+                      "--encoder-id=enc-16", f"--output={out}", "--k-max=1000000000", "--runner=FnApiRunner"])
+    assert f"--k-max 1000000000 exceeds the 9 live entries of memory {mem} (version 2); retrieving and voting " \
+           "k = 1..9" in caplog.text
+    report = write_evaluation_report(out)
+    assert report["k_max"] == 9 and report["extra"]["k_max"] == 9 and report["queries"] == 7
+    records = read_neighbor_files(glob.glob(os.path.join(out, "*neighbors*.jsonl")))
+    assert {len(r.neighbor_ids) for r in records} == {9} and all(keys[0] not in r.neighbor_ids for r in records)

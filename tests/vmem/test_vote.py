@@ -80,6 +80,36 @@ def test_rules_k_max_and_tau(tmp_path, capsys):
     assert report["accuracy"]["softmax"]["3"] == 0.5
 
 
+def test_a_k_max_beyond_the_longest_list_is_capped_with_a_note(tmp_path, capsys):
+    # 400,000,000 columns per chunk would be gigabytes; past the longest list (3) every vote is the whole list's.
+    ours, paper = _write_inputs(tmp_path)
+    out = tmp_path / "out"
+    assert vote_cli.main(["--neighbors", str(ours), str(paper), "--output", str(out), "--k-max", "400000000"]) == 0
+    err = capsys.readouterr().err
+    assert err == ("vmem vote: note: --k-max 400000000 exceeds the longest neighbour list (3); voting k = 1..3 "
+                   "(beyond a list every vote is the vote of the whole list)\n")
+    report = json.loads((out / "report.json").read_text())
+    assert report["k_max"] == 3 and report["accuracy"]["softmax"] == {"1": 0.75, "2": 0.75, "3": 0.75}
+
+
+@pytest.mark.parametrize("value, message", [
+    ("-Infinity", "ours.jsonl:2: field 'neighbor_distances' must hold finite numbers, got -inf"),
+    ("99999999999999999999", "ours.jsonl:2: field 'neighbor_labels' holds label 99999999999999999999, outside "
+     "the int64 range"),
+])
+def test_infinite_distances_and_huge_labels_are_refused_with_file_and_line(tmp_path, capsys, value, message):
+    ours, _ = _write_inputs(tmp_path)
+    lines = ours.read_text().splitlines()
+    field = "neighbor_distances" if "Inf" in value else "neighbor_labels"
+    record = json.loads(lines[1])
+    lines[1] = json.dumps(dict(record, **{field: [0]})).replace("[0]", f"[{value}]")
+    ours.write_text("\n".join(lines) + "\n")
+    assert vote_cli.main(["--neighbors", str(ours), "--output", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"vmem vote: error: cannot read neighbours: {ours.parent}/{message}")
+    assert err.count("ours.jsonl:2") == 1 and not (tmp_path / "out").exists()
+
+
 def test_entry_weights_are_used(tmp_path):
     path = tmp_path / "w.jsonl"
     # Rank without weights: 0.5 vs 1/3 + 1/4 -> 1 (wrong); the soft-pruning
@@ -143,3 +173,29 @@ def test_missing_required_flag(capsys):
 def test_help_exits_zero(capsys):
     assert vote_cli.main(["--help"]) == 0
     assert "--neighbors FILE [FILE ...]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, flags, digests", [
+    ("fixture", [], ("0afd68195888ab09fb2bb2321caf7f9100b0b1b1c344ddbb1c03969dbff5a652",
+                     "88639aa5577248bcc7a6921e41ce7b0f8fbc3a6a0d0416cfc856a1c960b348e9")),
+    ("many", [], ("040cc8df33df1a8ecec0e7c905eadadcc4166ec56042bb434b58db0af72b0c5b",
+                  "bac992ced804d63bd34fe9c74c9c926f46bad558c749edfb8f55711e8a61a58d")),
+    ("many", ["--k-max", "12"], ("7adcc12997bbf72aa5f065dd3feeeb6fcece532d50981f27e0f27c9f0c91a2c5",
+                                 "c4c98965382a6f902f1d142b093450b0a08aba415cb1ee7ec1543fae9be525bb")),
+])
+def test_streamed_reports_are_byte_identical_to_one_list_of_every_record(tmp_path, capsys, name, flags, digests):
+    """report.json and report.md as the vote of all records read into one list wrote them (digests recorded
+    from that implementation): the fixture above, and 5,000 weighted records (two chunks, lists of 0..30
+    neighbours sorted by length, so the first chunk is narrower than the second)."""
+    import hashlib
+
+    from tests.evaluation.test_vote_report import random_records
+    ours, paper = _write_inputs(tmp_path)
+    many = tmp_path / "many.jsonl.gz"
+    write_records(many, sorted(random_records(5000, seed=9, weighted=True), key=lambda r: len(r.neighbor_labels)))
+    inputs = [str(ours), str(paper)] if name == "fixture" else [str(many)]
+    out = tmp_path / "out"
+    assert vote_cli.main(["--neighbors", *inputs, *flags, "--output", str(out), "--baseline", "lp=0.8"]) == 0
+    got = tuple(hashlib.sha256((out / f).read_text().replace(str(tmp_path), "TMP").encode()).hexdigest()
+                for f in ("report.json", "report.md"))
+    assert got == digests

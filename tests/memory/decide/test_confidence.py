@@ -161,7 +161,7 @@ def test_classify_abstains_below_the_threshold_and_uses_the_published_calibratio
     for p, g in zip(raw, gated):
         assert g.abstained == (p.confidence < threshold)
         if g.abstained:
-            assert (g.label, g.label_name, g.vote_label_name) == (-1, "unknown", p.label_name)
+            assert (g.label, g.label_name, g.vote_label_name) == (-1, None, p.label_name)  # An abstention has no class name.
             assert "uncalibrated" in g.reason and f"{p.confidence:.3f}" in g.reason
         else:
             assert (g.label, g.label_name) == (p.label, p.label_name)

@@ -39,6 +39,13 @@ def test_gate_sends_only_margins_below():
     assert rerank.check_rerank_below(0.3) == 0.3 and rerank.check_rerank_below(None) is None
 
 
+@pytest.mark.parametrize("below", [float("nan"), np.float32("nan")])
+def test_a_nan_gate_is_refused(below):
+    # NaN compares False with every margin: accepted, it would silently send no query.
+    with pytest.raises(ValueError, match=r"rerank_below must be a number >= 0 .*, got (np\.float32\()?nan"):
+        rerank.check_rerank_below(below)
+
+
 def _request(**kw):
     return rerank.make_request("q1", "/q.png", ["Coat", "Shirt", "Coat", ""], ["/a", "/b", "/c", ""],
                                [0.1, 0.2, 0.3, np.inf], vote_label="Coat", margin=0.1, top_n=kw.pop("top_n", 4), **kw)

@@ -98,6 +98,13 @@ def test_read_missing_manifest(tmp_path):
         read_manifest(str(tmp_path))
 
 
+def test_a_directory_named_manifest_json_is_no_manifest(tmp_path):
+    (tmp_path / "manifest.json").mkdir()
+    with pytest.raises(ManifestError, match=r"^not a visual memory: .*manifest.json missing \(a directory is in its "
+                       r"place\); build one with `vmem build"):
+        read_manifest(str(tmp_path))
+
+
 @pytest.mark.parametrize("build_config, dtype", [
     ({"index": {"kind": "tree_ah", "embedding_dtype": "int8"}}, EmbeddingDtype.INT8),  # The key written now.
     ({"index_config": {"kind": "auto", "embedding_dtype": "bfloat16"}}, EmbeddingDtype.BFLOAT16),  # Older key.

@@ -18,7 +18,8 @@ from memory import storage
 from memory.store import compaction
 from memory.store.manifest import Manifest, ShardInfo, WeightsRef, sha256_checksum
 from memory.store.metadata import metadata_without
-from memory.store.mutations import WEIGHTS_DIR, in_sorted, purge_history, read_entry_weights, read_forgotten
+from memory.store.mutations import WEIGHTS_DIR, in_sorted, read_entry_weights, read_forgotten
+from memory.store.purge import purge_history
 from memory.store.versions import versioned_file_name
 from memory.store.versions import checked_deletion_paths, latest_version, list_versions, publish_version, read_version
 from pipelines.reindex.plan import ReindexError, ReindexJob, published_by

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from memory import storage
-from memory.store import compaction, mutations
+from memory.store import compaction, mutations, purge
 from memory.store import shard as shard_io
 from memory.store import versions as versions_mod
 from memory.build import build_memory_local
@@ -236,7 +236,7 @@ def test_forget_purge_history_then_reindex_leaves_no_forgotten_byte_anywhere(tmp
     rows.update(extra)
     forgotten = _in_shard(ids, 2)[:5] + sorted(extra)[:2]  # Main rows and delta rows.
     mutations.forget(root, ids=forgotten, request_purge=True)  # What `vmem forget --purge-history` does.
-    mutations.purge_history(root)
+    purge.purge_history(root)
     q = l2_normalize(rng.normal(size=(8, D))).astype(np.float32)
     before = _answers(root, q)
     everything = lambda: [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]  # noqa: E731
@@ -247,7 +247,7 @@ def test_forget_purge_history_then_reindex_leaves_no_forgotten_byte_anywhere(tmp
     _assert_same(before, _answers(root, q))
     assert not _leaks(everything(), forgotten, vectors)
     assert [h["kind"] for h in versions_mod.history(root)] == ["reindex", "purge"]
-    assert not mutations.purge_requested_since_reindex(root)
+    assert not purge.purge_requested_since_reindex(root)
 
 
 def test_if_needed_exit_codes_and_target_shard_size(drifted, capsys):

@@ -41,7 +41,7 @@ from memory.store.shard import load_unit_index, read_entry_tables, read_shard_em
 from memory.queries import (check_query_encoder, embed_pixels, load_query_encoder, preprocess_queries,
                             query_preprocess, split_queries)
 from memory.vectors import l2_normalize
-from memory.store.versions import read_manifest
+from memory.store.versions import latest_version, list_versions, read_version
 from memory.decide.voting import VotingParams, VotingRule
 
 if TYPE_CHECKING:
@@ -49,6 +49,8 @@ if TYPE_CHECKING:
     from memory.rerank.base import Reranker, ResponseCache
 
 _PAD_ID = ""
+# An unpinned open that finds its version purged under it re-opens the new latest at most this many times.
+_REOPEN_ATTEMPTS = 5
 
 
 class SearchResult(NamedTuple):
@@ -148,10 +150,40 @@ class VisualMemory:
         Raises:
           ManifestError: no manifest ("not a visual memory: ..."), no such version, unsupported
             format_version, malformed manifest, missing shard/tombstone/weights files or (with verify) a
-            checksum mismatch.
+            checksum mismatch. When a purge removes the version being opened (its files go missing), an
+            unpinned open re-opens the new latest version instead; a pinned ``version`` is an error naming it.
         """
         root = path.rstrip("/") if len(path) > 1 else path
-        manifest = read_manifest(root, version=version)
+        pinned = None if version is None else read_version(root, version)  # A purged one: "no version N; ...".
+        for attempt in range(_REOPEN_ATTEMPTS):
+            n = latest_version(root) if version is None else version
+            try:
+                manifest = read_version(root, n) if pinned is None else pinned
+                memory = cls._open_version(root, manifest, verify=verify, search_threads=search_threads,
+                                           merge_shards=merge_shards)
+                break
+            except Exception as e:  # pylint: disable=broad-except  # Re-raised unless its version was purged.
+                # A purge (`vmem forget --purge-history`, a re-index's) deletes old versions and their files
+                # after publishing a newer one: a reader that listed a version just before then finds files
+                # missing. It re-opens the new latest; a pinned version that was purged is an error.
+                if n in list_versions(root) or not list_versions(root):
+                    raise
+                if version is not None:
+                    raise ManifestError(f"version {version} of {root} was removed while it was being opened (by a "
+                                        "purge: `vmem forget --purge-history` or a re-index); open the latest "
+                                        f"version or one that `vmem history` lists ({e})") from None
+                if attempt == _REOPEN_ATTEMPTS - 1:
+                    raise
+        setting = default_setting(memory.manifest) if search_defaults else None
+        if setting is not None:
+            memory = memory.with_search_params(**setting.search_params())
+        if load_encoder:
+            memory.warm_up()
+        return memory
+
+    @classmethod
+    def _open_version(cls, root: str, manifest: Manifest, *, verify: bool, search_threads: int | None,
+                      merge_shards: bool) -> VisualMemory:
         infos = manifest.all_shards
         dirs = [storage.join(root, info.path) for info in infos]
         ids, labels = read_entry_tables(dirs, infos, num_classes=len(manifest.class_names), verify=verify)
@@ -173,11 +205,6 @@ class VisualMemory:
         memory = cls(root, manifest, indices, all_ids, all_labels, np.asarray(offsets, dtype=np.int64),
                      forgotten=forgotten, entry_weights=read_entry_weights(root, manifest),
                      search_threads=search_threads, router=read_router(root, manifest), units=units)
-        setting = default_setting(manifest) if search_defaults else None
-        if setting is not None:
-            memory = memory.with_search_params(**setting.search_params())
-        if load_encoder:
-            memory.warm_up()
         return memory
 
     def warm_up(self) -> None:

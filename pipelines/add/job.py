@@ -67,8 +67,8 @@ class _PublishAddFn(beam.DoFn):
             # message, nothing is published and this add's files are deleted.
             manifest = publish_add_version(plan, delta_infos=infos, new_class_names=class_names,
                                            counts=counts._asdict())
-        except (AddError, ConcurrentUpdateError, ManifestError):
-            abandon_add(plan)
+        except (AddError, ConcurrentUpdateError, ManifestError) as e:
+            abandon_add(plan, dead_letters=isinstance(e, ConcurrentUpdateError))
             raise
         removed = remove_add_leftovers(plan, manifest)
         _LOG.info("published version %d of %s: added %d entries in %d delta shard(s), new classes %s; %d failed "

@@ -233,13 +233,18 @@ def remove_add_leftovers(plan: AddPlan, manifest: Manifest) -> list[str]:
     return removed
 
 
-def abandon_add(plan: AddPlan) -> None:
-    """Best effort after a failed publish: deletes this add's directory and its dead-letter files, unless a
-    version records this add (then they stay), so a failed add leaves nothing behind."""
+def abandon_add(plan: AddPlan, *, dead_letters: bool = False) -> None:
+    """Best effort after a failed publish: deletes this add's directory, unless a version records this add.
+
+    ``dead_letters``: also delete its dead-letter files (after a lost race, which they do not explain; an
+    add refused for its records keeps them, since its message points to them).
+    """
     if published_add(plan) is not None:
         return
     try:
         storage.remove_tree(storage.join(plan.root, plan.delta_dir))
+        if not dead_letters:
+            return
         prefix = f"failed-{plan.job_id}"
         names = storage.list_dir(plan.dead_letter_dir) if storage.exists(plan.dead_letter_dir) else []
         for name in names:

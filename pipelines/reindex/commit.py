@@ -3,7 +3,7 @@
 `assemble_manifest` checks the books and builds the new version (no delta shards, no tombstones, the entry
 weights and metadata minus forgotten ids); `publish` publishes it once (a retried step recognises its own
 version), purges the history when a forget asked for it and `remove_orphans` deletes what crashed or
-superseded runs left behind.
+superseded runs left behind (and memory.store.purge.remove_leftovers what other failed writers left).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from memory.store import compaction
 from memory.store.manifest import Manifest, ShardInfo, WeightsRef, sha256_checksum
 from memory.store.metadata import metadata_without
 from memory.store.mutations import WEIGHTS_DIR, in_sorted, read_entry_weights, read_forgotten
-from memory.store.purge import purge_history
+from memory.store.purge import purge_history, remove_leftovers
 from memory.store.versions import versioned_file_name
 from memory.store.versions import checked_deletion_paths, latest_version, list_versions, publish_version, read_version
 from pipelines.reindex.plan import ReindexError, ReindexJob, published_by
@@ -125,4 +125,8 @@ def publish(job: ReindexJob, plan: compaction.ReindexPlan, rebuilt: dict[int, Sh
         purged = purge_history(job.root)
         _LOG.info("reindex: purged versions %s (a forget requested --purge-history)", purged)
     remove_orphans(job.root)
+    # Files of writers killed before publishing, or that failed before cleaning up (purge.find_leftovers:
+    # unreferenced, made for a published version number, and older than the grace period).
+    for leftover in remove_leftovers(job.root):
+        _LOG.info("reindex: removed %s (%s)", leftover.rel, leftover.why)
     return published

@@ -305,7 +305,7 @@ def test_failure_at_each_step_leaves_the_previous_answers(drifted, monkeypatch, 
         elif where == "purge":  # Published, then killed before the purge published anything.
             _fail_on_call(mp, reindex_commit, "purge_history", 1)
         else:  # Killed halfway through the purge's deletions.
-            _fail_on_call(mp, mutations, "_remove_empty_parents", 1)
+            _fail_on_call(mp, purge, "_remove_empty_parents", 1)
         assert reindex_cli.main(["--memory", root]) == EXIT_FAILURE
     assert "injected failure" in capsys.readouterr().err
     published = {"after_version_file": 1, "purge": 1, "purge_midway": 2}.get(where, 0)

@@ -53,9 +53,20 @@ def error_message(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+class _ReportedByTheCommand(logging.Filter):
+    """Drops Beam's error-with-traceback for a writer that lost a race: the command prints it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from memory.store.versions import ConcurrentUpdateError  # pylint: disable=g-import-not-at-top
+        return not (record.exc_info and isinstance(record.exc_info[1], ConcurrentUpdateError))
+
+
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("visual_memory").setLevel(logging.INFO)
+    beam_step_errors = logging.getLogger("apache_beam.runners.common")  # Where a failed DoFn is logged.
+    if not any(isinstance(f, _ReportedByTheCommand) for f in beam_step_errors.filters):
+        beam_step_errors.addFilter(_ReportedByTheCommand())
 
 
 def run_command(prog: str, body: Callable[[list[str]], int], argv: Sequence[str] | None = None) -> int:

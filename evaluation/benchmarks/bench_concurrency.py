@@ -1,6 +1,8 @@
 """Readers while writers publish: a bounded load test of a living memory.
 
-Reader threads loop ``VisualMemory.open`` (the latest version) + ``classify`` while writers publish versions
+Reader threads loop ``VisualMemory.open`` (the latest version) + ``classify``, and one more loops the
+evaluate job (``vmem evaluate``'s entry point, pipelines.evaluate.evaluate_memory, in-process Beam, on the
+same queries as precomputed embeddings), while writers publish versions
 in a loop: one writer cycles add, forget, ``forget`` + purge_history (``vmem forget --purge-history``) and a
 re-index (the Beam job, in-process), and a second writer adds entries with ids of its own at the same time
 (so writers also lose races and re-base). Every reader answer is checked against the answer of the version
@@ -15,7 +17,9 @@ entries of that version. Reports queries served, versions published, reader fail
 from __future__ import annotations
 
 import argparse
+import glob
 import json
+import os
 import tempfile
 import threading
 import time
@@ -24,25 +28,43 @@ from typing import NamedTuple
 import numpy as np
 
 from evaluation.benchmarks.synthetic import gaussian_unit_vectors
+from evaluation.neighbors_io import read_neighbor_files
 from memory.build import build_memory_local
 from memory.index.shard_index import IndexConfig, IndexKind
 from memory.store import mutations
 from memory.store.purge import purge_history
 from memory.store.versions import ConcurrentUpdateError, list_versions, read_version
 from memory.visual_memory import VisualMemory
+from pipelines.build import precomputed_identity
 
 __all__ = ["LoadResult", "main", "run_load"]
 
 _K = 5
+_ENCODER = "synthetic-16"
+
+
+def _write_query_embeddings(directory: str, q: np.ndarray) -> str:
+    """The queries as a clip-retrieval folder (precomputed embeddings the evaluate job reads)."""
+    import pyarrow as pa  # pylint: disable=g-import-not-at-top
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+    os.makedirs(os.path.join(directory, "img_emb"))
+    os.makedirs(os.path.join(directory, "metadata"))
+    np.save(os.path.join(directory, "img_emb", "img_emb_0.npy"), q.astype(np.float32))
+    keys = [f"q{i}" for i in range(q.shape[0])]
+    pq.write_table(pa.table({"key": keys, "label": ["c0"] * len(keys), "image_path": [f"/q/{k}" for k in keys]}),
+                   os.path.join(directory, "metadata", "metadata_0.parquet"))
+    return directory
 
 
 class LoadResult(NamedTuple):
     """What a load run saw; ``reader_failures`` and ``wrong_answers`` should be 0."""
     seconds: float
-    readers: int
+    readers: int  # Threads of VisualMemory.open + classify; one evaluate job loops besides them.
     opens: int
+    evaluations: int
     queries_served: int
     versions_published: int
+    versions_by_kind: dict[str, int]
     reader_failures: list[str]
     wrong_answers: int
     writer_conflicts: list[str]
@@ -70,10 +92,12 @@ def run_load(root: str, *, seconds: float, readers: int = 3, entries: int = 300,
     build_memory_local(root, ids=pool_ids[:entries].tolist(), labels=[label_of[i] for i in pool_ids[:entries]],
                        uris=[f"/p/{i}" for i in pool_ids[:entries]], embeddings=pool[:entries], num_shards=2,
                        index_config=IndexConfig(kind=IndexKind.BRUTE_FORCE),
-                       encoder_identity={"name": "synthetic", "content_hash": "sha256:0", "dim": dim,
-                                         "preprocess": {}})
+                       encoder_identity=precomputed_identity(_ENCODER, dim, "synthetic"))
     q = gaussian_unit_vectors(queries, dim, seed=seed + 1)
+    query_dir = _write_query_embeddings(os.path.join(os.path.dirname(root), "queries"), q)
+    evaluations = [0]
     changes: dict[int, tuple[int, str, set]] = {}  # version -> (parent, "add"/"forget"/"same", ids)
+    kinds: dict[str, int] = {}
     lock = threading.Lock()
     stop = threading.Event()
     answers: list[tuple[int, list[list[str]]]] = []
@@ -85,6 +109,7 @@ def run_load(root: str, *, seconds: float, readers: int = 3, entries: int = 300,
     def record(m, kind, ids=()):
         with lock:
             changes[m.version] = (m.parent, kind, set(ids))
+            kinds[m.change.get("kind", "?")] = kinds.get(m.change.get("kind", "?"), 0) + 1
 
     def record_quiet_versions():
         """Re-index and purge versions change no live id (a purge copies its parent)."""
@@ -150,8 +175,28 @@ def run_load(root: str, *, seconds: float, readers: int = 3, entries: int = 300,
                 with lock:
                     failures.append(f"{type(e).__name__}: {e}")
 
+    def evaluating_reader():
+        from pipelines.evaluate import evaluate_memory  # pylint: disable=g-import-not-at-top  # Beam.
+        from pipelines.io.embedding_sources import parse_embeddings_spec  # pylint: disable=g-import-not-at-top
+        source = parse_embeddings_spec(f"clip:{query_dir},label_column=label")
+        while not stop.is_set():
+            out = os.path.join(os.path.dirname(root), f"eval-{evaluations[0]}")
+            try:
+                evaluate_memory(memory=root, source=source, output=out, encoder_id=_ENCODER, k_max=_K)
+                with open(os.path.join(out, "evaluation-summary.json"), encoding="utf-8") as f:
+                    version = json.load(f)["memory_version"]
+                got = {r.query_id: list(r.neighbor_ids)
+                       for r in read_neighbor_files(glob.glob(os.path.join(out, "*neighbors*.jsonl")))}
+                with lock:
+                    evaluations[0] += 1
+                    answers.append((version, [got.get(f"q{i}", []) for i in range(queries)]))
+            except Exception as e:  # pylint: disable=broad-except  # Every reader error is a failure.
+                with lock:
+                    failures.append(f"evaluate: {type(e).__name__}: {e}")
+
     start = time.monotonic()
-    threads = [threading.Thread(target=cycling_writer), threading.Thread(target=adding_writer)]
+    threads = [threading.Thread(target=cycling_writer), threading.Thread(target=adding_writer),
+               threading.Thread(target=evaluating_reader)]
     threads += [threading.Thread(target=reader) for _ in range(readers)]
     for t in threads:
         t.start()
@@ -162,8 +207,9 @@ def run_load(root: str, *, seconds: float, readers: int = 3, entries: int = 300,
     elapsed = time.monotonic() - start
     wrong = _check_answers(answers, changes, pool_ids, pool, q, entries)
     bound = seconds + 60 if time_bound_s is None else time_bound_s
-    return LoadResult(seconds=round(elapsed, 2), readers=readers, opens=opens[0],
+    return LoadResult(seconds=round(elapsed, 2), readers=readers, opens=opens[0], evaluations=evaluations[0],
                       queries_served=len(answers) * queries, versions_published=max(changes, default=1) - 1,
+                      versions_by_kind=dict(sorted(kinds.items())),
                       reader_failures=failures, wrong_answers=wrong, writer_conflicts=conflicts,
                       within_time_bound=elapsed <= bound)
 
@@ -206,6 +252,8 @@ def main(argv=None) -> int:
     figures["reader_failures"] = len(result.reader_failures)
     figures["first_reader_failures"] = result.reader_failures[:3]
     figures["writer_conflicts"] = len(result.writer_conflicts)
+    figures["writer_conflicts_by_kind"] = {
+        what: sum(c.startswith(what) for c in result.writer_conflicts) for what in ("re-index", "add", "forget")}
     figures["first_writer_conflicts"] = result.writer_conflicts[:3]
     print(json.dumps(figures, indent=2))
     return 0 if not result.reader_failures and not result.wrong_answers and result.within_time_bound else 1

@@ -173,14 +173,16 @@ def add_pipeline(p: beam.Pipeline, *, plan: AddPlan, source, target_size: int, m
 
 
 def _cause(error: BaseException, kinds: tuple[type, ...]) -> BaseException | None:
-    """The first exception of ``kinds`` in ``error``'s cause/context chain (runners wrap DoFn errors)."""
-    seen = set()
+    """The innermost exception of ``kinds`` in ``error``'s cause/context chain: runners wrap DoFn errors, and
+    Beam re-raises one as a copy of its type with "[while running 'STEP']" appended."""
+    seen, found = set(), None
     while error is not None and id(error) not in seen:
         if isinstance(error, kinds):
-            return error
+            found = error
         seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
+        # ``raise X from None`` hides the context: X is the error its author meant to report.
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    return found
 
 
 _USER_ERRORS = (ConcurrentUpdateError, DuplicateIdError, AddError, EncoderMismatchError, ManifestError)

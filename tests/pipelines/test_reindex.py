@@ -27,7 +27,8 @@ from memory.index.shard_index import IndexConfig, IndexKind
 from memory.store.shard import read_shard_data
 from memory.store.sharding import shard_for_id
 from memory.vectors import l2_normalize
-from memory.store.versions import ConcurrentUpdateError, latest_version, list_versions, read_manifest, read_version
+from memory.store.versions import (WriteConflictError, latest_version, list_versions,
+                                   read_manifest, read_version)
 from memory.visual_memory import VisualMemory
 from pipelines import reindex
 from pipelines.reindex import commit as reindex_commit
@@ -384,7 +385,8 @@ def test_two_reindexes_of_the_same_version_publish_once(drifted):
     first, second = reindex.prepare_job(root), reindex.prepare_job(root)
     n = first.version
     reindex.execute(first)
-    with pytest.raises(ConcurrentUpdateError, match="another writer published meanwhile"):
+    with pytest.raises(WriteConflictError, match=rf"re-index of version {n} .* conflicts with version {n + 1} "
+                                                 r"\(reindex\).*never re-bases"):
         reindex.execute(second)
     assert list_versions(root)[-1] == n + 1 and read_version(root, n + 1).change["job"] == first.job_token
     _assert_same(before, _answers(root, q))
@@ -402,7 +404,8 @@ def test_a_publish_during_the_reindex_wins_and_the_reindex_fails(drifted, monkey
     monkeypatch.setattr(shard_io, "write_shard", write_then_someone_forgets)
     assert reindex_cli.main(["--memory", root]) == EXIT_FAILURE
     err = capsys.readouterr().err
-    assert f"cannot publish version {n + 1}" in err and "another writer published meanwhile" in err
+    assert f"re-index of version {n} of {root} conflicts with version {n + 1} (forget)" in err
+    assert "Nothing of this change was published" in err and "Traceback" not in err
     assert latest_version(root) == n + 1 and read_manifest(root).change["kind"] == "forget"
     assert victim not in VisualMemory.open(root).search(q, 300).ids
 

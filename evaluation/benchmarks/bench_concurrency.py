@@ -4,8 +4,9 @@ Reader threads loop ``VisualMemory.open`` (the latest version) + ``classify``, a
 evaluate job (``vmem evaluate``'s entry point, pipelines.evaluate.evaluate_memory, in-process Beam, on the
 same queries as precomputed embeddings), while writers publish versions
 in a loop: one writer cycles add, forget, ``forget`` + purge_history (``vmem forget --purge-history``) and a
-re-index (the Beam job, in-process), and a second writer adds entries with ids of its own at the same time
-(so writers also lose races and re-base). Every reader answer is checked against the answer of the version
+re-index (the Beam job, in-process, with the purge a forget asked for), and a second writer adds entries with
+ids of its own at the same time (so writers also lose races and re-base; every other re-index runs while the
+adding writer waits, the others race it and lose: a re-index never re-bases). Every reader answer is checked against the answer of the version
 it opened: each writer records what its version changed (ids added or forgotten, or nothing), so the live ids
 of every version follow from version 1; the expected neighbours are the exact (brute-force) nearest live
 entries of that version. Reports queries served, versions published, reader failures and wrong answers
@@ -100,6 +101,7 @@ def run_load(root: str, *, seconds: float, readers: int = 3, entries: int = 300,
     kinds: dict[str, int] = {}
     lock = threading.Lock()
     stop = threading.Event()
+    adding = threading.Lock()  # Held by the adding writer while it adds, and by a re-index that runs alone.
     answers: list[tuple[int, list[list[str]]]] = []
     failures: list[str] = []
     conflicts: list[str] = []
@@ -139,7 +141,13 @@ def run_load(root: str, *, seconds: float, readers: int = 3, entries: int = 300,
             step += 1
             try:
                 if step % reindex_every == 0:
-                    reindex.run(["--memory", root])
+                    # Every other re-index runs while the adding writer waits (so it publishes, and its purge
+                    # deletes the old shards under the readers); the others race the adds and lose.
+                    if (step // reindex_every) % 2:
+                        with adding:
+                            reindex.run(["--memory", root])
+                    else:
+                        reindex.run(["--memory", root])
                     record_quiet_versions()
                 elif step % 2:
                     add(6)
@@ -158,10 +166,11 @@ def run_load(root: str, *, seconds: float, readers: int = 3, entries: int = 300,
     def adding_writer():
         while not stop.is_set():
             try:
-                add(4)
+                with adding:
+                    add(4)
             except ConcurrentUpdateError as e:
                 conflicts.append(str(e))
-            time.sleep(0.01)
+            time.sleep(0.05)
 
     def reader():
         while not stop.is_set():

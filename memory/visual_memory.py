@@ -41,7 +41,7 @@ from memory.store.shard import load_unit_index, read_entry_tables, read_shard_em
 from memory.queries import (check_query_encoder, embed_pixels, load_query_encoder, preprocess_queries,
                             query_preprocess, split_queries)
 from memory.vectors import l2_normalize
-from memory.store.versions import latest_version, list_versions, read_version
+from memory.store.versions import VersionPurgedError, is_purged, latest_version, read_version
 from memory.decide.voting import VotingParams, VotingRule
 
 if TYPE_CHECKING:
@@ -151,7 +151,9 @@ class VisualMemory:
           ManifestError: no manifest ("not a visual memory: ..."), no such version, unsupported
             format_version, malformed manifest, missing shard/tombstone/weights files or (with verify) a
             checksum mismatch. When a purge removes the version being opened (its files go missing), an
-            unpinned open re-opens the new latest version instead; a pinned ``version`` is an error naming it.
+            unpinned open re-opens the new latest version instead; a pinned ``version`` raises
+            VersionPurgedError (a ManifestError). So do the source uris (`classify`'s explanations, `get_uris`),
+            read on first use, of a version purged after it was opened: re-open the memory then.
         """
         root = path.rstrip("/") if len(path) > 1 else path
         pinned = None if version is None else read_version(root, version)  # A purged one: "no version N; ...".
@@ -166,14 +168,10 @@ class VisualMemory:
                 # A purge (`vmem forget --purge-history`, a re-index's) deletes old versions and their files
                 # after publishing a newer one: a reader that listed a version just before then finds files
                 # missing. It re-opens the new latest; a pinned version that was purged is an error.
-                if n in list_versions(root) or not list_versions(root):
+                if not is_purged(root, n):
                     raise
-                if version is not None:
-                    raise ManifestError(f"version {version} of {root} was removed while it was being opened (by a "
-                                        "purge: `vmem forget --purge-history` or a re-index); open the latest "
-                                        f"version or one that `vmem history` lists ({e})") from None
-                if attempt == _REOPEN_ATTEMPTS - 1:
-                    raise
+                if version is not None or attempt == _REOPEN_ATTEMPTS - 1:
+                    raise VersionPurgedError.of(root, n, e) from None
         setting = default_setting(memory.manifest) if search_defaults else None
         if setting is not None:
             memory = memory.with_search_params(**setting.search_params())
@@ -428,7 +426,12 @@ class VisualMemory:
             # Only the entry table is read (not the embeddings): explanations need the source of k entries.
             parts = []
             for info in self._manifest.all_shards:
-                uris = read_shard_entries(storage.join(self._root, info.path)).uris
+                try:
+                    uris = read_shard_entries(storage.join(self._root, info.path)).uris
+                except (FileNotFoundError, ManifestError) as e:
+                    if is_purged(self._root, self._manifest.version):
+                        raise VersionPurgedError.of(self._root, self._manifest.version, e) from None
+                    raise
                 if uris.shape != (info.count,):
                     raise ManifestError(f"shard {info.name}: {info.path} holds {uris.shape} uris, manifest says "
                                         f"{info.count} entries; rebuild the memory")

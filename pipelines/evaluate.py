@@ -70,7 +70,7 @@ if TYPE_CHECKING:
 
 _LOG = logging.getLogger("visual_memory")
 # An unpinned evaluation whose version a purge removed while it ran is run again this many times at most.
-_PURGED_RERUNS = 3
+_PURGED_RERUNS = 5
 NEIGHBORS_PREFIX = "neighbors"
 
 __all__ = ["EvaluationError", "RerankOptions", "WriteNeighbors", "build_arg_parser", "check_query_counts",

@@ -9,7 +9,10 @@ ids of its own at the same time (so writers also lose races and re-base; every o
 adding writer waits, the others race it and lose: a re-index never re-bases). Every reader answer is checked against the answer of the version
 it opened: each writer records what its version changed (ids added or forgotten, or nothing), so the live ids
 of every version follow from version 1; the expected neighbours are the exact (brute-force) nearest live
-entries of that version. Reports queries served, versions published, reader failures and wrong answers
+entries of that version. An open that meets a purge re-opens the latest version by itself; a classify whose
+version was purged after the open (its source uris are read on first use) raises VersionPurgedError and the
+reader re-opens, as a server would (counted). Reports queries served, versions published, reader failures and
+wrong answers
 (target 0 of both), writer conflicts, and whether the run kept to its time bound.
 
     python -m evaluation.benchmarks.bench_concurrency --seconds 60 --readers 4
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -34,7 +38,7 @@ from memory.build import build_memory_local
 from memory.index.shard_index import IndexConfig, IndexKind
 from memory.store import mutations
 from memory.store.purge import purge_history
-from memory.store.versions import ConcurrentUpdateError, list_versions, read_version
+from memory.store.versions import ConcurrentUpdateError, VersionPurgedError, list_versions, read_version
 from memory.visual_memory import VisualMemory
 from pipelines.build import precomputed_identity
 
@@ -62,7 +66,9 @@ class LoadResult(NamedTuple):
     seconds: float
     readers: int  # Threads of VisualMemory.open + classify; one evaluate job loops besides them.
     opens: int
+    reopened_after_purge: int  # Classify found its version purged after open (VersionPurgedError): re-opened.
     evaluations: int
+    evaluation_reruns: int  # Evaluations run again on the latest version because a purge removed theirs.
     queries_served: int
     versions_published: int
     versions_by_kind: dict[str, int]
@@ -73,7 +79,8 @@ class LoadResult(NamedTuple):
 
 
 def run_load(root: str, *, seconds: float, readers: int = 3, entries: int = 300, dim: int = 16,
-             queries: int = 8, reindex_every: int = 4, seed: int = 0, time_bound_s: float | None = None) -> LoadResult:
+             queries: int = 8, reindex_every: int = 4, purge_every: int = 3, seed: int = 0,
+             time_bound_s: float | None = None) -> LoadResult:
     """Builds a memory at ``root`` and runs readers against publishing writers for ``seconds``.
 
     Args:
@@ -84,6 +91,8 @@ def run_load(root: str, *, seconds: float, readers: int = 3, entries: int = 300,
       dim: Embedding dimension.
       queries: Queries per classify call.
       reindex_every: The cycling writer re-indexes every this many steps.
+      purge_every: Every this many of its forgets is a ``forget --purge-history`` (the next re-index purges
+        again).
       seed: Seed of the synthetic vectors.
       time_bound_s: The wall time the whole run must keep to (default: ``seconds`` + 60).
     """
@@ -107,6 +116,8 @@ def run_load(root: str, *, seconds: float, readers: int = 3, entries: int = 300,
     conflicts: list[str] = []
     next_new = [entries]
     opens = [0]
+    forgets = [0]
+    reopened = [0]
 
     def record(m, kind, ids=()):
         with lock:
@@ -154,7 +165,8 @@ def run_load(root: str, *, seconds: float, readers: int = 3, entries: int = 300,
                 else:
                     live = mutations.live_ids(root)
                     gone = rng.choice(live, size=3, replace=False).tolist()
-                    purge = step % 3 == 0
+                    forgets[0] += 1
+                    purge = forgets[0] % purge_every == 0
                     m = mutations.forget(root, ids=gone, request_purge=purge)
                     record(m, "forget", gone)
                     if purge:
@@ -175,8 +187,16 @@ def run_load(root: str, *, seconds: float, readers: int = 3, entries: int = 300,
     def reader():
         while not stop.is_set():
             try:
-                mem = VisualMemory.open(root)
-                preds = mem.classify(q, rule="plurality", k=_K)
+                for attempt in range(3):
+                    mem = VisualMemory.open(root)
+                    try:
+                        preds = mem.classify(q, rule="plurality", k=_K)
+                        break
+                    except VersionPurgedError:  # Purged between open and classify: re-open, as a server does.
+                        if attempt == 2:
+                            raise
+                        with lock:
+                            reopened[0] += 1
                 with lock:
                     opens[0] += 1
                     answers.append((mem.manifest.version, [[n.id for n in p.neighbors] for p in preds]))
@@ -203,6 +223,15 @@ def run_load(root: str, *, seconds: float, readers: int = 3, entries: int = 300,
                 with lock:
                     failures.append(f"evaluate: {type(e).__name__}: {e}")
 
+    class CountReruns(logging.Handler):
+        def emit(self, record):
+            if "was purged while it was evaluated" in record.getMessage():
+                with lock:
+                    reruns[0] += 1
+
+    reruns = [0]
+    counter = CountReruns()
+    logging.getLogger("visual_memory").addHandler(counter)
     start = time.monotonic()
     threads = [threading.Thread(target=cycling_writer), threading.Thread(target=adding_writer),
                threading.Thread(target=evaluating_reader)]
@@ -214,9 +243,11 @@ def run_load(root: str, *, seconds: float, readers: int = 3, entries: int = 300,
     for t in threads:
         t.join()
     elapsed = time.monotonic() - start
+    logging.getLogger("visual_memory").removeHandler(counter)
     wrong = _check_answers(answers, changes, pool_ids, pool, q, entries)
     bound = seconds + 60 if time_bound_s is None else time_bound_s
-    return LoadResult(seconds=round(elapsed, 2), readers=readers, opens=opens[0], evaluations=evaluations[0],
+    return LoadResult(seconds=round(elapsed, 2), readers=readers, opens=opens[0], reopened_after_purge=reopened[0],
+                      evaluations=evaluations[0], evaluation_reruns=reruns[0],
                       queries_served=len(answers) * queries, versions_published=max(changes, default=1) - 1,
                       versions_by_kind=dict(sorted(kinds.items())),
                       reader_failures=failures, wrong_answers=wrong, writer_conflicts=conflicts,
@@ -254,9 +285,12 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--readers", type=int, default=4)
     parser.add_argument("--entries", type=int, default=300)
+    parser.add_argument("--purge-every", type=int, default=3,
+                        help="every this many forgets is a forget --purge-history (default 3)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="vmem-concurrency-") as tmp:
-        result = run_load(f"{tmp}/mem", seconds=args.seconds, readers=args.readers, entries=args.entries)
+        result = run_load(f"{tmp}/mem", seconds=args.seconds, readers=args.readers, entries=args.entries,
+                          purge_every=args.purge_every)
     figures = result._asdict()
     figures["reader_failures"] = len(result.reader_failures)
     figures["first_reader_failures"] = result.reader_failures[:3]

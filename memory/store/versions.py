@@ -44,10 +44,10 @@ _JSON = "application/json"
 # before it gives up (each loss means another writer published meanwhile, so the memory made progress).
 MAX_REBASES = 10
 
-__all__ = ["ConcurrentUpdateError", "MAX_REBASES", "VERSIONS_DIR", "WriteConflictError", "checked_deletion_paths",
-           "history", "latest_version", "list_versions", "publish_rebasing", "publish_version",
-           "read_base_version", "read_manifest", "read_version", "version_name", "versioned_file_name",
-           "write_manifest"]
+__all__ = ["ConcurrentUpdateError", "MAX_REBASES", "VERSIONS_DIR", "VersionPurgedError", "WriteConflictError",
+           "checked_deletion_paths", "history", "is_purged", "latest_version", "list_versions", "publish_rebasing",
+           "publish_version", "read_base_version", "read_manifest", "read_version", "version_name",
+           "versioned_file_name", "write_manifest"]
 
 
 class ConcurrentUpdateError(RuntimeError):
@@ -74,6 +74,24 @@ class WriteConflictError(ConcurrentUpdateError):
         return cls(f"{what} of {root} conflicts with version {winner.version} ({kind}), published after its base "
                    f"version {base}: {clash}. Nothing of this change was published; re-run it against the latest "
                    "version if it is still wanted.")
+
+
+class VersionPurgedError(ManifestError):
+    """The version a reader uses was purged (`vmem forget --purge-history`, a re-index's purge) and its files
+    deleted while the reader still needed them: re-open the memory for its latest version."""
+
+    @classmethod
+    def of(cls, root: str, n: int, cause: BaseException) -> VersionPurgedError:
+        """The error for version ``n`` of ``root``; ``cause`` is the failed read."""
+        return cls(f"version {n} of {root} was purged (by `vmem forget --purge-history` or a re-index) while it "
+                   f"was in use, and its files were deleted ({cause}); re-open the memory for its latest version, "
+                   "or open a version that `vmem history` lists")
+
+
+def is_purged(root: str, n: int) -> bool:
+    """Whether version ``n`` of ``root`` existed but is gone (a memory without versions/ has only version 1)."""
+    versions = list_versions(root)
+    return bool(versions) and n not in versions
 
 
 def version_name(n: int) -> str:

@@ -23,8 +23,8 @@ from memory.store.shard import read_shard_data, write_shard
 from memory.search.shard_search import LoadedShard, load_forgotten, merge_partials, searchable_shards
 from memory.vectors import l2_normalize
 from memory.store import versions
-from memory.store.versions import (ConcurrentUpdateError, WriteConflictError, history, list_versions, publish_version,
-                                   read_manifest)
+from memory.store.versions import (ConcurrentUpdateError, VersionPurgedError, WriteConflictError, history,
+                                   list_versions, publish_version, read_manifest)
 from memory.visual_memory import VisualMemory
 from memory.decide.voting import VotingRule, predict_all_k
 
@@ -447,12 +447,29 @@ def test_a_reader_whose_version_is_purged_while_opening_reopens_the_latest(memor
 def test_a_pinned_version_purged_while_opening_is_a_clear_error(memory, monkeypatch):
     root, ids, *_ = memory
     _purged_under_a_reader(root, ids, monkeypatch)
-    with pytest.raises(ManifestError, match=r"version 2 of .* was removed while it was being opened .*purge.*"
-                                            r"tombstone file .* missing"):
+    with pytest.raises(VersionPurgedError, match=r"version 2 of .* was purged .*while it was in use.*tombstone "
+                                                 r"file .* missing.*re-open the memory"):
         VisualMemory.open(root, version=2)
     monkeypatch.undo()
     with pytest.raises(ManifestError, match=r"no version 2; available: \[3, 4\]"):
         VisualMemory.open(root, version=2)
+
+
+def test_a_memory_whose_version_is_purged_after_open_says_so_on_its_next_file_read(memory):
+    root, ids, _, _, x = memory
+    mutations.forget(root, ids=ids[:2])
+    held = VisualMemory.open(root)  # Version 2, uris not read yet.
+    mutations.forget(root, ids=ids[2:4])
+    compacted = read_manifest(root)
+    # A purge after a re-index deletes the shards version 2 used; here they vanish for the classify.
+    for s in compacted.shards:
+        os.rename(os.path.join(root, s.path), os.path.join(root, s.path) + "-gone")
+    assert purge.purge_history(root) == [1, 2]
+    with pytest.raises(VersionPurgedError, match=r"version 2 of .* was purged .*re-open the memory"):
+        held.classify(x[:2], k=3)
+    for s in compacted.shards:
+        os.rename(os.path.join(root, s.path) + "-gone", os.path.join(root, s.path))
+    assert VisualMemory.open(root).classify(x[:2], k=3)
 
 
 # ------------------------------------------------------------------ writers that lose a race

@@ -36,8 +36,8 @@ from memory.store.manifest import (ForgottenSet, Manifest, ManifestError, ShardI
                              sha256_checksum)
 from memory.store.shard import ShardData, write_shard
 from memory.vectors import l2_normalize
-from memory.store.versions import (ConcurrentUpdateError, WriteConflictError, latest_version, list_versions,
-                                   publish_rebasing, read_base_version, read_version, versioned_file_name)
+from memory.store.versions import (WriteConflictError, latest_version, list_versions, publish_rebasing,
+                                   read_base_version, read_version, versioned_file_name)
 
 TOMBSTONES_DIR = "tombstones"
 WEIGHTS_DIR = "weights"
@@ -308,7 +308,8 @@ def _remove_unpublished(root: str, rels: Sequence[str], *, since: int) -> None:
         referenced = set().union(*(referenced_paths(read_version(root, n)) for n in list_versions(root) if n > since))
     except Exception:  # pylint: disable=broad-except  # Unsure what is referenced: keep the files.
         return
-    _remove_files(root, [rel for rel in rels if rel not in referenced])
+    _remove_files(root, [rel for rel in rels
+                         if rel not in referenced and not any(p.startswith(rel + "/") for p in referenced)])
 
 
 def extended_class_names(old: Sequence[str], new_labels: Iterable[str]) -> tuple[str, ...]:
@@ -496,9 +497,14 @@ def add_entries_local(root: str, *, ids: Sequence[str], labels: Sequence[str], u
     index_of = {c: i for i, c in enumerate(class_names)}
     data = ShardData(ids=ids_arr, labels=np.asarray([index_of[x] for x in label_arr.tolist()], np.int32),
                      uris=uris_arr, embeddings=l2_normalize(emb))
-    info = write_delta_shard(root, data, version_tag=f"v{base + 1:06d}-{secrets.token_hex(4)}", index=0, count=1)
-    return publish_add(root, delta_infos=[info], new_class_names=label_arr.tolist(), expected_version=base,
-                       counts={"added": n})
+    tag = f"v{base + 1:06d}-{secrets.token_hex(4)}"
+    info = write_delta_shard(root, data, version_tag=tag, index=0, count=1)
+    try:
+        return publish_add(root, delta_infos=[info], new_class_names=label_arr.tolist(), expected_version=base,
+                           counts={"added": n})
+    except BaseException:
+        _remove_unpublished(root, [f"{DELTAS_DIR}/{tag}"], since=base)
+        raise
 
 
 def publish_entry_weights(root: str, *, ids: Sequence[str], weights: np.ndarray, params: dict,
@@ -542,6 +548,9 @@ def publish_entry_weights(root: str, *, ids: Sequence[str], weights: np.ndarray,
             raise WriteConflictError.of(root, what=f"entry weights for {ids_arr.size} entries", base=base,
                                         winner=latest, clash=f"{gone.size} weighted id(s) were forgotten: "
                                                              f"{_listed(gone)}")
+        if not storage.exists(storage.join(root, rel)):
+            raise ManifestError(f"{storage.join(root, rel)} was deleted while the weights re-based (a clean-up with "
+                                "too short a grace period); nothing was published, publish them again")
         return dataclasses.replace(latest, entry_weights=ref, change=change)
 
     try:
@@ -586,6 +595,3 @@ def referenced_paths(m: Manifest, *, tombstones: bool = True) -> set[str]:
     if tombstones and m.forgotten is not None:
         paths.add(m.forgotten.path)
     return paths
-
-
-__all__ += ["ConcurrentUpdateError"]

@@ -379,6 +379,22 @@ def test_sigkill_at_random_times_leaves_a_working_memory(drifted, tmp_path):
 # ---------------------------------------------------------------------------------------- concurrency
 
 
+def test_reindex_removes_old_leftovers_of_failed_writers_and_keeps_young_ones(drifted):
+    root, _, _, _, q = drifted
+    before = _answers(root, q)
+    n = latest_version(root)
+    version_time = os.path.getmtime(os.path.join(root, "versions", f"v{n:06d}.json"))
+    old, young = f"tombstones/v{n:06d}-0badf00d.npy", f"tombstones/v{n:06d}-5ca1ab1e.npy"
+    for rel in (old, young):
+        with open(os.path.join(root, rel), "wb") as f:
+            f.write(b"left by a killed forget")
+    os.utime(os.path.join(root, old), (version_time - purge.DEFAULT_LEFTOVER_GRACE_S - 1,) * 2)
+    assert reindex_cli.main(["--memory", root]) == EXIT_OK
+    assert not os.path.exists(os.path.join(root, old))  # Older than the grace period before version n.
+    assert os.path.exists(os.path.join(root, young))  # Its writer could still be re-basing: kept.
+    _assert_same(before, _answers(root, q))
+
+
 def test_two_reindexes_of_the_same_version_publish_once(drifted):
     root, _, _, _, q = drifted
     before = _answers(root, q)

@@ -198,7 +198,8 @@ def publish_add_version(plan: AddPlan, *, delta_infos: Sequence[ShardInfo], new_
     """
     base = read_version(plan.root, plan.base_version)
     infos = tuple(delta_infos)
-    ours = add_manifest(base, delta_infos=infos, new_class_names=new_class_names, counts=counts, job=plan.job_id)
+    ours = _recorded(plan, add_manifest(base, delta_infos=infos, new_class_names=new_class_names, counts=counts,
+                                        job=plan.job_id))
     existing = published_add(plan)
     if existing is not None:
         same = (tuple(existing.delta_shards[len(existing.delta_shards) - len(infos):]) == infos
@@ -210,8 +211,14 @@ def publish_add_version(plan: AddPlan, *, delta_infos: Sequence[ShardInfo], new_
         _LOG.info("version %d of %s was already published by an earlier attempt of this step", existing.version,
                   plan.root)
         return existing
-    return publish_rebasing(plan.root, ours, base=plan.base_version, rebase=lambda latest: rebase_add(
-        plan.root, base, latest, delta_infos=infos, new_class_names=new_class_names, counts=counts, job=plan.job_id))
+    return publish_rebasing(plan.root, ours, base=plan.base_version, rebase=lambda latest: _recorded(plan, rebase_add(
+        plan.root, base, latest, delta_infos=infos, new_class_names=new_class_names, counts=counts, job=plan.job_id)))
+
+
+def _recorded(plan: AddPlan, manifest: Manifest) -> Manifest:
+    """The add's change also names its dead-letter directory (add-v<n+1>/ even when it re-based to a later n)."""
+    return dataclasses.replace(manifest, change={**manifest.change,
+                                                 "dead_letter": f"{DEAD_LETTER_DIR}/add-v{plan.new_version:06d}"})
 
 
 def remove_add_leftovers(plan: AddPlan, manifest: Manifest) -> list[str]:

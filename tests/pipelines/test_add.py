@@ -261,6 +261,7 @@ def test_an_add_that_loses_to_a_forget_rebases_and_publishes(data, flow, tmp_pat
     m = read_version(root, 4)
     assert plan.base_version == 2 and latest_version(root) == 4
     assert m.parent == 3 and m.change["kind"] == "add" and m.change["job"] == plan.job_id
+    assert m.change["dead_letter"] == "dead_letter/add-v000003"  # Where its dead letters went, before re-basing.
     assert add.published_add(plan) == m
     live = set(mutations.live_ids(root).tolist())
     assert victim not in live  # Not resurrected by the re-based add.

@@ -314,6 +314,31 @@ def list_dir(path: str) -> list[str]:
     return sorted(os.listdir(path))
 
 
+@_names_paths
+def modified_time(path: str) -> float:
+    """The newest modification time (POSIX seconds) of a file, or of anything in a directory tree.
+
+    Raises:
+      FileNotFoundError: naming the path, when nothing exists there.
+    """
+    if is_gcs(path):
+        times = [b.updated.timestamp() for b in _list_blobs(path) if b.updated is not None]
+        _, name = _split_gcs(path)
+        blob = _blob(path) if name else None
+        if blob is not None and blob.exists(retry=_retry()):
+            blob.reload(retry=_retry())
+            times.append(blob.updated.timestamp())
+        if not times:
+            raise FileNotFoundError(f"no such GCS object or directory: {path}")
+        return max(times)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such file or directory: {path}")
+    times = [os.path.getmtime(path)]
+    for directory, _, files in os.walk(path):
+        times += [os.path.getmtime(directory)] + [os.path.getmtime(os.path.join(directory, f)) for f in files]
+    return max(times)
+
+
 def makedirs(path: str) -> None:
     """Creates a directory and its parents; a no-op on GCS, where directories are implicit."""
     if not is_gcs(path):

@@ -42,7 +42,7 @@ from memory.enums import parse_enum
 from memory.queries import (OnUnreadable, UnreadableQuery, check_query_encoder, embed_pixels, load_query_encoder,
                             preprocess_queries, query_preprocess, split_queries)
 from memory.vectors import l2_normalize
-from memory.store.versions import read_manifest
+from memory.store.versions import VersionPurgedError, is_purged, latest_version, read_version
 from memory.decide.voting import VotingParams, VotingRule
 
 if TYPE_CHECKING:
@@ -50,6 +50,8 @@ if TYPE_CHECKING:
     from memory.rerank.base import Reranker, ResponseCache
 
 _PAD_ID = ""
+# An unpinned open that finds its version purged under it re-opens the new latest at most this many times.
+_REOPEN_ATTEMPTS = 5
 
 
 class SearchResult(NamedTuple):
@@ -156,10 +158,38 @@ class VisualMemory:
         Raises:
           ManifestError: no manifest ("not a visual memory: ..."), no such version, unsupported
             format_version, malformed manifest, missing shard/tombstone/weights files or (with verify) a
-            shard file that differs from the manifest (`memory.store.integrity.ShardCorruptError`).
+            shard file that differs from the manifest (`memory.store.integrity.ShardCorruptError`). When a purge removes the version being opened (its files go missing), an
+            unpinned open re-opens the new latest version instead; a pinned ``version`` raises
+            VersionPurgedError (a ManifestError). So do the source uris (`classify`'s explanations, `get_uris`),
+            read on first use, of a version purged after it was opened: re-open the memory then.
         """
         root = path.rstrip("/") if len(path) > 1 else path
-        manifest = read_manifest(root, version=version)
+        pinned = None if version is None else read_version(root, version)  # A purged one: "no version N; ...".
+        for attempt in range(_REOPEN_ATTEMPTS):
+            n = latest_version(root) if version is None else version
+            try:
+                manifest = read_version(root, n) if pinned is None else pinned
+                memory = cls._open_version(root, manifest, verify=verify, search_threads=search_threads,
+                                           merge_shards=merge_shards)
+                break
+            except Exception as e:  # pylint: disable=broad-except  # Re-raised unless its version was purged.
+                # A purge (`vmem forget --purge-history`, a re-index's) deletes old versions and their files
+                # after publishing a newer one: a reader that listed a version just before then finds files
+                # missing. It re-opens the new latest; a pinned version that was purged is an error.
+                if not is_purged(root, n):
+                    raise
+                if version is not None or attempt == _REOPEN_ATTEMPTS - 1:
+                    raise VersionPurgedError.of(root, n, e) from None
+        setting = default_setting(memory.manifest) if search_defaults else None
+        if setting is not None:
+            memory = memory.with_search_params(**setting.search_params())
+        if load_encoder:
+            memory.warm_up()
+        return memory
+
+    @classmethod
+    def _open_version(cls, root: str, manifest: Manifest, *, verify: bool, search_threads: int | None,
+                      merge_shards: bool) -> VisualMemory:
         infos = manifest.all_shards
         dirs = [storage.join(root, info.path) for info in infos]
         ids, labels = read_entry_tables(dirs, infos, num_classes=len(manifest.class_names), verify=verify)
@@ -181,11 +211,6 @@ class VisualMemory:
         memory = cls(root, manifest, indices, all_ids, all_labels, np.asarray(offsets, dtype=np.int64),
                      forgotten=forgotten, entry_weights=read_entry_weights(root, manifest),
                      search_threads=search_threads, router=read_router(root, manifest), units=units, verify=verify)
-        setting = default_setting(manifest) if search_defaults else None
-        if setting is not None:
-            memory = memory.with_search_params(**setting.search_params())
-        if load_encoder:
-            memory.warm_up()
         return memory
 
     def warm_up(self) -> None:
@@ -415,7 +440,12 @@ class VisualMemory:
             # Only the entry table is read (not the embeddings): explanations need the source of k entries.
             parts = []
             for info in self._manifest.all_shards:
-                uris = read_shard_entries(storage.join(self._root, info.path), info, verify=self._verify).uris
+                try:
+                    uris = read_shard_entries(storage.join(self._root, info.path), info, verify=self._verify).uris
+                except (FileNotFoundError, ManifestError) as e:
+                    if is_purged(self._root, self._manifest.version):
+                        raise VersionPurgedError.of(self._root, self._manifest.version, e) from None
+                    raise
                 if uris.shape != (info.count,):
                     raise ManifestError(f"shard {info.name}: {info.path} holds {uris.shape} uris, manifest says "
                                         f"{info.count} entries; rebuild the memory")

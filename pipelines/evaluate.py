@@ -52,7 +52,7 @@ from memory.search.routing import check_route_ratio
 from memory.search.setting import default_setting
 from memory.store.integrity import NO_VERIFY_HELP
 from memory.store.manifest import Manifest
-from memory.store.versions import read_manifest
+from memory.store.versions import list_versions, read_manifest
 from pipelines import rerank_args
 from pipelines.build import is_precomputed, precomputed_identity, read_precomputed
 from pipelines.io.readers import ImageSource, ReadImages, parse_image_spec
@@ -70,6 +70,8 @@ if TYPE_CHECKING:
     from pipelines.io.embedding_sources import EmbeddingSource
 
 _LOG = logging.getLogger("visual_memory")
+# An unpinned evaluation whose version a purge removed while it ran is run again this many times at most.
+_PURGED_RERUNS = 5
 NEIGHBORS_PREFIX = "neighbors"
 
 __all__ = ["EvaluationError", "RerankOptions", "WriteNeighbors", "build_arg_parser", "check_query_counts",
@@ -489,6 +491,37 @@ def evaluate_memory(*, memory: str, source: ImageSource | EmbeddingSource, outpu
     options = resolve_pipeline_options(pipeline_options)
     query_filters = rerank_args.load_query_filters(filters_file) if filters_file else None
     root = memory.rstrip("/")
+    # A purge (`vmem forget --purge-history`, a re-index's) may delete the latest version's files while the job
+    # reads them, once a newer version is published: an unpinned evaluation then runs again on the new latest.
+    attempts = 1 if version is not None or test_pipeline is not None else _PURGED_RERUNS + 1
+    for attempt in range(attempts):
+        try:
+            return _evaluate_once(root, source=source, output=output, encoder_id=encoder_id, version=version,
+                                  k_max=k_max, params=params, query_batch=query_batch, search_threads=search_threads,
+                                  route_probes=route_probes, route_ratio=route_ratio, default_filter=default_filter,
+                                  query_filters=query_filters, filters_file=filters_file, crowding=crowding,
+                                  rerank=rerank, pixel_baseline=pixel_baseline, query_encoder=query_encoder,
+                                  verify=verify, options=options, test_pipeline=test_pipeline)
+        except _VersionPurged as purged:
+            if attempt == attempts - 1:
+                raise purged.error from None
+            _LOG.warning("evaluate: version %d of %s was purged while it was evaluated; evaluating the latest "
+                         "version", purged.version, root)
+    raise AssertionError("unreachable")
+
+
+class _VersionPurged(Exception):
+    """The evaluated version was purged while the job ran (``error`` is what the job raised)."""
+
+    def __init__(self, version: int, error: Exception):
+        super().__init__(version)
+        self.version, self.error = version, error
+
+
+def _evaluate_once(root: str, *, source, output, encoder_id, version, k_max, params, query_batch, search_threads,
+                   route_probes, route_ratio, default_filter, query_filters, filters_file, crowding, rerank,
+                   pixel_baseline, query_encoder, verify, options, test_pipeline) -> beam.runners.runner.PipelineResult:
+    """One run of `evaluate_memory`'s job; raises _VersionPurged when its version vanished under it."""
     manifest = read_manifest(root, version=version)
     if isinstance(source, ImageSource) and query_encoder is not None and not is_precomputed(manifest.encoder):
         encoder = memory_encoder_spec(manifest)
@@ -507,8 +540,13 @@ def evaluate_memory(*, memory: str, source: ImageSource | EmbeddingSource, outpu
     storage.makedirs(output)
     # An earlier run's summary would list its neighbour files; only this run's may be read after it.
     storage.remove_tree(storage.join(output, EvaluationSummary.FILE_NAME))
-    result = p.run()
-    result.wait_until_finish()
+    try:
+        result = p.run()
+        result.wait_until_finish()
+    except Exception as e:  # pylint: disable=broad-except  # Re-raised unless the version was purged.
+        if manifest.version in list_versions(root) or not list_versions(root):
+            raise
+        raise _VersionPurged(manifest.version, e) from e
     return result
 
 

@@ -36,15 +36,17 @@ class FlagError(ValueError):
 
 
 def runner_error(error: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
-    """The first exception of ``kinds`` in ``error`` or its cause/context chain: runners re-raise a worker's
-    error wrapped in, or chained to, their own types."""
-    seen = set()
+    """The innermost exception of ``kinds`` in ``error``'s cause/context chain: runners re-raise a worker's
+    error wrapped in, or chained to, their own types (Beam re-raises one as a copy of its type with
+    "[while running 'STEP']" appended), so the innermost is the one its author raised."""
+    seen, found = set(), None
     while error is not None and id(error) not in seen:
         if isinstance(error, kinds):
-            return error
+            found = error
         seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
+        # ``raise X from None`` hides the context: X is the error its author meant to report.
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    return found
 
 
 def after_publish_error(error: BaseException) -> AfterPublishError | None:

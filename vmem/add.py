@@ -25,12 +25,14 @@ __all__ = ["main"]
 
 
 def _run(argv: Sequence[str]) -> int:
-    from memory.store.versions import read_version  # pylint: disable=g-import-not-at-top
     from pipelines import add  # pylint: disable=g-import-not-at-top
     add.build_arg_parser().parse_known_args(argv)  # --help, and a bad flag before the memory is read.
     start = time.monotonic()
     _, plan = add.launch(argv)
-    manifest = read_version(plan.root, plan.new_version)
+    manifest = add.published_add(plan)  # n+1, or later when the add re-based after losing a race.
+    if manifest is None:
+        raise RuntimeError(f"the add job {plan.job_id} finished but no version of {plan.root} records it; "
+                           "see the job's log")
     elapsed = time.monotonic() - start
     change = manifest.change
     c = change.get("counts", {})

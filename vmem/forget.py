@@ -81,7 +81,8 @@ def read_ids_file(path: str) -> list[str]:
 
 
 def _run(argv: Sequence[str]) -> int:
-    from memory.store.mutations import forget, purge_history
+    from memory.store.mutations import forget
+    from memory.store.purge import purge_history
     args = build_parser().parse_args(argv)
     root = args.memory.rstrip("/") or args.memory
     ids = read_ids_file(args.ids) if args.ids else None

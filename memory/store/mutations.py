@@ -1,8 +1,11 @@
 """A living memory: add entries, forget them exactly, weight them (soft pruning), purge old history.
 
 Every mutation reads one version, writes its new files at fresh paths, and publishes the next version
-exclusively (memory.store.versions.publish_version); a concurrent mutation based on the same version fails with
-ConcurrentUpdateError and publishes nothing. No index is rebuilt here:
+exclusively (memory.store.versions.publish_version). A mutation that loses that race to another writer
+re-bases on the new latest version and publishes after it (versions.publish_rebasing), unless the winner's
+change conflicts with it (the same ids; a re-index under an add; two changes of the entry weights): then it
+fails with WriteConflictError, publishes nothing and deletes the files it wrote. A mutation pinned to
+``expected_version`` never re-bases. No index is rebuilt here:
 
 * **forget** writes a new cumulative tombstone file (``tombstones/vNNNNNN-<token>.npy``: every forgotten id
   still physically present in a main or delta shard) and publishes. Searches skip tombstoned rows exactly
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import posixpath
 import re
 import secrets
 from typing import Any, Iterable, Sequence
@@ -34,9 +36,8 @@ from memory.store.manifest import (ForgottenSet, Manifest, ManifestError, ShardI
                              sha256_checksum)
 from memory.store.shard import ShardData, write_shard
 from memory.vectors import l2_normalize
-from memory.store.versions import (ConcurrentUpdateError, checked_deletion_paths, latest_version, list_versions,
-                                   publish_version, read_base_version, read_version, version_path,
-                                   versioned_file_name)
+from memory.store.versions import (WriteConflictError, latest_version, list_versions, publish_rebasing,
+                                   read_base_version, read_version, versioned_file_name)
 
 TOMBSTONES_DIR = "tombstones"
 WEIGHTS_DIR = "weights"
@@ -45,10 +46,10 @@ _TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Ids listed in an error message: enough to act on, bounded for a 1M-id mistake.
 _MAX_LISTED = 50
 
-__all__ = ["DuplicateIdError", "add_entries_local", "check_unique_live", "clear_entry_weights",
-           "extended_class_names", "forget", "in_sorted", "live_ids", "publish_add",
-           "publish_entry_weights", "purge_history", "purge_requested_since_reindex", "read_entry_weights",
-           "read_forgotten", "row_weights", "str_array", "write_delta_shard"]
+__all__ = ["DuplicateIdError", "add_entries_local", "add_manifest", "check_unique_live", "clear_entry_weights",
+           "extended_class_names", "forget", "in_sorted", "live_ids", "publish_add", "publish_entry_weights",
+           "read_entry_weights", "read_forgotten", "rebase_add", "referenced_paths", "row_weights", "str_array",
+           "write_delta_shard"]
 
 
 class DuplicateIdError(ValueError):
@@ -212,7 +213,9 @@ def forget(root: str, *, ids: Iterable[str] | None = None, label: str | None = N
     Raises:
       KeyError: listing unknown or already-forgotten ids, or naming an unknown label / a selection that
         matches no live entry. Nothing is published.
-      ConcurrentUpdateError: the memory moved past ``expected_version``, or a concurrent writer won.
+      ConcurrentUpdateError: the memory moved past ``expected_version``, or a concurrent writer won while
+        ``expected_version`` was given (without it the forget re-bases on the winner's version).
+      WriteConflictError: a concurrent writer forgot one of the same ids first.
       ValueError: no selection given.
     """
     if ids is None and label is None and source_prefix is None:
@@ -257,21 +260,62 @@ def forget(root: str, *, ids: Iterable[str] | None = None, label: str | None = N
         selected.append(phys[rows])
         selection["source_prefix"] = source_prefix
     new = np.unique(np.concatenate(selected))
-    tombstones = np.union1d(gone, new).astype(str)
-    n = base + 1
-    rel = versioned_file_name(TOMBSTONES_DIR, n, ".npy")
-    buf = io.BytesIO()
-    np.save(buf, tombstones, allow_pickle=False)
-    blob = buf.getvalue()
-    storage.write_bytes(storage.join(root, rel), blob)
     what = ", ".join(f"{k}={v!r}" if k != "ids" else f"{v} id(s)" for k, v in selection.items())
-    change = {"kind": "forget", "summary": f"forgot {new.size} entries ({what})", "forgotten": int(new.size),
-              "forgotten_total": int(tombstones.size), "selection": selection}
-    if request_purge:
-        change["purge_requested"] = True
-    return publish_version(root, dataclasses.replace(
-        m, forgotten=ForgottenSet(path=rel, count=int(tombstones.size), checksum=sha256_checksum(blob)), change=change),
-        expected_parent=base)
+    written: list[str] = []
+
+    def on(n: int, latest: Manifest, gone_now: np.ndarray) -> Manifest:
+        """The forget of ``new`` computed on version ``n`` (its tombstones ``gone_now``): a new tombstone file."""
+        tombstones = np.union1d(gone_now, new).astype(str)
+        rel = versioned_file_name(TOMBSTONES_DIR, n + 1, ".npy")
+        buf = io.BytesIO()
+        np.save(buf, tombstones, allow_pickle=False)
+        blob = buf.getvalue()
+        storage.write_bytes(storage.join(root, rel), blob)
+        written.append(rel)
+        change = {"kind": "forget", "summary": f"forgot {new.size} entries ({what})", "forgotten": int(new.size),
+                  "forgotten_total": int(tombstones.size), "selection": selection}
+        if request_purge:
+            change["purge_requested"] = True
+        return dataclasses.replace(latest, forgotten=ForgottenSet(path=rel, count=int(tombstones.size),
+                                                                  checksum=sha256_checksum(blob)), change=change)
+
+    def rebase(latest: Manifest) -> Manifest:
+        # The ids this forget selected on its base must all still be live: a winner that forgot one of them
+        # is a true conflict (an add or a re-index never removes a live id).
+        gone_now = read_forgotten(root, latest)
+        clash = new[in_sorted(gone_now, new) | ~_present(root, latest, new)]
+        if clash.size:
+            raise WriteConflictError.of(root, what=f"forget of {new.size} entries ({what})", base=base, winner=latest,
+                                        clash=f"{clash.size} of the same id(s) are no longer live: {_listed(clash)}")
+        _remove_files(root, written)
+        return on(latest.version, latest, gone_now)
+
+    try:
+        return publish_rebasing(root, on(base, m, gone), base=base,
+                                rebase=rebase if expected_version is None else None)
+    except BaseException:
+        _remove_unpublished(root, written[-1:], since=base)  # Earlier ones were removed by `rebase`.
+        raise
+
+
+def _remove_files(root: str, rels: Sequence[str]) -> None:
+    """Best effort: deletes files of this writer that no version references (never hides the real error)."""
+    for rel in rels:
+        try:
+            storage.remove_tree(storage.join(root, rel))
+        except Exception:  # pylint: disable=broad-except
+            pass
+
+
+def _remove_unpublished(root: str, rels: Sequence[str], *, since: int) -> None:
+    """After a failed writer: deletes its files unless a version after ``since`` references them (a publish
+    that succeeded before a later step failed)."""
+    try:
+        referenced = set().union(*(referenced_paths(read_version(root, n)) for n in list_versions(root) if n > since))
+    except Exception:  # pylint: disable=broad-except  # Unsure what is referenced: keep the files.
+        return
+    _remove_files(root, [rel for rel in rels
+                         if rel not in referenced and not any(p.startswith(rel + "/") for p in referenced)])
 
 
 def extended_class_names(old: Sequence[str], new_labels: Iterable[str]) -> tuple[str, ...]:
@@ -308,15 +352,84 @@ def write_delta_shard(root: str, data: ShardData, *, version_tag: str, index: in
                        name=f"{DELTAS_DIR}-{version_tag}-{leaf}", root_relative_path=rel)
 
 
+def add_manifest(base: Manifest, *, delta_infos: Sequence[ShardInfo], new_class_names: Sequence[str],
+                 counts: dict, job: str | None = None) -> Manifest:
+    """The add's next version computed on ``base``: its delta shards appended, unseen class names appended.
+
+    Args:
+      base: The version the add is published on.
+      delta_infos: The add's delta shards (written by write_delta_shard).
+      new_class_names: Labels of the added entries (names).
+      counts: The add's record counts, stored in the change.
+      job: The add job's id, stored in the change (a retried publish step recognises its version by it).
+    """
+    class_names = extended_class_names(base.class_names, new_class_names)
+    new_classes = list(class_names[len(base.class_names):])
+    added = sum(info.count for info in delta_infos)
+    change = {"kind": "add", "summary": f"added {added} entries in {len(delta_infos)} delta shard(s)"
+                                        + (f", new classes {new_classes}" if new_classes else ""),
+              "added": added, "new_classes": new_classes, "counts": dict(counts)}
+    if job is not None:
+        change["job"] = job
+    return dataclasses.replace(base, class_names=class_names, change=change,
+                               delta_shards=tuple(base.delta_shards) + tuple(delta_infos))
+
+
+def _ids_of(root: str, infos: Sequence[ShardInfo], verify: bool = True) -> np.ndarray:
+    parts = [_column(root, info, "ids", verify) for info in infos if info.count]
+    return np.concatenate(parts) if parts else np.zeros((0,), "<U1")
+
+
+def rebase_add(root: str, base: Manifest, latest: Manifest, *, delta_infos: Sequence[ShardInfo],
+               new_class_names: Sequence[str], counts: dict, job: str | None = None) -> Manifest:
+    """An add computed on ``base`` recomputed on the newer ``latest`` (`add_manifest`), unless they conflict.
+
+    Not a conflict: versions that forgot, weighted or purged, or added other ids. A conflict: an add of one of
+    the same ids; a re-index (its shards replaced those the add's ids were checked against); new class names
+    on both sides (the delta shards' label indices assume the base's class list).
+
+    Raises:
+      WriteConflictError: naming the winning version and the clash.
+      ManifestError: a delta shard of this add was deleted while it waited (nothing is published).
+    """
+    infos = tuple(delta_infos)
+    ours = _ids_of(root, infos)
+    what = f"add of {ours.size} entries"
+
+    def conflict(clash: str) -> WriteConflictError:
+        return WriteConflictError.of(root, what=what, base=base.version, winner=latest, clash=clash)
+
+    n_old = len(base.delta_shards)
+    if tuple(latest.shards) != tuple(base.shards) or tuple(latest.delta_shards[:n_old]) != tuple(base.delta_shards):
+        raise conflict("a re-index replaced the shards this add's ids were checked against")
+    before = extended_class_names(base.class_names, new_class_names)
+    if extended_class_names(latest.class_names, new_class_names)[:len(before)] != before:
+        raise conflict(f"both added new class names ({list(latest.class_names[len(base.class_names):])} and "
+                       f"{list(before[len(base.class_names):])}), and this add's delta shards number its labels "
+                       "after the base's class list")
+    clash = np.intersect1d(ours, _ids_of(root, latest.delta_shards[n_old:]))
+    if clash.size:
+        raise conflict(f"{clash.size} of the same id(s) were added by both: {_listed(clash)}")
+    missing = [info.path for info in infos if not storage.exists(storage.join(root, info.path))]
+    if missing:
+        raise ManifestError(f"{what} of {root}: its delta shard(s) {missing} were deleted while it re-based (a "
+                            "clean-up ran with too short a grace period); nothing was published, re-run the add")
+    return add_manifest(latest, delta_infos=infos, new_class_names=new_class_names, counts=counts, job=job)
+
+
 def publish_add(root: str, *, delta_infos: Sequence[ShardInfo], new_class_names: Sequence[str],
                 expected_version: int | None, counts: dict | None = None, verify: bool = True) -> Manifest:
     """Publishes delta shards written by write_delta_shard as the next version.
+
+    If another writer publishes first, the add re-bases on the new latest version (`rebase_add`) and retries,
+    up to versions.MAX_REBASES times.
 
     Args:
       root: Memory root.
       delta_infos: The new delta shards (all fully written).
       new_class_names: Labels of the added entries (names; known ones are fine, unseen ones are appended).
-      expected_version: The version the add was computed from (its class names were used for the labels).
+      expected_version: The version the add was computed from (its class names were used for the labels;
+        default: the latest now).
       counts: The add job's record counts (e.g. read / embedded / failed), stored in the change.
       verify: Check the shard files read (the memory's ids, the delta shards' ids and labels) against the
         manifest (memory.store.integrity).
@@ -327,24 +440,22 @@ def publish_add(root: str, *, delta_infos: Sequence[ShardInfo], new_class_names:
     Raises:
       DuplicateIdError: listing ids already in the memory (live, forgotten-but-present, or twice in the add).
       ManifestError: a delta shard's files disagree with its ShardInfo or hold labels beyond the class names.
-      ConcurrentUpdateError: the memory moved on; re-run the add against the latest version.
+      WriteConflictError: a version published meanwhile conflicts with this add (see `rebase_add`).
     """
-    base, m = read_base_version(root, expected_version)
+    base = latest_version(root) if expected_version is None else expected_version
+    m = read_version(root, base)
     class_names = extended_class_names(m.class_names, new_class_names)
     infos = tuple(delta_infos)
-    added_ids, added = [], 0
     for info in infos:
         if not isinstance(info, ShardInfo):
             raise TypeError(f"delta_infos must be ShardInfo (from write_delta_shard), got {info!r}")
         if not info.count:
             continue
-        ids, labels = _column(root, info, "ids", verify), _column(root, info, "labels", verify)
+        labels = _column(root, info, "labels", verify)
         if labels.size and int(labels.max()) >= len(class_names):
             raise ManifestError(f"delta shard {info.name}: label {int(labels.max())} outside the {len(class_names)} "
                                 "class names; map labels with extended_class_names(old, new_labels)")
-        added_ids.append(ids)
-        added += info.count
-    new_ids = np.concatenate(added_ids) if added_ids else np.zeros((0,), "<U1")
+    new_ids = _ids_of(root, infos, verify)
     uniq, n_of = np.unique(new_ids, return_counts=True)
     if (n_of > 1).any():
         raise DuplicateIdError(f"ids added twice in this add: {_listed(uniq[n_of > 1])}; nothing was published")
@@ -362,13 +473,11 @@ def publish_add(root: str, *, delta_infos: Sequence[ShardInfo], new_class_names:
             parts.append(f"{forgotten.size} forgotten id(s) still physically present until `vmem reindex`: "
                          f"{_listed(forgotten)} (re-index first, or add them under new ids)")
         raise DuplicateIdError("; ".join(parts) + "; nothing was published")
-    new_classes = list(class_names[len(m.class_names):])
-    change = {"kind": "add", "summary": f"added {added} entries in {len(infos)} delta shard(s)"
-                                        + (f", new classes {new_classes}" if new_classes else ""),
-              "added": added, "new_classes": new_classes, "counts": dict(counts or {})}
-    return publish_version(root, dataclasses.replace(
-        m, class_names=class_names, delta_shards=tuple(m.delta_shards) + infos, change=change),
-        expected_parent=base)
+    counts = dict(counts or {})
+    return publish_rebasing(root, add_manifest(m, delta_infos=infos, new_class_names=new_class_names, counts=counts),
+                            base=base, rebase=lambda latest: rebase_add(root, m, latest, delta_infos=infos,
+                                                                        new_class_names=new_class_names,
+                                                                        counts=counts))
 
 
 def add_entries_local(root: str, *, ids: Sequence[str], labels: Sequence[str], uris: Sequence[str],
@@ -396,9 +505,14 @@ def add_entries_local(root: str, *, ids: Sequence[str], labels: Sequence[str], u
     index_of = {c: i for i, c in enumerate(class_names)}
     data = ShardData(ids=ids_arr, labels=np.asarray([index_of[x] for x in label_arr.tolist()], np.int32),
                      uris=uris_arr, embeddings=l2_normalize(emb))
-    info = write_delta_shard(root, data, version_tag=f"v{base + 1:06d}-{secrets.token_hex(4)}", index=0, count=1)
-    return publish_add(root, delta_infos=[info], new_class_names=label_arr.tolist(), expected_version=base,
-                       counts={"added": n})
+    tag = f"v{base + 1:06d}-{secrets.token_hex(4)}"
+    info = write_delta_shard(root, data, version_tag=tag, index=0, count=1)
+    try:
+        return publish_add(root, delta_infos=[info], new_class_names=label_arr.tolist(), expected_version=base,
+                           counts={"added": n})
+    except BaseException:
+        _remove_unpublished(root, [f"{DELTAS_DIR}/{tag}"], since=base)
+        raise
 
 
 def publish_entry_weights(root: str, *, ids: Sequence[str], weights: np.ndarray, params: dict,
@@ -436,7 +550,32 @@ def publish_entry_weights(root: str, *, ids: Sequence[str], weights: np.ndarray,
     down = int((w < 1).sum())
     change = {"kind": "prune", "summary": f"entry weights ({kind}) for {ids_arr.size} entries, {down} below 1",
               "weighted": int(ids_arr.size), "weights_below_1": down, "params": dict(params)}
-    return publish_version(root, dataclasses.replace(m, entry_weights=ref, change=change), expected_parent=base)
+
+    def rebase(latest: Manifest) -> Manifest:
+        _check_weights_rebase(root, m, latest, what=f"entry weights for {ids_arr.size} entries")
+        gone = ids_arr[in_sorted(read_forgotten(root, latest), ids_arr) | ~_present(root, latest, ids_arr)]
+        if gone.size:
+            raise WriteConflictError.of(root, what=f"entry weights for {ids_arr.size} entries", base=base,
+                                        winner=latest, clash=f"{gone.size} weighted id(s) were forgotten: "
+                                                             f"{_listed(gone)}")
+        if not storage.exists(storage.join(root, rel)):
+            raise ManifestError(f"{storage.join(root, rel)} was deleted while the weights re-based (a clean-up with "
+                                "too short a grace period); nothing was published, publish them again")
+        return dataclasses.replace(latest, entry_weights=ref, change=change)
+
+    try:
+        return publish_rebasing(root, dataclasses.replace(m, entry_weights=ref, change=change), base=base,
+                                rebase=rebase if expected_version is None else None)
+    except BaseException:
+        _remove_unpublished(root, [rel], since=base)
+        raise
+
+
+def _check_weights_rebase(root: str, base: Manifest, latest: Manifest, *, what: str) -> None:
+    """Two changes of the entry weights, or a re-index (which rewrites them), conflict with each other."""
+    if latest.entry_weights != base.entry_weights:
+        raise WriteConflictError.of(root, what=what, base=base.version, winner=latest,
+                                    clash="it changed the entry weights too")
 
 
 def clear_entry_weights(root: str, *, expected_version: int | None = None) -> Manifest:
@@ -444,13 +583,18 @@ def clear_entry_weights(root: str, *, expected_version: int | None = None) -> Ma
     base, m = read_base_version(root, expected_version)
     if m.entry_weights is None:
         raise ValueError(f"version {base} of {root} has no entry weights to clear")
-    return publish_version(root, dataclasses.replace(
-        m, entry_weights=None, change={"kind": "prune", "summary": "cleared entry weights", "weighted": 0}),
-        expected_parent=base)
+    change = {"kind": "prune", "summary": "cleared entry weights", "weighted": 0}
+
+    def rebase(latest: Manifest) -> Manifest:
+        _check_weights_rebase(root, m, latest, what="clearing the entry weights")
+        return dataclasses.replace(latest, entry_weights=None, change=change)
+
+    return publish_rebasing(root, dataclasses.replace(m, entry_weights=None, change=change), base=base,
+                            rebase=rebase if expected_version is None else None)
 
 
-def _data_paths(m: Manifest) -> set[str]:
-    """Files and directories a version references, except its tombstone file."""
+def referenced_paths(m: Manifest, *, tombstones: bool = True) -> set[str]:
+    """Root-relative files and directories version ``m`` references (``tombstones=False``: but its tombstone file)."""
     paths = {s.path for s in m.all_shards}
     if m.entry_weights is not None:
         paths.add(m.entry_weights.path)
@@ -458,120 +602,6 @@ def _data_paths(m: Manifest) -> set[str]:
         paths.add(m.router.path)
     if m.metadata is not None:
         paths.add(m.metadata.path)
+    if tombstones and m.forgotten is not None:
+        paths.add(m.forgotten.path)
     return paths
-
-
-def _all_paths(m: Manifest) -> set[str]:
-    return _data_paths(m) | ({m.forgotten.path} if m.forgotten else set())
-
-
-def purge_requested_since_reindex(root: str) -> bool:
-    """True if a forget since the latest re-index (or build) asked for old history to be purged."""
-    for record in reversed(list_versions(root)):
-        change = read_version(root, record).change
-        if change.get("kind") in ("reindex", "build") or not change:
-            return False
-        if change.get("purge_requested"):
-            return True
-    return False
-
-
-def purge_history(root: str, *, expected_version: int | None = None) -> list[int]:
-    """Deletes old versions that can still show what the latest version no longer shows, and their files.
-
-    Semantics, with L the latest version: an older version v is *kept* iff every shard, delta shard and
-    weights file it references is also referenced by L and its tombstones include all of L's tombstones.
-    Then v's live entries are a subset of L's, so it reveals nothing L has forgotten. Every other older
-    version is *purged*: a new version L+1 (a copy of L, change kind "purge" listing the purged versions and
-    deleted paths) is published first, then the purged version files are deleted, then every file or shard
-    directory referenced by a purged version and by no remaining version.
-
-    Embeddings of entries forgotten but not yet re-indexed live in shards that L itself references, so they
-    stay on disk (hidden by tombstones) until a re-index writes new shards without them; purging after the
-    re-index deletes the old shard directories. Readers that pinned a purged version fail to reopen it.
-
-    Returns:
-      The purged version numbers (ascending; [] when nothing needed purging, and then nothing is published).
-    """
-    _finish_interrupted_purges(root)
-    versions = list_versions(root)
-    if len(versions) < 2:
-        return []
-    base, latest = read_base_version(root, expected_version)
-    gone = set(read_forgotten(root, latest).tolist())
-    keep_paths = _data_paths(latest)
-    kept, purged, purged_paths = [latest], [], set()
-    for n in versions[:-1]:
-        m = read_version(root, n)
-        if _data_paths(m) <= keep_paths and gone <= set(read_forgotten(root, m).tolist()):
-            kept.append(m)
-        else:
-            purged.append(n)
-            purged_paths |= _all_paths(m)
-    if not purged:
-        return []
-    still = set().union(*(_all_paths(m) for m in kept))
-    delete = sorted(purged_paths - still)
-    # Checked before the record is published: a bad path is never recorded, and nothing is deleted.
-    full_paths = checked_deletion_paths(root, delete, what=f"the paths versions {purged} reference")
-    publish_version(root, dataclasses.replace(latest, change={
-        "kind": "purge", "summary": f"purged {len(purged)} old version(s) and {len(delete)} unreferenced path(s)",
-        "purged_versions": purged, "deleted_paths": delete}), expected_parent=base)
-    for n in purged:
-        storage.remove_tree(version_path(root, n))
-    for rel, path in zip(delete, full_paths):
-        storage.remove_tree(path)
-        _remove_empty_parents(root, rel)
-    return purged
-
-
-def _finish_interrupted_purges(root: str) -> list[str]:
-    """Completes the deletions of earlier purges that were killed after publishing their record.
-
-    A purge publishes the list of what it will delete before deleting anything, so a purge killed halfway
-    leaves a record naming the leftovers. Those paths are unreferenced by every remaining version (paths are
-    never reused), and they may still hold forgotten embeddings: delete whatever of them still exists.
-    Returns the relative paths deleted now.
-    """
-    versions = [read_version(root, n) for n in list_versions(root)]
-    referenced = set().union(*(_all_paths(m) for m in versions)) if versions else set()
-    purges = [m for m in versions if m.change.get("kind") == "purge"]
-    # Every listed path of every record is checked before anything is deleted.
-    checked = {}
-    for m in purges:
-        numbers = m.change.get("purged_versions", [])
-        bad = [n for n in numbers if isinstance(n, bool) or not isinstance(n, int) or n < 1]
-        if bad:
-            raise ManifestError(f"refusing to purge: version {m.version}'s change.purged_versions lists {bad!r}, not "
-                                f"version numbers; nothing was deleted")
-        rels = m.change.get("deleted_paths", [])
-        checked[m.version] = checked_deletion_paths(root, rels, what=f"version {m.version}'s change.deleted_paths")
-    finished = []
-    for m in purges:
-        for n in m.change.get("purged_versions", []):
-            if storage.exists(version_path(root, n)):
-                storage.remove_tree(version_path(root, n))
-        for rel, path in zip(m.change.get("deleted_paths", []), checked[m.version]):
-            if rel not in referenced and storage.exists(path):
-                storage.remove_tree(path)
-                _remove_empty_parents(root, rel)
-                finished.append(rel)
-    return finished
-
-
-def _remove_empty_parents(root: str, rel: str) -> None:
-    """Locally, drop directories a deletion left empty (deltas/<tag>/); GCS has no directories."""
-    if storage.is_gcs(root):
-        return
-    import os  # pylint: disable=g-import-not-at-top
-    parent = posixpath.dirname(rel)
-    while parent:
-        path = storage.join(root, *parent.split("/"))
-        try:
-            os.rmdir(path)
-        except OSError:
-            return
-        parent = posixpath.dirname(parent)
-
-
-__all__ += ["ConcurrentUpdateError"]

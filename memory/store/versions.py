@@ -18,6 +18,11 @@ Rules:
 * Readers resolve the latest version by listing ``versions/`` (largest n); ``manifest.json`` is only
   consulted for a memory built before versions existed (read as version 1). Temp files (``.tmp-*``) are
   never versions, so a crash at any point leaves the previous latest version intact and readable.
+* A writer that loses the race for version n+1 re-bases (`publish_rebasing`), as Delta Lake does for blind
+  appends: it re-reads the new latest version L, checks that its change does not conflict with what was
+  published since its base (different ids; no re-index of the shards it relied on), recomputes its manifest on
+  L and tries to publish L+1, at most `MAX_REBASES` times. A true conflict raises `WriteConflictError` naming
+  the winning version and the clash; nothing of the losing change is published.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import dataclasses
 import os
 import re
 import secrets
-from typing import Any
+from typing import Any, Callable
 
 from memory import storage
 from memory.store.manifest import (MANIFEST_NAME, Manifest, ManifestError, manifest_path, read_manifest_file,
@@ -35,10 +40,14 @@ from memory.store.manifest import (MANIFEST_NAME, Manifest, ManifestError, manif
 VERSIONS_DIR = "versions"
 _VERSION_RE = re.compile(r"^v(\d{6,})\.json$")
 _JSON = "application/json"
+# How many times a writer that lost the race for the next version re-bases on the new latest and retries
+# before it gives up (each loss means another writer published meanwhile, so the memory made progress).
+MAX_REBASES = 10
 
-__all__ = ["ConcurrentUpdateError", "VERSIONS_DIR", "checked_deletion_paths", "history", "latest_version",
-           "list_versions", "publish_version", "read_base_version", "read_manifest", "read_version",
-           "version_name", "versioned_file_name", "write_manifest"]
+__all__ = ["ConcurrentUpdateError", "MAX_REBASES", "VERSIONS_DIR", "VersionPurgedError", "WriteConflictError",
+           "checked_deletion_paths", "history", "is_purged", "latest_version", "list_versions", "publish_rebasing",
+           "publish_version", "read_base_version", "read_manifest", "read_version", "version_name",
+           "versioned_file_name", "write_manifest"]
 
 
 class ConcurrentUpdateError(RuntimeError):
@@ -52,6 +61,37 @@ class ConcurrentUpdateError(RuntimeError):
             f"cannot publish version {n} ({version_name(n)}) of {root}: it was computed from {based}, but the "
             f"memory's latest version is now {latest} (another writer published meanwhile). Nothing of this "
             "change was published; re-run it against the latest version.")
+
+
+class WriteConflictError(ConcurrentUpdateError):
+    """A version published since this change's base conflicts with it (same ids, or a re-index rewrote the
+    shards it relied on): re-basing cannot save it, and nothing of this change was published."""
+
+    @classmethod
+    def of(cls, root: str, *, what: str, base: int, winner: Manifest, clash: str) -> WriteConflictError:
+        """The one-line error: ``what`` (computed on version ``base``) conflicts with ``winner`` because ``clash``."""
+        kind = winner.change.get("kind", "unknown")
+        return cls(f"{what} of {root} conflicts with version {winner.version} ({kind}), published after its base "
+                   f"version {base}: {clash}. Nothing of this change was published; re-run it against the latest "
+                   "version if it is still wanted.")
+
+
+class VersionPurgedError(ManifestError):
+    """The version a reader uses was purged (`vmem forget --purge-history`, a re-index's purge) and its files
+    deleted while the reader still needed them: re-open the memory for its latest version."""
+
+    @classmethod
+    def of(cls, root: str, n: int, cause: BaseException) -> VersionPurgedError:
+        """The error for version ``n`` of ``root``; ``cause`` is the failed read."""
+        return cls(f"version {n} of {root} was purged (by `vmem forget --purge-history` or a re-index) while it "
+                   f"was in use, and its files were deleted ({cause}); re-open the memory for its latest version, "
+                   "or open a version that `vmem history` lists")
+
+
+def is_purged(root: str, n: int) -> bool:
+    """Whether version ``n`` of ``root`` existed but is gone (a memory without versions/ has only version 1)."""
+    versions = list_versions(root)
+    return bool(versions) and n not in versions
 
 
 def version_name(n: int) -> str:
@@ -260,6 +300,55 @@ def publish_version(root: str, manifest: Manifest, *, expected_parent: int | Non
         raise ConcurrentUpdateError.stale(root, n, expected_parent, max(list_versions(root), default=None))
     _refresh_manifest_copy(root, n, manifest)
     return manifest
+
+
+def publish_rebasing(root: str, manifest: Manifest, *, base: int,
+                     rebase: Callable[[Manifest], Manifest] | None) -> Manifest:
+    """Publishes ``manifest`` (computed on version ``base``); if another writer wins, re-bases and retries.
+
+    Args:
+      root: Memory root.
+      manifest: The change computed on version ``base``.
+      base: The version it was computed on.
+      rebase: Given the new latest version L, returns this change recomputed on L, or raises
+        `WriteConflictError` when the versions published since ``base`` conflict with it. None: never
+        re-base (the caller pinned ``base``, e.g. ``--expected-version``).
+
+    Returns:
+      The published manifest (its parent is the version it was finally computed on).
+
+    Raises:
+      WriteConflictError: a true conflict (from ``rebase``).
+      ConcurrentUpdateError: ``rebase`` is None and another writer won, or it lost `MAX_REBASES` re-bases in a
+        row.
+    """
+    for attempt in range(MAX_REBASES + 1):
+        try:
+            return publish_version(root, manifest, expected_parent=base)
+        except WriteConflictError:
+            raise
+        except ConcurrentUpdateError as lost:
+            if rebase is None:
+                raise
+            if attempt == MAX_REBASES:
+                raise ConcurrentUpdateError(f"{lost} (gave up after re-basing {MAX_REBASES} times: other writers "
+                                            "keep publishing)") from None
+        base, latest = _read_latest(root)
+        manifest = rebase(latest)
+    raise AssertionError("unreachable")
+
+
+def _read_latest(root: str) -> tuple[int, Manifest]:
+    """(n, version n) of the latest version; re-lists when a purge removed it between listing and reading."""
+    for _ in range(MAX_REBASES):
+        n = latest_version(root)
+        try:
+            return n, read_version(root, n)
+        except ManifestError:
+            if latest_version(root) == n:
+                raise
+    n = latest_version(root)
+    return n, read_version(root, n)
 
 
 def write_manifest(root: str, manifest: Manifest) -> None:

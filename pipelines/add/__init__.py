@@ -59,9 +59,9 @@ from pipelines.add.delta_shards import WriteDeltaShards, delta_shard_path
 from pipelines.add.job import PublishAdd, add_pipeline, add_to_memory, build_arg_parser, launch, run
 from pipelines.add.known_ids import RejectKnownIds, RejectKnownIdsInBlocks, id_buckets
 from pipelines.add.plan import (DEFAULT_DELTA_SHARD_SIZE, AddError, AddPlan, check_precomputed_identity, plan_add,
-                                publish_add_version, remove_add_leftovers)
+                                publish_add_version, published_add, remove_add_leftovers)
 
 __all__ = ["AddError", "AddPlan", "DEFAULT_DELTA_SHARD_SIZE", "PublishAdd", "RejectKnownIds", "RejectKnownIdsInBlocks",
            "WriteDeltaShards", "add_pipeline", "add_to_memory", "build_arg_parser", "check_precomputed_identity",
-           "delta_shard_path", "id_buckets", "launch", "plan_add", "publish_add_version", "remove_add_leftovers",
+           "delta_shard_path", "id_buckets", "launch", "plan_add", "publish_add_version", "published_add", "remove_add_leftovers",
            "run"]

@@ -65,11 +65,12 @@ class _PublishAddFn(beam.DoFn):
             infos = [by_index[i] for i in sorted(by_index) if by_index[i].count]
             counts = check_counts(infos=infos, records_read=records_read, failed=failed,
                                   dead_letter_dir=plan.dead_letter_dir)
-            # A real ConcurrentUpdateError propagates: the job fails with its message and nothing is published.
+            # A lost race re-bases; a true conflict (WriteConflictError) propagates: the job fails with its
+            # message, nothing is published and this add's files are deleted.
             manifest = publish_add_version(plan, delta_infos=infos, new_class_names=class_names,
                                            counts=counts._asdict())
-        except (AddError, ConcurrentUpdateError):
-            abandon_add(plan)
+        except (AddError, ConcurrentUpdateError, ManifestError) as e:
+            abandon_add(plan, dead_letters=isinstance(e, ConcurrentUpdateError))
             raise
         with after_publish(root=plan.root, version=manifest.version, step="removing this add's spill files and "
                            "abandoned delta shard attempts", fix="The added entries are live; the leftovers are "

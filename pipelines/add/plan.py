@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 import secrets
 from typing import NamedTuple, Optional, Sequence
@@ -18,8 +19,9 @@ from typing import NamedTuple, Optional, Sequence
 from encoders.base import EncoderSpec
 from memory import storage
 from memory.store.manifest import Manifest, ShardInfo
-from memory.store.mutations import DELTAS_DIR, extended_class_names
-from memory.store.versions import ConcurrentUpdateError, latest_version, publish_version, read_version
+from memory.store.mutations import DELTAS_DIR, add_manifest, rebase_add
+from memory.store.versions import (ConcurrentUpdateError, latest_version, list_versions, publish_rebasing,
+                                   read_version)
 from pipelines.build import is_precomputed, precomputed_identity
 from pipelines.stages.embed import EncoderMismatchError, check_same_identity, memory_encoder_spec
 from pipelines.stages.write import DEAD_LETTER_DIR
@@ -32,8 +34,8 @@ _ATTEMPT_RE = re.compile(r"^delta-\d{5}-of-\d{5}-[0-9a-f]{8}$")
 SPILL_DIR = ".spill"
 
 __all__ = ["AddCounts", "AddError", "AddPlan", "DEFAULT_DELTA_SHARD_SIZE", "SPILL_DIR", "abandon_add",
-           "check_counts", "check_precomputed_identity", "check_worker_identity", "plan_add", "publish_add_version",
-           "remove_add_leftovers"]
+           "check_counts", "check_precomputed_identity", "check_worker_identity", "plan_add", "published_add",
+           "publish_add_version", "remove_add_leftovers"]
 
 
 class AddError(RuntimeError):
@@ -163,24 +165,23 @@ def check_counts(*, infos: Sequence[ShardInfo], records_read: int, failed: int, 
     return AddCounts(read=records_read, added=added, failed=failed)
 
 
-def _add_manifest(plan: AddPlan, base: Manifest, delta_infos: Sequence[ShardInfo], new_class_names: Sequence[str],
-                  counts: dict) -> Manifest:
-    class_names = extended_class_names(base.class_names, new_class_names)
-    new_classes = list(class_names[len(base.class_names):])
-    added = sum(info.count for info in delta_infos)
-    change = {"kind": "add", "summary": f"added {added} entries in {len(delta_infos)} delta shard(s)"
-                                        + (f", new classes {new_classes}" if new_classes else ""),
-              "added": added, "new_classes": new_classes, "counts": dict(counts)}
-    return dataclasses.replace(base, class_names=class_names, change=change,
-                               delta_shards=tuple(base.delta_shards) + tuple(delta_infos))
+def published_add(plan: AddPlan) -> Manifest | None:
+    """The version this add published (its change records the add's job id), or None.
 
-
-def _published_next(plan: AddPlan) -> Manifest | None:
-    """Version n+1 if it exists and is readable, else None."""
+    An add publishes version n+1, or a later one when it re-based after losing a race.
+    """
     try:
-        return read_version(plan.root, plan.new_version)
-    except Exception:  # pylint: disable=broad-except  # Missing or unreadable: not ours.
+        numbers = [n for n in list_versions(plan.root) if n > plan.base_version]
+    except Exception:  # pylint: disable=broad-except  # Unreadable: nothing of ours is known to be live.
         return None
+    for n in numbers:
+        try:
+            m = read_version(plan.root, n)
+        except Exception:  # pylint: disable=broad-except  # Purged or unreadable: not ours.
+            continue
+        if m.change.get("kind") == "add" and m.change.get("job") == plan.job_id:
+            return m
+    return None
 
 
 def publish_add_version(plan: AddPlan, *, delta_infos: Sequence[ShardInfo], new_class_names: Sequence[str],
@@ -188,25 +189,36 @@ def publish_add_version(plan: AddPlan, *, delta_infos: Sequence[ShardInfo], new_
     """Publishes the delta shards (attempts named by ``delta_infos``) as version n+1; idempotent under retries.
 
     The ids were checked by the job (`RejectKnownIds` against version n, one delta shard per id hash), so no
-    id of the memory is read here. A retried publish step (its bundle failed after the version was created,
-    say) finds version n+1 already there: if it is this add's (same parent, shards, classes and counts; only
-    the change's timestamp may differ) that is success; anything else is another writer's and the
-    ConcurrentUpdateError is raised (re-run the add).
+    id of the memory is read here. When another writer published first, the add re-bases on the new latest
+    version (memory.store.mutations.rebase_add: a conflict is an add of the same ids, a re-index, or new class
+    names on both sides) and publishes after it, up to versions.MAX_REBASES times. A retried publish step
+    (its bundle failed after the version was created, say) finds the version recording this add's job: if it
+    holds the same delta shards, classes and counts that is success; anything else raises
+    ConcurrentUpdateError (re-run the add).
     """
-    ours = _add_manifest(plan, read_version(plan.root, plan.base_version), delta_infos, new_class_names, counts)
-    try:
-        return publish_version(plan.root, ours, expected_parent=plan.base_version)
-    except ConcurrentUpdateError:
-        existing = _published_next(plan)
-        if existing is None or existing.parent != plan.base_version:
-            raise
-        mine = dataclasses.replace(ours, version=existing.version, parent=existing.parent,
-                                   change={**ours.change, "at": existing.change.get("at")})
-        if existing != mine:
-            raise
+    base = read_version(plan.root, plan.base_version)
+    infos = tuple(delta_infos)
+    ours = _recorded(plan, add_manifest(base, delta_infos=infos, new_class_names=new_class_names, counts=counts,
+                                        job=plan.job_id))
+    existing = published_add(plan)
+    if existing is not None:
+        same = (tuple(existing.delta_shards[len(existing.delta_shards) - len(infos):]) == infos
+                and {**existing.change, "at": None} == {**ours.change, "at": None})
+        if not same:
+            raise ConcurrentUpdateError(
+                f"version {existing.version} of {plan.root} was published by this add's job {plan.job_id} with "
+                "other delta shards or counts than this attempt's; nothing more was published, re-run the add.")
         _LOG.info("version %d of %s was already published by an earlier attempt of this step", existing.version,
                   plan.root)
         return existing
+    return publish_rebasing(plan.root, ours, base=plan.base_version, rebase=lambda latest: _recorded(plan, rebase_add(
+        plan.root, base, latest, delta_infos=infos, new_class_names=new_class_names, counts=counts, job=plan.job_id)))
+
+
+def _recorded(plan: AddPlan, manifest: Manifest) -> Manifest:
+    """The add's change also names its dead-letter directory (add-v<n+1>/ even when it re-based to a later n)."""
+    return dataclasses.replace(manifest, change={**manifest.change,
+                                                 "dead_letter": f"{DEAD_LETTER_DIR}/add-v{plan.new_version:06d}"})
 
 
 def remove_add_leftovers(plan: AddPlan, manifest: Manifest) -> list[str]:
@@ -228,12 +240,24 @@ def remove_add_leftovers(plan: AddPlan, manifest: Manifest) -> list[str]:
     return removed
 
 
-def abandon_add(plan: AddPlan) -> None:
-    """Best effort after a failed publish: this add's directory, unless version n+1 names it (then it stays)."""
-    published = _published_next(plan)
-    if published is not None and any(s.path.startswith(plan.delta_dir + "/") for s in published.delta_shards):
+def abandon_add(plan: AddPlan, *, dead_letters: bool = False) -> None:
+    """Best effort after a failed publish: deletes this add's directory, unless a version records this add.
+
+    ``dead_letters``: also delete its dead-letter files (after a lost race, which they do not explain; an
+    add refused for its records keeps them, since its message points to them).
+    """
+    if published_add(plan) is not None:
         return
     try:
         storage.remove_tree(storage.join(plan.root, plan.delta_dir))
+        if not dead_letters:
+            return
+        prefix = f"failed-{plan.job_id}"
+        names = storage.list_dir(plan.dead_letter_dir) if storage.exists(plan.dead_letter_dir) else []
+        for name in names:
+            if name.startswith(prefix):
+                storage.remove_tree(storage.join(plan.dead_letter_dir, name))
+        if names and all(name.startswith(prefix) for name in names) and not storage.is_gcs(plan.dead_letter_dir):
+            os.rmdir(plan.dead_letter_dir)  # Locally: no empty add-vNNNNNN/ directory either.
     except Exception:  # pylint: disable=broad-except  # Never hide the publish error behind a cleanup error.
-        _LOG.warning("could not delete %s of the failed add", plan.delta_dir, exc_info=True)
+        _LOG.warning("could not delete the files of the failed add %s", plan.job_id, exc_info=True)

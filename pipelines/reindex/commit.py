@@ -3,7 +3,7 @@
 `assemble_manifest` checks the books and builds the new version (no delta shards, no tombstones, the entry
 weights and metadata minus forgotten ids); `publish` publishes it once (a retried step recognises its own
 version), purges the history when a forget asked for it and `remove_orphans` deletes what crashed or
-superseded runs left behind.
+superseded runs left behind (and memory.store.purge.remove_leftovers what other failed writers left).
 """
 
 from __future__ import annotations
@@ -18,17 +18,19 @@ from memory import storage
 from memory.store import compaction
 from memory.store.after_publish import after_publish
 from memory.store.integrity import with_file_records
-from memory.store.manifest import Manifest, ShardInfo, WeightsRef, sha256_checksum
+from memory.store.manifest import Manifest, ManifestError, ShardInfo, WeightsRef, sha256_checksum
 from memory.store.metadata import metadata_without
-from memory.store.mutations import WEIGHTS_DIR, in_sorted, purge_history, read_entry_weights, read_forgotten
+from memory.store.mutations import WEIGHTS_DIR, in_sorted, read_entry_weights, read_forgotten
+from memory.store.purge import purge_history, remove_leftovers
 from memory.store.versions import versioned_file_name
-from memory.store.versions import checked_deletion_paths, latest_version, list_versions, publish_version, read_version
+from memory.store.versions import (ConcurrentUpdateError, WriteConflictError, checked_deletion_paths, latest_version,
+                                   list_versions, publish_version, read_version)
 from pipelines.reindex.plan import ReindexError, ReindexJob, published_by
 from pipelines.stages.write import SPILL_DIR
 
 _LOG = logging.getLogger("visual_memory")
 
-__all__ = ["assemble_manifest", "publish", "remove_orphans"]
+__all__ = ["assemble_manifest", "conflict_error", "publish", "remove_orphans"]
 
 
 def _weights_without(root: str, manifest: Manifest, forgotten: np.ndarray, new_version: int) -> WeightsRef | None:
@@ -117,16 +119,36 @@ def remove_orphans(root: str) -> list[str]:
     return orphans
 
 
+def conflict_error(job: ReindexJob) -> ConcurrentUpdateError:
+    """The error of a re-index that lost its publish: a re-index never re-bases (it rewrote every shard from
+    version n, so any change published since conflicts with it); names the first version published since."""
+    for n in list_versions(job.root):
+        if n > job.version:
+            try:
+                winner = read_version(job.root, n)
+            except ManifestError:  # Purged meanwhile: try the next.
+                continue
+            return WriteConflictError.of(job.root, what=f"re-index of version {job.version}", base=job.version,
+                                         winner=winner, clash="a re-index rewrites the shards from its base version "
+                                                              "and never re-bases")
+    return ConcurrentUpdateError.stale(job.root, job.new_version, job.version, latest_version(job.root))
+
+
 def publish(job: ReindexJob, plan: compaction.ReindexPlan, rebuilt: dict[int, ShardInfo]) -> Manifest:
     """Publishes version n+1 (once; a retried step recognises its own version), then purges and cleans up.
 
     Raises:
-      ConcurrentUpdateError: another writer published version n+1 first; nothing of this run is live.
-      AfterPublishError: version n+1 is published; a step after it (spill files, purge, orphans) failed.
+      WriteConflictError: another writer published version n+1 first (`conflict_error`); nothing of this run
+        is live.
+      AfterPublishError: version n+1 is published; a step after it (spill files, purge, orphans, leftovers)
+        failed.
     """
     published = published_by(job.root, job.new_version, job.job_token)
     if published is None:
-        published = publish_version(job.root, assemble_manifest(job, plan, rebuilt), expected_parent=job.version)
+        try:
+            published = publish_version(job.root, assemble_manifest(job, plan, rebuilt), expected_parent=job.version)
+        except ConcurrentUpdateError:
+            raise conflict_error(job) from None
         _LOG.info("reindex: published version %d of %s", published.version, job.root)
     # Readers get the new version from here on: a failure below is reported as one after the publish.
     finish = "Fix what it names, then re-run `vmem reindex`: it finishes this clean-up."
@@ -140,4 +162,10 @@ def publish(job: ReindexJob, plan: compaction.ReindexPlan, rebuilt: dict[int, Sh
     with after_publish(root=job.root, version=published.version,
                        step="removing orphan directories of crashed re-index runs", fix=finish):
         remove_orphans(job.root)
+    # Files of writers killed before publishing, or that failed before cleaning up (purge.find_leftovers:
+    # unreferenced, made for a published version number, and older than the grace period).
+    with after_publish(root=job.root, version=published.version,
+                       step="removing files that failed writers left", fix=finish):
+        for leftover in remove_leftovers(job.root):
+            _LOG.info("reindex: removed %s (%s)", leftover.rel, leftover.why)
     return published

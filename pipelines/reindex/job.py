@@ -13,9 +13,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from memory.store.after_publish import AfterPublishError
 from memory.store.integrity import NO_VERIFY_HELP
-from memory.store.versions import ConcurrentUpdateError, latest_version
+from memory.store.versions import latest_version
 from pipelines.reindex.plan import ReindexJob, finish_pending_purge, prepare_job, published_by
-from pipelines.reindex.commit import publish
+from pipelines.reindex.commit import conflict_error, publish
 from pipelines.reindex.stages import SUMMARY, ReadLiveRowsFn, ScanSourceFn, WriteTargetShardFn, make_plan
 from pipelines.runner import FlagError, after_publish_error, with_default_runner
 
@@ -121,14 +121,13 @@ def execute(job: ReindexJob, beam_args: Sequence[str] = (), test_pipeline: Optio
     """Runs the planned job to completion; returns the PipelineResult.
 
     Raises:
-      ConcurrentUpdateError: the memory moved past version n (before the run, or another writer won the
-        publish); nothing of this run is live.
+      WriteConflictError: (a ConcurrentUpdateError naming the winning version) the memory moved past version
+        n, before the run or while it ran; nothing of this run is live.
       AfterPublishError: version n+1 is published (readers get it), then the job failed (its clean-up, the
         purge a forget asked for); the message names the version first, then the failure.
     """
-    latest = latest_version(job.root)
-    if latest != job.version:
-        raise ConcurrentUpdateError.stale(job.root, job.new_version, job.version, latest)
+    if latest_version(job.root) != job.version:
+        raise conflict_error(job)
     _LOG.info("reindex: %s version %d -> %d: %d shards; workers read the shards, plan and write to %s", job.root,
               job.version, job.new_version, job.num_shards, job.job_dir)
     p = test_pipeline or beam.Pipeline(options=PipelineOptions(with_default_runner(beam_args)))
@@ -141,7 +140,7 @@ def execute(job: ReindexJob, beam_args: Sequence[str] = (), test_pipeline: Optio
         latest = latest_version(job.root)
         published = published_by(job.root, job.new_version, job.job_token)
         if latest > job.version and published is None:
-            raise ConcurrentUpdateError.stale(job.root, job.new_version, job.version, latest) from e
+            raise conflict_error(job) from e
         if published is None:
             raise
         # This run's version is live: say so first, then what failed after it.

@@ -15,7 +15,7 @@ from memory import storage
 from memory.index.shard_index import IndexConfig
 from memory.store import compaction
 from memory.store.manifest import Manifest
-from memory.store.mutations import purge_history, purge_requested_since_reindex
+from memory.store.purge import purge_history, purge_requested_since_reindex
 from memory.store.versions import latest_version, list_versions, read_version
 from pipelines.runner import FlagError
 from pipelines.stages.write import SPILL_DIR, SPILL_ROWS

@@ -18,6 +18,7 @@ import pytest
 
 from evaluation.datasets import prepare_fashion_mnist
 from evaluation.neighbors_io import read_neighbor_files
+from memory.store import mutations
 from memory.store.mutations import forget
 from memory.store.shard import read_shard_data
 from memory.store.versions import ConcurrentUpdateError, latest_version, read_version
@@ -250,14 +251,44 @@ def test_forgotten_ids_are_rejected_until_reindex(data, flow, tiny_encoder_confi
     assert VisualMemory.open(root).search(fresh, 1).ids[0, 0] == "bag/fresh.png"
 
 
-def test_concurrent_publish_fails_the_add_and_publishes_nothing(data, flow, tmp_path, monkeypatch):
+def test_an_add_that_loses_to_a_forget_rebases_and_publishes(data, flow, tmp_path, monkeypatch):
     root = str(tmp_path / "mem")
     shutil.copytree(flow.memory, root)
-    forget(root, ids=[sorted(_stored(root)[0])[0]])  # Version 3, published "while the add was running".
+    victim = sorted(_stored(root)[0])[0]
+    forget(root, ids=[victim])  # Version 3, published "while the add was running".
     monkeypatch.setattr(add_plan, "latest_version", lambda r: 2)  # The add was launched at version 2.
-    with pytest.raises(ConcurrentUpdateError, match="re-run"):
-        add.run(["--memory", root, "--images", os.path.join(data.test_new)])
-    assert latest_version(root) == 3
+    _, plan = add.launch(["--memory", root, "--images", os.path.join(data.test_new)])
+    m = read_version(root, 4)
+    assert plan.base_version == 2 and latest_version(root) == 4
+    assert m.parent == 3 and m.change["kind"] == "add" and m.change["job"] == plan.job_id
+    assert m.change["dead_letter"] == "dead_letter/add-v000003"  # Where its dead letters went, before re-basing.
+    assert add.published_add(plan) == m
+    live = set(mutations.live_ids(root).tolist())
+    assert victim not in live  # Not resurrected by the re-based add.
+    assert set(_stored(root)[0]) - set(_stored(root, 3)[0]) <= live  # Nothing of the add lost.
+    assert len(live) == len(set(_stored(root, 3)[0])) - 1 + m.change["added"]  # Nothing doubled.
+
+
+def test_an_add_of_the_same_ids_conflicts_in_one_line_and_leaves_nothing(data, flow, tmp_path, monkeypatch,
+                                                                          capsys):
+    root = str(tmp_path / "mem")
+    shutil.copytree(flow.memory, root)
+    assert add_cli.main(["--memory", root, "--images", data.test_new]) == 0  # Version 3: the winner.
+    winner = read_version(root, 3)
+    before = sorted(os.listdir(os.path.join(root, "deltas"))), sorted(os.listdir(os.path.join(root, "dead_letter")))
+    capsys.readouterr()
+    monkeypatch.setattr(add_plan, "latest_version", lambda r: 2)  # The loser was launched at version 2.
+    assert add_cli.main(["--memory", root, "--images", data.test_new]) == 1
+    err = capsys.readouterr().err
+    line = err.splitlines()[0]
+    assert line.startswith("vmem add: error: add of ") and "conflicts with version 3 (add)" in line
+    assert "were added by both" in line and "Nothing of this change was published" in line
+    assert "Traceback" not in err and len(err.splitlines()) == 2  # The line, then how to get the traceback.
+    assert latest_version(root) == 3 and read_version(root, 3) == winner
+    # The loser left nothing: no delta shard directory, no dead-letter file beside the winner's.
+    after = sorted(os.listdir(os.path.join(root, "deltas"))), sorted(os.listdir(os.path.join(root, "dead_letter")))
+    assert after == before
+    assert all(winner.change["job"] in f for f in os.listdir(os.path.join(root, "dead_letter", "add-v000003")))
 
 
 def test_vmem_add_cli_prints_what_was_added(data, flow, tmp_path, capsys):

@@ -436,3 +436,40 @@ def test_evaluate_caps_k_max_at_the_live_entries(tmp_path, caplog):
     assert report["k_max"] == 9 and report["extra"]["k_max"] == 9 and report["queries"] == 7
     records = read_neighbor_files(glob.glob(os.path.join(out, "*neighbors*.jsonl")))
     assert {len(r.neighbor_ids) for r in records} == {9} and all(keys[0] not in r.neighbor_ids for r in records)
+
+
+def test_an_evaluation_whose_version_is_purged_while_it_runs_runs_again_on_the_latest(tmp_path, monkeypatch):
+    """`vmem forget --purge-history` during an unpinned evaluation: it evaluates the new latest version; a pinned
+    version that was purged fails."""
+    from memory.store import mutations
+    from memory.store.purge import purge_history
+    from tests.pipelines.test_build import clip_folder
+    keys, _, _ = clip_folder(str(tmp_path / "mem-emb"), [120], dim=16, seed=3)
+    qkeys, _, qemb = clip_folder(str(tmp_path / "q-emb"), [20], dim=16, seed=4)
+    mem = str(tmp_path / "mem")
+    build.run([f"--embeddings=clip:{tmp_path / 'mem-emb'},label_column=label", "--encoder-id=enc-16",
+               f"--output={mem}", "--runner=FnApiRunner"])
+    mutations.forget(mem, ids=keys[:2].tolist())  # Version 2: the one the evaluation starts on.
+    real = evaluate.evaluate_pipeline
+    runs = []
+
+    def graph_then_purge(p, **kwargs):  # The purge lands after launch, before the workers read version 2.
+        runs.append(kwargs["manifest"].version)
+        real(p, **kwargs)
+        if len(runs) == 1:
+            mutations.forget(mem, ids=keys[2:4].tolist())
+            assert purge_history(mem) == [1, 2]
+
+    monkeypatch.setattr(evaluate, "evaluate_pipeline", graph_then_purge)
+    out = str(tmp_path / "eval")
+    args = [f"--memory={mem}", f"--embeddings=clip:{tmp_path / 'q-emb'},label_column=label", "--encoder-id=enc-16",
+            f"--output={out}", "--k-max=5", "--runner=FnApiRunner"]
+    evaluate.run(args)
+    assert runs == [2, 4]
+    assert json.load(open(os.path.join(out, "evaluation-summary.json")))["memory_version"] == 4
+    records = {r.query_id: r for r in read_neighbor_files(glob.glob(os.path.join(out, "*neighbors*.jsonl")))}
+    expected = VisualMemory.open(mem).search(qemb, 5)
+    for i, key in enumerate(qkeys):
+        assert list(records[key].neighbor_ids) == expected.ids[i].tolist()
+    with pytest.raises(Exception, match="no version 2"):
+        evaluate.run(args + ["--version=2"])

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from memory import storage
-from memory.store import compaction, mutations
+from memory.store import compaction, mutations, purge
 from memory.store import shard as shard_io
 from memory.store import versions as versions_mod
 from memory.build import build_memory_local
@@ -27,7 +27,8 @@ from memory.index.shard_index import IndexConfig, IndexKind
 from memory.store.shard import read_shard_data
 from memory.store.sharding import shard_for_id
 from memory.vectors import l2_normalize
-from memory.store.versions import ConcurrentUpdateError, latest_version, list_versions, read_manifest, read_version
+from memory.store.versions import (WriteConflictError, latest_version, list_versions,
+                                   read_manifest, read_version)
 from memory.visual_memory import VisualMemory
 from pipelines import reindex
 from pipelines.reindex import commit as reindex_commit
@@ -236,7 +237,7 @@ def test_forget_purge_history_then_reindex_leaves_no_forgotten_byte_anywhere(tmp
     rows.update(extra)
     forgotten = _in_shard(ids, 2)[:5] + sorted(extra)[:2]  # Main rows and delta rows.
     mutations.forget(root, ids=forgotten, request_purge=True)  # What `vmem forget --purge-history` does.
-    mutations.purge_history(root)
+    purge.purge_history(root)
     q = l2_normalize(rng.normal(size=(8, D))).astype(np.float32)
     before = _answers(root, q)
     everything = lambda: [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]  # noqa: E731
@@ -247,7 +248,7 @@ def test_forget_purge_history_then_reindex_leaves_no_forgotten_byte_anywhere(tmp
     _assert_same(before, _answers(root, q))
     assert not _leaks(everything(), forgotten, vectors)
     assert [h["kind"] for h in versions_mod.history(root)] == ["reindex", "purge"]
-    assert not mutations.purge_requested_since_reindex(root)
+    assert not purge.purge_requested_since_reindex(root)
 
 
 def test_if_needed_exit_codes_and_target_shard_size(drifted, capsys):
@@ -305,7 +306,7 @@ def test_failure_at_each_step_leaves_the_previous_answers(drifted, monkeypatch, 
         elif where == "purge":  # Published, then killed before the purge published anything.
             _fail_on_call(mp, reindex_commit, "purge_history", 1)
         else:  # Killed halfway through the purge's deletions.
-            _fail_on_call(mp, mutations, "_remove_empty_parents", 1)
+            _fail_on_call(mp, purge, "_remove_empty_parents", 1)
         assert reindex_cli.main(["--memory", root]) == EXIT_FAILURE
     assert "injected failure" in capsys.readouterr().err
     published = {"after_version_file": 1, "purge": 1, "purge_midway": 2}.get(where, 0)
@@ -378,13 +379,30 @@ def test_sigkill_at_random_times_leaves_a_working_memory(drifted, tmp_path):
 # ---------------------------------------------------------------------------------------- concurrency
 
 
+def test_reindex_removes_old_leftovers_of_failed_writers_and_keeps_young_ones(drifted):
+    root, _, _, _, q = drifted
+    before = _answers(root, q)
+    n = latest_version(root)
+    version_time = os.path.getmtime(os.path.join(root, "versions", f"v{n:06d}.json"))
+    old, young = f"tombstones/v{n:06d}-0badf00d.npy", f"tombstones/v{n:06d}-5ca1ab1e.npy"
+    for rel in (old, young):
+        with open(os.path.join(root, rel), "wb") as f:
+            f.write(b"left by a killed forget")
+    os.utime(os.path.join(root, old), (version_time - purge.DEFAULT_LEFTOVER_GRACE_S - 1,) * 2)
+    assert reindex_cli.main(["--memory", root]) == EXIT_OK
+    assert not os.path.exists(os.path.join(root, old))  # Older than the grace period before version n.
+    assert os.path.exists(os.path.join(root, young))  # Its writer could still be re-basing: kept.
+    _assert_same(before, _answers(root, q))
+
+
 def test_two_reindexes_of_the_same_version_publish_once(drifted):
     root, _, _, _, q = drifted
     before = _answers(root, q)
     first, second = reindex.prepare_job(root), reindex.prepare_job(root)
     n = first.version
     reindex.execute(first)
-    with pytest.raises(ConcurrentUpdateError, match="another writer published meanwhile"):
+    with pytest.raises(WriteConflictError, match=rf"re-index of version {n} .* conflicts with version {n + 1} "
+                                                 r"\(reindex\).*never re-bases"):
         reindex.execute(second)
     assert list_versions(root)[-1] == n + 1 and read_version(root, n + 1).change["job"] == first.job_token
     _assert_same(before, _answers(root, q))
@@ -402,7 +420,8 @@ def test_a_publish_during_the_reindex_wins_and_the_reindex_fails(drifted, monkey
     monkeypatch.setattr(shard_io, "write_shard", write_then_someone_forgets)
     assert reindex_cli.main(["--memory", root]) == EXIT_FAILURE
     err = capsys.readouterr().err
-    assert f"cannot publish version {n + 1}" in err and "another writer published meanwhile" in err
+    assert f"re-index of version {n} of {root} conflicts with version {n + 1} (forget)" in err
+    assert "Nothing of this change was published" in err and "Traceback" not in err
     assert latest_version(root) == n + 1 and read_manifest(root).change["kind"] == "forget"
     assert victim not in VisualMemory.open(root).search(q, 300).ids
 

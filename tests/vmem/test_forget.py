@@ -94,3 +94,26 @@ def test_help_is_honest_about_physical_deletion(capsys):
     assert forget_cli.main(["--help"]) == 0
     text = capsys.readouterr().out
     assert "--purge-history" in text and "vmem reindex" in text
+
+
+def test_a_lost_race_is_one_line_without_beams_traceback(caplog, capsys):
+    """Beam logs a failed step with its traceback; for a writer that lost a race the command's line suffices."""
+    import logging
+    from memory.store.versions import WriteConflictError
+    from vmem.args import run_command
+
+    def body(error):
+        def run(argv):
+            try:
+                raise error
+            except Exception as e:  # What Beam's DoFnRunner does with a step's error before re-raising it.
+                logging.getLogger("apache_beam.runners.common").exception(e)
+                raise
+        return run
+
+    conflict = WriteConflictError("forget of 2 entries of /m conflicts with version 3 (forget)")
+    assert run_command("vmem forget", body(conflict), []) == 1
+    assert not [r for r in caplog.records if r.name == "apache_beam.runners.common"]
+    assert capsys.readouterr().err.splitlines()[0] == f"vmem forget: error: {conflict}"
+    assert run_command("vmem forget", body(OSError("disk full")), []) == 1  # Other step errors stay logged.
+    assert [r.exc_info[1] for r in caplog.records if r.name == "apache_beam.runners.common"][0].args == ("disk full",)

@@ -67,7 +67,7 @@ def test_info_after_add_forget_and_prune_shows_the_live_memory(tmp_path, capsys)
     hard = m.forgotten.count - 5
     assert m.version == 4 and hard > 0
     text, js = _info(capsys, root)
-    assert f"version      4 (forget, parent 3)" in text
+    assert "version      4 (forget, parent 3)" in text
     assert f"entries      {67 - hard} live of 72 stored rows ({5 + hard} forgotten)" in text
     assert f"forgotten    {5 + hard} entries, {hard} of them by hard pruning" in text
     assert f"pruned       hard {hard} (forgotten), soft 0" in text

@@ -13,7 +13,8 @@ from memory.build import build_memory_local
 from memory.index.shard_index import IndexConfig, IndexKind
 from memory.store.manifest import Manifest, ManifestError
 from memory.store.versions import read_manifest
-from memory.store.mutations import forget, purge_history
+from memory.store.mutations import forget
+from memory.store.purge import purge_history
 from memory.search.routing import (Router, RouterConfig, group_centroids, read_router, search_mask, select_sample_rows,
                             spherical_kmeans, train_router, write_router)
 from memory.store.shard import read_shard_data

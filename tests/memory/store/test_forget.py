@@ -14,7 +14,7 @@ import os
 import numpy as np
 import pytest
 
-from memory.store import mutations
+from memory.store import mutations, purge
 from memory.build import build_memory_local
 from memory.index.shard_index import IndexConfig, IndexKind
 from memory.store.manifest import ManifestError
@@ -203,11 +203,11 @@ def test_crash_between_tombstone_and_publish_leaves_latest_intact(memory, monkey
     def crash(*args, **kwargs):
         raise OSError("simulated crash after the tombstone file was written")
 
-    monkeypatch.setattr(mutations, "publish_version", crash)
+    monkeypatch.setattr(mutations, "publish_rebasing", crash)
     with pytest.raises(OSError, match="simulated crash"):
         mutations.forget(root, ids=ids[:3])
     monkeypatch.undo()
-    assert os.listdir(os.path.join(root, "tombstones"))  # The orphan exists but no version references it.
+    assert not os.listdir(os.path.join(root, "tombstones"))  # The failed writer deleted its unpublished file.
     assert list_versions(root) == [1] and read_manifest(root).forgotten is None
     # A half-written version file from a crashed publisher is never a version.
     with open(os.path.join(root, "versions", ".tmp-v000002.json-abc"), "w") as f:
@@ -285,10 +285,10 @@ def test_purge_after_reindex_deletes_old_versions_and_files(memory):
     root, ids, labels, uris, x = memory
     mutations.add_entries_local(root, ids=["new1"], labels=["ant"], uris=["u"], embeddings=x[:1])
     mutations.forget(root, ids=[ids[0], "new1"], request_purge=True)
-    assert mutations.purge_requested_since_reindex(root)
+    assert purge.purge_requested_since_reindex(root)
     expected = VisualMemory.open(root).search(x[:10], 130)
     # Before a re-index, purging removes the versions that still show the forgotten entries...
-    assert mutations.purge_history(root) == [1, 2]
+    assert purge.purge_history(root) == [1, 2]
     assert list_versions(root) == [3, 4]
     with pytest.raises(ManifestError, match="no version 1"):
         VisualMemory.open(root, version=1)
@@ -296,9 +296,9 @@ def test_purge_after_reindex_deletes_old_versions_and_files(memory):
     stored = np.concatenate([read_shard_data(os.path.join(root, s.path)).ids for s in read_manifest(root).all_shards])
     assert ids[0] in stored
     _reindex(root)
-    assert mutations.purge_requested_since_reindex(root) is False
+    assert purge.purge_requested_since_reindex(root) is False
     np.testing.assert_array_equal(VisualMemory.open(root).search(x[:10], 130).ids, expected.ids)
-    assert mutations.purge_history(root) == [3, 4]
+    assert purge.purge_history(root) == [3, 4]
     assert list_versions(root) == [5, 6] and history(root)[-1]["change"]["purged_versions"] == [3, 4]
     deleted = history(root)[-1]["change"]["deleted_paths"]
     assert {p.split("/")[0] for p in deleted} == {"shard-00000-of-00004", "shard-00001-of-00004",
@@ -310,7 +310,7 @@ def test_purge_after_reindex_deletes_old_versions_and_files(memory):
     stored = read_shard_data(os.path.join(root, read_manifest(root).shards[0].path)).ids.tolist()
     assert ids[0] not in stored and "new1" not in stored and len(stored) == 119
     np.testing.assert_array_equal(VisualMemory.open(root).search(x[:10], 130).ids, expected.ids)
-    assert mutations.purge_history(root) == []  # Nothing left to purge: nothing published.
+    assert purge.purge_history(root) == []  # Nothing left to purge: nothing published.
     assert list_versions(root) == [5, 6]
 
 
@@ -330,11 +330,11 @@ def test_purge_killed_halfway_is_finished_by_the_next_purge(memory, monkeypatch)
 
     monkeypatch.setattr(mutations.storage, "remove_tree", dying_remove)
     with pytest.raises(KeyboardInterrupt):
-        mutations.purge_history(root)
+        purge.purge_history(root)
     monkeypatch.setattr(mutations.storage, "remove_tree", real_remove)
     deleted = history(root)[-1]["change"]["deleted_paths"]
     assert any(os.path.exists(os.path.join(root, rel)) for rel in deleted)  # Leftovers with forgotten rows.
-    mutations.purge_history(root)
+    purge.purge_history(root)
     for rel in deleted:
         assert not os.path.exists(os.path.join(root, rel))
     for dirpath, _, files in os.walk(root):
@@ -408,5 +408,5 @@ def test_purge_record_listing_a_path_outside_the_memory_deletes_nothing(memory, 
         "kind": "purge", "summary": "edited by hand", "purged_versions": [],
         "deleted_paths": ["tombstones/v000001-dead.npy", "../precious.txt"]}), expected_parent=latest.version)
     with pytest.raises(ManifestError, match=r"refusing to delete '\.\./precious\.txt' listed in version 2"):
-        mutations.purge_history(root)
+        purge.purge_history(root)
     assert outside.read_text() == "not the memory's" and os.path.exists(leftover)  # Nothing at all was deleted.

@@ -79,3 +79,17 @@ def test_dead_emulator_fails_fast_naming_the_path(monkeypatch):
     with pytest.raises(OSError, match=r"list_dir\('gs://no-bucket/m'\)"):
         storage.list_dir("gs://no-bucket/m")
     assert time.monotonic() - start < 10
+
+
+def test_modified_time_of_objects_and_prefixes(gcs_bucket):
+    """The leftover sweep's clock (memory.store.purge.find_leftovers) on gs://: an object's, or a prefix's newest."""
+    import time
+    root = storage.join(gcs_bucket, "mtime-test")
+    storage.write_bytes(storage.join(root, "old.bin"), b"x")
+    storage.write_bytes(storage.join(root, "dir", "a.bin"), b"x")
+    now = time.time()
+    old = storage.modified_time(storage.join(root, "old.bin"))
+    assert abs(old - now) < 300 and storage.modified_time(storage.join(root, "dir")) >= old
+    with pytest.raises(FileNotFoundError, match="mtime-test/none"):
+        storage.modified_time(storage.join(root, "none"))
+    storage.remove_tree(root)

@@ -1,7 +1,7 @@
 """Every job on Beam's portable path, with workers as Dataflow Runner v2 runs them: separate processes that
 have only the staged package.
 
-One lifecycle (build -> evaluate -> add -> forget -> prune -> re-index -> evaluate) runs twice through the ``vmem``
+One lifecycle (build -> add -> forget -> prune -> evaluate -> re-index) runs twice through the ``vmem``
 commands: on the default in-process runner, and with ``--runner=PortableRunner --job_endpoint=embed
 --environment_type=EXTERNAL --environment_config=127.0.0.1:PORT --setup_file=setup.py``. There the job
 service runs in the test process and hands every bundle to SDK workers started by an external worker pool
@@ -9,8 +9,8 @@ service runs in the test process and hands every bundle to SDK workers started b
 container's boot does on Dataflow (tests/portable_boot.py): it fetches the job's staged artifacts and
 pip-installs the ``workflow.tar.gz`` sdist that Beam's stager built from ``--setup_file``, the same staging
 a Dataflow submission does; the checkout is neither on its ``sys.path`` nor its working directory. Both
-runs must agree on the stored ids and labels after every step, and on every query's neighbours and the
-vote tables of both evaluations.
+runs must agree on the stored ids and labels after every step, the prune counts, and every query's
+neighbours (ids, labels, distances, weights) and the vote tables of the evaluation.
 
 The worker virtualenv installs only that sdist. Its requirements (Beam, TensorFlow, ScaNN, ...) are not
 installed there but shared: a ``.pth`` file lists the test interpreter's site-packages directory. The tests
@@ -23,7 +23,6 @@ Run with ``make test-portable`` (or ``pytest -m slow tests/pipelines/test_portab
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
@@ -39,6 +38,7 @@ import numpy as np
 import pytest
 
 from evaluation.neighbors_io import read_neighbor_files
+from memory import storage
 from memory.store.shard import read_shard_data
 from memory.store.versions import read_manifest
 from memory.visual_memory import VisualMemory
@@ -78,8 +78,12 @@ def _make_worker_venv(path: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def worker_pool(tmp_path_factory):
-    """An external worker pool on 127.0.0.1 whose workers boot from a separate virtualenv."""
+def worker_pool(gcs_bucket, tmp_path_factory):
+    """An external worker pool on 127.0.0.1 whose workers boot from a separate virtualenv.
+
+    Started after ``gcs_bucket``: the workers inherit its emulator and credentials variables, so they reach
+    ``gs://`` as Dataflow workers reach GCS, with their own clients.
+    """
     work = tmp_path_factory.mktemp("portable_workers")
     venv = str(work / "venv")
     boot = _make_worker_venv(venv)
@@ -138,20 +142,33 @@ def data(fmnist_small, tmp_path_factory):
         queries=os.path.join(fmnist_small, "test"))
 
 
+@pytest.fixture(scope="module")
+def gcs_data(data, gcs_bucket):
+    """``data`` uploaded to the emulator bucket: what Dataflow workers read."""
+    base = storage.join(gcs_bucket, "portable")
+    storage.remove_tree(base)  # Session-scoped bucket: start clean.
+    uploaded = {}
+    for name in ("old", "new", "queries"):
+        uploaded[name] = storage.join(base, "images", name)
+        storage.upload_dir(getattr(data, name), uploaded[name])
+    return types.SimpleNamespace(base=base, **uploaded)
+
+
 def _stored(root: str) -> dict:
     """Version, live total and every shard's (ids, label names) in manifest order: what the jobs wrote."""
     m = read_manifest(root)
     shards = []
     for s in m.all_shards:
-        part = read_shard_data(os.path.join(root, s.path))
+        part = read_shard_data(storage.join(root, s.path))
         shards.append((part.ids.astype(str).tolist(), [m.class_names[i] for i in part.labels]))
     return {"version": m.version, "total": m.total, "classes": list(m.class_names), "shards": shards}
 
 
 def _evaluation(out: str) -> dict:
     """Every query's neighbours (ids, labels, distances to 5 places, weights) and the report's vote tables."""
-    records = read_neighbor_files(sorted(glob.glob(os.path.join(out, "neighbors-*.jsonl"))))
-    report = json.load(open(os.path.join(out, "report.json")))
+    records = read_neighbor_files([storage.join(out, name) for name in sorted(storage.list_dir(out))
+                                   if name.startswith("neighbors-")])
+    report = json.loads(storage.read_text(storage.join(out, "report.json")))
     return {"neighbours": {r.query_id: (list(r.neighbor_ids), list(r.neighbor_labels),
                                         np.round(r.neighbor_distances, 5).tolist(),
                                         None if r.neighbor_weights is None else list(r.neighbor_weights))
@@ -160,9 +177,14 @@ def _evaluation(out: str) -> dict:
             "queries": report["queries"], "failed": report["failed"], "accuracy": report["accuracy"]}
 
 
-def _lifecycle(work, data, config: list[str], beam_flags: list[str]) -> dict:
-    """build -> evaluate -> add -> forget -> prune -> reindex -> evaluate through ``vmem``; what each step left."""
-    mem = str(work / "memory")
+def _lifecycle(base: str, data, beam_flags: list[str]) -> dict:
+    """build -> add -> forget -> prune -> evaluate -> reindex through ``vmem`` on the memory ``base``/memory
+    (local or gs://) from ``data``'s images with the bundled encoder; what each step left.
+
+    The evaluation runs before the re-index, where a search reads the most: main and delta shards,
+    tombstones and the soft-prune weights.
+    """
+    mem = storage.join(base, "memory")
     steps = {}
     times = {}
 
@@ -171,35 +193,34 @@ def _lifecycle(work, data, config: list[str], beam_flags: list[str]) -> dict:
         assert cli.main([name, *argv, *(beam_flags if beam else [])]) == 0, (name, argv)
         times[name] = times.get(name, 0.0) + time.monotonic() - start
 
-    vmem("build", "--images", data.old, "--output", mem, *config, "--shards", "3")
+    vmem("build", "--images", data.old, "--output", mem, "--shards", "3")
     steps["build"] = _stored(mem)
-    vmem("evaluate", "--memory", mem, "--images", data.queries, "--output", str(work / "eval1"), "--k-max", "10")
-    steps["evaluate"] = _evaluation(str(work / "eval1"))
     vmem("add", "--memory", mem, "--images", data.new, "--delta-shard-size", "15")
     steps["add"] = _stored(mem)
     # Forget entries of the build and of the add: the re-index must drop rows from main and delta shards.
     ids = sorted(i for ids, _ in steps["add"]["shards"] for i in ids)
     forgotten = [i for i in ids if i.startswith("coat/")][:4] + [i for i in ids if i.startswith("bag/")][:3]
-    ids_file = work / "forget.txt"
-    ids_file.write_text("\n".join(forgotten) + "\n")
-    vmem("forget", "--memory", mem, "--ids", str(ids_file), beam=False)
+    ids_file = storage.join(base, "forget.txt")
+    storage.write_text(ids_file, "\n".join(forgotten) + "\n")
+    vmem("forget", "--memory", mem, "--ids", ids_file, beam=False)
     steps["forget"] = {**_stored(mem), "live": sorted(VisualMemory.open(mem).live_entry_ids().astype(str).tolist())}
     vmem("prune", "--memory", mem, "--mode", "soft", "--k", "5", "--count-buckets", "2")
     counts = read_bucket_counts(mem, steps["forget"]["version"], buckets=2)
     steps["prune"] = {**_stored(mem), "counts": (counts.ids.tolist(), counts.v.tolist())}
+    out = storage.join(base, "evaluation")
+    vmem("evaluate", "--memory", mem, "--images", data.queries, "--output", out, "--k-max", "10")
+    steps["evaluate"] = _evaluation(out)
     vmem("reindex", "--memory", mem)
     steps["reindex"] = _stored(mem)
-    vmem("evaluate", "--memory", mem, "--images", data.queries, "--output", str(work / "eval2"), "--k-max", "10")
-    steps["evaluate_after_reindex"] = _evaluation(str(work / "eval2"))
     steps["forgotten"] = forgotten
     print(f"{beam_flags[:1] or ['default runner']}: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
     return steps
 
 
 def test_portable_workers_with_only_the_staged_package_equal_the_in_process_runner(
-        worker_pool, data, tmp_path):
-    in_process = _lifecycle(tmp_path / "in_process", data, [], [])
-    portable = _lifecycle(tmp_path / "portable", data, [], [
+        worker_pool, data, gcs_data, tmp_path):
+    in_process = _lifecycle(str(tmp_path / "in_process"), data, [])
+    portable = _lifecycle(storage.join(gcs_data.base, "jobs"), gcs_data, [
         "--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=EXTERNAL",
         f"--environment_config=127.0.0.1:{worker_pool.port}", f"--setup_file={os.path.join(REPO, 'setup.py')}"])
 
@@ -210,18 +231,20 @@ def test_portable_workers_with_only_the_staged_package_equal_the_in_process_runn
     assert not set(in_process["forgotten"]) & set(in_process["forget"]["live"])
     reindexed = [i for ids, _ in in_process["reindex"]["shards"] for i in ids]
     assert len(reindexed) == 193 and not set(in_process["forgotten"]) & set(reindexed)
-    assert in_process["evaluate"]["queries"] == 50 and in_process["evaluate"]["failed"] == 0
     assert in_process["prune"]["version"] == 4 and len(in_process["prune"]["counts"][0]) == 193
     assert any(v > 0 for v in in_process["prune"]["counts"][1])
-    weights = [n[3] for n in in_process["evaluate_after_reindex"]["neighbours"].values()]
-    assert any(w is not None and min(w) < 1.0 for w in weights), "the re-indexed memory lost the soft-prune weights"
-    for step in ("build", "evaluate", "add", "forget", "prune", "reindex", "evaluate_after_reindex"):
+    evaluation = in_process["evaluate"]
+    assert evaluation["queries"] == 50 and evaluation["failed"] == 0
+    neighbours = [i for ids, *_ in evaluation["neighbours"].values() for i in ids]
+    assert {i.split("/")[0] for i in neighbours} >= set(HELD_OUT) and not set(in_process["forgotten"]) & set(neighbours)
+    assert any(w is not None and min(w) < 1.0 for *_, w in evaluation["neighbours"].values())
+    for step in ("build", "add", "forget", "prune", "evaluate", "reindex"):
         assert portable[step] == in_process[step], step
 
     # The workers were separate processes of the worker virtualenv, importing the installed sdist only.
     with open(worker_pool.record) as f:
         workers = [json.loads(line) for line in f]
-    assert len(workers) >= 6, f"one SDK worker per portable job expected; pool log: {worker_pool.log}"
+    assert len(workers) >= 5, f"one SDK worker per portable job expected; pool log: {worker_pool.log}"
     site = os.path.join(worker_pool.venv, "lib")
     for w in workers:
         assert w["pid"] != os.getpid() and w["prefix"] == worker_pool.venv, w

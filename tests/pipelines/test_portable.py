@@ -1,16 +1,18 @@
 """Every job on Beam's portable path, with workers as Dataflow Runner v2 runs them: separate processes that
 have only the staged package.
 
-One lifecycle (build -> add -> forget -> prune -> evaluate -> re-index) runs twice through the ``vmem``
-commands: on the default in-process runner, and with ``--runner=PortableRunner --job_endpoint=embed
---environment_type=EXTERNAL --environment_config=127.0.0.1:PORT --setup_file=setup.py``. There the job
-service runs in the test process and hands every bundle to SDK workers started by an external worker pool
-(``apache_beam.runners.worker.worker_pool_main``) from a separate virtualenv. Each worker boots as the
-container's boot does on Dataflow (tests/portable_boot.py): it fetches the job's staged artifacts and
-pip-installs the ``workflow.tar.gz`` sdist that Beam's stager built from ``--setup_file``, the same staging
-a Dataflow submission does; the checkout is neither on its ``sys.path`` nor its working directory. Both
-runs must agree on the stored ids and labels after every step, the prune counts, and every query's
-neighbours (ids, labels, distances, weights) and the vote tables of the evaluation.
+One lifecycle (build -> add -> forget -> prune -> evaluate -> re-index) of a partition-routed memory with
+ScaNN tree+AH shards (the jobs' richest path: router, index template, approximate search) runs twice
+through the ``vmem`` commands: locally on the default in-process runner, and on ``gs://`` (a GCS emulator)
+with ``--runner=PortableRunner --job_endpoint=embed --environment_type=EXTERNAL
+--environment_config=127.0.0.1:PORT --setup_file=setup.py``. There the job service runs in the test
+process and hands every bundle to SDK workers that an external worker pool
+(``apache_beam.runners.worker.worker_pool_main``) starts from a separate virtualenv. Each worker boots as
+the container's boot does on Dataflow (tests/portable_boot.py): it fetches the job's staged artifacts and
+pip-installs the ``workflow.tar.gz`` sdist that Beam's stager built from ``--setup_file``, the staging a
+Dataflow submission does; the checkout is neither on its ``sys.path`` nor its working directory, and its
+home and encoder cache are its own. Both runs must agree on the stored ids and labels after every step,
+the prune counts, and every query's neighbours (ids, labels, distances, weights) and vote tables.
 
 The worker virtualenv installs only that sdist. Its requirements (Beam, TensorFlow, ScaNN, ...) are not
 installed there but shared: a ``.pth`` file lists the test interpreter's site-packages directory. The tests
@@ -161,7 +163,8 @@ def _stored(root: str) -> dict:
     for s in m.all_shards:
         part = read_shard_data(storage.join(root, s.path))
         shards.append((part.ids.astype(str).tolist(), [m.class_names[i] for i in part.labels]))
-    return {"version": m.version, "total": m.total, "classes": list(m.class_names), "shards": shards}
+    return {"version": m.version, "total": m.total, "classes": list(m.class_names), "shards": shards,
+            "kinds": [s.index_kind for s in m.all_shards], "routed": m.router is not None}
 
 
 def _evaluation(out: str) -> dict:
@@ -169,12 +172,11 @@ def _evaluation(out: str) -> dict:
     records = read_neighbor_files([storage.join(out, name) for name in sorted(storage.list_dir(out))
                                    if name.startswith("neighbors-")])
     report = json.loads(storage.read_text(storage.join(out, "report.json")))
-    return {"neighbours": {r.query_id: (list(r.neighbor_ids), list(r.neighbor_labels),
-                                        np.round(r.neighbor_distances, 5).tolist(),
-                                        None if r.neighbor_weights is None else list(r.neighbor_weights))
-                                  for r in sorted(
-                                            records, key=lambda r: r.query_id)},
-            "queries": report["queries"], "failed": report["failed"], "accuracy": report["accuracy"]}
+    neighbours = {r.query_id: (list(r.neighbor_ids), list(r.neighbor_labels),
+                               np.round(r.neighbor_distances, 5).tolist(),
+                               None if r.neighbor_weights is None else list(r.neighbor_weights)) for r in records}
+    return {"neighbours": dict(sorted(neighbours.items())), "queries": report["queries"],
+            "failed": report["failed"], "accuracy": report["accuracy"]}
 
 
 def _lifecycle(base: str, data, beam_flags: list[str]) -> dict:
@@ -193,7 +195,8 @@ def _lifecycle(base: str, data, beam_flags: list[str]) -> dict:
         assert cli.main([name, *argv, *(beam_flags if beam else [])]) == 0, (name, argv)
         times[name] = times.get(name, 0.0) + time.monotonic() - start
 
-    vmem("build", "--images", data.old, "--output", mem, "--shards", "3")
+    vmem("build", "--images", data.old, "--output", mem, "--shards", "3", "--sharding", "partition",
+         "--config", "configs.fashion_mnist:tree_ah")
     steps["build"] = _stored(mem)
     vmem("add", "--memory", mem, "--images", data.new, "--delta-shard-size", "15")
     steps["add"] = _stored(mem)
@@ -208,7 +211,7 @@ def _lifecycle(base: str, data, beam_flags: list[str]) -> dict:
     counts = read_bucket_counts(mem, steps["forget"]["version"], buckets=2)
     steps["prune"] = {**_stored(mem), "counts": (counts.ids.tolist(), counts.v.tolist())}
     out = storage.join(base, "evaluation")
-    vmem("evaluate", "--memory", mem, "--images", data.queries, "--output", out, "--k-max", "10")
+    vmem("evaluate", "--memory", mem, "--images", data.queries, "--output", out, "--k-max", "10", "--route-probes", "2")
     steps["evaluate"] = _evaluation(out)
     vmem("reindex", "--memory", mem)
     steps["reindex"] = _stored(mem)
@@ -226,9 +229,11 @@ def test_portable_workers_with_only_the_staged_package_equal_the_in_process_runn
 
     # The lifecycle did what it says (so equality below compares real work).
     assert in_process["build"]["total"] == 160 and len(in_process["build"]["shards"]) == 3
+    assert in_process["build"]["kinds"] == ["tree_ah"] * 3 and in_process["build"]["routed"]
     assert in_process["add"]["total"] == 200 and len(in_process["add"]["shards"]) > 3
     assert in_process["forget"]["total"] == 193
     assert not set(in_process["forgotten"]) & set(in_process["forget"]["live"])
+    assert set(in_process["reindex"]["kinds"]) == {"tree_ah"} and in_process["reindex"]["routed"]
     reindexed = [i for ids, _ in in_process["reindex"]["shards"] for i in ids]
     assert len(reindexed) == 193 and not set(in_process["forgotten"]) & set(reindexed)
     assert in_process["prune"]["version"] == 4 and len(in_process["prune"]["counts"][0]) == 193

@@ -26,11 +26,12 @@ import sys
 
 # The harness: record where the project's packages come from, then serve bundles (sdk_worker_main).
 _HARNESS = """
-import json, os, sys
-import configs, encoders, memory, pipelines
+import importlib.util, json, os, sys
+# find_spec, not import: a package missing from the sdist must fail the job in Beam, not kill the worker.
+modules = {name: getattr(importlib.util.find_spec(name), "origin", None)
+           for name in ("configs", "encoders", "memory", "pipelines", "vmem", "evaluation")}
 record = {"pid": os.getpid(), "executable": sys.executable, "prefix": sys.prefix, "cwd": os.getcwd(),
-          "path": sys.path,
-          "modules": {m.__name__: m.__file__ for m in (configs, encoders, memory, pipelines)}}
+          "path": sys.path, "modules": modules}
 with open(os.environ["VMEM_PORTABLE_RECORD"], "a") as f:
     f.write(json.dumps(record) + "\\n")
 from apache_beam.runners.worker import sdk_worker_main

@@ -52,6 +52,16 @@ pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HELD_OUT = ("bag", "sandal")
 _POOL_START_TIMEOUT_S = 60
+# The portable lifecycle takes ~2 minutes on 2 busy cores. A worker that dies before it connects leaves the job
+# service waiting for it forever, so the lifecycle runs in a subprocess with this limit.
+_PORTABLE_TIMEOUT_S = 600
+# Runs in that subprocess: the portable lifecycle, its result as JSON.
+_PORTABLE_SCRIPT = """
+import json, sys, types
+from tests.pipelines.test_portable import _lifecycle
+base, data, flags, out = json.loads(sys.argv[1])
+json.dump(_lifecycle(base, types.SimpleNamespace(**data), flags), open(out, "w"))
+"""
 _RECORD_ENV = "VMEM_PORTABLE_RECORD"  # Where tests/portable_boot.py's harnesses record themselves.
 
 
@@ -220,12 +230,36 @@ def _lifecycle(base: str, data, beam_flags: list[str]) -> dict:
     return steps
 
 
+def _portable_lifecycle(worker_pool, gcs_data, tmp_path) -> dict:
+    """`_lifecycle` on gs:// with the portable runner's flags, in a subprocess limited to _PORTABLE_TIMEOUT_S."""
+    flags = ["--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=EXTERNAL",
+             f"--environment_config=127.0.0.1:{worker_pool.port}", f"--setup_file={os.path.join(REPO, 'setup.py')}"]
+    out, log_path = str(tmp_path / "portable.json"), str(tmp_path / "portable.log")
+    data = {name: getattr(gcs_data, name) for name in ("old", "new", "queries")}
+    argv = json.dumps([storage.join(gcs_data.base, "jobs"), data, flags, out])
+    with open(log_path, "wb") as log:
+        try:
+            rc = subprocess.run([sys.executable, "-c", _PORTABLE_SCRIPT, argv], cwd=REPO, stdout=log,
+                                stderr=subprocess.STDOUT, timeout=_PORTABLE_TIMEOUT_S, check=False).returncode
+        except subprocess.TimeoutExpired:
+            rc = f"timed out after {_PORTABLE_TIMEOUT_S}s"
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+        log_text = f.read()
+    print(log_text[-400:])
+    if rc != 0:
+        with open(worker_pool.log, encoding="utf-8", errors="replace") as f:
+            pool_text = f.read()
+        pytest.fail(f"portable lifecycle: {rc}; log tail:\n{log_text[-6000:]}\nworker pool log tail:\n"
+                    f"{pool_text[-3000:]}", pytrace=False)
+    with open(out) as f:
+        return json.load(f)
+
+
 def test_portable_workers_with_only_the_staged_package_equal_the_in_process_runner(
         worker_pool, data, gcs_data, tmp_path):
-    in_process = _lifecycle(str(tmp_path / "in_process"), data, [])
-    portable = _lifecycle(storage.join(gcs_data.base, "jobs"), gcs_data, [
-        "--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=EXTERNAL",
-        f"--environment_config=127.0.0.1:{worker_pool.port}", f"--setup_file={os.path.join(REPO, 'setup.py')}"])
+    # Through JSON, as the portable run's result is (tuples become lists).
+    in_process = json.loads(json.dumps(_lifecycle(str(tmp_path / "in_process"), data, [])))
+    portable = _portable_lifecycle(worker_pool, gcs_data, tmp_path)
 
     # The lifecycle did what it says (so equality below compares real work).
     assert in_process["build"]["total"] == 160 and len(in_process["build"]["shards"]) == 3
@@ -253,6 +287,6 @@ def test_portable_workers_with_only_the_staged_package_equal_the_in_process_runn
     site = os.path.join(worker_pool.venv, "lib")
     for w in workers:
         assert w["pid"] != os.getpid() and w["prefix"] == worker_pool.venv, w
-        assert all(path.startswith(site) for path in w["modules"].values()), w["modules"]
+        assert all(path and path.startswith(site) for path in w["modules"].values()), w["modules"]
         in_checkout = [p for p in (w["cwd"], *w["path"]) if p == REPO or p.startswith(REPO + os.sep)]
         assert not in_checkout, (in_checkout, w)

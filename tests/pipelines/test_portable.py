@@ -45,12 +45,14 @@ from memory.store.shard import read_shard_data
 from memory.store.versions import read_manifest
 from memory.visual_memory import VisualMemory
 from pipelines.prune import read_bucket_counts
+from pipelines.records import FailedRecord
 from vmem import main as cli
 
 pytestmark = pytest.mark.slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HELD_OUT = ("bag", "sandal")
+CORRUPT = b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 10  # PNG signature, broken body: a dead letter.
 _POOL_START_TIMEOUT_S = 60
 # The portable lifecycle takes ~2 minutes on 2 busy cores. A worker that dies before it connects leaves the job
 # service waiting for it forever, so the lifecycle runs in a subprocess with this limit.
@@ -144,14 +146,16 @@ def _copy_classes(src: str, dst: str, classes) -> str:
 
 @pytest.fixture(scope="module")
 def data(fmnist_small, tmp_path_factory):
-    """fmnist_small's training images split into the memory's classes and the classes added later."""
+    """fmnist_small's training images split into the memory's classes and the classes added later, each with
+    one corrupt PNG."""
     root = tmp_path_factory.mktemp("portable_data")
     train = os.path.join(fmnist_small, "train")
     classes = sorted(os.listdir(train))
-    return types.SimpleNamespace(
-        old=_copy_classes(train, str(root / "old"), [c for c in classes if c not in HELD_OUT]),
-        new=_copy_classes(train, str(root / "new"), HELD_OUT),
-        queries=os.path.join(fmnist_small, "test"))
+    old = _copy_classes(train, str(root / "old"), [c for c in classes if c not in HELD_OUT])
+    new = _copy_classes(train, str(root / "new"), HELD_OUT)
+    (root / "old" / "coat" / "corrupt.png").write_bytes(CORRUPT)
+    (root / "new" / "bag" / "corrupt.png").write_bytes(CORRUPT)
+    return types.SimpleNamespace(old=old, new=new, queries=os.path.join(fmnist_small, "test"))
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +179,19 @@ def _stored(root: str) -> dict:
         shards.append((part.ids.astype(str).tolist(), [m.class_names[i] for i in part.labels]))
     return {"version": m.version, "total": m.total, "classes": list(m.class_names), "shards": shards,
             "kinds": [s.index_kind for s in m.all_shards], "routed": m.router is not None}
+
+
+def _dead_letters(root: str) -> list[tuple[str, str, str, str]]:
+    """(folder, id, stage, reason) of every dead letter under ``root``/dead_letter (build's, then each add's)."""
+    out = []
+    base = storage.join(root, "dead_letter")
+    for name in storage.list_dir(base):
+        inner = [] if name.endswith(".jsonl") else storage.list_dir(storage.join(base, name))
+        files = [f"{name}/{f}" for f in inner] if inner else [name]
+        for rel in files:
+            out += [(os.path.dirname(rel), r.id, r.stage, r.reason) for r in map(
+                FailedRecord.from_json, storage.read_text(storage.join(base, rel)).splitlines())]
+    return sorted(out)
 
 
 def _evaluation(out: str) -> dict:
@@ -209,7 +226,7 @@ def _lifecycle(base: str, data, beam_flags: list[str]) -> dict:
          "--config", "configs.fashion_mnist:tree_ah")
     steps["build"] = _stored(mem)
     vmem("add", "--memory", mem, "--images", data.new, "--delta-shard-size", "15")
-    steps["add"] = _stored(mem)
+    steps["add"] = {**_stored(mem), "dead_letters": _dead_letters(mem)}
     # Forget entries of the build and of the add: the re-index must drop rows from main and delta shards.
     ids = sorted(i for ids, _ in steps["add"]["shards"] for i in ids)
     forgotten = [i for i in ids if i.startswith("coat/")][:4] + [i for i in ids if i.startswith("bag/")][:3]
@@ -265,6 +282,8 @@ def test_portable_workers_with_only_the_staged_package_equal_the_in_process_runn
     assert in_process["build"]["total"] == 160 and len(in_process["build"]["shards"]) == 3
     assert in_process["build"]["kinds"] == ["tree_ah"] * 3 and in_process["build"]["routed"]
     assert in_process["add"]["total"] == 200 and len(in_process["add"]["shards"]) > 3
+    assert [d[:2] for d in in_process["add"]["dead_letters"]] == [["", "coat/corrupt.png"],
+                                                                    ["add-v000002", "bag/corrupt.png"]]
     assert in_process["forget"]["total"] == 193
     assert not set(in_process["forgotten"]) & set(in_process["forget"]["live"])
     assert set(in_process["reindex"]["kinds"]) == {"tree_ah"} and in_process["reindex"]["routed"]

@@ -199,11 +199,17 @@ def _evaluation(out: str) -> dict:
     records = read_neighbor_files([storage.join(out, name) for name in sorted(storage.list_dir(out))
                                    if name.startswith("neighbors-")])
     report = json.loads(storage.read_text(storage.join(out, "report.json")))
+    reranked = {}
+    for name in sorted(storage.list_dir(out)):
+        if name.startswith("rerank-"):
+            rows = map(json.loads, storage.read_text(storage.join(out, name)).splitlines())
+            reranked.update({r["query_id"]: (r["vote_label"], round(r["margin"], 5), r["label"], r["reason"])
+                             for r in rows})
     neighbours = {r.query_id: (list(r.neighbor_ids), list(r.neighbor_labels),
                                np.round(r.neighbor_distances, 5).tolist(),
                                None if r.neighbor_weights is None else list(r.neighbor_weights)) for r in records}
     return {"neighbours": dict(sorted(neighbours.items())), "queries": report["queries"],
-            "failed": report["failed"], "accuracy": report["accuracy"]}
+            "failed": report["failed"], "accuracy": report["accuracy"], "reranked": dict(sorted(reranked.items()))}
 
 
 def _lifecycle(base: str, data, beam_flags: list[str]) -> dict:
@@ -238,7 +244,9 @@ def _lifecycle(base: str, data, beam_flags: list[str]) -> dict:
     counts = read_bucket_counts(mem, steps["forget"]["version"], buckets=2)
     steps["prune"] = {**_stored(mem), "counts": (counts.ids.tolist(), counts.v.tolist())}
     out = storage.join(base, "evaluation")
-    vmem("evaluate", "--memory", mem, "--images", data.queries, "--output", out, "--k-max", "10", "--route-probes", "2")
+    # The offline second opinion (a second bundled encoder) reads the candidates' images on the workers.
+    vmem("evaluate", "--memory", mem, "--images", data.queries, "--output", out, "--k-max", "10", "--route-probes", "2",
+         "--rerank", "encoder:efficientnet-lite1", "--rerank-below", "0.5", "--rerank-top-n", "6")
     steps["evaluate"] = _evaluation(out)
     vmem("reindex", "--memory", mem)
     steps["reindex"] = _stored(mem)
@@ -296,6 +304,7 @@ def test_portable_workers_with_only_the_staged_package_equal_the_in_process_runn
     neighbours = [i for ids, *_ in evaluation["neighbours"].values() for i in ids]
     assert {i.split("/")[0] for i in neighbours} >= set(HELD_OUT) and not set(in_process["forgotten"]) & set(neighbours)
     assert any(w is not None and min(w) < 1.0 for *_, w in evaluation["neighbours"].values())
+    assert len(evaluation["reranked"]) == 50 and any(r[3] == "answered" for r in evaluation["reranked"].values())
     for step in ("build", "add", "forget", "prune", "evaluate", "reindex"):
         assert portable[step] == in_process[step], step
 

@@ -4,12 +4,13 @@ The external worker pool (``apache_beam.runners.worker.worker_pool_main --contai
 starts one of these per SDK worker with the container contract's flags (``--id``, ``--provision_endpoint``,
 ``--artifact_endpoint``, ``--control_endpoint``, ``--logging_endpoint``). As the container's boot does, it
 asks the provision service for the job's options and staged artifacts, fetches them from the artifact
-service, installs the staged package (``workflow.tar.gz``: the sdist Beam built from ``--setup_file``) into
-this interpreter's environment, and then runs the SDK harness in a new process of that interpreter.
+service, installs the ``--extra_package`` packages (listed in ``extra_packages.txt``) and the staged package
+(``workflow.tar.gz``: the sdist Beam built from ``--setup_file``) into this interpreter's environment, and
+then runs the SDK harness in a new process of that interpreter.
 
 Differences from the real boot, because the test machine is offline: pip installs with ``--no-index
 --no-deps`` (the requirements are already visible in the worker environment), and the package is installed
-once per artifact digest (workers of later jobs reuse it, as a warm worker VM would).
+once per set of artifact digests (workers of later jobs reuse it, as a warm worker VM would).
 
 Each harness records ``{"pid", "executable", "prefix", "cwd", "path", "modules": {name: __file__}}`` as one JSON line in
 ``$VMEM_PORTABLE_RECORD`` before it serves bundles: proof of which process and which files ran the DoFns.
@@ -64,20 +65,22 @@ def _fetch_artifacts(args: argparse.Namespace, staging_dir: str):
     return json_format.MessageToJson(info.pipeline_options), staged
 
 
-def _install_once(sdist: str) -> None:
-    """pip-installs ``sdist`` into this environment unless this exact file already was (digest marker)."""
+def _install_once(packages: list[str]) -> None:
+    """pip-installs ``packages`` into this environment unless these exact files already were (digest marker)."""
     import hashlib
-    with open(sdist, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    marker = os.path.join(sys.prefix, "staged-package.sha256")
-    with open(os.path.join(sys.prefix, "staged-package.lock"), "w") as lock:
+    digest = hashlib.sha256()
+    for path in packages:
+        with open(path, "rb") as f:
+            digest.update(hashlib.sha256(f.read()).digest())
+    marker = os.path.join(sys.prefix, "staged-packages.sha256")
+    with open(os.path.join(sys.prefix, "staged-packages.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # Workers of one job start together; one installs.
-        if os.path.exists(marker) and open(marker).read() == digest:
+        if os.path.exists(marker) and open(marker).read() == digest.hexdigest():
             return
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                        "--no-index", "--force-reinstall", sdist], check=True, stdout=sys.stderr)
+                        "--no-index", "--force-reinstall", *packages], check=True, stdout=sys.stderr)
         with open(marker, "w") as f:
-            f.write(digest)
+            f.write(digest.hexdigest())
 
 
 def main() -> None:
@@ -92,7 +95,8 @@ def main() -> None:
     options_json, staged = _fetch_artifacts(args, staging_dir)
     if "workflow.tar.gz" not in staged:
         sys.exit(f"boot: no staged package (workflow.tar.gz) among the artifacts {sorted(staged)}: pass --setup_file")
-    _install_once(staged["workflow.tar.gz"])
+    extra = open(staged["extra_packages.txt"]).read().split() if "extra_packages.txt" in staged else []
+    _install_once([staged[name] for name in extra] + [staged["workflow.tar.gz"]])
     env = dict(os.environ, PIPELINE_OPTIONS=options_json, WORKER_ID=args.id, SEMI_PERSISTENT_DIRECTORY=semi_persist,
                CONTROL_API_SERVICE_DESCRIPTOR=f'url: "{args.control_endpoint}"',
                LOGGING_API_SERVICE_DESCRIPTOR=f'url: "{args.logging_endpoint}"')

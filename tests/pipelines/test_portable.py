@@ -25,6 +25,8 @@ Run with ``make test-portable`` (or ``pytest -m slow tests/pipelines/test_portab
 
 from __future__ import annotations
 
+import glob
+import importlib
 import json
 import os
 import shutil
@@ -59,11 +61,16 @@ _POOL_START_TIMEOUT_S = 60
 _PORTABLE_TIMEOUT_S = 600
 # Runs in that subprocess: the portable lifecycle, its result as JSON.
 _PORTABLE_SCRIPT = """
-import json, sys, types
+import importlib, json, sys, types
+from memory import rerank
 from tests.pipelines.test_portable import _lifecycle
-base, data, flags, out = json.loads(sys.argv[1])
+base, data, flags, plugin, out = json.loads(sys.argv[1])
+rerank.register(importlib.import_module(plugin).KIND)
 json.dump(_lifecycle(base, types.SimpleNamespace(**data), flags), open(out, "w"))
 """
+# A re-ranker kind that is not built in: tests/fake_reranker.py as a package of its own, which the launcher
+# registers at run time and Dataflow workers get through --extra_package.
+_PLUGIN = "vmem_last_reranker"
 _RECORD_ENV = "VMEM_PORTABLE_RECORD"  # Where tests/portable_boot.py's harnesses record themselves.
 
 
@@ -243,6 +250,11 @@ def _lifecycle(base: str, data, beam_flags: list[str]) -> dict:
     vmem("prune", "--memory", mem, "--mode", "soft", "--k", "5", "--count-buckets", "2")
     counts = read_bucket_counts(mem, steps["forget"]["version"], buckets=2)
     steps["prune"] = {**_stored(mem), "counts": (counts.ids.tolist(), counts.v.tolist())}
+    # A re-ranker kind the launcher registered at run time; on workers only its module is installed.
+    out = storage.join(base, "evaluation-plugin")
+    vmem("evaluate", "--memory", mem, "--images", data.queries, "--output", out, "--k-max", "10", "--rerank", "last:x",
+         "--rerank-below", "1.01", "--rerank-top-n", "5")
+    steps["evaluate_plugin_reranker"] = _evaluation(out)
     out = storage.join(base, "evaluation")
     # The offline second opinion (a second bundled encoder) reads the candidates' images on the workers.
     vmem("evaluate", "--memory", mem, "--images", data.queries, "--output", out, "--k-max", "10", "--route-probes", "2",
@@ -255,16 +267,31 @@ def _lifecycle(base: str, data, beam_flags: list[str]) -> dict:
     return steps
 
 
-def _portable_lifecycle(worker_pool, gcs_data, tmp_path) -> dict:
+@pytest.fixture(scope="module")
+def rerank_plugin(tmp_path_factory) -> types.SimpleNamespace:
+    """`_PLUGIN`'s source folder (for the launcher) and its sdist (for ``--extra_package``)."""
+    root = tmp_path_factory.mktemp("rerank_plugin")
+    shutil.copy(os.path.join(REPO, "tests", "fake_reranker.py"), root / f"{_PLUGIN}.py")
+    (root / "setup.py").write_text(f"import setuptools\nsetuptools.setup(name={_PLUGIN!r}, version='0.1', "
+                                   f"py_modules=[{_PLUGIN!r}])\n")
+    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", "dist"], cwd=root, check=True,
+                   capture_output=True)
+    (sdist,) = glob.glob(str(root / "dist" / "*.tar.gz"))
+    return types.SimpleNamespace(source=str(root), sdist=sdist)
+
+
+def _portable_lifecycle(worker_pool, gcs_data, rerank_plugin, tmp_path) -> dict:
     """`_lifecycle` on gs:// with the portable runner's flags, in a subprocess limited to _PORTABLE_TIMEOUT_S."""
     flags = ["--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=EXTERNAL",
-             f"--environment_config=127.0.0.1:{worker_pool.port}", f"--setup_file={os.path.join(REPO, 'setup.py')}"]
+             f"--environment_config=127.0.0.1:{worker_pool.port}", f"--setup_file={os.path.join(REPO, 'setup.py')}",
+             f"--extra_package={rerank_plugin.sdist}"]
     out, log_path = str(tmp_path / "portable.json"), str(tmp_path / "portable.log")
     data = {name: getattr(gcs_data, name) for name in ("old", "new", "queries")}
-    argv = json.dumps([storage.join(gcs_data.base, "jobs"), data, flags, out])
+    argv = json.dumps([storage.join(gcs_data.base, "jobs"), data, flags, _PLUGIN, out])
+    env = dict(os.environ, PYTHONPATH=rerank_plugin.source)
     with open(log_path, "wb") as log:
         try:
-            rc = subprocess.run([sys.executable, "-c", _PORTABLE_SCRIPT, argv], cwd=REPO, stdout=log,
+            rc = subprocess.run([sys.executable, "-c", _PORTABLE_SCRIPT, argv], cwd=REPO, env=env, stdout=log,
                                 stderr=subprocess.STDOUT, timeout=_PORTABLE_TIMEOUT_S, check=False).returncode
         except subprocess.TimeoutExpired:
             rc = f"timed out after {_PORTABLE_TIMEOUT_S}s"
@@ -281,10 +308,12 @@ def _portable_lifecycle(worker_pool, gcs_data, tmp_path) -> dict:
 
 
 def test_portable_workers_with_only_the_staged_package_equal_the_in_process_runner(
-        worker_pool, data, gcs_data, tmp_path):
+        worker_pool, data, gcs_data, rerank_plugin, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(rerank_plugin.source)
+    importlib.import_module(_PLUGIN).registered(monkeypatch)
     # Through JSON, as the portable run's result is (tuples become lists).
     in_process = json.loads(json.dumps(_lifecycle(str(tmp_path / "in_process"), data, [])))
-    portable = _portable_lifecycle(worker_pool, gcs_data, tmp_path)
+    portable = _portable_lifecycle(worker_pool, gcs_data, rerank_plugin, tmp_path)
 
     # The lifecycle did what it says (so equality below compares real work).
     assert in_process["build"]["total"] == 160 and len(in_process["build"]["shards"]) == 3
@@ -305,7 +334,9 @@ def test_portable_workers_with_only_the_staged_package_equal_the_in_process_runn
     assert {i.split("/")[0] for i in neighbours} >= set(HELD_OUT) and not set(in_process["forgotten"]) & set(neighbours)
     assert any(w is not None and min(w) < 1.0 for *_, w in evaluation["neighbours"].values())
     assert len(evaluation["reranked"]) == 50 and any(r[3] == "answered" for r in evaluation["reranked"].values())
-    for step in ("build", "add", "forget", "prune", "evaluate", "reindex"):
+    plugin = in_process["evaluate_plugin_reranker"]["reranked"]
+    assert len(plugin) == 50 and sum(r[3] == "answered" for r in plugin.values()) > 25
+    for step in ("build", "add", "forget", "prune", "evaluate_plugin_reranker", "evaluate", "reindex"):
         assert portable[step] == in_process[step], step
 
     # The workers were separate processes of the worker virtualenv, importing the installed sdist only.

@@ -58,8 +58,8 @@ test: install
 test-all: install
 	$(PY) -m pytest -q -m "slow or not slow"
 
-# Build, evaluate, add, forget, prune and re-index with SDK workers in a separate virtualenv that holds only the
-# sdist Beam stages from --setup_file (tests/pipelines/test_portable.py; ~2.5 minutes on 2 cores).
+# Build, add, forget, prune, evaluate and re-index with SDK workers in a separate virtualenv that holds only the
+# sdist Beam stages from --setup_file (tests/pipelines/test_portable.py; about 3 minutes on 2 cores).
 test-portable: install
 	$(PY) -m pytest -q -m slow tests/pipelines/test_portable.py
 

@@ -1,24 +1,28 @@
 """Every job on Beam's portable path, with workers as Dataflow Runner v2 runs them: separate processes that
 have only the staged package.
 
-One lifecycle (build -> add -> forget -> prune -> evaluate -> re-index) of a partition-routed memory with
-ScaNN tree+AH shards (the jobs' richest path: router, index template, approximate search) runs twice
-through the ``vmem`` commands: locally on the default in-process runner, and on ``gs://`` (a GCS emulator)
-with ``--runner=PortableRunner --job_endpoint=embed --environment_type=EXTERNAL
---environment_config=127.0.0.1:PORT --setup_file=setup.py``. There the job service runs in the test
-process and hands every bundle to SDK workers that an external worker pool
-(``apache_beam.runners.worker.worker_pool_main``) starts from a separate virtualenv. Each worker boots as
-the container's boot does on Dataflow (tests/portable_boot.py): it fetches the job's staged artifacts and
-pip-installs the ``workflow.tar.gz`` sdist that Beam's stager built from ``--setup_file``, the staging a
-Dataflow submission does; the checkout is neither on its ``sys.path`` nor its working directory, and its
-home and encoder cache are its own. Both runs must agree on the stored ids and labels after every step,
-the prune counts, and every query's neighbours (ids, labels, distances, weights) and vote tables.
+One lifecycle (build -> add -> forget -> prune -> evaluate twice -> re-index) of a partition-routed memory
+with ScaNN tree+AH shards (the jobs' richest path: router, index template, approximate search), with a
+corrupt image in each input (dead letters), runs twice through the ``vmem`` commands: locally on the
+default in-process runner, and on ``gs://`` (a GCS emulator) with ``--runner=PortableRunner
+--job_endpoint=embed --environment_type=EXTERNAL --environment_config=127.0.0.1:PORT --setup_file=setup.py``.
+There the job service runs in the test's subprocess and hands every bundle to SDK workers that an external
+worker pool (``apache_beam.runners.worker.worker_pool_main``) starts from a separate virtualenv. Each worker
+boots as the container's boot does on Dataflow (tests/portable_boot.py): it fetches the job's staged
+artifacts and pip-installs the ``workflow.tar.gz`` sdist that Beam's stager built from ``--setup_file``
+(and the ``--extra_package`` packages), the staging a Dataflow submission does; the checkout is neither on
+its ``sys.path`` nor its working directory, and its home and encoder cache are its own. The evaluations
+re-rank on the workers: once with the offline second encoder, which reads the candidates' images there,
+and once with a re-ranker kind that the launcher registered at run time and the workers only have as an
+installed module. Both runs must agree on the stored ids and labels after every step, the dead letters,
+the prune counts, and every query's neighbours (ids, labels, distances, weights), re-ranked labels and
+vote tables.
 
-The worker virtualenv installs only that sdist. Its requirements (Beam, TensorFlow, ScaNN, ...) are not
-installed there but shared: a ``.pth`` file lists the test interpreter's site-packages directory. The tests
-run offline, where pip cannot fetch them; sharing keeps the requirements identical to the submitting
-process's (as a pinned worker image would) while the project itself stays invisible, because a listed
-directory's own ``.pth`` files (the editable install's finder among them) are not processed.
+The worker virtualenv installs only the staged packages. Their requirements (Beam, TensorFlow, ScaNN, ...)
+are not installed there but shared: a ``.pth`` file lists the test interpreter's site-packages directory.
+The tests run offline, where pip cannot fetch them; sharing keeps the requirements identical to the
+submitting process's (as a pinned worker image would) while the project itself stays invisible, because a
+listed directory's own ``.pth`` files (the editable install's finder among them) are not processed.
 
 Run with ``make test-portable`` (or ``pytest -m slow tests/pipelines/test_portable.py``).
 """
@@ -56,7 +60,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 HELD_OUT = ("bag", "sandal")
 CORRUPT = b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 10  # PNG signature, broken body: a dead letter.
 _POOL_START_TIMEOUT_S = 60
-# The portable lifecycle takes ~2 minutes on 2 busy cores. A worker that dies before it connects leaves the job
+# The portable lifecycle takes about 2 minutes on 2 busy cores. A worker that dies before it connects leaves the job
 # service waiting for it forever, so the lifecycle runs in a subprocess with this limit.
 _PORTABLE_TIMEOUT_S = 600
 # Runs in that subprocess: the portable lifecycle, its result as JSON.
@@ -220,11 +224,11 @@ def _evaluation(out: str) -> dict:
 
 
 def _lifecycle(base: str, data, beam_flags: list[str]) -> dict:
-    """build -> add -> forget -> prune -> evaluate -> reindex through ``vmem`` on the memory ``base``/memory
-    (local or gs://) from ``data``'s images with the bundled encoder; what each step left.
+    """build -> add -> forget -> prune -> evaluate twice -> reindex through ``vmem`` on the memory
+    ``base``/memory (local or gs://) from ``data``'s images with the bundled encoder; what each step left.
 
-    The evaluation runs before the re-index, where a search reads the most: main and delta shards,
-    tombstones and the soft-prune weights.
+    The evaluations run before the re-index, where a search reads the most: main and delta shards,
+    tombstones and the soft-prune weights. The ``last`` re-ranker kind must be registered (`_PLUGIN`).
     """
     mem = storage.join(base, "memory")
     steps = {}
@@ -342,7 +346,7 @@ def test_portable_workers_with_only_the_staged_package_equal_the_in_process_runn
     # The workers were separate processes of the worker virtualenv, importing the installed sdist only.
     with open(worker_pool.record) as f:
         workers = [json.loads(line) for line in f]
-    assert len(workers) >= 5, f"one SDK worker per portable job expected; pool log: {worker_pool.log}"
+    assert len(workers) >= 6, f"one SDK worker per portable job expected; pool log: {worker_pool.log}"
     site = os.path.join(worker_pool.venv, "lib")
     for w in workers:
         assert w["pid"] != os.getpid() and w["prefix"] == worker_pool.venv, w

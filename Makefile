@@ -1,6 +1,7 @@
 # visual-memory — every target installs what it needs first, so each works on a fresh machine.
 #   make demo   build a real memory from Fashion-MNIST with the bundled encoder (DirectRunner)
 #   make test   the default test suite (offline, CPU, ~minutes)
+#   make test-portable  every job on Beam's PortableRunner with workers that have only the staged sdist
 #   make paper  the paper's findings as experiments on Fashion-MNIST and MNIST (see docs/paper.md)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -14,7 +15,7 @@ OUT ?= out
 export TF_CPP_MIN_LOG_LEVEL ?= 1
 export PYTHONDONTWRITEBYTECODE :=
 
-.PHONY: install demo test test-all bench paper clean fashion-mnist
+.PHONY: install demo test test-all test-portable bench paper clean fashion-mnist
 
 install: $(STAMP) fashion-mnist
 
@@ -56,6 +57,11 @@ test: install
 
 test-all: install
 	$(PY) -m pytest -q -m "slow or not slow"
+
+# Build, add, forget, prune, evaluate and re-index with SDK workers in a separate virtualenv that holds only the
+# sdist Beam stages from --setup_file (tests/pipelines/test_portable.py; about 3 minutes on 2 cores).
+test-portable: install
+	$(PY) -m pytest -q -m slow tests/pipelines/test_portable.py
 
 bench: install
 	$(PY) -m evaluation.benchmarks.bench_voting

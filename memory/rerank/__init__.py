@@ -6,8 +6,8 @@ tallies), `gemini` (a Gemini model through google-genai), `second_opinion` (a se
 **The registry.** ``--rerank KIND:NAME`` (``vmem classify``, ``vmem evaluate``) names a registered kind and
 what that kind calls NAME (a model, an encoder). `RERANKERS` maps each kind to the module that implements
 it; the module is imported only when a spec of its kind is resolved or built, so a re-ranker's
-dependencies load only when it is used. `RerankSpec` is the picklable recipe (kind, name, options) a Beam
-worker builds its re-ranker from.
+dependencies load only when it is used. `RerankSpec` is the picklable recipe (kind, name, options, module)
+a Beam worker builds its re-ranker from, without consulting its own registry.
 
 **Adding a re-ranker** is one new module and one registration line:
 
@@ -91,12 +91,16 @@ class RerankerKind:
 
     def load(self) -> ModuleType:
         """The implementing module (imported now if it was not)."""
-        module = importlib.import_module(self.module)
-        missing = [fn for fn in ("make_reranker", "spec_options") if not callable(getattr(module, fn, None))]
-        if missing:
-            raise TypeError(f"re-ranker kind {self.kind!r}: module {self.module} defines no {' or '.join(missing)}; "
-                            "see memory/rerank/__init__.py for what a re-ranker module provides")
-        return module
+        return _load_module(self.kind, self.module)
+
+
+def _load_module(kind: str, name: str) -> ModuleType:
+    module = importlib.import_module(name)
+    missing = [fn for fn in ("make_reranker", "spec_options") if not callable(getattr(module, fn, None))]
+    if missing:
+        raise TypeError(f"re-ranker kind {kind!r}: module {name} defines no {' or '.join(missing)}; "
+                        "see memory/rerank/__init__.py for what a re-ranker module provides")
+    return module
 
 
 RERANKERS: dict[str, RerankerKind] = {}
@@ -148,13 +152,19 @@ class RerankSpec:
       kind: A registered kind (`RERANKERS`).
       name: What the kind calls NAME (a model, an encoder).
       options: ``make_reranker`` keyword options, sorted by name.
+      module: The module implementing ``kind``, looked up in `RERANKERS` where the spec is made (default).
+        `build` imports it by name: a Beam worker unpickles the spec in a process whose registry holds only
+        the kinds its own imports registered, not those the launching process registered at run time.
     """
     kind: str
     name: str
     options: tuple[tuple[str, Any], ...] = ()
+    module: str = ""
 
     def __post_init__(self) -> None:
-        _registered(self.kind)
+        entry = _registered(self.kind)
+        if not self.module:
+            object.__setattr__(self, "module", entry.module)  # Frozen: set once, here.
 
     @classmethod
     def from_flags(cls, kind: str, name: str, flags: RerankFlags) -> RerankSpec:
@@ -168,8 +178,9 @@ class RerankSpec:
         return f"{self.kind}:{self.name}"
 
     def build(self) -> Reranker:
-        """The re-ranker (no client is created and no model is loaded before its first request)."""
-        return _registered(self.kind).load().make_reranker(self.name, **dict(self.options))
+        """The re-ranker (no client is created and no model is loaded before its first request); needs
+        ``module`` importable here, not ``kind`` registered here."""
+        return _load_module(self.kind, self.module).make_reranker(self.name, **dict(self.options))
 
 
 register(RerankerKind("gemini", "memory.rerank.gemini", usage="gemini:MODEL", example="gemini:gemini-2.5-flash",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
 import sys
 import types
 
@@ -14,6 +16,8 @@ from memory.rerank.base import RerankOutcome, RerankReason, make_request, rerank
 from memory.rerank.gemini import GeminiReranker
 from memory.rerank.second_opinion import EncoderReranker
 from tests import fake_reranker
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 def test_builtin_kinds_build_their_rerankers(monkeypatch):
@@ -74,3 +78,20 @@ def test_a_registered_module_without_the_two_functions_is_named(monkeypatch):
     registry.register(RerankerKind("half", module.__name__, usage="half:X", example="half:x", help=""))
     with pytest.raises(TypeError, match="tests_incomplete_reranker defines no spec_options"):
         RerankSpec("half", "x").build()
+
+
+def test_a_spec_builds_where_its_kind_was_never_registered(monkeypatch, tmp_path):
+    """A Beam worker unpickles the spec in a fresh process, whose registry holds only the built-in kinds."""
+    fake_reranker.registered(monkeypatch)
+    spec = RerankSpec.from_flags("last", "x", RerankFlags(rate_limit=3.0))
+    (tmp_path / "spec.pkl").write_bytes(pickle.dumps(spec))
+    worker = ("import pickle, sys\n"
+              "from memory import rerank\n"
+              "assert 'last' not in rerank.RERANKERS, rerank.RERANKERS\n"
+              "reranker = pickle.load(open(sys.argv[1], 'rb')).build()\n"
+              "print(type(reranker).__name__, reranker.name, reranker.rate_limit)\n")
+    run = subprocess.run([sys.executable, "-c", worker, str(tmp_path / "spec.pkl")], cwd=REPO, capture_output=True,
+                         text=True, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["LastLabelReranker", "last:x", "3.0"]
+    assert spec.module == fake_reranker.__name__ and RerankSpec("last", "x").module == fake_reranker.__name__

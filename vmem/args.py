@@ -58,10 +58,10 @@ def error_message(error: BaseException) -> str:
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("visual_memory").setLevel(logging.INFO)
-    if not os.environ.get("VMEM_DEBUG"):
-        # Beam logs a failing DoFn's traceback before the job fails; the command reports that failure in its one
-        # message, and VMEM_DEBUG=1 shows the traceback.
-        logging.getLogger("apache_beam.runners.common").setLevel(logging.CRITICAL)
+    # Beam logs a failing DoFn's traceback before the job fails; the command reports that failure in its one
+    # message (a lost race, a bad input, a failure after the publish), and VMEM_DEBUG=1 shows the traceback.
+    debug = bool(os.environ.get("VMEM_DEBUG"))
+    logging.getLogger("apache_beam.runners.common").setLevel(logging.NOTSET if debug else logging.CRITICAL)
 
 
 def run_command(prog: str, body: Callable[[list[str]], int], argv: Sequence[str] | None = None) -> int:

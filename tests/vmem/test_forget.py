@@ -96,8 +96,9 @@ def test_help_is_honest_about_physical_deletion(capsys):
     assert "--purge-history" in text and "vmem reindex" in text
 
 
-def test_a_lost_race_is_one_line_without_beams_traceback(caplog, capsys):
-    """Beam logs a failed step with its traceback; for a writer that lost a race the command's line suffices."""
+def test_a_lost_race_is_one_line_without_beams_traceback(caplog, capsys, monkeypatch):
+    """Beam logs a failed step with its traceback; for a writer that lost a race the command's line suffices
+    (VMEM_DEBUG=1 brings Beam's log and the traceback back)."""
     import logging
     from memory.store.versions import WriteConflictError
     from vmem.args import run_command
@@ -115,5 +116,9 @@ def test_a_lost_race_is_one_line_without_beams_traceback(caplog, capsys):
     assert run_command("vmem forget", body(conflict), []) == 1
     assert not [r for r in caplog.records if r.name == "apache_beam.runners.common"]
     assert capsys.readouterr().err.splitlines()[0] == f"vmem forget: error: {conflict}"
-    assert run_command("vmem forget", body(OSError("disk full")), []) == 1  # Other step errors stay logged.
+    assert run_command("vmem forget", body(OSError("disk full")), []) == 1
+    assert capsys.readouterr().err.splitlines()[0] == "vmem forget: error: disk full"
+    monkeypatch.setenv("VMEM_DEBUG", "1")
+    with pytest.raises(OSError, match="disk full"):
+        run_command("vmem forget", body(OSError("disk full")), [])
     assert [r.exc_info[1] for r in caplog.records if r.name == "apache_beam.runners.common"][0].args == ("disk full",)

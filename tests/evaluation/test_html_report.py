@@ -1,52 +1,24 @@
-"""report.html: escaping, the Markdown subset, no external asset, and pages opened in headless Chromium.
-
-The browser tests read what the page's own script leaves on ``<body>`` after the load event (``data-report``,
-``data-images-loaded``) from ``chromium --dump-dom``, and look for table cells in the dumped DOM. Chromium is
-Debian's ``chromium`` package, which ``make install`` installs; without it these tests fail and say so.
-"""
+"""report.html: escaping, the Markdown subset, no external asset, and pages opened in headless Chromium
+(tests/browser.py)."""
 
 from __future__ import annotations
 
+import ast
 import base64
 import json
 import os
 import re
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
 
 from evaluation import html_report
-from evaluation.experiments import k_sweep, new_classes, paper
+from evaluation.experiments import common, k_sweep, new_classes, paper
 from evaluation.experiments.common import plot_lines, write_report
+from evaluation.experiments.registry import EXPERIMENTS
 from evaluation.html_report import Section, markdown_to_html, render_html, write_html
+from tests.browser import assert_loaded, dump_dom
 from tests.evaluation.test_experiments import synthetic_workspace
-
-CHROMIUM = shutil.which("chromium")
-
-
-def dump_dom(path: str, *, browser: str | None = CHROMIUM) -> str:
-    """The DOM of ``path`` after Chromium has loaded it (scripts run)."""
-    if browser is None:
-        pytest.fail("chromium is not installed; the report.html tests open reports in it: run `make install` "
-                    "(it installs Debian's chromium package) or `apt-get install chromium`", pytrace=False)
-    proc = subprocess.run([browser, "--headless", "--disable-gpu", "--no-sandbox", "--no-first-run",
-                           "--dump-dom", "file://" + os.path.abspath(path)],
-                          capture_output=True, text=True, timeout=60, check=False)
-    assert proc.returncode == 0, f"chromium exited {proc.returncode}: {proc.stderr[-2000:]}"
-    return proc.stdout
-
-
-def assert_loaded(dom: str, *, images: int, cells: tuple[str, ...] = ()) -> None:
-    """Every one of ``images`` images decoded, and each of ``cells`` is a table cell of the page."""
-    body = re.search(r"<body[^>]*>", dom)
-    assert body, f"no <body> in the DOM Chromium dumped: {dom[:500]!r}"
-    attrs = dict(re.findall(r'(data-[a-z-]+)="([^"]*)"', body.group(0)))
-    assert attrs.get("data-report") == "ok", f"the page did not load cleanly: {attrs}"
-    assert attrs.get("data-images-loaded") == str(images), attrs
-    for cell in cells:
-        assert re.search(rf"<t[dh][^>]*>{re.escape(cell)}</t[dh]>", dom), f"no table cell {cell!r} in the DOM"
 
 
 def _plot(path: str) -> str:
@@ -154,3 +126,15 @@ def test_real_experiment_and_paper_reports_load_in_chromium(paper_output):
     dom = dump_dom(page)
     assert_loaded(dom, images=2, cells=(f"{100 * rank_at_1:.2f}",))
     assert "<h2>fashion-mnist: new-classes</h2>" in dom and "&lt;headline&gt;" in dom
+
+
+def test_every_registered_experiment_writes_its_report_through_the_one_writer():
+    """Each experiment calls common.write_report, which writes report.html: none writes its own page."""
+    for name, module in EXPERIMENTS.items():
+        with open(os.path.join(os.path.dirname(common.__file__), module + ".py"), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        imported = {(n.module, a.name) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+        called = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+        assert ("evaluation.experiments.common", "write_report") in imported and "write_report" in called, name
+        assert "html" not in {a.name.split(".")[-1] for n in ast.walk(tree) if isinstance(n, ast.Import)
+                              for a in n.names}, f"{name} builds HTML itself; use evaluation.html_report"

@@ -15,9 +15,9 @@ OUT ?= out
 export TF_CPP_MIN_LOG_LEVEL ?= 1
 export PYTHONDONTWRITEBYTECODE :=
 
-.PHONY: install demo test test-all test-portable bench paper clean fashion-mnist
+.PHONY: install demo test test-all test-portable bench paper clean fashion-mnist chromium
 
-install: $(STAMP) fashion-mnist
+install: $(STAMP) fashion-mnist chromium
 
 $(STAMP): requirements.txt requirements-nodeps.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,15 @@ fashion-mnist:
 	  apt-get install -y -q dataset-fashion-mnist || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }; \
 	else \
 	  echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist' once, then re-run make." >&2; exit 1; \
+	fi
+
+# The tests open every report.html in a real headless browser: Debian's chromium package.
+chromium:
+	@if command -v chromium >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then \
+	  apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; \
+	else \
+	  echo "Chromium is missing (the report.html tests open reports in it): run 'sudo apt-get install chromium' once, then re-run make." >&2; exit 1; \
 	fi
 
 # Memory: 1,000 Fashion-MNIST training images per class; queries: 100 held-out test images per class.

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from evaluation import metrics, neighbors_io
+from evaluation.html_report import REPORT_HTML, Section, png_paths, write_html
 from memory.decide import voting
 
 __all__ = ["Revote", "plot_lines", "revote", "rule_summary", "write_report"]
@@ -131,10 +132,11 @@ def pct(x: float) -> str:
 
 def write_report(out: str, *, name: str, setup: Any, results: Mapping[str, Any], markdown: str,
                  seconds: Mapping[str, float], command: str) -> dict[str, str]:
-    """Writes ``report.json`` and ``report.md`` for one experiment; returns their paths.
+    """Writes ``report.json``, ``report.md`` and ``report.html`` for one experiment; returns their paths.
 
     ``report.json`` holds ``experiment``, ``setup`` (every parameter, so two runs can be diffed),
-    ``command``, ``seconds`` and ``results``; numbers are plain JSON floats.
+    ``command``, ``seconds`` and ``results``; numbers are plain JSON floats. ``report.html`` shows the same
+    with every PNG plot in ``out`` embedded (evaluation.html_report), and opens offline.
     """
     os.makedirs(out, exist_ok=True)
     payload = {"schema_version": 1, "experiment": name, "command": command,
@@ -147,6 +149,10 @@ def write_report(out: str, *, name: str, setup: Any, results: Mapping[str, Any],
     with open(paths["markdown"], "w", encoding="utf-8") as f:
         f.write(f"# Experiment: {name}\n\n`{command}`\n\n{markdown.rstrip()}\n\n")
         f.write("Seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()) + "\n")
+    paths["html"] = write_html(os.path.join(out, REPORT_HTML), f"Experiment: {name}", [
+        Section("Results", markdown=markdown, figures=png_paths(out)),
+        Section("Setup", facts=payload["setup"]), Section("Seconds", facts=payload["seconds"]),
+        Section("report.json results", data=results)], command=command)
     return paths
 
 

@@ -5,7 +5,8 @@
 Runs ``vmem experiment all`` for Fashion-MNIST and MNIST with the default setup (1,000 training images per
 class in the memory pool, 100 more per class for calibration, 100 test images per class as queries),
 then writes ``OUTPUT/summary.md`` and ``OUTPUT/summary.json`` (the headline number of every experiment on
-both datasets). ``--docs DIR`` also copies each experiment's plots and report.md into ``DIR/<dataset>/``,
+both datasets) and ``OUTPUT/report.html`` (the summary, then every experiment's report and plots, in one
+self-contained page). ``--docs DIR`` also copies each experiment's plots and report.md into ``DIR/<dataset>/``,
 where docs/paper.md shows them.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -21,6 +23,7 @@ from collections.abc import Sequence
 
 from evaluation.experiments.registry import EXPERIMENTS, run_experiments
 from evaluation.experiments.workspace import HOLD_OUT, Setup, Workspace
+from evaluation.html_report import REPORT_HTML, Section, png_paths, write_html
 
 DATASETS = tuple(HOLD_OUT)
 
@@ -63,6 +66,25 @@ def headline(name: str, r: dict) -> str:
         return (f"ECE {r['ece_in_memory']['raw_share']:.3f} -> {r['ece_in_memory']['calibrated']:.3f}; AUROC "
                 + ", ".join(f"{s} {v:.3f}" for s, v in r["auroc_in_vs_out"].items()))
     return ""
+
+
+def write_paper_html(output: str, summary_md: str, datasets: Sequence[str], names: Sequence[str], *,
+                     command: str) -> str:
+    """``OUTPUT/report.html``: the summary, then each experiment's report.md and plots from ``OUTPUT/DATASET/NAME``.
+
+    Returns:
+      The page's path.
+    """
+    sections = [Section("Summary", markdown=summary_md.split("\n", 1)[1])]  # The page has the title.
+    for dataset in datasets:
+        for n in names:
+            directory = os.path.join(output, dataset, n)
+            with open(os.path.join(directory, "report.md"), encoding="utf-8") as f:
+                body = f.read()
+            if body.startswith("# "):  # "# Experiment: NAME" repeats the section title.
+                body = body.split("\n", 1)[1]
+            sections.append(Section(f"{dataset}: {n}", markdown=body, figures=png_paths(directory)))
+    return write_html(os.path.join(output, REPORT_HTML), "Paper experiments", sections, command=command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -113,6 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines += [""]
     with open(os.path.join(args.output, "summary.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
+    write_paper_html(args.output, "\n".join(lines), list(summary["results"]), names,
+                     command=shlex.join(["python", "-m", "evaluation.experiments.paper",
+                                         *(sys.argv[1:] if argv is None else argv)]))
     print("\n".join(lines))
     return 0
 

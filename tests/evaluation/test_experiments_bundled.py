@@ -8,6 +8,7 @@ import os
 import pytest
 
 from evaluation.experiments.registry import EXPERIMENTS
+from tests.browser import assert_loaded, dump_dom
 from vmem import main as cli
 
 
@@ -26,7 +27,9 @@ def test_vmem_experiment_all_on_real_images(tmp_path, capsys):
     assert "embeddings ready" in printed and '"train": 300' in printed
     for name in EXPERIMENTS:
         assert os.path.getsize(os.path.join(out, name, "report.md")) > 200
-        assert any(f.endswith(".png") for f in os.listdir(os.path.join(out, name))), name
+        pngs = [f for f in os.listdir(os.path.join(out, name)) if f.endswith(".png")]
+        assert pngs, name
+        assert_loaded(dump_dom(os.path.join(out, name, "report.html")), images=len(pngs))
     assert _results(out, "k-sweep")["revote_equals_evaluate"]
     assert _results(out, "label-noise")["verification"]["other_differences"] == 0
     assert _results(out, "new-classes")["neighbour_lists_not_exact"] == 0

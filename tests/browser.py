@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 
 import pytest
 
@@ -24,9 +25,14 @@ def dump_dom(path: str, *, browser: str | None = CHROMIUM) -> str:
     if browser is None:
         pytest.fail("chromium is not installed; the report.html tests open reports in it: run `make install` "
                     "(it installs Debian's chromium package) or `apt-get install chromium`", pytrace=False)
-    proc = subprocess.run([browser, "--headless", "--disable-gpu", "--no-sandbox", "--no-first-run",
-                           "--dump-dom", "file://" + os.path.abspath(path)],
-                          capture_output=True, text=True, timeout=60, check=False)
+    # A fresh profile, and none of Chromium's own network traffic (sync, updates, QUIC): the machine may be
+    # offline, and a reused profile or a refused connection must not decide the test.
+    with tempfile.TemporaryDirectory(prefix="vmem-chromium-") as profile:
+        proc = subprocess.run([browser, "--headless", "--disable-gpu", "--no-sandbox", "--no-first-run",
+                               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                               "--disable-quic", f"--user-data-dir={profile}",
+                               "--dump-dom", "file://" + os.path.abspath(path)],
+                              capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, f"chromium exited {proc.returncode}: {proc.stderr[-2000:]}"
     return proc.stdout
 

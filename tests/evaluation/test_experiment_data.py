@@ -217,3 +217,11 @@ def test_an_experiment_runs_on_the_local_multi_process_runner(clip_specs, tmp_pa
     report = _report(out)
     assert report["results"]["revote_equals_evaluate"] and report["results"]["queries"] == 24
     assert report["command"].endswith("--direct_running_mode=multi_processing --direct_num_workers=2")
+
+
+def test_make_paper_checks_the_runner_flags_it_passes_to_every_job(tmp_path, capsys):
+    from evaluation.experiments import paper
+    assert paper.main(["--output", str(tmp_path / "o"), "--work-dir", str(tmp_path / "w"),
+                       "--direct_running_mode=multi_threading", "--direct_num_workers=2"]) == 2
+    assert "--direct_running_mode=multi_threading with --direct_num_workers=2 is refused" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "w")

@@ -1,16 +1,25 @@
-"""``vmem experiment NAME``: one of the paper's findings, reproduced on a bundled dataset with the real jobs.
+"""``vmem experiment NAME``: one of the paper's findings, reproduced on your data or a bundled dataset by the real jobs.
 
-    vmem experiment k-sweep --dataset fashion-mnist --output out/paper/fashion-mnist/k-sweep
-    vmem experiment all --dataset mnist --output out/paper/mnist [--work-dir out/paper-work]
+    vmem experiment k-sweep --memory-data DIR/train --queries DIR/test --output out/k-sweep
+    vmem experiment all --memory-data 'clip:EMB/train,label_column=label' --queries 'clip:EMB/val,label_column=label' \\
+        --calibration 'clip:EMB/calib,label_column=label' --encoder-id dinov2-vitl14 --hold-out goldfish,tench \\
+        --output out/paper-in1k --direct_running_mode=multi_processing --direct_num_workers=2
     vmem experiment label-noise --dataset mnist --output /tmp/noise --train-per-class 200
 
-The dataset's splits are embedded once per --work-dir (cached; see evaluation.experiments.workspace); each
-experiment writes report.json, report.md and PNG plots into --output (``all``: one sub-directory each).
-Everything is seeded (--seed); two runs with the same flags give the same numbers. The experiments
-themselves are evaluation.experiments.registry's.
+--memory-data, --queries and --calibration take what ``vmem build`` takes: ``--images`` specs (ImageFolder,
+webdataset:, tfrecord:, manifest: or .csv/.jsonl) embedded by --config's encoder, or with --encoder-id
+``--embeddings`` specs (clip:DIR,..., tfrecord:PATTERN,...). --dataset fashion-mnist|mnist is a preset of
+the same path: it writes the bundled splits as ImageFolders and uses its own defaults (sizes, --hold-out).
+Every other flag is a Beam pipeline option, passed to every job the experiment runs (--runner=...,
+--direct_running_mode=multi_processing --direct_num_workers=N, Dataflow's flags).
+
+The data's splits are read once per --work-dir (cached; see evaluation.experiments.workspace); each
+experiment writes report.json, timings.json, report.md, report.html and PNG plots into --output (``all``: one
+sub-directory each). Everything is seeded (--seed); two runs with the same flags write the same
+report.json. The experiments themselves are evaluation.experiments.registry's.
 
 Exit status: 0 done; 1 an experiment failed (e.g. the dataset is not installed); 2 a bad flag, an unknown
-experiment or class.
+experiment or class, or data an experiment cannot run on (the message names the flag).
 """
 
 from __future__ import annotations
@@ -28,67 +37,132 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``vmem experiment`` argument parser."""
-    from evaluation.experiments.workspace import HOLD_OUT, Setup  # pylint: disable=g-import-not-at-top
+    """The ``vmem experiment`` argument parser (other flags are Beam pipeline options)."""
+    from evaluation.experiments.data import PRESETS  # pylint: disable=g-import-not-at-top
+    from evaluation.experiments.workspace import CUSTOM, Setup  # pylint: disable=g-import-not-at-top
     d = Setup()
-    parser = RaisingArgumentParser(prog="vmem experiment", description=__doc__.split("\n")[0])
+    preset = PRESETS[d.dataset]
+    parser = RaisingArgumentParser(prog="vmem experiment", description=__doc__.split("\n")[0],
+                                   epilog="Other flags are Beam pipeline options (--runner, --direct_num_workers, "
+                                          "--project, ...), passed to every job.")
     parser.add_argument("name", help=f"one of: {', '.join(EXPERIMENTS)}, or all")
-    parser.add_argument("--dataset", default=d.dataset, help=f"{' or '.join(HOLD_OUT)} (default {d.dataset})")
-    parser.add_argument("--output", required=True, help="directory for report.json, report.md and plots")
+    data = parser.add_argument_group("your data (instead of --dataset)")
+    data.add_argument("--memory-data", metavar="SPEC", default=None,
+                      help="the memory pool: an ImageFolder DIR, webdataset:, tfrecord:, manifest: (vmem build "
+                           "--images), or with --encoder-id clip:DIR,label_column=COL or tfrecord:PATTERN "
+                           "(--embeddings)")
+    data.add_argument("--queries", metavar="SPEC", default=None, help="the labelled queries (same forms)")
+    data.add_argument("--calibration", metavar="SPEC", default=None,
+                      help="labelled calibration queries, never in a memory (same forms; abstain needs it)")
+    data.add_argument("--encoder-id", default=None,
+                      help="the specs are precomputed embeddings of this encoder (as vmem build --encoder-id)")
+    data.add_argument("--config", default=None,
+                      help="with image specs: build config file.py[:variant] or module whose encoder embeds them "
+                           "(default configs.default, as vmem build)")
+    data.add_argument("--name", dest="data_name", default=None,
+                      help=f"the data's name in reports and under --work-dir (default {CUSTOM})")
+    parser.add_argument("--dataset", default=None,
+                        help=f"a bundled preset: {' or '.join(PRESETS)} (default {d.dataset} without --memory-data)")
+    parser.add_argument("--output", required=True, help="directory for report.json, timings.json, report.md, report.html and plots")
     parser.add_argument("--work-dir", default="out/paper-work",
                         help="embeddings and memories (cached across runs; default out/paper-work)")
-    parser.add_argument("--train-per-class", type=int, default=d.train_per_class,
-                        help=f"memory pool: training images per class (default {d.train_per_class})")
-    parser.add_argument("--calib-per-class", type=int, default=d.calib_per_class,
-                        help=f"calibration split: further training images per class (default {d.calib_per_class})")
-    parser.add_argument("--test-per-class", type=int, default=d.test_per_class,
-                        help=f"queries: test images per class (default {d.test_per_class})")
+    parser.add_argument("--train-per-class", type=int, default=None,
+                        help=f"preset memory pool: training images per class (default {preset.train_per_class})")
+    parser.add_argument("--calib-per-class", type=int, default=None,
+                        help=f"preset calibration split: further training images per class "
+                             f"(default {preset.calib_per_class})")
+    parser.add_argument("--test-per-class", type=int, default=None,
+                        help=f"preset queries: test images per class (default {preset.test_per_class})")
     parser.add_argument("--shards", type=int, default=d.shards, help=f"shards per memory (default {d.shards})")
     parser.add_argument("--seed", type=int, default=d.seed, help=f"seed of every random choice (default {d.seed})")
     parser.add_argument("--hold-out", default=None,
-                        help="comma-separated classes held out of the memory by new-classes and abstain "
-                             "(default: " + "; ".join(f"{k}: {','.join(v)}" for k, v in HOLD_OUT.items()) + ")")
+                        help="comma-separated classes held out of the memory by new-classes and abstain, the first "
+                             "forgotten by unlearning (presets' default: "
+                             + "; ".join(f"{k}: {','.join(v.hold_out)}" for k, v in PRESETS.items())
+                             + "; your data: none, so those experiments need it)")
     return parser
 
 
-def _setup_from_args(args: argparse.Namespace):
-    """The experiments' Setup from the flags (UsageError naming a bad value)."""
-    from evaluation.experiments.workspace import Setup  # pylint: disable=g-import-not-at-top
-    hold_out = tuple(c.strip() for c in (args.hold_out or "").split(",") if c.strip())
+def _data_from_args(args: argparse.Namespace):
+    """The ExperimentData of --memory-data/--queries/..., or None for a preset (UsageError naming a bad flag)."""
+    from evaluation.experiments.data import ExperimentData  # pylint: disable=g-import-not-at-top
+    specs = {"--memory-data": args.memory_data, "--queries": args.queries, "--calibration": args.calibration,
+             "--encoder-id": args.encoder_id, "--config": args.config, "--name": args.data_name}
+    if args.memory_data is None and args.queries is None:
+        given = [flag for flag, value in specs.items() if value is not None]
+        if given:
+            raise UsageError(f"{given[0]} describes your data: pass --memory-data SPEC --queries SPEC with it")
+        return None
+    if args.dataset is not None:
+        raise UsageError(f"--dataset {args.dataset} is a preset of --memory-data/--queries; give one or the other")
+    for flag, other in (("--memory-data", "--queries"), ("--queries", "--memory-data")):
+        if specs[flag] is None:
+            raise UsageError(f"{flag} SPEC is required with {other}")
     try:
-        return Setup(dataset=args.dataset, train_per_class=args.train_per_class, calib_per_class=args.calib_per_class,
-                     test_per_class=args.test_per_class, shards=args.shards, seed=args.seed, hold_out=hold_out)
+        return ExperimentData(memory=args.memory_data, queries=args.queries, calibration=args.calibration,
+                              encoder_id=args.encoder_id, config=args.config)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
 
+def _setup_from_args(args: argparse.Namespace, runner_flags: Sequence[str]):
+    """The experiments' Setup from the flags (UsageError naming a bad value)."""
+    from evaluation.experiments.workspace import CUSTOM, Setup  # pylint: disable=g-import-not-at-top
+    hold_out = tuple(c.strip() for c in (args.hold_out or "").split(",") if c.strip())
+    data = _data_from_args(args)
+    dataset = (args.data_name or CUSTOM) if data is not None else (args.dataset or Setup().dataset)
+    try:
+        return Setup(dataset=dataset, train_per_class=args.train_per_class, calib_per_class=args.calib_per_class,
+                     test_per_class=args.test_per_class, shards=args.shards, seed=args.seed, hold_out=hold_out,
+                     data=data, runner_flags=tuple(runner_flags))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _runner_flags(extra: Sequence[str]) -> list[str]:
+    """The Beam flags among the arguments ``vmem experiment`` does not know, checked as every job checks them."""
+    from pipelines.runner import resolve_pipeline_options  # pylint: disable=g-import-not-at-top
+    if extra and not extra[0].startswith("-"):
+        raise UsageError(f"unrecognized argument {extra[0]!r}; Beam pipeline options come as --flag=value")
+    resolve_pipeline_options(list(extra))  # FlagError (exit 2) for a runner setting every job would refuse.
+    return list(extra)
+
+
+def _check_hold_out(setup, classes: Sequence[str], whose: str) -> None:
+    """Refuses --hold-out classes that are not ``whose`` classes, or that leave none in the memory."""
+    unknown = sorted(set(setup.hold_out) - set(classes))
+    if unknown:
+        raise UsageError(f"--hold-out: {unknown} are not {whose} classes; allowed: {', '.join(classes)}")
+    if setup.hold_out and not set(classes) - set(setup.hold_out):
+        raise UsageError(f"--hold-out holds out every {whose} class; leave at least one in the memory")
+
+
 def _run(argv: Sequence[str]) -> int:
-    from evaluation.experiments.registry import run_experiments  # pylint: disable=g-import-not-at-top
+    from evaluation.experiments.registry import check_needs, run_experiments  # pylint: disable=g-import-not-at-top
     from evaluation.experiments.workspace import Workspace  # pylint: disable=g-import-not-at-top
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
     names = list(EXPERIMENTS) if args.name == "all" else [args.name]
     unknown = [n for n in names if n not in EXPERIMENTS]
     if unknown:
         raise UsageError(f"unknown experiment {unknown[0]!r}; allowed: {', '.join(EXPERIMENTS)}, all")
-    setup = _setup_from_args(args)
-    unknown_classes = sorted(set(setup.hold_out) - set(_classes(setup.dataset)))
-    if unknown_classes:
-        raise UsageError(f"--hold-out: {unknown_classes} are not {setup.dataset} classes; allowed: "
-                         f"{', '.join(_classes(setup.dataset))}")
+    setup = _setup_from_args(args, _runner_flags(extra))
+    try:
+        check_needs(names, setup)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if setup.preset is not None:  # Known before anything is embedded.
+        _check_hold_out(setup, setup.preset.classes(), setup.dataset)
     ws = Workspace(args.work_dir, setup)
     start = time.monotonic()
     stamp = ws.prepare()
     print(f"{setup.dataset}: embeddings ready ({json.dumps(stamp['counts'])}; encoder {stamp['encoder_id']}) "
           f"in {time.monotonic() - start:.1f}s", flush=True)
+    if setup.preset is None:
+        _check_hold_out(setup, ws.class_names(), f"--memory-data {setup.data.memory}")
     run_experiments(names, ws, args.output, nested=args.name == "all")
     print(f"done in {time.monotonic() - start:.1f}s; seconds by job: "
           + ", ".join(f"{k} {v:.1f}" for k, v in ws.seconds.items()))
     return 0
-
-
-def _classes(dataset: str) -> tuple[str, ...]:
-    from evaluation.datasets import class_names  # pylint: disable=g-import-not-at-top
-    return class_names(dataset)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

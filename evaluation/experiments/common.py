@@ -22,10 +22,33 @@ from evaluation import metrics, neighbors_io
 from evaluation.html_report import REPORT_HTML, Section, png_paths, write_html
 from memory.decide import voting
 
-__all__ = ["Revote", "plot_lines", "revote", "rule_summary", "write_report"]
+__all__ = ["Revote", "plot_lines", "revote", "rule_summary", "split_timings", "write_report"]
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
+REPORT_TIMINGS = "timings.json"
+# Result keys holding wall-clock measurements (``add_seconds``, ``speedup``, ...): they go to timings.json, so
+# report.json holds only what the data and the seed determine and two runs of one command diff empty.
+_TIMING_KEYS = ("seconds", "speedup")
+
+
+def split_timings(results: Any) -> tuple[Any, Any]:
+    """Splits nested results into (everything else, the wall-clock measurements), keeping the nesting.
+
+    A key is a measurement when its name contains "seconds" or "speedup"; the second part holds only the
+    branches that lead to one (None when there is none).
+    """
+    if not isinstance(results, Mapping):
+        return results, None
+    kept, timed = {}, {}
+    for key, value in results.items():
+        if any(t in str(key) for t in _TIMING_KEYS):
+            timed[key] = value
+            continue
+        kept[key], sub = split_timings(value)
+        if sub is not None:
+            timed[key] = sub
+    return kept, (timed or None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,27 +155,35 @@ def pct(x: float) -> str:
 
 def write_report(out: str, *, name: str, setup: Any, results: Mapping[str, Any], markdown: str,
                  seconds: Mapping[str, float], command: str) -> dict[str, str]:
-    """Writes ``report.json``, ``report.md`` and ``report.html`` for one experiment; returns their paths.
+    """Writes ``report.json``, ``timings.json``, ``report.md`` and ``report.html`` for one experiment; returns
+    their paths.
 
-    ``report.json`` holds ``experiment``, ``setup`` (every parameter, so two runs can be diffed),
-    ``command``, ``seconds`` and ``results``; numbers are plain JSON floats. ``report.html`` shows the same
-    with every PNG plot in ``out`` embedded (evaluation.html_report), and opens offline.
+    ``report.json`` holds ``experiment``, ``setup`` (every parameter), ``command`` and ``results`` without
+    wall-clock measurements (`split_timings`): two runs of one seeded command write the same bytes.
+    ``timings.json`` holds ``seconds`` (by job) and ``results``' measurements, under the same keys.
+    Numbers are plain JSON floats. ``report.html`` shows all of it with every PNG plot in ``out`` embedded
+    (evaluation.html_report), and opens offline.
     """
     os.makedirs(out, exist_ok=True)
-    payload = {"schema_version": 1, "experiment": name, "command": command,
+    kept, timed = split_timings(results)
+    payload = {"schema_version": 2, "experiment": name, "command": command,
                "setup": dataclasses.asdict(setup) if dataclasses.is_dataclass(setup) else dict(setup),
-               "seconds": {k: round(float(v), 2) for k, v in seconds.items()}, "results": results}
-    paths = {"json": os.path.join(out, REPORT_JSON), "markdown": os.path.join(out, REPORT_MD)}
-    with open(paths["json"], "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, sort_keys=True, allow_nan=False)
-        f.write("\n")
+               "results": kept}
+    timings = {"experiment": name, "seconds": {k: round(float(v), 2) for k, v in seconds.items()},
+               "results": timed or {}}
+    paths = {"json": os.path.join(out, REPORT_JSON), "timings": os.path.join(out, REPORT_TIMINGS),
+             "markdown": os.path.join(out, REPORT_MD)}
+    for key, content in (("json", payload), ("timings", timings)):
+        with open(paths[key], "w", encoding="utf-8") as f:
+            json.dump(content, f, indent=2, sort_keys=True, allow_nan=False)
+            f.write("\n")
     with open(paths["markdown"], "w", encoding="utf-8") as f:
         f.write(f"# Experiment: {name}\n\n`{command}`\n\n{markdown.rstrip()}\n\n")
         f.write("Seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()) + "\n")
     paths["html"] = write_html(os.path.join(out, REPORT_HTML), f"Experiment: {name}", [
         Section("Results", markdown=markdown, figures=png_paths(out)),
-        Section("Setup", facts=payload["setup"]), Section("Seconds", facts=payload["seconds"]),
-        Section("report.json results", data=results)], command=command)
+        Section("Setup", facts=payload["setup"]), Section("Seconds", facts=timings["seconds"]),
+        Section("report.json results", data=kept)], command=command)
     return paths
 
 

@@ -36,7 +36,8 @@ def nested_subset(ws: Workspace, per_class: int) -> np.ndarray:
 def run(ws: Workspace, out: str, *, sizes_per_class: list[int] | None = None, bootstrap: int = 1000) -> dict:
     s = ws.setup
     k = min(10, s.k_max)
-    sizes_per_class = sizes_per_class or geometric_sizes(min(10, s.train_per_class), s.train_per_class)
+    largest = int(np.unique(ws.table("train").labels, return_counts=True)[1].max())  # A preset: train_per_class.
+    sizes_per_class = sizes_per_class or geometric_sizes(min(10, largest), largest)
     points = []
     for n in sizes_per_class:
         rows = nested_subset(ws, n)

@@ -8,6 +8,9 @@ then writes ``OUTPUT/summary.md`` and ``OUTPUT/summary.json`` (the headline numb
 both datasets) and ``OUTPUT/report.html`` (the summary, then every experiment's report and plots, in one
 self-contained page). ``--docs DIR`` also copies each experiment's plots and report.md into ``DIR/<dataset>/``,
 where docs/paper.md shows them.
+
+Other flags are Beam pipeline options, passed to every job (``--direct_running_mode=multi_processing
+--direct_num_workers=2``, Dataflow's flags), as ``vmem experiment`` passes them.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from collections.abc import Sequence
 from evaluation.experiments.registry import EXPERIMENTS, run_experiments
 from evaluation.experiments.workspace import HOLD_OUT, Setup, Workspace
 from evaluation.html_report import REPORT_HTML, Section, png_paths, write_html
+from pipelines.runner import FlagError, resolve_pipeline_options
 
 DATASETS = tuple(HOLD_OUT)
 
@@ -98,7 +102,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("train_per_class", "calib_per_class", "test_per_class"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name),
                             help=f"default {getattr(d, name)} (see evaluation.experiments.workspace.Setup)")
-    args = parser.parse_args(argv)
+    args, runner_flags = parser.parse_known_args(argv)
+    try:  # The other flags are Beam options for every job (as vmem experiment passes them).
+        resolve_pipeline_options(runner_flags)
+    except FlagError as e:
+        print(e, file=sys.stderr)
+        return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     names = [n for n in args.experiments.split(",") if n]
     unknown = [n for n in names if n not in EXPERIMENTS]
@@ -110,7 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for dataset in [d for d in args.datasets.split(",") if d]:
         t = time.monotonic()
         ws = Workspace(args.work_dir, Setup(dataset=dataset, train_per_class=args.train_per_class,
-                                            calib_per_class=args.calib_per_class, test_per_class=args.test_per_class))
+                                            calib_per_class=args.calib_per_class, test_per_class=args.test_per_class,
+                                            runner_flags=tuple(runner_flags)))
         stamp = ws.prepare()
         results = run_experiments(names, ws, os.path.join(args.output, dataset), nested=True)
         summary["seconds"][dataset] = {"total": round(time.monotonic() - t, 1),

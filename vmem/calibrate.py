@@ -7,6 +7,12 @@ directory of ``vmem evaluate`` on that split -- and publishes it as the memory's
 ``vmem classify`` and ``VisualMemory.classify`` report calibrated confidences for that rule and k, and
 ``--abstain-below P`` / ``abstain_below=P`` abstains below P (label -1, no class name).
 
+By default it also fits an out-of-memory test on the same split (memory.decide.out_of_memory; no query of
+an unknown class is needed): a query whose 10th (k-th) neighbour is less similar than in all but 5 % of the
+split's queries (``--out-of-memory-level``) is unlike anything in memory, and its confidence is discounted;
+an abstention then names its reason, ``unlike_memory`` or ``split_vote``. ``--no-out-of-memory`` fits the
+vote's confidence alone, as calibrations without the test, which keep working, do.
+
 Example::
 
         vmem evaluate --memory out/fmnist-memory --images data/fashion-mnist/calib --output out/calib-eval
@@ -31,6 +37,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from memory.decide.out_of_memory import DEFAULT_LEVEL
 from vmem.args import RaisingArgumentParser, UsageError, run_command
 
 __all__ = ["build_parser", "main"]
@@ -50,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--score", default="combined",
                         help="raw score: combined (default: share, margin and nearest similarity in one logistic "
                              "fit; needs --method platt), share, margin or similarity")
+    parser.add_argument("--out-of-memory-level", type=float, default=DEFAULT_LEVEL, metavar="A",
+                        help="also fit the out-of-memory test on the split: a query whose k-th neighbour is less "
+                             "similar than in all but a fraction A of the split's queries is unlike anything in "
+                             "memory, and its confidence is discounted (p / A); in (0, 1), default "
+                             f"{DEFAULT_LEVEL}")
+    parser.add_argument("--no-out-of-memory", dest="out_of_memory", action="store_false",
+                        help="fit the vote's confidence alone, without the out-of-memory test")
     parser.add_argument("--bins", type=int, default=15, help="ECE bins (default 15)")
     parser.add_argument("--dry-run", action="store_true", help="fit and report, publish nothing")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -71,28 +85,36 @@ def _run(argv: Sequence[str]) -> int:
     if score is ConfidenceScore.COMBINED and method is not CalibrationMethod.PLATT:
         raise UsageError(f"--score combined needs --method platt (got --method {args.method}); isotonic maps one "
                          "score: pass --score share, margin or similarity with it")
+    level = args.out_of_memory_level if args.out_of_memory else None
+    if level is not None and not 0.0 < level < 1.0:
+        raise UsageError(f"--out-of-memory-level must be in (0, 1), got {level}; e.g. {DEFAULT_LEVEL}, or pass "
+                         "--no-out-of-memory")
     evaluation = read_evaluation(args.evaluation)
     if not 1 <= args.k <= evaluation.k_max:
         raise UsageError(f"--k {args.k} is out of range; the evaluation retrieved {evaluation.k_max} neighbours per "
                          f"query (allowed 1..{evaluation.k_max})")
-    root, calibration, correct, raw, calibrated = fit_from_evaluation(
-        evaluation, memory=args.memory, rule=args.rule, k=args.k, method=args.method, score=args.score)
+    root, calibration, correct, raw, calibrated, in_memory = fit_from_evaluation(
+        evaluation, memory=args.memory, rule=args.rule, k=args.k, method=args.method, score=args.score,
+        out_of_memory_level=level)
     # The raw score as a stand-in probability: share (also for combined) and margin are in [0, 1];
     # similarity is rescaled.
     as_prob = (raw + 1) / 2 if calibration.score is ConfidenceScore.SIMILARITY else raw
     before = expected_calibration_error(as_prob, correct, bins=args.bins)
-    after = expected_calibration_error(calibrated, correct, bins=args.bins)
+    after = expected_calibration_error(in_memory, correct, bins=args.bins)
+    with_test = None if level is None else expected_calibration_error(calibrated, correct, bins=args.bins)
     version = None
     if not args.dry_run:
         version = publish_calibration(root, calibration, expected_version=calibration.fitted_on_version).version
     result = {"memory": root, "calibration": calibration.to_dict(), "ece_raw": before, "ece_calibrated": after,
+              "ece_with_out_of_memory_test": with_test,
               "ece_bins": args.bins, "ece_split": "the calibration split itself (in-sample)",
               "published_version": version}
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
         return 0
     print(f"calibration: {calibration.describe()}")
-    print(f"ECE ({args.bins} bins, on the calibration split itself): raw {before:.4f} -> calibrated {after:.4f}")
+    print(f"ECE ({args.bins} bins, on the calibration split itself): raw {before:.4f} -> calibrated {after:.4f}"
+          + ("" if with_test is None else f" ({with_test:.4f} with the out-of-memory discount)"))
     print(f"published version {version} of {root}" if version else "dry run: nothing published")
     return 0
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from memory.decide.confidence import Calibration
 from memory.decide.explain import Prediction, explain
+from memory.decide.out_of_memory import AbstainReason
 from memory.decide.voting import VotingParams, VotingRule
 from memory.queries import query_bytes, query_uri
 from memory.rerank.base import (Reranker, RerankReason, ResponseCache, check_rerank_below, check_top_n, rerank_cached,
@@ -92,6 +93,8 @@ def classify_neighbors(ids: np.ndarray, labels: np.ndarray, distances: np.ndarra
     vc = gated.vote
     calibrated = calibration is not None and calibration.matches(rule, k, params)
     confidence = calibration.confidence(vc) if calibrated else vc.share
+    test = calibration.out_of_memory if calibrated else None
+    p_out = None if test is None else test.p_value(vc.kth_similarity)
     how = calibration.describe() if calibrated else (
         "raw share of the winner's score; uncalibrated" + (
             "" if calibration is None else f" (the memory's calibration is for rule {calibration.rule.value}, "
@@ -121,7 +124,15 @@ def classify_neighbors(ids: np.ndarray, labels: np.ndarray, distances: np.ndarra
                                      f"{float(vc.margin[q]):.3f} < {float(options.rerank_below):g})")
         # A re-ranker's answer is the decision; abstention applies to the vote alone.
         if options.abstain_below is not None and c < options.abstain_below and not answered:
-            fields.update(label=-1, label_name=None, abstained=True,
-                          reason=f"confidence {c:.3f} < {float(options.abstain_below):g} ({how})")
+            why = AbstainReason.SPLIT_VOTE
+            if p_out is not None and p_out[q] < test.level:
+                why = AbstainReason.UNLIKE_MEMORY
+                detail = (f"{why.text}: its neighbour {kk} has similarity {float(vc.kth_similarity[q]):.3f}, "
+                          f"less than in {100 * (1 - float(p_out[q])):.1f}% of held-out in-memory queries (p "
+                          f"{float(p_out[q]):.4f} < {test.level:g})")
+            else:
+                detail = why.text
+            fields.update(label=-1, label_name=None, abstained=True, abstain_reason=why,
+                          reason=f"confidence {c:.3f} < {float(options.abstain_below):g} ({how}): {detail}")
         out.append(dataclasses.replace(p, **fields))
     return out

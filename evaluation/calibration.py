@@ -41,15 +41,13 @@ class CalibrationFit(NamedTuple):
         memory's latest version).
       correct: Per query of the split, whether the vote was right.
       raw: Per query, the raw score the calibration maps.
-      calibrated: Per query, the calibrated confidence (with the out-of-memory discount, when fitted).
-      in_memory: Per query, the fitted map alone (``calibrated`` without the discount).
+      calibrated: Per query, the calibrated confidence.
     """
     root: str
     calibration: Any
     correct: np.ndarray
     raw: np.ndarray
     calibrated: np.ndarray
-    in_memory: np.ndarray
 
 
 def read_evaluation(directory: str) -> EvaluationOutput:
@@ -73,7 +71,8 @@ def read_evaluation(directory: str) -> EvaluationOutput:
 
 def fit_from_evaluation(evaluation: EvaluationOutput, *, memory: str | None = None, rule: str = "rank", k: int = 10,
                         method: str = "platt", score: str = "combined",
-                        out_of_memory_level: float | None = None) -> CalibrationFit:
+                        out_of_memory_level: float | None = None,
+                        out_of_memory_statistic: str = "nearest") -> CalibrationFit:
     """Fits a calibration on an evaluation of the memory's latest version.
 
     Args:
@@ -83,6 +82,7 @@ def fit_from_evaluation(evaluation: EvaluationOutput, *, memory: str | None = No
       method, score: See memory.decide.confidence.
       out_of_memory_level: Also fit the out-of-memory test at this level on the split (memory.decide.out_of_memory;
         the split's queries of classes the memory holds are its in-memory sample); None fits none.
+      out_of_memory_statistic: Which neighbour's similarity the test compares (nearest or kth).
 
     Raises:
       ValueError: naming the problem and the fix: no memory named, a memory that changed since the
@@ -113,7 +113,8 @@ def fit_from_evaluation(evaluation: EvaluationOutput, *, memory: str | None = No
     vc = vote_confidence(labels, distances, rule=rule, k=k, params=params, entry_weights=weights)
     calibration = fit_on_confidence(vc, true, rule=rule, k=k, params=params, method=method, score=score,
                                     fitted_on_version=latest.version, source=os.path.abspath(directory),
-                                    out_of_memory_level=out_of_memory_level)
+                                    out_of_memory_level=out_of_memory_level,
+                                    out_of_memory_statistic=out_of_memory_statistic)
     correct = (vc.labels == true) & (true >= 0)
     return CalibrationFit(root, calibration, np.asarray(correct), raw_score(vc, calibration.score),
-                          calibration.confidence(vc), calibration.in_memory_confidence(vc))
+                          calibration.confidence(vc))

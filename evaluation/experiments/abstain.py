@@ -3,18 +3,20 @@
 A memory is built without the held-out classes. Its calibration split (in-memory classes only) is
 evaluated and ``vmem calibrate`` fits and publishes the calibration (its defaults: a logistic fit on the
 rank vote's share, margin and nearest similarity at k = 10, and the out-of-memory test of
-memory.decide.out_of_memory at level 0.05 on the same split's k-th neighbour similarities -- no out-of-memory
-query is used to fit either).
+memory.decide.out_of_memory at level 0.05 on the same split's nearest-neighbour similarities -- no
+out-of-memory query is used to fit either). Abstention combines them by abstaining when either says so.
 The test split -- every class, so the held-out classes' queries are out of memory -- is then evaluated at
 the calibrated version, and from its neighbour lists:
 
-* ECE of the raw share, of the calibrated in-memory confidence and of the combined confidence (the in-memory
-  one discounted by the out-of-memory test) on the in-memory queries (a split the calibration never saw), for
-  every calibration method and score (fitted in-process, same code as ``vmem calibrate``);
+* ECE of the raw share and of the calibrated confidence on the in-memory queries (a split the calibration
+  never saw), for every calibration method and score (fitted in-process, same code as ``vmem calibrate``);
 * the risk-coverage curve: answer the most confident queries first; risk = wrong answers among those
   answered, an out-of-memory query being always wrong;
 * AUROC of each score at telling in-memory from out-of-memory queries (1.0: perfectly separated), the
-  k-th neighbour similarity (the test's statistic) among them, and the combined confidence at other levels.
+  k-th neighbour similarity (the test's statistic) among them; the combined rule ("either") ranks flagged
+  queries last and the others by calibrated confidence;
+* at other levels: the rule, and the single number it is not (``p_in * min(1, p / level)``), whose AUROC
+  and ECE show why.
 
 Finally ``VisualMemory.classify(embeddings, abstain_below=P)`` runs on the test embeddings: its
 abstentions and their reasons must be exactly those the neighbour files predict.
@@ -22,7 +24,6 @@ abstentions and their reasons must be exactly those the neighbour files predict.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import numpy as np
@@ -36,9 +37,9 @@ from evaluation.stats import (auroc, coverage_at_risk, expected_calibration_erro
 NAME = "abstain"
 RULE, K = "rank", 10
 THRESHOLDS = (0.5, 0.8, 0.9, 0.95)
-# Out-of-memory levels the combined confidence is also measured at (the published calibration uses the default).
-LEVELS = (0.01, 0.02, 0.05, 0.1, 0.2)
-# The scores the combined confidence must beat at separating in- from out-of-memory queries.
+# Out-of-memory levels the rule and the product are also measured at (the published calibration uses the default).
+LEVELS = (0.01, 0.02, 0.05, 0.1, 0.2, 1.0)
+# Scores of one property each; the test's statistic, kth_similarity, is one of them.
 SINGLE_SCORES = ("share", "margin", "similarity", "kth_similarity", "calibrated")
 
 
@@ -57,6 +58,12 @@ def _separation(score: np.ndarray, correct: np.ndarray, inside: np.ndarray) -> d
     return {"auroc_in_vs_out": auroc(score[inside], score[~inside]),
             "ece_in_memory": expected_calibration_error(score[inside], correct[inside]),
             "coverage_at_risk_0.05": coverage_at_risk(risk_coverage(score, correct), 0.05)}
+
+
+def _either(calibrated: np.ndarray, flagged: np.ndarray) -> np.ndarray:
+    """The order "abstain when either says so" answers in: unflagged queries by calibrated confidence, then the
+    flagged ones (a key in [-1, 1], not a probability)."""
+    return np.where(flagged, calibrated - 1.0, calibrated)
 
 
 def run(ws: Workspace, out: str) -> dict:
@@ -83,9 +90,10 @@ def run(ws: Workspace, out: str) -> dict:
     vc = vote_confidence(labels, distances, rule=RULE, k=k, entry_weights=weights)
     inside = true >= 0  # Query classes the memory does not know have true label -1.
     correct = (vc.labels == true) & inside
-    calibrated = calibration.in_memory_confidence(vc)
-    combined = calibration.confidence(vc)
-    flagged = ood.flags(vc.kth_similarity)
+    calibrated = calibration.confidence(vc)
+    p_out = calibration.out_of_memory_p(vc)
+    flagged = p_out < ood.level
+    either = _either(calibrated, flagged)
     c_labels, c_distances, c_true, c_weights = neighbors_io.to_arrays(read_neighbors(calib_dir), s.k_max)
     c_vc = vote_confidence(c_labels, c_distances, rule=RULE, k=k, entry_weights=c_weights)
     methods = {}
@@ -103,18 +111,20 @@ def run(ws: Workspace, out: str) -> dict:
                 "auroc_in_vs_out": auroc(conf[inside], conf[~inside]),
                 "aurc_all_queries": risk_coverage(conf, correct).aurc}
     scores = {"share": vc.share, "margin": vc.margin, "similarity": vc.similarity,
-              "kth_similarity": vc.kth_similarity, "calibrated": calibrated, "combined": combined}
+              "kth_similarity": vc.kth_similarity, "calibrated": calibrated, "either": either}
     curves = {name: risk_coverage(v, correct) for name, v in scores.items()}
     in_curve = risk_coverage(calibrated[inside], correct[inside])
     levels = {}
     for level in LEVELS:
-        conf = calibrated * dataclasses.replace(ood, level=level).factor(vc.kth_similarity)
-        levels[str(level)] = {**_separation(conf, correct, inside),
-                              "out_of_memory_flagged": float((ood.p_value(vc.kth_similarity) < level)[~inside].mean()),
-                              "in_memory_flagged": float((ood.p_value(vc.kth_similarity) < level)[inside].mean())}
+        product = calibrated * np.minimum(1.0, p_out / level)
+        either = _either(calibrated, p_out < level)
+        levels[str(level)] = {"product": _separation(product, correct, inside),
+                              "either_coverage_at_risk_0.05": coverage_at_risk(risk_coverage(either, correct), 0.05),
+                              "out_of_memory_flagged": float((p_out < level)[~inside].mean()),
+                              "in_memory_flagged": float((p_out < level)[inside].mean())}
     gates = {}
     for p in THRESHOLDS:
-        answered = combined >= p
+        answered = (calibrated >= p) & ~flagged
         gates[str(p)] = {"coverage": float(answered.mean()),
                          "accuracy_of_answered": float(correct[answered].mean()) if answered.any() else None,
                          "out_of_memory_answered": int((answered & ~inside).sum()),
@@ -128,20 +138,19 @@ def run(ws: Workspace, out: str) -> dict:
     gate = THRESHOLDS[-2]
     predictions = VisualMemory.open(memory).classify(test.embeddings[rows], rule=RULE, k=k, abstain_below=gate)
     expected_reason = np.where(flagged, AbstainReason.UNLIKE_MEMORY.value, AbstainReason.SPLIT_VOTE.value)
-    api_mismatches = int(sum(p.abstained != (c < gate) for p, c in zip(predictions, combined.tolist())))
+    api_mismatches = int(sum(p.abstained != (c < gate or f) for p, c, f in zip(predictions, calibrated.tolist(),
+                                                                               flagged.tolist())))
     api_reason_mismatches = int(sum(p.abstained and p.abstain_reason.value != why
                                     for p, why in zip(predictions, expected_reason.tolist())))
     best_single = max(SINGLE_SCORES, key=lambda name: auroc(scores[name][inside], scores[name][~inside]))
     bins = reliability_bins(calibrated[inside], correct[inside])
-    combined_bins = reliability_bins(combined[inside], correct[inside])
     raw_bins = reliability_bins(vc.share[inside], correct[inside])
     results = {
         "held_out_classes": list(held), "rule": RULE, "k": k, "calibration": calibration.to_dict(),
         "queries": int(true.size), "in_memory_queries": int(inside.sum()), "out_of_memory_queries": int((~inside).sum()),
         "accuracy_in_memory": float(correct[inside].mean()),
         "ece_in_memory": {"raw_share": expected_calibration_error(vc.share[inside], correct[inside]),
-                          "calibrated": expected_calibration_error(calibrated[inside], correct[inside]),
-                          "combined": expected_calibration_error(combined[inside], correct[inside])},
+                          "calibrated": expected_calibration_error(calibrated[inside], correct[inside])},
         "auroc_in_vs_out": {name: auroc(v[inside], v[~inside]) for name, v in scores.items()},
         "aurc_all_queries": {name: c.aurc for name, c in curves.items()},
         "aurc_in_memory_calibrated": in_curve.aurc,
@@ -150,8 +159,12 @@ def run(ws: Workspace, out: str) -> dict:
         "out_of_memory_level": ood.level,
         "flagged_unlike_memory": {"out_of_memory": float(flagged[~inside].mean()),
                                   "in_memory": float(flagged[inside].mean())},
-        "combined_at_levels": levels,
+        "at_levels": levels,
         "best_single_score": best_single,
+        # The rule's in- vs out-of-memory decision is the test's: its separation is that of the test's statistic.
+        # Flagging thresholds the statistic, so the test's ROC over levels is the statistic's (no p-value ties).
+        "out_of_memory_statistic": ood.statistic.value,
+        "auroc_out_of_memory_test": auroc(ood.similarity_of(vc)[inside], ood.similarity_of(vc)[~inside]),
         "abstain_below": gates, "api_abstain_mismatches": api_mismatches,
         "api_reason_mismatches": api_reason_mismatches, "api_gate": gate,
         "methods": methods}
@@ -160,7 +173,7 @@ def run(ws: Workspace, out: str) -> dict:
                {name: (c.coverage.tolist(), (100 * c.risk).tolist()) for name, c in curves.items()},
                xlabel="coverage (fraction of queries answered)", ylabel="risk (% of answers wrong)",
                title=f"{s.dataset}: risk-coverage, {', '.join(held)} out of memory")
-    series = {"raw share": raw_bins, "calibrated": bins, "combined": combined_bins}
+    series = {"raw share": raw_bins, "calibrated": bins}
     plot_lines(os.path.join(out, "reliability.png"), {
         **{name: ((100 * b.mean_confidence[b.count > 0]).tolist(), (100 * b.accuracy[b.count > 0]).tolist())
            for name, b in series.items()},
@@ -176,24 +189,28 @@ def _markdown(results: dict, described: str, held: tuple[str, ...]) -> list[str]
     ece = results["ece_in_memory"]
     flagged = results["flagged_unlike_memory"]
     lines = [f"Memory without {', '.join(held)}; calibration: {described}.", "",
-             "| | raw share | calibrated | combined |", "|---|---:|---:|---:|",
-             f"| ECE, in-memory test queries | {ece['raw_share']:.4f} | {ece['calibrated']:.4f} | "
-             f"{ece['combined']:.4f} |", "",
-             f"Flagged unlike anything in memory at level {results['out_of_memory_level']:g}: "
-             f"{pct(flagged['out_of_memory'])} % of out-of-memory and {pct(flagged['in_memory'])} % of in-memory "
-             f"test queries. Best single score at AUROC: {results['best_single_score']}.", "",
+             "| | raw share | calibrated |", "|---|---:|---:|",
+             f"| ECE, in-memory test queries | {ece['raw_share']:.4f} | {ece['calibrated']:.4f} |", "",
+             f"Out-of-memory test ({results['out_of_memory_statistic']} neighbour similarity) at level "
+             f"{results['out_of_memory_level']:g}: AUROC in vs out of memory "
+             f"{results['auroc_out_of_memory_test']:.3f}; flags {pct(flagged['out_of_memory'])} % of out-of-memory "
+             f"and {pct(flagged['in_memory'])} % of in-memory test queries. Best single score at AUROC: "
+             f"{results['best_single_score']}. `either` = abstain when either the test or the calibrated "
+             "confidence says so (flagged queries last, the others by calibrated confidence).", "",
              "| score | AUROC in vs out of memory | AURC (all queries) | risk @ 80% coverage | coverage @ 5% risk |",
              "|---|---:|---:|---:|---:|"]
     for name in results["auroc_in_vs_out"]:
         lines.append(f"| {name} | {results['auroc_in_vs_out'][name]:.3f} | {results['aurc_all_queries'][name]:.4f} | "
                      f"{pct(results['risk_at_coverage_0.8'][name])} | {pct(results['coverage_at_risk_0.05'][name])} |")
-    lines += ["", "| combined at level | AUROC | ECE in-memory | coverage @ 5% risk | out-of-memory flagged | "
-                  "in-memory flagged |", "|---:|---:|---:|---:|---:|---:|"]
-    for level, m in results["combined_at_levels"].items():
-        lines.append(f"| {level} | {m['auroc_in_vs_out']:.3f} | {m['ece_in_memory']:.4f} | "
-                     f"{pct(m['coverage_at_risk_0.05'])} | {pct(m['out_of_memory_flagged'])} | "
-                     f"{pct(m['in_memory_flagged'])} |")
-    lines += ["", "| abstain below (combined) | coverage | accuracy of answered | out-of-memory answered | "
+    lines += ["", "| level | either: coverage @ 5% risk | product p_in * min(1, p / level): AUROC | ECE in-memory | "
+                  "coverage @ 5% risk | out-of-memory flagged | in-memory flagged |",
+              "|---:|---:|---:|---:|---:|---:|---:|"]
+    for level, m in results["at_levels"].items():
+        prod = m["product"]
+        lines.append(f"| {level} | {pct(m['either_coverage_at_risk_0.05'])} | {prod['auroc_in_vs_out']:.3f} | "
+                     f"{prod['ece_in_memory']:.4f} | {pct(prod['coverage_at_risk_0.05'])} | "
+                     f"{pct(m['out_of_memory_flagged'])} | {pct(m['in_memory_flagged'])} |")
+    lines += ["", "| abstain below (either) | coverage | accuracy of answered | out-of-memory answered | "
                   "in-memory abstained | abstained as unlike memory: out / in |", "|---:|---:|---:|---:|---:|---:|"]
     for p, g in results["abstain_below"].items():
         acc = "—" if g["accuracy_of_answered"] is None else pct(g["accuracy_of_answered"])

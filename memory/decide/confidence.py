@@ -26,9 +26,9 @@ memory never saw (``vmem evaluate`` on it, then ``vmem calibrate``):
 
 Fitted on in-memory queries only, that map says how often such a vote is right, not whether the query's
 class is in memory at all. A calibration may also carry an out-of-memory test fitted on the same split
-(memory.decide.out_of_memory: the k-th neighbour's similarity against the split's own, deep-kNN style); its
-confidence is then ``p_in * min(1, p / level)``, the in-memory confidence discounted for queries unlike
-anything in memory. Calibrations without the test map as before.
+(memory.decide.out_of_memory: a neighbour's similarity against the split's own, deep-kNN style); the
+confidence stays the fitted map, and abstention also abstains on queries the test flags. Calibrations
+without the test work as before.
 
 ``abstain_below=P`` then abstains (label -1, no class name) for every query whose calibrated confidence is
 below P: with a calibrated score, roughly "answer only when at least P of such answers are right".
@@ -43,7 +43,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from memory.enums import parse_enum
-from memory.decide.out_of_memory import OutOfMemoryTest, fit_out_of_memory_test
+from memory.decide.out_of_memory import OutOfMemoryStatistic, OutOfMemoryTest, fit_out_of_memory_test
 from memory.decide.voting import VotingParams, VotingRule, neighbor_weights, vote
 
 __all__ = ["Calibration", "CalibrationMethod", "ConfidenceScore", "VoteConfidence", "combined_features",
@@ -263,7 +263,7 @@ class Calibration:
       fitted_on_version: The memory version whose neighbours it was fitted on (None when unknown).
       source: Where the calibration neighbours came from (free text, e.g. the evaluation directory).
       out_of_memory: The out-of-memory test fitted on the same split (memory.decide.out_of_memory), or None
-        (a calibration without one: its confidence is the in-memory one alone).
+        (a calibration without one: abstention reads the confidence alone).
     """
     method: CalibrationMethod
     score: ConfidenceScore
@@ -329,21 +329,15 @@ class Calibration:
             return np.interp(raw, np.asarray(self.knots_x), np.asarray(self.knots_y))
         return _sigmoid(self.a * _logit(_unit_interval(self.score, raw)) + self.b)
 
-    def in_memory_confidence(self, vc: VoteConfidence) -> np.ndarray:
-        """The fitted map alone: P(vote is right) as on in-memory queries, for each query of ``vc``."""
+    def confidence(self, vc: VoteConfidence) -> np.ndarray:
+        """Calibrated confidence of each query of a :class:`VoteConfidence`."""
         if self.score is ConfidenceScore.COMBINED:
             return self.apply(combined_features(vc))
         return self.apply(raw_score(vc, self.score))
 
     def out_of_memory_p(self, vc: VoteConfidence) -> np.ndarray | None:
         """Each query's out-of-memory p-value (memory.decide.out_of_memory), or None without the test."""
-        return None if self.out_of_memory is None else self.out_of_memory.p_value(vc.kth_similarity)
-
-    def confidence(self, vc: VoteConfidence) -> np.ndarray:
-        """Calibrated confidence of each query of ``vc``: the in-memory confidence, times ``min(1, p / level)``
-        when the calibration carries an out-of-memory test."""
-        p_in = self.in_memory_confidence(vc)
-        return p_in if self.out_of_memory is None else p_in * self.out_of_memory.factor(vc.kth_similarity)
+        return None if self.out_of_memory is None else self.out_of_memory.p_value(self.out_of_memory.similarity_of(vc))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -399,7 +393,9 @@ def fit_on_confidence(vc: VoteConfidence, true: np.ndarray, *, rule: VotingRule 
                       params: VotingParams = VotingParams(),
                       method: CalibrationMethod | str = CalibrationMethod.PLATT,
                       score: ConfidenceScore | str = ConfidenceScore.COMBINED, fitted_on_version: int | None = None,
-                      source: str = "", out_of_memory_level: float | None = None) -> Calibration:
+                      source: str = "", out_of_memory_level: float | None = None,
+                      out_of_memory_statistic: OutOfMemoryStatistic | str = OutOfMemoryStatistic.NEAREST
+                      ) -> Calibration:
     """`fit_calibration` on an already computed `vote_confidence` of the same rule, k and params.
 
     Args:
@@ -409,8 +405,9 @@ def fit_on_confidence(vc: VoteConfidence, true: np.ndarray, *, rule: VotingRule 
       method, score: See the module docstring.
       fitted_on_version, source: Recorded with the fit.
       out_of_memory_level: Also fit an out-of-memory test at this level (memory.decide.out_of_memory, e.g.
-        its ``DEFAULT_LEVEL``) on the k-th neighbour similarities of the queries with a known class (true >= 0);
+        its ``DEFAULT_LEVEL``) on the neighbour similarities of the queries with a known class (true >= 0);
         None fits none.
+      out_of_memory_statistic: Which neighbour's similarity the test compares.
     """
     rule, method, score = VotingRule.parse(rule), CalibrationMethod.parse(method), ConfidenceScore.parse(score)
     true = np.asarray(true)
@@ -421,7 +418,7 @@ def fit_on_confidence(vc: VoteConfidence, true: np.ndarray, *, rule: VotingRule 
     common = dict(method=method, score=score, rule=rule, k=int(k), softmax_tau=params.softmax_tau,
                   rank_alpha=params.rank_alpha, queries=int(true.size), accuracy=float(correct.mean()),
                   fitted_on_version=fitted_on_version, source=source,
-                  out_of_memory=_fit_test(vc, true, out_of_memory_level))
+                  out_of_memory=_fit_test(vc, true, out_of_memory_level, out_of_memory_statistic))
     if score is ConfidenceScore.COMBINED:
         if method is not CalibrationMethod.PLATT:
             raise ValueError(_COMBINED_NEEDS_PLATT)
@@ -436,14 +433,17 @@ def fit_on_confidence(vc: VoteConfidence, true: np.ndarray, *, rule: VotingRule 
     return Calibration(a=a, b=b, **common)
 
 
-def _fit_test(vc: VoteConfidence, true: np.ndarray, level: float | None) -> OutOfMemoryTest | None:
+def _fit_test(vc: VoteConfidence, true: np.ndarray, level: float | None,
+              statistic: OutOfMemoryStatistic | str) -> OutOfMemoryTest | None:
     if level is None:
         return None
     known = true >= 0  # A query of a class the memory does not know is no sample of the in-memory null.
     if not known.any():
         raise ValueError("the out-of-memory test needs calibration queries of classes the memory holds; every "
                          "query has true label -1")
-    return fit_out_of_memory_test(vc.kth_similarity[known], level=level)
+    statistic = OutOfMemoryStatistic.parse(statistic)
+    similarity = vc.similarity if statistic is OutOfMemoryStatistic.NEAREST else vc.kth_similarity
+    return fit_out_of_memory_test(similarity[known], level=level, statistic=statistic)
 
 
 def memory_calibration(manifest) -> Calibration | None:

@@ -101,6 +101,8 @@ class Prediction:
       reason: Why the memory abstained, in words ("" when it answered).
       abstain_reason: Why, as a value (memory.decide.out_of_memory.AbstainReason): ``UNLIKE_MEMORY`` when the
         memory's out-of-memory test flags the query, else ``SPLIT_VOTE``; None when it answered.
+      out_of_memory_p: The test's p-value (memory.decide.out_of_memory) when the memory's calibration carries
+        one for this rule and k, else None.
       vote_label_name: The class the neighbours voted for, whether or not the memory answered with it.
       rerank_reason: With a re-ranker (memory.rerank.base): what happened to this query -- ``answered`` (the
         re-ranker picked ``label_name``), ``margin_above_gate`` (not sent), or a fallback reason (the vote
@@ -123,6 +125,7 @@ class Prediction:
     rerank_calls: int = 0
     rerank_detail: str = ""
     abstain_reason: AbstainReason | None = None
+    out_of_memory_p: float | None = None
 
     def top_scores(self, n: int = 5) -> list[tuple[str, float]]:
         """The n best ``(class name, score)`` pairs."""
@@ -142,6 +145,7 @@ class Prediction:
             "abstained": self.abstained,
             "reason": self.reason,
             "abstain_reason": None if self.abstain_reason is None else self.abstain_reason.value,
+            "out_of_memory_p": self.out_of_memory_p,
             "vote_label_name": self.vote_label_name,
             **({"rerank_reason": self.rerank_reason, "rerank_calls": self.rerank_calls,
                 "rerank_detail": self.rerank_detail} if self.rerank_reason else {}),

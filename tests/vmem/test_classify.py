@@ -231,7 +231,7 @@ def _calibrated_copy(tiny_memory, tmp_path, *, knot: float) -> str:
     cal = Calibration(method=CalibrationMethod.ISOTONIC, score=ConfidenceScore.SHARE, rule=VotingRule.RANK, k=10,
                       softmax_tau=0.07, rank_alpha=2.0, knots_x=(0.0, 1.0), knots_y=(0.0, 1.0), queries=1000,
                       accuracy=0.9, fitted_on_version=read_manifest(root).version,
-                      out_of_memory=OutOfMemoryTest(level=0.05, knots=(knot,), queries=1000))
+                      out_of_memory=OutOfMemoryTest(level=0.05, knots=(knot,), queries=1000, statistic="kth"))
     publish_calibration(root, cal)
     return root
 
@@ -244,11 +244,13 @@ def test_abstention_names_its_reason_in_text_and_json(tiny_memory, fmnist_small,
     assert code == 0, err
     lines = out.splitlines()
     assert lines[1].startswith("  predicted  abstained (the vote said ")
-    assert lines[2].startswith("  abstained  confidence ") and ": unlike anything in memory: its neighbour 10" in lines[2]
+    assert lines[2].startswith("  abstained  unlike anything in memory: its neighbour 10 has similarity")
     assert lines[2].endswith("   [reason unlike_memory]")
     code, out, err = _main(capsys, "--memory", unlike, coat, bag, "--json", "--abstain-below", "0.5")
     assert code == 0, err
-    assert [r["abstain_reason"] for r in json.loads(out)["results"]] == ["unlike_memory", "unlike_memory"]
+    results = json.loads(out)["results"]
+    assert [r["abstain_reason"] for r in results] == ["unlike_memory", "unlike_memory"]
+    assert all(r["abstained"] and r["out_of_memory_p"] == pytest.approx(1 / 1001) for r in results)
 
     # Nothing is unlike the held-out queries: a vote that is not unanimous abstains as split, the others answer.
     like = _calibrated_copy(tiny_memory, tmp_path, knot=-1.0)

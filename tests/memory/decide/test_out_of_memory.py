@@ -1,5 +1,5 @@
-"""memory.decide.out_of_memory: the k-th neighbour p-value, its combination with the calibrated confidence, and
-the reason an abstention names; old calibrations (without the test) keep loading and mapping as before."""
+"""memory.decide.out_of_memory: the k-th neighbour p-value, abstaining when it or the calibrated confidence says so,
+and the reason an abstention names; old calibrations (without the test) keep loading and mapping as before."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from memory import IndexConfig, IndexKind, VisualMemory
 from memory.build import build_memory_local
 from memory.decide.confidence import (Calibration, CalibrationMethod, ConfidenceScore, fit_calibration,
                                       memory_calibration, publish_calibration, vote_confidence)
-from memory.decide.out_of_memory import (DEFAULT_LEVEL, MAX_KNOTS, AbstainReason, OutOfMemoryTest,
-                                         fit_out_of_memory_test)
+from memory.decide.out_of_memory import (DEFAULT_LEVEL, MAX_KNOTS, AbstainReason, OutOfMemoryStatistic,
+                                         OutOfMemoryTest, fit_out_of_memory_test)
 from memory.decide.voting import VotingRule
 from memory.store.versions import read_manifest
 from memory.vectors import l2_normalize
@@ -26,7 +26,6 @@ def test_p_value_is_the_conformal_rank_among_the_calibration_similarities():
     assert test.knots == (0.2, 0.4, 0.6, 0.8) and test.queries == 4
     # (1 + #{calibration <= s}) / (n + 1); ties count as at or below.
     np.testing.assert_allclose(test.p_value([0.1, 0.2, 0.5, 0.4, 0.9]), [1 / 5, 2 / 5, 3 / 5, 3 / 5, 1.0])
-    np.testing.assert_allclose(test.factor([0.1, 0.2, 0.5]), [(1 / 5) / 0.3, 1.0, 1.0])
     assert test.flags([0.1, 0.2, 0.5]).tolist() == [True, False, False]
 
 
@@ -71,6 +70,9 @@ def test_fitting_refuses_empty_or_non_finite_similarities_and_round_trips():
         OutOfMemoryTest.from_dict({**test.to_dict(), "colour": 1})
     with pytest.raises(ValueError, match="malformed out_of_memory"):
         OutOfMemoryTest.from_dict({"level": 0.1, "queries": 3})
+    with pytest.raises(ValueError, match="unknown out-of-memory statistic 'median'; allowed: nearest, kth"):
+        OutOfMemoryTest.from_dict({**test.to_dict(), "statistic": "median"})
+    assert test.statistic is OutOfMemoryStatistic.NEAREST  # The default.
 
 
 def test_reasons_are_values_with_words():
@@ -97,15 +99,16 @@ def _lists(rng, n, *, far: float, classes: int = 4, k: int = 10):
     return labels, distances, true
 
 
-def test_combined_confidence_discounts_only_queries_unlike_the_calibration_split():
+def test_the_test_is_fitted_on_the_known_classes_only_and_leaves_the_confidence_alone():
     rng = np.random.default_rng(1)
     labels, distances, true = _lists(rng, 2000, far=0.3)
     true_with_unknown = true.copy()
     true_with_unknown[:500] = -1  # Queries of an unknown class are not part of the in-memory sample.
     distances[:500] += 0.5
     cal = fit_calibration(labels, distances, true_with_unknown, rule="rank", k=10,
-                          out_of_memory_level=DEFAULT_LEVEL)
+                          out_of_memory_level=DEFAULT_LEVEL, out_of_memory_statistic="kth")
     assert cal.out_of_memory.queries == 1500 and cal.out_of_memory.level == DEFAULT_LEVEL
+    assert cal.out_of_memory.statistic is OutOfMemoryStatistic.KTH
     assert min(cal.out_of_memory.knots) > 0.65  # The far 500 are not in the in-memory sample.
     plain = fit_calibration(labels, distances, true_with_unknown, rule="rank", k=10)
     assert plain.out_of_memory is None and dataclasses.replace(cal, out_of_memory=None) == plain
@@ -113,14 +116,12 @@ def test_combined_confidence_discounts_only_queries_unlike_the_calibration_split
     inside = vote_confidence(*_lists(rng, 1000, far=0.3)[:2], rule="rank", k=10)
     outside = vote_confidence(*_lists(rng, 1000, far=0.8)[:2], rule="rank", k=10)
     for vc in (inside, outside):
-        p = cal.out_of_memory_p(vc)
-        np.testing.assert_allclose(cal.confidence(vc),
-                                   cal.in_memory_confidence(vc) * np.minimum(1.0, p / DEFAULT_LEVEL))
-        np.testing.assert_allclose(plain.confidence(vc), cal.in_memory_confidence(vc))
-    changed = cal.confidence(inside) < cal.in_memory_confidence(inside)
-    assert changed.mean() < 2 * DEFAULT_LEVEL  # In-memory confidences stand, but for the test's tail.
-    # Farther than every calibration query: p = 1 / 1501, the confidence cut to p / level of the vote's.
-    np.testing.assert_allclose(cal.confidence(outside), cal.in_memory_confidence(outside) / (DEFAULT_LEVEL * 1501))
+        np.testing.assert_array_equal(cal.confidence(vc), plain.confidence(vc))  # The fitted map, unchanged.
+        np.testing.assert_array_equal(cal.out_of_memory_p(vc), cal.out_of_memory.p_value(vc.kth_similarity))
+    assert plain.out_of_memory_p(inside) is None
+    assert abs(cal.out_of_memory.flags(inside.kth_similarity).mean() - DEFAULT_LEVEL) < 0.02
+    # Farther than every calibration query: the smallest p-value, 1 / 1501.
+    np.testing.assert_allclose(cal.out_of_memory_p(outside), 1 / 1501)
     with pytest.raises(ValueError, match="every query has true label -1"):
         fit_calibration(labels, distances, np.full(2000, -1), rule="rank", k=10, out_of_memory_level=0.05)
     with pytest.raises(ValueError, match=r"level must be a probability in \(0, 1\)"):
@@ -139,7 +140,6 @@ def test_an_old_calibration_loads_maps_as_before_and_stores_as_before():
     assert cal.out_of_memory is None and cal.to_dict() == OLD_CALIBRATION
     rng = np.random.default_rng(2)
     vc = vote_confidence(*_lists(rng, 50, far=0.9)[:2], rule="rank", k=10)
-    np.testing.assert_array_equal(cal.confidence(vc), cal.in_memory_confidence(vc))
     assert cal.out_of_memory_p(vc) is None and "out of memory" not in cal.describe()
     with pytest.raises(ValueError, match="out_of_memory must be an object"):
         Calibration.from_dict({**OLD_CALIBRATION, "out_of_memory": 0.05})
@@ -170,7 +170,8 @@ def test_classify_names_why_it_abstained(tmp_path):
     # 10th neighbour similarities.
     calib = np.concatenate([_near(centres, rng, i, 30) for i in range(3)])
     found = VisualMemory.open(root).search(calib, 10)
-    test = fit_out_of_memory_test(vote_confidence(found.labels, found.distances, rule="rank", k=10).kth_similarity)
+    test = fit_out_of_memory_test(vote_confidence(found.labels, found.distances, rule="rank", k=10).kth_similarity,
+                                  statistic="kth")
     cal = Calibration(method=CalibrationMethod.ISOTONIC, score=ConfidenceScore.SHARE, rule=VotingRule.RANK, k=10,
                       softmax_tau=0.07, rank_alpha=2.0, knots_x=(0.0, 1.0), knots_y=(0.0, 1.0), queries=90,
                       accuracy=0.8, fitted_on_version=1, out_of_memory=test)
@@ -178,15 +179,18 @@ def test_classify_names_why_it_abstained(tmp_path):
     assert memory_calibration(read_manifest(root)) == cal
     queries = np.concatenate([_near(centres, rng, 3), _near(centres, rng, 2), _near(centres, rng, 0)])
     unlike, split, answered = VisualMemory.open(root).classify(queries, rule="rank", k=10, abstain_below=0.6)
-    assert unlike.abstained and unlike.abstain_reason is AbstainReason.UNLIKE_MEMORY
-    assert unlike.reason.startswith(f"confidence {unlike.confidence:.3f} < 0.6 (isotonic on share")
+    # Abstained on for the test alone: the query's 10 neighbours agree (share 1, confidence 1).
+    assert unlike.abstained and unlike.abstain_reason is AbstainReason.UNLIKE_MEMORY and unlike.confidence == 1.0
+    assert unlike.reason.startswith("unlike anything in memory: its neighbour 10 has similarity")
+    assert "(p 0.0110 < 0.05; confidence 1.000, isotonic on share" in unlike.reason
     assert "out of memory below the 5th percentile of 90 held-out queries'" in unlike.reason
-    assert ": unlike anything in memory: its neighbour 10 has similarity" in unlike.reason
-    assert unlike.to_dict()["abstain_reason"] == "unlike_memory"
+    assert unlike.to_dict()["abstain_reason"] == "unlike_memory" and unlike.out_of_memory_p == pytest.approx(1 / 91)
     assert split.abstained and split.abstain_reason is AbstainReason.SPLIT_VOTE and split.confidence < 0.6
+    assert split.reason.startswith(f"confidence {split.confidence:.3f} < 0.6 (isotonic on share")
     assert split.reason.endswith(": the vote is split") and split.to_dict()["abstain_reason"] == "split_vote"
+    assert split.out_of_memory_p >= DEFAULT_LEVEL
     assert not answered.abstained and answered.abstain_reason is None and answered.to_dict()["abstain_reason"] is None
-    assert answered.confidence == 1.0  # Unanimous, and as close to A as the calibration queries: not discounted.
+    assert answered.confidence == 1.0 and answered.to_dict()["out_of_memory_p"] >= DEFAULT_LEVEL
 
 
 def test_a_memory_calibrated_the_old_way_still_classifies_and_abstains_as_a_split_vote(tmp_path):
@@ -198,5 +202,6 @@ def test_a_memory_calibrated_the_old_way_still_classifies_and_abstains_as_a_spli
     (p,) = VisualMemory.open(root).classify(far, rule="rank", k=10, abstain_below=1.0)
     assert p.calibrated and p.abstained and p.abstain_reason is AbstainReason.SPLIT_VOTE
     found = VisualMemory.open(root).search(far, 10)
-    expected = old.in_memory_confidence(vote_confidence(found.labels, found.distances, rule="rank", k=10))
-    assert p.confidence == pytest.approx(float(expected[0]))
+    expected = old.confidence(vote_confidence(found.labels, found.distances, rule="rank", k=10))
+    assert p.confidence == pytest.approx(float(expected[0])) and p.out_of_memory_p is None
+    assert p.reason.startswith(f"confidence {p.confidence:.3f} < 1 (platt on combined")

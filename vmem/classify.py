@@ -73,9 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--abstain-below", type=float, default=None, metavar="P",
                         help="abstain (no class: label -1, label_name null in --json; the reason is given, and "
                              "named: unlike_memory when the memory's out-of-memory test flags the query, else "
-                             "split_vote) when the vote's confidence is below P in [0, 1]; "
-                             "calibrated when the memory carries a calibration for this rule and k "
-                             "(`vmem calibrate`), else the raw share of the winner's score")
+                             "split_vote) when the vote's confidence is below P in [0, 1] -- calibrated when the "
+                             "memory carries a calibration for this rule and k (`vmem calibrate`), else the raw "
+                             "share of the winner's score -- or when that calibration's out-of-memory test flags "
+                             "the query")
     rerank_args.add_selection_args(parser, per_query_file=False)
     rerank_args.add_rerank_args(parser)
     parser.add_argument("--rerank-cache", default=None, metavar="DIR",

@@ -81,7 +81,7 @@ class VoteConfidence(NamedTuple):
     """Per query: the vote's label (as ``memory.decide.voting.vote``) and its raw confidence scores, all ``[nq]``.
 
     ``similarity`` is the nearest neighbour's cosine similarity, ``kth_similarity`` the k-th's (the farthest
-    live one of the first k when fewer are live): the statistic of memory.decide.out_of_memory. A query without
+    live one of the first k when fewer are live): the statistics of memory.decide.out_of_memory. A query without
     any live neighbour has label -1, share 0, margin 0 and both similarities -1.
     """
     labels: np.ndarray
@@ -442,8 +442,7 @@ def _fit_test(vc: VoteConfidence, true: np.ndarray, level: float | None,
         raise ValueError("the out-of-memory test needs calibration queries of classes the memory holds; every "
                          "query has true label -1")
     statistic = OutOfMemoryStatistic.parse(statistic)
-    similarity = vc.similarity if statistic is OutOfMemoryStatistic.NEAREST else vc.kth_similarity
-    return fit_out_of_memory_test(similarity[known], level=level, statistic=statistic)
+    return fit_out_of_memory_test(statistic.of(vc)[known], level=level, statistic=statistic)
 
 
 def memory_calibration(manifest) -> Calibration | None:

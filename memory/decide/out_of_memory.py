@@ -75,6 +75,10 @@ class OutOfMemoryStatistic(enum.Enum):
     def parse(cls, name: str | OutOfMemoryStatistic) -> OutOfMemoryStatistic:
         return parse_enum(cls, name, "out-of-memory statistic")
 
+    def of(self, vc: Any) -> np.ndarray:
+        """This statistic of each query of a ``memory.decide.confidence.VoteConfidence``."""
+        return vc.similarity if self is OutOfMemoryStatistic.NEAREST else vc.kth_similarity
+
 
 @dataclasses.dataclass(frozen=True)
 class OutOfMemoryTest:
@@ -108,7 +112,7 @@ class OutOfMemoryTest:
 
     def similarity_of(self, vc: Any) -> np.ndarray:
         """The statistic of each query of a ``memory.decide.confidence.VoteConfidence``."""
-        return vc.similarity if self.statistic is OutOfMemoryStatistic.NEAREST else vc.kth_similarity
+        return self.statistic.of(vc)
 
     def p_value(self, similarity: np.ndarray) -> np.ndarray:
         """Conformal p-value of each similarity (any shape), in ``[1 / (n + 1), 1]``."""

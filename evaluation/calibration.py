@@ -70,7 +70,9 @@ def read_evaluation(directory: str) -> EvaluationOutput:
 
 
 def fit_from_evaluation(evaluation: EvaluationOutput, *, memory: str | None = None, rule: str = "rank", k: int = 10,
-                        method: str = "platt", score: str = "combined") -> CalibrationFit:
+                        method: str = "platt", score: str = "combined",
+                        out_of_memory_level: float | None = None,
+                        out_of_memory_statistic: str = "nearest") -> CalibrationFit:
     """Fits a calibration on an evaluation of the memory's latest version.
 
     Args:
@@ -78,6 +80,9 @@ def fit_from_evaluation(evaluation: EvaluationOutput, *, memory: str | None = No
       memory: The memory to calibrate (default: the one the evaluation searched, from its report).
       rule, k: The vote to calibrate (k <= the evaluation's k_max).
       method, score: See memory.decide.confidence.
+      out_of_memory_level: Also fit the out-of-memory test at this level on the split (memory.decide.out_of_memory;
+        the split's queries of classes the memory holds are its in-memory sample); None fits none.
+      out_of_memory_statistic: Which neighbour's similarity the test compares (nearest or kth).
 
     Raises:
       ValueError: naming the problem and the fix: no memory named, a memory that changed since the
@@ -107,7 +112,9 @@ def fit_from_evaluation(evaluation: EvaluationOutput, *, memory: str | None = No
     labels, distances, true, weights = neighbors_io.to_arrays(evaluation.records, k_max)
     vc = vote_confidence(labels, distances, rule=rule, k=k, params=params, entry_weights=weights)
     calibration = fit_on_confidence(vc, true, rule=rule, k=k, params=params, method=method, score=score,
-                                    fitted_on_version=latest.version, source=os.path.abspath(directory))
+                                    fitted_on_version=latest.version, source=os.path.abspath(directory),
+                                    out_of_memory_level=out_of_memory_level,
+                                    out_of_memory_statistic=out_of_memory_statistic)
     correct = (vc.labels == true) & (true >= 0)
     return CalibrationFit(root, calibration, np.asarray(correct), raw_score(vc, calibration.score),
                           calibration.confidence(vc))

@@ -7,6 +7,13 @@ directory of ``vmem evaluate`` on that split -- and publishes it as the memory's
 ``vmem classify`` and ``VisualMemory.classify`` report calibrated confidences for that rule and k, and
 ``--abstain-below P`` / ``abstain_below=P`` abstains below P (label -1, no class name).
 
+By default it also fits an out-of-memory test on the same split (memory.decide.out_of_memory; no query of
+an unknown class is needed): a query whose nearest neighbour (``--out-of-memory-statistic kth``: k-th) is
+less similar than in all but 5 % of the split's queries (``--out-of-memory-level``) is unlike anything in
+memory, and ``--abstain-below`` then also abstains on it; an abstention names its reason, ``unlike_memory``
+or ``split_vote``. ``--no-out-of-memory`` fits the vote's confidence alone, as calibrations without the
+test, which keep working, do.
+
 Example::
 
         vmem evaluate --memory out/fmnist-memory --images data/fashion-mnist/calib --output out/calib-eval
@@ -31,6 +38,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from memory.decide.out_of_memory import DEFAULT_LEVEL, OutOfMemoryStatistic
 from vmem.args import RaisingArgumentParser, UsageError, run_command
 
 __all__ = ["build_parser", "main"]
@@ -50,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--score", default="combined",
                         help="raw score: combined (default: share, margin and nearest similarity in one logistic "
                              "fit; needs --method platt), share, margin or similarity")
+    parser.add_argument("--out-of-memory-level", type=float, default=DEFAULT_LEVEL, metavar="A",
+                        help="also fit the out-of-memory test on the split: a query whose neighbour (see "
+                             "--out-of-memory-statistic) is less similar than in all but a fraction A of the "
+                             "split's queries is unlike anything in memory (abstained on with --abstain-below); in "
+                             f"(0, 1), default {DEFAULT_LEVEL}")
+    parser.add_argument("--out-of-memory-statistic", default=OutOfMemoryStatistic.NEAREST.value,
+                        help="which neighbour's similarity the test compares: nearest (default) or kth (the k-th, "
+                             "k as --k)")
+    parser.add_argument("--no-out-of-memory", dest="out_of_memory", action="store_false",
+                        help="fit the vote's confidence alone, without the out-of-memory test")
     parser.add_argument("--bins", type=int, default=15, help="ECE bins (default 15)")
     parser.add_argument("--dry-run", action="store_true", help="fit and report, publish nothing")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -71,12 +89,21 @@ def _run(argv: Sequence[str]) -> int:
     if score is ConfidenceScore.COMBINED and method is not CalibrationMethod.PLATT:
         raise UsageError(f"--score combined needs --method platt (got --method {args.method}); isotonic maps one "
                          "score: pass --score share, margin or similarity with it")
+    level = args.out_of_memory_level if args.out_of_memory else None
+    if level is not None and not 0.0 < level < 1.0:
+        raise UsageError(f"--out-of-memory-level must be in (0, 1), got {level}; e.g. {DEFAULT_LEVEL}, or pass "
+                         "--no-out-of-memory")
+    try:
+        statistic = OutOfMemoryStatistic.parse(args.out_of_memory_statistic)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     evaluation = read_evaluation(args.evaluation)
     if not 1 <= args.k <= evaluation.k_max:
         raise UsageError(f"--k {args.k} is out of range; the evaluation retrieved {evaluation.k_max} neighbours per "
                          f"query (allowed 1..{evaluation.k_max})")
     root, calibration, correct, raw, calibrated = fit_from_evaluation(
-        evaluation, memory=args.memory, rule=args.rule, k=args.k, method=args.method, score=args.score)
+        evaluation, memory=args.memory, rule=args.rule, k=args.k, method=args.method, score=args.score,
+        out_of_memory_level=level, out_of_memory_statistic=statistic.value)
     # The raw score as a stand-in probability: share (also for combined) and margin are in [0, 1];
     # similarity is rescaled.
     as_prob = (raw + 1) / 2 if calibration.score is ConfidenceScore.SIMILARITY else raw
@@ -93,6 +120,8 @@ def _run(argv: Sequence[str]) -> int:
         return 0
     print(f"calibration: {calibration.describe()}")
     print(f"ECE ({args.bins} bins, on the calibration split itself): raw {before:.4f} -> calibrated {after:.4f}")
+    if calibration.out_of_memory is not None:
+        print(f"out-of-memory test: {calibration.out_of_memory.describe()}")
     print(f"published version {version} of {root}" if version else "dry run: nothing published")
     return 0
 

@@ -71,10 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print results as JSON instead of text")
     parser.add_argument("--no-verify", dest="verify", action="store_false", help=NO_VERIFY_HELP)
     parser.add_argument("--abstain-below", type=float, default=None, metavar="P",
-                        help="abstain (no class: label -1, label_name null in --json; the reason is given) when "
-                             "the vote's confidence is below P in [0, 1]; "
-                             "calibrated when the memory carries a calibration for this rule and k "
-                             "(`vmem calibrate`), else the raw share of the winner's score")
+                        help="abstain (no class: label -1, label_name null in --json; the reason is given, and "
+                             "named: unlike_memory when the memory's out-of-memory test flags the query, else "
+                             "split_vote) when the vote's confidence is below P in [0, 1] -- calibrated when the "
+                             "memory carries a calibration for this rule and k (`vmem calibrate`), else the raw "
+                             "share of the winner's score -- or when that calibration's out-of-memory test flags "
+                             "the query")
     rerank_args.add_selection_args(parser, per_query_file=False)
     rerank_args.add_rerank_args(parser)
     parser.add_argument("--rerank-cache", default=None, metavar="DIR",
@@ -118,7 +120,8 @@ def render_text(image: str, prediction: Prediction, *, explain: bool) -> str:
     if prediction.abstained:
         lines.append(f"  predicted  abstained (the vote said {shown_class_name(prediction.vote_label_name)})   "
                      f"[rule {prediction.rule.value}, k {prediction.k}]")
-        lines.append(f"  abstained  {prediction.reason}")
+        why = "" if prediction.abstain_reason is None else f"   [reason {prediction.abstain_reason.value}]"
+        lines.append(f"  abstained  {prediction.reason}{why}")
     elif prediction.label < 0:
         lines.append(f"  predicted  (none: no neighbours)   [rule {prediction.rule.value}, k {prediction.k}]")
     else:
@@ -230,6 +233,8 @@ def render_html(memory_path: str, results: Sequence[tuple[str, Prediction]]) -> 
         parts.append(f"<h2>{html.escape(image)}</h2>")
         parts.append(f"<p>predicted <b>{html.escape(label)}</b> &middot; rule {html.escape(p.rule.value)}, "
                      f"k {p.k}</p>")
+        if p.abstain_reason is not None:
+            parts.append(f"<p>{html.escape(p.abstain_reason.value)}: {html.escape(p.reason)}</p>")
         parts.append('<div class="row">')
         parts.append(_figure(image, ["query"], thumbs, figure_class="query"))
         parts.append(f"<table><tr><th>class</th><th>score</th></tr>{rows}</table>")

@@ -1,8 +1,10 @@
 """abstain: calibrated confidence, the risk-coverage curve, and telling out-of-memory queries apart.
 
 A memory is built without the held-out classes. Its calibration split (in-memory classes only) is
-evaluated and ``vmem calibrate`` fits and publishes the calibration (its default: a logistic fit on the
-rank vote's share, margin and nearest similarity at k = 10).
+evaluated and ``vmem calibrate`` fits and publishes the calibration (its defaults: a logistic fit on the
+rank vote's share, margin and nearest similarity at k = 10, and the out-of-memory test of
+memory.decide.out_of_memory at level 0.05 on the same split's nearest-neighbour similarities -- no
+out-of-memory query is used to fit either). Abstention combines them by abstaining when either says so.
 The test split -- every class, so the held-out classes' queries are out of memory -- is then evaluated at
 the calibrated version, and from its neighbour lists:
 
@@ -10,10 +12,14 @@ the calibrated version, and from its neighbour lists:
   never saw), for every calibration method and score (fitted in-process, same code as ``vmem calibrate``);
 * the risk-coverage curve: answer the most confident queries first; risk = wrong answers among those
   answered, an out-of-memory query being always wrong;
-* AUROC of each score at telling in-memory from out-of-memory queries (1.0: perfectly separated).
+* AUROC of each score at telling in-memory from out-of-memory queries (1.0: perfectly separated), the
+  k-th neighbour similarity (the test's statistic) among them; the combined rule ("either") ranks flagged
+  queries last and the others by calibrated confidence;
+* at other levels: the rule, and the single number it is not (``p_in * min(1, p / level)``), whose AUROC
+  and ECE show why.
 
 Finally ``VisualMemory.classify(embeddings, abstain_below=P)`` runs on the test embeddings: its
-abstentions must be exactly those the neighbour files predict.
+abstentions and their reasons must be exactly those the neighbour files predict.
 """
 
 from __future__ import annotations
@@ -31,19 +37,39 @@ from evaluation.stats import (auroc, coverage_at_risk, expected_calibration_erro
 NAME = "abstain"
 RULE, K = "rank", 10
 THRESHOLDS = (0.5, 0.8, 0.9, 0.95)
+# Out-of-memory levels the rule and the product are also measured at (the published calibration uses the default).
+LEVELS = (0.01, 0.02, 0.05, 0.1, 0.2, 1.0)
+# Scores of one property each; the test's statistic, kth_similarity, is one of them.
+SINGLE_SCORES = ("share", "margin", "similarity", "kth_similarity", "calibrated")
 
 
 def _calibrate(eval_dir: str, memory: str) -> None:
     """``vmem calibrate --evaluation EVAL_DIR --memory M --rule rank --k 10``: fit and publish (its defaults)."""
     from evaluation.calibration import fit_from_evaluation, read_evaluation  # pylint: disable=g-import-not-at-top
     from memory.decide.confidence import publish_calibration  # pylint: disable=g-import-not-at-top
-    fit = fit_from_evaluation(read_evaluation(eval_dir), memory=memory, rule=RULE, k=K)
+    from memory.decide.out_of_memory import DEFAULT_LEVEL  # pylint: disable=g-import-not-at-top
+    fit = fit_from_evaluation(read_evaluation(eval_dir), memory=memory, rule=RULE, k=K,
+                              out_of_memory_level=DEFAULT_LEVEL)
     publish_calibration(fit.root, fit.calibration, expected_version=fit.calibration.fitted_on_version)
+
+
+def _separation(score: np.ndarray, correct: np.ndarray, inside: np.ndarray) -> dict[str, float]:
+    """AUROC in vs out of memory, ECE on in-memory queries, coverage at 5 % risk over all queries."""
+    return {"auroc_in_vs_out": auroc(score[inside], score[~inside]),
+            "ece_in_memory": expected_calibration_error(score[inside], correct[inside]),
+            "coverage_at_risk_0.05": coverage_at_risk(risk_coverage(score, correct), 0.05)}
+
+
+def _either(calibrated: np.ndarray, flagged: np.ndarray) -> np.ndarray:
+    """The order "abstain when either says so" answers in: unflagged queries by calibrated confidence, then the
+    flagged ones (a key in [-1, 1], not a probability)."""
+    return np.where(flagged, calibrated - 1.0, calibrated)
 
 
 def run(ws: Workspace, out: str) -> dict:
     from memory.decide.confidence import (CalibrationMethod, ConfidenceScore, fit_on_confidence,  # pylint: disable=g-import-not-at-top
                                    memory_calibration, raw_score, vote_confidence)
+    from memory.decide.out_of_memory import AbstainReason  # pylint: disable=g-import-not-at-top
     from memory.store.versions import read_manifest  # pylint: disable=g-import-not-at-top
     from memory.visual_memory import VisualMemory  # pylint: disable=g-import-not-at-top
     s = ws.setup
@@ -56,6 +82,7 @@ def run(ws: Workspace, out: str) -> dict:
     _calibrate(calib_dir, memory)
     manifest = read_manifest(memory)
     calibration = memory_calibration(manifest)
+    ood = calibration.out_of_memory
     _, test_dir = ws.evaluate(memory, ws.split_spec("test"), "abstain-test")
 
     test_records = read_neighbors(test_dir)
@@ -64,6 +91,9 @@ def run(ws: Workspace, out: str) -> dict:
     inside = true >= 0  # Query classes the memory does not know have true label -1.
     correct = (vc.labels == true) & inside
     calibrated = calibration.confidence(vc)
+    p_out = calibration.out_of_memory_p(vc)
+    flagged = p_out < ood.level
+    either = _either(calibrated, flagged)
     c_labels, c_distances, c_true, c_weights = neighbors_io.to_arrays(read_neighbors(calib_dir), s.k_max)
     c_vc = vote_confidence(c_labels, c_distances, rule=RULE, k=k, entry_weights=c_weights)
     methods = {}
@@ -80,22 +110,39 @@ def run(ws: Workspace, out: str) -> dict:
                 "ece_calibrated": expected_calibration_error(conf[inside], correct[inside]),
                 "auroc_in_vs_out": auroc(conf[inside], conf[~inside]),
                 "aurc_all_queries": risk_coverage(conf, correct).aurc}
-    scores = {"share": vc.share, "margin": vc.margin, "similarity": vc.similarity, "calibrated": calibrated}
+    scores = {"share": vc.share, "margin": vc.margin, "similarity": vc.similarity,
+              "kth_similarity": vc.kth_similarity, "calibrated": calibrated, "either": either}
     curves = {name: risk_coverage(v, correct) for name, v in scores.items()}
     in_curve = risk_coverage(calibrated[inside], correct[inside])
+    levels = {}
+    for level in LEVELS:
+        product = calibrated * np.minimum(1.0, p_out / level)
+        either = _either(calibrated, p_out < level)
+        levels[str(level)] = {"product": _separation(product, correct, inside),
+                              "either_coverage_at_risk_0.05": coverage_at_risk(risk_coverage(either, correct), 0.05),
+                              "out_of_memory_flagged": float((p_out < level)[~inside].mean()),
+                              "in_memory_flagged": float((p_out < level)[inside].mean())}
     gates = {}
     for p in THRESHOLDS:
-        answered = calibrated >= p
+        answered = (calibrated >= p) & ~flagged
         gates[str(p)] = {"coverage": float(answered.mean()),
                          "accuracy_of_answered": float(correct[answered].mean()) if answered.any() else None,
                          "out_of_memory_answered": int((answered & ~inside).sum()),
-                         "in_memory_abstained": int((~answered & inside).sum())}
-    # The Python API must abstain exactly where the neighbour lists say: same neighbours, same calibration.
+                         "in_memory_abstained": int((~answered & inside).sum()),
+                         "out_of_memory_abstained_as_unlike_memory": int((~answered & ~inside & flagged).sum()),
+                         "in_memory_abstained_as_unlike_memory": int((~answered & inside & flagged).sum())}
+    # The Python API must abstain exactly where the neighbour lists say: same neighbours, same calibration, and
+    # name the same reason.
     order = {qid: i for i, qid in enumerate(test.ids.tolist())}
     rows = np.asarray([order[r.query_id] for r in test_records])
     gate = THRESHOLDS[-2]
     predictions = VisualMemory.open(memory).classify(test.embeddings[rows], rule=RULE, k=k, abstain_below=gate)
-    api_mismatches = int(sum(p.abstained != (c < gate) for p, c in zip(predictions, calibrated.tolist())))
+    expected_reason = np.where(flagged, AbstainReason.UNLIKE_MEMORY.value, AbstainReason.SPLIT_VOTE.value)
+    api_mismatches = int(sum(p.abstained != (c < gate or f) for p, c, f in zip(predictions, calibrated.tolist(),
+                                                                               flagged.tolist())))
+    api_reason_mismatches = int(sum(p.abstained and p.abstain_reason.value != why
+                                    for p, why in zip(predictions, expected_reason.tolist())))
+    best_single = max(SINGLE_SCORES, key=lambda name: auroc(scores[name][inside], scores[name][~inside]))
     bins = reliability_bins(calibrated[inside], correct[inside])
     raw_bins = reliability_bins(vc.share[inside], correct[inside])
     results = {
@@ -109,40 +156,72 @@ def run(ws: Workspace, out: str) -> dict:
         "aurc_in_memory_calibrated": in_curve.aurc,
         "risk_at_coverage_0.8": {name: risk_at_coverage(c, 0.8) for name, c in curves.items()},
         "coverage_at_risk_0.05": {name: coverage_at_risk(c, 0.05) for name, c in curves.items()},
-        "abstain_below": gates, "api_abstain_mismatches": api_mismatches, "api_gate": gate,
+        "out_of_memory_level": ood.level,
+        "flagged_unlike_memory": {"out_of_memory": float(flagged[~inside].mean()),
+                                  "in_memory": float(flagged[inside].mean())},
+        "at_levels": levels,
+        "best_single_score": best_single,
+        # The rule's in- vs out-of-memory decision is the test's: its separation is that of the test's statistic.
+        # Flagging thresholds the statistic, so the test's ROC over levels is the statistic's (no p-value ties).
+        "out_of_memory_statistic": ood.statistic.value,
+        "auroc_out_of_memory_test": auroc(ood.similarity_of(vc)[inside], ood.similarity_of(vc)[~inside]),
+        "abstain_below": gates, "api_abstain_mismatches": api_mismatches,
+        "api_reason_mismatches": api_reason_mismatches, "api_gate": gate,
         "methods": methods}
     os.makedirs(out, exist_ok=True)
     plot_lines(os.path.join(out, "risk_coverage.png"),
                {name: (c.coverage.tolist(), (100 * c.risk).tolist()) for name, c in curves.items()},
                xlabel="coverage (fraction of queries answered)", ylabel="risk (% of answers wrong)",
                title=f"{s.dataset}: risk-coverage, {', '.join(held)} out of memory")
-    ok = bins.count > 0
-    raw_ok = raw_bins.count > 0
+    series = {"raw share": raw_bins, "calibrated": bins}
     plot_lines(os.path.join(out, "reliability.png"), {
-        "raw share": ((100 * raw_bins.mean_confidence[raw_ok]).tolist(), (100 * raw_bins.accuracy[raw_ok]).tolist()),
-        "calibrated": ((100 * bins.mean_confidence[ok]).tolist(), (100 * bins.accuracy[ok]).tolist()),
+        **{name: ((100 * b.mean_confidence[b.count > 0]).tolist(), (100 * b.accuracy[b.count > 0]).tolist())
+           for name, b in series.items()},
         "perfect": ([0, 100], [0, 100])}, xlabel="confidence (%)", ylabel="accuracy (%)",
         title=f"{s.dataset}: reliability on in-memory test queries", styles={"perfect": ":"})
-    lines = [f"Memory without {', '.join(held)}; calibration: {calibration.describe()}.", "",
-             "| | raw share | calibrated |", "|---|---:|---:|",
-             f"| ECE, in-memory test queries | {results['ece_in_memory']['raw_share']:.4f} | "
-             f"{results['ece_in_memory']['calibrated']:.4f} |", "",
-             "| score | AUROC in vs out of memory | AURC (all queries) | risk @ 80% coverage | coverage @ 5% risk |",
-             "|---|---:|---:|---:|---:|"]
-    for name in scores:
-        lines.append(f"| {name} | {results['auroc_in_vs_out'][name]:.3f} | {results['aurc_all_queries'][name]:.4f} | "
-                     f"{pct(results['risk_at_coverage_0.8'][name])} | {pct(results['coverage_at_risk_0.05'][name])} |")
-    lines += ["", "| abstain below | coverage | accuracy of answered | out-of-memory answered | in-memory abstained |",
-              "|---:|---:|---:|---:|---:|"]
-    for p, g in gates.items():
-        acc = "—" if g["accuracy_of_answered"] is None else pct(g["accuracy_of_answered"])
-        lines.append(f"| {p} | {pct(g['coverage'])} | {acc} | {g['out_of_memory_answered']} | "
-                     f"{g['in_memory_abstained']} |")
-    lines += ["", "| method:score | ECE raw | ECE calibrated | AUROC | AURC |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {name} | {m['ece_raw']:.4f} | {m['ece_calibrated']:.4f} | {m['auroc_in_vs_out']:.3f} | "
-              f"{m['aurc_all_queries']:.4f} |" for name, m in methods.items()]
-    lines += ["", f"`VisualMemory.classify(..., abstain_below={gate})` on the test embeddings abstained differently "
-                  f"from the neighbour files on {api_mismatches} queries (must be 0)."]
+    lines = _markdown(results, calibration.describe(), held)
     write_report(out, name=NAME, setup=s, results=results, markdown="\n".join(lines), seconds=ws.seconds,
                  command=s.command(NAME))
     return results
+
+
+def _markdown(results: dict, described: str, held: tuple[str, ...]) -> list[str]:
+    ece = results["ece_in_memory"]
+    flagged = results["flagged_unlike_memory"]
+    lines = [f"Memory without {', '.join(held)}; calibration: {described}.", "",
+             "| | raw share | calibrated |", "|---|---:|---:|",
+             f"| ECE, in-memory test queries | {ece['raw_share']:.4f} | {ece['calibrated']:.4f} |", "",
+             f"Out-of-memory test ({results['out_of_memory_statistic']} neighbour similarity) at level "
+             f"{results['out_of_memory_level']:g}: AUROC in vs out of memory "
+             f"{results['auroc_out_of_memory_test']:.3f}; flags {pct(flagged['out_of_memory'])} % of out-of-memory "
+             f"and {pct(flagged['in_memory'])} % of in-memory test queries. Best single score at AUROC: "
+             f"{results['best_single_score']}. `either` = abstain when either the test or the calibrated "
+             "confidence says so (flagged queries last, the others by calibrated confidence).", "",
+             "| score | AUROC in vs out of memory | AURC (all queries) | risk @ 80% coverage | coverage @ 5% risk |",
+             "|---|---:|---:|---:|---:|"]
+    for name in results["auroc_in_vs_out"]:
+        lines.append(f"| {name} | {results['auroc_in_vs_out'][name]:.3f} | {results['aurc_all_queries'][name]:.4f} | "
+                     f"{pct(results['risk_at_coverage_0.8'][name])} | {pct(results['coverage_at_risk_0.05'][name])} |")
+    lines += ["", "| level | either: coverage @ 5% risk | product p_in * min(1, p / level): AUROC | ECE in-memory | "
+                  "coverage @ 5% risk | out-of-memory flagged | in-memory flagged |",
+              "|---:|---:|---:|---:|---:|---:|---:|"]
+    for level, m in results["at_levels"].items():
+        prod = m["product"]
+        lines.append(f"| {level} | {pct(m['either_coverage_at_risk_0.05'])} | {prod['auroc_in_vs_out']:.3f} | "
+                     f"{prod['ece_in_memory']:.4f} | {pct(prod['coverage_at_risk_0.05'])} | "
+                     f"{pct(m['out_of_memory_flagged'])} | {pct(m['in_memory_flagged'])} |")
+    lines += ["", "| abstain below (either) | coverage | accuracy of answered | out-of-memory answered | "
+                  "in-memory abstained | abstained as unlike memory: out / in |", "|---:|---:|---:|---:|---:|---:|"]
+    for p, g in results["abstain_below"].items():
+        acc = "—" if g["accuracy_of_answered"] is None else pct(g["accuracy_of_answered"])
+        lines.append(f"| {p} | {pct(g['coverage'])} | {acc} | {g['out_of_memory_answered']} | "
+                     f"{g['in_memory_abstained']} | {g['out_of_memory_abstained_as_unlike_memory']} / "
+                     f"{g['in_memory_abstained_as_unlike_memory']} |")
+    lines += ["", "| method:score | ECE raw | ECE calibrated | AUROC | AURC |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {name} | {m['ece_raw']:.4f} | {m['ece_calibrated']:.4f} | {m['auroc_in_vs_out']:.3f} | "
+              f"{m['aurc_all_queries']:.4f} |" for name, m in results["methods"].items()]
+    gate = results["api_gate"]
+    lines += ["", f"`VisualMemory.classify(..., abstain_below={gate})` on the test embeddings abstained differently "
+                  f"from the neighbour files on {results['api_abstain_mismatches']} queries and named another reason "
+                  f"on {results['api_reason_mismatches']} (both must be 0)."]
+    return lines

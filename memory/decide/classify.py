@@ -4,7 +4,7 @@
 once (`memory.rerank.base.vote_and_gate`, the step the evaluate job's re-rank stage runs too); its
 explanation (memory.decide.explain), confidence (memory.decide.confidence) and cost gate all read that vote.
 Then two optional second steps: a re-ranker's answer for low-margin votes (memory.rerank.base), and
-abstention below a confidence.
+abstention below a confidence or on a query the memory's out-of-memory test flags.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 
 from memory.decide.confidence import Calibration
 from memory.decide.explain import Prediction, explain
+from memory.decide.out_of_memory import AbstainReason, OutOfMemoryStatistic
 from memory.decide.voting import VotingParams, VotingRule
 from memory.queries import query_bytes, query_uri
 from memory.rerank.base import (Reranker, RerankReason, ResponseCache, check_rerank_below, check_top_n, rerank_cached,
@@ -92,6 +93,8 @@ def classify_neighbors(ids: np.ndarray, labels: np.ndarray, distances: np.ndarra
     vc = gated.vote
     calibrated = calibration is not None and calibration.matches(rule, k, params)
     confidence = calibration.confidence(vc) if calibrated else vc.share
+    test = calibration.out_of_memory if calibrated else None
+    p_out = None if test is None else calibration.out_of_memory_p(vc)
     how = calibration.describe() if calibrated else (
         "raw share of the winner's score; uncalibrated" + (
             "" if calibration is None else f" (the memory's calibration is for rule {calibration.rule.value}, "
@@ -119,9 +122,22 @@ def classify_neighbors(ids: np.ndarray, labels: np.ndarray, distances: np.ndarra
                 fields.update(label=list(class_names).index(outcome.label), label_name=outcome.label,
                               reason=f"re-ranked by {rerank.name} (vote said {p.label_name!r}, margin "
                                      f"{float(vc.margin[q]):.3f} < {float(options.rerank_below):g})")
-        # A re-ranker's answer is the decision; abstention applies to the vote alone.
-        if options.abstain_below is not None and c < options.abstain_below and not answered:
-            fields.update(label=-1, label_name=None, abstained=True,
-                          reason=f"confidence {c:.3f} < {float(options.abstain_below):g} ({how})")
+        if p_out is not None:
+            fields.update(out_of_memory_p=float(p_out[q]))
+        # A re-ranker's answer is the decision; abstention applies to the vote alone. It abstains when either
+        # says so: the test (unlike the memory's own held-out queries) or the calibrated confidence
+        # (memory.decide.out_of_memory says why they are not multiplied into one number).
+        unlike = p_out is not None and p_out[q] < test.level
+        if options.abstain_below is not None and (unlike or c < options.abstain_below) and not answered:
+            if unlike:
+                why = AbstainReason.UNLIKE_MEMORY
+                which = "nearest neighbour" if test.statistic is OutOfMemoryStatistic.NEAREST else f"neighbour {kk}"
+                detail = (f"{why.text}: its {which} has similarity {float(test.similarity_of(vc)[q]):.3f}, "
+                          f"less than in {100 * (1 - float(p_out[q])):.1f}% of held-out in-memory queries (p "
+                          f"{float(p_out[q]):.4f} < {test.level:g}; confidence {c:.3f}, {how})")
+            else:
+                why = AbstainReason.SPLIT_VOTE
+                detail = f"confidence {c:.3f} < {float(options.abstain_below):g} ({how}): {why.text}"
+            fields.update(label=-1, label_name=None, abstained=True, abstain_reason=why, reason=detail)
         out.append(dataclasses.replace(p, **fields))
     return out

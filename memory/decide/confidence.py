@@ -24,6 +24,12 @@ memory never saw (``vmem evaluate`` on it, then ``vmem calibrate``):
   is, which is what tells a query of a class the memory has never seen (its neighbours may agree, but they
   are far) from a hard query of a known class.
 
+Fitted on in-memory queries only, that map says how often such a vote is right, not whether the query's
+class is in memory at all. A calibration may also carry an out-of-memory test fitted on the same split
+(memory.decide.out_of_memory: a neighbour's similarity against the split's own, deep-kNN style); the
+confidence stays the fitted map, and abstention also abstains on queries the test flags. Calibrations
+without the test work as before.
+
 ``abstain_below=P`` then abstains (label -1, no class name) for every query whose calibrated confidence is
 below P: with a calibrated score, roughly "answer only when at least P of such answers are right".
 """
@@ -37,6 +43,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from memory.enums import parse_enum
+from memory.decide.out_of_memory import OutOfMemoryStatistic, OutOfMemoryTest, fit_out_of_memory_test
 from memory.decide.voting import VotingParams, VotingRule, neighbor_weights, vote
 
 __all__ = ["Calibration", "CalibrationMethod", "ConfidenceScore", "VoteConfidence", "combined_features",
@@ -73,12 +80,15 @@ class CalibrationMethod(enum.Enum):
 class VoteConfidence(NamedTuple):
     """Per query: the vote's label (as ``memory.decide.voting.vote``) and its raw confidence scores, all ``[nq]``.
 
-    A query without any live neighbour has label -1, share 0, margin 0 and similarity -1.
+    ``similarity`` is the nearest neighbour's cosine similarity, ``kth_similarity`` the k-th's (the farthest
+    live one of the first k when fewer are live): the statistics of memory.decide.out_of_memory. A query without
+    any live neighbour has label -1, share 0, margin 0 and both similarities -1.
     """
     labels: np.ndarray
     share: np.ndarray
     margin: np.ndarray
     similarity: np.ndarray
+    kth_similarity: np.ndarray
 
 
 def _top_two_class_scores(labels: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -130,12 +140,14 @@ def vote_confidence(labels: np.ndarray, distances: np.ndarray, *, rule: VotingRu
     safe = np.where(total > 0, total, 1.0)
     share = np.where(total > 0, top / safe, 0.0)
     margin = np.where(total > 0, (top - second) / safe, 0.0)
-    first = np.argmax(valid, axis=1)
+    rows = np.arange(distances_k.shape[0])
     has_any = valid.any(axis=1)
-    nearest = distances_k[np.arange(distances_k.shape[0]), first] if distances_k.shape[0] else np.zeros(0)
-    similarity = np.where(has_any, 1.0 - np.where(has_any, nearest, 0.0), -1.0)
+    first = np.argmax(valid, axis=1)
+    last = valid.shape[1] - 1 - np.argmax(valid[:, ::-1], axis=1)
+    similarity = np.where(has_any, 1.0 - np.where(has_any, distances_k[rows, first], 0.0), -1.0)
+    kth_similarity = np.where(has_any, 1.0 - np.where(has_any, distances_k[rows, last], 0.0), -1.0)
     return VoteConfidence(labels=decision.labels, share=np.clip(share, 0.0, 1.0), margin=np.clip(margin, 0.0, 1.0),
-                          similarity=similarity)
+                          similarity=similarity, kth_similarity=kth_similarity)
 
 
 def raw_score(confidence: VoteConfidence, score: ConfidenceScore | str) -> np.ndarray:
@@ -250,6 +262,8 @@ class Calibration:
       queries: Size of the calibration split; accuracy: its accuracy (the base rate).
       fitted_on_version: The memory version whose neighbours it was fitted on (None when unknown).
       source: Where the calibration neighbours came from (free text, e.g. the evaluation directory).
+      out_of_memory: The out-of-memory test fitted on the same split (memory.decide.out_of_memory), or None
+        (a calibration without one: abstention reads the confidence alone).
     """
     method: CalibrationMethod
     score: ConfidenceScore
@@ -266,8 +280,12 @@ class Calibration:
     accuracy: float = 0.0
     fitted_on_version: int | None = None
     source: str = ""
+    out_of_memory: OutOfMemoryTest | None = None
 
     def __post_init__(self):
+        if self.out_of_memory is not None and not isinstance(self.out_of_memory, OutOfMemoryTest):
+            raise ValueError(f"out_of_memory must be an OutOfMemoryTest or None, got "
+                             f"{type(self.out_of_memory).__name__}")
         if self.score is ConfidenceScore.COMBINED:
             if self.method is not CalibrationMethod.PLATT:
                 raise ValueError(_COMBINED_NEEDS_PLATT)
@@ -290,8 +308,9 @@ class Calibration:
     def describe(self) -> str:
         """One line: what is calibrated, how, and on what."""
         on = "" if self.fitted_on_version is None else f", fitted on version {self.fitted_on_version}"
+        ood = "" if self.out_of_memory is None else f"; {self.out_of_memory.describe()}"
         return (f"{self.method.value} on {self.score.value} of rule {self.rule.value}, k {self.k} "
-                f"({self.queries} held-out queries, accuracy {100 * self.accuracy:.2f}%{on})")
+                f"({self.queries} held-out queries, accuracy {100 * self.accuracy:.2f}%{on}){ood}")
 
     def matches(self, rule: VotingRule | str, k: int, params: VotingParams) -> bool:
         """Whether this calibration was fitted for that vote."""
@@ -316,10 +335,18 @@ class Calibration:
             return self.apply(combined_features(vc))
         return self.apply(raw_score(vc, self.score))
 
+    def out_of_memory_p(self, vc: VoteConfidence) -> np.ndarray | None:
+        """Each query's out-of-memory p-value (memory.decide.out_of_memory), or None without the test."""
+        return None if self.out_of_memory is None else self.out_of_memory.p_value(self.out_of_memory.similarity_of(vc))
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.update(method=self.method.value, score=self.score.value, rule=self.rule.value,
                  knots_x=list(self.knots_x), knots_y=list(self.knots_y), coefficients=list(self.coefficients))
+        # Without a test the dict is what calibrations without one always stored.
+        d.pop("out_of_memory")
+        if self.out_of_memory is not None:
+            d["out_of_memory"] = self.out_of_memory.to_dict()
         return d
 
     @classmethod
@@ -336,7 +363,9 @@ class Calibration:
                           "score": ConfidenceScore.parse(d["score"]), "rule": VotingRule.parse(d["rule"]),
                           "knots_x": tuple(float(v) for v in d.get("knots_x", ())),
                           "knots_y": tuple(float(v) for v in d.get("knots_y", ())),
-                          "coefficients": tuple(float(v) for v in d.get("coefficients", ()))})
+                          "coefficients": tuple(float(v) for v in d.get("coefficients", ())),
+                          "out_of_memory": None if d.get("out_of_memory") is None
+                          else OutOfMemoryTest.from_dict(d["out_of_memory"])})
         except (KeyError, TypeError) as e:
             raise ValueError(f"malformed calibration ({type(e).__name__}: {e})") from None
 
@@ -364,7 +393,9 @@ def fit_on_confidence(vc: VoteConfidence, true: np.ndarray, *, rule: VotingRule 
                       params: VotingParams = VotingParams(),
                       method: CalibrationMethod | str = CalibrationMethod.PLATT,
                       score: ConfidenceScore | str = ConfidenceScore.COMBINED, fitted_on_version: int | None = None,
-                      source: str = "") -> Calibration:
+                      source: str = "", out_of_memory_level: float | None = None,
+                      out_of_memory_statistic: OutOfMemoryStatistic | str = OutOfMemoryStatistic.NEAREST
+                      ) -> Calibration:
     """`fit_calibration` on an already computed `vote_confidence` of the same rule, k and params.
 
     Args:
@@ -373,6 +404,10 @@ def fit_on_confidence(vc: VoteConfidence, true: np.ndarray, *, rule: VotingRule 
       rule, k, params: The vote ``vc`` was computed for (recorded in the fit).
       method, score: See the module docstring.
       fitted_on_version, source: Recorded with the fit.
+      out_of_memory_level: Also fit an out-of-memory test at this level (memory.decide.out_of_memory, e.g.
+        its ``DEFAULT_LEVEL``) on the neighbour similarities of the queries with a known class (true >= 0);
+        None fits none.
+      out_of_memory_statistic: Which neighbour's similarity the test compares.
     """
     rule, method, score = VotingRule.parse(rule), CalibrationMethod.parse(method), ConfidenceScore.parse(score)
     true = np.asarray(true)
@@ -382,7 +417,8 @@ def fit_on_confidence(vc: VoteConfidence, true: np.ndarray, *, rule: VotingRule 
     raw = raw_score(vc, score)
     common = dict(method=method, score=score, rule=rule, k=int(k), softmax_tau=params.softmax_tau,
                   rank_alpha=params.rank_alpha, queries=int(true.size), accuracy=float(correct.mean()),
-                  fitted_on_version=fitted_on_version, source=source)
+                  fitted_on_version=fitted_on_version, source=source,
+                  out_of_memory=_fit_test(vc, true, out_of_memory_level, out_of_memory_statistic))
     if score is ConfidenceScore.COMBINED:
         if method is not CalibrationMethod.PLATT:
             raise ValueError(_COMBINED_NEEDS_PLATT)
@@ -395,6 +431,18 @@ def fit_on_confidence(vc: VoteConfidence, true: np.ndarray, *, rule: VotingRule 
         return Calibration(knots_x=tuple(kx.tolist()), knots_y=tuple(ky.tolist()), **common)
     a, b = platt_fit(_unit_interval(score, raw), correct)
     return Calibration(a=a, b=b, **common)
+
+
+def _fit_test(vc: VoteConfidence, true: np.ndarray, level: float | None,
+              statistic: OutOfMemoryStatistic | str) -> OutOfMemoryTest | None:
+    if level is None:
+        return None
+    known = true >= 0  # A query of a class the memory does not know is no sample of the in-memory null.
+    if not known.any():
+        raise ValueError("the out-of-memory test needs calibration queries of classes the memory holds; every "
+                         "query has true label -1")
+    statistic = OutOfMemoryStatistic.parse(statistic)
+    return fit_out_of_memory_test(statistic.of(vc)[known], level=level, statistic=statistic)
 
 
 def memory_calibration(manifest) -> Calibration | None:

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from memory.decide.out_of_memory import AbstainReason
 from memory.decide.voting import VotingParams, VotingRule, class_scores, neighbor_weights, vote
 
 __all__ = ["Neighbor", "Prediction", "explain", "shown_class_name"]
@@ -97,7 +98,11 @@ class Prediction:
       abstained: True when the memory gave no answer because ``confidence`` was below the asked threshold;
         ``label`` is then -1, ``label_name`` None (an abstention has no class name, so no class, whatever its
         name, reads as one), and ``vote_label_name`` keeps the vote's class.
-      reason: Why the memory abstained ("" when it answered).
+      reason: Why the memory abstained, in words ("" when it answered).
+      abstain_reason: Why, as a value (memory.decide.out_of_memory.AbstainReason): ``UNLIKE_MEMORY`` when the
+        memory's out-of-memory test flags the query, else ``SPLIT_VOTE``; None when it answered.
+      out_of_memory_p: The test's p-value (memory.decide.out_of_memory) when the memory's calibration carries
+        one for this rule and k, else None.
       vote_label_name: The class the neighbours voted for, whether or not the memory answered with it.
       rerank_reason: With a re-ranker (memory.rerank.base): what happened to this query -- ``answered`` (the
         re-ranker picked ``label_name``), ``margin_above_gate`` (not sent), or a fallback reason (the vote
@@ -119,6 +124,8 @@ class Prediction:
     rerank_reason: str = ""
     rerank_calls: int = 0
     rerank_detail: str = ""
+    abstain_reason: AbstainReason | None = None
+    out_of_memory_p: float | None = None
 
     def top_scores(self, n: int = 5) -> list[tuple[str, float]]:
         """The n best ``(class name, score)`` pairs."""
@@ -137,6 +144,8 @@ class Prediction:
             "calibrated": self.calibrated,
             "abstained": self.abstained,
             "reason": self.reason,
+            "abstain_reason": None if self.abstain_reason is None else self.abstain_reason.value,
+            "out_of_memory_p": self.out_of_memory_p,
             "vote_label_name": self.vote_label_name,
             **({"rerank_reason": self.rerank_reason, "rerank_calls": self.rerank_calls,
                 "rerank_detail": self.rerank_detail} if self.rerank_reason else {}),

@@ -136,6 +136,11 @@ def test_abstain_detects_held_out_classes_and_the_api_agrees_with_the_neighbour_
     assert r["accuracy_in_memory"] == 1.0 and r["ece_in_memory"]["calibrated"] < 0.05
     assert r["api_abstain_mismatches"] == 0
     assert r["calibration"]["fitted_on_version"] == 1 and r["calibration"]["queries"] == 60
+    # The published calibration carries the out-of-memory test (fitted on the 60 in-memory calibration queries):
+    # every held-out query is flagged, so none is answered, and the API names the same reasons.
+    assert r["calibration"]["out_of_memory"]["queries"] == 60 and r["flagged_unlike_memory"]["out_of_memory"] == 1.0
+    assert r["auroc_out_of_memory_test"] > 0.95 and r["auroc_in_vs_out"]["kth_similarity"] > 0.95
+    assert r["api_reason_mismatches"] == 0 and r["abstain_below"]["0.9"]["out_of_memory_answered"] == 0
 
 
 def test_revote_relabels_by_entry_id(ws, tmp_path):

@@ -81,3 +81,25 @@ def test_vmem_experiment_refuses_unknown_names_and_classes(capsys):
     assert "['unicorn'] are not fashion-mnist classes" in capsys.readouterr().err
     assert cli.main(["experiment", "--help"]) == 0
     assert "memory-size" in " ".join(capsys.readouterr().out.split())
+
+
+def test_calibrate_fits_the_out_of_memory_test_unless_told_not_to(tmp_path, capsys):
+    root, eval_dir, _ = _memory_and_evaluation(tmp_path)
+    assert calibrate_cli.main(["--evaluation", eval_dir, "--out-of-memory-level", "1.5"]) == 2
+    assert "--out-of-memory-level must be in (0, 1), got 1.5" in capsys.readouterr().err
+    assert calibrate_cli.main(["--evaluation", eval_dir, "--out-of-memory-level", "0.1", "--dry-run"]) == 0
+    assert ("out-of-memory test: out of memory below the 10th percentile of 200 held-out queries' nearest neighbour "
+            "similarity") in capsys.readouterr().out
+    assert read_manifest(root).version == 1
+    assert calibrate_cli.main(["--evaluation", eval_dir, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    test = memory_calibration(read_manifest(root)).out_of_memory
+    assert test.level == 0.05 and test.queries == 200 and out["calibration"]["out_of_memory"]["level"] == 0.05
+    (tmp_path / "again").mkdir()
+    root2, eval_dir2, _ = _memory_and_evaluation(tmp_path / "again")
+    assert calibrate_cli.main(["--evaluation", eval_dir2, "--out-of-memory-statistic", "median"]) == 2
+    assert "unknown out-of-memory statistic 'median'; allowed: nearest, kth" in capsys.readouterr().err
+    assert calibrate_cli.main(["--evaluation", eval_dir2, "--no-out-of-memory", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "out_of_memory" not in out["calibration"]
+    assert memory_calibration(read_manifest(root2)).out_of_memory is None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -217,3 +218,44 @@ def test_open_with_load_encoder_warms_the_encoder(tiny_memory, fmnist_small):
     coat, coat_id = _image(fmnist_small, "coat", 3)
     [p] = memory.classify([coat], k=3)
     assert p.neighbors[0].id == coat_id
+
+
+def _calibrated_copy(tiny_memory, tmp_path, *, knot: float) -> str:
+    """A copy of the memory carrying a calibration: confidence = the share, and an out-of-memory test whose 1,000
+    held-out queries all had 10th-neighbour similarity ``knot`` (1.0: every query is unlike them; -1.0: none)."""
+    from memory.decide.confidence import Calibration, CalibrationMethod, ConfidenceScore, publish_calibration
+    from memory.decide.out_of_memory import OutOfMemoryTest
+    from memory.store.versions import read_manifest
+    root = str(tmp_path / f"mem-{knot}")
+    shutil.copytree(tiny_memory, root)
+    cal = Calibration(method=CalibrationMethod.ISOTONIC, score=ConfidenceScore.SHARE, rule=VotingRule.RANK, k=10,
+                      softmax_tau=0.07, rank_alpha=2.0, knots_x=(0.0, 1.0), knots_y=(0.0, 1.0), queries=1000,
+                      accuracy=0.9, fitted_on_version=read_manifest(root).version,
+                      out_of_memory=OutOfMemoryTest(level=0.05, knots=(knot,), queries=1000, statistic="kth"))
+    publish_calibration(root, cal)
+    return root
+
+
+def test_abstention_names_its_reason_in_text_and_json(tiny_memory, fmnist_small, tmp_path, capsys):
+    coat, _ = _image(fmnist_small, "coat", 3)
+    bag, _ = _image(fmnist_small, "bag", 0)
+    unlike = _calibrated_copy(tiny_memory, tmp_path, knot=1.0)
+    code, out, err = _main(capsys, "--memory", unlike, coat, "--abstain-below", "0.5")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[1].startswith("  predicted  abstained (the vote said ")
+    assert lines[2].startswith("  abstained  unlike anything in memory: its neighbour 10 has similarity")
+    assert lines[2].endswith("   [reason unlike_memory]")
+    code, out, err = _main(capsys, "--memory", unlike, coat, bag, "--json", "--abstain-below", "0.5")
+    assert code == 0, err
+    results = json.loads(out)["results"]
+    assert [r["abstain_reason"] for r in results] == ["unlike_memory", "unlike_memory"]
+    assert all(r["abstained"] and r["out_of_memory_p"] == pytest.approx(1 / 1001) for r in results)
+
+    # Nothing is unlike the held-out queries: a vote that is not unanimous abstains as split, the others answer.
+    like = _calibrated_copy(tiny_memory, tmp_path, knot=-1.0)
+    code, out, err = _main(capsys, "--memory", like, coat, bag, "--json", "--abstain-below", "1")
+    assert code == 0, err
+    for r in json.loads(out)["results"]:
+        assert r["abstain_reason"] == ("split_vote" if r["confidence"] < 1.0 else None)
+        assert r["abstained"] == (r["confidence"] < 1.0)

@@ -8,6 +8,7 @@ encoder id ``synthetic-labelled-<dim>`` so that memory and queries must agree on
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -33,7 +34,6 @@ def encoder_id(dim: int) -> str:
 
 def generate(data_dir: str, spec: synthetic_data.LabelledSpec) -> float:
     """Writes ``spec`` to ``data_dir`` unless the same spec is already there; returns the seconds spent."""
-    import json  # pylint: disable=g-import-not-at-top
     try:
         with open(os.path.join(data_dir, synthetic_data.DATASET_JSON), encoding="utf-8") as f:
             if json.load(f) == spec.to_dict():

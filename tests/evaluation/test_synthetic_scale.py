@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 
 from evaluation.experiments import synthetic_scale
@@ -51,3 +52,17 @@ def test_default_sizes_span_four_decades_in_whole_entries_per_class():
     sizes = ScaleSetup().sizes()
     assert sizes[0] == 100 and sizes[-1] == 1_000_000 and all(n % 100 == 0 for n in sizes)
     assert sizes == [100, 300, 1000, 3200, 10000, 31600, 100000, 316200, 1000000]
+
+
+def test_generate_reuses_a_folder_of_the_same_spec_and_replaces_another(tmp_path):
+    from evaluation import synthetic_data
+    from evaluation.experiments import synthetic_jobs
+    out = str(tmp_path / "d")
+    spec = synthetic_data.LabelledSpec(classes=2, per_class=3, dim=4)
+    assert synthetic_jobs.generate(out, spec) > 0
+    assert synthetic_jobs.generate(out, spec) == 0.0  # cached: same dataset.json
+    other = synthetic_data.LabelledSpec(classes=2, per_class=5, dim=4)
+    assert synthetic_jobs.generate(out, other) > 0
+    assert np.load(os.path.join(out, "img_emb", "img_emb_0.npy")).shape == (10, 4)
+    with open(os.path.join(out, "dataset.json")) as f:
+        assert '"per_class": 5' in f.read()

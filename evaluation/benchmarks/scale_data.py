@@ -11,12 +11,12 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from evaluation import synthetic_data
 from evaluation.benchmarks import synthetic
 
 K = 10
@@ -27,7 +27,7 @@ ENCODER_ID = "synthetic-structured-256"
 KEY_WIDTH = 10
 # Ground-truth rows scored per matmul: bounds the float32 scores to queries x this x 4 bytes.
 _GT_BLOCK = 65_536
-_DATA_MARKER = "dataset.json"
+_DATA_MARKER = synthetic_data.DATASET_JSON
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,57 +68,27 @@ def row_keys(start: int, stop: int) -> np.ndarray:
     return np.char.zfill(np.arange(start, stop).astype(str), KEY_WIDTH)
 
 
-def _file_chunks(spec: DataSpec) -> Iterator[tuple[int, int, np.ndarray, np.ndarray]]:
-    """(file index, global start row, centres, vectors) pieces: generator blocks split at file boundaries."""
+def _chunks(spec: DataSpec) -> Iterator[tuple[int, dict[str, np.ndarray], np.ndarray]]:
+    """(global start row, metadata columns, vectors) per generator block."""
+    uri_prefix = f"gs://vmem-synthetic/{ENCODER_ID}/seed-{spec.seed}/"
     row = 0
     for centre, block in synthetic.iter_structured_blocks(spec.n, spec.dim, centres=spec.centres,
                                                           noise_ratio=spec.noise_ratio, seed=spec.seed):
-        while block.shape[0]:
-            i, offset = divmod(row, spec.rows_per_file)
-            take = min(block.shape[0], spec.rows_per_file - offset)
-            yield i, row, centre[:take], block[:take]
-            centre, block, row = centre[take:], block[take:], row + take
+        keys = row_keys(row, row + block.shape[0])
+        labels = np.char.add("class-", np.char.zfill((centre % spec.num_classes).astype(str), 4))
+        uris = np.char.add(np.char.add(uri_prefix, keys), ".jpg")
+        yield row, {"key": keys, "label": labels, "image_path": uris}, block
+        row += block.shape[0]
 
 
 def write_clip_dataset(data_dir: str, spec: DataSpec) -> None:
     """Streams the memory's vectors and metadata to ``data_dir`` in clip-retrieval's layout.
 
-    Memory stays at one generator block: each ``img_emb_<i>.npy`` is a memory-mapped .npy written in
-    place and each parquet file is written one row group per block. Files appear under a temporary
-    directory renamed into place at the end, so an interrupted run leaves no half data set behind.
+    Memory stays at one generator block (`evaluation.synthetic_data.write_clip_layout`); an interrupted run
+    leaves no half data set behind.
     """
-    import pyarrow as pa  # pylint: disable=g-import-not-at-top
-    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-    tmp = data_dir + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(os.path.join(tmp, "img_emb"))
-    os.makedirs(os.path.join(tmp, "metadata"))
-    schema = pa.schema([("key", pa.string()), ("label", pa.string()), ("image_path", pa.string())])
-    uri_prefix = f"gs://vmem-synthetic/{ENCODER_ID}/seed-{spec.seed}/"
-    current, emb, writer = -1, None, None
-    for i, start, centre, block in _file_chunks(spec):
-        if i != current:
-            if writer is not None:
-                emb.flush()
-                writer.close()
-            current = i
-            rows = min(spec.rows_per_file, spec.n - i * spec.rows_per_file)
-            emb = np.lib.format.open_memmap(emb_path(tmp, i), mode="w+", dtype=spec.dtype, shape=(rows, spec.dim))
-            writer = pq.ParquetWriter(metadata_path(tmp, i), schema)
-        offset = start - current * spec.rows_per_file
-        emb[offset:offset + block.shape[0]] = block
-        keys = row_keys(start, start + block.shape[0])
-        labels = np.char.add("class-", np.char.zfill((centre % spec.num_classes).astype(str), 4))
-        uris = np.char.add(np.char.add(uri_prefix, keys), ".jpg")
-        writer.write_table(pa.table({"key": keys, "label": labels, "image_path": uris}, schema=schema))
-    if writer is not None:
-        emb.flush()
-        writer.close()
-    del emb
-    with open(os.path.join(tmp, _DATA_MARKER), "w") as f:
-        json.dump(spec.to_dict(), f, indent=1)
-    shutil.rmtree(data_dir, ignore_errors=True)
-    os.rename(tmp, data_dir)
+    synthetic_data.write_clip_layout(data_dir, _chunks(spec), rows=spec.n, dim=spec.dim,
+                                     rows_per_file=spec.rows_per_file, dtype=spec.dtype, info=spec.to_dict())
 
 
 def memory_vectors(x: np.ndarray) -> np.ndarray:

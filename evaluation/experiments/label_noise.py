@@ -13,41 +13,76 @@ Noise model: each entry independently, with probability p, gets a label drawn un
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
 from evaluation.experiments.common import check_equivalent, compare_neighbor_lists, pct, plot_lines, \
     read_neighbors, revote, rule_summary, table_from_report, write_report
 from evaluation.experiments.workspace import Workspace, rng_for
+from evaluation.neighbors_io import NeighborRecord
 
 NAME = "label-noise"
 LEVELS = tuple(range(0, 90, 10))  # percent
 VERIFY_LEVEL = 50
 
 
+class NoiseSweep(NamedTuple):
+    """`sweep`'s result: ``{level: {rule: {k: accuracy}}}``, ``{level: fraction changed}``, re-vote seconds."""
+    tables: dict[int, dict[str, dict[int, float]]]
+    changed: dict[int, float]
+    revote_seconds: list[float]
+
+
+def randomise_labels(labels: np.ndarray, classes: np.ndarray, *, percent: int, rng: np.random.Generator
+                     ) -> tuple[np.ndarray, float]:
+    """``labels`` after the noise model (module docstring) at ``percent`` %; and the fraction that changed."""
+    flip = rng.random(len(labels)) < percent / 100
+    drawn = classes[rng.integers(0, classes.size, len(labels))]
+    noisy = np.where(flip, drawn, labels)
+    return noisy, float((noisy != labels).mean())
+
+
 def noisy_labels(ws: Workspace, percent: int) -> tuple[np.ndarray, float]:
     """The train split's class names after randomising ``percent`` % of them; and the fraction changed."""
     table = ws.table("train")
     classes = np.asarray(ws.class_names(), dtype=str)
-    rng = rng_for(ws.setup, NAME, percent)
-    flip = rng.random(len(table)) < percent / 100
-    drawn = classes[rng.integers(0, classes.size, len(table))]
-    labels = np.where(flip, drawn, table.labels)
-    return labels, float((labels != table.labels).mean())
+    return randomise_labels(table.labels, classes, percent=percent, rng=rng_for(ws.setup, NAME, percent))
+
+
+def sweep(records: Sequence[NeighborRecord], *, ids: Sequence[str], labels: np.ndarray, classes: Sequence[str],
+          levels: Sequence[int], k_max: int, rng: Callable[[int], np.random.Generator]) -> NoiseSweep:
+    """Re-votes one evaluation's neighbour lists with the memory's labels randomised at each level.
+
+    Args:
+      records: The clean memory's neighbour lists (`read_neighbors`).
+      ids, labels: The memory's entry ids and class names, row-aligned.
+      classes: Class names in the memory's order (sorted, as the build stores them).
+      levels: Noise levels in percent.
+      k_max: Neighbours voted over.
+      rng: The generator of a level (seeded per level, so levels draw independently).
+    """
+    index = {c: i for i, c in enumerate(classes)}
+    names = np.asarray(classes, dtype=str)
+    tables, changed, seconds = {}, {}, []
+    for percent in levels:
+        noisy, changed[percent] = randomise_labels(np.asarray(labels, dtype=str), names, percent=percent,
+                                                   rng=rng(percent))
+        voted = revote(records, k_max=k_max, relabel=dict(zip(ids, (index[c] for c in noisy.tolist()))))
+        seconds.append(voted.seconds)
+        tables[percent] = voted.table
+    return NoiseSweep(tables, changed, seconds)
 
 
 def run(ws: Workspace, out: str, *, levels=LEVELS, verify_level: int | None = VERIFY_LEVEL) -> dict:
     memory, report, eval_dir = ws.base()
     k_max, k = ws.setup.k_max, min(10, ws.setup.k_max)
     records = read_neighbors(eval_dir)
-    index = {c: i for i, c in enumerate(ws.class_names())}
-    ids = ws.table("train").ids.tolist()
-    per_level, changed, revote_seconds = {}, {}, []
-    for percent in levels:
-        labels, changed[percent] = noisy_labels(ws, percent)
-        voted = revote(records, k_max=k_max, relabel=dict(zip(ids, (index[c] for c in labels.tolist()))))
-        revote_seconds.append(voted.seconds)
-        per_level[percent] = voted.table
+    train = ws.table("train")
+    per_level, changed, revote_seconds = sweep(records, ids=train.ids.tolist(), labels=train.labels,
+                                               classes=ws.class_names(), levels=levels, k_max=k_max,
+                                               rng=lambda percent: rng_for(ws.setup, NAME, percent))
     rules = list(per_level[levels[0]])
     summaries = {p: rule_summary(t, k=k) for p, t in per_level.items()}
     verification = None

@@ -16,7 +16,8 @@ preprocessing. Nothing here imports Apache Beam.
 
 An IMAGE that cannot be read (missing, a directory, not an image) does not stop the others: every readable
 one is answered (embedded in batches as usual), and each unreadable one gets a record in its place (text:
-``unreadable REASON``; JSON: ``{"image", "error"}``) and a line on stderr.
+``unreadable REASON``; JSON: ``{"image", "error"}``; ``--html``: its section with the reason) and a line
+on stderr.
 
 Exit status: 0 when every image was classified; 1 on a runtime failure (missing memory) and when some images
 could not be read (the others are answered; when none could, only the reasons are printed, on stderr); 2 on
@@ -197,6 +198,7 @@ figure img, .missing { width: 128px; height: 128px; object-fit: contain; image-r
   font-size: 11px; overflow: hidden; }
 .same { outline: 3px solid #2a2; } .other { outline: 3px solid #c44; }
 table { border-collapse: collapse; font-size: 13px; } td, th { padding: 2px 8px; text-align: left; }
+.unreadable { color: #a00; }
 """
 
 
@@ -213,18 +215,22 @@ def _figure(uri: str, caption_lines: Sequence[str], thumbs: dict, *, css_class: 
     return f'<figure class="{figure_class}">{image}<figcaption>{caption}</figcaption></figure>'
 
 
-def render_html(memory_path: str, results: Sequence[tuple[str, Prediction]]) -> str:
+def render_html(memory_path: str, results: Sequence[tuple[str, Prediction | UnreadableQuery]]) -> str:
     """A self-contained page: each query, its predicted label and scores, and its neighbours.
 
     Thumbnails are read from each neighbour's source uri (local or ``gs://``) and inlined as base64 PNG
-    ``data:`` URIs; a source that cannot be read or decoded shows a placeholder with the reason. All text is
-    HTML-escaped.
+    ``data:`` URIs; a source that cannot be read or decoded shows a placeholder with the reason. A query
+    image that could not be read has its section, in its place, with the reason. All text is HTML-escaped.
     """
     thumbs: dict[str, tuple[str | None, str]] = {}
     parts = ["<!DOCTYPE html>", '<html><head><meta charset="utf-8">',
              f"<title>vmem classify: {html.escape(memory_path)}</title>", f"<style>{_CSS}</style></head><body>",
              f"<h1>Visual memory classification</h1><p>memory: <code>{html.escape(memory_path)}</code></p>"]
     for image, p in results:
+        if isinstance(p, UnreadableQuery):
+            parts.append(f'<section><h2>{html.escape(image)}</h2><p class="unreadable">unreadable: '
+                         f"{html.escape(p.reason)}</p></section>")
+            continue
         label = (f"abstained (the vote said {shown_class_name(p.vote_label_name)})" if p.abstained
                  else shown_class_name(p.label_name) if p.label >= 0 else "(none: no neighbours)")
         rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{score:.6g}</td></tr>"
@@ -320,7 +326,7 @@ def _run(argv: Sequence[str]) -> int:
         print("\n\n".join(render_unreadable(image, p) if isinstance(p, UnreadableQuery)
                            else render_text(image, p, explain=args.explain) for image, p in results))
     if args.html:
-        storage.write_text(args.html, render_html(args.memory, answered))
+        storage.write_text(args.html, render_html(args.memory, results))
         print(f"wrote {args.html}", file=sys.stderr)
     if unreadable:
         print(f"vmem classify: error: {len(unreadable)} of {len(results)} images could not be read (the other "

@@ -115,6 +115,25 @@ def test_cli_answers_every_readable_image_names_each_unreadable_one_and_exits_1(
     assert "is a directory" in captured.err
 
 
+def test_html_page_shows_each_unreadable_image_in_its_place(tiny_memory, queries, tmp_path, capsys):
+    """The --html page has one section per image, in order: answers, and each unreadable one with its reason."""
+    import html
+    import re
+    paths, _ = queries
+    page = tmp_path / "page.html"
+    assert classify_cli.main(["--memory", tiny_memory, *paths, "--k", "5", "--html", str(page)]) == 1
+    capsys.readouterr()
+    text = page.read_text()
+    headings = [html.unescape(h) for h in re.findall(r"<h2>(.*?)</h2>", text)]
+    assert headings == paths
+    sections = text.split("<section>")[1:]
+    for i in (1, 2, 4):
+        assert 'class="unreadable">unreadable: ' in sections[i] and "predicted" not in sections[i]
+    assert html.escape(f"no such image file {paths[1]!r}") in sections[1]
+    for i in (0, 3):
+        assert "predicted <b>" in sections[i] and "unreadable" not in sections[i]
+
+
 def test_help_documents_the_exit_status(capsys):
     assert classify_cli.main(["--help"]) == 0
     assert "1 a runtime failure, or some images could not be read" in " ".join(capsys.readouterr().out.split())

@@ -53,7 +53,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--forgotten-threshold", "--forgotten_threshold", dest="forgotten_threshold", type=float,
                         default=0.1, help="with --if-needed: re-index when forgotten rows / stored rows exceeds "
                                           "this (default 0.1)")
-    parser.add_argument("--no-verify", "--no_verify", dest="verify", action="store_false", help=NO_VERIFY_HELP)
+    # true/false like --if_needed, so the Flex Template's name=value parameter can set it too.
+    parser.add_argument("--no-verify", "--no_verify", dest="no_verify", nargs="?", const=True, default=False,
+                        type=_bool, help=NO_VERIFY_HELP)
     return parser
 
 
@@ -79,7 +81,7 @@ def prepare(args: argparse.Namespace) -> ReindexJob:
     """Finishes an earlier re-index's pending purge, then plans this one (`prepare_job`) from the flags."""
     finish_pending_purge(args.memory)
     return prepare_job(args.memory, target_shard_size=args.target_shard_size, delta_threshold=args.delta_threshold,
-                       forgotten_threshold=args.forgotten_threshold, verify=args.verify)
+                       forgotten_threshold=args.forgotten_threshold, verify=not args.no_verify)
 
 
 class _PublishFn(beam.DoFn):

@@ -435,7 +435,7 @@ def test_flex_template_metadata_names_only_accepted_flags():
     assert meta["name"] and meta["description"]
     accepted = {o.lstrip("-") for a in reindex_cli.build_parser()._actions for o in a.option_strings}
     examples = {"memory": "gs://b/memories/m", "if_needed": "true", "target_shard_size": "50000",
-                "delta_threshold": "0.1", "forgotten_threshold": ".25", "nothing_to_do_status": "0"}
+                "delta_threshold": "0.1", "forgotten_threshold": ".25", "no_verify": "true", "nothing_to_do_status": "0"}
     assert {p["name"] for p in meta["parameters"]} == set(examples)
     import re
     for p in meta["parameters"]:
@@ -443,6 +443,10 @@ def test_flex_template_metadata_names_only_accepted_flags():
         assert all(re.fullmatch(r, examples[p["name"]]) for r in p.get("regexes", [])), p["name"]
     args, rest = reindex_cli.build_parser().parse_known_args([f"--{k}={v}" for k, v in examples.items()])
     assert rest == [] and args.if_needed is True and args.target_shard_size == 50000 and args.nothing_to_do_status == 0
+    assert args.no_verify is True
+    assert reindex_cli.build_parser().parse_args(["--memory=m", "--no-verify"]).no_verify is True
+    assert reindex_cli.build_parser().parse_args(["--memory=m", "--no_verify=false"]).no_verify is False
+    assert reindex_cli.build_parser().parse_args(["--memory=m"]).no_verify is False
     with open(os.path.join(REPO, "templates", "reindex", "Dockerfile"), encoding="utf-8") as f:
         docker = f.read()
     assert "python311-template-launcher-base" in docker and "vmem/reindex.py" in docker

@@ -20,11 +20,11 @@ from encoders.base import EncoderSpec
 from memory import storage
 from memory.store.manifest import Manifest, ShardInfo
 from memory.store.mutations import DELTAS_DIR, add_manifest, rebase_add
+from memory.store.purge import DEAD_LETTER_DIR
 from memory.store.versions import (ConcurrentUpdateError, latest_version, list_versions, publish_rebasing,
                                    read_version)
 from pipelines.build import is_precomputed, precomputed_identity
 from pipelines.stages.embed import EncoderMismatchError, check_same_identity, memory_encoder_spec
-from pipelines.stages.write import DEAD_LETTER_DIR
 
 _LOG = logging.getLogger("visual_memory")
 DEFAULT_DELTA_SHARD_SIZE = 50_000

@@ -30,6 +30,7 @@ from apache_beam.metrics import Metrics
 
 from memory import storage
 from memory.index.shard_index import IndexConfig
+from memory.store.purge import DEAD_LETTER_DIR  # One name for the folder the clean-up sweeps too.
 from memory.store.manifest import FORMAT_VERSION, BuildCounts, Manifest, Metric, RouterRef, ShardInfo
 from memory.store.versions import write_manifest
 from memory.search.routing import RouterConfig, router_sample_key, train_router, write_router
@@ -42,7 +43,6 @@ from pipelines.records import EmbeddedImage, EntryBlock, Stage
 _LOG = logging.getLogger("visual_memory")
 _NAMESPACE = "visual_memory"
 SHARDS_DIR = "shards"
-DEAD_LETTER_DIR = "dead_letter"
 SPILL_DIR = ".build-tmp"
 # Rows per spill file: large enough that a billion entries make ~1e4-1e5 files, small enough to buffer.
 SPILL_ROWS = 65_536

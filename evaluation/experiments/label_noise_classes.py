@@ -198,25 +198,13 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line; exit 2 on a bad flag."""
-    p = argparse.ArgumentParser(prog="python -m evaluation.experiments.label_noise_classes",
-                                description=__doc__.split("\n")[0])
-    p.add_argument("--work", required=True, help="Scratch directory for the data, memories and evaluations.")
-    p.add_argument("--out", required=True, help="Where report.json, report.md and the figures go.")
+    p = synthetic_jobs.study_parser("python -m evaluation.experiments.label_noise_classes", __doc__.split("\n")[0])
     defaults = StudySetup()
     p.add_argument("--classes", type=_ints, default=defaults.classes)
     p.add_argument("--levels", type=_ints, default=defaults.levels)
     for name in ("per_class", "queries", "dim", "seed", "k_max"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    args = vars(p.parse_args(argv))
-    work, out = args.pop("work"), args.pop("out")
-    try:
-        setup = StudySetup(**args)
-    except ValueError as e:
-        p.error(str(e))
-    start = time.perf_counter()
-    run(work, out, setup, log=lambda line: print(line, file=sys.stderr, flush=True))
-    print(f"{NAME}: report in {out} after {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    return 0
+    return synthetic_jobs.run_study(p, argv, make_setup=StudySetup, run=run, name=NAME)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,14 @@ encoder id ``synthetic-labelled-<dim>`` so that memory and queries must agree on
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import shutil
+import sys
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from evaluation import synthetic_data
@@ -69,3 +72,27 @@ def evaluate(memory: str, queries_dir: str, output: str, *, dim: int, k_max: int
                     encoder_id=encoder_id(dim), k_max=k_max)
     report = write_evaluation_report(output)
     return report, time.perf_counter() - start
+
+
+def study_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A study's command line: ``--work`` and ``--out``; the study adds its setup's flags."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--work", required=True, help="Scratch directory for the data, memories and evaluations.")
+    p.add_argument("--out", required=True, help="Where report.json, report.md and the figures go.")
+    return p
+
+
+def run_study(parser: argparse.ArgumentParser, argv: Sequence[str] | None, *, make_setup: Callable[..., Any],
+              run: Callable[..., Any], name: str) -> int:
+    """Parses ``argv``, builds the setup from every flag but --work/--out (its ValueError is a flag error, exit 2),
+    runs the study with progress on stderr and prints its wall time; returns 0."""
+    args = vars(parser.parse_args(argv))
+    work, out = args.pop("work"), args.pop("out")
+    try:
+        setup = make_setup(**args)
+    except ValueError as e:
+        parser.error(str(e))
+    start = time.perf_counter()
+    run(work, out, setup, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(f"{name}: report in {out} after {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return 0

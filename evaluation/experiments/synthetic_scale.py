@@ -20,7 +20,6 @@ search at every size). Three parts, each printing progress and its wall time:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -318,25 +317,13 @@ def _markdown(results: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line; exit 2 on a bad flag."""
-    p = argparse.ArgumentParser(prog="python -m evaluation.experiments.synthetic_scale",
-                                description=__doc__.split("\n")[0])
-    p.add_argument("--work", required=True, help="Scratch directory for the data, memories and evaluations.")
-    p.add_argument("--out", required=True, help="Where report.json, report.md and the figure go.")
+    p = synthetic_jobs.study_parser("python -m evaluation.experiments.synthetic_scale", __doc__.split("\n")[0])
     defaults = ScaleSetup()
     for f in dataclasses.fields(ScaleSetup):
         if f.name != "parts":
             p.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=getattr(defaults, f.name))
     p.add_argument("--parts", type=lambda s: tuple(s.split(",")), default=PARTS, help=", ".join(PARTS))
-    args = vars(p.parse_args(argv))
-    work, out = args.pop("work"), args.pop("out")
-    try:
-        setup = ScaleSetup(**args)
-    except ValueError as e:
-        p.error(str(e))
-    start = time.perf_counter()
-    run(work, out, setup, log=lambda line: print(line, file=sys.stderr, flush=True))
-    print(f"{NAME}: report in {out} after {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    return 0
+    return synthetic_jobs.run_study(p, argv, make_setup=ScaleSetup, run=run, name=NAME)
 
 
 if __name__ == "__main__":

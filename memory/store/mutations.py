@@ -135,11 +135,13 @@ def _column(root: str, info: ShardInfo, name: str, verify: bool = True) -> np.nd
     return arr
 
 
-def _columns(root: str, manifest: Manifest, names: Sequence[str], verify: bool = True) -> dict[str, np.ndarray]:
-    """Concatenated per-row columns of every main and delta shard (physical rows, forgotten included)."""
+def _columns(root: str, infos: Sequence[ShardInfo], names: Sequence[str], verify: bool = True
+             ) -> dict[str, np.ndarray]:
+    """Concatenated per-row columns of the shards ``infos`` (e.g. a manifest's ``all_shards``: physical rows,
+    forgotten included)."""
     out = {}
     for name in names:
-        parts = [_column(root, info, name, verify) for info in manifest.all_shards if info.count]
+        parts = [_column(root, info, name, verify) for info in infos if info.count]
         empty = np.zeros((0,), dtype=np.int32 if name == "labels" else "<U1")
         out[name] = np.concatenate(parts) if parts else empty
     return out
@@ -169,7 +171,7 @@ def live_ids(root: str, *, version: int | None = None, verify: bool = True) -> n
     """Sorted ids of the live entries of a version (default: the latest); ``verify``: check the id files read
     against the manifest (memory.store.integrity)."""
     m = read_version(root, latest_version(root) if version is None else version)
-    ids = _columns(root, m, ["ids"], verify)["ids"]
+    ids = _columns(root, m.all_shards, ["ids"], verify)["ids"]
     return np.sort(ids[~np.isin(ids, read_forgotten(root, m))])
 
 
@@ -237,7 +239,7 @@ def forget(root: str, *, ids: Iterable[str] | None = None, label: str | None = N
         selected.append(req)
         selection["ids"] = int(req.size)
     names = ["ids"] + (["labels"] if label is not None else []) + (["uris"] if source_prefix is not None else [])
-    cols = _columns(root, m, names, verify) if len(names) > 1 else {}
+    cols = _columns(root, m.all_shards, names, verify) if len(names) > 1 else {}
     phys = cols.get("ids")
     if label is not None:
         if label not in m.class_names:
@@ -375,11 +377,6 @@ def add_manifest(base: Manifest, *, delta_infos: Sequence[ShardInfo], new_class_
                                delta_shards=tuple(base.delta_shards) + tuple(delta_infos))
 
 
-def _ids_of(root: str, infos: Sequence[ShardInfo], verify: bool = True) -> np.ndarray:
-    parts = [_column(root, info, "ids", verify) for info in infos if info.count]
-    return np.concatenate(parts) if parts else np.zeros((0,), "<U1")
-
-
 def rebase_add(root: str, base: Manifest, latest: Manifest, *, delta_infos: Sequence[ShardInfo],
                new_class_names: Sequence[str], counts: dict, job: str | None = None) -> Manifest:
     """An add computed on ``base`` recomputed on the newer ``latest`` (`add_manifest`), unless they conflict.
@@ -393,7 +390,7 @@ def rebase_add(root: str, base: Manifest, latest: Manifest, *, delta_infos: Sequ
       ManifestError: a delta shard of this add was deleted while it waited (nothing is published).
     """
     infos = tuple(delta_infos)
-    ours = _ids_of(root, infos)
+    ours = _columns(root, infos, ["ids"])["ids"]
     what = f"add of {ours.size} entries"
 
     def conflict(clash: str) -> WriteConflictError:
@@ -407,7 +404,7 @@ def rebase_add(root: str, base: Manifest, latest: Manifest, *, delta_infos: Sequ
         raise conflict(f"both added new class names ({list(latest.class_names[len(base.class_names):])} and "
                        f"{list(before[len(base.class_names):])}), and this add's delta shards number its labels "
                        "after the base's class list")
-    clash = np.intersect1d(ours, _ids_of(root, latest.delta_shards[n_old:]))
+    clash = np.intersect1d(ours, _columns(root, latest.delta_shards[n_old:], ["ids"])["ids"])
     if clash.size:
         raise conflict(f"{clash.size} of the same id(s) were added by both: {_listed(clash)}")
     missing = [info.path for info in infos if not storage.exists(storage.join(root, info.path))]
@@ -455,11 +452,11 @@ def publish_add(root: str, *, delta_infos: Sequence[ShardInfo], new_class_names:
         if labels.size and int(labels.max()) >= len(class_names):
             raise ManifestError(f"delta shard {info.name}: label {int(labels.max())} outside the {len(class_names)} "
                                 "class names; map labels with extended_class_names(old, new_labels)")
-    new_ids = _ids_of(root, infos, verify)
+    new_ids = _columns(root, infos, ["ids"], verify)["ids"]
     uniq, n_of = np.unique(new_ids, return_counts=True)
     if (n_of > 1).any():
         raise DuplicateIdError(f"ids added twice in this add: {_listed(uniq[n_of > 1])}; nothing was published")
-    phys = _columns(root, m, ["ids"], verify)["ids"]
+    phys = _columns(root, m.all_shards, ["ids"], verify)["ids"]
     gone = read_forgotten(root, m)
     clash = new_ids[np.isin(new_ids, phys)]
     if clash.size:

@@ -40,9 +40,7 @@ import numpy as np
 from memory import storage
 from memory.index.shard_index import (INDEX_META_NAME, EmbeddingDtype, IndexConfig, IndexKind, ShardIndex,
                                       rows_from_dataset_file)
-# ENTRIES_NAME, LEGACY_ARRAY_NAMES, SCANN_DIR and verify_shard are part of this module's interface too.
-from memory.store.integrity import (ENTRIES_NAME, LEGACY_ARRAY_NAMES, SCANN_DIR, ShardFiles, local_files, record_files,
-                                    refuse_pickles, verify_shard)
+from memory.store.integrity import ENTRIES_NAME, SCANN_DIR, ShardFiles, local_files, record_files, refuse_pickles
 from memory.store.manifest import Manifest, ManifestError, ShardInfo
 from memory.index.template import merge_runs
 from memory.vectors import l2_normalize

@@ -9,8 +9,9 @@ import pytest
 from memory import storage
 from memory.index.shard_index import IndexConfig, IndexKind
 from memory.store.manifest import ManifestError
+from memory.store.integrity import verify_shard
 from memory.store.shard import (ShardData, load_shard_index, read_shard_data, read_shard_entries, read_shard_ids,
-                          verify_shard, write_shard)
+                                write_shard)
 from tests.memory.helpers import clustered
 
 

@@ -134,11 +134,9 @@ class VisualMemory:
         Args:
           path: Memory root (the directory holding versions/ and manifest.json), local or ``gs://``.
           version: A version number to open instead of the latest (see `memory.store.versions.history`).
-          verify: Check every shard file as it is loaded against the size and crc32c the manifest records of
-            it (memory.store.integrity: on the bytes loading reads anyway; a shard written before those were
-            recorded is checked by its whole-shard sha256, a full read). A mismatch raises `ShardCorruptError`
-            naming the shard and the file, and nothing is served. False skips the check, accepting the risk
-            of serving altered or damaged files.
+          verify: Check every shard file as it is loaded against its size and crc32c in the manifest
+            (memory.store.integrity; an older shard without them by its whole-shard sha256, a full read).
+            False skips the check, accepting the risk of serving altered or damaged files.
           search_threads: Threads `search` uses (ScaNN releases the GIL): a batch of at least 64 queries per
             thread is split into that many query chunks, each routed, searched and merged on its own thread;
             a smaller one has its shards searched in parallel. None -> one per CPU, at most one per shard;
@@ -158,10 +156,11 @@ class VisualMemory:
         Raises:
           ManifestError: no manifest ("not a visual memory: ..."), no such version, unsupported
             format_version, malformed manifest, missing shard/tombstone/weights files or (with verify) a
-            shard file that differs from the manifest (`memory.store.integrity.ShardCorruptError`). When a purge removes the version being opened (its files go missing), an
-            unpinned open re-opens the new latest version instead; a pinned ``version`` raises
-            VersionPurgedError (a ManifestError). So do the source uris (`classify`'s explanations, `get_uris`),
-            read on first use, of a version purged after it was opened: re-open the memory then.
+            shard file that differs from the manifest (`memory.store.integrity.ShardCorruptError`, naming
+            the shard and the file; nothing is served). When a purge removes the version being opened (its
+            files go missing), an unpinned open re-opens the new latest version instead; a pinned ``version``
+            raises VersionPurgedError (a ManifestError). So do the source uris (`classify`'s explanations,
+            `get_uris`), read on first use, of a version purged after it was opened: re-open the memory then.
         """
         root = path.rstrip("/") if len(path) > 1 else path
         pinned = None if version is None else read_version(root, version)  # A purged one: "no version N; ...".

@@ -57,11 +57,6 @@ def _calibrate(eval_dir: str, memory: str) -> None:
     publish_calibration(fit.root, fit.calibration, expected_version=fit.calibration.fitted_on_version)
 
 
-def results_auroc(score: np.ndarray, inside: np.ndarray) -> float:
-    """AUROC of a score at telling in-memory (``inside``) from out-of-memory queries."""
-    return auroc(score[inside], score[~inside])
-
-
 def _separation(score: np.ndarray, correct: np.ndarray, inside: np.ndarray) -> dict[str, float]:
     """AUROC in vs out of memory, ECE on in-memory queries, coverage at 5 % risk over all queries."""
     return {"auroc_in_vs_out": auroc(score[inside], score[~inside]),
@@ -211,7 +206,7 @@ def run(ws: Workspace, out: str) -> dict:
                                   "in_memory": float(flagged[inside].mean())},
         "at_levels": levels,
         "best_single_score": best_single,
-        "best_single_auroc": results_auroc(scores[best_single], inside),
+        "best_single_auroc": auroc(scores[best_single][inside], scores[best_single][~inside]),
         # The rule's in- vs out-of-memory decision is the test's: its separation is that of the test's statistic.
         # Flagging thresholds the statistic, so the test's ROC over levels is the statistic's.
         "out_of_memory_statistic": ood.statistic.value,

@@ -488,15 +488,21 @@ def memory_calibration(manifest, *, root: str | None = None) -> Calibration | No
         raise ValueError(f"version {manifest.version}: {e}; re-run `vmem calibrate`") from None
 
 
-@functools.lru_cache(maxsize=4)
 def _read_entries(root: str, ref) -> EntrySimilarities:
-    # Content-addressed (the path and sha256 name the bytes), so a cached read is the file's.
     from memory import storage  # pylint: disable=g-import-not-at-top
+    path = storage.join(root, ref.path)
     try:
-        blob = storage.read_bytes(storage.join(root, ref.path))
+        # A classify reads the calibration each call: the checked table is reused while the file is untouched.
+        return _read_checked_entries(path, ref, storage.modified_time(path))
     except FileNotFoundError:
         raise ValueError(f"entry similarity file {ref.path} is missing under {root}") from None
-    return EntrySimilarities.from_bytes(blob, ref)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_checked_entries(path: str, ref, modified: float) -> EntrySimilarities:
+    del modified  # Part of the cache key only: a rewritten file is read and checked again.
+    from memory import storage  # pylint: disable=g-import-not-at-top
+    return EntrySimilarities.from_bytes(storage.read_bytes(path), ref)
 
 
 def publish_calibration(root: str, calibration: Calibration, *, expected_version: int | None = None):

@@ -11,12 +11,16 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from evaluation import neighbors_io
 from pipelines.records import NeighborRecord
+
+if TYPE_CHECKING:  # Annotations only: the memory is opened where it is needed.
+    from memory.decide.out_of_memory import EntrySimilarities
+    from memory.visual_memory import VisualMemory
 
 __all__ = ["CalibrationFit", "EvaluationOutput", "entry_similarities", "fit_from_evaluation", "neighbor_id_array",
            "read_evaluation"]
@@ -83,7 +87,7 @@ def neighbor_id_array(records: Sequence[NeighborRecord], k: int) -> np.ndarray:
     return out.astype(str)
 
 
-def entry_similarities(memory, *, k: int, batch: int = _SELF_SEARCH_BATCH):
+def entry_similarities(memory: VisualMemory, *, k: int, batch: int = _SELF_SEARCH_BATCH) -> EntrySimilarities:
     """Each live entry's own k-th neighbour similarity among the other entries: the memory searched with its
     entries (leave-one-out), through the memory's own search.
 

@@ -574,7 +574,7 @@ class VisualMemory:
         """
         options = ClassifyOptions(rule=rule, k=k, params=params, abstain_below=abstain_below, rerank=rerank,
                                   rerank_below=rerank_below, rerank_top_n=rerank_top_n, rerank_cache=rerank_cache)
-        calibration = memory_calibration(self._manifest)
+        calibration = memory_calibration(self._manifest, root=self._root)
         on_unreadable = parse_enum(OnUnreadable, on_unreadable, "on_unreadable")
         vectors, images = split_queries(queries, self.dim)
         unreadable: list[UnreadableQuery] = []

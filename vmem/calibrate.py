@@ -8,10 +8,12 @@ directory of ``vmem evaluate`` on that split -- and publishes it as the memory's
 ``--abstain-below P`` / ``abstain_below=P`` abstains below P (label -1, no class name).
 
 By default it also fits an out-of-memory test on the same split (memory.decide.out_of_memory; no query of
-an unknown class is needed): a query whose nearest neighbour (``--out-of-memory-statistic kth``: k-th) is
-less similar than in all but 5 % of the split's queries (``--out-of-memory-level``) is unlike anything in
-memory, and ``--abstain-below`` then also abstains on it; an abstention names its reason, ``unlike_memory``
-or ``split_vote``. ``--no-out-of-memory`` fits the vote's confidence alone, as calibrations without the
+an unknown class is needed): a query whose k-th neighbour is less similar, as it is and relative to those
+neighbours' own k-th neighbour similarities in the memory, than in all but 5 % of the split's queries
+(``--out-of-memory-level``) is unlike anything in memory, and ``--abstain-below`` then also abstains on it;
+an abstention names its reason, ``unlike_memory`` or ``split_vote``. The relative part searches the memory
+once with its own entries and stores each entry's k-th similarity next to the calibration
+(``--out-of-memory-statistic nearest`` or ``kth`` compare that one similarity alone, without the search). ``--no-out-of-memory`` fits the vote's confidence alone, as calibrations without the
 test, which keep working, do.
 
 Example::
@@ -38,7 +40,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from memory.decide.out_of_memory import DEFAULT_LEVEL, OutOfMemoryStatistic
+from memory.decide.out_of_memory import DEFAULT_LEVEL, DEFAULT_STATISTIC, OutOfMemoryStatistic
 from vmem.args import RaisingArgumentParser, UsageError, run_command
 
 __all__ = ["build_parser", "main"]
@@ -63,9 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "--out-of-memory-statistic) is less similar than in all but a fraction A of the "
                              "split's queries is unlike anything in memory (abstained on with --abstain-below); in "
                              f"(0, 1), default {DEFAULT_LEVEL}")
-    parser.add_argument("--out-of-memory-statistic", default=OutOfMemoryStatistic.NEAREST.value,
-                        help="which neighbour's similarity the test compares: nearest (default) or kth (the k-th, "
-                             "k as --k)")
+    parser.add_argument("--out-of-memory-statistic", default=DEFAULT_STATISTIC.value,
+                        help="what the test compares: kth_relative (default: the k-th neighbour similarity as it is "
+                             "and relative to its neighbours' own, k as --k; searches the memory with its entries "
+                             "once), kth (the k-th alone) or nearest")
     parser.add_argument("--no-out-of-memory", dest="out_of_memory", action="store_false",
                         help="fit the vote's confidence alone, without the out-of-memory test")
     parser.add_argument("--bins", type=int, default=15, help="ECE bins (default 15)")

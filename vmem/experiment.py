@@ -18,6 +18,12 @@ experiment writes report.json, timings.json, report.md, report.html and PNG plot
 sub-directory each). Everything is seeded (--seed); two runs with the same flags write the same
 report.json. The experiments themselves are evaluation.experiments.registry's.
 
+Studies on generated labelled embeddings (evaluation.synthetic_data) make their own data and take their own
+flags instead of the data flags (``vmem experiment NAME --help`` lists them); they are not part of ``all``:
+
+    vmem experiment synthetic-scale --work-dir /tmp/syn --output out/scale --classes 100 --max-entries 1000000
+    vmem experiment label-noise-classes --work-dir /tmp/lnc --output out/lnc --classes 10,100,1000 --per-class 100
+
 Exit status: 0 done; 1 an experiment failed (e.g. the dataset is not installed); 2 a bad flag, an unknown
 experiment or class, or data an experiment cannot run on (the message names the flag).
 """
@@ -30,7 +36,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from evaluation.experiments.registry import EXPERIMENTS
+from evaluation.experiments.registry import EXPERIMENTS, STUDIES
 from vmem.args import RaisingArgumentParser, UsageError, run_command
 
 __all__ = ["build_parser", "main"]
@@ -45,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = RaisingArgumentParser(prog="vmem experiment", description=__doc__.split("\n")[0],
                                    epilog="Other flags are Beam pipeline options (--runner, --direct_num_workers, "
                                           "--project, ...), passed to every job.")
-    parser.add_argument("name", help=f"one of: {', '.join(EXPERIMENTS)}, or all")
+    parser.add_argument("name", help=f"one of: {', '.join(EXPERIMENTS)}, or all; or a study on generated data: "
+                                     f"{', '.join(STUDIES)} (its own flags: vmem experiment NAME --help)")
     data = parser.add_argument_group("your data (instead of --dataset)")
     data.add_argument("--memory-data", metavar="SPEC", default=None,
                       help="the memory pool: an ImageFolder DIR, webdataset:, tfrecord:, manifest: (vmem build "
@@ -137,14 +144,50 @@ def _check_hold_out(setup, classes: Sequence[str], whose: str) -> None:
         raise UsageError(f"--hold-out holds out every {whose} class; leave at least one in the memory")
 
 
+def study_parser(name: str) -> argparse.ArgumentParser:
+    """The ``vmem experiment STUDY`` argument parser: the study's own flags (other flags are Beam options)."""
+    from evaluation.experiments.registry import study_module  # pylint: disable=g-import-not-at-top
+    module = study_module(name)
+    parser = RaisingArgumentParser(prog=f"vmem experiment {name}", description=module.__doc__.split("\n")[0],
+                                   epilog="Other flags are Beam pipeline options, passed to every job.")
+    parser.add_argument("name", help=name)
+    parser.add_argument("--output", required=True, help="directory for report.json, report.md, report.html and plots")
+    parser.add_argument("--work-dir", default="out/synthetic-work",
+                        help="generated data, memories and evaluations (kept across runs; default out/synthetic-work)")
+    module.add_flags(parser)
+    return parser
+
+
+def _run_study(name: str, argv: Sequence[str]) -> int:
+    from evaluation.experiments.registry import study_module  # pylint: disable=g-import-not-at-top
+    from evaluation.experiments.synthetic_jobs import setup_values  # pylint: disable=g-import-not-at-top
+    module = study_module(name)
+    args, extra = study_parser(name).parse_known_args(argv)
+    runner_flags = _runner_flags(extra)
+    try:
+        setup = module.SETUP(**setup_values(args, module.SETUP))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    start = time.monotonic()
+    module.run(args.work_dir, args.output, setup, log=lambda line: print(line, file=sys.stderr, flush=True),
+               runner_flags=runner_flags)
+    print(f"{name}: report in {args.output} after {time.monotonic() - start:.1f}s", flush=True)
+    return 0
+
+
 def _run(argv: Sequence[str]) -> int:
     from evaluation.experiments.registry import check_needs, run_experiments  # pylint: disable=g-import-not-at-top
     from evaluation.experiments.workspace import Workspace  # pylint: disable=g-import-not-at-top
+    if argv and argv[0] in STUDIES:  # Its own flags (and --help): --queries and --classes are counts there.
+        return _run_study(argv[0], argv)
     args, extra = build_parser().parse_known_args(argv)
+    if args.name in STUDIES:
+        return _run_study(args.name, argv)
     names = list(EXPERIMENTS) if args.name == "all" else [args.name]
     unknown = [n for n in names if n not in EXPERIMENTS]
     if unknown:
-        raise UsageError(f"unknown experiment {unknown[0]!r}; allowed: {', '.join(EXPERIMENTS)}, all")
+        raise UsageError(f"unknown experiment {unknown[0]!r}; allowed: {', '.join(EXPERIMENTS)}, all, or a study: "
+                         f"{', '.join(STUDIES)}")
     setup = _setup_from_args(args, _runner_flags(extra))
     try:
         check_needs(names, setup)

@@ -5,20 +5,19 @@ on the bundled 10-class datasets we lose 3-6 points at 60 %. With uniform noise 
 label lands on any one wrong class with probability p / C, so ten classes concentrate the noise votes and a
 thousand dilute them. This study tests that on labelled synthetic embeddings (`evaluation.synthetic_data`)
 with C classes at equal entries per class, everything else equal: for each C, a memory of C x per_class
-entries and ``queries`` held-out queries (draw 1 of the same classes) go through the real jobs
-(``vmem build --embeddings``, ``vmem evaluate --embeddings``), and the clean memory's neighbour lists are
-re-voted at each noise level by the label-noise experiment's own `label_noise.sweep`.
+entries and ``queries`` held-out queries (draw 1 of the same classes) are generated into a workspace of
+their own (`synthetic_jobs.workspace`) and go through its jobs (``vmem build --embeddings``, ``vmem
+evaluate --embeddings``), and the clean memory's neighbour lists are re-voted at each noise level by the
+label-noise experiment's own `label_noise.sweep`.
 
-    python -m evaluation.experiments.label_noise_classes --work /tmp/lnc --out docs/paper/synthetic/label-noise-classes \\
+    vmem experiment label-noise-classes --work-dir /tmp/lnc --output docs/paper/synthetic/label-noise-classes \\
         --classes 10,100,1000 --per-class 100 --queries 2000 --seed 0
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
-import sys
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -71,28 +70,31 @@ class StudySetup:
 
     def command(self) -> str:
         levels = "" if self.levels == LEVELS else " --levels " + ",".join(map(str, self.levels))
-        return (f"python -m evaluation.experiments.label_noise_classes --classes {','.join(map(str, self.classes))} "
+        return (f"vmem experiment {NAME} --classes {','.join(map(str, self.classes))} "
                 f"--per-class {self.per_class} --queries {self.queries} --dim {self.dim} --seed {self.seed} "
                 f"--k-max {self.k_max}{levels}")
 
 
-def run_class_count(work: str, setup: StudySetup, classes: int, *, log: Callable[[str], None]) -> dict:
-    """Generates, builds, evaluates and re-votes one class count; returns its tables and seconds."""
-    root = os.path.join(work, f"classes-{classes}")
+def run_class_count(work: str, setup: StudySetup, classes: int, *, log: Callable[[str], None],
+                    runner_flags: Sequence[str] = ()) -> dict:
+    """Generates, builds, evaluates and re-votes one class count (workspace ``WORK/classes-C``); returns its
+    tables and seconds."""
     memory_spec = synthetic_data.LabelledSpec(classes=classes, per_class=setup.per_class, dim=setup.dim,
                                               seed=setup.seed)
     query_spec = dataclasses.replace(memory_spec, per_class=max(1, setup.queries // classes), draw=1)
-    dirs = {"memory": os.path.join(root, "memory"), "queries": os.path.join(root, "queries")}
-    seconds = {"generate": synthetic_jobs.generate(dirs["memory"], memory_spec)
-               + synthetic_jobs.generate(dirs["queries"], query_spec)}
+    ws, generated = synthetic_jobs.workspace(work, f"classes-{classes}", memory=memory_spec, queries=query_spec,
+                                             k_max=setup.k_max, seed=setup.seed, runner_flags=runner_flags)
+    seconds = {"generate": generated}
     log(f"C={classes}: {memory_spec.rows:,} memory entries, {query_spec.rows:,} queries generated in "
         f"{seconds['generate']:.1f} s")
-    shards, seconds["build"] = synthetic_jobs.build(dirs["memory"], os.path.join(root, "built"), dim=setup.dim,
-                                                    rows=memory_spec.rows)
+    shards = synthetic_jobs.shards_for(memory_spec.rows)
+    start = time.perf_counter()
+    memory = ws.build("memory", ws.split_spec("train"), shards=shards)
+    seconds["build"] = time.perf_counter() - start
     log(f"C={classes}: built in {seconds['build']:.1f} s ({shards} shards)")
-    eval_dir = os.path.join(root, "eval")
-    _, seconds["evaluate"] = synthetic_jobs.evaluate(os.path.join(root, "built"), dirs["queries"], eval_dir,
-                                                     dim=setup.dim, k_max=setup.k_max)
+    start = time.perf_counter()
+    _, eval_dir = ws.evaluate(memory, ws.split_spec("test"), "test", k_max=setup.k_max)
+    seconds["evaluate"] = time.perf_counter() - start
     log(f"C={classes}: evaluated in {seconds['evaluate']:.1f} s")
     start = time.perf_counter()
     labels = np.concatenate([b.labels for b in synthetic_data.iter_blocks(memory_spec)])
@@ -118,12 +120,21 @@ def robust_k(tables: dict[int, dict[str, dict[int, float]]], rule: str, *, level
     return None
 
 
-def run(work: str, out: str, setup: StudySetup, *, log: Callable[[str], None] = print) -> dict:
-    """Runs every class count and writes ``report.json``, ``report.md`` and two figures into ``out``."""
+def run(work: str, out: str, setup: StudySetup, *, log: Callable[[str], None] = print,
+        runner_flags: Sequence[str] = ()) -> dict:
+    """Runs every class count and writes ``report.json``, ``report.md`` and two figures into ``out``.
+
+    Args:
+      work: The work directory (one workspace per class count under it).
+      out: Where the report goes.
+      setup: What to generate and run.
+      log: Progress lines.
+      runner_flags: Beam flags every job runs with.
+    """
     per_classes, seconds = {}, {}
     for classes in setup.classes:
         start = time.perf_counter()
-        per_classes[classes] = run_class_count(work, setup, classes, log=log)
+        per_classes[classes] = run_class_count(work, setup, classes, log=log, runner_flags=runner_flags)
         seconds[f"classes_{classes}"] = time.perf_counter() - start
         log(f"C={classes}: done in {seconds[f'classes_{classes}']:.1f} s")
     rules = list(per_classes[setup.classes[0]]["tables"][0])
@@ -189,23 +200,9 @@ def _markdown(per_classes: dict, setup: StudySetup, rules: Sequence[str], ks: Se
     return "\n".join(lines)
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+SETUP = StudySetup  # The dataclass of the study's flags (evaluation.experiments.registry.STUDIES).
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line; exit 2 on a bad flag."""
-    p = synthetic_jobs.study_parser("python -m evaluation.experiments.label_noise_classes", __doc__.split("\n")[0])
-    defaults = StudySetup()
-    p.add_argument("--classes", type=_ints, default=defaults.classes)
-    p.add_argument("--levels", type=_ints, default=defaults.levels)
-    for name in ("per_class", "queries", "dim", "seed", "k_max"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    return synthetic_jobs.run_study(p, argv, make_setup=StudySetup, run=run, name=NAME)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def add_flags(parser) -> None:
+    """The study's flags (``vmem experiment label-noise-classes``): one per `StudySetup` field."""
+    synthetic_jobs.int_flags(parser, StudySetup)

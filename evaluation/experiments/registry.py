@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import Sequence
 
-__all__ = ["EXPERIMENTS", "NEEDS", "Need", "check_needs", "run_experiments"]
+__all__ = ["EXPERIMENTS", "NEEDS", "STUDIES", "Need", "check_needs", "run_experiments", "study_module"]
 
 # Name -> module under evaluation.experiments, in the order `all` (and `make paper`) runs them.
 EXPERIMENTS = {
@@ -20,6 +20,23 @@ EXPERIMENTS = {
     "pruning": "pruning",
     "abstain": "abstain",
 }
+
+
+# Name -> module: studies on generated labelled embeddings (evaluation.synthetic_data). Each makes its own data
+# (a workspace per generated dataset, evaluation.experiments.synthetic_jobs), so it takes no data flags and is not
+# part of `all`; its module has `NAME`, `SETUP` (the dataclass of its flags), `add_flags(parser)` and
+# `run(work, out, setup, *, log, runner_flags)`.
+STUDIES = {
+    "label-noise-classes": "label_noise_classes",
+    "synthetic-scale": "synthetic_scale",
+}
+
+
+def study_module(name: str):
+    """The module of study ``name`` (a key of `STUDIES`); KeyError names the allowed ones."""
+    if name not in STUDIES:
+        raise KeyError(f"unknown study {name!r}; allowed: {', '.join(STUDIES)}")
+    return importlib.import_module(f"evaluation.experiments.{STUDIES[name]}")
 
 
 class Need(enum.Enum):

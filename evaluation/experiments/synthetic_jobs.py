@@ -1,21 +1,21 @@
-"""The real jobs on generated data: ``vmem build --embeddings`` and ``vmem evaluate --embeddings`` over
-`evaluation.synthetic_data` folders, timed, for the studies that run on synthetic labelled embeddings.
+"""Generated data in an experiment workspace: what the studies on synthetic labelled embeddings share.
 
-Every memory is built by `pipelines.build.build_memory` and searched by `pipelines.evaluate.evaluate_memory`
-(the functions behind ``vmem build`` / ``vmem evaluate``) from ``clip:DIR,label_column=label``, with the
-encoder id ``synthetic-labelled-<dim>`` so that memory and queries must agree on the dimension.
+`workspace` writes an `evaluation.synthetic_data` memory pool and queries as a
+`evaluation.experiments.workspace.Workspace`'s embedding folders and adopts them (`Workspace.adopt`), so every
+memory of a study is built and searched by the workspace's jobs -- ``vmem build --embeddings`` and ``vmem
+evaluate --embeddings`` with the runner flags -- as in every other experiment, under the encoder id
+``synthetic-labelled-<dim>`` (memory and queries must agree on the dimension). A study is run by ``vmem
+experiment NAME`` (`evaluation.experiments.registry.STUDIES`); `int_flags` and `ints` spell its flags.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
-import shutil
-import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from evaluation import synthetic_data
@@ -35,6 +35,11 @@ def encoder_id(dim: int) -> str:
     return f"{ENCODER_ID}-{dim}"
 
 
+def shards_for(rows: int) -> int:
+    """Shards of a memory of ``rows`` entries: ceil(rows / `SHARD_ROWS`) brute-force shards, exact at every size."""
+    return max(1, math.ceil(rows / SHARD_ROWS))
+
+
 def generate(data_dir: str, spec: synthetic_data.LabelledSpec) -> float:
     """Writes ``spec`` to ``data_dir`` unless the same spec is already there; returns the seconds spent."""
     try:
@@ -46,53 +51,57 @@ def generate(data_dir: str, spec: synthetic_data.LabelledSpec) -> float:
     return synthetic_data.write_dataset(data_dir, spec)
 
 
-def build(data_dir: str, output: str, *, dim: int, rows: int) -> tuple[int, float]:
-    """``vmem build --embeddings clip:DATA_DIR`` into ``output`` (replaced); returns (shards, seconds).
+def workspace(work_dir: str, name: str, *, memory: synthetic_data.LabelledSpec,
+              queries: synthetic_data.LabelledSpec, k_max: int, seed: int, runner_flags: Sequence[str] = ()):
+    """A workspace ``WORK_DIR/NAME`` whose memory pool and queries are generated (kept when already there).
 
-    The memory gets ceil(rows / `SHARD_ROWS`) brute-force shards: exact search at every size.
+    Args:
+      work_dir, name: Where (the workspace's ``--work-dir`` and data name).
+      memory, queries: The generated memory pool and queries (same dimension).
+      k_max, seed: The workspace setup's.
+      runner_flags: Beam flags every job runs with.
+
+    Returns:
+      ``(Workspace, seconds spent generating)``.
     """
-    from configs.build import load_config  # pylint: disable=g-import-not-at-top
-    from pipelines.build import build_memory  # pylint: disable=g-import-not-at-top
-    from pipelines.io.embedding_sources import parse_embeddings_spec  # pylint: disable=g-import-not-at-top
-    config = load_config(None).replace(num_shards=max(1, math.ceil(rows / SHARD_ROWS)))
-    start = time.perf_counter()
-    build_memory(source=parse_embeddings_spec(clip_spec(data_dir)), output=output, config=config,
-                 encoder_id=encoder_id(dim), overwrite=True)
-    return config.num_shards, time.perf_counter() - start
+    # pylint: disable=g-import-not-at-top
+    from evaluation.experiments.data import ExperimentData, Split
+    from evaluation.experiments.workspace import Setup, Workspace
+    # pylint: enable=g-import-not-at-top
+    if memory.dim != queries.dim:
+        raise ValueError(f"memory and queries must have one dimension, got {memory.dim} and {queries.dim}")
+    root = os.path.abspath(os.path.join(work_dir, name))
+    dirs = {split: os.path.join(root, "embeddings", split.value) for split in (Split.TRAIN, Split.TEST)}
+    seconds = generate(dirs[Split.TRAIN], memory) + generate(dirs[Split.TEST], queries)
+    data = ExperimentData(memory=clip_spec(dirs[Split.TRAIN]), queries=clip_spec(dirs[Split.TEST]),
+                          encoder_id=encoder_id(memory.dim))
+    ws = Workspace(work_dir, Setup(dataset=name, k_max=min(k_max, memory.rows), seed=seed, data=data,
+                                   runner_flags=tuple(runner_flags)))
+    ws.adopt({Split.TRAIN.value: memory.rows, Split.TEST.value: queries.rows}, encoder_id=encoder_id(memory.dim))
+    return ws, seconds
 
 
-def evaluate(memory: str, queries_dir: str, output: str, *, dim: int, k_max: int) -> tuple[dict[str, Any], float]:
-    """``vmem evaluate --embeddings clip:QUERIES_DIR`` into ``output``; returns (report.json, seconds)."""
-    from evaluation.vote_report import write_evaluation_report  # pylint: disable=g-import-not-at-top
-    from pipelines.evaluate import evaluate_memory  # pylint: disable=g-import-not-at-top
-    from pipelines.io.embedding_sources import parse_embeddings_spec  # pylint: disable=g-import-not-at-top
-    shutil.rmtree(output, ignore_errors=True)  # Stale neighbour shards of an earlier run would be read too.
-    start = time.perf_counter()
-    evaluate_memory(memory=memory, source=parse_embeddings_spec(clip_spec(queries_dir)), output=output,
-                    encoder_id=encoder_id(dim), k_max=k_max)
-    report = write_evaluation_report(output)
-    return report, time.perf_counter() - start
-
-
-def study_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """A study's command line: ``--work`` and ``--out``; the study adds its setup's flags."""
-    p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("--work", required=True, help="Scratch directory for the data, memories and evaluations.")
-    p.add_argument("--out", required=True, help="Where report.json, report.md and the figures go.")
-    return p
-
-
-def run_study(parser: argparse.ArgumentParser, argv: Sequence[str] | None, *, make_setup: Callable[..., Any],
-              run: Callable[..., Any], name: str) -> int:
-    """Parses ``argv``, builds the setup from every flag but --work/--out (its ValueError is a flag error, exit 2),
-    runs the study with progress on stderr and prints its wall time; returns 0."""
-    args = vars(parser.parse_args(argv))
-    work, out = args.pop("work"), args.pop("out")
+def ints(text: str) -> tuple[int, ...]:
+    """A comma-separated list of integers (an argparse type)."""
     try:
-        setup = make_setup(**args)
-    except ValueError as e:
-        parser.error(str(e))
-    start = time.perf_counter()
-    run(work, out, setup, log=lambda line: print(line, file=sys.stderr, flush=True))
-    print(f"{name}: report in {out} after {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    return 0
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def int_flags(parser: argparse.ArgumentParser, setup_type: type, *, skip: Sequence[str] = ()) -> None:
+    """One ``--field-name`` flag per field of a study's setup dataclass (ints, or tuples of ints), default its own."""
+    defaults = setup_type()
+    group = parser.add_argument_group(f"the study's setup ({setup_type.__name__})")
+    for f in dataclasses.fields(setup_type):
+        if f.name in skip:
+            continue
+        value = getattr(defaults, f.name)
+        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=value,
+                           type=ints if isinstance(value, tuple) else int,
+                           help=f"default {','.join(map(str, value)) if isinstance(value, tuple) else value}")
+
+
+def setup_values(args: argparse.Namespace, setup_type: type) -> dict[str, Any]:
+    """The parsed values of a setup's flags, by field name."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(setup_type) if hasattr(args, f.name)}

@@ -1,9 +1,10 @@
 """Experiments at a million entries on synthetic labelled embeddings: memory-size, label-noise, unlearning.
 
 Data: `evaluation.synthetic_data` (``classes`` classes; a memory of n entries is the generator's first n
-rows, n / classes per class; ``queries`` held-out queries of the same classes, draw 1). Every memory is
-built and searched by the real jobs (`evaluation.experiments.synthetic_jobs`: brute-force shards, exact
-search at every size). Three parts, each printing progress and its wall time:
+rows, n / classes per class; ``queries`` held-out queries of the same classes, draw 1), generated into one
+workspace (`evaluation.experiments.synthetic_jobs.workspace`: the largest memory's rows are its memory pool);
+every memory is built and searched by the workspace's jobs (brute-force shards, exact search at every size).
+Three parts, each printing progress and its wall time:
 
 * **memory-size**: sizes on a geometric grid from ``min_entries`` to ``max_entries``; the error of each rule
   at k = 10 (fixed in advance) is fitted as ``log10(error) = a + slope * log10(entries)`` over all sizes and
@@ -14,7 +15,7 @@ search at every size). Three parts, each printing progress and its wall time:
 * **unlearning** of a seeded 10 % of ids at the largest size: `memory.store.mutations.forget` on the built
   memory, then its neighbour lists against those of a memory rebuilt from the kept rows alone.
 
-    python -m evaluation.experiments.synthetic_scale --work /tmp/vmem-syn-scale --out docs/paper/synthetic/scale \\
+    vmem experiment synthetic-scale --work-dir /tmp/vmem-syn-scale --output docs/paper/synthetic/scale \\
         --classes 100 --min-entries 100 --max-entries 1000000 --queries 1000 --seed 0
 """
 
@@ -24,7 +25,6 @@ import dataclasses
 import math
 import os
 import shutil
-import sys
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -94,7 +94,7 @@ class ScaleSetup:
     def command(self) -> str:
         flags = [f"--{f.name.replace('_', '-')} {getattr(self, f.name)}" for f in dataclasses.fields(self)
                  if f.name != "parts"]
-        return " ".join(["python -m evaluation.experiments.synthetic_scale", *flags, "--parts", ",".join(self.parts)])
+        return " ".join([f"vmem experiment {NAME}", *flags, "--parts", ",".join(self.parts)])
 
 
 class _Timer:
@@ -106,34 +106,43 @@ class _Timer:
         return seconds
 
 
-def _memory(work: str, setup: ScaleSetup, entries: int, timer: _Timer) -> tuple[str, str]:
-    """Generates and builds the memory of ``entries`` rows; returns (its data dir, the memory root)."""
-    data_dir = os.path.join(work, "data", f"memory-{entries}")
-    timer.add("generate", synthetic_jobs.generate(data_dir, setup.data(entries)))
-    root = os.path.join(work, "memories", f"size-{entries}")
-    shards, seconds = synthetic_jobs.build(data_dir, root, dim=setup.dim, rows=entries)
-    timer.add("build", seconds)
+def _build(ws, name: str, spec: str, entries: int, timer: _Timer) -> str:
+    shards = synthetic_jobs.shards_for(entries)
+    start = time.perf_counter()
+    root = ws.build(name, spec, shards=shards)
+    seconds = timer.add("build", time.perf_counter() - start)
     timer.log(f"n={entries:,}: built in {seconds:.1f} s ({shards} brute-force shards)")
-    return data_dir, root
+    return root
 
 
-def _evaluate(work: str, setup: ScaleSetup, memory: str, name: str, entries: int, timer: _Timer):
-    report, seconds = synthetic_jobs.evaluate(memory, os.path.join(work, "data", "queries"),
-                                              os.path.join(work, "evals", name), dim=setup.dim,
-                                              k_max=min(setup.k_max, entries))
-    timer.add("evaluate", seconds)
+def _memory(ws, setup: ScaleSetup, entries: int, timer: _Timer) -> str:
+    """Builds the memory of the first ``entries`` rows (generated unless they are the workspace's memory pool);
+    returns its root."""
+    if entries == setup.data(setup.max_entries).rows:  # The workspace's memory pool.
+        spec = ws.split_spec("train")
+    else:
+        data_dir = ws.path("tables", f"memory-{entries}")
+        timer.add("generate", synthetic_jobs.generate(data_dir, setup.data(entries)))
+        spec = synthetic_jobs.clip_spec(data_dir)
+    return _build(ws, f"size-{entries}", spec, entries, timer)
+
+
+def _evaluate(ws, setup: ScaleSetup, memory: str, name: str, entries: int, timer: _Timer):
+    start = time.perf_counter()
+    report, eval_dir = ws.evaluate(memory, ws.split_spec("test"), name, k_max=min(setup.k_max, entries))
+    seconds = timer.add("evaluate", time.perf_counter() - start)
     timer.log(f"{name}: evaluated in {seconds:.1f} s")
-    return report, os.path.join(work, "evals", name)
+    return report, eval_dir
 
 
-def memory_size(work: str, setup: ScaleSetup, timer: _Timer) -> tuple[dict, str, str]:
-    """The memory-size part; returns (results, the largest memory's data dir, its evaluation dir)."""
+def memory_size(ws, setup: ScaleSetup, timer: _Timer) -> tuple[dict, str]:
+    """The memory-size part; returns (results, the largest memory's evaluation dir)."""
     k = min(10, setup.k_max)
-    points, data_dir, eval_dir = [], None, None
+    points, eval_dir = [], None
     for entries in setup.sizes():
         start = time.perf_counter()
-        data_dir, memory = _memory(work, setup, entries, timer)
-        report, eval_dir = _evaluate(work, setup, memory, f"size-{entries}", entries, timer)
+        memory = _memory(ws, setup, entries, timer)
+        report, eval_dir = _evaluate(ws, setup, memory, f"size-{entries}", entries, timer)
         voted = revote(read_neighbors(eval_dir), k_max=setup.k_max)
         if voted.table != table_from_report(report, k_max=setup.k_max):
             raise RuntimeError(f"re-vote of {eval_dir} disagrees with its report")
@@ -159,7 +168,7 @@ def memory_size(work: str, setup: ScaleSetup, timer: _Timer) -> tuple[dict, str,
     return ({"entries": entries, "k": k, f"error_k{k}": errors, "error_best_k": {r: [1 - a for a in best[r]]
                                                                                  for r in rules},
              "power_law": fits, "power_law_by_decade": decades, "paper_slope": PAPER_SLOPE,
-             "queries": int(points[0][1].true.size)}, data_dir, eval_dir)
+             "queries": int(points[0][1].true.size)}, eval_dir)
 
 
 def _fit(entries, errors, correct, setup: ScaleSetup) -> dict:
@@ -190,11 +199,11 @@ def label_noise_at(setup: ScaleSetup, eval_dir: str, timer: _Timer) -> dict:
             "k": k, f"accuracy_k{k}": {r: {str(p): summaries[p][r][f"k{k}"] for p in LEVELS} for r in summaries[0]}}
 
 
-def unlearning_at(work: str, setup: ScaleSetup, eval_dir: str, timer: _Timer) -> dict:
+def unlearning_at(ws, setup: ScaleSetup, eval_dir: str, timer: _Timer) -> dict:
     """Forgets a seeded 10 % of the largest memory's ids; compares with a memory rebuilt without them."""
     from memory.store.mutations import forget  # pylint: disable=g-import-not-at-top
     spec = setup.data(setup.max_entries)
-    memory = os.path.join(work, "memories", f"size-{spec.rows}")
+    memory = ws.path("memories", f"size-{spec.rows}")
     rng = np.random.default_rng([setup.seed, zlib.crc32(b"unlearning")])
     chosen = np.sort(rng.choice(spec.rows, size=int(round(FORGET_FRACTION * spec.rows)), replace=False))
     ids = synthetic_data.row_keys(spec, 0, spec.rows)
@@ -202,18 +211,16 @@ def unlearning_at(work: str, setup: ScaleSetup, eval_dir: str, timer: _Timer) ->
     manifest = forget(memory, ids=ids[chosen].tolist())
     forget_s = timer.add("forget", time.perf_counter() - start)
     timer.log(f"forgot {manifest.change['forgotten']:,} ids in {forget_s:.2f} s")
-    _, forgot_dir = _evaluate(work, setup, memory, "after-forget", spec.rows, timer)
+    _, forgot_dir = _evaluate(ws, setup, memory, "after-forget", spec.rows, timer)
     keep = np.ones(spec.rows, dtype=bool)
     keep[chosen] = False
-    kept_dir = os.path.join(work, "data", "kept")
+    kept_dir = ws.path("tables", "kept")
     start = time.perf_counter()
     _write_kept(spec, keep, kept_dir)
     timer.add("generate", time.perf_counter() - start)
-    rebuilt = os.path.join(work, "memories", "rebuilt")
-    shards, seconds = synthetic_jobs.build(kept_dir, rebuilt, dim=setup.dim, rows=int(keep.sum()))
-    timer.add("build", seconds)
-    timer.log(f"rebuilt from {int(keep.sum()):,} kept rows in {seconds:.1f} s ({shards} shards)")
-    _, rebuilt_dir = _evaluate(work, setup, rebuilt, "rebuilt", spec.rows, timer)
+    timer.log(f"rebuilding from {int(keep.sum()):,} kept rows")
+    rebuilt = _build(ws, "rebuilt", synthetic_jobs.clip_spec(kept_dir), int(keep.sum()), timer)
+    _, rebuilt_dir = _evaluate(ws, setup, rebuilt, "rebuilt", spec.rows, timer)
     forgot, again = read_neighbors(forgot_dir), read_neighbors(rebuilt_dir)
     gone = set(ids[chosen].tolist())
     lists = compare_neighbor_lists(forgot, again)
@@ -244,19 +251,30 @@ def _write_kept(spec: synthetic_data.LabelledSpec, keep: np.ndarray, out: str) -
                                      dtype=spec.dtype, info={**spec.to_dict(), "kept_rows": int(keep.sum())})
 
 
-def run(work: str, out: str, setup: ScaleSetup, *, log: Callable[[str], None] = print) -> dict:
-    """Runs the chosen parts and writes ``report.json``, ``report.md`` and the figure into ``out``."""
+def run(work: str, out: str, setup: ScaleSetup, *, log: Callable[[str], None] = print,
+        runner_flags: Sequence[str] = ()) -> dict:
+    """Runs the chosen parts and writes ``report.json``, ``report.md`` and the figure into ``out``.
+
+    Args:
+      work: The work directory (the workspace is ``WORK/synthetic-scale``).
+      out: Where the report goes.
+      setup: What to generate and run.
+      log: Progress lines.
+      runner_flags: Beam flags every job runs with.
+    """
     timer = _Timer(log)
     queries = synthetic_data.LabelledSpec(classes=setup.classes, per_class=max(1, setup.queries // setup.classes),
                                           dim=setup.dim, seed=setup.seed, draw=1)
-    timer.add("generate", synthetic_jobs.generate(os.path.join(work, "data", "queries"), queries))
+    ws, generated = synthetic_jobs.workspace(work, NAME, memory=setup.data(setup.max_entries), queries=queries,
+                                             k_max=setup.k_max, seed=setup.seed, runner_flags=runner_flags)
+    timer.add("generate", generated)
     results, wall = {}, {}
     start = time.perf_counter()
     if "memory-size" in setup.parts:
-        results["memory_size"], _, eval_dir = memory_size(work, setup, timer)
+        results["memory_size"], eval_dir = memory_size(ws, setup, timer)
     else:
-        _, memory = _memory(work, setup, setup.max_entries, timer)
-        _, eval_dir = _evaluate(work, setup, memory, f"size-{setup.max_entries}", setup.max_entries, timer)
+        memory = _memory(ws, setup, setup.max_entries, timer)
+        _, eval_dir = _evaluate(ws, setup, memory, f"size-{setup.max_entries}", setup.max_entries, timer)
     wall["memory_size"] = time.perf_counter() - start
     log(f"memory-size: {wall['memory_size']:.1f} s")
     if "label-noise" in setup.parts:
@@ -265,7 +283,7 @@ def run(work: str, out: str, setup: ScaleSetup, *, log: Callable[[str], None] = 
         wall["label_noise"] = time.perf_counter() - start
     if "unlearning" in setup.parts:
         start = time.perf_counter()
-        results["unlearning"] = unlearning_at(work, setup, eval_dir, timer)
+        results["unlearning"] = unlearning_at(ws, setup, eval_dir, timer)
         wall["unlearning"] = time.perf_counter() - start
         log(f"unlearning: {wall['unlearning']:.1f} s")
     results["wall_seconds"] = {k: round(v, 1) for k, v in wall.items()}
@@ -315,16 +333,11 @@ def _markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line; exit 2 on a bad flag."""
-    p = synthetic_jobs.study_parser("python -m evaluation.experiments.synthetic_scale", __doc__.split("\n")[0])
-    defaults = ScaleSetup()
-    for f in dataclasses.fields(ScaleSetup):
-        if f.name != "parts":
-            p.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=getattr(defaults, f.name))
-    p.add_argument("--parts", type=lambda s: tuple(s.split(",")), default=PARTS, help=", ".join(PARTS))
-    return synthetic_jobs.run_study(p, argv, make_setup=ScaleSetup, run=run, name=NAME)
+SETUP = ScaleSetup  # The dataclass of the study's flags (evaluation.experiments.registry.STUDIES).
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def add_flags(parser) -> None:
+    """The study's flags (``vmem experiment synthetic-scale``): one per `ScaleSetup` field."""
+    synthetic_jobs.int_flags(parser, ScaleSetup, skip=("parts",))
+    parser.add_argument("--parts", type=lambda text: tuple(text.split(",")), default=PARTS,
+                        help=f"comma-separated, of {', '.join(PARTS)} (default all)")

@@ -207,6 +207,23 @@ class Workspace:
             self.setup = self.setup.for_pool(stamp["counts"][Split.TRAIN.value])
         return stamp
 
+    def adopt(self, counts: dict[str, int], *, encoder_id: str) -> dict[str, Any]:
+        """Takes embeddings already in this workspace's clip-retrieval folders (``embeddings/SPLIT``, written by
+        a generator such as `evaluation.synthetic_data`) as its data, without reading them through the build
+        job; returns the stamp `prepare` then finds.
+
+        Args:
+          counts: Rows of each split written.
+          encoder_id: The encoder id every memory and query of the data records.
+        """
+        stamp = {"key": self.setup.embedding_key(), "counts": dict(counts), "encoder": {"name": encoder_id},
+                 "encoder_id": encoder_id, "embed_seconds": 0.0}
+        os.makedirs(os.path.dirname(self._stamp_path()), exist_ok=True)
+        with open(self._stamp_path(), "w", encoding="utf-8") as f:
+            json.dump(stamp, f, indent=2, sort_keys=True)
+        self._stamp = None
+        return self.prepare()
+
     def _embed(self) -> dict[str, Any]:
         from configs.build import load_config  # pylint: disable=g-import-not-at-top
         from memory.store.versions import read_manifest  # pylint: disable=g-import-not-at-top

@@ -94,7 +94,7 @@ def classify_neighbors(ids: np.ndarray, labels: np.ndarray, distances: np.ndarra
     calibrated = calibration is not None and calibration.matches(rule, k, params)
     confidence = calibration.confidence(vc) if calibrated else vc.share
     test = calibration.out_of_memory if calibrated else None
-    p_out = None if test is None else calibration.out_of_memory_p(vc)
+    p_out = None if test is None else calibration.out_of_memory_p(vc, ids)
     how = calibration.describe() if calibrated else (
         "raw share of the winner's score; uncalibrated" + (
             "" if calibration is None else f" (the memory's calibration is for rule {calibration.rule.value}, "
@@ -132,8 +132,11 @@ def classify_neighbors(ids: np.ndarray, labels: np.ndarray, distances: np.ndarra
             if unlike:
                 why = AbstainReason.UNLIKE_MEMORY
                 which = "nearest neighbour" if test.statistic is OutOfMemoryStatistic.NEAREST else f"neighbour {kk}"
+                # The relative test weighs the similarity against the neighbours' own as well.
+                than = ("as it is and against its neighbours' own, together less like the memory than" if
+                        test.statistic.needs_entries else "less than")
                 detail = (f"{why.text}: its {which} has similarity {float(test.similarity_of(vc)[q]):.3f}, "
-                          f"less than in {100 * (1 - float(p_out[q])):.1f}% of held-out in-memory queries (p "
+                          f"{than} in {100 * (1 - float(p_out[q])):.1f}% of held-out in-memory queries (p "
                           f"{float(p_out[q]):.4f} < {test.level:g}; confidence {c:.3f}, {how})")
             else:
                 why = AbstainReason.SPLIT_VOTE

@@ -38,12 +38,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from memory.enums import parse_enum
-from memory.decide.out_of_memory import OutOfMemoryStatistic, OutOfMemoryTest, fit_out_of_memory_test
+from memory.decide.out_of_memory import (EntrySimilarities, OutOfMemoryStatistic, OutOfMemoryTest,
+                                         fit_out_of_memory_test)
 from memory.decide.voting import VotingParams, VotingRule, neighbor_weights, vote
 
 __all__ = ["Calibration", "CalibrationMethod", "ConfidenceScore", "VoteConfidence", "combined_features",
@@ -335,16 +337,21 @@ class Calibration:
             return self.apply(combined_features(vc))
         return self.apply(raw_score(vc, self.score))
 
-    def out_of_memory_p(self, vc: VoteConfidence) -> np.ndarray | None:
-        """Each query's out-of-memory p-value (memory.decide.out_of_memory), or None without the test."""
-        return None if self.out_of_memory is None else self.out_of_memory.p_value(self.out_of_memory.similarity_of(vc))
+    def out_of_memory_p(self, vc: VoteConfidence, neighbor_ids: np.ndarray | None = None) -> np.ndarray | None:
+        """Each query's out-of-memory p-value (memory.decide.out_of_memory), or None without the test.
+
+        Args:
+          vc: The queries' votes.
+          neighbor_ids: ``[nq, >= k]`` their neighbours' entry ids (the ``kth_relative`` test reads them).
+        """
+        return None if self.out_of_memory is None else self.out_of_memory.p_values(vc, neighbor_ids)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        # Field by field: the test (with its entry table) is serialized by its own to_dict.
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "out_of_memory"}
         d.update(method=self.method.value, score=self.score.value, rule=self.rule.value,
                  knots_x=list(self.knots_x), knots_y=list(self.knots_y), coefficients=list(self.coefficients))
         # Without a test the dict is what calibrations without one always stored.
-        d.pop("out_of_memory")
         if self.out_of_memory is not None:
             d["out_of_memory"] = self.out_of_memory.to_dict()
         return d
@@ -394,7 +401,8 @@ def fit_on_confidence(vc: VoteConfidence, true: np.ndarray, *, rule: VotingRule 
                       method: CalibrationMethod | str = CalibrationMethod.PLATT,
                       score: ConfidenceScore | str = ConfidenceScore.COMBINED, fitted_on_version: int | None = None,
                       source: str = "", out_of_memory_level: float | None = None,
-                      out_of_memory_statistic: OutOfMemoryStatistic | str = OutOfMemoryStatistic.NEAREST
+                      out_of_memory_statistic: OutOfMemoryStatistic | str = OutOfMemoryStatistic.NEAREST,
+                      neighbor_ids: np.ndarray | None = None, entries: EntrySimilarities | None = None
                       ) -> Calibration:
     """`fit_calibration` on an already computed `vote_confidence` of the same rule, k and params.
 
@@ -407,7 +415,9 @@ def fit_on_confidence(vc: VoteConfidence, true: np.ndarray, *, rule: VotingRule 
       out_of_memory_level: Also fit an out-of-memory test at this level (memory.decide.out_of_memory, e.g.
         its ``DEFAULT_LEVEL``) on the neighbour similarities of the queries with a known class (true >= 0);
         None fits none.
-      out_of_memory_statistic: Which neighbour's similarity the test compares.
+      out_of_memory_statistic: What the test compares.
+      neighbor_ids, entries: ``kth_relative`` only: ``[n, >= k]`` the held-out queries' neighbour ids and the
+        memory's `memory.decide.out_of_memory.EntrySimilarities`.
     """
     rule, method, score = VotingRule.parse(rule), CalibrationMethod.parse(method), ConfidenceScore.parse(score)
     true = np.asarray(true)
@@ -418,7 +428,8 @@ def fit_on_confidence(vc: VoteConfidence, true: np.ndarray, *, rule: VotingRule 
     common = dict(method=method, score=score, rule=rule, k=int(k), softmax_tau=params.softmax_tau,
                   rank_alpha=params.rank_alpha, queries=int(true.size), accuracy=float(correct.mean()),
                   fitted_on_version=fitted_on_version, source=source,
-                  out_of_memory=_fit_test(vc, true, out_of_memory_level, out_of_memory_statistic))
+                  out_of_memory=_fit_test(vc, true, out_of_memory_level, out_of_memory_statistic, neighbor_ids,
+                                          entries))
     if score is ConfidenceScore.COMBINED:
         if method is not CalibrationMethod.PLATT:
             raise ValueError(_COMBINED_NEEDS_PLATT)
@@ -433,8 +444,8 @@ def fit_on_confidence(vc: VoteConfidence, true: np.ndarray, *, rule: VotingRule 
     return Calibration(a=a, b=b, **common)
 
 
-def _fit_test(vc: VoteConfidence, true: np.ndarray, level: float | None,
-              statistic: OutOfMemoryStatistic | str) -> OutOfMemoryTest | None:
+def _fit_test(vc: VoteConfidence, true: np.ndarray, level: float | None, statistic: OutOfMemoryStatistic | str,
+              neighbor_ids: np.ndarray | None, entries: EntrySimilarities | None) -> OutOfMemoryTest | None:
     if level is None:
         return None
     known = true >= 0  # A query of a class the memory does not know is no sample of the in-memory null.
@@ -442,21 +453,56 @@ def _fit_test(vc: VoteConfidence, true: np.ndarray, level: float | None,
         raise ValueError("the out-of-memory test needs calibration queries of classes the memory holds; every "
                          "query has true label -1")
     statistic = OutOfMemoryStatistic.parse(statistic)
-    return fit_out_of_memory_test(statistic.of(vc)[known], level=level, statistic=statistic)
+    neighbor_kth = None
+    if statistic.needs_entries:
+        if neighbor_ids is None or entries is None:
+            raise ValueError(f"the {statistic.value} out-of-memory test needs the held-out queries' neighbour ids "
+                             "and the memory's entry similarities (evaluation.calibration.entry_similarities)")
+        neighbor_kth = entries.lookup(np.asarray(neighbor_ids)[known, :entries.k])
+    return fit_out_of_memory_test(statistic.of(vc)[known], level=level, statistic=statistic,
+                                  neighbor_kth=neighbor_kth, entries=entries)
 
 
-def memory_calibration(manifest) -> Calibration | None:
+def memory_calibration(manifest, *, root: str | None = None) -> Calibration | None:
     """The calibration a memory version carries (``Manifest.calibration``), or None.
 
+    Args:
+      manifest: The version's manifest.
+      root: The memory's root: reads the entry similarities a ``kth_relative`` out-of-memory test needs (checked
+        against their sha256). Without it such a test cannot score a query.
+
     Raises:
-      ValueError: naming the memory version, when the stored calibration is malformed.
+      ValueError: naming the memory version, when the stored calibration or its entry similarities are
+        malformed or changed.
     """
     if manifest.calibration is None:
         return None
     try:
-        return Calibration.from_dict(manifest.calibration)
+        calibration = Calibration.from_dict(manifest.calibration)
+        test = calibration.out_of_memory
+        if root is not None and test is not None and test.entries is not None:
+            calibration = dataclasses.replace(calibration, out_of_memory=test.with_entries(
+                _read_entries(root, test.entries)))
+        return calibration
     except ValueError as e:
         raise ValueError(f"version {manifest.version}: {e}; re-run `vmem calibrate`") from None
+
+
+def _read_entries(root: str, ref) -> EntrySimilarities:
+    from memory import storage  # pylint: disable=g-import-not-at-top
+    path = storage.join(root, ref.path)
+    try:
+        # A classify reads the calibration each call: the checked table is reused while the file is untouched.
+        return _read_checked_entries(path, ref, storage.modified_time(path))
+    except FileNotFoundError:
+        raise ValueError(f"entry similarity file {ref.path} is missing under {root}") from None
+
+
+@functools.lru_cache(maxsize=4)
+def _read_checked_entries(path: str, ref, modified: float) -> EntrySimilarities:
+    del modified  # Part of the cache key only: a rewritten file is read and checked again.
+    from memory import storage  # pylint: disable=g-import-not-at-top
+    return EntrySimilarities.from_bytes(storage.read_bytes(path), ref)
 
 
 def publish_calibration(root: str, calibration: Calibration, *, expected_version: int | None = None):
@@ -470,8 +516,16 @@ def publish_calibration(root: str, calibration: Calibration, *, expected_version
     Returns:
       The published Manifest.
     """
+    from memory import storage  # pylint: disable=g-import-not-at-top
     from memory.store.versions import publish_version, read_base_version  # pylint: disable=g-import-not-at-top
     base, manifest = read_base_version(root, expected_version)
+    test = calibration.out_of_memory
+    if test is not None and test.entries is not None:
+        if test.entry_table is None:
+            raise ValueError("the calibration's out-of-memory test has no entry similarities to store; fit it with "
+                             "entries (evaluation.calibration.fit_from_evaluation does)")
+        # Written before the version that names it, as every file a version references.
+        storage.write_bytes(storage.join(root, test.entries.path), test.entry_table.to_bytes())
     change = {"kind": "calibrate", "summary": f"confidence calibration: {calibration.describe()}",
               "method": calibration.method.value, "score": calibration.score.value, "rule": calibration.rule.value,
               "k": calibration.k, "queries": calibration.queries}

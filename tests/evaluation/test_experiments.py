@@ -141,6 +141,17 @@ def test_abstain_detects_held_out_classes_and_the_api_agrees_with_the_neighbour_
     assert r["calibration"]["out_of_memory"]["queries"] == 60 and r["flagged_unlike_memory"]["out_of_memory"] == 1.0
     assert r["auroc_out_of_memory_test"] > 0.95 and r["auroc_in_vs_out"]["kth_similarity"] > 0.95
     assert r["api_reason_mismatches"] == 0 and r["abstain_below"]["0.9"]["out_of_memory_answered"] == 0
+    # The default test compares the 10th similarity as it is and relative to the memory's own; the report compares
+    # it with every other statistic and p-value combination, each fitted on the in-memory calibration queries.
+    stats = r["out_of_memory_statistics"]
+    assert r["out_of_memory_statistic"] == "kth_relative" and set(stats) == {
+        "test:nearest", "test:kth", "test:kth_relative", "fisher:nearest+kth", "bonferroni:nearest+kth",
+        "relative_kth_alone"}
+    assert stats["test:kth_relative"]["auroc_in_vs_out"] == r["auroc_out_of_memory_test"] > 0.95
+    assert stats["test:kth_relative"]["out_of_memory_flagged"] == r["flagged_unlike_memory"]["out_of_memory"]
+    assert r["best_single_auroc"] == r["auroc_in_vs_out"][r["best_single_score"]]
+    markdown = (tmp_path / "ab" / "report.md").read_text()
+    assert "| test:kth_relative |" in markdown and "Out-of-memory test (kth_relative) at level 0.05" in markdown
 
 
 def test_revote_relabels_by_entry_id(ws, tmp_path):

@@ -21,7 +21,7 @@ def test_study_runs_the_jobs_and_its_clean_re_vote_equals_the_evaluation(tmp_pat
     for c in (3, 6):
         r = results["by_classes"][str(c)]
         assert (r["memory_entries"], r["queries"]) == (12 * c, 12 // c * c)
-        with open(tmp_path / "work" / f"classes-{c}" / "eval" / "report.json") as f:
+        with open(tmp_path / "work" / f"classes-{c}" / "evals" / "test" / "report.json") as f:
             evaluated = table_from_report(json.load(f), k_max=10)
         # 0 % noise re-votes the clean memory's neighbour lists: exactly the evaluation's table.
         for rule, by_level in r["accuracy"].items():
@@ -65,7 +65,26 @@ def test_bad_setup_is_refused_naming_the_flag(kwargs, message):
 
 
 def test_cli_refuses_a_bad_class_list(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        label_noise_classes.main(["--work", str(tmp_path), "--out", str(tmp_path), "--classes", "10,x"])
-    assert e.value.code == 2
+    from vmem import experiment as experiment_cli
+    assert experiment_cli.main(["label-noise-classes", "--work-dir", str(tmp_path), "--output", str(tmp_path),
+                                "--classes", "10,x"]) == 2
     assert "expected comma-separated integers, got '10,x'" in capsys.readouterr().err
+    assert experiment_cli.main(["label-noise-classes", "--work-dir", str(tmp_path), "--output", str(tmp_path),
+                                "--classes", "1,10"]) == 2
+    assert "--classes needs class counts >= 2, got (1, 10)" in capsys.readouterr().err
+
+
+def test_vmem_experiment_runs_the_study_with_the_runner_flags(tmp_path, capsys):
+    from vmem import experiment as experiment_cli
+    out = tmp_path / "out"
+    assert experiment_cli.main(["label-noise-classes", "--work-dir", str(tmp_path / "work"), "--output", str(out),
+                                "--classes", "3", "--per-class", "12", "--queries", "6", "--dim", "8", "--k-max", "5",
+                                "--levels", "0,60", "--direct_num_workers=1"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["command"].startswith("vmem experiment label-noise-classes --classes 3 --per-class 12 --queries 6")
+    assert report["results"]["by_classes"]["3"]["memory_entries"] == 36
+    # Built and searched as every experiment's memories: in the study's workspace, from its generated folders.
+    assert (tmp_path / "work" / "classes-3" / "memories" / "memory" / "manifest.json").is_file()
+    assert (tmp_path / "work" / "classes-3" / "embeddings" / "stamp.json").is_file()
+    assert "label-noise-classes: report in" in capsys.readouterr().out
+    assert experiment_cli.main(["label-noise-classes", "--output", str(out), "--direct_num_workers=x"]) == 2

@@ -23,7 +23,7 @@ def test_all_parts_run_and_forgetting_equals_a_rebuilt_memory(tmp_path):
     assert all(len(e) == 3 and all(0 <= x <= 1 for x in e) for e in ms["error_k5"].values())
     assert set(ms["power_law"]) == {"plurality", "distance", "softmax", "rank"}
     # Only the largest memory is kept.
-    assert sorted(os.listdir(tmp_path / "work" / "memories")) == ["rebuilt", "size-64"]
+    assert sorted(os.listdir(tmp_path / "work" / "synthetic-scale" / "memories")) == ["rebuilt", "size-64"]
     ln = results["label_noise"]
     assert ln["entries"] == 64 and ln["labels_changed_fraction"]["0"] == 0
     u = results["unlearning"]
@@ -66,3 +66,14 @@ def test_generate_reuses_a_folder_of_the_same_spec_and_replaces_another(tmp_path
     assert np.load(os.path.join(out, "img_emb", "img_emb_0.npy")).shape == (10, 4)
     with open(os.path.join(out, "dataset.json")) as f:
         assert '"per_class": 5' in f.read()
+
+
+def test_vmem_experiment_refuses_a_bad_setup_naming_the_flag(tmp_path, capsys):
+    from vmem import experiment as experiment_cli
+    assert experiment_cli.main(["synthetic-scale", "--output", str(tmp_path), "--min-entries", "1000",
+                                "--max-entries", "100"]) == 2
+    assert "need --classes <= --min-entries <= --max-entries, got 100, 1000, 100" in capsys.readouterr().err
+    assert experiment_cli.main(["synthetic-scale", "--output", str(tmp_path), "--parts", "pruning"]) == 2
+    assert "--parts: unknown ['pruning']" in capsys.readouterr().err
+    assert experiment_cli.main(["synthetic-scale", "--help"]) == 0
+    assert "--max-entries" in capsys.readouterr().out

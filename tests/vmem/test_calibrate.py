@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 
@@ -87,7 +88,8 @@ def test_calibrate_fits_the_out_of_memory_test_unless_told_not_to(tmp_path, caps
     root, eval_dir, _ = _memory_and_evaluation(tmp_path)
     assert calibrate_cli.main(["--evaluation", eval_dir, "--out-of-memory-level", "1.5"]) == 2
     assert "--out-of-memory-level must be in (0, 1), got 1.5" in capsys.readouterr().err
-    assert calibrate_cli.main(["--evaluation", eval_dir, "--out-of-memory-level", "0.1", "--dry-run"]) == 0
+    assert calibrate_cli.main(["--evaluation", eval_dir, "--out-of-memory-level", "0.1", "--dry-run",
+                               "--out-of-memory-statistic", "nearest"]) == 0
     assert ("out-of-memory test: out of memory below the 10th percentile of 200 held-out queries' nearest neighbour "
             "similarity") in capsys.readouterr().out
     assert read_manifest(root).version == 1
@@ -95,10 +97,16 @@ def test_calibrate_fits_the_out_of_memory_test_unless_told_not_to(tmp_path, caps
     out = json.loads(capsys.readouterr().out)
     test = memory_calibration(read_manifest(root)).out_of_memory
     assert test.level == 0.05 and test.queries == 200 and out["calibration"]["out_of_memory"]["level"] == 0.05
+    # The default compares the 10th similarity as it is and relative to the memory's own: every live entry's own
+    # 10th similarity is stored next to the calibration and read back (checked) with the memory's root.
+    assert test.statistic.value == "kth_relative" and test.entries.k == 10 and test.entry_table is None
+    assert test.entries.count == len(VisualMemory.open(root)) and os.path.isfile(os.path.join(root, test.entries.path))
+    loaded = memory_calibration(read_manifest(root), root=root).out_of_memory
+    assert loaded.entry_table.ids.size == test.entries.count and loaded.entry_table.k == 10
     (tmp_path / "again").mkdir()
     root2, eval_dir2, _ = _memory_and_evaluation(tmp_path / "again")
     assert calibrate_cli.main(["--evaluation", eval_dir2, "--out-of-memory-statistic", "median"]) == 2
-    assert "unknown out-of-memory statistic 'median'; allowed: nearest, kth" in capsys.readouterr().err
+    assert "unknown out-of-memory statistic 'median'; allowed: nearest, kth, kth_relative" in capsys.readouterr().err
     assert calibrate_cli.main(["--evaluation", eval_dir2, "--no-out-of-memory", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert "out_of_memory" not in out["calibration"]

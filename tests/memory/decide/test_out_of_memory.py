@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
 
 from memory import IndexConfig, IndexKind, VisualMemory
 from memory.build import build_memory_local
-from memory.decide.confidence import (Calibration, CalibrationMethod, ConfidenceScore, fit_calibration,
-                                      memory_calibration, publish_calibration, vote_confidence)
-from memory.decide.out_of_memory import (DEFAULT_LEVEL, MAX_KNOTS, AbstainReason, OutOfMemoryStatistic,
-                                         OutOfMemoryTest, fit_out_of_memory_test)
+from memory.decide.confidence import (Calibration, CalibrationMethod, ConfidenceScore, VoteConfidence,
+                                      fit_calibration, memory_calibration, publish_calibration, vote_confidence)
+from memory.decide.out_of_memory import (DEFAULT_LEVEL, MAX_KNOTS, AbstainReason, EntrySimilarities,
+                                         EntrySimilarityRef, OutOfMemoryStatistic, OutOfMemoryTest, conformal_p_value,
+                                         fit_out_of_memory_test, relative_similarity)
 from memory.decide.voting import VotingRule
 from memory.store.versions import read_manifest
 from memory.vectors import l2_normalize
@@ -205,3 +207,134 @@ def test_a_memory_calibrated_the_old_way_still_classifies_and_abstains_as_a_spli
     expected = old.confidence(vote_confidence(found.labels, found.distances, rule="rank", k=10))
     assert p.confidence == pytest.approx(float(expected[0])) and p.out_of_memory_p is None
     assert p.reason.startswith(f"confidence {p.confidence:.3f} < 1 (platt on combined")
+
+
+def _vc(kth):
+    """A VoteConfidence whose k-th similarity is ``kth`` (the other fields play no part in the test)."""
+    kth = np.asarray(kth, dtype=np.float64)
+    return VoteConfidence(labels=np.zeros(kth.size, np.int64), share=np.ones(kth.size), margin=np.ones(kth.size),
+                          similarity=kth + 0.1, kth_similarity=kth)
+
+
+def test_relative_similarity_and_conformal_p_values_by_hand():
+    kth = np.array([0.6, 0.5, 0.4])
+    neighbor_kth = np.array([[0.7, 0.5, np.nan], [0.2, 0.3, 0.4], [np.nan] * 3])
+    # s_k(q) minus the mean of the neighbours' own (unknown ones left out); NaN when none is known.
+    np.testing.assert_allclose(relative_similarity(kth, neighbor_kth), [0.0, 0.2, np.nan])
+    np.testing.assert_allclose(conformal_p_value(np.array([0.1, 0.2, 0.3]), 3, np.array([0.05, 0.2, np.nan])),
+                               [1 / 4, 3 / 4, 1.0])
+    with pytest.raises(ValueError, match=r"neighbor_kth must be \[3, k\]"):
+        relative_similarity(kth, neighbor_kth[:2])
+
+
+def _entries():
+    # Binary fractions: exact in the stored float32, so the hand-computed ties are ties.
+    return EntrySimilarities(ids=np.array(["a", "b", "c", "d"]), similarity=np.array([0.625, 0.625, 0.5, 0.125]), k=1)
+
+
+def test_the_kth_relative_test_combines_both_p_values_by_fishers_method_by_hand():
+    entries = _entries()
+    calib_ids = np.array([["a"], ["b"], ["c"], ["d"]])
+    test = fit_out_of_memory_test(np.array([0.75, 0.5, 0.375, 0.25]), statistic="kth_relative", level=0.3,
+                                  neighbor_kth=entries.lookup(calib_ids), entries=entries)
+    # Relative similarities 0.75-0.625, 0.5-0.625, 0.375-0.5, 0.25-0.125; each calibration query's p-values against
+    # the split, (1 + #{<= x}) / 5: k-th 1, .8, .6, .4; relative 1, .6, .6, 1.
+    assert test.parts == ((0.25, 0.375, 0.5, 0.75), (-0.125, -0.125, 0.125, 0.125))
+    np.testing.assert_allclose(test.knots, sorted([0.0, np.log(0.8 * 0.6), np.log(0.6 * 0.6), np.log(0.4)]))
+    assert test.entries == entries.ref() and test.entries.k == 1 and test.entries.count == 4
+    # Query 1: k-th 0.3 (p .4), neighbour a's own 0.625: relative < all (p .2); log .08 is below every knot: p 1/5.
+    # Query 2: k-th 0.7 (p .8), neighbour c's own 0.5: relative 0.2 (p 1); log .8 is above 3 knots: p 4/5.
+    # Query 3: an entry added after the calibration (no own similarity): relative p 1, k-th 0.1 (p .2): p 1/5.
+    vc, ids = _vc([0.3, 0.7, 0.1]), np.array([["a"], ["c"], ["new"]])
+    np.testing.assert_allclose(test.statistic_of(vc, ids), [np.log(0.4 * 0.2), np.log(0.8), np.log(0.2)])
+    np.testing.assert_allclose(test.p_values(vc, ids), [1 / 5, 4 / 5, 1 / 5])
+    assert test.flags(test.statistic_of(vc, ids)).tolist() == [True, False, True]
+    assert "as it is and relative to its neighbours' own" in test.describe()
+    # Stored: the knots, both parts and where the entries are; the table itself is not in the dict.
+    again = OutOfMemoryTest.from_dict(json.loads(json.dumps(test.to_dict())))
+    assert again == test and again.entry_table is None and "entry_table" not in test.to_dict()
+    with pytest.raises(ValueError, match="needs the neighbours' ids and the memory's entry similarities"):
+        again.statistic_of(vc, ids)
+    np.testing.assert_allclose(again.with_entries(entries).p_values(vc, ids), [1 / 5, 4 / 5, 1 / 5])
+
+
+def test_entry_similarities_are_checked_when_built_and_read():
+    entries = _entries()
+    np.testing.assert_array_equal(entries.lookup(np.array([["d", ""], ["zz", "a"]])), [[0.125, np.nan], [np.nan, 0.625]])
+    ref = entries.ref()
+    assert ref.path.startswith("calibration/entry-similarity-k1-") and entries.to_bytes() == _entries().to_bytes()
+    back = EntrySimilarities.from_bytes(entries.to_bytes(), ref)
+    np.testing.assert_array_equal(back.ids, entries.ids)
+    np.testing.assert_array_equal(back.similarity, entries.similarity)
+    corrupt = bytearray(entries.to_bytes())
+    corrupt[-1] ^= 0xFF
+    with pytest.raises(ValueError, match=f"entry similarity file {ref.path} has sha256 .*re-run `vmem calibrate`"):
+        EntrySimilarities.from_bytes(bytes(corrupt), ref)
+    with pytest.raises(ValueError, match="holds .* entries, the calibration recorded 5"):
+        EntrySimilarities.from_bytes(entries.to_bytes(), ref._replace(count=5))
+    with pytest.raises(ValueError, match="ids must be sorted and unique"):
+        EntrySimilarities(ids=np.array(["b", "a"]), similarity=np.array([0.1, 0.2]), k=1)
+    with pytest.raises(ValueError, match="contain NaN or inf"):
+        EntrySimilarities(ids=np.array(["a", "b"]), similarity=np.array([0.1, np.nan]), k=1)
+    with pytest.raises(ValueError, match="as many similarities as ids"):
+        EntrySimilarities(ids=np.array(["a", "b"]), similarity=np.array([0.1]), k=1)
+    with pytest.raises(ValueError, match="out_of_memory entries must be an object with fields"):
+        EntrySimilarityRef.from_dict({"path": "x"})
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(parts=()), "needs parts .* and entries"),
+    (dict(entries=None), "needs parts .* and entries"),
+    (dict(parts=((0.2, 0.5), (0.3, 2.5))), "relative similarity knots must be non-empty, non-decreasing"),
+    (dict(knots=(-1.0, 0.5)), r"knots must be non-empty, non-decreasing sums of log p-values <= 0"),
+    (dict(statistic="kth"), "parts and entries belong to the kth_relative test, not kth"),
+])
+def test_a_bad_relative_test_is_refused_naming_the_field(fields, message):
+    good = dict(level=0.05, knots=(-1.0, 0.0), queries=10, statistic="kth_relative", parts=((0.2, 0.5), (-0.1, 0.3)),
+                entries=EntrySimilarityRef(path="calibration/x.npy", sha256="0" * 64, count=4, k=1))
+    with pytest.raises(ValueError, match=message):
+        OutOfMemoryTest(**{**good, **fields})
+    with pytest.raises(ValueError, match="needs neighbor_kth and entries"):
+        fit_out_of_memory_test(np.array([0.5, 0.6]), statistic="kth_relative")
+
+
+def test_calibrate_stores_the_entries_own_similarities_and_classify_abstains_with_them(tmp_path):
+    from evaluation.calibration import entry_similarities
+    root, centres, rng = _memory(tmp_path)
+    memory = VisualMemory.open(root)
+    entries = entry_similarities(memory, k=10, batch=100)
+    # Leave-one-out by brute force: every entry against the others (M's twins, stored twice, included).
+    x = memory.get_embeddings(entries.ids)
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    np.testing.assert_allclose(entries.similarity, np.sort(sims, axis=1)[:, -10], atol=1e-5)
+    calib = np.concatenate([_near(centres, rng, i, 30) for i in range(3)])
+    found = memory.search(calib, 10)
+    vc = vote_confidence(found.labels, found.distances, rule="rank", k=10)
+    test = fit_out_of_memory_test(vc.kth_similarity, statistic="kth_relative",
+                                  neighbor_kth=entries.lookup(found.ids), entries=entries)
+    cal = Calibration(method=CalibrationMethod.ISOTONIC, score=ConfidenceScore.SHARE, rule=VotingRule.RANK, k=10,
+                      softmax_tau=0.07, rank_alpha=2.0, knots_x=(0.0, 1.0), knots_y=(0.0, 1.0), queries=90,
+                      accuracy=0.8, fitted_on_version=1, out_of_memory=test)
+    publish_calibration(root, cal, expected_version=1)
+    stored = os.path.join(root, test.entries.path)
+    assert os.path.isfile(stored)
+    far, near = _near(centres, rng, 3), _near(centres, rng, 0)
+    unlike, answered = VisualMemory.open(root).classify(np.concatenate([far, near]), rule="rank", k=10,
+                                                        abstain_below=0.6)
+    assert unlike.abstained and unlike.abstain_reason is AbstainReason.UNLIKE_MEMORY
+    assert unlike.reason.startswith("unlike anything in memory: its neighbour 10 has similarity")
+    assert "as it is and against its neighbours' own, together less like the memory than in" in unlike.reason
+    assert not answered.abstained and answered.out_of_memory_p >= DEFAULT_LEVEL
+    # A changed or missing file is refused, naming it, before any query is scored.
+    with open(stored, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 0xFF]))
+    os.utime(stored, (1, 1))
+    with pytest.raises(ValueError, match=f"version 2: entry similarity file {test.entries.path} has sha256"):
+        VisualMemory.open(root).classify(near, rule="rank", k=10)
+    os.remove(stored)
+    with pytest.raises(ValueError, match=f"entry similarity file {test.entries.path} is missing under"):
+        VisualMemory.open(root).classify(near, rule="rank", k=10)

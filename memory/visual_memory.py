@@ -115,7 +115,7 @@ class VisualMemory:
                 weights=None if weights is None else weights[lo:hi],
                 shard_dirs=[storage.join(root, infos[s].path) for s in unit], class_names=manifest.class_names,
                 metadata=metadata, shard_infos=[infos[s] for s in unit], verify=verify,
-                read_uris=functools.partial(uris.take, np.arange(lo, hi))))
+                read_uris=lambda lo=lo, hi=hi: uris.take(np.arange(lo, hi))))
         self._unit_shards = units
         self._row_of_id: dict[str, int] | None = None
         self._embeddings: np.ndarray | None = None

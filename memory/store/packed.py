@@ -81,12 +81,15 @@ class PackedStrings:
 
     def take(self, rows: np.ndarray | Sequence[int]) -> np.ndarray:
         """unicode array of the given rows, in the shape of ``rows``."""
+        import pyarrow as pa  # pylint: disable=g-import-not-at-top
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
             raise IndexError(f"rows must be in [0, {len(self)}), got range [{rows.min()}, {rows.max()}]")
-        o, data = self.offsets, self.data
-        values = [data[o[r]:o[r + 1]].tobytes().decode("utf-8") for r in rows.ravel().tolist()]
-        return np.asarray(values, dtype=str).reshape(rows.shape) if values else np.zeros(rows.shape, "<U1")
+        if not rows.size:
+            return np.zeros(rows.shape, "<U1")
+        # A zero-copy Arrow view decodes only the rows taken, in C.
+        view = pa.LargeStringArray.from_buffers(len(self), pa.py_buffer(self.offsets), pa.py_buffer(self.data))
+        return np.asarray(view.take(pa.array(rows.ravel())).to_pylist(), dtype=str).reshape(rows.shape)
 
     def to_numpy(self) -> np.ndarray:
         """Every row as a unicode array (what filters and crowding compare)."""

@@ -74,7 +74,7 @@ class LoadResult(NamedTuple):
     classifies: int
     answered_after_purge: int  # Classify calls of a memory whose version a purge had removed since its open.
     evaluations: int
-    evaluations_purged: int  # Pinned evaluations whose version a purge removed mid-run (VersionPurgedError).
+    evaluations_purged: list[str]  # Pinned evaluations whose version a purge removed mid-run: their errors.
     queries_served: int
     versions_published: int
     versions_by_kind: dict[str, int]
@@ -132,7 +132,7 @@ def run_load(root: str, *, seconds: float, readers: int = 3, entries: int = 300,
     next_new = [entries]
     opens, classifies, after_purge = [0], [0], [0]
     forgets = [0]
-    purged_evaluations = [0]
+    purged_evaluations: list[str] = []
 
     def record(m, kind, ids=()):
         with lock:
@@ -231,9 +231,9 @@ def run_load(root: str, *, seconds: float, readers: int = 3, entries: int = 300,
             try:
                 evaluate_memory(memory=root, source=source, output=out, encoder_id=_ENCODER, k_max=_K,
                                 version=pinned)
-            except VersionPurgedError:  # The pin forbids another version: run again, pinned to the new latest.
+            except VersionPurgedError as e:  # The pin forbids another version: run again, pinned to the latest.
                 with lock:
-                    purged_evaluations[0] += 1
+                    purged_evaluations.append(str(e))
                 continue
             except Exception as e:  # pylint: disable=broad-except  # Every other reader error is a failure.
                 with lock:
@@ -264,7 +264,7 @@ def run_load(root: str, *, seconds: float, readers: int = 3, entries: int = 300,
     bound = seconds + 60 if time_bound_s is None else time_bound_s
     return LoadResult(seconds=round(elapsed, 2), readers=readers, opens=opens[0], classifies=classifies[0],
                       answered_after_purge=after_purge[0], evaluations=evaluations[0],
-                      evaluations_purged=purged_evaluations[0], queries_served=len(answers) * queries,
+                      evaluations_purged=purged_evaluations, queries_served=len(answers) * queries,
                       versions_published=max(changes, default=1) - 1,
                       versions_by_kind=dict(sorted(kinds.items())),
                       reader_failures=failures, wrong_answers=wrong, writer_conflicts=conflicts,
@@ -319,6 +319,8 @@ def main(argv=None) -> int:
     figures = result._asdict()
     figures["reader_failures"] = len(result.reader_failures)
     figures["first_reader_failures"] = result.reader_failures[:3]
+    figures["evaluations_purged"] = len(result.evaluations_purged)
+    figures["first_evaluations_purged"] = result.evaluations_purged[:3]
     figures["writer_conflicts"] = len(result.writer_conflicts)
     figures["writer_conflicts_by_kind"] = {
         what: sum(c.startswith(what) for c in result.writer_conflicts) for what in ("re-index", "add", "forget")}

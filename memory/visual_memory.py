@@ -36,13 +36,14 @@ from memory.search.routing import Router, read_router, search_mask
 from memory.search.setting import check_search_params, default_setting, resolve_search_threads, tuned_index
 from memory.search.shard_search import (LoadedShard, PartialTopK, empty_partial, merge_partials, one_thread_blas,
                                         search_in_chunks)
-from memory.store.metadata import read_metadata
-from memory.store.shard import load_unit_index, read_entry_tables, read_shard_embeddings, read_shard_entries, search_units
+from memory.store.metadata import parse_metadata, read_metadata_file
+from memory.store.packed import PackedStrings
+from memory.store.shard import load_unit_index, read_entry_tables, read_shard_embeddings, search_units
 from memory.enums import parse_enum
 from memory.queries import (OnUnreadable, UnreadableQuery, check_query_encoder, embed_pixels, load_query_encoder,
                             preprocess_queries, query_preprocess, split_queries)
 from memory.vectors import l2_normalize
-from memory.store.versions import VersionPurgedError, is_purged, latest_version, read_version
+from memory.store.versions import read_through_purges, reads_of_version
 from memory.decide.voting import VotingParams, VotingRule
 
 if TYPE_CHECKING:
@@ -50,8 +51,6 @@ if TYPE_CHECKING:
     from memory.rerank.base import Reranker, ResponseCache
 
 _PAD_ID = ""
-# An unpinned open that finds its version purged under it re-opens the new latest at most this many times.
-_REOPEN_ATTEMPTS = 5
 
 
 class SearchResult(NamedTuple):
@@ -75,18 +74,19 @@ class SearchResult(NamedTuple):
 class VisualMemory:
     """A read-only visual memory (local directory or ``gs://``), searched across its shards.
 
-    Open with `VisualMemory.open(path)`. All shards are loaded eagerly (ScaNN index, ids, labels) so that
-    search latency does not include I/O; embeddings are read lazily, only for `get_embeddings`.
+    Open with `VisualMemory.open(path)`. All shards are loaded eagerly (ScaNN index, ids, labels, uris, the
+    metadata file) so that search latency does not include I/O and a purge of the opened version's files cannot
+    fail a search; embeddings are read lazily, only for `get_embeddings` and brute-force searches over live rows.
     """
 
     def __init__(self, root: str, manifest: Manifest, indices: Sequence[ShardIndex | None],
-                 ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, *,
-                 forgotten: np.ndarray | None = None,
+                 ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, *, uris: PackedStrings,
+                 metadata_file: bytes | None = None, forgotten: np.ndarray | None = None,
                  entry_weights: tuple[np.ndarray, np.ndarray] | None = None,
                  search_threads: int | None = None, router: Router | None = None,
                  units: Sequence[tuple[int, ...]] | None = None, verify: bool = True):
         self._root = root
-        # Shard files read after opening (embeddings, uris) are checked against the manifest like those at open.
+        # Shard files read after opening (embeddings) are checked against the manifest like those at open.
         self._verify = verify
         # Partition-routed memories send each query only to the main shards its nearest centroids route it to.
         self._router = router
@@ -102,10 +102,11 @@ class VisualMemory:
         self._weighted = weights is not None
         # One searcher per search unit: a shard, or a run of shards built from one index template and searched as
         # one (memory.index.template); units[u] lists unit u's manifest shards, offsets[u] its first row. Each
-        # holds views of this memory's rows; the metadata table is read on the first metadata filter or crowding.
+        # holds views of this memory's rows; the metadata file, read at open, is parsed on the first metadata
+        # filter or crowding, and a unit's uris are unpacked on the first uri filter or crowding.
         units = [(u,) for u in range(len(indices))] if units is None else [tuple(u) for u in units]
         infos = manifest.all_shards
-        metadata = functools.cache(lambda: read_metadata(root, manifest))
+        metadata = functools.cache(lambda: parse_metadata(root, manifest, metadata_file))
         self._units: list[LoadedShard] = []
         bounds = np.asarray(offsets).tolist()
         for lo, hi, unit, index in zip(bounds[:-1], bounds[1:], units, indices):
@@ -113,11 +114,12 @@ class VisualMemory:
                 "+".join(infos[s].name for s in unit), index, ids[lo:hi], labels[lo:hi], dead=self._dead[lo:hi],
                 weights=None if weights is None else weights[lo:hi],
                 shard_dirs=[storage.join(root, infos[s].path) for s in unit], class_names=manifest.class_names,
-                metadata=metadata, shard_infos=[infos[s] for s in unit], verify=verify))
+                metadata=metadata, shard_infos=[infos[s] for s in unit], verify=verify,
+                read_uris=lambda lo=lo, hi=hi: uris.take(np.arange(lo, hi))))
         self._unit_shards = units
         self._row_of_id: dict[str, int] | None = None
         self._embeddings: np.ndarray | None = None
-        self._uris: np.ndarray | None = None
+        self._uris = uris
         # The query encoder is loaded on the first image query only: vector queries and search never need
         # TensorFlow, and loading a model takes seconds.
         self._encoder: Encoder | None = None
@@ -155,30 +157,20 @@ class VisualMemory:
 
         Raises:
           ManifestError: no manifest ("not a visual memory: ..."), no such version, unsupported
-            format_version, malformed manifest, missing shard/tombstone/weights files or (with verify) a
-            shard file that differs from the manifest (`memory.store.integrity.ShardCorruptError`, naming
+            format_version, malformed manifest, missing shard/tombstone/weights/metadata files or (with verify)
+            a shard file that differs from the manifest (`memory.store.integrity.ShardCorruptError`, naming
             the shard and the file; nothing is served). When a purge removes the version being opened (its
-            files go missing), an unpinned open re-opens the new latest version instead; a pinned ``version``
-            raises VersionPurgedError (a ManifestError). So do the source uris (`classify`'s explanations,
-            `get_uris`), read on first use, of a version purged after it was opened: re-open the memory then.
+            files go missing), an unpinned open re-opens the new latest version instead
+            (`memory.store.versions.read_through_purges`); a pinned ``version`` raises VersionPurgedError (a
+            ManifestError). Once open, the memory answers `search`, `classify` (explanations included), filters
+            and crowding from what it read at open, whatever a purge deletes later; only the embeddings
+            (`get_embeddings`, and a brute-force search over a shard's live rows when forgotten or filtered-out
+            rows leave a query short) are read later, and raise VersionPurgedError if a purge deleted them.
         """
         root = path.rstrip("/") if len(path) > 1 else path
-        pinned = None if version is None else read_version(root, version)  # A purged one: "no version N; ...".
-        for attempt in range(_REOPEN_ATTEMPTS):
-            n = latest_version(root) if version is None else version
-            try:
-                manifest = read_version(root, n) if pinned is None else pinned
-                memory = cls._open_version(root, manifest, verify=verify, search_threads=search_threads,
-                                           merge_shards=merge_shards)
-                break
-            except Exception as e:  # pylint: disable=broad-except  # Re-raised unless its version was purged.
-                # A purge (`vmem forget --purge-history`, a re-index's) deletes old versions and their files
-                # after publishing a newer one: a reader that listed a version just before then finds files
-                # missing. It re-opens the new latest; a pinned version that was purged is an error.
-                if not is_purged(root, n):
-                    raise
-                if version is not None or attempt == _REOPEN_ATTEMPTS - 1:
-                    raise VersionPurgedError.of(root, n, e) from None
+        memory = read_through_purges(root, functools.partial(cls._open_version, root, verify=verify,
+                                                             search_threads=search_threads, merge_shards=merge_shards),
+                                     version=version)
         setting = default_setting(memory.manifest) if search_defaults else None
         if setting is not None:
             memory = memory.with_search_params(**setting.search_params())
@@ -191,7 +183,8 @@ class VisualMemory:
                       merge_shards: bool) -> VisualMemory:
         infos = manifest.all_shards
         dirs = [storage.join(root, info.path) for info in infos]
-        ids, labels = read_entry_tables(dirs, infos, num_classes=len(manifest.class_names), verify=verify)
+        tables = read_entry_tables(dirs, infos, num_classes=len(manifest.class_names), verify=verify)
+        ids, labels = tables.ids, tables.labels
         row_offsets = np.cumsum([0] + [info.count for info in infos])
         # Hash shards built from one index template are searched as one index (memory.index.template).
         units = search_units(root, manifest, merge=merge_shards, verify=verify)
@@ -208,7 +201,8 @@ class VisualMemory:
             raise ManifestError(f"version {manifest.version}: {forgotten.size} tombstoned ids but only "
                                 f"{int(np.isin(all_ids, forgotten).sum())} of them are in its shards")
         memory = cls(root, manifest, indices, all_ids, all_labels, np.asarray(offsets, dtype=np.int64),
-                     forgotten=forgotten, entry_weights=read_entry_weights(root, manifest),
+                     uris=tables.uris, metadata_file=read_metadata_file(root, manifest), forgotten=forgotten,
+                     entry_weights=read_entry_weights(root, manifest),
                      search_threads=search_threads, router=read_router(root, manifest), units=units, verify=verify)
         return memory
 
@@ -352,7 +346,8 @@ class VisualMemory:
         # Each chunk scales its own rows to unit length on its search thread (`l2_normalize`: 2.2 ms per 1,000
         # x 1280 queries in float64, 0.25 ms to check rows that are unit already), row by row, so a chunk's
         # rows equal the whole batch's; a bad row is named by its index in the batch.
-        with one_thread_blas:
+        # A search may read embeddings (brute force over a shard's live rows): a purge may have deleted them.
+        with one_thread_blas, reads_of_version(self._root, self.version):
             found = search_in_chunks(
                 lambda a, b: self._search_units(l2_normalize(q[a:b], first_row=a), int(k),
                                                 per_query[a:b] if filtered else None, crowding, parallel=False),
@@ -417,9 +412,10 @@ class VisualMemory:
         if unknown:
             raise KeyError(f"{len(unknown)} unknown id(s) (not in this memory): {unknown[:20]}")
         if self._embeddings is None:
-            parts = [read_shard_embeddings(storage.join(self._root, info.path), info,
-                                           verify=self._verify).reshape(-1, self.dim)
-                     for info in self._manifest.all_shards]
+            with reads_of_version(self._root, self.version):
+                parts = [read_shard_embeddings(storage.join(self._root, info.path), info,
+                                               verify=self._verify).reshape(-1, self.dim)
+                         for info in self._manifest.all_shards]
             self._embeddings = (np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)).astype(
                 np.float32, copy=False)
         return self._embeddings[[rows_of[i] for i in ids]].reshape(len(ids), self.dim)
@@ -434,28 +430,10 @@ class VisualMemory:
                              f"[{labels.min()}, {labels.max()}]")
         return names[labels]
 
-    def _all_uris(self) -> np.ndarray:
-        if self._uris is None:
-            # Only the entry table is read (not the embeddings): explanations need the source of k entries.
-            parts = []
-            for info in self._manifest.all_shards:
-                try:
-                    uris = read_shard_entries(storage.join(self._root, info.path), info, verify=self._verify).uris
-                except (FileNotFoundError, ManifestError) as e:
-                    if is_purged(self._root, self._manifest.version):
-                        raise VersionPurgedError.of(self._root, self._manifest.version, e) from None
-                    raise
-                if uris.shape != (info.count,):
-                    raise ManifestError(f"shard {info.name}: {info.path} holds {uris.shape} uris, manifest says "
-                                        f"{info.count} entries; rebuild the memory")
-                parts.append(uris)
-            self._uris = np.concatenate(parts) if parts else np.zeros((0,), dtype="<U1")
-        return self._uris
-
     def get_uris(self, ids: Sequence[str]) -> np.ndarray:
         """Returns the source uri (as recorded at build time) of each given entry, as a unicode [len(ids)] array.
 
-        The uris of all shards are read on the first call (the entry tables only) and kept.
+        The uris were read with the entry tables at open.
 
         Raises:
           KeyError: listing the unknown ids.
@@ -465,15 +443,17 @@ class VisualMemory:
         unknown = [i for i in ids if i not in rows_of]
         if unknown:
             raise KeyError(f"{len(unknown)} unknown id(s) (not in this memory): {unknown[:20]}")
-        uris = self._all_uris()
-        return uris[[rows_of[i] for i in ids]] if ids else np.zeros((0,), dtype="<U1")
+        return self._uris.take([rows_of[i] for i in ids]) if ids else np.zeros((0,), dtype="<U1")
 
     def uris_of_results(self, ids: np.ndarray) -> np.ndarray:
         """Uris of a SearchResult.ids array (any shape); padding ids map to ""."""
         rows_of = self._id_rows()
-        uris = self._all_uris()
-        flat = [uris[rows_of[i]] if i != _PAD_ID else "" for i in ids.ravel().tolist()]
-        return np.asarray(flat, dtype=str).reshape(ids.shape) if flat else np.zeros(ids.shape, dtype="<U1")
+        rows = np.asarray([rows_of[i] if i != _PAD_ID else -1 for i in ids.ravel().tolist()], dtype=np.int64)
+        if not rows.size:
+            return np.zeros(ids.shape, dtype="<U1")
+        flat = np.full(rows.shape, "", dtype=object)
+        flat[rows >= 0] = self._uris.take(rows[rows >= 0])
+        return flat.astype(str).reshape(ids.shape)
 
     def query_encoder(self, encoder: Encoder | None = None) -> Encoder:
         """Returns the encoder that image queries are embedded with.

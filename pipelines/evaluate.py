@@ -52,7 +52,7 @@ from memory.search.routing import check_route_ratio
 from memory.search.setting import default_setting
 from memory.store.integrity import NO_VERIFY_HELP
 from memory.store.manifest import Manifest
-from memory.store.versions import list_versions, read_manifest
+from memory.store.versions import VersionPurgedError, list_versions, read_manifest
 from pipelines import rerank_args
 from pipelines.build import is_precomputed, precomputed_identity, read_precomputed
 from pipelines.io.readers import ImageSource, ReadImages, parse_image_spec
@@ -485,6 +485,8 @@ def evaluate_memory(*, memory: str, source: ImageSource | EmbeddingSource, outpu
     Raises:
       FlagError: a bad value or combination (before anything is read).
       EvaluationError: the memory cannot answer these queries, or the books do not balance.
+      VersionPurgedError: a purge removed the pinned ``version`` (or, unpinned, each latest version in turn)
+        while the job read it.
     """
     _check_options(source=source, encoder_id=encoder_id, k_max=k_max, search_threads=search_threads,
                    route_probes=route_probes, route_ratio=route_ratio, rerank=rerank)
@@ -504,7 +506,7 @@ def evaluate_memory(*, memory: str, source: ImageSource | EmbeddingSource, outpu
                                   verify=verify, options=options, test_pipeline=test_pipeline)
         except _VersionPurged as purged:
             if attempt == attempts - 1:
-                raise purged.error from None
+                raise VersionPurgedError.of(root, purged.version, purged.error) from None
             _LOG.warning("evaluate: version %d of %s was purged while it was evaluated; evaluating the latest "
                          "version", purged.version, root)
     raise AssertionError("unreachable")

@@ -1,21 +1,26 @@
 """Readers while writers publish: a bounded load test of a living memory.
 
-Reader threads loop ``VisualMemory.open`` (the latest version) + ``classify``, and one more loops the
-evaluate job (``vmem evaluate``'s entry point, pipelines.evaluate.evaluate_memory, in-process Beam, on the
-same queries as precomputed embeddings), while writers publish versions
-in a loop: one writer cycles add, forget, ``forget`` + purge_history (``vmem forget --purge-history``) and a
-re-index (the Beam job, in-process, with the purge a forget asked for), and a second writer adds entries with
-ids of its own at the same time (so writers also lose races and re-base; every other re-index runs while the
-adding writer waits, the others race it and lose: a re-index never re-bases). Every reader answer is checked against the answer of the version
-it opened: each writer records what its version changed (ids added or forgotten, or nothing), so the live ids
-of every version follow from version 1; the expected neighbours are the exact (brute-force) nearest live
-entries of that version. An open that meets a purge re-opens the latest version by itself; a classify whose
-version was purged after the open (its source uris are read on first use) raises VersionPurgedError and the
-reader re-opens, as a server would (counted). Reports queries served, versions published, reader failures and
-wrong answers
-(target 0 of both), writer conflicts, and whether the run kept to its time bound.
+Reader threads loop ``VisualMemory.open`` (the latest version) and then ``classify`` several times on that one
+open memory, and one more loops the evaluate job (``vmem evaluate``'s entry point,
+pipelines.evaluate.evaluate_memory, in-process Beam, on the same queries as precomputed embeddings) on a
+version it pins (the latest when it starts), while writers publish versions in a loop: one writer cycles add,
+forget, ``forget`` + purge_history (``vmem forget --purge-history``) and a re-index (the Beam job, in-process,
+with the purge a forget asked for), and a second writer adds entries with ids of its own at the same time (so
+writers also lose races and re-base; every other re-index runs while the adding writer waits, the others race
+it and lose: a re-index never re-bases).
 
-    python -m evaluation.benchmarks.bench_concurrency --seconds 60 --readers 4
+Every answer is checked against the version it opened: each writer records what its version changed (ids added
+or forgotten, or nothing), so the live ids of every version follow from version 1; the expected neighbours are
+the exact (brute-force) nearest live entries of that version, with their uris, and an open memory's entry
+count must be that version's (nothing half-published). An open that meets a purge re-opens the latest version
+by itself; an open memory answers from what it read at open even after a purge deleted its version's files
+(counted: answers from purged versions). A pinned evaluation whose version a purge deletes while the job reads
+it fails with VersionPurgedError (the job reads shard files on its workers; the pin forbids another version):
+counted, and the evaluation runs again pinned to the new latest. Reports queries served, versions published,
+reader failures and wrong answers (target 0 of both), writer conflicts, and whether the run kept to its time
+bound.
+
+    python -m evaluation.benchmarks.bench_concurrency --seconds 120 --readers 4
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import logging
 import os
 import tempfile
 import threading
@@ -38,11 +42,12 @@ from memory.build import build_memory_local
 from memory.index.shard_index import IndexConfig, IndexKind
 from memory.store import mutations
 from memory.store.purge import purge_history
-from memory.store.versions import ConcurrentUpdateError, VersionPurgedError, list_versions, read_version
+from memory.store.versions import (ConcurrentUpdateError, VersionPurgedError, latest_version, list_versions,
+                                   read_version)
 from memory.visual_memory import VisualMemory
 from pipelines.build import precomputed_identity
 
-__all__ = ["LoadResult", "main", "run_load"]
+__all__ = ["Answer", "LoadResult", "main", "run_load"]
 
 _K = 5
 _ENCODER = "synthetic-16"
@@ -66,9 +71,10 @@ class LoadResult(NamedTuple):
     seconds: float
     readers: int  # Threads of VisualMemory.open + classify; one evaluate job loops besides them.
     opens: int
-    reopened_after_purge: int  # Classify found its version purged after open (VersionPurgedError): re-opened.
+    classifies: int
+    answered_after_purge: int  # Classify calls of a memory whose version a purge had removed since its open.
     evaluations: int
-    evaluation_reruns: int  # Evaluations run again on the latest version because a purge removed theirs.
+    evaluations_purged: list[str]  # Pinned evaluations whose version a purge removed mid-run: their errors.
     queries_served: int
     versions_published: int
     versions_by_kind: dict[str, int]
@@ -78,9 +84,17 @@ class LoadResult(NamedTuple):
     within_time_bound: bool
 
 
+class Answer(NamedTuple):
+    """One reader call: the version it read, each query's neighbour ids and (classify) uris, its entry count."""
+    version: int
+    ids: list[list[str]]
+    uris: list[list[str]] | None
+    entries: int | None
+
+
 def run_load(root: str, *, seconds: float, readers: int = 3, entries: int = 300, dim: int = 16,
-             queries: int = 8, reindex_every: int = 4, purge_every: int = 3, seed: int = 0,
-             time_bound_s: float | None = None) -> LoadResult:
+             queries: int = 8, classifies_per_open: int = 4, reindex_every: int = 4, purge_every: int = 3,
+             seed: int = 0, time_bound_s: float | None = None) -> LoadResult:
     """Builds a memory at ``root`` and runs readers against publishing writers for ``seconds``.
 
     Args:
@@ -90,6 +104,7 @@ def run_load(root: str, *, seconds: float, readers: int = 3, entries: int = 300,
       entries: Entries of the initial build (as many more are available for adds).
       dim: Embedding dimension.
       queries: Queries per classify call.
+      classifies_per_open: Classify calls of each opened memory before its reader opens the latest again.
       reindex_every: The cycling writer re-indexes every this many steps.
       purge_every: Every this many of its forgets is a ``forget --purge-history`` (the next re-index purges
         again).
@@ -111,13 +126,13 @@ def run_load(root: str, *, seconds: float, readers: int = 3, entries: int = 300,
     lock = threading.Lock()
     stop = threading.Event()
     adding = threading.Lock()  # Held by the adding writer while it adds, and by a re-index that runs alone.
-    answers: list[tuple[int, list[list[str]]]] = []
+    answers: list[Answer] = []
     failures: list[str] = []
     conflicts: list[str] = []
     next_new = [entries]
-    opens = [0]
+    opens, classifies, after_purge = [0], [0], [0]
     forgets = [0]
-    reopened = [0]
+    purged_evaluations: list[str] = []
 
     def record(m, kind, ids=()):
         with lock:
@@ -187,19 +202,19 @@ def run_load(root: str, *, seconds: float, readers: int = 3, entries: int = 300,
     def reader():
         while not stop.is_set():
             try:
-                for attempt in range(3):
-                    mem = VisualMemory.open(root)
-                    try:
-                        preds = mem.classify(q, rule="plurality", k=_K)
-                        break
-                    except VersionPurgedError:  # Purged between open and classify: re-open, as a server does.
-                        if attempt == 2:
-                            raise
-                        with lock:
-                            reopened[0] += 1
+                mem = VisualMemory.open(root)
                 with lock:
                     opens[0] += 1
-                    answers.append((mem.manifest.version, [[n.id for n in p.neighbors] for p in preds]))
+                for _ in range(classifies_per_open):
+                    preds = mem.classify(q, rule="plurality", k=_K)
+                    purged = mem.version not in list_versions(root)  # Its files may be gone: still answered.
+                    with lock:
+                        classifies[0] += 1
+                        after_purge[0] += purged
+                        answers.append(Answer(mem.version, [[n.id for n in p.neighbors] for p in preds],
+                                              [[n.uri for n in p.neighbors] for p in preds], len(mem)))
+                    if stop.is_set():
+                        break
             except Exception as e:  # pylint: disable=broad-except  # Every reader error is a failure.
                 with lock:
                     failures.append(f"{type(e).__name__}: {e}")
@@ -208,30 +223,32 @@ def run_load(root: str, *, seconds: float, readers: int = 3, entries: int = 300,
         from pipelines.evaluate import evaluate_memory  # pylint: disable=g-import-not-at-top  # Beam.
         from pipelines.io.embedding_sources import parse_embeddings_spec  # pylint: disable=g-import-not-at-top
         source = parse_embeddings_spec(f"clip:{query_dir},label_column=label")
+        runs = 0
         while not stop.is_set():
-            out = os.path.join(os.path.dirname(root), f"eval-{evaluations[0]}")
+            out = os.path.join(os.path.dirname(root), f"eval-{runs}")
+            runs += 1
+            pinned = latest_version(root)
             try:
-                evaluate_memory(memory=root, source=source, output=out, encoder_id=_ENCODER, k_max=_K)
-                with open(os.path.join(out, "evaluation-summary.json"), encoding="utf-8") as f:
-                    version = json.load(f)["memory_version"]
-                got = {r.query_id: list(r.neighbor_ids)
-                       for r in read_neighbor_files(glob.glob(os.path.join(out, "*neighbors*.jsonl")))}
+                evaluate_memory(memory=root, source=source, output=out, encoder_id=_ENCODER, k_max=_K,
+                                version=pinned)
+            except VersionPurgedError as e:  # The pin forbids another version: run again, pinned to the latest.
                 with lock:
-                    evaluations[0] += 1
-                    answers.append((version, [got.get(f"q{i}", []) for i in range(queries)]))
-            except Exception as e:  # pylint: disable=broad-except  # Every reader error is a failure.
+                    purged_evaluations.append(str(e))
+                continue
+            except Exception as e:  # pylint: disable=broad-except  # Every other reader error is a failure.
                 with lock:
                     failures.append(f"evaluate: {type(e).__name__}: {e}")
+                continue
+            with open(os.path.join(out, "evaluation-summary.json"), encoding="utf-8") as f:
+                version = json.load(f)["memory_version"]
+            got = {r.query_id: list(r.neighbor_ids)
+                   for r in read_neighbor_files(glob.glob(os.path.join(out, "*neighbors*.jsonl")))}
+            with lock:
+                if version != pinned:
+                    failures.append(f"evaluate: pinned version {pinned}, evaluated {version}")
+                evaluations[0] += 1
+                answers.append(Answer(version, [got.get(f"q{i}", []) for i in range(queries)], None, None))
 
-    class CountReruns(logging.Handler):
-        def emit(self, record):
-            if "was purged while it was evaluated" in record.getMessage():
-                with lock:
-                    reruns[0] += 1
-
-    reruns = [0]
-    counter = CountReruns()
-    logging.getLogger("visual_memory").addHandler(counter)
     start = time.monotonic()
     threads = [threading.Thread(target=cycling_writer), threading.Thread(target=adding_writer),
                threading.Thread(target=evaluating_reader)]
@@ -243,19 +260,20 @@ def run_load(root: str, *, seconds: float, readers: int = 3, entries: int = 300,
     for t in threads:
         t.join()
     elapsed = time.monotonic() - start
-    logging.getLogger("visual_memory").removeHandler(counter)
     wrong = _check_answers(answers, changes, pool_ids, pool, q, entries)
     bound = seconds + 60 if time_bound_s is None else time_bound_s
-    return LoadResult(seconds=round(elapsed, 2), readers=readers, opens=opens[0], reopened_after_purge=reopened[0],
-                      evaluations=evaluations[0], evaluation_reruns=reruns[0],
-                      queries_served=len(answers) * queries, versions_published=max(changes, default=1) - 1,
+    return LoadResult(seconds=round(elapsed, 2), readers=readers, opens=opens[0], classifies=classifies[0],
+                      answered_after_purge=after_purge[0], evaluations=evaluations[0],
+                      evaluations_purged=purged_evaluations, queries_served=len(answers) * queries,
+                      versions_published=max(changes, default=1) - 1,
                       versions_by_kind=dict(sorted(kinds.items())),
                       reader_failures=failures, wrong_answers=wrong, writer_conflicts=conflicts,
                       within_time_bound=elapsed <= bound)
 
 
-def _check_answers(answers, changes, pool_ids, pool, q, entries) -> int:
-    """Answers whose neighbours differ from the exact nearest live entries of the version they opened."""
+def _check_answers(answers: list[Answer], changes, pool_ids, pool, q, entries) -> int:
+    """Query answers that differ from the version they opened: not its exact nearest live entries, not their
+    uris, or read from a memory whose entry count is not that version's."""
     index_of = {i: n for n, i in enumerate(pool_ids)}
     live_of = {1: set(pool_ids[:entries].tolist())}
 
@@ -268,32 +286,41 @@ def _check_answers(answers, changes, pool_ids, pool, q, entries) -> int:
 
     wrong = 0
     expected_of = {}
-    for version, got in answers:
-        if version not in expected_of:
-            ids = np.asarray(sorted(live(version)))
+    for a in answers:
+        if a.version not in expected_of:
+            ids = np.asarray(sorted(live(a.version)))
             rows = np.asarray([index_of[i] for i in ids])
             d = 1.0 - q @ pool[rows].T  # Cosine distance; ties broken by id (ids are sorted).
             order = np.argsort(d, axis=1, kind="stable")[:, :_K]
-            expected_of[version] = [ids[o].tolist() for o in order]
-        wrong += sum(g != e for g, e in zip(got, expected_of[version]))
+            expected_of[a.version] = [ids[o].tolist() for o in order]
+        expected = expected_of[a.version]
+        uris = a.uris or [[f"/p/{i}" for i in got] for got in a.ids]
+        if a.entries is not None and a.entries != len(live(a.version)):
+            wrong += len(a.ids)
+            continue
+        wrong += sum(g != e or u != [f"/p/{i}" for i in e] for g, e, u in zip(a.ids, expected, uris))
     return wrong
 
 
 def main(argv=None) -> int:
     """Runs the load test and prints its figures as JSON; exit status 1 when a reader failed or was wrong."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--seconds", type=float, default=120.0)
     parser.add_argument("--readers", type=int, default=4)
     parser.add_argument("--entries", type=int, default=300)
+    parser.add_argument("--classifies-per-open", type=int, default=4,
+                        help="classify calls of each opened memory before its reader opens the latest (default 4)")
     parser.add_argument("--purge-every", type=int, default=3,
                         help="every this many forgets is a forget --purge-history (default 3)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="vmem-concurrency-") as tmp:
         result = run_load(f"{tmp}/mem", seconds=args.seconds, readers=args.readers, entries=args.entries,
-                          purge_every=args.purge_every)
+                          classifies_per_open=args.classifies_per_open, purge_every=args.purge_every)
     figures = result._asdict()
     figures["reader_failures"] = len(result.reader_failures)
     figures["first_reader_failures"] = result.reader_failures[:3]
+    figures["evaluations_purged"] = len(result.evaluations_purged)
+    figures["first_evaluations_purged"] = result.evaluations_purged[:3]
     figures["writer_conflicts"] = len(result.writer_conflicts)
     figures["writer_conflicts_by_kind"] = {
         what: sum(c.startswith(what) for c in result.writer_conflicts) for what in ("re-index", "add", "forget")}

@@ -362,6 +362,9 @@ class LoadedShard:
       class_names: The memory's class names (label filters name classes).
       metadata: Returns the version's metadata table (memory.store.metadata.MetadataTable, or None when it has
         none); called on the first metadata filter or crowding.
+      read_uris: Returns unicode [n] source uris for filters and crowding, from what the caller holds (an opened
+        VisualMemory keeps them, so a purge of its version's files cannot fail them); None reads them from
+        ``shard_dirs``.
     """
     name: str
     index: ShardIndex | None
@@ -375,6 +378,7 @@ class LoadedShard:
     metadata: Callable[[], Any] | None = None
     shard_infos: tuple[ShardInfo, ...] = ()
     verify: bool = True
+    read_uris: Callable[[], np.ndarray] | None = None
     _derived: _DerivedRows = dataclasses.field(default_factory=_DerivedRows, repr=False)
 
     @classmethod
@@ -416,7 +420,7 @@ class LoadedShard:
                 dead: np.ndarray | None = None, weights: np.ndarray | None = None, shard_dirs: Sequence[str] = (),
                 uris: np.ndarray | None = None, class_names: Sequence[str] = (),
                 metadata: Callable[[], Any] | None = None, shard_infos: Sequence[ShardInfo] = (),
-                verify: bool = True) -> LoadedShard:
+                verify: bool = True, read_uris: Callable[[], np.ndarray] | None = None) -> LoadedShard:
         """A unit over rows its caller has read (VisualMemory reads every shard's entry table at once).
 
         ``dead`` may be all False (then it is dropped: the unit searches as one without forgotten rows); the
@@ -425,7 +429,7 @@ class LoadedShard:
         return cls(name=name, index=index, ids=ids, labels=labels,
                    dead=None if dead is None or not dead.any() else dead, weights=weights,
                    shard_dirs=tuple(shard_dirs), uris=uris, class_names=tuple(class_names), metadata=metadata,
-                   shard_infos=tuple(shard_infos), verify=verify)
+                   shard_infos=tuple(shard_infos), verify=verify, read_uris=read_uris)
 
     def with_index(self, index: ShardIndex | None) -> LoadedShard:
         """This unit searched with another index over the same rows (memory.search.tuning.tuned_index); what it
@@ -469,11 +473,13 @@ class LoadedShard:
     def _row_uris(self) -> np.ndarray:
         if self.uris is not None:
             return self.uris
-        if not self.shard_dirs:
+        if self.read_uris is not None:
+            uris = self.read_uris()
+        elif not self.shard_dirs:
             raise ValueError(f"shard {self.name}: uri filters and crowding need the uris; give the unit its "
                              "shard_dirs or its uris")
-        # Only the entry tables are read (not the embeddings).
-        uris = np.concatenate([read_shard_entries(d, i, verify=self.verify).uris for d, i in self._shards()])
+        else:  # Only the entry tables are read (not the embeddings).
+            uris = np.concatenate([read_shard_entries(d, i, verify=self.verify).uris for d, i in self._shards()])
         if uris.shape != self.ids.shape:
             raise ManifestError(f"shard {self.name}: {self.shard_dirs} hold {uris.shape} uris for {self.ids.size} "
                                 "entries; rebuild the memory")

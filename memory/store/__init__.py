@@ -3,5 +3,5 @@
 `manifest` (the versioned description of a memory), `versions` (atomic publish, history), `sharding` (stable
 id -> shard assignment), `shard` (shard files), `blocks` (rows of entries as one value), `mutations` (add,
 forget, weights), `compaction` (the re-index plan), `export` (clip-retrieval folders), `metadata` (per-entry
-columns).
+columns), `purge` (history and leftovers), `packed` (string columns as UTF-8 bytes + offsets).
 """

@@ -61,11 +61,26 @@ def _table_bytes(ids: np.ndarray, columns: Mapping[str, np.ndarray]) -> bytes:
 
 def read_metadata(root: str, manifest: Manifest) -> MetadataTable | None:
     """The version's metadata table (checksum-checked), or None when it has none."""
+    return parse_metadata(root, manifest, read_metadata_file(root, manifest))
+
+
+def read_metadata_file(root: str, manifest: Manifest) -> bytes | None:
+    """The bytes of the version's metadata file, checked against its checksum (None when it has none).
+
+    An opened memory reads them at open and parses them (`parse_metadata`) on the first metadata filter or
+    crowding: compressed, they cost a fraction of the parsed columns, and a later purge of the version's files
+    cannot fail that first use.
+    """
     ref = manifest.metadata
-    if ref is None:
+    return None if ref is None else read_checked_file(root, manifest, ref.path, ref.checksum, "metadata file")
+
+
+def parse_metadata(root: str, manifest: Manifest, blob: bytes | None) -> MetadataTable | None:
+    """The metadata table of `read_metadata_file`'s bytes (None for None), checked against the manifest."""
+    ref = manifest.metadata
+    if blob is None or ref is None:
         return None
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-    blob = read_checked_file(root, manifest, ref.path, ref.checksum, "metadata file")
     table = pq.read_table(io.BytesIO(blob))
     if table.num_rows != ref.count or table.column_names != [ID_COLUMN, *ref.columns]:
         raise ManifestError(f"version {manifest.version}: metadata file {storage.join(root, ref.path)} holds "

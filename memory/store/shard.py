@@ -42,6 +42,7 @@ from memory.index.shard_index import (INDEX_META_NAME, EmbeddingDtype, IndexConf
                                       rows_from_dataset_file)
 from memory.store.integrity import ENTRIES_NAME, SCANN_DIR, ShardFiles, local_files, record_files, refuse_pickles
 from memory.store.manifest import Manifest, ManifestError, ShardInfo
+from memory.store.packed import PackedStrings
 from memory.index.template import merge_runs
 from memory.vectors import l2_normalize
 
@@ -258,15 +259,19 @@ def read_shard_ids(shard_dir: str, info: ShardInfo | None = None, *, verify: boo
     return _strings(_read_table(entries, shard_dir, ["id"]).column("id"))
 
 
-def _entries_of(entries, files: ShardFiles) -> ShardEntries:
+def _entry_columns(entries, files: ShardFiles) -> tuple[np.ndarray, np.ndarray, typing.Any]:
+    """(ids, labels, uris) with the uris as read: an Arrow column, or unicode for a format-1 shard."""
     if entries is None:
-        return ShardEntries(_read_legacy(files, "ids").astype(str),
-                            _read_legacy(files, "labels").astype(np.int32),
-                            _read_legacy(files, "uris").astype(str))
+        return (_read_legacy(files, "ids").astype(str), _read_legacy(files, "labels").astype(np.int32),
+                _read_legacy(files, "uris").astype(str))
     table = _read_table(entries, files.shard_dir)
-    return ShardEntries(_strings(table.column("id")),
-                        table.column("label").to_numpy(zero_copy_only=False).astype(np.int32),
-                        _strings(table.column("uri")))
+    return (_strings(table.column("id")), table.column("label").to_numpy(zero_copy_only=False).astype(np.int32),
+            table.column("uri"))
+
+
+def _entries_of(entries, files: ShardFiles) -> ShardEntries:
+    ids, labels, uris = _entry_columns(entries, files)
+    return ShardEntries(ids, labels, uris if isinstance(uris, np.ndarray) else _strings(uris))
 
 
 def read_shard_entries(shard_dir: str, info: ShardInfo | None = None, *, verify: bool = True) -> ShardEntries:
@@ -375,23 +380,35 @@ def shard_template_id(shard_dir: str, info: ShardInfo, *, verify: bool = True) -
     return meta.get("template_id")
 
 
+class EntryTables(typing.NamedTuple):
+    """Every shard's entry table (`read_entry_tables`): ids and labels per shard, all uris packed in shard order."""
+    ids: list[np.ndarray]
+    labels: list[np.ndarray]
+    uris: PackedStrings
+
+
 def read_entry_tables(shard_dirs: Sequence[str], infos: Sequence[ShardInfo], *, num_classes: int,
-                      verify: bool = True) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Every shard's ids and labels (not the embeddings: the index holds the only copy), checked against the
-    manifest (counts, labels below ``num_classes``; with ``verify``, the files read against their records)."""
-    ids, labels = [], []
+                      verify: bool = True) -> EntryTables:
+    """Every shard's ids, labels and uris (not the embeddings: the index holds the only copy), each entry table
+    read once, checked against the manifest (counts, labels below ``num_classes``; with ``verify``, the files
+    read against their records). The uris stay packed (`memory.store.packed`): no Python string per entry."""
+    ids, labels, uris = [], [], []
     for info, shard_dir in zip(infos, shard_dirs):
+        files = ShardFiles(shard_dir, info, verify=verify)
         try:
-            data = read_shard_entries(shard_dir, info, verify=verify)
+            shard_ids, shard_labels, shard_uris = _entry_columns(_entries_file(files), files)
         except FileNotFoundError as e:
             raise ManifestError(f"shard {info.name}: {e}") from None
-        if len(data.ids) != info.count:
-            raise ManifestError(f"shard {info.name}: files hold {len(data.ids)} entries, manifest says {info.count}")
-        if info.count and int(data.labels.max()) >= num_classes:
-            raise ManifestError(f"shard {info.name}: label {int(data.labels.max())} outside class_names")
-        ids.append(data.ids)
-        labels.append(data.labels)
-    return ids, labels
+        if len(shard_ids) != info.count or len(shard_uris) != info.count:
+            raise ManifestError(f"shard {info.name}: files hold {len(shard_ids)} entries and {len(shard_uris)} uris, "
+                                f"manifest says {info.count}")
+        if info.count and int(shard_labels.max()) >= num_classes:
+            raise ManifestError(f"shard {info.name}: label {int(shard_labels.max())} outside class_names")
+        ids.append(shard_ids)
+        labels.append(shard_labels)
+        uris.append(PackedStrings.of(shard_uris) if isinstance(shard_uris, np.ndarray)
+                    else PackedStrings.from_arrow(shard_uris))
+    return EntryTables(ids, labels, PackedStrings.concat(uris))
 
 
 # Most entries one merged index holds (four shards of the default 500,000-entry target): a hash memory of more

@@ -27,11 +27,12 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
 import secrets
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, TypeVar
 
 from memory import storage
 from memory.store.manifest import (MANIFEST_NAME, Manifest, ManifestError, manifest_path, read_manifest_file,
@@ -43,11 +44,14 @@ _JSON = "application/json"
 # How many times a writer that lost the race for the next version re-bases on the new latest and retries
 # before it gives up (each loss means another writer published meanwhile, so the memory made progress).
 MAX_REBASES = 10
+# A reader that finds its version purged under it re-reads the new latest at most this many times.
+REREAD_ATTEMPTS = 5
+T = TypeVar("T")
 
-__all__ = ["ConcurrentUpdateError", "MAX_REBASES", "VERSIONS_DIR", "VersionPurgedError", "WriteConflictError",
-           "checked_deletion_paths", "history", "is_purged", "latest_version", "list_versions", "publish_rebasing",
-           "publish_version", "read_base_version", "read_manifest", "read_version", "version_name",
-           "versioned_file_name", "write_manifest"]
+__all__ = ["ConcurrentUpdateError", "MAX_REBASES", "REREAD_ATTEMPTS", "VERSIONS_DIR", "VersionPurgedError",
+           "WriteConflictError", "checked_deletion_paths", "history", "is_purged", "latest_version", "list_versions",
+           "publish_rebasing", "publish_version", "read_base_version", "read_manifest", "read_through_purges",
+           "read_version", "reads_of_version", "version_name", "versioned_file_name", "write_manifest"]
 
 
 class ConcurrentUpdateError(RuntimeError):
@@ -82,9 +86,11 @@ class VersionPurgedError(ManifestError):
 
     @classmethod
     def of(cls, root: str, n: int, cause: BaseException) -> VersionPurgedError:
-        """The error for version ``n`` of ``root``; ``cause`` is the failed read."""
+        """The error for version ``n`` of ``root``; ``cause`` is the failed read (its first line is quoted: a job's
+        error carries the runner's traceback after it)."""
+        lines = str(cause).strip().splitlines()
         return cls(f"version {n} of {root} was purged (by `vmem forget --purge-history` or a re-index) while it "
-                   f"was in use, and its files were deleted ({cause}); re-open the memory for its latest version, "
+                   f"was in use, and its files were deleted ({lines[0] if lines else type(cause).__name__}); re-open the memory for its latest version, "
                    "or open a version that `vmem history` lists")
 
 
@@ -92,6 +98,44 @@ def is_purged(root: str, n: int) -> bool:
     """Whether version ``n`` of ``root`` existed but is gone (a memory without versions/ has only version 1)."""
     versions = list_versions(root)
     return bool(versions) and n not in versions
+
+
+def read_through_purges(root: str, read: Callable[[Manifest], T], *, version: int | None = None) -> T:
+    """``read(manifest)`` of the latest version (or the pinned ``version``), re-run on the new latest when a purge
+    removes the version under it.
+
+    A purge (`vmem forget --purge-history`, a re-index's) publishes a newer version, then deletes the old version
+    files, then their data files: a reader that listed a version just before finds its files missing (any file:
+    entry tables, indexes, tombstones, weights, router, metadata). When ``read`` fails and its version is no
+    longer listed, an unpinned read starts again on the new latest (at most `REREAD_ATTEMPTS` times); a pinned one
+    raises VersionPurgedError. Any other failure is ``read``'s own and is re-raised.
+    """
+    pinned = None if version is None else read_version(root, version)  # A purged one: "no version N; ...".
+    for attempt in range(REREAD_ATTEMPTS):
+        n = latest_version(root) if version is None else version
+        try:
+            return read(read_version(root, n) if pinned is None else pinned)
+        except Exception as e:  # pylint: disable=broad-except  # Re-raised unless its version was purged.
+            if not is_purged(root, n):
+                raise
+            if version is not None or attempt == REREAD_ATTEMPTS - 1:
+                raise VersionPurgedError.of(root, n, e) from None
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def reads_of_version(root: str, n: int) -> Iterator[None]:
+    """Reads of version ``n``'s files after it was opened: a file missing because a purge removed ``n`` raises
+    VersionPurgedError (naming the file, and re-opening as the fix) instead of FileNotFoundError or a
+    ManifestError."""
+    try:
+        yield
+    except VersionPurgedError:
+        raise
+    except (FileNotFoundError, ManifestError) as e:
+        if is_purged(root, n):
+            raise VersionPurgedError.of(root, n, e) from None
+        raise
 
 
 def version_name(n: int) -> str:

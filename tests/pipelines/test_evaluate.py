@@ -473,3 +473,33 @@ def test_an_evaluation_whose_version_is_purged_while_it_runs_runs_again_on_the_l
         assert list(records[key].neighbor_ids) == expected.ids[i].tolist()
     with pytest.raises(Exception, match="no version 2"):
         evaluate.run(args + ["--version=2"])
+
+
+def test_a_pinned_evaluation_whose_version_is_purged_while_it_runs_is_a_clear_error(tmp_path, monkeypatch):
+    """A re-index's purge deletes the shards of the pinned version after launch: VersionPurgedError, one line."""
+    from memory.store import mutations
+    from memory.store.purge import purge_history
+    from memory.store.versions import VersionPurgedError
+    from tests.pipelines.test_build import clip_folder
+    keys, _, _ = clip_folder(str(tmp_path / "mem-emb"), [120], dim=16, seed=3)
+    clip_folder(str(tmp_path / "q-emb"), [20], dim=16, seed=4)
+    mem = str(tmp_path / "mem")
+    build.run([f"--embeddings=clip:{tmp_path / 'mem-emb'},label_column=label", "--encoder-id=enc-16",
+               f"--output={mem}", "--runner=FnApiRunner"])
+    mutations.forget(mem, ids=keys[:2].tolist())
+    real = evaluate.evaluate_pipeline
+
+    def graph_then_purge(p, **kwargs):  # As a re-index + purge would: version 2 and its shard files go.
+        real(p, **kwargs)
+        mutations.forget(mem, ids=keys[2:4].tolist())
+        assert purge_history(mem) == [1, 2]
+        for shard in read_manifest(mem).shards:
+            shutil.rmtree(os.path.join(mem, shard.path))
+
+    monkeypatch.setattr(evaluate, "evaluate_pipeline", graph_then_purge)
+    with pytest.raises(VersionPurgedError, match=r"^version 2 of .* was purged .*while it was in use, and its files "
+                                                 r"were deleted \([^\n]*\); re-open the memory") as e:
+        evaluate.run([f"--memory={mem}", f"--embeddings=clip:{tmp_path / 'q-emb'},label_column=label",
+                      "--encoder-id=enc-16", f"--output={tmp_path / 'eval'}", "--k-max=5", "--runner=FnApiRunner",
+                      "--version=2"])
+    assert "\n" not in str(e.value)

@@ -48,21 +48,20 @@ def memory(tmp_path):
 def _purged_under_a_reader(root, ids, monkeypatch):
     """A reader lists version 2 and reads its file; then two forgets and a purge remove version 2 and its
     tombstone file before the reader reads that file."""
-    from memory import visual_memory as vm
     mutations.forget(root, ids=ids[:2])
     stale = read_manifest(root, version=2)
     mutations.forget(root, ids=ids[2:4])
     assert purge.purge_history(root) == [1, 2]
     assert not os.path.exists(os.path.join(root, stale.forgotten.path))
     calls = []
-    real_read, real_latest = vm.read_version, vm.latest_version
+    real_read, real_latest = versions.read_version, versions.latest_version
 
     def read_version(r, n):
         calls.append(n)
         return stale if n == 2 and calls.count(2) == 1 else real_read(r, n)
 
-    monkeypatch.setattr(vm, "read_version", read_version)
-    monkeypatch.setattr(vm, "latest_version", lambda r: 2 if not calls else real_latest(r))
+    monkeypatch.setattr(versions, "read_version", read_version)
+    monkeypatch.setattr(versions, "latest_version", lambda r: 2 if not calls else real_latest(r))
     return calls
 
 
@@ -85,18 +84,20 @@ def test_a_pinned_version_purged_while_opening_is_a_clear_error(memory, monkeypa
         VisualMemory.open(root, version=2)
 
 
-def test_a_memory_whose_version_is_purged_after_open_says_so_on_its_next_file_read(memory):
+def test_a_memory_whose_version_is_purged_after_open_keeps_answering_and_says_so_on_its_next_file_read(memory):
     root, ids, _, _, x = memory
     mutations.forget(root, ids=ids[:2])
-    held = VisualMemory.open(root)  # Version 2, uris not read yet.
+    held = VisualMemory.open(root)  # Version 2: entry tables, uris and indexes read at open.
+    answer = [(p.label, [(n.id, n.uri) for n in p.neighbors]) for p in held.classify(x[:2], k=3)]
     mutations.forget(root, ids=ids[2:4])
     compacted = read_manifest(root)
-    # A purge after a re-index deletes the shards version 2 used; here they vanish for the classify.
+    # A purge after a re-index deletes the shards version 2 used; here they vanish under the open memory.
     for s in compacted.shards:
         os.rename(os.path.join(root, s.path), os.path.join(root, s.path) + "-gone")
     assert purge.purge_history(root) == [1, 2]
+    assert [(p.label, [(n.id, n.uri) for n in p.neighbors]) for p in held.classify(x[:2], k=3)] == answer
     with pytest.raises(VersionPurgedError, match=r"version 2 of .* was purged .*re-open the memory"):
-        held.classify(x[:2], k=3)
+        held.get_embeddings(ids[4:5])  # Read on first use, from the shard files.
     for s in compacted.shards:
         os.rename(os.path.join(root, s.path) + "-gone", os.path.join(root, s.path))
     assert VisualMemory.open(root).classify(x[:2], k=3)

@@ -120,3 +120,24 @@ def test_format_1_shards_are_still_read(tmp_path):
     np.testing.assert_array_equal(back.ids, data.ids)
     np.testing.assert_array_equal(back.embeddings, data.embeddings)
     assert storage.exists(str(shard_dir / "scann"))
+
+
+def test_entry_tables_read_ids_labels_and_packed_uris_once_and_check_the_count(tmp_path):
+    """What VisualMemory.open reads of every shard: the entry table's three columns, the uris packed."""
+    import dataclasses
+    from memory.store.shard import read_entry_tables
+    data = _data(n=100).sorted_by_id()
+    dirs, infos = [], []
+    for name, part in (("a", slice(0, 60)), ("b", slice(60, 100))):
+        shard = ShardData(data.ids[part], data.labels[part], data.uris[part], data.embeddings[part])
+        dirs.append(str(tmp_path / name))
+        infos.append(write_shard(dirs[-1], shard, index_config=IndexConfig(kind=IndexKind.BRUTE_FORCE), name=name,
+                                 root_relative_path=name))
+    tables = read_entry_tables(dirs, infos, num_classes=3)
+    np.testing.assert_array_equal(np.concatenate(tables.ids), data.ids)
+    np.testing.assert_array_equal(np.concatenate(tables.labels), data.labels)
+    assert tables.uris.to_numpy().tolist() == data.uris.tolist()
+    assert tables.uris.nbytes < data.uris.nbytes / 3  # UTF-8 + offsets, not fixed-width UTF-32.
+    wrong = [infos[0], dataclasses.replace(infos[1], count=41)]
+    with pytest.raises(ManifestError, match=r"shard b: files hold 40 entries and 40 uris, manifest says 41"):
+        read_entry_tables(dirs, wrong, num_classes=3, verify=False)

@@ -3,7 +3,8 @@
 // script votes nothing itself. Text from the server is only ever set with textContent (never as HTML).
 "use strict";
 
-const state = { info: null, file: null, embedding: null, before: null, changes: new Map(), applied: null };
+// seq: bumped by every classify, so an answer to an older query is dropped instead of shown.
+const state = { info: null, file: null, embedding: null, before: null, changes: new Map(), applied: null, seq: 0 };
 
 function $(id) { return document.getElementById(id); }
 
@@ -117,10 +118,12 @@ async function classify() {
   if (!state.file) return;
   showError("");
   setState("classifying");
+  const seq = ++state.seq;
   try {
     const form = new FormData();
     form.append("image", state.file, state.file.name || "query");
     const p = await call("POST", "/v1/classify?" + optionQuery({ return_embedding: "true" }), { body: form });
+    if (seq !== state.seq) return;
     state.embedding = p.embedding;
     state.before = p;
     state.changes.clear();
@@ -148,10 +151,12 @@ async function revote() {
     return;
   }
   setState("revoting");
+  const seq = state.seq;
   try {
     const r = await call("POST", "/v1/revote?" + optionQuery(), {
       body: JSON.stringify({ embedding: state.embedding, changes: changeList() }),
       headers: { "Content-Type": "application/json" } });
+    if (seq !== state.seq) return;
     renderDecision($("after"), r.after);
     $("after").hidden = false;
     $("after").classList.toggle("changed", decisionText(r.after) !== decisionText(r.before));

@@ -13,7 +13,7 @@ from memory.store import mutations
 from memory.store.versions import history
 from memory.visual_memory import VisualMemory
 from serving.live import LiveMemory
-from tests.serving.helpers import TOKEN, held_out_images, make_client, training_image
+from tests.serving.helpers import TOKEN, flipping_query, make_client, training_image
 
 
 @pytest.fixture()
@@ -128,20 +128,8 @@ def test_thumbnails_by_id_only(client, fmnist_small):
     assert client.get("/v1/thumbnail").status_code == 400
 
 
-def _flipping_query(client, fmnist_small) -> tuple[bytes, dict]:
-    """A held-out image whose decision (rank, k 3) changes when its top neighbour is excluded."""
-    for path in held_out_images(fmnist_small):
-        data = _png(path)
-        p = _classify(client, data, k=3, return_embedding="true").json()
-        r = client.post("/v1/revote?k=3", json={"embedding": p["embedding"],
-                                                "changes": [{"id": p["neighbors"][0]["id"], "weight": 0}]}).json()
-        if r["after"]["label_name"] != r["before"]["label_name"]:
-            return data, p
-    raise AssertionError("no held-out image changes its decision when its top neighbour is excluded")
-
-
 def test_revote_apply_and_undo(client, served_memory, fmnist_small, caplog):
-    data, p = _flipping_query(client, fmnist_small)
+    _, data, p = flipping_query(client, fmnist_small)
     top = p["neighbors"][0]["id"]
     r = client.post("/v1/revote?k=3", json={"embedding": p["embedding"], "changes": [{"id": top, "weight": 0}]})
     assert r.status_code == 200

@@ -227,3 +227,32 @@ def test_refresh_keeps_serving_when_the_new_version_cannot_be_opened(served_memo
         live.refresh()
     assert live.current.version == 1
     assert np.isfinite(live.current.memory.classify(np.ones((1, 48), np.float32), k=1)[0].neighbors[0].distance)
+
+
+def test_bad_bodies_and_request_ids(client, fmnist_small):
+    _, bag_id = training_image(fmnist_small, "bag")
+    nan = client.post("/v1/revote", content=b'{"embedding": [NaN], "changes": []}',
+                      headers={"Content-Type": "application/json"})
+    assert nan.status_code == 400 and nan.json()["option"] == "embedding" and "finite" in nan.json()["reason"]
+    negative = client.post("/v1/revote", json={"embedding": [0.1] * 48, "changes": [{"id": bag_id, "weight": -1}]})
+    assert negative.status_code == 400 and negative.json()["option"] == "weight"
+    many = client.post("/v1/apply", json={"changes": [{"id": f"e{i}", "weight": 0} for i in range(1001)]},
+                       headers={"Authorization": f"Bearer {TOKEN}"})
+    assert many.status_code == 400 and many.json()["option"] == "changes"
+    assert client.post("/v1/revote", content=b"{not json", headers={"Content-Type": "application/json"}).status_code == 400
+    hostile = client.get("/healthz", headers={"X-Request-ID": "<script>alert(1)</script>"})
+    assert hostile.headers["x-request-id"] != "<script>alert(1)</script>" and len(hostile.headers["x-request-id"]) == 32
+    with pytest.raises(ValueError, match="refresh_interval_s must be > 0"):
+        LiveMemory("unused", refresh_interval_s=0)
+
+
+def test_a_memory_without_an_encoder_answers_embeddings_only(tmp_path):
+    from evaluation.benchmarks.bench_serve import synthetic_memory
+    root = str(tmp_path / "synthetic")
+    queries = synthetic_memory(root, entries=50, dim=8)
+    with make_client(root) as client:
+        r = client.post("/v1/classify?k=3", json={"embedding": queries[0].tolist()})
+        assert r.status_code == 200 and len(r.json()["neighbors"]) == 3
+        image = client.post("/v1/classify", content=b"\x89PNG", headers={"Content-Type": "image/png"})
+        assert image.status_code == 400 and image.json()["error"] == "no_encoder"
+        assert client.get("/v1/info").json()["serving"]["image_queries"] is False

@@ -88,3 +88,14 @@ def test_two_workers_answer_log_and_shut_down_cleanly(tiny_memory, fmnist_small,
     assert {f"cli-{i}" for i in range(6)} <= {line["request_id"] for line in lines}
     assert all(line["status"] == 200 and line["version"] == 1 for line in lines if line["request_id"].startswith("cli-"))
     assert "version 1 of" in output and "http://127.0.0.1:" in output
+
+
+def test_worker_settings_travel_in_the_environment(monkeypatch, tmp_path):
+    from serving.settings import SETTINGS_ENV, ServeSettings
+    monkeypatch.delenv(SETTINGS_ENV, raising=False)
+    with pytest.raises(RuntimeError, match="VMEM_SERVE_SETTINGS is not set"):
+        ServeSettings.from_env()
+    settings = ServeSettings(memory=str(tmp_path), port=9999, workers=3, write_token="k" * 20)
+    monkeypatch.setenv(SETTINGS_ENV, settings.to_env())
+    assert ServeSettings.from_env() == settings
+    assert "k" * 20 not in repr(settings)  # The token is never logged with the settings.

@@ -256,3 +256,21 @@ def test_a_memory_without_an_encoder_answers_embeddings_only(tmp_path):
         image = client.post("/v1/classify", content=b"\x89PNG", headers={"Content-Type": "image/png"})
         assert image.status_code == 400 and image.json()["error"] == "no_encoder"
         assert client.get("/v1/info").json()["serving"]["image_queries"] is False
+
+
+def test_the_rerank_gate_as_vmem_classify_takes_it(served_memory, fmnist_small, monkeypatch):
+    from memory.rerank import RerankFlags, RerankSpec
+    from tests import fake_reranker
+    fake_reranker.registered(monkeypatch)
+    coat, _ = training_image(fmnist_small, "coat", 3)
+    with make_client(served_memory, rerank=RerankSpec.from_flags("last", "x", RerankFlags())) as client:
+        assert client.get("/v1/info").json()["serving"]["rerank"] == "last:x"
+        plain = _classify(client, _png(coat), k=5).json()  # No gate asked, none configured: the vote.
+        assert plain["rerank_reason"] == "" and plain["label_name"] == plain["vote_label_name"]
+        gated = _classify(client, _png(coat), k=5, rerank_below=1.01).json()
+        assert gated["rerank_reason"] == "answered"
+        expected = VisualMemory.open(served_memory).classify([coat], k=5, rerank=fake_reranker.make_reranker("x"),
+                                                              rerank_below=1.01)[0]
+        assert gated["label_name"] == expected.label_name and gated["vote_label_name"] == expected.vote_label_name
+        bad = _classify(client, _png(coat), k=5, rerank_below=1.01, rerank_top_n=1)
+        assert bad.status_code == 400 and bad.json()["option"] == "rerank_top_n"

@@ -13,8 +13,8 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.12",
-    packages=setuptools.find_packages(include=["memory*", "encoders*", "pipelines*", "evaluation*", "configs*", "serving*",
-                                                  "vmem*"]),
+    packages=setuptools.find_packages(include=["memory*", "encoders*", "pipelines*", "evaluation*", "configs*",
+                                               "serving*", "vmem*"]),
     package_data={"serving": ["static/*"]},  # The page of `vmem serve` (HTML, script, style).
     install_requires=[
         "apache-beam[gcp]>=2.77,<3",

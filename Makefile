@@ -1,5 +1,6 @@
 # visual-memory — every target installs what it needs first, so each works on a fresh machine.
 #   make demo   build a real memory from Fashion-MNIST with the bundled encoder (DirectRunner)
+#   make serve  serve the demo memory on http://127.0.0.1:8080/ (classify API and the page)
 #   make test   the default test suite (offline, CPU, ~minutes)
 #   make test-portable  every job on Beam's PortableRunner with workers that have only the staged sdist
 #   make paper  the paper's findings as experiments on Fashion-MNIST and MNIST (see docs/paper.md)
@@ -15,7 +16,7 @@ OUT ?= out
 export TF_CPP_MIN_LOG_LEVEL ?= 1
 export PYTHONDONTWRITEBYTECODE :=
 
-.PHONY: install demo test test-all test-portable bench paper clean fashion-mnist chromium
+.PHONY: install demo serve test test-all test-portable bench paper clean fashion-mnist chromium
 
 install: $(STAMP) fashion-mnist chromium
 
@@ -37,13 +38,14 @@ fashion-mnist:
 	  echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist' once, then re-run make." >&2; exit 1; \
 	fi
 
-# The tests open every report.html in a real headless browser: Debian's chromium package.
+# The tests open every report.html in a real headless browser, and drive the `vmem serve` page through
+# chromedriver: Debian's chromium and chromium-driver packages.
 chromium:
-	@if command -v chromium >/dev/null; then exit 0; fi; \
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ]; then \
-	  apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; \
+	  apt-get install -y -q chromium chromium-driver || { apt-get update -q && apt-get install -y -q chromium chromium-driver; }; \
 	else \
-	  echo "Chromium is missing (the report.html tests open reports in it): run 'sudo apt-get install chromium' once, then re-run make." >&2; exit 1; \
+	  echo "Chromium or chromedriver is missing (the report.html and page tests use them): run 'sudo apt-get install chromium chromium-driver' once, then re-run make." >&2; exit 1; \
 	fi
 
 # Memory: 1,000 Fashion-MNIST training images per class; queries: 100 held-out test images per class.
@@ -53,6 +55,13 @@ demo: install
 	$(VMEM) info $(OUT)/fmnist-memory
 	$(VMEM) evaluate --memory $(OUT)/fmnist-memory --images $(DATA)/fashion-mnist/test \
 	    --output $(OUT)/fmnist-eval --k-max 100 --pixel-baseline 10
+
+# Serve the demo memory (`make demo` builds it): http://127.0.0.1:8080/. Apply and undo need a write token:
+# make serve WRITE_TOKEN_FILE=token.txt (a file holding at least 16 random characters).
+WRITE_TOKEN_FILE ?=
+serve: install
+	@test -f $(OUT)/fmnist-memory/manifest.json || { echo "no demo memory in $(OUT)/fmnist-memory: run 'make demo' first" >&2; exit 1; }
+	$(VMEM) serve --memory $(OUT)/fmnist-memory $(if $(WRITE_TOKEN_FILE),--write-token-file $(WRITE_TOKEN_FILE))
 
 # Every experiment of docs/paper.md on both datasets: reports in $(OUT)/paper, embeddings cached in
 # $(OUT)/paper-work. PAPER_DOCS=docs/paper also copies the plots and reports there (how docs/paper was made).

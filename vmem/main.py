@@ -8,6 +8,7 @@
                   [--route-probes P] [Beam flags...]
     vmem vote --neighbors FILE --output DIR [--k-max K]
     vmem classify --memory MEMORY IMAGE... [--rule rank] [--k 10] [--explain] [--html FILE]
+    vmem serve --memory MEMORY [--host 127.0.0.1] [--port 8080] [--workers N] [--write-token-file FILE]
     vmem add --memory MEMORY (--images SPEC | --embeddings SPEC --encoder-id NAME) [--delta-shard-size N] [Beam flags...]
     vmem prune --memory MEMORY (--mode hard --threshold T | --mode soft) [--k 100] [--counts-only] [Beam flags...]
     vmem history MEMORY [--json]
@@ -47,6 +48,8 @@ COMMANDS: dict[str, Command] = {
     "evaluate": Command("vmem.evaluate", "classify a held-out split against a memory; accuracy per voting rule "
                                          "and k (Beam job)"),
     "classify": Command("vmem.classify", "classify images, optionally explaining each decision by its neighbours"),
+    "serve": Command("vmem.serve", "classify over HTTP, with a page where a person excludes or down-weights a "
+                                   "neighbour and applies it as a new version"),
     "add": Command("vmem.add", "add labelled images or embeddings (new classes too) as delta shards of a new "
                                "version (Beam job)"),
     "prune": Command("vmem.prune", "reliability counts by leave-one-out self-query; hard (forget v >= T) or soft "

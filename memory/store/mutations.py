@@ -514,7 +514,7 @@ def add_entries_local(root: str, *, ids: Sequence[str], labels: Sequence[str], u
 
 def publish_entry_weights(root: str, *, ids: Sequence[str], weights: np.ndarray, params: dict,
                           expected_version: int | None = None, kind: str = "soft_pruning",
-                          verify: bool = True) -> Manifest:
+                          note: str = "", verify: bool = True) -> Manifest:
     """Publishes per-entry voting weights (soft pruning) as the next version; replaces any previous weights.
 
     Args:
@@ -524,6 +524,7 @@ def publish_entry_weights(root: str, *, ids: Sequence[str], weights: np.ndarray,
       params: JSON-serialisable parameters that produced the weights.
       expected_version: The version the weights were computed on (default: the latest now).
       kind: WeightsRef.kind.
+      note: A person's note on the change, recorded in it and shown by ``vmem history``.
       verify: Check the shard id files read against the manifest (memory.store.integrity).
 
     Raises:
@@ -547,6 +548,8 @@ def publish_entry_weights(root: str, *, ids: Sequence[str], weights: np.ndarray,
     down = int((w < 1).sum())
     change = {"kind": "prune", "summary": f"entry weights ({kind}) for {ids_arr.size} entries, {down} below 1",
               "weighted": int(ids_arr.size), "weights_below_1": down, "params": dict(params)}
+    if note:
+        change.update(note=note, summary=f"{change['summary']}; note: {note}")
 
     def rebase(latest: Manifest) -> Manifest:
         _check_weights_rebase(root, m, latest, what=f"entry weights for {ids_arr.size} entries")

@@ -35,6 +35,7 @@ from memory.index.shard_index import IndexConfig, IndexKind
 from memory.store.manifest import (ForgottenSet, Manifest, ManifestError, ShardInfo, WeightsRef, read_checked_file,
                              sha256_checksum)
 from memory.store.shard import ShardData, write_shard
+from memory.store.references import referenced_paths
 from memory.vectors import l2_normalize
 from memory.store.versions import (WriteConflictError, latest_version, list_versions, publish_rebasing,
                                    read_base_version, read_version, versioned_file_name)
@@ -48,7 +49,7 @@ _MAX_LISTED = 50
 
 __all__ = ["DuplicateIdError", "add_entries_local", "add_manifest", "check_unique_live", "clear_entry_weights",
            "extended_class_names", "forget", "in_sorted", "live_ids", "publish_add", "publish_entry_weights",
-           "read_entry_weights", "read_forgotten", "rebase_add", "referenced_paths", "row_weights", "str_array",
+           "read_entry_weights", "read_forgotten", "rebase_add", "row_weights", "str_array",
            "write_delta_shard"]
 
 
@@ -591,17 +592,3 @@ def clear_entry_weights(root: str, *, expected_version: int | None = None) -> Ma
 
     return publish_rebasing(root, dataclasses.replace(m, entry_weights=None, change=change), base=base,
                             rebase=rebase if expected_version is None else None)
-
-
-def referenced_paths(m: Manifest, *, tombstones: bool = True) -> set[str]:
-    """Root-relative files and directories version ``m`` references (``tombstones=False``: but its tombstone file)."""
-    paths = {s.path for s in m.all_shards}
-    if m.entry_weights is not None:
-        paths.add(m.entry_weights.path)
-    if m.router is not None:
-        paths.add(m.router.path)
-    if m.metadata is not None:
-        paths.add(m.metadata.path)
-    if tombstones and m.forgotten is not None:
-        paths.add(m.forgotten.path)
-    return paths

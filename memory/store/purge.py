@@ -15,7 +15,8 @@ from typing import NamedTuple
 
 from memory import storage
 from memory.store.manifest import Manifest, ManifestError
-from memory.store.mutations import (DELTAS_DIR, TOMBSTONES_DIR, WEIGHTS_DIR, read_forgotten, referenced_paths)
+from memory.store.mutations import DELTAS_DIR, TOMBSTONES_DIR, WEIGHTS_DIR, read_forgotten
+from memory.store.references import referenced_paths
 from memory.store.versions import (MAX_REBASES, ConcurrentUpdateError, checked_deletion_paths,
                                    list_versions, publish_version, read_base_version, read_version, version_path)
 
@@ -63,8 +64,8 @@ def purge_history(root: str, *, expected_version: int | None = None) -> list[int
 def purge_history_once(root: str, *, expected_version: int | None = None) -> list[int]:
     """Deletes old versions that can still show what the latest version no longer shows, and their files.
 
-    Semantics, with L the latest version: an older version v is *kept* iff every shard, delta shard and
-    weights file it references is also referenced by L and its tombstones include all of L's tombstones.
+    Semantics, with L the latest version: an older version v is *kept* iff every shard, delta shard, weights,
+    router and metadata file it references is also referenced by L and its tombstones include all of L's tombstones.
     Then v's live entries are a subset of L's, so it reveals nothing L has forgotten. Every other older
     version is *purged*: a new version L+1 (a copy of L, change kind "purge" listing the purged versions and
     deleted paths) is published first, then the purged version files are deleted, then every file or shard
@@ -83,11 +84,13 @@ def purge_history_once(root: str, *, expected_version: int | None = None) -> lis
         return []
     base, latest = read_base_version(root, expected_version)
     gone = set(read_forgotten(root, latest).tolist())
-    keep_paths = referenced_paths(latest, tombstones=False)
+    # A version's calibration file reveals nothing the latest version hides: it does not decide what is kept,
+    # but one only purged versions reference is deleted with them.
+    keep_paths = referenced_paths(latest, tombstones=False, calibration=False)
     kept, purged, purged_paths = [latest], [], set()
     for n in versions[:-1]:
         m = read_version(root, n)
-        if referenced_paths(m, tombstones=False) <= keep_paths and gone <= set(read_forgotten(root, m).tolist()):
+        if referenced_paths(m, tombstones=False, calibration=False) <= keep_paths and gone <= set(read_forgotten(root, m).tolist()):
             kept.append(m)
         else:
             purged.append(n)

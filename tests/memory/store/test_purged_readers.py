@@ -17,7 +17,7 @@ import pytest
 from memory.build import build_memory_local
 from memory.index.shard_index import IndexConfig, IndexKind
 from memory.search.filters import Crowding, QueryFilter
-from memory.store import mutations, versions
+from memory.store import mutations, references, versions
 from memory.store.metadata import publish_metadata
 from memory.store.versions import VersionPurgedError, publish_version, read_manifest
 from memory.vectors import l2_normalize
@@ -132,7 +132,7 @@ def purged_after_open(tmp_path):
     moved, _ = _moved(root, moved, "metadata")
     publish_version(root, dataclasses.replace(moved, change={"kind": "purge", "summary": "moved"}), expected_parent=3)
     os.remove(versions.version_path(root, 3))
-    for rel in mutations.referenced_paths(m):
+    for rel in references.referenced_paths(m):
         path = os.path.join(root, rel)
         (shutil.rmtree if os.path.isdir(path) else os.remove)(path)
     return root, mem, before

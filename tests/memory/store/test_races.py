@@ -11,7 +11,7 @@ import pytest
 
 from memory.build import build_memory_local
 from memory.index.shard_index import IndexConfig, IndexKind
-from memory.store import mutations, purge, versions
+from memory.store import mutations, purge, references, versions
 from memory.store.manifest import ManifestError
 from memory.store.versions import (ConcurrentUpdateError, VersionPurgedError, WriteConflictError, list_versions,
                                    read_manifest)
@@ -127,7 +127,7 @@ def _race(*writers):
 
 def _no_unreferenced_files(root):
     """Every tombstone, weights and delta file is referenced by some version (nothing left behind)."""
-    referenced = set().union(*(mutations.referenced_paths(read_manifest(root, version=n)) for n in list_versions(root)))
+    referenced = set().union(*(references.referenced_paths(read_manifest(root, version=n)) for n in list_versions(root)))
     for directory in ("tombstones", "weights", "deltas"):
         path = os.path.join(root, directory)
         for name in (os.listdir(path) if os.path.isdir(path) else []):

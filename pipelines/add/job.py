@@ -146,7 +146,8 @@ def add_pipeline(p: beam.Pipeline, *, plan: AddPlan, source, target_size: int, m
         records, id_failures = read | "RejectKnownIds" >> RejectKnownIds(plan.root, plan.base_version, verify=verify)
         images, decode_failures = records | "DecodeImages" >> DecodeImages(preprocess)
         entries, embed_failures, identities = images | "EmbedImages" >> EmbedImages(
-            plan.encoder, min_batch_size=min_batch_size, max_batch_size=max_batch_size, progress_every=progress_every)
+            plan.encoder, min_batch_size=min_batch_size, max_batch_size=max_batch_size, progress_every=progress_every,
+            regions=plan.regions)
         blocks = entries | "ToBlocks" >> EntriesToBlocks()
         failure_sets = [read_failures, id_failures, decode_failures, embed_failures]
         records_read = ((read, read_failures) | "AllRead" >> beam.Flatten()

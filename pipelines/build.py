@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import apache_beam as beam
 
 from configs.build import BuildConfig, load_config
+from encoders.base import EncoderKind
 from memory import storage
 from memory.index.shard_index import EmbeddingDtype, IndexConfig, IndexKind
 from memory.store.manifest import MANIFEST_NAME
@@ -306,6 +307,10 @@ def build_memory(*, source: ImageSource | EmbeddingSource, output: str, config: 
         if encoder_id:
             raise FlagError("--encoder-id applies to --embeddings only; image builds record their encoder's "
                             "identity themselves (config encoder)")
+        if config.regions is not None and config.encoder.kind is not EncoderKind.BUNDLED:
+            raise FlagError(f"--regions pools the encoder's spatial feature map, which the bundled encoders expose "
+                            f"and a {config.encoder.kind.value} encoder ({config.encoder.uri!r}) does not; build "
+                            "region memories with a bundled encoder (e.g. efficientnet-lite0)")
     elif config.regions is not None:
         raise FlagError("--regions pools the encoder's feature map, which precomputed --embeddings do not have; "
                         "build region memories from --images")

@@ -20,7 +20,7 @@ closely (`NeighborRegions`): what ``vmem classify --regions --html`` draws as he
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -28,10 +28,10 @@ from memory.decide.classify import ClassifyOptions, classify_neighbors
 from memory.decide.explain import Prediction
 from memory.decide.voting import VotingParams, VotingRule
 from memory.enums import parse_enum
-from memory.queries import OnUnreadable, preprocess_queries, query_preprocess
+from memory.queries import OnUnreadable, UnreadableQuery, preprocess_queries, query_preprocess
 from memory.regions.aggregate import RegionRule, image_scores, rank_images
 from memory.regions.layout import EntryKind, image_ids_of, region_grid, region_ids
-from memory.regions.pooling import region_vectors
+from memory.regions.pooling import region_boxes, region_vectors
 from memory.search.filters import QueryFilter
 from memory.vectors import l2_normalize
 
@@ -72,14 +72,18 @@ class RegionPrediction:
       grid: The memory's grid G.
       region_rule: How the images were scored.
       regions: One `NeighborRegions` per ``prediction.neighbors``, in the same order.
+      boxes: float [G*G, 4]: each region's ``(top, left, bottom, right)`` as fractions of the preprocessed
+        image (`memory.regions.pooling.region_boxes` on the feature map's size; an even split for vector
+        queries, whose map size is unknown).
     """
     prediction: Prediction
     grid: int
     region_rule: RegionRule
     regions: tuple[NeighborRegions, ...]
+    boxes: np.ndarray
 
     def to_dict(self) -> dict[str, Any]:
-        return {"grid": self.grid, "region_rule": self.region_rule.value,
+        return {"grid": self.grid, "region_rule": self.region_rule.value, "boxes": self.boxes.tolist(),
                 "regions": [r.to_dict() for r in self.regions]}
 
 
@@ -96,25 +100,45 @@ def require_grid(memory: VisualMemory) -> int:
     return grid
 
 
-def query_region_vectors(memory: VisualMemory, images: Sequence[Any], *,
-                         encoder: Encoder | None = None) -> np.ndarray:
-    """float32 [n, 1 + G*G, d] unit rows: each image's global vector and region vectors, from one encoder pass.
+class QueryRegions(NamedTuple):
+    """Image queries as region vectors.
+
+    Attributes:
+      vectors: float32 [n, 1 + G*G, d] unit rows of the readable images: global vector, then regions.
+      boxes: float [G*G, 4]: where each region lies in the preprocessed image (`region_boxes`).
+      unreadable: The images that could not be read (with OnUnreadable.REPORT; [] with RAISE).
+    """
+    vectors: np.ndarray
+    boxes: np.ndarray
+    unreadable: list[UnreadableQuery]
+
+
+def query_region_vectors(memory: VisualMemory, images: Sequence[Any], *, encoder: Encoder | None = None,
+                         on_unreadable: OnUnreadable = OnUnreadable.RAISE) -> QueryRegions:
+    """Each image's global vector and region vectors, from one encoder pass.
 
     Images are decoded and preprocessed as the memory's entries were (the manifest's spec) and pooled on the
     memory's grid from the memory's encoder's feature map (`memory.regions.pooling.region_vectors`).
 
     Raises:
-      FileNotFoundError, ValueError: an unreadable image (see `VisualMemory.embed_images`), a global memory.
+      FileNotFoundError, ValueError: an unreadable image with RAISE (see `VisualMemory.embed_images`), a
+        global memory.
       encoders.base.EncoderError: an encoder without a feature map.
     """
     grid = require_grid(memory)
-    pixels, _ = preprocess_queries(images, query_preprocess(memory.manifest, "the region memory"),
-                                   on_unreadable=OnUnreadable.RAISE)
+    spec = query_preprocess(memory.manifest, "the region memory")
+    pixels, unreadable = preprocess_queries(images, spec, on_unreadable=on_unreadable)
+    boxes = region_boxes(grid, grid, grid)
+    if not pixels:
+        return QueryRegions(np.zeros((0, 1 + grid * grid, memory.dim), np.float32), boxes, unreadable)
     model = memory.query_encoder(encoder)
-    parts = [region_vectors(model.feature_map(np.stack(pixels[s:s + _BATCH])), grid)
-             for s in range(0, len(pixels), _BATCH)]
-    vectors = np.concatenate(parts) if parts else np.zeros((0, 1 + grid * grid, memory.dim), np.float32)
-    return l2_normalize(vectors.reshape(-1, memory.dim)).reshape(vectors.shape)
+    parts = []
+    for s in range(0, len(pixels), _BATCH):
+        maps = model.feature_map(np.stack(pixels[s:s + _BATCH]))
+        boxes = region_boxes(maps.shape[1], maps.shape[2], grid)
+        parts.append(region_vectors(maps, grid))
+    vectors = np.concatenate(parts)
+    return QueryRegions(l2_normalize(vectors.reshape(-1, memory.dim)).reshape(vectors.shape), boxes, unreadable)
 
 
 def candidate_images(memory: VisualMemory, queries: np.ndarray, candidates: int) -> list[np.ndarray]:
@@ -130,7 +154,9 @@ def candidate_images(memory: VisualMemory, queries: np.ndarray, candidates: int)
 def classify_regions(memory: VisualMemory, queries: np.ndarray | Sequence[Any], *,
                      region_rule: RegionRule | str = RegionRule.MAXSIM, rule: VotingRule | str = VotingRule.RANK,
                      k: int = 10, params: VotingParams = VotingParams(), candidates: int | None = None,
-                     abstain_below: float | None = None, encoder: Encoder | None = None) -> list[RegionPrediction]:
+                     abstain_below: float | None = None, encoder: Encoder | None = None,
+                     on_unreadable: OnUnreadable | str = OnUnreadable.RAISE
+                     ) -> list[RegionPrediction | UnreadableQuery]:
     """Classifies queries with a region memory (see the module docstring).
 
     Args:
@@ -144,9 +170,11 @@ def classify_regions(memory: VisualMemory, queries: np.ndarray | Sequence[Any], 
       abstain_below: Abstain below this raw confidence (the share of the winner's score); a memory's
         calibration is fitted on global votes, so it is not applied here.
       encoder: An already loaded encoder with the memory's identity.
+      on_unreadable: For image queries, as `VisualMemory.classify`'s: RAISE on the first unreadable image, or
+        REPORT it as a `memory.queries.UnreadableQuery` in its place and answer the others.
 
     Returns:
-      One `RegionPrediction` per query.
+      One `RegionPrediction` per query (or UnreadableQuery, with REPORT).
 
     Raises:
       ValueError: a global memory, query vectors of the wrong shape, bad options (naming them).
@@ -160,10 +188,13 @@ def classify_regions(memory: VisualMemory, queries: np.ndarray | Sequence[Any], 
             raise ValueError(f"region query vectors must be [n, {width}, {memory.dim}] (global then {grid}x{grid} "
                              f"regions), got {queries.shape}")
         vectors = l2_normalize(queries.reshape(-1, memory.dim)).reshape(queries.shape)
-        images = None
+        images, boxes, unreadable = None, region_boxes(grid, grid, grid), []
     else:
         images = list(queries)
-        vectors = query_region_vectors(memory, images, encoder=encoder)
+        vectors, boxes, unreadable = query_region_vectors(
+            memory, images, encoder=encoder, on_unreadable=parse_enum(OnUnreadable, on_unreadable, "on_unreadable"))
+        bad = {u.index for u in unreadable}
+        images = [x for i, x in enumerate(images) if i not in bad]
     fetch = options.fetch
     nq = vectors.shape[0]
     ids = np.full((nq, fetch), "", dtype=object)
@@ -185,5 +216,9 @@ def classify_regions(memory: VisualMemory, queries: np.ndarray | Sequence[Any], 
                                              tuple(float(s) for s in scored.similarity[t].tolist())) for t in top))
     predictions = classify_neighbors(ids.astype(str), labels, distances, None, uris.astype(str),
                                      class_names=memory.class_names, calibration=None, options=options,
-                                     images=images)
-    return [RegionPrediction(p, grid, region_rule, m[:len(p.neighbors)]) for p, m in zip(predictions, matches)]
+                                     images=images) if nq else []
+    answered = iter(RegionPrediction(p, grid, region_rule, m[:len(p.neighbors)], boxes)
+                    for p, m in zip(predictions, matches))
+    # Back in the callers' order: each unreadable query in its own place.
+    by_index = {u.index: u for u in unreadable}
+    return [by_index[i] if i in by_index else next(answered) for i in range(nq + len(unreadable))]

@@ -64,7 +64,7 @@ class _PublishAddFn(beam.DoFn):
                 by_index[index] = info
             infos = [by_index[i] for i in sorted(by_index) if by_index[i].count]
             counts = check_counts(infos=infos, records_read=records_read, failed=failed,
-                                  dead_letter_dir=plan.dead_letter_dir)
+                                  dead_letter_dir=plan.dead_letter_dir, regions=plan.regions)
             # A lost race re-bases; a true conflict (WriteConflictError) propagates: the job fails with its
             # message, nothing is published and this add's files are deleted.
             manifest = publish_add_version(plan, delta_infos=infos, new_class_names=class_names,

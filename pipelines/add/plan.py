@@ -158,9 +158,13 @@ class AddCounts(NamedTuple):
     failed: int
 
 
-def check_counts(*, infos: Sequence[ShardInfo], records_read: int, failed: int, dead_letter_dir: str) -> AddCounts:
-    """read == added + failed, and something to add; raises AddError otherwise (nothing is published)."""
-    added = sum(info.count for info in infos)
+def check_counts(*, infos: Sequence[ShardInfo], records_read: int, failed: int, dead_letter_dir: str,
+                 regions: int | None = None) -> AddCounts:
+    """read == added + failed, and something to add; raises AddError otherwise (nothing is published).
+
+    ``regions``: a region memory's grid G, whose images each add 1 + G*G entries (the counts count images).
+    """
+    added = sum(info.count for info in infos) // (1 + regions * regions if regions else 1)
     if records_read != added + failed:
         raise AddError(f"bookkeeping mismatch: read {records_read} != added {added} + failed {failed}; nothing "
                        "was published.")

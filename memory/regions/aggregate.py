@@ -11,6 +11,11 @@ their global vectors ``q_g``, ``m_g``:
   The max makes the score invariant to where an object sits in either image (the localisation the composites
   of `evaluation.experiments.regions` measure); the mean keeps one chance match from deciding alone.
 - ``MAXSIM_GLOBAL``: ``(MaxSim + <q_g, m_g>) / 2``: the region match, steadied by the whole-image similarity.
+- ``BEST_REGION``: ``max_i <q_i, m_g>``: the query region that looks most like the memory image as a whole.
+  Patchify (Choi et al. 2025, arXiv 2512.12610) scores a database image by the best match of its patches
+  to the query's global descriptor; this is the same max with the roles swapped, for queries whose object
+  fills only part of the frame (a small item on a large or cluttered canvas) while memory images show
+  whole objects.
 - ``GLOBAL``: ``<q_g, m_g>``: the global memory's similarity (a region memory then answers as a global one).
 
 Memory images are then ranked by ``s`` (ties by image id) and the memory's voting rule runs over the top k
@@ -31,6 +36,7 @@ class RegionRule(enum.Enum):
 
     MAXSIM = "maxsim"
     MAXSIM_GLOBAL = "maxsim+global"
+    BEST_REGION = "best-region"
     GLOBAL = "global"
 
 
@@ -74,6 +80,8 @@ def image_scores(query: np.ndarray, memory: np.ndarray, rule: RegionRule) -> Ima
         scores = best.mean(axis=1)
     elif rule is RegionRule.MAXSIM_GLOBAL:
         scores = (best.mean(axis=1) + global_sim) / 2
+    elif rule is RegionRule.BEST_REGION:
+        scores = (memory[:, 0] @ query[1:].T).max(axis=1)
     else:
         scores = global_sim
     return ImageScores(scores.astype(np.float32), matched.astype(np.int64), best.astype(np.float32))

@@ -2,9 +2,9 @@
 
 For each query, its global vector and its G x G region vectors (one encoder pass, `memory.regions.pooling`)
 are searched through the memory's one search engine (`VisualMemory.search`: the shard-search units and the
-exact merge), the global vector among the global entries and each region vector among the region entries
-(`memory.search.filters.QueryFilter.entries`, applied before the top-k cut like forgetting). Every image any of
-those searches returned is a candidate; its stored global and region vectors are scored exactly against the
+exact merge), the global vector among the global entries (`memory.search.filters.QueryFilter.entries`, applied
+before the top-k cut like forgetting) and each region vector among all entries (a query region may look like a
+memory image's region or like a whole memory image). Every image any of those searches returned is a candidate; its stored global and region vectors are scored exactly against the
 query's (`memory.regions.aggregate.image_scores`: MaxSim by default), the top k images by score become the
 query's neighbours (distance = 1 - score) and `memory.decide.classify.classify_neighbors` votes over them with
 the memory's voting rule, exactly as for a global memory's neighbours. Candidate generation by per-region
@@ -143,9 +143,9 @@ def query_region_vectors(memory: VisualMemory, images: Sequence[Any], *, encoder
 
 def candidate_images(memory: VisualMemory, queries: np.ndarray, candidates: int) -> list[np.ndarray]:
     """Per query, the sorted unique image ids its global vector (among global entries) and its region vectors
-    (among region entries) found, ``candidates`` neighbours each, in one `VisualMemory.search` call."""
+    (among all entries) found, ``candidates`` neighbours each, in one `VisualMemory.search` call."""
     nq, width, dim = queries.shape
-    filters = [IMAGES_ONLY] + [REGIONS_ONLY] * (width - 1)
+    filters = [IMAGES_ONLY] + [None] * (width - 1)
     found = memory.search(queries.reshape(nq * width, dim), candidates, filters=filters * nq)
     ids = image_ids_of(found.ids).reshape(nq, width * found.ids.shape[1])
     return [np.unique(row[row != ""]) for row in ids]

@@ -107,3 +107,28 @@ def test_flags_that_do_not_apply_are_refused(region_memory, fmnist_small, tmp_pa
     assert cli.main(["build", "--images", os.path.join(fmnist_small, "train"), "--output", str(tmp_path / "m"),
                      "--regions", "1"]) == 2
     assert "region grid must be an int in [2, 16]" in capsys.readouterr().err
+
+
+def test_evaluate_on_a_region_memory_votes_with_its_global_entries_only(region_memory, fmnist_small, tmp_path):
+    out = str(tmp_path / "eval")
+    assert cli.main(["evaluate", "--memory", region_memory, "--images", os.path.join(fmnist_small, "test"),
+                     "--output", out, "--k-max", "5"]) == 0
+    lines = [json.loads(line) for name in sorted(os.listdir(out)) if name.startswith("neighbors-")
+             for line in open(os.path.join(out, name))]
+    assert len(lines) == 50
+    ids = [i for line in lines for i in line["neighbor_ids"]]
+    assert len(ids) == 50 * 5 and not any("#r" in i for i in ids)
+
+
+def test_hard_prune_of_a_region_memory_forgets_whole_images(region_memory, tmp_path, capsys):
+    import collections
+    import shutil
+    root = str(tmp_path / "copy")
+    shutil.copytree(region_memory, root)
+    assert cli.main(["prune", "--memory", root, "--mode", "hard", "--threshold", "2", "--k", "5"]) == 0
+    manifest = read_manifest(root)
+    assert manifest.change["kind"] == "forget" and 0 < manifest.forgotten.count < 250
+    live = VisualMemory.open(root).live_entry_ids().tolist()
+    per_image = collections.Counter(i.split("#r")[0] for i in live)
+    assert set(per_image.values()) == {1 + GRID * GRID}  # Every image kept whole or forgotten whole.
+    assert manifest.forgotten.count == (50 - len(per_image)) * (1 + GRID * GRID)

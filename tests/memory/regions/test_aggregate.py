@@ -27,6 +27,10 @@ def test_maxsim_finds_each_query_region_wherever_it_sits():
     np.testing.assert_allclose(image_scores(query, np.stack([a, b]), RegionRule.GLOBAL).scores, [0, 0], atol=1e-7)
     np.testing.assert_allclose(image_scores(query, np.stack([a, b]), RegionRule.MAXSIM_GLOBAL).scores,
                                [0.5, 0.125], rtol=1e-6)
+    # BEST_REGION: the query region most like the whole image (A's and B's global is e5: no query region).
+    c = _unit([e[3], e[5], e[5], e[5], e[5]])
+    np.testing.assert_allclose(image_scores(query, np.stack([a, c]), RegionRule.BEST_REGION).scores, [0, 1],
+                               atol=1e-7)
 
 
 def test_maxsim_is_the_mean_of_per_region_maxima_on_random_vectors():

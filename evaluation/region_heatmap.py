@@ -62,14 +62,17 @@ def view_pixels(data: bytes, spec: PreprocessSpec) -> np.ndarray:
 
 
 def heatmap_png(pixels: np.ndarray, boxes: np.ndarray, values: np.ndarray, labels: Sequence[str], *,
-                size: int = HEATMAP_PX) -> bytes:
+                low: float = 0.0, high: float = 1.0, size: int = HEATMAP_PX) -> bytes:
     """A PNG of ``pixels`` with each box shaded red by its value and labelled.
 
     Args:
       pixels: uint8 [H, W, 3].
       boxes: float [R, 4] ``(top, left, bottom, right)`` fractions of the image.
-      values: float [R]: cosine similarities; shading grows from 0 (clear) to 1 (opaque red); NaN: not shaded.
+      values: float [R]: cosine similarities; shading grows from ``low`` (faint) to ``high`` (strong red);
+        NaN: not shaded.
       labels: One text per box ("" for none).
+      low, high: The values of the faintest and the strongest shade (a pair's range, so its best match stands
+        out: region similarities of one encoder often all lie within a few hundredths).
       size: Side of the square PNG.
     """
     from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
@@ -81,7 +84,8 @@ def heatmap_png(pixels: np.ndarray, boxes: np.ndarray, values: np.ndarray, label
                                                         labels):
         box = (round(left * size), round(top * size), round(right * size) - 1, round(bottom * size) - 1)
         if not np.isnan(value):
-            draw.rectangle(box, fill=(230, 30, 30, int(40 + 160 * float(np.clip(value, 0.0, 1.0)))))
+            shade = float(np.clip((value - low) / (high - low), 0.0, 1.0)) if high > low else 1.0
+            draw.rectangle(box, fill=(230, 30, 30, int(20 + 170 * shade)))
         draw.rectangle(box, outline=(255, 255, 0, 200))
         if label:
             draw.text((box[0] + 3, box[1] + 2), label, fill=(255, 255, 255, 255))

@@ -304,9 +304,10 @@ def _region_matches(image: str, p: Prediction, found, preprocess) -> str:
             continue
         maps = match_maps(match)
         memory, reason = pixels(n.uri)
-        q_img = f'<img class="heat" src="{data_uri(heatmap_png(query, found.boxes, maps.query, maps.query_labels))}"'\
-                f' alt="query regions">'
-        m_img = (f'<img class="heat" src="{data_uri(heatmap_png(memory, found.boxes, maps.memory, maps.memory_labels))}"'
+        scale = {"low": float(maps.query.min()), "high": float(maps.query.max())}
+        q_png = heatmap_png(query, found.boxes, maps.query, maps.query_labels, **scale)
+        q_img = f'<img class="heat" src="{data_uri(q_png)}" alt="query regions">'
+        m_img = (f'<img class="heat" src="{data_uri(heatmap_png(memory, found.boxes, maps.memory, maps.memory_labels, **scale))}"'
                  f' alt="neighbour regions">' if memory is not None
                  else f'<div class="missing">source unreadable: {html.escape(reason)}</div>')
         pairs = ", ".join(f"{i}->{j} {s:.2f}" for i, (j, s) in enumerate(zip(match.matched, match.similarity)))

@@ -109,21 +109,22 @@ def embed(encoder, pixels: Sequence[np.ndarray], grids: Sequence[int], progress:
     return vectors[grids[0]][:, 0], vectors, seconds, size
 
 
-def build(root: str, images: Images, vectors: np.ndarray, *, grid: int | None, shards: int, index_config,
+def build(root: str, images: Images, vectors: np.ndarray, *, grid: int | None, shards: int, config,
           identity: dict) -> VisualMemory:
     """A memory of the images' global vectors [n, d], or (``grid``) of their [n, 1 + G*G, d] global + regions."""
     if os.path.exists(root):
         shutil.rmtree(root)
     if grid is None:
         ids, labels, uris, rows = images.ids, images.labels, images.uris, vectors
-        config = {}
+        recorded = {"encoder": config.encoder.to_dict()}  # `vmem classify` embeds image queries with it.
     else:
         width = 1 + grid * grid
         ids = np.concatenate([np.asarray(images.ids)[:, None], region_ids(images.ids, grid)], axis=1).ravel()
         labels, uris = np.repeat(images.labels, width), np.repeat(images.uris, width)
-        rows, config = vectors.reshape(-1, vectors.shape[-1]), {GRID_KEY: grid}
+        rows = vectors.reshape(-1, vectors.shape[-1])
+        recorded = {"encoder": config.encoder.to_dict(), GRID_KEY: grid}
     build_memory_local(root, ids=list(ids), labels=list(labels), uris=list(uris), embeddings=rows, num_shards=shards,
-                       index_config=index_config, encoder_identity=identity, build_config=config)
+                       index_config=config.index, encoder_identity=identity, build_config=recorded)
     return VisualMemory.open(root)
 
 
@@ -225,7 +226,7 @@ def run(args: argparse.Namespace) -> dict:
     work = args.output
     os.makedirs(work, exist_ok=True)
     global_memory = build(os.path.join(work, "memory-global"), memory_images, mem_global, grid=None,
-                          shards=args.shards, index_config=config.index, identity=identity)
+                          shards=args.shards, config=config, identity=identity)
     t = time.monotonic()
     flat = [p.label_name for p in global_memory.classify(q_global, **kind)]
     global_ms = 1000 * (time.monotonic() - t) / len(flat)
@@ -237,7 +238,7 @@ def run(args: argparse.Namespace) -> dict:
     region_memories = {}
     for g in grids:
         memory = build(os.path.join(work, f"memory-regions-{g}"), memory_images, mem_regions[g], grid=g,
-                       shards=args.shards, index_config=config.index, identity=identity)
+                       shards=args.shards, config=config, identity=identity)
         region_memories[g] = memory
         size = round(disk_bytes(os.path.join(work, f"memory-regions-{g}")) / len(memory_images.ids))
         for rule in RegionRule:

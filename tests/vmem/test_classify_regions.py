@@ -132,3 +132,24 @@ def test_hard_prune_of_a_region_memory_forgets_whole_images(region_memory, tmp_p
     per_image = collections.Counter(i.split("#r")[0] for i in live)
     assert set(per_image.values()) == {1 + GRID * GRID}  # Every image kept whole or forgotten whole.
     assert manifest.forgotten.count == (50 - len(per_image)) * (1 + GRID * GRID)
+
+
+def test_add_to_a_region_memory_embeds_the_new_images_regions(region_memory, fmnist_small, tmp_path):
+    import shutil
+    root = str(tmp_path / "copy")
+    shutil.copytree(region_memory, root)
+    train = os.path.join(fmnist_small, "train")
+    new = tmp_path / "new"
+    for cls in sorted(os.listdir(train))[:2]:
+        os.makedirs(new / cls)
+        for name in sorted(os.listdir(os.path.join(train, cls)))[5:7]:
+            os.symlink(os.path.join(train, cls, name), new / cls / name)
+    assert cli.main(["add", "--memory", root, "--images", str(new)]) == 0
+    import collections
+    change = read_manifest(root).change
+    # The counts count images (4 read, 4 added); the entries are their global and region entries.
+    assert change["kind"] == "add" and change["counts"] == {"read": 4, "added": 4, "failed": 0}
+    assert change["added"] == 4 * (1 + GRID * GRID)
+    live = VisualMemory.open(root).live_entry_ids().tolist()
+    per_image = collections.Counter(i.split("#r")[0] for i in live)
+    assert len(per_image) == 54 and set(per_image.values()) == {1 + GRID * GRID}

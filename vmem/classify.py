@@ -41,6 +41,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from memory import storage
 from memory.decide.explain import Prediction, shown_class_name
@@ -50,6 +51,11 @@ from memory.regions.aggregate import RegionRule
 from memory.store.integrity import NO_VERIFY_HELP
 from pipelines import rerank_args
 from vmem.args import EXIT_FAILURE, RaisingArgumentParser, UsageError, run_command
+
+if TYPE_CHECKING:
+    from encoders.base import PreprocessSpec
+    from memory.regions.classify import RegionPrediction
+    from memory.visual_memory import VisualMemory
 
 __all__ = ["build_parser", "main", "render_html", "render_text", "render_unreadable"]
 
@@ -124,7 +130,8 @@ def _parse_k(text: str) -> int:
 # --------------------------------------------------------------------------- text / JSON
 
 
-def render_text(image: str, prediction: Prediction, *, explain: bool, regions=None) -> str:
+def render_text(image: str, prediction: Prediction, *, explain: bool,
+                regions: RegionPrediction | None = None) -> str:
     """One query's result as human-readable lines (``regions``: a region memory's
     `memory.regions.classify.RegionPrediction`, whose matches ``explain`` lists under each neighbour)."""
     # Class names are shown quoted where they could be taken for something else (shown_class_name): a class
@@ -169,7 +176,8 @@ def render_unreadable(image: str, unreadable: UnreadableQuery) -> str:
     return f"{image}\n  unreadable {unreadable.reason}"
 
 
-def _json_result(image: str, prediction: Prediction | UnreadableQuery, *, explain: bool, regions=None) -> dict:
+def _json_result(image: str, prediction: Prediction | UnreadableQuery, *, explain: bool,
+                 regions: RegionPrediction | None = None) -> dict:
     if isinstance(prediction, UnreadableQuery):
         return {"image": image, "error": prediction.reason}
     out = {"image": image, **prediction.to_dict()}
@@ -235,7 +243,7 @@ def _figure(uri: str, caption_lines: Sequence[str], thumbs: dict, *, css_class: 
 
 
 def render_html(memory_path: str, results: Sequence[tuple[str, Prediction | UnreadableQuery]], *,
-                regions: dict | None = None, preprocess=None) -> str:
+                regions: dict[int, RegionPrediction] | None = None, preprocess: PreprocessSpec | None = None) -> str:
     """A self-contained page: each query, its predicted label and scores, and its neighbours.
 
     Thumbnails are read from each neighbour's source uri (local or ``gs://``) and inlined as base64 PNG
@@ -282,7 +290,7 @@ def render_html(memory_path: str, results: Sequence[tuple[str, Prediction | Unre
     return "\n".join(parts) + "\n"
 
 
-def _region_matches(image: str, p: Prediction, found, preprocess) -> str:
+def _region_matches(image: str, p: Prediction, found: RegionPrediction, preprocess: PreprocessSpec) -> str:
     """Heat-map pairs (query, neighbour) for the neighbours that voted for the predicted class."""
     from encoders.preprocess import ImageDecodeError
     from evaluation.region_heatmap import data_uri, heatmap_png, match_maps, view_pixels
@@ -307,8 +315,8 @@ def _region_matches(image: str, p: Prediction, found, preprocess) -> str:
         scale = {"low": float(maps.query.min()), "high": float(maps.query.max())}
         q_png = heatmap_png(query, found.boxes, maps.query, maps.query_labels, **scale)
         q_img = f'<img class="heat" src="{data_uri(q_png)}" alt="query regions">'
-        m_img = (f'<img class="heat" src="{data_uri(heatmap_png(memory, found.boxes, maps.memory, maps.memory_labels, **scale))}"'
-                 f' alt="neighbour regions">' if memory is not None
+        m_png = None if memory is None else heatmap_png(memory, found.boxes, maps.memory, maps.memory_labels, **scale)
+        m_img = (f'<img class="heat" src="{data_uri(m_png)}" alt="neighbour regions">' if m_png is not None
                  else f'<div class="missing">source unreadable: {html.escape(reason)}</div>')
         pairs = ", ".join(f"{i}->{j} {s:.2f}" for i, (j, s) in enumerate(zip(match.matched, match.similarity)))
         parts.append(f'<figure class="heatmap">{q_img}{m_img}<figcaption>#{rank} {html.escape(n.id)}<br>'
@@ -409,8 +417,9 @@ def _run(argv: Sequence[str]) -> int:
     return 0
 
 
-def _classify_regions(memory, args: argparse.Namespace, *, rule: VotingRule, k: int, params: VotingParams,
-                      selected: bool) -> tuple[list, dict]:
+def _classify_regions(memory: VisualMemory, args: argparse.Namespace, *, rule: VotingRule, k: int,
+                      params: VotingParams, selected: bool
+                      ) -> tuple[list[Prediction | UnreadableQuery], dict[int, RegionPrediction]]:
     """A region memory's answers (Prediction or UnreadableQuery per image) and, by index, their region matches."""
     if selected:
         raise UsageError("--filter, --crowding and --rerank do not apply to a region memory's region classify; "

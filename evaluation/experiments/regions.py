@@ -222,7 +222,8 @@ def run(args: argparse.Namespace) -> dict:
                                "rule": args.rule, "k": args.k, "seed": args.seed, "shards": args.shards,
                                "encoder": identity["name"], "composites_per_canvas": args.composites,
                                "canvas_times_item": args.canvas},
-                     "timing_seconds": {"encoder_memory": round(mem_seconds, 1), "encoder_queries": round(q_seconds, 1)}}
+                     "timing_seconds": {"encoder_memory": round(mem_seconds, 1),
+                                        "encoder_queries": round(q_seconds, 1)}}
     work = args.output
     os.makedirs(work, exist_ok=True)
     global_memory = build(os.path.join(work, "memory-global"), memory_images, mem_global, grid=None,
@@ -299,7 +300,8 @@ def report_markdown(results: dict, command: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m evaluation.experiments.regions", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m evaluation.experiments.regions",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--memory-images", default="data/fashion-mnist/train", help="ImageFolder of the memory")
     parser.add_argument("--queries", default="data/fashion-mnist/test", help="ImageFolder of held-out queries")
     parser.add_argument("--memory-per-class", type=int, default=None, help="first N images per class (default all)")

@@ -4,8 +4,9 @@ For each query, its global vector and its G x G region vectors (one encoder pass
 are searched through the memory's one search engine (`VisualMemory.search`: the shard-search units and the
 exact merge), the global vector among the global entries (`memory.search.filters.QueryFilter.entries`, applied
 before the top-k cut like forgetting) and each region vector among all entries (a query region may look like a
-memory image's region or like a whole memory image). Every image any of those searches returned is a candidate; its stored global and region vectors are scored exactly against the
-query's (`memory.regions.aggregate.image_scores`: MaxSim by default), the top k images by score become the
+memory image's region or like a whole memory image). Every image any of those searches returned is a candidate;
+its stored global and region vectors are scored exactly against the query's
+(`memory.regions.aggregate.image_scores`: MaxSim by default), the top k images by score become the
 query's neighbours (distance = 1 - score) and `memory.decide.classify.classify_neighbors` votes over them with
 the memory's voting rule, exactly as for a global memory's neighbours. Candidate generation by per-region
 nearest neighbours followed by an exact late-interaction re-score is ColBERT's retrieval scheme (Khattab and
@@ -14,7 +15,7 @@ never notices (its top k images are the global search's own) and MaxSim rarely d
 regions).
 
 The explanation keeps, for every neighbour image, which memory region each query region matched and how
-closely (`NeighborRegions`): what ``vmem classify --regions --html`` draws as heat maps.
+closely (`NeighborRegions`): what ``vmem classify --html`` on a region memory draws as heat maps.
 """
 
 from __future__ import annotations

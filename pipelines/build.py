@@ -67,7 +67,9 @@ _LOG = logging.getLogger("visual_memory")
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vmem build", description=__doc__.split("\n")[0],
+    # No abbreviations: Beam flags pass through parse_known_args, and Dataflow's --region would otherwise be read
+    # as an abbreviation of --regions.
+    parser = argparse.ArgumentParser(prog="vmem build", description=__doc__.split("\n")[0], allow_abbrev=False,
                                      epilog="Other flags are Beam pipeline options (--runner, --project, ...).")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images",

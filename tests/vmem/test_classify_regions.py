@@ -153,3 +153,10 @@ def test_add_to_a_region_memory_embeds_the_new_images_regions(region_memory, fmn
     live = VisualMemory.open(root).live_entry_ids().tolist()
     per_image = collections.Counter(i.split("#r")[0] for i in live)
     assert len(per_image) == 54 and set(per_image.values()) == {1 + GRID * GRID}
+
+
+def test_dataflows_region_flag_is_not_read_as_regions():
+    from pipelines import build
+    args, beam_args = build.build_arg_parser().parse_known_args(
+        ["--images", "d", "--output", "o", "--region", "us-central1", "--regions", "2"])
+    assert args.regions == 2 and beam_args == ["--region", "us-central1"]

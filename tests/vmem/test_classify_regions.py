@@ -57,6 +57,12 @@ def test_build_stores_each_image_as_its_global_and_region_entries(region_memory)
     np.testing.assert_allclose(stored, direct, atol=1e-5)
 
 
+def test_info_names_the_grid(region_memory, capsys):
+    assert cli.main(["info", region_memory]) == 0
+    assert "regions      2 x 2 region entries per image besides its global one (5 entries per image" in (
+        capsys.readouterr().out)
+
+
 def test_classify_shows_region_matches_as_text_json_and_heat_maps(region_memory, fmnist_small, tmp_path, capsys):
     query = _query(fmnist_small)
     page = str(tmp_path / "where.html")

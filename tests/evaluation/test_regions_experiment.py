@@ -60,3 +60,17 @@ def test_a_tiny_run_writes_every_measurement(fmnist_small, tmp_path, capsys):
     row = report["composites"]["cluttered"]["regions-2x2-maxsim"]
     assert 0 <= row["best_region_match_overlap_pct"] <= 100 and 0 < row["random_region_overlap_pct"] < 100
     assert "| regions-2x2-maxsim |" in capsys.readouterr().out
+
+
+def test_the_latency_benchmark_times_every_memory_of_a_run(fmnist_small, tmp_path, capsys):
+    from evaluation.benchmarks import bench_regions
+    out = str(tmp_path / "out")
+    assert regions.main(["--memory-images", os.path.join(fmnist_small, "train"), "--queries",
+                         os.path.join(fmnist_small, "test"), "--memory-per-class", "2", "--queries-per-class", "1",
+                         "--composites", "2", "--grids", "2", "3", "--k", "3", "--output", out]) == 0
+    capsys.readouterr()
+    assert bench_regions.main([out, "--queries", os.path.join(fmnist_small, "test"), "--per-class", "1",
+                               "--runs", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all("global" in line and "2x2 maxsim" in line and "3x3 maxsim" in line
+                                   for line in lines)

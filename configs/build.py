@@ -15,6 +15,7 @@ from typing import Any
 
 from encoders.base import EncoderSpec
 from memory.index.shard_index import IndexConfig
+from memory.regions.layout import GRID_KEY, check_grid
 from memory.search.routing import RouterConfig
 from memory.store.manifest import INDEX_CONFIG_KEY
 from memory.store.sharding import Sharding, parse_sharding
@@ -40,6 +41,8 @@ class BuildConfig:
         min_batch_size: Lower bound of RunInference's dynamic batch size.
         max_batch_size: Upper bound of RunInference's dynamic batch size.
         progress_every: Log a progress line every this many embedded images (per worker).
+        regions: G to store each image also as G x G region embeddings (its encoder feature map pooled per
+            cell, memory.regions), or None for one global embedding per image.
     """
 
     encoder: EncoderSpec = dataclasses.field(default_factory=EncoderSpec)
@@ -51,8 +54,11 @@ class BuildConfig:
     min_batch_size: int = 16
     max_batch_size: int = 64
     progress_every: int = 200
+    regions: int | None = None
 
     def __post_init__(self) -> None:
+        if self.regions is not None:
+            object.__setattr__(self, "regions", check_grid(self.regions))
         # Accept the string form (configs, JSON, --sharding) but store the enum.
         object.__setattr__(self, "sharding", parse_sharding(self.sharding))
         if self.num_shards is not None and (not isinstance(self.num_shards, int) or self.num_shards < 1):
@@ -79,6 +85,8 @@ class BuildConfig:
             "min_batch_size": self.min_batch_size,
             "max_batch_size": self.max_batch_size,
             "progress_every": self.progress_every,
+            # Only region builds record a grid: a global build's build config stays as it was.
+            **({GRID_KEY: self.regions} if self.regions is not None else {}),
         }
 
     @classmethod

@@ -253,6 +253,23 @@ class Encoder(abc.ABC):
             float32 ``[N, D]`` raw features (not L2-normalised).
         """
 
+    def feature_map(self, images: np.ndarray) -> np.ndarray:
+        """The spatial feature map that ``embed`` pools, for region memories.
+
+        Args:
+            images: As for ``embed``.
+
+        Returns:
+            float32 ``[N, h, w, D]`` raw features; their mean over ``(h, w)`` is ``embed``'s vector.
+
+        Raises:
+            EncoderError: This encoder exposes no feature map (the default).
+        """
+        raise EncoderError(
+            f"{self.identity.name}: this encoder exposes no spatial feature map, which region memories "
+            "(--regions) pool; build with the bundled EfficientNet-Lite encoder or drop --regions."
+        )
+
     def _check_batch(self, images: np.ndarray) -> np.ndarray:
         """Validates an ``embed`` input, returning it as C-contiguous float32."""
         images = np.asarray(images)

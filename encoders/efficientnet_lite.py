@@ -201,6 +201,35 @@ def build_pretrained_model(path: str | None = None, *, variant: str = NAME):
     return model
 
 
+class FeatureMap:
+    """The last feature map of a pretrained variant: the ``head_relu`` output that the embedding averages.
+
+    Lite0 at 224 px gives ``[N, 7, 7, 1280]``; its mean over the 7 x 7 cells is the ``embedding`` output.
+    The Keras model is built and its weights loaded on the first call (seconds), once per instance.
+
+    Args:
+        variant: Name in ``encoders.bundled.VARIANTS``.
+        path: Weights file; defaults to the variant's bundled one.
+    """
+
+    def __init__(self, variant: str = NAME, *, path: str | None = None):
+        self._variant = variant
+        self._path = path
+        self._fn = None
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """float32 ``[N, h, w, 1280]`` feature maps of preprocessed float32 ``[N, H, W, 3]`` images."""
+        if self._fn is None:
+            import keras
+            import tensorflow as tf
+
+            model = build_pretrained_model(self._path, variant=self._variant)
+            trunk = keras.Model(model.input, model.get_layer("head_relu").output)
+            # One traced graph, as the SavedModel's signature, instead of eager layer-by-layer calls.
+            self._fn = tf.function(lambda x: trunk(x, training=False), reduce_retracing=True)
+        return np.asarray(self._fn(images).numpy(), dtype=np.float32)
+
+
 def export_saved_model(out_dir: str, *, path: str | None = None, variant: str = NAME) -> str:
     """Writes a pretrained variant (default Lite0) as a TF SavedModel to ``out_dir``.
 

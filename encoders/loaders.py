@@ -200,8 +200,10 @@ class TFEncoder(Encoder):
         preprocess: PreprocessSpec,
         where: str,
         dim: int | None = None,
+        feature_map: Callable[[np.ndarray], np.ndarray] | None = None,
     ):
         self._fn = fn
+        self._feature_map = feature_map
         self._owner = owner
         self._output_key = output_key
         self._where = where
@@ -237,6 +239,19 @@ class TFEncoder(Encoder):
         if images.shape[0] == 0:
             return np.zeros((0, self.dim), np.float32)
         return self._run(images)
+
+    def feature_map(self, images: np.ndarray) -> np.ndarray:
+        """See ``Encoder.feature_map``: the bundled encoders expose theirs; other models do not."""
+        if self._feature_map is None:
+            return super().feature_map(images)
+        images = self._check_batch(images)
+        maps = self._feature_map(images)
+        if maps.ndim != 4 or maps.shape[0] != images.shape[0] or maps.shape[-1] != self.dim:
+            raise EncoderError(
+                f"{self._where}: feature map of shape {maps.shape} for {images.shape[0]} images; expected "
+                f"[N, h, w, {self.dim}]."
+            )
+        return maps
 
 
 def _signature_callable(
@@ -321,6 +336,7 @@ def _load_saved_model_dir(
     content_hash: str,
     preprocess: PreprocessSpec,
     output_key: str | None,
+    feature_map: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> TFEncoder:
     where = f"{spec.kind.name} model {spec.uri!r}"
     try:
@@ -337,6 +353,7 @@ def _load_saved_model_dir(
         preprocess=preprocess,
         where=where,
         dim=_static_dim(outputs, output_key),
+        feature_map=feature_map,
     )
 
 
@@ -531,6 +548,8 @@ def _load_bundled(spec: EncoderSpec) -> TFEncoder:
         + efficientnet_lite.file_sha256(efficientnet_lite.weights_path(spec.uri)),
         preprocess=preprocess,
         output_key=spec.output_key or _BUNDLED_OUTPUT_KEY,
+        # Built from the same weights on first use: region builds and queries pool it per cell.
+        feature_map=efficientnet_lite.FeatureMap(spec.uri),
     )
 
 

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import apache_beam as beam
 
 from configs.build import BuildConfig, load_config
+from encoders.base import EncoderKind
 from memory import storage
 from memory.index.shard_index import EmbeddingDtype, IndexConfig, IndexKind
 from memory.store.manifest import MANIFEST_NAME
@@ -66,7 +67,9 @@ _LOG = logging.getLogger("visual_memory")
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vmem build", description=__doc__.split("\n")[0],
+    # No abbreviations: Beam flags pass through parse_known_args, and Dataflow's --region would otherwise be read
+    # as an abbreviation of --regions.
+    parser = argparse.ArgumentParser(prog="vmem build", description=__doc__.split("\n")[0], allow_abbrev=False,
                                      epilog="Other flags are Beam pipeline options (--runner, --project, ...).")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images",
@@ -98,6 +101,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
                              "default (default: from the config, 8)")
     parser.add_argument("--index", choices=[k.value for k in IndexKind], default=None,
                         help="force the per-shard index kind (default: from the config, 'auto')")
+    parser.add_argument("--regions", type=int, default=None, metavar="G",
+                        help="also store each image as G x G region embeddings (the encoder's feature map pooled "
+                             "per cell; memory/regions), tied to its image id, for region classify and "
+                             "explanations of where a match is (default: one global embedding per image)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing memory at --output (its files are deleted first)")
     return parser
@@ -129,6 +136,8 @@ def _override(config: BuildConfig, args: argparse.Namespace) -> BuildConfig:
         config = config.replace(router=dataclasses.replace(config.router, probes=args.route_probes))
     if args.index is not None:
         config = config.replace(index=IndexConfig(**{**config.index.__dict__, "kind": IndexKind(args.index)}))
+    if args.regions is not None:
+        config = config.replace(regions=args.regions)
     return config
 
 
@@ -224,7 +233,7 @@ def build_pipeline(p: beam.Pipeline, *, source, output: str, config: BuildConfig
         images, decode_failures = records | "DecodeImages" >> DecodeImages(preprocess)
         entries, embed_failures, identities = images | "EmbedImages" >> EmbedImages(
             config.encoder, min_batch_size=config.min_batch_size, max_batch_size=config.max_batch_size,
-            progress_every=config.progress_every)
+            progress_every=config.progress_every, regions=config.regions)
         blocks = entries | "ToBlocks" >> EntriesToBlocks()
         failure_sets += [read_failures, decode_failures, embed_failures]
         records_read = ((records, read_failures)
@@ -300,6 +309,13 @@ def build_memory(*, source: ImageSource | EmbeddingSource, output: str, config: 
         if encoder_id:
             raise FlagError("--encoder-id applies to --embeddings only; image builds record their encoder's "
                             "identity themselves (config encoder)")
+        if config.regions is not None and config.encoder.kind is not EncoderKind.BUNDLED:
+            raise FlagError(f"--regions pools the encoder's spatial feature map, which the bundled encoders expose "
+                            f"and a {config.encoder.kind.value} encoder ({config.encoder.uri!r}) does not; build "
+                            "region memories with a bundled encoder (e.g. efficientnet-lite0)")
+    elif config.regions is not None:
+        raise FlagError("--regions pools the encoder's feature map, which precomputed --embeddings do not have; "
+                        "build region memories from --images")
     else:
         from pipelines.io.embedding_sources import count_entries  # pylint: disable=g-import-not-at-top
         if not encoder_id:

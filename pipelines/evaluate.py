@@ -47,6 +47,7 @@ import apache_beam as beam
 
 from memory import storage
 from memory.decide.voting import VotingParams, VotingRule
+from memory.regions.layout import EntryKind, region_grid
 from memory.search.filters import Crowding, QueryFilter
 from memory.search.routing import check_route_ratio
 from memory.search.setting import default_setting
@@ -238,6 +239,12 @@ def evaluate_pipeline(p: beam.Pipeline, *, root: str, manifest: Manifest, source
       EvaluationError: the memory cannot answer these queries: routing options on a hash-sharded memory, an
         image source for a memory of precomputed embeddings or the other way round, another encoder or dim.
     """
+    if region_grid(manifest) is not None:
+        # A region memory is evaluated as its global answer: only its global entries vote (memory.regions; region
+        # classify is `memory.regions.classify`).
+        default_filter = dataclasses.replace(default_filter or QueryFilter(), entries=EntryKind.IMAGE)
+        if query_filters:
+            query_filters = {q: dict(f, entries=EntryKind.IMAGE.value) for q, f in query_filters.items()}
     if k_max > max(manifest.total, 1):
         # Every shard search, merge and report row is sized by k_max; past the live entries they would hold
         # only padding, and every vote there is the vote of every entry.

@@ -59,6 +59,8 @@ from memory.store.after_publish import after_publish
 from memory.store.integrity import NO_VERIFY_HELP
 from memory.store.manifest import Manifest
 from memory.store.versions import read_manifest
+from memory.regions.layout import EntryKind, is_region_id, region_grid
+from memory.search.filters import QueryFilter
 from memory.search.shard_search import load_forgotten, searchable_shards
 from memory.store.sharding import shard_for_id
 from pipelines.runner import BeamOptions, FlagError, after_publish_error, resolve_pipeline_options
@@ -439,8 +441,15 @@ def prune_pipeline(p: beam.Pipeline, *, root: str, manifest: Manifest, mode: Opt
       verify: Check every shard file read or searched against the manifest (memory.store.integrity).
     """
     entries = p | "ReadMemoryEntries" >> ReadMemoryEntries(root, manifest, verify=verify)
+    images_only = None
+    if region_grid(manifest) is not None:
+        # A region memory is pruned by image: its global entries query its global entries, and a hard prune's
+        # forget of an image id removes its region entries too (memory.regions.layout.whole_image_ids).
+        images_only = QueryFilter(entries=EntryKind.IMAGE)
+        entries = entries | "GlobalEntries" >> beam.Filter(lambda e: not is_region_id(np.asarray([e.id]))[0])
     merged = (entries
-              | "SearchShards" >> SearchShards(root, manifest, k=k + 1, batch_size=query_batch, verify=verify)
+              | "SearchShards" >> SearchShards(root, manifest, k=k + 1, batch_size=query_batch, verify=verify,
+                                               default_filter=images_only)
               | "MergeNeighbors" >> MergeNeighbors(k + 1))
     counts = (merged, entries) | "CountMislabelledHits" >> CountMislabelledHits(manifest.class_names, k=k)
     buckets = count_buckets or max(1, math.ceil(manifest.total / ENTRIES_PER_COUNT_BUCKET))

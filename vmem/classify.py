@@ -14,6 +14,13 @@ Examples::
 Queries are embedded with the memory's own encoder (the EncoderSpec recorded in its manifest) and its
 preprocessing. Nothing here imports Apache Beam.
 
+A region memory (built with ``vmem build --regions G``) is classified by its regions (memory.regions.classify:
+each query region finds its best-matching region of every candidate image, MaxSim by default, ``--region-rule``
+picks another) and the vote runs over the top k images; ``--explain`` adds which query region matched which
+region of each neighbour, and ``--html`` draws it as a heat map over both images for the winning neighbours::
+
+    vmem classify --memory out/fmnist-regions data/fashion-mnist/test/coat/00012.png --explain --html where.html
+
 An IMAGE that cannot be read (missing, a directory, not an image) does not stop the others: every readable
 one is answered (embedded in batches as usual), and each unreadable one gets a record in its place (text:
 ``unreadable REASON``; JSON: ``{"image", "error"}``; ``--html``: its section with the reason) and a line
@@ -34,14 +41,21 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from memory import storage
 from memory.decide.explain import Prediction, shown_class_name
 from memory.decide.voting import VotingParams, VotingRule
 from memory.queries import OnUnreadable, UnreadableQuery
+from memory.regions.aggregate import RegionRule
 from memory.store.integrity import NO_VERIFY_HELP
 from pipelines import rerank_args
 from vmem.args import EXIT_FAILURE, RaisingArgumentParser, UsageError, run_command
+
+if TYPE_CHECKING:
+    from encoders.base import PreprocessSpec
+    from memory.regions.classify import RegionPrediction
+    from memory.visual_memory import VisualMemory
 
 __all__ = ["build_parser", "main", "render_html", "render_text", "render_unreadable"]
 
@@ -78,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "memory carries a calibration for this rule and k (`vmem calibrate`), else the raw "
                              "share of the winner's score -- or when that calibration's out-of-memory test flags "
                              "the query")
+    parser.add_argument("--region-rule", default=None, choices=[r.value for r in RegionRule],
+                        help="region memories only: how region similarities score a memory image (default maxsim: "
+                             "the mean over query regions of their best match; memory/regions/aggregate.py)")
     rerank_args.add_selection_args(parser, per_query_file=False)
     rerank_args.add_rerank_args(parser)
     parser.add_argument("--rerank-cache", default=None, metavar="DIR",
@@ -113,8 +130,10 @@ def _parse_k(text: str) -> int:
 # --------------------------------------------------------------------------- text / JSON
 
 
-def render_text(image: str, prediction: Prediction, *, explain: bool) -> str:
-    """One query's result as human-readable lines."""
+def render_text(image: str, prediction: Prediction, *, explain: bool,
+                regions: RegionPrediction | None = None) -> str:
+    """One query's result as human-readable lines (``regions``: a region memory's
+    `memory.regions.classify.RegionPrediction`, whose matches ``explain`` lists under each neighbour)."""
     # Class names are shown quoted where they could be taken for something else (shown_class_name): a class
     # named "unknown" or "-1" must not read as the abstention.
     lines = [f"{image}"]
@@ -145,6 +164,10 @@ def render_text(image: str, prediction: Prediction, *, explain: bool) -> str:
         for rank, n in enumerate(prediction.neighbors):
             lines.append(f"  {rank:>4}  {n.distance:>10.6f}  {n.weight:>12.6g}  "
                          f"{f'{shown_class_name(n.label_name)} ({n.label})':<20}  {n.id:<30}  {n.uri}")
+            if regions is not None:
+                match = regions.regions[rank]
+                lines.append("        regions (query -> neighbour, similarity)  " + "  ".join(
+                    f"{i}->{j} {s:.3f}" for i, (j, s) in enumerate(zip(match.matched, match.similarity))))
     return "\n".join(lines)
 
 
@@ -153,12 +176,15 @@ def render_unreadable(image: str, unreadable: UnreadableQuery) -> str:
     return f"{image}\n  unreadable {unreadable.reason}"
 
 
-def _json_result(image: str, prediction: Prediction | UnreadableQuery, *, explain: bool) -> dict:
+def _json_result(image: str, prediction: Prediction | UnreadableQuery, *, explain: bool,
+                 regions: RegionPrediction | None = None) -> dict:
     if isinstance(prediction, UnreadableQuery):
         return {"image": image, "error": prediction.reason}
     out = {"image": image, **prediction.to_dict()}
     if not explain:
         del out["neighbors"]
+    elif regions is not None:
+        out["regions"] = regions.to_dict()
     return out
 
 
@@ -199,6 +225,7 @@ figure img, .missing { width: 128px; height: 128px; object-fit: contain; image-r
 .same { outline: 3px solid #2a2; } .other { outline: 3px solid #c44; }
 table { border-collapse: collapse; font-size: 13px; } td, th { padding: 2px 8px; text-align: left; }
 .unreadable { color: #a00; }
+figure.heatmap { width: 340px; } img.heat { width: 160px; height: 160px; margin-right: 4px; }
 """
 
 
@@ -215,18 +242,22 @@ def _figure(uri: str, caption_lines: Sequence[str], thumbs: dict, *, css_class: 
     return f'<figure class="{figure_class}">{image}<figcaption>{caption}</figcaption></figure>'
 
 
-def render_html(memory_path: str, results: Sequence[tuple[str, Prediction | UnreadableQuery]]) -> str:
+def render_html(memory_path: str, results: Sequence[tuple[str, Prediction | UnreadableQuery]], *,
+                regions: dict[int, RegionPrediction] | None = None, preprocess: PreprocessSpec | None = None) -> str:
     """A self-contained page: each query, its predicted label and scores, and its neighbours.
 
     Thumbnails are read from each neighbour's source uri (local or ``gs://``) and inlined as base64 PNG
     ``data:`` URIs; a source that cannot be read or decoded shows a placeholder with the reason. A query
     image that could not be read has its section, in its place, with the reason. All text is HTML-escaped.
+    ``regions`` (a region memory: result index -> `memory.regions.classify.RegionPrediction`, with the
+    memory's ``preprocess`` spec) adds, for each winning neighbour, heat maps of which query region matched
+    which of its regions (`evaluation.region_heatmap`).
     """
     thumbs: dict[str, tuple[str | None, str]] = {}
     parts = ["<!DOCTYPE html>", '<html><head><meta charset="utf-8">',
              f"<title>vmem classify: {html.escape(memory_path)}</title>", f"<style>{_CSS}</style></head><body>",
              f"<h1>Visual memory classification</h1><p>memory: <code>{html.escape(memory_path)}</code></p>"]
-    for image, p in results:
+    for index, (image, p) in enumerate(results):
         if isinstance(p, UnreadableQuery):
             parts.append(f'<section><h2>{html.escape(image)}</h2><p class="unreadable">unreadable: '
                          f"{html.escape(p.reason)}</p></section>")
@@ -251,9 +282,47 @@ def render_html(memory_path: str, results: Sequence[tuple[str, Prediction | Unre
                 [f"#{rank}  {shown_class_name(n.label_name)}", f"distance {n.distance:.6f}", f"weight {n.weight:.6g}",
                  f"id {n.id}"],
                 thumbs, css_class="same" if n.label == p.label else "other"))
-        parts.append("</div></section>")
+        parts.append("</div>")
+        if regions and index in regions:
+            parts.append(_region_matches(image, p, regions[index], preprocess))
+        parts.append("</section>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+def _region_matches(image: str, p: Prediction, found: RegionPrediction, preprocess: PreprocessSpec) -> str:
+    """Heat-map pairs (query, neighbour) for the neighbours that voted for the predicted class."""
+    from encoders.preprocess import ImageDecodeError
+    from evaluation.region_heatmap import data_uri, heatmap_png, match_maps, view_pixels
+
+    def pixels(uri: str):
+        try:
+            return view_pixels(storage.read_bytes(_local(uri)), preprocess), ""
+        except (OSError, ImageDecodeError) as e:
+            return None, f"{type(e).__name__}: {e}"
+
+    query, reason = pixels(image)
+    if query is None:
+        return f'<p class="unreadable">no heat map: query unreadable ({html.escape(reason)})</p>'
+    parts = [f"<h3>where the winning neighbours matched ({found.grid}x{found.grid} regions, rule "
+             f"{html.escape(found.region_rule.value)}; query region i -&gt; neighbour region j, red = closer)</h3>",
+             '<div class="row">']
+    for rank, (n, match) in enumerate(zip(p.neighbors, found.regions)):
+        if n.label != p.label:
+            continue
+        maps = match_maps(match)
+        memory, reason = pixels(n.uri)
+        scale = {"low": float(maps.query.min()), "high": float(maps.query.max())}
+        q_png = heatmap_png(query, found.boxes, maps.query, maps.query_labels, **scale)
+        q_img = f'<img class="heat" src="{data_uri(q_png)}" alt="query regions">'
+        m_png = None if memory is None else heatmap_png(memory, found.boxes, maps.memory, maps.memory_labels, **scale)
+        m_img = (f'<img class="heat" src="{data_uri(m_png)}" alt="neighbour regions">' if m_png is not None
+                 else f'<div class="missing">source unreadable: {html.escape(reason)}</div>')
+        pairs = ", ".join(f"{i}->{j} {s:.2f}" for i, (j, s) in enumerate(zip(match.matched, match.similarity)))
+        parts.append(f'<figure class="heatmap">{q_img}{m_img}<figcaption>#{rank} {html.escape(n.id)}<br>'
+                     f"{html.escape(pairs)}</figcaption></figure>")
+    parts.append("</div>")
+    return "".join(parts)
 
 
 # --------------------------------------------------------------------------- main
@@ -300,11 +369,20 @@ def _run(argv: Sequence[str]) -> int:
     if spec is not None:
         reranker = _DryRun(spec.text) if args.rerank_dry_run else spec.build()
     from memory.rerank.base import ResponseCache
-    predictions = memory.classify(list(args.images), rule=rule, k=k, params=params,
-                                  abstain_below=args.abstain_below, filters=query_filter, crowding=crowding,
-                                  rerank=reranker, rerank_below=args.rerank_below, rerank_top_n=args.rerank_top_n,
-                                  rerank_cache=None if args.rerank_cache is None else ResponseCache(args.rerank_cache),
-                                  on_unreadable=OnUnreadable.REPORT)
+    from memory.regions.layout import region_grid
+    regions: dict = {}
+    if region_grid(memory.manifest) is not None:
+        predictions, regions = _classify_regions(memory, args, rule=rule, k=k, params=params, selected=(
+            query_filter is not None or crowding is not None or spec is not None))
+    elif args.region_rule is not None:
+        raise UsageError(f"--region-rule {args.region_rule}: {args.memory!r} is not a region memory (built without "
+                         "--regions); drop the flag or rebuild with `vmem build --regions G`")
+    else:
+        predictions = memory.classify(
+            list(args.images), rule=rule, k=k, params=params, abstain_below=args.abstain_below, filters=query_filter,
+            crowding=crowding, rerank=reranker, rerank_below=args.rerank_below, rerank_top_n=args.rerank_top_n,
+            rerank_cache=None if args.rerank_cache is None else ResponseCache(args.rerank_cache),
+            on_unreadable=OnUnreadable.REPORT)
     unreadable = [p for p in predictions if isinstance(p, UnreadableQuery)]
     if len(unreadable) == len(predictions):  # Nothing to show: the reasons are the whole answer.
         raise ValueError("; ".join(u.reason for u in unreadable))
@@ -321,18 +399,36 @@ def _run(argv: Sequence[str]) -> int:
 
     if args.json:
         print(json.dumps({"memory": args.memory, "unreadable": len(unreadable), "results": [
-            _json_result(image, p, explain=args.explain) for image, p in results]}, indent=2))
+            _json_result(image, p, explain=args.explain, regions=regions.get(i))
+            for i, (image, p) in enumerate(results)]}, indent=2))
     else:
         print("\n\n".join(render_unreadable(image, p) if isinstance(p, UnreadableQuery)
-                           else render_text(image, p, explain=args.explain) for image, p in results))
+                           else render_text(image, p, explain=args.explain, regions=regions.get(i))
+                           for i, (image, p) in enumerate(results)))
     if args.html:
-        storage.write_text(args.html, render_html(args.memory, results))
+        from memory.queries import query_preprocess
+        storage.write_text(args.html, render_html(args.memory, results, regions=regions,
+                                                  preprocess=query_preprocess(memory.manifest, args.memory)))
         print(f"wrote {args.html}", file=sys.stderr)
     if unreadable:
         print(f"vmem classify: error: {len(unreadable)} of {len(results)} images could not be read (the other "
               f"{len(answered)} are answered):\n" + "\n".join(f"  {u.reason}" for u in unreadable), file=sys.stderr)
         return EXIT_FAILURE
     return 0
+
+
+def _classify_regions(memory: VisualMemory, args: argparse.Namespace, *, rule: VotingRule, k: int,
+                      params: VotingParams, selected: bool
+                      ) -> tuple[list[Prediction | UnreadableQuery], dict[int, RegionPrediction]]:
+    """A region memory's answers (Prediction or UnreadableQuery per image) and, by index, their region matches."""
+    if selected:
+        raise UsageError("--filter, --crowding and --rerank do not apply to a region memory's region classify; "
+                         "drop them (or classify a memory built without --regions)")
+    from memory.regions.classify import RegionPrediction, classify_regions
+    found = classify_regions(memory, list(args.images), region_rule=args.region_rule or RegionRule.MAXSIM, rule=rule,
+                             k=k, params=params, abstain_below=args.abstain_below, on_unreadable=OnUnreadable.REPORT)
+    regions = {i: r for i, r in enumerate(found) if isinstance(r, RegionPrediction)}
+    return [r.prediction if isinstance(r, RegionPrediction) else r for r in found], regions
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -94,6 +94,11 @@ def describe(manifest, *, live: LiveCounts | None = None) -> str:
         lines.append(f"search       {SearchSetting.from_dict(manifest.search_defaults).describe()} (vmem tune: votes "
                      f"agree with exact search on {100 * tuned.get('agreement', 0):.2f}% of {tuned.get('queries')} "
                      f"queries, version {tuned.get('fitted_on_version')})")
+    from memory.regions.layout import region_grid  # pylint: disable=g-import-not-at-top
+    grid = region_grid(manifest)
+    if grid is not None:
+        lines.append(f"regions      {grid} x {grid} region entries per image besides its global one "
+                     f"({1 + grid * grid} entries per image; vmem classify scores images by region)")
     if manifest.metadata is not None:
         lines.append(f"metadata     columns {', '.join(manifest.metadata.columns)} for {manifest.metadata.count} entries "
                      "(--filter meta:COLUMN=v, --crowding C:meta:COLUMN)")

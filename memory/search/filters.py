@@ -26,6 +26,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from memory.enums import parse_enum
+from memory.regions.layout import EntryKind, is_region_id
+
 _META = re.compile(r"^meta[.:](?P<col>[^=]+)$")
 
 
@@ -38,12 +41,17 @@ class QueryFilter:
       uri_prefix: Source-uri prefix the entry's recorded uri must start with (None: any).
       metadata: ``((column, (allowed values...)), ...)``: the entry's value in each column must be one of
         those values (an entry without metadata has no value and never matches).
+      entries: In a region memory (memory.regions), only its global (IMAGE) or only its region (REGION) entries;
+        None: any.
     """
     labels: tuple[str, ...] | None = None
     uri_prefix: str | None = None
     metadata: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    entries: EntryKind | None = None
 
     def __post_init__(self):
+        if self.entries is not None:
+            object.__setattr__(self, "entries", parse_enum(EntryKind, self.entries, "filter entries"))
         if self.labels is not None and not self.labels:
             raise ValueError("a filter's labels must name at least one class (or be None for any)")
         for col, values in self.metadata:
@@ -52,7 +60,7 @@ class QueryFilter:
 
     @property
     def is_empty(self) -> bool:
-        return self.labels is None and self.uri_prefix is None and not self.metadata
+        return self.labels is None and self.uri_prefix is None and not self.metadata and self.entries is None
 
     def key(self) -> str:
         """Canonical text of the filter: equal filters have equal keys."""
@@ -66,14 +74,17 @@ class QueryFilter:
             d["uri_prefix"] = self.uri_prefix
         if self.metadata:
             d["metadata"] = {c: sorted(v) for c, v in sorted(self.metadata)}
+        if self.entries is not None:
+            d["entries"] = self.entries.value
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> QueryFilter:
-        unknown = set(d) - {"labels", "uri_prefix", "metadata"}
+        unknown = set(d) - {"labels", "uri_prefix", "metadata", "entries"}
         if unknown:
             raise ValueError(f"unknown filter field(s) {sorted(unknown)}; allowed: labels (list of class names), "
-                             "uri_prefix (string), metadata ({column: value or [values]})")
+                             "uri_prefix (string), metadata ({column: value or [values]}), entries (image or "
+                             "region)")
         labels = d.get("labels")
         if isinstance(labels, str):
             labels = [labels]
@@ -83,7 +94,8 @@ class QueryFilter:
         return cls(labels=None if labels is None else tuple(str(x) for x in labels),
                    uri_prefix=None if d.get("uri_prefix") is None else str(d["uri_prefix"]),
                    metadata=tuple((str(c), tuple(str(x) for x in ([v] if isinstance(v, str) else v)))
-                                  for c, v in sorted(meta.items())))
+                                  for c, v in sorted(meta.items())),
+                   entries=d.get("entries"))
 
     @classmethod
     def parse(cls, spec: str) -> QueryFilter:
@@ -145,8 +157,10 @@ class RowAttributes:
     MASK_CACHE = 8
 
     def __init__(self, labels: np.ndarray, class_names: Sequence[str], uris: Callable[[], np.ndarray],
-                 metadata: Callable[[str], np.ndarray]):
+                 metadata: Callable[[str], np.ndarray], *, ids: np.ndarray | None = None):
         self.labels = np.asarray(labels)
+        # Entry ids, for the region-memory entry filter (memory.regions.layout); None: that filter is refused.
+        self.ids = None if ids is None else np.asarray(ids)
         self.class_names = tuple(class_names)
         self._uris = uris
         self._metadata = metadata
@@ -191,6 +205,11 @@ class RowAttributes:
             ok &= np.char.startswith(self.uris().astype(str), f.uri_prefix)
         for col, values in f.metadata:
             ok &= np.isin(self.metadata(col), np.asarray(values, dtype=str))
+        if f.entries is not None:
+            if self.ids is None:
+                raise ValueError(f"an entries={f.entries.value} filter needs the rows' ids; build RowAttributes "
+                                 "with ids=")
+            ok &= self.memo("region rows", lambda: is_region_id(self.ids)) == (f.entries is EntryKind.REGION)
         return ok
 
 

@@ -467,7 +467,7 @@ class LoadedShard:
         with derived.lock:
             if derived.attributes is None:
                 derived.attributes = RowAttributes(self.labels, self.class_names, self._row_uris,
-                                                   self._metadata_values)
+                                                   self._metadata_values, ids=self.ids)
             return derived.attributes
 
     def _row_uris(self) -> np.ndarray:

@@ -32,6 +32,7 @@ import numpy as np
 
 from memory import storage
 from memory.index.shard_index import IndexConfig, IndexKind
+from memory.regions.layout import region_grid, whole_image_ids
 from memory.store.manifest import (ForgottenSet, Manifest, ManifestError, ShardInfo, WeightsRef, read_checked_file,
                              sha256_checksum)
 from memory.store.shard import ShardData, write_shard
@@ -230,6 +231,8 @@ def forget(root: str, *, ids: Iterable[str] | None = None, label: str | None = N
         req = np.unique(str_array(ids))
         if not req.size:
             raise ValueError("forget(ids=...) got an empty id list; pass at least one id")
+        # A region memory forgets whole images: an image id stands for its global and all its region entries.
+        req = whole_image_ids(req, region_grid(m))
         forgotten_already = in_sorted(gone, req)
         unknown = req[forgotten_already | ~_present(root, m, req, verify)]
         if unknown.size:

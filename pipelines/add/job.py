@@ -64,7 +64,7 @@ class _PublishAddFn(beam.DoFn):
                 by_index[index] = info
             infos = [by_index[i] for i in sorted(by_index) if by_index[i].count]
             counts = check_counts(infos=infos, records_read=records_read, failed=failed,
-                                  dead_letter_dir=plan.dead_letter_dir)
+                                  dead_letter_dir=plan.dead_letter_dir, regions=plan.regions)
             # A lost race re-bases; a true conflict (WriteConflictError) propagates: the job fails with its
             # message, nothing is published and this add's files are deleted.
             manifest = publish_add_version(plan, delta_infos=infos, new_class_names=class_names,
@@ -146,7 +146,8 @@ def add_pipeline(p: beam.Pipeline, *, plan: AddPlan, source, target_size: int, m
         records, id_failures = read | "RejectKnownIds" >> RejectKnownIds(plan.root, plan.base_version, verify=verify)
         images, decode_failures = records | "DecodeImages" >> DecodeImages(preprocess)
         entries, embed_failures, identities = images | "EmbedImages" >> EmbedImages(
-            plan.encoder, min_batch_size=min_batch_size, max_batch_size=max_batch_size, progress_every=progress_every)
+            plan.encoder, min_batch_size=min_batch_size, max_batch_size=max_batch_size, progress_every=progress_every,
+            regions=plan.regions)
         blocks = entries | "ToBlocks" >> EntriesToBlocks()
         failure_sets = [read_failures, id_failures, decode_failures, embed_failures]
         records_read = ((read, read_failures) | "AllRead" >> beam.Flatten()

@@ -18,6 +18,7 @@ from typing import NamedTuple, Optional, Sequence
 
 from encoders.base import EncoderSpec
 from memory import storage
+from memory.regions.layout import region_grid
 from memory.store.manifest import Manifest, ShardInfo
 from memory.store.mutations import DELTAS_DIR, add_manifest, rebase_add
 from memory.store.purge import DEAD_LETTER_DIR
@@ -53,6 +54,8 @@ class AddPlan:
       encoder: The memory's own EncoderSpec (None for a memory built from precomputed embeddings).
       encoder_identity: The memory's recorded encoder identity (what the workers must reproduce).
       class_names: Class names of version n (new names are appended after them).
+      regions: The grid G of a region memory (memory.regions): new images get their region entries too; None
+        for a global memory.
     """
     root: str
     base_version: int
@@ -60,6 +63,7 @@ class AddPlan:
     encoder: Optional[EncoderSpec]
     encoder_identity: dict
     class_names: tuple[str, ...]
+    regions: Optional[int] = None
 
     @property
     def new_version(self) -> int:
@@ -96,7 +100,8 @@ def plan_add(root: str, *, job_id: str | None = None, images: bool = True) -> Ad
     embeds = images and not is_precomputed(manifest.encoder)
     return AddPlan(root=root, base_version=n, job_id=job_id or secrets.token_hex(4),
                    encoder=memory_encoder_spec(manifest) if embeds else None,
-                   encoder_identity=dict(manifest.encoder), class_names=tuple(manifest.class_names))
+                   encoder_identity=dict(manifest.encoder), class_names=tuple(manifest.class_names),
+                   regions=region_grid(manifest))
 
 
 def check_precomputed_identity(plan: AddPlan, encoder_id: str | None, source, *, memory_dim: int) -> dict:
@@ -153,9 +158,13 @@ class AddCounts(NamedTuple):
     failed: int
 
 
-def check_counts(*, infos: Sequence[ShardInfo], records_read: int, failed: int, dead_letter_dir: str) -> AddCounts:
-    """read == added + failed, and something to add; raises AddError otherwise (nothing is published)."""
-    added = sum(info.count for info in infos)
+def check_counts(*, infos: Sequence[ShardInfo], records_read: int, failed: int, dead_letter_dir: str,
+                 regions: int | None = None) -> AddCounts:
+    """read == added + failed, and something to add; raises AddError otherwise (nothing is published).
+
+    ``regions``: a region memory's grid G, whose images each add 1 + G*G entries (the counts count images).
+    """
+    added = sum(info.count for info in infos) // (1 + regions * regions if regions else 1)
     if records_read != added + failed:
         raise AddError(f"bookkeeping mismatch: read {records_read} != added {added} + failed {failed}; nothing "
                        "was published.")

@@ -17,6 +17,8 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 
 from encoders.base import EncoderSpec, PreprocessSpec
+from memory.regions.layout import check_image_ids, region_id
+from memory.regions.pooling import region_vectors
 from memory.vectors import l2_normalize
 from pipelines.io.readers import FAILED_TAG, failed_record
 from pipelines.records import DecodedImage, EmbeddedImage, EntryMeta, ImageRecord, Stage
@@ -176,9 +178,12 @@ class EncoderModelHandler(ModelHandler[np.ndarray, np.ndarray, Any]):
     the identity of the model the workers actually ran.
     """
 
-    def __init__(self, spec: EncoderSpec, *, min_batch_size: int = 16, max_batch_size: int = 64):
+    def __init__(self, spec: EncoderSpec, *, min_batch_size: int = 16, max_batch_size: int = 64,
+                 regions: int | None = None):
         super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size)
         self._spec = spec
+        # G: each inference is [1 + G*G, d], the global vector then the regions, from one feature-map pass.
+        self._regions = regions
 
     def load_model(self):
         from encoders import load_encoder
@@ -186,7 +191,10 @@ class EncoderModelHandler(ModelHandler[np.ndarray, np.ndarray, Any]):
 
     def run_inference(self, batch: Sequence[np.ndarray], model, inference_args: Optional[dict] = None
                       ) -> Iterable[PredictionResult]:
-        vectors = np.asarray(model.embed(np.stack(batch)), dtype=np.float32)
+        if self._regions is None:
+            vectors = np.asarray(model.embed(np.stack(batch)), dtype=np.float32)
+        else:
+            vectors = region_vectors(model.feature_map(np.stack(batch)), self._regions)
         identity = json.dumps(model.identity.to_dict(), sort_keys=True)
         return [PredictionResult(x, v, model_id=identity) for x, v in zip(batch, vectors)]
 
@@ -217,11 +225,19 @@ class _ToEntryFn(beam.DoFn):
         if self._start is None:
             self._start = time.monotonic()
         vector = np.asarray(result.inference, dtype=np.float32)
-        if vector.ndim != 1 or not np.all(np.isfinite(vector)) or not np.any(vector):
+        # A region build's inference is [1 + G*G, d]: the global vector, then the regions (memory.regions).
+        rows = vector if vector.ndim == 2 else vector[None, :]
+        if vector.ndim not in (1, 2) or not np.all(np.isfinite(rows)) or not np.all(np.any(rows, axis=1)):
             yield failed_record(meta.id, meta.uri, "invalid_embedding",
                                 f"encoder returned shape {vector.shape} with non-finite or all-zero values",
                                 Stage.EMBED)
             return
+        if vector.ndim == 2:
+            try:
+                check_image_ids([meta.id])
+            except ValueError as e:
+                yield failed_record(meta.id, meta.uri, "region_id_clash", str(e), Stage.EMBED)
+                return
         if result.model_id not in self._identities:
             # One identity per worker is the norm; emitting each new one lets the manifest step check them.
             self._identities.add(result.model_id)
@@ -231,7 +247,10 @@ class _ToEntryFn(beam.DoFn):
         if self._count % self._progress_every == 0:
             elapsed = time.monotonic() - self._start
             _LOG.info("embedded %d images on this worker (%.1f img/s)", self._count, self._count / max(elapsed, 1e-9))
-        yield EmbeddedImage(meta.id, meta.uri, meta.label, l2_normalize(vector[None, :])[0])
+        units = l2_normalize(rows)
+        yield EmbeddedImage(meta.id, meta.uri, meta.label, units[0])
+        for r in range(1, units.shape[0]):
+            yield EmbeddedImage(region_id(meta.id, r - 1), meta.uri, meta.label, units[r])
 
 
 class FailedBatchFn(beam.DoFn):
@@ -253,13 +272,15 @@ class EmbedImages(beam.PTransform):
     """DecodedImage -> EmbeddedImage through RunInference.
 
     Returns ``(entries, failures, identities)``: unit-norm entries, FailedRecords, and the encoder identity
-    JSON strings seen on the workers (deduplicated).
+    JSON strings seen on the workers (deduplicated). With ``regions=G`` every image gives its global entry
+    and G x G region entries (``IMAGEID#r<i>``, memory.regions.layout) from one pass over the feature map.
     """
 
-    def __init__(self, spec: EncoderSpec, *, min_batch_size: int, max_batch_size: int, progress_every: int):
+    def __init__(self, spec: EncoderSpec, *, min_batch_size: int, max_batch_size: int, progress_every: int,
+                 regions: int | None = None):
         super().__init__()
         self._handler = KeyedModelHandler(
-            EncoderModelHandler(spec, min_batch_size=min_batch_size, max_batch_size=max_batch_size))
+            EncoderModelHandler(spec, min_batch_size=min_batch_size, max_batch_size=max_batch_size, regions=regions))
         self._progress_every = progress_every
 
     def expand(self, images):

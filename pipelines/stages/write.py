@@ -30,6 +30,7 @@ from apache_beam.metrics import Metrics
 
 from memory import storage
 from memory.index.shard_index import IndexConfig
+from memory.regions.layout import GRID_KEY
 from memory.store.purge import DEAD_LETTER_DIR  # One name for the folder the clean-up sweeps too.
 from memory.store.manifest import FORMAT_VERSION, BuildCounts, Manifest, Metric, RouterRef, ShardInfo
 from memory.store.versions import write_manifest
@@ -443,7 +444,9 @@ def assemble_manifest(*, output: str, infos: list[tuple[int, ShardInfo]], num_sh
             by_index[i] = write_shard(path, ShardData.empty(int(encoder["dim"])), index_config=index_config,
                                       name=name, root_relative_path=rel)
         shards.append(by_index[i])
-    embedded = sum(s.count for s in shards)
+    # A region build (memory.regions) stores 1 + G*G entries per embedded image; the counts count images.
+    grid = build_config.get(GRID_KEY)
+    embedded = sum(s.count for s in shards) // (1 + grid * grid if grid else 1)
     if records_read != embedded + failed:
         raise BuildError(f"bookkeeping mismatch: read {records_read} != embedded {embedded} + failed {failed}.")
     return Manifest(

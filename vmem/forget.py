@@ -14,7 +14,8 @@ without them would. No index is rebuilt, so this takes milliseconds to seconds, 
 What is physically deleted, and when: forgetting hides entries; their embeddings stay inside the shard
 files (and older versions still show them) until ``vmem reindex`` rewrites the affected shards without them.
 ``--purge-history`` additionally deletes, right away, every older version that can still show a forgotten
-entry (and files only those versions used), and records that the next re-index must purge again, which is
+entry (and files only those versions used; a tombstone file listing only ids the latest tombstones list too
+is left for the hour-old leftover sweep of the next re-index, so jobs still reading it finish), and records that the next re-index must purge again, which is
 when the old shard files holding the embeddings are deleted.
 
 The ids file holds one id per line (blank lines ignored). Exit status: 0 on success; 1 when nothing can be

@@ -69,7 +69,8 @@ def purge_history_once(root: str, *, expected_version: int | None = None) -> lis
     Then v's live entries are a subset of L's, so it reveals nothing L has forgotten. Every other older
     version is *purged*: a new version L+1 (a copy of L, change kind "purge" listing the purged versions and
     deleted paths) is published first, then the purged version files are deleted, then every file or shard
-    directory referenced by a purged version and by no remaining version.
+    directory referenced by a purged version and by no remaining version, except tombstone files whose ids the
+    latest version's tombstones all list (no information beyond L's; the leftover sweep removes them later).
 
     Embeddings of entries forgotten but not yet re-indexed live in shards that L itself references, so they
     stay on disk (hidden by tombstones) until a re-index writes new shards without them; purging after the
@@ -87,18 +88,25 @@ def purge_history_once(root: str, *, expected_version: int | None = None) -> lis
     # A version's calibration file reveals nothing the latest version hides: it does not decide what is kept,
     # but one only purged versions reference is deleted with them.
     keep_paths = referenced_paths(latest, tombstones=False, calibration=False)
-    kept, purged, purged_paths = [latest], [], set()
+    kept, purged, purged_paths, hidden_tombstones = [latest], [], set(), set()
     for n in versions[:-1]:
         m = read_version(root, n)
-        if referenced_paths(m, tombstones=False, calibration=False) <= keep_paths and gone <= set(read_forgotten(root, m).tolist()):
+        forgotten = set(read_forgotten(root, m).tolist())
+        if referenced_paths(m, tombstones=False, calibration=False) <= keep_paths and gone <= forgotten:
             kept.append(m)
         else:
             purged.append(n)
             purged_paths |= referenced_paths(m)
+            if m.forgotten is not None and forgotten <= gone:
+                hidden_tombstones.add(m.forgotten.path)
     if not purged:
         return []
     still = set().union(*(referenced_paths(m) for m in kept))
-    delete = sorted(purged_paths - still)
+    # A purged version's tombstone file that lists only ids the latest version's tombstones list too reveals
+    # nothing the latest does not: it is left for the leftover sweep (remove_leftovers, after its grace period),
+    # so a job still reading that version on its workers (an evaluation started before the purge) can finish.
+    # Tombstones the latest no longer lists (a re-index dropped those rows) go now, with the shards.
+    delete = sorted(purged_paths - still - hidden_tombstones)
     # Checked before the record is published: a bad path is never recorded, and nothing is deleted.
     full_paths = checked_deletion_paths(root, delete, what=f"the paths versions {purged} reference")
     publish_version(root, dataclasses.replace(latest, change={

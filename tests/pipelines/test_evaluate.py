@@ -438,11 +438,15 @@ def test_evaluate_caps_k_max_at_the_live_entries(tmp_path, caplog):
     assert {len(r.neighbor_ids) for r in records} == {9} and all(keys[0] not in r.neighbor_ids for r in records)
 
 
-def test_an_evaluation_whose_version_is_purged_while_it_runs_runs_again_on_the_latest(tmp_path, monkeypatch):
-    """`vmem forget --purge-history` during an unpinned evaluation: it evaluates the new latest version; a pinned
-    version that was purged fails."""
+@pytest.mark.parametrize("swept", [True, False])
+def test_an_evaluation_whose_version_is_purged_while_it_runs_runs_again_on_the_latest(tmp_path, monkeypatch,
+                                                                                      swept):
+    """`vmem forget --purge-history` during an unpinned evaluation. The purge leaves version 2's tombstone file
+    (the latest lists its ids too) for the leftover sweep: the evaluation finishes on version 2. Once the sweep
+    has removed it (``swept``), the evaluation runs again on the new latest version. A pinned version that was
+    purged fails."""
     from memory.store import mutations
-    from memory.store.purge import purge_history
+    from memory.store.purge import purge_history, remove_leftovers
     from tests.pipelines.test_build import clip_folder
     keys, _, _ = clip_folder(str(tmp_path / "mem-emb"), [120], dim=16, seed=3)
     qkeys, _, qemb = clip_folder(str(tmp_path / "q-emb"), [20], dim=16, seed=4)
@@ -450,6 +454,7 @@ def test_an_evaluation_whose_version_is_purged_while_it_runs_runs_again_on_the_l
     build.run([f"--embeddings=clip:{tmp_path / 'mem-emb'},label_column=label", "--encoder-id=enc-16",
                f"--output={mem}", "--runner=FnApiRunner"])
     mutations.forget(mem, ids=keys[:2].tolist())  # Version 2: the one the evaluation starts on.
+    expected_v2 = VisualMemory.open(mem).search(qemb, 5)
     real = evaluate.evaluate_pipeline
     runs = []
 
@@ -459,16 +464,18 @@ def test_an_evaluation_whose_version_is_purged_while_it_runs_runs_again_on_the_l
         if len(runs) == 1:
             mutations.forget(mem, ids=keys[2:4].tolist())
             assert purge_history(mem) == [1, 2]
+            if swept:
+                assert len(remove_leftovers(mem, grace_s=0)) == 1
 
     monkeypatch.setattr(evaluate, "evaluate_pipeline", graph_then_purge)
     out = str(tmp_path / "eval")
     args = [f"--memory={mem}", f"--embeddings=clip:{tmp_path / 'q-emb'},label_column=label", "--encoder-id=enc-16",
             f"--output={out}", "--k-max=5", "--runner=FnApiRunner"]
     evaluate.run(args)
-    assert runs == [2, 4]
-    assert json.load(open(os.path.join(out, "evaluation-summary.json")))["memory_version"] == 4
+    assert runs == ([2, 4] if swept else [2])
+    assert json.load(open(os.path.join(out, "evaluation-summary.json")))["memory_version"] == runs[-1]
     records = {r.query_id: r for r in read_neighbor_files(glob.glob(os.path.join(out, "*neighbors*.jsonl")))}
-    expected = VisualMemory.open(mem).search(qemb, 5)
+    expected = VisualMemory.open(mem).search(qemb, 5) if swept else expected_v2
     for i, key in enumerate(qkeys):
         assert list(records[key].neighbor_ids) == expected.ids[i].tolist()
     with pytest.raises(Exception, match="no version 2"):

@@ -410,3 +410,25 @@ def test_purge_record_listing_a_path_outside_the_memory_deletes_nothing(memory, 
     with pytest.raises(ManifestError, match=r"refusing to delete '\.\./precious\.txt' listed in version 2"):
         purge.purge_history(root)
     assert outside.read_text() == "not the memory's" and os.path.exists(leftover)  # Nothing at all was deleted.
+
+
+def test_purge_leaves_tombstones_the_latest_lists_for_the_leftover_sweep(memory):
+    """A purged version's tombstone file whose ids the latest tombstones all list is left for the sweep (a job
+    still reading that version can finish; nothing is revealed beyond the latest's own tombstones); one whose
+    ids a re-index dropped goes at once."""
+    root, ids, *_ = memory
+    mutations.forget(root, ids=[ids[0]])
+    second = read_manifest(root).forgotten.path
+    mutations.forget(root, ids=[ids[1]])
+    assert purge.purge_history(root) == [1, 2]
+    assert second not in history(root)[-1]["change"]["deleted_paths"]
+    assert os.path.exists(os.path.join(root, second))  # Still readable by whoever pinned version 2...
+    np.testing.assert_array_equal(mutations.read_forgotten(root, read_manifest(root)), sorted(ids[:2]))
+    assert [f.rel for f in purge.remove_leftovers(root, grace_s=0)] == [second]  # ...until the sweep.
+    assert not os.path.exists(os.path.join(root, second))
+    mutations.forget(root, ids=[ids[2]])
+    third = read_manifest(root).forgotten.path
+    _reindex(root)
+    assert purge.purge_history(root)  # The re-index dropped the forgotten rows: their tombstones go now.
+    assert third in history(root)[-1]["change"]["deleted_paths"]
+    assert not os.path.exists(os.path.join(root, third))

@@ -46,12 +46,13 @@ def memory(tmp_path):
 
 
 def _purged_under_a_reader(root, ids, monkeypatch):
-    """A reader lists version 2 and reads its file; then two forgets and a purge remove version 2 and its
-    tombstone file before the reader reads that file."""
+    """A reader lists version 2 and reads its file; then two forgets and a purge remove version 2, and the
+    leftover sweep its tombstone file, before the reader reads that file."""
     mutations.forget(root, ids=ids[:2])
     stale = read_manifest(root, version=2)
     mutations.forget(root, ids=ids[2:4])
     assert purge.purge_history(root) == [1, 2]
+    assert [f.rel for f in purge.remove_leftovers(root, grace_s=0)] == [stale.forgotten.path]
     assert not os.path.exists(os.path.join(root, stale.forgotten.path))
     calls = []
     real_read, real_latest = versions.read_version, versions.latest_version

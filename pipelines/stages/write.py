@@ -224,7 +224,7 @@ def _class_indices(labels: np.ndarray, class_names: list[str]) -> np.ndarray:
     found = index < len(names)
     found[found] = names[index[found]] == labels[found]
     if not found.all():
-        raise BuildError(f"label {labels[~found][0]!r} is not among the build's {len(names)} class names")
+        raise BuildError(f"label {str(labels[~found][0])!r} is not among the build's {len(names)} class names")
     return index.astype(np.int32)
 
 

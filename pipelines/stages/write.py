@@ -165,8 +165,11 @@ class SpillBlocks(beam.DoFn):
         self._total = total  # Entries of the whole job, when known: the progress lines' ETA.
         self._spilled_rows = Metrics.counter(_NAMESPACE, "entries_spilled")
 
-    def setup(self):
-        self._progress = Progress("read and spilled", total=self._total)
+    def _progress(self) -> Progress:
+        # Made on first use, once per worker: subclasses (the re-index's) have setups of their own.
+        if getattr(self, "_progress_lines", None) is None:
+            self._progress_lines = Progress("read and spilled", total=self._total)
+        return self._progress_lines
 
     def start_bundle(self):
         self._buffers: dict[int, list[EntryBlock]] = {}
@@ -183,7 +186,7 @@ class SpillBlocks(beam.DoFn):
     def process(self, block, *side):
         if not len(block):
             return
-        self._progress.add(len(block))
+        self._progress().add(len(block))
         shards = np.asarray(self._assign(block, *side), dtype=np.int64)
         order = np.argsort(shards, kind="stable")
         bounds = np.flatnonzero(np.diff(shards[order])) + 1
@@ -201,7 +204,7 @@ class SpillBlocks(beam.DoFn):
 
         for shard in sorted(self._buffers):
             yield WindowedValue(self._flush(shard), MIN_TIMESTAMP, [GlobalWindow()])
-        self._progress.flush()
+        self._progress().flush()
 
 
 def _hash_assign(block: EntryBlock, num_shards: int) -> np.ndarray:

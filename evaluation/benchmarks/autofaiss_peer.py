@@ -1,10 +1,10 @@
 """autofaiss as a benchmark peer of ``vmem build``, run in its own virtualenv by `bench_build`.
 
-autofaiss needs numpy < 2, which this project's environment does not have, so it is never imported here:
-`bench_build` runs this file as a script with the peer's Python (``--autofaiss-python``), which imports
-nothing of the project. Set the peer up once::
+autofaiss needs numpy < 2 (and so a pyarrow older than 19), which this project's environment does not have,
+so it is never imported here: `bench_build` runs this file as a script with the peer's Python
+(``--autofaiss-python``), which imports nothing of the project. Set the peer up once::
 
-    python -m venv /path/af-venv && /path/af-venv/bin/pip install autofaiss 'numpy<2' faiss-cpu
+    python -m venv /path/af-venv && /path/af-venv/bin/pip install autofaiss 'numpy<2' 'pyarrow<19' faiss-cpu
 
 Two commands, each printing one JSON line on stdout::
 

@@ -3,7 +3,7 @@ sharding's router) and ``TrainIndexTemplate`` (the index template hash shards ar
 
 Both samples are the entries with the smallest `memory.search.routing.router_sample_key` (a digest of the
 id), so the local build and every runner sample the same entries, drawn from the blocks as they stream
-past, a block at a time (`_SmallestKeysFn`): no step holds every entry.
+past, a block at a time (`SmallestKeysFn`): no step holds every entry.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pipelines.stages.write import SPILL_DIR, count_rows
 _LOG = logging.getLogger("visual_memory")
 # Most entries a hash build's index template trains on (IndexConfig.training_sample_size's default).
 TEMPLATE_SAMPLE_MAX = 250_000
-# A sample accumulator is cut back to its size once it holds this many times as many rows (_SmallestKeysFn).
+# A sample accumulator is cut back to its size once it holds this many times as many rows (SmallestKeysFn).
 _SAMPLE_SLACK = 1.3
 
 
@@ -84,7 +84,7 @@ class TrainIndexTemplate(beam.PTransform):
 
 class _SpillSampleFn(beam.DoFn):
     """EntryBlock -> the path of a file holding the bundle's ``size`` rows with the smallest
-    `router_sample_key` (`_SmallestKeysFn`), written at the end of the bundle.
+    `router_sample_key` (`SmallestKeysFn`), written at the end of the bundle.
 
     The sample moves between steps as files, like the shards' rows (`SpillBlocks`): a runner that keeps
     the elements it passes between steps in memory (the local one) never holds a copy of it.
@@ -92,7 +92,7 @@ class _SpillSampleFn(beam.DoFn):
 
     def __init__(self, spill_dir: str, size: int):
         self._spill_dir = spill_dir
-        self._fn = _SmallestKeysFn(size)
+        self._fn = SmallestKeysFn(size)
 
     def start_bundle(self):
         self._acc = self._fn.create_accumulator()
@@ -119,7 +119,7 @@ class _SpillSampleFn(beam.DoFn):
 
 def read_sample(paths, size: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``size`` smallest-key rows (keys, embeddings) over the sample files `_SpillSampleFn` wrote."""
-    fn = _SmallestKeysFn(size)
+    fn = SmallestKeysFn(size)
     accs = []
     for path in sorted(paths):
         with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as z:
@@ -127,7 +127,7 @@ def read_sample(paths, size: int) -> tuple[np.ndarray, np.ndarray]:
     return fn.extract_output(fn.merge_accumulators(accs))
 
 
-class _SmallestKeysFn(beam.CombineFn):
+class SmallestKeysFn(beam.CombineFn):
     """EntryBlock -> (keys, embeddings) of the ``size`` rows with the smallest `router_sample_key`, key order.
 
     Blocks are combined as arrays (not one element per entry). An accumulator is a list of (keys, embeddings)
@@ -200,6 +200,6 @@ class TrainRouter(beam.PTransform):
 
     def expand(self, blocks):
         return (blocks
-                | "Sample" >> beam.CombineGlobally(_SmallestKeysFn(self._config.training_sample_size))
+                | "Sample" >> beam.CombineGlobally(SmallestKeysFn(self._config.training_sample_size))
                 | "Train" >> beam.Map(_train_and_write_router, beam.pvalue.AsSingleton(self._num_shards),
                                       output=self._output, config=self._config))

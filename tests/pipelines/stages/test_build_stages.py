@@ -12,7 +12,7 @@ from pipelines.io import embedding_sources as es
 from pipelines.records import EntryBlock
 from pipelines.stages import write
 from pipelines.stages.progress import Progress
-from pipelines.stages.train import _SmallestKeysFn, read_sample
+from pipelines.stages.train import SmallestKeysFn, read_sample
 
 
 def _reference_sample(blocks, size):
@@ -36,7 +36,7 @@ def _blocks(rng, count, max_rows, id_range, dim=4):
 def test_smallest_keys_sample_equals_its_definition_across_bundles(size):
     rng = np.random.default_rng(size)
     blocks = _blocks(rng, 40, 300, 4000)
-    fn = _SmallestKeysFn(size)
+    fn = SmallestKeysFn(size)
     accs = [fn.create_accumulator() for _ in range(3)]
     for i, block in enumerate(blocks):  # Three bundles, merged as a runner would.
         accs[i % 3] = fn.add_input(accs[i % 3], block)
@@ -52,7 +52,7 @@ def test_sample_files_round_trip(tmp_path):
     blocks = _blocks(rng, 20, 200, 10_000)
     paths = []
     for half in (blocks[:10], blocks[10:]):
-        sampler = _SmallestKeysFn(50)
+        sampler = SmallestKeysFn(50)
         acc = sampler.create_accumulator()
         for b in half:
             acc = sampler.add_input(acc, b)

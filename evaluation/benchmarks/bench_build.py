@@ -140,15 +140,18 @@ def measure(cmd: Sequence[str], *, log_path: str) -> tuple[float, float, float, 
 # ------------------------------------------------------------------------------------------ the two builds
 
 def ours_command(data: str, output: str) -> list[str]:
+    """``vmem build`` with its defaults over a clip-retrieval folder whose metadata has a ``label`` column."""
     return [sys.executable, "-m", "vmem", "build", "--embeddings", f"clip:{data},label_column=label",
             "--encoder-id", "synthetic-bench", "--output", output, "--overwrite"]
 
 
 def autofaiss_command(python: str, data: str, index_path: str, budget: str) -> list[str]:
+    """autofaiss's ``build_index`` on the folder's ``img_emb/`` through `autofaiss_peer` in its own Python."""
     return [python, _PEER, "build", os.path.join(data, "img_emb"), index_path, index_path + ".json", budget]
 
 
 def autofaiss_available(python: str | None) -> bool:
+    """Whether ``python`` (a path, or None) imports autofaiss and faiss."""
     if not python:
         return False
     try:
@@ -161,12 +164,12 @@ def autofaiss_available(python: str | None) -> bool:
 # ------------------------------------------------------------------------------------------------ searches
 
 def load_queries(queries_dir: str) -> np.ndarray:
-    paths = sorted(glob.glob(os.path.join(queries_dir, "img_emb", "img_emb_*.npy")),
-                   key=lambda p: int(p.rsplit("_", 1)[1].split(".")[0]))
-    return memory_vectors(np.concatenate([np.load(p) for p in paths]))
+    """A clip-retrieval folder's rows, in file order, as the memory stores them (float32 unit rows)."""
+    return memory_vectors(np.concatenate([np.load(p) for p in data_files(queries_dir)]))
 
 
 def data_files(data_dir: str) -> list[str]:
+    """A clip-retrieval folder's ``img_emb_<i>.npy`` files in part order (row order of the whole set)."""
     return sorted(glob.glob(os.path.join(data_dir, "img_emb", "img_emb_*.npy")),
                   key=lambda p: int(p.rsplit("_", 1)[1].split(".")[0]))
 
@@ -201,6 +204,7 @@ def sweep_memory(root: str, queries: np.ndarray, true_ids: np.ndarray, *, repeat
 
 def sweep_autofaiss(python: str, index_path: str, queries: np.ndarray, true_ids: np.ndarray, *, repeats: int,
                     work: str) -> tuple[str, list[Trial]]:
+    """autofaiss's index swept by `autofaiss_peer` in its own Python: (index type, trials)."""
     q_path, t_path = os.path.join(work, "queries.npy"), os.path.join(work, "true_ids.npy")
     np.save(q_path, queries)
     np.save(t_path, true_ids)
@@ -211,6 +215,7 @@ def sweep_autofaiss(python: str, index_path: str, queries: np.ndarray, true_ids:
 
 
 def best_qps(trials: Sequence[Trial], target: float) -> Trial | None:
+    """The fastest trial with recall@10 >= ``target``, or None when none reaches it."""
     ok = [t for t in trials if t.recall >= target]
     return max(ok, key=lambda t: t.qps) if ok else None
 
@@ -226,6 +231,7 @@ def _summary(runs: Sequence[RunFigures]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
+    """Runs the benchmark (flags in the module docstring); returns the figures it printed."""
     parser = argparse.ArgumentParser(prog="python -m evaluation.benchmarks.bench_build",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True, help="clip-retrieval folder (evaluation.synthetic_data --out)")

@@ -57,8 +57,9 @@ from memory.store.sharding import Sharding
 from pipelines.stages.embed import DecodeImages, EmbedImages
 from pipelines.io.readers import ImageSource, ReadImages, parse_image_spec
 from pipelines.runner import BeamOptions, FlagError, resolve_pipeline_options
-from pipelines.stages.write import (EntriesToBlocks, TrainIndexTemplate, TrainRouter, WriteDeadLetters, WriteManifest,
-                             WriteMemoryShards, block_class_names, count_rows, shards_for_count)
+from pipelines.stages.train import TrainIndexTemplate, TrainRouter
+from pipelines.stages.write import (EntriesToBlocks, WriteDeadLetters, WriteManifest, WriteMemoryShards,
+                                    block_class_names, count_rows, shards_for_count)
 
 if TYPE_CHECKING:
     from pipelines.io.embedding_sources import EmbeddingSource
@@ -246,8 +247,10 @@ def build_pipeline(p: beam.Pipeline, *, source, output: str, config: BuildConfig
         identity = precomputed_identity(encoder_id, embedding_dim(source), source.to_dict().get("location", ""))
         blocks, read_failures, identities, records_read = read_precomputed(p, source, identity)
         failure_sets.append(read_failures)
-        # A second read for the router sample: re-reading is cheaper than keeping every block for a second
-        # consumer (a local runner would hold them all in memory).
+        # The router is a side input of the step that spills these blocks, so its sample comes from a second
+        # read: re-reading is cheaper than keeping every block until the router is trained (a local runner
+        # would hold them all in memory). The index template is only needed after the spill, so its sample
+        # is drawn from these blocks as they stream past.
         router_blocks = None
         source_config = {"embeddings": source.to_dict(), "encoder_id": encoder_id}
     class_names = block_class_names(blocks)
@@ -260,17 +263,17 @@ def build_pipeline(p: beam.Pipeline, *, source, output: str, config: BuildConfig
                       | "NumShards" >> beam.Map(shards_for_count, config.target_shard_size))
     router = template = None
     sampled = config.sharding is Sharding.PARTITION or _may_use_template(config, entry_count)
-    if sampled and router_blocks is None:
-        router_blocks, _ = p | "ReadForSample" >> ReadEmbeddings(source)
     if config.sharding is Sharding.PARTITION:
+        if router_blocks is None:
+            router_blocks, _ = p | "ReadForSample" >> ReadEmbeddings(source)
         router = router_blocks | "TrainRouter" >> TrainRouter(output, num_shards=num_shards, config=config.router)
     elif sampled:
         # One index template for every tree+AH hash shard: the opened memory searches them as one index.
-        template = router_blocks | "TrainIndexTemplate" >> TrainIndexTemplate(output, num_shards=num_shards,
-                                                                             config=config.index)
+        template = blocks | "TrainIndexTemplate" >> TrainIndexTemplate(output, num_shards=num_shards,
+                                                                      config=config.index)
     infos, shard_failures = blocks | "WriteMemoryShards" >> WriteMemoryShards(
         output, num_shards=num_shards, index_config=config.index, class_names=class_names, router=router,
-        template=template)
+        template=template, total=entry_count)
     failures = (tuple(failure_sets) + (shard_failures,)) | "AllFailures" >> beam.Flatten()
     dead_letter_files = failures | "WriteDeadLetters" >> WriteDeadLetters(output)
     failed = failures | "CountFailed" >> beam.combiners.Count.Globally()

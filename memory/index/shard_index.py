@@ -178,6 +178,15 @@ class IndexConfig:
         return leaves, max(1, min(to_search, leaves))
 
 
+def training_threads() -> int:
+    """Threads ScaNN trains a tree+AH index with: the cores this process may run on.
+
+    ScaNN's default (0) trains on the calling thread alone. Its k-means (tree and AH codebooks) is not
+    bit-reproducible run to run with any thread count, so more threads change no guarantee.
+    """
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _parse_kind(value: Any) -> IndexKind:
     try:
         return IndexKind(value)
@@ -223,6 +232,7 @@ class ShardIndex:
         n, dim = db.shape
         kind = config.resolve_kind(n)
         builder = scann.scann_ops_pybind.builder(db, 10, "dot_product")
+        builder.set_n_training_threads(training_threads())
         quantize = scann.ReorderType[config.embedding_dtype.reorder_type]
         leaves_to_search = None
         if kind is IndexKind.BRUTE_FORCE:

@@ -50,6 +50,9 @@ _ROW_ASSETS = {"TOKENIZATION_NPY", "AH_DATASET_NPY", "DATASET_NPY", "INT8_DATASE
 _SHARED_FILES = ("serialized_partitioner.pb", "ah_codebook.pb", "scann_config.pb", "int8_multipliers.npy")
 # Rows handed to ScaNN's upsert per call (its argument is a Python list of row arrays).
 _UPSERT_BATCH = 65_536
+# Rows ScaNN tokenises and encodes together inside one upsert call: the same files as one at a time (checked
+# byte for byte), ~30% less CPU (measured on 65,536 x 256 rows).
+_UPSERT_INNER_BATCH = 4_096
 
 
 def template_config(config: IndexConfig, total_entries: int, sample_size: int) -> IndexConfig:
@@ -148,7 +151,7 @@ def build_from_template(embeddings: np.ndarray, template_dir: str) -> ShardIndex
         searcher.searcher.delete(list(range(searcher.searcher.size() - 1, -1, -1)))
     for start in range(0, db.shape[0], _UPSERT_BATCH):
         part = db[start:start + _UPSERT_BATCH]
-        got = searcher.searcher.upsert([None] * part.shape[0], list(part), 1)
+        got = searcher.searcher.upsert([None] * part.shape[0], list(part), _UPSERT_INNER_BATCH)
         if got[0] != start or got[-1] != start + part.shape[0] - 1:
             raise RuntimeError(f"ScaNN upsert placed rows {got[0]}..{got[-1]}, expected {start}..{start + len(part) - 1}")
     return ShardIndex(searcher, kind=IndexKind.TREE_AH, size=db.shape[0], dim=db.shape[1],

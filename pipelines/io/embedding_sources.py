@@ -343,51 +343,98 @@ class _ReadClipItemFn(beam.DoFn):
                     if batch_start >= item.stop:
                         break
                     continue
-                table = batch.slice(lo - batch_start, hi - lo).to_pydict()
-                yield from self._block(item, lo, hi, table, npy_file)
+                yield from self._block(item, lo, hi, batch.slice(lo - batch_start, hi - lo), npy_file)
         if offset < item.stop:  # The footer promised more rows than the row group yielded.
             for row in range(max(offset, item.start), item.stop):
                 yield failed_record(f"{posixpath.basename(item.pair.npy)}:{row}", item.pair.npy, "truncated_metadata",
                                     f"{item.pair.parquet} ended at row {offset}")
 
-    def _block(self, item: _WorkItem, lo: int, hi: int, table: dict, npy_file):
-        cols, npy = item.columns, item.pair.npy
+    def _block(self, item: _WorkItem, lo: int, hi: int, batch, npy_file):
+        """Rows [lo, hi) of a work item (``batch``: their metadata) -> dead letters, then one EntryBlock.
+
+        Column operations over the whole block (pyarrow, numpy); Python runs per row only for dead letters.
+        """
+        cols, npy, n = item.columns, item.pair.npy, hi - lo
         rows = read_npy_rows(npy_file, item.header, lo, hi)
         unit, finite, nonzero = _normalise(rows)
-        unit_index = np.cumsum(finite & nonzero) - 1
-        kept = []
-        for i in range(hi - lo):
-            row = lo + i
-            record_id = _text(table[cols.id][i])
-            uri = _text(table[cols.uri][i]) if cols.uri else ""
-            if not uri:
-                uri = f"{npy}#{row}"
-            elif not _is_absolute(uri):
-                uri = posixpath.join(self._source.location, uri)
-            if cols.label is not None:
-                label = _text(table[cols.label][i])
-            else:
-                label = posixpath.basename(posixpath.dirname(_text(table["image_path"][i])))
-            fallback = f"{posixpath.basename(npy)}:{row}"
-            if not record_id:
-                yield failed_record(fallback, uri, "missing_id", f"row {row} of {item.pair.parquet}: empty {cols.id!r}")
-            elif not label:
-                where = repr(cols.label) if cols.label else "parent directory of 'image_path'"
-                yield failed_record(record_id, uri, "missing_label", f"row {row} of {item.pair.parquet}: empty {where}")
-            elif i >= rows.shape[0]:
-                yield failed_record(record_id, uri, "truncated_embeddings",
-                                    f"{npy} holds fewer rows than its header's {item.header.rows}")
-            elif not finite[i]:
-                yield failed_record(record_id, uri, "non_finite_embedding", f"row {row} of {npy} has NaN or inf")
-            elif not nonzero[i]:
-                yield failed_record(record_id, uri, "zero_norm_embedding", f"row {row} of {npy} is all zeros")
-            else:
-                kept.append((record_id, label, uri, unit[unit_index[i]]))
-        if kept:
-            block = _rows_to_block(kept)
+        present = np.arange(n) < rows.shape[0]  # A truncated npy file holds fewer rows than its header says.
+        ok_rows = np.zeros(n, dtype=bool)
+        ok_rows[:rows.shape[0]] = finite & nonzero
+        ids = _text_column(batch.column(cols.id))
+        uris = _uri_column(batch.column(cols.uri) if cols.uri else None, n, lo, npy=npy,
+                           location=self._source.location)
+        if cols.label is not None:
+            labels = _text_column(batch.column(cols.label))
+        else:
+            labels = _parent_dir_column(_text_column(batch.column("image_path")))
+        has_id, has_label = ids != "", labels != ""
+        kept = has_id & has_label & ok_rows
+        for i in np.flatnonzero(~kept).tolist():
+            yield self._dead_letter(item, lo + i, str(ids[i]), str(uris[i]), has_label[i], present[i],
+                                    i < rows.shape[0] and finite[i])
+        if kept.any():
+            unit_index = np.cumsum(ok_rows) - 1
+            block = EntryBlock(ids=ids[kept].astype(str), labels=labels[kept].astype(str),
+                               uris=uris[kept].astype(str), embeddings=unit[unit_index[kept]])
             self._read.inc(len(block))
             self._blocks.inc()
             yield block
+
+    def _dead_letter(self, item: _WorkItem, row: int, record_id: str, uri: str, has_label: bool, present: bool,
+                     finite: bool):
+        """The failure of one unusable row, by the first of its problems in the order the checks are listed."""
+        cols, npy = item.columns, item.pair.npy
+        if not record_id:
+            fallback = f"{posixpath.basename(npy)}:{row}"
+            return failed_record(fallback, uri, "missing_id", f"row {row} of {item.pair.parquet}: empty {cols.id!r}")
+        if not has_label:
+            where = repr(cols.label) if cols.label else "parent directory of 'image_path'"
+            return failed_record(record_id, uri, "missing_label", f"row {row} of {item.pair.parquet}: empty {where}")
+        if not present:
+            return failed_record(record_id, uri, "truncated_embeddings",
+                                 f"{npy} holds fewer rows than its header's {item.header.rows}")
+        if not finite:
+            return failed_record(record_id, uri, "non_finite_embedding", f"row {row} of {npy} has NaN or inf")
+        return failed_record(record_id, uri, "zero_norm_embedding", f"row {row} of {npy} is all zeros")
+
+
+def _text_column(column) -> np.ndarray:
+    """A metadata column as an object array of stripped strings, "" for nulls (as `_text` per value)."""
+    import pyarrow as pa  # pylint: disable=g-import-not-at-top
+    import pyarrow.compute as pc  # pylint: disable=g-import-not-at-top
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        trimmed = pc.fill_null(pc.utf8_trim_whitespace(column), "")
+        return trimmed.to_numpy(zero_copy_only=False)
+    # Other types (ints, dates...): Python's str() spelling, as `_text` gives it.
+    return np.array([_text(v) for v in column.to_pylist()], dtype=object)
+
+
+def _uri_column(column, n: int, lo: int, *, npy: str, location: str) -> np.ndarray:
+    """Absolute uris of a block's rows: relative ones joined to the source location, empty ones ``<npy>#<row>``."""
+    uris = _text_column(column) if column is not None else np.full(n, "", dtype=object)
+    empty = uris == ""
+    if empty.any():
+        uris[empty] = [f"{npy}#{row}" for row in (lo + np.flatnonzero(empty)).tolist()]
+    text = uris.astype(str)
+    absolute = np.char.startswith(text, "/") | (np.char.find(text, "://") >= 0)
+    relative = ~(absolute | empty)
+    if relative.any():
+        # posixpath.join(location, uri) for a relative uri.
+        prefix = location if not location or location.endswith("/") else location + "/"
+        uris[relative] = np.char.add(prefix, text[relative]).astype(object)
+    return uris
+
+
+# The parent directory's name of a path, as posixpath.basename(posixpath.dirname(path)): the leftmost
+# component followed by slashes and a last component without one.
+_PARENT_DIR = r"(?P<parent>[^/]*)/+[^/]*$"
+
+
+def _parent_dir_column(paths: np.ndarray) -> np.ndarray:
+    import pyarrow as pa  # pylint: disable=g-import-not-at-top
+    import pyarrow.compute as pc  # pylint: disable=g-import-not-at-top
+    found = pc.extract_regex(pa.array(paths, type=pa.string()), _PARENT_DIR).field(0)
+    return pc.fill_null(found, "").to_numpy(zero_copy_only=False)
 
 
 class _ListPartsFn(beam.DoFn):

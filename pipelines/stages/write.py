@@ -5,6 +5,9 @@ Bounded memory per worker: entries travel as `EntryBlock`s and are *spilled* to 
 ``OUTPUT/.build-tmp/`` (one file per shard per ~64k rows per bundle) instead of being grouped in the runner:
 the GroupByKey only moves (shard, spill file) references, and the worker that builds a shard reads that
 shard's spill files, holding one shard (sized by ``BuildConfig.target_shard_size``) plus ScaNN's copy.
+What a worker holds, at most: a block (``BLOCK_ROWS`` rows) and each shard's unwritten rows of the bundle
+(``SPILL_ROWS`` rows per shard) while spilling; while writing a shard, its ``rows x dim`` float32 once
+(`read_shard_spills` fills them in id order, one spill file at a time) plus ScaNN's copy and codes.
 
 Atomic under retries: every attempt at a shard writes its own directory ``shards/<name>-<attempt>``; the
 manifest, written once at the end, names the attempt that counts, and the directories of other attempts
@@ -23,6 +26,7 @@ import logging
 import math
 import re
 import secrets
+import time
 
 import apache_beam as beam
 import numpy as np
@@ -34,12 +38,12 @@ from memory.regions.layout import GRID_KEY
 from memory.store.purge import DEAD_LETTER_DIR  # One name for the folder the clean-up sweeps too.
 from memory.store.manifest import FORMAT_VERSION, BuildCounts, Manifest, Metric, RouterRef, ShardInfo
 from memory.store.versions import write_manifest
-from memory.search.routing import RouterConfig, router_sample_key, train_router, write_router
 from memory.store.shard import ShardData, write_shard
-from memory.index.template import local_template, train_template, uses_template, write_template
+from memory.index.template import local_template
 from memory.store.sharding import shard_for_id, shard_name
 from pipelines.io.readers import FAILED_TAG, failed_record
 from pipelines.records import EmbeddedImage, EntryBlock, Stage
+from pipelines.stages.progress import Progress
 
 _LOG = logging.getLogger("visual_memory")
 _NAMESPACE = "visual_memory"
@@ -47,9 +51,6 @@ SHARDS_DIR = "shards"
 SPILL_DIR = ".build-tmp"
 # Rows per spill file: large enough that a billion entries make ~1e4-1e5 files, small enough to buffer.
 SPILL_ROWS = 65_536
-# Most entries a hash build's index template trains on (IndexConfig.training_sample_size's default): one worker
-# holds up to twice this many sample rows while they are combined.
-TEMPLATE_SAMPLE_MAX = 250_000
 BLOCK_ROWS = 4_096
 _ATTEMPT_RE = re.compile(r"^shard-\d{5}-of-\d{5}(-[0-9a-f]{8})?$")
 
@@ -112,22 +113,29 @@ def concat_blocks(blocks: list[EntryBlock], dim: int | None = None) -> EntryBloc
     return EntryBlock(*(np.concatenate([getattr(b, f) for b in blocks]) for f in EntryBlock._fields))
 
 
-def dedupe_block(block: EntryBlock) -> tuple[EntryBlock, list[tuple[int, int]]]:
-    """Keeps the first row of each id by uri (deterministic); returns (kept rows, [(duplicate row, kept row)]).
+def dedupe_rows(ids: np.ndarray, uris: np.ndarray) -> tuple[np.ndarray | None, list[tuple[int, int]]]:
+    """Rows to keep, the first of each id by uri (deterministic), and [(duplicate row, kept row)].
 
-    Duplicate ids would make "forget id" ambiguous, so the extra copies become dead letters.
+    The rows come back ascending; None when every id is distinct (keep them all). Duplicate ids would make
+    "forget id" ambiguous, so the extra copies become dead letters.
     """
-    if len(block) < 2:
-        return block, []
-    order = np.lexsort((block.uris, block.ids))
-    ids = block.ids[order]
+    if len(ids) < 2:
+        return None, []
+    order = np.lexsort((uris, ids))
+    ids = ids[order]
     first = np.ones(len(order), dtype=bool)
     first[1:] = ids[1:] != ids[:-1]
     if first.all():
-        return block, []
+        return None, []
     run_start = np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))
     dups = [(int(order[i]), int(order[run_start[i]])) for i in np.flatnonzero(~first)]
-    return block.take(np.sort(order[first])), dups
+    return np.sort(order[first]), dups
+
+
+def dedupe_block(block: EntryBlock) -> tuple[EntryBlock, list[tuple[int, int]]]:
+    """Keeps the first row of each id by uri (`dedupe_rows`); returns (kept rows, [(duplicate row, kept row)])."""
+    rows, dups = dedupe_rows(block.ids, block.uris)
+    return (block, dups) if rows is None else (block.take(rows), dups)
 
 
 def _spill_bytes(block: EntryBlock) -> bytes:
@@ -136,9 +144,12 @@ def _spill_bytes(block: EntryBlock) -> bytes:
     return buf.getvalue()
 
 
-def read_spill(path: str) -> EntryBlock:
+def read_spill(path: str, fields: tuple[str, ...] = EntryBlock._fields) -> tuple[np.ndarray, ...]:
+    """A spill file's arrays (``fields``; all of them, an EntryBlock's fields in order, by default)."""
     with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as z:
-        return EntryBlock(*(z[f] for f in EntryBlock._fields))
+        if fields == EntryBlock._fields:
+            return EntryBlock(*(z[f] for f in fields))
+        return tuple(z[f] for f in fields)
 
 
 class SpillBlocks(beam.DoFn):
@@ -148,11 +159,18 @@ class SpillBlocks(beam.DoFn):
     the end of the bundle), so spill files stay large. ``assign(block, side) -> int [n]`` picks the shards.
     """
 
-    def __init__(self, spill_dir: str, assign, spill_rows: int = SPILL_ROWS):
+    def __init__(self, spill_dir: str, assign, spill_rows: int = SPILL_ROWS, total: int | None = None):
         self._spill_dir = spill_dir
         self._assign = assign
         self._spill_rows = spill_rows
+        self._total = total  # Entries of the whole job, when known: the progress lines' ETA.
         self._spilled_rows = Metrics.counter(_NAMESPACE, "entries_spilled")
+
+    def _progress(self) -> Progress:
+        # Made on first use, once per worker: subclasses (the re-index's) have setups of their own.
+        if getattr(self, "_progress_lines", None) is None:
+            self._progress_lines = Progress("read and spilled", total=self._total)
+        return self._progress_lines
 
     def start_bundle(self):
         self._buffers: dict[int, list[EntryBlock]] = {}
@@ -169,6 +187,7 @@ class SpillBlocks(beam.DoFn):
     def process(self, block, *side):
         if not len(block):
             return
+        self._progress().add(len(block))
         shards = np.asarray(self._assign(block, *side), dtype=np.int64)
         order = np.argsort(shards, kind="stable")
         bounds = np.flatnonzero(np.diff(shards[order])) + 1
@@ -186,6 +205,7 @@ class SpillBlocks(beam.DoFn):
 
         for shard in sorted(self._buffers):
             yield WindowedValue(self._flush(shard), MIN_TIMESTAMP, [GlobalWindow()])
+        self._progress().flush()
 
 
 def _hash_assign(block: EntryBlock, num_shards: int) -> np.ndarray:
@@ -196,9 +216,20 @@ def _router_assign(block: EntryBlock, router) -> np.ndarray:
     return router[0][0].assign(block.embeddings)  # AsList of the one (Router, RouterRef).
 
 
-def _failed_rows(block: EntryBlock, dups) -> list:
-    return [failed_record(str(block.ids[d]), str(block.uris[d]), "duplicate_id", f"id already used by {block.uris[k]}",
-                          Stage.EMBED) for d, k in dups]
+def _failed_rows(ids: np.ndarray, uris: np.ndarray, dups) -> list:
+    return [failed_record(str(ids[d]), str(uris[d]), "duplicate_id", f"id already used by {uris[k]}", Stage.EMBED)
+            for d, k in dups]
+
+
+def _class_indices(labels: np.ndarray, class_names: list[str]) -> np.ndarray:
+    """int32 index of each label in the sorted ``class_names``."""
+    names = np.asarray(class_names, dtype=str)
+    index = np.searchsorted(names, labels) if len(names) else np.zeros(len(labels), np.int64)
+    found = index < len(names)
+    found[found] = names[index[found]] == labels[found]
+    if not found.all():
+        raise BuildError(f"label {str(labels[~found][0])!r} is not among the build's {len(names)} class names")
+    return index.astype(np.int32)
 
 
 def read_spills(paths, dim: int | None = None) -> EntryBlock:
@@ -217,141 +248,80 @@ class _DedupeFn(beam.DoFn):
         _, paths = element
         full = read_spills(paths)
         block, dups = dedupe_block(full)
-        yield from _failed_rows(full, dups)
+        yield from _failed_rows(full.ids, full.uris, dups)
         del full
         for start in range(0, len(block), BLOCK_ROWS):
             yield block.take(np.arange(start, min(start + BLOCK_ROWS, len(block))))
 
 
+def read_shard_spills(paths, class_names: list[str]) -> tuple[ShardData, list]:
+    """One shard's spill files as its ShardData, rows deduplicated and in id order, and the failures of
+    the dropped copies of an id.
+
+    Two passes keep one copy of the rows in memory (the shard's ``rows x dim`` float32 plus one spill file):
+    the ids, labels and uris of every file first, which decide the kept rows and their order, then each
+    file's embeddings, copied straight to their sorted rows.
+    """
+    paths = sorted(paths)
+    meta = [read_spill(p, ("ids", "labels", "uris")) for p in paths]
+    sizes = [len(m[0]) for m in meta]
+    ids, labels, uris = (np.concatenate([m[f] for m in meta]) for f in range(3))
+    del meta
+    rows, dups = dedupe_rows(ids, uris)
+    failures = _failed_rows(ids, uris, dups)
+    rows = np.arange(len(ids)) if rows is None else rows
+    order = rows[np.argsort(ids[rows], kind="stable")]  # write_shard then sorts nothing.
+    label_index = _class_indices(labels[order], class_names)
+    target = np.full(len(ids), -1, dtype=np.int64)
+    target[order] = np.arange(len(order))
+    embeddings = None
+    start = 0
+    for path, size in zip(paths, sizes):
+        (part,) = read_spill(path, ("embeddings",))
+        if embeddings is None:
+            embeddings = np.empty((len(order), part.shape[1]), dtype=np.float32)
+        to = target[start:start + size]
+        keep = to >= 0
+        embeddings[to[keep]] = part[keep]
+        start += size
+    if embeddings is None:
+        embeddings = np.zeros((0, 0), np.float32)
+    return ShardData(ids=ids[order], labels=label_index, uris=uris[order],
+                     embeddings=embeddings), failures
+
+
 class _WriteShardFn(beam.DoFn):
-    def __init__(self, output: str, index_config: IndexConfig):
+    def __init__(self, output: str, index_config: IndexConfig, total: int | None = None):
         self._output = output
         self._index_config = index_config
+        self._total = total
         self._written = Metrics.counter(_NAMESPACE, "entries_written")
+
+    def setup(self):
+        self._progress = Progress("shards written", total=self._total, every_s=0.0)
 
     def process(self, element, class_names, num_shards, template=None):
         index, paths = element
-        full = read_spills(paths)
-        block, dups = dedupe_block(full)
-        yield from _failed_rows(full, dups)
-        del full
-        block = block.take(np.argsort(block.ids, kind="stable"))  # write_shard then sorts nothing.
-        class_index = {name: i for i, name in enumerate(class_names)}
-        labels = np.fromiter((class_index[l] for l in block.labels.tolist()), np.int32, len(block))
-        data = ShardData(ids=block.ids, labels=labels, uris=block.uris, embeddings=block.embeddings)
-        del block
+        start = time.perf_counter()
+        data, failures = read_shard_spills(paths, class_names)
+        yield from failures
         name, _, _ = shard_paths(self._output, index, num_shards)
         # One directory per attempt: a retried or zombie attempt never overwrites the files of another.
         rel = f"{SHARDS_DIR}/{name}-{secrets.token_hex(4)}"
+        # write_shard drops its rows once ScaNN holds its own copy: no reference is kept here meanwhile.
+        held = [data]
+        del data
         with contextlib.ExitStack() as stack:
             # The memory-wide index template (TrainIndexTemplate), when this hash build has one.
             template_dir = stack.enter_context(local_template(self._output, template)) if template else None
-            info = write_shard(storage.join(self._output, rel), data, index_config=self._index_config, name=name,
-                               root_relative_path=rel, template_dir=template_dir)
-        del data
+            info = write_shard(storage.join(self._output, rel), held.pop(), index_config=self._index_config,
+                               name=name, root_relative_path=rel, template_dir=template_dir)
         self._written.inc(info.count)
-        _LOG.info("wrote %s: %d entries, index %s", name, info.count, info.index_kind)
+        seconds = time.perf_counter() - start
+        _LOG.info("wrote %s: %d entries, index %s, in %.1f s (%.0f entries/s)", name, info.count, info.index_kind,
+                  seconds, info.count / max(seconds, 1e-9))
+        self._progress.add(info.count)
         yield (index, info)
-
-
-def _train_and_write_router(sample, num_shards: int, *, output: str, config: RouterConfig):
-    """Router sample (keys, embeddings) -> (Router, RouterRef) after writing the router file."""
-    _, embeddings = sample
-    # EmbedImages and ReadEmbeddings yield unit embeddings, as train_router expects; rows are in key order,
-    # the same on every runner: a deterministic router.
-    router = train_router(embeddings, num_shards=num_shards, config=config)
-    ref = write_router(output, router)
-    _LOG.info("router: %d centroids trained on %d entries, shard shares %s", ref.count, len(embeddings),
-              np.bincount(router.assign(embeddings), minlength=num_shards).tolist())
-    return router, ref
-
-
-def _train_and_write_template(sample, count: int, num_shards: int, *, output: str, config: IndexConfig) -> dict:
-    """Template sample (keys, embeddings) -> {"path", "id"} of the written index template, or {} when no shard
-    of this build will be tree+AH (memory.shared_index.uses_template)."""
-    _, embeddings = sample
-    if not uses_template(config, [math.ceil(count / num_shards)]) or len(embeddings) < 16:
-        return {}
-    ref = write_template(output, train_template(embeddings, config, count))
-    _LOG.info("index template for %d entries in %d shards trained on %d entries", count, num_shards, len(embeddings))
-    return ref
-
-
-class TrainIndexTemplate(beam.PTransform):
-    """EntryBlock -> one {"path", "id"} (or {}): a hash build's memory-wide index template, trained and written.
-
-    Its sample is the ``index_config.training_sample_size`` entries (at most TEMPLATE_SAMPLE_MAX) with the
-    smallest `memory.routing.router_sample_key`, the router's rule; every tree+AH shard is then built from it
-    (memory.index.template) so an opened memory searches its shards as one index. ``num_shards``: a singleton.
-    """
-
-    def __init__(self, output: str, *, num_shards, config: IndexConfig):
-        super().__init__()
-        self._output = output
-        self._num_shards = num_shards
-        self._config = config
-
-    def expand(self, blocks):
-        size = min(self._config.training_sample_size or TEMPLATE_SAMPLE_MAX, TEMPLATE_SAMPLE_MAX)
-        count = count_rows(blocks, "CountForTemplate")
-        return (blocks
-                | "Sample" >> beam.CombineGlobally(_SmallestKeysFn(size))
-                | "Train" >> beam.Map(_train_and_write_template, beam.pvalue.AsSingleton(count),
-                                      beam.pvalue.AsSingleton(self._num_shards), output=self._output,
-                                      config=self._config))
-
-
-class _SmallestKeysFn(beam.CombineFn):
-    """EntryBlock -> (keys, embeddings) of the ``size`` rows with the smallest `router_sample_key`, key order.
-
-    Blocks are combined as arrays (not one element per entry) and every accumulator is cut to ``size``, so a
-    worker holds at most ~2 x size sample rows whatever the memory size.
-    """
-
-    def __init__(self, size: int):
-        self._size = size
-
-    def create_accumulator(self):
-        return None
-
-    def _cut(self, keys, emb):
-        keys, uniq = np.unique(keys, return_index=True)  # Sorted; copies of one id count once.
-        emb = emb[uniq]
-        return keys[:self._size], emb[:self._size]
-
-    def add_input(self, acc, block):
-        keys = np.array([router_sample_key(i) for i in block.ids.tolist()], dtype="S16")
-        return self.merge_accumulators([acc, (keys, block.embeddings)])
-
-    def merge_accumulators(self, accs):
-        accs = [a for a in accs if a is not None and len(a[0])]
-        if not accs:
-            return None
-        return self._cut(np.concatenate([a[0] for a in accs]), np.concatenate([a[1] for a in accs]))
-
-    def extract_output(self, acc):
-        return acc if acc is not None else (np.zeros(0, "S16"), np.zeros((0, 1), np.float32))
-
-
-class TrainRouter(beam.PTransform):
-    """EntryBlock -> one (Router, RouterRef): a partition-routed memory's router, trained and written.
-
-    The training sample is the ``config.training_sample_size`` entries with the smallest
-    `memory.routing.router_sample_key` (a digest of the id), so the local build and every runner train on
-    the same entries. ``num_shards``: a singleton PCollection.
-    """
-
-    def __init__(self, output: str, *, num_shards, config: RouterConfig):
-        super().__init__()
-        self._output = output
-        self._num_shards = num_shards
-        self._config = config
-
-    def expand(self, blocks):
-        return (blocks
-                | "Sample" >> beam.CombineGlobally(_SmallestKeysFn(self._config.training_sample_size))
-                | "Train" >> beam.Map(_train_and_write_router, beam.pvalue.AsSingleton(self._num_shards),
-                                      output=self._output, config=self._config))
 
 
 class WriteMemoryShards(beam.PTransform):
@@ -366,8 +336,9 @@ class WriteMemoryShards(beam.PTransform):
     """
 
     def __init__(self, output: str, *, num_shards, index_config: IndexConfig, class_names, router=None,
-                 spill_rows: int = SPILL_ROWS, template=None):
+                 spill_rows: int = SPILL_ROWS, template=None, total: int | None = None):
         super().__init__()
+        self._total = total  # Entries the source holds, when known at launch: progress lines get an ETA.
         self._output = output
         self._num_shards = num_shards
         self._index_config = index_config
@@ -392,12 +363,12 @@ class WriteMemoryShards(beam.PTransform):
                 beam.pvalue.AsList(self._router))
         else:
             spilled = blocks | "SpillByShard" >> beam.ParDo(
-                SpillBlocks(storage.join(spill, "hashed"), _hash_assign, self._spill_rows), n)
+                SpillBlocks(storage.join(spill, "hashed"), _hash_assign, self._spill_rows, self._total), n)
         results = (
             spilled
             | "GroupByShard" >> beam.GroupByKey()
             | "WriteShard" >> beam.ParDo(
-                _WriteShardFn(self._output, self._index_config),
+                _WriteShardFn(self._output, self._index_config, self._total),
                 class_names=beam.pvalue.AsSingleton(self._class_names), num_shards=n,
                 **({} if self._template is None else {"template": beam.pvalue.AsSingleton(self._template)})
             ).with_outputs(FAILED_TAG, main="infos"))

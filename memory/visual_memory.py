@@ -46,7 +46,7 @@ from memory.store.versions import VersionPurgedError, is_purged, latest_version,
 from memory.decide.voting import VotingParams, VotingRule
 
 if TYPE_CHECKING:
-    from encoders.base import Encoder
+    from encoders.base import Encoder, Runtime
     from memory.rerank.base import Reranker, ResponseCache
 
 _PAD_ID = ""
@@ -121,6 +121,7 @@ class VisualMemory:
         # The query encoder is loaded on the first image query only: vector queries and search never need
         # TensorFlow, and loading a model takes seconds.
         self._encoder: Encoder | None = None
+        self._runtime = None  # `open`'s runtime: None runs the encoder as the build recorded.
         self._search_threads = resolve_search_threads(search_threads, self._searchable_shards())
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
@@ -128,7 +129,7 @@ class VisualMemory:
     @classmethod
     def open(cls, path: str, *, version: int | None = None, verify: bool = True,
              search_threads: int | None = None, search_defaults: bool = True,
-             load_encoder: bool = False, merge_shards: bool = True) -> VisualMemory:
+             load_encoder: bool = False, merge_shards: bool = True, runtime: Runtime | str | None = None) -> VisualMemory:
         """Opens a memory at its latest version, or at a pinned one.
 
         Args:
@@ -149,6 +150,9 @@ class VisualMemory:
             tree+AH memories, `memory.index.template`) as one ScaNN index: the same neighbours' quality at one
             index's speed instead of one search per shard (their per-row files are concatenated into a
             temporary directory once, at open). False searches every shard on its own.
+          runtime: What runs the query encoder (an ``encoders.base.Runtime`` or its name: tf, litert, onnx);
+            None runs it as the build recorded. Another runtime than the build's is accepted only where the
+            two runtimes' embeddings agree within ``encoders.base.RUNTIME_TOLERANCE``.
 
         Returns:
           The opened memory.
@@ -179,6 +183,7 @@ class VisualMemory:
                     raise
                 if version is not None or attempt == _REOPEN_ATTEMPTS - 1:
                     raise VersionPurgedError.of(root, n, e) from None
+        memory._runtime = runtime
         setting = default_setting(memory.manifest) if search_defaults else None
         if setting is not None:
             memory = memory.with_search_params(**setting.search_params())
@@ -493,7 +498,7 @@ class VisualMemory:
         if encoder is not None:
             return check_query_encoder(encoder, self._manifest, self._root)
         if self._encoder is None:
-            self._encoder = load_query_encoder(self._manifest, self._root)
+            self._encoder = load_query_encoder(self._manifest, self._root, runtime=self._runtime)
         return self._encoder
 
     def embed_images(self, images: Sequence[Any], *, encoder: Encoder | None = None) -> np.ndarray:

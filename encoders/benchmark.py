@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-preprocess", action="store_true", help="time the encoders only")
     parser.add_argument("--runtimes", default="tf,litert,onnx", help="comma-separated; the first is the reference")
     parser.add_argument("--runs", type=int, default=3, help="rounds of all runtimes, side by side")
-    parser.add_argument("--chunks", default="4", help="comma-separated images per runtime call (litert, onnx)")
+    parser.add_argument("--chunks", default="1", help="comma-separated images per runtime call (litert, onnx)")
+    parser.add_argument("--one-session", action="store_true",
+                        help="also time one session on every core (litert, onnx) next to one per core")
     args = parser.parse_args(argv)
 
     from encoders import bundled
@@ -90,18 +92,26 @@ def main(argv: list[str] | None = None) -> None:
         print(line)
 
     compare_runtimes(runtimes=[parse_runtime(r) for r in args.runtimes.split(",")], batch_size=args.batch_size,
-                     repeats=args.repeats, runs=args.runs, chunks=[int(c) for c in args.chunks.split(",")])
+                     repeats=args.repeats, runs=args.runs, chunks=[int(c) for c in args.chunks.split(",")],
+                     one_session=args.one_session)
 
 
 # 2 AVX-512 cores at ~100 GFLOP/s each (fp32 FMA) over ~0.4 GFLOPs per EfficientNet-Lite0 image.
 BOUND_IMAGES_PER_S = 500.0
 
 
-def compare_runtimes(*, runtimes: list, batch_size: int, repeats: int, runs: int, chunks: list[int]) -> None:
-    """Prints images/s of the bundled encoder under each runtime (and chunk size), ``runs`` rounds, vs TF."""
+def compare_runtimes(*, runtimes: list, batch_size: int, repeats: int, runs: int, chunks: list[int],
+                     one_session: bool = False) -> None:
+    """Prints images/s of the bundled encoder under each runtime (and chunk size), ``runs`` rounds, vs TF.
+
+    ``one_session`` adds, for LiteRT and ONNX, one session on every core next to the default of one
+    single-threaded session per core (``encoders.runtimes.REPLICAS``).
+    """
+    from encoders import bundled
     from encoders.base import EncoderSpec, Runtime
-    from encoders.convert import probe_images
+    from encoders.convert import BUNDLED_IO, bundled_model_file, probe_images
     from encoders.loaders import load_encoder
+    from encoders.runtimes import load_model_file
 
     encoders = {}
     for runtime in runtimes:
@@ -110,27 +120,37 @@ def compare_runtimes(*, runtimes: list, batch_size: int, repeats: int, runs: int
         print(f"load bundled encoder ({runtime.value}): {time.perf_counter() - start:.2f} s", flush=True)
     batch = probe_images(224, count=batch_size, seed=1)
     reference = encoders[runtimes[0]].embed(batch)
-    # Each entry: (label, runtime, chunk or None).
-    cases = [(r.value, r, None) if r is Runtime.TF else (f"{r.value} chunk {c}", r, c)
-             for r in runtimes for c in ([None] if r is Runtime.TF else chunks)]
-    for label, runtime, chunk in cases:
+    cases = []  # (label, encoder, chunk or None)
+    for runtime in runtimes:
+        if runtime is Runtime.TF:
+            cases.append((runtime.value, encoders[runtime], None))
+            continue
+        variants = [("", encoders[runtime])]
+        if one_session:
+            path = bundled_model_file(bundled.NAME, runtime, reference=lambda: encoders[Runtime.TF]).path
+            single = load_model_file(path, runtime=runtime, io=BUNDLED_IO, name=bundled.NAME, content_hash="",
+                                     preprocess=bundled.PREPROCESS, replicas=False)
+            variants.append((" one session", single))
+        cases += [(f"{runtime.value}{suffix} chunk {c}", encoder, c) for suffix, encoder in variants for c in chunks]
+    for label, encoder, chunk in cases:
         if chunk is not None:
-            encoders[runtime].chunk = chunk
-        out = encoders[runtime].embed(batch)
+            encoder.chunk = chunk
+        out = encoder.embed(batch)
         cos = np.sum(out * reference, 1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(reference, axis=1))
         print(f"{label}: max 1 - cos to {runtimes[0].value} {float(np.max(1 - cos)):.2g}", flush=True)
     rates: dict[str, list[float]] = {label: [] for label, _, _ in cases}
     for _ in range(runs):
-        for label, runtime, chunk in cases:
+        for label, encoder, chunk in cases:
             if chunk is not None:
-                encoders[runtime].chunk = chunk
-            per_batch = _time_per_call(lambda: encoders[runtime].embed(batch), repeats)
+                encoder.chunk = chunk
+            per_batch = _time_per_call(lambda: encoder.embed(batch), repeats)
             rates[label].append(batch_size / per_batch)
         print("run:", ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items()), "img/s", flush=True)
     base = rates.get(Runtime.TF.value)
     print(f"\nbundled EfficientNet-Lite0, batch {batch_size}, {runs} runs (img/s, best of {repeats} per run)")
-    print("| runtime | run 1 | run 2 | run 3 | ratio to tf (per run) | fraction of 500 img/s (median) |")
-    print("|---|---:|---:|---:|---|---:|")
+    print("| runtime | " + " | ".join(f"run {i + 1}" for i in range(runs))
+          + " | ratio to tf (per run) | fraction of 500 img/s (median) |")
+    print("|---|" + "---:|" * runs + "---|---:|")
     for label, values in rates.items():
         ratio = "" if base is None else " / ".join(f"{v / b:.2f}x" for v, b in zip(values, base))
         cells = " | ".join(f"{v:.1f}" for v in values)

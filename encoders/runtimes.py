@@ -9,6 +9,7 @@ the config key to fix), and returns a ``ModelFileEncoder``: ``embed`` gives one 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import math
 import os
@@ -32,8 +33,10 @@ from encoders.base import (
 PACKAGES = {Runtime.LITERT: "ai-edge-litert==2.3.0", Runtime.ONNX: "onnxruntime==1.32.0"}
 
 # Images per runtime call. A batch of 32 at 224 px has activations of ~150 MB per tensor, far beyond the
-# caches; 4 images keep XNNPACK's working set in them (docs/benchmarks.md measures the chunk sizes).
-CHUNK = 4
+# caches; one image keeps the working set in them (docs/benchmarks.md#encoder-runtimes measures 1 to 32).
+CHUNK = 1
+# Run one single-threaded session per core on whole images in parallel, rather than one session on all cores.
+REPLICAS = True
 
 
 def runtime_threads() -> int:
@@ -62,12 +65,12 @@ class TensorInfo:
 class _LiteRTSession:
     """A ``.tflite`` file in LiteRT's interpreter, one interpreter per batch size (resizing reallocates)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, threads: int):
         try:
             from ai_edge_litert.interpreter import Interpreter
         except ImportError as e:
             raise missing_runtime(Runtime.LITERT, e) from None
-        self._make = lambda: Interpreter(model_path=path, num_threads=runtime_threads())
+        self._make = lambda: Interpreter(model_path=path, num_threads=threads)
         probe = self._make()
         self.inputs = [TensorInfo(d["name"], _open_dims(d["shape_signature"])) for d in probe.get_input_details()]
         self.outputs = [TensorInfo(d["name"], _open_dims(d["shape_signature"])) for d in probe.get_output_details()]
@@ -93,13 +96,13 @@ class _LiteRTSession:
 class _OnnxSession:
     """An ``.onnx`` file in an ONNX Runtime CPU session."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, threads: int):
         try:
             import onnxruntime as ort
         except ImportError as e:
             raise missing_runtime(Runtime.ONNX, e) from None
         options = ort.SessionOptions()
-        options.intra_op_num_threads = runtime_threads()
+        options.intra_op_num_threads = threads
         try:
             self._session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own types (InvalidGraph, Fail, ...) for a bad file.
@@ -152,22 +155,27 @@ def _declared_output_text(io: ModelIO) -> str:
 class ModelFileEncoder(Encoder):
     """An ``Encoder`` over a ``.tflite`` or ``.onnx`` file, its input and output as ``ModelIO`` declares.
 
-    Images go to the runtime ``chunk`` at a time (default ``CHUNK``, see there); one lock serialises calls,
-    since neither LiteRT's interpreter nor the chunk loop is safe to share between threads.
+    Images go to the runtime ``chunk`` at a time (default ``CHUNK``, see there). With several sessions (one
+    single-threaded session per core, ``load_model_file``), session ``i`` runs chunks ``i, i + k, ...`` on a
+    thread of its own: the runtimes release the GIL, and whole images in parallel avoid the per-operator
+    synchronisation of one session on several threads. Each session has a lock, as neither LiteRT's
+    interpreter nor a chunk loop may be shared between threads.
 
     Attributes:
         chunk: Images per runtime call (the benchmark varies it).
     """
 
-    def __init__(self, session: Any, *, io: ModelIO, name: str, content_hash: str, preprocess: PreprocessSpec,
-                 runtime: Runtime, reference_deviation: float, where: str):
-        self._session = session
+    def __init__(self, sessions: Sequence[Any], *, io: ModelIO, name: str, content_hash: str,
+                 preprocess: PreprocessSpec, runtime: Runtime, reference_deviation: float, where: str):
+        self._sessions = list(sessions)
+        self._locks = [threading.Lock() for _ in self._sessions]
+        self._pool = (concurrent.futures.ThreadPoolExecutor(len(self._sessions), thread_name_prefix="vmem-encoder")
+                      if len(self._sessions) > 1 else None)
         self._io = io
         self._where = where
-        self._lock = threading.Lock()
         self.chunk = CHUNK
-        self._input = _pick(session.inputs, io.input_name, "input", "input_name", where)
-        self._output = _pick(session.outputs, io.output_name, "output", "output_name", where)
+        self._input = _pick(self._sessions[0].inputs, io.input_name, "input", "input_name", where)
+        self._output = _pick(self._sessions[0].outputs, io.output_name, "output", "output_name", where)
         self._check_input(preprocess.image_size)
         self._check_output_rank(self._output.shape)
         size = preprocess.image_size
@@ -208,9 +216,16 @@ class ModelFileEncoder(Encoder):
 
     def _raw(self, images: np.ndarray) -> np.ndarray:
         x = images if self._io.layout is Layout.NHWC else np.ascontiguousarray(images.transpose(0, 3, 1, 2))
-        with self._lock:
-            parts = [self._session.run(self._input.name, self._output.name, x[s:s + self.chunk])
-                     for s in range(0, x.shape[0], self.chunk)]
+        chunks = [x[s:s + self.chunk] for s in range(0, x.shape[0], self.chunk)]
+        k = min(len(self._sessions), len(chunks))
+
+        def run(i: int) -> list[np.ndarray]:
+            with self._locks[i]:
+                return [self._sessions[i].run(self._input.name, self._output.name, c) for c in chunks[i::k]]
+
+        parts: list[Any] = [None] * len(chunks)
+        for i, outs in enumerate(self._pool.map(run, range(k)) if k > 1 else [run(0)]):
+            parts[i::k] = outs
         out = np.concatenate(parts).astype(np.float32, copy=False)
         self._check_output_rank(out.shape)
         if out.shape[0] != images.shape[0]:
@@ -270,8 +285,8 @@ class ModelFileEncoder(Encoder):
 
 
 def load_model_file(path: str, *, runtime: Runtime, io: ModelIO, name: str, content_hash: str,
-                    preprocess: PreprocessSpec, reference_deviation: float = 0.0,
-                    where: str | None = None) -> ModelFileEncoder:
+                    preprocess: PreprocessSpec, reference_deviation: float = 0.0, where: str | None = None,
+                    replicas: bool = REPLICAS) -> ModelFileEncoder:
     """Opens a local model file with ``runtime`` as a ``ModelFileEncoder``.
 
     Args:
@@ -283,6 +298,8 @@ def load_model_file(path: str, *, runtime: Runtime, io: ModelIO, name: str, cont
         preprocess: Input size and normalisation the file expects.
         reference_deviation: See ``EncoderIdentity``.
         where: How messages name the model (default: the path).
+        replicas: One single-threaded session per core, run in parallel (see ``ModelFileEncoder``); False:
+            one session on every core.
 
     Raises:
         EncoderError: a missing runtime package or file, or a file whose input/output differ from ``io``.
@@ -293,11 +310,12 @@ def load_model_file(path: str, *, runtime: Runtime, io: ModelIO, name: str, cont
     sessions = {Runtime.LITERT: _LiteRTSession, Runtime.ONNX: _OnnxSession}
     if runtime not in sessions:
         raise EncoderError(f"{where}: runtime {runtime.value!r} does not run model files; use litert or onnx.")
+    cores = runtime_threads()
     try:
-        session = sessions[runtime](path)
+        opened = [sessions[runtime](path, 1) for _ in range(cores)] if replicas else [sessions[runtime](path, cores)]
     except (ValueError, RuntimeError) as e:
         if isinstance(e, EncoderError):
             raise
         raise EncoderError(f"{runtime.value} cannot load {where}: {e}") from e
-    return ModelFileEncoder(session, io=io, name=name, content_hash=content_hash, preprocess=preprocess,
+    return ModelFileEncoder(opened, io=io, name=name, content_hash=content_hash, preprocess=preprocess,
                             runtime=runtime, reference_deviation=reference_deviation, where=where)

@@ -121,7 +121,7 @@ class VisualMemory:
         # The query encoder is loaded on the first image query only: vector queries and search never need
         # TensorFlow, and loading a model takes seconds.
         self._encoder: Encoder | None = None
-        self._runtime = None  # `open`'s runtime: None runs the encoder as the build recorded.
+        self._runtime = None  # `open`'s.
         self._search_threads = resolve_search_threads(search_threads, self._searchable_shards())
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
@@ -129,7 +129,8 @@ class VisualMemory:
     @classmethod
     def open(cls, path: str, *, version: int | None = None, verify: bool = True,
              search_threads: int | None = None, search_defaults: bool = True,
-             load_encoder: bool = False, merge_shards: bool = True, runtime: Runtime | str | None = None) -> VisualMemory:
+             load_encoder: bool = False, merge_shards: bool = True,
+             runtime: Runtime | str | None = None) -> VisualMemory:
         """Opens a memory at its latest version, or at a pinned one.
 
         Args:
@@ -150,9 +151,8 @@ class VisualMemory:
             tree+AH memories, `memory.index.template`) as one ScaNN index: the same neighbours' quality at one
             index's speed instead of one search per shard (their per-row files are concatenated into a
             temporary directory once, at open). False searches every shard on its own.
-          runtime: What runs the query encoder (an ``encoders.base.Runtime`` or its name: tf, litert, onnx);
-            None runs it as the build recorded. Another runtime than the build's is accepted only where the
-            two runtimes' embeddings agree within ``encoders.base.RUNTIME_TOLERANCE``.
+          runtime: What runs the query encoder (tf, litert, onnx; None: the build's), accepted where its
+            embeddings agree with the build's (`encoders.compatibility`).
 
         Returns:
           The opened memory.

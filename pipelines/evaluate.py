@@ -514,6 +514,10 @@ def evaluate_memory(*, memory: str, source: ImageSource | EmbeddingSource, outpu
     raise AssertionError("unreachable")
 
 
+def _without_runtime(spec: EncoderSpec) -> dict:
+    return {k: v for k, v in spec.to_dict().items() if k != "runtime"}
+
+
 class _VersionPurged(Exception):
     """The evaluated version was purged while the job ran (``error`` is what the job raised)."""
 
@@ -531,7 +535,7 @@ def _evaluate_once(root: str, *, source, output, encoder_id, version, k_max, par
     if isinstance(source, ImageSource) and query_encoder is not None and not is_precomputed(manifest.encoder):
         encoder = memory_encoder_spec(manifest)
         # What runs the encoder is --runtime's choice, not the config's.
-        if query_encoder.with_runtime(encoder.runtime).to_dict() != encoder.to_dict():
+        if _without_runtime(query_encoder) != _without_runtime(encoder):
             raise EvaluationError(
                 f"--config selects encoder {query_encoder.to_dict()} but memory {root} was built with "
                 f"{encoder.to_dict()}; queries must use the memory's encoder. Drop --config.")

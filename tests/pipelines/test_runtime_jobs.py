@@ -43,9 +43,10 @@ def onnx_config(tmp_path_factory) -> str:
     return str(config)
 
 
-def test_own_onnx_encoder_builds_evaluates_and_classifies(fmnist_small, onnx_config, tmp_path):
+def test_own_onnx_encoder_builds_evaluates_and_classifies(fmnist_small, onnx_config, tmp_path, capsys):
     from memory.store.versions import read_manifest
     from memory.visual_memory import VisualMemory
+    from vmem.main import main as vmem_main
 
     mem, out = str(tmp_path / "mem"), str(tmp_path / "eval")
     build.run(["--images", os.path.join(fmnist_small, "train"), "--output", mem, "--config", onnx_config])
@@ -55,6 +56,7 @@ def test_own_onnx_encoder_builds_evaluates_and_classifies(fmnist_small, onnx_con
     assert manifest.build_config["encoder"]["runtime"] == "onnx"
     assert manifest.encoder["runtime"] == "onnx" and manifest.encoder["name"] == "conv"
     assert manifest.encoder["reference_deviation"] == 0.0
+    assert vmem_main(["info", mem]) == 0 and "dim 8, metric cosine, runtime onnx" in capsys.readouterr().out
 
     evaluate.run(["--memory", mem, "--images", os.path.join(fmnist_small, "test"), "--output", out,
                   "--k-max", "5"])

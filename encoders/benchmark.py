@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-preprocess", action="store_true", help="time the encoders only")
     parser.add_argument("--runtimes", default="tf,litert,onnx", help="comma-separated; the first is the reference")
     parser.add_argument("--runs", type=int, default=3, help="rounds of all runtimes, side by side")
-    parser.add_argument("--chunks", default="1", help="comma-separated images per runtime call (litert, onnx)")
+    parser.add_argument("--chunks", default="2", help="comma-separated images per runtime call (litert, onnx)")
     parser.add_argument("--one-session", action="store_true",
                         help="also time one session on every core (litert, onnx) next to one per core")
     args = parser.parse_args(argv)

@@ -33,8 +33,8 @@ from encoders.base import (
 PACKAGES = {Runtime.LITERT: "ai-edge-litert==2.3.0", Runtime.ONNX: "onnxruntime==1.32.0"}
 
 # Images per runtime call. A batch of 32 at 224 px has activations of ~150 MB per tensor, far beyond the
-# caches; one image keeps the working set in them (docs/benchmarks.md#encoder-runtimes measures 1 to 32).
-CHUNK = 1
+# caches; two images keep the working set near them (docs/benchmarks.md#encoder-runtimes measures 1, 2, 4).
+CHUNK = 2
 # Run one single-threaded session per core on whole images in parallel, rather than one session on all cores.
 REPLICAS = True
 

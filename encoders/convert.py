@@ -181,7 +181,9 @@ def load_bundled(spec: EncoderSpec, *, reference: Callable[[], Encoder]) -> Mode
             f"{spec.runtime.value} conversion returns the embedding (and feature_map); pass --runtime tf.")
     converted = bundled_model_file(spec.uri, spec.runtime, reference=reference)
     weights_sha = efficientnet_lite.file_sha256(efficientnet_lite.weights_path(spec.uri))
-    return load_model_file(converted.path, runtime=spec.runtime, io=BUNDLED_IO, name=spec.name or spec.display_name,
+    # Named as under TF (loaders' naming): an explicit output_key is part of the name there.
+    name = spec.name or (f"{spec.display_name}#{spec.output_key}" if spec.output_key else spec.display_name)
+    return load_model_file(converted.path, runtime=spec.runtime, io=BUNDLED_IO, name=name,
                            content_hash="sha256:" + weights_sha, preprocess=bundled.resolve_preprocess(spec),
                            reference_deviation=converted.reference_deviation,
                            where=f"bundled encoder {spec.uri!r} under runtime {spec.runtime.value!r}")

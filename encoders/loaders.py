@@ -1,6 +1,6 @@
-"""Turns an ``EncoderSpec`` into a loaded, TensorFlow-backed ``Encoder``.
+"""Turns an ``EncoderSpec`` into a loaded ``Encoder``: ``load_encoder``, the one entry point.
 
-Every model kind ends up as a callable TF graph:
+Under ``Runtime.TF`` every model kind ends up as a callable TF graph:
 
 * ``SAVED_MODEL``: ``tf.saved_model.load``; the ``serving_default`` signature,
   or the object's ``__call__`` when it has no signatures.
@@ -11,14 +11,17 @@ Every model kind ends up as a callable TF graph:
   SavedModel once (cached under ``$VMEM_CACHE_DIR`` or
   ``~/.cache/visual-memory/encoders``) and loads it exactly like a user model.
 
+Under ``Runtime.LITERT`` / ``ONNX``, the bundled encoder runs its conversion (``encoders.convert``) and a
+``MODEL_FILE`` (a user's ``.tflite`` / ``.onnx``) runs as it is, both through ``encoders.runtimes``.
+
 ``gs://`` (or any non-local ``tf.io.gfile``) URIs are first copied to a local
 temporary directory, so hashing and loading only ever read local files.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -28,7 +31,7 @@ from typing import Any, Callable
 import numpy as np
 import tensorflow as tf
 
-from encoders import bundled, efficientnet_lite
+from encoders import bundled, cache, convert, efficientnet_lite, runtimes
 from encoders.base import (
     Encoder,
     EncoderError,
@@ -36,13 +39,13 @@ from encoders.base import (
     EncoderKind,
     EncoderSpec,
     PreprocessSpec,
+    Runtime,
     cache_root,
 )
 
 # Bump when the bundled export changes (architecture, signature) so stale
 # caches are rebuilt instead of silently reused.
 _BUNDLED_EXPORT_VERSION = 1
-_BUNDLED_MARKER = "visual_memory_bundled.json"
 _BUNDLED_OUTPUT_KEY = "embedding"
 BUNDLED_ENCODERS = tuple(bundled.VARIANTS)
 
@@ -428,25 +431,6 @@ def _load_keras(spec: EncoderSpec, path: str) -> TFEncoder:
 # --------------------------------------------------------------------------- bundled
 
 
-def _read_marker(path: str) -> dict[str, Any] | None:
-    try:
-        with open(os.path.join(path, _BUNDLED_MARKER)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def _write_bundled_export(out_dir: str, name: str, weights: str, weights_sha: str) -> None:
-    efficientnet_lite.export_saved_model(out_dir, path=weights, variant=name)
-    # The marker is written last: its presence means the export is complete.
-    with open(os.path.join(out_dir, _BUNDLED_MARKER), "w") as f:
-        json.dump(
-            {"name": name, "weights_sha256": weights_sha, "export_version": _BUNDLED_EXPORT_VERSION},
-            f,
-            indent=2,
-        )
-
-
 def _check_bundled_name(name: str) -> None:
     if name not in BUNDLED_ENCODERS:
         raise EncoderError(
@@ -475,35 +459,18 @@ def bundled_saved_model_dir(
     _check_bundled_name(name)
     weights = efficientnet_lite.weights_path(name)
     weights_sha = efficientnet_lite.file_sha256(weights)
-    root = cache_dir or cache_root()
-    final = os.path.join(root, f"{name}-{weights_sha[:12]}")
+    final = os.path.join(cache_dir or cache_root(), f"{name}-{weights_sha[:12]}")
     expected = {
         "name": name,
         "weights_sha256": weights_sha,
         "export_version": _BUNDLED_EXPORT_VERSION,
     }
-    if _read_marker(final) == expected:
-        return final
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}-tmp-", dir=root)
-    try:
-        # mkdtemp makes 0700 dirs; the published cache may be shared by users.
-        os.chmod(tmp, 0o755)
-        _write_bundled_export(tmp, name, weights, weights_sha)
-        if os.path.exists(final) and _read_marker(final) != expected:
-            # Stale or partial export from an older version: move it aside
-            # (rename is atomic) before publishing the new one.
-            stale = tempfile.mkdtemp(prefix=f".{name}-stale-", dir=root)
-            os.rename(final, os.path.join(stale, "old"))
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if _read_marker(final) != expected:
-                raise
-            # Another process published an identical export first.
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def write(out_dir: str) -> dict[str, Any]:
+        efficientnet_lite.export_saved_model(out_dir, path=weights, variant=name)
+        return {}
+
+    cache.cached_export(final, expected, write)
     return final
 
 
@@ -553,6 +520,19 @@ def _load_bundled(spec: EncoderSpec) -> TFEncoder:
     )
 
 
+def _load_model_file(spec: EncoderSpec, path: str) -> Encoder:
+    name = spec.display_name
+    for ext in (".onnx", ".tflite"):
+        name = name[: -len(ext)] if not spec.name and name.endswith(ext) else name
+    if not spec.name and spec.model_io.output_name is not None:
+        name = f"{name}#{spec.model_io.output_name}"  # Two outputs of one file are two embedding spaces.
+    if not os.path.isfile(path):
+        raise EncoderError(f"model file {spec.uri!r} does not exist; check the path (uri in the config).")
+    return runtimes.load_model_file(path, runtime=spec.runtime, io=spec.model_io, name=name,
+                                    content_hash=hash_file(path), preprocess=bundled.resolve_preprocess(spec),
+                                    where=f"model file {spec.uri!r}")
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -575,10 +555,15 @@ def load_encoder(spec: EncoderSpec) -> Encoder:
     if not isinstance(spec, EncoderSpec):
         raise EncoderError(f"load_encoder expects an EncoderSpec, got {type(spec).__name__}.")
     if spec.kind is EncoderKind.BUNDLED:
-        return _load_bundled(spec)
+        if spec.runtime is Runtime.TF:
+            return _load_bundled(spec)
+        return convert.load_bundled(
+            spec, reference=lambda: _load_bundled(dataclasses.replace(spec, runtime=Runtime.TF, preprocess=None)))
     path, temp_root = _localise(spec.uri)
     try:
-        if spec.kind is EncoderKind.SAVED_MODEL:
+        if spec.kind is EncoderKind.MODEL_FILE:
+            encoder = _load_model_file(spec, path)
+        elif spec.kind is EncoderKind.SAVED_MODEL:
             encoder = _load_saved_model(spec, path)
         elif spec.kind is EncoderKind.TF_HUB:
             encoder = _load_tf_hub(spec, path)

@@ -21,7 +21,7 @@ from memory.store.manifest import Manifest
 from memory.vectors import l2_normalize
 
 if TYPE_CHECKING:
-    from encoders.base import Encoder, EncoderIdentity, PreprocessSpec
+    from encoders.base import Encoder, EncoderIdentity, PreprocessSpec, Runtime
 
 # Images embedded per encoder call: bounds the float32 pixel batch held in memory.
 _EMBED_BATCH = 32
@@ -174,25 +174,39 @@ def encoder_mismatch(identity: EncoderIdentity, manifest: Manifest) -> str | Non
             f"encoders are not comparable")
 
 
+def _check_runtime(encoder: Encoder, manifest: Manifest) -> Encoder:
+    from encoders.compatibility import runtime_mismatch  # pylint: disable=g-import-not-at-top
+    problem = runtime_mismatch(manifest.encoder, encoder.identity.to_dict())
+    if problem:
+        raise ValueError(problem)
+    return encoder
+
+
 def check_query_encoder(encoder: Encoder, manifest: Manifest, root: str) -> Encoder:
-    """``encoder``, when its identity (name and content hash) equals the manifest's.
+    """``encoder``, when its identity (name and content hash) equals the manifest's and its runtime agrees.
 
     Raises:
-      ValueError: naming both identities and the fix.
+      ValueError: naming both identities (or both runtimes, `encoders.compatibility`) and the fix.
     """
     problem = encoder_mismatch(encoder.identity, manifest)
     if problem:
         raise ValueError(f"{problem}. Fix: omit encoder= to load this memory's own encoder from its "
                          f"manifest, or pass the encoder {manifest.encoder.get('name')!r} that built {root}.")
-    return encoder
+    return _check_runtime(encoder, manifest)
 
 
-def load_query_encoder(manifest: Manifest, root: str) -> Encoder:
+def load_query_encoder(manifest: Manifest, root: str, *, runtime: Runtime | str | None = None) -> Encoder:
     """Loads the encoder from the ``EncoderSpec`` the manifest's build_config records (``build_config["encoder"]``).
 
+    Args:
+      manifest: The memory's manifest.
+      root: The memory's root, for messages.
+      runtime: An ``encoders.base.Runtime`` (or its name) to run the encoder with instead of the recorded one;
+        its embeddings must agree with the memory's (`encoders.compatibility`).
+
     Raises:
-      ValueError: the manifest records no encoder spec, or the model at the recorded uri no longer has the
-        recorded identity.
+      ValueError: the manifest records no encoder spec, the model at the recorded uri no longer has the
+        recorded identity, or ``runtime``'s embeddings may differ from the memory's beyond the tolerance.
     """
     from encoders.base import EncoderSpec  # pylint: disable=g-import-not-at-top
     spec_dict = manifest.build_config.get("encoder")
@@ -202,12 +216,12 @@ def load_query_encoder(manifest: Manifest, root: str) -> Encoder:
             f"{spec_dict!r}; memories built by memory.build.build_memory_local without one have none); "
             "pass encoder=load_encoder(<the spec that built it>) or query with vectors")
     from encoders.loaders import load_encoder  # pylint: disable=g-import-not-at-top  # TensorFlow.
-    loaded = load_encoder(EncoderSpec.from_dict(spec_dict))
+    loaded = load_encoder(EncoderSpec.from_dict(spec_dict).with_runtime(runtime))
     problem = encoder_mismatch(loaded.identity, manifest)
     if problem:
         raise ValueError(f"{problem}. The model at {spec_dict.get('uri')!r} changed after the build; "
                          "restore the original model files or rebuild the memory with the new model.")
-    return loaded
+    return _check_runtime(loaded, manifest)
 
 
 def query_uri(item: Any) -> str:

@@ -47,7 +47,7 @@ from memory.store.versions import read_through_purges, reads_of_version
 from memory.decide.voting import VotingParams, VotingRule
 
 if TYPE_CHECKING:
-    from encoders.base import Encoder
+    from encoders.base import Encoder, Runtime
     from memory.rerank.base import Reranker, ResponseCache
 
 _PAD_ID = ""
@@ -123,6 +123,7 @@ class VisualMemory:
         # The query encoder is loaded on the first image query only: vector queries and search never need
         # TensorFlow, and loading a model takes seconds.
         self._encoder: Encoder | None = None
+        self._runtime = None  # `open`'s.
         self._search_threads = resolve_search_threads(search_threads, self._searchable_shards())
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
@@ -130,7 +131,8 @@ class VisualMemory:
     @classmethod
     def open(cls, path: str, *, version: int | None = None, verify: bool = True,
              search_threads: int | None = None, search_defaults: bool = True,
-             load_encoder: bool = False, merge_shards: bool = True) -> VisualMemory:
+             load_encoder: bool = False, merge_shards: bool = True,
+             runtime: Runtime | str | None = None) -> VisualMemory:
         """Opens a memory at its latest version, or at a pinned one.
 
         Args:
@@ -151,6 +153,8 @@ class VisualMemory:
             tree+AH memories, `memory.index.template`) as one ScaNN index: the same neighbours' quality at one
             index's speed instead of one search per shard (their per-row files are concatenated into a
             temporary directory once, at open). False searches every shard on its own.
+          runtime: What runs the query encoder (tf, litert, onnx; None: the build's), accepted where its
+            embeddings agree with the build's (`encoders.compatibility`).
 
         Returns:
           The opened memory.
@@ -171,6 +175,7 @@ class VisualMemory:
         memory = read_through_purges(root, functools.partial(cls._open_version, root, verify=verify,
                                                              search_threads=search_threads, merge_shards=merge_shards),
                                      version=version)
+        memory._runtime = runtime
         setting = default_setting(memory.manifest) if search_defaults else None
         if setting is not None:
             memory = memory.with_search_params(**setting.search_params())
@@ -473,7 +478,7 @@ class VisualMemory:
         if encoder is not None:
             return check_query_encoder(encoder, self._manifest, self._root)
         if self._encoder is None:
-            self._encoder = load_query_encoder(self._manifest, self._root)
+            self._encoder = load_query_encoder(self._manifest, self._root, runtime=self._runtime)
         return self._encoder
 
     def embed_images(self, images: Sequence[Any], *, encoder: Encoder | None = None) -> np.ndarray:

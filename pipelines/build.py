@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import apache_beam as beam
 
 from configs.build import BuildConfig, load_config
-from encoders.base import EncoderKind
+from encoders.base import EncoderKind, add_runtime_flag
 from memory import storage
 from memory.index.shard_index import EmbeddingDtype, IndexConfig, IndexKind
 from memory.store.manifest import MANIFEST_NAME
@@ -108,6 +108,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                              "explanations of where a match is (default: one global embedding per image)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing memory at --output (its files are deleted first)")
+    add_runtime_flag(parser)
     return parser
 
 
@@ -125,6 +126,8 @@ def resolve_config(args: argparse.Namespace) -> BuildConfig:
 
 
 def _override(config: BuildConfig, args: argparse.Namespace) -> BuildConfig:
+    if args.runtime is not None:
+        config = config.replace(encoder=config.encoder.with_runtime(args.runtime))
     if args.shards is not None:
         config = config.replace(num_shards=args.shards)
     if args.target_shard_size is not None:

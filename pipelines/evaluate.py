@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import apache_beam as beam
 
+from encoders.base import Runtime, add_runtime_flag, parse_runtime
 from memory import storage
 from memory.decide.voting import VotingParams, VotingRule
 from memory.regions.layout import EntryKind, region_grid
@@ -208,7 +209,7 @@ def evaluate_pipeline(p: beam.Pipeline, *, root: str, manifest: Manifest, source
                       default_filter: QueryFilter | None = None, query_filters: Mapping[str, dict] | None = None,
                       crowding: Crowding | None = None, rerank: RerankOptions | None = None,
                       pixel_baseline: int | None = None, extra: Mapping[str, Any] | None = None,
-                      verify: bool = True) -> None:
+                      verify: bool = True, runtime: Runtime | None = None) -> None:
     """Adds the evaluation graph to ``p``: queries -> search -> merge -> neighbour files + EvaluationSummary.
 
     Args:
@@ -259,7 +260,7 @@ def evaluate_pipeline(p: beam.Pipeline, *, root: str, manifest: Manifest, source
     if isinstance(source, ImageSource):
         if is_precomputed(manifest.encoder):
             _refuse_images(root, manifest)
-        encoder = memory_encoder_spec(manifest)
+        encoder = memory_encoder_spec(manifest).with_runtime(runtime)
         from encoders.bundled import resolve_preprocess  # pylint: disable=g-import-not-at-top
         records, read_failures = p | "ReadQueries" >> ReadImages(source)
         images, decode_failures = records | "DecodeQueries" >> DecodeImages(resolve_preprocess(encoder))
@@ -396,6 +397,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help="optional config whose encoder must equal the memory's (refused otherwise)")
     parser.add_argument("--pixel-baseline", type=int, default=None, metavar="K",
                         help="also score raw-pixel kNN (1-NN and rank@K) over the memory's source images")
+    add_runtime_flag(parser)
     rerank_args.add_selection_args(parser, per_query_file=True)
     rerank_args.add_rerank_args(parser)
     return parser
@@ -457,7 +459,7 @@ def evaluate_memory(*, memory: str, source: ImageSource | EmbeddingSource, outpu
                     default_filter: QueryFilter | None = None, filters_file: str | None = None,
                     crowding: Crowding | None = None, rerank: RerankOptions | None = None,
                     pixel_baseline: int | None = None, query_encoder: EncoderSpec | None = None,
-                    verify: bool = True, pipeline_options: BeamOptions = None,
+                    verify: bool = True, runtime: Runtime | None = None, pipeline_options: BeamOptions = None,
                     test_pipeline: Optional[beam.Pipeline] = None) -> beam.runners.runner.PipelineResult:
     """Evaluates ``source``'s queries against ``memory``: checks the arguments, builds the graph, runs it.
 
@@ -485,6 +487,8 @@ def evaluate_memory(*, memory: str, source: ImageSource | EmbeddingSource, outpu
       query_encoder: With an ImageSource: the encoder the caller means the queries to be embedded with
         (``--config``'s); refused unless it is the memory's.
       verify: Check every shard file the workers load against the manifest (``--no-verify``: False).
+      runtime: With an ImageSource: what runs the memory's encoder (``--runtime``); None: the runtime the build
+        recorded. Refused where its embeddings may differ from the memory's beyond the tolerance.
       pipeline_options: Runner settings: Beam flags or a PipelineOptions (`pipelines.runner.BeamOptions`;
         default: one in-process worker).
       test_pipeline: Build the graph on this pipeline instead of one made from ``pipeline_options``.
@@ -510,13 +514,17 @@ def evaluate_memory(*, memory: str, source: ImageSource | EmbeddingSource, outpu
                                   route_probes=route_probes, route_ratio=route_ratio, default_filter=default_filter,
                                   query_filters=query_filters, filters_file=filters_file, crowding=crowding,
                                   rerank=rerank, pixel_baseline=pixel_baseline, query_encoder=query_encoder,
-                                  verify=verify, options=options, test_pipeline=test_pipeline)
+                                  verify=verify, runtime=runtime, options=options, test_pipeline=test_pipeline)
         except _VersionPurged as purged:
             if attempt == attempts - 1:
                 raise VersionPurgedError.of(root, purged.version, purged.error) from None
             _LOG.warning("evaluate: version %d of %s was purged while it was evaluated; evaluating the latest "
                          "version", purged.version, root)
     raise AssertionError("unreachable")
+
+
+def _without_runtime(spec: EncoderSpec) -> dict:
+    return {k: v for k, v in spec.to_dict().items() if k != "runtime"}
 
 
 class _VersionPurged(Exception):
@@ -529,12 +537,14 @@ class _VersionPurged(Exception):
 
 def _evaluate_once(root: str, *, source, output, encoder_id, version, k_max, params, query_batch, search_threads,
                    route_probes, route_ratio, default_filter, query_filters, filters_file, crowding, rerank,
-                   pixel_baseline, query_encoder, verify, options, test_pipeline) -> beam.runners.runner.PipelineResult:
+                   pixel_baseline, query_encoder, verify, runtime, options, test_pipeline
+                   ) -> beam.runners.runner.PipelineResult:
     """One run of `evaluate_memory`'s job; raises _VersionPurged when its version vanished under it."""
     manifest = read_manifest(root, version=version)
     if isinstance(source, ImageSource) and query_encoder is not None and not is_precomputed(manifest.encoder):
         encoder = memory_encoder_spec(manifest)
-        if query_encoder.to_dict() != encoder.to_dict():
+        # What runs the encoder is --runtime's choice, not the config's.
+        if _without_runtime(query_encoder) != _without_runtime(encoder):
             raise EvaluationError(
                 f"--config selects encoder {query_encoder.to_dict()} but memory {root} was built with "
                 f"{encoder.to_dict()}; queries must use the memory's encoder. Drop --config.")
@@ -543,7 +553,7 @@ def _evaluate_once(root: str, *, source, output, encoder_id, version, k_max, par
                       version=version, k_max=k_max, params=params, query_batch=query_batch,
                       search_threads=search_threads, route_probes=route_probes, route_ratio=route_ratio,
                       default_filter=default_filter, query_filters=query_filters, crowding=crowding, rerank=rerank,
-                      pixel_baseline=pixel_baseline, verify=verify,
+                      pixel_baseline=pixel_baseline, verify=verify, runtime=runtime,
                       extra=selection_report(default_filter=default_filter, query_filters=query_filters,
                                              filters_file=filters_file, crowding=crowding, rerank=rerank))
     storage.makedirs(output)
@@ -589,5 +599,7 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
                            search_threads=args.search_threads, route_probes=args.route_probes,
                            route_ratio=args.route_ratio, default_filter=default_filter, filters_file=args.filters,
                            crowding=crowding, rerank=_rerank_options(args, spec), pixel_baseline=args.pixel_baseline,
-                           query_encoder=query_encoder, verify=args.verify, pipeline_options=beam_args,
+                           query_encoder=query_encoder, verify=args.verify,
+                           runtime=None if args.runtime is None else parse_runtime(args.runtime),
+                           pipeline_options=beam_args,
                            test_pipeline=test_pipeline)

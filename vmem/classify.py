@@ -43,6 +43,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from encoders.base import add_runtime_flag
 from memory import storage
 from memory.decide.explain import Prediction, shown_class_name
 from memory.decide.voting import VotingParams, VotingRule
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write a self-contained HTML page with each query and its neighbours")
     parser.add_argument("--json", action="store_true", help="print results as JSON instead of text")
     parser.add_argument("--no-verify", dest="verify", action="store_false", help=NO_VERIFY_HELP)
+    add_runtime_flag(parser)
     parser.add_argument("--abstain-below", type=float, default=None, metavar="P",
                         help="abstain (no class: label -1, label_name null in --json; the reason is given, and "
                              "named: unlike_memory when the memory's out-of-memory test flags the query, else "
@@ -359,7 +361,7 @@ def _run(argv: Sequence[str]) -> int:
     from memory.store.manifest import ManifestError
     from memory.visual_memory import VisualMemory
     try:
-        memory = VisualMemory.open(args.memory, verify=args.verify)
+        memory = VisualMemory.open(args.memory, verify=args.verify, runtime=args.runtime)
     except ManifestError as e:
         raise ManifestError(f"--memory {args.memory!r}: {e}") from None
     if k > len(memory):

@@ -71,7 +71,8 @@ def describe(manifest, *, live: LiveCounts | None = None) -> str:
     lines = _live_lines(live or live_counts(None, manifest)) + [
         f"classes      {len(manifest.class_names)}: {', '.join(manifest.class_names[:20])}"
         + (" ..." if len(manifest.class_names) > 20 else ""),
-        f"encoder      {enc['name']} ({enc['content_hash'][:23]}...), dim {manifest.dim}, metric {manifest.metric.value}",
+        f"encoder      {enc['name']} ({enc['content_hash'][:23]}...), dim {manifest.dim}, metric {manifest.metric.value}, "
+        f"runtime {enc.get('runtime', 'tf')}",
         f"built        {manifest.created_at}; read {manifest.counts.read}, failed {manifest.counts.failed}",
         f"storage      format {manifest.format_version}, embeddings stored as "
         f"{manifest.embedding_dtype.value} (inside each shard's index)",

@@ -1,7 +1,7 @@
 """Job throughput: the Beam build and evaluation jobs vs the encoder's raw rate, in the same process.
 
     python -m evaluation.benchmarks.bench_jobs [--images 2000] [--queries 500] [--shards 4] [--batch-size 64] \
-        [--repeats 2]
+        [--repeats 2] [--runtime tf|litert|onnx]
 
 Prints images/s of (a) the encoder alone on already-preprocessed batches (the ceiling), (b) decode +
 preprocess alone, (c) the whole `vmem build` job (read files, decode, RunInference, normalise, shard,
@@ -34,11 +34,12 @@ def main(argv=None) -> int:
     parser.add_argument("--queries", type=int, default=500, help="Fashion-MNIST test images (multiple of 10)")
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=64, help="batch size of the raw-encoder baseline")
+    parser.add_argument("--runtime", default=None, choices=["tf", "litert", "onnx"],
+                        help="what runs the encoder, in the raw baseline and both jobs (default: the config's)")
     parser.add_argument("--beam-args", default="", help="extra Beam flags for the job, e.g. '--runner=DirectRunner'")
     args = parser.parse_args(argv)
 
     from encoders import load_encoder, resolve_preprocess
-    from encoders.base import EncoderSpec
     from configs.build import load_config
     from encoders.preprocess import decode_and_preprocess
     from evaluation.datasets import prepare_fashion_mnist
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
     prepare_fashion_mnist(work, per_class=args.images // 10, test_per_class=args.queries // 10)
     train = os.path.join(work, "train")
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(train) for f in fs)
-    spec = EncoderSpec()
+    spec = load_config(None).encoder.with_runtime(args.runtime)
     preprocess = resolve_preprocess(spec)
 
     t0 = time.perf_counter()
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
     del pixels, batch, encoder
 
     out = os.path.join(work, "memory")
-    config = load_config(None).replace(num_shards=args.shards)
+    config = load_config(None).replace(num_shards=args.shards, encoder=spec)
     job_s = float("inf")
     for _ in range(args.repeats):
         t0 = time.perf_counter()
@@ -98,10 +99,11 @@ def main(argv=None) -> int:
 
     n = len(files)
     raw_rate, job_rate, eval_rate = n / raw_s, n / job_s, n_queries / eval_s
-    print(f"\njob throughput, {n} Fashion-MNIST PNGs, bundled EfficientNet-Lite0, {os.cpu_count()} CPUs")
+    print(f"\njob throughput, {n} Fashion-MNIST PNGs, bundled EfficientNet-Lite0 on {spec.runtime.value}, "
+          f"{os.cpu_count()} CPUs")
     print("| stage | seconds | images/s |")
     print("|---|---:|---:|")
-    print(f"| encoder load (SavedModel, once) | {load_s:.1f} | |")
+    print(f"| encoder load ({spec.runtime.value}, once) | {load_s:.1f} | |")
     print(f"| decode + preprocess only | {decode_s:.1f} | {n / decode_s:.0f} |")
     print(f"| encoder only (batch {args.batch_size}, preprocessed) | {raw_s:.1f} | {raw_rate:.1f} |")
     print(f"| `vmem build` job ({args.shards} shards) | {job_s:.1f} | {job_rate:.1f} |")

@@ -17,6 +17,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 
 from encoders.base import EncoderSpec, PreprocessSpec
+from encoders.compatibility import runtime_mismatch
 from memory.regions.layout import check_image_ids, region_id
 from memory.regions.pooling import region_vectors
 from memory.vectors import l2_normalize
@@ -172,7 +173,8 @@ class DecodeImages(beam.PTransform):
 
 
 class EncoderModelHandler(ModelHandler[np.ndarray, np.ndarray, Any]):
-    """RunInference handler for any ``encoders.Encoder`` (SavedModel, TF-Hub, Keras, bundled).
+    """RunInference handler for any ``encoders.Encoder`` (SavedModel, TF-Hub, Keras, bundled; a model file) under
+    the spec's runtime.
 
     ``model_id`` of every PredictionResult carries the encoder identity as JSON, so the manifest records
     the identity of the model the workers actually ran.
@@ -312,7 +314,8 @@ def memory_encoder_spec(manifest) -> EncoderSpec:
 
 
 def check_same_identity(memory_identity: dict, used_identity: dict, *, what: str, fix: str) -> None:
-    """Refuses embeddings made by an encoder other than the memory's (name, content hash or dim).
+    """Refuses embeddings made by an encoder other than the memory's (name, content hash or dim), or by a runtime
+    whose embeddings may differ from the memory's beyond the tolerance (`encoders.compatibility`).
 
     Args:
       memory_identity: The manifest's encoder identity.
@@ -326,3 +329,6 @@ def check_same_identity(memory_identity: dict, used_identity: dict, *, what: str
         raise EncoderMismatchError(
             f"{what} were embedded by encoder {got} but the memory was built with {mem} (its files changed since "
             f"the build?); distances between different encoders are meaningless. {fix}")
+    problem = runtime_mismatch(memory_identity, used_identity)
+    if problem:
+        raise EncoderMismatchError(f"{what}: {problem}.")

@@ -22,10 +22,11 @@ def bundled_cache_dir(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def bundled_encoder(bundled_cache_dir):
-    """The default (bundled EfficientNet-Lite0) encoder, exported once."""
+    """The bundled EfficientNet-Lite0 encoder on TF, the reference of every runtime, exported once."""
     from encoders import EncoderSpec, load_encoder
+    from encoders.base import Runtime
 
-    return load_encoder(EncoderSpec())
+    return load_encoder(EncoderSpec(runtime=Runtime.TF))
 
 
 @pytest.fixture(scope="session")

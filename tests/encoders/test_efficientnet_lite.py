@@ -186,7 +186,7 @@ def lite1_encoder(bundled_cache_dir, tmp_path_factory):
     cache = str(tmp_path_factory.mktemp("vmem-cache-lite1"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VMEM_CACHE_DIR", cache)
-        encoder = load_encoder(EncoderSpec(EncoderKind.BUNDLED, LITE1))
+        encoder = load_encoder(EncoderSpec(EncoderKind.BUNDLED, LITE1, runtime="tf"))
     return encoder, cache
 
 

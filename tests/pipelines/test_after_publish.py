@@ -94,18 +94,19 @@ def test_reindex_that_cannot_clean_up_reports_its_published_version_and_stays_re
 def test_forget_whose_purge_fails_reports_the_forget_first(tmp_path, capsys):
     root = str(tmp_path / "mem")
     _build(root)
-    mutations.forget(root, ids=["e000"])
-    # The first forget's tombstones file, which the purge deletes, resolves outside the memory.
-    tombstones = read_manifest(root).forgotten.path
-    outside = tmp_path / "tombstones-outside.npy"
-    shutil.move(os.path.join(root, tombstones), outside)
-    os.symlink(outside, os.path.join(root, tombstones))
+    mutations.publish_entry_weights(root, ids=["e000"], weights=np.array([0.5]), params={})
+    # Version 2's weights file, replaced by version 3's, which the purge deletes, resolves outside the memory.
+    weights = read_manifest(root).entry_weights.path
+    mutations.publish_entry_weights(root, ids=["e001"], weights=np.array([0.5]), params={})
+    outside = tmp_path / "weights-outside.npz"
+    shutil.move(os.path.join(root, weights), outside)
+    os.symlink(outside, os.path.join(root, weights))
     code, err = _run(capsys, "forget", "--memory", root, "--label", "bee", "--purge-history")
     assert code == 1
-    _assert_published_first(err, "forget", root, 3, "purging the history (--purge-history)",
-                            rf"refusing to delete '{tombstones}' .* outside the memory root.*run `vmem reindex`")
+    _assert_published_first(err, "forget", root, 4, "purging the history (--purge-history)",
+                            rf"refusing to delete '{weights}' .* outside the memory root.*run `vmem reindex`")
     memory = VisualMemory.open(root)
-    assert memory.version == 3 and len(memory) == 60 - 1 - 20 and outside.exists()
+    assert memory.version == 4 and len(memory) == 60 - 20 and outside.exists()
     assert "bee" not in set(memory.label_names(memory.labels_of(memory.live_entry_ids())).tolist())
 
 

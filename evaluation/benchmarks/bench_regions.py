@@ -5,7 +5,7 @@ Times `VisualMemory.classify` on the global memory and `memory.regions.classify.
 first ``--per-class`` queries of each class, the encoder pass excluded (the same one for every memory), after one
 warm-up call each (a region memory reads its stored vectors on first use)::
 
-    flock /work/bench.lock nice -n -10 python -m evaluation.benchmarks.bench_regions out/regions
+    python -m evaluation.benchmarks.bench_regions out/regions
 """
 
 from __future__ import annotations

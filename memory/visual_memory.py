@@ -30,6 +30,7 @@ from memory.decide.confidence import memory_calibration
 from memory.decide.explain import Prediction
 from memory.search.filters import Crowding, QueryFilter, as_filters
 from memory.index.shard_index import ShardIndex
+from memory.store.integrity import local_index_files, summed_ahead
 from memory.store.manifest import Manifest, ManifestError
 from memory.store.mutations import read_entry_weights, read_forgotten, row_weights
 from memory.search.routing import Router, read_router, search_mask
@@ -188,12 +189,14 @@ class VisualMemory:
                       merge_shards: bool) -> VisualMemory:
         infos = manifest.all_shards
         dirs = [storage.join(root, info.path) for info in infos]
-        tables = read_entry_tables(dirs, infos, num_classes=len(manifest.class_names), verify=verify)
+        with summed_ahead(local_index_files(dirs, infos) if verify else ()):
+            tables = read_entry_tables(dirs, infos, num_classes=len(manifest.class_names), verify=verify)
+            # Hash shards built from one index template are searched as one index (memory.index.template).
+            units = search_units(root, manifest, merge=merge_shards, verify=verify)
+            indices = [load_unit_index([dirs[s] for s in unit], [infos[s] for s in unit], verify=verify)
+                       for unit in units]
         ids, labels = tables.ids, tables.labels
         row_offsets = np.cumsum([0] + [info.count for info in infos])
-        # Hash shards built from one index template are searched as one index (memory.index.template).
-        units = search_units(root, manifest, merge=merge_shards, verify=verify)
-        indices = [load_unit_index([dirs[s] for s in unit], [infos[s] for s in unit], verify=verify) for unit in units]
         for unit, index in zip(units, indices):
             if index is not None and index.dim != manifest.dim:
                 raise ManifestError(f"shard {infos[unit[0]].name}: index of dim {index.dim}, manifest says "

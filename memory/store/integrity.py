@@ -6,7 +6,8 @@ A `memory.store.manifest.ShardInfo` records two things about the files of its sh
   small fraction of what reading the bytes costs). Loading checks every file against its record
   (`ShardFiles`): a file parsed from memory is checked on the bytes it was read as (`ShardFiles.read`); ScaNN's
   files, which ScaNN's own loader reads from a local directory, are checked just before that loader runs
-  (`ShardFiles.check_dir`, in 1 MiB pieces, so the loader then reads them from the page cache). A mismatch
+  (`ShardFiles.check_dir`, in 1 MiB pieces, so the loader then reads them from the page cache; an open has a
+  child process sum them ahead, `summed_ahead`, since ScaNN's loader holds the GIL). A mismatch
   raises `ShardCorruptError`, naming the shard, the file and the fix, before anything of the shard is used.
 * ``checksum``: sha256 over every file's name, size and bytes (`verify_shard`). A shard written before
   ``files`` were recorded has only this; loading it with verification on recomputes it (a full read of the
@@ -19,10 +20,13 @@ directory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterable
 
@@ -54,13 +58,97 @@ def crc32c_hex(data: bytes) -> str:
 
 
 def _local_file_crc32c(path: str) -> tuple[int, str]:
-    """(size, crc32c hex) of a local file, read in pieces (a whole-file bytes copy would double its memory)."""
+    """(size, crc32c hex) of a local file, read in pieces (a whole-file bytes copy would double its memory);
+    from a `summed_ahead` child when one has summed it."""
+    with _ahead_lock:
+        ahead = [a for a in _ahead if path in a.paths]
+    for a in ahead:
+        found = a.get(path)
+        if found is not None:
+            return found
     crc, size = 0, 0
     with open(path, "rb", buffering=0) as f:
         while chunk := f.read(_CHUNK):
             crc = google_crc32c.extend(crc, chunk)
             size += len(chunk)
     return size, f"{crc:08x}"
+
+
+# Index bytes from which an open sums them in a child (`summed_ahead`): below, summing here (~10 GB/s) costs less
+# than starting the child (~20 ms), which the first shard's check would wait for.
+SUM_AHEAD_MIN_BYTES = 256 << 20
+# The program a `summed_ahead` child runs: (size, crc32c) of each file named on its command line, one line each.
+_SUM_PROGRAM = ("import sys, google_crc32c\n"
+                "for p in sys.argv[1:]:\n"
+                "    crc, size = 0, 0\n"
+                "    with open(p, 'rb', buffering=0) as f:\n"
+                f"        while c := f.read({_CHUNK}):\n"
+                "            crc, size = google_crc32c.extend(crc, c), size + len(c)\n"
+                "    print(size, format(crc, '08x'), flush=True)\n")
+
+
+class _SumsAhead:
+    """A child process summing ``paths`` in order; `get` waits for one path's line (None if the child failed)."""
+
+    def __init__(self, paths: list[str]):
+        self.paths = set(paths)
+        self._order = list(paths)
+        self._done: dict[str, tuple[int, str]] = {}
+        self._lock = threading.Lock()
+        self._proc = subprocess.Popen([sys.executable, "-c", _SUM_PROGRAM, *self._order], stdout=subprocess.PIPE,
+                                      stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True)
+
+    def get(self, path: str) -> tuple[int, str] | None:
+        with self._lock:
+            while path not in self._done and len(self._done) < len(self._order):
+                line = self._proc.stdout.readline().split()
+                if len(line) != 2:  # The child failed (its reason is not ours to parse): sum it here instead.
+                    self._order = self._order[:len(self._done)]
+                    break
+                self._done[self._order[len(self._done)]] = (int(line[0]), line[1])
+            return self._done.get(path)
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        self._proc.stdout.close()
+
+
+_ahead: list[_SumsAhead] = []
+_ahead_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def summed_ahead(paths: Iterable[str]):
+    """While the block runs, a child process sums the local files ``paths`` in order, and the checks of those
+    files (`ShardFiles.check_dir`) take its sums instead of reading them again in this process.
+
+    ScaNN's loader holds the GIL while it loads a shard, so nothing in this process can overlap it; a child on
+    another core sums the next shard's files meanwhile (the first shard's while the entry tables are read).
+    Each file is still checked before its loader reads it: the check waits for the child's line. A child that
+    fails leaves the remaining files to be summed here, as without it.
+    """
+    paths = [p for p in paths if os.path.isfile(p)]
+    if (os.cpu_count() or 1) < 2 or sum(os.path.getsize(p) for p in paths) < SUM_AHEAD_MIN_BYTES:
+        yield
+        return
+    ahead = _SumsAhead(paths)
+    with _ahead_lock:
+        _ahead.append(ahead)
+    try:
+        yield
+    finally:
+        with _ahead_lock:
+            _ahead.remove(ahead)
+        ahead.close()
+
+
+def local_index_files(shard_dirs: Iterable[str], infos: Iterable[ShardInfo]) -> list[str]:
+    """The recorded ScaNN files of the local shards among ``shard_dirs`` (``gs://`` shards are copied locally
+    when loaded and checked there), in load order: what `summed_ahead` should sum for an open."""
+    return [os.path.join(d, *f.name.split("/")) for d, info in zip(shard_dirs, infos) if not storage.is_gcs(d)
+            for f in info.files if f.name.startswith(SCANN_DIR + "/")]
 
 
 def refuse_pickles(names: Iterable[str], where: str) -> None:

@@ -201,3 +201,44 @@ def test_format_1_arrays_are_checked_by_the_whole_shard_checksum(tmp_path):
         with pytest.raises(ShardCorruptError, match="shard old at .*checksum mismatch"):
             read_shard_data(str(shard_dir), legacy)
         read_shard_entries(str(shard_dir), legacy, verify=False)  # Accepting the risk reads it.
+
+
+def test_open_takes_the_sums_of_a_child_summing_ahead_and_refuses_what_it_finds(built, tmp_path, monkeypatch):
+    """VisualMemory.open has a child process sum large ScaNN files ahead (integrity.summed_ahead); the checks use
+    its sums (nothing is summed again here) and a flipped byte is refused as before."""
+    from memory.store import integrity
+    src, manifest, _, _ = built[IndexKind.TREE_AH]
+    monkeypatch.setattr(integrity, "SUM_AHEAD_MIN_BYTES", 0)  # A small memory is summed here by default.
+    got = []
+    real_get = integrity._SumsAhead.get
+
+    def get(self, path):
+        found = real_get(self, path)
+        got.append((path, found))
+        return found
+
+    monkeypatch.setattr(integrity._SumsAhead, "get", get)
+    VisualMemory.open(src)
+    scann_files = integrity.local_index_files([os.path.join(src, i.path) for i in manifest.shards], manifest.shards)
+    assert scann_files and [p for p, _ in got] == scann_files and all(f is not None for _, f in got)
+    for path, (size, crc) in got:
+        blob = open(path, "rb").read()
+        assert (size, crc) == (len(blob), crc32c_hex(blob))
+    root = _copy(src, tmp_path / "flipped")
+    rel = "scann/dataset.npy"
+    _flip_last_byte(os.path.join(root, manifest.shards[1].path, *rel.split("/")))
+    with pytest.raises(ShardCorruptError, match=f"shard {manifest.shards[1].name}: file {rel} at .*has crc32c"):
+        VisualMemory.open(root)
+
+
+def test_a_child_that_fails_leaves_the_sums_to_this_process(built, tmp_path, monkeypatch):
+    from memory.store import integrity
+    src, manifest, _, _ = built[IndexKind.TREE_AH]
+    monkeypatch.setattr(integrity, "SUM_AHEAD_MIN_BYTES", 0)
+    monkeypatch.setattr(integrity, "_SUM_PROGRAM", "import sys; sys.exit(3)")
+    root = _copy(src, tmp_path / "flipped")
+    rel = "scann/dataset.npy"
+    _flip_last_byte(os.path.join(root, manifest.shards[0].path, *rel.split("/")))
+    with pytest.raises(ShardCorruptError, match=f"shard {manifest.shards[0].name}: file {rel} at .*has crc32c"):
+        VisualMemory.open(root)
+    assert len(VisualMemory.open(src)) == sum(i.count for i in manifest.shards)

@@ -77,7 +77,8 @@ def _local_file_crc32c(path: str) -> tuple[int, str]:
 # Index bytes from which an open sums them in a child (`summed_ahead`): below, summing here (~10 GB/s) costs less
 # than starting the child (~20 ms), which the first shard's check would wait for.
 SUM_AHEAD_MIN_BYTES = 256 << 20
-# The program a `summed_ahead` child runs: (size, crc32c) of each file named on its command line, one line each.
+# The program a `summed_ahead` child runs: (size, crc32c) of each file named on its command line, one line each;
+# `_local_file_crc32c`'s loop, standalone: importing this package would load ScaNN and TF (seconds) in the child.
 _SUM_PROGRAM = ("import sys, google_crc32c\n"
                 "for p in sys.argv[1:]:\n"
                 "    crc, size = 0, 0\n"

@@ -13,7 +13,7 @@ import dataclasses
 import enum
 import math
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
@@ -428,6 +428,11 @@ class EncoderIdentity:
         )
 
 
+# A batch of preprocessed images: float32 ``[N, H, W, 3]``, or a sequence of N float32 ``[H, W, 3]`` images
+# (what a Beam batch holds), which an encoder running chunks on several threads stacks there.
+Images = Union[np.ndarray, Sequence[np.ndarray]]
+
+
 class Encoder(abc.ABC):
     """Maps preprocessed image batches to raw (un-normalised) feature vectors."""
 
@@ -447,18 +452,18 @@ class Encoder(abc.ABC):
         return self.identity.dim
 
     @abc.abstractmethod
-    def embed(self, images: np.ndarray) -> np.ndarray:
+    def embed(self, images: Images) -> np.ndarray:
         """Embeds a batch of preprocessed images.
 
         Args:
-            images: float32 ``[N, H, W, 3]``, already passed through
+            images: float32 ``[N, H, W, 3]`` (or a sequence of N ``[H, W, 3]``), already passed through
                 ``encoders.preprocess.preprocess`` with ``preprocess_spec``.
 
         Returns:
             float32 ``[N, D]`` raw features (not L2-normalised).
         """
 
-    def feature_map(self, images: np.ndarray) -> np.ndarray:
+    def feature_map(self, images: Images) -> np.ndarray:
         """The spatial feature map that ``embed`` pools, for region memories.
 
         Args:
@@ -475,8 +480,8 @@ class Encoder(abc.ABC):
             "(--regions) pool; build with the bundled EfficientNet-Lite encoder or drop --regions."
         )
 
-    def _check_batch(self, images: np.ndarray) -> np.ndarray:
-        """Validates an ``embed`` input, returning it as C-contiguous float32."""
+    def _check_batch(self, images: Images) -> np.ndarray:
+        """Validates an ``embed`` input, returning it as C-contiguous float32 ``[N, H, W, 3]``."""
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[-1] != 3:
             raise EncoderError(

@@ -38,6 +38,7 @@ from encoders.base import (
     EncoderIdentity,
     EncoderKind,
     EncoderSpec,
+    Images,
     PreprocessSpec,
     Runtime,
     cache_root,
@@ -236,14 +237,14 @@ class TFEncoder(Encoder):
             )
         return features.astype(np.float32, copy=False)
 
-    def embed(self, images: np.ndarray) -> np.ndarray:
+    def embed(self, images: Images) -> np.ndarray:
         """See ``Encoder.embed``."""
         images = self._check_batch(images)
         if images.shape[0] == 0:
             return np.zeros((0, self.dim), np.float32)
         return self._run(images)
 
-    def feature_map(self, images: np.ndarray) -> np.ndarray:
+    def feature_map(self, images: Images) -> np.ndarray:
         """See ``Encoder.feature_map``: the bundled encoders expose theirs; other models do not."""
         if self._feature_map is None:
             return super().feature_map(images)

@@ -22,6 +22,7 @@ from encoders.base import (
     Encoder,
     EncoderError,
     EncoderIdentity,
+    Images,
     Layout,
     ModelIO,
     OutputKind,
@@ -156,8 +157,8 @@ class ModelFileEncoder(Encoder):
     """An ``Encoder`` over a ``.tflite`` or ``.onnx`` file, its input and output as ``ModelIO`` declares.
 
     Images go to the runtime ``chunk`` at a time (default ``CHUNK``, see there). With several sessions (one
-    single-threaded session per core, ``load_model_file``), session ``i`` runs chunks ``i, i + k, ...`` on a
-    thread of its own: the runtimes release the GIL, and whole images in parallel avoid the per-operator
+    single-threaded session per core, ``load_model_file``), each session takes the batch's next chunk on a
+    thread of its own as it frees up: the runtimes release the GIL, and whole images in parallel avoid the per-operator
     synchronisation of one session on several threads. Each session has a lock, as neither LiteRT's
     interpreter nor a chunk loop may be shared between threads.
 
@@ -214,26 +215,54 @@ class ModelFileEncoder(Encoder):
                 f"model_io.output={self._io.output.value!r}, {_declared_output_text(self._io)}; fix model_io.output "
                 "(pooled [N, D], spatial [N, h, w, D], tokens [N, T, D]) or model_io.output_name.")
 
-    def _raw(self, images: np.ndarray) -> np.ndarray:
-        x = images if self._io.layout is Layout.NHWC else np.ascontiguousarray(images.transpose(0, 3, 1, 2))
-        chunks = [x[s:s + self.chunk] for s in range(0, x.shape[0], self.chunk)]
-        k = min(len(self._sessions), len(chunks))
+    def _images(self, images: Images) -> Images:
+        """Checks a batch like ``_check_batch``, but keeps a sequence of images a list: the session threads stack
+        their own chunks (a 64-image batch is ~38 MB to copy, which would otherwise wait on the caller)."""
+        if isinstance(images, np.ndarray):
+            return self._check_batch(images)
+        checked = [self._check_batch(np.asarray(x)[None])[0] for x in images]  # Shape and dtype as for an array.
+        for x in checked:
+            if x.shape != checked[0].shape:
+                raise EncoderError(f"{self.identity.name}: embed() got images of shapes {checked[0].shape} and "
+                                   f"{x.shape} in one batch; preprocess them with encoders.preprocess first.")
+        return checked
 
-        def run(i: int) -> list[np.ndarray]:
+    def _chunk_input(self, images: Images) -> np.ndarray:
+        """One runtime call's input: the chunk stacked (if a list) and in the file's layout."""
+        x = np.stack(images) if isinstance(images, list) else np.ascontiguousarray(images)
+        return x if self._io.layout is Layout.NHWC else np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+    def _raw(self, images: Images) -> np.ndarray:
+        starts = range(0, len(images), self.chunk)
+        parts: list[Any] = [None] * len(starts)
+        taken = iter(range(len(starts)))
+        take = threading.Lock()
+
+        def run(i: int) -> None:
+            # Each session takes the next chunk as it frees up, so one slowed thread does not hold the batch.
             with self._locks[i]:
-                return [self._sessions[i].run(self._input.name, self._output.name, c) for c in chunks[i::k]]
+                while True:
+                    with take:
+                        j = next(taken, None)
+                    if j is None:
+                        return
+                    chunk = self._chunk_input(images[starts[j]:starts[j] + self.chunk])
+                    parts[j] = self._sessions[i].run(self._input.name, self._output.name, chunk)
 
-        parts: list[Any] = [None] * len(chunks)
-        for i, outs in enumerate(self._pool.map(run, range(k)) if k > 1 else [run(0)]):
-            parts[i::k] = outs
+        k = min(len(self._sessions), len(starts))
+        if k > 1:
+            for _ in self._pool.map(run, range(k)):  # Re-raises a session's error.
+                pass
+        else:
+            run(0)
         out = np.concatenate(parts).astype(np.float32, copy=False)
         self._check_output_rank(out.shape)
-        if out.shape[0] != images.shape[0]:
+        if out.shape[0] != len(images):
             raise EncoderError(f"{self._where}: output {self._output.name!r} has {out.shape[0]} rows for "
-                               f"{images.shape[0]} images; export the model with a batch dimension first.")
+                               f"{len(images)} images; export the model with a batch dimension first.")
         return out
 
-    def _features(self, images: np.ndarray) -> np.ndarray:
+    def _features(self, images: Images) -> np.ndarray:
         """The declared output as ``[N, D]`` (pooled) or ``[N, h, w, D]`` (spatial, tokens)."""
         out = self._raw(images)
         if self._io.output is OutputKind.POOLED:
@@ -252,21 +281,21 @@ class ModelFileEncoder(Encoder):
                 "model_io.cls_token (a CLS token first?).")
         return patches.reshape(patches.shape[0], side, side, patches.shape[2])
 
-    def embed(self, images: np.ndarray) -> np.ndarray:
+    def embed(self, images: Images) -> np.ndarray:
         """See ``Encoder.embed``; a spatial map or patch tokens are averaged, a CLS token taken as it is."""
-        images = self._check_batch(images)
-        if images.shape[0] == 0:
+        images = self._images(images)
+        if len(images) == 0:
             return np.zeros((0, self.dim), np.float32)
         if self._io.output is OutputKind.TOKENS and self._io.cls_token:
             return np.ascontiguousarray(self._raw(images)[:, 0])
         features = self._features(images)
         return features if features.ndim == 2 else features.mean(axis=(1, 2), dtype=np.float32)
 
-    def feature_map(self, images: np.ndarray) -> np.ndarray:
+    def feature_map(self, images: Images) -> np.ndarray:
         """The spatial feature map, or the patch tokens on their grid, of preprocessed images.
 
         Args:
-            images: float32 ``[N, H, W, 3]`` as for ``embed``.
+            images: float32 ``[N, H, W, 3]`` (or a sequence of ``[H, W, 3]``) as for ``embed``.
 
         Returns:
             float32 ``[N, h, w, D]`` (not normalised).
@@ -278,8 +307,8 @@ class ModelFileEncoder(Encoder):
             raise EncoderError(
                 f"{self._where} declares output 'pooled' [N, D], which has no feature map; declare "
                 "model_io.output='spatial' or 'tokens' (and model_io.output_name) to use feature_map.")
-        images = self._check_batch(images)
-        if images.shape[0] == 0:
+        images = self._images(images)
+        if len(images) == 0:
             return np.zeros((0, 0, 0, self.dim), np.float32)
         return self._features(images)
 

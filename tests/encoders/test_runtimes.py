@@ -99,6 +99,21 @@ def test_onnx_tokens_with_cls_become_a_grid_and_the_cls_embedding(tmp_path):
     np.testing.assert_allclose(encoder.embed(np.concatenate([images] * 5))[-2:], encoder.embed(images), atol=1e-6)
 
 
+def test_a_list_of_images_embeds_as_the_stacked_batch(tmp_path):
+    """Jobs hand a batch over as a list (the sessions stack their own chunks): same rows as the array, in order,
+    whichever session takes which chunk; images of different shapes or uint8 pixels are refused."""
+    path = _spatial_onnx(tmp_path / "spatial.onnx")
+    encoder = load_encoder(_file_spec(path, layout=Layout.NCHW, output=OutputKind.SPATIAL, dim=4))
+    images = _images(9)  # Odd: the last chunk is short.
+    np.testing.assert_array_equal(encoder.embed(list(images)), encoder.embed(images))
+    np.testing.assert_array_equal(encoder.feature_map(list(images)), encoder.feature_map(images))
+    with pytest.raises(EncoderError, match="shapes"):
+        encoder.embed([images[0], images[1][:4]])
+    with pytest.raises(EncoderError, match="uint8"):
+        encoder.embed([images[0], images[1].astype(np.uint8)])
+    assert encoder.embed([]).shape == (0, 4)
+
+
 def test_tokens_without_the_declared_cls_are_not_a_grid(tmp_path):
     path = _tokens_onnx(tmp_path / "tokens.onnx")
     with pytest.raises(EncoderError, match=r"65 tokens.*model_io.cls_token"):

@@ -38,8 +38,8 @@ class BuildConfig:
             embedding space, and a query searches only the shards its nearest centroids route it to; for
             large tree+AH memories, see memory/search/routing.py).
         router: How a ``partition`` build trains its router (ignored for ``hash``).
-        min_batch_size: Lower bound of RunInference's dynamic batch size.
-        max_batch_size: Upper bound of RunInference's dynamic batch size.
+        min_batch_size: Lower bound of the encoder's dynamic batch size (Beam's BatchElements).
+        max_batch_size: Upper bound of the encoder's dynamic batch size.
         progress_every: Log a progress line every this many embedded images (per worker).
         regions: G to store each image also as G x G region embeddings (its encoder feature map pooled per
             cell, memory.regions), or None for one global embedding per image.

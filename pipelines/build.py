@@ -55,7 +55,7 @@ from memory.store.manifest import MANIFEST_NAME
 from memory.index.template import uses_template
 from memory.store.sharding import Sharding
 from pipelines.stages.embed import DecodeImages, EmbedImages
-from pipelines.io.readers import ImageSource, ReadImages, parse_image_spec
+from pipelines.io.readers import CountAll, ImageSource, ReadImages, parse_image_spec
 from pipelines.runner import BeamOptions, FlagError, resolve_pipeline_options
 from pipelines.stages.train import TrainIndexTemplate, TrainRouter
 from pipelines.stages.write import (EntriesToBlocks, WriteDeadLetters, WriteManifest, WriteMemoryShards,
@@ -240,9 +240,7 @@ def build_pipeline(p: beam.Pipeline, *, source, output: str, config: BuildConfig
             progress_every=config.progress_every, regions=config.regions)
         blocks = entries | "ToBlocks" >> EntriesToBlocks()
         failure_sets += [read_failures, decode_failures, embed_failures]
-        records_read = ((records, read_failures)
-                        | "AllRead" >> beam.Flatten()
-                        | "CountRead" >> beam.combiners.Count.Globally())
+        records_read = (records, read_failures) | "CountRead" >> CountAll()
         router_blocks = blocks
         source_config = {"images": source.to_dict(), "preprocess": preprocess.to_dict()}
     else:

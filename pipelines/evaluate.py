@@ -57,7 +57,7 @@ from memory.store.manifest import Manifest
 from memory.store.versions import VersionPurgedError, list_versions, read_manifest
 from pipelines import rerank_args
 from pipelines.build import is_precomputed, precomputed_identity, read_precomputed
-from pipelines.io.readers import ImageSource, ReadImages, parse_image_spec
+from pipelines.io.readers import CountAll, ImageSource, ReadImages, parse_image_spec
 from pipelines.records import EmbeddedImage, EvaluationSummary, NeighborRecord
 from pipelines.runner import BeamOptions, FlagError, resolve_pipeline_options
 from pipelines.stages import rerank as rerank_stage
@@ -268,8 +268,7 @@ def evaluate_pipeline(p: beam.Pipeline, *, root: str, manifest: Manifest, source
             # Batches start at min_batch_size and grow; at 8 most batches of a 1,000-query run stayed at 8-9 images,
             # and the bundled encoder embeds 96 images/s at batch 8 against 107-114 at 32-64 (2 cores).
             encoder, min_batch_size=32, max_batch_size=64, progress_every=500)
-        records_read = ((records, read_failures) | "AllRead" >> beam.Flatten()
-                        | "CountRead" >> beam.combiners.Count.Globally())
+        records_read = (records, read_failures) | "CountRead" >> CountAll()
         failure_sets = (read_failures, decode_failures, embed_failures)
     else:
         identity = _precomputed_query_identity(root, manifest, source, encoder_id)

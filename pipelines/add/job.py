@@ -32,7 +32,7 @@ from pipelines.add.plan import (DEFAULT_DELTA_SHARD_SIZE, AddError, AddPlan, aba
                                 check_precomputed_identity, check_worker_identity, plan_add, publish_add_version,
                                 remove_add_leftovers)
 from pipelines.build import is_precomputed, read_precomputed
-from pipelines.io.readers import ImageSource, ReadImages, parse_image_spec
+from pipelines.io.readers import CountAll, ImageSource, ReadImages, parse_image_spec
 from pipelines.runner import BeamOptions, FlagError, after_publish_error, resolve_pipeline_options, runner_error
 from pipelines.stages.embed import DecodeImages, EmbedImages, EncoderMismatchError
 from pipelines.stages.write import EntriesToBlocks, block_class_names, count_rows
@@ -121,7 +121,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--delta-shard-size", type=int, default=DEFAULT_DELTA_SHARD_SIZE,
                         help=f"target entries per delta shard (default {DEFAULT_DELTA_SHARD_SIZE}); delta shards are "
                              "searched by brute force until `vmem reindex` folds them in")
-    parser.add_argument("--min-batch-size", type=int, default=None, help="RunInference batch bounds (default: the "
+    parser.add_argument("--min-batch-size", type=int, default=None, help="encoder batch bounds (default: the "
                                                                           "memory's build config)")
     parser.add_argument("--max-batch-size", type=int, default=None)
     parser.add_argument("--no-verify", dest="verify", action="store_false", help=NO_VERIFY_HELP)
@@ -150,8 +150,7 @@ def add_pipeline(p: beam.Pipeline, *, plan: AddPlan, source, target_size: int, m
             regions=plan.regions)
         blocks = entries | "ToBlocks" >> EntriesToBlocks()
         failure_sets = [read_failures, id_failures, decode_failures, embed_failures]
-        records_read = ((read, read_failures) | "AllRead" >> beam.Flatten()
-                        | "CountRead" >> beam.combiners.Count.Globally())
+        records_read = (read, read_failures) | "CountRead" >> CountAll()
         rejected = None
         kept_rows = count_rows(blocks, "CountEntries")
         labels = block_class_names(blocks)
@@ -196,7 +195,7 @@ def add_to_memory(*, memory: str, source: ImageSource | EmbeddingSource, encoder
         built from precomputed embeddings, an EmbeddingSource of embeddings of ``encoder_id``.
       encoder_id: With an EmbeddingSource: the encoder that computed the embeddings; must be the memory's.
       delta_shard_size: Target entries per delta shard.
-      min_batch_size: RunInference batch bounds (None: the memory's build config).
+      min_batch_size: Encoder batch bounds (None: the memory's build config).
       max_batch_size: See ``min_batch_size``.
       verify: Check the memory's shard files read against the manifest (``--no-verify``: False).
       pipeline_options: Runner settings: Beam flags or a PipelineOptions (`pipelines.runner.BeamOptions`;

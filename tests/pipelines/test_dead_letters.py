@@ -5,13 +5,13 @@ from __future__ import annotations
 import apache_beam as beam
 import numpy as np
 import pytest
-from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
+from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from encoders.base import PreprocessSpec, ResizeMode
-from pipelines.stages.embed import DecodeImages, DecodeFn, FailedBatchFn
-from pipelines.io.readers import ReadImages, ParseTFRecordFn, parse_image_spec
+from pipelines.stages.embed import DecodeImages, DecodeFn, InferAheadFn
+from pipelines.io.readers import FAILED_TAG, ReadImages, ParseTFRecordFn, parse_image_spec
 from pipelines.records import EntryMeta, ImageRecord
 
 SPEC = PreprocessSpec(image_size=16, resize=ResizeMode.RESIZE_SQUARE)
@@ -27,7 +27,7 @@ def test_undecodable_image_detail_names_pillows_exception():
 
 
 class _Model:
-    """Any weak-referenceable object (RunInference shares the model through apache_beam.utils.shared)."""
+    """Any weak-referenceable object (the model is shared through apache_beam.utils.shared)."""
 
 
 class _FailingHandler(ModelHandler):
@@ -38,15 +38,21 @@ class _FailingHandler(ModelHandler):
         raise ValueError(f"boom on {len(batch)} image(s)")
 
 
+def _infer(keyed, handler):
+    return (keyed | beam.BatchElements(min_batch_size=1, max_batch_size=4)
+            | beam.ParDo(InferAheadFn(KeyedModelHandler(handler))).with_outputs(FAILED_TAG, main="inferred"))
+
+
 def test_encoder_failure_detail_is_the_encoders_exception():
-    # The dead letters of RunInference carry (type, repr, traceback), not the exception: the detail must
-    # still read "ValueError: boom ...", not "tuple: (<class 'ValueError'>, ...)".
+    # A failed batch gives one dead letter per image whose detail reads "ValueError: boom ...".
     with TestPipeline(runner="FnApiRunner") as p:
-        keyed = p | beam.Create([(EntryMeta("a", "/x/a.png", "cat"), np.zeros((2, 2, 3), np.float32))])
-        _, dlq = keyed | RunInference(KeyedModelHandler(_FailingHandler())).with_exception_handling()
-        failures = dlq.failed_inferences | beam.ParDo(FailedBatchFn())
-        assert_that(failures | beam.Map(lambda f: (f.id, f.reason, f.detail)),
-                    equal_to([("a", "encoder_error", "ValueError: boom on 1 image(s)")]))
+        keyed = p | beam.Create([(EntryMeta(i, f"/x/{i}.png", "cat"), np.zeros((2, 2, 3), np.float32))
+                                 for i in ("a", "b")])
+        out = _infer(keyed, _FailingHandler())
+        assert_that(out[FAILED_TAG] | beam.Map(lambda f: (f.id, f.reason, f.stage, f.detail.split(" on ")[0])),
+                    equal_to([(i, "encoder_error", "embed", "ValueError: boom") for i in ("a", "b")]),
+                    label="failed")
+        assert_that(out.inferred, equal_to([]), label="inferred")
 
 
 def test_bad_manifest_row_detail_names_the_exception_type(tmp_path):
@@ -64,9 +70,8 @@ class _OutOfMemoryHandler(_FailingHandler):
 def test_memory_error_in_the_encoder_fails_the_job_instead_of_dead_letters():
     p = TestPipeline(runner="FnApiRunner")
     keyed = p | beam.Create([(EntryMeta("a", "/x/a.png", "cat"), np.zeros((2, 2, 3), np.float32))])
-    _, dlq = keyed | RunInference(KeyedModelHandler(_OutOfMemoryHandler())).with_exception_handling()
-    _ = dlq.failed_inferences | beam.ParDo(FailedBatchFn())
-    with pytest.raises(Exception, match="ran out of memory on a batch of 1 images: MemoryError: encoder out"):
+    _ = _infer(keyed, _OutOfMemoryHandler())
+    with pytest.raises(Exception, match="encoder out of memory"):
         p.run().wait_until_finish()
 
 
@@ -79,10 +84,11 @@ def test_memory_error_while_decoding_propagates():
 
     fn._decode = out_of_memory
     with pytest.raises(MemoryError, match="no room"):
-        list(fn.process(ImageRecord("a", "/x/a.png", "cat", b"whatever")))
+        fn.work(ImageRecord("a", "/x/a.png", "cat", b"whatever"))
     fn._decode = lambda data, spec: (_ for _ in ()).throw(RuntimeError("hostile bytes"))
-    (failed,) = list(fn.process(ImageRecord("a", "/x/a.png", "cat", b"whatever")))
+    failed = fn.emit(fn.work(ImageRecord("a", "/x/a.png", "cat", b"whatever")))
     assert failed.value.detail == "RuntimeError: hostile bytes"  # Other errors still become dead letters.
+    fn.teardown()
 
 
 def test_memory_error_while_parsing_a_tfrecord_propagates():
@@ -100,13 +106,13 @@ def test_memory_error_while_parsing_a_tfrecord_propagates():
 
 
 def test_parallel_decode_keeps_order_dead_letters_and_memory_errors(tmp_path):
-    """ParallelDecodeFn (the DecodeImages stage) emits every record once, in input order, bad files as dead
+    """DecodeFn (the DecodeImages stage) emits every record once, in input order, bad files as dead
     letters, and fails the bundle on a MemoryError from its pool."""
     import io
 
     from PIL import Image
 
-    from pipelines.stages.embed import ParallelDecodeFn
+    from pipelines.stages.embed import DecodeFn
     from pipelines.records import DecodedImage
 
     def png(v):
@@ -122,7 +128,7 @@ def test_parallel_decode_keeps_order_dead_letters_and_memory_errors(tmp_path):
                     equal_to([(r.id, "decode") for r in records if r.data == b"broken"]), label="failed")
     from apache_beam.transforms.window import GlobalWindow
     from apache_beam.utils.timestamp import Timestamp
-    fn = ParallelDecodeFn(SPEC, threads=2)
+    fn = DecodeFn(SPEC, threads=2)
     fn.setup()
     fn.start_bundle()
     where = dict(timestamp=Timestamp(0), window=GlobalWindow())

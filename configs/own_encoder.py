@@ -11,6 +11,9 @@ Variants:
   clip     a CLIP image tower ONNX export: 224 px, CLIP's mean/std, the pooled image embedding ([N, 512]).
   tflite   a ``.tflite`` feature extractor taking [0, 255] pixels, NHWC, returning a spatial map [N, 7, 7, D]
            (the embedding is its mean).
+
+``vmem build --regions G`` pools a declared map whose mean is the embedding: ``spatial`` (tflite above) or
+``tokens`` without a CLS token; with a CLS token (dinov2 above) the embedding is not that mean, and it is refused.
 """
 
 from configs.build import BuildConfig

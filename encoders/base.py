@@ -320,6 +320,16 @@ class EncoderSpec:
         return dataclasses.replace(self, runtime=parse_runtime(runtime))
 
     @property
+    def pools_feature_map(self) -> bool:
+        """Whether ``embed`` is the mean of the feature map ``feature_map`` gives, what region memories pool:
+        the bundled encoders, and model files declaring a ``spatial`` map or ``tokens`` without a CLS token."""
+        if self.kind is EncoderKind.BUNDLED:
+            return True
+        io = self.model_io
+        return (self.kind is EncoderKind.MODEL_FILE and io is not None
+                and (io.output is OutputKind.SPATIAL or (io.output is OutputKind.TOKENS and not io.cls_token)))
+
+    @property
     def display_name(self) -> str:
         """``name`` if set, else the last path component of ``uri``."""
         if self.name:

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import apache_beam as beam
 
 from configs.build import BuildConfig, load_config
-from encoders.base import EncoderKind, add_runtime_flag
+from encoders.base import add_runtime_flag
 from memory import storage
 from memory.index.shard_index import EmbeddingDtype, IndexConfig, IndexKind
 from memory.store.manifest import MANIFEST_NAME
@@ -211,6 +211,13 @@ def read_precomputed(p: beam.Pipeline, source, identity: dict):
     return blocks, read_failures, identities, records_read
 
 
+def _declared_output(spec) -> str:
+    io = spec.model_io
+    if io is None:
+        return ""
+    return f", model_io.output={io.output.value!r}" + (", cls_token=True" if io.cls_token else "")
+
+
 def _may_use_template(config: BuildConfig, entry_count: int | None) -> bool:
     """Whether a hash build may have tree+AH shards, hence an index template (decided at launch when the
     entry count is known; otherwise TrainIndexTemplate decides once the rows are counted)."""
@@ -313,10 +320,11 @@ def build_memory(*, source: ImageSource | EmbeddingSource, output: str, config: 
         if encoder_id:
             raise FlagError("--encoder-id applies to --embeddings only; image builds record their encoder's "
                             "identity themselves (config encoder)")
-        if config.regions is not None and config.encoder.kind is not EncoderKind.BUNDLED:
-            raise FlagError(f"--regions pools the encoder's spatial feature map, which the bundled encoders expose "
-                            f"and a {config.encoder.kind.value} encoder ({config.encoder.uri!r}) does not; build "
-                            "region memories with a bundled encoder (e.g. efficientnet-lite0)")
+        if config.regions is not None and not config.encoder.pools_feature_map:
+            raise FlagError(f"--regions pools the feature map whose mean is the encoder's embedding, which the bundled "
+                            f"encoders and model files declaring model_io.output='spatial' (or 'tokens' without "
+                            f"cls_token) have and a {config.encoder.kind.value} encoder ({config.encoder.uri!r}"
+                            f"{_declared_output(config.encoder)}) does not; build region memories with one of those")
     elif config.regions is not None:
         raise FlagError("--regions pools the encoder's feature map, which precomputed --embeddings do not have; "
                         "build region memories from --images")

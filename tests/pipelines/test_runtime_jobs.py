@@ -118,3 +118,44 @@ def test_memory_refuses_queries_of_a_runtime_that_disagrees(fmnist_small, onnx_c
     assert load_encoder(spec).identity == own.identity
     with pytest.raises(ValueError, match=r"runs on runtime 'onnx', got runtime='litert'"):
         VisualMemory.open(mem, runtime="litert").query_encoder()
+
+
+def test_own_spatial_encoder_builds_a_region_memory(fmnist_small, onnx_config, tmp_path, capsys):
+    """--regions pools a model file's declared spatial map (4 x 4 here): regions tied to their image, the global
+    entry equal to the file's embedding, and region classify working on it."""
+    from memory.regions.layout import region_grid
+    from memory.store.shard import read_shard_data
+    from memory.store.versions import read_manifest
+    from memory.visual_memory import VisualMemory
+    from vmem.main import main as vmem_main
+
+    mem = str(tmp_path / "mem")
+    build.run(["--images", os.path.join(fmnist_small, "test"), "--output", mem, "--config", onnx_config,
+               "--regions", "2"])
+    manifest = read_manifest(mem)
+    assert region_grid(manifest) == 2 and manifest.counts.embedded == 50
+    parts = [read_shard_data(os.path.join(mem, s.path)) for s in manifest.shards]
+    ids = np.concatenate([p.ids for p in parts]).tolist()
+    images = sorted(i for i in ids if "#r" not in i)
+    assert len(images) == 50 and len(ids) == 50 * 5
+    memory = VisualMemory.open(mem)
+    path = os.path.join(fmnist_small, "test", images[0])
+    np.testing.assert_allclose(memory.get_embeddings([images[0]]), memory.embed_images([path]), atol=1e-5)
+    capsys.readouterr()
+    assert vmem_main(["classify", "--memory", mem, path, "--k", "3", "--explain"]) == 0
+    assert capsys.readouterr().out.count("regions (query -> neighbour, similarity)") == 3
+
+
+@pytest.mark.parametrize("output, cls_token", [("pooled", False), ("tokens", True)])
+def test_regions_need_an_encoder_whose_embedding_is_its_maps_mean(tmp_path, output, cls_token):
+    from configs.build import BuildConfig
+    from encoders.base import EncoderKind, EncoderSpec, ModelIO, PreprocessSpec
+    from pipelines.io.readers import parse_image_spec
+
+    spec = EncoderSpec(kind=EncoderKind.MODEL_FILE, uri=str(tmp_path / "own.onnx"),
+                       model_io=ModelIO(output=output, cls_token=cls_token), preprocess=PreprocessSpec(image_size=16))
+    assert not spec.pools_feature_map and EncoderSpec().pools_feature_map
+    (tmp_path / "images").mkdir()
+    with pytest.raises(FlagError, match=rf"model_io.output='{output}'.*does not; build region memories"):
+        build.build_memory(source=parse_image_spec(str(tmp_path / "images")), output=str(tmp_path / "mem"),
+                           config=BuildConfig(encoder=spec, regions=2))

@@ -4,7 +4,7 @@
         [--repeats 2] [--runtime tf|litert|onnx]
 
 Prints images/s of (a) the encoder alone on already-preprocessed batches (the ceiling), (b) decode +
-preprocess alone, (c) the whole `vmem build` job (read files, decode, RunInference, normalise, shard,
+preprocess alone, (c) the whole `vmem build` job (read files, decode, embed, normalise, shard,
 ScaNN, manifest) on the local runner, (d) the whole `vmem evaluate` job (read, decode, embed, fan out to
 shards, merge top-100, write neighbours, vote, report), the ratios (c)/(a) and (d)/(a), and peak RSS.
 (a), (c) and (d) are the best of ``--repeats`` runs each (the same for both sides of each ratio): on a shared

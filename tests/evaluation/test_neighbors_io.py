@@ -39,6 +39,28 @@ def test_roundtrip_our_format(tmp_path, name):
                      "neighbor_entry_weights": [1.0, 0.5]}
 
 
+def test_roundtrip_keeps_every_float_and_non_ascii_id(tmp_path):
+    """float32 distances as the job writes them (float64 of float32) and a non-ASCII id come back exactly."""
+    rng = np.random.default_rng(0)
+    distances = np.sort(rng.random(100, dtype=np.float32)).astype(float).tolist() + [1e-12, 2.0]
+    record = NeighborRecord("q/écharpe 😀", 3, [f"m{i}" for i in range(102)], [i % 7 for i in range(102)], distances)
+    path = tmp_path / "n.jsonl"
+    neighbors_io.write_records(path, [record])
+    assert neighbors_io.read_records(path) == [record]
+    assert json.loads(path.read_text(encoding="utf-8")) == record.to_json()
+
+
+@pytest.mark.parametrize("field", ["neighbor_distances", "neighbor_weights"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_write_refuses_non_finite_numbers(tmp_path, field, bad):
+    values = {"neighbor_distances": [0.1, 0.2], "neighbor_weights": [1.0, 1.0]}
+    values[field] = [0.1, bad]
+    record = NeighborRecord("q", 0, ["m1", "m2"], [0, 1], values["neighbor_distances"], values["neighbor_weights"])
+    stored = {"neighbor_weights": "neighbor_entry_weights"}.get(field, field)
+    with pytest.raises(ValueError, match=rf"query 'q': {stored} holds {bad!r}; NaN and infinities are not JSON"):
+        neighbors_io.write_records(tmp_path / "n.jsonl", [record])
+
+
 def test_weights_key_omitted_when_none(tmp_path):
     path = tmp_path / "n.jsonl"
     neighbors_io.write_records(

@@ -12,15 +12,15 @@ Dataflow::
         --temp_location=gs://BUCKET/tmp --setup_file=./setup.py
 
 Queries are embedded with the memory's own encoder (from its manifest); a different encoder is refused.
-Query batches fan out to the shards (grouped by shard, so each shard is loaded once, by the one worker that
-searches every batch routed to it, and released afterwards), each shard returns a partial top-K for the
-batch's queries it searched, a batch's partials merge exactly per query in one combine keyed by the batch
-(ties by id, as ``VisualMemory.search``; pipelines.stages.search_shards), and the neighbour lists are
-written as JSONL (``neighbors-*.jsonl``, `pipelines.records.NeighborRecord`). The last step checks the
-books (the queries' encoder is the memory's; every record read was answered or failed) and writes
-``evaluation-summary.json`` (`pipelines.records.EvaluationSummary`). ``vmem evaluate`` then votes the
-neighbour files with every rule at every k, the path ``vmem vote`` takes, and writes report.json, report.md
-and accuracy_vs_k.png (evaluation.vote_report); no worker of the job ever holds every query's neighbours.
+Query batches meet the shards by ``--search-join`` (pipelines.stages.search_shards.SearchMemory): shuffled
+to the shards they route to (each shard loaded once, by the one worker that searches every batch grouped
+under it), or, for a memory whose vectors take at most 256 MiB, searched where they were embedded by
+workers that each load the whole memory; either way every shard's partial top-K merges exactly per query
+(ties by id, as ``VisualMemory.search``). The neighbour lists are written as JSONL (``neighbors-*.jsonl``,
+`pipelines.records.NeighborRecord`); the last step checks the books (the queries' encoder is the memory's;
+every record read was answered or failed) and writes ``evaluation-summary.json``. ``vmem evaluate`` then
+votes the neighbour files with every rule at every k, the path ``vmem vote`` takes, and writes report.json,
+report.md and accuracy_vs_k.png (evaluation.vote_report); no worker ever holds every query's neighbours.
 
 Python: ``run(argv)`` parses the flags into `evaluate_memory(*, memory, source, output, ...)`, which checks
 them, builds the graph (`evaluate_pipeline(p, *, ...)`) and runs it; experiments and benchmarks call
@@ -64,7 +64,7 @@ from pipelines.stages import rerank as rerank_stage
 from pipelines.stages.embed import DecodeImages, EmbedImages, check_same_identity, memory_encoder_spec
 # The search stages live in pipelines.stages.search_shards; these names stay importable from here (tests).
 from pipelines.stages.search_shards import (BatchNeighbors, MergeNeighbors, QueryBatch, QueryNeighbors,  # noqa: F401
-                                            SearchShards)
+                                            SearchJoin, SearchMemory, SearchShards)
 from pipelines.stages.write import WriteDeadLetters
 
 if TYPE_CHECKING:
@@ -209,7 +209,8 @@ def evaluate_pipeline(p: beam.Pipeline, *, root: str, manifest: Manifest, source
                       default_filter: QueryFilter | None = None, query_filters: Mapping[str, dict] | None = None,
                       crowding: Crowding | None = None, rerank: RerankOptions | None = None,
                       pixel_baseline: int | None = None, extra: Mapping[str, Any] | None = None,
-                      verify: bool = True, runtime: Runtime | None = None) -> None:
+                      verify: bool = True, runtime: Runtime | None = None,
+                      search_join: SearchJoin | str = SearchJoin.AUTO) -> None:
     """Adds the evaluation graph to ``p``: queries -> search -> merge -> neighbour files + EvaluationSummary.
 
     Args:
@@ -235,6 +236,7 @@ def evaluate_pipeline(p: beam.Pipeline, *, root: str, manifest: Manifest, source
       extra: What the report records about the filters, crowding and re-ranking (`selection_report`).
       verify: Workers check every shard file they load against the manifest (memory.store.integrity); False
         accepts the risk of searching altered files.
+      search_join: How query batches meet the shards (pipelines.stages.search_shards.SearchJoin).
 
     Raises:
       EvaluationError: the memory cannot answer these queries: routing options on a hash-sharded memory, an
@@ -281,19 +283,17 @@ def evaluate_pipeline(p: beam.Pipeline, *, root: str, manifest: Manifest, source
     setting = default_setting(manifest)  # `vmem tune`'s, unless route_probes/route_ratio override its routing.
     if route_probes is None and route_ratio is None and setting is not None:
         route_probes, route_ratio = setting.route_probes, setting.route_ratio
-    merged = (queries
-              | "SearchShards" >> SearchShards(root, manifest, k=k_max, batch_size=query_batch,
-                                                route_probes=route_probes, route_ratio=route_ratio,
-                                                default_filter=default_filter, query_filters=query_filters,
-                                                crowding=crowding, with_uris=rerank is not None, setting=setting,
-                                                search_threads=search_threads, verify=verify)
-              | "MergeNeighbors" >> MergeNeighbors(k_max, crowding))
+    search = SearchMemory(root, manifest, k=k_max, join=search_join, batch_size=query_batch, route_probes=route_probes,
+                          route_ratio=route_ratio, default_filter=default_filter, query_filters=query_filters,
+                          crowding=crowding, with_uris=rerank is not None, setting=setting,
+                          search_threads=search_threads, verify=verify)
+    merged = queries | "SearchMemory" >> search
     neighbor_files = merged | "WriteNeighbors" >> WriteNeighbors(output, manifest.class_names)
     failures = failure_sets | "AllFailures" >> beam.Flatten()
     _ = failures | "WriteDeadLetters" >> WriteDeadLetters(output)
     failed = failures | "CountFailed" >> beam.combiners.Count.Globally()
     report_extra = {"command": "vmem evaluate", "memory": root, "version_pinned": version, **_source_info(source),
-                    "encoder": manifest.encoder.get("name"), "k_max": k_max}
+                    "encoder": manifest.encoder.get("name"), "k_max": k_max, "search_join": search.join.value}
     if manifest.router is not None:
         if route_ratio is not None:
             report_extra["route_ratio"] = route_ratio
@@ -388,6 +388,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
                              "every main shard whose nearest centroid is at most R times as far as its nearest "
                              "centroid (R >= 1; measured at 1M: 1.1-1.3 reach probes 8's coverage at 1.02-1.15 shards per "
                              "query, probes 8 3.45)")
+    parser.add_argument("--search-join", choices=[j.value for j in SearchJoin], default=SearchJoin.AUTO.value,
+                        help="broadcast: each worker loads the whole memory and searches queries where they are "
+                             "embedded; shuffle: queries are grouped by shard and each worker loads the shards it "
+                             "owns; auto (default): broadcast when the memory's vectors take at most 256 MiB")
     parser.add_argument("--no-verify", dest="verify", action="store_false", help=NO_VERIFY_HELP)
     parser.add_argument("--version", type=int, default=None, metavar="N",
                         help="evaluate this pinned version of the memory (default: the latest); e.g. the version "
@@ -458,8 +462,8 @@ def evaluate_memory(*, memory: str, source: ImageSource | EmbeddingSource, outpu
                     default_filter: QueryFilter | None = None, filters_file: str | None = None,
                     crowding: Crowding | None = None, rerank: RerankOptions | None = None,
                     pixel_baseline: int | None = None, query_encoder: EncoderSpec | None = None,
-                    verify: bool = True, runtime: Runtime | None = None, pipeline_options: BeamOptions = None,
-                    test_pipeline: Optional[beam.Pipeline] = None) -> beam.runners.runner.PipelineResult:
+                    verify: bool = True, runtime: Runtime | None = None, search_join: SearchJoin | str = SearchJoin.AUTO,
+                    pipeline_options: BeamOptions = None, test_pipeline: Optional[beam.Pipeline] = None) -> beam.runners.runner.PipelineResult:
     """Evaluates ``source``'s queries against ``memory``: checks the arguments, builds the graph, runs it.
 
     Writes the neighbour files and ``evaluation-summary.json`` into ``output``; the report is
@@ -488,6 +492,7 @@ def evaluate_memory(*, memory: str, source: ImageSource | EmbeddingSource, outpu
       verify: Check every shard file the workers load against the manifest (``--no-verify``: False).
       runtime: With an ImageSource: what runs the memory's encoder (``--runtime``); None: the runtime the build
         recorded. Refused where its embeddings may differ from the memory's beyond the tolerance.
+      search_join: How query batches meet the shards (``--search-join``; pipelines.stages.search_shards.SearchJoin).
       pipeline_options: Runner settings: Beam flags or a PipelineOptions (`pipelines.runner.BeamOptions`;
         default: one in-process worker).
       test_pipeline: Build the graph on this pipeline instead of one made from ``pipeline_options``.
@@ -513,7 +518,8 @@ def evaluate_memory(*, memory: str, source: ImageSource | EmbeddingSource, outpu
                                   route_probes=route_probes, route_ratio=route_ratio, default_filter=default_filter,
                                   query_filters=query_filters, filters_file=filters_file, crowding=crowding,
                                   rerank=rerank, pixel_baseline=pixel_baseline, query_encoder=query_encoder,
-                                  verify=verify, runtime=runtime, options=options, test_pipeline=test_pipeline)
+                                  verify=verify, runtime=runtime, search_join=search_join, options=options,
+                                  test_pipeline=test_pipeline)
         except _VersionPurged as purged:
             if attempt == attempts - 1:
                 raise VersionPurgedError.of(root, purged.version, purged.error) from None
@@ -536,7 +542,7 @@ class _VersionPurged(Exception):
 
 def _evaluate_once(root: str, *, source, output, encoder_id, version, k_max, params, query_batch, search_threads,
                    route_probes, route_ratio, default_filter, query_filters, filters_file, crowding, rerank,
-                   pixel_baseline, query_encoder, verify, runtime, options, test_pipeline
+                   pixel_baseline, query_encoder, verify, runtime, search_join, options, test_pipeline
                    ) -> beam.runners.runner.PipelineResult:
     """One run of `evaluate_memory`'s job; raises _VersionPurged when its version vanished under it."""
     manifest = read_manifest(root, version=version)
@@ -552,7 +558,7 @@ def _evaluate_once(root: str, *, source, output, encoder_id, version, k_max, par
                       version=version, k_max=k_max, params=params, query_batch=query_batch,
                       search_threads=search_threads, route_probes=route_probes, route_ratio=route_ratio,
                       default_filter=default_filter, query_filters=query_filters, crowding=crowding, rerank=rerank,
-                      pixel_baseline=pixel_baseline, verify=verify, runtime=runtime,
+                      pixel_baseline=pixel_baseline, verify=verify, runtime=runtime, search_join=search_join,
                       extra=selection_report(default_filter=default_filter, query_filters=query_filters,
                                              filters_file=filters_file, crowding=crowding, rerank=rerank))
     storage.makedirs(output)
@@ -600,5 +606,5 @@ def run(argv: Optional[Sequence[str]] = None, test_pipeline: Optional[beam.Pipel
                            crowding=crowding, rerank=_rerank_options(args, spec), pixel_baseline=args.pixel_baseline,
                            query_encoder=query_encoder, verify=args.verify,
                            runtime=None if args.runtime is None else parse_runtime(args.runtime),
-                           pipeline_options=beam_args,
+                           search_join=args.search_join, pipeline_options=beam_args,
                            test_pipeline=test_pipeline)

@@ -16,8 +16,8 @@ Geirhos et al. 2024, "Memory pruning": every live entry of the latest version n 
 own *stored* embedding (nothing is re-embedded), with k + 1 neighbours so that k remain once the entry
 itself is dropped (by id: exact duplicates do count each other). Each neighbour whose label differs from
 the query's scores one hit; v(j) is entry j's number of hits (0 if never hit). The search is the
-evaluation job's own fan-out (``SearchShards`` over main + delta shards, forgotten rows skipped, then the
-exact ``MergeNeighbors``), and the counts are a ``CombinePerKey(sum)``.
+evaluation job's own (``SearchMemory`` over main + delta shards, forgotten rows skipped, merged exactly), and
+the counts are a ``CombinePerKey(sum)``.
 
 Outputs: ``MEMORY/pruning/v{n:06d}-counts/bucket-BBBBB-of-NNNNN.npz`` (ids, v, k, version of the entries whose
 id hashes to bucket B; ``read_bucket_counts`` reads them all back) and ``v{n:06d}-summary.json`` (the v histogram
@@ -64,7 +64,7 @@ from memory.search.filters import QueryFilter
 from memory.search.shard_search import load_forgotten, searchable_shards
 from memory.store.sharding import shard_for_id
 from pipelines.runner import BeamOptions, FlagError, after_publish_error, resolve_pipeline_options
-from pipelines.stages.search_shards import MergeNeighbors, QueryNeighbors, SearchShards
+from pipelines.stages.search_shards import QueryNeighbors, SearchMemory
 from pipelines.records import EmbeddedImage
 
 _LOG = logging.getLogger("visual_memory")
@@ -447,10 +447,8 @@ def prune_pipeline(p: beam.Pipeline, *, root: str, manifest: Manifest, mode: Opt
         # forget of an image id removes its region entries too (memory.regions.layout.whole_image_ids).
         images_only = QueryFilter(entries=EntryKind.IMAGE)
         entries = entries | "GlobalEntries" >> beam.Filter(lambda e: not is_region_id(np.asarray([e.id]))[0])
-    merged = (entries
-              | "SearchShards" >> SearchShards(root, manifest, k=k + 1, batch_size=query_batch, verify=verify,
-                                               default_filter=images_only)
-              | "MergeNeighbors" >> MergeNeighbors(k + 1))
+    merged = entries | "SearchMemory" >> SearchMemory(root, manifest, k=k + 1, batch_size=query_batch, verify=verify,
+                                                      default_filter=images_only)
     counts = (merged, entries) | "CountMislabelledHits" >> CountMislabelledHits(manifest.class_names, k=k)
     buckets = count_buckets or max(1, math.ceil(manifest.total / ENTRIES_PER_COUNT_BUCKET))
     decided = counts | "DecidePerBucket" >> DecidePerBucket(

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import enum
 from typing import NamedTuple, Sequence
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
+from apache_beam.utils.shared import Shared
 
 from memory.search.filters import Crowding, QueryFilter
 from memory.store.manifest import Manifest
@@ -145,10 +147,31 @@ class SearchShardFn(beam.DoFn):
             self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vmem-shard")
         self._in_flight = 2 * threads
 
-    def _search(self, shard: LoadedShard, batch: QueryBatch) -> PartialTopK:
+    def search(self, shard: LoadedShard, batch: QueryBatch) -> PartialTopK:
+        """The unit's top-K for the batch's queries (their filters and the crowding applied)."""
         filters = None if batch.filters is None else [
             None if f is None else QueryFilter.from_dict(f) for f in batch.filters]
         return shard.search(batch.embeddings, self._k, filters=filters, crowding=self._crowding)
+
+    @property
+    def k(self) -> int:
+        return self._k
+
+    @property
+    def num_units(self) -> int:
+        return len(self._units)
+
+    def search_routes(self, shards: Sequence[LoadedShard],
+                      routes: Sequence[tuple[int, QueryBatch]]) -> list[BatchNeighbors]:
+        """Each (unit, batch) route's answer from ``shards[unit]``, the units on the pool when there is one."""
+        answer = lambda route: self.search(shards[route[0]], route[1])  # noqa: E731
+        with one_thread_blas:
+            partials = list(self._pool.map(answer, routes) if self._pool and len(routes) > 1 else map(answer, routes))
+        out = []
+        for (_, batch), partial in zip(routes, partials):
+            self._searched.inc(len(batch.ids))
+            out.append(BatchNeighbors(batch.ids, batch.labels, batch.uris, partial))
+        return out
 
     def _answers(self, shard: LoadedShard, keyed_batches):
         """(key, batch, partial) per batch, in input order; searched on the pool when there is one."""
@@ -159,22 +182,27 @@ class SearchShardFn(beam.DoFn):
             return key, batch, future.result()
         for key, batch in keyed_batches:
             if self._pool is None:
-                yield key, batch, self._search(shard, batch)
+                yield key, batch, self.search(shard, batch)
                 continue
-            pending.append((key, batch, self._pool.submit(self._search, shard, batch)))
+            pending.append((key, batch, self._pool.submit(self.search, shard, batch)))
             while len(pending) > self._in_flight or (pending and pending[0][2].done()):
                 yield oldest()
         while pending:
             yield oldest()
 
-    def process(self, element):
-        unit, keyed_batches = element
+    def load_unit(self, unit: int) -> LoadedShard:
+        """Search unit ``unit`` loaded (and tuned, with a setting) for this DoFn's searches."""
         info = [self._infos[s] for s in self._units[unit]]
         shard = LoadedShard.load(self._root, info, forgotten=self._forgotten, entry_weights=self._entry_weights,
                                  with_uris=self._with_uris, class_names=self._manifest.class_names,
                                  metadata=self._metadata, verify=self._verify)
         if self._setting is not None and shard.index is not None:
             shard = shard.with_index(tuned_index(shard.index, self._setting.leaves_fraction, self._setting.reorder))
+        return shard
+
+    def process(self, element):
+        unit, keyed_batches = element
+        shard = self.load_unit(unit)
         with one_thread_blas:
             for key, batch, partial in self._answers(shard, keyed_batches):
                 self._searched.inc(len(batch.ids))
@@ -210,13 +238,20 @@ class _FanOutFn(beam.DoFn):
         # The router file (centroids) is read once per worker, not pickled into the graph.
         self._router = read_router(self._root, self._manifest)
 
-    def process(self, batch: QueryBatch):
+    def routes(self, batch: QueryBatch) -> list[tuple[int, QueryBatch]]:
+        """(unit, the batch's queries that search it) per unit any of them searches."""
         visit = search_mask(self._router, batch.embeddings, self._live, probes=self._probes, ratio=self._ratio)
-        key = batch.ids[0]
+        out = []
         for s in np.flatnonzero(visit.any(axis=0)).tolist():
             rows = np.flatnonzero(visit[:, s])
             self._routed.inc(int(rows.size))
-            yield s, (key, batch if rows.size == len(batch.ids) else batch.take(rows))
+            out.append((s, batch if rows.size == len(batch.ids) else batch.take(rows)))
+        return out
+
+    def process(self, batch: QueryBatch):
+        key = batch.ids[0]
+        for s, part in self.routes(batch):
+            yield s, (key, part)
 
 
 class SearchShards(beam.PTransform):
@@ -251,24 +286,33 @@ class SearchShards(beam.PTransform):
         self._with_uris = with_uris or crowding is not None or default_filter is not None or bool(query_filters)
 
     def expand(self, queries):
+        fan_out, search = self.stage_fns()
+        return (self.batches(queries)
+                | "FanOutToShards" >> beam.ParDo(fan_out)
+                | "GroupByShard" >> beam.GroupByKey()
+                | "SearchShard" >> beam.ParDo(search))
+
+    def batches(self, queries):
+        """EmbeddedImage queries -> QueryBatch of at most ``batch_size``, each query's filter with it."""
         default, per_query = self._default, self._query_filters
         filtered = default is not None or bool(per_query)
+        return (queries
+                | "BatchQueries" >> beam.BatchElements(min_batch_size=1, max_batch_size=self._batch_size)
+                | "ToQueryBatch" >> beam.Map(lambda qs: QueryBatch(
+                    tuple(q.id for q in qs), tuple(q.label for q in qs), tuple(q.uri for q in qs),
+                    np.stack([q.embedding for q in qs]),
+                    tuple(per_query.get(q.id, default) for q in qs) if filtered else None)))
+
+    def stage_fns(self) -> tuple[_FanOutFn, SearchShardFn]:
+        """The router of batches to search units, and the searcher of one unit."""
+        filtered = self._default is not None or bool(self._query_filters)
         meta = filtered or (self._crowding is not None and self._crowding.by.startswith("meta:"))
-        units = search_units(self._root, self._manifest, verify=self._verify)  # What VisualMemory.open searches, so the same answers.
-        return (
-            queries
-            | "BatchQueries" >> beam.BatchElements(min_batch_size=1, max_batch_size=self._batch_size)
-            | "ToQueryBatch" >> beam.Map(lambda qs: QueryBatch(
-                tuple(q.id for q in qs), tuple(q.label for q in qs), tuple(q.uri for q in qs),
-                np.stack([q.embedding for q in qs]),
-                tuple(per_query.get(q.id, default) for q in qs) if filtered else None))
-            | "FanOutToShards" >> beam.ParDo(_FanOutFn(self._root, self._manifest, self._route_probes,
-                                                       self._route_ratio, units=units))
-            | "GroupByShard" >> beam.GroupByKey()
-            | "SearchShard" >> beam.ParDo(SearchShardFn(
-                self._root, self._manifest, self._k, crowding=self._crowding, with_uris=self._with_uris,
-                with_metadata=meta and self._manifest.metadata is not None, setting=self._setting, units=units,
-                threads=self._search_threads, verify=self._verify)))
+        # The units VisualMemory.open searches, so the same answers.
+        units = search_units(self._root, self._manifest, verify=self._verify)
+        return (_FanOutFn(self._root, self._manifest, self._route_probes, self._route_ratio, units=units),
+                SearchShardFn(self._root, self._manifest, self._k, crowding=self._crowding, with_uris=self._with_uris,
+                              with_metadata=meta and self._manifest.metadata is not None, setting=self._setting,
+                              units=units, threads=self._search_threads, verify=self._verify))
 
 
 class _MergeBatchFn(beam.CombineFn):
@@ -306,3 +350,101 @@ class MergeNeighbors(beam.PTransform):
         return (partials
                 | "MergeTopK" >> beam.CombinePerKey(_MergeBatchFn(self._k, self._max_per_group))
                 | "PerQuery" >> beam.FlatMapTuple(lambda _, batch: batch.queries()))
+
+
+class SearchJoin(enum.Enum):
+    """How query batches meet the memory's search units."""
+    AUTO = "auto"  # BROADCAST when the memory's vectors take at most BROADCAST_MAX_BYTES, else SHUFFLE.
+    BROADCAST = "broadcast"  # Each worker loads the whole memory and searches batches where they are embedded.
+    SHUFFLE = "shuffle"  # Batches are grouped by unit; each worker loads only the units it owns (SearchShards).
+
+
+# Memories whose vectors (entries x dim x 4 bytes) fit this are broadcast by SearchJoin.AUTO: every worker process
+# then holds one copy, and a 10,000-query evaluation of a 4,000-entry memory skips a ~0.2 GB shuffle.
+BROADCAST_MAX_BYTES = 256 << 20
+
+
+def memory_vector_bytes(manifest: Manifest) -> int:
+    """Bytes of the float32 vectors of every searchable shard (main and delta) of ``manifest``."""
+    return sum(s.count for s in searchable_shards(manifest)) * manifest.dim * 4
+
+
+def resolve_join(join: SearchJoin | str, manifest: Manifest) -> SearchJoin:
+    """``join`` with AUTO decided for this memory (BROADCAST when its vectors take <= BROADCAST_MAX_BYTES)."""
+    try:
+        join = SearchJoin(join)
+    except ValueError:
+        raise ValueError(f"search join {join!r}: use one of {', '.join(j.value for j in SearchJoin)}") from None
+    if join is SearchJoin.AUTO:
+        return SearchJoin.BROADCAST if memory_vector_bytes(manifest) <= BROADCAST_MAX_BYTES else SearchJoin.SHUFFLE
+    return join
+
+
+class _LoadedUnits:
+    """Every search unit of one memory version, loaded: what a worker of a broadcast search holds."""
+
+    def __init__(self, shards: Sequence[LoadedShard]):
+        self.shards = list(shards)
+
+
+class SearchBroadcastFn(beam.DoFn):
+    """QueryBatch -> (query id, QueryNeighbors): every unit the batch routes to searched here, merged exactly.
+
+    The broadcast join: the worker loads every unit once (a ``Shared`` handle: one copy per worker process,
+    whatever its threads) and answers batches where they are embedded, so searching overlaps embedding and no
+    query crosses a shuffle. Routing, each unit's search and the merge are the shuffle join's own
+    (`_FanOutFn.routes`, `SearchShardFn.search`, `merge_batch_neighbors`), so the answers are the same.
+    """
+
+    def __init__(self, fan_out: _FanOutFn, search: SearchShardFn, max_per_group: int | None = None):
+        self._fan_out = fan_out
+        self._search = search
+        self._max_per_group = max_per_group
+        self._shared = Shared()
+        self._units = None
+
+    def setup(self):
+        self._fan_out.setup()
+        self._search.setup()
+        search = self._search
+        self._units = self._shared.acquire(
+            lambda: _LoadedUnits([search.load_unit(u) for u in range(search.num_units)]))
+
+    def process(self, batch: QueryBatch):
+        parts = self._search.search_routes(self._units.shards, self._fan_out.routes(batch))
+        yield from merge_batch_neighbors(parts, self._search.k, max_per_group=self._max_per_group).queries()
+
+    def teardown(self):
+        self._search.teardown()
+
+
+class SearchMemory(beam.PTransform):
+    """EmbeddedImage queries -> (query id, QueryNeighbors) holding each query's global top-K.
+
+    ``join``: SHUFFLE runs SearchShards | MergeNeighbors (each worker loads only the units routed batches are
+    grouped under: the memory never has to fit one worker); BROADCAST searches every batch where it was
+    embedded (`SearchBroadcastFn`); AUTO picks BROADCAST for memories whose vectors take at most
+    BROADCAST_MAX_BYTES. Both give the same neighbours. Other arguments are SearchShards'.
+    """
+
+    def __init__(self, root: str, manifest: Manifest, *, k: int, join: SearchJoin | str = SearchJoin.AUTO,
+                 **search_args):
+        super().__init__()
+        self._join = resolve_join(join, manifest)
+        self._crowding = search_args.get("crowding")
+        self._k = k
+        self._shards = SearchShards(root, manifest, k=k, **search_args)
+
+    @property
+    def join(self) -> SearchJoin:
+        return self._join
+
+    def expand(self, queries):
+        if self._join is SearchJoin.SHUFFLE:
+            return (queries
+                    | "SearchShards" >> self._shards
+                    | "MergeNeighbors" >> MergeNeighbors(self._k, self._crowding))
+        fan_out, search = self._shards.stage_fns()
+        max_per_group = None if self._crowding is None else self._crowding.max_per_group
+        return (self._shards.batches(queries)
+                | "SearchBroadcast" >> beam.ParDo(SearchBroadcastFn(fan_out, search, max_per_group)))

@@ -36,9 +36,9 @@ _SUBMIT_TIMEOUT_S = 300  # Five submissions take ~45 s here; a hang (e.g. a call
 # A few stable top-level labels per job (step names may be refined; these name what the job is).
 EXPECTED_STEPS = {
     "build": ("ReadImages", "EmbedImages", "WriteMemoryShards", "WriteManifest"),
-    "evaluate": ("ReadQueries", "EmbedQueries", "SearchShards", "MergeNeighbors", "WriteNeighbors", "Report"),
+    "evaluate": ("ReadQueries", "EmbedQueries", "SearchMemory", "WriteNeighbors", "Report"),
     "add": ("ReadImages", "RejectKnownIds", "EmbedImages", "WriteDeltaShards", "PublishAdd"),
-    "prune": ("ReadMemoryEntries", "SearchShards", "MergeNeighbors", "CountMislabelledHits",
+    "prune": ("ReadMemoryEntries", "SearchMemory", "CountMislabelledHits",
               "DecidePerBucket", "SummariseAndPublish"),
     "reindex": ("ListSourceShards", "ReadLiveRows", "GroupByTarget", "WriteTargetShard", "Publish"),
 }

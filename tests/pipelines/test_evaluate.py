@@ -47,7 +47,8 @@ def synthetic_memory(tmp_path_factory):
     return root, emb
 
 
-def test_search_shards_and_merge_equal_visual_memory_search(synthetic_memory):
+@pytest.mark.parametrize("join", ["shuffle", "broadcast"])
+def test_search_memory_equals_visual_memory_search(synthetic_memory, join):
     root, emb = synthetic_memory
     manifest = read_manifest(root)
     rng = np.random.default_rng(1)
@@ -56,17 +57,16 @@ def test_search_shards_and_merge_equal_visual_memory_search(synthetic_memory):
     expected = VisualMemory.open(root).search(q, 12)
 
     with TestPipeline(runner="FnApiRunner") as p:
-        merged = (p | beam.Create(queries)
-                  | evaluate.SearchShards(root, manifest, k=12, batch_size=8)
-                  | evaluate.MergeNeighbors(12))
+        merged = p | beam.Create(queries) | evaluate.SearchMemory(root, manifest, k=12, join=join, batch_size=8)
         got = merged | beam.MapTuple(lambda qid, n: (qid, tuple(n.neighbors.ids[0]),
                                                      tuple(np.round(n.neighbors.distances[0], 5))))
         assert_that(got, equal_to([(f"q{i}", tuple(expected.ids[i]), tuple(np.round(expected.distances[i], 5)))
                                    for i in range(37)]))
 
 
+@pytest.mark.parametrize("join", ["shuffle", "broadcast"])
 @pytest.mark.parametrize("probes,ratio", [(None, None), (1, None), (None, 1.2)])
-def test_routed_fan_out_equals_visual_memory_search_and_skips_shards(tmp_path, probes, ratio):
+def test_routed_fan_out_equals_visual_memory_search_and_skips_shards(tmp_path, probes, ratio, join):
     from memory.search.routing import RouterConfig
     rng = np.random.default_rng(3)
     centres = unit_rows(rng, 6, 16)
@@ -90,10 +90,8 @@ def test_routed_fan_out_equals_visual_memory_search_and_skips_shards(tmp_path, p
     queries = [EmbeddedImage(f"q{i:02d}", f"/q/{i}", "c1", q[i]) for i in range(30)]
 
     with TestPipeline(runner="FnApiRunner") as p:
-        merged = (p | beam.Create(queries)
-                  | evaluate.SearchShards(root, manifest, k=12, batch_size=8, route_probes=probes,
-                                          route_ratio=ratio)
-                  | evaluate.MergeNeighbors(12))
+        merged = p | beam.Create(queries) | evaluate.SearchMemory(root, manifest, k=12, join=join, batch_size=8,
+                                                                  route_probes=probes, route_ratio=ratio)
         got = merged | beam.MapTuple(lambda qid, n: (qid, n.neighbors.ids[0].tolist(), n.neighbors.distances[0]))
 
         def matches(actual):
@@ -107,8 +105,9 @@ def test_routed_fan_out_equals_visual_memory_search_and_skips_shards(tmp_path, p
         assert_that(got, matches)
 
 
+@pytest.mark.parametrize("join", ["shuffle", "broadcast"])
 @pytest.mark.parametrize("crowding", [None, "2:uri"])
-def test_classify_equals_the_job_on_a_living_template_memory(tmp_path, crowding):
+def test_classify_equals_the_job_on_a_living_template_memory(tmp_path, crowding, join):
     """VisualMemory.classify and the evaluate job vote over the same neighbours (one shard searcher, one merge):
     tree+AH shards searched as one template index, forgotten rows, a delta shard and soft-pruning weights."""
     from memory.decide import pruning
@@ -143,9 +142,8 @@ def test_classify_equals_the_job_on_a_living_template_memory(tmp_path, crowding)
     predictions = memory.classify(q, rule=VotingRule.RANK, k=10, crowding=crowd)
 
     with TestPipeline(runner="FnApiRunner") as p:
-        merged = (p | beam.Create(queries)
-                  | evaluate.SearchShards(root, manifest, k=10, batch_size=8, crowding=crowd, search_threads=2)
-                  | evaluate.MergeNeighbors(10, crowding=crowd))
+        merged = p | beam.Create(queries) | evaluate.SearchMemory(root, manifest, k=10, join=join, batch_size=8,
+                                                                  crowding=crowd, search_threads=2)
         got = merged | beam.MapTuple(lambda qid, n: (qid, n.neighbors))
 
         def matches(actual):

@@ -77,3 +77,37 @@ def test_threaded_unit_search_answers_as_one_thread_in_order(memory):
 def test_search_threads_must_be_positive(memory):
     with pytest.raises(ValueError, match="search threads must be an int >= 1, got 0"):
         SearchShardFn(memory, read_manifest(memory), 5, threads=0)
+
+
+def test_auto_join_broadcasts_small_memories_only(memory, monkeypatch):
+    from pipelines.stages import search_shards
+    manifest = read_manifest(memory)
+    assert search_shards.memory_vector_bytes(manifest) == 300 * 16 * 4
+    assert search_shards.resolve_join("auto", manifest) is search_shards.SearchJoin.BROADCAST
+    assert search_shards.resolve_join("shuffle", manifest) is search_shards.SearchJoin.SHUFFLE
+    monkeypatch.setattr(search_shards, "BROADCAST_MAX_BYTES", 300 * 16 * 4 - 1)
+    assert search_shards.resolve_join(search_shards.SearchJoin.AUTO, manifest) is search_shards.SearchJoin.SHUFFLE
+    assert search_shards.resolve_join("broadcast", manifest) is search_shards.SearchJoin.BROADCAST
+    with pytest.raises(ValueError, match="search join 'gather': use one of auto, broadcast, shuffle"):
+        search_shards.resolve_join("gather", manifest)
+
+
+def test_broadcast_search_loads_each_unit_once_for_every_batch(memory, monkeypatch):
+    """The broadcast join's worker loads the memory once, however many batches and bundles it searches."""
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+    from memory.search import shard_search
+    from pipelines.records import EmbeddedImage
+    from pipelines.stages.search_shards import SearchMemory
+    loads = []
+    real_load = shard_search.LoadedShard.load.__func__
+    monkeypatch.setattr(shard_search.LoadedShard, "load",
+                        classmethod(lambda cls, *a, **kw: loads.append(a[1]) or real_load(cls, *a, **kw)))
+    manifest = read_manifest(memory)
+    q = unit_rows(np.random.default_rng(5), 90, 16)
+    queries = [EmbeddedImage(f"q{i:02d}", f"/q/{i}", "c1", q[i]) for i in range(90)]
+    with TestPipeline(runner="FnApiRunner") as p:
+        merged = p | beam.Create(queries) | SearchMemory(memory, manifest, k=5, join="broadcast", batch_size=4)
+        assert_that(merged | beam.Keys(), equal_to([f"q{i:02d}" for i in range(90)]))
+    assert len(loads) == len(manifest.shards) == 4

@@ -56,6 +56,7 @@ from memory.store.integrity import NO_VERIFY_HELP
 from memory.store.manifest import Manifest
 from memory.store.versions import VersionPurgedError, list_versions, read_manifest
 from pipelines import rerank_args
+from pipelines.rerank_args import RerankOptions, selection_report
 from pipelines.build import is_precomputed, precomputed_identity, read_precomputed
 from pipelines.io.readers import CountAll, ImageSource, ReadImages, parse_image_spec
 from pipelines.records import EmbeddedImage, EvaluationSummary, NeighborRecord
@@ -170,32 +171,6 @@ class _SummaryFn(beam.DoFn):
             rerank=rerank, pixel_queries=tuple(sorted(pixel_queries)))
         storage.write_text(storage.join(self._output, EvaluationSummary.FILE_NAME), summary.to_json())
         yield summary
-
-
-@dataclasses.dataclass(frozen=True)
-class RerankOptions:
-    """The re-rank stage's settings (the ``--rerank`` flags): who answers, which vote it starts from, the gate.
-
-    Attributes:
-      spec: The re-ranker, built on the workers.
-      rule: The vote re-ranking starts from.
-      k: That vote's k (<= the job's k_max).
-      below: Cost gate: queries whose vote margin is below this are sent.
-      top_n: Neighbours shown per query (<= the job's k_max).
-      dry_run: Make no call; count what would be sent.
-    """
-    spec: rerank_args.RerankSpec
-    rule: VotingRule
-    k: int
-    below: float
-    top_n: int
-    dry_run: bool = False
-
-    def report_info(self) -> dict:
-        """What the report records about the re-rank configuration (no secrets)."""
-        return {"reranker": self.spec.text, "below": self.below, "top_n": self.top_n, "rule": self.rule.value,
-                "k": self.k, "dry_run": bool(self.dry_run),
-                "options": {k: v for k, v in self.spec.options if k != "api_key"}}
 
 
 def _source_info(source) -> dict:
@@ -404,21 +379,6 @@ def build_arg_parser() -> argparse.ArgumentParser:
     rerank_args.add_selection_args(parser, per_query_file=True)
     rerank_args.add_rerank_args(parser)
     return parser
-
-
-def selection_report(*, default_filter: QueryFilter | None = None, query_filters: Mapping[str, dict] | None = None,
-                     filters_file: str | None = None, crowding: Crowding | None = None,
-                     rerank: RerankOptions | None = None) -> dict:
-    """The evaluation report's record of the filters, crowding and re-ranking it ran with."""
-    extra: dict[str, Any] = {}
-    if default_filter is not None or query_filters:
-        extra["filter"] = {"default": None if default_filter is None else default_filter.to_dict(),
-                           "per_query_file": filters_file, "per_query": len(query_filters or {})}
-    if crowding is not None:
-        extra["crowding"] = crowding.to_dict()
-    if rerank is not None:
-        extra["rerank"] = rerank.report_info()
-    return extra
 
 
 def _rerank_options(args: argparse.Namespace, spec: rerank_args.RerankSpec | None) -> RerankOptions | None:

@@ -1,16 +1,20 @@
 """Flags that `vmem evaluate` and `vmem classify` share for filters, crowding and re-ranking (no Beam import:
-`vmem classify` runs without Beam), and the `memory.rerank.RerankSpec` they describe (re-rankers are chosen
-through the registry in memory/rerank/__init__.py).
+`vmem classify` runs without Beam), the `memory.rerank.RerankSpec` they describe (re-rankers are chosen
+through the registry in memory/rerank/__init__.py), the evaluate job's `RerankOptions`, and what its report
+records of them (`selection_report`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+from typing import Any, Mapping
 
 from memory import storage
 from memory.rerank import RerankFlags, RerankSpec, parse_rerank_spec, rerank_help
 from memory.rerank import base as rerank_lib
+from memory.decide.voting import VotingRule
 from memory.search.filters import Crowding, QueryFilter
 
 
@@ -101,3 +105,43 @@ def load_query_filters(path: str) -> dict[str, dict]:
         out[qid] = f.to_dict()
     return out
 
+
+@dataclasses.dataclass(frozen=True)
+class RerankOptions:
+    """The re-rank stage's settings (the ``--rerank`` flags): who answers, which vote it starts from, the gate.
+
+    Attributes:
+      spec: The re-ranker, built on the workers.
+      rule: The vote re-ranking starts from.
+      k: That vote's k (<= the job's k_max).
+      below: Cost gate: queries whose vote margin is below this are sent.
+      top_n: Neighbours shown per query (<= the job's k_max).
+      dry_run: Make no call; count what would be sent.
+    """
+    spec: RerankSpec
+    rule: VotingRule
+    k: int
+    below: float
+    top_n: int
+    dry_run: bool = False
+
+    def report_info(self) -> dict:
+        """What the report records about the re-rank configuration (no secrets)."""
+        return {"reranker": self.spec.text, "below": self.below, "top_n": self.top_n, "rule": self.rule.value,
+                "k": self.k, "dry_run": bool(self.dry_run),
+                "options": {k: v for k, v in self.spec.options if k != "api_key"}}
+
+
+def selection_report(*, default_filter: QueryFilter | None = None, query_filters: Mapping[str, dict] | None = None,
+                     filters_file: str | None = None, crowding: Crowding | None = None,
+                     rerank: RerankOptions | None = None) -> dict:
+    """The evaluation report's record of the filters, crowding and re-ranking it ran with."""
+    extra: dict[str, Any] = {}
+    if default_filter is not None or query_filters:
+        extra["filter"] = {"default": None if default_filter is None else default_filter.to_dict(),
+                           "per_query_file": filters_file, "per_query": len(query_filters or {})}
+    if crowding is not None:
+        extra["crowding"] = crowding.to_dict()
+    if rerank is not None:
+        extra["rerank"] = rerank.report_info()
+    return extra

@@ -2,13 +2,15 @@
 behind `vmem evaluate` and `vmem prune`. Each unit is searched by memory.search.shard_search.LoadedShard and the
 partial answers merged by its `merge_partials`: the searcher and merge `VisualMemory.search` runs.
 
-    queries | SearchShards(root, manifest, k=100) | MergeNeighbors(100)   # -> (query id, QueryNeighbors)
+    queries | SearchMemory(root, manifest, k=100)   # -> (query id, QueryNeighbors)
 
-Query batches fan out to the search units (memory.store.shard.search_units), grouped by unit so each is loaded once
-by the one worker that searches every batch routed to it. Each unit answers a whole batch (the queries of it
-that were routed there), keyed by the batch, and the partial answers of one batch merge as batches: one
-exact merge per batch and unit instead of one per query and unit, and a few hundred shuffled elements per
-10,000 queries instead of one per query and unit. Only the merged batch is split into one element per query.
+The shuffle join (SearchShards | MergeNeighbors): query batches fan out to the search units
+(memory.store.shard.search_units), grouped by unit so each is loaded once by the one worker that searches every
+batch routed to it. Each unit answers a whole batch (the queries of it that were routed there), keyed by the
+batch, and the partial answers of one batch merge as batches: one exact merge per batch and unit instead of one
+per query and unit, and a few hundred shuffled elements per 10,000 queries instead of one per query and unit.
+Only the merged batch is split into one element per query. The broadcast join (SearchBroadcastFn), for memories
+small enough for every worker to hold: the same routing, unit searches and merge, run where each batch is.
 """
 
 from __future__ import annotations

@@ -293,9 +293,10 @@ def test_evaluate_a_partition_routed_memory_end_to_end(fmnist_small, tiny_encode
                "--config", tiny_encoder_config_file, "--sharding", "partition"])
     out = str(tmp_path / "eval")
     assert cli.main(["evaluate", "--memory", routed, "--images", os.path.join(fmnist_small, "test"),
-                     "--output", out, "--k-max", "10", "--route-probes", "1"]) == 0
+                     "--output", out, "--k-max", "10", "--route-probes", "1", "--search-join", "shuffle"]) == 0
     report = json.load(open(os.path.join(out, "report.json")))
     assert report["queries"] == 50 and report["failed"] == 0 and report["extra"]["route_probes"] == 1
+    assert report["extra"]["search_join"] == "shuffle"
     # Every query's neighbour list equals VisualMemory.search with the same routing.
     records = sorted(read_neighbor_files(sorted(glob.glob(os.path.join(out, "neighbors-*.jsonl")))),
                      key=lambda r: r.query_id)
@@ -432,6 +433,7 @@ def test_evaluate_caps_k_max_at_the_live_entries(tmp_path, caplog):
            "k = 1..9" in caplog.text
     report = write_evaluation_report(out)
     assert report["k_max"] == 9 and report["extra"]["k_max"] == 9 and report["queries"] == 7
+    assert report["extra"]["search_join"] == "broadcast"  # auto: 10 entries of dim 16 fit every worker.
     records = read_neighbor_files(glob.glob(os.path.join(out, "*neighbors*.jsonl")))
     assert {len(r.neighbor_ids) for r in records} == {9} and all(keys[0] not in r.neighbor_ids for r in records)
 

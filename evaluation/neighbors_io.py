@@ -87,26 +87,23 @@ def write_records(path: str | os.PathLike, records: Iterable[NeighborRecord]
     return count
 
 
-_LABEL_FIELDS = ("true_label", "neighbor_labels", "image_class", "neighbor_classes")
-
-
 def _loads(line: str) -> Any:
     """One JSON value: orjson (~3x the json module on neighbour records), else the json module.
 
-    orjson refuses NaN and Infinity literals and reads integers past 64 bits as floats; the json module then
-    reads the line, so the record checks name such a value exactly, and it words the errors of invalid JSON.
+    The json module reads lines orjson refuses (NaN and Infinity literals) and lines whose labels orjson read
+    as floats (it reads an integer past 64 bits as one), so the record checks name such a value exactly; it
+    also words the errors of invalid JSON.
     """
     try:
         obj = orjson.loads(line)
     except orjson.JSONDecodeError:
         return json.loads(line)
-    if isinstance(obj, dict) and any(_holds_float(obj.get(f)) for f in _LABEL_FIELDS):
-        return json.loads(line)
+    if type(obj) is dict:  # pylint: disable=unidiomatic-typecheck
+        true = obj.get("true_label", obj.get("image_class"))
+        labels = obj.get("neighbor_labels", obj.get("neighbor_classes"))
+        if type(true) is float or (type(labels) is list and float in set(map(type, labels))):
+            return json.loads(line)
     return obj
-
-
-def _holds_float(value: Any) -> bool:
-    return type(value) is float or (type(value) is list and float in set(map(type, value)))
 
 
 def _where(path: str, line: int) -> str:

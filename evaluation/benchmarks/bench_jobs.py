@@ -1,14 +1,15 @@
 """Job throughput: the Beam build and evaluation jobs vs the encoder's raw rate, in the same process.
 
     python -m evaluation.benchmarks.bench_jobs [--images 2000] [--queries 500] [--shards 4] [--batch-size 64] \
-        [--repeats 2] [--runtime tf|litert|onnx]
+        [--repeats 2] [--runtime tf|litert|onnx] [--search-join auto[,shuffle,broadcast]]
 
 Prints images/s of (a) the encoder alone on already-preprocessed batches (the ceiling), (b) decode +
 preprocess alone, (c) the whole `vmem build` job (read files, decode, embed, normalise, shard,
-ScaNN, manifest) on the local runner, (d) the whole `vmem evaluate` job (read, decode, embed, fan out to
-shards, merge top-100, write neighbours, vote, report), the ratios (c)/(a) and (d)/(a), and peak RSS.
-(a), (c) and (d) are the best of ``--repeats`` runs each (the same for both sides of each ratio): on a shared
-2-core machine single runs vary by +-30%.
+ScaNN, manifest) on the local runner, (d) the whole `vmem evaluate` job (read, decode, embed, search every
+shard, merge top-100, write neighbours, vote, report) once per ``--search-join`` listed, the ratios (c)/(a)
+and (d)/(a), and peak RSS. (a), (c) and (d) are the best of ``--repeats`` runs each (the same for both sides
+of each ratio; the evaluations of several joins alternate): on a shared 2-core machine single runs vary by
++-30%.
 TensorFlow is imported before any timing, so neither side pays for it.
 """
 
@@ -36,6 +37,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=64, help="batch size of the raw-encoder baseline")
     parser.add_argument("--runtime", default=None, choices=["tf", "litert", "onnx"],
                         help="what runs the encoder, in the raw baseline and both jobs (default: the config's)")
+    parser.add_argument("--search-join", default="auto",
+                        help="comma-separated --search-join values of the evaluate job, each timed (default auto)")
     parser.add_argument("--beam-args", default="", help="extra Beam flags for the job, e.g. '--runner=DirectRunner'")
     args = parser.parse_args(argv)
 
@@ -89,16 +92,19 @@ def main(argv=None) -> int:
 
     test = os.path.join(work, "test")
     n_queries = sum(len(fs) for _, _, fs in os.walk(test))
-    eval_s = float("inf")
+    joins = args.search_join.split(",")
+    eval_s = {join: float("inf") for join in joins}
     for i in range(args.repeats):
-        t0 = time.perf_counter()
-        evaluate_memory(memory=out, source=parse_image_spec(test), output=os.path.join(work, f"eval-{i}"), k_max=100,
-                        pipeline_options=args.beam_args.split())
-        write_evaluation_report(os.path.join(work, f"eval-{i}"))  # What `vmem evaluate` does after the job.
-        eval_s = min(eval_s, time.perf_counter() - t0)
+        for join in joins:
+            eval_out = os.path.join(work, f"eval-{join}-{i}")
+            t0 = time.perf_counter()
+            evaluate_memory(memory=out, source=parse_image_spec(test), output=eval_out, k_max=100, search_join=join,
+                            pipeline_options=args.beam_args.split())
+            write_evaluation_report(eval_out)  # What `vmem evaluate` does after the job.
+            eval_s[join] = min(eval_s[join], time.perf_counter() - t0)
 
     n = len(files)
-    raw_rate, job_rate, eval_rate = n / raw_s, n / job_s, n_queries / eval_s
+    raw_rate, job_rate = n / raw_s, n / job_s
     print(f"\njob throughput, {n} Fashion-MNIST PNGs, bundled EfficientNet-Lite0 on {spec.runtime.value}, "
           f"{os.cpu_count()} CPUs")
     print("| stage | seconds | images/s |")
@@ -107,9 +113,12 @@ def main(argv=None) -> int:
     print(f"| decode + preprocess only | {decode_s:.1f} | {n / decode_s:.0f} |")
     print(f"| encoder only (batch {args.batch_size}, preprocessed) | {raw_s:.1f} | {raw_rate:.1f} |")
     print(f"| `vmem build` job ({args.shards} shards) | {job_s:.1f} | {job_rate:.1f} |")
-    print(f"| `vmem evaluate` job ({n_queries} queries, k=100) | {eval_s:.1f} | {eval_rate:.1f} |")
+    for join, seconds in eval_s.items():
+        print(f"| `vmem evaluate` job ({n_queries} queries, k=100, --search-join {join}) | {seconds:.1f} | "
+              f"{n_queries / seconds:.1f} |")
     print(f"\nbuild job / raw encoder = {job_rate / raw_rate:.2f}x  (target >= 0.8x)")
-    print(f"evaluate job / raw encoder = {eval_rate / raw_rate:.2f}x")
+    for join, seconds in eval_s.items():
+        print(f"evaluate job (--search-join {join}) / raw encoder = {n_queries / seconds / raw_rate:.2f}x")
     print(f"peak RSS {_peak_rss_mb():.0f} MB")
     return 0
 

@@ -27,8 +27,8 @@ from pipelines.coders import NdarrayCoder  # noqa: F401  (registers the numpy co
 from pipelines.io.readers import FAILED_TAG, failed_record
 from pipelines.lookahead import LookaheadDoFn
 from pipelines.records import DecodedImage, EmbeddedImage, EntryMeta, ImageRecord, Stage
+from pipelines.stages.progress import Progress
 
-_LOG = logging.getLogger("visual_memory")
 _NAMESPACE = "visual_memory"
 
 
@@ -169,14 +169,13 @@ class _ToEntryFn(beam.DoFn):
         self._embedded = Metrics.counter(_NAMESPACE, "images_embedded")
 
     def setup(self):
-        self._count = 0
-        self._start = None
+        self._progress = None
         self._identities: set[str] = set()
 
     def process(self, element):
         meta, result = element
-        if self._start is None:
-            self._start = time.monotonic()
+        if self._progress is None:  # The clock starts with the first image embedded.
+            self._progress = Progress("embedded on this worker", every_n=self._progress_every, unit="images")
         vector = np.asarray(result.inference, dtype=np.float32)
         # A region build's inference is [1 + G*G, d]: the global vector, then the regions (memory.regions).
         rows = vector if vector.ndim == 2 else vector[None, :]
@@ -196,10 +195,7 @@ class _ToEntryFn(beam.DoFn):
             self._identities.add(result.model_id)
             yield beam.pvalue.TaggedOutput(self.IDENTITY_TAG, result.model_id)
         self._embedded.inc()
-        self._count += 1
-        if self._count % self._progress_every == 0:
-            elapsed = time.monotonic() - self._start
-            _LOG.info("embedded %d images on this worker (%.1f img/s)", self._count, self._count / max(elapsed, 1e-9))
+        self._progress.add(1)
         yield EmbeddedImage(meta.id, meta.uri, meta.label, rows[0])
         for r in range(1, rows.shape[0]):
             yield EmbeddedImage(region_id(meta.id, r - 1), meta.uri, meta.label, rows[r])

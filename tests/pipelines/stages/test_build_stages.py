@@ -132,6 +132,22 @@ def test_progress_lines_give_rate_and_eta(caplog, monkeypatch):
     assert len(caplog.records) == 2
 
 
+def test_progress_every_n_logs_each_time_the_count_passes_a_multiple(caplog, monkeypatch):
+    clock = iter([0.0, 1.0, 2.0, 4.0])
+    monkeypatch.setattr("pipelines.stages.progress.time.perf_counter", lambda: next(clock))
+    progress = Progress("embedded on this worker", every_n=200, unit="images")
+    with caplog.at_level(logging.INFO, logger="visual_memory"):
+        assert [progress.add(1) for _ in range(199)] == [None] * 199  # However long it takes.
+        assert progress.add(1) == "embedded on this worker: 200 images, 200 images/s over 1s"
+        assert progress.add(150) is None
+        assert progress.add(100) == "embedded on this worker: 450 images, 225 images/s over 2s"  # Passed 400.
+        assert progress.flush() is None
+        assert progress.add(10, force=True) == "embedded on this worker: 460 images, 115 images/s over 4s"
+    assert len(caplog.records) == 3
+    with pytest.raises(ValueError, match="every_n must be >= 1, got 0"):
+        Progress("x", every_n=0)
+
+
 def test_training_threads_are_the_cores():
     from memory.index.shard_index import training_threads  # pylint: disable=g-import-not-at-top
     assert training_threads() >= 1

@@ -414,7 +414,8 @@ class SearchBroadcastFn(beam.DoFn):
 
     def process(self, batch: QueryBatch):
         parts = self._search.search_routes(self._units.shards, self._fan_out.routes(batch))
-        yield from merge_batch_neighbors(parts, self._search.k, max_per_group=self._max_per_group).queries()
+        if parts:  # None when no unit holds a live row: unanswered, as the shuffle join leaves them.
+            yield from merge_batch_neighbors(parts, self._search.k, max_per_group=self._max_per_group).queries()
 
     def teardown(self):
         self._search.teardown()

@@ -36,7 +36,7 @@ class DecodedImage(typing.NamedTuple):
 
 
 class EntryMeta(typing.NamedTuple):
-    """What travels beside an image through RunInference (the key of the keyed model handler)."""
+    """What travels beside an image through the embed stage (the key of the keyed model handler)."""
     id: str
     uri: str
     label: str

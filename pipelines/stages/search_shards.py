@@ -383,7 +383,8 @@ def resolve_join(join: SearchJoin | str, manifest: Manifest) -> SearchJoin:
 
 
 class _LoadedUnits:
-    """Every search unit of one memory version, loaded: what a worker of a broadcast search holds."""
+    """Every search unit of one memory version, loaded: what a worker of a broadcast search holds (an object:
+    Beam's Shared handle keeps a weak reference to what it shares)."""
 
     def __init__(self, shards: Sequence[LoadedShard]):
         self.shards = list(shards)
@@ -395,7 +396,7 @@ class SearchBroadcastFn(beam.DoFn):
     The broadcast join: the worker loads every unit once (a ``Shared`` handle: one copy per worker process,
     whatever its threads) and answers batches where they are embedded, so searching overlaps embedding and no
     query crosses a shuffle. Routing, each unit's search and the merge are the shuffle join's own
-    (`_FanOutFn.routes`, `SearchShardFn.search`, `merge_batch_neighbors`), so the answers are the same.
+    (`_FanOutFn.routes`, `SearchShardFn.search_routes`, `merge_batch_neighbors`), so the answers are the same.
     """
 
     def __init__(self, fan_out: _FanOutFn, search: SearchShardFn, max_per_group: int | None = None):

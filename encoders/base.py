@@ -152,6 +152,10 @@ class Runtime(enum.Enum):
     TF = "tf"  # TensorFlow (SavedModel, TF-Hub, Keras).
     LITERT = "litert"  # LiteRT (the TFLite runtime) with its XNNPACK CPU delegate; ``.tflite`` files.
     ONNX = "onnx"  # ONNX Runtime; ``.onnx`` files.
+    # The bundled encoders quantised to int8 (weights and activations; float input and output) on LiteRT:
+    # faster, but their embeddings differ from the float runtimes' beyond RUNTIME_TOLERANCE, so a memory and
+    # its queries both use it.
+    LITERT_INT8 = "litert-int8"
 
 
 # The runtime a spec gets when none is named: the fastest one measured on 2 CPU cores (docs/benchmarks.md).
@@ -160,6 +164,8 @@ DEFAULT_RUNTIME = Runtime.LITERT
 # Largest 1 - cosine between two runtimes' embeddings of the same images for their embeddings to be searched
 # together (a memory built with one runtime answering queries embedded with another).
 RUNTIME_TOLERANCE = 1e-4
+# Largest 1 - cosine to the TF reference on the probe images an int8 conversion may have (measured: 0.015).
+QUANTIZED_TOLERANCE = 0.05
 
 
 def add_runtime_flag(parser: argparse.ArgumentParser) -> None:
@@ -169,14 +175,16 @@ def add_runtime_flag(parser: argparse.ArgumentParser) -> None:
     """
     parser.add_argument(
         "--runtime", choices=[r.value for r in Runtime], default=None,
-        help=f"what runs the encoder: tf (the TF SavedModel, the reference), litert (LiteRT with XNNPACK) or onnx "
-             f"(ONNX Runtime); default: the memory's own for queries, the config's for a build "
+        help=f"what runs the encoder: tf (the TF SavedModel, the reference), litert (LiteRT with XNNPACK), onnx "
+             f"(ONNX Runtime) or litert-int8 (the bundled encoder quantised to int8 on LiteRT: faster, its "
+             f"embeddings within {QUANTIZED_TOLERANCE:g} of TF's, so only int8 queries search an int8 memory); "
+             f"default: the memory's own for queries, the config's for a build "
              f"({DEFAULT_RUNTIME.value} for the bundled encoder). Another runtime than a memory's is accepted "
              f"where their embeddings agree within {RUNTIME_TOLERANCE:g} in 1 - cosine")
 
 
 def parse_runtime(value: "str | Runtime") -> Runtime:
-    """The ``Runtime`` named ``value`` (``tf``, ``litert`` or ``onnx``).
+    """The ``Runtime`` named ``value`` (``tf``, ``litert``, ``onnx`` or ``litert-int8``).
 
     Raises:
         EncoderError: naming the allowed values.

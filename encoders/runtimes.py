@@ -31,7 +31,8 @@ from encoders.base import (
 )
 
 # The pip requirement of each runtime, for the message when it is missing (setup.py pins the same).
-PACKAGES = {Runtime.LITERT: "ai-edge-litert==2.3.0", Runtime.ONNX: "onnxruntime==1.32.0"}
+PACKAGES = {Runtime.LITERT: "ai-edge-litert==2.3.0", Runtime.LITERT_INT8: "ai-edge-litert==2.3.0",
+            Runtime.ONNX: "onnxruntime==1.32.0"}
 
 # Images per runtime call. A batch of 32 at 224 px has activations of ~150 MB per tensor, far beyond the
 # caches; two images keep the working set near them (docs/benchmarks.md#encoder-runtimes measures 1, 2, 4).
@@ -336,7 +337,7 @@ def load_model_file(path: str, *, runtime: Runtime, io: ModelIO, name: str, cont
     where = where or f"model file {path!r}"
     if not os.path.isfile(path):
         raise EncoderError(f"{where} does not exist; check the path.")
-    sessions = {Runtime.LITERT: _LiteRTSession, Runtime.ONNX: _OnnxSession}
+    sessions = {Runtime.LITERT: _LiteRTSession, Runtime.LITERT_INT8: _LiteRTSession, Runtime.ONNX: _OnnxSession}
     if runtime not in sessions:
         raise EncoderError(f"{where}: runtime {runtime.value!r} does not run model files; use litert or onnx.")
     cores = runtime_threads()

@@ -77,6 +77,26 @@ def test_conversion_is_cached_by_content_hash(converted_cache, bundled_encoder):
         "efficientnet-lite0-579344248a93-litert", "efficientnet-lite0-579344248a93-onnx"]
 
 
+def test_int8_conversion_stays_near_tf_and_searches_only_int8(tmp_path, bundled_encoder, photos, monkeypatch):
+    """litert-int8: calibrated, cached, within QUANTIZED_TOLERANCE of TF, and never mixed with a float runtime."""
+    from encoders.base import QUANTIZED_TOLERANCE
+    from encoders.compatibility import runtime_mismatch
+    converted = bundled_model_file(bundled.NAME, Runtime.LITERT_INT8, reference=lambda: bundled_encoder,
+                                   cache_dir=str(tmp_path))
+    assert converted.path.endswith("model-int8.tflite")
+    assert RUNTIME_TOLERANCE < converted.reference_deviation <= QUANTIZED_TOLERANCE
+    monkeypatch.setenv("VMEM_CACHE_DIR", str(tmp_path))
+    encoder = load_encoder(EncoderSpec(runtime="litert-int8"))
+    got, reference = encoder.embed(photos), bundled_encoder.embed(photos)
+    assert got.shape == (20, 1280) and got.dtype == np.float32
+    assert float(np.max(_one_minus_cos(got, reference))) <= QUANTIZED_TOLERANCE
+    int8, tf = encoder.identity.to_dict(), bundled_encoder.identity.to_dict()
+    assert int8["runtime"] == "litert-int8" and int8["content_hash"] == tf["content_hash"]
+    assert runtime_mismatch(int8, dict(int8)) is None
+    for memory, queries, fix in ((tf, int8, "--runtime tf"), (int8, tf, "--runtime litert-int8")):
+        assert f"Fix: query with {fix} (the memory's own)" in runtime_mismatch(memory, queries)
+
+
 def test_a_conversion_that_disagrees_with_tf_is_refused(tmp_path, bundled_encoder):
     class Skewed:
         def embed(self, images):

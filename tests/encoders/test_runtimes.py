@@ -170,6 +170,10 @@ def test_model_file_specs_are_checked():
     with pytest.raises(EncoderError, match=r"runs on runtime 'onnx', got runtime='litert'; pass --runtime onnx"):
         EncoderSpec(kind=EncoderKind.MODEL_FILE, uri="m.onnx", preprocess=_SQUARE, model_io=ModelIO(),
                     runtime=Runtime.LITERT)
+    with pytest.raises(EncoderError, match=r"runs on runtime 'litert', got runtime='litert-int8'; pass --runtime "
+                                           r"litert"):  # int8 is a conversion of the bundled encoders, not a file's.
+        EncoderSpec(kind=EncoderKind.MODEL_FILE, uri="m.tflite", preprocess=_SQUARE, model_io=ModelIO(),
+                    runtime="litert-int8")
     with pytest.raises(EncoderError, match=r"neither .tflite nor .onnx"):
         runtime_of_file("model.pt")
     with pytest.raises(EncoderError, match=r"runs on TensorFlow only, got runtime='onnx'; pass --runtime tf"):

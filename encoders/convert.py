@@ -129,7 +129,7 @@ def _write_tflite(path: str, name: str, *, int8: bool = False) -> None:
     if int8:
         # Full-integer quantisation (int8 weights and activations, float input and output), the activation
         # ranges calibrated on `calibration_images`: XNNPACK's int8 kernels. Weights-only ("dynamic range")
-        # quantisation measured 2.5x slower than float32 here: LiteRT runs it outside XNNPACK.
+        # quantisation ran slower than float32: LiteRT runs it outside XNNPACK.
         calibration = calibration_images(size)
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = lambda: ([calibration[i:i + 1]] for i in range(len(calibration)))

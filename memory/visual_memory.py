@@ -154,7 +154,7 @@ class VisualMemory:
             tree+AH memories, `memory.index.template`) as one ScaNN index: the same neighbours' quality at one
             index's speed instead of one search per shard (their per-row files are concatenated into a
             temporary directory once, at open). False searches every shard on its own.
-          runtime: What runs the query encoder (tf, litert, onnx; None: the build's), accepted where its
+          runtime: What runs the query encoder (tf, litert, onnx, litert-int8; None: the build's), accepted where its
             embeddings agree with the build's (`encoders.compatibility`).
 
         Returns:

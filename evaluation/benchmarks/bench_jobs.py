@@ -1,7 +1,7 @@
 """Job throughput: the Beam build and evaluation jobs vs the encoder's raw rate, in the same process.
 
     python -m evaluation.benchmarks.bench_jobs [--images 2000] [--queries 500] [--shards 4] [--batch-size 64] \
-        [--repeats 2] [--runtime tf|litert|onnx] [--search-join auto[,shuffle,broadcast]]
+        [--repeats 2] [--runtime tf|litert|onnx|litert-int8] [--search-join auto[,shuffle,broadcast]]
 
 Prints images/s of (a) the encoder alone on already-preprocessed batches (the ceiling), (b) decode +
 preprocess alone, (c) the whole `vmem build` job (read files, decode, embed, normalise, shard,
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     parser.add_argument("--queries", type=int, default=500, help="Fashion-MNIST test images (multiple of 10)")
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=64, help="batch size of the raw-encoder baseline")
-    parser.add_argument("--runtime", default=None, choices=["tf", "litert", "onnx"],
+    parser.add_argument("--runtime", default=None, choices=["tf", "litert", "onnx", "litert-int8"],
                         help="what runs the encoder, in the raw baseline and both jobs (default: the config's)")
     parser.add_argument("--search-join", default="auto",
                         help="comma-separated --search-join values of the evaluate job, each timed (default auto)")

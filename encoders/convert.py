@@ -60,6 +60,13 @@ class ConvertedModel:
     reference_deviation: float
 
 
+def _bundled_preprocess(image_size: int):
+    """The bundled preprocessing at ``image_size`` px."""
+    if image_size == bundled.PREPROCESS.image_size:
+        return bundled.PREPROCESS
+    return dataclasses.replace(bundled.PREPROCESS, image_size=image_size)
+
+
 def probe_images(image_size: int, *, count: int = _PROBE_IMAGES, seed: int = 0) -> np.ndarray:
     """Seeded photo-like probe images, preprocessed for a bundled encoder: float32 ``[count, S, S, 3]``.
 
@@ -71,8 +78,7 @@ def probe_images(image_size: int, *, count: int = _PROBE_IMAGES, seed: int = 0) 
     from encoders.preprocess import preprocess
 
     rng = np.random.default_rng(seed)
-    spec = bundled.PREPROCESS if image_size == bundled.PREPROCESS.image_size else dataclasses.replace(
-        bundled.PREPROCESS, image_size=image_size)
+    spec = _bundled_preprocess(image_size)
     images = []
     for i in range(count):
         noise = Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8), "RGB")
@@ -92,8 +98,7 @@ def calibration_images(image_size: int, *, count: int = _CALIBRATION_IMAGES, see
     from encoders.preprocess import preprocess
 
     rng = np.random.default_rng(seed)
-    spec = bundled.PREPROCESS if image_size == bundled.PREPROCESS.image_size else dataclasses.replace(
-        bundled.PREPROCESS, image_size=image_size)
+    spec = _bundled_preprocess(image_size)
     images = []
     for i in range(count):
         h, w = int(rng.integers(28, 400)), int(rng.integers(28, 400))

@@ -11,8 +11,9 @@ Under ``Runtime.TF`` every model kind ends up as a callable TF graph:
   SavedModel once (cached under ``$VMEM_CACHE_DIR`` or
   ``~/.cache/visual-memory/encoders``) and loads it exactly like a user model.
 
-Under ``Runtime.LITERT`` / ``ONNX`` / ``LITERT_INT8``, the bundled encoder runs its conversion (``encoders.convert``) and a
-``MODEL_FILE`` (a user's ``.tflite`` / ``.onnx``) runs as it is, both through ``encoders.runtimes``.
+Under ``Runtime.LITERT`` / ``ONNX`` / ``LITERT_INT8``, the bundled encoder runs its conversion
+(``encoders.convert``) and a ``MODEL_FILE`` (a user's ``.tflite`` / ``.onnx``) runs as it is, both through
+``encoders.runtimes``.
 
 ``gs://`` (or any non-local ``tf.io.gfile``) URIs are first copied to a local
 temporary directory, so hashing and loading only ever read local files.

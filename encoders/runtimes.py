@@ -159,9 +159,9 @@ class ModelFileEncoder(Encoder):
 
     Images go to the runtime ``chunk`` at a time (default ``CHUNK``, see there). With several sessions (one
     single-threaded session per core, ``load_model_file``), each session takes the batch's next chunk on a
-    thread of its own as it frees up: the runtimes release the GIL, and whole images in parallel avoid the per-operator
-    synchronisation of one session on several threads. Each session has a lock, as neither LiteRT's
-    interpreter nor a chunk loop may be shared between threads.
+    thread of its own as it frees up: the runtimes release the GIL, and whole images in parallel avoid the
+    per-operator synchronisation of one session on several threads. Each session has a lock, as neither
+    LiteRT's interpreter nor a chunk loop may be shared between threads.
 
     Attributes:
         chunk: Images per runtime call (the benchmark varies it).

@@ -15,10 +15,13 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import pathlib
 import tempfile
 import time
 
 import numpy as np
+
+from evaluation.neighbors_io import NeighborRecord, evaluation_files, read_neighbor_files, to_arrays
 
 RUNTIMES = ("litert", "litert-int8")
 K = 10
@@ -32,7 +35,7 @@ def _raw_rates(test_dir: str, runs: int, batch: int = 64) -> dict[str, list[floa
     encoders = {r: load_encoder(EncoderSpec(runtime=r)) for r in RUNTIMES}
     spec = encoders[RUNTIMES[0]].preprocess_spec
     files = sorted(glob.glob(os.path.join(test_dir, "*", "*")))[:256]
-    pixels = np.stack([decode_and_preprocess(open(f, "rb").read(), spec) for f in files])
+    pixels = np.stack([decode_and_preprocess(pathlib.Path(f).read_bytes(), spec) for f in files])
     rates: dict[str, list[float]] = {r: [] for r in RUNTIMES}
     for encoder in encoders.values():
         encoder.embed(pixels[:batch])  # Warm-up: interpreters are made per batch size.
@@ -49,10 +52,9 @@ def _raw_rates(test_dir: str, runs: int, batch: int = 64) -> dict[str, list[floa
     return rates
 
 
-def _experiment(train: str, test: str, work: str, runtime: str) -> tuple[dict, dict[str, tuple[int, list[str]]]]:
-    """Builds and evaluates with ``runtime``; returns the report and {query id: (true, neighbour ids)}."""
+def _experiment(train: str, test: str, work: str, runtime: str) -> tuple[dict, dict[str, NeighborRecord]]:
+    """Builds and evaluates with ``runtime``; returns the report and each query's neighbour record by id."""
     from configs.build import load_config
-    from evaluation.neighbors_io import evaluation_files, read_neighbor_files
     from evaluation.vote_report import write_evaluation_report
     from pipelines.build import build_memory
     from pipelines.evaluate import evaluate_memory
@@ -68,8 +70,7 @@ def _experiment(train: str, test: str, work: str, runtime: str) -> tuple[dict, d
     report = write_evaluation_report(out)
     print(f"{runtime}: build {built:.1f} s, evaluation {time.perf_counter() - start - built:.1f} s", flush=True)
     records = read_neighbor_files(evaluation_files(out))
-    return report, {r.query_id: (r.true_label, r.neighbor_labels, r.neighbor_distances, r.neighbor_ids)
-                    for r in records}
+    return report, {r.query_id: r for r in records}
 
 
 def main(argv=None) -> int:
@@ -93,10 +94,9 @@ def main(argv=None) -> int:
     queries = sorted(results[RUNTIMES[0]][1])
     predictions, nearest = {}, {}
     for runtime, (_, by_query) in results.items():
-        labels = np.array([by_query[q][1][:100] for q in queries])
-        distances = np.array([by_query[q][2][:100] for q in queries])
+        labels, distances, _, _ = to_arrays([by_query[q] for q in queries], k_max=K)
         predictions[runtime] = predict_all_k(labels, distances, k_max=K)
-        nearest[runtime] = [set(by_query[q][3][:K]) for q in queries]
+        nearest[runtime] = [set(by_query[q].neighbor_ids[:K]) for q in queries]
     a, b = RUNTIMES
     print(f"\nbundled EfficientNet-Lite0, {args.images} memory images, {len(queries)} queries")
     print("| runtime | " + " | ".join(f"run {i + 1}" for i in range(args.runs)) + " | ratio to litert |")
@@ -106,8 +106,8 @@ def main(argv=None) -> int:
         print(f"| {runtime} | " + " | ".join(f"{v:.1f}" for v in values) + f" | {ratio} |")
     print(f"\n| rule | {a} @{K} | {b} @{K} | {a} best | {b} best | votes agreeing @{K} |")
     print("|---|---:|---:|---:|---:|---:|")
+    ra, rb = (results[r][0] for r in RUNTIMES)
     for rule in ALL_RULES:
-        ra, rb = (results[r][0] for r in RUNTIMES)
         agree = float(np.mean(predictions[a][rule][:, K - 1] == predictions[b][rule][:, K - 1]))
         best = {r: results[r][0]["best"][rule.value] for r in RUNTIMES}
         print(f"| {rule.value} | {100 * ra['accuracy'][rule.value][str(K)]:.2f} | "

@@ -23,6 +23,8 @@ import time
 
 import numpy as np
 
+from encoders.base import Runtime
+
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -35,7 +37,7 @@ def main(argv=None) -> int:
     parser.add_argument("--queries", type=int, default=500, help="Fashion-MNIST test images (multiple of 10)")
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=64, help="batch size of the raw-encoder baseline")
-    parser.add_argument("--runtime", default=None, choices=["tf", "litert", "onnx", "litert-int8"],
+    parser.add_argument("--runtime", default=None, choices=[r.value for r in Runtime],
                         help="what runs the encoder, in the raw baseline and both jobs (default: the config's)")
     parser.add_argument("--search-join", default="auto",
                         help="comma-separated --search-join values of the evaluate job, each timed (default auto)")

@@ -40,7 +40,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from evaluation.benchmarks import machine, synthetic
-from evaluation.benchmarks.bench_search import LEAF_FRACTIONS, REORDERS, best_seconds
+from evaluation.benchmarks.bench_search import LEAF_FRACTIONS, REORDERS
+from evaluation.benchmarks.timing import best_seconds
 from evaluation.benchmarks.scale_data import dir_bytes, exact_topk_files, memory_vectors
 
 K = 10

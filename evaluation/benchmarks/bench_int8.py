@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 
+from evaluation.benchmarks.timing import best_seconds
 from evaluation.neighbors_io import NeighborRecord, evaluation_files, read_neighbor_files, to_arrays
 
 RUNTIMES = ("litert", "litert-int8")
@@ -41,12 +42,8 @@ def _raw_rates(test_dir: str, runs: int, batch: int = 64) -> dict[str, list[floa
         encoder.embed(pixels[:batch])  # Warm-up: interpreters are made per batch size.
     for _ in range(runs):
         for runtime, encoder in encoders.items():
-            best = float("inf")
-            for _ in range(3):
-                start = time.perf_counter()
-                for i in range(0, len(pixels), batch):
-                    encoder.embed(pixels[i:i + batch])
-                best = min(best, time.perf_counter() - start)
+            best, _ = best_seconds(lambda encoder=encoder: [encoder.embed(pixels[i:i + batch])
+                                                            for i in range(0, len(pixels), batch)], repeats=3)
             rates[runtime].append(len(pixels) / best)
         print("raw encoder:", ", ".join(f"{r} {v[-1]:.1f}" for r, v in rates.items()), "img/s", flush=True)
     return rates

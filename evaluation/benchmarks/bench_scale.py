@@ -41,7 +41,6 @@ import argparse
 import dataclasses
 import gc
 import json
-import math
 import os
 import subprocess
 import sys
@@ -54,6 +53,7 @@ import numpy as np
 from evaluation.benchmarks import synthetic
 from evaluation.benchmarks.open_timing import time_open
 from evaluation.benchmarks.scale_data import DIM, ENCODER_ID, K, DataSpec, ensure_dataset
+from evaluation.benchmarks.timing import best_seconds
 
 DEFAULT_SIZES = (10_000, 100_000, 1_000_000, 10_000_000)
 BEAM_MARK = "vmem build (Beam)"
@@ -230,15 +230,6 @@ def _found_rows(ids: np.ndarray) -> np.ndarray:
     return np.where(ids == "", "-1", ids).astype(np.int64)
 
 
-def _best_seconds(fn, repeats: int) -> float:
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def sweep(memory, queries: np.ndarray, gt_ids: np.ndarray, *, target: float, repeats: int) -> list[Trial]:
     """Every tried setting; those reaching ``target`` are re-timed best of ``repeats``."""
     routed = memory.router is not None
@@ -253,7 +244,7 @@ def sweep(memory, queries: np.ndarray, gt_ids: np.ndarray, *, target: float, rep
                 secs = time.perf_counter() - start
                 recall = synthetic.recall_at_k(_found_rows(found), gt_ids)
                 if recall >= target and repeats > 1:
-                    secs = min(secs, _best_seconds(lambda view=view: view.search(queries, K), repeats - 1))
+                    secs = min(secs, best_seconds(lambda view=view: view.search(queries, K), repeats=repeats - 1)[0])
                 parts = ([f"route {probes}"] if routed else []) + (
                     [f"leaves {fraction:g}", f"reorder {reorder}/shard"] if tree else ["brute force"])
                 trials.append(Trial(settings=", ".join(parts), route_probes=probes, reorder=reorder,

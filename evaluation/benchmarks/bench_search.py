@@ -65,6 +65,7 @@ import numpy as np
 
 from evaluation.benchmarks import synthetic
 from evaluation.benchmarks.search_data import DATASETS, Dataset, exact_topk, make_dataset
+from evaluation.benchmarks.timing import best_seconds
 from evaluation.benchmarks.search_report import (K, Method, ResultRow, format_frontier, format_table,
                                                  format_targets, mark_best)
 
@@ -106,19 +107,6 @@ class Settings:
     memory_shardings: tuple[str, ...] = ("hash", "partition")
     avq: float | None = None
     soar_lambda: float | None = None
-
-
-# --------------------------------------------------------------------------------------------- timing
-
-
-def best_seconds(fn: Callable[[], object], *, repeats: int) -> tuple[float, object]:
-    """The fastest of ``repeats`` wall-clock timings of ``fn()``, and the last result."""
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
 
 
 @dataclasses.dataclass(frozen=True)

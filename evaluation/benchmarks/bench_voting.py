@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Sequence
 
 import numpy as np
 
+from evaluation.benchmarks.timing import best_seconds
 from memory.decide import voting
 
 CLASS_COUNTS = (10, 1000)
@@ -33,16 +33,6 @@ def synthetic_neighbors(*, queries: int, k_max: int, num_classes: int,
     return labels, distances
 
 
-def best_seconds(fn, *, repeats: int) -> float:
-    """The fastest of ``repeats`` wall-clock timings of ``fn()``."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def run(*, queries: int, k_max: int, repeats: int, seed: int = 0
         ) -> dict[str, dict[int, float]]:
     """Returns ``{rule: {num_classes: queries per second}}``."""
@@ -55,7 +45,7 @@ def run(*, queries: int, k_max: int, repeats: int, seed: int = 0
         # Interleave class counts within a rule so drift hits both equally.
         for c in CLASS_COUNTS:
             labels, distances = inputs[c]
-            seconds = best_seconds(
+            seconds, _ = best_seconds(
                 lambda: voting.predict_all_k(labels, distances, rules=(rule,),
                                              k_max=k_max), repeats=repeats)
             results[rule.value][c] = queries / seconds

@@ -40,6 +40,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from pipelines.io.npy import NpyHeader, open_file, read_npy_header, read_npy_rows
 from pipelines.io.readers import FAILED_TAG, failed_record, parse_example, parse_spec_options
 from pipelines.records import EntryBlock
 
@@ -119,55 +120,6 @@ def parse_embeddings_spec(spec: str) -> EmbeddingSource:
 
 # ----------------------------------------------------------------------------------------------- clip layout
 
-def _open(path: str):
-    return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
-
-
-@dataclasses.dataclass(frozen=True)
-class NpyHeader:
-    rows: int
-    dim: int
-    dtype: str
-    offset: int  # Byte offset of row 0.
-
-
-def read_npy_header(path: str) -> NpyHeader:
-    """Parses an .npy header (a few hundred bytes) without reading the array."""
-    from numpy.lib import format as npy_format
-    with _open(path) as f:
-        version = npy_format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = npy_format.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, fortran, dtype = npy_format.read_array_header_2_0(f)
-        else:
-            raise ValueError(f"{path}: npy format version {version} is not supported (1.0 and 2.0 are).")
-        offset = f.tell()
-    if len(shape) != 2 or fortran or dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):
-        raise ValueError(f"{path}: expected a C-order float16/32/64 [n, d] array; got shape {shape}, "
-                         f"dtype {dtype}, fortran_order={fortran}.")
-    return NpyHeader(rows=int(shape[0]), dim=int(shape[1]), dtype=dtype.str, offset=int(offset))
-
-
-def read_npy_rows(f, header: NpyHeader, start: int, stop: int) -> np.ndarray:
-    """Rows [start, stop) of the open npy file ``f`` as float32 via one seek + ranged read; fewer rows if the
-    file is truncated."""
-    dtype = np.dtype(header.dtype)
-    row_bytes = header.dim * dtype.itemsize
-    want = (stop - start) * row_bytes
-    chunks, got = [], 0
-    f.seek(header.offset + start * row_bytes)
-    while got < want:
-        chunk = f.read(want - got)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        got += len(chunk)
-    data = b"".join(chunks)
-    rows = len(data) // row_bytes
-    return np.frombuffer(data[:rows * row_bytes], dtype=dtype).reshape(rows, header.dim).astype(np.float32)
-
-
 class _Pair(typing.NamedTuple):
     """One clip-retrieval part: its embeddings file and its metadata file (either may be missing)."""
     index: int
@@ -243,7 +195,7 @@ def _inspect_part(source: EmbeddingSource, pair: _Pair, expected_dim: int | None
             problem = ("unreadable_embeddings", f"{pair.npy}: {type(e).__name__}: {e}")
     if pair.parquet is not None:
         try:
-            with _open(pair.parquet) as f:
+            with open_file(pair.parquet) as f:
                 meta = pq.ParquetFile(f).metadata
                 pq_rows = meta.num_rows
                 row_groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
@@ -332,7 +284,7 @@ class _ReadClipItemFn(beam.DoFn):
         columns = item.columns
         wanted = sorted({columns.id, columns.label or "image_path", *([columns.uri] if columns.uri else [])})
         offset = item.row_group_start
-        with _open(item.pair.parquet) as f, _open(item.pair.npy) as npy_file:
+        with open_file(item.pair.parquet) as f, open_file(item.pair.npy) as npy_file:
             batches = pq.ParquetFile(f, buffer_size=_PARQUET_BUFFER).iter_batches(
                 batch_size=self._block_size, row_groups=[item.row_group], columns=wanted)
             for batch in batches:

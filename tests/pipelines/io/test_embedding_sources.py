@@ -13,8 +13,9 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipelines.io.embedding_sources import (EmbeddingKind, EmbeddingSource, ReadEmbeddings, read_npy_header,
-                                         read_npy_rows, count_entries, embedding_dim, parse_embeddings_spec)
+from pipelines.io.embedding_sources import (EmbeddingKind, EmbeddingSource, ReadEmbeddings, count_entries,
+                                         embedding_dim, parse_embeddings_spec)
+from pipelines.io.npy import read_npy_header, read_npy_rows
 from pipelines.records import EntryBlock
 
 

@@ -295,11 +295,15 @@ class SearchShards(beam.PTransform):
                 | "SearchShard" >> beam.ParDo(search))
 
     def batches(self, queries):
-        """EmbeddedImage queries -> QueryBatch of at most ``batch_size``, each query's filter with it."""
+        """EmbeddedImage queries -> QueryBatch of ``batch_size`` (fewer at a bundle's end), each query's filter
+        with it. Fixed, not sized by timing: a float32 distance's last bits depend on the batch it is computed
+        in, and a broadcast search times its batches with the search in them, so adaptive sizes differed from
+        run to run (and between runners) where a shuffle's did not."""
         default, per_query = self._default, self._query_filters
         filtered = default is not None or bool(per_query)
         return (queries
-                | "BatchQueries" >> beam.BatchElements(min_batch_size=1, max_batch_size=self._batch_size)
+                | "BatchQueries" >> beam.BatchElements(min_batch_size=self._batch_size,
+                                                       max_batch_size=self._batch_size)
                 | "ToQueryBatch" >> beam.Map(lambda qs: QueryBatch(
                     tuple(q.id for q in qs), tuple(q.label for q in qs), tuple(q.uri for q in qs),
                     np.stack([q.embedding for q in qs]),
